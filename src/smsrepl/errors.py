@@ -1,0 +1,142 @@
+"""One exception hierarchy for smsrepl.
+
+Every error carries the SMS code of the control plane's error table
+(API reference, section 6.1) where one exists, and the process exit code of
+SPEC ("Exit codes"). ``str(err)`` is the single stderr line: the SMS code
+first, then a plain message.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_DIFFERENT = 1
+EXIT_USAGE = 2
+EXIT_TRANSFER = 3
+EXIT_AUTH = 4
+
+
+class ReplicationError(Exception):
+    """Root of every error smsrepl raises on purpose."""
+
+    code: str | None = None
+    exit_code: int = EXIT_TRANSFER
+    #: True when rerunning the same command continues where it stopped.
+    resumable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" if self.code else self.message
+
+
+class ConfigError(ReplicationError):
+    """Bad flag, unreadable or invalid JSON, a rule out of range."""
+
+    exit_code = EXIT_USAGE
+
+
+class CertificateError(ConfigError):
+    """The certificate bundle cannot be read or a key cannot be opened."""
+
+    code = "SMS.3301"
+
+
+class SourceError(ReplicationError):
+    """The source disk or image cannot be opened or read."""
+
+    code = "SMS.1901"
+
+
+class SourceMissingError(SourceError):
+    exit_code = EXIT_USAGE
+
+
+class TargetError(ReplicationError):
+    """A target cannot be opened or is unfit."""
+
+    code = "SMS.2013"
+    exit_code = EXIT_USAGE
+
+
+class SizeMismatchError(TargetError):
+    """The target is smaller than the source."""
+
+    code = "SMS.1504"
+
+
+class TargetWriteError(ReplicationError):
+    """Writing or syncing the target failed (I/O error, disk full)."""
+
+    code = "SMS.2007"
+    resumable = True
+
+
+class CompressionError(ReplicationError):
+    code = "SMS.1909"
+    resumable = True
+
+
+class DecompressionError(ReplicationError):
+    """Decompression failed or the data does not match its digest."""
+
+    code = "SMS.2009"
+    resumable = True
+
+
+class ManifestError(ReplicationError):
+    """A manifest or state file is truncated, corrupt or does not match."""
+
+    exit_code = EXIT_USAGE
+
+
+class TransportError(ReplicationError):
+    """The connection broke; the transfer can be resumed."""
+
+    code = "SMS.0807"
+    resumable = True
+
+
+class ConnectError(TransportError):
+    """Nothing answers at the target address."""
+
+    code = "SMS.1807"
+
+
+class AuthenticationError(ReplicationError):
+    """TLS handshake or certificate check failed."""
+
+    code = "SMS.0304"
+    exit_code = EXIT_AUTH
+
+
+class RefusedError(ReplicationError):
+    """The other side refused the session (unknown target, target busy)."""
+
+    exit_code = EXIT_AUTH
+
+
+class ProtocolError(ReplicationError):
+    """The wire protocol was broken."""
+
+    code = "SMS.1908"
+    resumable = True
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol does not allow (a bug or misuse)."""
+
+
+class RemoteError(ReplicationError):
+    """The peer reported an error; carries its SMS code and exit class."""
+
+    def __init__(self, message: str, *, code: str | None, exit_code: int, resumable: bool) -> None:
+        super().__init__(message, code=code)
+        self.exit_code = exit_code
+        self.resumable = resumable
