@@ -1,0 +1,270 @@
+"""Block sources and targets: image files and Linux block devices.
+
+A source is read in large chunks with ``preadv`` into buffers the caller
+reuses; holes of sparse image files are found with SEEK_DATA/SEEK_HOLE and
+never read. A target is written with ``pwrite``; ranges that must read as
+zero are punched out of image files (they stay holes) and zeroed with
+BLKZEROOUT on block devices. Every error names the path and the problem.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Iterator
+
+from ..errors import (
+    SizeMismatchError,
+    SourceError,
+    SourceMissingError,
+    TargetError,
+    TargetWriteError,
+)
+
+BLKGETSIZE64 = 0x80081272
+BLKZEROOUT = 0x127F
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def _device_size(fd: int) -> int:
+    buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+    return struct.unpack("Q", buf)[0]
+
+
+def _describe(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+class BlockSource:
+    """Read-only view of an image file or block device."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceMissingError(f"source {self.path!r} does not exist") from None
+        except PermissionError:
+            raise SourceMissingError(f"source {self.path!r}: permission denied") from None
+        except OSError as exc:
+            raise SourceError(f"source {self.path!r} cannot be opened: {_describe(exc)}") from None
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISBLK(st.st_mode):
+                self.is_device = True
+                self.size = _device_size(self.fd)
+            elif stat.S_ISREG(st.st_mode):
+                self.is_device = False
+                self.size = st.st_size
+            else:
+                raise SourceMissingError(f"source {self.path!r} is not a regular file or block device")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        try:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BlockSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool]]:
+        """Yield ``(offset, length, is_data)`` covering [start, end) in order.
+
+        Holes (``is_data`` False) read as zero and need not be read. A device,
+        or a file system without SEEK_DATA, is one data extent.
+        """
+        end = self.size if end is None else min(end, self.size)
+        pos = start
+        if self.is_device:
+            if pos < end:
+                yield pos, end - pos, True
+            return
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to EOF
+                    yield pos, end - pos, False
+                    return
+                yield pos, end - pos, True  # SEEK_DATA unsupported
+                return
+            if data > pos:
+                hole_end = min(data, end)
+                yield pos, hole_end - pos, False
+                pos = hole_end
+                if pos >= end:
+                    return
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            data_end = min(hole, end)
+            yield pos, data_end - pos, True
+            pos = data_end
+
+    def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; short only at the end of the source."""
+        view = memoryview(buf)
+        want = len(view)
+        got = 0
+        while got < want:
+            try:
+                n = os.preadv(self.fd, [view[got:]], offset + got)
+            except OSError as exc:
+                raise SourceError(
+                    f"source {self.path!r}: read failed at offset {offset + got}: {_describe(exc)}"
+                ) from None
+            if n == 0:
+                break
+            got += n
+        return got
+
+
+class BlockTarget:
+    """Writable image file or block device that receives a replica.
+
+    An image file that does not exist yet is created sparse with the size it
+    must hold; an existing file or device smaller than that is refused
+    (SMS.1504). Nothing is written until :meth:`write` or :meth:`zero`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, need_size: int | None = None, create: bool = True) -> None:
+        self.path = os.fspath(path)
+        flags = os.O_RDWR | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags)
+            self.created = False
+        except FileNotFoundError:
+            if not create:
+                raise TargetError(f"target {self.path!r} does not exist") from None
+            try:
+                self.fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                raise TargetError(f"target {self.path!r} cannot be created: {_describe(exc)}") from None
+            self.created = True
+        except PermissionError:
+            raise TargetError(f"target {self.path!r}: permission denied") from None
+        except IsADirectoryError:
+            raise TargetError(f"target {self.path!r} is a directory, not an image file or block device") from None
+        except OSError as exc:
+            raise TargetError(f"target {self.path!r} cannot be opened: {_describe(exc)}") from None
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISBLK(st.st_mode):
+                self.is_device = True
+                self.size = _device_size(self.fd)
+            elif stat.S_ISREG(st.st_mode):
+                self.is_device = False
+                self.size = st.st_size
+            else:
+                raise TargetError(f"target {self.path!r} is not a regular file or block device")
+            if need_size is not None:
+                self.require_size(need_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def require_size(self, need: int) -> None:
+        if self.size >= need:
+            return
+        if self.created or (not self.is_device and self.size == 0):
+            try:
+                os.ftruncate(self.fd, need)
+            except OSError as exc:
+                raise TargetWriteError(f"target {self.path!r}: cannot grow to {need} bytes: {_describe(exc)}") from None
+            self.size = need
+            return
+        raise SizeMismatchError(
+            f"target {self.path!r} holds {self.size} bytes but the source has {need} bytes"
+        )
+
+    def close(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BlockTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise TargetWriteError(
+                f"target {self.path!r}: write of {length} bytes at {offset} is outside its {self.size} bytes"
+            )
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as exc:
+                raise TargetWriteError(
+                    f"target {self.path!r}: write failed at offset {offset + done}: {_describe(exc)}"
+                ) from None
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zero without storing zeros where possible."""
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        if self.is_device:
+            try:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+                return
+            except OSError:
+                pass
+        else:
+            if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise TargetWriteError(
+                    f"target {self.path!r}: cannot zero {length} bytes at {offset}: {os.strerror(err)}"
+                )
+        chunk = bytes(min(length, 1 << 20))
+        pos = offset
+        while pos < offset + length:
+            n = min(len(chunk), offset + length - pos)
+            self.write(pos, memoryview(chunk)[:n])
+            pos += n
+
+    def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
+        view = memoryview(buf)
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def flush(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise TargetWriteError(f"target {self.path!r}: sync failed: {_describe(exc)}") from None

@@ -1,0 +1,184 @@
+"""The protocol state machine, sans I/O (in the manner of h11/h2).
+
+    conn = Connection(SENDER)
+    wire_buffers = conn.send(Hello(...))     # events in, bytes out
+    conn.receive_data(bytes_from_peer)       # bytes in ...
+    event = conn.next_event()                # ... events out (or NEED_DATA)
+
+Both ends track one conversation state; every frame, sent or received, must
+appear in TRANSITIONS for the current state, or it is an error: our own
+misuse raises LocalProtocolError, the peer's raises RemoteProtocolError.
+Any other exception from next_event is a bug.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from . import frames as F
+
+
+class Role(Enum):
+    SENDER = "sender"
+    RECEIVER = "receiver"
+
+
+SENDER = Role.SENDER
+RECEIVER = Role.RECEIVER
+
+
+class State(Enum):
+    START = "start"
+    HANDSHAKE = "handshake"
+    IDLE = "idle"
+    ROUND = "round"
+    ROUND_ENDING = "round_ending"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+
+
+class ConnectionClosed(F.Event):
+    """The byte stream ended; ``clean`` when it ended after CLOSE was exchanged."""
+
+    TYPE = -1
+
+    def __init__(self, clean: bool) -> None:
+        self.clean = clean
+
+    def __repr__(self) -> str:
+        return f"ConnectionClosed(clean={self.clean})"
+
+
+S, R = SENDER, RECEIVER
+_LIVE = (State.IDLE, State.ROUND, State.ROUND_ENDING)
+
+TRANSITIONS: dict[tuple[State, Role, type], State] = {
+    (State.START, S, F.Hello): State.HANDSHAKE,
+    (State.HANDSHAKE, R, F.Welcome): State.IDLE,
+    (State.IDLE, S, F.ManifestRequest): State.IDLE,
+    (State.IDLE, R, F.ManifestData): State.IDLE,
+    (State.IDLE, S, F.RoundBegin): State.ROUND,
+    (State.IDLE, S, F.Close): State.CLOSING,
+    (State.ROUND, S, F.BlockData): State.ROUND,
+    (State.ROUND, S, F.ZeroRange): State.ROUND,
+    (State.ROUND, S, F.Scanned): State.ROUND,
+    (State.ROUND, R, F.Checkpoint): State.ROUND,
+    (State.ROUND, S, F.RoundEnd): State.ROUND_ENDING,
+    (State.ROUND_ENDING, R, F.Checkpoint): State.ROUND_ENDING,
+    (State.ROUND_ENDING, R, F.RoundDone): State.IDLE,
+    (State.CLOSING, R, F.Close): State.CLOSED,
+}
+for _st in _LIVE:
+    TRANSITIONS[(_st, S, F.Ping)] = _st
+    TRANSITIONS[(_st, R, F.Pong)] = _st
+for _st in State:
+    if _st not in (State.CLOSED, State.ERROR):
+        TRANSITIONS[(_st, S, F.Error)] = State.ERROR
+        TRANSITIONS[(_st, R, F.Error)] = State.ERROR
+
+
+class Connection:
+    def __init__(self, role: Role, *, max_body: int = F.MAX_BODY) -> None:
+        self.role = role
+        self.peer = RECEIVER if role is SENDER else SENDER
+        self.state = State.START
+        self.max_body = max_body
+        self._buf = bytearray()
+        self._eof = False
+        self._closed_reported = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _advance(self, who: Role, event: F.Event) -> None:
+        nxt = TRANSITIONS.get((self.state, who, type(event)))
+        if nxt is None:
+            name = type(event).__name__
+            if who is self.role:
+                raise LocalProtocolError(f"cannot send {name} in state {self.state.value}")
+            state, self.state = self.state, State.ERROR
+            raise RemoteProtocolError(f"peer sent {name} in state {state.value}")
+        self.state = nxt
+
+    def send(self, event: F.Event) -> list[bytes | memoryview]:
+        """Buffers that carry ``event``; write them in order. Payloads are not copied."""
+        self._advance(self.role, event)
+        parts = F.encode(event)
+        self.bytes_sent += sum(len(p) for p in parts)
+        return parts
+
+    def send_bytes(self, event: F.Event) -> bytes:
+        return b"".join(self.send(event))
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; an empty ``data`` means the stream ended."""
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise LocalProtocolError("data received after end of stream")
+        self._buf += data
+        self.bytes_received += len(data)
+
+    def next_event(self) -> F.Event | _Sentinel:
+        if self.state is State.ERROR and not self._eof:
+            raise RemoteProtocolError("connection is in the error state")
+        buf = self._buf
+        if len(buf) < F.HEADER_SIZE:
+            return self._end_or_need()
+        length, ftype, flags, reserved, check = F.HEADER.unpack_from(buf)
+        if length > self.max_body:
+            self.state = State.ERROR
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the maximum of {self.max_body}")
+        if flags or reserved:
+            self.state = State.ERROR
+            raise RemoteProtocolError("frame flags or reserved bits set")
+        if ftype not in F.TYPES:
+            self.state = State.ERROR
+            raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
+        end = F.HEADER_SIZE + length
+        if len(buf) < end:
+            return self._end_or_need()
+        head8 = bytes(buf[:8])
+        body = bytes(buf[F.HEADER_SIZE:end])
+        del buf[:end]
+        try:
+            event = F.decode(ftype, body, check, head8)
+        except F.FrameError as exc:
+            self.state = State.ERROR
+            raise RemoteProtocolError(str(exc)) from None
+        self._advance(self.peer, event)
+        return event
+
+    def _end_or_need(self) -> F.Event | _Sentinel:
+        if not self._eof:
+            return NEED_DATA
+        if self._closed_reported:
+            raise RemoteProtocolError("end of stream already reported")
+        self._closed_reported = True
+        clean = self.state is State.CLOSED and not self._buf
+        if not clean and self.state not in (State.ERROR, State.CLOSED):
+            self.state = State.ERROR
+        return ConnectionClosed(clean)
+
+    def events(self) -> Iterable[F.Event]:
+        """All complete events buffered so far."""
+        while True:
+            ev = self.next_event()
+            if ev is NEED_DATA:
+                return
+            yield ev
+            if isinstance(ev, ConnectionClosed):
+                return

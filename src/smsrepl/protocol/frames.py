@@ -1,0 +1,325 @@
+"""Frame layout and the events it carries. No I/O here.
+
+Every frame is a 12-byte header and a body (big-endian integers):
+
+    offset  size  field
+    0       4     body length in bytes (at most MAX_BODY)
+    4       1     frame type (see TYPES)
+    5       1     flags, must be 0
+    6       2     reserved, must be 0
+    8       4     check: XXH32 of header bytes 0-7 followed by the checked
+                  part of the body (the whole body, except BLOCK_DATA, whose
+                  payload is covered by its per-block digests instead)
+    12      len   body
+
+Control frames carry a JSON object (UTF-8) whose keys and types are fixed by
+the event class; unknown or missing keys are a protocol error. Binary bodies:
+
+    BLOCK_DATA  u64 offset | u32 raw length | u8 codec | 3 zero bytes |
+                u64 digest * ceil(raw length / 4096) | payload
+                (digests are XXH3-64 of each raw 4 KiB block, 0 = all zero,
+                little-endian like the manifest; offset is 4 KiB aligned)
+    ZERO_RANGE  u64 offset | u64 length        (the range reads as zero)
+    SCANNED     u64 offset                     (nothing below it is left to send this round)
+    PING, PONG  u64 nonce | u64 sender clock ns | padding (netcheck sizes)
+    MANIFEST_DATA  u8 level (0 coarse, 1 fine) | 7 zero bytes | u64 first |
+                u32 count | 4 zero bytes | entries (16 or 8 bytes each, LE)
+
+Type ranges: 0x01-0x0f session, 0x10-0x1f block rounds, 0x20-0x2f
+manifests, 0x30-0x3f file transfer, 0x40-0x4f network check.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import xxhash
+
+FINE_BLOCK = 4096
+HEADER = struct.Struct(">IBBHI")
+HEADER_SIZE = HEADER.size  # 12
+#: largest raw payload of one BLOCK_DATA frame
+MAX_RAW = 4 << 20
+#: largest body of any frame: a full data frame plus its digests, with room to spare
+MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 8 + 4096
+PROTOCOL_VERSION = 1
+
+_BLOCK_PREFIX = struct.Struct(">IIBxxx")  # after the u64 offset, see pack helpers
+_U64 = struct.Struct(">Q")
+_ZERO = struct.Struct(">QQ")
+_PING = struct.Struct(">QQ")
+_MAN = struct.Struct(">B7xQI4x")
+
+
+class Event:
+    TYPE: ClassVar[int]
+
+
+# --- JSON control events --------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Hello(Event):
+    TYPE: ClassVar[int] = 0x01
+    versions: list  # protocol versions the sender speaks
+    kind: str  # "block" (files and netcheck add their own)
+    target: str
+    session_id: str
+    source_size: int
+    block_size: int
+    capabilities: list
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Event):
+    TYPE: ClassVar[int] = 0x02
+    version: int
+    session_id: str
+    target_size: int
+    #: "new": no usable state; "partial": a round was interrupted; "synced": the last round completed
+    state: str
+    round_id: int
+    round_kind: str
+    checkpoint: int
+    manifest_root: str
+    capabilities: list
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Event):
+    TYPE: ClassVar[int] = 0x03
+    code: str
+    message: str
+    exit_code: int
+    resumable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Event):
+    TYPE: ClassVar[int] = 0x04
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoundBegin(Event):
+    TYPE: ClassVar[int] = 0x10
+    round_id: int
+    kind: str  # "full" or "sync"
+    start: int
+    #: for sync rounds, the receiver keeps blocks it was not sent; for full rounds it holds only what it was sent
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint(Event):
+    TYPE: ClassVar[int] = 0x14
+    round_id: int
+    offset: int  # everything of this round below offset is durable on the target
+    bytes_written: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundEnd(Event):
+    TYPE: ClassVar[int] = 0x15
+    round_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundDone(Event):
+    TYPE: ClassVar[int] = 0x16
+    round_id: int
+    manifest_root: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRequest(Event):
+    TYPE: ClassVar[int] = 0x20
+    level: str  # "coarse" or "fine"
+    first: int
+    count: int
+
+
+# --- binary events ----------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BlockData(Event):
+    TYPE: ClassVar[int] = 0x11
+    offset: int
+    raw_len: int
+    codec: int
+    digests: Any  # numpy uint64 array, one per 4 KiB of raw data
+    payload: Any  # bytes-like
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroRange(Event):
+    TYPE: ClassVar[int] = 0x12
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned(Event):
+    TYPE: ClassVar[int] = 0x13
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Event):
+    TYPE: ClassVar[int] = 0x05
+    nonce: int
+    clock_ns: int
+    padding: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Event):
+    TYPE: ClassVar[int] = 0x06
+    nonce: int
+    clock_ns: int
+    padding: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestData(Event):
+    TYPE: ClassVar[int] = 0x21
+    level: str
+    first: int
+    entries: Any  # numpy array: (count, 2) uint64 for coarse, (count,) uint64 for fine
+
+
+JSON_EVENTS: dict[int, type] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, Error, Close, RoundBegin, Checkpoint, RoundEnd, RoundDone, ManifestRequest)
+}
+BINARY_EVENTS: dict[int, type] = {cls.TYPE: cls for cls in (BlockData, ZeroRange, Scanned, Ping, Pong, ManifestData)}
+TYPES: dict[int, type] = {**JSON_EVENTS, **BINARY_EVENTS}
+
+_JSON_TYPES = {"int": int, "str": str, "bool": bool, "list": list}
+_MAX_INT = (1 << 63) - 1
+
+
+class FrameError(ValueError):
+    """A frame that cannot be decoded; the connection turns it into RemoteProtocolError."""
+
+
+def _check(header8: bytes, checked: bytes | memoryview) -> int:
+    h = xxhash.xxh32(header8)
+    h.update(checked)
+    return h.intdigest()
+
+
+def _frame(ftype: int, body: bytes, checked_len: int | None = None) -> bytes:
+    head8 = struct.pack(">IBBH", len(body), ftype, 0, 0)
+    checked = body if checked_len is None else memoryview(body)[:checked_len]
+    return head8 + struct.pack(">I", _check(head8, checked)) + body
+
+
+def encode(event: Event) -> list[bytes | memoryview]:
+    """The frame for ``event`` as buffers to write in order (payloads are not copied)."""
+    t = type(event).TYPE
+    if t in JSON_EVENTS:
+        body = json.dumps({f.name: getattr(event, f.name) for f in fields(event)}, separators=(",", ":")).encode()
+        return [_frame(t, body)]
+    if isinstance(event, BlockData):
+        digests = np.ascontiguousarray(event.digests, dtype="<u8")
+        nblocks = -(-event.raw_len // FINE_BLOCK)
+        if len(digests) != nblocks:
+            raise ValueError(f"BLOCK_DATA of {event.raw_len} bytes needs {nblocks} digests, got {len(digests)}")
+        prefix = _U64.pack(event.offset) + _BLOCK_PREFIX.pack(event.raw_len, 0, event.codec)[4:] + digests.tobytes()
+        payload = memoryview(event.payload).cast("B")
+        head8 = struct.pack(">IBBH", len(prefix) + len(payload), t, 0, 0)
+        return [head8 + struct.pack(">I", _check(head8, prefix)) + prefix, payload]
+    if isinstance(event, ZeroRange):
+        return [_frame(t, _ZERO.pack(event.offset, event.length))]
+    if isinstance(event, Scanned):
+        return [_frame(t, _U64.pack(event.offset))]
+    if isinstance(event, (Ping, Pong)):
+        return [_frame(t, _PING.pack(event.nonce, event.clock_ns) + bytes(event.padding))]
+    if isinstance(event, ManifestData):
+        entries = np.ascontiguousarray(event.entries, dtype="<u8")
+        level = {"coarse": 0, "fine": 1}[event.level]
+        count = len(entries)
+        return [_frame(t, _MAN.pack(level, event.first, count) + entries.tobytes())]
+    raise TypeError(f"not a frame event: {event!r}")
+
+
+def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
+    """Decode one frame body. Raises FrameError on anything malformed."""
+    cls = TYPES.get(ftype)
+    if cls is None:
+        raise FrameError(f"unknown frame type 0x{ftype:02x}")
+    if ftype == BlockData.TYPE:
+        if len(body) < 16:
+            raise FrameError("BLOCK_DATA body shorter than its prefix")
+        offset, = _U64.unpack_from(body, 0)
+        raw_len, codec = struct.unpack_from(">IB", body, 8)
+        if body[13:16] != b"\0\0\0":
+            raise FrameError("BLOCK_DATA padding is not zero")
+        if raw_len == 0 or raw_len > MAX_RAW:
+            raise FrameError(f"BLOCK_DATA raw length {raw_len} outside 1..{MAX_RAW}")
+        if offset % FINE_BLOCK:
+            raise FrameError(f"BLOCK_DATA offset {offset} is not 4 KiB aligned")
+        nblocks = -(-raw_len // FINE_BLOCK)
+        end = 16 + 8 * nblocks
+        if len(body) < end:
+            raise FrameError("BLOCK_DATA body shorter than its digests")
+        if _check(head8, memoryview(body)[:end]) != check:
+            raise FrameError("frame check mismatch (corrupt BLOCK_DATA header)")
+        digests = np.frombuffer(body, dtype="<u8", count=nblocks, offset=16)
+        return BlockData(offset, raw_len, codec, digests, memoryview(body)[end:])
+    if _check(head8, body) != check:
+        raise FrameError(f"frame check mismatch (corrupt {cls.__name__} frame)")
+    if ftype in JSON_EVENTS:
+        return _decode_json(cls, body)
+    if ftype == ZeroRange.TYPE:
+        if len(body) != _ZERO.size:
+            raise FrameError("ZERO_RANGE body has the wrong size")
+        return ZeroRange(*_ZERO.unpack(body))
+    if ftype == Scanned.TYPE:
+        if len(body) != 8:
+            raise FrameError("SCANNED body has the wrong size")
+        return Scanned(_U64.unpack(body)[0])
+    if ftype in (Ping.TYPE, Pong.TYPE):
+        if len(body) < _PING.size:
+            raise FrameError(f"{cls.__name__.upper()} body too short")
+        nonce, clock = _PING.unpack_from(body)
+        return cls(nonce, clock, len(body) - _PING.size)
+    if ftype == ManifestData.TYPE:
+        if len(body) < _MAN.size:
+            raise FrameError("MANIFEST_DATA body too short")
+        level, first, count = _MAN.unpack_from(body)
+        if level not in (0, 1):
+            raise FrameError(f"MANIFEST_DATA level {level} unknown")
+        width = 16 if level == 0 else 8
+        if len(body) != _MAN.size + width * count:
+            raise FrameError("MANIFEST_DATA length does not match its count")
+        entries = np.frombuffer(body, dtype="<u8", offset=_MAN.size)
+        if level == 0:
+            entries = entries.reshape(count, 2)
+        return ManifestData("coarse" if level == 0 else "fine", first, entries)
+    raise FrameError(f"frame type 0x{ftype:02x} has no decoder")  # pragma: no cover
+
+
+def _decode_json(cls: type, body: bytes) -> Event:
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError(f"{cls.__name__} body is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise FrameError(f"{cls.__name__} body is not a JSON object")
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in obj]
+    extra = [k for k in obj if k not in names]
+    if missing or extra:
+        raise FrameError(f"{cls.__name__} fields wrong: missing {missing}, unknown {extra}")
+    hints = {f.name: f.type for f in fields(cls)}
+    for name in names:
+        want = _JSON_TYPES.get(str(hints[name]).split()[0].strip("'\""), None)
+        value = obj[name]
+        if want is int:
+            if type(value) is not int or not 0 <= value <= _MAX_INT:
+                raise FrameError(f"{cls.__name__}.{name} must be a non-negative integer")
+        elif want is not None and type(value) is not want:
+            raise FrameError(f"{cls.__name__}.{name} must be {want.__name__}")
+    return cls(**obj)
