@@ -46,7 +46,7 @@ from collections.abc import Iterator
 import numpy as np
 import xxhash
 
-from ..errors import ManifestError
+from ..errors import ManifestError, SourceError
 from .. import kernels
 
 MAGIC = b"SMSRMNF\n"
@@ -322,27 +322,32 @@ def diff(a: ManifestFile, b: ManifestFile, *, chunk_groups: int = 8192) -> Itera
         yield pending
 
 
-def scan(source, nblocks_hint: int | None = None, *, chunk: int = 8 << 20, start: int = 0):
+def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1):
     """Yield ``(offset, data_view_or_None, digests)`` for consecutive chunks of a source.
 
-    Holes yield ``None`` with all-zero digests and are never read. The data
-    view and the digests array are reused: consume them before the next step.
+    Holes yield ``None`` with all-zero digests and are never read. Data views
+    rotate through ``buffers`` read buffers and the digests array is reused:
+    a view stays valid until ``buffers`` more chunks were read.
     """
-    buf = bytearray(chunk)
+    bufs = [bytearray(chunk) for _ in range(buffers)]
+    turn = 0
     digests = np.empty(chunk // FINE_BLOCK, dtype="<u8")
     for off, length, is_data in aligned_extents(source, start):
         end = off + length
         pos = off
         while pos < end:
             n = min(chunk, end - pos)
-            nb = block_count(n)
             if is_data:
+                buf = bufs[turn]
+                turn = (turn + 1) % buffers
                 got = source.readinto(memoryview(buf)[:n], pos)
-                view = memoryview(buf)[:got]
+                if got < n:
+                    raise SourceError(f"source {source.path!r} ended at {pos + got}, expected {source.size} bytes")
+                view = memoryview(buf)[:n]
                 kernels.block_digests(view, FINE_BLOCK, digests)
-                yield pos, view, digests[:block_count(got)]
-                n = got or n
+                yield pos, view, digests[:block_count(n)]
             else:
+                nb = block_count(n)
                 digests[:nb] = 0
                 yield pos, None, digests[:nb]
             pos += n

@@ -1,0 +1,262 @@
+"""The target side of block replication, without sockets: apply frames, checkpoint, recover.
+
+State of one target lives in ``STATE_DIR/<target name>/``:
+
+* ``manifest``: the fine and coarse digests of what the target holds
+  (see manifest.py); only ever describes data already made durable.
+* ``state.json``: session id, source size, the current round (id, kind,
+  active or done), its durable ``checkpoint`` and its ``intent`` mark.
+
+Ordering at a checkpoint: fdatasync the target, then write and fsync the
+digests of the applied blocks into the manifest, then replace state.json
+atomically. A crash at any point leaves a manifest that describes only
+durable data, and a checkpoint no later than what is durable.
+
+Within a round the sender sends changes in increasing offset order, so
+"everything below the checkpoint" is a complete statement. Blocks above the
+checkpoint may have been written without their digests reaching the
+manifest. For a full round nothing above the checkpoint is trusted (the
+sender resumes there). For a sync round, in the manner of DRBD's activity
+log, the receiver durably records an ``intent`` mark before writing past it
+(in 64 MiB steps); on recovery the digests of [checkpoint, intent) are set to
+UNKNOWN, so the next round resends those blocks whatever the source holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import kernels
+from ..codec import Decompressor
+from ..errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
+from .device import BlockTarget
+from .manifest import FINE_BLOCK, UNKNOWN_DIGEST, ManifestFile, block_count
+
+INTENT_STEP = 64 << 20
+STATE_VERSION = 1
+
+
+@dataclass(slots=True)
+class ReplicaRecord:
+    version: int
+    session_id: str
+    source_size: int
+    round_id: int
+    round_kind: str  # "full" or "sync"
+    active: bool
+    checkpoint: int
+    intent: int
+    completed_rounds: int
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(obj, indent=1).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Replica:
+    """A target and its replication state; applies one round at a time."""
+
+    def __init__(self, target: BlockTarget, state_dir: str) -> None:
+        self.target = target
+        self.dir = state_dir
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.state_path = os.path.join(state_dir, "state.json")
+        self.manifest_path = os.path.join(state_dir, "manifest")
+        self.record: ReplicaRecord | None = None
+        self.manifest: ManifestFile | None = None
+        self._decomp = Decompressor()
+        self._digests = np.empty(kernels_max_blocks(), dtype="<u8")
+        self._pending: list[tuple[int, np.ndarray]] = []
+        self.pos = 0
+        self.bytes_written = 0
+        self._load()
+
+    # --- loading and recovery ---------------------------------------------
+    def _load(self) -> None:
+        try:
+            with open(self.state_path, "rb") as fh:
+                raw = json.load(fh)
+            rec = ReplicaRecord(**raw)
+            if rec.version != STATE_VERSION:
+                raise ValueError(f"state version {rec.version}")
+        except FileNotFoundError:
+            return
+        except (ValueError, TypeError, json.JSONDecodeError):
+            # a damaged record cannot be trusted: start over with a full copy
+            self._forget()
+            return
+        try:
+            man = ManifestFile.open(self.manifest_path, writable=True, expect_size=rec.source_size)
+        except ManifestError:
+            self._forget()
+            return
+        self.record, self.manifest = rec, man
+        if rec.active and rec.round_kind == "sync" and rec.intent > rec.checkpoint:
+            first = rec.checkpoint // FINE_BLOCK
+            last = min(block_count(rec.intent), man.nblocks)
+            man.fill_fine(first, last - first, UNKNOWN_DIGEST)
+            man.commit()
+            rec.intent = rec.checkpoint
+            self._save()
+
+    def _forget(self) -> None:
+        for path in (self.state_path, self.manifest_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.record = None
+        self.manifest = None
+
+    def _save(self) -> None:
+        assert self.record is not None
+        write_json_atomic(self.state_path, asdict(self.record))
+
+    def describe(self, session_id: str, source_size: int) -> dict:
+        """What the WELCOME frame tells a sender of ``session_id``."""
+        rec = self.record
+        if rec is None or rec.session_id != session_id or rec.source_size != source_size or self.manifest is None:
+            return {"state": "new", "round_id": 0, "round_kind": "full", "checkpoint": 0, "manifest_root": ""}
+        if rec.round_kind == "full" and rec.active:
+            state = "partial"
+        elif rec.completed_rounds == 0:
+            state = "new"
+        else:
+            state = "synced" if not rec.active else "partial"
+        return {
+            "state": state,
+            "round_id": rec.round_id,
+            "round_kind": rec.round_kind,
+            "checkpoint": rec.checkpoint,
+            "manifest_root": self.manifest.root.hex(),
+        }
+
+    # --- rounds -------------------------------------------------------------
+    def begin(self, session_id: str, source_size: int, round_id: int, kind: str, start: int) -> None:
+        rec = self.record
+        if kind == "full":
+            if start:
+                if not (rec and rec.active and rec.round_kind == "full" and rec.session_id == session_id
+                        and rec.round_id == round_id and rec.checkpoint == start):
+                    raise RemoteProtocolError(f"cannot resume full round {round_id} at {start}: no such checkpoint")
+            else:
+                if self.manifest is not None:
+                    self.manifest.close()
+                self.manifest = ManifestFile.create(self.manifest_path, source_size)
+                rec = ReplicaRecord(STATE_VERSION, session_id, source_size, round_id, "full", True, 0, 0, 0)
+        elif kind == "sync":
+            if start != 0:
+                raise RemoteProtocolError("a sync round starts at offset 0")
+            if not (rec and rec.session_id == session_id and rec.completed_rounds > 0 and round_id > rec.round_id):
+                raise RemoteProtocolError(f"sync round {round_id} needs a completed earlier round of this session")
+            rec.round_id, rec.round_kind, rec.active, rec.checkpoint, rec.intent = round_id, "sync", True, 0, 0
+        else:
+            raise RemoteProtocolError(f"unknown round kind {kind!r}")
+        self.record = rec
+        self._save()
+        self.pos = start
+        self.bytes_written = 0
+        self._pending.clear()
+
+    def _check_order(self, offset: int, length: int) -> None:
+        rec = self.record
+        if rec is None or not rec.active:
+            raise RemoteProtocolError("data outside a round")
+        if offset < self.pos:
+            raise RemoteProtocolError(f"data at {offset} goes backwards (already at {self.pos})")
+        if offset % FINE_BLOCK or length <= 0 or offset + length > rec.source_size:
+            raise RemoteProtocolError(f"range {offset}+{length} is misaligned or outside the source size {rec.source_size}")
+        if rec.round_kind == "sync" and offset + length > rec.intent:
+            rec.intent = min(rec.source_size, max(offset + length, rec.intent) + INTENT_STEP)
+            self._save()
+
+    def apply_data(self, offset: int, raw_len: int, codec: int, digests: np.ndarray, payload) -> None:
+        if (offset + raw_len) % FINE_BLOCK and offset + raw_len != (self.record.source_size if self.record else -1):
+            raise RemoteProtocolError(f"data at {offset} of {raw_len} bytes does not end on a block boundary")
+        self._check_order(offset, raw_len)
+        raw = self._decomp.decode(codec, payload, raw_len)
+        n = len(digests)
+        got = self._digests[:n]
+        kernels.block_digests(raw, FINE_BLOCK, got)
+        if not np.array_equal(got, digests):
+            bad = int(np.flatnonzero(got != digests)[0])
+            raise DecompressionError(f"block at offset {offset + bad * FINE_BLOCK} does not match its digest")
+        self.target.write(offset, raw)
+        self._pending.append((offset // FINE_BLOCK, got.copy()))
+        self.pos = offset + raw_len
+        self.bytes_written += raw_len
+
+    def apply_zero(self, offset: int, length: int) -> None:
+        self._check_order(offset, length)
+        end = offset + length
+        if end % FINE_BLOCK and end != self.record.source_size:
+            raise RemoteProtocolError(f"zero range {offset}+{length} does not end on a block boundary")
+        self.target.zero(offset, length)
+        self._pending.append((offset // FINE_BLOCK, np.zeros(block_count(length), dtype="<u8")))
+        self.pos = end
+
+    def scanned(self, offset: int) -> None:
+        rec = self.record
+        if rec is None or not rec.active or offset < self.pos or offset > rec.source_size:
+            raise RemoteProtocolError(f"SCANNED {offset} is out of order")
+        self.pos = offset
+
+    def checkpoint(self) -> int:
+        """Make everything applied so far durable; return the durable offset."""
+        rec = self.record
+        if rec is None or not rec.active:
+            return rec.checkpoint if rec else 0
+        if self.pos == rec.checkpoint and not self._pending:
+            return rec.checkpoint
+        self.target.flush()
+        assert self.manifest is not None
+        for first, digests in self._pending:
+            self.manifest.write_fine(first, digests)
+        self._pending.clear()
+        try:
+            self.manifest.commit()
+        except OSError as exc:
+            raise TargetWriteError(f"cannot write the manifest in {self.dir!r}: {exc.strerror}") from None
+        rec.checkpoint = self.pos
+        self._save()
+        return rec.checkpoint
+
+    def finish(self, round_id: int) -> str:
+        rec = self.record
+        if rec is None or not rec.active or rec.round_id != round_id:
+            raise RemoteProtocolError(f"ROUND_END for round {round_id}, which is not running")
+        self.pos = rec.source_size  # ROUND_END: the sender covered everything
+        self.checkpoint()
+        rec.active = False
+        rec.intent = 0
+        rec.completed_rounds += 1
+        self._save()
+        assert self.manifest is not None
+        return self.manifest.root.hex()
+
+    def close(self) -> None:
+        if self.manifest is not None:
+            self.manifest.close()
+            self.manifest = None
+
+
+def kernels_max_blocks() -> int:
+    from ..protocol.frames import MAX_RAW
+
+    return MAX_RAW // FINE_BLOCK

@@ -1,0 +1,65 @@
+"""A connected socket (normally TLS) pumping bytes through a protocol Connection.
+
+The only place where protocol events meet a socket. Thread-safe: one
+thread may send while another receives.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+
+from ..errors import TransportError
+from ..protocol import NEED_DATA, Connection, ConnectionClosed
+from ..protocol.frames import Event
+
+RECV_SIZE = 1 << 20
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, conn: Connection) -> None:
+        self.sock = sock
+        self.conn = conn
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._rbuf = bytearray(RECV_SIZE)
+        self.wire_sent = 0
+        self.wire_received = 0
+
+    def send(self, event: Event) -> None:
+        with self._state_lock:
+            parts = self.conn.send(event)
+        with self._send_lock:
+            try:
+                for part in parts:
+                    self.sock.sendall(part)
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"connection lost while sending: {exc}") from None
+            self.wire_sent += sum(len(p) for p in parts)
+
+    def recv(self) -> Event:
+        """Block until the next event; a ConnectionClosed event at the end."""
+        while True:
+            with self._state_lock:
+                ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            try:
+                n = self.sock.recv_into(self._rbuf)
+            except socket.timeout:
+                raise TransportError("the peer sent nothing for too long (timeout)") from None
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"connection lost while receiving: {exc}") from None
+            self.wire_received += n
+            with self._state_lock:
+                self.conn.receive_data(memoryview(self._rbuf)[:n] if n else b"")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def closed_error(ev: ConnectionClosed, what: str) -> TransportError:
+    return TransportError(f"connection closed by the peer {what}")

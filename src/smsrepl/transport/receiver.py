@@ -1,0 +1,309 @@
+"""The target-side endpoint: accepts TLS sessions and applies them to configured targets only."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..blocks.device import BlockTarget
+from ..blocks.manifest import GROUP_BLOCKS
+from ..blocks.replica import Replica
+from ..errors import (
+    ConfigError,
+    RefusedError,
+    RemoteProtocolError,
+    ReplicationError,
+    TransportError,
+)
+from ..protocol import RECEIVER, Connection, ConnectionClosed, PROTOCOL_VERSION
+from ..protocol import frames as F
+from .channel import Channel
+from .tls import check_peer_role, classify_ssl_error
+
+log = logging.getLogger("smsrepl.receiver")
+
+TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: seconds between durable checkpoints while data flows
+CHECKPOINT_SECONDS = 2.0
+HANDSHAKE_TIMEOUT = 15.0
+IDLE_TIMEOUT = 120.0
+MAX_MANIFEST_ENTRIES = 1 << 18  # per MANIFEST_DATA frame: 4 MiB coarse, 2 MiB fine
+
+
+def check_target_name(name: str) -> str:
+    if not TARGET_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"target name {name!r} is invalid: use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOutcome:
+    target: str
+    peer: str
+    ok: bool
+    error: ReplicationError | None
+    rounds: int
+    bytes_written: int
+
+
+class Receiver:
+    """Serves sessions, one per target at a time, writing only to ``targets``."""
+
+    def __init__(
+        self,
+        targets: dict[str, str],
+        context: ssl.SSLContext,
+        state_dir: str,
+        *,
+        on_session: Callable[[SessionOutcome], None] | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        if not targets:
+            raise ConfigError("the receiver needs at least one --target NAME=PATH")
+        self.targets = {check_target_name(n): os.path.abspath(p) for n, p in targets.items()}
+        self.context = context
+        self.state_dir = os.path.abspath(state_dir)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.on_session = on_session
+        self.idle_timeout = idle_timeout
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.outcomes: queue.Queue[SessionOutcome] = queue.Queue()
+
+    # --- listening ----------------------------------------------------------
+    def bind(self, host: str, port: int) -> tuple[str, int]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        sock.listen(64)
+        self._listener = sock
+        return sock.getsockname()[:2]
+
+    def serve_forever(self, *, once: bool = False) -> SessionOutcome | None:
+        """Accept sessions until stop(); with ``once``, return after the first session that named a target."""
+        assert self._listener is not None, "bind() first"
+        self._listener.settimeout(0.2)
+        while not self._stopping.is_set():
+            try:
+                raw, addr = self._listener.accept()
+            except socket.timeout:
+                if once and not self.outcomes.empty():
+                    return self.outcomes.get()
+                continue
+            except OSError:
+                break
+            t = threading.Thread(target=self._handle, args=(raw, addr), daemon=True)
+            t.start()
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            if once:
+                t.join()
+                try:
+                    return self.outcomes.get_nowait()
+                except queue.Empty:
+                    continue  # the connection never got as far as naming a target
+        return None
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        addr = self.bind(host, port)
+        t = threading.Thread(target=self.serve_forever, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return addr
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+        for t in list(self._threads):
+            t.join(timeout=10)
+
+    # --- one session --------------------------------------------------------
+    def _handle(self, raw: socket.socket, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        raw.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            sock = self.context.wrap_socket(raw, server_side=True)
+            check_peer_role(sock, "source")
+        except ReplicationError as exc:
+            log.warning("%s: refused: %s", peer, exc)
+            raw.close()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("%s: %s", peer, classify_ssl_error(exc, server_side=True))
+            raw.close()
+            return
+        sock.settimeout(self.idle_timeout)
+        chan = Channel(sock, Connection(RECEIVER))
+        session = _Session(self, chan, peer)
+        try:
+            session.run()
+        finally:
+            chan.close()
+            if session.outcome is not None:
+                self.outcomes.put(session.outcome)
+                if self.on_session:
+                    self.on_session(session.outcome)
+
+    def _claim(self, name: str) -> int:
+        with self._busy_lock:
+            if name in self._busy:
+                raise RefusedError(f"target {name!r} is busy with another session")
+            lock_path = os.path.join(self.state_dir, f"{name}.lock")
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RefusedError(f"target {name!r} is busy with another receiver process") from None
+            self._busy.add(name)
+            return fd
+
+    def _release(self, name: str, fd: int) -> None:
+        with self._busy_lock:
+            self._busy.discard(name)
+            os.close(fd)
+
+
+class _Session:
+    def __init__(self, rx: Receiver, chan: Channel, peer: str) -> None:
+        self.rx = rx
+        self.chan = chan
+        self.peer = peer
+        self.outcome: SessionOutcome | None = None
+        self.replica: Replica | None = None
+        self.hello: F.Hello | None = None
+        self.rounds = 0
+        self.written = 0
+
+    def run(self) -> None:
+        lock_fd = None
+        target_name = "?"
+        error: ReplicationError | None = None
+        clean = False
+        try:
+            ev = self.chan.recv()
+            if not isinstance(ev, F.Hello):
+                raise RemoteProtocolError(f"expected HELLO, got {type(ev).__name__}")
+            self.hello = ev
+            target_name = ev.target
+            if PROTOCOL_VERSION not in ev.versions:
+                raise RefusedError(f"no common protocol version (peer speaks {ev.versions}, we speak {PROTOCOL_VERSION})")
+            if ev.kind != "block":
+                raise RefusedError(f"session kind {ev.kind!r} is not supported by this receiver")
+            if ev.target not in self.rx.targets:
+                raise RefusedError(f"target {ev.target!r} is not one of this receiver's targets")
+            if ev.block_size != F.FINE_BLOCK:
+                raise RefusedError(f"block size {ev.block_size} unsupported (need {F.FINE_BLOCK})")
+            lock_fd = self.rx._claim(ev.target)
+            target = BlockTarget(self.rx.targets[ev.target], need_size=ev.source_size)
+            self.replica = Replica(target, os.path.join(self.rx.state_dir, ev.target))
+            desc = self.replica.describe(ev.session_id, ev.source_size)
+            self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=["zstd"], **desc))
+            log.info("%s: session %s for target %s (%s)", self.peer, ev.session_id, ev.target, desc["state"])
+            clean = self._loop()
+        except ReplicationError as exc:
+            error = exc
+            log.warning("%s: target %s: %s", self.peer, target_name, exc)
+            if not isinstance(exc, TransportError):
+                try:
+                    self.chan.send(F.Error(exc.code or "", exc.message, exc.exit_code, exc.resumable))
+                except ReplicationError:
+                    pass
+        finally:
+            if self.replica is not None:
+                try:
+                    self.replica.checkpoint()  # keep what arrived intact before the cut
+                except ReplicationError as exc:
+                    log.warning("%s: final checkpoint failed: %s", self.peer, exc)
+                self.replica.close()
+                self.replica.target.close()
+            if lock_fd is not None:
+                self.rx._release(target_name, lock_fd)
+        if self.hello is not None:
+            self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
+
+    def _loop(self) -> bool:
+        replica = self.replica
+        assert replica is not None and self.hello is not None
+        frames: queue.Queue = queue.Queue(maxsize=16)
+        reader = threading.Thread(target=self._read_into, args=(frames,), daemon=True)
+        reader.start()
+        last_ckpt = time.monotonic()
+        in_round: F.RoundBegin | None = None
+        try:
+            while True:
+                ev = frames.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if isinstance(ev, F.BlockData):
+                    replica.apply_data(ev.offset, ev.raw_len, ev.codec, ev.digests, ev.payload)
+                elif isinstance(ev, F.ZeroRange):
+                    replica.apply_zero(ev.offset, ev.length)
+                elif isinstance(ev, F.Scanned):
+                    replica.scanned(ev.offset)
+                elif isinstance(ev, F.RoundBegin):
+                    replica.begin(self.hello.session_id, self.hello.source_size, ev.round_id, ev.kind, ev.start)
+                    in_round = ev
+                    last_ckpt = time.monotonic()
+                elif isinstance(ev, F.RoundEnd):
+                    root = replica.finish(ev.round_id)
+                    self.written += replica.bytes_written
+                    self.rounds += 1
+                    in_round = None
+                    self.chan.send(F.RoundDone(ev.round_id, root))
+                elif isinstance(ev, F.ManifestRequest):
+                    self._answer_manifest(ev)
+                elif isinstance(ev, F.Ping):
+                    self.chan.send(F.Pong(ev.nonce, ev.clock_ns, ev.padding))
+                elif isinstance(ev, F.Close):
+                    self.chan.send(F.Close("bye"))
+                    return True
+                elif isinstance(ev, F.Error):
+                    raise TransportError(f"sender aborted: {ev.code} {ev.message}".strip())
+                elif isinstance(ev, ConnectionClosed):
+                    raise TransportError("connection closed by the sender" + (" mid-round" if in_round else ""))
+                if in_round is not None and time.monotonic() - last_ckpt >= CHECKPOINT_SECONDS:
+                    offset = replica.checkpoint()
+                    self.chan.send(F.Checkpoint(in_round.round_id, offset, replica.bytes_written))
+                    last_ckpt = time.monotonic()
+        finally:
+            self.written += replica.bytes_written if in_round is not None else 0
+
+    def _read_into(self, frames: queue.Queue) -> None:
+        try:
+            while True:
+                ev = self.chan.recv()
+                frames.put(ev)
+                if isinstance(ev, (ConnectionClosed, F.Close, F.Error)):
+                    return
+        except BaseException as exc:  # handed to the applying thread
+            frames.put(exc)
+
+    def _answer_manifest(self, req: F.ManifestRequest) -> None:
+        man = self.replica.manifest if self.replica else None
+        if man is None:
+            raise RemoteProtocolError("manifest requested but this target has none")
+        total = man.ngroups if req.level == "coarse" else man.nblocks
+        if req.level not in ("coarse", "fine") or req.count > MAX_MANIFEST_ENTRIES or req.first + req.count > total:
+            raise RemoteProtocolError(f"manifest request {req.level} {req.first}+{req.count} is out of range")
+        if req.level == "coarse":
+            entries = man.coarse[req.first:req.first + req.count]
+        else:
+            entries = man.read_fine(req.first, req.count, verify=req.first % GROUP_BLOCKS == 0)
+        self.chan.send(F.ManifestData(req.level, req.first, entries))

@@ -1,0 +1,349 @@
+"""The source-side endpoint: one session, one source, one target; one round per run."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..blocks.device import BlockSource
+from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
+from ..blocks.replica import write_json_atomic
+from ..blocks.stream import CHUNK_END, Covered, round_events
+from ..codec import DEFAULT_LEVEL, Compressor
+from ..errors import (
+    ConnectError,
+    ManifestError,
+    RemoteError,
+    RemoteProtocolError,
+    ReplicationError,
+    TransportError,
+)
+from ..protocol import SENDER, Connection, ConnectionClosed, PROTOCOL_VERSION
+from ..protocol import frames as F
+from .channel import Channel
+from .receiver import MAX_MANIFEST_ENTRIES, check_target_name
+from .tls import check_peer_role, classify_ssl_error
+
+log = logging.getLogger("smsrepl.sender")
+
+DEFAULT_PORT = 8900
+CONNECT_TIMEOUT = 10.0
+IO_TIMEOUT = 300.0
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    from ..errors import ConfigError
+
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    host = host.strip("[]")
+    try:
+        p = int(port)
+        if not 0 < p < 65536:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"address {text!r}: port must be a number from 1 to 65535") from None
+    if not host:
+        raise ConfigError(f"address {text!r} has no host")
+    return host, p
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    round_kind: str
+    done: int  # source bytes covered so far this round
+    total: int  # source bytes this round covers
+    sent: int  # raw bytes sent as data
+    wire: int  # bytes written to the socket (TLS payload)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    round_id: int
+    kind: str  # "full" or "sync"
+    resumed_from: int
+    source_size: int
+    data_bytes: int  # raw bytes sent as BLOCK_DATA
+    wire_bytes: int  # protocol bytes sent (TLS payload, both frames and headers)
+    seconds: float
+
+
+def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> ssl.SSLSocket:
+    host, port = address
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise ConnectError(f"cannot reach the target at {host}:{port} (is a receiver listening on port {port}?): {exc.strerror or exc}") from None
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock = context.wrap_socket(raw, server_side=False)
+        check_peer_role(sock, "target-data")
+    except ReplicationError:
+        raw.close()
+        raise
+    except (ssl.SSLError, OSError) as exc:
+        raw.close()
+        raise classify_ssl_error(exc, server_side=False) from None
+    sock.settimeout(IO_TIMEOUT)
+    return sock
+
+
+class Sender:
+    def __init__(
+        self,
+        source_path: str,
+        target: str,
+        address: tuple[str, int],
+        context: ssl.SSLContext,
+        state_dir: str,
+        *,
+        level: int = DEFAULT_LEVEL,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.source_path = os.path.abspath(source_path)
+        self.target = check_target_name(target)
+        self.address = address
+        self.context = context
+        self.dir = os.path.join(os.path.abspath(state_dir), self.target)
+        self.level = level
+        self.on_progress = on_progress
+        self._acked = 0
+        self._done = threading.Event()
+        self._round_done: F.RoundDone | None = None
+        self._failure: BaseException | None = None
+        self._replies: queue.Queue = queue.Queue()
+
+    # --- state ------------------------------------------------------------
+    def _load_session(self, size: int) -> dict:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.dir, "session.json")
+        try:
+            with open(path) as fh:
+                rec = json.load(fh)
+            if rec.get("source_size") == size and rec.get("source") == self.source_path:
+                return rec
+            log.warning("state in %s is for another source; starting a new session", self.dir)
+        except (FileNotFoundError, ValueError):
+            pass
+        rec = {"session_id": uuid.uuid4().hex, "source": self.source_path, "source_size": size, "rounds": 0}
+        write_json_atomic(path, rec)
+        return rec
+
+    def _save_session(self, rec: dict) -> None:
+        write_json_atomic(os.path.join(self.dir, "session.json"), rec)
+
+    # --- the session --------------------------------------------------------
+    def run(self) -> RoundResult:
+        started = time.monotonic()
+        with BlockSource(self.source_path) as source:
+            rec = self._load_session(source.size)
+            chan = Channel(connect(self.address, self.context), Connection(SENDER))
+            try:
+                return self._session(source, rec, chan, started)
+            finally:
+                chan.close()
+
+    def _session(self, source: BlockSource, rec: dict, chan: Channel, started: float) -> RoundResult:
+        chan.send(F.Hello([PROTOCOL_VERSION], "block", self.target, rec["session_id"], source.size, F.FINE_BLOCK, ["zstd"]))
+        welcome = chan.recv()
+        self._raise_if_error(welcome)
+        if not isinstance(welcome, F.Welcome):
+            raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
+        reader = threading.Thread(target=self._read_loop, args=(chan,), daemon=True)
+        reader.start()
+
+        cache_path = os.path.join(self.dir, "target.manifest")
+        if welcome.state == "partial" and welcome.round_kind == "full":
+            kind, round_id, start = "full", welcome.round_id, welcome.checkpoint
+            cache = self._open_cache(cache_path, source.size) or ManifestFile.create(cache_path, source.size)
+        elif welcome.state in ("synced", "partial"):
+            kind, round_id, start = "sync", welcome.round_id + 1, 0
+            cache = self._reconcile(chan, cache_path, source.size, welcome.manifest_root)
+        else:
+            kind, round_id, start = "full", max(1, welcome.round_id + 1), 0
+            cache = ManifestFile.create(cache_path, source.size)
+        log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
+
+        wire0 = chan.wire_sent
+        chan.send(F.RoundBegin(round_id, kind, start))
+        data_bytes = self._stream(chan, source, cache if kind == "sync" else None, kind, start, cache)
+        chan.send(F.RoundEnd(round_id))
+        self._done.wait(IO_TIMEOUT)
+        if self._failure is not None:
+            raise self._failure
+        if self._round_done is None:
+            raise TransportError("the receiver did not confirm the end of the round in time")
+        self._apply_acks(cache, None)
+        cache.commit()
+        if cache.root.hex() != self._round_done.manifest_root:
+            log.warning("local copy of the target manifest differs from the receiver's; the next round reconciles it")
+        cache.close()
+        rec["rounds"] = rec.get("rounds", 0) + 1
+        self._save_session(rec)
+        wire = chan.wire_sent - wire0
+        self._close(chan)
+        return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started)
+
+    def _open_cache(self, path: str, size: int) -> ManifestFile | None:
+        try:
+            return ManifestFile.open(path, writable=True, expect_size=size)
+        except ManifestError:
+            return None
+
+    def _reconcile(self, chan: Channel, path: str, size: int, root: str) -> ManifestFile:
+        """Make the local copy of the target's manifest equal the receiver's."""
+        cache = self._open_cache(path, size) or ManifestFile.create(path, size)
+        if cache.root.hex() == root:
+            return cache
+        coarse = np.empty_like(cache.coarse)
+        for first in range(0, cache.ngroups, MAX_MANIFEST_ENTRIES):
+            n = min(MAX_MANIFEST_ENTRIES, cache.ngroups - first)
+            coarse[first:first + n] = self._request(chan, "coarse", first, n)
+        differ = np.any(coarse != cache.coarse, axis=1)
+        fetched = 0
+        for g0, gn in runs_of(differ):
+            b0 = g0 * 256
+            b1 = min((g0 + gn) * 256, cache.nblocks)
+            for first in range(b0, b1, MAX_MANIFEST_ENTRIES):
+                n = min(MAX_MANIFEST_ENTRIES, b1 - first)
+                cache.write_fine(first, self._request(chan, "fine", first, n))
+                fetched += n
+        cache.commit()
+        log.info("reconciled target manifest: %d of %d groups differed, %d digests fetched",
+                 int(differ.sum()), cache.ngroups, fetched)
+        if cache.root.hex() != root:
+            raise RemoteProtocolError("the receiver's manifest does not match its own root after reconciliation")
+        return cache
+
+    def _request(self, chan: Channel, level: str, first: int, count: int) -> np.ndarray:
+        chan.send(F.ManifestRequest(level, first, count))
+        ev = self._replies.get(timeout=IO_TIMEOUT)
+        if isinstance(ev, BaseException):
+            raise ev
+        if not isinstance(ev, F.ManifestData) or ev.level != level or ev.first != first or len(ev.entries) != count:
+            raise RemoteProtocolError("manifest answer does not match the request")
+        return ev.entries
+
+    def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
+                start: int, cache: ManifestFile) -> int:
+        out: queue.Queue = queue.Queue(maxsize=2)
+        writer_error: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                while True:
+                    batch = out.get()
+                    if batch is None:
+                        return
+                    for ev in batch:
+                        chan.send(ev)
+            except BaseException as exc:
+                writer_error.append(exc)
+                while out.get() is not None:  # drain so the producer never blocks forever
+                    pass
+
+        wt = threading.Thread(target=writer, daemon=True)
+        wt.start()
+        comp = Compressor(self.level)
+        pending: list[Covered] = []
+        self._pending = pending
+        sent = 0
+        batch: list = []
+        total = source.size - start
+        try:
+            for item in round_events(source, start=start, cache=against, compressor=comp):
+                if writer_error or self._failure:
+                    break
+                if isinstance(item, Covered):
+                    pending.append(item)
+                    continue
+                if item is CHUNK_END:
+                    # one batch per read chunk: with at most 3 batches queued or being
+                    # written, a read buffer is never reused before its frames are sent
+                    if batch:
+                        out.put(batch)
+                        self._report(kind, batch[-1], start, total, sent, chan)
+                        batch = []
+                    self._apply_acks(cache, self._acked)
+                    continue
+                if isinstance(item, F.BlockData):
+                    sent += item.raw_len
+                batch.append(item)
+            if batch:
+                out.put(batch)
+        finally:
+            out.put(None)
+            wt.join()
+        if writer_error:
+            raise writer_error[0]
+        if self._failure:
+            raise self._failure
+        return sent
+
+    def _report(self, kind: str, item, start: int, total: int, sent: int, chan: Channel) -> None:
+        if self.on_progress is None:
+            return
+        pos = getattr(item, "offset", start)
+        self.on_progress(Progress(kind, max(0, pos - start), total, sent, chan.wire_sent))
+
+    def _apply_acks(self, cache: ManifestFile, acked: int | None) -> None:
+        """Copy digests the receiver has made durable into the local manifest copy."""
+        pending = self._pending
+        limit = None if acked is None else acked // FINE_BLOCK
+        i = 0
+        for i, cov in enumerate(pending):
+            if limit is not None and cov.first + len(cov.digests) > limit:
+                break
+            cache.write_fine(cov.first, cov.digests)
+        else:
+            i = len(pending)
+        del pending[:i]
+
+    def _read_loop(self, chan: Channel) -> None:
+        try:
+            while True:
+                ev = chan.recv()
+                if isinstance(ev, F.Checkpoint):
+                    self._acked = max(self._acked, ev.offset)
+                elif isinstance(ev, F.RoundDone):
+                    self._round_done = ev
+                    self._done.set()
+                elif isinstance(ev, (F.ManifestData, F.Pong, F.Close)):
+                    self._replies.put(ev)
+                    if isinstance(ev, F.Close):
+                        return
+                elif isinstance(ev, F.Error):
+                    self._raise_if_error(ev)
+                elif isinstance(ev, ConnectionClosed):
+                    raise TransportError("the receiver closed the connection")
+        except BaseException as exc:
+            self._failure = exc
+            self._replies.put(exc)
+            self._done.set()
+
+    @staticmethod
+    def _raise_if_error(ev: F.Event) -> None:
+        if isinstance(ev, F.Error):
+            raise RemoteError(f"receiver: {ev.message}", code=ev.code or None, exit_code=ev.exit_code, resumable=ev.resumable)
+        if isinstance(ev, ConnectionClosed):
+            raise TransportError("the receiver closed the connection")
+
+    def _close(self, chan: Channel) -> None:
+        try:
+            chan.send(F.Close("done"))
+            ev = self._replies.get(timeout=30)
+            if isinstance(ev, BaseException):
+                raise ev
+        except (ReplicationError, queue.Empty):
+            pass  # the round is durable already; a lost goodbye changes nothing

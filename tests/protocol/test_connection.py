@@ -1,0 +1,229 @@
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+import xxhash
+from hypothesis import given, settings, strategies as st
+
+from smsrepl import kernels
+from smsrepl.codec import Compressor, Decompressor
+from smsrepl.errors import DecompressionError, LocalProtocolError, RemoteProtocolError
+from smsrepl.protocol import (
+    NEED_DATA,
+    RECEIVER,
+    SENDER,
+    BlockData,
+    Checkpoint,
+    Close,
+    Connection,
+    ConnectionClosed,
+    Error,
+    Hello,
+    ManifestData,
+    ManifestRequest,
+    Ping,
+    Pong,
+    RoundBegin,
+    RoundDone,
+    RoundEnd,
+    Scanned,
+    State,
+    Welcome,
+    ZeroRange,
+)
+from smsrepl.protocol import frames as F
+
+
+def hello(**kw):
+    base = dict(versions=[1], kind="block", target="disk0", session_id="abc", source_size=1 << 20,
+                block_size=4096, capabilities=["zstd"])
+    base.update(kw)
+    return Hello(**base)
+
+
+def welcome():
+    return Welcome(1, "abc", 1 << 20, "new", 0, "full", 0, "", ["zstd"])
+
+
+def block(offset=0, data=None):
+    data = data if data is not None else bytes(range(256)) * 32
+    d = np.empty(-(-len(data) // 4096), dtype="<u8")
+    kernels.block_digests(data, 4096, d)
+    return BlockData(offset, len(data), 0, d, data)
+
+
+def transfer(src: Connection, dst: Connection, event):
+    dst.receive_data(b"".join(bytes(p) for p in src.send(event)))
+    got = dst.next_event()
+    assert dst.next_event() is NEED_DATA
+    return got
+
+
+def pair_in_round():
+    s, r = Connection(SENDER), Connection(RECEIVER)
+    transfer(s, r, hello())
+    transfer(r, s, welcome())
+    transfer(s, r, RoundBegin(1, "full", 0))
+    return s, r
+
+
+def test_full_conversation_round_trips_every_event():
+    s, r = Connection(SENDER), Connection(RECEIVER)
+    assert transfer(s, r, hello()) == hello()
+    assert transfer(r, s, welcome()) == welcome()
+    assert transfer(s, r, ManifestRequest("coarse", 0, 2)) == ManifestRequest("coarse", 0, 2)
+    coarse = np.arange(4, dtype="<u8").reshape(2, 2)
+    got = transfer(r, s, ManifestData("coarse", 0, coarse))
+    assert got.level == "coarse" and np.array_equal(got.entries, coarse)
+    assert transfer(s, r, Ping(7, 123, 100)) == Ping(7, 123, 100)
+    assert transfer(r, s, Pong(7, 123, 100)) == Pong(7, 123, 100)
+    transfer(s, r, RoundBegin(1, "full", 0))
+    assert r.state is State.ROUND
+    b = block(8192)
+    got = transfer(s, r, b)
+    assert (got.offset, got.raw_len, got.codec) == (8192, b.raw_len, 0)
+    assert np.array_equal(got.digests, b.digests) and bytes(got.payload) == b.payload
+    assert transfer(s, r, ZeroRange(16384, 4096)) == ZeroRange(16384, 4096)
+    assert transfer(s, r, Scanned(65536)) == Scanned(65536)
+    assert transfer(r, s, Checkpoint(1, 65536, 4096)) == Checkpoint(1, 65536, 4096)
+    transfer(s, r, RoundEnd(1))
+    assert transfer(r, s, RoundDone(1, "ff")) == RoundDone(1, "ff")
+    assert s.state is State.IDLE and r.state is State.IDLE
+    transfer(s, r, Close("done"))
+    transfer(r, s, Close("bye"))
+    assert s.state is State.CLOSED
+    s.receive_data(b"")
+    assert s.next_event().clean is True
+
+
+def test_events_outside_the_table_are_errors_on_both_sides():
+    s, r = Connection(SENDER), Connection(RECEIVER)
+    with pytest.raises(LocalProtocolError):
+        s.send(RoundBegin(1, "full", 0))  # before the handshake
+    with pytest.raises(LocalProtocolError):
+        r.send(welcome())  # nothing asked yet
+    transfer(s, r, hello())
+    # a misbehaving sender that skips ahead: build the bytes with a second connection
+    rogue = Connection(SENDER)
+    rogue.send(hello())
+    rogue.state = State.ROUND
+    r.receive_data(b"".join(bytes(p) for p in rogue.send(block())))
+    with pytest.raises(RemoteProtocolError, match="BlockData in state handshake"):
+        r.next_event()
+    assert r.state is State.ERROR
+
+
+def test_receiver_cannot_send_data_frames():
+    s, r = pair_in_round()
+    with pytest.raises(LocalProtocolError):
+        r.send(block())
+
+
+def test_error_frame_is_allowed_in_any_live_state():
+    s, r = pair_in_round()
+    got = transfer(r, s, Error("SMS.2007", "disk full", 3, True))
+    assert got.code == "SMS.2007" and s.state is State.ERROR
+
+
+def test_stream_cut_mid_frame_is_an_unclean_close():
+    s, r = pair_in_round()
+    wire = b"".join(bytes(p) for p in s.send(block()))
+    r.receive_data(wire[:-5])
+    assert r.next_event() is NEED_DATA
+    r.receive_data(b"")
+    ev = r.next_event()
+    assert isinstance(ev, ConnectionClosed) and not ev.clean
+
+
+def test_oversized_frame_is_refused_before_buffering_it():
+    s, r = pair_in_round()
+    r.receive_data(F.HEADER.pack(F.MAX_BODY + 1, BlockData.TYPE, 0, 0, 0))
+    with pytest.raises(RemoteProtocolError, match="exceeds the maximum"):
+        r.next_event()
+
+
+@pytest.mark.parametrize("body", [b"{}", b"[]", b"not json", b'{"round_id": 1}', b'{"round_id": -1, "kind": "full", "start": 0}',
+                                  b'{"round_id": 1, "kind": "full", "start": 0, "extra": 1}',
+                                  b'{"round_id": "1", "kind": "full", "start": 0}'])
+def test_malformed_control_frames_are_refused(body):
+    s, r = Connection(SENDER), Connection(RECEIVER)
+    transfer(s, r, hello())
+    transfer(r, s, welcome())
+    r.receive_data(F._frame(RoundBegin.TYPE, body))
+    with pytest.raises(RemoteProtocolError):
+        r.next_event()
+
+
+def _all_frames():
+    s, r = pair_in_round()
+    frames = [b"".join(bytes(p) for p in s.send(ev)) for ev in (block(0), ZeroRange(8192, 4096), Scanned(12288), RoundEnd(1))]
+    return frames
+
+
+def test_every_flipped_bit_outside_a_data_payload_is_detected():
+    for wire in _all_frames():
+        protected = len(wire)
+        if wire[4] == BlockData.TYPE:
+            protected = F.HEADER_SIZE + 16 + 8 * 2
+        for bit in range(protected * 8):
+            s, r = pair_in_round()
+            bad = bytearray(wire)
+            bad[bit // 8] ^= 1 << (bit % 8)
+            r.receive_data(bytes(bad))
+            r.receive_data(b"")
+            try:
+                ev = r.next_event()
+            except RemoteProtocolError:
+                continue
+            # a flip in the length field can only shorten or lengthen the frame: never a valid event
+            assert isinstance(ev, ConnectionClosed) and not ev.clean, (bit, ev)
+
+
+def test_flipped_payload_bits_fail_the_digest_or_the_codec():
+    data = (b"smsrepl payload " * 512)
+    comp, dec = Compressor(), Decompressor()
+    codec, payload = comp.encode(data)
+    assert codec == 1
+    digests = np.empty(2, dtype="<u8")
+    kernels.block_digests(data, 4096, digests)
+    rng = np.random.default_rng(3)
+    for bit in rng.choice(len(payload) * 8, 64, replace=False):
+        bad = bytearray(payload)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        try:
+            raw = dec.decode(codec, bytes(bad), len(data))
+        except DecompressionError:
+            continue
+        got = np.empty(2, dtype="<u8")
+        kernels.block_digests(raw, 4096, got)
+        assert not np.array_equal(got, digests)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_bytes_only_raise_documented_errors(blob):
+    r = Connection(RECEIVER)
+    r.receive_data(blob)
+    r.receive_data(b"")
+    try:
+        for _ in range(50):
+            ev = r.next_event()
+            if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
+                break
+    except RemoteProtocolError:
+        pass
+
+
+def test_protocol_package_does_no_io():
+    forbidden = {"socket", "ssl", "threading", "time", "asyncio", "select", "selectors", "os", "subprocess"}
+    pkg = pathlib.Path(__file__).parents[2] / "src" / "smsrepl" / "protocol"
+    for path in pkg.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [(node.module or "").split(".")[0]]
+            assert not forbidden.intersection(names), f"{path.name} imports {names}"
