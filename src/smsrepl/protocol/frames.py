@@ -47,7 +47,7 @@ MAX_RAW = 4 << 20
 MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 8 + 4096
 PROTOCOL_VERSION = 1
 
-_BLOCK_PREFIX = struct.Struct(">IIBxxx")  # after the u64 offset, see pack helpers
+_BLOCK_PREFIX = struct.Struct(">QIBxxx")
 _U64 = struct.Struct(">Q")
 _ZERO = struct.Struct(">QQ")
 _PING = struct.Struct(">QQ")
@@ -226,7 +226,7 @@ def encode(event: Event) -> list[bytes | memoryview]:
         nblocks = -(-event.raw_len // FINE_BLOCK)
         if len(digests) != nblocks:
             raise ValueError(f"BLOCK_DATA of {event.raw_len} bytes needs {nblocks} digests, got {len(digests)}")
-        prefix = _U64.pack(event.offset) + _BLOCK_PREFIX.pack(event.raw_len, 0, event.codec)[4:] + digests.tobytes()
+        prefix = _BLOCK_PREFIX.pack(event.offset, event.raw_len, event.codec) + digests.tobytes()
         payload = memoryview(event.payload).cast("B")
         head8 = struct.pack(">IBBH", len(prefix) + len(payload), t, 0, 0)
         return [head8 + struct.pack(">I", _check(head8, prefix)) + prefix, payload]

@@ -286,7 +286,9 @@ class Sender:
             out.put(None)
             wt.join()
         if writer_error:
-            raise writer_error[0]
+            # the receiver usually says why it hung up: prefer its ERROR frame
+            self._done.wait(2.0)
+            raise self._failure or writer_error[0]
         if self._failure:
             raise self._failure
         return sent
