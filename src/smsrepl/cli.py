@@ -59,7 +59,8 @@ def cmd_receive(args) -> int:
         raise ConfigError("--root (file-level targets) is not supported by this version; use --target NAME=PATH")
     host, port = parse_address(args.listen)
     ctx = server_context(_certkey(args), _passphrase(args))
-    rx = Receiver(_targets(args.target), ctx, args.state_dir or _state_home("receive"))
+    rx = Receiver(_targets(args.target), ctx, args.state_dir or _state_home("receive"),
+                  checkpoint_seconds=args.checkpoint_seconds)
     host, port = rx.bind(host, port)
     print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
     try:
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--root")
     rc.add_argument("--state-dir")
     rc.add_argument("--once", action="store_true", help="exit after one session")
+    rc.add_argument("--checkpoint-seconds", type=float, default=2.0,
+                    help="seconds between durable checkpoints while data flows (default 2)")
     rc.set_defaults(func=cmd_receive)
 
     send = sub.add_parser("send", help="the source-side endpoint").add_subparsers(dest="send_cmd", required=True)

@@ -65,6 +65,7 @@ class Receiver:
         *,
         on_session: Callable[[SessionOutcome], None] | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
     ) -> None:
         if not targets:
             raise ConfigError("the receiver needs at least one --target NAME=PATH")
@@ -74,6 +75,9 @@ class Receiver:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.on_session = on_session
         self.idle_timeout = idle_timeout
+        if not 0 < checkpoint_seconds <= 60:
+            raise ConfigError(f"checkpoint interval {checkpoint_seconds} s is outside 0-60 s")
+        self.checkpoint_seconds = checkpoint_seconds
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -278,7 +282,7 @@ class _Session:
                     raise TransportError(f"sender aborted: {ev.code} {ev.message}".strip())
                 elif isinstance(ev, ConnectionClosed):
                     raise TransportError("connection closed by the sender" + (" mid-round" if in_round else ""))
-                if in_round is not None and time.monotonic() - last_ckpt >= CHECKPOINT_SECONDS:
+                if in_round is not None and time.monotonic() - last_ckpt >= self.rx.checkpoint_seconds:
                     offset = replica.checkpoint()
                     self.chan.send(F.Checkpoint(in_round.round_id, offset, replica.bytes_written))
                     last_ckpt = time.monotonic()

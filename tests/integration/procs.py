@@ -1,0 +1,138 @@
+"""Run smsrepl CLI processes on loopback for the integration tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+CLI = [sys.executable, "-m", "smsrepl"]
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ReceiverProc:
+    def __init__(self, certkey: str, targets: dict[str, str], state_dir: str, *extra: str, port: int = 0) -> None:
+        args = CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", certkey, "--state-dir", state_dir,
+                      "--checkpoint-seconds", "0.05", *extra]
+        for name, path in targets.items():
+            args += ["--target", f"{name}={path}"]
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        m = re.search(r"listening on ([\d.]+):(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"receiver did not start: {line}{self.proc.stderr.read()}")
+        self.port = int(m.group(2))
+        self.log: list[str] = []
+        self._drain = threading.Thread(target=self._read, daemon=True)
+        self._drain.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+
+def send_args(source: str, address: str, certkey: str, state_dir: str, target: str = "disk0", *extra: str) -> list[str]:
+    return CLI + ["send", "block", source, "--to", address, "--target", target, "--certkey", certkey,
+                  "--state-dir", state_dir, *extra]
+
+
+def send(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(send_args(*args, **kw), capture_output=True, text=True, timeout=timeout)
+
+
+def summary(cp: subprocess.CompletedProcess) -> dict:
+    assert cp.returncode == 0, cp.stderr
+    return json.loads(cp.stdout.strip().splitlines()[-1])
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that forwards until ``cut_after`` bytes went client->server, then resets both sides."""
+
+    def __init__(self, upstream_port: int, cut_after: int) -> None:
+        self.upstream = upstream_port
+        self.cut_after = cut_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.forwarded = 0
+        self._t = threading.Thread(target=self._serve, daemon=True)
+        self._t.start()
+
+    def _serve(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        server = socket.create_connection(("127.0.0.1", self.upstream))
+        done = threading.Event()
+
+        def pump(a: socket.socket, b: socket.socket, counted: bool) -> None:
+            try:
+                while not done.is_set():
+                    data = a.recv(65536)
+                    if not data:
+                        break
+                    if counted:
+                        room = self.cut_after - self.forwarded
+                        if room <= len(data):
+                            b.sendall(data[:max(room, 0)])
+                            self.forwarded += max(room, 0)
+                            break
+                        self.forwarded += len(data)
+                    b.sendall(data)
+            except OSError:
+                pass
+            done.set()
+            for s in (client, server):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    s.close()
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(server, client, False), daemon=True).start()
+        pump(client, server, True)
+
+    def close(self) -> None:
+        self.listener.close()
+        self._t.join(5)
+
+
+def wait_until(pred, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
