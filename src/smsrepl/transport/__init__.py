@@ -1,0 +1,1 @@
+"""Transport: mutual TLS (tls), framed channel, sender and receiver endpoints."""

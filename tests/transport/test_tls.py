@@ -1,0 +1,499 @@
+"""Real mutual-TLS handshakes over loopback with lab bundles."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import ssl
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from smsrepl.certs import LabCA, expired_bundle, make_bundle, not_yet_valid_bundle
+from smsrepl.errors import AuthenticationError, CertificateError, ConfigError, TransportError
+from smsrepl.transport.tls import (
+    CertKey,
+    check_peer_role,
+    classify_ssl_error,
+    client_context,
+    load_passphrase,
+    server_context,
+)
+
+PASS = b"task-passphrase-\xc3\xa9-7f3a"
+TIMEOUT = 5.0
+
+
+@pytest.fixture(scope="module")
+def plain() -> CertKey:
+    return make_bundle()
+
+
+@pytest.fixture(scope="module")
+def locked() -> CertKey:
+    return make_bundle(PASS)
+
+
+# -- harness ------------------------------------------------------------------
+@dataclasses.dataclass
+class Outcome:
+    client: object = None  # bytes received, or the classified error
+    server: object = None
+
+
+def handshake(
+    sctx: ssl.SSLContext,
+    cctx: ssl.SSLContext,
+    *,
+    server_expects: str = "source",
+    client_expects: str = "target-data",
+) -> Outcome:
+    """One connection: server greets after its role check, client answers."""
+    out = Outcome()
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    ls.settimeout(TIMEOUT)
+
+    def serve() -> None:
+        try:
+            raw, _ = ls.accept()
+        except OSError as exc:  # pragma: no cover - harness failure
+            out.server = exc
+            return
+        raw.settimeout(TIMEOUT)
+        try:
+            with sctx.wrap_socket(raw, server_side=True) as tls:
+                check_peer_role(tls, server_expects)
+                tls.sendall(b"ok")
+                out.server = tls.recv(2)
+        except Exception as exc:
+            out.server = classify_ssl_error(exc, server_side=True)
+        finally:
+            raw.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    raw = socket.create_connection(ls.getsockname(), timeout=TIMEOUT)
+    try:
+        with cctx.wrap_socket(raw) as tls:
+            check_peer_role(tls, client_expects)
+            out.client = tls.recv(2)
+            tls.sendall(b"hi")
+    except Exception as exc:
+        out.client = classify_ssl_error(exc, server_side=False)
+    finally:
+        raw.close()
+        thread.join(TIMEOUT + 1)
+        ls.close()
+    assert not thread.is_alive()
+    return out
+
+
+def assert_auth(err: object, *fragments: str) -> None:
+    assert isinstance(err, AuthenticationError), err
+    assert err.code == "SMS.0304" and err.exit_code == 4
+    for f in fragments:
+        assert f in err.message, err.message
+
+
+def refused(out: Outcome) -> None:
+    """Neither side may have completed the exchange; both errors are SMS.0304."""
+    assert not isinstance(out.client, bytes) and not isinstance(out.server, bytes), out
+    for side in (out.client, out.server):
+        # The side that did not detect the problem sees an alert (auth) or,
+        # when the detecting side closed without one, an EOF (transport).
+        assert isinstance(side, (AuthenticationError, TransportError)), side
+    assert isinstance(out.client, AuthenticationError) or isinstance(out.server, AuthenticationError)
+
+
+# -- success -----------------------------------------------------------------------
+def test_mutual_handshake_plain(plain):
+    out = handshake(server_context(plain), client_context(plain))
+    assert out.client == b"ok" and out.server == b"hi"
+
+
+def test_mutual_handshake_with_passphrase(locked):
+    assert locked.key_is_encrypted("private_key")
+    assert "ENCRYPTED PRIVATE KEY" in locked.target_data_private_key
+    out = handshake(server_context(locked, PASS), client_context(locked, PASS))
+    assert out.client == b"ok" and out.server == b"hi"
+
+
+def test_mgmt_server_role(locked):
+    out = handshake(server_context(locked, PASS, role="mgmt"), client_context(locked, PASS), client_expects="target-mgmt")
+    assert out.client == b"ok" and out.server == b"hi"
+
+
+def test_context_defaults(plain):
+    for ctx in (client_context(plain), server_context(plain)):
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+        assert ctx.maximum_version == ssl.TLSVersion.TLSv1_3
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.check_hostname is False
+        # Only the bundle's CA is trusted: no system store.
+        cas = ctx.get_ca_certs()
+        assert len(cas) == 1 and "smsrepl lab CA" in str(cas[0]["subject"])
+    assert server_context(plain).num_tickets == 0
+
+
+def test_certs_without_role_ou_are_accepted():
+    """A control plane's certificates need not carry our OU: EKU is enough."""
+    ca = LabCA.create()
+    src_cert, src_key = ca.issue("agent-1234", ou=None, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), san=False)
+    tgt_cert, tgt_key = ca.issue("10.0.0.7", ou=None, eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    ck = CertKey(ca.pem, src_cert, src_key, tgt_cert, tgt_key, tgt_cert, tgt_key)
+    out = handshake(server_context(ck), client_context(ck))
+    assert out.client == b"ok" and out.server == b"hi"
+
+
+# -- bundle and passphrase errors (SMS.3301) --------------------------------------------
+def _assert_3301(exc_info, *fragments):
+    err = exc_info.value
+    assert isinstance(err, CertificateError)
+    assert err.code == "SMS.3301" and err.exit_code == 2
+    for f in fragments:
+        assert f in str(err), str(err)
+    return str(err)
+
+
+def test_wrong_passphrase(locked):
+    with pytest.raises(CertificateError) as ei:
+        client_context(locked, b"not-the-passphrase")
+    msg = _assert_3301(ei, "private_key", "passphrase")
+    assert "not-the-passphrase" not in msg and "PRIVATE KEY" not in msg
+    with pytest.raises(CertificateError) as ei:
+        server_context(locked, b"not-the-passphrase")
+    msg = _assert_3301(ei, "target_data_private_key")
+    assert "not-the-passphrase" not in msg
+
+
+def test_missing_passphrase_never_prompts(locked):
+    with pytest.raises(CertificateError) as ei:
+        client_context(locked, None)
+    _assert_3301(ei, "private_key", "encrypted", "no passphrase")
+    with pytest.raises(CertificateError) as ei:
+        server_context(locked, None, role="mgmt")
+    _assert_3301(ei, "target_mgmt_private_key")
+
+
+def test_passphrase_with_plain_keys_is_accepted(plain):
+    client_context(plain, PASS)
+
+
+def test_roundtrip_json(locked):
+    again = CertKey.from_json(locked.to_json())
+    assert again == locked
+    assert CertKey.from_json(locked.to_json().encode()) == locked
+    assert "PRIVATE" not in repr(locked)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("{not json", "invalid JSON"),
+        (b"\xff\xfe\x00garbage", "certkey"),
+        ("[]", "JSON object"),
+        ("", "invalid JSON"),
+    ],
+)
+def test_bad_json(text, fragment):
+    with pytest.raises(CertificateError) as ei:
+        CertKey.from_json(text)
+    _assert_3301(ei, fragment)
+
+
+def test_missing_extra_and_typed_keys(plain):
+    doc = json.loads(plain.to_json())
+    missing = dict(doc)
+    del missing["target_data_private_key"]
+    with pytest.raises(CertificateError) as ei:
+        CertKey.from_json(json.dumps(missing))
+    _assert_3301(ei, "missing", "target_data_private_key")
+
+    extra = dict(doc, passphrase="hunter2-secret")
+    with pytest.raises(CertificateError) as ei:
+        CertKey.from_json(json.dumps(extra))
+    msg = _assert_3301(ei, "unexpected", "passphrase")
+    assert "hunter2" not in msg
+
+    typed = dict(doc, ca=["x"])
+    with pytest.raises(CertificateError) as ei:
+        CertKey.from_json(json.dumps(typed))
+    _assert_3301(ei, "'ca'", "PEM string")
+
+
+@pytest.mark.parametrize("field", list(CertKey.__dataclass_fields__))
+def test_garbage_pem(plain, field):
+    doc = json.loads(plain.to_json())
+    doc[field] = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+    with pytest.raises(CertificateError) as ei:
+        CertKey.from_json(json.dumps(doc))
+    _assert_3301(ei, repr(field))
+    doc[field] = "hello"
+    with pytest.raises(CertificateError) as ei:
+        CertKey.from_json(json.dumps(doc))
+    _assert_3301(ei, repr(field), "no PEM block")
+
+
+def test_key_swapped_between_fields(plain):
+    doc = json.loads(plain.to_json())
+    doc["private_key"] = plain.target_data_private_key
+    with pytest.raises(CertificateError) as ei:
+        CertKey.from_json(json.dumps(doc))
+    msg = _assert_3301(ei, "'private_key'", "does not match", "'cert'")
+    assert "BEGIN" not in msg
+
+
+def test_encrypted_key_mismatch_detected_at_load(locked):
+    bad = dataclasses.replace(locked, private_key=locked.target_data_private_key)
+    with pytest.raises(CertificateError) as ei:
+        client_context(bad, PASS)
+    _assert_3301(ei, "private_key", "does not match")
+
+
+def test_certkey_load_errors(tmp_path, plain):
+    with pytest.raises(CertificateError) as ei:
+        CertKey.load(tmp_path / "absent.json")
+    _assert_3301(ei, "absent.json")
+    p = tmp_path / "certkey.json"
+    p.write_text(plain.to_json())
+    assert CertKey.load(p) == plain
+
+
+def test_load_passphrase(tmp_path):
+    p = tmp_path / "pass"
+    p.write_bytes(PASS + b"\n")
+    assert load_passphrase(p) == PASS
+    p.write_bytes(PASS + b"\n\n")
+    assert load_passphrase(p) == PASS + b"\n"
+    p.write_bytes(PASS)
+    assert load_passphrase(p) == PASS
+    p.write_bytes(b"\n")
+    with pytest.raises(CertificateError):
+        load_passphrase(p)
+    with pytest.raises(CertificateError) as ei:
+        load_passphrase(tmp_path / "missing")
+    _assert_3301(ei, "passphrase file")
+
+
+def test_bad_server_role(plain):
+    with pytest.raises(ConfigError):
+        server_context(plain, role="source")
+
+
+# -- authentication failures (SMS.0304) --------------------------------------------------
+def test_other_ca_is_refused(plain):
+    other = make_bundle()
+    out = handshake(server_context(plain), client_context(other))
+    refused(out)
+    assert_auth(out.client, "certificate verify failed")
+    out = handshake(server_context(other), client_context(plain))
+    assert_auth(out.client, "certificate verify failed")
+
+
+def test_expired_is_refused():
+    bad = expired_bundle()
+    out = handshake(server_context(bad), client_context(bad))
+    refused(out)
+    assert_auth(out.client, "certificate verify failed: certificate has expired")
+    assert_auth(out.server)
+
+
+def test_not_yet_valid_is_refused():
+    bad = not_yet_valid_bundle()
+    out = handshake(server_context(bad), client_context(bad))
+    refused(out)
+    assert_auth(out.client, "certificate verify failed: certificate is not yet valid")
+
+
+def test_expired_client_cert_refused_by_server():
+    ca = LabCA.create()
+    good = make_bundle(ca=ca)
+    old = expired_bundle(ca=ca)
+    mixed = dataclasses.replace(good, cert=old.cert, private_key=old.private_key)
+    out = handshake(server_context(good), client_context(mixed))
+    refused(out)
+    assert_auth(out.server, "certificate has expired")
+    assert_auth(out.client, "peer rejected our certificate")
+
+
+def test_receiver_presenting_source_cert_is_refused(plain):
+    confused = dataclasses.replace(plain, target_data_cert=plain.cert, target_data_private_key=plain.private_key)
+    out = handshake(server_context(confused), client_context(plain))
+    refused(out)
+    assert_auth(out.client, "certificate verify failed", "purpose")
+
+
+def test_sender_presenting_target_cert_is_refused(plain):
+    confused = dataclasses.replace(plain, cert=plain.target_data_cert, private_key=plain.target_data_private_key)
+    out = handshake(server_context(plain), client_context(confused))
+    refused(out)
+    assert_auth(out.server, "certificate verify failed", "purpose")
+
+
+def test_mgmt_cert_on_data_port_is_refused(plain):
+    """Both target certs are serverAuth: only the role check tells them apart."""
+    out = handshake(server_context(plain, role="mgmt"), client_context(plain))
+    assert_auth(out.client, "smsrepl-target-mgmt", "expected smsrepl-target-data")
+    assert out.server != b"hi"
+
+
+def test_role_ou_beats_permissive_eku():
+    """A cert usable for both purposes but naming the source role cannot serve."""
+    ca = LabCA.create()
+    good = make_bundle(ca=ca)
+    both = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
+    c, k = ca.issue("smsrepl-source", ou="smsrepl-source", eku=both)
+    confused = dataclasses.replace(good, target_data_cert=c, target_data_private_key=k)
+    out = handshake(server_context(confused), client_context(good))
+    assert_auth(out.client, "role smsrepl-source")
+    # ...and a source cert without EKU naming a target role cannot be a sender.
+    c, k = ca.issue("smsrepl-target-data", ou="smsrepl-target-data", eku=None, san=False)
+    confused = dataclasses.replace(good, cert=c, private_key=k)
+    out = handshake(server_context(good), client_context(confused))
+    assert_auth(out.server, "role smsrepl-target-data", "expected smsrepl-source")
+
+
+def test_client_without_certificate_is_refused(plain):
+    anon = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anon.check_hostname = False
+    anon.load_verify_locations(cadata=plain.ca)
+    out = handshake(server_context(plain), anon)
+    assert_auth(out.server, "peer did not present a certificate")
+    assert_auth(out.client)
+
+
+def test_tls12_client_is_refused(plain):
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.load_verify_locations(cadata=plain.ca)
+    out = handshake(server_context(plain), old)
+    refused(out)
+    assert_auth(out.server, "TLS 1.3")
+    assert_auth(out.client)
+
+
+@pytest.mark.parametrize("payload", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HELLO smsrepl plaintext\r\n"])
+def test_plaintext_client_is_classified(plain, payload):
+    sctx = server_context(plain)
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    result: list = []
+
+    def serve():
+        raw, _ = ls.accept()
+        raw.settimeout(TIMEOUT)
+        try:
+            sctx.wrap_socket(raw, server_side=True)
+        except Exception as exc:
+            result.append(classify_ssl_error(exc, server_side=True))
+        finally:
+            raw.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with socket.create_connection(ls.getsockname(), timeout=TIMEOUT) as c:
+        c.sendall(payload)
+        t.join(TIMEOUT + 1)
+    ls.close()
+    assert len(result) == 1
+    assert_auth(result[0], "not a TLS client")
+
+
+def test_check_peer_role_on_sslobject(plain):
+    """Memory-BIO handshake (asyncio style): check_peer_role takes SSLObject."""
+    cctx, sctx = client_context(plain), server_context(plain)
+    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    cli = cctx.wrap_bio(cin, cout)
+    srv = sctx.wrap_bio(sin, sout, server_side=True)
+    with pytest.raises(AuthenticationError):
+        check_peer_role(cli, "target-data")  # not done yet
+    done = {"c": False, "s": False}
+    for _ in range(10):
+        for name, obj in (("c", cli), ("s", srv)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        sin.write(cout.read())
+        cin.write(sout.read())
+        if all(done.values()):
+            break
+    assert all(done.values())
+    check_peer_role(cli, "target-data")
+    check_peer_role(srv, "source")
+    with pytest.raises(AuthenticationError):
+        check_peer_role(cli, "source")
+    with pytest.raises(AuthenticationError):
+        check_peer_role(srv, "target-mgmt")
+
+
+def test_classify_other_errors():
+    assert isinstance(classify_ssl_error(ConnectionResetError(104, "reset")), TransportError)
+    assert isinstance(classify_ssl_error(ssl.SSLEOFError(8, "eof")), TransportError)
+    e = AuthenticationError("x")
+    assert classify_ssl_error(e) is e
+
+
+# -- no decrypted key on disk -------------------------------------------------------------
+def _snapshot(dirs):
+    seen = {}
+    for d in dirs:
+        for root, _, files in os.walk(d):
+            for f in files:
+                p = os.path.join(root, f)
+                try:
+                    seen[p] = os.stat(p).st_mtime_ns
+                except OSError:
+                    pass
+    return seen
+
+
+def test_keys_go_through_memfd_only(locked, monkeypatch, tmp_path):
+    calls = []
+    real = ssl.SSLContext.load_cert_chain
+
+    def spy(self, certfile, keyfile=None, password=None):
+        for path in (certfile, keyfile):
+            assert str(path).startswith("/proc/self/fd/")
+            target = os.readlink(path)
+            assert target.startswith("/memfd:smsrepl-"), target
+        with open(keyfile, "rb") as fh:
+            calls.append(fh.read())
+        return real(self, certfile, keyfile, password)
+
+    dirs = [tempfile.gettempdir(), "/dev/shm", "/var/tmp", os.getcwd()]
+    dirs = [d for d in dirs if os.path.isdir(d)]
+    before = _snapshot(dirs)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spy)
+    client_context(locked, PASS)
+    server_context(locked, PASS)
+    server_context(locked, PASS, role="mgmt")
+    monkeypatch.undo()
+    # What reached OpenSSL is the PEM as given: still encrypted.
+    assert calls == [
+        locked.private_key.encode(),
+        locked.target_data_private_key.encode(),
+        locked.target_mgmt_private_key.encode(),
+    ]
+    assert all(b"ENCRYPTED PRIVATE KEY" in c for c in calls)
+    # memfds are closed again, and nothing new appeared on disk.
+    assert set(os.listdir("/proc/self/fd")) <= fds_before | {str(n) for n in range(3)}
+    after = _snapshot(dirs)
+    new = [p for p in after if p not in before or after[p] != before[p]]
+    for p in new:
+        try:
+            data = Path(p).read_bytes()
+        except OSError:
+            continue
+        assert b"PRIVATE KEY" not in data, p
