@@ -57,7 +57,7 @@ def cmd_receive(args) -> int:
 
     if args.root:
         raise ConfigError("--root (file-level targets) is not supported by this version; use --target NAME=PATH")
-    host, port = parse_address(args.listen)
+    host, port = parse_address(args.listen, listen=True)
     ctx = server_context(_certkey(args), _passphrase(args))
     rx = Receiver(_targets(args.target), ctx, args.state_dir or _state_home("receive"),
                   checkpoint_seconds=args.checkpoint_seconds)

@@ -10,7 +10,8 @@ import ssl
 import threading
 
 from ..errors import TransportError
-from ..protocol import NEED_DATA, Connection, ConnectionClosed
+from .tls import classify_ssl_error
+from ..protocol import NEED_DATA, RECEIVER, Connection, ConnectionClosed
 from ..protocol.frames import Event
 
 RECV_SIZE = 1 << 20
@@ -25,6 +26,9 @@ class Channel:
         self._rbuf = bytearray(RECV_SIZE)
         self.wire_sent = 0
         self.wire_received = 0
+        # TLS 1.3 clients learn that the server refused their certificate only
+        # at their first read: until an event arrives, TLS errors are auth errors
+        self._first_read = True
 
     def send(self, event: Event) -> None:
         with self._state_lock:
@@ -43,12 +47,17 @@ class Channel:
             with self._state_lock:
                 ev = self.conn.next_event()
             if ev is not NEED_DATA:
+                self._first_read = False
                 return ev
             try:
                 n = self.sock.recv_into(self._rbuf)
             except socket.timeout:
                 raise TransportError("the peer sent nothing for too long (timeout)") from None
-            except (OSError, ssl.SSLError) as exc:
+            except ssl.SSLError as exc:
+                if self._first_read:
+                    raise classify_ssl_error(exc, server_side=self.conn.role is RECEIVER) from None
+                raise TransportError(f"connection lost while receiving: {exc}") from None
+            except OSError as exc:
                 raise TransportError(f"connection lost while receiving: {exc}") from None
             self.wire_received += n
             with self._state_lock:

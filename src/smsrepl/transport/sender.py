@@ -41,7 +41,7 @@ CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 300.0
 
 
-def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+def parse_address(text: str, default_port: int = DEFAULT_PORT, *, listen: bool = False) -> tuple[str, int]:
     from ..errors import ConfigError
 
     host, sep, port = text.rpartition(":")
@@ -50,10 +50,11 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
     host = host.strip("[]")
     try:
         p = int(port)
-        if not 0 < p < 65536:
+        if not (0 if listen else 1) <= p < 65536:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"address {text!r}: port must be a number from 1 to 65535") from None
+        lowest = 0 if listen else 1
+        raise ConfigError(f"address {text!r}: port must be a number from {lowest} to 65535") from None
     if not host:
         raise ConfigError(f"address {text!r} has no host")
     return host, p
