@@ -84,8 +84,8 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
 for _st in _LIVE:
     TRANSITIONS[(_st, S, F.Ping)] = _st
     TRANSITIONS[(_st, R, F.Pong)] = _st
-for _st in State:
-    if _st not in (State.CLOSED, State.ERROR):
+for _st in State:  # an ERROR frame may follow a violation, to tell the peer why
+    if _st is not State.CLOSED:
         TRANSITIONS[(_st, S, F.Error)] = State.ERROR
         TRANSITIONS[(_st, R, F.Error)] = State.ERROR
 
@@ -133,8 +133,6 @@ class Connection:
         self.bytes_received += len(data)
 
     def next_event(self) -> F.Event | _Sentinel:
-        if self.state is State.ERROR and not self._eof:
-            raise RemoteProtocolError("connection is in the error state")
         buf = self._buf
         if len(buf) < F.HEADER_SIZE:
             return self._end_or_need()
