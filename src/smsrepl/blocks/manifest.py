@@ -211,6 +211,14 @@ class ManifestFile:
                     raise ManifestError(f"manifest {self.path!r} has corrupt fine digests in groups {g0}..{g1 - 1}")
         return out[:count]
 
+    def verify(self, *, chunk_groups: int = 8192) -> None:
+        """Check every fine digest against its group's coarse digest (reads the whole fine section)."""
+        buf = np.empty(chunk_groups * GROUP_BLOCKS, dtype="<u8")
+        for g0 in range(0, self.ngroups, chunk_groups):
+            b0 = g0 * GROUP_BLOCKS
+            n = min((g0 + chunk_groups) * GROUP_BLOCKS, self.nblocks) - b0
+            self.read_fine(b0, n, buf, verify=True)
+
     def write_fine(self, first: int, values: np.ndarray) -> None:
         """Store fine digests; coarse digests follow at :meth:`commit`."""
         if not self.writable:

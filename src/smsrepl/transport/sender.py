@@ -196,15 +196,19 @@ class Sender:
         self._close(chan)
         return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started)
 
-    def _open_cache(self, path: str, size: int) -> ManifestFile | None:
+    def _open_cache(self, path: str, size: int, *, verify: bool = False) -> ManifestFile | None:
         try:
-            return ManifestFile.open(path, writable=True, expect_size=size)
-        except ManifestError:
+            cache = ManifestFile.open(path, writable=True, expect_size=size)
+            if verify:
+                cache.verify()  # the round reads it unverified, range by range
+            return cache
+        except ManifestError as exc:
+            log.warning("local copy of the target manifest is unusable (%s); fetching it again", exc)
             return None
 
     def _reconcile(self, chan: Channel, path: str, size: int, root: str) -> ManifestFile:
         """Make the local copy of the target's manifest equal the receiver's."""
-        cache = self._open_cache(path, size) or ManifestFile.create(path, size)
+        cache = self._open_cache(path, size, verify=True) or ManifestFile.create(path, size)
         if cache.root.hex() == root:
             return cache
         coarse = np.empty_like(cache.coarse)
