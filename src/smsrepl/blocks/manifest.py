@@ -288,30 +288,37 @@ def _fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
-def runs_of(mask: np.ndarray, base: int = 0) -> list[tuple[int, int]]:
-    """``(first, count)`` runs of True in a boolean array, offset by ``base``."""
+def run_arrays(mask: np.ndarray, base: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and counts (int64 arrays) of the runs of True in ``mask``, offset by ``base``."""
     idx = np.flatnonzero(mask)
     if not len(idx):
-        return []
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     starts = np.concatenate(([idx[0]], idx[breaks]))
     ends = np.concatenate((idx[breaks - 1], [idx[-1]])) + 1
-    return [(int(s) + base, int(e - s)) for s, e in zip(starts, ends)]
+    return starts.astype(np.int64) + base, (ends - starts).astype(np.int64)
 
 
-def diff(a: ManifestFile, b: ManifestFile, *, chunk_groups: int = 8192) -> Iterator[tuple[int, int]]:
-    """Yield ``(first_block, count)`` runs of fine blocks whose digests differ.
+def runs_of(mask: np.ndarray, base: int = 0) -> list[tuple[int, int]]:
+    """``(first, count)`` runs of True in a boolean array, offset by ``base``."""
+    starts, counts = run_arrays(mask, base)
+    return list(zip(starts.tolist(), counts.tolist()))
+
+
+def diff_runs(a: ManifestFile, b: ManifestFile, *, chunk_groups: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(starts, counts)`` arrays of fine-block runs whose digests differ, in order.
 
     Coarse digests are compared first; fine digests are read (in bounded
     chunks, into reused buffers) only for groups whose coarse digests differ,
-    so memory stays at a few chunks whatever the disk size.
+    so memory stays at a few chunks whatever the disk size. Runs that touch
+    at a chunk edge are yielded as two runs.
     """
     if a.size != b.size:
         raise ManifestError(f"manifests describe different sizes ({a.size} and {b.size} bytes)")
     group_differs = np.any(a.coarse != b.coarse, axis=1)
     buf_a = np.empty(chunk_groups * GROUP_BLOCKS, dtype="<u8")
     buf_b = np.empty_like(buf_a)
-    pending: tuple[int, int] | None = None
     for g0 in range(0, a.ngroups, chunk_groups):
         g1 = min(g0 + chunk_groups, a.ngroups)
         for r0, rn in runs_of(group_differs[g0:g1], g0):
@@ -319,13 +326,22 @@ def diff(a: ManifestFile, b: ManifestFile, *, chunk_groups: int = 8192) -> Itera
             n = min((r0 + rn) * GROUP_BLOCKS, a.nblocks) - b0
             fa = a.read_fine(b0, n, buf_a)
             fb = b.read_fine(b0, n, buf_b)
-            for first, count in runs_of(fa != fb, b0):
-                if pending and pending[0] + pending[1] == first:
-                    pending = (pending[0], pending[1] + count)
-                    continue
-                if pending:
-                    yield pending
-                pending = (first, count)
+            starts, counts = run_arrays(fa != fb, b0)
+            if len(starts):
+                yield starts, counts
+
+
+def diff(a: ManifestFile, b: ManifestFile, *, chunk_groups: int = 8192) -> Iterator[tuple[int, int]]:
+    """Yield ``(first_block, count)`` runs of fine blocks whose digests differ, merged across chunks."""
+    pending: tuple[int, int] | None = None
+    for starts, counts in diff_runs(a, b, chunk_groups=chunk_groups):
+        for first, count in zip(starts.tolist(), counts.tolist()):
+            if pending and pending[0] + pending[1] == first:
+                pending = (pending[0], pending[1] + count)
+                continue
+            if pending:
+                yield pending
+            pending = (first, count)
     if pending:
         yield pending
 
