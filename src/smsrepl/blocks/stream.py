@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..codec import Compressor
+from ..codec import RAW
 from ..protocol.frames import BlockData, Event, Scanned, ZeroRange
 from .manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
 
@@ -45,10 +45,12 @@ def round_events(  # noqa: C901
     *,
     start: int = 0,
     cache: ManifestFile | None = None,
-    compressor: Compressor,
     chunk: int = CHUNK,
 ) -> Iterator[Event | Covered]:
     """Yield the frames of one round, each followed by a Covered record for the sender's cache.
+
+    BLOCK_DATA frames carry raw views into the read buffers; the caller
+    compresses them (see codec.Compressor), possibly on other threads.
 
     ``cache`` None means a full round: everything from ``start`` is sent. With
     a cache, only blocks whose digests differ from it are sent (a sync round).
@@ -90,9 +92,8 @@ def round_events(  # noqa: C901
                     d_off = off + f0 * FINE_BLOCK
                     d_end = min(off + f1 * FINE_BLOCK, source.size)
                     raw = view[f0 * FINE_BLOCK:d_end - off]
-                    codec, payload = compressor.encode(raw)
                     fd = digests[f0:f1].copy()
-                    yield BlockData(d_off, d_end - d_off, codec, fd, payload)
+                    yield BlockData(d_off, d_end - d_off, RAW, fd, raw)
                     yield Covered(first + f0, fd)
                 sent_any = True
         if not sent_any and zero_from is None:

@@ -1,0 +1,56 @@
+"""The sender's read/compress/write pipeline never sends a frame whose buffer was reused."""
+import time
+
+import numpy as np
+import pytest
+
+from smsrepl import kernels
+from smsrepl.blocks.device import BlockSource
+from smsrepl.blocks.manifest import ManifestFile
+from smsrepl.protocol import frames as F
+from smsrepl.transport.sender import Sender
+
+
+class SlowCheckingChannel:
+    """Stands in for the TLS channel: slow, and checks every frame against its digests."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.frames = 0
+        self.bad: list[int] = []
+        self.wire_sent = 0
+
+    def send(self, ev) -> None:
+        if isinstance(ev, F.BlockData):
+            self.frames += 1
+            raw = ev.payload if ev.codec == 0 else __import__("zstandard").ZstdDecompressor().decompress(ev.payload)
+            d = np.empty(len(ev.digests), dtype="<u8")
+            kernels.block_digests(bytes(raw), 4096, d)
+            if not np.array_equal(d, ev.digests):
+                self.bad.append(ev.offset)
+            time.sleep(self.delay)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_slow_link_with_zero_and_hole_chunks_between_data(tmp_path, level):
+    # data, zero, hole, data, zero, ... in 8 MiB stretches: chunks that send nothing must
+    # not let the reader run ahead of frames still waiting to be written
+    path = str(tmp_path / "src.img")
+    rng = np.random.default_rng(7)
+    stretch = 8 << 20
+    with open(path, "wb") as fh:
+        fh.truncate(12 * stretch)
+        for i in range(12):
+            fh.seek(i * stretch)
+            if i % 3 == 0:
+                fh.write(rng.integers(0, 256, stretch, dtype=np.uint8).tobytes())
+            elif i % 3 == 1:
+                fh.write(bytes(stretch))
+    sender = Sender(path, "disk0", ("127.0.0.1", 1), None, str(tmp_path / "st"), level=level, compress_threads=2)
+    chan = SlowCheckingChannel(0.004)
+    cache = ManifestFile.create(str(tmp_path / "cache"), 12 * stretch)
+    with BlockSource(path) as src:
+        sent = sender._stream(chan, src, None, "full", 0, cache)
+    assert sent == 4 * stretch
+    assert chan.frames == 4 * 8
+    assert chan.bad == []
