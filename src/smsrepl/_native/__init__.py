@@ -1,0 +1,1 @@
+"""Native (C) kernels of smsrepl; import them through :mod:`smsrepl.kernels`."""

@@ -1,0 +1,217 @@
+/* Thin CPython binding for the smsrepl native kernels (blockscan.c, delta.c).
+ * Every function takes whole buffers (buffer protocol), validates sizes, and
+ * runs its loop with the GIL released. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "blockscan.h"
+#include "delta.h"
+
+/* Validate a block size; multiple_of_8 for the block-digest kernels. */
+static int check_block_size(Py_ssize_t bs, int multiple_of_8)
+{
+    if (bs <= 0 || (multiple_of_8 && bs % 8 != 0)) {
+        PyErr_Format(PyExc_ValueError,
+                     multiple_of_8 ? "block_size must be a positive multiple of 8, got %zd"
+                                   : "block_size must be positive, got %zd",
+                     bs);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_out(const Py_buffer *b, size_t need, const char *name)
+{
+    if ((size_t)b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s too small: need %zu bytes, got %zd", name, need,
+                     b->len);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_block_digests(PyObject *self, PyObject *args)
+{
+    PyObject *buf_o, *out_o;
+    Py_ssize_t bs;
+    Py_buffer buf = {0}, out = {0};
+    PyObject *res = NULL;
+    size_t nonzero = 0;
+    if (!PyArg_ParseTuple(args, "OnO:block_digests", &buf_o, &bs, &out_o))
+        return NULL;
+    if (check_block_size(bs, 1) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(buf_o, &buf, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
+        goto done;
+    size_t nb = sms_nblocks((size_t)buf.len, (size_t)bs);
+    if (check_out(&out, nb * 8, "out") < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    nonzero = sms_block_digests(buf.buf, (size_t)buf.len, (size_t)bs, out.buf);
+    Py_END_ALLOW_THREADS
+    res = PyLong_FromSize_t(nonzero);
+done:
+    if (buf.obj)
+        PyBuffer_Release(&buf);
+    if (out.obj)
+        PyBuffer_Release(&out);
+    return res;
+}
+
+static PyObject *py_zero_map(PyObject *self, PyObject *args)
+{
+    PyObject *buf_o, *out_o;
+    Py_ssize_t bs;
+    Py_buffer buf = {0}, out = {0};
+    PyObject *res = NULL;
+    size_t zeros = 0;
+    if (!PyArg_ParseTuple(args, "OnO:zero_map", &buf_o, &bs, &out_o))
+        return NULL;
+    if (check_block_size(bs, 1) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(buf_o, &buf, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
+        goto done;
+    size_t nb = sms_nblocks((size_t)buf.len, (size_t)bs);
+    if (check_out(&out, nb, "out") < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    zeros = sms_zero_map(buf.buf, (size_t)buf.len, (size_t)bs, out.buf);
+    Py_END_ALLOW_THREADS
+    res = PyLong_FromSize_t(zeros);
+done:
+    if (buf.obj)
+        PyBuffer_Release(&buf);
+    if (out.obj)
+        PyBuffer_Release(&out);
+    return res;
+}
+
+static PyObject *py_file_signature(PyObject *self, PyObject *args)
+{
+    PyObject *buf_o, *weak_o, *strong_o;
+    Py_ssize_t bs;
+    Py_buffer buf = {0}, weak = {0}, strong = {0};
+    PyObject *res = NULL;
+    size_t count = 0;
+    if (!PyArg_ParseTuple(args, "OnOO:file_signature", &buf_o, &bs, &weak_o, &strong_o))
+        return NULL;
+    if (check_block_size(bs, 0) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(buf_o, &buf, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(weak_o, &weak, PyBUF_WRITABLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(strong_o, &strong, PyBUF_WRITABLE) < 0)
+        goto done;
+    size_t nb = sms_nblocks((size_t)buf.len, (size_t)bs);
+    if (check_out(&weak, nb * 4, "weak_out") < 0 || check_out(&strong, nb * 8, "strong_out") < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    count = sms_file_signature(buf.buf, (size_t)buf.len, (size_t)bs, weak.buf, strong.buf);
+    Py_END_ALLOW_THREADS
+    res = PyLong_FromSize_t(count);
+done:
+    if (buf.obj)
+        PyBuffer_Release(&buf);
+    if (weak.obj)
+        PyBuffer_Release(&weak);
+    if (strong.obj)
+        PyBuffer_Release(&strong);
+    return res;
+}
+
+/* Returns bytes holding n*3 native int64 (kind, a, b); kernels.py reshapes. */
+static PyObject *py_delta_search(PyObject *self, PyObject *args)
+{
+    PyObject *weak_o, *strong_o, *data_o;
+    Py_ssize_t bs;
+    unsigned long long old_len;
+    Py_buffer weak = {0}, strong = {0}, data = {0};
+    PyObject *res = NULL;
+    sms_rows rows = {0};
+    int rc = 0;
+    if (!PyArg_ParseTuple(args, "OOnKO:delta_search", &weak_o, &strong_o, &bs, &old_len, &data_o))
+        return NULL;
+    if (check_block_size(bs, 0) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(weak_o, &weak, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(strong_o, &strong, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(data_o, &data, PyBUF_SIMPLE) < 0)
+        goto done;
+    unsigned long long nb = old_len / (unsigned long long)bs + (old_len % (unsigned long long)bs != 0);
+    if (nb > (unsigned long long)INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "too many old blocks (max 2**31-1)");
+        goto done;
+    }
+    if (check_out(&weak, (size_t)nb * 4, "weak") < 0 || check_out(&strong, (size_t)nb * 8, "strong") < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sms_delta_search(weak.buf, strong.buf, (size_t)bs, old_len, data.buf, (size_t)data.len, &rows);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    res = PyBytes_FromStringAndSize((const char *)rows.rows, (Py_ssize_t)(rows.n * 3 * sizeof(int64_t)));
+done:
+    free(rows.rows);
+    if (weak.obj)
+        PyBuffer_Release(&weak);
+    if (strong.obj)
+        PyBuffer_Release(&strong);
+    if (data.obj)
+        PyBuffer_Release(&data);
+    return res;
+}
+
+static PyObject *py_weak_checksum(PyObject *self, PyObject *arg)
+{
+    Py_buffer buf;
+    uint32_t h;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    h = sms_weak(buf.buf, (size_t)buf.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    return PyLong_FromUnsignedLong(h);
+}
+
+static PyMethodDef core_methods[] = {
+    {"block_digests", py_block_digests, METH_VARARGS,
+     "block_digests(buf, block_size, out) -> number of non-zero blocks"},
+    {"zero_map", py_zero_map, METH_VARARGS, "zero_map(buf, block_size, out) -> number of zero blocks"},
+    {"file_signature", py_file_signature, METH_VARARGS,
+     "file_signature(buf, block_size, weak_out, strong_out) -> block count"},
+    {"delta_search", py_delta_search, METH_VARARGS,
+     "delta_search(weak, strong, block_size, old_len, data) -> bytes of int64 rows (kind, a, b)"},
+    {"weak_checksum", py_weak_checksum, METH_O, "weak_checksum(buf) -> uint32 weak checksum"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "smsrepl._native._core",
+    "Native kernels of smsrepl (block digests, zero map, rsync-style delta).", -1, core_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    PyObject *m = PyModule_Create(&core_module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObject(m, "ZERO_DIGEST", PyLong_FromUnsignedLongLong(SMS_ZERO_DIGEST)) < 0 ||
+        PyModule_AddObject(m, "UNKNOWN_DIGEST", PyLong_FromUnsignedLongLong(SMS_UNKNOWN_DIGEST)) < 0 ||
+        PyModule_AddIntConstant(m, "DELTA_MAX_CHAIN", SMS_DELTA_MAX_CHAIN) < 0 ||
+        PyModule_AddIntConstant(m, "DELTA_FAIL_BUDGET", SMS_DELTA_FAIL_BUDGET) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
