@@ -183,12 +183,17 @@ def delta_search(weak, strong, block_size: int, old_len: int, data) -> np.ndarra
       collapse to one entry holding the lowest index).
     * Scan ``pos`` from 0 while ``pos + bs <= len(data)`` with the rolling weak sum
       ``h`` of ``data[pos:pos+bs]``. The failure counter resets when ``pos >> 20``
-      changes. If it is below DELTA_FAIL_BUDGET, the candidates are, in order:
-      ``prev+1`` (the old block after the previous match, if a full block and its
-      weak == h), then among the first DELTA_MAX_CHAIN chain entries of
+      changes. Jump check: at the first position after a match (counter below
+      DELTA_FAIL_BUDGET, ``prev+1`` a full block), XXH3 of the window equal to
+      ``strong[prev+1]`` is a match by itself (no weak sum needed, so unchanged
+      runs cost one XXH3 per block); otherwise ``prev+1`` counts as tried here.
+      If the counter is below DELTA_FAIL_BUDGET, the candidates are, in order:
+      ``prev+1`` (the old block after the previous match, if not jump-checked,
+      a full block and its weak == h), then among the first DELTA_MAX_CHAIN chain entries of
       ``bucket(h)`` those with weak == h (other than prev+1). With any candidate,
       XXH3 of the window is computed once and the first candidate with an equal
-      strong sum matches; if none matches, the counter goes up by one.
+      strong sum matches; if none matches (and the jump check, if any, failed),
+      the counter goes up by one.
       On a match: literal up to pos, copy the block, jump ``bs`` bytes and
       recompute ``h``. Otherwise roll one byte.
     * End: the short last block can only match the last ``last_len`` bytes of
@@ -249,27 +254,37 @@ def delta_search(weak, strong, block_size: int, old_len: int, data) -> np.ndarra
     fails = 0
     M = WEAK_MULT
     while nfull and pos + bs <= n:
-        if need:
-            h = weak_checksum(buf[pos : pos + bs])
-            need = False
         mib = pos >> 20
         if mib != cur_mib:
             cur_mib = mib
             fails = 0
         match = -1
-        if fails < DELTA_FAIL_BUDGET:
+        jtried = False
+        sw = 0
+        if need:
+            need = False
+            # jump check: right after a match, the next old block by strong sum only
+            if fails < DELTA_FAIL_BUDGET and prev + 1 < nfull:
+                sw = _xxh3(buf[pos : pos + bs])
+                jtried = True
+                if sw == sl[prev + 1]:
+                    match = prev + 1
+            if match < 0:
+                h = weak_checksum(buf[pos : pos + bs])
+        if match < 0 and fails < DELTA_FAIL_BUDGET:
             nx = prev + 1
             fast = prev >= 0 and nx < nfull
             cands = []
-            if fast and wl[nx] == h:
+            if not jtried and fast and wl[nx] == h:
                 cands.append(nx)
             ch = chains.get(((h * BUCKET_MULT) & _MASK32) >> shift)
             if ch:
                 for j in ch[:DELTA_MAX_CHAIN]:
                     if wl[j] == h and not (fast and j == nx):
                         cands.append(j)
-            if cands:
-                sw = _xxh3(buf[pos : pos + bs])
+            if cands or jtried:
+                if not jtried:
+                    sw = _xxh3(buf[pos : pos + bs])
                 for j in cands:
                     if sl[j] == sw:
                         match = j

@@ -10,15 +10,18 @@
  *  current head just replaces the head's block index (runs of identical blocks
  *  collapse to one entry holding the lowest index).
  *  Scan: pos = 0, lit = 0, prev = -1. While pos + bs <= n:
- *    h = W(data[pos:pos+bs]) (rolled, or recomputed after a jump);
  *    if (pos >> 20) changed: fails = 0;
+ *    jump check (only at the first position after a match, if fails < FAIL_BUDGET
+ *      and prev+1 < nfull): s = XXH3(window); s == strong[prev+1] is a match
+ *      (no weak check); otherwise prev+1 counts as a tried candidate here.
+ *    h = W(data[pos:pos+bs]) (rolled, or recomputed after a jump);
  *    if fails < FAIL_BUDGET:
- *      candidates, in order: prev+1 (if prev >= 0, prev+1 < nfull and
- *      weak[prev+1] == h); then the first MAX_CHAIN entries of bucket(h)'s chain
+ *      candidates, in order: prev+1 (if not jump-checked, prev >= 0,
+ *      prev+1 < nfull and weak[prev+1] == h); then the first MAX_CHAIN entries of bucket(h)'s chain
  *      whose weak == h (entries with another weak still count toward MAX_CHAIN),
  *      skipping prev+1. If there is any candidate, s = XXH3(window) once; the
- *      first candidate with strong == s matches. If candidates existed and none
- *      matched: fails += 1.
+ *      first candidate with strong == s matches. If candidates existed (or the
+ *      jump check failed) and none matched: fails += 1.
  *    On a match j: emit literal [lit, pos) if non-empty, emit copy of block j,
  *    pos += bs, lit = pos, prev = j. Otherwise roll and pos += 1.
  *  End: if last_len > 0 and n - last_len >= pos (n >= last_len) and the window
@@ -155,29 +158,41 @@ int sms_delta_search(const uint8_t *weak_raw, const uint8_t *strong_raw, size_t 
 
     if (nfull > 0) {
         while (pos + bs <= n) {
-            if (need) {
-                h = sms_weak(data + pos, bs);
-                need = 0;
-            }
             size_t mib = pos >> MiB_SHIFT;
             if (mib != cur_mib) {
                 cur_mib = mib;
                 fails = 0;
             }
             int64_t match = -1;
-            if (fails < SMS_DELTA_FAIL_BUDGET) {
+            int jtried = 0;
+            uint64_t js = 0;
+            if (need) {
+                need = 0;
+                /* Jump check: right after a match, the next old block is tried
+                 * by its strong sum alone, so unchanged runs cost one XXH3 per
+                 * block and no weak sum. */
+                if (fails < SMS_DELTA_FAIL_BUDGET && prev + 1 < (int64_t)nfull) {
+                    js = XXH3_64bits(data + pos, bs);
+                    jtried = 1;
+                    if (js == strong[prev + 1])
+                        match = prev + 1;
+                }
+                if (match < 0)
+                    h = sms_weak(data + pos, bs);
+            }
+            if (match < 0 && fails < SMS_DELTA_FAIL_BUDGET) {
                 size_t nx = (size_t)(prev + 1);
                 int have_fast = prev >= 0 && nx < nfull;
                 /* Fast rolling loop: nothing to verify at most positions. */
-                while (!FTEST(h) && !(have_fast && weak[nx] == h)) {
+                while (!jtried && !FTEST(h) && !(have_fast && weak[nx] == h)) {
                     if (pos + bs >= n || ((pos + 1) >> MiB_SHIFT) != cur_mib)
                         break;
                     h = h * SMS_WEAK_MULT + (uint32_t)(data[pos + bs] + 1) - T[data[pos]];
                     pos++;
                 }
-                int tried = 0, have_s = 0;
-                uint64_t s = 0;
-                if (have_fast && weak[nx] == h) {
+                int tried = jtried, have_s = jtried;
+                uint64_t s = js;
+                if (!jtried && have_fast && weak[nx] == h) {
                     s = XXH3_64bits(data + pos, bs);
                     have_s = tried = 1;
                     if (s == strong[nx])
@@ -203,7 +218,7 @@ int sms_delta_search(const uint8_t *weak_raw, const uint8_t *strong_raw, size_t 
                 }
                 if (match < 0 && tried)
                     fails++;
-            } else {
+            } else if (match < 0) {
                 /* Budget spent: just roll to the next MiB (or the end). */
                 while (pos + bs < n && ((pos + 1) >> MiB_SHIFT) == cur_mib) {
                     h = h * SMS_WEAK_MULT + (uint32_t)(data[pos + bs] + 1) - T[data[pos]];
