@@ -20,8 +20,9 @@ def lab(tmp_path, certkey_file):
     src = str(tmp_path / "source.img")
     dst = str(tmp_path / "target.img")
     rx = ReceiverProc(certkey_file, {"disk0": dst}, str(tmp_path / "rx-state"))
-    yield {"src": src, "dst": dst, "rx": rx, "ck": certkey_file, "tx_state": str(tmp_path / "tx-state"), "tmp": tmp_path}
-    rx.stop()
+    env = {"src": src, "dst": dst, "rx": rx, "ck": certkey_file, "tx_state": str(tmp_path / "tx-state"), "tmp": tmp_path}
+    yield env
+    env["rx"].stop()  # the test may have replaced it with a restarted receiver
 
 
 def _send(lab, *extra, **kw):

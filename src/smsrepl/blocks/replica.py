@@ -82,6 +82,7 @@ class Replica:
         self.manifest: ManifestFile | None = None
         self._decomp = Decompressor()
         self._digests = np.empty(kernels_max_blocks(), dtype="<u8")
+        self._range = np.empty(kernels_max_blocks() * FINE_BLOCK, dtype=np.uint8)
         self._pending: list[tuple[int, np.ndarray]] = []
         self.pos = 0
         self.bytes_written = 0
@@ -187,19 +188,44 @@ class Replica:
             self._save()
 
     def apply_data(self, offset: int, raw_len: int, codec: int, digests: np.ndarray, payload) -> None:
-        if (offset + raw_len) % FINE_BLOCK and offset + raw_len != (self.record.source_size if self.record else -1):
+        """Set [offset, offset+raw_len) from a BLOCK_DATA frame (zero blocks are not in the payload)."""
+        rec = self.record
+        size = rec.source_size if rec else -1
+        end = offset + raw_len
+        if end % FINE_BLOCK and end != size:
             raise RemoteProtocolError(f"data at {offset} of {raw_len} bytes does not end on a block boundary")
         self._check_order(offset, raw_len)
-        raw = self._decomp.decode(codec, payload, raw_len)
-        n = len(digests)
-        got = self._digests[:n]
+        nonzero = digests != 0
+        count = int(nonzero.sum())
+        if not count:
+            raise RemoteProtocolError(f"data frame at {offset} carries no data")
+        expect = count * FINE_BLOCK
+        if nonzero[-1] and end % FINE_BLOCK:
+            expect -= FINE_BLOCK - end % FINE_BLOCK
+        raw = self._decomp.decode(codec, payload, expect)
+        got = self._digests[:count]
         kernels.block_digests(raw, FINE_BLOCK, got)
-        if not np.array_equal(got, digests):
-            bad = int(np.flatnonzero(got != digests)[0])
+        want = digests[nonzero]
+        if not np.array_equal(got, want):
+            bad = int(np.flatnonzero(nonzero)[int(np.flatnonzero(got != want)[0])])
             raise DecompressionError(f"block at offset {offset + bad * FINE_BLOCK} does not match its digest")
-        self.target.write(offset, raw)
-        self._pending.append((offset // FINE_BLOCK, got.copy()))
-        self.pos = offset + raw_len
+        if count == len(digests):
+            self.target.write(offset, raw)
+        else:
+            # zero blocks inside the frame: write the whole range once, zeros included
+            buf = self._range[:raw_len]
+            buf[:] = 0
+            blocks = np.flatnonzero(nonzero)
+            src = np.frombuffer(raw, dtype=np.uint8)
+            full = raw_len // FINE_BLOCK
+            whole = blocks[blocks < full]
+            if len(whole):
+                buf[:full * FINE_BLOCK].reshape(full, FINE_BLOCK)[whole] = src[:len(whole) * FINE_BLOCK].reshape(-1, FINE_BLOCK)
+            if len(whole) < count:  # the source's short last block
+                buf[full * FINE_BLOCK:] = src[len(whole) * FINE_BLOCK:]
+            self.target.write(offset, buf)
+        self._pending.append((offset // FINE_BLOCK, digests.copy()))
+        self.pos = end
         self.bytes_written += raw_len
 
     def apply_zero(self, offset: int, length: int) -> None:

@@ -21,6 +21,8 @@ from .manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
 #: blocks per BLOCK_DATA frame: 1 MiB frames keep per-frame Python work
 #: negligible next to zstd and TLS, and keep a lost frame cheap to resend.
 FRAME_BLOCKS = 256
+#: zero runs at least this long (64 KiB) travel as ZERO_RANGE; shorter ones inside frames
+ZERO_RUN_MIN = 16
 #: read size; 4 buffers of this size are in flight at most
 CHUNK = 8 << 20
 
@@ -70,9 +72,7 @@ def round_events(  # noqa: C901
         is_zero = digests == 0
         sent_any = False
         for r0, rn in runs_of(send):
-            zero_run = is_zero[r0:r0 + rn]
-            # split the changed run into zero and data sub-runs
-            for s0, sn, zero in _split(zero_run, r0):
+            for s0, sn, zero in _segments(is_zero[r0:r0 + rn], r0):
                 b_off = off + s0 * FINE_BLOCK
                 b_end = min(off + (s0 + sn) * FINE_BLOCK, source.size)
                 if zero:
@@ -91,9 +91,8 @@ def round_events(  # noqa: C901
                     f1 = min(f0 + FRAME_BLOCKS, s0 + sn)
                     d_off = off + f0 * FINE_BLOCK
                     d_end = min(off + f1 * FINE_BLOCK, source.size)
-                    raw = view[f0 * FINE_BLOCK:d_end - off]
                     fd = digests[f0:f1].copy()
-                    yield BlockData(d_off, d_end - d_off, RAW, fd, raw)
+                    yield BlockData(d_off, d_end - d_off, RAW, fd, _payload(view, f0, d_end - off, fd))
                     yield Covered(first + f0, fd)
                 sent_any = True
         if not sent_any and zero_from is None:
@@ -103,12 +102,39 @@ def round_events(  # noqa: C901
         yield ZeroRange(zero_from, zero_end - zero_from)
 
 
-def _split(zero: np.ndarray, base: int) -> Iterator[tuple[int, int, bool]]:
-    """Runs of equal values in a boolean array: (first + base, count, value)."""
-    if not len(zero):
+def _segments(zero: np.ndarray, base: int) -> Iterator[tuple[int, int, bool]]:
+    """Cut a run of blocks to send into zero segments (ZERO_RANGE) and data segments.
+
+    Zero runs shorter than ZERO_RUN_MIN inside data stay in the data segment:
+    they travel as digest 0 in the frame and cost no payload, while a frame per
+    short run would cost more than the run (mixed regions alternate every few blocks).
+    """
+    n = len(zero)
+    if not n:
+        return
+    if zero.all():
+        yield base, n, True
         return
     edges = np.flatnonzero(zero[1:] != zero[:-1]) + 1
-    starts = np.concatenate(([0], edges))
-    ends = np.concatenate((edges, [len(zero)]))
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        yield base + s, e - s, bool(zero[s])
+    starts = np.concatenate(([0], edges)).tolist()
+    ends = np.concatenate((edges, [n])).tolist()
+    seg_start = None
+    for s, e in zip(starts, ends):
+        if zero[s] and e - s >= ZERO_RUN_MIN:
+            if seg_start is not None:
+                yield base + seg_start, s - seg_start, False
+                seg_start = None
+            yield base + s, e - s, True
+        elif seg_start is None:
+            seg_start = s
+    if seg_start is not None:
+        yield base + seg_start, n - seg_start, False
+
+
+def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray):
+    """The non-zero blocks of view[f0 * 4 KiB:end], without a copy when there is no zero block."""
+    nonzero = digests != 0
+    lo = f0 * FINE_BLOCK
+    if nonzero.all():
+        return view[lo:end]
+    return b"".join(view[lo + a * FINE_BLOCK:min(lo + (a + n) * FINE_BLOCK, end)] for a, n in runs_of(nonzero))

@@ -15,10 +15,13 @@ Every frame is a 12-byte header and a body (big-endian integers):
 Control frames carry a JSON object (UTF-8) whose keys and types are fixed by
 the event class; unknown or missing keys are a protocol error. Binary bodies:
 
-    BLOCK_DATA  u64 offset | u32 raw length | u8 codec | 3 zero bytes |
-                u64 digest * ceil(raw length / 4096) | payload
-                (digests are XXH3-64 of each raw 4 KiB block, 0 = all zero,
-                little-endian like the manifest; offset is 4 KiB aligned)
+    BLOCK_DATA  u64 offset | u32 range length | u8 codec | 3 zero bytes |
+                u64 digest * ceil(range length / 4096) | payload
+                (the frame sets the blocks of [offset, offset + range length);
+                digests are XXH3-64 of each 4 KiB block, little-endian like
+                the manifest, 0 = the block is all zero; the payload decodes to
+                the non-zero blocks only, in order: zero blocks are never
+                carried, compressed or not; offset is 4 KiB aligned)
     ZERO_RANGE  u64 offset | u64 length        (the range reads as zero)
     SCANNED     u64 offset                     (nothing below it is left to send this round)
     PING, PONG  u64 nonce | u64 sender clock ns | padding (netcheck sizes)

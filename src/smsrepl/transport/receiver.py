@@ -194,6 +194,7 @@ class _Session:
         self.hello: F.Hello | None = None
         self.rounds = 0
         self.written = 0
+        self._frames: queue.Queue | None = None
 
     def run(self) -> None:
         lock_fd = None
@@ -227,6 +228,7 @@ class _Session:
             if not isinstance(exc, TransportError):
                 try:
                     self.chan.send(F.Error(exc.code or "", exc.message, exc.exit_code, exc.resumable))
+                    self._drain()
                 except ReplicationError:
                     pass
         finally:
@@ -246,6 +248,7 @@ class _Session:
         replica = self.replica
         assert replica is not None and self.hello is not None
         frames: queue.Queue = queue.Queue(maxsize=16)
+        self._frames = frames
         reader = threading.Thread(target=self._read_into, args=(frames,), daemon=True)
         reader.start()
         last_ckpt = time.monotonic()
@@ -288,6 +291,28 @@ class _Session:
                     last_ckpt = time.monotonic()
         finally:
             self.written += replica.bytes_written if in_round is not None else 0
+
+    def _drain(self, seconds: float = 2.0) -> None:
+        """After an ERROR frame: read and drop what the sender still sends until it hangs up.
+
+        Closing with unread data would reset the connection, and the sender
+        could lose the ERROR frame that says why.
+        """
+        deadline = time.monotonic() + seconds
+        frames = self._frames
+        while time.monotonic() < deadline:
+            if frames is None:
+                try:
+                    ev = self.chan.recv()
+                except ReplicationError:
+                    return
+            else:
+                try:
+                    ev = frames.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return
+            if isinstance(ev, (BaseException, ConnectionClosed)):
+                return
 
     def _read_into(self, frames: queue.Queue) -> None:
         try:
