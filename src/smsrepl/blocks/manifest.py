@@ -377,16 +377,22 @@ def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1):
             pos += n
 
 
+#: holes shorter than this are read like data: a fragmented image (every zero
+#: block a hole after `cp --sparse`) would otherwise cost a chunk per extent;
+#: reading a short hole costs less than the bookkeeping of skipping it
+HOLE_MIN = 256 << 10
+
+
 def aligned_extents(source, start: int = 0):
-    """The source's extents from ``start``, widened so every data extent covers whole fine blocks."""
+    """``(offset, length, is_data)`` from ``start``: holes of at least HOLE_MIN, 4 KiB aligned, and the data between."""
     pos = start
     for off, length, is_data in source.extents(start):
-        end = off + length
         if is_data:
             continue
+        end = off + length
         hole0 = min(-(-off // FINE_BLOCK) * FINE_BLOCK, source.size)
         hole1 = end if end == source.size else end // FINE_BLOCK * FINE_BLOCK
-        if hole1 - hole0 < FINE_BLOCK and hole1 != source.size:
+        if hole1 - hole0 < HOLE_MIN and hole1 != source.size:
             continue
         if hole0 > pos:
             yield pos, hole0 - pos, True

@@ -23,6 +23,8 @@ from .manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
 FRAME_BLOCKS = 256
 #: zero runs at least this long (64 KiB) travel as ZERO_RANGE; shorter ones inside frames
 ZERO_RUN_MIN = 16
+#: a SCANNED frame after this much source without any frame keeps checkpoints moving
+SCANNED_EVERY = 64 << 20
 #: read size; 4 buffers of this size are in flight at most
 CHUNK = 8 << 20
 
@@ -59,6 +61,7 @@ def round_events(  # noqa: C901
     Views into the read buffers stay valid until 4 more chunks were read.
     """
     zero_from: int | None = None  # pending ZERO_RANGE start, coalesced across chunks
+    quiet_from = start  # end of the last frame: SCANNED marks long stretches without any
     zero_end = 0
     old = np.empty(chunk // FINE_BLOCK, dtype="<u8")
     for off, view, digests in scan(source, start=start, chunk=chunk, buffers=4):
@@ -95,8 +98,11 @@ def round_events(  # noqa: C901
                     yield BlockData(d_off, d_end - d_off, RAW, fd, _payload(view, f0, d_end - off, fd))
                     yield Covered(first + f0, fd)
                 sent_any = True
-        if not sent_any and zero_from is None:
-            yield Scanned(min(off + n * FINE_BLOCK, source.size))
+        if sent_any or zero_from is not None:
+            quiet_from = off + n * FINE_BLOCK
+        elif off + n * FINE_BLOCK - quiet_from >= SCANNED_EVERY:
+            quiet_from = min(off + n * FINE_BLOCK, source.size)
+            yield Scanned(quiet_from)
         yield CHUNK_END
     if zero_from is not None:
         yield ZeroRange(zero_from, zero_end - zero_from)
