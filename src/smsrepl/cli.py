@@ -9,6 +9,7 @@ import sys
 import time
 
 from . import __version__
+from .codec import DEFAULT_LEVEL
 from .errors import EXIT_USAGE, ConfigError, ReplicationError
 
 
@@ -75,44 +76,113 @@ def cmd_receive(args) -> int:
     return 0
 
 
-class _ProgressPrinter:
+class _ProgressOutput:
+    """--progress json: one 5.4.8 report per line on stdout; bar: a tqdm bar on stderr."""
+
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.t0 = time.monotonic()
-        self.last = 0.0
+        self.bar = None
 
-    def __call__(self, p) -> None:
+    def report(self, rep: dict) -> None:
+        if self.mode == "json":
+            print(json.dumps(rep, ensure_ascii=False), flush=True)
+        elif self.mode == "bar":
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=rep["totalsize"], unit="B", unit_scale=True, unit_divisor=1024,
+                                desc=rep["subtask_name"], file=sys.stderr, dynamic_ncols=True)
+            self.bar.update(rep["replicatesize"] - self.bar.n)
+            self.bar.set_postfix_str(f"{rep['migrate_speed']:.0f} Mbit/s on the wire", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _ScheduleWatcher:
+    """Re-reads the --speed-limit file when it changes, for the running session."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.mtime = os.stat(path).st_mtime_ns if path else None
+        self.last = time.monotonic()
+
+    def load(self):
+        from .ratelimit import SpeedSchedule
+
+        return SpeedSchedule.from_file(self.path) if self.path else None
+
+    def poll(self, sender) -> None:
         now = time.monotonic()
-        if now - self.last < (0.2 if self.mode == "bar" else 1.0):
+        if not self.path or now - self.last < 1.0:
             return
         self.last = now
-        pct = 100.0 * p.done / p.total if p.total else 100.0
-        rate = p.done / max(now - self.t0, 1e-6)
-        if self.mode == "bar":
-            width = 30
-            fill = int(width * pct / 100)
-            eta = (p.total - p.done) / rate if rate else 0
-            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% {rate / 1e6:7.1f} MB/s eta {eta:4.0f}s")
-            sys.stderr.flush()
-        elif self.mode == "json":
-            print(json.dumps({
-                "subtask_name": "MIGRATE_LINUX_BLOCK" if p.round_kind == "full" else "SYNC_LINUX_BLOCK",
-                "progress": int(pct), "replicatesize": p.done, "totalsize": p.total,
-                "migrate_speed": round(rate * 8 / 1e6, 2),
-            }), flush=True)
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return
+        if mtime != self.mtime:
+            self.mtime = mtime
+            try:
+                sender.replace_schedule(self.load())
+                logging.getLogger("smsrepl").info("speed limit reloaded from %s", self.path)
+            except ReplicationError as exc:  # keep the old schedule, say why
+                print(f"ignoring changed speed limit: {exc}", file=sys.stderr)
+
+
+def _block_cpu_cap(path: str | None):
+    """The 5.10.1 configuration body for block transfer: only LINUX_CPU_LIMIT applies."""
+    if not path:
+        return None
+    from .ratelimit import CpuCap
+
+    try:
+        with open(path, "rb") as fh:
+            body = json.loads(fh.read())
+    except OSError as exc:
+        raise ConfigError(f"--config {path!r} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--config {path!r} is not valid JSON: {exc}") from None
+    items = body.get("configurations") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise ConfigError(f"--config {path!r}: expected {{\"configurations\": [...]}} (5.10.1)")
+    file_keys = {"EXCLUDE_MIGRATE_PATH", "MIGRATE_EXCLUDE_PATH", "SYNC_EXCLUDE_PATH", "ONLY_SYNC_PATH",
+                 "MIGRATE_EXCLUDE_DIR", "SYNC_EXCLUDE_DIR", "ONLY_SYNC_DIR", "CONSISTENCY_DIR"}
+    for i, item in enumerate(items):
+        key = item.get("config_key") if isinstance(item, dict) else None
+        if key in file_keys:
+            raise ConfigError(f"--config configurations[{i}]: {key} applies to file-level transfer only")
+        if key != "LINUX_CPU_LIMIT":
+            raise ConfigError(f"--config configurations[{i}]: unknown config_key {key!r}")
+    return CpuCap.from_configurations(body)
 
 
 def cmd_send_block(args) -> int:
+    from .progress import HostSampler
     from .transport.sender import Sender, parse_address
     from .transport.tls import client_context
 
+    watcher = _ScheduleWatcher(args.speed_limit)
+    cpu_cap = _block_cpu_cap(args.config)
     ctx = client_context(_certkey(args), _passphrase(args))
-    printer = _ProgressPrinter(args.progress) if args.progress != "none" else None
+    out = _ProgressOutput(args.progress)
+    sender_box: list = []
+
+    def on_report(rep: dict) -> None:
+        if sender_box:
+            watcher.poll(sender_box[0])
+        out.report(rep)
+
     sender = Sender(args.source, args.target, parse_address(args.to), ctx,
-                    args.state_dir or _state_home("send"), level=args.level, on_progress=printer)
-    result = sender.run()
-    if args.progress == "bar":
-        sys.stderr.write("\n")
+                    args.state_dir or _state_home("send"), level=args.level,
+                    speed_limit=watcher.load(), cpu_cap=cpu_cap, on_report=on_report,
+                    host_sampler=HostSampler() if args.progress == "json" else None)
+    sender_box.append(sender)
+    try:
+        result = sender.run()
+    finally:
+        out.close()
     summary = {
         "round": result.round_id, "kind": result.kind, "resumed_from": result.resumed_from,
         "source_bytes": result.source_size, "data_bytes": result.data_bytes,
@@ -174,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--certkey", required=True)
     sb.add_argument("--passphrase-file")
     sb.add_argument("--state-dir")
-    sb.add_argument("--progress", choices=["bar", "json", "none"], default="none")
-    sb.add_argument("--level", type=int, default=1, help="zstd level, 0 = no compression (default 1)")
+    sb.add_argument("--progress", choices=["bar", "json", "none"], default="none",
+                    help="json: one 5.4.8 report per line on stdout; bar: a progress bar on stderr")
+    sb.add_argument("--speed-limit", metavar="FILE",
+                    help="5.4.10 speed_limit JSON; re-read when the file changes during the transfer")
+    sb.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (LINUX_CPU_LIMIT)")
+    sb.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level, 0 = no compression (default {DEFAULT_LEVEL})")
     sb.set_defaults(func=cmd_send_block)
     sf = send.add_parser("files", help="file-level transfer (not yet available)")
     sf.add_argument("source")

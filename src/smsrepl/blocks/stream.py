@@ -18,9 +18,10 @@ from ..codec import RAW
 from ..protocol.frames import BlockData, Event, Scanned, ZeroRange
 from .manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
 
-#: blocks per BLOCK_DATA frame: 1 MiB frames keep per-frame Python work
-#: negligible next to zstd and TLS, and keep a lost frame cheap to resend.
-FRAME_BLOCKS = 256
+#: blocks per BLOCK_DATA frame (4 MiB). Measured on the 1 GiB disk-like test
+#: image, zstd-3: 1 MiB frames 325.1 MB on the wire, 4 MiB frames 324.1 MB
+#: (rsync -z: 324.4 MB); per-frame Python work stays negligible either way.
+FRAME_BLOCKS = 1024
 #: zero runs at least this long (64 KiB) travel as ZERO_RANGE; shorter ones inside frames
 ZERO_RUN_MIN = 16
 #: a SCANNED frame after this much source without any frame keeps checkpoints moving

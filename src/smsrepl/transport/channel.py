@@ -29,17 +29,26 @@ class Channel:
         # TLS 1.3 clients learn that the server refused their certificate only
         # at their first read: until an event arrives, TLS errors are auth errors
         self._first_read = True
+        #: called with the frame's size before it is written (a speed limiter)
+        self.throttle = None
+        #: called with the frame's size after it was written (an over-speed guard)
+        self.on_sent = None
 
     def send(self, event: Event) -> None:
         with self._state_lock:
             parts = self.conn.send(event)
+        size = sum(len(p) for p in parts)
+        if self.throttle is not None:
+            self.throttle(size)
         with self._send_lock:
             try:
                 for part in parts:
                     self.sock.sendall(part)
             except (OSError, ssl.SSLError) as exc:
                 raise TransportError(f"connection lost while sending: {exc}") from None
-            self.wire_sent += sum(len(p) for p in parts)
+            self.wire_sent += size
+        if self.on_sent is not None:
+            self.on_sent(size)
 
     def recv(self) -> Event:
         """Block until the next event; a ConnectionClosed event at the end."""
@@ -54,7 +63,7 @@ class Channel:
             except socket.timeout:
                 raise TransportError("the peer sent nothing for too long (timeout)") from None
             except ssl.SSLError as exc:
-                if self._first_read:
+                if self._first_read and "ALERT" in str(exc).upper():
                     raise classify_ssl_error(exc, server_side=self.conn.role is RECEIVER) from None
                 raise TransportError(f"connection lost while receiving: {exc}") from None
             except OSError as exc:

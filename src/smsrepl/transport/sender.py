@@ -29,7 +29,11 @@ from ..errors import (
     ReplicationError,
     TransportError,
 )
+from ..progress import HostSampler, ProgressTracker, subtask_for
 from ..protocol import SENDER, Connection, ConnectionClosed, PROTOCOL_VERSION
+from ..ratelimit import CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedSchedule
+from ..state import Event as StateEvent
+from ..state import SessionState, SessionStateMachine, StatePair
 from ..protocol import frames as F
 from .channel import Channel
 from .receiver import MAX_MANIFEST_ENTRIES, check_target_name
@@ -113,6 +117,11 @@ class Sender:
         level: int = DEFAULT_LEVEL,
         compress_threads: int | None = None,
         on_progress: Callable[[Progress], None] | None = None,
+        speed_limit: SpeedSchedule | None = None,
+        cpu_cap: CpuCap | None = None,
+        on_report: Callable[[dict], None] | None = None,
+        on_state: Callable[[StatePair], None] | None = None,
+        host_sampler=None,
     ) -> None:
         self.source_path = os.path.abspath(source_path)
         self.target = check_target_name(target)
@@ -125,12 +134,35 @@ class Sender:
         # binaries here, 380 MB/s with two)
         self.compress_threads = compress_threads or min(4, os.cpu_count() or 1)
         self._local = threading.local()
+        #: the running session's speed schedule; replace_schedule() changes it live
+        self.limiter = ScheduledLimiter(speed_limit)
+        self.guard = OverSpeedGuard()
+        self.cpu_cap = cpu_cap
+        self.on_report = on_report
+        self.on_state = on_state
+        self.host_sampler = host_sampler
+        self.tracker: ProgressTracker | None = None
+        self.states: SessionStateMachine | None = None
         self.on_progress = on_progress
         self._acked = 0
         self._done = threading.Event()
         self._round_done: F.RoundDone | None = None
         self._failure: BaseException | None = None
         self._replies: queue.Queue = queue.Queue()
+
+    def replace_schedule(self, schedule: SpeedSchedule) -> None:
+        """Change the speed schedule of the running session, effective at once."""
+        self.limiter.replace_schedule(schedule)
+
+    def _state(self, event: StateEvent) -> None:
+        if self.states is not None and self.states.can(event):
+            self.states.fire(event)
+
+    def _guarded_send(self, size: int) -> None:
+        now = time.monotonic()
+        self.guard.record(now, size)
+        limit, threshold = self.limiter.current()
+        self.guard.check(now, limit, threshold)
 
     # --- state ------------------------------------------------------------
     def _load_session(self, size: int) -> dict:
@@ -183,15 +215,32 @@ class Sender:
             cache = ManifestFile.create(cache_path, source.size)
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
 
+        self.states = SessionStateMachine(self.on_state, SessionState.SYNCED if kind == "sync" else SessionState.IDLE)
+        self._state(StateEvent.SYNC_START if kind == "sync" else StateEvent.START)
+        self.tracker = ProgressTracker(subtask_for("block", first_copy=kind == "full"), source.size - start,
+                                       host_sampler=self.host_sampler)
+        chan.throttle = self.limiter.throttle
+        chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
-        chan.send(F.RoundBegin(round_id, kind, start))
-        data_bytes = self._stream(chan, source, cache if kind == "sync" else None, kind, start, cache)
-        chan.send(F.RoundEnd(round_id))
-        self._done.wait(IO_TIMEOUT)
-        if self._failure is not None:
-            raise self._failure
-        if self._round_done is None:
-            raise TransportError("the receiver did not confirm the end of the round in time")
+        self._wire0 = wire0
+        try:
+            chan.send(F.RoundBegin(round_id, kind, start))
+            self._state(StateEvent.COPY_RUNNING)
+            data_bytes = self._stream(chan, source, cache if kind == "sync" else None, kind, start, cache)
+            chan.send(F.RoundEnd(round_id))
+            self._done.wait(IO_TIMEOUT)
+            if self._failure is not None:
+                raise self._failure
+            if self._round_done is None:
+                raise TransportError("the receiver did not confirm the end of the round in time")
+        except ReplicationError:
+            self._state(StateEvent.ERROR)
+            raise
+        self.tracker.update(source.size - start, chan.wire_sent - wire0, data_bytes)
+        final = self.tracker.finish()
+        if self.on_report:
+            self.on_report(final)
+        self._state(StateEvent.SYNC_DONE if kind == "sync" else StateEvent.COPY_DONE)
         self._apply_acks(cache, None)
         cache.commit()
         if cache.root.hex() != self._round_done.manifest_root:
@@ -252,6 +301,8 @@ class Sender:
         if comp is None:
             comp = self._local.comp = Compressor(self.level)
         codec, payload = comp.encode(ev.payload)
+        if self.cpu_cap is not None:
+            self.cpu_cap.pace()
         return F.BlockData(ev.offset, ev.raw_len, codec, ev.digests, payload)
 
     def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
@@ -263,11 +314,14 @@ class Sender:
         def writer() -> None:
             try:
                 while True:
-                    batch = out.get()
-                    if batch is None:
+                    work = out.get()
+                    if work is None:
                         return
+                    batch, covered, raw = work
                     for item in batch:
                         chan.send(item.result() if isinstance(item, Future) else item)
+                    # progress counts what reached the socket, not what was read ahead
+                    self._report(kind, covered, start, total, raw, chan)
             except BaseException as exc:
                 writer_error.append(exc)
                 while out.get() is not None:  # drain so the producer never blocks forever
@@ -294,9 +348,10 @@ class Sender:
                     # exactly one batch per read chunk, even an empty one: with at most
                     # 3 batches queued or being written, the 4 read buffers are never
                     # reused before their frames are sent
-                    out.put(batch)
-                    self._report(kind, covered_to, start, total, sent, chan)
+                    out.put((batch, covered_to, sent))
                     batch = []
+                    if self.cpu_cap is not None:
+                        self.cpu_cap.pace()
                     self._apply_acks(cache, self._acked)
                     continue
                 if isinstance(item, F.BlockData):
@@ -305,7 +360,7 @@ class Sender:
                         item = pool.submit(self._encode, item)
                 batch.append(item)
             if batch:
-                out.put(batch)
+                out.put((batch, covered_to, sent))
         finally:
             out.put(None)
             wt.join()
@@ -320,6 +375,13 @@ class Sender:
         return sent
 
     def _report(self, kind: str, pos: int, start: int, total: int, sent: int, chan: Channel) -> None:
+        if self.tracker is not None:
+            self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
+            if self.on_report is not None:
+                now = time.monotonic()
+                if now - getattr(self, "_last_report", 0.0) >= 1.0:
+                    self._last_report = now
+                    self.on_report(self.tracker.report())
         if self.on_progress is None:
             return
         self.on_progress(Progress(kind, max(0, pos - start), total, sent, chan.wire_sent))
