@@ -54,6 +54,9 @@ class ReceiverProc:
         self.proc.wait(10)
 
     def stop(self) -> int:
+        if os.environ.get("SMSREPL_RX_LOG"):
+            with open(os.environ["SMSREPL_RX_LOG"], "a") as fh:
+                fh.writelines(self.log)
         if self.proc.poll() is None:
             self.proc.terminate()
         try:

@@ -152,10 +152,10 @@ def test_unknown_target_and_bad_names(tmp_path, rx, certkey_file, source):
     assert _untouched(dst)
 
 
-def _raw_session(addr, bundle, target="disk0", size=1 << 20):
+def _raw_session(addr, bundle, target="disk0", size=1 << 20, session="raw-session"):
     host, port = addr.rsplit(":", 1)
     chan = Channel(connect((host, int(port)), client_context(bundle)), Connection(SENDER))
-    chan.send(F.Hello([1], "block", target, "raw-session", size, 4096, []))
+    chan.send(F.Hello([1], "block", target, session, size, 4096, []))
     return chan, chan.recv()
 
 
@@ -221,12 +221,23 @@ def test_protocol_violation_is_refused_without_writing(rx, bundle):
 
 def test_busy_target_is_refused(rx, bundle):
     _, addr, dst = rx
-    first, ev1 = _raw_session(addr, bundle)
+    first, ev1 = _raw_session(addr, bundle, session="one")
     assert isinstance(ev1, F.Welcome)
-    second, ev2 = _raw_session(addr, bundle)
+    second, ev2 = _raw_session(addr, bundle, session="two")
     first.close()
     second.close()
     assert isinstance(ev2, F.Error) and ev2.exit_code == 4 and "busy" in ev2.message
+
+
+def test_same_session_reconnecting_replaces_its_dead_connection(rx, bundle):
+    _, addr, dst = rx
+    first, ev1 = _raw_session(addr, bundle, session="again")
+    assert isinstance(ev1, F.Welcome)
+    # the first connection is silently gone (never closed from our side)
+    second, ev2 = _raw_session(addr, bundle, session="again")
+    assert isinstance(ev2, F.Welcome), ev2
+    second.close()
+    first.close()
 
 
 def test_target_write_failure_is_sms_2007_and_resumable(tmp_path, certkey_file, source):

@@ -72,6 +72,14 @@ class Channel:
             with self._state_lock:
                 self.conn.receive_data(memoryview(self._rbuf)[:n] if n else b"")
 
+    def abort(self) -> None:
+        """Break the connection from another thread: blocked reads and writes fail at once."""
+        raw = getattr(self.sock, "raw", self.sock)
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
         try:
             self.sock.close()

@@ -27,6 +27,7 @@ from ..protocol import RECEIVER, Connection, ConnectionClosed, PROTOCOL_VERSION
 from ..protocol import frames as F
 from .channel import Channel
 from .tls import check_peer_role, classify_ssl_error
+from .tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.receiver")
 
@@ -78,8 +79,8 @@ class Receiver:
         if not 0 < checkpoint_seconds <= 60:
             raise ConfigError(f"checkpoint interval {checkpoint_seconds} s is outside 0-60 s")
         self.checkpoint_seconds = checkpoint_seconds
-        self._busy: set[str] = set()
-        self._busy_lock = threading.Lock()
+        self._busy: dict[str, "_Session"] = {}
+        self._busy_lock = threading.Condition()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -142,8 +143,9 @@ class Receiver:
         peer = f"{addr[0]}:{addr[1]}"
         raw.settimeout(HANDSHAKE_TIMEOUT)
         try:
-            sock = self.context.wrap_socket(raw, server_side=True)
-            check_peer_role(sock, "source")
+            sock = TLSStream(raw, self.context, server_side=True)
+            sock.handshake()
+            check_peer_role(sock.obj, "source")
         except ReplicationError as exc:
             log.warning("%s: refused: %s", peer, exc)
             raw.close()
@@ -164,8 +166,17 @@ class Receiver:
                 if self.on_session:
                     self.on_session(session.outcome)
 
-    def _claim(self, name: str) -> int:
+    def _claim(self, name: str, session: "_Session") -> int:
         with self._busy_lock:
+            holder = self._busy.get(name)
+            if holder is not None and holder.hello is not None and session.hello is not None \
+                    and holder.hello.session_id == session.hello.session_id:
+                # the same sender came back: its old connection is dead or dying
+                # (a cut the old session has not noticed yet); the newer one wins
+                log.info("target %s: session %s reconnected; dropping its old connection", name,
+                         session.hello.session_id)
+                holder.chan.abort()
+                self._busy_lock.wait_for(lambda: name not in self._busy, timeout=10)
             if name in self._busy:
                 raise RefusedError(f"target {name!r} is busy with another session")
             lock_path = os.path.join(self.state_dir, f"{name}.lock")
@@ -175,13 +186,14 @@ class Receiver:
             except BlockingIOError:
                 os.close(fd)
                 raise RefusedError(f"target {name!r} is busy with another receiver process") from None
-            self._busy.add(name)
+            self._busy[name] = session
             return fd
 
     def _release(self, name: str, fd: int) -> None:
         with self._busy_lock:
-            self._busy.discard(name)
+            self._busy.pop(name, None)
             os.close(fd)
+            self._busy_lock.notify_all()
 
 
 class _Session:
@@ -215,7 +227,7 @@ class _Session:
                 raise RefusedError(f"target {ev.target!r} is not one of this receiver's targets")
             if ev.block_size != F.FINE_BLOCK:
                 raise RefusedError(f"block size {ev.block_size} unsupported (need {F.FINE_BLOCK})")
-            lock_fd = self.rx._claim(ev.target)
+            lock_fd = self.rx._claim(ev.target, self)
             target = BlockTarget(self.rx.targets[ev.target], need_size=ev.source_size)
             self.replica = Replica(target, os.path.join(self.rx.state_dir, ev.target))
             desc = self.replica.describe(ev.session_id, ev.source_size)

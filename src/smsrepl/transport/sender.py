@@ -38,6 +38,7 @@ from ..protocol import frames as F
 from .channel import Channel
 from .receiver import MAX_MANIFEST_ENTRIES, check_target_name
 from .tls import check_peer_role, classify_ssl_error
+from .tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.sender")
 
@@ -85,7 +86,7 @@ class RoundResult:
     seconds: float
 
 
-def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> ssl.SSLSocket:
+def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> TLSStream:
     host, port = address
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
@@ -93,8 +94,9 @@ def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float
         raise ConnectError(f"cannot reach the target at {host}:{port} (is a receiver listening on port {port}?): {exc.strerror or exc}") from None
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        sock = context.wrap_socket(raw, server_side=False)
-        check_peer_role(sock, "target-data")
+        sock = TLSStream(raw, context, server_side=False)
+        sock.handshake()
+        check_peer_role(sock.obj, "target-data")
     except ReplicationError:
         raw.close()
         raise

@@ -1,0 +1,90 @@
+"""TLS over a socket through memory BIOs, safe for one reader and one writer thread.
+
+OpenSSL forbids using one SSL object from two threads at once, and Python's
+SSLSocket releases the GIL inside SSL_read and SSL_write, so a reader thread
+and a writer thread on one SSLSocket can corrupt the session (seen here as
+sporadic "closed by the peer" in mid-transfer). Here every call into the SSL
+object happens under one lock, while the blocking socket I/O happens outside
+it; ciphertext leaves in the order the SSL object produced it because only
+the (serialised) writers drain the outgoing BIO.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+
+RECV_SIZE = 256 << 10
+#: plaintext per SSL write: keeps each ciphertext buffer small enough to be reused by malloc
+WRITE_SLICE = 256 << 10
+
+
+class TLSStream:
+    def __init__(self, raw: socket.socket, context: ssl.SSLContext, *, server_side: bool) -> None:
+        self.raw = raw
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self._in, self._out, server_side=server_side)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+
+    # --- handshake (one thread) ---------------------------------------------
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._send_pending()
+                data = self.raw.recv(RECV_SIZE)
+                if not data:
+                    raise ConnectionResetError("connection closed during the TLS handshake")
+                self._in.write(data)
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        out = self._out.read()
+        if out:
+            self.raw.sendall(out)
+
+    # --- the SSLSocket-like surface Channel uses ----------------------------
+    def sendall(self, data) -> None:
+        view = memoryview(data).cast("B")
+        with self._send_lock:
+            for i in range(0, len(view), WRITE_SLICE):
+                with self._lock:
+                    self.obj.write(view[i:i + WRITE_SLICE])
+                    out = self._out.read()
+                self.raw.sendall(out)
+
+    def recv_into(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        while True:
+            with self._lock:
+                try:
+                    return self.obj.read(len(view), view)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    return 0
+            data = self.raw.recv(RECV_SIZE)
+            with self._lock:
+                if data:
+                    self._in.write(data)
+                else:
+                    self._in.write_eof()
+
+    def settimeout(self, value: float | None) -> None:
+        self.raw.settimeout(value)
+
+    def version(self) -> str | None:
+        return self.obj.version()
+
+    def getpeercert(self, binary_form: bool = False):
+        return self.obj.getpeercert(binary_form)
+
+    def close(self) -> None:
+        try:
+            self.raw.close()
+        except OSError:
+            pass
