@@ -67,15 +67,6 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT, *, listen: bool =
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
-    round_kind: str
-    done: int  # source bytes covered so far this round
-    total: int  # source bytes this round covers
-    sent: int  # raw bytes sent as data
-    wire: int  # bytes written to the socket (TLS payload)
-
-
-@dataclass(frozen=True, slots=True)
 class RoundResult:
     round_id: int
     kind: str  # "full" or "sync"
@@ -118,7 +109,6 @@ class Sender:
         *,
         level: int = DEFAULT_LEVEL,
         compress_threads: int | None = None,
-        on_progress: Callable[[Progress], None] | None = None,
         speed_limit: SpeedSchedule | None = None,
         cpu_cap: CpuCap | None = None,
         on_report: Callable[[dict], None] | None = None,
@@ -144,8 +134,9 @@ class Sender:
         self.on_state = on_state
         self.host_sampler = host_sampler
         self.tracker: ProgressTracker | None = None
+        self._last_report = 0.0
+        self._wire0 = 0
         self.states: SessionStateMachine | None = None
-        self.on_progress = on_progress
         self._acked = 0
         self._done = threading.Event()
         self._round_done: F.RoundDone | None = None
@@ -377,16 +368,14 @@ class Sender:
         return sent
 
     def _report(self, kind: str, pos: int, start: int, total: int, sent: int, chan: Channel) -> None:
-        if self.tracker is not None:
-            self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
-            if self.on_report is not None:
-                now = time.monotonic()
-                if now - getattr(self, "_last_report", 0.0) >= 1.0:
-                    self._last_report = now
-                    self.on_report(self.tracker.report())
-        if self.on_progress is None:
+        """Feed the 5.4.8 tracker with what reached the socket; emit a report at most once a second."""
+        if self.tracker is None:
             return
-        self.on_progress(Progress(kind, max(0, pos - start), total, sent, chan.wire_sent))
+        self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
+        now = time.monotonic()
+        if self.on_report is not None and now - self._last_report >= 1.0:
+            self._last_report = now
+            self.on_report(self.tracker.report())
 
     def _apply_acks(self, cache: ManifestFile, acked: int | None) -> None:
         """Copy digests the receiver has made durable into the local manifest copy."""
