@@ -68,6 +68,19 @@ def _kill_runs():
     return range(KILL_RUNS)
 
 
+def _kill_receiver_during_send(lab, rng, lo, hi):
+    """Start a sender, kill -9 the receiver at a random moment, restart the receiver."""
+    proc = subprocess.Popen(send_args(lab["src"], lab["rx"].address, lab["ck"], lab["tx_state"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(rng.uniform(lo, hi))
+    lab["rx"].kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 3), err  # 3: transfer failed, resumable
+    if proc.returncode == 3:
+        assert err.startswith("SMS."), err
+    lab["rx"] = ReceiverProc(lab["ck"], {"disk0": lab["dst"]}, str(lab["tmp"] / "rx-state"))
+
+
 @pytest.mark.parametrize("seed", _kill_runs())
 def test_kill_sender_during_full_copy_then_resume(lab, seed):
     rng = random.Random(seed)
@@ -85,15 +98,7 @@ def test_kill_receiver_during_copy_then_restart_and_resume(lab, seed):
     rng = random.Random(100 + seed)
     size = 96 << 20
     write_image(lab["src"], size, seed=seed, mix=MIX)
-    proc = subprocess.Popen(send_args(lab["src"], lab["rx"].address, lab["ck"], lab["tx_state"]),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(rng.uniform(0.3, 1.2))
-    lab["rx"].kill()
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode in (0, 3), err  # 3: transfer failed, resumable
-    if proc.returncode == 3:
-        assert "SMS." in err
-    lab["rx"] = ReceiverProc(lab["ck"], {"disk0": lab["dst"]}, str(lab["tmp"] / "rx-state"))
+    _kill_receiver_during_send(lab, rng, 0.3, 1.2)
     summary(_send(lab))
     assert sha256(lab["src"]) == sha256(lab["dst"])
 
@@ -107,12 +112,7 @@ def test_kill_during_sync_round_then_resume(lab, seed):
     if seed % 2:
         _kill_at_random(send_args(lab["src"], lab["rx"].address, lab["ck"], lab["tx_state"]), rng, 0.25, 0.8)
     else:
-        proc = subprocess.Popen(send_args(lab["src"], lab["rx"].address, lab["ck"], lab["tx_state"]),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.25, 0.8))
-        lab["rx"].kill()
-        proc.wait(60)
-        lab["rx"] = ReceiverProc(lab["ck"], {"disk0": lab["dst"]}, str(lab["tmp"] / "rx-state"))
+        _kill_receiver_during_send(lab, rng, 0.25, 0.8)
     summary(_send(lab))
     assert sha256(lab["src"]) == sha256(lab["dst"])
 
@@ -145,10 +145,6 @@ def test_kill_campaign(lab, seed):
     if seed % 2:
         _kill_at_random(args, rng, 0.2, 1.5)
     else:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.2, 1.5))
-        lab["rx"].kill()
-        proc.wait(60)
-        lab["rx"] = ReceiverProc(lab["ck"], {"disk0": lab["dst"]}, str(lab["tmp"] / "rx-state"))
+        _kill_receiver_during_send(lab, rng, 0.2, 1.5)
     summary(_send(lab))
     assert sha256(lab["src"]) == sha256(lab["dst"])

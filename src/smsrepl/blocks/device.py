@@ -45,6 +45,28 @@ def _describe(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
+def _probe(fd: int) -> tuple[bool, int] | None:
+    """(is a block device, size in bytes), or None when it is neither a device nor a regular file."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return True, _device_size(fd)
+    if stat.S_ISREG(st.st_mode):
+        return False, st.st_size
+    return None
+
+
+def _pread_into(fd: int, buf, offset: int) -> int:
+    """Fill ``buf`` from ``offset``; short only at end of file. OSError propagates."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
 class BlockSource:
     """Read-only view of an image file or block device."""
 
@@ -59,15 +81,10 @@ class BlockSource:
         except OSError as exc:
             raise SourceError(f"source {self.path!r} cannot be opened: {_describe(exc)}") from None
         try:
-            st = os.fstat(self.fd)
-            if stat.S_ISBLK(st.st_mode):
-                self.is_device = True
-                self.size = _device_size(self.fd)
-            elif stat.S_ISREG(st.st_mode):
-                self.is_device = False
-                self.size = st.st_size
-            else:
+            kind = _probe(self.fd)
+            if kind is None:
                 raise SourceMissingError(f"source {self.path!r} is not a regular file or block device")
+            self.is_device, self.size = kind
         except BaseException:
             os.close(self.fd)
             raise
@@ -124,20 +141,10 @@ class BlockSource:
 
     def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
         """Fill ``buf`` from ``offset``; short only at the end of the source."""
-        view = memoryview(buf)
-        want = len(view)
-        got = 0
-        while got < want:
-            try:
-                n = os.preadv(self.fd, [view[got:]], offset + got)
-            except OSError as exc:
-                raise SourceError(
-                    f"source {self.path!r}: read failed at offset {offset + got}: {_describe(exc)}"
-                ) from None
-            if n == 0:
-                break
-            got += n
-        return got
+        try:
+            return _pread_into(self.fd, buf, offset)
+        except OSError as exc:
+            raise SourceError(f"source {self.path!r}: read failed near offset {offset}: {_describe(exc)}") from None
 
 
 class BlockTarget:
@@ -169,15 +176,10 @@ class BlockTarget:
         except OSError as exc:
             raise TargetError(f"target {self.path!r} cannot be opened: {_describe(exc)}") from None
         try:
-            st = os.fstat(self.fd)
-            if stat.S_ISBLK(st.st_mode):
-                self.is_device = True
-                self.size = _device_size(self.fd)
-            elif stat.S_ISREG(st.st_mode):
-                self.is_device = False
-                self.size = st.st_size
-            else:
+            kind = _probe(self.fd)
+            if kind is None:
                 raise TargetError(f"target {self.path!r} is not a regular file or block device")
+            self.is_device, self.size = kind
             if need_size is not None:
                 self.require_size(need_size)
         except BaseException:
@@ -254,14 +256,7 @@ class BlockTarget:
             pos += n
 
     def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
-        view = memoryview(buf)
-        got = 0
-        while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], offset + got)
-            if n == 0:
-                break
-            got += n
-        return got
+        return _pread_into(self.fd, buf, offset)
 
     def flush(self) -> None:
         try:
