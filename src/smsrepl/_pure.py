@@ -313,3 +313,16 @@ def delta_search(weak, strong, block_size: int, old_len: int, data) -> np.ndarra
     if n > lit:
         emit(0, lit, n - lit)
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def group_digests(buf, group_size: int, out) -> int:
+    """Canonical XXH3-128 of each ``group_size`` slice of ``buf`` (the last may be short)."""
+    _check_bs(group_size, False)
+    mv = _bytes_view(buf)
+    ng = _nblocks(len(mv), group_size)
+    dst = memoryview(out).cast("B")
+    if len(dst) < 16 * ng:
+        raise ValueError(f"out too small: need {16 * ng} bytes, got {len(dst)}")
+    for i in range(ng):
+        dst[16 * i:16 * i + 16] = xxhash.xxh3_128_digest(mv[i * group_size:(i + 1) * group_size])
+    return ng

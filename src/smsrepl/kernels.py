@@ -56,6 +56,7 @@ else:
 
 
 block_digests = _impl.block_digests
+group_digests = _impl.group_digests
 zero_map = _impl.zero_map
 file_signature = _impl.file_signature
 weak_checksum = _impl.weak_checksum

@@ -183,7 +183,38 @@ static PyObject *py_weak_checksum(PyObject *self, PyObject *arg)
     return PyLong_FromUnsignedLong(h);
 }
 
+static PyObject *py_group_digests(PyObject *self, PyObject *args)
+{
+    PyObject *buf_o, *out_o;
+    Py_ssize_t gs;
+    Py_buffer buf = {0}, out = {0};
+    PyObject *res = NULL;
+    if (!PyArg_ParseTuple(args, "OnO:group_digests", &buf_o, &gs, &out_o))
+        return NULL;
+    if (check_block_size(gs, 0) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(buf_o, &buf, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
+        goto done;
+    size_t ng = sms_nblocks((size_t)buf.len, (size_t)gs);
+    if (check_out(&out, ng * 16, "out") < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    sms_group_digests(buf.buf, (size_t)buf.len, (size_t)gs, out.buf);
+    Py_END_ALLOW_THREADS
+    res = PyLong_FromSize_t(ng);
+done:
+    if (buf.obj)
+        PyBuffer_Release(&buf);
+    if (out.obj)
+        PyBuffer_Release(&out);
+    return res;
+}
+
 static PyMethodDef core_methods[] = {
+    {"group_digests", py_group_digests, METH_VARARGS,
+     "group_digests(buf, group_size, out) -> number of groups (16-byte canonical XXH3-128 each)"},
     {"block_digests", py_block_digests, METH_VARARGS,
      "block_digests(buf, block_size, out) -> number of non-zero blocks"},
     {"zero_map", py_zero_map, METH_VARARGS, "zero_map(buf, block_size, out) -> number of zero blocks"},

@@ -76,3 +76,14 @@ size_t sms_zero_map(const uint8_t *buf, size_t len, size_t block_size, uint8_t *
     }
     return zeros;
 }
+
+void sms_group_digests(const uint8_t *buf, size_t len, size_t group_size, uint8_t *out)
+{
+    size_t i = 0;
+    for (size_t off = 0; off < len; off += group_size, i++) {
+        size_t n = len - off < group_size ? len - off : group_size;
+        XXH128_canonical_t c;
+        XXH128_canonicalFromHash(&c, XXH3_128bits(buf + off, n));
+        memcpy(out + 16 * i, c.digest, 16);
+    }
+}

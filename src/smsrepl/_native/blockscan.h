@@ -26,4 +26,8 @@ size_t sms_block_digests(const uint8_t *buf, size_t len, size_t block_size, uint
 /* out[i] = 1 if block i is all zero else 0. Returns the number of zero blocks. */
 size_t sms_zero_map(const uint8_t *buf, size_t len, size_t block_size, uint8_t *out);
 
+/* out[16*i .. 16*i+16) = canonical (big-endian) XXH3-128 of buf[group_size*i ..), the last
+ * group may be short: the coarse digests of a manifest's fine section. */
+void sms_group_digests(const uint8_t *buf, size_t len, size_t group_size, uint8_t *out);
+
 #endif

@@ -58,6 +58,8 @@ HEADER = struct.Struct("<8sHHIIIQ16s16s")
 assert HEADER.size == 64
 ZERO_DIGEST = 0
 UNKNOWN_DIGEST = 0xFFFFFFFFFFFFFFFF
+#: groups refreshed per read at commit (16 MiB of fine digests)
+COMMIT_GROUPS = 8192
 # coarse digest of a group of all-zero fine blocks
 ZERO_GROUP = np.frombuffer(xxhash.xxh3_128_digest(bytes(8 * GROUP_BLOCKS)), dtype="<u8").copy()
 
@@ -73,14 +75,8 @@ def group_count(nblocks: int) -> int:
 def group_digests(fine: np.ndarray) -> np.ndarray:
     """Coarse digests (shape (G, 2), uint64) of consecutive 256-entry groups of ``fine``."""
     fine = np.ascontiguousarray(fine, dtype="<u8")
-    raw = fine.view(np.uint8)
-    step = 8 * GROUP_BLOCKS
-    ngroups = group_count(len(fine))
-    out = np.empty((ngroups, 2), dtype="<u8")
-    outb = out.view(np.uint8).reshape(ngroups, 16)
-    digest = xxhash.xxh3_128_digest
-    for g in range(ngroups):
-        outb[g] = np.frombuffer(digest(raw[g * step:(g + 1) * step]), dtype=np.uint8)
+    out = np.empty((group_count(len(fine)), 2), dtype="<u8")
+    kernels.group_digests(fine, 8 * GROUP_BLOCKS, out)
     return out
 
 
@@ -196,9 +192,12 @@ class ManifestFile:
         if out is None:
             out = np.empty(count, dtype="<u8")
         view = memoryview(out[:count]).cast("B")
-        got = os.preadv(self.fd, [view], self._fine_base + 8 * first)
-        if got != 8 * count:
-            raise ManifestError(f"manifest {self.path!r} is truncated in its fine section")
+        got = 0
+        while got < len(view):  # one read returns at most 2 GiB - 4 KiB on Linux
+            n = os.preadv(self.fd, [view[got:]], self._fine_base + 8 * first + got)
+            if n == 0:
+                raise ManifestError(f"manifest {self.path!r} is truncated in its fine section")
+            got += n
         if verify and count:
             g0 = -(-first // GROUP_BLOCKS)
             g1 = (first + count) // GROUP_BLOCKS
@@ -248,13 +247,14 @@ class ManifestFile:
             groups = np.array(sorted(self._dirty_groups), dtype=np.int64)
             self._dirty_groups.clear()
             # contiguous runs of dirty groups, each refreshed with one read and one write
-            breaks = np.flatnonzero(np.diff(groups) != 1) + 1
-            for run in np.split(groups, breaks):
-                g0, g1 = int(run[0]), int(run[-1]) + 1
-                b0, b1 = g0 * GROUP_BLOCKS, min(g1 * GROUP_BLOCKS, self.nblocks)
-                fine = self.read_fine(b0, b1 - b0, verify=False)
-                self.coarse[g0:g1] = group_digests(fine)
-                os.pwrite(self.fd, self.coarse[g0:g1].tobytes(), HEADER.size + 16 * g0)
+            buf = np.empty(COMMIT_GROUPS * GROUP_BLOCKS, dtype="<u8")
+            for r0, rn in runs_of(np.isin(np.arange(groups[0], groups[-1] + 1), groups), int(groups[0])):
+                for g0 in range(r0, r0 + rn, COMMIT_GROUPS):  # bounded pieces: memory stays flat
+                    g1 = min(g0 + COMMIT_GROUPS, r0 + rn)
+                    b0, b1 = g0 * GROUP_BLOCKS, min(g1 * GROUP_BLOCKS, self.nblocks)
+                    fine = self.read_fine(b0, b1 - b0, buf, verify=False)
+                    self.coarse[g0:g1] = group_digests(fine)
+                    _pwrite_all(self.fd, self.coarse[g0:g1], HEADER.size + 16 * g0)
             os.pwrite(self.fd, _pack_header(self.size, self.coarse), 0)
         os.fsync(self.fd)
 
@@ -321,11 +321,18 @@ def diff_runs(a: ManifestFile, b: ManifestFile, *, chunk_groups: int = 8192) -> 
     buf_b = np.empty_like(buf_a)
     for g0 in range(0, a.ngroups, chunk_groups):
         g1 = min(g0 + chunk_groups, a.ngroups)
-        for r0, rn in runs_of(group_differs[g0:g1], g0):
-            b0 = r0 * GROUP_BLOCKS
-            n = min((r0 + rn) * GROUP_BLOCKS, a.nblocks) - b0
-            fa = a.read_fine(b0, n, buf_a)
-            fb = b.read_fine(b0, n, buf_b)
+        idx = np.flatnonzero(group_differs[g0:g1])
+        if not len(idx):
+            continue
+        s0, s1 = g0 + int(idx[0]), g0 + int(idx[-1]) + 1
+        if len(idx) * 4 >= s1 - s0:
+            spans = [(s0, s1 - s0)]  # dense: one read per side for the whole span
+        else:
+            spans = runs_of(group_differs[g0:g1], g0)  # sparse: read only the differing runs
+        for r0, rn in spans:
+            b0, b1 = r0 * GROUP_BLOCKS, min((r0 + rn) * GROUP_BLOCKS, a.nblocks)
+            fa = a.read_fine(b0, b1 - b0, buf_a)
+            fb = b.read_fine(b0, b1 - b0, buf_b)
             starts, counts = run_arrays(fa != fb, b0)
             if len(starts):
                 yield starts, counts
