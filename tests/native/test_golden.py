@@ -90,3 +90,15 @@ def test_golden_signature_and_delta(delta_pair):
     ]
     assert sha(rows, "<i8") == "7ebf02d1277f5641521058e16d9e6be7fdea5755561523aed3fcf8591a8f89da"
     assert kernels.apply_delta(old, rows, bs, new) == new
+
+
+def test_golden_group_digests():
+    """Coarse manifest digests: XXH3-128 (canonical bytes) of each group of 256 fine digests."""
+    from smsrepl.blocks.manifest import ZERO_GROUP, group_digests
+
+    fine = np.random.default_rng(20240601).integers(0, 2**63, 1000, dtype=np.uint64)
+    g = group_digests(fine)  # 3 whole groups and a short one
+    assert g.shape == (4, 2)
+    assert g[0].tolist() == [16596642682777896229, 15974835636411196276]
+    assert sha(g, "<u8") == "f3530514de8df8cde48299065c8ca514369af1f5a1dbac5c175ce2013e1407e6"
+    assert ZERO_GROUP.tolist() == [5703744611665473091, 5402269032752946465]
