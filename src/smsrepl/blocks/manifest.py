@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 
 import numpy as np
@@ -353,35 +355,59 @@ def diff(a: ManifestFile, b: ManifestFile, *, chunk_groups: int = 8192) -> Itera
         yield pending
 
 
-def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1):
+def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1, ahead: int = 0):
     """Yield ``(offset, data_view_or_None, digests)`` for consecutive chunks of a source.
 
-    Holes yield ``None`` with all-zero digests and are never read. Data views
-    rotate through ``buffers`` read buffers and the digests array is reused:
-    a view stays valid until ``buffers`` more chunks were read.
+    Holes yield ``None`` with all-zero digests and are never read. With
+    ``ahead`` > 0, that many data chunks are read and digested in advance on
+    worker threads (preadv and the digest kernel release the GIL, so reading
+    overlaps with the caller's work). Data views and digest arrays rotate
+    through ``buffers`` slots: a view stays valid until ``buffers - ahead - 1``
+    more chunks were yielded.
     """
+    if buffers < ahead + 1:
+        raise ValueError("scan needs more buffers than chunks read ahead")
     bufs = [bytearray(chunk) for _ in range(buffers)]
+    digs = [np.empty(chunk // FINE_BLOCK, dtype="<u8") for _ in range(buffers)]
+    hole_digests = np.zeros(chunk // FINE_BLOCK, dtype="<u8")
+
+    def load(slot: int, pos: int, n: int):
+        view = memoryview(bufs[slot])[:n]
+        got = source.readinto(view, pos)
+        if got < n:
+            raise SourceError(f"source {source.path!r} ended at {pos + got}, expected {source.size} bytes")
+        digests = digs[slot][:block_count(n)]
+        kernels.block_digests(view, FINE_BLOCK, digests)
+        return pos, view, digests
+
+    def plan():
+        for off, length, is_data in aligned_extents(source, start):
+            for pos in range(off, off + length, chunk):
+                yield pos, min(chunk, off + length - pos), is_data
+
+    pool = ThreadPoolExecutor(min(ahead, 2), thread_name_prefix="scan") if ahead else None
+    pending: deque = deque()
     turn = 0
-    digests = np.empty(chunk // FINE_BLOCK, dtype="<u8")
-    for off, length, is_data in aligned_extents(source, start):
-        end = off + length
-        pos = off
-        while pos < end:
-            n = min(chunk, end - pos)
-            if is_data:
-                buf = bufs[turn]
+    try:
+        for pos, n, is_data in plan():
+            if not is_data:
+                item = (pos, None, hole_digests[:block_count(n)])
+            elif pool is None:
+                item = load(turn, pos, n)
                 turn = (turn + 1) % buffers
-                got = source.readinto(memoryview(buf)[:n], pos)
-                if got < n:
-                    raise SourceError(f"source {source.path!r} ended at {pos + got}, expected {source.size} bytes")
-                view = memoryview(buf)[:n]
-                kernels.block_digests(view, FINE_BLOCK, digests)
-                yield pos, view, digests[:block_count(n)]
             else:
-                nb = block_count(n)
-                digests[:nb] = 0
-                yield pos, None, digests[:nb]
-            pos += n
+                item = pool.submit(load, turn, pos, n)
+                turn = (turn + 1) % buffers
+            pending.append(item)
+            while len(pending) > ahead:
+                head = pending.popleft()
+                yield head.result() if isinstance(head, Future) else head
+        while pending:
+            head = pending.popleft()
+            yield head.result() if isinstance(head, Future) else head
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 #: holes shorter than this are read like data: a fragmented image (every zero

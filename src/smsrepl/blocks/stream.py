@@ -26,8 +26,13 @@ FRAME_BLOCKS = 1024
 ZERO_RUN_MIN = 16
 #: a SCANNED frame after this much source without any frame keeps checkpoints moving
 SCANNED_EVERY = 64 << 20
-#: read size; 4 buffers of this size are in flight at most
+#: read size
 CHUNK = 8 << 20
+#: chunks read and digested ahead on worker threads while frames are built
+AHEAD = 2
+#: read buffers: 3 chunks' frames may wait in or at the sender's writer, 1 is
+#: being cut into frames, AHEAD are being read (see Sender._stream)
+BUFFERS = 4 + AHEAD
 
 
 class ChunkEnd:
@@ -65,7 +70,7 @@ def round_events(  # noqa: C901
     quiet_from = start  # end of the last frame: SCANNED marks long stretches without any
     zero_end = 0
     old = np.empty(chunk // FINE_BLOCK, dtype="<u8")
-    for off, view, digests in scan(source, start=start, chunk=chunk, buffers=4):
+    for off, view, digests in scan(source, start=start, chunk=chunk, buffers=BUFFERS, ahead=AHEAD):
         first = off // FINE_BLOCK
         n = len(digests)
         if cache is not None:

@@ -339,7 +339,8 @@ class Sender:
                     continue
                 if item is CHUNK_END:
                     # exactly one batch per read chunk, even an empty one: with at most
-                    # 3 batches queued or being written, the 4 read buffers are never
+                    # 3 batches queued or being written, 1 chunk being cut into frames and
+                    # stream.AHEAD being read, the stream.BUFFERS read buffers are never
                     # reused before their frames are sent
                     out.put((batch, covered_to, sent))
                     batch = []
