@@ -139,6 +139,7 @@ def main() -> int:
             for run in range(args.runs):
                 base = os.path.join(tmp, f"run{run}")
                 os.makedirs(base)
+                os.sync()  # earlier runs' writeback must not land in this one
                 # full copies
                 r = sms_round(ck, src, f"{base}/t.img", f"{base}/rx", f"{base}/tx")
                 res["smsrepl full"].append(r)
@@ -159,6 +160,7 @@ def main() -> int:
             for run in range(args.runs):
                 work = os.path.join(tmp, f"sync{run}")
                 subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
+                os.sync()  # the copy's writeback belongs to the setup, not to the round's fsyncs
                 r = sms_round(ck, src, f"{work}/t.img", f"{work}/rx", f"{work}/tx")
                 assert r["kind"] == "sync", r
                 res["smsrepl sync"].append(r)
@@ -166,6 +168,7 @@ def main() -> int:
                 for key, flags in (("rsync --inplace sync", []), ("rsync --inplace -B4096 sync", ["-B", "4096"])):
                     name = f"sync{run}.img"
                     subprocess.run(["cp", "--sparse=always", pristine, os.path.join(dst_root, name)], check=True)
+                    os.sync()
                     res[key].append(rsync(src, daemon.port, name, "--inplace", "--no-whole-file", *flags))
                     os.unlink(os.path.join(dst_root, name))
         finally:

@@ -5,7 +5,7 @@ from smsrepl import kernels
 from smsrepl.blocks.device import BlockTarget
 from smsrepl.blocks.manifest import FINE_BLOCK, UNKNOWN_DIGEST
 from smsrepl.blocks.replica import INTENT_STEP, Replica
-from smsrepl.errors import RemoteProtocolError, SizeMismatchError, TargetWriteError
+from smsrepl.errors import DecompressionError, RemoteProtocolError, SizeMismatchError, TargetWriteError
 
 SIZE = 4 << 20
 
@@ -101,3 +101,71 @@ def test_target_write_outside_is_refused(tmp_path):
     t = BlockTarget(str(tmp_path / "t.img"), need_size=8192)
     with pytest.raises(TargetWriteError):
         t.write(8192, b"x")
+
+
+def _set_payload(data, blocks):
+    """The BLOCK_SET digests and payload for ``blocks`` (absolute block numbers) of ``data``."""
+    parts = [data[b * FINE_BLOCK:(b + 1) * FINE_BLOCK] for b in blocks]
+    digests = np.concatenate([_digests(p) for p in parts])
+    return digests, b"".join(p for p, d in zip(parts, digests) if d != 0)
+
+
+def test_block_set_writes_scattered_blocks_and_their_digests(tmp_path):
+    rng = np.random.default_rng(5)
+    old = rng.integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    r, _ = _full_copy(tmp_path, old)
+    new = bytearray(old)
+    blocks = [3, 4, 9, 200, 201, 202, 700, SIZE // FINE_BLOCK - 1]
+    for b in blocks:
+        new[b * FINE_BLOCK:(b + 1) * FINE_BLOCK] = rng.integers(0, 256, FINE_BLOCK, dtype=np.uint8).tobytes()
+    new[201 * FINE_BLOCK:202 * FINE_BLOCK] = bytes(FINE_BLOCK)  # a block that became zero travels as digest 0
+    new = bytes(new)
+    r.begin("s1", SIZE, 2, "sync", 0)
+    digests, payload = _set_payload(new, blocks[:4])
+    r.apply_set(3 * FINE_BLOCK, np.array(blocks[:4]) - 3, 0, digests, payload)
+    digests, payload = _set_payload(new, blocks[4:])
+    assert digests[0] == 0 and len(payload) == 3 * FINE_BLOCK
+    r.apply_set(201 * FINE_BLOCK, np.array(blocks[4:]) - 201, 0, digests, payload)
+    root = r.finish(2)
+    assert open(tmp_path / "t.img", "rb").read() == new
+    assert np.array_equal(r.manifest.read_fine(0, r.manifest.nblocks), _digests(new))
+    r.close()
+    assert _replica(tmp_path).describe("s1", SIZE)["manifest_root"] == root
+
+
+def test_block_set_with_a_wrong_block_names_its_offset_and_writes_nothing(tmp_path):
+    data = np.random.default_rng(6).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    r, _ = _full_copy(tmp_path, data)
+    r.begin("s1", SIZE, 2, "sync", 0)
+    other = bytearray(data)
+    other[10 * FINE_BLOCK] ^= 1
+    digests, payload = _set_payload(data, [2, 10])
+    _, bad_payload = _set_payload(bytes(other), [2, 10])
+    with pytest.raises(DecompressionError, match=f"offset {10 * FINE_BLOCK} "):
+        r.apply_set(2 * FINE_BLOCK, np.array([0, 8]), 0, digests, bad_payload)
+    assert open(tmp_path / "t.img", "rb").read() == data
+    with pytest.raises(RemoteProtocolError, match="past the source size"):
+        r.apply_set(SIZE - FINE_BLOCK, np.array([0, 1]), 0, digests, payload)
+    r.apply_set(2 * FINE_BLOCK, np.array([0, 8]), 0, digests, payload)
+    with pytest.raises(RemoteProtocolError, match="backwards"):
+        r.apply_set(0, np.array([0]), 0, digests[:1], payload[:FINE_BLOCK])
+
+
+def test_block_set_reaching_a_short_last_block(tmp_path):
+    size = SIZE - 1000
+    data = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8).tobytes()
+    r = Replica(BlockTarget(str(tmp_path / "t.img"), need_size=size), str(tmp_path / "state"))
+    r.begin("s1", size, 1, "full", 0)
+    r.apply_data(0, size, 0, _digests(data), data)
+    r.finish(1)
+    new = bytearray(data)
+    last = size // FINE_BLOCK
+    new[last * FINE_BLOCK:] = b"\x09" * (size - last * FINE_BLOCK)
+    new[5 * FINE_BLOCK] ^= 0xFF
+    new = bytes(new)
+    r.begin("s1", size, 2, "sync", 0)
+    digests, payload = _set_payload(new, [5, last])
+    assert len(payload) == FINE_BLOCK + size - last * FINE_BLOCK
+    r.apply_set(5 * FINE_BLOCK, np.array([0, last - 5]), 0, digests, payload)
+    r.finish(2)
+    assert open(tmp_path / "t.img", "rb").read() == new

@@ -14,6 +14,7 @@ from smsrepl.protocol import (
     RECEIVER,
     SENDER,
     BlockData,
+    BlockSet,
     Checkpoint,
     Close,
     Connection,
@@ -53,6 +54,14 @@ def block(offset=0, data=None):
     return BlockData(offset, len(data), 0, d, data)
 
 
+def block_set(offset=0, index=(0, 3, 4), data=None):
+    index = np.array(index, dtype=np.int64)
+    data = data if data is not None else bytes(range(256)) * 16 * len(index)
+    d = np.empty(len(index), dtype="<u8")
+    kernels.block_digests(data, 4096, d)
+    return BlockSet(offset, index, 0, d, data)
+
+
 def transfer(src: Connection, dst: Connection, event):
     dst.receive_data(b"".join(bytes(p) for p in src.send(event)))
     got = dst.next_event()
@@ -84,7 +93,11 @@ def test_full_conversation_round_trips_every_event():
     got = transfer(s, r, b)
     assert (got.offset, got.raw_len, got.codec) == (8192, b.raw_len, 0)
     assert np.array_equal(got.digests, b.digests) and bytes(got.payload) == b.payload
-    assert transfer(s, r, ZeroRange(16384, 4096)) == ZeroRange(16384, 4096)
+    bs = block_set(16384, (0, 2, 9))
+    got = transfer(s, r, bs)
+    assert (got.offset, got.codec) == (16384, 0) and got.index.tolist() == [0, 2, 9]
+    assert np.array_equal(got.digests, bs.digests) and bytes(got.payload) == bs.payload
+    assert transfer(s, r, ZeroRange(65536 - 4096, 4096)) == ZeroRange(65536 - 4096, 4096)
     assert transfer(s, r, Scanned(65536)) == Scanned(65536)
     assert transfer(r, s, Checkpoint(1, 65536, 4096)) == Checkpoint(1, 65536, 4096)
     transfer(s, r, RoundEnd(1))
@@ -157,7 +170,8 @@ def test_malformed_control_frames_are_refused(body):
 
 def _all_frames():
     s, r = pair_in_round()
-    frames = [b"".join(bytes(p) for p in s.send(ev)) for ev in (block(0), ZeroRange(8192, 4096), Scanned(12288), RoundEnd(1))]
+    frames = [b"".join(bytes(p) for p in s.send(ev))
+              for ev in (block(0), block_set(8192, (0, 2)), ZeroRange(24576, 4096), Scanned(28672), RoundEnd(1))]
     return frames
 
 
@@ -166,6 +180,8 @@ def test_every_flipped_bit_outside_a_data_payload_is_detected():
         protected = len(wire)
         if wire[4] == BlockData.TYPE:
             protected = F.HEADER_SIZE + 16 + 8 * 2
+        if wire[4] == BlockSet.TYPE:
+            protected = F.HEADER_SIZE + 16 + 12 * 2
         for bit in range(protected * 8):
             s, r = pair_in_round()
             bad = bytearray(wire)
@@ -178,6 +194,33 @@ def test_every_flipped_bit_outside_a_data_payload_is_detected():
                 continue
             # a flip in the length field can only shorten or lengthen the frame: never a valid event
             assert isinstance(ev, ConnectionClosed) and not ev.clean, (bit, ev)
+
+
+@pytest.mark.parametrize("count, index, problem", [
+    (0, [], "count 0 outside"),
+    (F.MAX_SET + 1, [], "outside 1..1024"),
+    (2, [1, 2], "start at 0"),
+    (3, [0, 2, 2], "strictly increase"),
+    (3, [0, 5, 4], "strictly increase"),
+])
+def test_malformed_block_sets_are_refused(count, index, problem):
+    s, r = pair_in_round()
+    prefix = F._SET_PREFIX.pack(0, count, 0) + np.array(index, dtype=">u4").tobytes() + bytes(8 * len(index))
+    head8 = F.struct.pack(">IBBH", len(prefix), BlockSet.TYPE, 0, 0)
+    r.receive_data(head8 + F.struct.pack(">I", F._check(head8, prefix)) + prefix)
+    with pytest.raises(RemoteProtocolError, match=problem):
+        r.next_event()
+
+
+def test_block_set_offset_must_be_aligned_and_encoder_checks_its_arrays():
+    s, r = pair_in_round()
+    prefix = F._SET_PREFIX.pack(100, 1, 0) + np.zeros(1, dtype=">u4").tobytes() + bytes(8)
+    head8 = F.struct.pack(">IBBH", len(prefix), BlockSet.TYPE, 0, 0)
+    r.receive_data(head8 + F.struct.pack(">I", F._check(head8, prefix)) + prefix)
+    with pytest.raises(RemoteProtocolError, match="not 4 KiB aligned"):
+        r.next_event()
+    with pytest.raises(ValueError, match="as many digests"):
+        F.encode(BlockSet(0, np.array([0, 1]), 0, np.zeros(1, dtype="<u8"), b""))
 
 
 def test_flipped_payload_bits_fail_the_digest_or_the_codec():

@@ -232,6 +232,17 @@ class ManifestFile:
         _pwrite_all(self.fd, values, self._fine_base + 8 * first)
         self._dirty_groups.update(range(first // GROUP_BLOCKS, (first + len(values) - 1) // GROUP_BLOCKS + 1))
 
+    def write_fine_at(self, first: int, index: np.ndarray, values: np.ndarray) -> None:
+        """Store the digests of blocks ``first + index[i]`` (index increasing): one read and one write of the span."""
+        if not len(index):
+            return
+        span = int(index[-1]) + 1
+        if first < 0 or first + span > self.nblocks:
+            raise ManifestError(f"manifest {self.path!r}: blocks {first}+{span} outside its {self.nblocks}")
+        fine = self.read_fine(first, span, verify=False)
+        fine[index] = values
+        self.write_fine(first, fine)
+
     def fill_fine(self, first: int, count: int, value: int) -> None:
         chunk = 1 << 20
         buf = np.full(min(count, chunk), value, dtype="<u8")
@@ -412,8 +423,11 @@ def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1, ahea
 
 #: holes shorter than this are read like data: a fragmented image (every zero
 #: block a hole after `cp --sparse`) would otherwise cost a chunk per extent;
-#: reading a short hole costs less than the bookkeeping of skipping it
-HOLE_MIN = 256 << 10
+#: reading a short hole costs less than the bookkeeping of skipping it. Measured on
+#: the 2 GiB test image after 1% random rewrites (which split its holes): 256 KiB
+#: gave 1497 extents and 3411 round events, 1 MiB 189 extents and 964 events for
+#: the same CPU, and a sync round 20% faster end to end
+HOLE_MIN = 1 << 20
 
 
 def aligned_extents(source, start: int = 0):

@@ -83,7 +83,7 @@ class Replica:
         self._decomp = Decompressor()
         self._digests = np.empty(kernels_max_blocks(), dtype="<u8")
         self._range = np.empty(kernels_max_blocks() * FINE_BLOCK, dtype=np.uint8)
-        self._pending: list[tuple[int, np.ndarray]] = []
+        self._pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         self.pos = 0
         self.bytes_written = 0
         self._load()
@@ -195,6 +195,38 @@ class Replica:
         if end % FINE_BLOCK and end != size:
             raise RemoteProtocolError(f"data at {offset} of {raw_len} bytes does not end on a block boundary")
         self._check_order(offset, raw_len)
+        raw, nonzero = self._decode_checked(offset, None, end, codec, digests, payload)
+        self._write_run(offset, end, digests, nonzero, raw)
+        self._pending.append((offset // FINE_BLOCK, digests.copy(), None))
+        self.pos = end
+        self.bytes_written += raw_len
+
+    def apply_set(self, offset: int, index: np.ndarray, codec: int, digests: np.ndarray, payload) -> None:
+        """Set the scattered blocks of a BLOCK_SET frame: block i at offset + index[i] * 4 KiB."""
+        rec = self.record
+        size = rec.source_size if rec else -1
+        last = offset + int(index[-1]) * FINE_BLOCK
+        if last >= size:
+            raise RemoteProtocolError(f"block set at {offset} reaches past the source size {size}")
+        end = min(last + FINE_BLOCK, size)
+        self._check_order(offset, end - offset)
+        raw, nonzero = self._decode_checked(offset, index, end, codec, digests, payload)
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        stops = np.concatenate((breaks, [len(index)])).tolist()
+        before = np.concatenate(([0], np.cumsum(nonzero))).tolist()  # non-zero blocks before position i
+        for i0, i1 in zip(starts, stops):
+            r_off = offset + int(index[i0]) * FINE_BLOCK
+            r_end = min(offset + (int(index[i1 - 1]) + 1) * FINE_BLOCK, size)
+            part = raw[before[i0] * FINE_BLOCK:before[i1] * FINE_BLOCK]
+            self._write_run(r_off, r_end, digests[i0:i1], nonzero[i0:i1], part)
+        self._pending.append((offset // FINE_BLOCK, digests.copy(), np.array(index, dtype=np.int64)))
+        self.pos = end
+        self.bytes_written += len(index) * FINE_BLOCK
+
+    def _decode_checked(self, offset: int, index: np.ndarray | None, end: int, codec: int,
+                        digests: np.ndarray, payload) -> tuple[memoryview, np.ndarray]:
+        """Decompress a frame's payload and check every non-zero block against its digest."""
         nonzero = digests != 0
         count = int(nonzero.sum())
         if not count:
@@ -207,26 +239,29 @@ class Replica:
         kernels.block_digests(raw, FINE_BLOCK, got)
         want = digests[nonzero]
         if not np.array_equal(got, want):
-            bad = int(np.flatnonzero(nonzero)[int(np.flatnonzero(got != want)[0])])
-            raise DecompressionError(f"block at offset {offset + bad * FINE_BLOCK} does not match its digest")
-        if count == len(digests):
+            i = int(np.flatnonzero(nonzero)[int(np.flatnonzero(got != want)[0])])
+            block = i if index is None else int(index[i])
+            raise DecompressionError(f"block at offset {offset + block * FINE_BLOCK} does not match its digest")
+        return memoryview(raw).cast("B"), nonzero
+
+    def _write_run(self, offset: int, end: int, digests: np.ndarray, nonzero: np.ndarray, raw: memoryview) -> None:
+        """Write the consecutive blocks [offset, end); ``raw`` holds their non-zero blocks in order."""
+        if nonzero.all():
             self.target.write(offset, raw)
-        else:
-            # zero blocks inside the frame: write the whole range once, zeros included
-            buf = self._range[:raw_len]
-            buf[:] = 0
-            blocks = np.flatnonzero(nonzero)
-            src = np.frombuffer(raw, dtype=np.uint8)
-            full = raw_len // FINE_BLOCK
-            whole = blocks[blocks < full]
-            if len(whole):
-                buf[:full * FINE_BLOCK].reshape(full, FINE_BLOCK)[whole] = src[:len(whole) * FINE_BLOCK].reshape(-1, FINE_BLOCK)
-            if len(whole) < count:  # the source's short last block
-                buf[full * FINE_BLOCK:] = src[len(whole) * FINE_BLOCK:]
-            self.target.write(offset, buf)
-        self._pending.append((offset // FINE_BLOCK, digests.copy()))
-        self.pos = end
-        self.bytes_written += raw_len
+            return
+        # zero blocks among them: write the whole range once, zeros included
+        length = end - offset
+        buf = self._range[:length]
+        buf[:] = 0
+        blocks = np.flatnonzero(nonzero)
+        src = np.frombuffer(raw, dtype=np.uint8)
+        full = length // FINE_BLOCK
+        whole = blocks[blocks < full]
+        if len(whole):
+            buf[:full * FINE_BLOCK].reshape(full, FINE_BLOCK)[whole] = src[:len(whole) * FINE_BLOCK].reshape(-1, FINE_BLOCK)
+        if len(whole) < len(blocks):  # the source's short last block
+            buf[full * FINE_BLOCK:] = src[len(whole) * FINE_BLOCK:]
+        self.target.write(offset, buf)
 
     def apply_zero(self, offset: int, length: int) -> None:
         self._check_order(offset, length)
@@ -234,7 +269,7 @@ class Replica:
         if end % FINE_BLOCK and end != self.record.source_size:
             raise RemoteProtocolError(f"zero range {offset}+{length} does not end on a block boundary")
         self.target.zero(offset, length)
-        self._pending.append((offset // FINE_BLOCK, np.zeros(block_count(length), dtype="<u8")))
+        self._pending.append((offset // FINE_BLOCK, np.zeros(block_count(length), dtype="<u8"), None))
         self.pos = end
 
     def scanned(self, offset: int) -> None:
@@ -252,8 +287,11 @@ class Replica:
             return rec.checkpoint
         self.target.flush()
         assert self.manifest is not None
-        for first, digests in self._pending:
-            self.manifest.write_fine(first, digests)
+        for first, digests, index in self._pending:
+            if index is None:
+                self.manifest.write_fine(first, digests)
+            else:
+                self.manifest.write_fine_at(first, index, digests)
         self._pending.clear()
         try:
             self.manifest.commit()

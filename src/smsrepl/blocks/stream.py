@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..codec import RAW
-from ..protocol.frames import BlockData, Event, Scanned, ZeroRange
+from ..protocol.frames import MAX_SET, BlockData, BlockSet, Event, Scanned, ZeroRange
 from .manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
 
 #: blocks per BLOCK_DATA frame (4 MiB). Measured on the 1 GiB disk-like test
@@ -24,6 +24,9 @@ from .manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
 FRAME_BLOCKS = 1024
 #: zero runs at least this long (64 KiB) travel as ZERO_RANGE; shorter ones inside frames
 ZERO_RUN_MIN = 16
+#: in sync rounds, changed runs shorter than this (256 KiB) travel together in BLOCK_SET
+#: frames, one per read chunk: 1% of blocks changed at random is ~20 runs per chunk
+SET_RUN_MAX = 64
 #: a SCANNED frame after this much source without any frame keeps checkpoints moving
 SCANNED_EVERY = 64 << 20
 #: read size
@@ -44,10 +47,55 @@ CHUNK_END = ChunkEnd()
 
 @dataclass(slots=True)
 class Covered:
-    """Blocks [first, first+len(digests)) now hold ``digests`` once acknowledged."""
+    """Blocks [first, first+len(digests)) now hold ``digests`` once acknowledged;
+    with ``index``, blocks first + index[i] hold digests[i]."""
 
     first: int
     digests: np.ndarray
+    index: np.ndarray | None = None
+
+    @property
+    def end(self) -> int:
+        return self.first + (len(self.digests) if self.index is None else int(self.index[-1]) + 1)
+
+
+class _SetBuilder:
+    """Scattered changed runs of one chunk, gathered into BLOCK_SET frames."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, np.ndarray, int]] = []  # first block, digests, byte length
+        self.pieces: list = []
+        self.count = 0
+
+    def add(self, first: int, r0: int, rn: int, view: memoryview, digests: np.ndarray, off: int, size: int):
+        """Add blocks [r0, r0+rn) of the chunk at ``off``; yields frames when a set fills up."""
+        while rn:
+            take = min(rn, MAX_SET - self.count)
+            d = digests[r0:r0 + take]
+            hi = min(off + (r0 + take) * FINE_BLOCK, size) - off
+            self.runs.append((first + r0, d, hi - r0 * FINE_BLOCK))
+            self.pieces.append(view[r0 * FINE_BLOCK:hi] if (d != 0).all() else _payload(view, r0, hi, d))
+            self.count += take
+            r0 += take
+            rn -= take
+            if self.count == MAX_SET:
+                yield from self.flush()
+
+    def flush(self):
+        if not self.count:
+            return
+        runs, pieces = self.runs, self.pieces
+        self.runs, self.pieces, self.count = [], [], 0
+        digests = np.concatenate([d for _, d, _ in runs])
+        if not digests.any():  # only blocks that became zero: no payload to carry
+            for b, d, n in runs:
+                yield ZeroRange(b * FINE_BLOCK, n)
+                yield Covered(b, d.copy())
+            return
+        first = runs[0][0]
+        index = np.concatenate([np.arange(b - first, b - first + len(d), dtype=np.int64) for b, d, _ in runs])
+        yield BlockSet(first * FINE_BLOCK, index, RAW, digests, b"".join(pieces))
+        yield Covered(first, digests, index)
 
 
 def round_events(  # noqa: C901
@@ -56,6 +104,7 @@ def round_events(  # noqa: C901
     start: int = 0,
     cache: ManifestFile | None = None,
     chunk: int = CHUNK,
+    sets: bool = False,
 ) -> Iterator[Event | Covered]:
     """Yield the frames of one round, each followed by a Covered record for the sender's cache.
 
@@ -63,13 +112,15 @@ def round_events(  # noqa: C901
     compresses them (see codec.Compressor), possibly on other threads.
 
     ``cache`` None means a full round: everything from ``start`` is sent. With
-    a cache, only blocks whose digests differ from it are sent (a sync round).
+    a cache, only blocks whose digests differ from it are sent (a sync round);
+    with ``sets``, short changed runs of a chunk share BLOCK_SET frames.
     Views into the read buffers stay valid until 4 more chunks were read.
     """
     zero_from: int | None = None  # pending ZERO_RANGE start, coalesced across chunks
     quiet_from = start  # end of the last frame: SCANNED marks long stretches without any
     zero_end = 0
     old = np.empty(chunk // FINE_BLOCK, dtype="<u8")
+    scattered = _SetBuilder()
     for off, view, digests in scan(source, start=start, chunk=chunk, buffers=BUFFERS, ahead=AHEAD):
         first = off // FINE_BLOCK
         n = len(digests)
@@ -81,6 +132,14 @@ def round_events(  # noqa: C901
         is_zero = digests == 0
         sent_any = False
         for r0, rn in runs_of(send):
+            if sets and cache is not None and rn < SET_RUN_MAX and view is not None:
+                if zero_from is not None:
+                    yield ZeroRange(zero_from, zero_end - zero_from)
+                    zero_from = None
+                yield from scattered.add(first, r0, rn, view, digests, off, source.size)
+                sent_any = True
+                continue
+            yield from scattered.flush()
             for s0, sn, zero in _segments(is_zero[r0:r0 + rn], r0):
                 b_off = off + s0 * FINE_BLOCK
                 b_end = min(off + (s0 + sn) * FINE_BLOCK, source.size)
@@ -104,6 +163,7 @@ def round_events(  # noqa: C901
                     yield BlockData(d_off, d_end - d_off, RAW, fd, _payload(view, f0, d_end - off, fd))
                     yield Covered(first + f0, fd)
                 sent_any = True
+        yield from scattered.flush()
         if sent_any or zero_from is not None:
             quiet_from = off + n * FINE_BLOCK
         elif off + n * FINE_BLOCK - quiet_from >= SCANNED_EVERY:

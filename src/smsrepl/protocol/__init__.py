@@ -1,10 +1,12 @@
 """The smsrepl wire protocol: frames and the state machine, with no I/O."""
 from .connection import NEED_DATA, RECEIVER, SENDER, Connection, ConnectionClosed, Role, State, TRANSITIONS
 from .frames import (
+    CAPABILITIES,
     MAX_BODY,
     MAX_RAW,
     PROTOCOL_VERSION,
     BlockData,
+    BlockSet,
     Checkpoint,
     Close,
     Error,

@@ -73,6 +73,7 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.IDLE, S, F.RoundBegin): State.ROUND,
     (State.IDLE, S, F.Close): State.CLOSING,
     (State.ROUND, S, F.BlockData): State.ROUND,
+    (State.ROUND, S, F.BlockSet): State.ROUND,
     (State.ROUND, S, F.ZeroRange): State.ROUND,
     (State.ROUND, S, F.Scanned): State.ROUND,
     (State.ROUND, R, F.Checkpoint): State.ROUND,

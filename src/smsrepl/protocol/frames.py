@@ -22,6 +22,13 @@ the event class; unknown or missing keys are a protocol error. Binary bodies:
                 the manifest, 0 = the block is all zero; the payload decodes to
                 the non-zero blocks only, in order: zero blocks are never
                 carried, compressed or not; offset is 4 KiB aligned)
+    BLOCK_SET   u64 offset | u32 count | u8 codec | 3 zero bytes |
+                u32 index * count | u64 digest * count | payload
+                (scattered blocks: block i sits at offset + index[i] * 4096;
+                indices strictly increase from 0, so offset is the first
+                block's; digests and payload as in BLOCK_DATA; only the
+                source's last block may be short. Sync rounds send changes
+                spread thin this way: one frame, not one per block)
     ZERO_RANGE  u64 offset | u64 length        (the range reads as zero)
     SCANNED     u64 offset                     (nothing below it is left to send this round)
     PING, PONG  u64 nonce | u64 sender clock ns | padding (netcheck sizes)
@@ -47,10 +54,16 @@ HEADER_SIZE = HEADER.size  # 12
 #: largest raw payload of one BLOCK_DATA frame
 MAX_RAW = 4 << 20
 #: largest body of any frame: a full data frame plus its digests, with room to spare
-MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 8 + 4096
+MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 12 + 4096
 PROTOCOL_VERSION = 1
+#: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
+#: uses a feature only when the peer listed it)
+CAPABILITIES = ("zstd", "block-set")
 
 _BLOCK_PREFIX = struct.Struct(">QIBxxx")
+_SET_PREFIX = struct.Struct(">QIBxxx")  # offset, count, codec
+#: most blocks in one BLOCK_SET (its payload stays within MAX_RAW)
+MAX_SET = MAX_RAW // FINE_BLOCK
 _U64 = struct.Struct(">Q")
 _ZERO = struct.Struct(">QQ")
 _PING = struct.Struct(">QQ")
@@ -156,6 +169,16 @@ class BlockData(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class BlockSet(Event):
+    TYPE: ClassVar[int] = 0x17
+    offset: int
+    index: Any  # numpy uint32 array: block numbers relative to offset, strictly increasing from 0
+    codec: int
+    digests: Any  # numpy uint64 array, one per block
+    payload: Any  # bytes-like: the non-zero blocks, in order
+
+
+@dataclass(frozen=True, slots=True)
 class ZeroRange(Event):
     TYPE: ClassVar[int] = 0x12
     offset: int
@@ -195,7 +218,7 @@ class ManifestData(Event):
 JSON_EVENTS: dict[int, type] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Error, Close, RoundBegin, Checkpoint, RoundEnd, RoundDone, ManifestRequest)
 }
-BINARY_EVENTS: dict[int, type] = {cls.TYPE: cls for cls in (BlockData, ZeroRange, Scanned, Ping, Pong, ManifestData)}
+BINARY_EVENTS: dict[int, type] = {cls.TYPE: cls for cls in (BlockData, BlockSet, ZeroRange, Scanned, Ping, Pong, ManifestData)}
 TYPES: dict[int, type] = {**JSON_EVENTS, **BINARY_EVENTS}
 
 _JSON_TYPES = {"int": int, "str": str, "bool": bool, "list": list}
@@ -230,6 +253,15 @@ def encode(event: Event) -> list[bytes | memoryview]:
         if len(digests) != nblocks:
             raise ValueError(f"BLOCK_DATA of {event.raw_len} bytes needs {nblocks} digests, got {len(digests)}")
         prefix = _BLOCK_PREFIX.pack(event.offset, event.raw_len, event.codec) + digests.tobytes()
+        payload = memoryview(event.payload).cast("B")
+        head8 = struct.pack(">IBBH", len(prefix) + len(payload), t, 0, 0)
+        return [head8 + struct.pack(">I", _check(head8, prefix)) + prefix, payload]
+    if isinstance(event, BlockSet):
+        index = np.ascontiguousarray(event.index, dtype=">u4")
+        digests = np.ascontiguousarray(event.digests, dtype="<u8")
+        if not 0 < len(index) <= MAX_SET or len(digests) != len(index):
+            raise ValueError(f"BLOCK_SET needs 1..{MAX_SET} indices and as many digests, got {len(index)} and {len(digests)}")
+        prefix = _SET_PREFIX.pack(event.offset, len(index), event.codec) + index.tobytes() + digests.tobytes()
         payload = memoryview(event.payload).cast("B")
         head8 = struct.pack(">IBBH", len(prefix) + len(payload), t, 0, 0)
         return [head8 + struct.pack(">I", _check(head8, prefix)) + prefix, payload]
@@ -271,6 +303,8 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
             raise FrameError("frame check mismatch (corrupt BLOCK_DATA header)")
         digests = np.frombuffer(body, dtype="<u8", count=nblocks, offset=16)
         return BlockData(offset, raw_len, codec, digests, memoryview(body)[end:])
+    if ftype == BlockSet.TYPE:
+        return _decode_set(body, check, head8)
     if _check(head8, body) != check:
         raise FrameError(f"frame check mismatch (corrupt {cls.__name__} frame)")
     if ftype in JSON_EVENTS:
@@ -302,6 +336,28 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
             entries = entries.reshape(count, 2)
         return ManifestData("coarse" if level == 0 else "fine", first, entries)
     raise FrameError(f"frame type 0x{ftype:02x} has no decoder")  # pragma: no cover
+
+
+def _decode_set(body: bytes, check: int, head8: bytes) -> BlockSet:
+    if len(body) < _SET_PREFIX.size:
+        raise FrameError("BLOCK_SET body shorter than its prefix")
+    offset, count, codec = _SET_PREFIX.unpack_from(body)
+    if body[13:16] != b"\0\0\0":
+        raise FrameError("BLOCK_SET padding is not zero")
+    if not 0 < count <= MAX_SET:
+        raise FrameError(f"BLOCK_SET count {count} outside 1..{MAX_SET}")
+    if offset % FINE_BLOCK:
+        raise FrameError(f"BLOCK_SET offset {offset} is not 4 KiB aligned")
+    end = _SET_PREFIX.size + 12 * count
+    if len(body) < end:
+        raise FrameError("BLOCK_SET body shorter than its indices and digests")
+    if _check(head8, memoryview(body)[:end]) != check:
+        raise FrameError("frame check mismatch (corrupt BLOCK_SET header)")
+    index = np.frombuffer(body, dtype=">u4", count=count, offset=_SET_PREFIX.size).astype(np.int64)
+    if index[0] != 0 or (count > 1 and not (np.diff(index) > 0).all()):
+        raise FrameError("BLOCK_SET indices must start at 0 and strictly increase")
+    digests = np.frombuffer(body, dtype="<u8", count=count, offset=_SET_PREFIX.size + 4 * count)
+    return BlockSet(offset, index, codec, digests, memoryview(body)[end:])
 
 
 def _decode_json(cls: type, body: bytes) -> Event:

@@ -23,7 +23,7 @@ from ..errors import (
     ReplicationError,
     TransportError,
 )
-from ..protocol import RECEIVER, Connection, ConnectionClosed, PROTOCOL_VERSION
+from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
 from ..protocol import frames as F
 from .channel import Channel
 from .tls import check_peer_role, classify_ssl_error
@@ -231,7 +231,7 @@ class _Session:
             target = BlockTarget(self.rx.targets[ev.target], need_size=ev.source_size)
             self.replica = Replica(target, os.path.join(self.rx.state_dir, ev.target))
             desc = self.replica.describe(ev.session_id, ev.source_size)
-            self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=["zstd"], **desc))
+            self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
             log.info("%s: session %s for target %s (%s)", self.peer, ev.session_id, ev.target, desc["state"])
             clean = self._loop()
         except ReplicationError as exc:
@@ -272,6 +272,8 @@ class _Session:
                     raise ev
                 if isinstance(ev, F.BlockData):
                     replica.apply_data(ev.offset, ev.raw_len, ev.codec, ev.digests, ev.payload)
+                elif isinstance(ev, F.BlockSet):
+                    replica.apply_set(ev.offset, ev.index, ev.codec, ev.digests, ev.payload)
                 elif isinstance(ev, F.ZeroRange):
                     replica.apply_zero(ev.offset, ev.length)
                 elif isinstance(ev, F.Scanned):

@@ -1,6 +1,7 @@
 """The source-side endpoint: one session, one source, one target; one round per run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from ..errors import (
     TransportError,
 )
 from ..progress import HostSampler, ProgressTracker, subtask_for
-from ..protocol import SENDER, Connection, ConnectionClosed, PROTOCOL_VERSION
+from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from ..ratelimit import CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedSchedule
 from ..state import Event as StateEvent
 from ..state import SessionState, SessionStateMachine, StatePair
@@ -138,6 +139,7 @@ class Sender:
         self._wire0 = 0
         self.states: SessionStateMachine | None = None
         self._acked = 0
+        self._peer_caps: frozenset = frozenset()
         self._done = threading.Event()
         self._round_done: F.RoundDone | None = None
         self._failure: BaseException | None = None
@@ -188,11 +190,12 @@ class Sender:
                 chan.close()
 
     def _session(self, source: BlockSource, rec: dict, chan: Channel, started: float) -> RoundResult:
-        chan.send(F.Hello([PROTOCOL_VERSION], "block", self.target, rec["session_id"], source.size, F.FINE_BLOCK, ["zstd"]))
+        chan.send(F.Hello([PROTOCOL_VERSION], "block", self.target, rec["session_id"], source.size, F.FINE_BLOCK, list(CAPABILITIES)))
         welcome = chan.recv()
         self._raise_if_error(welcome)
         if not isinstance(welcome, F.Welcome):
             raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
+        self._peer_caps = frozenset(welcome.capabilities)
         reader = threading.Thread(target=self._read_loop, args=(chan,), daemon=True)
         reader.start()
 
@@ -289,14 +292,14 @@ class Sender:
             raise RemoteProtocolError("manifest answer does not match the request")
         return ev.entries
 
-    def _encode(self, ev: F.BlockData) -> F.BlockData:
+    def _encode(self, ev: F.BlockData | F.BlockSet) -> F.BlockData | F.BlockSet:
         comp = getattr(self._local, "comp", None)
         if comp is None:
             comp = self._local.comp = Compressor(self.level)
         codec, payload = comp.encode(ev.payload)
         if self.cpu_cap is not None:
             self.cpu_cap.pace()
-        return F.BlockData(ev.offset, ev.raw_len, codec, ev.digests, payload)
+        return dataclasses.replace(ev, codec=codec, payload=payload)
 
     def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
                 start: int, cache: ManifestFile) -> int:
@@ -330,12 +333,13 @@ class Sender:
         total = source.size - start
         covered_to = start
         try:
-            for item in round_events(source, start=start, cache=against):
+            sets = "block-set" in self._peer_caps
+            for item in round_events(source, start=start, cache=against, sets=sets):
                 if writer_error or self._failure:
                     break
                 if isinstance(item, Covered):
                     pending.append(item)
-                    covered_to = min(source.size, (item.first + len(item.digests)) * FINE_BLOCK)
+                    covered_to = min(source.size, item.end * FINE_BLOCK)
                     continue
                 if item is CHUNK_END:
                     # exactly one batch per read chunk, even an empty one: with at most
@@ -348,8 +352,8 @@ class Sender:
                         self.cpu_cap.pace()
                     self._apply_acks(cache, self._acked)
                     continue
-                if isinstance(item, F.BlockData):
-                    sent += item.raw_len
+                if isinstance(item, (F.BlockData, F.BlockSet)):
+                    sent += item.raw_len if isinstance(item, F.BlockData) else len(item.index) * FINE_BLOCK
                     if pool is not None:
                         item = pool.submit(self._encode, item)
                 batch.append(item)
@@ -384,9 +388,12 @@ class Sender:
         limit = None if acked is None else acked // FINE_BLOCK
         i = 0
         for i, cov in enumerate(pending):
-            if limit is not None and cov.first + len(cov.digests) > limit:
+            if limit is not None and cov.end > limit:
                 break
-            cache.write_fine(cov.first, cov.digests)
+            if cov.index is None:
+                cache.write_fine(cov.first, cov.digests)
+            else:
+                cache.write_fine_at(cov.first, cov.index, cov.digests)
         else:
             i = len(pending)
         del pending[:i]
