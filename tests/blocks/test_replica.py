@@ -169,3 +169,21 @@ def test_block_set_reaching_a_short_last_block(tmp_path):
     r.apply_set(5 * FINE_BLOCK, np.array([0, last - 5]), 0, digests, payload)
     r.finish(2)
     assert open(tmp_path / "t.img", "rb").read() == new
+
+
+def test_direct_target_writes_long_runs_past_the_page_cache_and_the_rest_through_it(tmp_path):
+    from smsrepl.blocks import device
+
+    size = (6 << 20) + 1234
+    rng = np.random.default_rng(8)
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    t = BlockTarget(str(tmp_path / "t.img"), need_size=size, direct=True)
+    if not t.direct:
+        pytest.skip("this file system does not take O_DIRECT")
+    t.write(0, data[:5 << 20])  # long and aligned: direct, across two staging buffers
+    t.write(5 << 20, data[5 << 20:(5 << 20) + 8192])  # short: page cache
+    t.write((5 << 20) + 8192, data[(5 << 20) + 8192:])  # long with an unaligned tail
+    t.flush()
+    t.close()
+    assert open(tmp_path / "t.img", "rb").read() == data
+    assert device.DIRECT_MIN <= 5 << 20

@@ -270,3 +270,48 @@ def test_protocol_package_does_no_io():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [(node.module or "").split(".")[0]]
             assert not forbidden.intersection(names), f"{path.name} imports {names}"
+
+
+def test_large_bodies_read_in_place_give_the_same_events():
+    rng = np.random.default_rng(9)
+    data = rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    s, _ = pair_in_round()
+    wire = b"".join(b"".join(bytes(p) for p in s.send(ev)) for ev in (block(0, data), Scanned(1 << 21), block(1 << 21, data)))
+    for step in (1000, 70000, 1 << 20):
+        _, r = pair_in_round()
+        before = r.bytes_received
+        events, pos, direct = [], 0, 0
+        while pos < len(wire):
+            view = r.receive_buffer()
+            if view is not None:  # write straight into the frame's own body buffer
+                n = min(len(view), step, len(wire) - pos)
+                view[:n] = wire[pos:pos + n]
+                r.received(n)
+                direct += n
+            else:
+                n = min(step, len(wire) - pos)
+                r.receive_data(wire[pos:pos + n])
+            pos += n
+            events.extend(r.events())
+        assert [type(e).__name__ for e in events] == ["BlockData", "Scanned", "BlockData"]
+        assert bytes(events[0].payload) == data and bytes(events[2].payload) == data
+        assert events[2].offset == 1 << 21 and direct > 0
+        assert r.bytes_received - before == len(wire)
+
+
+def test_stream_cut_inside_a_body_read_in_place_is_an_unclean_close():
+    data = bytes(range(256)) * 1024  # 256 KiB
+    s, r = pair_in_round()
+    wire = b"".join(bytes(p) for p in s.send(block(0, data)))
+    r.receive_data(wire[:1000])
+    assert r.next_event() is NEED_DATA
+    view = r.receive_buffer()
+    assert view is not None and len(view) == len(wire) - 1000
+    view[:500] = wire[1000:1500]
+    r.received(500)
+    with pytest.raises(LocalProtocolError):
+        r.received(len(view))
+    assert r.next_event() is NEED_DATA
+    r.receive_data(b"")
+    ev = r.next_event()
+    assert isinstance(ev, ConnectionClosed) and not ev.clean

@@ -5,6 +5,11 @@
     conn.receive_data(bytes_from_peer)       # bytes in ...
     event = conn.next_event()                # ... events out (or NEED_DATA)
 
+Large frame bodies can also be read in place, without a copy: after
+next_event returned NEED_DATA, ``conn.receive_buffer()`` may offer a
+writable view of the rest of the current body; write n bytes into it and
+call ``conn.received(n)``.
+
 Both ends track one conversation state; every frame, sent or received, must
 appear in TRANSITIONS for the current state, or it is an error: our own
 misuse raises LocalProtocolError, the peer's raises RemoteProtocolError.
@@ -48,6 +53,8 @@ class _Sentinel:
 
 
 NEED_DATA = _Sentinel("NEED_DATA")
+#: bodies at least this long are assembled in their own buffer (see receive_buffer)
+DIRECT_BODY_MIN = 64 << 10
 
 
 class ConnectionClosed(F.Event):
@@ -98,6 +105,9 @@ class Connection:
         self.state = State.START
         self.max_body = max_body
         self._buf = bytearray()
+        self._body: bytearray | None = None  # a large frame's body being filled in place
+        self._body_filled = 0
+        self._body_head: tuple[int, int, bytes] = (0, 0, b"")  # type, check, first 8 header bytes
         self._eof = False
         self._closed_reported = False
         self.bytes_sent = 0
@@ -130,10 +140,37 @@ class Connection:
             return
         if self._eof:
             raise LocalProtocolError("data received after end of stream")
-        self._buf += data
         self.bytes_received += len(data)
+        body = self._body
+        if body is not None:
+            take = min(len(data), len(body) - self._body_filled)
+            body[self._body_filled:self._body_filled + take] = data[:take]
+            self._body_filled += take
+            data = memoryview(data)[take:]
+            if not len(data):
+                return
+        self._buf += data
+
+    def receive_buffer(self) -> memoryview | None:
+        """A view of the rest of the current large frame body, to read into directly; else None."""
+        if self._body is None or self._eof:
+            return None
+        return memoryview(self._body)[self._body_filled:]
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were written into the view from receive_buffer."""
+        if self._body is None or not 0 <= n <= len(self._body) - self._body_filled:
+            raise LocalProtocolError("received() does not match the offered buffer")
+        self._body_filled += n
+        self.bytes_received += n
 
     def next_event(self) -> F.Event | _Sentinel:
+        if self._body is not None:
+            if self._body_filled < len(self._body):
+                return self._end_or_need()
+            body, self._body = self._body, None
+            ftype, check, head8 = self._body_head
+            return self._decode(ftype, body, check, head8)
         buf = self._buf
         if len(buf) < F.HEADER_SIZE:
             return self._end_or_need()
@@ -149,10 +186,21 @@ class Connection:
             raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
         end = F.HEADER_SIZE + length
         if len(buf) < end:
+            if length >= DIRECT_BODY_MIN and not self._eof:
+                # assemble the body in its own buffer: the bytes so far, then in place
+                self._body_head = (ftype, check, bytes(buf[:8]))
+                self._body = bytearray(length)
+                have = len(buf) - F.HEADER_SIZE
+                self._body[:have] = memoryview(buf)[F.HEADER_SIZE:]
+                self._body_filled = have
+                del buf[:]
             return self._end_or_need()
         head8 = bytes(buf[:8])
         body = bytes(buf[F.HEADER_SIZE:end])
         del buf[:end]
+        return self._decode(ftype, body, check, head8)
+
+    def _decode(self, ftype: int, body: bytes | bytearray, check: int, head8: bytes) -> F.Event:
         try:
             event = F.decode(ftype, body, check, head8)
         except F.FrameError as exc:
@@ -167,7 +215,7 @@ class Connection:
         if self._closed_reported:
             raise RemoteProtocolError("end of stream already reported")
         self._closed_reported = True
-        clean = self.state is State.CLOSED and not self._buf
+        clean = self.state is State.CLOSED and not self._buf and self._body is None
         if not clean and self.state not in (State.ERROR, State.CLOSED):
             self.state = State.ERROR
         return ConnectionClosed(clean)

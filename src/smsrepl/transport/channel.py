@@ -58,8 +58,11 @@ class Channel:
             if ev is not NEED_DATA:
                 self._first_read = False
                 return ev
+            with self._state_lock:
+                direct = self.conn.receive_buffer()
+            target = direct if direct is not None else self._rbuf
             try:
-                n = self.sock.recv_into(self._rbuf)
+                n = self.sock.recv_into(target)
             except socket.timeout:
                 raise TransportError("the peer sent nothing for too long (timeout)") from None
             except ssl.SSLError as exc:
@@ -70,7 +73,10 @@ class Channel:
                 raise TransportError(f"connection lost while receiving: {exc}") from None
             self.wire_received += n
             with self._state_lock:
-                self.conn.receive_data(memoryview(self._rbuf)[:n] if n else b"")
+                if direct is not None and n:
+                    self.conn.received(n)  # a large frame body, read in place
+                else:
+                    self.conn.receive_data(memoryview(self._rbuf)[:n] if n else b"")
 
     def abort(self) -> None:
         """Break the connection from another thread: blocked reads and writes fail at once."""

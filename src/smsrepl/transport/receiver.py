@@ -228,7 +228,7 @@ class _Session:
             if ev.block_size != F.FINE_BLOCK:
                 raise RefusedError(f"block size {ev.block_size} unsupported (need {F.FINE_BLOCK})")
             lock_fd = self.rx._claim(ev.target, self)
-            target = BlockTarget(self.rx.targets[ev.target], need_size=ev.source_size)
+            target = BlockTarget(self.rx.targets[ev.target], need_size=ev.source_size, direct=True)
             self.replica = Replica(target, os.path.join(self.rx.state_dir, ev.target))
             desc = self.replica.describe(ev.session_id, ev.source_size)
             self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))

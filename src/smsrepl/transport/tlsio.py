@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 
-RECV_SIZE = 256 << 10
+RECV_SIZE = 1 << 20
 #: plaintext per SSL write: keeps each ciphertext buffer small enough to be reused by malloc
 WRITE_SLICE = 256 << 10
 
@@ -58,15 +58,24 @@ class TLSStream:
                 self.raw.sendall(out)
 
     def recv_into(self, buf) -> int:
+        """Read up to len(buf) bytes: every record already received, or block for the next one."""
         view = memoryview(buf).cast("B")
         while True:
+            got = 0
             with self._lock:
                 try:
-                    return self.obj.read(len(view), view)
+                    # one SSL read returns at most one 16 KiB record: drain what has arrived
+                    while got < len(view):
+                        n = self.obj.read(len(view) - got, view[got:])
+                        if not n:
+                            return got  # end of stream
+                        got += n
                 except ssl.SSLWantReadError:
                     pass
                 except ssl.SSLZeroReturnError:
-                    return 0
+                    return got
+            if got:
+                return got
             data = self.raw.recv(RECV_SIZE)
             with self._lock:
                 if data:

@@ -1,0 +1,110 @@
+"""Writes that bypass the page cache (O_DIRECT), done on a thread while the caller goes on.
+
+A replica is written once and read rarely: caching it only costs CPU, and a
+checkpoint then has gigabytes to flush. Measured on the 2 GiB test image:
+buffered writes plus their fdatasync took 2-3 s of the receiver's time;
+direct writes 0.9 s, overlapped with decompression and digest checks.
+
+The caller's data is copied into a page-aligned staging buffer (O_DIRECT
+needs aligned memory) before write() returns, so the caller may reuse its
+buffer at once; the disk write happens on the writer thread. drain() waits
+for every queued write and raises the first error, then and at every
+later call.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+ALIGN = 4096
+#: bytes per staging buffer, and buffers in flight
+STAGE = 4 << 20
+STAGES = 3
+
+
+class DirectWriter:
+    def __init__(self, path: str, buffered: Callable[[int, memoryview], None]) -> None:
+        """Open ``path`` for direct writes; raises OSError where the file system does not allow them.
+
+        ``buffered(offset, view)`` writes through the page cache: used for the
+        rest of a short direct write, and for everything once the file system
+        refused an aligned direct write (EINVAL).
+        """
+        if not getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "O_DIRECT is not available here")
+        self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        self.buffered = buffered
+        self.usable = True
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(STAGES):
+            self._free.put(mmap.mmap(-1, STAGE))
+        self._todo: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="direct-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, offset: int, view: memoryview) -> None:
+        """Queue whole 4 KiB blocks at an aligned offset; the data is copied before this returns."""
+        self._raise_pending()
+        done = 0
+        while done < len(view):
+            stage = self._free.get()
+            n = min(STAGE, len(view) - done)
+            stage[:n] = view[done:done + n]
+            self._todo.put((stage, n, offset + done))
+            done += n
+
+    def drain(self) -> None:
+        """Wait until every queued write reached the file; raise the first failure."""
+        self._todo.join()
+        self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        # sticky: after a failed write nothing may count as written, not even at a last checkpoint
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                self._todo.task_done()
+                return
+            stage, n, offset = item
+            try:
+                if self._error is None:
+                    self._write(memoryview(stage)[:n], offset)
+            except BaseException as exc:  # handed to the caller at its next call
+                self._error = exc
+            finally:
+                self._free.put(stage)
+                self._todo.task_done()
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        if not self.usable:
+            self.buffered(offset, view)
+            return
+        try:
+            wrote = os.pwrite(self.fd, view, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.usable = False  # an alignment this file system does not take: page cache from now on
+            self.buffered(offset, view)
+            return
+        if wrote < len(view):  # a short direct write (disk nearly full): the rest through the page cache
+            self.buffered(offset + wrote, view[wrote:])
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self._todo.put(None)
+        self._thread.join()
+        os.close(self.fd)
+        self.fd = -1
+        while not self._free.empty():
+            self._free.get().close()
