@@ -192,6 +192,19 @@ def cmd_send_block(args) -> int:
     return 0
 
 
+def cmd_netcheck(args) -> int:
+    from .netcheck import run_netcheck
+    from .transport.sender import parse_address
+    from .transport.tls import client_context
+
+    if not 0.2 <= args.seconds <= 600:
+        raise ConfigError(f"--seconds {args.seconds}: must be between 0.2 and 600")
+    ctx = client_context(_certkey(args), _passphrase(args))
+    result = run_netcheck(parse_address(args.to), ctx, seconds=args.seconds)
+    print(json.dumps(result.body()))
+    return 0
+
+
 def cmd_send_files(args) -> int:
     raise ConfigError("file-level transfer (send files) is not available in this version yet")
 
@@ -257,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--target", required=True)
     sf.add_argument("--certkey", required=True)
     sf.set_defaults(func=cmd_send_files)
+
+    nc = sub.add_parser("netcheck", help="measure the link to a receiver; prints the 5.9.1 body")
+    nc.add_argument("--to", required=True, metavar="HOST:PORT")
+    nc.add_argument("--certkey", required=True)
+    nc.add_argument("--passphrase-file")
+    nc.add_argument("--seconds", type=float, default=3.0, help="length of the bulk transfer (default 3)")
+    nc.set_defaults(func=cmd_netcheck)
 
     ver = sub.add_parser("verify", help="compare a source with its copy").add_subparsers(dest="verify_cmd", required=True)
     vb = ver.add_parser("block", help="compare two images or devices block by block")

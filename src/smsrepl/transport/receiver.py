@@ -207,9 +207,9 @@ class _Session:
         self.rounds = 0
         self.written = 0
         self._frames: queue.Queue | None = None
+        self.lock_fd: int | None = None
 
     def run(self) -> None:
-        lock_fd = None
         target_name = "?"
         error: ReplicationError | None = None
         clean = False
@@ -221,19 +221,14 @@ class _Session:
             target_name = ev.target
             if PROTOCOL_VERSION not in ev.versions:
                 raise RefusedError(f"no common protocol version (peer speaks {ev.versions}, we speak {PROTOCOL_VERSION})")
-            if ev.kind != "block":
-                raise RefusedError(f"session kind {ev.kind!r} is not supported by this receiver")
-            if ev.target not in self.rx.targets:
-                raise RefusedError(f"target {ev.target!r} is not one of this receiver's targets")
-            if ev.block_size != F.FINE_BLOCK:
-                raise RefusedError(f"block size {ev.block_size} unsupported (need {F.FINE_BLOCK})")
-            lock_fd = self.rx._claim(ev.target, self)
-            target = BlockTarget(self.rx.targets[ev.target], need_size=ev.source_size, direct=True)
-            self.replica = Replica(target, os.path.join(self.rx.state_dir, ev.target))
-            desc = self.replica.describe(ev.session_id, ev.source_size)
-            self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
-            log.info("%s: session %s for target %s (%s)", self.peer, ev.session_id, ev.target, desc["state"])
-            clean = self._loop()
+            if ev.kind == "netcheck":
+                self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, 0, "new", 0, "full", 0, "",
+                                         capabilities=list(CAPABILITIES)))
+                log.info("%s: network check", self.peer)
+                clean = self._netcheck_loop()
+            else:
+                self._open_block_session(ev)
+                clean = self._loop()
         except ReplicationError as exc:
             error = exc
             log.warning("%s: target %s: %s", self.peer, target_name, exc)
@@ -251,8 +246,8 @@ class _Session:
                     log.warning("%s: final checkpoint failed: %s", self.peer, exc)
                 self.replica.close()
                 self.replica.target.close()
-            if lock_fd is not None:
-                self.rx._release(target_name, lock_fd)
+            if self.lock_fd is not None:
+                self.rx._release(target_name, self.lock_fd)
         if self.hello is not None:
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
 
@@ -291,7 +286,7 @@ class _Session:
                 elif isinstance(ev, F.ManifestRequest):
                     self._answer_manifest(ev)
                 elif isinstance(ev, F.Ping):
-                    self.chan.send(F.Pong(ev.nonce, ev.clock_ns, ev.padding))
+                    self.chan.send(F.Pong(ev.nonce, ev.clock_ns, 0))
                 elif isinstance(ev, F.Close):
                     self.chan.send(F.Close("bye"))
                     return True
@@ -305,6 +300,41 @@ class _Session:
                     last_ckpt = time.monotonic()
         finally:
             self.written += replica.bytes_written if in_round is not None else 0
+
+    def _open_block_session(self, ev: F.Hello) -> None:
+        """Claim the target (self.lock_fd), open it and its replica, and welcome the sender."""
+        if ev.kind != "block":
+            raise RefusedError(f"session kind {ev.kind!r} is not supported by this receiver")
+        if ev.target not in self.rx.targets:
+            raise RefusedError(f"target {ev.target!r} is not one of this receiver's targets")
+        if ev.block_size != F.FINE_BLOCK:
+            raise RefusedError(f"block size {ev.block_size} unsupported (need {F.FINE_BLOCK})")
+        self.lock_fd = self.rx._claim(ev.target, self)
+        target = BlockTarget(self.rx.targets[ev.target], need_size=ev.source_size, direct=True)
+        try:
+            self.replica = Replica(target, os.path.join(self.rx.state_dir, ev.target))
+        except BaseException:
+            target.close()
+            raise
+        desc = self.replica.describe(ev.session_id, ev.source_size)
+        self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
+        log.info("%s: session %s for target %s (%s)", self.peer, ev.session_id, ev.target, desc["state"])
+
+    def _netcheck_loop(self) -> bool:
+        """Answer every PING (padded ones are the bulk transfer) until the sender closes."""
+        while True:
+            ev = self.chan.recv()
+            if isinstance(ev, F.Ping):
+                self.chan.send(F.Pong(ev.nonce, ev.clock_ns, 0))
+            elif isinstance(ev, F.Close):
+                self.chan.send(F.Close("bye"))
+                return True
+            elif isinstance(ev, F.Error):
+                raise TransportError(f"sender aborted: {ev.code} {ev.message}".strip())
+            elif isinstance(ev, ConnectionClosed):
+                raise TransportError("connection closed by the sender during a network check")
+            else:
+                raise RemoteProtocolError(f"{type(ev).__name__} during a network check")
 
     def _drain(self, seconds: float = 2.0) -> None:
         """After an ERROR frame: read and drop what the sender still sends until it hangs up.

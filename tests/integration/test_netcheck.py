@@ -1,0 +1,67 @@
+"""Network check (5.9.1) over the real TLS channel to a receiver on loopback."""
+import json
+import subprocess
+
+import pytest
+
+from smsrepl.netcheck import GRADES, UNUSABLE, grade, run_netcheck
+from smsrepl.transport.receiver import Receiver
+from smsrepl.transport.tls import client_context, server_context
+
+from .procs import CLI, ReceiverProc
+
+FIELDS = {"network_delay": (0, 10000), "network_jitter": (0, 10000), "migration_speed": (0, 10000),
+          "loss_percentage": (0, 100), "cpu_usage": (0, 100), "mem_usage": (0, 100)}
+
+
+def _check_body(body):
+    for key, (lo, hi) in FIELDS.items():
+        assert isinstance(body[key], float) and lo <= body[key] <= hi, (key, body[key])
+    assert 6 <= len(body["evaluation_result"]) <= 8
+    assert body["destination_connectivity"] is True
+
+
+def test_library_netcheck_measures_loopback(tmp_path, bundle):
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    addr = rx.start()
+    try:
+        res = run_netcheck(addr, client_context(bundle), seconds=0.5, pings=10)
+    finally:
+        rx.stop()
+    assert len(res.rtts_ms) == 10 and res.delay_ms < 5
+    assert res.bulk_bytes >= 1 << 20 and res.speed_mbit > 50
+    assert res.loss_pct == 0
+    _check_body(res.body())
+    assert not (tmp_path / "t.img").exists()  # a network check touches no target
+
+
+def test_cli_netcheck_prints_the_5_9_1_body(tmp_path, certkey_file):
+    rx = ReceiverProc(certkey_file, {"disk0": str(tmp_path / "t.img")}, str(tmp_path / "rx"))
+    try:
+        cp = subprocess.run(CLI + ["netcheck", "--to", rx.address, "--certkey", certkey_file, "--seconds", "0.5"],
+                            capture_output=True, text=True, timeout=60)
+    finally:
+        rx.stop()
+    assert cp.returncode == 0, cp.stderr
+    body = json.loads(cp.stdout)
+    _check_body(body)
+    assert body["network_delay"] < 5
+
+
+def test_cli_netcheck_with_nothing_listening_is_sms_1807(certkey_file):
+    cp = subprocess.run(CLI + ["netcheck", "--to", "127.0.0.1:1", "--certkey", certkey_file],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode != 0 and cp.stderr.startswith("SMS.1807"), cp.stderr
+
+
+@pytest.mark.parametrize("figures, want", [
+    ((1.0, 0.5, 0.0, 900.0), "OPTIMAL"),
+    ((80.0, 5.0, 0.0, 900.0), "NORMAL"),
+    ((1.0, 0.5, 0.5, 900.0), "NORMAL"),
+    ((1.0, 0.5, 0.0, 5.0), "DEGRADED"),
+    ((1500.0, 0.5, 0.0, 900.0), UNUSABLE),
+    ((1.0, 0.5, 20.0, 900.0), UNUSABLE),
+])
+def test_grades_follow_their_documented_thresholds(figures, want):
+    assert grade(*figures) == want
+    assert all(6 <= len(g[0]) <= 8 for g in GRADES) and 6 <= len(UNUSABLE) <= 8
