@@ -3,11 +3,14 @@
     python benchmarks/replication.py [--size-gib 2] [--runs 3] [--tmp DIR]
 
 Cases (each run interleaved so machine noise hits all alike):
-  full copy     smsrepl send block (TLS 1.3, zstd-1)  vs  rsync daemon on loopback
+  full copy     smsrepl send block (TLS 1.3, zstd-3)  vs  rsync daemon on loopback
                 with --whole-file, with and without -z
   sync round    after 1% random 4 KiB rewrites: smsrepl (no change tracking)  vs
                 rsync --inplace --no-whole-file (default block size, and -B 4096)
+  netcheck      smsrepl netcheck against a receiver, after each full copy
 Reports wall seconds, MB/s of source size, bytes on the wire, peak RSS of each side.
+Setup copies are flushed (sync) before each timed case: smsrepl's receiver makes
+its writes durable, rsync does not, and neither should pay for the setup's writeback.
 """
 from __future__ import annotations
 
@@ -99,6 +102,14 @@ class RsyncDaemon:
         self.proc.wait(10)
 
 
+def netcheck(ck: str, tmp: str) -> dict:
+    rx = SmsReceiver(ck, os.path.join(tmp, "netcheck.img"), os.path.join(tmp, "netcheck-rx"))
+    cp = subprocess.run(CLI + ["netcheck", "--to", f"127.0.0.1:{rx.port}", "--certkey", ck],
+                        capture_output=True, text=True, check=True)
+    rx.m.wait()
+    return json.loads(cp.stdout)
+
+
 def rsync(src: str, port: int, name: str, *flags: str) -> dict:
     m = Measured(["rsync", *flags, "--stats", src, f"rsync://127.0.0.1:{port}/bench/{name}"])
     wall, rss, out, _ = m.wait()
@@ -135,6 +146,7 @@ def main() -> int:
         daemon = RsyncDaemon(dst_root, tmp)
         res: dict[str, list[dict]] = {k: [] for k in ("smsrepl full", "rsync -z --whole-file", "rsync --whole-file",
                                                         "smsrepl sync", "rsync --inplace sync", "rsync --inplace -B4096 sync")}
+        checks: list[dict] = []
         try:
             for run in range(args.runs):
                 base = os.path.join(tmp, f"run{run}")
@@ -143,6 +155,7 @@ def main() -> int:
                 # full copies
                 r = sms_round(ck, src, f"{base}/t.img", f"{base}/rx", f"{base}/tx")
                 res["smsrepl full"].append(r)
+                checks.append(netcheck(ck, base))
                 for key, flags in (("rsync -z --whole-file", ["-z"]), ("rsync --whole-file", [])):
                     name = f"full{run}.img"
                     res[key].append(rsync(src, daemon.port, name, "--whole-file", *flags))
@@ -194,9 +207,15 @@ def main() -> int:
         print(f"sync round vs rsync --inplace -B 4096:       {table['rsync --inplace -B4096 sync']['wall'] / s:.2f}x")
         print(f"sync wire bytes / rewritten bytes: {table['smsrepl sync']['wire'] / changed:.3f} "
               f"(budget 1.1 + 0.05% of disk = {(1.1 * changed + 0.0005 * size) / changed:.3f})")
+        delay = statistics.median(c["network_delay"] for c in checks)
+        bw = statistics.median(c["migration_speed"] for c in checks)
+        full_mbit = size / f * 8 / 1e6
+        print(f"netcheck on loopback: delay {delay:.2f} ms, bandwidth {bw:.0f} Mbit/s = "
+              f"{bw / full_mbit:.2f}x the full copy's {full_mbit:.0f} Mbit/s of source "
+              f"(grades {sorted(set(c['evaluation_result'] for c in checks))})")
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"size": size, "changed": changed, "table": table}, fh, indent=1)
+                json.dump({"size": size, "changed": changed, "table": table, "netcheck": checks}, fh, indent=1)
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -103,7 +103,10 @@ class Receiver:
     def serve_forever(self, *, once: bool = False) -> SessionOutcome | None:
         """Accept sessions until stop(); with ``once``, return after the first session that named a target."""
         assert self._listener is not None, "bind() first"
-        self._listener.settimeout(0.2)
+        try:
+            self._listener.settimeout(0.2)
+        except OSError:
+            return None  # stopped before serving began
         while not self._stopping.is_set():
             try:
                 raw, addr = self._listener.accept()

@@ -115,6 +115,7 @@ class Sender:
         on_report: Callable[[dict], None] | None = None,
         on_state: Callable[[StatePair], None] | None = None,
         host_sampler=None,
+        states: SessionStateMachine | None = None,
     ) -> None:
         self.source_path = os.path.abspath(source_path)
         self.target = check_target_name(target)
@@ -134,6 +135,10 @@ class Sender:
         self.on_report = on_report
         self.on_state = on_state
         self.host_sampler = host_sampler
+        #: a state machine that outlives this round (see session.BlockSession); else one per run
+        self._own_states = states
+        self._chan: Channel | None = None
+        self.stop_requested = False
         self.tracker: ProgressTracker | None = None
         self._last_report = 0.0
         self._wire0 = 0
@@ -144,6 +149,14 @@ class Sender:
         self._round_done: F.RoundDone | None = None
         self._failure: BaseException | None = None
         self._replies: queue.Queue = queue.Queue()
+
+    def stop(self) -> None:
+        """Pause: break the running round from another thread. What the receiver made
+        durable stays; the next run resumes from its checkpoint."""
+        self.stop_requested = True
+        chan = self._chan
+        if chan is not None:
+            chan.abort()
 
     def replace_schedule(self, schedule: SpeedSchedule) -> None:
         """Change the speed schedule of the running session, effective at once."""
@@ -183,7 +196,10 @@ class Sender:
         started = time.monotonic()
         with BlockSource(self.source_path) as source:
             rec = self._load_session(source.size)
+            if self.stop_requested:
+                raise TransportError("the round was stopped before it started")
             chan = Channel(connect(self.address, self.context), Connection(SENDER))
+            self._chan = chan
             try:
                 return self._session(source, rec, chan, started)
             finally:
@@ -211,7 +227,8 @@ class Sender:
             cache = ManifestFile.create(cache_path, source.size)
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
 
-        self.states = SessionStateMachine(self.on_state, SessionState.SYNCED if kind == "sync" else SessionState.IDLE)
+        self.states = self._own_states or SessionStateMachine(
+            self.on_state, SessionState.SYNCED if kind == "sync" else SessionState.IDLE)
         self._state(StateEvent.SYNC_START if kind == "sync" else StateEvent.START)
         self.tracker = ProgressTracker(subtask_for("block", first_copy=kind == "full"), source.size - start,
                                        host_sampler=self.host_sampler)
@@ -230,7 +247,8 @@ class Sender:
             if self._round_done is None:
                 raise TransportError("the receiver did not confirm the end of the round in time")
         except ReplicationError:
-            self._state(StateEvent.ERROR)
+            if not self.stop_requested:  # a requested stop is a pause, not an error
+                self._state(StateEvent.ERROR)
             raise
         self.tracker.update(source.size - start, chan.wire_sent - wire0, data_bytes)
         final = self.tracker.finish()
