@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 from . import __version__
@@ -101,23 +102,33 @@ class _ProgressOutput:
 
 
 class _ScheduleWatcher:
-    """Re-reads the --speed-limit file when it changes, for the running session."""
+    """Re-reads the --speed-limit file when it changes, for the running session (a thread
+    checks four times a second, so a new schedule applies within about 0.25 s)."""
+
+    INTERVAL = 0.25
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self.mtime = os.stat(path).st_mtime_ns if path else None
-        self.last = time.monotonic()
+        self._stop = threading.Event()
 
     def load(self):
         from .ratelimit import SpeedSchedule
 
         return SpeedSchedule.from_file(self.path) if self.path else None
 
+    def watch(self, sender) -> None:
+        if self.path:
+            threading.Thread(target=self._loop, args=(sender,), name="speed-limit-watch", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _loop(self, sender) -> None:
+        while not self._stop.wait(self.INTERVAL):
+            self.poll(sender)
+
     def poll(self, sender) -> None:
-        now = time.monotonic()
-        if not self.path or now - self.last < 1.0:
-            return
-        self.last = now
         try:
             mtime = os.stat(self.path).st_mtime_ns
         except OSError:
@@ -167,21 +178,15 @@ def cmd_send_block(args) -> int:
     cpu_cap = _block_cpu_cap(args.config)
     ctx = client_context(_certkey(args), _passphrase(args))
     out = _ProgressOutput(args.progress)
-    sender_box: list = []
-
-    def on_report(rep: dict) -> None:
-        if sender_box:
-            watcher.poll(sender_box[0])
-        out.report(rep)
-
     sender = Sender(args.source, args.target, parse_address(args.to), ctx,
                     args.state_dir or _state_home("send"), level=args.level,
-                    speed_limit=watcher.load(), cpu_cap=cpu_cap, on_report=on_report,
+                    speed_limit=watcher.load(), cpu_cap=cpu_cap, on_report=out.report,
                     host_sampler=HostSampler() if args.progress == "json" else None)
-    sender_box.append(sender)
+    watcher.watch(sender)
     try:
         result = sender.run()
     finally:
+        watcher.close()
         out.close()
     summary = {
         "round": result.round_id, "kind": result.kind, "resumed_from": result.resumed_from,

@@ -30,7 +30,8 @@ Choices where the reference is silent, documented here once:
   speed limit counts, in 10**6 bit/s, averaged over the last
   :data:`RATE_WINDOW_S` seconds (settles after that long).
 * ``remain_time``: from the rate of *replicated* (logical) bytes over the same
-  window; rounded up to whole seconds; 0 once nothing remains;
+  window; rounded to whole seconds, at least 1 while anything remains (rounding
+  up would overstate every estimate by up to a second); 0 once nothing remains;
   :data:`REMAIN_UNKNOWN` (the field's maximum) while no rate is known yet.
 * ``compress_rate``: compressed size as a percentage of the original
   (``100 * wire / raw``; 100 = no gain, 40 = shrunk to 40 %), the usual
@@ -438,7 +439,7 @@ class ProgressTracker:
             if self._finished or remaining == 0:
                 remain = 0
             elif repl_rate > 0:
-                remain = min(INT_MAX, math.ceil(remaining / repl_rate))
+                remain = min(INT_MAX, max(1, round(remaining / repl_rate)))
             else:
                 remain = REMAIN_UNKNOWN
             progress = 100 if self._finished else self._progress
