@@ -523,4 +523,4 @@ def test_cpu_cap_idle_credit_is_small():
     ft.t += 1.0
     ft.cpu += 1.0  # then a one-second burst of CPU
     slept = cap.pace()
-    assert slept == pytest.approx((1.0 - 0.05) / (0.2 * 0.97) - 1.0, rel=1e-6)
+    assert slept == pytest.approx((1.0 - 0.05) / (0.2 * 0.93) - 1.0, rel=1e-6)
