@@ -187,3 +187,28 @@ def test_direct_target_writes_long_runs_past_the_page_cache_and_the_rest_through
     t.close()
     assert open(tmp_path / "t.img", "rb").read() == data
     assert device.DIRECT_MIN <= 5 << 20
+
+
+def test_data_frame_as_carried_is_checked_against_its_frame_digest(tmp_path):
+    from smsrepl.protocol.frames import frame_digest
+
+    rng = np.random.default_rng(12)
+    data = bytearray(rng.integers(0, 256, 4 * FINE_BLOCK, dtype=np.uint8).tobytes())
+    data[FINE_BLOCK:2 * FINE_BLOCK] = bytes(FINE_BLOCK)
+    data = bytes(data)
+    d = _digests(data)
+    zeros = d == 0
+    payload = data[:FINE_BLOCK] + data[2 * FINE_BLOCK:]
+    r = _replica(tmp_path)
+    r.begin("s1", SIZE, 1, "full", 0)
+    bad = bytearray(payload)
+    bad[100] ^= 1
+    with pytest.raises(DecompressionError, match="frame at offset 0 does not match its digest"):
+        r.apply_data(0, len(data), 0, None, bytes(bad), zeros=zeros, check=frame_digest(d))
+    with pytest.raises(DecompressionError):  # a block the map calls non-zero arrives as zeros
+        r.apply_data(0, 2 * FINE_BLOCK, 0, None, bytes(2 * FINE_BLOCK), zeros=np.zeros(2, dtype=bool),
+                     check=frame_digest(np.zeros(2, dtype="<u8")))
+    r.apply_data(0, len(data), 0, None, payload, zeros=zeros, check=frame_digest(d))
+    r.finish(1)
+    assert open(tmp_path / "t.img", "rb").read(len(data)) == data
+    assert np.array_equal(r.manifest.read_fine(0, 4), d)

@@ -92,7 +92,8 @@ def test_full_conversation_round_trips_every_event():
     b = block(8192)
     got = transfer(s, r, b)
     assert (got.offset, got.raw_len, got.codec) == (8192, b.raw_len, 0)
-    assert np.array_equal(got.digests, b.digests) and bytes(got.payload) == b.payload
+    assert got.digests is None and got.check == F.frame_digest(b.digests) and not got.zeros.any()
+    assert bytes(got.payload) == b.payload
     bs = block_set(16384, (0, 2, 9))
     got = transfer(s, r, bs)
     assert (got.offset, got.codec) == (16384, 0) and got.index.tolist() == [0, 2, 9]
@@ -179,7 +180,7 @@ def test_every_flipped_bit_outside_a_data_payload_is_detected():
     for wire in _all_frames():
         protected = len(wire)
         if wire[4] == BlockData.TYPE:
-            protected = F.HEADER_SIZE + 16 + 8 * 2
+            protected = F.HEADER_SIZE + 16 + 16 + 1
         if wire[4] == BlockSet.TYPE:
             protected = F.HEADER_SIZE + 16 + 12 * 2
         for bit in range(protected * 8):
@@ -315,3 +316,27 @@ def test_stream_cut_inside_a_body_read_in_place_is_an_unclean_close():
     r.receive_data(b"")
     ev = r.next_event()
     assert isinstance(ev, ConnectionClosed) and not ev.clean
+
+
+def test_block_data_carries_a_zero_map_and_one_digest_for_the_frame():
+    data = bytes(range(256)) * 16
+    blocks = [data, bytes(4096), data[::-1], bytes(4096), data]
+    d = np.empty(5, dtype="<u8")
+    kernels.block_digests(b"".join(blocks), 4096, d)
+    assert d[1] == 0 and d[3] == 0
+    payload = data + data[::-1] + data
+    s, r = pair_in_round()
+    wire = b"".join(bytes(p) for p in s.send(BlockData(0, 5 * 4096, 0, d, payload)))
+    assert len(wire) == F.HEADER_SIZE + 16 + 16 + 1 + len(payload)
+    r.receive_data(wire)
+    got = r.next_event()
+    assert got.zeros.tolist() == [False, True, False, True, False] and got.check == F.frame_digest(d)
+    # a zero map with bits past the last block is refused
+    bad = bytearray(wire)
+    bad[F.HEADER_SIZE + 32] |= 0x80
+    s2, r2 = pair_in_round()
+    body = bytes(bad[F.HEADER_SIZE:])
+    head8 = bytes(bad[:8])
+    r2.receive_data(head8 + F.struct.pack(">I", F._check(head8, body[:33])) + body)
+    with pytest.raises(RemoteProtocolError, match="bits past its last block"):
+        r2.next_event()

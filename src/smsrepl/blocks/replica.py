@@ -33,6 +33,7 @@ import numpy as np
 from .. import kernels
 from ..codec import Decompressor
 from ..errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
+from ..protocol.frames import MAX_RAW, frame_digest
 from .device import BlockTarget
 from .manifest import FINE_BLOCK, UNKNOWN_DIGEST, ManifestFile, block_count
 
@@ -187,15 +188,22 @@ class Replica:
             rec.intent = min(rec.source_size, max(offset + length, rec.intent) + INTENT_STEP)
             self._save()
 
-    def apply_data(self, offset: int, raw_len: int, codec: int, digests: np.ndarray, payload) -> None:
-        """Set [offset, offset+raw_len) from a BLOCK_DATA frame (zero blocks are not in the payload)."""
+    def apply_data(self, offset: int, raw_len: int, codec: int, digests: np.ndarray | None, payload, *,
+                   zeros: np.ndarray | None = None, check: bytes = b"") -> None:
+        """Set [offset, offset+raw_len) from a BLOCK_DATA frame (zero blocks are not in the payload).
+
+        Either ``digests`` (every block's, 0 for zero blocks) or, as the frame
+        carries them, the zero map ``zeros`` and the frame digest ``check``."""
         rec = self.record
         size = rec.source_size if rec else -1
         end = offset + raw_len
         if end % FINE_BLOCK and end != size:
             raise RemoteProtocolError(f"data at {offset} of {raw_len} bytes does not end on a block boundary")
         self._check_order(offset, raw_len)
-        raw, nonzero = self._decode_checked(offset, None, end, codec, digests, payload)
+        if digests is None:
+            raw, nonzero, digests = self._decode_framed(offset, end, codec, zeros, check, payload)
+        else:
+            raw, nonzero = self._decode_checked(offset, None, end, codec, digests, payload)
         self._write_run(offset, end, digests, nonzero, raw)
         self._pending.append((offset // FINE_BLOCK, digests.copy(), None))
         self.pos = end
@@ -243,6 +251,25 @@ class Replica:
             block = i if index is None else int(index[i])
             raise DecompressionError(f"block at offset {offset + block * FINE_BLOCK} does not match its digest")
         return memoryview(raw).cast("B"), nonzero
+
+    def _decode_framed(self, offset: int, end: int, codec: int, zeros: np.ndarray, check: bytes,
+                       payload) -> tuple[memoryview, np.ndarray, np.ndarray]:
+        """Decompress a BLOCK_DATA payload, digest its blocks, and check them against the frame digest."""
+        nonzero = ~zeros
+        count = int(nonzero.sum())
+        if not count:
+            raise RemoteProtocolError(f"data frame at {offset} carries no data")
+        expect = count * FINE_BLOCK
+        if nonzero[-1] and end % FINE_BLOCK:
+            expect -= FINE_BLOCK - end % FINE_BLOCK
+        raw = self._decomp.decode(codec, payload, expect)
+        got = self._digests[:count]
+        kernels.block_digests(raw, FINE_BLOCK, got)
+        digests = np.zeros(len(zeros), dtype="<u8")
+        digests[nonzero] = got
+        if frame_digest(digests) != check or not got.all():
+            raise DecompressionError(f"data frame at offset {offset} does not match its digest")
+        return memoryview(raw).cast("B"), nonzero, digests
 
     def _write_run(self, offset: int, end: int, digests: np.ndarray, nonzero: np.ndarray, raw: memoryview) -> None:
         """Write the consecutive blocks [offset, end); ``raw`` holds their non-zero blocks in order."""
@@ -321,6 +348,4 @@ class Replica:
 
 
 def kernels_max_blocks() -> int:
-    from ..protocol.frames import MAX_RAW
-
     return MAX_RAW // FINE_BLOCK

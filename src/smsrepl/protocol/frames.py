@@ -9,19 +9,23 @@ Every frame is a 12-byte header and a body (big-endian integers):
     6       2     reserved, must be 0
     8       4     check: XXH32 of header bytes 0-7 followed by the checked
                   part of the body (the whole body, except BLOCK_DATA, whose
-                  payload is covered by its per-block digests instead)
+                  payload is covered by its block digests instead)
     12      len   body
 
 Control frames carry a JSON object (UTF-8) whose keys and types are fixed by
 the event class; unknown or missing keys are a protocol error. Binary bodies:
 
     BLOCK_DATA  u64 offset | u32 range length | u8 codec | 3 zero bytes |
-                u64 digest * ceil(range length / 4096) | payload
+                16-byte digest | zero map, ceil(range length / 4096 / 8) bytes | payload
                 (the frame sets the blocks of [offset, offset + range length);
-                digests are XXH3-64 of each 4 KiB block, little-endian like
-                the manifest, 0 = the block is all zero; the payload decodes to
-                the non-zero blocks only, in order: zero blocks are never
-                carried, compressed or not; offset is 4 KiB aligned)
+                offset is 4 KiB aligned. Bit i of the zero map (LSB first, unused
+                bits 0) says block i is all zero: zero blocks are never carried,
+                compressed or not; the payload decodes to the non-zero blocks, in
+                order. The digest is XXH3-128 over the XXH3-64 of every 4 KiB
+                block, little-endian, 0 for zero blocks (the manifest's fine
+                digests): the receiver computes those anyway, so one 16-byte
+                digest per frame checks every block at 0.4% less wire than
+                sending each block's digest)
     BLOCK_SET   u64 offset | u32 count | u8 codec | 3 zero bytes |
                 u32 index * count | u64 digest * count | payload
                 (scattered blocks: block i sits at offset + index[i] * 4096;
@@ -164,8 +168,13 @@ class BlockData(Event):
     offset: int
     raw_len: int
     codec: int
-    digests: Any  # numpy uint64 array, one per 4 KiB of raw data
+    #: numpy uint64 array, one per 4 KiB of raw data (0 = zero block); the sender
+    #: sets it, and the frame carries the zero map and their XXH3-128 instead
+    digests: Any
     payload: Any  # bytes-like
+    #: set when decoded (digests is then None): numpy bool array of zero blocks, and the digest
+    zeros: Any = None
+    check: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +261,9 @@ def encode(event: Event) -> list[bytes | memoryview]:
         nblocks = -(-event.raw_len // FINE_BLOCK)
         if len(digests) != nblocks:
             raise ValueError(f"BLOCK_DATA of {event.raw_len} bytes needs {nblocks} digests, got {len(digests)}")
-        prefix = _BLOCK_PREFIX.pack(event.offset, event.raw_len, event.codec) + digests.tobytes()
+        zero_map = np.packbits(digests == 0, bitorder="little").tobytes()
+        prefix = (_BLOCK_PREFIX.pack(event.offset, event.raw_len, event.codec)
+                  + frame_digest(digests) + zero_map)
         payload = memoryview(event.payload).cast("B")
         head8 = struct.pack(">IBBH", len(prefix) + len(payload), t, 0, 0)
         return [head8 + struct.pack(">I", _check(head8, prefix)) + prefix, payload]
@@ -285,10 +296,9 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
     if cls is None:
         raise FrameError(f"unknown frame type 0x{ftype:02x}")
     if ftype == BlockData.TYPE:
-        if len(body) < 16:
+        if len(body) < _BLOCK_PREFIX.size:
             raise FrameError("BLOCK_DATA body shorter than its prefix")
-        offset, = _U64.unpack_from(body, 0)
-        raw_len, codec = struct.unpack_from(">IB", body, 8)
+        offset, raw_len, codec = _BLOCK_PREFIX.unpack_from(body)
         if body[13:16] != b"\0\0\0":
             raise FrameError("BLOCK_DATA padding is not zero")
         if raw_len == 0 or raw_len > MAX_RAW:
@@ -296,13 +306,17 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
         if offset % FINE_BLOCK:
             raise FrameError(f"BLOCK_DATA offset {offset} is not 4 KiB aligned")
         nblocks = -(-raw_len // FINE_BLOCK)
-        end = 16 + 8 * nblocks
+        end = _BLOCK_PREFIX.size + 16 + -(-nblocks // 8)
         if len(body) < end:
-            raise FrameError("BLOCK_DATA body shorter than its digests")
+            raise FrameError("BLOCK_DATA body shorter than its digest and zero map")
         if _check(head8, memoryview(body)[:end]) != check:
             raise FrameError("frame check mismatch (corrupt BLOCK_DATA header)")
-        digests = np.frombuffer(body, dtype="<u8", count=nblocks, offset=16)
-        return BlockData(offset, raw_len, codec, digests, memoryview(body)[end:])
+        bits = np.frombuffer(body, dtype=np.uint8, count=end - _BLOCK_PREFIX.size - 16, offset=_BLOCK_PREFIX.size + 16)
+        zeros = np.unpackbits(bits, bitorder="little").astype(bool)
+        if zeros[nblocks:].any():
+            raise FrameError("BLOCK_DATA zero map has bits past its last block")
+        digest = bytes(body[_BLOCK_PREFIX.size:_BLOCK_PREFIX.size + 16])
+        return BlockData(offset, raw_len, codec, None, memoryview(body)[end:], zeros[:nblocks], digest)
     if ftype == BlockSet.TYPE:
         return _decode_set(body, check, head8)
     if _check(head8, body) != check:
@@ -336,6 +350,11 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
             entries = entries.reshape(count, 2)
         return ManifestData("coarse" if level == 0 else "fine", first, entries)
     raise FrameError(f"frame type 0x{ftype:02x} has no decoder")  # pragma: no cover
+
+
+def frame_digest(digests: np.ndarray) -> bytes:
+    """BLOCK_DATA's 16-byte digest: XXH3-128 over the blocks' XXH3-64 digests (little-endian)."""
+    return xxhash.xxh3_128_digest(np.ascontiguousarray(digests, dtype="<u8").tobytes())
 
 
 def _decode_set(body: bytes, check: int, head8: bytes) -> BlockSet:

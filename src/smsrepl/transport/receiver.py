@@ -269,7 +269,8 @@ class _Session:
                 if isinstance(ev, BaseException):
                     raise ev
                 if isinstance(ev, F.BlockData):
-                    replica.apply_data(ev.offset, ev.raw_len, ev.codec, ev.digests, ev.payload)
+                    replica.apply_data(ev.offset, ev.raw_len, ev.codec, ev.digests, ev.payload,
+                                       zeros=ev.zeros, check=ev.check)
                 elif isinstance(ev, F.BlockSet):
                     replica.apply_set(ev.offset, ev.index, ev.codec, ev.digests, ev.payload)
                 elif isinstance(ev, F.ZeroRange):
