@@ -91,26 +91,30 @@ class BlockSession:
         return CommandResult.success(name, state=self.states.state.value)
 
     def _stop(self, name: Command) -> CommandResult:
-        with self._lock:
-            if not self.states.can(Event.STOP):
-                return CommandResult.fail(name, f"nothing to stop in state {self.states.state.value}")
-            self.states.fire(Event.STOP)
-            thread, sender = self._thread, self._sender
-            if sender is not None:
-                sender.stop()
-        if thread is not None:
-            thread.join(STOP_TIMEOUT)
-            if thread.is_alive():
-                return CommandResult.fail(name, "the running round did not stop in time")
+        failed = self._halt(name, Event.STOP, "nothing to stop")
+        if failed:
+            return failed
         if self.states.can(Event.STOPPED):
             self.states.fire(Event.STOPPED)
         return CommandResult.success(name, state=self.states.state.value)
 
     def _delete(self, name: Command) -> CommandResult:
+        failed = self._halt(name, Event.DELETE, "cannot delete")
+        if failed:
+            return failed
+        state_dir = getattr(self._sender or self._make_sender(self.states), "dir", None)
+        if state_dir and os.path.isdir(state_dir):
+            shutil.rmtree(state_dir)
+        if self.states.can(Event.DELETED):
+            self.states.fire(Event.DELETED)
+        return CommandResult.success(name, state=self.states.state.value, dropped=state_dir)
+
+    def _halt(self, name: Command, event: Event, refusal: str) -> CommandResult | None:
+        """Fire ``event`` and break the running round; a fail result if either cannot be done."""
         with self._lock:
-            if not self.states.can(Event.DELETE):
-                return CommandResult.fail(name, f"cannot delete in state {self.states.state.value}")
-            self.states.fire(Event.DELETE)
+            if not self.states.can(event):
+                return CommandResult.fail(name, f"{refusal} in state {self.states.state.value}")
+            self.states.fire(event)
             thread, sender = self._thread, self._sender
             if sender is not None:
                 sender.stop()
@@ -118,12 +122,7 @@ class BlockSession:
             thread.join(STOP_TIMEOUT)
             if thread.is_alive():
                 return CommandResult.fail(name, "the running round did not stop in time")
-        state_dir = getattr(sender or self._make_sender(self.states), "dir", None)
-        if state_dir and os.path.isdir(state_dir):
-            shutil.rmtree(state_dir)
-        if self.states.can(Event.DELETED):
-            self.states.fire(Event.DELETED)
-        return CommandResult.success(name, state=self.states.state.value, dropped=state_dir)
+        return None
 
     def _skip(self, name: Command) -> CommandResult:
         self.skip_consistency_check = True

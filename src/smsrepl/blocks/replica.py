@@ -232,10 +232,8 @@ class Replica:
         self.pos = end
         self.bytes_written += len(index) * FINE_BLOCK
 
-    def _decode_checked(self, offset: int, index: np.ndarray | None, end: int, codec: int,
-                        digests: np.ndarray, payload) -> tuple[memoryview, np.ndarray]:
-        """Decompress a frame's payload and check every non-zero block against its digest."""
-        nonzero = digests != 0
+    def _decode_blocks(self, offset: int, end: int, codec: int, nonzero: np.ndarray, payload):
+        """Decompress a frame's payload (its non-zero blocks); returns it and their digests."""
         count = int(nonzero.sum())
         if not count:
             raise RemoteProtocolError(f"data frame at {offset} carries no data")
@@ -245,31 +243,30 @@ class Replica:
         raw = self._decomp.decode(codec, payload, expect)
         got = self._digests[:count]
         kernels.block_digests(raw, FINE_BLOCK, got)
+        return memoryview(raw).cast("B"), got
+
+    def _decode_checked(self, offset: int, index: np.ndarray | None, end: int, codec: int,
+                        digests: np.ndarray, payload) -> tuple[memoryview, np.ndarray]:
+        """Decompress a frame's payload and check every non-zero block against its digest."""
+        nonzero = digests != 0
+        raw, got = self._decode_blocks(offset, end, codec, nonzero, payload)
         want = digests[nonzero]
         if not np.array_equal(got, want):
             i = int(np.flatnonzero(nonzero)[int(np.flatnonzero(got != want)[0])])
             block = i if index is None else int(index[i])
             raise DecompressionError(f"block at offset {offset + block * FINE_BLOCK} does not match its digest")
-        return memoryview(raw).cast("B"), nonzero
+        return raw, nonzero
 
     def _decode_framed(self, offset: int, end: int, codec: int, zeros: np.ndarray, check: bytes,
                        payload) -> tuple[memoryview, np.ndarray, np.ndarray]:
         """Decompress a BLOCK_DATA payload, digest its blocks, and check them against the frame digest."""
         nonzero = ~zeros
-        count = int(nonzero.sum())
-        if not count:
-            raise RemoteProtocolError(f"data frame at {offset} carries no data")
-        expect = count * FINE_BLOCK
-        if nonzero[-1] and end % FINE_BLOCK:
-            expect -= FINE_BLOCK - end % FINE_BLOCK
-        raw = self._decomp.decode(codec, payload, expect)
-        got = self._digests[:count]
-        kernels.block_digests(raw, FINE_BLOCK, got)
+        raw, got = self._decode_blocks(offset, end, codec, nonzero, payload)
         digests = np.zeros(len(zeros), dtype="<u8")
         digests[nonzero] = got
         if frame_digest(digests) != check or not got.all():
             raise DecompressionError(f"data frame at offset {offset} does not match its digest")
-        return memoryview(raw).cast("B"), nonzero, digests
+        return raw, nonzero, digests
 
     def _write_run(self, offset: int, end: int, digests: np.ndarray, nonzero: np.ndarray, raw: memoryview) -> None:
         """Write the consecutive blocks [offset, end); ``raw`` holds their non-zero blocks in order."""
