@@ -111,22 +111,25 @@ class _ScheduleWatcher:
         self.path = path
         self.mtime = os.stat(path).st_mtime_ns if path else None
         self._stop = threading.Event()
+        #: the running round's sender (continuous sync makes one per round)
+        self.sender = None
 
     def load(self):
         from .ratelimit import SpeedSchedule
 
         return SpeedSchedule.from_file(self.path) if self.path else None
 
-    def watch(self, sender) -> None:
+    def watch(self) -> None:
         if self.path:
-            threading.Thread(target=self._loop, args=(sender,), name="speed-limit-watch", daemon=True).start()
+            threading.Thread(target=self._loop, name="speed-limit-watch", daemon=True).start()
 
     def close(self) -> None:
         self._stop.set()
 
-    def _loop(self, sender) -> None:
+    def _loop(self) -> None:
         while not self._stop.wait(self.INTERVAL):
-            self.poll(sender)
+            if self.sender is not None:
+                self.poll(self.sender)
 
     def poll(self, sender) -> None:
         try:
@@ -174,27 +177,78 @@ def cmd_send_block(args) -> int:
     from .transport.sender import Sender, parse_address
     from .transport.tls import client_context
 
+    if args.interval is not None and not args.continuous:
+        raise ConfigError("--interval applies to --continuous only")
+    interval = 30.0 if args.interval is None else args.interval
+    if not 0 <= interval <= 86400:
+        raise ConfigError(f"--interval {interval}: must be between 0 and 86400 seconds")
     watcher = _ScheduleWatcher(args.speed_limit)
     cpu_cap = _block_cpu_cap(args.config)
     ctx = client_context(_certkey(args), _passphrase(args))
+    dirty = _dirty_map(args.dirty_map, args.source) if args.dirty_map else None
     out = _ProgressOutput(args.progress)
-    sender = Sender(args.source, args.target, parse_address(args.to), ctx,
-                    args.state_dir or _state_home("send"), level=args.level,
-                    speed_limit=watcher.load(), cpu_cap=cpu_cap, on_report=out.report,
-                    host_sampler=HostSampler() if args.progress == "json" else None)
-    watcher.watch(sender)
+    summary_to = sys.stderr if args.progress == "json" else sys.stdout
+    cont = None
+
+    def make_sender() -> Sender:
+        sender = Sender(args.source, args.target, parse_address(args.to), ctx,
+                        args.state_dir or _state_home("send"), level=args.level,
+                        speed_limit=watcher.load(), cpu_cap=cpu_cap, on_report=out.report,
+                        host_sampler=HostSampler() if args.progress == "json" else None,
+                        dirty_map=dirty, trace=cont.trace if cont is not None else None)
+        watcher.sender = sender
+        return sender
+
+    def print_summary(result) -> None:
+        summary = {
+            "round": result.round_id, "kind": result.kind, "resumed_from": result.resumed_from,
+            "source_bytes": result.source_size, "data_bytes": result.data_bytes,
+            "wire_bytes": result.wire_bytes, "seconds": round(result.seconds, 3),
+            "dirty_blocks": result.dirty_blocks,
+        }
+        print(json.dumps(summary), file=summary_to, flush=True)
+
+    watcher.watch()
     try:
-        result = sender.run()
+        if args.continuous:
+            from .continuous import ContinuousSync
+
+            cont = ContinuousSync(make_sender, interval=interval, dirty_map=dirty, on_round=print_summary)
+            _cutover_on_sigterm(cont)
+            cont.run()
+        else:
+            print_summary(make_sender().run())
     finally:
         watcher.close()
         out.close()
-    summary = {
-        "round": result.round_id, "kind": result.kind, "resumed_from": result.resumed_from,
-        "source_bytes": result.source_size, "data_bytes": result.data_bytes,
-        "wire_bytes": result.wire_bytes, "seconds": round(result.seconds, 3),
-    }
-    print(json.dumps(summary), file=sys.stderr if args.progress == "json" else sys.stdout)
+        if dirty is not None:
+            dirty.close()
     return 0
+
+
+def _dirty_map(path: str, source: str):
+    from .blocks.device import BlockSource
+    from .blocks.dirtymap import DirtyMap
+
+    with BlockSource(source) as src:
+        size = src.size
+    return DirtyMap.open(path, size)
+
+
+def _cutover_on_sigterm(cont) -> None:
+    """First SIGTERM: the cutover round; a second one, or SIGINT: abort, resumably."""
+    import signal
+
+    def on_term(signum, frame):
+        if signum == signal.SIGTERM and not getattr(on_term, "seen", False):
+            on_term.seen = True
+            print("SIGTERM: running the cutover round", file=sys.stderr, flush=True)
+            cont.request_cutover()
+        else:
+            cont.abort()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
 
 
 def cmd_netcheck(args) -> int:
@@ -268,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="5.4.10 speed_limit JSON; re-read when the file changes during the transfer")
     sb.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (LINUX_CPU_LIMIT)")
     sb.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level, 0 = no compression (default {DEFAULT_LEVEL})")
+    sb.add_argument("--dirty-map", metavar="FILE",
+                    help="changed-block map the source's writes are marked in (smsrepl.blocks.dirtymap); "
+                         "sync rounds then read only the blocks it names")
+    sb.add_argument("--continuous", action="store_true",
+                    help="after the copy keep running sync rounds; SIGTERM runs the cutover round and exits 0")
+    sb.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between continuous rounds (default 30)")
     sb.set_defaults(func=cmd_send_block)
     sf = send.add_parser("files", help="file-level transfer (not yet available)")
     sf.add_argument("source")

@@ -74,3 +74,46 @@ def test_sync_round_with_scattered_runs_and_holes_rebuilds_the_source(tmp_path, 
         assert kinds.count("BlockSet") <= 4 and kinds.count("BlockData") <= 2
     else:
         assert "BlockSet" not in kinds and kinds.count("BlockData") > 250
+
+
+def test_dirty_map_round_reads_only_marked_blocks_and_rebuilds_the_source(tmp_path):
+    from smsrepl.blocks.dirtymap import DirtyMap, tracked_pwrite
+    from smsrepl.blocks.stream import dirty_round_events
+
+    rng = np.random.default_rng(13)
+    src_path = str(tmp_path / "src.img")
+    with open(src_path, "wb") as fh:
+        fh.write(rng.integers(0, 256, SIZE, dtype=np.uint8).tobytes())
+    replica = Replica(BlockTarget(str(tmp_path / "t.img"), need_size=SIZE), str(tmp_path / "rx"))
+    cache = ManifestFile.create(str(tmp_path / "cache"), SIZE)
+    with BlockSource(src_path) as src:
+        replica.begin("s", SIZE, 1, "full", 0)
+        _apply(replica, cache, round_events(src, cache=None))
+        replica.finish(1)
+    dm = DirtyMap.open(str(tmp_path / "dirty"), SIZE)
+    dm.reset()
+    nblocks = -(-SIZE // FINE_BLOCK)
+    fd = os.open(src_path, os.O_RDWR)
+    picks = sorted(set(rng.choice(nblocks - 1, 200, replace=False).tolist()) | {nblocks - 1})
+    for b in picks:
+        n = min(FINE_BLOCK, SIZE - b * FINE_BLOCK)
+        tracked_pwrite(fd, rng.integers(1, 256, n, dtype=np.uint8).tobytes(), b * FINE_BLOCK, dm)
+    tracked_pwrite(fd, bytes(3 * FINE_BLOCK), 100 * FINE_BLOCK, dm)  # a run that became zero
+    tracked_pwrite(fd, rng.integers(0, 256, 80 * FINE_BLOCK, dtype=np.uint8).tobytes(), 3000 * FINE_BLOCK, dm)
+    dm.mark(5000 * FINE_BLOCK, FINE_BLOCK)  # marked but unchanged: not sent
+    os.close(fd)
+    reads = []
+    with BlockSource(src_path) as src:
+        orig = src.readinto
+        src.readinto = lambda buf, off: reads.append(len(buf)) or orig(buf, off)
+        frozen = dm.freeze()
+        replica.begin("s", SIZE, 2, "sync", 0)
+        kinds = _apply(replica, cache, dirty_round_events(src, frozen, cache))
+        replica.finish(2)
+        frozen.release()
+    with open(src_path, "rb") as a, open(tmp_path / "t.img", "rb") as b:
+        assert a.read() == b.read()
+    assert sum(reads) <= (len(picks) + 3 + 80 + 1) * FINE_BLOCK  # only what the map named was read
+    assert kinds.count("BlockSet") <= 2 and "Scanned" not in kinds
+    assert dm.dirty_blocks() == 0
+    dm.close()

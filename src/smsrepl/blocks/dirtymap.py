@@ -9,6 +9,13 @@ round is sent by the next one. :meth:`Frozen.release` clears the frozen slot
 once the round is durable on the target; a round that fails never releases,
 and the next freeze merges the new marks into the unreleased slot.
 
+Several processes may open one map (a workload marking, a sender freezing):
+every update holds an flock on the file. A writer marks a range both before
+and after writing it (:func:`tracked_pwrite` does): the mark before makes a
+crash mid-write err towards dirty; the mark after lands in the slot of a
+round that starts after the write, so a round that froze the map between the
+two still sends the new data next time.
+
 Crash safety, in the manner of DRBD's bitmap: the map errs towards dirty,
 never towards clean.
 
@@ -35,6 +42,8 @@ Header (little-endian, 4 KiB so the bitmaps are page aligned):
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import os
 import struct
@@ -73,10 +82,20 @@ class DirtyMap:
         self._mm = mm
         self._bits = [np.frombuffer(mm, dtype=np.uint8, count=self.slot_bytes, offset=HEADER_SIZE + i * _padded(self.slot_bytes))
                       for i in (0, 1)]
-        self._lock = threading.Lock()
+        self._tlock = threading.Lock()
         #: False after a machine crash (or for a new map): scan everything once, then reset()
         self.trusted = trusted
         self.reason = reason
+
+    @contextlib.contextmanager
+    def _lock(self):
+        """This process's threads and other processes that mapped the same file."""
+        with self._tlock:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     # --- opening ----------------------------------------------------------------
     @classmethod
@@ -130,14 +149,14 @@ class DirtyMap:
     def close(self) -> None:
         if self._mm is None:
             return
-        with self._lock:
+        with self._lock():
             self._bits = []
             self._mm.flush()
             self._mm[_CLEAN] = 1
             self._mm.flush(0, mmap.PAGESIZE)
             self._mm.close()
             self._mm = None
-            os.close(self.fd)
+        os.close(self.fd)
 
     def __enter__(self) -> "DirtyMap":
         return self
@@ -152,17 +171,17 @@ class DirtyMap:
             return
         if offset < 0 or offset + length > self.size:
             raise ConfigError(f"dirty map {self.path!r}: write {offset}+{length} is outside the {self.size}-byte source")
-        with self._lock:
+        with self._lock():
             _set_bits(self._bits[self._mm[_ACTIVE]], offset // FINE_BLOCK, (offset + length - 1) // FINE_BLOCK + 1)
 
     def merge(self, other: "DirtyMap | np.ndarray") -> None:
         """OR another map (or a bool array of blocks) into the active slot."""
-        with self._lock:
+        with self._lock():
             active = self._bits[self._mm[_ACTIVE]]
             if isinstance(other, DirtyMap):
                 if other.nblocks != self.nblocks:
                     raise ConfigError("dirty maps of different sizes cannot be merged")
-                with other._lock:
+                with other._lock():
                     for bits in other._bits:
                         np.bitwise_or(active, bits, out=active)
             else:
@@ -173,7 +192,7 @@ class DirtyMap:
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         """Dirty (offset, length) ranges of the active slot and of an unreleased frozen one."""
-        with self._lock:
+        with self._lock():
             slots = [self._bits[self._mm[_ACTIVE]]]
             if self._mm[_PENDING]:
                 slots.append(self._bits[1 - self._mm[_ACTIVE]])
@@ -181,7 +200,7 @@ class DirtyMap:
         yield from _ranges(union, self.size)
 
     def dirty_blocks(self) -> int:
-        with self._lock:
+        with self._lock():
             total = _popcount(self._bits[self._mm[_ACTIVE]])
             if self._mm[_PENDING]:
                 total += _popcount(self._bits[1 - self._mm[_ACTIVE]])
@@ -190,7 +209,7 @@ class DirtyMap:
     # --- rounds -------------------------------------------------------------------
     def freeze(self) -> "Frozen":
         """Take the marks so far for a round; later marks go to a fresh slot."""
-        with self._lock:
+        with self._lock():
             mm = self._mm
             a = mm[_ACTIVE]
             if mm[_PENDING]:
@@ -204,9 +223,18 @@ class DirtyMap:
             mm[_ACTIVE] = 1 - a  # one byte: marks switch slots at once
             return Frozen(self, a)
 
+    def trust(self) -> None:
+        """A round that read the whole source has completed since the map was frozen
+        for it: the map holds every write since, so later rounds may rely on it."""
+        with self._lock():
+            self._mm[_TRUSTED] = 1
+            self._mm.flush(0, mmap.PAGESIZE)
+            self.trusted = True
+            self.reason = "reconciled by a full round"
+
     def reset(self, *, dirty: bool = False) -> None:
         """After a full scan: clear both slots (or mark everything dirty) and trust the map again."""
-        with self._lock:
+        with self._lock():
             for bits in self._bits:
                 bits[:] = 0
             if dirty:
@@ -219,7 +247,7 @@ class DirtyMap:
             self.reason = "reset after a full scan"
 
     def _release(self, slot: int) -> None:
-        with self._lock:
+        with self._lock():
             if not self._mm[_PENDING] or slot != 1 - self._mm[_ACTIVE]:
                 return  # released already
             self._bits[slot][:] = 0  # killed half-way: the round was complete, its blocks are on the target
@@ -298,3 +326,13 @@ def _ranges(bits: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
             pending = (off, end - off)
     if pending is not None:
         yield pending
+
+
+def tracked_pwrite(fd: int, data, offset: int, dirty: DirtyMap) -> None:
+    """pwrite ``data`` at ``offset`` and record it in ``dirty`` (before and after: see the module doc)."""
+    view = memoryview(data).cast("B")
+    dirty.mark(offset, len(view))
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    dirty.mark(offset, len(view))

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import kernels
 from ..codec import RAW
+from ..errors import SourceError
 from ..protocol.frames import MAX_SET, BlockData, BlockSet, Event, Scanned, ZeroRange
 from .manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
 
@@ -210,3 +212,69 @@ def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray):
     if nonzero.all():
         return view[lo:end]
     return b"".join(view[lo + a * FINE_BLOCK:min(lo + (a + n) * FINE_BLOCK, end)] for a, n in runs_of(nonzero))
+
+
+def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = CHUNK,
+                       sets: bool = True) -> Iterator[Event | Covered]:
+    """A sync round that reads only the blocks a frozen dirty map names (see dirtymap.py).
+
+    Each batch of dirty ranges is read into a buffer of its own, digested, and
+    compared with the cache: a dirty block whose digest did not change is not
+    sent (the map may say more than changed). Frames and Covered records as
+    :func:`round_events`; one CHUNK_END per batch.
+    """
+    scattered = _SetBuilder()
+    for ranges in _batches(dirty.ranges(), batch):
+        buf = bytearray(sum(n for _, n in ranges))  # frames keep views into it: never reused
+        spans = []
+        pos = 0
+        for off, n in ranges:
+            view = memoryview(buf)[pos:pos + n]
+            if source.readinto(view, off) < n:
+                raise SourceError(f"source {source.path!r} ended before {off + n}")
+            spans.append((off, view))
+            pos += n
+        for off, view in spans:
+            first = off // FINE_BLOCK
+            digests = np.empty(block_count(len(view)), dtype="<u8")
+            kernels.block_digests(view, FINE_BLOCK, digests)
+            send = digests != cache.read_fine(first, len(digests), verify=False)
+            for r0, rn in runs_of(send):
+                if sets and rn < SET_RUN_MAX:
+                    yield from scattered.add(first, r0, rn, view, digests, off, source.size)
+                    continue
+                yield from scattered.flush()
+                for s0, sn, zero in _segments(digests[r0:r0 + rn] == 0, r0):
+                    b_off = off + s0 * FINE_BLOCK
+                    b_end = min(off + (s0 + sn) * FINE_BLOCK, source.size)
+                    if zero:
+                        yield ZeroRange(b_off, b_end - b_off)
+                        yield Covered(first + s0, digests[s0:s0 + sn].copy())
+                        continue
+                    for f0 in range(s0, s0 + sn, FRAME_BLOCKS):
+                        f1 = min(f0 + FRAME_BLOCKS, s0 + sn)
+                        d_end = min(off + f1 * FINE_BLOCK, source.size)
+                        fd = digests[f0:f1].copy()
+                        yield BlockData(off + f0 * FINE_BLOCK, d_end - off - f0 * FINE_BLOCK, RAW, fd,
+                                        _payload(view, f0, d_end - off, fd))
+                        yield Covered(first + f0, fd)
+        yield from scattered.flush()
+        yield CHUNK_END
+
+
+def _batches(ranges, limit: int):
+    """Lists of (offset, length) ranges of at most ``limit`` bytes together (long ranges split)."""
+    out: list[tuple[int, int]] = []
+    total = 0
+    for off, n in ranges:
+        while n:
+            take = min(n, limit - total)
+            out.append((off, take))
+            total += take
+            off += take
+            n -= take
+            if total == limit:
+                yield out
+                out, total = [], 0
+    if out:
+        yield out

@@ -20,7 +20,8 @@ import numpy as np
 from ..blocks.device import BlockSource
 from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
 from ..blocks.replica import write_json_atomic
-from ..blocks.stream import CHUNK_END, Covered, round_events
+from ..blocks.dirtymap import DirtyMap
+from ..blocks.stream import CHUNK_END, Covered, dirty_round_events, round_events
 from ..codec import DEFAULT_LEVEL, Compressor
 from ..errors import (
     ConnectError,
@@ -76,6 +77,8 @@ class RoundResult:
     data_bytes: int  # raw bytes sent as BLOCK_DATA
     wire_bytes: int  # protocol bytes sent (TLS payload, both frames and headers)
     seconds: float
+    #: blocks a dirty map named for this round (None: the round read the whole source)
+    dirty_blocks: int | None = None
 
 
 def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> TLSStream:
@@ -116,6 +119,8 @@ class Sender:
         on_state: Callable[[StatePair], None] | None = None,
         host_sampler=None,
         states: SessionStateMachine | None = None,
+        dirty_map: DirtyMap | None = None,
+        trace: Callable[[], str] | None = None,
     ) -> None:
         self.source_path = os.path.abspath(source_path)
         self.target = check_target_name(target)
@@ -137,6 +142,11 @@ class Sender:
         self.host_sampler = host_sampler
         #: a state machine that outlives this round (see session.BlockSession); else one per run
         self._own_states = states
+        #: changed-block map the source's writes are marked in: sync rounds read only what it names
+        self.dirty_map = dirty_map
+        self._frozen = None
+        #: what each report's process_trace says (continuous sync puts the replication lag there)
+        self.trace = trace
         self._chan: Channel | None = None
         self.stop_requested = False
         self.tracker: ProgressTracker | None = None
@@ -226,6 +236,14 @@ class Sender:
             kind, round_id, start = "full", max(1, welcome.round_id + 1), 0
             cache = ManifestFile.create(cache_path, source.size)
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
+        dm, frozen, map_driven = self.dirty_map, None, False
+        if dm is not None:
+            # writes from here on go to a fresh slot and are the next round's
+            frozen = dm.freeze()
+            map_driven = kind == "sync" and dm.trusted
+            if not map_driven:
+                log.info("dirty map not used for this round (%s): reading the whole source", dm.reason)
+        self._frozen = frozen if map_driven else None
 
         self.states = self._own_states or SessionStateMachine(
             self.on_state, SessionState.SYNCED if kind == "sync" else SessionState.IDLE)
@@ -251,12 +269,25 @@ class Sender:
                 self._state(StateEvent.ERROR)
             raise
         self.tracker.update(source.size - start, chan.wire_sent - wire0, data_bytes)
+        if self.trace is not None:
+            self.tracker.set_trace(self.trace())
         final = self.tracker.finish()
         if self.on_report:
             self.on_report(final)
         self._state(StateEvent.SYNC_DONE if kind == "sync" else StateEvent.COPY_DONE)
         self._apply_acks(cache, None)
         cache.commit()
+        if frozen is not None and (map_driven or start == 0):
+            # durable on the target: this round's marks may go. A round that read the
+            # whole source after the freeze also makes an untrusted map trustworthy;
+            # a resumed full round did not (writes below its start before the freeze
+            # may be unmarked), so the next round scans again
+            dirty_blocks = frozen.dirty_blocks()
+            frozen.release()
+            if not dm.trusted:
+                dm.trust()
+        else:
+            dirty_blocks = None
         if cache.root.hex() != self._round_done.manifest_root:
             log.warning("local copy of the target manifest differs from the receiver's; the next round reconciles it")
         cache.close()
@@ -264,7 +295,8 @@ class Sender:
         self._save_session(rec)
         wire = chan.wire_sent - wire0
         self._close(chan)
-        return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started)
+        return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started,
+                           dirty_blocks if map_driven else None)
 
     def _open_cache(self, path: str, size: int, *, verify: bool = False) -> ManifestFile | None:
         try:
@@ -352,7 +384,11 @@ class Sender:
         covered_to = start
         try:
             sets = "block-set" in self._peer_caps
-            for item in round_events(source, start=start, cache=against, sets=sets):
+            if self._frozen is not None:
+                events = dirty_round_events(source, self._frozen, cache, sets=sets)
+            else:
+                events = round_events(source, start=start, cache=against, sets=sets)
+            for item in events:
                 if writer_error or self._failure:
                     break
                 if isinstance(item, Covered):
@@ -395,6 +431,8 @@ class Sender:
         if self.tracker is None:
             return
         self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
+        if self.trace is not None:
+            self.tracker.set_trace(self.trace())
         now = time.monotonic()
         if self.on_report is not None and now - self._last_report >= 1.0:
             self._last_report = now
