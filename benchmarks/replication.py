@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from smsrepl.certs import make_bundle, write_certkey  # noqa: E402
+from smsrepl.blocks.dirtymap import DirtyMap  # noqa: E402
 from smsrepl.testdata import rewrite_random_blocks, write_image  # noqa: E402
 
 CLI = [sys.executable, "-m", "smsrepl"]
@@ -72,14 +73,15 @@ class SmsReceiver:
             raise RuntimeError(line)
 
 
-def sms_round(ck: str, src: str, target: str, rx_state: str, tx_state: str) -> dict:
+def sms_round(ck: str, src: str, target: str, rx_state: str, tx_state: str, *extra: str) -> dict:
     rx = SmsReceiver(ck, target, rx_state)
     tx = Measured(CLI + ["send", "block", src, "--to", f"127.0.0.1:{rx.port}", "--target", "disk0",
-                         "--certkey", ck, "--state-dir", tx_state])
+                         "--certkey", ck, "--state-dir", tx_state, *extra])
     wall, tx_rss, out, _ = tx.wait()
     _, rx_rss, _, _ = rx.m.wait()
     summary = json.loads(out.decode().strip().splitlines()[-1])
-    return {"wall": wall, "wire": summary["wire_bytes"], "tx_rss": tx_rss, "rx_rss": rx_rss, "kind": summary["kind"]}
+    return {"wall": wall, "wire": summary["wire_bytes"], "tx_rss": tx_rss, "rx_rss": rx_rss, "kind": summary["kind"],
+            "dirty_blocks": summary.get("dirty_blocks"), "round_s": summary["seconds"]}
 
 
 class RsyncDaemon:
@@ -129,11 +131,15 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--dirty-scaling", action="store_true",
+                    help="only smsrepl: dirty-map sync rounds of 2 GiB and 8 GiB sparse images, same dirty blocks")
     ap.add_argument("--rss-scaling", action="store_true",
                     help="only smsrepl: peak RSS of each side for 1 GiB and 4 GiB images (full copy and sync round)")
     args = ap.parse_args()
     if args.rss_scaling:
         return rss_scaling(args.tmp)
+    if args.dirty_scaling:
+        return dirty_scaling(args.tmp, args.runs)
     tmp = tempfile.mkdtemp(prefix="smsrepl-bench-", dir=args.tmp)
     size = int(args.size_gib * (1 << 30))
     try:
@@ -145,7 +151,8 @@ def main() -> int:
         os.makedirs(dst_root)
         daemon = RsyncDaemon(dst_root, tmp)
         res: dict[str, list[dict]] = {k: [] for k in ("smsrepl full", "rsync -z --whole-file", "rsync --whole-file",
-                                                        "smsrepl sync", "rsync --inplace sync", "rsync --inplace -B4096 sync")}
+                                                        "smsrepl sync", "smsrepl sync (dirty map)",
+                                                        "rsync --inplace sync", "rsync --inplace -B4096 sync")}
         checks: list[dict] = []
         try:
             for run in range(args.runs):
@@ -168,8 +175,10 @@ def main() -> int:
             subprocess.run(["cp", "--sparse=always", src, pristine], check=True)
             sms_base = os.path.join(tmp, "sms-base")
             os.makedirs(sms_base)
-            sms_round(ck, src, f"{sms_base}/t.img", f"{sms_base}/rx", f"{sms_base}/tx")
-            changed = rewrite_random_blocks(src, 0.01, seed=9)
+            dm_path = f"{sms_base}/dirty.map"
+            sms_round(ck, src, f"{sms_base}/t.img", f"{sms_base}/rx", f"{sms_base}/tx", "--dirty-map", dm_path)
+            with DirtyMap.open(dm_path, size) as dm:  # the agent marks the workload's writes
+                changed = rewrite_random_blocks(src, 0.01, seed=9, dirty=dm)
             for run in range(args.runs):
                 work = os.path.join(tmp, f"sync{run}")
                 subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
@@ -177,6 +186,12 @@ def main() -> int:
                 r = sms_round(ck, src, f"{work}/t.img", f"{work}/rx", f"{work}/tx")
                 assert r["kind"] == "sync", r
                 res["smsrepl sync"].append(r)
+                shutil.rmtree(work)
+                subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
+                os.sync()
+                r = sms_round(ck, src, f"{work}/t.img", f"{work}/rx", f"{work}/tx", "--dirty-map", f"{work}/dirty.map")
+                assert r["kind"] == "sync" and r["dirty_blocks"], r
+                res["smsrepl sync (dirty map)"].append(r)
                 shutil.rmtree(work)
                 for key, flags in (("rsync --inplace sync", []), ("rsync --inplace -B4096 sync", ["-B", "4096"])):
                     name = f"sync{run}.img"
@@ -205,6 +220,13 @@ def main() -> int:
         print(f"full copy speed-up vs rsync --whole-file:    {table['rsync --whole-file']['wall'] / f:.2f}x")
         print(f"sync round vs rsync --inplace (default -B):  {table['rsync --inplace sync']['wall'] / s:.2f}x")
         print(f"sync round vs rsync --inplace -B 4096:       {table['rsync --inplace -B4096 sync']['wall'] / s:.2f}x")
+        d = table["smsrepl sync (dirty map)"]["wall"]
+        d_round = med(res["smsrepl sync (dirty map)"], "round_s")
+        b4096 = table["rsync --inplace -B4096 sync"]["wall"]
+        print(f"dirty-map sync vs rsync --inplace -B 4096:   {b4096 / d:.2f}x as separate processes; "
+              f"{b4096 / d_round:.2f}x for the round itself ({d_round:.3f} s: connect, TLS, round, "
+              f"receiver's durable end; what each round of --continuous costs) "
+              f"(wire {table['smsrepl sync (dirty map)']['wire'] / changed:.3f}x of rewritten bytes)")
         print(f"sync wire bytes / rewritten bytes: {table['smsrepl sync']['wire'] / changed:.3f} "
               f"(budget 1.1 + 0.05% of disk = {(1.1 * changed + 0.0005 * size) / changed:.3f})")
         delay = statistics.median(c["network_delay"] for c in checks)
@@ -216,6 +238,38 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"size": size, "changed": changed, "table": table, "netcheck": checks}, fh, indent=1)
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dirty_scaling(tmpdir: str | None, runs: int) -> int:
+    """The same 5000 dirty 4 KiB blocks on a 2 GiB and an 8 GiB sparse image: the round should not care."""
+    tmp = tempfile.mkdtemp(prefix="smsrepl-dirty-", dir=tmpdir)
+    try:
+        ck = str(write_certkey(os.path.join(tmp, "certs"), make_bundle()))
+        print("| image | dirty blocks | wall s (median) | round s (median) | wire MB |\n|---|---:|---:|---:|---:|")
+        for gib in (2, 8):
+            size = gib << 30
+            src = os.path.join(tmp, f"src{gib}.img")
+            write_image(src, size, seed=gib, mix={"hole": 0.9, "text": 0.05, "random": 0.05})
+            base = os.path.join(tmp, f"b{gib}")
+            os.makedirs(base)
+            sms_round(ck, src, f"{base}/t.img", f"{base}/rx", f"{base}/tx", "--dirty-map", f"{base}/dirty.map")
+            with DirtyMap.open(f"{base}/dirty.map", size) as dm:
+                rewrite_random_blocks(src, 5000 / (size // 4096), seed=7, dirty=dm)
+            rows = []
+            for run in range(runs):
+                work = os.path.join(tmp, f"w{gib}")
+                subprocess.run(["cp", "-a", "--sparse=always", base, work], check=True)
+                os.sync()
+                rows.append(sms_round(ck, src, f"{work}/t.img", f"{work}/rx", f"{work}/tx", "--dirty-map",
+                                      f"{work}/dirty.map"))
+                shutil.rmtree(work)
+            print(f"| {gib} GiB | {rows[0]['dirty_blocks']} | {med(rows, 'wall'):.3f} | {med(rows, 'round_s'):.3f} | "
+                  f"{med(rows, 'wire') / 1e6:.2f} |")
+            shutil.rmtree(base)
+            os.unlink(src)
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

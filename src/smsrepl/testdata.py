@@ -71,8 +71,10 @@ def write_image(path: str, size: int, *, seed: int = 1, mix: dict[str, float] | 
     return counts
 
 
-def rewrite_random_blocks(path: str, fraction: float, *, seed: int = 2, block: int = 4096) -> int:
-    """Overwrite ``fraction`` of the image's 4 KiB blocks at random offsets; returns bytes rewritten."""
+def rewrite_random_blocks(path: str, fraction: float, *, seed: int = 2, block: int = 4096, dirty=None) -> int:
+    """Overwrite ``fraction`` of the image's 4 KiB blocks at random offsets; returns bytes rewritten.
+
+    With ``dirty`` (a DirtyMap), every write is marked in it as an agent would."""
     size = os.path.getsize(path)
     nblocks = size // block
     rng = np.random.default_rng(seed)
@@ -83,7 +85,11 @@ def rewrite_random_blocks(path: str, fraction: float, *, seed: int = 2, block: i
     fd = os.open(path, os.O_WRONLY)
     try:
         for i, b in enumerate(picks.tolist()):
+            if dirty is not None:
+                dirty.mark(b * block, block)
             os.pwrite(fd, data[i * block:(i + 1) * block], b * block)
+            if dirty is not None:
+                dirty.mark(b * block, block)
     finally:
         os.close(fd)
     return count * block

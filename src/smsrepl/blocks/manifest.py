@@ -212,6 +212,25 @@ class ManifestFile:
                     raise ManifestError(f"manifest {self.path!r} has corrupt fine digests in groups {g0}..{g1 - 1}")
         return out[:count]
 
+    def read_fine_at(self, blocks: np.ndarray, *, span: int = 1 << 16) -> np.ndarray:
+        """Fine digests of the given blocks (increasing): one read per cluster of nearby blocks."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        out = np.empty(len(blocks), dtype="<u8")
+        if not len(blocks):
+            return out
+        if blocks[0] < 0 or blocks[-1] >= self.nblocks:
+            raise ManifestError(f"manifest {self.path!r}: blocks outside its {self.nblocks}")
+        buf = np.empty(span, dtype="<u8")
+        i = 0
+        while i < len(blocks):
+            lo = int(blocks[i])
+            j = int(np.searchsorted(blocks, lo + span, side="left"))
+            hi = int(blocks[j - 1]) + 1
+            fine = self.read_fine(lo, hi - lo, buf, verify=False)
+            out[i:j] = fine[blocks[i:j] - lo]
+            i = j
+        return out
+
     def verify(self, *, chunk_groups: int = 8192) -> None:
         """Check every fine digest against its group's coarse digest (reads the whole fine section)."""
         buf = np.empty(chunk_groups * GROUP_BLOCKS, dtype="<u8")

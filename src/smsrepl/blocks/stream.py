@@ -218,48 +218,51 @@ def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = CHUNK
                        sets: bool = True) -> Iterator[Event | Covered]:
     """A sync round that reads only the blocks a frozen dirty map names (see dirtymap.py).
 
-    Each batch of dirty ranges is read into a buffer of its own, digested, and
-    compared with the cache: a dirty block whose digest did not change is not
-    sent (the map may say more than changed). Frames and Covered records as
-    :func:`round_events`; one CHUNK_END per batch.
+    Each batch of dirty ranges is read into a buffer of its own (one read per
+    range), digested in one pass, and compared with the cache: a dirty block
+    whose digest did not change is not sent (the map may say more than
+    changed). What changed travels in BLOCK_SET frames, whole runs included,
+    so per-block work stays in numpy and C; blocks that became zero carry no
+    payload. One CHUNK_END per batch.
     """
-    scattered = _SetBuilder()
+    if not sets:  # a peer without BLOCK_SET: the scan round's frames, restricted to dirty chunks
+        yield from round_events(source, cache=cache)
+        return
+    size = source.size
     for ranges in _batches(dirty.ranges(), batch):
-        buf = bytearray(sum(n for _, n in ranges))  # frames keep views into it: never reused
-        spans = []
+        total = sum(n for _, n in ranges)
+        buf = bytearray(total)  # frames keep views into it: never reused
+        mv = memoryview(buf)
         pos = 0
         for off, n in ranges:
-            view = memoryview(buf)[pos:pos + n]
-            if source.readinto(view, off) < n:
+            if source.readinto(mv[pos:pos + n], off) < n:
                 raise SourceError(f"source {source.path!r} ended before {off + n}")
-            spans.append((off, view))
             pos += n
-        for off, view in spans:
-            first = off // FINE_BLOCK
-            digests = np.empty(block_count(len(view)), dtype="<u8")
-            kernels.block_digests(view, FINE_BLOCK, digests)
-            send = digests != cache.read_fine(first, len(digests), verify=False)
-            for r0, rn in runs_of(send):
-                if sets and rn < SET_RUN_MAX:
-                    yield from scattered.add(first, r0, rn, view, digests, off, source.size)
-                    continue
-                yield from scattered.flush()
-                for s0, sn, zero in _segments(digests[r0:r0 + rn] == 0, r0):
-                    b_off = off + s0 * FINE_BLOCK
-                    b_end = min(off + (s0 + sn) * FINE_BLOCK, source.size)
-                    if zero:
-                        yield ZeroRange(b_off, b_end - b_off)
-                        yield Covered(first + s0, digests[s0:s0 + sn].copy())
-                        continue
-                    for f0 in range(s0, s0 + sn, FRAME_BLOCKS):
-                        f1 = min(f0 + FRAME_BLOCKS, s0 + sn)
-                        d_end = min(off + f1 * FINE_BLOCK, source.size)
-                        fd = digests[f0:f1].copy()
-                        yield BlockData(off + f0 * FINE_BLOCK, d_end - off - f0 * FINE_BLOCK, RAW, fd,
-                                        _payload(view, f0, d_end - off, fd))
-                        yield Covered(first + f0, fd)
-        yield from scattered.flush()
+        counts = np.array([block_count(n) for _, n in ranges], dtype=np.int64)
+        starts = np.array([off // FINE_BLOCK for off, _ in ranges], dtype=np.int64)
+        blocks = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
+        digests = np.empty(len(blocks), dtype="<u8")
+        kernels.block_digests(mv, FINE_BLOCK, digests)  # ranges are whole blocks but for the source's last
+        changed = np.flatnonzero(digests != cache.read_fine_at(blocks))
+        for c0 in range(0, len(changed), MAX_SET):
+            pick = changed[c0:c0 + MAX_SET]
+            yield from _set_frames(blocks[pick], digests[pick], pick, mv, size)
         yield CHUNK_END
+
+
+def _set_frames(blocks: np.ndarray, digests: np.ndarray, positions: np.ndarray, mv: memoryview, size: int):
+    """A BLOCK_SET (or ZERO_RANGEs when nothing but zeros) for changed blocks at ``positions`` of a batch buffer."""
+    first = int(blocks[0])
+    if not digests.any():
+        for b0, n in runs_of(np.isin(np.arange(first, int(blocks[-1]) + 1), blocks), first):
+            end = min((b0 + n) * FINE_BLOCK, size)
+            yield ZeroRange(b0 * FINE_BLOCK, end - b0 * FINE_BLOCK)
+            yield Covered(b0, np.zeros(n, dtype="<u8"))
+        return
+    pieces = [mv[p * FINE_BLOCK:p * FINE_BLOCK + FINE_BLOCK] for p in positions[digests != 0].tolist()]
+    index = blocks - first
+    yield BlockSet(first * FINE_BLOCK, index, RAW, digests.copy(), b"".join(pieces))
+    yield Covered(first, digests.copy(), index)
 
 
 def _batches(ranges, limit: int):
