@@ -199,6 +199,9 @@ class Receiver:
             self._busy_lock.notify_all()
 
 
+_CONTROL = (F.Ping, F.Close, F.Error, ConnectionClosed)
+
+
 class _Session:
     def __init__(self, rx: Receiver, chan: Channel, peer: str) -> None:
         self.rx = rx
@@ -289,15 +292,9 @@ class _Session:
                     self.chan.send(F.RoundDone(ev.round_id, root))
                 elif isinstance(ev, F.ManifestRequest):
                     self._answer_manifest(ev)
-                elif isinstance(ev, F.Ping):
-                    self.chan.send(F.Pong(ev.nonce, ev.clock_ns, 0))
-                elif isinstance(ev, F.Close):
-                    self.chan.send(F.Close("bye"))
-                    return True
-                elif isinstance(ev, F.Error):
-                    raise TransportError(f"sender aborted: {ev.code} {ev.message}".strip())
-                elif isinstance(ev, ConnectionClosed):
-                    raise TransportError("connection closed by the sender" + (" mid-round" if in_round else ""))
+                elif isinstance(ev, _CONTROL):
+                    if self._control(ev, " mid-round" if in_round else ""):
+                        return True
                 if in_round is not None and time.monotonic() - last_ckpt >= self.rx.checkpoint_seconds:
                     offset = replica.checkpoint()
                     self.chan.send(F.Checkpoint(in_round.round_id, offset, replica.bytes_written))
@@ -328,17 +325,22 @@ class _Session:
         """Answer every PING (padded ones are the bulk transfer) until the sender closes."""
         while True:
             ev = self.chan.recv()
-            if isinstance(ev, F.Ping):
-                self.chan.send(F.Pong(ev.nonce, ev.clock_ns, 0))
-            elif isinstance(ev, F.Close):
-                self.chan.send(F.Close("bye"))
-                return True
-            elif isinstance(ev, F.Error):
-                raise TransportError(f"sender aborted: {ev.code} {ev.message}".strip())
-            elif isinstance(ev, ConnectionClosed):
-                raise TransportError("connection closed by the sender during a network check")
-            else:
+            if not isinstance(ev, _CONTROL):
                 raise RemoteProtocolError(f"{type(ev).__name__} during a network check")
+            if self._control(ev, " during a network check"):
+                return True
+
+    def _control(self, ev, during: str) -> bool:
+        """PING, CLOSE, ERROR and the end of the stream, alike in every session; True once closed."""
+        if isinstance(ev, F.Ping):
+            self.chan.send(F.Pong(ev.nonce, ev.clock_ns, 0))
+            return False
+        if isinstance(ev, F.Close):
+            self.chan.send(F.Close("bye"))
+            return True
+        if isinstance(ev, F.Error):
+            raise TransportError(f"sender aborted: {ev.code} {ev.message}".strip())
+        raise TransportError(f"connection closed by the sender{during}")
 
     def _drain(self, seconds: float = 2.0) -> None:
         """After an ERROR frame: read and drop what the sender still sends until it hangs up.
