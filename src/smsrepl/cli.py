@@ -236,7 +236,7 @@ def _dirty_map(path: str, source: str):
 
 
 def _cutover_on_sigterm(cont) -> None:
-    """First SIGTERM: the cutover round; a second one, or SIGINT: abort, resumably."""
+    """First SIGTERM: the cutover round; a second one, or SIGINT: abort, resumably; SIGUSR1: a round now."""
     import signal
 
     def on_term(signum, frame):
@@ -249,6 +249,7 @@ def _cutover_on_sigterm(cont) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: cont.request_round())
 
 
 def cmd_netcheck(args) -> int:

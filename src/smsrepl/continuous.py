@@ -1,6 +1,7 @@
 """Continuous sync (SYNCING): after the copy, a sync round every interval; then the cutover.
 
     sync = ContinuousSync(make_sender, interval=30, dirty_map=dm)
+    agent:          sync.request_round()     # the SYNC command: a round now, not at the next interval
     signal handler: sync.request_cutover()   # first SIGTERM: the agent quiesced the source
                     sync.abort()             # second SIGTERM or SIGINT
     results = sync.run()
@@ -39,16 +40,22 @@ class ContinuousSync:
         self.max_failures = max_failures
         self._cutover = threading.Event()
         self._aborted = threading.Event()
+        self._wake = threading.Event()  # a round is wanted now (SYNC, cutover or abort)
         self._sender = None
         self.last_round_end: float | None = None
         self.results: list = []
 
+    def request_round(self) -> None:
+        """Run the next round now (the SYNC command) instead of at the end of the interval."""
+        self._wake.set()
+
     def request_cutover(self) -> None:
         self._cutover.set()
+        self._wake.set()
 
     def abort(self) -> None:
         self._aborted.set()
-        self._cutover.set()  # wakes the wait between rounds
+        self._wake.set()
         sender = self._sender
         if sender is not None:
             sender.stop()
@@ -89,4 +96,7 @@ class ContinuousSync:
                 self.on_round(result)
             if final:
                 return self.results
-            self._cutover.wait(self.interval)
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._cutover.is_set():
+                self._wake.set()  # keep the cutover's wake for a wait that might still come

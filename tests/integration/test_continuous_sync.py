@@ -90,3 +90,55 @@ def test_continuous_sync_follows_a_writer_and_cuts_over(tmp_path, certkey_file):
 @pytest.mark.parametrize("seed", range(KILL_RUNS))
 def test_kills_during_continuous_sync_end_byte_identical(tmp_path, certkey_file, seed):
     _run(tmp_path, certkey_file, seed=100 + seed, kills=2)
+
+
+def test_sync_command_runs_a_round_now_and_lag_is_reported(tmp_path, bundle):
+    import threading
+
+    from smsrepl.continuous import ContinuousSync
+    from smsrepl.transport.receiver import Receiver
+    from smsrepl.transport.sender import Sender
+    from smsrepl.transport.tls import client_context, server_context
+
+    src, dm_path = str(tmp_path / "src.img"), str(tmp_path / "dirty.map")
+    with open(src, "wb") as fh:
+        fh.write(os.urandom(4 << 20))
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    addr = rx.start()
+    dm = DirtyMap.open(dm_path, 4 << 20)
+    reports = []
+    box = []
+
+    def make():
+        return Sender(src, "disk0", addr, client_context(bundle), str(tmp_path / "tx"), dirty_map=dm,
+                      trace=box[0].trace, on_report=reports.append)
+
+    sync = ContinuousSync(make, interval=3600, dirty_map=dm)  # only commands start rounds
+    box.append(sync)
+    t = threading.Thread(target=sync.run)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not sync.results and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(src, "r+b") as fh:
+            fh.seek(8192)
+            fh.write(b"\x01" * 4096)
+        dm.mark(8192, 4096)
+        assert sync.lag()["dirty_bytes"] == 4096
+        t0 = time.monotonic()
+        sync.request_round()  # SYNC: well before the hour is up
+        while len(sync.results) < 2 and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        assert len(sync.results) == 2 and sync.results[1].dirty_blocks == 1
+        sync.request_cutover()
+        t.join(30)
+    finally:
+        sync.abort()
+        t.join(30)
+        rx.stop()
+        dm.close()
+    assert len(sync.results) == 3 and not t.is_alive()
+    assert sha256(src) == sha256(str(tmp_path / "t.img"))
+    traces = [r["process_trace"] for r in reports if r["process_trace"].startswith("lag ")]
+    assert traces and '"dirty_bytes"' in traces[-1] and '"seconds_since_round"' in traces[-1]
