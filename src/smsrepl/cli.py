@@ -129,9 +129,9 @@ class _ScheduleWatcher:
     def _loop(self) -> None:
         while not self._stop.wait(self.INTERVAL):
             if self.sender is not None:
-                self.poll(self.sender)
+                self.poll()
 
-    def poll(self, sender) -> None:
+    def poll(self) -> None:
         try:
             mtime = os.stat(self.path).st_mtime_ns
         except OSError:
@@ -139,7 +139,7 @@ class _ScheduleWatcher:
         if mtime != self.mtime:
             self.mtime = mtime
             try:
-                sender.replace_schedule(self.load())
+                self.sender.replace_schedule(self.load())
                 logging.getLogger("smsrepl").info("speed limit reloaded from %s", self.path)
             except ReplicationError as exc:  # keep the old schedule, say why
                 print(f"ignoring changed speed limit: {exc}", file=sys.stderr)

@@ -212,12 +212,19 @@ class ManifestFile:
                     raise ManifestError(f"manifest {self.path!r} has corrupt fine digests in groups {g0}..{g1 - 1}")
         return out[:count]
 
-    def read_fine_at(self, blocks: np.ndarray, *, span: int = 1 << 16) -> np.ndarray:
+    def read_fine_at(self, blocks: np.ndarray) -> np.ndarray:
         """Fine digests of the given blocks (increasing): one read per cluster of nearby blocks."""
         blocks = np.asarray(blocks, dtype=np.int64)
         out = np.empty(len(blocks), dtype="<u8")
+        for i, j, lo, fine in self._clusters(blocks):
+            out[i:j] = fine[blocks[i:j] - lo]
+        return out
+
+    def _clusters(self, blocks: np.ndarray, span: int = 1 << 16):
+        """``(i, j, lo, fine)``: blocks[i:j] lie in [lo, lo + len(fine)), whose digests ``fine``
+        were read at once; scattered blocks on a huge source never read the spans between them."""
         if not len(blocks):
-            return out
+            return
         if blocks[0] < 0 or blocks[-1] >= self.nblocks:
             raise ManifestError(f"manifest {self.path!r}: blocks outside its {self.nblocks}")
         buf = np.empty(span, dtype="<u8")
@@ -225,11 +232,8 @@ class ManifestFile:
         while i < len(blocks):
             lo = int(blocks[i])
             j = int(np.searchsorted(blocks, lo + span, side="left"))
-            hi = int(blocks[j - 1]) + 1
-            fine = self.read_fine(lo, hi - lo, buf, verify=False)
-            out[i:j] = fine[blocks[i:j] - lo]
+            yield i, j, lo, self.read_fine(lo, int(blocks[j - 1]) + 1 - lo, buf, verify=False)
             i = j
-        return out
 
     def verify(self, *, chunk_groups: int = 8192) -> None:
         """Check every fine digest against its group's coarse digest (reads the whole fine section)."""
@@ -252,15 +256,11 @@ class ManifestFile:
         self._dirty_groups.update(range(first // GROUP_BLOCKS, (first + len(values) - 1) // GROUP_BLOCKS + 1))
 
     def write_fine_at(self, first: int, index: np.ndarray, values: np.ndarray) -> None:
-        """Store the digests of blocks ``first + index[i]`` (index increasing): one read and one write of the span."""
-        if not len(index):
-            return
-        span = int(index[-1]) + 1
-        if first < 0 or first + span > self.nblocks:
-            raise ManifestError(f"manifest {self.path!r}: blocks {first}+{span} outside its {self.nblocks}")
-        fine = self.read_fine(first, span, verify=False)
-        fine[index] = values
-        self.write_fine(first, fine)
+        """Store the digests of blocks ``first + index[i]`` (index increasing), cluster by cluster."""
+        blocks = first + np.asarray(index, dtype=np.int64)
+        for i, j, lo, fine in self._clusters(blocks):
+            fine[blocks[i:j] - lo] = values[i:j]
+            self.write_fine(lo, fine)
 
     def fill_fine(self, first: int, count: int, value: int) -> None:
         chunk = 1 << 20

@@ -225,7 +225,7 @@ def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = CHUNK
     so per-block work stays in numpy and C; blocks that became zero carry no
     payload. One CHUNK_END per batch.
     """
-    if not sets:  # a peer without BLOCK_SET: the scan round's frames, restricted to dirty chunks
+    if not sets:  # a peer without BLOCK_SET: an ordinary sync round, which reads everything
         yield from round_events(source, cache=cache)
         return
     size = source.size
@@ -259,10 +259,20 @@ def _set_frames(blocks: np.ndarray, digests: np.ndarray, positions: np.ndarray, 
             yield ZeroRange(b0 * FINE_BLOCK, end - b0 * FINE_BLOCK)
             yield Covered(b0, np.zeros(n, dtype="<u8"))
         return
-    pieces = [mv[p * FINE_BLOCK:p * FINE_BLOCK + FINE_BLOCK] for p in positions[digests != 0].tolist()]
     index = blocks - first
-    yield BlockSet(first * FINE_BLOCK, index, RAW, digests.copy(), b"".join(pieces))
-    yield Covered(first, digests.copy(), index)
+    yield BlockSet(first * FINE_BLOCK, index, RAW, digests, _gather(mv, positions[digests != 0]))
+    yield Covered(first, digests, index)
+
+
+def _gather(mv: memoryview, positions: np.ndarray) -> bytes:
+    """The 4 KiB blocks at ``positions`` of a buffer, concatenated (only its last block may be short)."""
+    data = np.frombuffer(mv, dtype=np.uint8)
+    full = len(data) // FINE_BLOCK
+    whole = positions[positions < full]
+    out = data[:full * FINE_BLOCK].reshape(full, FINE_BLOCK)[whole].tobytes()
+    if len(whole) < len(positions):  # the source's short last block
+        out += data[full * FINE_BLOCK:].tobytes()
+    return out
 
 
 def _batches(ranges, limit: int):

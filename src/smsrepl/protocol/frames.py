@@ -181,7 +181,7 @@ class BlockData(Event):
 class BlockSet(Event):
     TYPE: ClassVar[int] = 0x17
     offset: int
-    index: Any  # numpy uint32 array: block numbers relative to offset, strictly increasing from 0
+    index: Any  # numpy integer array: block numbers relative to offset, strictly increasing from 0
     codec: int
     digests: Any  # numpy uint64 array, one per block
     payload: Any  # bytes-like: the non-zero blocks, in order

@@ -144,7 +144,6 @@ class Sender:
         self._own_states = states
         #: changed-block map the source's writes are marked in: sync rounds read only what it names
         self.dirty_map = dirty_map
-        self._frozen = None
         #: what each report's process_trace says (continuous sync puts the replication lag there)
         self.trace = trace
         self._chan: Channel | None = None
@@ -243,7 +242,6 @@ class Sender:
             map_driven = kind == "sync" and dm.trusted
             if not map_driven:
                 log.info("dirty map not used for this round (%s): reading the whole source", dm.reason)
-        self._frozen = frozen if map_driven else None
 
         self.states = self._own_states or SessionStateMachine(
             self.on_state, SessionState.SYNCED if kind == "sync" else SessionState.IDLE)
@@ -257,7 +255,8 @@ class Sender:
         try:
             chan.send(F.RoundBegin(round_id, kind, start))
             self._state(StateEvent.COPY_RUNNING)
-            data_bytes = self._stream(chan, source, cache if kind == "sync" else None, kind, start, cache)
+            data_bytes = self._stream(chan, source, cache if kind == "sync" else None, kind, start, cache,
+                                      frozen if map_driven else None)
             chan.send(F.RoundEnd(round_id))
             self._done.wait(IO_TIMEOUT)
             if self._failure is not None:
@@ -282,7 +281,7 @@ class Sender:
             # whole source after the freeze also makes an untrusted map trustworthy;
             # a resumed full round did not (writes below its start before the freeze
             # may be unmarked), so the next round scans again
-            dirty_blocks = frozen.dirty_blocks()
+            dirty_blocks = frozen.dirty_blocks() if map_driven else None
             frozen.release()
             if not dm.trusted:
                 dm.trust()
@@ -296,7 +295,7 @@ class Sender:
         wire = chan.wire_sent - wire0
         self._close(chan)
         return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started,
-                           dirty_blocks if map_driven else None)
+                           dirty_blocks)
 
     def _open_cache(self, path: str, size: int, *, verify: bool = False) -> ManifestFile | None:
         try:
@@ -352,7 +351,7 @@ class Sender:
         return dataclasses.replace(ev, codec=codec, payload=payload)
 
     def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
-                start: int, cache: ManifestFile) -> int:
+                start: int, cache: ManifestFile, dirty=None) -> int:
         """Send one round's frames: read and digest here, compress on a pool, write on a thread."""
         out: queue.Queue = queue.Queue(maxsize=2)
         writer_error: list[BaseException] = []
@@ -384,8 +383,8 @@ class Sender:
         covered_to = start
         try:
             sets = "block-set" in self._peer_caps
-            if self._frozen is not None:
-                events = dirty_round_events(source, self._frozen, cache, sets=sets)
+            if dirty is not None:  # a frozen dirty map: read only what it names
+                events = dirty_round_events(source, dirty, cache, sets=sets)
             else:
                 events = round_events(source, start=start, cache=against, sets=sets)
             for item in events:
