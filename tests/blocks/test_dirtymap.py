@@ -167,3 +167,23 @@ def _kill_run(tmp_path, seed):
 @pytest.mark.parametrize("seed", range(int(os.environ.get("SMSREPL_KILL_RUNS", "3")) * 2))
 def test_killed_process_loses_no_mark(tmp_path, seed):
     assert _kill_run(tmp_path, seed) > 10
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: open(p, "r+b").write(b"NOTAMAP!"), "not a version 1 dirty map"),
+    (lambda p: os.truncate(p, HEADER_SIZE + 10), "bytes, a"),
+    (lambda p: (lambda fh: (fh.seek(24), fh.write(b"\x07")))(open(p, "r+b")), "damaged header"),
+])
+def test_damaged_dirty_map_is_a_clear_error_and_left_alone(tmp_path, damage, message):
+    path = str(tmp_path / "map")
+    DirtyMap.open(path, SIZE).close()
+    damage(path)
+    before = open(path, "rb").read()
+    with pytest.raises(ManifestError, match=message):
+        DirtyMap.open(path, SIZE)
+    assert open(path, "rb").read() == before
+
+
+def test_non_positive_size_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="positive"):
+        DirtyMap.open(str(tmp_path / "map"), 0)

@@ -142,3 +142,27 @@ def test_sync_command_runs_a_round_now_and_lag_is_reported(tmp_path, bundle):
     assert sha256(src) == sha256(str(tmp_path / "t.img"))
     traces = [r["process_trace"] for r in reports if r["process_trace"].startswith("lag ")]
     assert traces and '"dirty_bytes"' in traces[-1] and '"seconds_since_round"' in traces[-1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--interval", "5"], "--interval applies to --continuous only"),
+    (["--continuous", "--interval", "-1"], "must be between 0 and 86400"),
+])
+def test_bad_continuous_flags_are_usage_errors(tmp_path, certkey_file, extra, message):
+    src = tmp_path / "src.img"
+    src.write_bytes(b"\x01" * 8192)
+    cp = subprocess.run(send_args(str(src), "127.0.0.1:1", certkey_file, str(tmp_path / "tx"), "disk0", *extra),
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and message in cp.stderr, cp.stderr
+
+
+def test_dirty_map_of_another_source_is_refused_untouched(tmp_path, certkey_file):
+    src = tmp_path / "src.img"
+    src.write_bytes(b"\x01" * 8192)
+    dm = str(tmp_path / "dirty.map")
+    DirtyMap.open(dm, 1 << 20).close()
+    before = open(dm, "rb").read()
+    cp = subprocess.run(send_args(str(src), "127.0.0.1:1", certkey_file, str(tmp_path / "tx"), "disk0",
+                                  "--dirty-map", dm), capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and "tracks 1048576 bytes, the source has 8192" in cp.stderr, cp.stderr
+    assert open(dm, "rb").read() == before

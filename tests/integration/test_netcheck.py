@@ -65,3 +65,38 @@ def test_cli_netcheck_with_nothing_listening_is_sms_1807(certkey_file):
 def test_grades_follow_their_documented_thresholds(figures, want):
     assert grade(*figures) == want
     assert all(6 <= len(g[0]) <= 8 for g in GRADES) and 6 <= len(UNUSABLE) <= 8
+
+
+def test_netcheck_bad_seconds_is_a_usage_error(certkey_file):
+    cp = subprocess.run(CLI + ["netcheck", "--to", "127.0.0.1:1", "--certkey", certkey_file, "--seconds", "0"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and "--seconds 0.0: must be between 0.2 and 600" in cp.stderr, cp.stderr
+
+
+def test_data_frames_in_a_netcheck_session_are_refused(tmp_path, bundle):
+    import numpy as np
+
+    from smsrepl import kernels
+    from smsrepl.protocol import SENDER, Connection, State
+    from smsrepl.protocol import frames as F
+    from smsrepl.transport.channel import Channel
+    from smsrepl.transport.sender import connect
+
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    addr = rx.start()
+    try:
+        chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+        chan.send(F.Hello([1], "netcheck", "", "nc", 0, 4096, ["zstd"]))
+        assert isinstance(chan.recv(), F.Welcome)
+        chan.conn.state = State.ROUND  # forge our side to send data the session does not allow
+        data = b"\x05" * 4096
+        d = np.empty(1, dtype="<u8")
+        kernels.block_digests(data, 4096, d)
+        chan.send(F.BlockData(0, 4096, 0, d, data))
+        chan.conn.state = State.IDLE
+        ev = chan.recv()
+        chan.close()
+    finally:
+        rx.stop()
+    assert isinstance(ev, F.Error) and ev.code == "SMS.1908", ev
+    assert not (tmp_path / "t.img").exists()

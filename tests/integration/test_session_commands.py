@@ -92,3 +92,12 @@ def test_error_then_resume_reports_allowed_pairs(tmp_path, bundle):
     assert res.ok and s.states.state is SessionState.REPL_STOPPED
     res = s.command("DELETE")
     assert res.ok and s.states.state is SessionState.DELETED
+
+
+def test_unknown_command_is_a_clear_error(tmp_path, bundle, rx):
+    from smsrepl.errors import ConfigError
+
+    s = _session(tmp_path, bundle, rx, [], str(tmp_path / "src.img"))
+    with pytest.raises(ConfigError, match="not a 5.5.1 command"):
+        s.command("REBOOT")
+    assert s.states.state is SessionState.IDLE and not s.running
