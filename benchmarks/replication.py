@@ -33,6 +33,9 @@ from smsrepl.blocks.dirtymap import DirtyMap  # noqa: E402
 from smsrepl.testdata import rewrite_random_blocks, write_image  # noqa: E402
 
 CLI = [sys.executable, "-m", "smsrepl"]
+# an installed smsrepl has its bytecode compiled (pip does it); a checkout run with
+# PYTHONDONTWRITEBYTECODE would compile every module at each start (0.2 s per process)
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def free_port() -> int:
@@ -133,6 +136,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--dirty-scaling", action="store_true",
                     help="only smsrepl: dirty-map sync rounds of 2 GiB and 8 GiB sparse images, same dirty blocks")
+    ap.add_argument("--full-only", action="store_true", help="only the full-copy cases (quicker)")
     ap.add_argument("--rss-scaling", action="store_true",
                     help="only smsrepl: peak RSS of each side for 1 GiB and 4 GiB images (full copy and sync round)")
     args = ap.parse_args()
@@ -150,9 +154,11 @@ def main() -> int:
         dst_root = os.path.join(tmp, "rsync-root")
         os.makedirs(dst_root)
         daemon = RsyncDaemon(dst_root, tmp)
-        res: dict[str, list[dict]] = {k: [] for k in ("smsrepl full", "rsync -z --whole-file", "rsync --whole-file",
-                                                        "smsrepl sync", "smsrepl sync (dirty map)",
-                                                        "rsync --inplace sync", "rsync --inplace -B4096 sync")}
+        keys = ["smsrepl full", "smsrepl full --level 0", "rsync -z --whole-file", "rsync --whole-file"]
+        if not args.full_only:
+            keys += ["smsrepl sync", "smsrepl sync (dirty map)", "rsync --inplace sync", "rsync --inplace -B4096 sync"]
+        res: dict[str, list[dict]] = {k: [] for k in keys}
+        changed = 0
         checks: list[dict] = []
         try:
             for run in range(args.runs):
@@ -163,6 +169,12 @@ def main() -> int:
                 r = sms_round(ck, src, f"{base}/t.img", f"{base}/rx", f"{base}/tx")
                 res["smsrepl full"].append(r)
                 checks.append(netcheck(ck, base))
+                os.unlink(f"{base}/t.img")
+                shutil.rmtree(f"{base}/rx")
+                shutil.rmtree(f"{base}/tx")
+                os.sync()
+                res["smsrepl full --level 0"].append(
+                    sms_round(ck, src, f"{base}/t.img", f"{base}/rx", f"{base}/tx", "--level", "0"))
                 for key, flags in (("rsync -z --whole-file", ["-z"]), ("rsync --whole-file", [])):
                     name = f"full{run}.img"
                     res[key].append(rsync(src, daemon.port, name, "--whole-file", *flags))
@@ -170,35 +182,36 @@ def main() -> int:
                 os.unlink(f"{base}/t.img")
                 shutil.rmtree(f"{base}/rx")
                 shutil.rmtree(f"{base}/tx")
-            # sync rounds: the same 1% change for every tool, each starting from the pre-change target
-            pristine = os.path.join(tmp, "pristine.img")
-            subprocess.run(["cp", "--sparse=always", src, pristine], check=True)
-            sms_base = os.path.join(tmp, "sms-base")
-            os.makedirs(sms_base)
-            dm_path = f"{sms_base}/dirty.map"
-            sms_round(ck, src, f"{sms_base}/t.img", f"{sms_base}/rx", f"{sms_base}/tx", "--dirty-map", dm_path)
-            with DirtyMap.open(dm_path, size) as dm:  # the agent marks the workload's writes
-                changed = rewrite_random_blocks(src, 0.01, seed=9, dirty=dm)
-            for run in range(args.runs):
-                work = os.path.join(tmp, f"sync{run}")
-                subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
-                os.sync()  # the copy's writeback belongs to the setup, not to the round's fsyncs
-                r = sms_round(ck, src, f"{work}/t.img", f"{work}/rx", f"{work}/tx")
-                assert r["kind"] == "sync", r
-                res["smsrepl sync"].append(r)
-                shutil.rmtree(work)
-                subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
-                os.sync()
-                r = sms_round(ck, src, f"{work}/t.img", f"{work}/rx", f"{work}/tx", "--dirty-map", f"{work}/dirty.map")
-                assert r["kind"] == "sync" and r["dirty_blocks"], r
-                res["smsrepl sync (dirty map)"].append(r)
-                shutil.rmtree(work)
-                for key, flags in (("rsync --inplace sync", []), ("rsync --inplace -B4096 sync", ["-B", "4096"])):
-                    name = f"sync{run}.img"
-                    subprocess.run(["cp", "--sparse=always", pristine, os.path.join(dst_root, name)], check=True)
+            if not args.full_only:
+                # sync rounds: the same 1% change for every tool, each starting from the pre-change target
+                pristine = os.path.join(tmp, "pristine.img")
+                subprocess.run(["cp", "--sparse=always", src, pristine], check=True)
+                sms_base = os.path.join(tmp, "sms-base")
+                os.makedirs(sms_base)
+                dm_path = f"{sms_base}/dirty.map"
+                sms_round(ck, src, f"{sms_base}/t.img", f"{sms_base}/rx", f"{sms_base}/tx", "--dirty-map", dm_path)
+                with DirtyMap.open(dm_path, size) as dm:  # the agent marks the workload's writes
+                    changed = rewrite_random_blocks(src, 0.01, seed=9, dirty=dm)
+                for run in range(args.runs):
+                    work = os.path.join(tmp, f"sync{run}")
+                    subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
+                    os.sync()  # the copy's writeback belongs to the setup, not to the round's fsyncs
+                    r = sms_round(ck, src, f"{work}/t.img", f"{work}/rx", f"{work}/tx")
+                    assert r["kind"] == "sync", r
+                    res["smsrepl sync"].append(r)
+                    shutil.rmtree(work)
+                    subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
                     os.sync()
-                    res[key].append(rsync(src, daemon.port, name, "--inplace", "--no-whole-file", *flags))
-                    os.unlink(os.path.join(dst_root, name))
+                    r = sms_round(ck, src, f"{work}/t.img", f"{work}/rx", f"{work}/tx", "--dirty-map", f"{work}/dirty.map")
+                    assert r["kind"] == "sync" and r["dirty_blocks"], r
+                    res["smsrepl sync (dirty map)"].append(r)
+                    shutil.rmtree(work)
+                    for key, flags in (("rsync --inplace sync", []), ("rsync --inplace -B4096 sync", ["-B", "4096"])):
+                        name = f"sync{run}.img"
+                        subprocess.run(["cp", "--sparse=always", pristine, os.path.join(dst_root, name)], check=True)
+                        os.sync()
+                        res[key].append(rsync(src, daemon.port, name, "--inplace", "--no-whole-file", *flags))
+                        os.unlink(os.path.join(dst_root, name))
         finally:
             daemon.stop()
         print(f"\nsource: {size / 2**30:.2f} GiB disk-like image ({', '.join(f'{k} {v / size:.0%}' for k, v in mix.items())}); "
@@ -213,22 +226,25 @@ def main() -> int:
             print(f"| {key} | {wall:.2f} | {size / wall / 1e6:.0f} | {wire / 1e6:.2f} | {tx / 1024:.0f} | "
                   f"{'-' if rx is None else f'{rx / 1024:.0f}'} |")
         f = table["smsrepl full"]["wall"]
-        s = table["smsrepl sync"]["wall"]
+        f0 = table["smsrepl full --level 0"]["wall"]
         print()
         print(f"full copy speed-up vs rsync -z --whole-file: {table['rsync -z --whole-file']['wall'] / f:.2f}x "
-              f"(wire {table['smsrepl full']['wire'] / table['rsync -z --whole-file']['wire']:.2f}x of rsync's)")
-        print(f"full copy speed-up vs rsync --whole-file:    {table['rsync --whole-file']['wall'] / f:.2f}x")
-        print(f"sync round vs rsync --inplace (default -B):  {table['rsync --inplace sync']['wall'] / s:.2f}x")
-        print(f"sync round vs rsync --inplace -B 4096:       {table['rsync --inplace -B4096 sync']['wall'] / s:.2f}x")
-        d = table["smsrepl sync (dirty map)"]["wall"]
-        d_round = med(res["smsrepl sync (dirty map)"], "round_s")
-        b4096 = table["rsync --inplace -B4096 sync"]["wall"]
-        print(f"dirty-map sync vs rsync --inplace -B 4096:   {b4096 / d:.2f}x as separate processes; "
-              f"{b4096 / d_round:.2f}x for the round itself ({d_round:.3f} s: connect, TLS, round, "
-              f"receiver's durable end; what each round of --continuous costs) "
-              f"(wire {table['smsrepl sync (dirty map)']['wire'] / changed:.3f}x of rewritten bytes)")
-        print(f"sync wire bytes / rewritten bytes: {table['smsrepl sync']['wire'] / changed:.3f} "
-              f"(budget 1.1 + 0.05% of disk = {(1.1 * changed + 0.0005 * size) / changed:.3f})")
+              f"(wire {table['smsrepl full']['wire'] / table['rsync -z --whole-file']['wire']:.3f}x of rsync's)")
+        print(f"full copy speed-up vs rsync --whole-file:    {table['rsync --whole-file']['wall'] / f:.2f}x "
+              f"compressed, {table['rsync --whole-file']['wall'] / f0:.2f}x with --level 0")
+        if not args.full_only:
+            s = table["smsrepl sync"]["wall"]
+            print(f"sync round vs rsync --inplace (default -B):  {table['rsync --inplace sync']['wall'] / s:.2f}x")
+            print(f"sync round vs rsync --inplace -B 4096:       {table['rsync --inplace -B4096 sync']['wall'] / s:.2f}x")
+            d = table["smsrepl sync (dirty map)"]["wall"]
+            d_round = med(res["smsrepl sync (dirty map)"], "round_s")
+            b4096 = table["rsync --inplace -B4096 sync"]["wall"]
+            print(f"dirty-map sync vs rsync --inplace -B 4096:   {b4096 / d:.2f}x as separate processes; "
+                  f"{b4096 / d_round:.2f}x for the round itself ({d_round:.3f} s: connect, TLS, round, "
+                  f"receiver's durable end; what each round of --continuous costs) "
+                  f"(wire {table['smsrepl sync (dirty map)']['wire'] / changed:.3f}x of rewritten bytes)")
+            print(f"sync wire bytes / rewritten bytes: {table['smsrepl sync']['wire'] / changed:.3f} "
+                  f"(budget 1.1 + 0.05% of disk = {(1.1 * changed + 0.0005 * size) / changed:.3f})")
         delay = statistics.median(c["network_delay"] for c in checks)
         bw = statistics.median(c["migration_speed"] for c in checks)
         full_mbit = size / f * 8 / 1e6

@@ -1,5 +1,14 @@
 """smsrepl: the data plane of a server migration (block and file replication over mutual TLS)."""
 from ._version import __version__
-from .kernels import BACKEND as backend
 
 __all__ = ["__version__", "backend"]
+
+
+def __getattr__(name: str):
+    # lazy: importing the package must not pull numpy in before the CLI has set
+    # its environment (see cli.py), nor cost a library user who needs only a part
+    if name == "backend":
+        from .kernels import BACKEND
+
+        return BACKEND
+    raise AttributeError(f"module 'smsrepl' has no attribute {name!r}")

@@ -23,11 +23,8 @@ CODECS = {RAW: "raw", ZSTD: "zstd"}
 #: The sender compresses on one thread per core, so level 3 still feeds a
 #: 1 Gbit/s link; a faster link with idle CPUs gains from --level 1.
 DEFAULT_LEVEL = 3
-#: zstd's hash table for frames of up to 4 MiB (level 3 uses 2**17 entries): 2**18
-#: measured on 4 MiB frames here: the test image's log-like text 0.9% smaller at
-#: the same speed (3.244x -> 3.274x), binaries and documentation unchanged
-#: (2.1955x -> 2.1962x, 555 vs 540 MB/s); 1 MiB more memory per compressor
-HASH_LOG = 18
+#: zstd's parameters are chosen for frames of this size (blocks.stream.FRAME_BLOCKS)
+FRAME_SIZE = 8 << 20
 #: send raw unless compression saves at least this fraction
 MIN_SAVING = 1 / 32
 
@@ -40,10 +37,7 @@ class Compressor:
         self._zc = None
         if level:
             params = zstandard.ZstdCompressionParameters.from_level(
-                level, source_size=4 << 20, write_content_size=True, write_checksum=False)
-            if level >= DEFAULT_LEVEL and params.hash_log < HASH_LOG:  # --level 1-2 users want speed
-                params = zstandard.ZstdCompressionParameters.from_level(
-                    level, source_size=4 << 20, hash_log=HASH_LOG, write_content_size=True, write_checksum=False)
+                level, source_size=FRAME_SIZE, write_content_size=True, write_checksum=False)
             self._zc = zstandard.ZstdCompressor(compression_params=params)
 
     def encode(self, data: bytes | memoryview) -> tuple[int, bytes | memoryview]:

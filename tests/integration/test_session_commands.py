@@ -13,7 +13,7 @@ from smsrepl.transport.tls import client_context, server_context
 
 from .procs import sha256
 
-SIZE = 16_000_000
+SIZE = 32_000_000  # 3.2 s at SLOW: a STOP after 1.2 s finds an 8 MiB frame applied, not the end
 #: 80 Mbit/s: the 16 MB copy takes about 1.6 s, long enough to pause it in the middle
 SLOW = SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 80}]})
 
@@ -43,7 +43,7 @@ def test_start_stop_resume_sync_skip_delete(tmp_path, bundle, rx):
     assert s.command("SYNC").ok is False  # nothing copied yet
     assert s.command("START").ok
     assert s.command("START").ok is False  # already running
-    time.sleep(0.6)
+    time.sleep(1.2)
     res = s.command("STOP")
     assert res.ok and res.to_json()["result"] == "success", res
     assert s.states.state is SessionState.REPL_STOPPED and not s.running

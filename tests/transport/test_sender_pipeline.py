@@ -7,7 +7,7 @@ import pytest
 from smsrepl import kernels
 from smsrepl.blocks.device import BlockSource
 from smsrepl.blocks.manifest import ManifestFile
-from smsrepl.blocks.stream import FRAME_BLOCKS
+from smsrepl.blocks.stream import FRAME_BLOCKS, LEGACY_FRAME_BLOCKS
 from smsrepl.protocol import frames as F
 from smsrepl.transport.sender import Sender
 
@@ -32,8 +32,9 @@ class SlowCheckingChannel:
             time.sleep(self.delay)
 
 
-@pytest.mark.parametrize("level", [0, 1])
-def test_slow_link_with_zero_and_hole_chunks_between_data(tmp_path, level):
+@pytest.mark.parametrize("level,peer_caps,frame_blocks", [
+    (0, (), LEGACY_FRAME_BLOCKS), (1, (), LEGACY_FRAME_BLOCKS), (1, F.CAPABILITIES, FRAME_BLOCKS)])
+def test_slow_link_with_zero_and_hole_chunks_between_data(tmp_path, level, peer_caps, frame_blocks):
     # data, zero, hole, data, zero, ... in 8 MiB stretches: chunks that send nothing must
     # not let the reader run ahead of frames still waiting to be written
     path = str(tmp_path / "src.img")
@@ -48,10 +49,11 @@ def test_slow_link_with_zero_and_hole_chunks_between_data(tmp_path, level):
             elif i % 3 == 1:
                 fh.write(bytes(stretch))
     sender = Sender(path, "disk0", ("127.0.0.1", 1), None, str(tmp_path / "st"), level=level, compress_threads=2)
+    sender._peer_caps = frozenset(peer_caps)  # 8 MiB frames only for a peer that takes them
     chan = SlowCheckingChannel(0.004)
     cache = ManifestFile.create(str(tmp_path / "cache"), 12 * stretch)
     with BlockSource(path) as src:
         sent = sender._stream(chan, src, None, "full", 0, cache)
     assert sent == 4 * stretch
-    assert chan.frames == 4 * stretch // (FRAME_BLOCKS * 4096)
+    assert chan.frames == 4 * stretch // (frame_blocks * 4096)
     assert chan.bad == []

@@ -20,6 +20,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+import numpy as np
+
 ALIGN = 4096
 #: bytes per staging buffer, and buffers in flight
 STAGE = 4 << 20
@@ -54,7 +56,9 @@ class DirectWriter:
         while done < len(view):
             stage = self._free.get()
             n = min(STAGE, len(view) - done)
-            stage[:n] = view[done:done + n]
+            # numpy copies without the GIL (an mmap slice assignment holds it: the
+            # receiver's TLS reader then waits, seen as 0.5 s of a 2 GiB copy)
+            np.frombuffer(stage, dtype=np.uint8, count=n)[:] = np.frombuffer(view, dtype=np.uint8, count=n, offset=done)
             self._todo.put((stage, n, offset + done))
             done += n
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import Enum
 
+import numpy as np
+
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import frames as F
 
@@ -105,7 +107,7 @@ class Connection:
         self.state = State.START
         self.max_body = max_body
         self._buf = bytearray()
-        self._body: bytearray | None = None  # a large frame's body being filled in place
+        self._body: memoryview | None = None  # a large frame's body being filled in place
         self._body_filled = 0
         self._body_head: tuple[int, int, bytes] = (0, 0, b"")  # type, check, first 8 header bytes
         self._eof = False
@@ -189,7 +191,8 @@ class Connection:
             if length >= DIRECT_BODY_MIN and not self._eof:
                 # assemble the body in its own buffer: the bytes so far, then in place
                 self._body_head = (ftype, check, bytes(buf[:8]))
-                self._body = bytearray(length)
+                # uninitialised: zero-filling 4 MiB per frame showed as 5% of a receiver's CPU
+                self._body = memoryview(np.empty(length, dtype=np.uint8))
                 have = len(buf) - F.HEADER_SIZE
                 self._body[:have] = memoryview(buf)[F.HEADER_SIZE:]
                 self._body_filled = have

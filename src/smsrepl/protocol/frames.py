@@ -55,19 +55,21 @@ import xxhash
 FINE_BLOCK = 4096
 HEADER = struct.Struct(">IBBHI")
 HEADER_SIZE = HEADER.size  # 12
-#: largest raw payload of one BLOCK_DATA frame
-MAX_RAW = 4 << 20
+#: largest raw payload of one BLOCK_DATA frame a receiver accepts (a sender sends
+#: frames above LEGACY_RAW only to a peer that lists the "frame-8m" capability)
+MAX_RAW = 8 << 20
+LEGACY_RAW = 4 << 20
 #: largest body of any frame: a full data frame plus its digests, with room to spare
 MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 12 + 4096
 PROTOCOL_VERSION = 1
 #: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
 #: uses a feature only when the peer listed it)
-CAPABILITIES = ("zstd", "block-set")
+CAPABILITIES = ("zstd", "block-set", "frame-8m")
 
 _BLOCK_PREFIX = struct.Struct(">QIBxxx")
 _SET_PREFIX = struct.Struct(">QIBxxx")  # offset, count, codec
-#: most blocks in one BLOCK_SET (its payload stays within MAX_RAW)
-MAX_SET = MAX_RAW // FINE_BLOCK
+#: most blocks in one BLOCK_SET (its payload stays within LEGACY_RAW)
+MAX_SET = LEGACY_RAW // FINE_BLOCK
 _U64 = struct.Struct(">Q")
 _ZERO = struct.Struct(">QQ")
 _PING = struct.Struct(">QQ")

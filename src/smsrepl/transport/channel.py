@@ -31,8 +31,9 @@ class Channel:
         # TLS 1.3 clients learn that the server refused their certificate only
         # at their first read: until an event arrives, TLS errors are auth errors
         self._first_read = True
-        #: called with the frame's size before it is written (a speed limiter)
-        self.throttle = None
+        #: a speed limiter (ratelimit.ScheduledLimiter): throttle(n) pays for n bytes
+        #: before they are written, current() says whether a limit applies now
+        self.limiter = None
         #: called with the frame's size after it was written (an over-speed guard)
         self.on_sent = None
 
@@ -40,7 +41,9 @@ class Channel:
         with self._state_lock:
             parts = self.conn.send(event)
         size = sum(len(p) for p in parts)
-        throttle = self.throttle
+        limiter = self.limiter
+        # unlimited right now: whole frames (a limit set meanwhile applies from the next frame)
+        throttle = limiter.throttle if limiter is not None and limiter.current()[0] is not None else None
         with self._send_lock:
             try:
                 for part in parts:

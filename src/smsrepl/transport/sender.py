@@ -21,7 +21,7 @@ from ..blocks.device import BlockSource
 from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
 from ..blocks.replica import write_json_atomic
 from ..blocks.dirtymap import DirtyMap
-from ..blocks.stream import CHUNK_END, Covered, dirty_round_events, round_events
+from ..blocks.stream import CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered, dirty_round_events, round_events
 from ..codec import DEFAULT_LEVEL, Compressor
 from ..errors import (
     ConnectError,
@@ -248,7 +248,7 @@ class Sender:
         self._state(StateEvent.SYNC_START if kind == "sync" else StateEvent.START)
         self.tracker = ProgressTracker(subtask_for("block", first_copy=kind == "full"), source.size - start,
                                        host_sampler=self.host_sampler)
-        chan.throttle = self.limiter.throttle
+        chan.limiter = self.limiter
         chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
         self._wire0 = wire0
@@ -386,7 +386,9 @@ class Sender:
             if dirty is not None:  # a frozen dirty map: read only what it names
                 events = dirty_round_events(source, dirty, cache, sets=sets)
             else:
-                events = round_events(source, start=start, cache=against, sets=sets)
+                big = "frame-8m" in self._peer_caps
+                events = round_events(source, start=start, cache=against, sets=sets,
+                                      frame_blocks=FRAME_BLOCKS if big else LEGACY_FRAME_BLOCKS)
             for item in events:
                 if writer_error or self._failure:
                     break
