@@ -10,6 +10,7 @@ or already-compressed data costs the receiver nothing to "decompress".
 """
 from __future__ import annotations
 
+import numpy as np
 import zstandard
 
 from .errors import CompressionError, DecompressionError
@@ -56,11 +57,17 @@ class Decompressor:
     def __init__(self) -> None:
         self._zd = zstandard.ZstdDecompressor()
 
-    def decode(self, codec: int, payload: bytes | memoryview, raw_len: int) -> bytes | memoryview:
+    def decode(self, codec: int, payload: bytes | memoryview, raw_len: int, into: memoryview | None = None):
+        """The raw data of a payload; written into ``into`` (at least raw_len bytes) when given."""
         if codec == RAW:
             if len(payload) != raw_len:
                 raise DecompressionError(f"raw payload holds {len(payload)} bytes, frame says {raw_len}")
+            if into is not None:
+                np.frombuffer(into, dtype=np.uint8, count=raw_len)[:] = np.frombuffer(payload, dtype=np.uint8)
+                return into[:raw_len]
             return payload
+        if codec == ZSTD and into is not None:
+            return self._decode_into(payload, raw_len, into)
         if codec == ZSTD:
             try:
                 out = self._zd.decompress(payload, max_output_size=raw_len)
@@ -70,3 +77,20 @@ class Decompressor:
                 raise DecompressionError(f"zstd payload decompressed to {len(out)} bytes, frame says {raw_len}")
             return out
         raise DecompressionError(f"unknown codec {codec}")
+
+    def _decode_into(self, payload, raw_len: int, into: memoryview) -> memoryview:
+        try:
+            reader = self._zd.stream_reader(payload, read_size=max(len(payload), 1))
+            got = 0
+            while got < raw_len:
+                n = reader.readinto(into[got:raw_len])
+                if not n:
+                    break
+                got += n
+            extra = reader.read(1) if got == raw_len else b""
+        except zstandard.ZstdError as exc:
+            raise DecompressionError(f"zstd decompression failed: {exc}") from None
+        if got != raw_len or extra:
+            raise DecompressionError(f"zstd payload decompressed to {'more than ' if extra else ''}{got} bytes, "
+                                     f"frame says {raw_len}")
+        return into[:raw_len]

@@ -212,3 +212,53 @@ def test_data_frame_as_carried_is_checked_against_its_frame_digest(tmp_path):
     r.finish(1)
     assert open(tmp_path / "t.img", "rb").read(len(data)) == data
     assert np.array_equal(r.manifest.read_fine(0, 4), d)
+
+
+@pytest.mark.parametrize("codec", [0, 1])
+def test_direct_target_frames_decoded_in_place_and_bad_ones_write_nothing(tmp_path, codec):
+    # solid frames are decompressed straight into the direct writer's buffer: a frame that
+    # fails its digest must leave the target untouched and give the buffer back
+    from smsrepl.blocks import direct
+    from smsrepl.codec import Compressor
+    from smsrepl.protocol.frames import frame_digest
+
+    size = 8 << 20
+    rng = np.random.default_rng(13)
+    data = rng.integers(0, 256, size, dtype=np.uint8)
+    data[: size // 2] = np.resize(np.frombuffer(b"text-like data ", dtype=np.uint8), size // 2)
+    data = data.tobytes()
+    t = BlockTarget(str(tmp_path / "t.img"), need_size=size, direct=True)
+    if not t.direct:
+        pytest.skip("this file system does not take O_DIRECT")
+    r = Replica(t, str(tmp_path / "state"))
+    r.begin("s1", size, 1, "full", 0)
+    comp = Compressor(3) if codec else None
+    half = size // 2
+
+    def payload(chunk):
+        if comp is None:
+            return chunk
+        c, p = comp.encode(chunk)
+        assert c == 1
+        return bytes(p)
+
+    good = payload(data[:half])
+    d0 = _digests(data[:half])
+    for _ in range(direct.STAGES + 1):  # more failures than buffers: none may leak
+        bad = bytearray(good)
+        bad[len(bad) // 2] ^= 0x40
+        with pytest.raises(DecompressionError):
+            r.apply_data(0, half, codec, None, bytes(bad), zeros=np.zeros(len(d0), dtype=bool),
+                         check=frame_digest(d0))
+    t.drain()
+    assert open(tmp_path / "t.img", "rb").read(half) == bytes(half)  # nothing of a bad frame
+    if codec:  # a payload that decompresses to more than the frame says
+        long = comp.encode(data[:half] + data[:FINE_BLOCK])[1]
+        with pytest.raises(DecompressionError, match="more than"):
+            r.apply_data(0, half, codec, None, bytes(long), zeros=np.zeros(len(d0), dtype=bool),
+                         check=frame_digest(d0))
+    r.apply_data(0, half, codec, None, good, zeros=np.zeros(len(d0), dtype=bool), check=frame_digest(d0))
+    rest = data[half:]
+    r.apply_data(half, half, 0, _digests(rest), rest)
+    r.finish(1)
+    assert open(tmp_path / "t.img", "rb").read() == data

@@ -17,7 +17,7 @@ import stat
 import struct
 from collections.abc import Iterator
 
-from .direct import ALIGN, DirectWriter
+from .direct import ALIGN, STAGE, DirectWriter
 from ..errors import (
     SizeMismatchError,
     SourceError,
@@ -164,6 +164,7 @@ class BlockTarget:
                  direct: bool = False) -> None:
         self.path = os.fspath(path)
         self._direct: DirectWriter | None = None
+        self._reserved = None
         flags = os.O_RDWR | os.O_CLOEXEC
         try:
             self.fd = os.open(self.path, flags)
@@ -255,6 +256,30 @@ class BlockTarget:
                 return
         self.drain()  # writes reach the file in the order they were asked for
         self._write_buffered(offset, view)
+
+    def reserve(self, offset: int, length: int) -> memoryview | None:
+        """A buffer to build the data of a write at ``offset`` in place, or None where a
+        plain write() is the way (short, unaligned, or no direct I/O). Exactly one may be
+        outstanding; end it with commit() or release()."""
+        if not (self.direct and DIRECT_MIN <= length <= STAGE and offset % ALIGN == 0 and length % ALIGN == 0):
+            return None
+        self._check_range(offset, length)
+        try:
+            self._reserved = self._direct.reserve()
+        except OSError as exc:
+            raise TargetWriteError(f"target {self.path!r}: write failed: {_describe(exc)}") from None
+        return memoryview(self._reserved)[:length]
+
+    def commit(self, offset: int, length: int) -> None:
+        """Write the reserved buffer's first ``length`` bytes at ``offset`` (may still be in flight)."""
+        stage, self._reserved = self._reserved, None
+        self._direct.commit(stage, length, offset)
+
+    def release(self) -> None:
+        """Give the reserved buffer back unwritten."""
+        stage, self._reserved = self._reserved, None
+        if stage is not None:
+            self._direct.release(stage)
 
     def drain(self) -> None:
         """Wait for writes still in flight; raises the first that failed."""

@@ -7,7 +7,9 @@ direct writes 0.9 s, overlapped with decompression and digest checks.
 
 The caller's data is copied into a page-aligned staging buffer (O_DIRECT
 needs aligned memory) before write() returns, so the caller may reuse its
-buffer at once; the disk write happens on the writer thread. drain() waits
+buffer at once; the disk write happens on the writer thread. A caller that
+produces the data itself (the receiver decompressing a frame) can fill a
+stage directly: reserve(), fill, then commit() or release(). drain() waits
 for every queued write and raises the first error, then and at every
 later call.
 """
@@ -23,8 +25,8 @@ from collections.abc import Callable
 import numpy as np
 
 ALIGN = 4096
-#: bytes per staging buffer, and buffers in flight
-STAGE = 4 << 20
+#: bytes per staging buffer (the largest BLOCK_DATA frame), and buffers in flight
+STAGE = 8 << 20
 STAGES = 3
 
 
@@ -61,6 +63,18 @@ class DirectWriter:
             np.frombuffer(stage, dtype=np.uint8, count=n)[:] = np.frombuffer(view, dtype=np.uint8, count=n, offset=done)
             self._todo.put((stage, n, offset + done))
             done += n
+
+    def reserve(self) -> mmap.mmap:
+        """A free staging buffer for the caller to fill; hand it back with commit() or release()."""
+        self._raise_pending()
+        return self._free.get()
+
+    def commit(self, stage: mmap.mmap, n: int, offset: int) -> None:
+        """Queue the first ``n`` bytes (whole 4 KiB blocks) of a reserved stage for ``offset``."""
+        self._todo.put((stage, n, offset))
+
+    def release(self, stage: mmap.mmap) -> None:
+        self._free.put(stage)
 
     def drain(self) -> None:
         """Wait until every queued write reached the file; raise the first failure."""

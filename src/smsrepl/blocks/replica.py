@@ -200,11 +200,22 @@ class Replica:
         if end % FINE_BLOCK and end != size:
             raise RemoteProtocolError(f"data at {offset} of {raw_len} bytes does not end on a block boundary")
         self._check_order(offset, raw_len)
-        if digests is None:
-            raw, nonzero, digests = self._decode_framed(offset, end, codec, zeros, check, payload)
+        # a frame without zero blocks is decompressed straight into the direct writer's buffer
+        solid = not zeros.any() if digests is None else bool(digests.all())
+        into = self.target.reserve(offset, raw_len) if solid else None
+        try:
+            if digests is None:
+                raw, nonzero, digests = self._decode_framed(offset, end, codec, zeros, check, payload, into)
+            else:
+                raw, nonzero = self._decode_checked(offset, None, end, codec, digests, payload, into)
+        except BaseException:
+            if into is not None:
+                self.target.release()
+            raise
+        if into is not None:
+            self.target.commit(offset, raw_len)
         else:
-            raw, nonzero = self._decode_checked(offset, None, end, codec, digests, payload)
-        self._write_run(offset, end, digests, nonzero, raw)
+            self._write_run(offset, end, digests, nonzero, raw)
         self._pending.append((offset // FINE_BLOCK, digests.copy(), None))
         self.pos = end
         self.bytes_written += raw_len
@@ -232,7 +243,7 @@ class Replica:
         self.pos = end
         self.bytes_written += len(index) * FINE_BLOCK
 
-    def _decode_blocks(self, offset: int, end: int, codec: int, nonzero: np.ndarray, payload):
+    def _decode_blocks(self, offset: int, end: int, codec: int, nonzero: np.ndarray, payload, into=None):
         """Decompress a frame's payload (its non-zero blocks); returns it and their digests."""
         count = int(nonzero.sum())
         if not count:
@@ -240,16 +251,16 @@ class Replica:
         expect = count * FINE_BLOCK
         if nonzero[-1] and end % FINE_BLOCK:
             expect -= FINE_BLOCK - end % FINE_BLOCK
-        raw = self._decomp.decode(codec, payload, expect)
+        raw = self._decomp.decode(codec, payload, expect, into)
         got = self._digests[:count]
         kernels.block_digests(raw, FINE_BLOCK, got)
         return memoryview(raw).cast("B"), got
 
     def _decode_checked(self, offset: int, index: np.ndarray | None, end: int, codec: int,
-                        digests: np.ndarray, payload) -> tuple[memoryview, np.ndarray]:
+                        digests: np.ndarray, payload, into=None) -> tuple[memoryview, np.ndarray]:
         """Decompress a frame's payload and check every non-zero block against its digest."""
         nonzero = digests != 0
-        raw, got = self._decode_blocks(offset, end, codec, nonzero, payload)
+        raw, got = self._decode_blocks(offset, end, codec, nonzero, payload, into)
         want = digests[nonzero]
         if not np.array_equal(got, want):
             i = int(np.flatnonzero(nonzero)[int(np.flatnonzero(got != want)[0])])
@@ -258,10 +269,10 @@ class Replica:
         return raw, nonzero
 
     def _decode_framed(self, offset: int, end: int, codec: int, zeros: np.ndarray, check: bytes,
-                       payload) -> tuple[memoryview, np.ndarray, np.ndarray]:
+                       payload, into=None) -> tuple[memoryview, np.ndarray, np.ndarray]:
         """Decompress a BLOCK_DATA payload, digest its blocks, and check them against the frame digest."""
         nonzero = ~zeros
-        raw, got = self._decode_blocks(offset, end, codec, nonzero, payload)
+        raw, got = self._decode_blocks(offset, end, codec, nonzero, payload, into)
         digests = np.zeros(len(zeros), dtype="<u8")
         digests[nonzero] = got
         if frame_digest(digests) != check or not got.all():
