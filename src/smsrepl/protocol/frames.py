@@ -18,7 +18,8 @@ the event class; unknown or missing keys are a protocol error. Binary bodies:
     BLOCK_DATA  u64 offset | u32 range length | u8 codec | 3 zero bytes |
                 16-byte digest | zero map, ceil(range length / 4096 / 8) bytes | payload
                 (the frame sets the blocks of [offset, offset + range length);
-                offset is 4 KiB aligned. Bit i of the zero map (LSB first, unused
+                offset is 4 KiB aligned; range length at most LEGACY_RAW (4 MiB),
+                or MAX_RAW (8 MiB) when the receiver listed "frame-8m". Bit i of the zero map (LSB first, unused
                 bits 0) says block i is all zero: zero blocks are never carried,
                 compressed or not; the payload decodes to the non-zero blocks, in
                 order. The digest is XXH3-128 over the XXH3-64 of every 4 KiB
