@@ -1,0 +1,162 @@
+"""Path rules of a file-level migration, from the 5.10.1 configuration body.
+
+Keys (both spellings the service uses)::
+
+    EXCLUDE_MIGRATE_PATH, MIGRATE_EXCLUDE_PATH, MIGRATE_EXCLUDE_DIR   not copied, ever
+    SYNC_EXCLUDE_PATH, SYNC_EXCLUDE_DIR                                not copied by sync rounds
+    ONLY_SYNC_PATH, ONLY_SYNC_DIR                                      sync rounds copy only these
+    CONSISTENCY_DIR                                                    directories the check covers
+    LINUX_CPU_LIMIT                                                    CPU cap (ratelimit.CpuCap)
+
+A ``config_value`` is a comma-separated list of absolute paths or shell globs
+on the source machine: ``*``, ``?`` and ``[...]`` match within one path
+component, ``**`` matches any number of components. A pattern names an entry
+and everything under it. Paths are taken relative to the transfer's source
+directory, which stands for the source machine's ``/``.
+
+What migration excludes, sync rounds exclude too (a sync must not bring in
+what the copy left out), and a sync round never deletes on the target under
+an excluded path.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from ..errors import ConfigError
+
+MIGRATE_EXCLUDE = ("EXCLUDE_MIGRATE_PATH", "MIGRATE_EXCLUDE_PATH", "MIGRATE_EXCLUDE_DIR")
+SYNC_EXCLUDE = ("SYNC_EXCLUDE_PATH", "SYNC_EXCLUDE_DIR")
+ONLY_SYNC = ("ONLY_SYNC_PATH", "ONLY_SYNC_DIR")
+CONSISTENCY = ("CONSISTENCY_DIR",)
+CPU_LIMIT = "LINUX_CPU_LIMIT"
+KEYS = frozenset(MIGRATE_EXCLUDE + SYNC_EXCLUDE + ONLY_SYNC + CONSISTENCY + (CPU_LIMIT,))
+#: the reference's limit on config_value
+MAX_VALUE = 1024
+_GLOB = b"**"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One absolute path or glob, as components (bytes: file names need not be UTF-8)."""
+
+    text: str
+    parts: tuple[bytes, ...]
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> "Pattern":
+        if not text.startswith("/"):
+            raise ConfigError(f"{where}: {text!r} is not an absolute path")
+        if "\x00" in text:
+            raise ConfigError(f"{where}: {text!r} contains a NUL byte")
+        parts = tuple(p for p in os.fsencode(text).split(b"/") if p and p != b".")
+        if b".." in parts:
+            raise ConfigError(f"{where}: {text!r} contains '..'")
+        if not parts:
+            raise ConfigError(f"{where}: {text!r} names the whole tree ('/'); leave the key out instead")
+        return cls(text, parts)
+
+    def covers(self, path: Sequence[bytes]) -> bool:
+        """The pattern names ``path`` or one of its ancestors."""
+        return _match(self.parts, tuple(path), prefix_of_path=True)
+
+    def may_be_below(self, path: Sequence[bytes]) -> bool:
+        """Something under directory ``path`` could be named by the pattern."""
+        return _match(self.parts, tuple(path), prefix_of_pattern=True)
+
+
+def _match(pat: tuple[bytes, ...], path: tuple[bytes, ...], *, prefix_of_path: bool = False,
+           prefix_of_pattern: bool = False) -> bool:
+    """Component-wise glob match. ``prefix_of_path``: the pattern may match a leading part of
+    the path (an ancestor); ``prefix_of_pattern``: the path may match a leading part of the pattern."""
+    if not pat:
+        return not path or prefix_of_path
+    if not path:
+        return prefix_of_pattern or all(p == _GLOB for p in pat)
+    head = pat[0]
+    if head == _GLOB:
+        # ** takes no component, or one more
+        return (_match(pat[1:], path, prefix_of_path=prefix_of_path, prefix_of_pattern=prefix_of_pattern)
+                or _match(pat, path[1:], prefix_of_path=prefix_of_path, prefix_of_pattern=prefix_of_pattern))
+    if not fnmatchcase(path[0], head):
+        return False
+    return _match(pat[1:], path[1:], prefix_of_path=prefix_of_path, prefix_of_pattern=prefix_of_pattern)
+
+
+@dataclass(frozen=True)
+class PathRules:
+    migrate_exclude: tuple[Pattern, ...] = ()
+    sync_exclude: tuple[Pattern, ...] = ()
+    only_sync: tuple[Pattern, ...] = ()
+    consistency_dirs: tuple[Pattern, ...] = ()
+    cpu_limit: Any = None
+    #: the keys that were given, for messages
+    given: frozenset = field(default=frozenset())
+
+    @classmethod
+    def from_configurations(cls, body: Any, *, source: str = "configuration") -> "PathRules":
+        """Parse and check a 5.10.1 body ``{"configurations": [{"config_key", "config_value"}]}``."""
+        items = body.get("configurations") if isinstance(body, Mapping) else None
+        if not isinstance(items, list):
+            raise ConfigError(f"{source}: expected {{\"configurations\": [...]}} (5.10.1)")
+        lists: dict[str, list[Pattern]] = {"m": [], "s": [], "o": [], "c": []}
+        cpu = None
+        given = set()
+        for i, item in enumerate(items):
+            where = f"{source} configurations[{i}]"
+            if not isinstance(item, Mapping):
+                raise ConfigError(f"{where}: expected an object with config_key and config_value")
+            key, value = item.get("config_key"), item.get("config_value")
+            if not isinstance(key, str) or key.strip() not in KEYS:
+                raise ConfigError(f"{where}: unknown config_key {key!r} (known: {', '.join(sorted(KEYS))})")
+            key = key.strip()  # the reference's own examples write " EXCLUDE_MIGRATE_PATH"
+            given.add(key)
+            where = f"{where} ({key})"
+            if key == CPU_LIMIT:
+                from ..ratelimit import CpuCap
+
+                try:
+                    CpuCap(value)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+                cpu = value
+                continue
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: config_value must be a string of comma-separated paths, "
+                                  f"got {type(value).__name__}")
+            if len(value) > MAX_VALUE:
+                raise ConfigError(f"{where}: config_value is {len(value)} characters, at most {MAX_VALUE}")
+            slot = "m" if key in MIGRATE_EXCLUDE else "s" if key in SYNC_EXCLUDE else "o" if key in ONLY_SYNC else "c"
+            for text in (t.strip() for t in value.split(",")):
+                if text:
+                    lists[slot].append(Pattern.parse(text, where))
+        return cls(tuple(lists["m"]), tuple(lists["s"]), tuple(lists["o"]), tuple(lists["c"]), cpu, frozenset(given))
+
+    def for_round(self, kind: str) -> "RoundFilter":
+        """What a round of ``kind`` ("full" or "sync") copies and may delete."""
+        if kind == "full":
+            return RoundFilter(self.migrate_exclude, ())
+        if kind == "sync":
+            return RoundFilter(self.migrate_exclude + self.sync_exclude, self.only_sync)
+        raise ValueError(f"round kind must be 'full' or 'sync', not {kind!r}")
+
+
+@dataclass(frozen=True)
+class RoundFilter:
+    exclude: tuple[Pattern, ...]
+    only: tuple[Pattern, ...]  # empty: everything not excluded
+
+    def includes(self, path: Sequence[bytes]) -> bool:
+        """The entry at ``path`` (components from the tree's root) takes part in the round."""
+        if any(p.covers(path) for p in self.exclude):
+            return False
+        return not self.only or any(p.covers(path) for p in self.only)
+
+    def descend(self, path: Sequence[bytes]) -> bool:
+        """Directory ``path`` must be walked: it or something below it may take part."""
+        if any(p.covers(path) for p in self.exclude):
+            return False
+        return not self.only or any(p.covers(path) or p.may_be_below(path) for p in self.only)
