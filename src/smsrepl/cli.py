@@ -151,12 +151,8 @@ class _ScheduleWatcher:
                 print(f"ignoring changed speed limit: {exc}", file=sys.stderr)
 
 
-def _block_cpu_cap(path: str | None):
-    """The 5.10.1 configuration body for block transfer: only LINUX_CPU_LIMIT applies."""
-    if not path:
-        return None
-    from .ratelimit import CpuCap
-
+def _read_config(path: str) -> dict:
+    """A 5.10.1 configuration body from a file."""
     try:
         with open(path, "rb") as fh:
             body = json.loads(fh.read())
@@ -167,13 +163,22 @@ def _block_cpu_cap(path: str | None):
     items = body.get("configurations") if isinstance(body, dict) else None
     if not isinstance(items, list):
         raise ConfigError(f"--config {path!r}: expected {{\"configurations\": [...]}} (5.10.1)")
-    file_keys = {"EXCLUDE_MIGRATE_PATH", "MIGRATE_EXCLUDE_PATH", "SYNC_EXCLUDE_PATH", "ONLY_SYNC_PATH",
-                 "MIGRATE_EXCLUDE_DIR", "SYNC_EXCLUDE_DIR", "ONLY_SYNC_DIR", "CONSISTENCY_DIR"}
-    for i, item in enumerate(items):
+    return body
+
+
+def _block_cpu_cap(path: str | None):
+    """The 5.10.1 configuration body for block transfer: only LINUX_CPU_LIMIT applies."""
+    if not path:
+        return None
+    from .files.rules import CPU_LIMIT, KEYS
+    from .ratelimit import CpuCap
+
+    body = _read_config(path)
+    for i, item in enumerate(body["configurations"]):
         key = item.get("config_key") if isinstance(item, dict) else None
-        if key in file_keys:
+        if key in KEYS - {CPU_LIMIT}:
             raise ConfigError(f"--config configurations[{i}]: {key} applies to file-level transfer only")
-        if key != "LINUX_CPU_LIMIT":
+        if key != CPU_LIMIT:
             raise ConfigError(f"--config configurations[{i}]: unknown config_key {key!r}")
     return CpuCap.from_configurations(body)
 
@@ -285,6 +290,31 @@ def cmd_verify_block(args) -> int:
     return 0 if consistent else 1
 
 
+def cmd_verify_files(args) -> int:
+    from .files.compare import compare_trees
+    from .files.rules import PathRules
+
+    try:
+        if not args.target_path:
+            raise ConfigError("verify files: remote verification (--to) is not available in this version; "
+                              "give TARGET_DIR")
+        dirs = list(args.dir_check or [])
+        if args.config:
+            rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}")
+            dirs += [p.text for p in rules.consistency_dirs]
+        result, checks = compare_trees(args.source, args.target_path, dirs)
+    except ReplicationError as exc:  # SPEC: 2 on error, whatever the error's transfer exit code
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    if args.list:
+        for check in checks:
+            print(f"# {check.dir_check}", file=sys.stderr)
+            for row in check.combined():
+                print(row, file=sys.stderr)
+    print(json.dumps(result))
+    return 0 if result["check_result"] == "consistent" else 1
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -355,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     vb.add_argument("source")
     vb.add_argument("target_path", nargs="?", metavar="TARGET")
     vb.set_defaults(func=cmd_verify_block)
+    vf = ver.add_parser("files", help="compare two directory trees (5.4.13 counts)")
+    vf.add_argument("source", metavar="SRC_DIR")
+    vf.add_argument("target_path", nargs="?", metavar="TARGET_DIR")
+    vf.add_argument("--dir-check", action="append", metavar="PATH",
+                    help="a directory to check, absolute from the tree's root (repeatable; default: all)")
+    vf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON: its CONSISTENCY_DIR entries")
+    vf.add_argument("--list", action="store_true",
+                    help="also list every path on stderr: '=' same, '*' different, '-' missing, '+' extra")
+    vf.set_defaults(func=cmd_verify_files)
 
     demo = sub.add_parser("demo", help="run the whole loop on this machine")
     demo.add_argument("--size-mib", type=int, default=64)

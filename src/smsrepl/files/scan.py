@@ -1,0 +1,109 @@
+"""Tree scan: every entry under a root, in a fixed order, without following symlinks.
+
+Names are bytes end to end (Linux file names need not be UTF-8). Paths are
+relative to the root, components joined by ``/``; the root itself is ``b""``.
+A directory comes before its content; names within a directory are sorted
+by their bytes, so two scans of equal trees yield equal sequences.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ..errors import SourceError
+from .rules import RoundFilter
+
+KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev",
+         stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+
+
+@dataclass(slots=True)
+class Entry:
+    path: bytes
+    kind: str
+    mode: int  # permission bits (S_IMODE)
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    dev: int
+    ino: int
+    nlink: int
+    rdev: int
+    link: bytes | None = None  # a symlink's target, as stored
+
+    @property
+    def parts(self) -> tuple[bytes, ...]:
+        return tuple(self.path.split(b"/")) if self.path else ()
+
+    @classmethod
+    def from_stat(cls, path: bytes, st: os.stat_result, link: bytes | None = None) -> "Entry":
+        return cls(path, KINDS.get(stat.S_IFMT(st.st_mode), "unknown"), stat.S_IMODE(st.st_mode), st.st_uid,
+                   st.st_gid, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_nlink, st.st_rdev, link)
+
+
+def _raise(path: bytes, exc: OSError) -> None:
+    raise SourceError(f"cannot read {os.fsdecode(path)!r}: {exc.strerror or exc}") from None
+
+
+def walk(root: str | bytes, filt: RoundFilter | None = None, *,
+         on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False) -> Iterator[Entry]:
+    """Yield the entries under ``root`` that ``filt`` includes (all without a filter).
+
+    Directories that the filter neither includes nor needs to walk through are
+    pruned. ``on_error(path, exc)`` decides about unreadable entries (default:
+    SourceError naming the full path; a callback gets the relative path). With ``one_file_system``, mount points below the root are
+    listed but not entered (as ``rsync -x``).
+    """
+    top = os.fsencode(root)
+    try:
+        st = os.lstat(top)
+    except OSError as exc:
+        _raise(top, exc)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"{os.fsdecode(top)!r} is not a directory")
+    yield Entry.from_stat(b"", st)
+    dev = st.st_dev if one_file_system else None
+    # an explicit stack, not recursion: trees can be deeper than Python's recursion limit
+    stack = [_listing(top, b"", (), on_error)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        child, cparts, st, link = item
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if filt is not None and not filt.includes(cparts):
+            if is_dir and filt.descend(cparts):
+                # on the way to an included path: walked, but not itself part of the round
+                stack.append(_listing(top, child, cparts, on_error))
+            continue
+        yield Entry.from_stat(child, st, link)
+        if is_dir and (dev is None or st.st_dev == dev):
+            stack.append(_listing(top, child, cparts, on_error))
+
+
+def _listing(top: bytes, rel: bytes, parts: tuple[bytes, ...], on_error):
+    """(path, parts, lstat, symlink target) of a directory's entries, sorted by name."""
+    full = top + b"/" + rel if rel else top
+    try:
+        with os.scandir(full) as it:
+            items = sorted(it, key=lambda d: d.name)
+    except OSError as exc:
+        if on_error is _raise:  # the default names the whole path
+            _raise(full, exc)
+        on_error(rel, exc)
+        return
+    for d in items:
+        child = rel + b"/" + d.name if rel else d.name
+        try:
+            st = d.stat(follow_symlinks=False)
+            link = os.readlink(d.path) if stat.S_ISLNK(st.st_mode) else None
+        except OSError as exc:
+            if on_error is _raise:
+                _raise(top + b"/" + child, exc)
+            on_error(child, exc)
+            continue
+        yield child, parts + (d.name,), st, link

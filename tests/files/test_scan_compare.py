@@ -1,0 +1,193 @@
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from smsrepl.errors import SourceError
+from smsrepl.files.compare import compare_trees
+from smsrepl.files.rules import PathRules
+from smsrepl.files.scan import walk
+
+
+def make_tree(root, n_files=300, seed=1):
+    rng = random.Random(seed)
+    dirs = [""]
+    for i in range(30):
+        parent = rng.choice(dirs)
+        d = os.path.join(parent, f"dir {i}") if parent else f"dir {i}"
+        os.makedirs(os.path.join(root, d))
+        dirs.append(d)
+    os.makedirs(os.path.join(root, "empty dir"))
+    paths = []
+    for i in range(n_files):
+        p = os.path.join(root, rng.choice(dirs), f"file {i}.dat")
+        with open(p, "wb") as fh:
+            fh.write(rng.randbytes(rng.randint(0, 5000)))
+        paths.append(os.path.relpath(p, root))
+    return paths
+
+
+def test_walk_order_kinds_symlinks_not_followed_and_odd_names(tmp_path):
+    root = tmp_path / "t"
+    (root / "b").mkdir(parents=True)
+    (root / "a").write_bytes(b"x")
+    os.symlink("/etc", root / "b" / "etc-link")  # a link to a directory: listed, never entered
+    odd = os.fsencode(str(root / "b")) + b"/name\nwith newline \xff\xfe"
+    with open(odd, "wb") as fh:
+        fh.write(b"y")
+    os.link(root / "a", root / "b" / "hard")
+    os.mkfifo(root / "fifo")
+    got = [(e.path, e.kind) for e in walk(str(root))]
+    assert got == [(b"", "dir"), (b"a", "file"), (b"b", "dir"), (b"b/etc-link", "symlink"), (b"b/hard", "file"),
+                   (b"b/name\nwith newline \xff\xfe", "file"), (b"fifo", "fifo")]
+    entries = {e.path: e for e in walk(str(root))}
+    assert entries[b"b/etc-link"].link == b"/etc"
+    assert entries[b"a"].ino == entries[b"b/hard"].ino and entries[b"a"].nlink == 2
+
+
+def test_walk_deeper_than_the_recursion_limit(tmp_path):
+    depth = sys.getrecursionlimit() + 200
+    path = os.fsencode(str(tmp_path / "deep"))
+    os.mkdir(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(depth):  # relative to directory descriptors: the whole path is too long for one call
+            os.mkdir(b"d", dir_fd=fd)
+            nfd = os.open(b"d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+    try:
+        n = sum(1 for _ in walk(path))
+    except SourceError as exc:  # the kernel's PATH_MAX, not Python's stack, may end the walk
+        assert "File name too long" in str(exc)
+        return
+    assert n == depth + 1
+
+
+def test_walk_prunes_excluded_directories(tmp_path):
+    root = tmp_path / "t"
+    for d in ("var/log/nginx", "var/lib", "home/ann/cache", "home/ann/docs"):
+        (root / d).mkdir(parents=True)
+        (root / d / "f").write_bytes(b"1")
+    rules = PathRules.from_configurations({"configurations": [
+        {"config_key": "EXCLUDE_MIGRATE_PATH", "config_value": "/var/log,/home/*/cache"},
+        {"config_key": "ONLY_SYNC_PATH", "config_value": "/home/ann/docs"}]})
+    full = [e.path for e in walk(str(root), rules.for_round("full"))]
+    assert b"var/log" not in full and b"var/log/nginx/f" not in full and b"home/ann/cache/f" not in full
+    assert b"var/lib/f" in full and b"home/ann/docs/f" in full
+    sync = [e.path for e in walk(str(root), rules.for_round("sync"))]
+    assert sync == [b"", b"home/ann/docs", b"home/ann/docs/f"]
+
+
+def test_unreadable_directory_is_an_error_or_reported(tmp_path):
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop root's privileges")
+    import pathlib
+    import tempfile
+
+    base = pathlib.Path(tempfile.mkdtemp(prefix="smsrepl-scan-"))  # pytest's tmp_path is root's alone
+    os.chmod(base, 0o755)
+    root = base / "t"
+    (root / "locked").mkdir(parents=True)
+    (root / "locked" / "f").write_bytes(b"1")
+    os.chmod(root / "locked", 0)
+    code = ("import sys; from smsrepl.files.scan import walk\n"
+            "seen = []\n"
+            "print([e.path for e in walk(sys.argv[1], on_error=lambda p, e: seen.append(p))], seen)\n"
+            "list(walk(sys.argv[1]))\n")
+    cmd = [sys.executable, "-c", code, str(root)]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+    cp = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    os.chmod(root / "locked", 0o755)
+    shutil.rmtree(base)
+    assert "[b'', b'locked'] [b'locked']" in cp.stdout, cp.stderr
+    assert cp.returncode != 0 and "SourceError" in cp.stderr and "cannot read" in cp.stderr
+    assert "t/locked': Permission denied" in cp.stderr
+
+
+def rclone_counts(src, dst):
+    cp = subprocess.run(["rclone", "check", str(src), str(dst), "--combined", "-", "--config", "/dev/null"],
+                        capture_output=True, text=True)
+    marks = [line[0] for line in cp.stdout.splitlines() if line]
+    assert "!" not in marks, cp.stdout + cp.stderr
+    # rclone's marks: "+" only in the source (missing on the target), "-" only in the destination
+    return {"total": marks.count("=") + marks.count("*") + marks.count("+"), "different": marks.count("*"),
+            "missing": marks.count("+"), "extra": marks.count("-")}
+
+
+@pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone (Debian package) is not installed")
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_counts_equal_rclone_check(tmp_path, seed):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    paths = make_tree(src, seed=seed)
+    shutil.copytree(src, dst, symlinks=True)
+    rng = random.Random(seed)
+    picked = rng.sample(paths, 40)
+    for p in picked[:10]:
+        os.unlink(dst / p)
+    for p in picked[10:25]:  # different content: some the same size, some not
+        data = bytearray((dst / p).read_bytes() or b"\0")
+        data[len(data) // 2] ^= 1
+        (dst / p).write_bytes(bytes(data) if rng.random() < 0.5 else bytes(data) + b"more")
+    for i in range(7):
+        (dst / f"extra {i}").write_bytes(b"e")
+    (dst / "dir 0" / "extra dir").mkdir()
+    (dst / "dir 0" / "extra dir" / "x").write_bytes(b"x")
+    body, checks = compare_trees(str(src), str(dst))
+    ours = body["consistency_result"][0]
+    theirs = rclone_counts(src, dst)
+    assert (ours["num_total_files"], ours["num_different_files"], ours["num_target_miss_files"],
+            ours["num_target_more_files"]) == (theirs["total"], theirs["different"], theirs["missing"], theirs["extra"])
+    assert (theirs["different"], theirs["missing"], theirs["extra"]) == (15, 10, 8)
+    assert body["check_result"] == "inconsistent"
+
+
+def test_metadata_differences_count_and_dir_checks_limit_the_count(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in ("etc", "var/lib", "home"):
+        (src / d).mkdir(parents=True)
+        for i in range(3):
+            (src / d / f"f{i}").write_bytes(b"data %d" % i)
+    os.symlink("f0", src / "etc" / "link")
+    shutil.copytree(src, dst, symlinks=True)
+    body, _ = compare_trees(str(src), str(dst), ["/etc", "/var/*"])
+    assert body["check_result"] == "consistent"
+    assert [c["num_total_files"] for c in body["consistency_result"]] == [4, 3]
+    os.chmod(dst / "etc" / "f1", 0o600)  # metadata only
+    os.unlink(dst / "etc" / "link")
+    os.symlink("f2", dst / "etc" / "link")  # another target
+    os.utime(dst / "var" / "lib" / "f0", ns=(0, 123456789))
+    (dst / "home" / "f0").write_bytes(b"changed")  # outside the checked directories
+    body, checks = compare_trees(str(src), str(dst), ["/etc", "/var/*"])
+    assert [c["num_different_files"] for c in body["consistency_result"]] == [2, 1]
+    assert body["check_result"] == "inconsistent"
+    assert checks[0].combined() == ["= etc/f0", "* etc/f1", "= etc/f2", "* etc/link"]
+
+
+def test_cli_verify_files(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src, n_files=50)
+    shutil.copytree(src, dst, symlinks=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "smsrepl", "verify", "files", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    cp = run(str(src), str(dst))
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["consistency_result"][0]["num_total_files"] == 50
+    (dst / "new").write_bytes(b"n")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"configurations": [{"config_key": "CONSISTENCY_DIR", "config_value": "/"}]}))
+    cp = run(str(src), str(dst), "--list")
+    assert cp.returncode == 1 and "+ new" in cp.stderr
+    assert json.loads(cp.stdout)["consistency_result"][0]["num_target_more_files"] == 1
+    cfg.write_text(json.dumps({"configurations": [{"config_key": "CONSISTENCY_DIR", "config_value": "etc"}]}))
+    cp = run(str(src), str(dst), "--config", str(cfg))
+    assert cp.returncode == 2 and "CONSISTENCY_DIR" in cp.stderr and "not an absolute path" in cp.stderr
+    cp = run(str(src), str(tmp_path / "nowhere"))
+    assert cp.returncode == 2 and "nowhere': No such file or directory" in cp.stderr
