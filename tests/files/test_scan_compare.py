@@ -53,21 +53,23 @@ def test_walk_deeper_than_the_recursion_limit(tmp_path):
     depth = sys.getrecursionlimit() + 200
     path = os.fsencode(str(tmp_path / "deep"))
     os.mkdir(path)
-    fd = os.open(path, os.O_RDONLY)
+    fds = [os.open(path, os.O_RDONLY)]
     try:
         for _ in range(depth):  # relative to directory descriptors: the whole path is too long for one call
-            os.mkdir(b"d", dir_fd=fd)
-            nfd = os.open(b"d", os.O_RDONLY, dir_fd=fd)
+            os.mkdir(b"d", dir_fd=fds[-1])
+            fds.append(os.open(b"d", os.O_RDONLY, dir_fd=fds[-1]))
+        try:
+            n = sum(1 for _ in walk(path))
+        except SourceError as exc:  # the kernel's PATH_MAX, not Python's stack, may end the walk
+            assert "File name too long" in str(exc)
+        else:
+            assert n == depth + 1
+    finally:  # bottom-up: pytest's own clean-up recurses and would fail on this tree
+        os.close(fds.pop())
+        while fds:
+            fd = fds.pop()
+            os.rmdir(b"d", dir_fd=fd)
             os.close(fd)
-            fd = nfd
-    finally:
-        os.close(fd)
-    try:
-        n = sum(1 for _ in walk(path))
-    except SourceError as exc:  # the kernel's PATH_MAX, not Python's stack, may end the walk
-        assert "File name too long" in str(exc)
-        return
-    assert n == depth + 1
 
 
 def test_walk_prunes_excluded_directories(tmp_path):

@@ -7,6 +7,7 @@ by their bytes, so two scans of equal trees yield equal sequences.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ class Entry:
     nlink: int
     rdev: int
     link: bytes | None = None  # a symlink's target, as stored
+    xattrs: dict[bytes, bytes] | None = None  # with walk(xattrs=True); POSIX ACLs are among them
 
     @property
     def parts(self) -> tuple[bytes, ...]:
@@ -48,14 +50,36 @@ def _raise(path: bytes, exc: OSError) -> None:
     raise SourceError(f"cannot read {os.fsdecode(path)!r}: {exc.strerror or exc}") from None
 
 
+def read_xattrs(path: bytes) -> dict[bytes, bytes]:
+    """Extended attributes of ``path`` itself (not a symlink's target); POSIX ACLs are the
+    ``system.posix_acl_*`` ones. Empty where the file system has none."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    out = {}
+    for name in names:
+        try:
+            out[os.fsencode(name)] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                raise
+    return out
+
+
 def walk(root: str | bytes, filt: RoundFilter | None = None, *,
-         on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False) -> Iterator[Entry]:
+         on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False,
+         xattrs: bool = False) -> Iterator[Entry]:
     """Yield the entries under ``root`` that ``filt`` includes (all without a filter).
 
     Directories that the filter neither includes nor needs to walk through are
     pruned. ``on_error(path, exc)`` decides about unreadable entries (default:
-    SourceError naming the full path; a callback gets the relative path). With ``one_file_system``, mount points below the root are
-    listed but not entered (as ``rsync -x``).
+    SourceError naming the full path; a callback gets the relative path). With
+    ``one_file_system``, mount points below the root are listed but not entered
+    (as ``rsync -x``). With ``xattrs``, each entry carries its extended
+    attributes (``rsync -X``, and ``-A`` through them).
     """
     top = os.fsencode(root)
     try:
@@ -64,7 +88,10 @@ def walk(root: str | bytes, filt: RoundFilter | None = None, *,
         _raise(top, exc)
     if not stat.S_ISDIR(st.st_mode):
         raise SourceError(f"{os.fsdecode(top)!r} is not a directory")
-    yield Entry.from_stat(b"", st)
+    root_entry = Entry.from_stat(b"", st)
+    if xattrs:
+        root_entry.xattrs = read_xattrs(top)
+    yield root_entry
     dev = st.st_dev if one_file_system else None
     # an explicit stack, not recursion: trees can be deeper than Python's recursion limit
     stack = [_listing(top, b"", (), on_error)]
@@ -80,7 +107,14 @@ def walk(root: str | bytes, filt: RoundFilter | None = None, *,
                 # on the way to an included path: walked, but not itself part of the round
                 stack.append(_listing(top, child, cparts, on_error))
             continue
-        yield Entry.from_stat(child, st, link)
+        entry = Entry.from_stat(child, st, link)
+        if xattrs:
+            try:
+                entry.xattrs = read_xattrs(top + b"/" + child)
+            except OSError as exc:
+                on_error(child, exc)
+                continue
+        yield entry
         if is_dir and (dev is None or st.st_dev == dev):
             stack.append(_listing(top, child, cparts, on_error))
 

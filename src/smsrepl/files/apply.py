@@ -1,0 +1,355 @@
+"""Apply tree entries under a target root: atomically, and never outside it.
+
+Every name is checked (no absolute paths, no ``..``, no empty, ``.`` or
+over-long components, no NUL). Directories are opened one component at a
+time relative to their parent's descriptor with O_NOFOLLOW, so a symlink in
+the target (planted or left from an old tree) is never followed by a write.
+
+A file's data goes to a temporary name in its directory, is made durable,
+gets its owner, mode, xattrs and times, and only then is renamed onto its
+final name: a half-written file never appears under that name. Temporaries
+left by a killed run are named ``.smsrepl~<16 hex>~<name>`` and removed by
+:func:`remove_temporaries` at the start of the next. Directory times are
+set last (adding entries changes them), by :meth:`TreeWriter.finish`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+
+from .. import kernels
+from ..blocks.manifest import run_arrays
+from ..errors import RemoteProtocolError, TargetWriteError
+from .scan import Entry
+
+NAME_MAX = 255
+TEMP_RE = re.compile(rb"^\.smsrepl~[0-9a-f]{16}~")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: hole granularity when writing sparse files
+SPARSE_BLOCK = 4096
+
+
+def check_path(path: bytes) -> tuple[bytes, ...]:
+    """The components of a relative entry path, or RemoteProtocolError (SMS.1908) naming the problem."""
+    if not isinstance(path, bytes) or not path:
+        raise RemoteProtocolError(f"entry path {path!r} is empty or not bytes")
+    if path.startswith(b"/"):
+        raise RemoteProtocolError(f"entry path {path!r} is absolute")
+    parts = tuple(path.split(b"/"))
+    for p in parts:
+        if p in (b"", b".", b".."):
+            raise RemoteProtocolError(f"entry path {path!r} has an empty, '.' or '..' component")
+        if b"\0" in p:
+            raise RemoteProtocolError(f"entry path {path!r} contains a NUL byte")
+        if len(p) > NAME_MAX:
+            raise RemoteProtocolError(f"entry path {path!r} has a component longer than {NAME_MAX} bytes")
+    return parts
+
+
+def _temp_name(name: bytes) -> bytes:
+    return b".smsrepl~" + os.urandom(8).hex().encode() + b"~" + name[:NAME_MAX - 27]
+
+
+class TreeWriter:
+    def __init__(self, root: str | bytes, *, preserve_owner: bool | None = None, fsync: bool = True,
+                 cache: int = 64) -> None:
+        self.root = os.fsencode(root)
+        try:
+            self.root_fd = os.open(self.root, _DIR_FLAGS)
+        except OSError as exc:
+            raise TargetWriteError(f"target root {os.fsdecode(self.root)!r}: {exc.strerror}") from None
+        self.preserve_owner = os.geteuid() == 0 if preserve_owner is None else preserve_owner
+        self.fsync = fsync
+        self._fds: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
+        self._cache = cache
+        self._dirs: list[tuple[tuple[bytes, ...], Entry]] = []
+        #: what could not be recreated (device files without root, xattrs the file system refused)
+        self.reported: list[str] = []
+
+    # --- directory descriptors ------------------------------------------------
+    def dir_fd(self, parts: tuple[bytes, ...]) -> int:
+        """An O_NOFOLLOW descriptor of directory ``parts`` (which must exist as a real directory)."""
+        if not parts:
+            return self.root_fd
+        fd = self._fds.get(parts)
+        if fd is not None:
+            self._fds.move_to_end(parts)
+            return fd
+        parent = self.dir_fd(parts[:-1])
+        try:
+            fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            what = "is a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror
+            raise TargetWriteError(f"target {self._show(parts)!r}: {what}") from None
+        self._fds[parts] = fd
+        while len(self._fds) > self._cache:
+            old, ofd = self._fds.popitem(last=False)
+            os.close(ofd)
+        return fd
+
+    def _forget(self, parts: tuple[bytes, ...]) -> None:
+        for key in [k for k in self._fds if k[:len(parts)] == parts]:
+            os.close(self._fds.pop(key))
+
+    def _show(self, parts) -> str:
+        return os.fsdecode(b"/".join((self.root,) + tuple(parts)))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    def __enter__(self) -> "TreeWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- entries ---------------------------------------------------------------
+    def existing(self, path: bytes) -> os.stat_result | None:
+        parts = check_path(path)
+        try:
+            return os.stat(parts[-1], dir_fd=self.dir_fd(parts[:-1]), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def mkdir(self, entry: Entry) -> None:
+        """Create directory ``entry`` (or keep it); its metadata is set by finish()."""
+        parts = check_path(entry.path)
+        parent = self.dir_fd(parts[:-1])
+        st = self._lstat(parts, parent)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            self._remove(parts, parent, st)
+            st = None
+        if st is None:
+            os.mkdir(parts[-1], 0o700, dir_fd=parent)
+        self._dirs.append((parts, entry))
+
+    def write_file(self, entry: Entry, chunks: Iterable[bytes | memoryview], *, sparse: bool = True) -> None:
+        """Write a regular file from its data, in order; atomically replaces what is there."""
+        parts = check_path(entry.path)
+        parent = self.dir_fd(parts[:-1])
+        tmp = _temp_name(parts[-1])
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+        try:
+            pos = 0
+            for chunk in chunks:
+                pos = self._write_data(fd, chunk, pos, sparse)
+            if pos != entry.size:
+                raise TargetWriteError(f"{self._show(parts)!r}: got {pos} bytes, the entry says {entry.size}")
+            os.ftruncate(fd, pos)  # a file ending in a hole
+            self._set_meta_fd(fd, entry)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(tmp, parent)
+            raise
+        os.close(fd)
+        self._install(tmp, parts, parent)
+
+    def symlink(self, entry: Entry) -> None:
+        parts = check_path(entry.path)
+        parent = self.dir_fd(parts[:-1])
+        tmp = _temp_name(parts[-1])
+        os.symlink(entry.link, tmp, dir_fd=parent)
+        try:
+            if self.preserve_owner:
+                os.chown(tmp, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+            os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        except BaseException:
+            _unlink_quiet(tmp, parent)
+            raise
+        self._install(tmp, parts, parent)
+
+    def hardlink(self, entry: Entry, to: bytes) -> None:
+        """Make ``entry`` another name of the already applied ``to``."""
+        parts, target = check_path(entry.path), check_path(to)
+        parent = self.dir_fd(parts[:-1])
+        tdir = self.dir_fd(target[:-1])
+        have = self._lstat(parts, parent)
+        if have is not None:
+            other = os.stat(target[-1], dir_fd=tdir, follow_symlinks=False)
+            if (have.st_dev, have.st_ino) == (other.st_dev, other.st_ino):
+                return
+        tmp = _temp_name(parts[-1])
+        os.link(target[-1], tmp, src_dir_fd=tdir, dst_dir_fd=parent, follow_symlinks=False)
+        self._install(tmp, parts, parent)
+
+    def special(self, entry: Entry) -> bool:
+        """A FIFO, socket or device node; False (and reported) where it cannot be made."""
+        parts = check_path(entry.path)
+        parent = self.dir_fd(parts[:-1])
+        kind = {"fifo": stat.S_IFIFO, "chardev": stat.S_IFCHR, "blockdev": stat.S_IFBLK, "socket": stat.S_IFSOCK}
+        if entry.kind in ("chardev", "blockdev") and os.geteuid() != 0:
+            self.reported.append(f"{os.fsdecode(entry.path)}: device file not recreated (needs root)")
+            return False
+        tmp = _temp_name(parts[-1])
+        os.mknod(tmp, 0o600 | kind[entry.kind], entry.rdev, dir_fd=parent)
+        try:
+            self._set_meta_path(tmp, parent, entry)
+        except BaseException:
+            _unlink_quiet(tmp, parent)
+            raise
+        self._install(tmp, parts, parent)
+        return True
+
+    def set_meta(self, entry: Entry) -> None:
+        """Bring an existing entry's owner, mode, xattrs and times to ``entry``'s (data untouched)."""
+        parts = check_path(entry.path)
+        parent = self.dir_fd(parts[:-1])
+        if entry.kind == "symlink":
+            if self.preserve_owner:
+                os.chown(parts[-1], entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+            os.utime(parts[-1], ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        elif entry.kind == "dir":
+            self._dirs.append((parts, entry))
+        elif entry.kind == "file":
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            except PermissionError:  # mode 000 and not root: what can be set by name
+                self._set_meta_path(parts[-1], parent, entry)
+                return
+            try:
+                self._set_meta_fd(fd, entry)
+            finally:
+                os.close(fd)
+        else:
+            self._set_meta_path(parts[-1], parent, entry)
+
+    def set_root_meta(self, entry: Entry) -> None:
+        """The target root takes the source root's metadata (at finish())."""
+        self._dirs.append(((), entry))
+
+    def readlink(self, path: bytes) -> bytes:
+        parts = check_path(path)
+        return os.readlink(parts[-1], dir_fd=self.dir_fd(parts[:-1]))
+
+    def delete(self, path: bytes) -> None:
+        """Remove an entry, a directory with everything in it; symlinks are removed, not followed."""
+        parts = check_path(path)
+        parent = self.dir_fd(parts[:-1])
+        st = self._lstat(parts, parent)
+        if st is not None:
+            self._remove(parts, parent, st)
+
+    def finish(self) -> None:
+        """Set the metadata of the directories created or touched, deepest first."""
+        for parts, entry in sorted(self._dirs, key=lambda d: len(d[0]), reverse=True):
+            fd = self.dir_fd(parts) if parts else self.root_fd
+            self._set_meta_fd(fd, entry)
+        self._dirs.clear()
+
+    # --- helpers ---------------------------------------------------------------
+    @staticmethod
+    def _lstat(parts, parent) -> os.stat_result | None:
+        try:
+            return os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _remove(self, parts, parent, st) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            self._forget(parts)
+            fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
+            try:
+                for top, dirs, files, dfd in os.fwalk(".", topdown=False, dir_fd=fd, follow_symlinks=False):
+                    for name in files:
+                        os.unlink(name, dir_fd=dfd)
+                    for name in dirs:
+                        # fwalk lists symlinks to directories among dirs: unlink those, rmdir the rest
+                        if stat.S_ISLNK(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                            os.unlink(name, dir_fd=dfd)
+                        else:
+                            os.rmdir(name, dir_fd=dfd)
+            finally:
+                os.close(fd)
+            os.rmdir(parts[-1], dir_fd=parent)
+        else:
+            os.unlink(parts[-1], dir_fd=parent)
+
+    def _install(self, tmp: bytes, parts, parent) -> None:
+        st = self._lstat(parts, parent)
+        if st is not None and stat.S_ISDIR(st.st_mode):  # a directory gives way to a file or link
+            self._remove(parts, parent, st)
+        os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+
+    @staticmethod
+    def _write_data(fd: int, chunk, pos: int, sparse: bool) -> int:
+        view = memoryview(chunk).cast("B")
+        runs = [(0, len(view))]
+        if sparse and len(view) >= SPARSE_BLOCK:
+            # all-zero 4 KiB blocks stay holes, as rsync --sparse keeps them
+            zero = np.empty(-(-len(view) // SPARSE_BLOCK), dtype=np.uint8)
+            if kernels.zero_map(view, SPARSE_BLOCK, zero):
+                starts, counts = run_arrays(zero == 0)
+                runs = [(s * SPARSE_BLOCK, min(len(view), (s + c) * SPARSE_BLOCK))
+                        for s, c in zip(starts.tolist(), counts.tolist())]
+        for lo, hi in runs:
+            done = 0
+            while done < hi - lo:
+                done += os.pwrite(fd, view[lo + done:hi], pos + lo + done)
+        return pos + len(view)
+
+    def _set_meta_fd(self, fd: int, entry: Entry) -> None:
+        if self.preserve_owner:
+            os.fchown(fd, entry.uid, entry.gid)
+        os.fchmod(fd, entry.mode)  # after chown, which clears set-id bits
+        self._set_xattrs(fd, entry)
+        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+    def _set_meta_path(self, name: bytes, parent: int, entry: Entry) -> None:
+        if self.preserve_owner:
+            os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+        os.chmod(name, entry.mode, dir_fd=parent)
+        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
+
+    def _set_xattrs(self, fd: int, entry: Entry) -> None:
+        want = getattr(entry, "xattrs", None)
+        if want is None:
+            return
+        try:
+            have = {os.fsencode(n) for n in os.listxattr(fd)}
+        except OSError:
+            have = set()
+        for name, value in want.items():
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as exc:
+                self.reported.append(f"{os.fsdecode(entry.path)}: xattr {name} not set ({exc.strerror})")
+        for name in have - set(want):
+            try:
+                os.removexattr(fd, name)
+            except OSError:
+                pass
+
+
+def _unlink_quiet(name: bytes, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def remove_temporaries(root: str | bytes) -> int:
+    """Remove what a killed run left (``.smsrepl~...`` names) anywhere under ``root``; returns how many."""
+    removed = 0
+    fd = os.open(os.fsencode(root), _DIR_FLAGS)
+    try:
+        for _top, dirs, files, dfd in os.fwalk(b".", dir_fd=fd, follow_symlinks=False):
+            for name in files + [d for d in dirs if TEMP_RE.match(d)]:
+                if TEMP_RE.match(name):
+                    _unlink_quiet(name, dfd)
+                    removed += 1
+    finally:
+        os.close(fd)
+    return removed
