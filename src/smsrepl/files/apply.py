@@ -22,10 +22,11 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 import numpy as np
+import xxhash
 
 from .. import kernels
 from ..blocks.manifest import run_arrays
-from ..errors import RemoteProtocolError, TargetWriteError
+from ..errors import DecompressionError, RemoteProtocolError, TargetWriteError
 from .scan import Entry
 
 NAME_MAX = 255
@@ -69,6 +70,8 @@ class TreeWriter:
         self._fds: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
         self._cache = cache
         self._dirs: list[tuple[tuple[bytes, ...], Entry]] = []
+        #: directories whose entries changed: made durable by finish()
+        self._touched: set[tuple[bytes, ...]] = set()
         #: what could not be recreated (device files without root, xattrs the file system refused)
         self.reported: list[str] = []
 
@@ -132,30 +135,27 @@ class TreeWriter:
             st = None
         if st is None:
             os.mkdir(parts[-1], 0o700, dir_fd=parent)
+            self._touched.add(parts[:-1])
         self._dirs.append((parts, entry))
 
     def write_file(self, entry: Entry, chunks: Iterable[bytes | memoryview], *, sparse: bool = True) -> None:
         """Write a regular file from its data, in order; atomically replaces what is there."""
+        sink = self.open_file(entry, sparse=sparse)
+        try:
+            for chunk in chunks:
+                sink.write(chunk)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.commit()
+
+    def open_file(self, entry: Entry, *, sparse: bool = True) -> "FileSink":
+        """Start writing regular file ``entry`` under a temporary name (see FileSink)."""
         parts = check_path(entry.path)
         parent = self.dir_fd(parts[:-1])
         tmp = _temp_name(parts[-1])
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
-        try:
-            pos = 0
-            for chunk in chunks:
-                pos = self._write_data(fd, chunk, pos, sparse)
-            if pos != entry.size:
-                raise TargetWriteError(f"{self._show(parts)!r}: got {pos} bytes, the entry says {entry.size}")
-            os.ftruncate(fd, pos)  # a file ending in a hole
-            self._set_meta_fd(fd, entry)
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quiet(tmp, parent)
-            raise
-        os.close(fd)
-        self._install(tmp, parts, parent)
+        return FileSink(self, entry, parts, parent, tmp, fd, sparse)
 
     def symlink(self, entry: Entry) -> None:
         parts = check_path(entry.path)
@@ -241,13 +241,21 @@ class TreeWriter:
         st = self._lstat(parts, parent)
         if st is not None:
             self._remove(parts, parent, st)
+            self._touched.add(parts[:-1])
 
     def finish(self) -> None:
-        """Set the metadata of the directories created or touched, deepest first."""
+        """Set the metadata of the directories created or touched, deepest first, and make
+        every rename, link and removal durable (fsync of the directories they changed)."""
         for parts, entry in sorted(self._dirs, key=lambda d: len(d[0]), reverse=True):
-            fd = self.dir_fd(parts) if parts else self.root_fd
-            self._set_meta_fd(fd, entry)
+            self._set_meta_fd(self.dir_fd(parts), entry)
         self._dirs.clear()
+        if self.fsync:
+            for parts in sorted(self._touched, key=len, reverse=True):
+                try:
+                    os.fsync(self.dir_fd(parts))
+                except TargetWriteError:
+                    pass  # removed later in the round
+        self._touched.clear()
 
     # --- helpers ---------------------------------------------------------------
     @staticmethod
@@ -278,6 +286,7 @@ class TreeWriter:
             os.unlink(parts[-1], dir_fd=parent)
 
     def _install(self, tmp: bytes, parts, parent) -> None:
+        self._touched.add(parts[:-1])
         st = self._lstat(parts, parent)
         if st is not None and stat.S_ISDIR(st.st_mode):  # a directory gives way to a file or link
             self._remove(parts, parent, st)
@@ -331,6 +340,47 @@ class TreeWriter:
                 os.removexattr(fd, name)
             except OSError:
                 pass
+
+
+class FileSink:
+    """A regular file being written: write() its data in order, then commit() (durable,
+    metadata set, renamed onto its name) or abort() (the temporary is removed)."""
+
+    def __init__(self, w: TreeWriter, entry: Entry, parts, parent: int, tmp: bytes, fd: int, sparse: bool) -> None:
+        self.w, self.entry, self.parts, self.parent, self.tmp, self.fd, self.sparse = w, entry, parts, parent, tmp, fd, sparse
+        self.pos = 0
+        self.digest = xxhash.xxh3_128()
+
+    def write(self, chunk) -> None:
+        if self.pos + len(chunk) > self.entry.size:
+            self.abort()
+            raise RemoteProtocolError(f"{os.fsdecode(self.entry.path)!r}: more data than its {self.entry.size} bytes")
+        self.digest.update(chunk)
+        self.pos = self.w._write_data(self.fd, chunk, self.pos, self.sparse)
+
+    def commit(self, digest: bytes | None = None) -> None:
+        try:
+            if self.pos != self.entry.size:
+                raise RemoteProtocolError(f"{os.fsdecode(self.entry.path)!r}: got {self.pos} bytes, "
+                                          f"the entry says {self.entry.size}")
+            if digest is not None and digest != self.digest.digest():
+                raise DecompressionError(f"{os.fsdecode(self.entry.path)!r}: data does not match its digest")
+            os.ftruncate(self.fd, self.pos)  # a file ending in a hole
+            self.w._set_meta_fd(self.fd, self.entry)
+            if self.w.fsync:
+                os.fsync(self.fd)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self.fd)
+        self.fd = -1
+        self.w._install(self.tmp, self.parts, self.parent)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            _unlink_quiet(self.tmp, self.parent)
 
 
 def _unlink_quiet(name: bytes, dir_fd: int) -> None:

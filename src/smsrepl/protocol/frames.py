@@ -39,6 +39,9 @@ the event class; unknown or missing keys are a protocol error. Binary bodies:
     PING, PONG  u64 nonce | u64 sender clock ns | padding (netcheck sizes)
     MANIFEST_DATA  u8 level (0 coarse, 1 fine) | 7 zero bytes | u64 first |
                 u32 count | 4 zero bytes | entries (16 or 8 bytes each, LE)
+    TREE_DATA, FILE_OPS  u8 flags (TREE_DATA: bit 0 = last) | u8 codec |
+                u32 raw length | payload (codec as BLOCK_DATA; the raw bytes are
+                entry records or operations, see files/wire.py)
 
 Type ranges: 0x01-0x0f session, 0x10-0x1f block rounds, 0x20-0x2f
 manifests, 0x30-0x3f file transfer, 0x40-0x4f network check.
@@ -65,7 +68,7 @@ MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 12 + 4096
 PROTOCOL_VERSION = 1
 #: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
 #: uses a feature only when the peer listed it)
-CAPABILITIES = ("zstd", "block-set", "frame-8m")
+CAPABILITIES = ("zstd", "block-set", "frame-8m", "files")
 
 _BLOCK_PREFIX = struct.Struct(">QIBxxx")
 _SET_PREFIX = struct.Struct(">QIBxxx")  # offset, count, codec
@@ -75,6 +78,7 @@ _U64 = struct.Struct(">Q")
 _ZERO = struct.Struct(">QQ")
 _PING = struct.Struct(">QQ")
 _MAN = struct.Struct(">B7xQI4x")
+_RECORDS = struct.Struct(">BBI")  # flags (TREE_DATA: bit 0 = last), codec, raw length
 
 
 class Event:
@@ -227,10 +231,43 @@ class ManifestData(Event):
     entries: Any  # numpy array: (count, 2) uint64 for coarse, (count,) uint64 for fine
 
 
+# --- file sessions (kind "files"; records in files/wire.py) ------------------
+
+@dataclass(frozen=True, slots=True)
+class TreeRequest(Event):
+    """The sender asks the receiver to describe its tree (TREE_DATA frames answer)."""
+
+    TYPE: ClassVar[int] = 0x30
+    checksum: bool  # include each regular file's XXH3-128
+
+
+@dataclass(frozen=True, slots=True)
+class TreeData(Event):
+    """Entry records of the receiver's tree; ``last`` ends the answer."""
+
+    TYPE: ClassVar[int] = 0x31
+    last: bool
+    codec: int
+    raw_len: int
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FileOps(Event):
+    """Operations of a file round, applied in order."""
+
+    TYPE: ClassVar[int] = 0x32
+    codec: int
+    raw_len: int
+    payload: Any
+
+
 JSON_EVENTS: dict[int, type] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Error, Close, RoundBegin, Checkpoint, RoundEnd, RoundDone, ManifestRequest)
+    cls.TYPE: cls for cls in (Hello, Welcome, Error, Close, RoundBegin, Checkpoint, RoundEnd, RoundDone, ManifestRequest,
+                              TreeRequest)
 }
-BINARY_EVENTS: dict[int, type] = {cls.TYPE: cls for cls in (BlockData, BlockSet, ZeroRange, Scanned, Ping, Pong, ManifestData)}
+BINARY_EVENTS: dict[int, type] = {cls.TYPE: cls for cls in (BlockData, BlockSet, ZeroRange, Scanned, Ping, Pong, ManifestData,
+                                                            TreeData, FileOps)}
 TYPES: dict[int, type] = {**JSON_EVENTS, **BINARY_EVENTS}
 
 _JSON_TYPES = {"int": int, "str": str, "bool": bool, "list": list}
@@ -285,6 +322,11 @@ def encode(event: Event) -> list[bytes | memoryview]:
         return [_frame(t, _U64.pack(event.offset))]
     if isinstance(event, (Ping, Pong)):
         return [_frame(t, _PING.pack(event.nonce, event.clock_ns) + bytes(event.padding))]
+    if isinstance(event, (TreeData, FileOps)):
+        if not 0 < event.raw_len <= MAX_RAW:
+            raise ValueError(f"{type(event).__name__} of {event.raw_len} bytes outside 1..{MAX_RAW}")
+        flags = 1 if isinstance(event, TreeData) and event.last else 0
+        return [_frame(t, _RECORDS.pack(flags, event.codec, event.raw_len) + bytes(event.payload))]
     if isinstance(event, ManifestData):
         entries = np.ascontiguousarray(event.entries, dtype="<u8")
         level = {"coarse": 0, "fine": 1}[event.level]
@@ -339,6 +381,18 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
             raise FrameError(f"{cls.__name__.upper()} body too short")
         nonce, clock = _PING.unpack_from(body)
         return cls(nonce, clock, len(body) - _PING.size)
+    if ftype in (TreeData.TYPE, FileOps.TYPE):
+        if len(body) < _RECORDS.size:
+            raise FrameError(f"{cls.__name__} body too short")
+        flags, codec, raw_len = _RECORDS.unpack_from(body)
+        if flags & ~1 or (flags and ftype == FileOps.TYPE):
+            raise FrameError(f"{cls.__name__} flags {flags:#x} not allowed")
+        if not 0 < raw_len <= MAX_RAW:
+            raise FrameError(f"{cls.__name__} raw length {raw_len} outside 1..{MAX_RAW}")
+        payload = memoryview(body)[_RECORDS.size:]
+        if ftype == TreeData.TYPE:
+            return TreeData(bool(flags), codec, raw_len, payload)
+        return FileOps(codec, raw_len, payload)
     if ftype == ManifestData.TYPE:
         if len(body) < _MAN.size:
             raise FrameError("MANIFEST_DATA body too short")

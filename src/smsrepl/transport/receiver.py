@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from ..blocks.device import BlockTarget
 from ..blocks.manifest import GROUP_BLOCKS
-from ..blocks.replica import Replica
+from ..blocks.replica import Replica, write_json_atomic
 from ..errors import (
     ConfigError,
     RefusedError,
@@ -202,6 +203,16 @@ class Receiver:
 _CONTROL = (F.Ping, F.Close, F.Error, ConnectionClosed)
 
 
+def _read_record(path: str) -> dict:
+    """A file target's round record; a missing or damaged one means no completed round (a full copy)."""
+    try:
+        with open(path, "rb") as fh:
+            rec = json.load(fh)
+        return rec if isinstance(rec, dict) and isinstance(rec.get("round_id", 0), int) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 class _Session:
     def __init__(self, rx: Receiver, chan: Channel, peer: str) -> None:
         self.rx = rx
@@ -232,6 +243,9 @@ class _Session:
                                          capabilities=list(CAPABILITIES)))
                 log.info("%s: network check", self.peer)
                 clean = self._netcheck_loop()
+            elif ev.kind == "files":
+                self._open_file_session(ev)
+                clean = self._files_loop()
             else:
                 self._open_block_session(ev)
                 clean = self._loop()
@@ -301,6 +315,66 @@ class _Session:
                     last_ckpt = time.monotonic()
         finally:
             self.written += replica.bytes_written if in_round is not None else 0
+
+    def _open_file_session(self, ev: F.Hello) -> None:
+        """Claim a directory target and welcome the sender, saying whether a round completed before."""
+        if ev.target not in self.rx.targets:
+            raise RefusedError(f"target {ev.target!r} is not one of this receiver's targets")
+        root = self.rx.targets[ev.target]
+        if os.path.lexists(root) and not os.path.isdir(root):
+            raise RefusedError(f"target {ev.target!r} ({root}) is not a directory: file sessions need one")
+        self.lock_fd = self.rx._claim(ev.target, self)
+        try:
+            os.mkdir(root, 0o755)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise TargetWriteError(f"target {ev.target!r}: cannot create {root!r}: {exc.strerror}") from None
+        self._files_state = os.path.join(self.rx.state_dir, f"{ev.target}.files.json")
+        rec = _read_record(self._files_state)
+        last = int(rec.get("round_id", 0))
+        self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, 0, "synced" if rec.get("complete") else "new",
+                                 last, "files", 0, "", capabilities=list(CAPABILITIES)))
+        log.info("%s: file session %s for target %s (%s)", self.peer, ev.session_id, ev.target, root)
+
+    def _files_loop(self) -> bool:
+        from ..files.apply import TreeWriter, remove_temporaries
+        from ..files.remote import OpApplier, describe_tree
+
+        root = self.rx.targets[self.hello.target]
+        applier: OpApplier | None = None
+        round_id = 0
+        try:
+            while True:
+                ev = self.chan.recv()
+                if isinstance(ev, F.TreeRequest) and applier is None:
+                    for frame in describe_tree(root, checksum=ev.checksum):
+                        self.chan.send(frame)
+                elif isinstance(ev, F.RoundBegin) and applier is None:
+                    remove_temporaries(root)
+                    rec = _read_record(self._files_state)
+                    write_json_atomic(self._files_state, {**rec, "round_id": ev.round_id, "complete": rec.get(
+                        "complete", False) and ev.kind == "sync"})
+                    applier, round_id = OpApplier(TreeWriter(root)), ev.round_id
+                elif isinstance(ev, F.FileOps) and applier is not None:
+                    applier.apply(ev)
+                elif isinstance(ev, F.RoundEnd) and applier is not None and ev.round_id == round_id:
+                    applier.w.finish()
+                    applier.w.close()
+                    self.written += applier.bytes
+                    applier = None
+                    write_json_atomic(self._files_state, {"round_id": round_id, "complete": True})
+                    self.rounds += 1
+                    self.chan.send(F.RoundDone(round_id, ""))
+                elif isinstance(ev, _CONTROL):
+                    if self._control(ev, " mid-round" if applier else ""):
+                        return True
+                else:
+                    raise RemoteProtocolError(f"{type(ev).__name__} out of place in a file session")
+        finally:
+            if applier is not None:
+                applier.close()
+                applier.w.close()
 
     def _open_block_session(self, ev: F.Hello) -> None:
         """Claim the target (self.lock_fd), open it and its replica, and welcome the sender."""

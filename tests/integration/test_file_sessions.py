@@ -1,0 +1,180 @@
+"""File sessions over loopback TLS: send files -> receive, with rsync as the oracle."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from smsrepl.errors import RefusedError, RemoteError
+from smsrepl.files.rules import PathRules
+from smsrepl.transport.file_sender import FileSender
+from smsrepl.transport.receiver import Receiver
+from smsrepl.transport.tls import client_context, server_context
+
+from files.trees import oracle, rich_tree
+
+pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync (the oracle) is not installed")
+
+
+@pytest.fixture
+def rx(tmp_path, bundle):
+    receiver = Receiver({"tree": str(tmp_path / "dst"), "img": str(tmp_path / "disk.img")}, server_context(bundle),
+                        str(tmp_path / "rx-state"), idle_timeout=10)
+    host, port = receiver.start()
+    yield receiver, (host, port)
+    receiver.stop()
+
+
+def send(src, addr, bundle, **kw):
+    return FileSender(os.fsdecode(src), kw.pop("target", "tree"), addr, client_context(bundle), **kw).run()
+
+
+def test_full_copy_then_sync_rounds_over_tls(tmp_path, rx, bundle):
+    _, addr = rx
+    src = rich_tree(tmp_path / "src")
+    dst = tmp_path / "dst"
+    big = os.fsencode(str(tmp_path / "src")) + b"/big.bin"
+    with open(big, "wb") as fh:  # larger than one inline operation: BEGIN, CHUNKs, END
+        fh.write(os.urandom(3 << 20) + bytes(2 << 20) + b"end")
+    first = send(src, addr, bundle)
+    assert first.kind == "full" and first.stats.files_sent == 8
+    assert oracle(os.fsdecode(src), dst) == ""
+    again = send(src, addr, bundle)
+    assert again.kind == "sync" and again.stats.files_sent == 0 and again.stats.deleted == 0
+    s = os.fsdecode(src)
+    with open(f"{s}/big.bin", "r+b") as fh:
+        fh.seek(1 << 20)
+        fh.write(b"changed")
+    os.unlink(f"{s}/with space/plain.txt")
+    shutil.rmtree(f"{s}/with space/deeper")
+    os.makedirs(f"{s}/cache/tmp")
+    open(f"{s}/cache/tmp/x", "w").write("excluded from sync rounds")
+    rules = PathRules.from_configurations({"configurations": [
+        {"config_key": "SYNC_EXCLUDE_PATH", "config_value": "/cache"}]})
+    third = send(src, addr, bundle, rules=rules)
+    # big.bin, and the other name of the deleted plain.txt: no longer a hard link there
+    assert third.kind == "sync" and third.stats.files_sent == 2 and third.stats.deleted >= 2
+    assert oracle(s, dst, "--exclude=/cache", "--delete") == ""
+    assert not (dst / "cache").exists()
+
+
+def test_refusals_name_the_problem(tmp_path, rx, bundle):
+    _, addr = rx
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    with pytest.raises(RemoteError, match="'nope' is not one of this receiver's targets") as exc:
+        send(src, addr, bundle, target="nope")
+    assert exc.value.exit_code == RefusedError.exit_code
+    (tmp_path / "disk.img").write_bytes(b"")  # a file: block sessions only
+    with pytest.raises(RemoteError, match="not a directory"):
+        send(src, addr, bundle, target="img")
+    assert (tmp_path / "disk.img").read_bytes() == b""
+
+
+def test_cli_send_files_and_verify(tmp_path, certkey_file):
+    src = rich_tree(tmp_path / "src")
+    dst = tmp_path / "dst"
+    rx = subprocess.Popen([sys.executable, "-m", "smsrepl", "receive", "--listen", "127.0.0.1:0", "--certkey",
+                           certkey_file, "--target", f"t={dst}", "--state-dir", str(tmp_path / "rxs"), "--once"],
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        line = rx.stderr.readline()
+        port = line.rsplit(":", 1)[1].strip()
+        cp = subprocess.run([sys.executable, "-m", "smsrepl", "send", "files", os.fsdecode(src), "--to",
+                             f"127.0.0.1:{port}", "--target", "t", "--certkey", certkey_file],
+                            capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        summary = json.loads(cp.stdout)
+        assert summary["kind"] == "full" and summary["files_sent"] == 7
+        assert rx.wait(30) == 0
+    finally:
+        rx.kill()
+    assert oracle(os.fsdecode(src), dst) == ""
+    cp = subprocess.run([sys.executable, "-m", "smsrepl", "verify", "files", os.fsdecode(src), str(dst)],
+                        capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def _raw_session(addr, bundle, target="tree"):
+    from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection
+    from smsrepl.protocol import frames as F
+    from smsrepl.transport.channel import Channel
+    from smsrepl.transport.sender import connect
+
+    chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+    chan.send(F.Hello([PROTOCOL_VERSION], "files", target, "hostile", 0, 4096, list(CAPABILITIES)))
+    assert isinstance(chan.recv(), F.Welcome)
+    chan.send(F.RoundBegin(1, "full", 0))
+    return chan
+
+
+@pytest.mark.parametrize("path", [b"../escape", b"/tmp/escape-abs", b"a/../../escape", b"link/escape"])
+def test_hostile_sender_cannot_write_outside_the_target(tmp_path, rx, bundle, path):
+    from smsrepl.files import wire as W
+    from smsrepl.files.scan import Entry
+    from smsrepl.protocol import frames as F
+
+    _, addr = rx
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    os.symlink(tmp_path, dst / "link")  # planted: a write through it would land outside
+    chan = _raw_session(addr, bundle)
+    body = b"".join(W.encode_op(W.FILE, Entry(path, "file", 0o644, 0, 0, 5, 0, 0, 0, 1, 0), data=b"owned"))
+    chan.send(F.FileOps(0, len(body), body))
+    ev = chan.recv()
+    chan.close()
+    assert isinstance(ev, F.Error) and (ev.code == "SMS.1908" or "symlink" in ev.message), ev
+    assert not list(tmp_path.glob("escape*")) and not os.path.exists("/tmp/escape-abs")
+    assert sorted(os.listdir(dst)) == ["link"]
+
+
+def test_operations_out_of_place_are_refused(tmp_path, rx, bundle):
+    from smsrepl.files import wire as W
+    from smsrepl.protocol import frames as F
+
+    _, addr = rx
+    chan = _raw_session(addr, bundle)
+    body = b"".join(W.encode_op(W.CHUNK, data=b"data without a file"))
+    chan.send(F.FileOps(0, len(body), body))
+    ev = chan.recv()
+    chan.close()
+    assert isinstance(ev, F.Error) and "CHUNK out of place" in ev.message
+
+
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_killed_sender_then_rerun_ends_identical_without_temporaries(tmp_path, rx, bundle, certkey_file, seed):
+    import random
+    import signal
+    import time
+
+    from smsrepl.files.apply import TEMP_RE
+
+    _, (host, port) = rx
+    rng = random.Random(seed)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i:03}").write_bytes(rng.randbytes(rng.randint(1, 2 << 20)))
+    cmd = [sys.executable, "-m", "smsrepl", "send", "files", str(src), "--to", f"{host}:{port}", "--target", "tree",
+           "--certkey", certkey_file, "--level", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(0.3, 1.2))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for name in os.listdir(dst) if dst.exists() else []:
+        if not TEMP_RE.match(name.encode()):
+            assert (dst / name).read_bytes() == (src / name).read_bytes(), name
+    deadline = time.time() + 20
+    while True:  # the receiver notices the cut and frees the target
+        cp = subprocess.run(cmd, capture_output=True, text=True)
+        if cp.returncode == 0 or time.time() > deadline or "busy" not in cp.stderr:
+            break
+        time.sleep(0.2)
+    assert cp.returncode == 0, cp.stderr
+    assert oracle(str(src), dst) == ""
+    assert not [n for n in os.listdir(dst) if TEMP_RE.match(n.encode())]
