@@ -5,15 +5,19 @@ over-long components, no NUL). Directories are opened one component at a
 time relative to their parent's descriptor with O_NOFOLLOW, so a symlink in
 the target (planted or left from an old tree) is never followed by a write.
 
-A file's data goes to a temporary name in its directory, is made durable,
-gets its owner, mode, xattrs and times, and only then is renamed onto its
-final name: a half-written file never appears under that name. Temporaries
+A file's data goes to a temporary name in its directory, gets its owner,
+mode, xattrs and times, is made durable, and only then is renamed onto its
+final name: a half-written file never appears under that name. Durability
+is batched: up to PENDING_FILES files (or PENDING_BYTES) wait under their
+temporary names, one syncfs() makes them all durable, then they are renamed
+(one fsync per small file made a tree of 10,000 files take 4x as long). Temporaries
 left by a killed run are named ``.smsrepl~<16 hex>~<name>`` and removed by
 :func:`remove_temporaries` at the start of the next. Directory times are
 set last (adding entries changes them), by :meth:`TreeWriter.finish`.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
@@ -34,6 +38,21 @@ TEMP_RE = re.compile(rb"^\.smsrepl~[0-9a-f]{16}~")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: hole granularity when writing sparse files
 SPARSE_BLOCK = 4096
+#: files written under temporary names before one syncfs() and their renames
+PENDING_FILES = 4096
+PENDING_BYTES = 256 << 20
+
+
+def _syncfs(fd: int) -> None:
+    """Flush the file system holding ``fd`` (syncfs(2)); sync() where libc lacks it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    if fn(fd) != 0:
+        err = ctypes.get_errno()
+        raise TargetWriteError(f"syncfs failed: {os.strerror(err)}")
 
 
 def check_path(path: bytes) -> tuple[bytes, ...]:
@@ -72,6 +91,9 @@ class TreeWriter:
         self._dirs: list[tuple[tuple[bytes, ...], Entry]] = []
         #: directories whose entries changed: made durable by finish()
         self._touched: set[tuple[bytes, ...]] = set()
+        #: written files waiting for one syncfs and their renames: (temporary name, parts)
+        self._pending: list[tuple[bytes, tuple[bytes, ...]]] = []
+        self._pending_bytes = 0
         #: what could not be recreated (device files without root, xattrs the file system refused)
         self.reported: list[str] = []
 
@@ -174,6 +196,7 @@ class TreeWriter:
     def hardlink(self, entry: Entry, to: bytes) -> None:
         """Make ``entry`` another name of the already applied ``to``."""
         parts, target = check_path(entry.path), check_path(to)
+        self.flush_pending()  # ``to`` may still wait under its temporary name
         parent = self.dir_fd(parts[:-1])
         tdir = self.dir_fd(target[:-1])
         have = self._lstat(parts, parent)
@@ -206,6 +229,7 @@ class TreeWriter:
     def set_meta(self, entry: Entry) -> None:
         """Bring an existing entry's owner, mode, xattrs and times to ``entry``'s (data untouched)."""
         parts = check_path(entry.path)
+        self.flush_pending()
         parent = self.dir_fd(parts[:-1])
         if entry.kind == "symlink":
             if self.preserve_owner:
@@ -237,15 +261,32 @@ class TreeWriter:
     def delete(self, path: bytes) -> None:
         """Remove an entry, a directory with everything in it; symlinks are removed, not followed."""
         parts = check_path(path)
+        self.flush_pending()
         parent = self.dir_fd(parts[:-1])
         st = self._lstat(parts, parent)
         if st is not None:
             self._remove(parts, parent, st)
             self._touched.add(parts[:-1])
 
+    def _defer(self, tmp: bytes, parts: tuple[bytes, ...], size: int) -> None:
+        self._pending.append((tmp, parts))
+        self._pending_bytes += size
+        if len(self._pending) >= PENDING_FILES or self._pending_bytes >= PENDING_BYTES:
+            self.flush_pending()
+
+    def flush_pending(self) -> None:
+        """Make the waiting files durable, then give them their names."""
+        if not self._pending:
+            return
+        _syncfs(self.root_fd)
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for tmp, parts in pending:
+            self._install(tmp, parts, self.dir_fd(parts[:-1]))
+
     def finish(self) -> None:
         """Set the metadata of the directories created or touched, deepest first, and make
         every rename, link and removal durable (fsync of the directories they changed)."""
+        self.flush_pending()
         for parts, entry in sorted(self._dirs, key=lambda d: len(d[0]), reverse=True):
             self._set_meta_fd(self.dir_fd(parts), entry)
         self._dirs.clear()
@@ -293,7 +334,8 @@ class TreeWriter:
         os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
 
     @staticmethod
-    def _write_data(fd: int, chunk, pos: int, sparse: bool) -> int:
+    def _write_data(fd: int, chunk, pos: int, sparse: bool) -> bool:
+        """Write ``chunk`` at ``pos``, all-zero blocks skipped when ``sparse``; True if its end was skipped."""
         view = memoryview(chunk).cast("B")
         runs = [(0, len(view))]
         if sparse and len(view) >= SPARSE_BLOCK:
@@ -307,13 +349,14 @@ class TreeWriter:
             done = 0
             while done < hi - lo:
                 done += os.pwrite(fd, view[lo + done:hi], pos + lo + done)
-        return pos + len(view)
+        return bool(len(view)) and (not runs or runs[-1][1] < len(view))
 
-    def _set_meta_fd(self, fd: int, entry: Entry) -> None:
+    def _set_meta_fd(self, fd: int, entry: Entry, *, new: bool = False) -> None:
         if self.preserve_owner:
             os.fchown(fd, entry.uid, entry.gid)
         os.fchmod(fd, entry.mode)  # after chown, which clears set-id bits
-        self._set_xattrs(fd, entry)
+        if entry.xattrs or not new:  # a file just created has none to remove
+            self._set_xattrs(fd, entry)
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
     def _set_meta_path(self, name: bytes, parent: int, entry: Entry) -> None:
@@ -349,6 +392,7 @@ class FileSink:
     def __init__(self, w: TreeWriter, entry: Entry, parts, parent: int, tmp: bytes, fd: int, sparse: bool) -> None:
         self.w, self.entry, self.parts, self.parent, self.tmp, self.fd, self.sparse = w, entry, parts, parent, tmp, fd, sparse
         self.pos = 0
+        self.holes = False
         self.digest = xxhash.xxh3_128()
 
     def write(self, chunk) -> None:
@@ -356,7 +400,9 @@ class FileSink:
             self.abort()
             raise RemoteProtocolError(f"{os.fsdecode(self.entry.path)!r}: more data than its {self.entry.size} bytes")
         self.digest.update(chunk)
-        self.pos = self.w._write_data(self.fd, chunk, self.pos, self.sparse)
+        if len(chunk):
+            self.holes = self.w._write_data(self.fd, chunk, self.pos, self.sparse)
+            self.pos += len(chunk)
 
     def commit(self, digest: bytes | None = None) -> None:
         try:
@@ -365,16 +411,18 @@ class FileSink:
                                           f"the entry says {self.entry.size}")
             if digest is not None and digest != self.digest.digest():
                 raise DecompressionError(f"{os.fsdecode(self.entry.path)!r}: data does not match its digest")
-            os.ftruncate(self.fd, self.pos)  # a file ending in a hole
-            self.w._set_meta_fd(self.fd, self.entry)
-            if self.w.fsync:
-                os.fsync(self.fd)
+            if self.holes:
+                os.ftruncate(self.fd, self.pos)  # a file ending in a hole
+            self.w._set_meta_fd(self.fd, self.entry, new=True)
         except BaseException:
             self.abort()
             raise
         os.close(self.fd)
         self.fd = -1
-        self.w._install(self.tmp, self.parts, self.parent)
+        if self.w.fsync:
+            self.w._defer(self.tmp, self.parts, self.pos)
+        else:
+            self.w._install(self.tmp, self.parts, self.parent)
 
     def abort(self) -> None:
         if self.fd >= 0:
