@@ -178,3 +178,56 @@ def test_killed_sender_then_rerun_ends_identical_without_temporaries(tmp_path, r
     assert cp.returncode == 0, cp.stderr
     assert oracle(str(src), dst) == ""
     assert not [n for n in os.listdir(dst) if TEMP_RE.match(n.encode())]
+
+
+def test_insert_in_a_large_file_sends_a_delta(tmp_path, rx, bundle):
+    import numpy as np
+
+    _, addr = rx
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, 48 << 20, dtype=np.uint8).tobytes()  # incompressible: only a delta helps
+    (src / "big.bin").write_bytes(data)
+    send(src, addr, bundle, level=0)
+    mid = len(data) // 2 + 12345
+    (src / "big.bin").write_bytes(data[:mid] + b"X" * 100 + data[mid:])
+    (src / "small.txt").write_bytes(b"new")
+    res = send(src, addr, bundle, level=0)
+    assert res.kind == "sync" and res.stats.files_sent == 2
+    assert res.wire_bytes < 0.01 * len(data), res.wire_bytes
+    assert 100 <= res.literal_bytes < 3 * 32768
+    assert (dst / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+    assert oracle(str(src), dst) == ""
+
+
+def test_delta_against_a_corrupted_basis_is_caught_by_the_digest(tmp_path, rx, bundle):
+    # the receiver's copy changed behind our back after the signature: END's digest catches it
+    import numpy as np
+
+    from smsrepl.files import remote
+
+    _, addr = rx
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    data = np.random.default_rng(6).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+    (src / "f.bin").write_bytes(data)
+    send(src, addr, bundle, level=0)
+    (src / "f.bin").write_bytes(data[:1000] + b"Y" + data[1000:])
+    real = remote.DeltaSink.__init__
+
+    def init(self, *a, **kw):
+        real(self, *a, **kw)
+        with open(dst / "f.bin", "r+b") as fh:  # after the signature was taken
+            fh.seek(2 << 20)
+            fh.write(b"corrupt")
+
+    remote.DeltaSink.__init__ = init
+    try:
+        with pytest.raises(RemoteError, match="does not match its digest"):
+            send(src, addr, bundle, level=0)
+    finally:
+        remote.DeltaSink.__init__ = real
+    assert (dst / "f.bin").read_bytes()[:1001] != (src / "f.bin").read_bytes()[:1001]  # old copy kept
+    res = send(src, addr, bundle, level=0)  # the next round repairs it
+    assert (dst / "f.bin").read_bytes() == (src / "f.bin").read_bytes() and res.stats.files_sent == 1

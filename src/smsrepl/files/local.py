@@ -56,6 +56,9 @@ class LocalTarget:
     def content_digest(self, path: bytes) -> bytes:
         return _digest(self.root + b"/" + path)
 
+    def open_file(self, entry: Entry, basis: Entry | None = None):
+        return self.w.open_file(entry)  # a local copy gains nothing from a delta
+
     def paths(self, filt: RoundFilter | None):
         return (e.path for e in walk(self.root, filt, on_error=lambda p, exc: None))
 
@@ -113,7 +116,7 @@ def _round(src: bytes, t, rules, kind, checksum, delete) -> RoundStats:
                 stats.unchanged += 1
                 t.set_meta(e)
                 continue
-            _send_file(t, src, e, stats)
+            _send_file(t, src, e, stats, have)
         elif e.kind == "symlink":
             if have is not None and have.kind == "symlink" and have.link == e.link:
                 t.set_meta(e)
@@ -134,7 +137,7 @@ def _round(src: bytes, t, rules, kind, checksum, delete) -> RoundStats:
     return stats
 
 
-def _send_file(t, src: bytes, e: Entry, stats: RoundStats) -> None:
+def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None) -> None:
     """Copy one file in bounded chunks; if it changed while being read, drop the copy and read it again."""
     path = src + b"/" + e.path
     for attempt in range(RETRIES + 1):
@@ -146,7 +149,7 @@ def _send_file(t, src: bytes, e: Entry, stats: RoundStats) -> None:
             before = os.fstat(fd)
             cur = Entry.from_stat(e.path, before)
             cur.xattrs = e.xattrs
-            sink = t.open_file(cur)
+            sink = t.open_file(cur, basis)
             try:
                 left = before.st_size
                 while left:

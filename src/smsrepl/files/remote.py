@@ -9,10 +9,12 @@ batched into FILE_OPS frames; the receiver applies them in order
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator
 
 import xxhash
 
+from .. import kernels
 from ..codec import Compressor, Decompressor
 from ..errors import RemoteProtocolError
 from ..protocol import frames as F
@@ -26,6 +28,12 @@ from .scan import Entry, walk
 BATCH = 4 << 20
 #: files up to this size travel whole inside one operation; larger ones in CHUNKs
 INLINE = 256 << 10
+#: a changed file at least this large, with a copy on the receiver, goes as a delta against it
+DELTA_MIN = 1 << 20
+#: new data searched against the basis signature per call (bounded memory for any file size)
+DELTA_WINDOW = 16 << 20
+#: literal data per CHUNK operation
+CHUNK_MAX = 1 << 20
 
 
 # --- receiver: describe -------------------------------------------------------
@@ -131,6 +139,50 @@ class RemoteSink:
             self.ops.add(W.encode_op(W.ABORT))
 
 
+class DeltaSink:
+    """A large changed file sent as COPY operations (blocks the receiver's copy already has)
+    and literal CHUNKs, found by the rsync search (kernels.delta_search) window by window."""
+
+    def __init__(self, ops: OpStream, entry: Entry, block_size: int, basis_size: int, weak, strong,
+                 counter: "RemoteTarget | None" = None) -> None:
+        self.ops, self.entry, self.bs = ops, entry, block_size
+        self.counter = counter
+        self.basis_size, self.weak, self.strong = basis_size, weak, strong
+        self.buf = bytearray()
+        self.digest = xxhash.xxh3_128()
+        self.literal = 0
+        ops.add(W.encode_op(W.DELTA, entry, block_size=block_size))
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) >= DELTA_WINDOW:
+            self._search(len(self.buf) // self.bs * self.bs)
+
+    def _search(self, n: int) -> None:
+        window = memoryview(self.buf)[:n]
+        self.digest.update(window)
+        rows = kernels.delta_search(self.weak, self.strong, self.bs, self.basis_size, window)
+        for kind, a, b in rows.tolist():
+            if kind == 1:
+                self.ops.add(W.encode_op(W.COPY, first=a, count=b))
+                continue
+            self.literal += b
+            if self.counter is not None:
+                self.counter.literal_bytes += b
+            for off in range(a, a + b, CHUNK_MAX):
+                self.ops.add(W.encode_op(W.CHUNK, data=bytes(window[off:min(a + b, off + CHUNK_MAX)])))
+        window.release()
+        del self.buf[:n]
+
+    def commit(self) -> None:
+        if self.buf:
+            self._search(len(self.buf))
+        self.ops.add(W.encode_op(W.END, data=self.digest.digest()))
+
+    def abort(self) -> None:
+        self.ops.add(W.encode_op(W.ABORT))
+
+
 def _same_meta(a: Entry, b: Entry) -> bool:
     return (a.kind, a.mode, a.uid, a.gid, a.mtime_ns, a.xattrs or {}) == (b.kind, b.mode, b.uid, b.gid, b.mtime_ns,
                                                                           b.xattrs or {})
@@ -139,9 +191,12 @@ def _same_meta(a: Entry, b: Entry) -> bool:
 class RemoteTarget:
     """files.local's target interface, for a receiver at the far end of a channel."""
 
-    def __init__(self, listing: Listing, ops: OpStream) -> None:
+    def __init__(self, listing: Listing, ops: OpStream, signature: Callable | None = None) -> None:
         self.listing = listing.entries
         self.ops = ops
+        #: signature(path, block_size) -> (file size, weak, strong) of the receiver's copy; None: no deltas
+        self.signature = signature
+        self.literal_bytes = 0
         self.reported: list[str] = []
         self.temporaries_removed = 0  # the receiver removes them at RoundBegin
 
@@ -181,7 +236,14 @@ class RemoteTarget:
     def delete(self, path: bytes) -> None:
         self.ops.add(W.encode_op(W.DELETE, path=path))
 
-    def open_file(self, e: Entry) -> RemoteSink:
+    def open_file(self, e: Entry, basis: Entry | None = None) -> RemoteSink | DeltaSink:
+        if (self.signature is not None and basis is not None and basis.kind == "file"
+                and min(basis.size, e.size) >= DELTA_MIN):
+            bs = kernels.delta_block_size(basis.size)
+            self.ops.flush()  # the receiver answers after applying what came before
+            size, weak, strong = self.signature(e.path, bs)
+            if size:
+                return DeltaSink(self.ops, e, bs, size, weak, strong, counter=self)
         return RemoteSink(self.ops, e)
 
     def finish(self) -> None:
@@ -196,6 +258,9 @@ class OpApplier:
         self.w = writer
         self.decomp = Decompressor()
         self.sink: FileSink | None = None
+        self.basis: int = -1  # descriptor of the file a DELTA rebuilds from
+        self.basis_blocks = 0
+        self.bs = 0
         self.files = 0
         self.bytes = 0
 
@@ -203,7 +268,8 @@ class OpApplier:
         body = self.decomp.decode(ev.codec, ev.payload, ev.raw_len)
         w = self.w
         for op, entry, data in W.decode_ops(body):
-            if (self.sink is None) != (op not in (W.CHUNK, W.END, W.ABORT)):
+            if (self.sink is None) != (op not in (W.CHUNK, W.END, W.ABORT, W.COPY)) or (
+                    op == W.COPY and self.basis < 0):
                 raise RemoteProtocolError(f"file operation {W.OP_NAMES[op]} out of place")
             if op == W.ROOT:
                 w.set_root_meta(entry)
@@ -220,12 +286,20 @@ class OpApplier:
             elif op == W.CHUNK:
                 self.sink.write(data)
                 self.bytes += len(data)
+            elif op == W.DELTA:
+                self._kind(entry, "file")
+                self._open_basis(entry.path, data)
+                self.sink = w.open_file(entry)
+            elif op == W.COPY:
+                self._copy(*data)
             elif op == W.END:
                 sink, self.sink = self.sink, None
+                self._close_basis()
                 sink.commit(data)
                 self.files += 1
             elif op == W.ABORT:
                 sink, self.sink = self.sink, None
+                self._close_basis()
                 sink.abort()
             elif op == W.SYMLINK:
                 self._kind(entry, "symlink")
@@ -243,12 +317,87 @@ class OpApplier:
             elif op == W.DELETE:
                 w.delete(bytes(data))
 
+    def _open_basis(self, path: bytes, block_size: int) -> None:
+        if not 0 < block_size <= 1 << 24:
+            raise RemoteProtocolError(f"DELTA block size {block_size} out of range")
+        self.basis = open_regular(self.w, path)
+        if self.basis < 0:
+            raise RemoteProtocolError(f"DELTA for {os.fsdecode(path)!r}, which is not a regular file here")
+        self.bs = block_size
+        self.basis_blocks = -(-os.fstat(self.basis).st_size // block_size)
+
+    def _copy(self, first: int, count: int) -> None:
+        if count <= 0 or first + count > self.basis_blocks:
+            raise RemoteProtocolError(f"COPY of blocks {first}+{count} beyond the basis' {self.basis_blocks}")
+        pos, end = first * self.bs, (first + count) * self.bs
+        while pos < end:
+            data = os.pread(self.basis, min(end - pos, 8 << 20), pos)
+            if not data:
+                break  # the basis' short last block
+            self.sink.write(data)
+            self.bytes += len(data)
+            pos += len(data)
+
+    def _close_basis(self) -> None:
+        if self.basis >= 0:
+            os.close(self.basis)
+            self.basis = -1
+
     @staticmethod
     def _kind(entry: Entry, want: str) -> None:
         if entry.kind != want:
             raise RemoteProtocolError(f"operation for a {want} carries a {entry.kind} entry")
 
     def close(self) -> None:
+        self._close_basis()
         if self.sink is not None:
             self.sink.abort()
             self.sink = None
+
+
+def open_regular(w: TreeWriter, path: bytes) -> int:
+    """A read descriptor of the regular file at ``path`` under the writer's root (never through
+    a symlink), or -1 where there is none."""
+    from .apply import check_path
+
+    parts = check_path(path)
+    try:
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=w.dir_fd(parts[:-1]))
+    except OSError:
+        return -1
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1
+    return fd
+
+
+def signature_frames(w: TreeWriter, req: F.SigRequest) -> Iterator[F.SigData]:
+    """SIG_DATA frames for the receiver's copy of ``req.path`` (one empty frame where there is none)."""
+    import numpy as np
+
+    bs = req.block_size
+    if not 0 < bs <= 1 << 24:
+        raise RemoteProtocolError(f"SIG_REQUEST block size {bs} out of range")
+    fd = open_regular(w, req.path)
+    if fd < 0:
+        yield F.SigData(True, bs, 0, 0, np.empty(0, np.uint32), np.empty(0, np.uint64))
+        return
+    try:
+        size = os.fstat(fd).st_size
+        nblocks = -(-size // bs)
+        per = max(1, min(F.MAX_SIG, (8 << 20) // bs))  # blocks per read, and per frame
+        first = 0
+        while True:
+            data = os.pread(fd, per * bs, first * bs) if first < nblocks else b""
+            n = -(-len(data) // bs)
+            weak, strong = np.empty(n, np.uint32), np.empty(n, np.uint64)
+            if n:
+                kernels.file_signature(data, bs, weak, strong)
+            first_here, first = first, first + n
+            last = first >= nblocks or not n
+            yield F.SigData(last, bs, size, first_here, weak, strong)
+            if last:
+                return
+    finally:
+        os.close(fd)

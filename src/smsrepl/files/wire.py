@@ -18,6 +18,9 @@ Operations (u8 opcode, then)::
     CHUNK     u32 length, data
     END       16-byte XXH3-128 of the file's data (checked before the rename)
     ABORT     (nothing: the file begun is dropped; it changed while being read)
+    DELTA     entry, u32 block size (a large file rebuilt from the receiver's copy at
+              the same path, the basis: COPY and CHUNK operations follow, then END)
+    COPY      u64 first block, u64 count (blocks of the basis, in its block size)
     HARDLINK  entry, u16 length, path of the entry it is another name of
     DELETE    u16 length, path
 """
@@ -35,10 +38,12 @@ _ENTRY = struct.Struct(">BIIIQqQIHHIB")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
-ROOT, DIR, FILE, SYMLINK, SPECIAL, META, BEGIN, CHUNK, END, HARDLINK, DELETE, ABORT = range(1, 13)
+ROOT, DIR, FILE, SYMLINK, SPECIAL, META, BEGIN, CHUNK, END, HARDLINK, DELETE, ABORT, DELTA, COPY = range(1, 15)
 OP_NAMES = {ROOT: "ROOT", DIR: "DIR", FILE: "FILE", SYMLINK: "SYMLINK", SPECIAL: "SPECIAL", META: "META",
-            BEGIN: "BEGIN", CHUNK: "CHUNK", END: "END", HARDLINK: "HARDLINK", DELETE: "DELETE", ABORT: "ABORT"}
-_WITH_ENTRY = {ROOT, DIR, FILE, SYMLINK, SPECIAL, META, BEGIN, HARDLINK}
+            BEGIN: "BEGIN", CHUNK: "CHUNK", END: "END", HARDLINK: "HARDLINK", DELETE: "DELETE", ABORT: "ABORT",
+            DELTA: "DELTA", COPY: "COPY"}
+_WITH_ENTRY = {ROOT, DIR, FILE, SYMLINK, SPECIAL, META, BEGIN, HARDLINK, DELTA}
+_COPY = struct.Struct(">QQ")
 
 
 def encode_entry(e: Entry, digest: bytes | None = None) -> bytes:
@@ -106,11 +111,16 @@ class Reader:
         return Entry(path, KINDS[kind], mode, uid, gid, size, mtime, 0, 0, nlink, rdev, link, xattrs), digest
 
 
-def encode_op(op: int, entry: Entry | None = None, data: bytes | memoryview = b"", path: bytes = b"") -> list:
+def encode_op(op: int, entry: Entry | None = None, data: bytes | memoryview = b"", path: bytes = b"",
+              block_size: int = 0, first: int = 0, count: int = 0) -> list:
     """Buffers of one operation (data is not copied)."""
     out: list = [bytes((op,))]
     if op in _WITH_ENTRY:
         out.append(encode_entry(entry))
+    if op == DELTA:
+        out.append(_U32.pack(block_size))
+    elif op == COPY:
+        out.append(_COPY.pack(first, count))
     if op == FILE:
         out.append(data)
     elif op == CHUNK:
@@ -138,5 +148,9 @@ def decode_ops(body: bytes | memoryview) -> Iterator[tuple[int, Entry | None, me
             yield op, None, r.bytes(16)
         elif op in (HARDLINK, DELETE):
             yield op, entry, r.bytes(r.u16())
+        elif op == DELTA:
+            yield op, entry, r.u32()
+        elif op == COPY:
+            yield op, None, _COPY.unpack(r.view(_COPY.size))
         else:
             yield op, entry, None

@@ -83,6 +83,8 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.IDLE, S, F.TreeRequest): State.IDLE,
     (State.IDLE, R, F.TreeData): State.IDLE,
     (State.ROUND, S, F.FileOps): State.ROUND,
+    (State.ROUND, S, F.SigRequest): State.ROUND,
+    (State.ROUND, R, F.SigData): State.ROUND,
     (State.IDLE, S, F.Close): State.CLOSING,
     (State.ROUND, S, F.BlockData): State.ROUND,
     (State.ROUND, S, F.BlockSet): State.ROUND,

@@ -42,6 +42,10 @@ the event class; unknown or missing keys are a protocol error. Binary bodies:
     TREE_DATA, FILE_OPS  u8 flags (TREE_DATA: bit 0 = last) | u8 codec |
                 u32 raw length | payload (codec as BLOCK_DATA; the raw bytes are
                 entry records or operations, see files/wire.py)
+    SIG_REQUEST u32 block size | path (the rest of the body)
+    SIG_DATA    u8 flags (bit 0 = last) | u32 block size | u64 file size |
+                u32 first block | u32 count | weak sums u32 LE * count |
+                XXH3-64 u64 LE * count
 
 Type ranges: 0x01-0x0f session, 0x10-0x1f block rounds, 0x20-0x2f
 manifests, 0x30-0x3f file transfer, 0x40-0x4f network check.
@@ -79,6 +83,10 @@ _ZERO = struct.Struct(">QQ")
 _PING = struct.Struct(">QQ")
 _MAN = struct.Struct(">B7xQI4x")
 _RECORDS = struct.Struct(">BBI")  # flags (TREE_DATA: bit 0 = last), codec, raw length
+_SIGREQ = struct.Struct(">I")  # block size, then the path
+_SIGDATA = struct.Struct(">BIQII")  # flags (bit 0 = last), block size, file size, first block, count
+#: most signature blocks in one SIG_DATA frame
+MAX_SIG = 1 << 19
 
 
 class Event:
@@ -262,12 +270,35 @@ class FileOps(Event):
     payload: Any
 
 
+@dataclass(frozen=True, slots=True)
+class SigRequest(Event):
+    """The sender asks for the block signature of the receiver's copy of ``path`` (a delta basis)."""
+
+    TYPE: ClassVar[int] = 0x33
+    block_size: int
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SigData(Event):
+    """Blocks ``first``.. of the signature: weak (uint32) and XXH3-64 (uint64) sums; ``file_size`` 0
+    and no blocks when there is no usable basis."""
+
+    TYPE: ClassVar[int] = 0x34
+    last: bool
+    block_size: int
+    file_size: int
+    first: int
+    weak: Any
+    strong: Any
+
+
 JSON_EVENTS: dict[int, type] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Error, Close, RoundBegin, Checkpoint, RoundEnd, RoundDone, ManifestRequest,
                               TreeRequest)
 }
 BINARY_EVENTS: dict[int, type] = {cls.TYPE: cls for cls in (BlockData, BlockSet, ZeroRange, Scanned, Ping, Pong, ManifestData,
-                                                            TreeData, FileOps)}
+                                                            TreeData, FileOps, SigRequest, SigData)}
 TYPES: dict[int, type] = {**JSON_EVENTS, **BINARY_EVENTS}
 
 _JSON_TYPES = {"int": int, "str": str, "bool": bool, "list": list}
@@ -327,6 +358,15 @@ def encode(event: Event) -> list[bytes | memoryview]:
             raise ValueError(f"{type(event).__name__} of {event.raw_len} bytes outside 1..{MAX_RAW}")
         flags = 1 if isinstance(event, TreeData) and event.last else 0
         return [_frame(t, _RECORDS.pack(flags, event.codec, event.raw_len) + bytes(event.payload))]
+    if isinstance(event, SigRequest):
+        return [_frame(t, _SIGREQ.pack(event.block_size) + bytes(event.path))]
+    if isinstance(event, SigData):
+        weak = np.ascontiguousarray(event.weak, dtype="<u4")
+        strong = np.ascontiguousarray(event.strong, dtype="<u8")
+        if len(weak) != len(strong) or len(weak) > MAX_SIG:
+            raise ValueError(f"SIG_DATA needs as many weak as strong sums, at most {MAX_SIG}")
+        head = _SIGDATA.pack(1 if event.last else 0, event.block_size, event.file_size, event.first, len(weak))
+        return [_frame(t, head + weak.tobytes() + strong.tobytes())]
     if isinstance(event, ManifestData):
         entries = np.ascontiguousarray(event.entries, dtype="<u8")
         level = {"coarse": 0, "fine": 1}[event.level]
@@ -393,6 +433,19 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
         if ftype == TreeData.TYPE:
             return TreeData(bool(flags), codec, raw_len, payload)
         return FileOps(codec, raw_len, payload)
+    if ftype == SigRequest.TYPE:
+        if len(body) < _SIGREQ.size + 1:
+            raise FrameError("SIG_REQUEST body too short")
+        return SigRequest(_SIGREQ.unpack_from(body)[0], bytes(body[_SIGREQ.size:]))
+    if ftype == SigData.TYPE:
+        if len(body) < _SIGDATA.size:
+            raise FrameError("SIG_DATA body too short")
+        flags, bs, size, first, count = _SIGDATA.unpack_from(body)
+        if flags & ~1 or count > MAX_SIG or len(body) != _SIGDATA.size + 12 * count:
+            raise FrameError("SIG_DATA flags or length wrong")
+        weak = np.frombuffer(body, dtype="<u4", count=count, offset=_SIGDATA.size)
+        strong = np.frombuffer(body, dtype="<u8", count=count, offset=_SIGDATA.size + 4 * count)
+        return SigData(bool(flags), bs, size, first, weak, strong)
     if ftype == ManifestData.TYPE:
         if len(body) < _MAN.size:
             raise FrameError("MANIFEST_DATA body too short")

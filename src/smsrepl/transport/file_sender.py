@@ -35,12 +35,13 @@ class FileRoundResult:
     stats: RoundStats
     wire_bytes: int
     seconds: float
+    literal_bytes: int = 0  # data of delta-sent files that the receiver's copies did not have
 
     def summary(self) -> dict:
         s = self.stats
         return {"round": self.round_id, "kind": self.kind, "entries": s.entries, "files_sent": s.files_sent,
                 "bytes_sent": s.bytes_sent, "unchanged": s.unchanged, "deleted": s.deleted, "reread": s.reread,
-                "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3), "reported": s.reported}
+                "literal_bytes": self.literal_bytes, "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3), "reported": s.reported}
 
 
 class FileSender:
@@ -57,6 +58,7 @@ class FileSender:
         self.rules = rules
         self.checksum = checksum
         self.level = level
+        self.literal_bytes = 0
 
     def run(self) -> FileRoundResult:
         started = time.monotonic()
@@ -77,6 +79,26 @@ class FileSender:
             raise RemoteProtocolError(f"expected {' or '.join(w.__name__ for w in want)}, got {type(ev).__name__}")
         return ev
 
+    def _signature(self, chan: Channel, path: bytes, block_size: int):
+        """(file size, weak, strong) of the receiver's copy of ``path``; size 0 if it has none."""
+        import numpy as np
+
+        chan.send(F.SigRequest(block_size, path))
+        weak, strong, size = [], [], 0
+        while True:
+            ev = self._recv(chan, F.SigData)
+            if ev.block_size != block_size or ev.first != sum(len(w) for w in weak):
+                raise RemoteProtocolError("SIG_DATA out of order or for another block size")
+            weak.append(ev.weak)
+            strong.append(ev.strong)
+            size = ev.file_size
+            if ev.last:
+                break
+        w, s = np.concatenate(weak), np.concatenate(strong)
+        if size and len(w) != -(-size // block_size):
+            raise RemoteProtocolError("SIG_DATA does not cover the file")
+        return size, w, s
+
     def _session(self, chan: Channel, started: float) -> FileRoundResult:
         chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
                           list(CAPABILITIES)))
@@ -95,8 +117,9 @@ class FileSender:
         chan.send(F.RoundBegin(round_id, kind, 0))
         ops = OpStream(chan.send, Compressor(self.level))
         try:
-            stats = sync_tree(self.source, RemoteTarget(listing, ops), rules=self.rules, kind=kind,
-                              checksum=self.checksum)
+            target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
+            stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum)
+            self.literal_bytes = target.literal_bytes
             chan.send(F.RoundEnd(round_id))
         except TransportError:
             # the receiver usually hung up after saying why: prefer its ERROR frame
@@ -111,4 +134,4 @@ class FileSender:
             self._recv(chan, F.Close)
         except ReplicationError:
             pass  # the round is durable already
-        return FileRoundResult(round_id, kind, stats, wire, time.monotonic() - started)
+        return FileRoundResult(round_id, kind, stats, wire, time.monotonic() - started, self.literal_bytes)

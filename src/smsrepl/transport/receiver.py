@@ -339,7 +339,7 @@ class _Session:
 
     def _files_loop(self) -> bool:
         from ..files.apply import TreeWriter, remove_temporaries
-        from ..files.remote import OpApplier, describe_tree
+        from ..files.remote import OpApplier, describe_tree, signature_frames
 
         root = self.rx.targets[self.hello.target]
         applier: OpApplier | None = None
@@ -358,6 +358,9 @@ class _Session:
                     applier, round_id = OpApplier(TreeWriter(root)), ev.round_id
                 elif isinstance(ev, F.FileOps) and applier is not None:
                     applier.apply(ev)
+                elif isinstance(ev, F.SigRequest) and applier is not None:
+                    for frame in signature_frames(applier.w, ev):
+                        self.chan.send(frame)
                 elif isinstance(ev, F.RoundEnd) and applier is not None and ev.round_id == round_id:
                     applier.w.finish()
                     applier.w.close()
