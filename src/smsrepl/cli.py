@@ -189,15 +189,25 @@ def cmd_send_files(args) -> int:
     from .transport.sender import parse_address
     from .transport.tls import client_context
 
+    from .progress import HostSampler
+
     rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}") \
         if args.config else None
-    if args.speed_limit or args.progress != "none":
-        raise ConfigError("send files: --speed-limit and --progress are not available for file sessions "
-                          "in this version")
+    watcher = _ScheduleWatcher(args.speed_limit)
     ctx = client_context(_certkey(args), _passphrase(args))
-    result = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules,
-                        checksum=args.checksum, level=args.level).run()
-    print(json.dumps(result.summary()), flush=True)
+    out = _ProgressOutput(args.progress)
+    sender = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules,
+                        checksum=args.checksum, level=args.level, speed_limit=watcher.load(),
+                        on_report=out.report if args.progress != "none" else None,
+                        host_sampler=HostSampler() if args.progress == "json" else None)
+    watcher.sender = sender
+    watcher.watch()
+    try:
+        result = sender.run()
+    finally:
+        watcher.close()
+        out.close()
+    print(json.dumps(result.summary()), file=sys.stderr if args.progress == "json" else sys.stdout, flush=True)
     for line in result.stats.reported:
         print(f"note: {line}", file=sys.stderr)
     return 0
@@ -372,12 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--passphrase-file")
     sf.add_argument("--state-dir", help="accepted for symmetry with send block; the receiver keeps a file "
                                         "target's round record")
-    sf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (path rules)")
+    sf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (path rules, LINUX_CPU_LIMIT)")
     sf.add_argument("--checksum", action="store_true",
                     help="find changed files by content, not by size and mtime (reads every file on both ends)")
     sf.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level, 0 = no compression (default {DEFAULT_LEVEL})")
-    sf.add_argument("--speed-limit", metavar="FILE", help="not yet available for file sessions")
-    sf.add_argument("--progress", choices=["bar", "json", "none"], default="none", help="not yet available for file sessions")
+    sf.add_argument("--speed-limit", metavar="FILE",
+                    help="5.4.10 speed_limit JSON; re-read when it changes during the round")
+    sf.add_argument("--progress", choices=["bar", "json", "none"], default="none",
+                    help="json: one 5.4.8 report per line on stdout (MIGRATE_LINUX_FILE / SYNC_LINUX_FILE)")
     sf.set_defaults(func=cmd_send_files)
     sb = send.add_parser("block", help="copy (first run) or sync (later runs) a disk or image")
     sb.add_argument("source")

@@ -231,3 +231,31 @@ def test_delta_against_a_corrupted_basis_is_caught_by_the_digest(tmp_path, rx, b
     assert (dst / "f.bin").read_bytes()[:1001] != (src / "f.bin").read_bytes()[:1001]  # old copy kept
     res = send(src, addr, bundle, level=0)  # the next round repairs it
     assert (dst / "f.bin").read_bytes() == (src / "f.bin").read_bytes() and res.stats.files_sent == 1
+
+
+def test_progress_reports_and_speed_limit(tmp_path, rx, bundle):
+    import time
+
+    from smsrepl.progress import report_problems
+    from smsrepl.ratelimit import SpeedSchedule
+
+    _, addr = rx
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i}").write_bytes(os.urandom(200_000))
+    reports = []
+    slow = SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 16}]})
+    t0 = time.monotonic()
+    res = send(src, addr, bundle, level=0, speed_limit=slow, on_report=reports.append)
+    took = time.monotonic() - t0
+    assert took >= 2.4, took  # 6 MB at 2 MB/s, less the token bucket's first burst
+    assert res.kind == "full" and len(reports) >= 2
+    assert [report_problems(r) for r in reports] == [[]] * len(reports)
+    assert {r["subtask_name"] for r in reports} == {"MIGRATE_LINUX_FILE"}
+    progress = [r["progress"] for r in reports]
+    assert progress == sorted(progress) and progress[-1] == 100 and progress[0] < 100
+    (src / "f0").write_bytes(b"changed")
+    reports.clear()
+    send(src, addr, bundle, on_report=reports.append)
+    assert reports[-1]["subtask_name"] == "SYNC_LINUX_FILE" and reports[-1]["progress"] == 100

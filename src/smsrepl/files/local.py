@@ -9,6 +9,7 @@ xattrs and ACLs, holes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import SourceError
@@ -70,30 +71,36 @@ class LocalTarget:
 
 
 def sync_tree(source: str, target, *, rules: PathRules | None = None, kind: str = "full",
-              checksum: bool = False, delete: bool | None = None) -> RoundStats:
+              checksum: bool = False, delete: bool | None = None,
+              on_entry: Callable[[Entry], None] | None = None) -> RoundStats:
     """Make ``target`` (a directory path or a target object) equal ``source``, as
     filtered by ``rules`` for a round of ``kind``.
 
     Unchanged files (same size and mtime, or same content with ``checksum``)
     are not rewritten; their metadata is corrected. ``delete`` (default: in
     sync rounds) removes target entries the source no longer has, never
-    under an excluded path.
+    under an excluded path. ``on_entry`` is called after each source entry
+    was dealt with (progress).
     """
     own = isinstance(target, (str, bytes, os.PathLike))
     t = LocalTarget(os.fsdecode(target)) if own else target
     try:
-        return _round(os.fsencode(source), t, rules, kind, checksum, kind == "sync" if delete is None else delete)
+        return _round(os.fsencode(source), t, rules, kind, checksum, kind == "sync" if delete is None else delete,
+                      on_entry)
     finally:
         if own:
             t.close()
 
 
-def _round(src: bytes, t, rules, kind, checksum, delete) -> RoundStats:
+def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> RoundStats:
     stats = RoundStats(temporaries_removed=getattr(t, "temporaries_removed", 0))
     filt = rules.for_round(kind) if rules else None
     seen: set[bytes] = set()
     links: dict[tuple[int, int], bytes] = {}
     for e in walk(src, filt, xattrs=True):
+        if on_entry is not None and stats.entries:
+            on_entry(prev)
+        prev = e
         stats.entries += 1
         seen.add(e.path)
         if not e.path:
@@ -124,6 +131,8 @@ def _round(src: bytes, t, rules, kind, checksum, delete) -> RoundStats:
                 t.symlink(e)
         else:
             t.special(e)
+    if on_entry is not None and stats.entries:
+        on_entry(prev)
     if delete:
         gone: list[bytes] = []
         for path in t.paths(filt):

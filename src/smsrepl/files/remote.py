@@ -85,9 +85,11 @@ class Listing:
 class OpStream:
     """Operations batched into FILE_OPS frames, handed to ``send``."""
 
-    def __init__(self, send: Callable[[F.Event], None], compressor: Compressor) -> None:
+    def __init__(self, send: Callable[[F.Event], None], compressor: Compressor, pace: Callable[[], object] | None = None
+                 ) -> None:
         self.send = send
         self.comp = compressor
+        self.pace = pace  # a CPU cap's pace(), once per frame
         self.parts: list = []
         self.size = 0
         self.frames = 0
@@ -105,6 +107,8 @@ class OpStream:
         body = b"".join(self.parts)
         codec, payload = self.comp.encode(body)
         self.send(F.FileOps(codec, len(body), payload))
+        if self.pace is not None:
+            self.pace()
         self.frames += 1
         self.raw_bytes += len(body)
         self.parts, self.size = [], 0

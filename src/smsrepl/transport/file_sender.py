@@ -13,6 +13,7 @@ import os
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..codec import DEFAULT_LEVEL, Compressor, Decompressor
@@ -20,6 +21,9 @@ from ..errors import RemoteError, RemoteProtocolError, ReplicationError, Transpo
 from ..files.local import RoundStats, sync_tree
 from ..files.remote import Listing, OpStream, RemoteTarget
 from ..files.rules import PathRules
+from ..files.scan import Entry, walk
+from ..progress import ProgressTracker, subtask_for
+from ..ratelimit import CpuCap, ScheduledLimiter, SpeedSchedule
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from ..protocol import frames as F
 from .channel import Channel
@@ -46,7 +50,9 @@ class FileRoundResult:
 
 class FileSender:
     def __init__(self, source_dir: str, target: str, address: tuple[str, int], context: ssl.SSLContext, *,
-                 rules: PathRules | None = None, checksum: bool = False, level: int = DEFAULT_LEVEL) -> None:
+                 rules: PathRules | None = None, checksum: bool = False, level: int = DEFAULT_LEVEL,
+                 speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
+                 on_report: Callable[[dict], None] | None = None, host_sampler=None) -> None:
         if not os.path.isdir(source_dir):
             from ..errors import SourceError
 
@@ -59,6 +65,22 @@ class FileSender:
         self.checksum = checksum
         self.level = level
         self.literal_bytes = 0
+        #: the running session's speed schedule; replace_schedule() changes it live
+        self.limiter = ScheduledLimiter(speed_limit)
+        if cpu_cap is None and rules is not None and rules.cpu_limit is not None:
+            cpu_cap = CpuCap(rules.cpu_limit)
+        self.cpu_cap = cpu_cap
+        self.on_report = on_report
+        self.host_sampler = host_sampler
+        self.tracker: ProgressTracker | None = None
+
+    def replace_schedule(self, schedule: SpeedSchedule) -> None:
+        self.limiter.replace_schedule(schedule)
+
+    def _total(self, kind: str) -> int:
+        """Bytes of the regular files the round covers (the 5.4.8 totalsize)."""
+        filt = self.rules.for_round(kind) if self.rules else None
+        return sum(e.size for e in walk(self.source, filt, on_error=lambda p, exc: None) if e.kind == "file")
 
     def run(self) -> FileRoundResult:
         started = time.monotonic()
@@ -78,6 +100,21 @@ class FileSender:
         if not isinstance(ev, want):
             raise RemoteProtocolError(f"expected {' or '.join(w.__name__ for w in want)}, got {type(ev).__name__}")
         return ev
+
+    def _progress(self, chan: Channel) -> Callable[[Entry], None]:
+        done = [0, 0.0]
+
+        def on_entry(e: Entry) -> None:
+            if e.kind == "file":
+                done[0] += e.size
+            self.tracker.update(min(done[0], self.tracker.totalsize), chan.wire_sent - self._wire0,
+                                self._ops.raw_bytes)
+            now = time.monotonic()
+            if now - done[1] >= 1.0:
+                done[1] = now
+                self.on_report(self.tracker.report())
+
+        return on_entry
 
     def _signature(self, chan: Channel, path: bytes, block_size: int):
         """(file size, weak, strong) of the receiver's copy of ``path``; size 0 if it has none."""
@@ -113,12 +150,19 @@ class FileSender:
             listing.add(self._recv(chan, F.TreeData), decomp)
         log.info("%s round %d of %s -> %s (%d entries there)", kind, round_id, self.source, self.target,
                  len(listing.entries))
-        wire0 = chan.wire_sent
+        on_entry = None
+        if self.on_report is not None:
+            self.tracker = ProgressTracker(subtask_for("file", first_copy=kind == "full"), self._total(kind),
+                                           host_sampler=self.host_sampler)
+            on_entry = self._progress(chan)
+        chan.limiter = self.limiter
+        wire0 = self._wire0 = chan.wire_sent
         chan.send(F.RoundBegin(round_id, kind, 0))
-        ops = OpStream(chan.send, Compressor(self.level))
+        ops = self._ops = OpStream(chan.send, Compressor(self.level), self.cpu_cap.pace if self.cpu_cap else None)
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
-            stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum)
+            stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
+                              on_entry=on_entry)
             self.literal_bytes = target.literal_bytes
             chan.send(F.RoundEnd(round_id))
         except TransportError:
@@ -129,6 +173,9 @@ class FileSender:
         if done.round_id != round_id:
             raise RemoteProtocolError(f"ROUND_DONE for round {done.round_id}, expected {round_id}")
         wire = chan.wire_sent - wire0
+        if self.tracker is not None:
+            self.tracker.update(self.tracker.totalsize, wire, ops.raw_bytes)
+            self.on_report(self.tracker.finish())
         try:
             chan.send(F.Close("done"))
             self._recv(chan, F.Close)
