@@ -323,14 +323,25 @@ def cmd_verify_files(args) -> int:
     from .files.rules import PathRules
 
     try:
-        if not args.target_path:
-            raise ConfigError("verify files: remote verification (--to) is not available in this version; "
-                              "give TARGET_DIR")
+        if bool(args.target_path) == bool(args.to):
+            raise ConfigError("verify files: give TARGET_DIR, or --to HOST:PORT --target NAME --certkey FILE")
         dirs = list(args.dir_check or [])
         if args.config:
             rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}")
             dirs += [p.text for p in rules.consistency_dirs]
-        result, checks = compare_trees(args.source, args.target_path, dirs)
+        if args.to:
+            from .files.compare import compare_with_listing
+            from .transport.file_sender import FileSender
+            from .transport.sender import parse_address
+            from .transport.tls import client_context
+
+            if not (args.target and args.certkey):
+                raise ConfigError("verify files --to needs --target NAME and --certkey FILE")
+            sender = FileSender(args.source, args.target, parse_address(args.to),
+                                client_context(_certkey(args), _passphrase(args)))
+            result, checks = compare_with_listing(args.source, sender.describe_target(), dirs)
+        else:
+            result, checks = compare_trees(args.source, args.target_path, dirs)
     except ReplicationError as exc:  # SPEC: 2 on error, whatever the error's transfer exit code
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
@@ -427,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     vf = ver.add_parser("files", help="compare two directory trees (5.4.13 counts)")
     vf.add_argument("source", metavar="SRC_DIR")
     vf.add_argument("target_path", nargs="?", metavar="TARGET_DIR")
+    vf.add_argument("--to", metavar="HOST:PORT", help="compare with a receiver's target (it sends digests and "
+                                                     "metadata, never file data)")
+    vf.add_argument("--target", metavar="NAME")
+    vf.add_argument("--certkey")
+    vf.add_argument("--passphrase-file")
     vf.add_argument("--dir-check", action="append", metavar="PATH",
                     help="a directory to check, absolute from the tree's root (repeatable; default: all)")
     vf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON: its CONSISTENCY_DIR entries")

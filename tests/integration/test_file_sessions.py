@@ -259,3 +259,27 @@ def test_progress_reports_and_speed_limit(tmp_path, rx, bundle):
     reports.clear()
     send(src, addr, bundle, on_report=reports.append)
     assert reports[-1]["subtask_name"] == "SYNC_LINUX_FILE" and reports[-1]["progress"] == 100
+
+
+def test_remote_verify_counts_equal_local_verify(tmp_path, rx, bundle, certkey_file):
+    from smsrepl.files.compare import compare_trees, compare_with_listing
+
+    (_, (host, port)) = rx
+    src = rich_tree(tmp_path / "src")
+    dst = tmp_path / "dst"
+    send(src, (host, port), bundle)
+    s = os.fsdecode(src)
+    (dst / "with space" / "plain.txt").write_bytes(b"differs")  # content
+    os.chmod(dst / "sparse.img", 0o600)  # metadata
+    os.unlink(dst / "rel-link")  # missing
+    (dst / "extra").write_bytes(b"+")  # extra
+    listing = FileSender(s, "tree", (host, port), client_context(bundle)).describe_target()
+    remote, _ = compare_with_listing(s, listing, ["/", "/with space"])
+    local, _ = compare_trees(s, str(dst), ["/", "/with space"])
+    assert remote["consistency_result"] == local["consistency_result"]
+    entry = remote["consistency_result"][0]
+    assert (entry["num_different_files"], entry["num_target_miss_files"], entry["num_target_more_files"]) == (3, 1, 1)
+    cp = subprocess.run([sys.executable, "-m", "smsrepl", "verify", "files", s, "--to", f"{host}:{port}",
+                         "--target", "tree", "--certkey", certkey_file], capture_output=True, text=True)
+    assert cp.returncode == 1, cp.stderr
+    assert json.loads(cp.stdout)["consistency_result"] == [local["consistency_result"][0]]

@@ -81,18 +81,33 @@ def compare_trees(source: str, target: str, dirs: Iterable[str] = ()) -> tuple[d
     Returns the 5.4.13 body (``finished_time``, ``check_result``,
     ``consistency_result``) and the per-directory details (paths per category).
     """
-    src, dst = os.fsencode(source), os.fsencode(target)
+    dst = os.fsencode(target)
+    return _compare(source, dirs, lambda filt: _files(dst, filt), lambda path: _digest(dst + b"/" + path))
+
+
+def compare_with_listing(source: str, listing: dict, dirs: Iterable[str] = ()) -> tuple[dict, list[DirCheck]]:
+    """As compare_trees, against a target described by a receiver: ``listing`` maps each path
+    to (entry, XXH3-128 of its content or None), as files.remote.Listing holds it."""
+    def files(filt):
+        return {p: e for p, (e, _) in listing.items()
+                if p and e.kind != "dir" and (filt is None or filt.includes(tuple(p.split(b"/"))))}
+
+    return _compare(source, dirs, files, lambda path: listing[path][1])
+
+
+def _compare(source: str, dirs, target_files, target_digest) -> tuple[dict, list[DirCheck]]:
+    src = os.fsencode(source)
     checks = []
     for text in list(dirs) or ["/"]:
         filt = None if text.strip("/") == "" else RoundFilter((), (Pattern.parse(text, "dir_check"),))
-        a, b = _files(src, filt), _files(dst, filt)
+        a, b = _files(src, filt), target_files(filt)
         check = DirCheck(text, total=len(a))
         for path in sorted(a):
             other = b.get(path)
             if other is None:
                 check.missing.append(path)
             elif _meta(a[path]) != _meta(other) or (
-                    a[path].kind == "file" and _digest(src + b"/" + path) != _digest(dst + b"/" + path)):
+                    a[path].kind == "file" and _digest(src + b"/" + path) != target_digest(path)):
                 check.different.append(path)
             else:
                 check.same.append(path)

@@ -101,6 +101,27 @@ class FileSender:
             raise RemoteProtocolError(f"expected {' or '.join(w.__name__ for w in want)}, got {type(ev).__name__}")
         return ev
 
+    def describe_target(self) -> dict:
+        """The receiver's tree with content digests (path -> (entry, digest)), without a round:
+        what a remote consistency check compares against."""
+        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        try:
+            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
+                              list(CAPABILITIES)))
+            self._recv(chan, F.Welcome)
+            chan.send(F.TreeRequest(True))
+            listing, decomp = Listing(), Decompressor()
+            while not listing.done:
+                listing.add(self._recv(chan, F.TreeData), decomp)
+            try:
+                chan.send(F.Close("done"))
+                self._recv(chan, F.Close)
+            except ReplicationError:
+                pass
+            return listing.entries
+        finally:
+            chan.close()
+
     def _progress(self, chan: Channel) -> Callable[[Entry], None]:
         done = [0, 0.0]
 
