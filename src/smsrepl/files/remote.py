@@ -16,7 +16,7 @@ import xxhash
 
 from .. import kernels
 from ..codec import Compressor, Decompressor
-from ..errors import RemoteProtocolError
+from ..errors import RemoteProtocolError, TargetWriteError
 from ..protocol import frames as F
 from . import wire as W
 from .apply import FileSink, TreeWriter
@@ -270,56 +270,63 @@ class OpApplier:
 
     def apply(self, ev: F.FileOps) -> None:
         body = self.decomp.decode(ev.codec, ev.payload, ev.raw_len)
-        w = self.w
         for op, entry, data in W.decode_ops(body):
-            if (self.sink is None) != (op not in (W.CHUNK, W.END, W.ABORT, W.COPY)) or (
-                    op == W.COPY and self.basis < 0):
-                raise RemoteProtocolError(f"file operation {W.OP_NAMES[op]} out of place")
-            if op == W.ROOT:
-                w.set_root_meta(entry)
-            elif op == W.DIR:
-                w.mkdir(entry)
-            elif op == W.FILE:
-                self._kind(entry, "file")
-                w.write_file(entry, [data])
-                self.files += 1
-                self.bytes += entry.size
-            elif op == W.BEGIN:
-                self._kind(entry, "file")
-                self.sink = w.open_file(entry)
-            elif op == W.CHUNK:
-                self.sink.write(data)
-                self.bytes += len(data)
-            elif op == W.DELTA:
-                self._kind(entry, "file")
-                self._open_basis(entry.path, data)
-                self.sink = w.open_file(entry)
-            elif op == W.COPY:
-                self._copy(*data)
-            elif op == W.END:
-                sink, self.sink = self.sink, None
-                self._close_basis()
-                sink.commit(data)
-                self.files += 1
-            elif op == W.ABORT:
-                sink, self.sink = self.sink, None
-                self._close_basis()
-                sink.abort()
-            elif op == W.SYMLINK:
-                self._kind(entry, "symlink")
-                w.symlink(entry)
-            elif op == W.SPECIAL:
-                if entry.kind in ("file", "dir", "symlink"):
-                    raise RemoteProtocolError(f"SPECIAL operation for a {entry.kind}")
-                w.special(entry)
-            elif op == W.META:
-                if w.existing(entry.path) is not None:
-                    w.set_meta(entry)
-            elif op == W.HARDLINK:
-                self._kind(entry, "file")
-                w.hardlink(entry, bytes(data))
-            elif op == W.DELETE:
-                w.delete(bytes(data))
+            try:
+                self._apply(op, entry, data)
+            except OSError as exc:  # a system call refused: the sender hears it as SMS.2007
+                what = os.fsdecode(entry.path) if entry is not None else W.OP_NAMES[op]
+                raise TargetWriteError(f"{W.OP_NAMES[op]} {what!r}: {exc.strerror or exc}") from None
+
+    def _apply(self, op: int, entry: Entry | None, data) -> None:
+        w = self.w
+        if (self.sink is None) != (op not in (W.CHUNK, W.END, W.ABORT, W.COPY)) or (
+                op == W.COPY and self.basis < 0):
+            raise RemoteProtocolError(f"file operation {W.OP_NAMES[op]} out of place")
+        if op == W.ROOT:
+            w.set_root_meta(entry)
+        elif op == W.DIR:
+            w.mkdir(entry)
+        elif op == W.FILE:
+            self._kind(entry, "file")
+            w.write_file(entry, [data])
+            self.files += 1
+            self.bytes += entry.size
+        elif op == W.BEGIN:
+            self._kind(entry, "file")
+            self.sink = w.open_file(entry)
+        elif op == W.CHUNK:
+            self.sink.write(data)
+            self.bytes += len(data)
+        elif op == W.DELTA:
+            self._kind(entry, "file")
+            self._open_basis(entry.path, data)
+            self.sink = w.open_file(entry)
+        elif op == W.COPY:
+            self._copy(*data)
+        elif op == W.END:
+            sink, self.sink = self.sink, None
+            self._close_basis()
+            sink.commit(data)
+            self.files += 1
+        elif op == W.ABORT:
+            sink, self.sink = self.sink, None
+            self._close_basis()
+            sink.abort()
+        elif op == W.SYMLINK:
+            self._kind(entry, "symlink")
+            w.symlink(entry)
+        elif op == W.SPECIAL:
+            if entry.kind in ("file", "dir", "symlink"):
+                raise RemoteProtocolError(f"SPECIAL operation for a {entry.kind}")
+            w.special(entry)
+        elif op == W.META:
+            if w.existing(entry.path) is not None:
+                w.set_meta(entry)
+        elif op == W.HARDLINK:
+            self._kind(entry, "file")
+            w.hardlink(entry, bytes(data))
+        elif op == W.DELETE:
+            w.delete(bytes(data))
 
     def _open_basis(self, path: bytes, block_size: int) -> None:
         if not 0 < block_size <= 1 << 24:

@@ -108,6 +108,8 @@ class Reader:
             if not sub.done():
                 raise RemoteProtocolError("xattr block longer than its items")
         digest = self.bytes(16) if has_digest else None
+        if b"\0" in path or (link and b"\0" in link) or (xattrs and any(b"\0" in k or not k for k in xattrs)):
+            raise RemoteProtocolError("file record with a NUL byte in its path, link or xattr name")
         return Entry(path, KINDS[kind], mode, uid, gid, size, mtime, 0, 0, nlink, rdev, link, xattrs), digest
 
 

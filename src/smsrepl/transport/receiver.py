@@ -374,6 +374,8 @@ class _Session:
                         return True
                 else:
                     raise RemoteProtocolError(f"{type(ev).__name__} out of place in a file session")
+        except OSError as exc:  # listing, signatures, temporaries: the sender hears SMS.2007
+            raise TargetWriteError(f"target {self.hello.target!r}: {exc.strerror or exc}") from None
         finally:
             if applier is not None:
                 applier.close()
