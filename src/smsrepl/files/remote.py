@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
@@ -83,7 +85,8 @@ class Listing:
 
 
 class OpStream:
-    """Operations batched into FILE_OPS frames, handed to ``send``."""
+    """Operations batched into FILE_OPS frames, compressed and handed to ``send`` on a worker
+    thread (in order), so the next batch is read while this one is compressed and sent."""
 
     def __init__(self, send: Callable[[F.Event], None], compressor: Compressor, pace: Callable[[], object] | None = None
                  ) -> None:
@@ -94,6 +97,8 @@ class OpStream:
         self.size = 0
         self.frames = 0
         self.raw_bytes = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-ops")
+        self._inflight: deque[Future] = deque()
 
     def add(self, buffers: list) -> None:
         self.parts += buffers
@@ -102,16 +107,33 @@ class OpStream:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the batch to the worker; at most two batches wait (bounded memory)."""
         if not self.parts:
             return
         body = b"".join(self.parts)
+        self.parts, self.size = [], 0
+        while len(self._inflight) >= 2:
+            self._inflight.popleft().result()  # re-raises a send failure here
+        self._inflight.append(self._pool.submit(self._send, body))
+
+    def _send(self, body: bytes) -> None:
         codec, payload = self.comp.encode(body)
         self.send(F.FileOps(codec, len(body), payload))
         if self.pace is not None:
             self.pace()
         self.frames += 1
         self.raw_bytes += len(body)
-        self.parts, self.size = [], 0
+
+    def drain(self) -> None:
+        """Flush, and wait until everything reached the channel."""
+        self.flush()
+        while self._inflight:
+            self._inflight.popleft().result()
+
+    def close(self) -> None:
+        for f in self._inflight:
+            f.cancel()
+        self._pool.shutdown(wait=True)
 
 
 class RemoteSink:
@@ -244,14 +266,14 @@ class RemoteTarget:
         if (self.signature is not None and basis is not None and basis.kind == "file"
                 and min(basis.size, e.size) >= DELTA_MIN):
             bs = kernels.delta_block_size(basis.size)
-            self.ops.flush()  # the receiver answers after applying what came before
+            self.ops.drain()  # the request must follow what came before on the channel
             size, weak, strong = self.signature(e.path, bs)
             if size:
                 return DeltaSink(self.ops, e, bs, size, weak, strong, counter=self)
         return RemoteSink(self.ops, e)
 
     def finish(self) -> None:
-        self.ops.flush()
+        self.ops.drain()
 
 
 # --- receiver: apply ----------------------------------------------------------

@@ -190,6 +190,8 @@ class FileSender:
             # the receiver usually hung up after saying why: prefer its ERROR frame
             self._recv(chan, F.RoundDone)
             raise
+        finally:
+            ops.close()
         done = self._recv(chan, F.RoundDone)
         if done.round_id != round_id:
             raise RemoteProtocolError(f"ROUND_DONE for round {done.round_id}, expected {round_id}")
