@@ -1,0 +1,1 @@
+"""Agent integration with the SMS v3 control plane (see client.py)."""
