@@ -283,3 +283,120 @@ def test_remote_verify_counts_equal_local_verify(tmp_path, rx, bundle, certkey_f
                          "--target", "tree", "--certkey", certkey_file], capture_output=True, text=True)
     assert cp.returncode == 1, cp.stderr
     assert json.loads(cp.stdout)["consistency_result"] == [local["consistency_result"][0]]
+
+
+# --- from review: hostile metadata operations, excluded content, kind changes, ONLY_SYNC, keepalive ---
+
+def _meta_op(path, kind, mode):
+    from smsrepl.files import wire as W
+    from smsrepl.files.scan import Entry
+
+    return b"".join(W.encode_op(W.META, Entry(path, kind, mode, 0, 0, 0, 0, 0, 0, 1, 0)))
+
+
+def test_meta_for_another_kind_never_reaches_through_a_symlink_nor_blocks_on_a_fifo(tmp_path, rx, bundle):
+    import stat as st_
+
+    from smsrepl.protocol import frames as F
+
+    _, addr = rx
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"secret")
+    os.chmod(victim, 0o600)
+    os.symlink(victim, dst / "link")
+    os.mkfifo(dst / "pipe")
+    for path, kind in ((b"link", "fifo"), (b"pipe", "file")):
+        chan = _raw_session(addr, bundle)
+        body = _meta_op(path, kind, 0o777)
+        chan.send(F.FileOps(0, len(body), body))
+        ev = chan.recv()  # an answer, not a hang
+        chan.close()
+        assert isinstance(ev, F.Error) and ev.code == "SMS.1908", ev
+    assert st_.S_IMODE(os.stat(victim).st_mode) == 0o600
+
+
+def test_a_target_that_cannot_be_created_is_an_error_the_sender_hears(tmp_path, bundle):
+    rx = Receiver({"t": str(tmp_path / "missing" / "parent" / "dst")}, server_context(bundle), str(tmp_path / "st"))
+    addr = rx.start()
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        with pytest.raises(RemoteError, match="cannot create") as exc:
+            send(src, addr, bundle, target="t")
+        assert exc.value.code == "SMS.2007"
+    finally:
+        rx.stop()
+
+
+def test_sync_keeps_excluded_content_of_a_removed_directory(tmp_path, rx, bundle):
+    _, addr = rx
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d" / "keep").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"f")
+    (src / "d" / "keep" / "k").write_bytes(b"k")
+    send(src, addr, bundle)
+    shutil.rmtree(src / "d")
+    rules = PathRules.from_configurations({"configurations": [
+        {"config_key": "SYNC_EXCLUDE_PATH", "config_value": "/d/keep"}]})
+    res = send(src, addr, bundle, rules=rules)
+    assert (dst / "d" / "keep" / "k").read_bytes() == b"k" and not (dst / "d" / "f").exists()
+    assert res.stats.deleted == 2  # d/f, and d itself, which stays: it is not empty
+
+
+def test_removed_xattrs_and_kind_changes_reach_the_target(tmp_path, rx, bundle):
+    _, addr = rx
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "x").write_bytes(b"x")
+    (src / "f").write_bytes(b"f")
+    os.setxattr(src / "f", "user.a", b"1")
+    send(src, addr, bundle)
+    assert os.listxattr(dst / "f") == ["user.a"]
+    os.removexattr(src / "f", "user.a")
+    shutil.rmtree(src / "d")
+    (src / "d").write_bytes(b"now a file")
+    send(src, addr, bundle)
+    assert os.listxattr(dst / "f") == [] and (dst / "d").read_bytes() == b"now a file"
+    assert oracle(str(src), dst, "--delete") == ""
+
+
+def test_only_sync_creates_the_directories_on_the_way(tmp_path, rx, bundle):
+    _, addr = rx
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "x").mkdir(parents=True)
+    send(src, addr, bundle)
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f").write_bytes(b"f")
+    (src / "a" / "other").write_bytes(b"not synced")
+    rules = PathRules.from_configurations({"configurations": [
+        {"config_key": "ONLY_SYNC_PATH", "config_value": "/a/b"}]})
+    send(src, addr, bundle, rules=rules)
+    assert (dst / "a" / "b" / "f").read_bytes() == b"f" and not (dst / "a" / "other").exists()
+
+
+def test_a_long_quiet_sync_round_keeps_the_connection_alive(tmp_path, bundle, monkeypatch):
+    from smsrepl.files import remote
+
+    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(bundle), str(tmp_path / "st"), idle_timeout=1)
+    addr = rx.start()
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        for i in range(300):
+            (src / f"f{i}").write_bytes(b"x")
+        send(src, addr, bundle, target="t")
+        monkeypatch.setattr(remote, "KEEPALIVE", 0.2)
+        real = remote.RemoteTarget.set_meta
+
+        def slow(self, e):  # every unchanged file takes a while: the round is quiet for 3 s
+            time.sleep(0.01)
+            real(self, e)
+
+        import time
+        monkeypatch.setattr(remote.RemoteTarget, "set_meta", slow)
+        res = send(src, addr, bundle, target="t")
+        assert res.kind == "sync" and res.stats.unchanged == 300
+    finally:
+        rx.stop()

@@ -35,7 +35,7 @@ import xxhash
 from .. import kernels
 from ..blocks.manifest import run_arrays
 from ..errors import DecompressionError, RemoteProtocolError, TargetWriteError
-from .scan import Entry
+from .scan import KINDS as KIND_OF, Entry
 
 NAME_MAX = 255
 _BAD_PARTS = frozenset((b"", b".", b".."))
@@ -98,6 +98,7 @@ class TreeWriter:
         self._touched: set[tuple[bytes, ...]] = set()
         #: written files waiting for one syncfs and their renames: (temporary name, parts)
         self._pending: list[tuple[bytes, tuple[bytes, ...]]] = []
+        self._pending_paths: set[bytes] = set()
         self._pending_bytes = 0
         #: what could not be recreated (device files without root, xattrs the file system refused)
         self.reported: list[str] = []
@@ -201,7 +202,8 @@ class TreeWriter:
     def hardlink(self, entry: Entry, to: bytes) -> None:
         """Make ``entry`` another name of the already applied ``to``."""
         parts, target = check_path(entry.path), check_path(to)
-        self.flush_pending()  # ``to`` may still wait under its temporary name
+        if to in self._pending_paths:
+            self.flush_pending()  # ``to`` still waits under its temporary name
         parent = self.dir_fd(parts[:-1])
         tdir = self.dir_fd(target[:-1])
         have = self._lstat(parts, parent)
@@ -232,10 +234,21 @@ class TreeWriter:
         return True
 
     def set_meta(self, entry: Entry) -> None:
-        """Bring an existing entry's owner, mode, xattrs and times to ``entry``'s (data untouched)."""
+        """Bring an existing entry's owner, mode, xattrs and times to ``entry``'s (data untouched).
+
+        The entry there must be of the same kind (RemoteProtocolError otherwise): a
+        mode meant for a FIFO must never reach a file through a symlink, nor an
+        open() meant for a file block on a FIFO."""
         parts = check_path(entry.path)
-        self.flush_pending()
+        if entry.path in self._pending_paths:
+            self.flush_pending()
         parent = self.dir_fd(parts[:-1])
+        st = self._lstat(parts, parent)
+        if st is None:
+            return
+        if KIND_OF.get(stat.S_IFMT(st.st_mode)) != entry.kind:
+            raise RemoteProtocolError(f"metadata for a {entry.kind} at {os.fsdecode(entry.path)!r}, "
+                                      f"which is a {KIND_OF.get(stat.S_IFMT(st.st_mode), 'unknown')} here")
         if entry.kind == "symlink":
             if self.preserve_owner:
                 os.chown(parts[-1], entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
@@ -244,11 +257,13 @@ class TreeWriter:
             self._dirs.append((parts, entry))
         elif entry.kind == "file":
             try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-            except PermissionError:  # mode 000 and not root: what can be set by name
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+            except PermissionError:  # mode 000 and not root: what can be set without data access
                 self._set_meta_path(parts[-1], parent, entry)
                 return
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise RemoteProtocolError(f"{os.fsdecode(entry.path)!r} changed kind while being updated")
                 self._set_meta_fd(fd, entry)
             finally:
                 os.close(fd)
@@ -263,18 +278,34 @@ class TreeWriter:
         parts = check_path(path)
         return os.readlink(parts[-1], dir_fd=self.dir_fd(parts[:-1]))
 
-    def delete(self, path: bytes) -> None:
-        """Remove an entry, a directory with everything in it; symlinks are removed, not followed."""
+    def delete(self, path: bytes, *, recursive: bool = False) -> None:
+        """Remove an entry; symlinks are removed, not followed. A directory goes only when empty
+        (what is left in it, such as excluded entries, keeps it), or with everything in it when
+        ``recursive``. An entry whose parent is already gone is gone."""
         parts = check_path(path)
         self.flush_pending()
-        parent = self.dir_fd(parts[:-1])
+        try:
+            parent = self.dir_fd(parts[:-1])
+        except TargetWriteError:
+            return  # a parent removed or replaced by a file earlier in the round
         st = self._lstat(parts, parent)
-        if st is not None:
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode) and not recursive:
+            self._forget(parts)
+            try:
+                os.rmdir(parts[-1], dir_fd=parent)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                return
+        else:
             self._remove(parts, parent, st)
-            self._touched.add(parts[:-1])
+        self._touched.add(parts[:-1])
 
     def _defer(self, tmp: bytes, parts: tuple[bytes, ...], size: int) -> None:
         self._pending.append((tmp, parts))
+        self._pending_paths.add(b"/".join(parts))
         self._pending_bytes += size
         if len(self._pending) >= PENDING_FILES or self._pending_bytes >= PENDING_BYTES:
             self.flush_pending()
@@ -285,6 +316,7 @@ class TreeWriter:
             return
         _syncfs(self.root_fd)
         pending, self._pending, self._pending_bytes = self._pending, [], 0
+        self._pending_paths.clear()
         for tmp, parts in pending:
             self._install(tmp, parts, self.dir_fd(parts[:-1]))
 
@@ -365,10 +397,19 @@ class TreeWriter:
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
     def _set_meta_path(self, name: bytes, parent: int, entry: Entry) -> None:
-        if self.preserve_owner:
-            os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
-        os.chmod(name, entry.mode, dir_fd=parent)
-        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        """Owner, mode and times of an entry that cannot be opened for reading (special files),
+        through an O_PATH descriptor: chmod by name would follow a symlink put there meanwhile."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise RemoteProtocolError(f"{os.fsdecode(entry.path)!r} is a symlink here, not a {entry.kind}")
+            proc = f"/proc/self/fd/{fd}"
+            if self.preserve_owner:
+                os.chown(proc, entry.uid, entry.gid)
+            os.chmod(proc, entry.mode)
+            os.utime(proc, ns=(entry.mtime_ns, entry.mtime_ns))
+        finally:
+            os.close(fd)
 
     def _set_xattrs(self, fd: int, entry: Entry) -> None:
         want = getattr(entry, "xattrs", None)

@@ -97,7 +97,7 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> Round
     filt = rules.for_round(kind) if rules else None
     seen: set[bytes] = set()
     links: dict[tuple[int, int], bytes] = {}
-    for e in walk(src, filt, xattrs=True):
+    for e in walk(src, filt, xattrs=True, implied=True):
         if on_entry is not None and stats.entries:
             on_entry(prev)
         prev = e
@@ -107,6 +107,15 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> Round
             t.set_root_meta(e)
             continue
         have = t.existing(e.path)
+        if e.implied:  # only on the way to an ONLY_SYNC path: make it exist, leave it alone otherwise
+            if have is None or have.kind != "dir":
+                t.mkdir(e)
+            continue
+        if (have is not None and have.kind == "dir" and e.kind != "dir" and filt is not None
+                and any(p.may_be_below(e.parts) or p.covers(e.parts) for p in filt.exclude)):
+            stats.reported.append(f"{os.fsdecode(e.path)}: a directory here that may hold excluded entries; "
+                                  f"not replaced by the source's {e.kind}")
+            continue
         if e.kind == "dir":
             t.mkdir(e)
         elif e.kind == "file":
@@ -116,6 +125,7 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> Round
                 continue
             if e.nlink > 1:
                 links[key] = e.path
+            first_of_group = e.nlink > 1
             if (have is not None and have.kind == "file" and have.size == e.size
                     and not (have.nlink > 1 and e.nlink == 1)  # a hard link there that is not one here
                     and (t.content_digest(e.path) == _digest(src + b"/" + e.path) if checksum
@@ -123,7 +133,8 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> Round
                 stats.unchanged += 1
                 t.set_meta(e)
                 continue
-            _send_file(t, src, e, stats, have)
+            if not _send_file(t, src, e, stats, have) and first_of_group:
+                del links[key]  # not there: its other names get their own copy
         elif e.kind == "symlink":
             if have is not None and have.kind == "symlink" and have.link == e.link:
                 t.set_meta(e)
@@ -134,10 +145,9 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> Round
     if on_entry is not None and stats.entries:
         on_entry(prev)
     if delete:
-        gone: list[bytes] = []
-        for path in t.paths(filt):
-            if path and path not in seen and not (gone and path.startswith(gone[-1] + b"/")):
-                gone.append(path)
+        # every entry the source lost, deepest first; a directory goes once empty, so what an
+        # exclude rule hides inside it keeps it (as rsync does), and nothing excluded is touched
+        gone = [path for path in t.paths(filt) if path and path not in seen]
         for path in reversed(gone):
             t.delete(path)
         stats.deleted = len(gone)
@@ -146,8 +156,9 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> Round
     return stats
 
 
-def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None) -> None:
-    """Copy one file in bounded chunks; if it changed while being read, drop the copy and read it again."""
+def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None) -> bool:
+    """Copy one file in bounded chunks; if it changed while being read, drop the copy and read it
+    again. False when it was not copied (it never stopped changing)."""
     path = src + b"/" + e.path
     for attempt in range(RETRIES + 1):
         try:
@@ -180,10 +191,10 @@ def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None =
                 stats.reported.append(f"{os.fsdecode(e.path)}: kept changing while being read; sent as last read")
             if left:
                 sink.abort()
-                return
+                return False
             sink.commit()
             stats.files_sent += 1
             stats.bytes_sent += before.st_size
-            return
+            return True
         sink.abort()
         stats.reread += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,8 @@ DELTA_MIN = 1 << 20
 DELTA_WINDOW = 16 << 20
 #: literal data per CHUNK operation
 CHUNK_MAX = 1 << 20
+#: seconds without a frame after which one is sent anyway (the peer's idle timeout is 120 s)
+KEEPALIVE = 20.0
 
 
 # --- receiver: describe -------------------------------------------------------
@@ -46,14 +49,16 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     top = os.fsencode(root)
     parts: list[bytes] = []
     size = 0
+    last = time.monotonic()
     for e in walk(top, xattrs=True, on_error=lambda p, exc: None):
         digest = _digest(top + b"/" + e.path) if checksum and e.kind == "file" else None
         rec = W.encode_entry(e, digest)
         parts.append(rec)
         size += len(rec)
-        if size >= BATCH:
+        # a batch at least every KEEPALIVE seconds: a long checksum scan must not look idle
+        if size >= BATCH or time.monotonic() - last >= KEEPALIVE:
             yield _records(F.TreeData, comp, parts, last=False)
-            parts, size = [], 0
+            parts, size, last = [], 0, time.monotonic()
     yield _records(F.TreeData, comp, parts, last=True)
 
 
@@ -99,6 +104,17 @@ class OpStream:
         self.raw_bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-ops")
         self._inflight: deque[Future] = deque()
+        self._last = time.monotonic()
+
+    def keepalive(self) -> None:
+        """Call often: after KEEPALIVE seconds without a frame, send what is batched, or a PING."""
+        if time.monotonic() - self._last < KEEPALIVE:
+            return
+        self._last = time.monotonic()
+        if self.parts:
+            self.flush()
+        else:
+            self._inflight.append(self._pool.submit(self.send, F.Ping(0, time.monotonic_ns(), 0)))
 
     def add(self, buffers: list) -> None:
         self.parts += buffers
@@ -117,6 +133,7 @@ class OpStream:
         self._inflight.append(self._pool.submit(self._send, body))
 
     def _send(self, body: bytes) -> None:
+        self._last = time.monotonic()
         codec, payload = self.comp.encode(body)
         self.send(F.FileOps(codec, len(body), payload))
         if self.pace is not None:

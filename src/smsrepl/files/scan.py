@@ -35,6 +35,8 @@ class Entry:
     rdev: int
     link: bytes | None = None  # a symlink's target, as stored
     xattrs: dict[bytes, bytes] | None = None  # with walk(xattrs=True); POSIX ACLs are among them
+    #: a directory walked only on the way to an included path (an ONLY_SYNC ancestor)
+    implied: bool = False
 
     @property
     def parts(self) -> tuple[bytes, ...]:
@@ -71,7 +73,7 @@ def read_xattrs(path: bytes) -> dict[bytes, bytes]:
 
 def walk(root: str | bytes, filt: RoundFilter | None = None, *,
          on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False,
-         xattrs: bool = False) -> Iterator[Entry]:
+         xattrs: bool = False, implied: bool = False) -> Iterator[Entry]:
     """Yield the entries under ``root`` that ``filt`` includes (all without a filter).
 
     Directories that the filter neither includes nor needs to walk through are
@@ -79,7 +81,9 @@ def walk(root: str | bytes, filt: RoundFilter | None = None, *,
     SourceError naming the full path; a callback gets the relative path). With
     ``one_file_system``, mount points below the root are listed but not entered
     (as ``rsync -x``). With ``xattrs``, each entry carries its extended
-    attributes (``rsync -X``, and ``-A`` through them).
+    attributes (``rsync -X``, and ``-A`` through them). With ``implied``, the
+    directories walked only on the way to included paths are yielded too,
+    marked ``implied``.
     """
     top = os.fsencode(root)
     try:
@@ -105,6 +109,10 @@ def walk(root: str | bytes, filt: RoundFilter | None = None, *,
         if filt is not None and not filt.includes(cparts):
             if is_dir and filt.descend(cparts):
                 # on the way to an included path: walked, but not itself part of the round
+                if implied:
+                    e = Entry.from_stat(child, st, link)
+                    e.implied = True
+                    yield e
                 stack.append(_listing(top, child, cparts, on_error))
             continue
         entry = Entry.from_stat(child, st, link)

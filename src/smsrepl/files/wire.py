@@ -98,7 +98,7 @@ class Reader:
             raise RemoteProtocolError(f"file record with mode {mode:o} beyond permission bits")
         path = self.bytes(plen)
         link = self.bytes(llen) if llen or kind == KIND_CODES["symlink"] else None
-        xattrs = None
+        xattrs: dict = {}  # none travels as none: a target's extra ones are removed
         if xlen:
             sub = Reader(self._take(xlen))
             xattrs = {}

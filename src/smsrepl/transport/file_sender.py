@@ -92,6 +92,8 @@ class FileSender:
 
     def _recv(self, chan: Channel, *want: type) -> F.Event:
         ev = chan.recv()
+        while isinstance(ev, F.Pong):  # answers to keepalive PINGs
+            ev = chan.recv()
         if isinstance(ev, F.Error):
             raise RemoteError(f"receiver: {ev.message}", code=ev.code or None, exit_code=ev.exit_code,
                               resumable=ev.resumable)
@@ -126,6 +128,9 @@ class FileSender:
         done = [0, 0.0]
 
         def on_entry(e: Entry) -> None:
+            self._ops.keepalive()
+            if self.tracker is None:
+                return
             if e.kind == "file":
                 done[0] += e.size
             self.tracker.update(min(done[0], self.tracker.totalsize), chan.wire_sent - self._wire0,
@@ -171,11 +176,10 @@ class FileSender:
             listing.add(self._recv(chan, F.TreeData), decomp)
         log.info("%s round %d of %s -> %s (%d entries there)", kind, round_id, self.source, self.target,
                  len(listing.entries))
-        on_entry = None
         if self.on_report is not None:
             self.tracker = ProgressTracker(subtask_for("file", first_copy=kind == "full"), self._total(kind),
                                            host_sampler=self.host_sampler)
-            on_entry = self._progress(chan)
+        on_entry = self._progress(chan)
         chan.limiter = self.limiter
         wire0 = self._wire0 = chan.wire_sent
         chan.send(F.RoundBegin(round_id, kind, 0))

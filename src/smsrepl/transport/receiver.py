@@ -22,6 +22,7 @@ from ..errors import (
     RefusedError,
     RemoteProtocolError,
     ReplicationError,
+    TargetWriteError,
     TransportError,
 )
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
@@ -249,7 +250,10 @@ class _Session:
             else:
                 self._open_block_session(ev)
                 clean = self._loop()
-        except ReplicationError as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the sender, not kill the thread
+            if not isinstance(exc, ReplicationError):
+                log.exception("%s: target %s: internal error", self.peer, target_name)
+                exc = ReplicationError(f"receiver internal error: {type(exc).__name__}: {exc}")
             error = exc
             log.warning("%s: target %s: %s", self.peer, target_name, exc)
             if not isinstance(exc, TransportError):
@@ -330,6 +334,9 @@ class _Session:
             pass
         except OSError as exc:
             raise TargetWriteError(f"target {ev.target!r}: cannot create {root!r}: {exc.strerror}") from None
+        from ..files.apply import remove_temporaries
+
+        remove_temporaries(root)  # what a killed round left, before the tree is described
         self._files_state = os.path.join(self.rx.state_dir, f"{ev.target}.files.json")
         rec = _read_record(self._files_state)
         last = int(rec.get("round_id", 0))
@@ -338,7 +345,7 @@ class _Session:
         log.info("%s: file session %s for target %s (%s)", self.peer, ev.session_id, ev.target, root)
 
     def _files_loop(self) -> bool:
-        from ..files.apply import TreeWriter, remove_temporaries
+        from ..files.apply import TreeWriter
         from ..files.remote import OpApplier, describe_tree, signature_frames
 
         root = self.rx.targets[self.hello.target]
@@ -351,7 +358,6 @@ class _Session:
                     for frame in describe_tree(root, checksum=ev.checksum):
                         self.chan.send(frame)
                 elif isinstance(ev, F.RoundBegin) and applier is None:
-                    remove_temporaries(root)
                     rec = _read_record(self._files_state)
                     write_json_atomic(self._files_state, {**rec, "round_id": ev.round_id, "complete": rec.get(
                         "complete", False) and ev.kind == "sync"})
@@ -379,6 +385,10 @@ class _Session:
         finally:
             if applier is not None:
                 applier.close()
+                try:  # files received whole and checked keep their names, even in a cut round
+                    applier.w.flush_pending()
+                except (ReplicationError, OSError) as exc:
+                    log.warning("%s: files of the cut round not kept: %s", self.peer, exc)
                 applier.w.close()
 
     def _open_block_session(self, ev: F.Hello) -> None:
