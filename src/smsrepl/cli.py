@@ -63,11 +63,13 @@ def cmd_receive(args) -> int:
     from .transport.sender import parse_address
     from .transport.tls import server_context
 
-    if args.root:
-        raise ConfigError("--root (file-level targets) is not supported by this version; use --target NAME=PATH")
+    from .transport.receiver import RootTargets
+
+    if args.root and args.target:
+        raise ConfigError("give --target NAME=PATH ... or --root DIR, not both")
     host, port = parse_address(args.listen, listen=True)
     ctx = server_context(_certkey(args), _passphrase(args))
-    rx = Receiver(_targets(args.target), ctx, args.state_dir or _state_home("receive"),
+    rx = Receiver(RootTargets(args.root) if args.root else _targets(args.target), ctx, args.state_dir or _state_home("receive"),
                   checkpoint_seconds=args.checkpoint_seconds)
     host, port = rx.bind(host, port)
     print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--certkey", required=True)
     rc.add_argument("--passphrase-file")
     rc.add_argument("--target", action="append", default=[], metavar="NAME=PATH")
-    rc.add_argument("--root")
+    rc.add_argument("--root", metavar="DIR", help="every target NAME is DIR/NAME: an image file (block) or a directory (files)")
     rc.add_argument("--state-dir")
     rc.add_argument("--once", action="store_true", help="exit after one session")
     rc.add_argument("--checkpoint-seconds", type=float, default=2.0,

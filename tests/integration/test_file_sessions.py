@@ -400,3 +400,30 @@ def test_a_long_quiet_sync_round_keeps_the_connection_alive(tmp_path, bundle, mo
         assert res.kind == "sync" and res.stats.unchanged == 300
     finally:
         rx.stop()
+
+
+def test_receive_root_serves_named_targets_below_it_only(tmp_path, bundle):
+    from smsrepl.transport.receiver import RootTargets
+
+    base = tmp_path / "root"
+    base.mkdir()
+    rx = Receiver(RootTargets(str(base)), server_context(bundle), str(tmp_path / "st"))
+    addr = rx.start()
+    try:
+        src = rich_tree(tmp_path / "src")
+        send(src, addr, bundle, target="home")
+        assert oracle(os.fsdecode(src), base / "home") == ""
+        from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection
+        from smsrepl.protocol import frames as F
+        from smsrepl.transport.channel import Channel
+        from smsrepl.transport.sender import connect
+
+        for name in ("..", "a/b", ""):  # a hostile sender naming a way out of the root
+            chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+            chan.send(F.Hello([PROTOCOL_VERSION], "files", name, "x", 0, 4096, list(CAPABILITIES)))
+            ev = chan.recv()
+            chan.close()
+            assert isinstance(ev, F.Error) and "not one of this receiver's targets" in ev.message, ev
+    finally:
+        rx.stop()
+    assert sorted(os.listdir(base)) == ["home"]

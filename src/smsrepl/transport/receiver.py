@@ -11,7 +11,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..blocks.device import BlockTarget
@@ -47,6 +47,30 @@ def check_target_name(name: str) -> str:
     return name
 
 
+class RootTargets(Mapping):
+    """``receive --root DIR``: every valid target name is DIR/NAME (an image file for block
+    sessions, a directory for file sessions), and nothing outside DIR."""
+
+    def __init__(self, root: str) -> None:
+        if not os.path.isdir(root):
+            raise ConfigError(f"--root {root!r} is not a directory")
+        self.root = os.path.abspath(root)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(TARGET_NAME.match(name)) and name not in (".", "..")
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self:
+            raise KeyError(name)
+        return os.path.join(self.root, name)
+
+    def __iter__(self):
+        return iter(())  # open-ended: names are not listed
+
+    def __len__(self) -> int:
+        return 0
+
+
 @dataclass(frozen=True, slots=True)
 class SessionOutcome:
     target: str
@@ -62,7 +86,7 @@ class Receiver:
 
     def __init__(
         self,
-        targets: dict[str, str],
+        targets: dict[str, str] | RootTargets,
         context: ssl.SSLContext,
         state_dir: str,
         *,
@@ -70,9 +94,12 @@ class Receiver:
         idle_timeout: float = IDLE_TIMEOUT,
         checkpoint_seconds: float = CHECKPOINT_SECONDS,
     ) -> None:
-        if not targets:
-            raise ConfigError("the receiver needs at least one --target NAME=PATH")
-        self.targets = {check_target_name(n): os.path.abspath(p) for n, p in targets.items()}
+        if isinstance(targets, RootTargets):
+            self.targets = targets
+        elif not targets:
+            raise ConfigError("the receiver needs at least one --target NAME=PATH, or --root DIR")
+        else:
+            self.targets = {check_target_name(n): os.path.abspath(p) for n, p in targets.items()}
         self.context = context
         self.state_dir = os.path.abspath(state_dir)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
