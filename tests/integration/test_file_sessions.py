@@ -386,8 +386,8 @@ def test_a_long_quiet_sync_round_keeps_the_connection_alive(tmp_path, bundle, mo
         src.mkdir()
         for i in range(300):
             (src / f"f{i}").write_bytes(b"x")
-        send(src, addr, bundle, target="t")
         monkeypatch.setattr(remote, "KEEPALIVE", 0.2)
+        send(src, addr, bundle, target="t")
         real = remote.RemoteTarget.set_meta
 
         def slow(self, e):  # every unchanged file takes a while: the round is quiet for 3 s
