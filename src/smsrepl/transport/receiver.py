@@ -281,6 +281,7 @@ class _Session:
             if not isinstance(exc, ReplicationError):
                 log.exception("%s: target %s: internal error", self.peer, target_name)
                 exc = ReplicationError(f"receiver internal error: {type(exc).__name__}: {exc}")
+                exc.resumable = True  # nothing says a rerun would fail again
             error = exc
             log.warning("%s: target %s: %s", self.peer, target_name, exc)
             if not isinstance(exc, TransportError):
