@@ -187,3 +187,27 @@ def test_damaged_dirty_map_is_a_clear_error_and_left_alone(tmp_path, damage, mes
 def test_non_positive_size_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="positive"):
         DirtyMap.open(str(tmp_path / "map"), 0)
+
+
+def test_close_with_a_round_view_still_alive_keeps_the_map_clean(tmp_path):
+    # a failed round's traceback can keep a view of the bits alive until the cycle collector
+    # runs; closing must neither raise nor lose the clean flag (seen: BufferError at the cutover)
+    import gc
+
+    path = str(tmp_path / "map")
+    m = DirtyMap.open(path, SIZE)
+    m.reset()
+    m.mark(8192, 4096)
+    held = m._bits[0][:16]  # a view into the mapping, as a round's arrays are
+    cycle = [held]
+    cycle.append(cycle)  # reachable only through a cycle, as a traceback's frames are
+    del held
+    gc.disable()
+    try:
+        del cycle
+        m.close()  # must not raise BufferError
+    finally:
+        gc.enable()
+    m = DirtyMap.open(path, SIZE)
+    assert m.trusted and m.reason == "clean" and list(m.ranges()) == [(8192, 4096)]
+    m.close()

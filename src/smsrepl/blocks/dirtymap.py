@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import mmap
 import os
 import struct
@@ -154,8 +155,18 @@ class DirtyMap:
             self._mm.flush()
             self._mm[_CLEAN] = 1
             self._mm.flush(0, mmap.PAGESIZE)
-            self._mm.close()
-            self._mm = None
+            mm, self._mm = self._mm, None
+            try:
+                mm.close()
+            except BufferError:
+                # a finished round's views of the bits are still alive, held by a reference
+                # cycle (an exception's traceback); everything is flushed already, so the
+                # mapping may go whenever they do
+                gc.collect()
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
         os.close(self.fd)
 
     def __enter__(self) -> "DirtyMap":
