@@ -49,7 +49,7 @@ class DirCheck:
         return [f"{mark} {os.fsdecode(p)}" for p, mark in sorted(rows)]
 
 
-def _digest(path: bytes) -> bytes:
+def content_digest(path: bytes) -> bytes:
     h = xxhash.xxh3_128()
     with open(path, "rb", buffering=0) as fh:
         buf = bytearray(READ)
@@ -82,7 +82,7 @@ def compare_trees(source: str, target: str, dirs: Iterable[str] = ()) -> tuple[d
     ``consistency_result``) and the per-directory details (paths per category).
     """
     dst = os.fsencode(target)
-    return _compare(source, dirs, lambda filt: _files(dst, filt), lambda path: _digest(dst + b"/" + path))
+    return _compare(source, dirs, lambda filt: _files(dst, filt), lambda path: content_digest(dst + b"/" + path))
 
 
 def compare_with_listing(source: str, listing: dict, dirs: Iterable[str] = ()) -> tuple[dict, list[DirCheck]]:
@@ -107,7 +107,7 @@ def _compare(source: str, dirs, target_files, target_digest) -> tuple[dict, list
             if other is None:
                 check.missing.append(path)
             elif _meta(a[path]) != _meta(other) or (
-                    a[path].kind == "file" and _digest(src + b"/" + path) != target_digest(path)):
+                    a[path].kind == "file" and content_digest(src + b"/" + path) != target_digest(path)):
                 check.different.append(path)
             else:
                 check.same.append(path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SourceError
 from .apply import TreeWriter, remove_temporaries
-from .compare import _digest
+from .compare import content_digest
 from .rules import PathRules, RoundFilter
 from .scan import Entry, walk
 
@@ -55,7 +55,7 @@ class LocalTarget:
         return e
 
     def content_digest(self, path: bytes) -> bytes:
-        return _digest(self.root + b"/" + path)
+        return content_digest(self.root + b"/" + path)
 
     def open_file(self, entry: Entry, basis: Entry | None = None):
         return self.w.open_file(entry)  # a local copy gains nothing from a delta
@@ -98,52 +98,11 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> Round
     seen: set[bytes] = set()
     links: dict[tuple[int, int], bytes] = {}
     for e in walk(src, filt, xattrs=True, implied=True):
-        if on_entry is not None and stats.entries:
-            on_entry(prev)
-        prev = e
         stats.entries += 1
         seen.add(e.path)
-        if not e.path:
-            t.set_root_meta(e)
-            continue
-        have = t.existing(e.path)
-        if e.implied:  # only on the way to an ONLY_SYNC path: make it exist, leave it alone otherwise
-            if have is None or have.kind != "dir":
-                t.mkdir(e)
-            continue
-        if (have is not None and have.kind == "dir" and e.kind != "dir" and filt is not None
-                and any(p.may_be_below(e.parts) or p.covers(e.parts) for p in filt.exclude)):
-            stats.reported.append(f"{os.fsdecode(e.path)}: a directory here that may hold excluded entries; "
-                                  f"not replaced by the source's {e.kind}")
-            continue
-        if e.kind == "dir":
-            t.mkdir(e)
-        elif e.kind == "file":
-            key = (e.dev, e.ino)
-            if e.nlink > 1 and key in links:
-                t.hardlink(e, links[key])
-                continue
-            if e.nlink > 1:
-                links[key] = e.path
-            first_of_group = e.nlink > 1
-            if (have is not None and have.kind == "file" and have.size == e.size
-                    and not (have.nlink > 1 and e.nlink == 1)  # a hard link there that is not one here
-                    and (t.content_digest(e.path) == _digest(src + b"/" + e.path) if checksum
-                         else have.mtime_ns == e.mtime_ns)):
-                stats.unchanged += 1
-                t.set_meta(e)
-                continue
-            if not _send_file(t, src, e, stats, have) and first_of_group:
-                del links[key]  # not there: its other names get their own copy
-        elif e.kind == "symlink":
-            if have is not None and have.kind == "symlink" and have.link == e.link:
-                t.set_meta(e)
-            else:
-                t.symlink(e)
-        else:
-            t.special(e)
-    if on_entry is not None and stats.entries:
-        on_entry(prev)
+        _entry(src, t, e, filt, checksum, links, stats)
+        if on_entry is not None:
+            on_entry(e)
     if delete:
         # every entry the source lost, deepest first; a directory goes once empty, so what an
         # exclude rule hides inside it keeps it (as rsync does), and nothing excluded is touched
@@ -154,6 +113,48 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> Round
     t.finish()
     stats.reported += t.reported
     return stats
+
+
+def _entry(src: bytes, t, e: Entry, filt, checksum: bool, links: dict, stats: RoundStats) -> None:
+    """Bring one source entry to the target."""
+    if not e.path:
+        t.set_root_meta(e)
+        return
+    have = t.existing(e.path)
+    if e.implied:  # only on the way to an ONLY_SYNC path: make it exist, leave it alone otherwise
+        if have is None or have.kind != "dir":
+            t.mkdir(e)
+        return
+    if (have is not None and have.kind == "dir" and e.kind != "dir" and filt is not None
+            and any(p.may_be_below(e.parts) or p.covers(e.parts) for p in filt.exclude)):
+        stats.reported.append(f"{os.fsdecode(e.path)}: a directory here that may hold excluded entries; "
+                              f"not replaced by the source's {e.kind}")
+        return
+    if e.kind == "dir":
+        t.mkdir(e)
+    elif e.kind == "file":
+        key = (e.dev, e.ino)
+        if e.nlink > 1 and key in links:
+            t.hardlink(e, links[key])
+            return
+        if e.nlink > 1:
+            links[key] = e.path
+        if (have is not None and have.kind == "file" and have.size == e.size
+                and not (have.nlink > 1 and e.nlink == 1)  # a hard link there that is not one here
+                and (t.content_digest(e.path) == content_digest(src + b"/" + e.path) if checksum
+                     else have.mtime_ns == e.mtime_ns)):
+            stats.unchanged += 1
+            t.set_meta(e)
+            return
+        if not _send_file(t, src, e, stats, have) and e.nlink > 1:
+            del links[key]  # not there: its other names get their own copy
+    elif e.kind == "symlink":
+        if have is not None and have.kind == "symlink" and have.link == e.link:
+            t.set_meta(e)
+        else:
+            t.symlink(e)
+    else:
+        t.special(e)
 
 
 def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None) -> bool:

@@ -23,7 +23,7 @@ from ..errors import RemoteProtocolError, TargetWriteError
 from ..protocol import frames as F
 from . import wire as W
 from .apply import FileSink, TreeWriter
-from .compare import _digest
+from .compare import content_digest
 from .rules import RoundFilter
 from .scan import Entry, walk
 
@@ -51,7 +51,7 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     size = 0
     last = time.monotonic()
     for e in walk(top, xattrs=True, on_error=lambda p, exc: None):
-        digest = _digest(top + b"/" + e.path) if checksum and e.kind == "file" else None
+        digest = content_digest(top + b"/" + e.path) if checksum and e.kind == "file" else None
         rec = W.encode_entry(e, digest)
         parts.append(rec)
         size += len(rec)
@@ -332,14 +332,14 @@ class OpApplier:
             self.bytes += entry.size
         elif op == W.BEGIN:
             self._kind(entry, "file")
-            self.sink = w.open_file(entry)
+            self.sink = w.open_file(entry, digest=True)
         elif op == W.CHUNK:
             self.sink.write(data)
             self.bytes += len(data)
         elif op == W.DELTA:
             self._kind(entry, "file")
             self._open_basis(entry.path, data)
-            self.sink = w.open_file(entry)
+            self.sink = w.open_file(entry, digest=True)
         elif op == W.COPY:
             self._copy(*data)
         elif op == W.END:
