@@ -427,3 +427,21 @@ def test_receive_root_serves_named_targets_below_it_only(tmp_path, bundle):
     finally:
         rx.stop()
     assert sorted(os.listdir(base)) == ["home"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["receive", "--listen", "127.0.0.1:0", "--certkey", "{ck}", "--root", "{tmp}/nope"], "is not a directory"),
+    (["receive", "--listen", "127.0.0.1:0", "--certkey", "{ck}", "--root", "{tmp}", "--target", "a={tmp}/a"],
+     "not both"),
+    (["verify", "files", "{tmp}", "--to", "127.0.0.1:1"], "needs --target NAME and --certkey"),
+    (["verify", "files", "{tmp}", "{tmp}", "--to", "127.0.0.1:1"], "give TARGET_DIR, or --to"),
+    (["send", "files", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--config", "{tmp}/bad.json"],
+     "unknown config_key 'EXCLUDE'"),
+    (["send", "files", "{tmp}/nope", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}"], "not a directory"),
+])
+def test_cli_bad_input_for_file_entry_points(tmp_path, certkey_file, args, match):
+    (tmp_path / "bad.json").write_text(json.dumps({"configurations": [{"config_key": "EXCLUDE", "config_value": "/x"}]}))
+    argv = [a.format(ck=certkey_file, tmp=tmp_path) for a in args]
+    cp = subprocess.run([sys.executable, "-m", "smsrepl", *argv], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and match in cp.stderr, (cp.returncode, cp.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["bad.json"]  # nothing created

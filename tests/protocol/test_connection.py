@@ -340,3 +340,36 @@ def test_block_data_carries_a_zero_map_and_one_digest_for_the_frame():
     r2.receive_data(head8 + F.struct.pack(">I", F._check(head8, body[:33])) + body)
     with pytest.raises(RemoteProtocolError, match="bits past its last block"):
         r2.next_event()
+
+
+@pytest.mark.parametrize("ftype,body,match", [
+    (0x31, b"\x02\x00\x00\x00\x00\x01x", "flags"),  # TREE_DATA with an unknown flag
+    (0x32, b"\x01\x00\x00\x00\x00\x01x", "flags"),  # FILE_OPS never has "last"
+    (0x32, b"\x00\x00\x00\x00\x00\x00", "raw length"),  # nothing to apply
+    (0x32, b"\x00\x00\x01\x00\x00\x01", "raw length"),  # beyond MAX_RAW
+    (0x31, b"\x00", "too short"),
+    (0x33, b"\x00\x00\x10\x00", "too short"),  # SIG_REQUEST without a path
+    (0x34, b"\x00" + (4096).to_bytes(4, "big") + bytes(8) + bytes(4) + (2).to_bytes(4, "big") + bytes(12),
+     "length wrong"),  # SIG_DATA that says 2 blocks and carries 1
+])
+def test_malformed_file_frames_are_protocol_errors(ftype, body, match):
+    import struct
+
+    import xxhash
+
+    from smsrepl.errors import RemoteProtocolError
+    from smsrepl.protocol import frames as F
+
+    head8 = struct.pack(">IBBH", len(body), ftype, 0, 0)
+    h = xxhash.xxh32(head8)
+    h.update(body)
+    with pytest.raises(RemoteProtocolError, match=match):
+        conn = Connection(RECEIVER)
+        conn.receive_data(F.encode(F.Hello([1], "files", "t", "s", 0, 4096, []))[0])
+        conn.next_event()
+        conn.send(F.Welcome(1, "s", 0, "new", 0, "files", 0, "", []))
+        if ftype in (0x32, 0x33):
+            conn.receive_data(F.encode(F.RoundBegin(1, "full", 0))[0])
+            conn.next_event()
+        conn.receive_data(head8 + struct.pack(">I", h.intdigest()) + body)
+        conn.next_event()

@@ -54,9 +54,9 @@ class FileSender:
                  speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
                  on_report: Callable[[dict], None] | None = None, host_sampler=None) -> None:
         if not os.path.isdir(source_dir):
-            from ..errors import SourceError
+            from ..errors import SourceMissingError
 
-            raise SourceError(f"source {source_dir!r} is not a directory")
+            raise SourceMissingError(f"source {source_dir!r} is not a directory")
         self.source = os.path.abspath(source_dir)
         self.target = check_target_name(target)
         self.address = address
