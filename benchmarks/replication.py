@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -84,6 +85,51 @@ def sms_round(ck: str, src: str, target: str, rx_state: str, tx_state: str, *ext
     _, rx_rss, _, _ = rx.m.wait()
     summary = json.loads(out.decode().strip().splitlines()[-1])
     return {"wall": wall, "wire": summary["wire_bytes"], "tx_rss": tx_rss, "rx_rss": rx_rss, "kind": summary["kind"],
+            "dirty_blocks": summary.get("dirty_blocks"), "round_s": summary["seconds"]}
+
+
+def sms_sync_command(ck: str, pristine: str, base: str, work: str, size: int) -> dict:
+    """A SYNC command (SIGUSR1) to a running `send block --continuous` session: seconds from
+    the command to the round's summary line. The workload's 1% change is made while the
+    session runs, marked in its dirty map as an agent would."""
+    subprocess.run(["cp", "-a", "--sparse=always", base, work], check=True)
+    src = f"{work}/src.img"
+    subprocess.run(["cp", "--sparse=always", pristine, src], check=True)  # what the target holds
+    port = free_port()
+    rx = subprocess.Popen(CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", ck,
+                                 "--target", f"disk0={work}/t.img", "--state-dir", f"{work}/rx"],
+                          stderr=subprocess.PIPE)
+    try:
+        if b"listening" not in rx.stderr.readline():
+            raise RuntimeError("receiver did not start")
+        tx = subprocess.Popen(CLI + ["send", "block", src, "--to", f"127.0.0.1:{port}", "--target", "disk0",
+                                     "--certkey", ck, "--state-dir", f"{work}/tx", "--dirty-map",
+                                     f"{work}/dirty.map", "--continuous", "--interval", "86400"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            json.loads(tx.stdout.readline())  # the session's first round: nothing changed yet
+            with DirtyMap.open(f"{work}/dirty.map", size) as dm:
+                rewrite_random_blocks(src, 0.01, seed=9, dirty=dm)
+            os.sync()
+            t0 = time.perf_counter()
+            tx.send_signal(signal.SIGUSR1)
+            line = tx.stdout.readline()
+            wall = time.perf_counter() - t0
+            summary = json.loads(line)
+            tx.send_signal(signal.SIGTERM)  # cutover round, then exit
+            if tx.wait(60) != 0:
+                raise RuntimeError(f"continuous sender exited with {tx.returncode}")
+        finally:
+            if tx.poll() is None:
+                tx.kill()
+                tx.wait()
+    finally:
+        rx.terminate()
+        rx.wait(10)
+        rx.stderr.close()
+    if subprocess.run(["cmp", "-s", src, f"{work}/t.img"]).returncode != 0:
+        raise RuntimeError("target differs from the source after the cutover round")
+    return {"wall": wall, "wire": summary["wire_bytes"], "tx_rss": None, "rx_rss": None, "kind": summary["kind"],
             "dirty_blocks": summary.get("dirty_blocks"), "round_s": summary["seconds"]}
 
 
@@ -156,7 +202,7 @@ def main() -> int:
         daemon = RsyncDaemon(dst_root, tmp)
         keys = ["smsrepl full", "smsrepl full --level 0", "rsync -z --whole-file", "rsync --whole-file"]
         if not args.full_only:
-            keys += ["smsrepl sync", "smsrepl sync (dirty map)", "rsync --inplace sync", "rsync --inplace -B4096 sync"]
+            keys += ["smsrepl sync", "smsrepl sync (dirty map)", "smsrepl SYNC command (continuous, dirty map)", "rsync --inplace sync", "rsync --inplace -B4096 sync"]
         res: dict[str, list[dict]] = {k: [] for k in keys}
         changed = 0
         checks: list[dict] = []
@@ -206,6 +252,11 @@ def main() -> int:
                     assert r["kind"] == "sync" and r["dirty_blocks"], r
                     res["smsrepl sync (dirty map)"].append(r)
                     shutil.rmtree(work)
+                    os.sync()
+                    r = sms_sync_command(ck, pristine, sms_base, work, size)
+                    assert r["kind"] == "sync" and r["dirty_blocks"], r
+                    res["smsrepl SYNC command (continuous, dirty map)"].append(r)
+                    shutil.rmtree(work)
                     for key, flags in (("rsync --inplace sync", []), ("rsync --inplace -B4096 sync", ["-B", "4096"])):
                         name = f"sync{run}.img"
                         subprocess.run(["cp", "--sparse=always", pristine, os.path.join(dst_root, name)], check=True)
@@ -222,8 +273,11 @@ def main() -> int:
         for key, rows in res.items():
             wall, wire = med(rows, "wall"), med(rows, "wire")
             tx, rx = med(rows, "tx_rss"), med(rows, "rx_rss")
+            if not rows:
+                continue
             table[key] = {"wall": wall, "wire": wire, "tx_rss_kib": tx, "rx_rss_kib": rx, "runs": rows}
-            print(f"| {key} | {wall:.2f} | {size / wall / 1e6:.0f} | {wire / 1e6:.2f} | {tx / 1024:.0f} | "
+            print(f"| {key} | {wall:.2f} | {size / wall / 1e6:.0f} | {wire / 1e6:.2f} | "
+                  f"{'-' if tx is None else f'{tx / 1024:.0f}'} | "
                   f"{'-' if rx is None else f'{rx / 1024:.0f}'} |")
         f = table["smsrepl full"]["wall"]
         f0 = table["smsrepl full --level 0"]["wall"]
@@ -243,6 +297,10 @@ def main() -> int:
                   f"{b4096 / d_round:.2f}x for the round itself ({d_round:.3f} s: connect, TLS, round, "
                   f"receiver's durable end; what each round of --continuous costs) "
                   f"(wire {table['smsrepl sync (dirty map)']['wire'] / changed:.3f}x of rewritten bytes)")
+            c = table["smsrepl SYNC command (continuous, dirty map)"]["wall"]
+            print(f"SYNC command to a continuous session vs rsync --inplace -B 4096: {b4096 / c:.2f}x "
+                  f"({c:.3f} s from the command to the round's summary; wire "
+                  f"{table['smsrepl SYNC command (continuous, dirty map)']['wire'] / changed:.3f}x of rewritten bytes)")
             print(f"sync wire bytes / rewritten bytes: {table['smsrepl sync']['wire'] / changed:.3f} "
                   f"(budget 1.1 + 0.05% of disk = {(1.1 * changed + 0.0005 * size) / changed:.3f})")
         delay = statistics.median(c["network_delay"] for c in checks)
