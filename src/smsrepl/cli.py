@@ -356,6 +356,43 @@ def cmd_verify_files(args) -> int:
     return 0 if result["check_result"] == "consistent" else 1
 
 
+def cmd_agent(args) -> int:
+    import signal
+
+    from .agent.client import ControlPlane
+    from .agent.loop import Agent
+
+    try:
+        with open(args.token_file) as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"--token-file {args.token_file!r} cannot be read: {exc.strerror}") from None
+    disks = {}
+    for item in args.disk or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--disk {item!r}: expected NAME=PATH (e.g. /dev/vda=/dev/vda)")
+        if name in disks:
+            raise ConfigError(f"--disk {name} given twice")
+        disks[name] = path
+    cp = ControlPlane(args.endpoint, token, verify=args.ca_file or True, retries=2, backoff=0.5, max_backoff=5.0)
+    agent = Agent(cp, args.source_id, disks, args.state_dir or _state_home("agent"), task_id=args.task_id,
+                  data_port=args.data_port, poll_interval=args.poll_interval, sync_interval=args.sync_interval,
+                  host=args.host)
+
+    def on_term(signum, frame):
+        if signum == signal.SIGTERM and not getattr(on_term, "seen", False):
+            on_term.seen = True
+            print("SIGTERM: running the cutover round", file=sys.stderr, flush=True)
+            agent.request_cutover()
+        else:
+            agent.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    return agent.run()
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -451,6 +488,21 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--list", action="store_true",
                     help="also list every path on stderr: '=' same, '*' different, '-' missing, '+' extra")
     vf.set_defaults(func=cmd_verify_files)
+
+    ag = sub.add_parser("agent", help="the reference agent loop against an API v3 control plane")
+    ag.add_argument("--endpoint", required=True, help="https://... of the control plane")
+    ag.add_argument("--token-file", required=True, help="file holding the X-Auth-Token")
+    ag.add_argument("--source-id", required=True, help="this source server's id in the control plane")
+    ag.add_argument("--task-id", help="the task, when START does not name one")
+    ag.add_argument("--disk", action="append", metavar="NAME=PATH",
+                    help="a registered source disk (5.3.2 name, e.g. /dev/vda) and the device or image to read")
+    ag.add_argument("--ca-file", help="trust this CA for the control plane's HTTPS")
+    ag.add_argument("--data-port", type=int, default=8900, help="the receiver's data port (default 8900)")
+    ag.add_argument("--host", help="connect here instead of the task's migration_ip (a lab)")
+    ag.add_argument("--state-dir", help="where the agent keeps its state")
+    ag.add_argument("--poll-interval", type=float, default=5.0, help="seconds between command polls")
+    ag.add_argument("--sync-interval", type=float, default=30.0, help="seconds between continuous sync rounds")
+    ag.set_defaults(func=cmd_agent)
 
     demo = sub.add_parser("demo", help="run the whole loop on this machine")
     demo.add_argument("--size-mib", type=int, default=64)

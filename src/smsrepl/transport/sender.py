@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import kernels
 from ..blocks.device import BlockSource
 from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
 from ..blocks.replica import write_json_atomic
@@ -29,6 +30,7 @@ from ..errors import (
     RemoteError,
     RemoteProtocolError,
     ReplicationError,
+    SourceError,
     TransportError,
 )
 from ..progress import HostSampler, ProgressTracker, subtask_for
@@ -296,6 +298,50 @@ class Sender:
         self._close(chan)
         return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started,
                            dirty_blocks)
+
+    def check(self, *, chunk: int = 8 << 20, extent: int = 1 << 20) -> tuple[int, int]:
+        """Compare the source, read now, with the receiver's manifest: the digests of what it
+        verified on arrival and made durable. Returns (extents that differ, extents), an
+        extent being ``extent`` bytes: the unit where a consistency result counts files
+        (a target changed behind the receiver's back is not seen: it is not re-read)."""
+        with BlockSource(self.source_path) as source:
+            rec = self._load_session(source.size)
+            chan = Channel(connect(self.address, self.context), Connection(SENDER))
+            self._chan = chan
+            try:
+                chan.send(F.Hello([PROTOCOL_VERSION], "block", self.target, rec["session_id"], source.size,
+                                  F.FINE_BLOCK, list(CAPABILITIES)))
+                welcome = chan.recv()
+                self._raise_if_error(welcome)
+                if not isinstance(welcome, F.Welcome):
+                    raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
+                threading.Thread(target=self._read_loop, args=(chan,), daemon=True).start()
+                cache = self._reconcile(chan, os.path.join(self.dir, "target.manifest"), source.size,
+                                        welcome.manifest_root)
+                try:
+                    per = extent // FINE_BLOCK
+                    extents = -(-source.size // extent)
+                    if welcome.state != "synced":  # no completed round: nothing there counts as a copy
+                        return extents, extents
+                    buf = bytearray(chunk)
+                    digests = np.empty(chunk // FINE_BLOCK, dtype="<u8")
+                    differ = 0
+                    for off in range(0, source.size, chunk):
+                        n = min(chunk, source.size - off)
+                        view = memoryview(buf)[:n]
+                        if source.readinto(view, off) < n:
+                            raise SourceError(f"source {self.source_path!r} ended before {off + n}")
+                        k = -(-n // FINE_BLOCK)
+                        kernels.block_digests(view, FINE_BLOCK, digests[:k])
+                        neq = digests[:k] != cache.read_fine(off // FINE_BLOCK, k)
+                        neq = np.concatenate((neq, np.zeros(-k % per, dtype=bool)))
+                        differ += int(np.count_nonzero(neq.reshape(-1, per).any(axis=1)))
+                    return differ, extents
+                finally:
+                    cache.close()
+                    self._close(chan)
+            finally:
+                chan.close()
 
     def _open_cache(self, path: str, size: int, *, verify: bool = False) -> ManifestFile | None:
         try:

@@ -1,0 +1,380 @@
+"""The reference agent loop: commands from the control plane in, a whole-server session out.
+
+    agent = Agent(ControlPlane(url, token, verify=ca), source_id, {"/dev/vda": "/dev/vda"}, state_dir)
+    agent.run()          # until the task is finished (cutover) or deleted, or stop() is called
+
+What it does (API v3 sections in brackets):
+- polls ``GET /v3/sources/{id}/command`` [5.5.1] and answers every command with
+  ``POST .../command_result`` [5.5.2]: START (full copy of every disk; then
+  SYNCING with a sync round every ``sync_interval`` seconds when the task says
+  ``syncing``), STOP (pause, resumable), SYNC (a round now), DELETE (stop, drop
+  state), SKIP (no consistency check);
+- reads the task [5.4.5], its certificates [5.7.1] and passphrase [5.4.11],
+  speed limit [5.4.9] (polled while running; a change applies to the running
+  transfer) and configuration [5.10.2] (LINUX_CPU_LIMIT);
+- reports states [5.3.6], progress [5.4.8] and, after the cutover round (or
+  after the copy when the task does not sync), the consistency result [5.4.14].
+
+The data transfer never waits for the control plane: reports go through an
+:class:`Outbox` that keeps them while the control plane is unreachable
+(states in order, only the latest progress) and delivers them once it is back.
+``request_cutover()`` (SIGTERM in ``smsrepl agent``) runs the last round once
+the source is quiesced: the target then equals the source as of that call.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from ..errors import ConfigError, ReplicationError
+from ..session import BlockSession
+from ..state import CommandResult, ServerCommand, SessionState
+from .client import ControlPlane, ControlPlaneError
+from .server import DiskPlan, ServerRound
+
+log = logging.getLogger("smsrepl.agent")
+
+DATA_PORT = 8900
+_ERRORS = {SessionState.REPL_ERROR, SessionState.SYNC_ERROR, SessionState.CUT_ERROR}
+
+
+class Outbox:
+    """Reports on their way to the control plane, delivered in order by a thread of their own.
+
+    While the control plane does not answer, reports wait (progress: only the latest per
+    task is kept; everything else in order) and the thread retries every ``retry`` s."""
+
+    def __init__(self, cp: ControlPlane, *, retry: float = 1.0) -> None:
+        self.cp = cp
+        self.retry = retry
+        self._items: deque = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.delivered = 0
+        self.failed_attempts = 0
+        self._thread = threading.Thread(target=self._loop, name="agent-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, kind: str, ident: str, body: dict) -> None:
+        with self._cond:
+            if kind == "progress":
+                for i, (k, ident2, _) in enumerate(self._items):
+                    if k == "progress" and ident2 == ident:
+                        del self._items[i]  # a newer report replaces one not yet delivered
+                        break
+            self._items.append((kind, ident, body))
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything was delivered (True) or ``timeout`` passed."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._items and time.monotonic() < end:
+                self._cond.wait(min(0.1, max(0.0, end - time.monotonic())))
+            return not self._items
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _send(self, kind: str, ident: str, body: dict) -> None:
+        {"progress": self.cp.put_progress, "state": self.cp.put_state,
+         "command_result": self.cp.post_command_result, "consistency": self.cp.post_consistency_result,
+         "network_check": self.cp.post_network_check}[kind](ident, body)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                kind, ident, body = self._items[0]
+            try:
+                self._send(kind, ident, body)
+            except ControlPlaneError as exc:
+                if exc.resumable:  # unreachable or 5xx/429 after the client's retries: keep it
+                    self.failed_attempts += 1
+                    log.warning("control plane unavailable (%s); %d report(s) kept", exc, self.pending())
+                    with self._cond:
+                        self._cond.wait(self.retry)
+                        if self._closed:
+                            return
+                    continue
+                log.error("control plane refused a %s report: %s", kind, exc)  # never accepted: dropped
+            with self._cond:
+                if self._items and self._items[0][2] is body:
+                    self._items.popleft()
+                    self.delivered += 1
+                self._cond.notify_all()
+
+
+def target_name_for(disk: dict) -> str:
+    """The receiver's target name for a 5.4.1 target disk: its relation_name, else its name,
+    without a /dev/ prefix (``/dev/vdb`` -> ``vdb``)."""
+    name = disk.get("relation_name") or disk.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"target disk {disk!r} has neither relation_name nor name")
+    return name.rsplit("/", 1)[-1]
+
+
+def plan_disks(task: dict, local: dict[str, str]) -> list[DiskPlan]:
+    """Source disks (as registered, mapped to local paths) to the task's target disks: by equal
+    name where the target lists one, else by position (the reference keeps the source's order)."""
+    targets = (task.get("target_server") or {}).get("disks") or []
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError("the task's target_server lists no disks")
+    by_name = {d.get("name"): d for d in targets if isinstance(d, dict)}
+    plans = []
+    for i, (name, path) in enumerate(local.items()):
+        t = by_name.get(name) or (targets[i] if i < len(targets) else None)
+        if t is None:
+            raise ConfigError(f"source disk {name} has no target disk in the task")
+        plans.append(DiskPlan(name, path, target_name_for(t)))
+    if len({p.target for p in plans}) != len(plans):
+        raise ConfigError("two source disks map to the same target disk")
+    return plans
+
+
+class Agent:
+    def __init__(self, cp: ControlPlane, source_id: str, disks: dict[str, str], state_dir: str, *,
+                 task_id: str | None = None, data_port: int = DATA_PORT, poll_interval: float = 2.0,
+                 sync_interval: float = 30.0, speed_poll: float = 5.0, host: str | None = None,
+                 outbox_retry: float = 1.0, retry_delay: float = 2.0) -> None:
+        if not disks:
+            raise ConfigError("the agent needs at least one --disk NAME=PATH")
+        self.cp = cp
+        self.source_id = source_id
+        self.disks = dict(disks)
+        self.state_dir = os.path.abspath(state_dir)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.task_id = task_id
+        self.data_port = data_port
+        self.poll_interval = poll_interval
+        self.sync_interval = sync_interval
+        self.speed_poll = speed_poll
+        self.retry_delay = retry_delay
+        self.host = host  # overrides the task's migration_ip (a lab on loopback)
+        self.outbox = Outbox(cp, retry=outbox_retry)
+        self.task: dict | None = None
+        self.session: BlockSession | None = None
+        self.finished = False
+        self.deleted = False
+        self.consistency: dict | None = None
+        self._stop = threading.Event()
+        self._cutover = threading.Event()
+        self._wake = threading.Event()
+        self._schedule = None
+        self._schedule_raw: Any = None
+        self._ctx = None
+        self._cpu_cap = None
+        self._plans: list[DiskPlan] = []
+        self._round: ServerRound | None = None
+        self._cutover_running = False
+        self._last_round_end = 0.0
+        self._rounds: list = []
+
+    # --- control ----------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_cutover(self) -> None:
+        """The source is quiesced: run the last round, check, report, and finish."""
+        self._cutover.set()
+        self._wake.set()
+
+    @property
+    def copied(self) -> bool:
+        return os.path.exists(os.path.join(self.state_dir, "copied"))
+
+    # --- the loop ---------------------------------------------------------------
+    def run(self) -> int:
+        """Poll and act until finished, deleted or stopped; 0 when the task finished or was deleted."""
+        last_speed = 0.0
+        try:
+            while not self._stop.is_set():
+                self._poll_command()
+                now = time.monotonic()
+                if self.session is not None and now - last_speed >= self.speed_poll:
+                    last_speed = now
+                    self._refresh_speed_limit()
+                self._maybe_round()
+                if self.finished or self.deleted:
+                    break
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+        finally:
+            if self.session is not None and self.session.running and not (self.finished or self.deleted):
+                self.session.command("STOP")
+            self.outbox.close()
+        return 0 if (self.finished or self.deleted) else 3
+
+    def _poll_command(self) -> None:
+        try:
+            body = self.cp.get_command(self.source_id)
+        except ControlPlaneError as exc:
+            if exc.resumable:
+                log.warning("no command from the control plane (%s); the transfer goes on", exc)
+                return
+            raise
+        if not body or not body.get("command_name"):
+            return
+        try:
+            cmd = ServerCommand.from_json(body)
+        except ConfigError as exc:
+            log.error("ignoring a malformed command: %s", exc)
+            return
+        result = self._handle(cmd)
+        self.outbox.put("command_result", self.source_id, result.to_json())
+
+    def _handle(self, cmd: ServerCommand) -> CommandResult:
+        name = cmd.command_name
+        try:
+            if name.value == "START":
+                if self.session is None:
+                    self._prepare(cmd.task_id or self.task_id)
+                return self.session.command("START")
+            if self.session is None:
+                return CommandResult.fail(name, "no task has been started")
+            result = self.session.command(name)
+            if name.value == "DELETE" and result.ok:
+                self.deleted = True
+            return result
+        except ReplicationError as exc:
+            return CommandResult.fail(name, exc)
+
+    # --- set-up from the task -------------------------------------------------------
+    def _prepare(self, task_id: str | None) -> None:
+        from ..ratelimit import CpuCap
+        from ..transport.tls import CertKey, client_context
+
+        if not task_id:
+            raise ConfigError("START carries no task_id and the agent was given none")
+        self.task_id = task_id
+        task = self.cp.get_task(task_id)
+        if task.get("type", "MIGRATE_BLOCK") != "MIGRATE_BLOCK":
+            raise ConfigError(f"task type {task.get('type')!r}: this agent runs block-level (MIGRATE_BLOCK) tasks")
+        host = self.host or task.get("migration_ip")
+        if not host:
+            raise ConfigError("the task has no migration_ip")
+        self._plans = plan_disks(task, self.disks)
+        certkey = CertKey.from_json(json.dumps(self.cp.get_certkey(task_id)), source="control plane certkey")
+        phrase = (self.cp.get_passphrase(task_id) or {}).get("passphrase") or None
+        self._ctx = client_context(certkey, phrase.encode() if phrase else None)
+        self._refresh_speed_limit()
+        config = self.cp.get_configuration(task_id) or {}
+        items = [c for c in config.get("configurations", []) if c.get("config_key") == "LINUX_CPU_LIMIT"]
+        self._cpu_cap = CpuCap.from_configurations({"configurations": [
+            {"config_key": c["config_key"], "config_value": c["config_value"]} for c in items]}) if items else None
+        self.task = task
+        self._address = (host, self.data_port)
+        self.session = BlockSession(self._make_round, on_state=self._on_state, on_round=self._on_round)
+        if self.copied:
+            self.session._copied = True
+        log.info("task %s: %d disk(s) to %s:%d", task_id, len(self._plans), host, self.data_port)
+
+    def _refresh_speed_limit(self) -> None:
+        from ..ratelimit import SpeedSchedule
+
+        try:
+            raw = self.cp.get_speed_limit(self.task_id)
+        except ControlPlaneError as exc:
+            log.warning("speed limit not refreshed: %s", exc)
+            return
+        if raw == self._schedule_raw:
+            return
+        try:
+            schedule = SpeedSchedule.from_json(raw)
+        except ReplicationError as exc:
+            log.error("ignoring an invalid speed limit from the control plane: %s", exc)
+            return
+        self._schedule_raw, self._schedule = raw, schedule
+        rnd = self._round
+        sender = rnd._sender if rnd is not None else None
+        if sender is not None:
+            sender.replace_schedule(schedule)
+
+    # --- rounds ---------------------------------------------------------------------
+    def _make_round(self, states) -> ServerRound:
+        from ..transport.sender import Sender
+
+        def make_sender(disk: DiskPlan, on_report):
+            return Sender(disk.path, disk.target, self._address, self._ctx, self.state_dir,
+                          speed_limit=self._schedule, cpu_cap=self._cpu_cap, on_report=on_report)
+
+        cut = self._cutover.is_set()
+        self._cutover_running = cut
+        rnd = ServerRound(self._plans, make_sender, self.state_dir, states=states,
+                          first_copy=not self.copied and not cut, cutover=cut, on_report=self._on_report)
+        self._round = rnd
+        return rnd
+
+    def _maybe_round(self) -> None:
+        """Continuous sync: a round every sync_interval; the cutover round once asked for."""
+        s = self.session
+        if s is None or s.running or self.finished:
+            return
+        if s.states.state in _ERRORS:
+            err = s.last_error
+            if (err is not None and getattr(err, "resumable", False)
+                    and time.monotonic() - self._last_round_end >= self.retry_delay):
+                log.info("resuming after a resumable error: %s", err)
+                s.command("START")  # resumes from the receiver's checkpoint
+            return
+        if s.states.state is not SessionState.SYNCED:
+            return
+        if self._cutover.is_set():
+            s.command("SYNC")  # _make_round sees the cutover flag
+            return
+        if bool(self.task.get("syncing", False)) and time.monotonic() - self._last_round_end >= self.sync_interval:
+            s.command("SYNC")
+
+    def _on_round(self, result, error) -> None:
+        self._last_round_end = time.monotonic()
+        if error is not None:
+            log.error("round failed: %s", error)
+            self._wake.set()
+            return
+        self._rounds.append(result)
+        if result.kind == "full":
+            with open(os.path.join(self.state_dir, "copied"), "w") as fh:
+                fh.write(self.task_id or "")
+        done = result.kind == "cutover" or (result.kind == "full" and not bool(self.task.get("syncing", False)))
+        if done:
+            if bool(self.task.get("is_need_consistency_check", False)) and not self.session.skip_consistency_check:
+                self._consistency_check()
+            self.finished = True
+        self._wake.set()
+
+    def _consistency_check(self) -> None:
+        from ..transport.sender import Sender
+
+        items = []
+        for disk in self._plans:
+            sender = Sender(disk.path, disk.target, self._address, self._ctx, self.state_dir)
+            differ, total = sender.check()
+            items.append({"dir_check": disk.name, "num_total_files": min(total, 1_000_000),
+                          "num_different_files": min(differ, 1_000_000), "num_target_miss_files": 0,
+                          "num_target_more_files": 0})
+        self.consistency = {"consistency_result": items}
+        self.outbox.put("consistency", self.task_id, self.consistency)
+
+    # --- reports ----------------------------------------------------------------------
+    def _on_state(self, pair) -> None:
+        self.outbox.put("state", self.source_id, pair.to_json())
+
+    def _on_report(self, rep: dict) -> None:
+        self.outbox.put("progress", self.task_id, rep)

@@ -1,0 +1,137 @@
+"""Whole-server sessions: one round replicates every disk of a source server.
+
+A :class:`ServerRound` runs one Sender per disk, one disk after the other,
+so the disks share the bandwidth schedule and the CPU cap by construction
+(never two streams at once), and turns the per-disk reports into one 5.4.8
+progress stream for the server: sizes add up, ``progress`` never goes back,
+and 100 is reported only when the last disk is done. The server's session
+state (SMS.7728 pairs) is fired here, once per round, not per disk.
+
+It has the Sender's face (``run``, ``stop``, ``stop_requested``, ``dir``), so
+session.BlockSession and continuous.ContinuousSync drive it unchanged.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..blocks.device import BlockSource
+from ..errors import ConfigError, TransportError
+from ..progress import TRACE_MAX
+from ..state import Event, SessionState, SessionStateMachine
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """A source disk (its registered name, e.g. ``/dev/vda``, and the local device or image
+    read for it) and the receiver's target name it goes to."""
+
+    name: str
+    path: str
+    target: str
+
+
+@dataclass
+class ServerResult:
+    kind: str
+    disks: list
+    source_size: int
+    data_bytes: int
+    wire_bytes: int
+    seconds: float
+
+    @property
+    def round_id(self) -> int:
+        return max(r.round_id for r in self.disks)
+
+
+def disk_sizes(disks: list[DiskPlan]) -> list[int]:
+    sizes = []
+    for d in disks:
+        with BlockSource(d.path) as src:
+            sizes.append(src.size)
+    return sizes
+
+
+class ServerRound:
+    def __init__(self, disks: list[DiskPlan], make_sender: Callable[..., Any], state_dir: str, *,
+                 states: SessionStateMachine | None = None, first_copy: bool = True, cutover: bool = False,
+                 on_report: Callable[[dict], None] | None = None) -> None:
+        """``make_sender(disk, on_report)`` builds the Sender of one disk (with no state
+        machine of its own: the server's is ``states``)."""
+        if not disks:
+            raise ConfigError("a server session needs at least one disk")
+        self.disks = disks
+        self.sizes = disk_sizes(disks)
+        self.make_sender = make_sender
+        self.dir = state_dir
+        self.states = states
+        self.first_copy = first_copy
+        self.cutover = cutover
+        self.on_report = on_report
+        self.stop_requested = False
+        self._sender = None
+        self._best = 0
+
+    def stop(self) -> None:
+        self.stop_requested = True
+        sender = self._sender
+        if sender is not None:
+            sender.stop()
+
+    def _fire(self, event: Event) -> None:
+        if self.states is not None and self.states.can(event):
+            self.states.fire(event)
+
+    def run(self) -> ServerResult:
+        if self.cutover:
+            kind = "cutover"
+            self._fire(Event.CUTOVER)
+        elif self.first_copy:
+            kind = "full"
+            self._fire(Event.START)
+        else:
+            kind = "sync"
+            self._fire(Event.SYNC_START)
+        self._fire(Event.COPY_RUNNING)
+        results = []
+        for i, disk in enumerate(self.disks):
+            if self.stop_requested:
+                raise TransportError("the server round was stopped")
+            sender = self.make_sender(disk, lambda rep, i=i: self._report(i, rep))
+            self._sender = sender
+            if self.stop_requested:  # stop() came between the check and the assignment
+                sender.stop()
+            results.append(sender.run())
+        self._sender = None
+        self._fire({"full": Event.COPY_DONE, "sync": Event.SYNC_DONE, "cutover": Event.CUTOVER_DONE}[kind])
+        result = ServerResult(kind, results, sum(self.sizes), sum(r.data_bytes for r in results),
+                              sum(r.wire_bytes for r in results), sum(r.seconds for r in results))
+        return result
+
+    def _report(self, i: int, rep: dict) -> None:
+        total = sum(self.sizes)
+        # a resumed disk reports only what is left of it: the rest was done before
+        done = sum(self.sizes[:i]) + self.sizes[i] - rep["totalsize"] + rep["replicatesize"]
+        done = max(0, min(total, done))
+        last = i == len(self.disks) - 1
+        progress = 100 if last and rep["progress"] >= 100 else min(99, done * 100 // max(1, total))
+        self._best = max(self._best, progress)
+        out = dict(rep)
+        out["totalsize"] = total
+        out["replicatesize"] = done
+        out["progress"] = self._best
+        if not last and rep.get("remain_time") is not None and rep["replicatesize"]:
+            # the disks still to come, at the rate this one goes
+            per_byte = rep["remain_time"] / max(1, rep["totalsize"] - rep["replicatesize"])
+            out["remain_time"] = min(2**31 - 1, int(rep["remain_time"] + per_byte * sum(self.sizes[i + 1:])))
+        head = f"disk {i + 1}/{len(self.disks)} {self.disks[i].name}: "
+        out["process_trace"] = (head + rep.get("process_trace", ""))[:TRACE_MAX]
+        if self.on_report is not None:
+            self.on_report(out)
+
+
+def server_state_file(state_dir: str) -> str:
+    return os.path.join(state_dir, "server.json")
