@@ -1,8 +1,10 @@
 """Full copy, sync rounds and resume with real processes and real TLS on loopback."""
+import json
 import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -12,6 +14,7 @@ from smsrepl.testdata import rewrite_random_blocks, write_image
 from .procs import CuttingProxy, ReceiverProc, send, send_args, sha256, summary
 
 KILL_RUNS = int(os.environ.get("SMSREPL_KILL_RUNS", "3"))
+CLI_VERIFY = [sys.executable, "-m", "smsrepl", "verify", "block"]
 MIX = {"hole": 0.15, "zero": 0.05, "text": 0.35, "random": 0.35, "mixed": 0.10}
 
 
@@ -148,3 +151,32 @@ def test_kill_campaign(lab, seed):
         _kill_receiver_during_send(lab, rng, 0.2, 1.5)
     summary(_send(lab))
     assert sha256(lab["src"]) == sha256(lab["dst"])
+
+
+def _verify_remote(lab):
+    cp = subprocess.run([*CLI_VERIFY, lab["src"], "--to", lab["rx"].address, "--target", "disk0",
+                         "--certkey", lab["ck"]], capture_output=True, text=True, timeout=120)
+    return cp.returncode, (json.loads(cp.stdout) if cp.stdout.strip() else None), cp.stderr
+
+
+def test_remote_verify_block_counts_what_differs_and_touches_no_state(lab):
+    size = 16 << 20
+    write_image(lab["src"], size, seed=5, mix=MIX)
+    code, result, err = _verify_remote(lab)  # nothing copied yet: every block counts as different
+    assert code == 1 and result["check_result"] == "inconsistent", err
+    assert result["consistency_result"][0]["num_different_files"] == size // 4096
+    summary(_send(lab))
+    before = sorted(os.listdir(lab["tx_state"] + "/disk0"))
+    code, result, err = _verify_remote(lab)
+    assert code == 0, err
+    assert result["consistency_result"][0] == {"dir_check": "disk0", "num_total_files": size // 4096,
+                                               "num_different_files": 0, "num_target_miss_files": 0,
+                                               "num_target_more_files": 0}
+    changed = rewrite_random_blocks(lab["src"], 0.01, seed=3)
+    code, result, _ = _verify_remote(lab)
+    assert code == 1 and result["consistency_result"][0]["num_different_files"] == changed // 4096
+    assert sorted(os.listdir(lab["tx_state"] + "/disk0")) == before  # the sender's state is not verify's
+    assert summary(_send(lab))["kind"] == "sync"
+    assert _verify_remote(lab)[0] == 0 and sha256(lab["src"]) == sha256(lab["dst"])
+    code, _, err = _verify_remote({**lab, "ck": lab["tmp"] / "missing.json"})
+    assert code == 2 and "missing.json" in err

@@ -100,3 +100,32 @@ def test_data_frames_in_a_netcheck_session_are_refused(tmp_path, bundle):
         rx.stop()
     assert isinstance(ev, F.Error) and ev.code == "SMS.1908", ev
     assert not (tmp_path / "t.img").exists()
+
+
+def test_a_consistency_check_session_cannot_begin_a_round_or_write(tmp_path, bundle):
+    """A `verify` session is answered for any session id, but a round in it is refused and
+    the target is neither created nor written."""
+    from smsrepl.protocol import SENDER, Connection
+    from smsrepl.protocol import frames as F
+    from smsrepl.transport.channel import Channel
+    from smsrepl.transport.sender import connect
+
+    target = tmp_path / "t.img"
+    rx = Receiver({"disk0": str(target)}, server_context(bundle), str(tmp_path / "rx"))
+    addr = rx.start()
+    try:
+        for exists in (False, True):
+            if exists:
+                target.write_bytes(b"\x07" * 8192)
+            chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+            chan.send(F.Hello([1], "verify", "disk0", "someone-else", 8192, 4096, ["zstd"]))
+            welcome = chan.recv()
+            assert isinstance(welcome, F.Welcome) and welcome.state == "new"
+            chan.send(F.RoundBegin(1, "full", 0))
+            ev = chan.recv()
+            chan.close()
+            assert isinstance(ev, F.Error) and ev.code == "SMS.1908", ev
+            assert target.exists() == exists
+        assert target.read_bytes() == b"\x07" * 8192
+    finally:
+        rx.stop()

@@ -185,6 +185,7 @@ class Agent:
         self._cutover_running = False
         self._last_round_end = 0.0
         self._rounds: list = []
+        self._sampler = None
 
     # --- control ----------------------------------------------------------------
     def stop(self) -> None:
@@ -279,6 +280,9 @@ class Agent:
         items = [c for c in config.get("configurations", []) if c.get("config_key") == "LINUX_CPU_LIMIT"]
         self._cpu_cap = CpuCap.from_configurations({"configurations": [
             {"config_key": c["config_key"], "config_value": c["config_value"]} for c in items]}) if items else None
+        from ..progress import HostSampler
+
+        self._sampler = HostSampler()  # host and agent CPU, memory and disk I/O in every report
         self.task = task
         self._address = (host, self.data_port)
         self.session = BlockSession(self._make_round, on_state=self._on_state, on_round=self._on_round)
@@ -313,7 +317,8 @@ class Agent:
 
         def make_sender(disk: DiskPlan, on_report):
             return Sender(disk.path, disk.target, self._address, self._ctx, self.state_dir,
-                          speed_limit=self._schedule, cpu_cap=self._cpu_cap, on_report=on_report)
+                          speed_limit=self._schedule, cpu_cap=self._cpu_cap, on_report=on_report,
+                          host_sampler=self._sampler)
 
         cut = self._cutover.is_set()
         self._cutover_running = cut

@@ -130,10 +130,10 @@ class Replica:
         assert self.record is not None
         write_json_atomic(self.state_path, asdict(self.record))
 
-    def describe(self, session_id: str, source_size: int) -> dict:
-        """What the WELCOME frame tells a sender of ``session_id``."""
+    def describe(self, session_id: str, source_size: int, *, any_session: bool = False) -> dict:
+        """What the WELCOME frame tells a sender of ``session_id`` (of any, for a check)."""
         rec = self.record
-        if rec is None or rec.session_id != session_id or rec.source_size != source_size or self.manifest is None:
+        if rec is None or (rec.session_id != session_id and not any_session) or rec.source_size != source_size or self.manifest is None:
             return {"state": "new", "round_id": 0, "round_kind": "full", "checkpoint": 0, "manifest_root": ""}
         if rec.round_kind == "full" and rec.active:
             state = "partial"

@@ -278,6 +278,9 @@ class _Session:
             elif ev.kind == "files":
                 self._open_file_session(ev)
                 clean = self._files_loop()
+            elif ev.kind == "verify":
+                self._open_block_session(ev, verify=True)
+                clean = self._verify_loop()
             else:
                 self._open_block_session(ev)
                 clean = self._loop()
@@ -423,24 +426,47 @@ class _Session:
                     log.warning("%s: files of the cut round not kept: %s", self.peer, exc)
                 applier.w.close()
 
-    def _open_block_session(self, ev: F.Hello) -> None:
-        """Claim the target (self.lock_fd), open it and its replica, and welcome the sender."""
-        if ev.kind != "block":
+    def _open_block_session(self, ev: F.Hello, *, verify: bool = False) -> bool:
+        """Claim the target (self.lock_fd), open it and its replica, and welcome the sender.
+
+        ``verify``: a consistency check by any sender of the source certificate, whatever its
+        session: the target is opened read-only in effect (no round may begin), and one that
+        does not exist is described as new without being created. False when there is none."""
+        if ev.kind not in ("block", "verify"):
             raise RefusedError(f"session kind {ev.kind!r} is not supported by this receiver")
         if ev.target not in self.rx.targets:
             raise RefusedError(f"target {ev.target!r} is not one of this receiver's targets")
         if ev.block_size != F.FINE_BLOCK:
             raise RefusedError(f"block size {ev.block_size} unsupported (need {F.FINE_BLOCK})")
         self.lock_fd = self.rx._claim(ev.target, self)
-        target = BlockTarget(self.rx.targets[ev.target], need_size=ev.source_size, direct=True)
+        path = self.rx.targets[ev.target]
+        if verify and not os.path.exists(path):
+            self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, 0, "new", 0, "full", 0, "",
+                                     capabilities=list(CAPABILITIES)))
+            return False
+        target = BlockTarget(path, need_size=None if verify else ev.source_size, create=not verify, direct=not verify)
         try:
             self.replica = Replica(target, os.path.join(self.rx.state_dir, ev.target))
         except BaseException:
             target.close()
             raise
-        desc = self.replica.describe(ev.session_id, ev.source_size)
+        desc = self.replica.describe(ev.session_id, ev.source_size, any_session=verify)
         self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
-        log.info("%s: session %s for target %s (%s)", self.peer, ev.session_id, ev.target, desc["state"])
+        log.info("%s: %s %s for target %s (%s)", self.peer, "consistency check" if verify else "session",
+                 ev.session_id, ev.target, desc["state"])
+        return True
+
+    def _verify_loop(self) -> bool:
+        """Answer manifest requests until the sender closes; no data, no round."""
+        while True:
+            ev = self.chan.recv()
+            if isinstance(ev, F.ManifestRequest):
+                self._answer_manifest(ev)
+            elif isinstance(ev, _CONTROL):
+                if self._control(ev, ""):
+                    return True
+            else:
+                raise RemoteProtocolError(f"{type(ev).__name__} in a consistency check session")
 
     def _netcheck_loop(self) -> bool:
         """Answer every PING (padded ones are the bulk transfer) until the sender closes."""

@@ -309,20 +309,23 @@ class Sender:
             chan = Channel(connect(self.address, self.context), Connection(SENDER))
             self._chan = chan
             try:
-                chan.send(F.Hello([PROTOCOL_VERSION], "block", self.target, rec["session_id"], source.size,
+                chan.send(F.Hello([PROTOCOL_VERSION], "verify", self.target, rec["session_id"], source.size,
                                   F.FINE_BLOCK, list(CAPABILITIES)))
                 welcome = chan.recv()
                 self._raise_if_error(welcome)
                 if not isinstance(welcome, F.Welcome):
                     raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
                 threading.Thread(target=self._read_loop, args=(chan,), daemon=True).start()
-                cache = self._reconcile(chan, os.path.join(self.dir, "target.manifest"), source.size,
-                                        welcome.manifest_root)
+                per = extent // FINE_BLOCK
+                extents = -(-source.size // extent)
+                if welcome.state != "synced":  # no completed round: nothing there counts as a copy
+                    self._close(chan)
+                    return extents, extents
+                path = os.path.join(self.dir, "target.manifest")
+                if not os.path.exists(path):
+                    ManifestFile.create(path, source.size).close()
+                cache = self._reconcile(chan, path, source.size, welcome.manifest_root)
                 try:
-                    per = extent // FINE_BLOCK
-                    extents = -(-source.size // extent)
-                    if welcome.state != "synced":  # no completed round: nothing there counts as a copy
-                        return extents, extents
                     buf = bytearray(chunk)
                     digests = np.empty(chunk // FINE_BLOCK, dtype="<u8")
                     differ = 0
@@ -336,10 +339,10 @@ class Sender:
                         neq = digests[:k] != cache.read_fine(off // FINE_BLOCK, k)
                         neq = np.concatenate((neq, np.zeros(-k % per, dtype=bool)))
                         differ += int(np.count_nonzero(neq.reshape(-1, per).any(axis=1)))
-                    return differ, extents
                 finally:
                     cache.close()
-                    self._close(chan)
+                self._close(chan)
+                return differ, extents
             finally:
                 chan.close()
 
