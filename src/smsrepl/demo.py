@@ -69,7 +69,7 @@ def run_demo(*, size_mib: int = 64, keep: bool = False) -> int:
                                                   "over_speed_threshold": 50.0}]})
         agent = Agent(ControlPlane(url, token, verify=cp.ca_file, retries=2, backoff=0.2), "demo-source",
                       {n: p for n, (p, _) in disks.items()}, f"{work}/agent-state", data_port=port,
-                      poll_interval=0.1, sync_interval=3600, speed_poll=1.0)
+                      poll_interval=0.1, sync_interval=3600, speed_poll=1.0, netcheck_seconds=1.0)
         thread = threading.Thread(target=agent.run, name="agent", daemon=True)
         thread.start()
         cp.push_command("demo-source", "START", "demo-task")
@@ -110,6 +110,7 @@ def run_demo(*, size_mib: int = 64, keep: bool = False) -> int:
                                                   for b in cp.bodies("changestate")))
         progress = cp.bodies("progress")
         _say(f"    progress reports (5.4.8): {len(progress)}, the last: " + json.dumps(progress[-1]))
+        _say("    network check (5.9.1): " + json.dumps(cp.bodies("network_check")))
         _say("    command results (5.5.2): " + json.dumps(cp.bodies("command_result")))
         _say("    consistency result (5.4.14): " + json.dumps(cp.bodies("consistency_result")))
         _say(f"    bodies rejected by the field tables: {len(cp.violations)}")

@@ -69,6 +69,7 @@ class Lab:
         kw.setdefault("sync_interval", 0.5)
         kw.setdefault("speed_poll", 0.5)
         kw.setdefault("outbox_retry", 0.2)
+        kw.setdefault("netcheck_seconds", 0.3)
         a = Agent(client(self.cp), "source-1", dict(self.src), str(self.dir / "agent"), data_port=self.port, **kw)
         t = threading.Thread(target=a.run, daemon=True)
         t.start()
@@ -170,6 +171,8 @@ def test_two_disk_migration_continuous_sync_cutover_through_an_outage(tmp_path, 
                 for r in result["consistency_result"]] == [("/dev/vda", 24, 0), ("/dev/vdb", 12, 0)]
         assert cp.bodies("command_result") == [
             {"command_name": "START", "result": "success", "result_detail": {"state": "replicating"}}]
+        [check] = cp.bodies("network_check")
+        assert check["destination_connectivity"] is True and check["migration_speed"] > 0
     finally:
         lab.close()
 

@@ -152,7 +152,7 @@ class Agent:
     def __init__(self, cp: ControlPlane, source_id: str, disks: dict[str, str], state_dir: str, *,
                  task_id: str | None = None, data_port: int = DATA_PORT, poll_interval: float = 2.0,
                  sync_interval: float = 30.0, speed_poll: float = 5.0, host: str | None = None,
-                 outbox_retry: float = 1.0, retry_delay: float = 2.0) -> None:
+                 outbox_retry: float = 1.0, retry_delay: float = 2.0, netcheck_seconds: float = 2.0) -> None:
         if not disks:
             raise ConfigError("the agent needs at least one --disk NAME=PATH")
         self.cp = cp
@@ -166,6 +166,7 @@ class Agent:
         self.sync_interval = sync_interval
         self.speed_poll = speed_poll
         self.retry_delay = retry_delay
+        self.netcheck_seconds = netcheck_seconds
         self.host = host  # overrides the task's migration_ip (a lab on loopback)
         self.outbox = Outbox(cp, retry=outbox_retry)
         self.task: dict | None = None
@@ -285,6 +286,7 @@ class Agent:
         self._sampler = HostSampler()  # host and agent CPU, memory and disk I/O in every report
         self.task = task
         self._address = (host, self.data_port)
+        self._network_check()
         self.session = BlockSession(self._make_round, on_state=self._on_state, on_round=self._on_round)
         if self.copied:
             self.session._copied = True
@@ -310,6 +312,21 @@ class Agent:
         sender = rnd._sender if rnd is not None else None
         if sender is not None:
             sender.replace_schedule(schedule)
+
+    def _network_check(self) -> None:
+        """Measure the link to the receiver over the data port and report it (5.9.1)."""
+        from ..netcheck import UNUSABLE, run_netcheck
+
+        if self.netcheck_seconds <= 0:
+            return
+        try:
+            body = run_netcheck(self._address, self._ctx, seconds=self.netcheck_seconds).body()
+        except ReplicationError as exc:
+            log.warning("network check failed: %s", exc)
+            body = {"destination_connectivity": False, "network_delay": 0.0, "network_jitter": 0.0,
+                    "migration_speed": 0.0, "loss_percentage": 100.0, "cpu_usage": 0.0, "mem_usage": 0.0,
+                    "evaluation_result": UNUSABLE}
+        self.outbox.put("network_check", self.task_id, body)
 
     # --- rounds ---------------------------------------------------------------------
     def _make_round(self, states) -> ServerRound:
