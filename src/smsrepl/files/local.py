@@ -9,6 +9,8 @@ xattrs and ACLs, holes.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,7 +74,7 @@ class LocalTarget:
 
 def sync_tree(source: str, target, *, rules: PathRules | None = None, kind: str = "full",
               checksum: bool = False, delete: bool | None = None,
-              on_entry: Callable[[Entry], None] | None = None) -> RoundStats:
+              on_entry: Callable[[Entry], None] | None = None, entries=None) -> RoundStats:
     """Make ``target`` (a directory path or a target object) equal ``source``, as
     filtered by ``rules`` for a round of ``kind``.
 
@@ -80,24 +82,74 @@ def sync_tree(source: str, target, *, rules: PathRules | None = None, kind: str 
     are not rewritten; their metadata is corrected. ``delete`` (default: in
     sync rounds) removes target entries the source no longer has, never
     under an excluded path. ``on_entry`` is called after each source entry
-    was dealt with (progress).
+    was dealt with (progress). ``entries``: the source's entries as walk_round() yields
+    them, when the caller started that walk early (see Prefetch).
     """
     own = isinstance(target, (str, bytes, os.PathLike))
     t = LocalTarget(os.fsdecode(target)) if own else target
     try:
         return _round(os.fsencode(source), t, rules, kind, checksum, kind == "sync" if delete is None else delete,
-                      on_entry)
+                      on_entry, entries)
     finally:
         if own:
             t.close()
 
 
-def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None) -> RoundStats:
+def walk_round(source: str | bytes, rules: PathRules | None, kind: str):
+    """The source entries one round of ``kind`` deals with, in order."""
+    return walk(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, implied=True)
+
+
+class Prefetch:
+    """Runs an iterator on a thread of its own, up to ``limit`` items ahead of the consumer:
+    the source tree is walked while the receiver is still describing its own."""
+
+    _END = object()
+
+    def __init__(self, it, limit: int = 65536) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=limit)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), name="walk-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, it) -> None:
+        try:
+            for item in it:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None, entries=None) -> RoundStats:
     stats = RoundStats(temporaries_removed=getattr(t, "temporaries_removed", 0))
     filt = rules.for_round(kind) if rules else None
     seen: set[bytes] = set()
     links: dict[tuple[int, int], bytes] = {}
-    for e in walk(src, filt, xattrs=True, implied=True):
+    for e in (entries if entries is not None else walk(src, filt, xattrs=True, implied=True)):
         stats.entries += 1
         seen.add(e.path)
         _entry(src, t, e, filt, checksum, links, stats)

@@ -118,7 +118,7 @@ class OpStream:
 
     def add(self, buffers: list) -> None:
         self.parts += buffers
-        self.size += sum(len(b) for b in buffers)
+        self.size += sum(map(len, buffers))
         if self.size >= BATCH:
             self.flush()
 
@@ -160,8 +160,8 @@ class RemoteSink:
         self.ops, self.entry = ops, entry
         self.inline = entry.size <= INLINE
         self.buf: list[bytes] = []
-        self.digest = xxhash.xxh3_128()
         if not self.inline:
+            self.digest = xxhash.xxh3_128()  # END carries it; a whole small file needs none
             ops.add(W.encode_op(W.BEGIN, entry))
 
     def write(self, data: bytes) -> None:
@@ -173,7 +173,8 @@ class RemoteSink:
 
     def commit(self) -> None:
         if self.inline:
-            self.ops.add(W.encode_op(W.FILE, self.entry, data=b"".join(self.buf)))
+            data = self.buf[0] if len(self.buf) == 1 else b"".join(self.buf)
+            self.ops.add(W.encode_op(W.FILE, self.entry, data=data))
         else:
             self.ops.add(W.encode_op(W.END, data=self.digest.digest()))
 
@@ -327,7 +328,7 @@ class OpApplier:
             w.mkdir(entry)
         elif op == W.FILE:
             self._kind(entry, "file")
-            w.write_file(entry, [data])
+            w.write_small(entry, data)
             self.files += 1
             self.bytes += entry.size
         elif op == W.BEGIN:

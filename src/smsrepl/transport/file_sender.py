@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..codec import DEFAULT_LEVEL, Compressor, Decompressor
 from ..errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
-from ..files.local import RoundStats, sync_tree
+from ..files.local import Prefetch, RoundStats, sync_tree, walk_round
 from ..files.remote import Listing, OpStream, RemoteTarget
 from ..files.rules import PathRules
 from ..files.scan import Entry, walk
@@ -171,6 +171,13 @@ class FileSender:
         kind = "sync" if welcome.state == "synced" else "full"
         round_id = welcome.round_id + 1
         chan.send(F.TreeRequest(self.checksum))
+        prefetch = Prefetch(walk_round(self.source, self.rules, kind))  # while the receiver lists its tree
+        try:
+            return self._round(chan, started, kind, round_id, prefetch)
+        finally:
+            prefetch.close()
+
+    def _round(self, chan: Channel, started: float, kind: str, round_id: int, entries: Prefetch) -> FileRoundResult:
         listing, decomp = Listing(), Decompressor()
         while not listing.done:
             listing.add(self._recv(chan, F.TreeData), decomp)
@@ -187,7 +194,7 @@ class FileSender:
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
-                              on_entry=on_entry)
+                              on_entry=on_entry, entries=entries)
             self.literal_bytes = target.literal_bytes
             chan.send(F.RoundEnd(round_id))
         except TransportError:
