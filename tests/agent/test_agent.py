@@ -5,6 +5,9 @@ reference's field tables; each test fails on any violation."""
 import filecmp
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -224,4 +227,42 @@ def test_a_command_without_a_task_and_a_file_task_are_refused_with_a_reason(tmp_
         agent.stop()
         thread.join(10)
     finally:
+        lab.close()
+
+
+def test_agent_process_killed_mid_copy_carries_on_after_a_restart(tmp_path, cp, bundle):
+    """`smsrepl agent` killed (SIGKILL) during the copy: restarted, it resumes the task without
+    a new START, finishes the copy, runs the cutover round on SIGTERM and exits 0."""
+    slow = {"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 16, "over_speed_threshold": 100.0}]}
+    lab = Lab(tmp_path, cp, bundle, sizes=(24,), speed=slow)
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    args = [sys.executable, "-m", "smsrepl", "agent", "--endpoint", cp.url, "--token-file", str(token),
+            "--source-id", "source-1", "--disk", f"/dev/vda={lab.src['/dev/vda']}", "--ca-file", cp.ca_file,
+            "--data-port", str(lab.port), "--state-dir", str(tmp_path / "agent"), "--poll-interval", "0.2",
+            "--sync-interval", "1"]
+    procs = []
+    try:
+        procs.append(subprocess.Popen(args, stderr=subprocess.DEVNULL))
+        cp.push_command("source-1", "START", "task-1")
+        wait_for(lambda: ("REPLICATE", "replicating") in states(cp), what="replication")
+        time.sleep(2.0)
+        procs[0].kill()
+        procs[0].wait(10)
+        assert not lab.identical()
+        cp.set_speed_limit("task-1", {"speed_limit": []})
+        procs.append(subprocess.Popen(args, stderr=subprocess.DEVNULL))
+        wait_for(lambda: ("SYNCING", "syncing") in states(cp), timeout=90, what="the resumed copy")
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(90) == 0
+        assert lab.identical()
+        assert cp.bodies("progress")[-1]["progress"] == 100
+        [result] = cp.bodies("consistency_result")
+        assert result["consistency_result"][0]["num_different_files"] == 0
+        assert [b["command_name"] for b in cp.bodies("command_result")] == ["START"]  # no second START needed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
         lab.close()

@@ -203,11 +203,41 @@ class Agent:
         return os.path.exists(os.path.join(self.state_dir, "copied"))
 
     # --- the loop ---------------------------------------------------------------
+    def _task_file(self) -> str:
+        return os.path.join(self.state_dir, "task.json")
+
+    def _resume_task(self) -> None:
+        """An agent restarted in the middle of a task carries on with it (the control plane
+        will not send START again): the copy resumes from the receiver's checkpoints."""
+        try:
+            with open(self._task_file()) as fh:
+                rec = json.load(fh)
+        except (OSError, ValueError):
+            return
+        if rec.get("finished") or not rec.get("task_id"):
+            self.finished = bool(rec.get("finished"))
+            return
+        log.info("resuming task %s after a restart", rec["task_id"])
+        try:
+            self._prepare(rec["task_id"])
+            result = self.session.command("START")
+            if not result.ok:
+                log.error("could not resume task %s: %s", rec["task_id"], result.result_detail)
+        except ReplicationError as exc:  # e.g. the control plane is down: START from it will come
+            log.error("could not resume task %s: %s", rec["task_id"], exc)
+            self.session = None
+
+    def _save_task(self, **extra) -> None:
+        from ..blocks.replica import write_json_atomic
+
+        write_json_atomic(self._task_file(), {"task_id": self.task_id, **extra})
+
     def run(self) -> int:
         """Poll and act until finished, deleted or stopped; 0 when the task finished or was deleted."""
         last_speed = 0.0
+        self._resume_task()
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self.finished:
                 self._poll_command()
                 now = time.monotonic()
                 if self.session is not None and now - last_speed >= self.speed_poll:
@@ -288,6 +318,7 @@ class Agent:
         self._address = (host, self.data_port)
         self._network_check()
         self.session = BlockSession(self._make_round, on_state=self._on_state, on_round=self._on_round)
+        self._save_task()
         if self.copied:
             self.session._copied = True
         log.info("task %s: %d disk(s) to %s:%d", task_id, len(self._plans), host, self.data_port)
@@ -378,6 +409,7 @@ class Agent:
         if done:
             if bool(self.task.get("is_need_consistency_check", False)) and not self.session.skip_consistency_check:
                 self._consistency_check()
+            self._save_task(finished=True)
             self.finished = True
         self._wake.set()
 
