@@ -384,6 +384,18 @@ def cmd_verify_files(args) -> int:
     return 0 if result["check_result"] == "consistent" else 1
 
 
+def _file_level(text: str):
+    if text == "auto":
+        return text
+    try:
+        level = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a zstd level or 'auto'") from None
+    if not 0 <= level <= 19:
+        raise argparse.ArgumentTypeError(f"level {level} out of range 0-19")
+    return level
+
+
 def cmd_agent(args) -> int:
     import signal
 
@@ -463,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (path rules, LINUX_CPU_LIMIT)")
     sf.add_argument("--checksum", action="store_true",
                     help="find changed files by content, not by size and mtime (reads every file on both ends)")
-    sf.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level, 0 = no compression (default {DEFAULT_LEVEL})")
+    sf.add_argument("--level", type=_file_level, default="auto",
+                    help=f"zstd level, 0 = no compression, auto (default) = level {DEFAULT_LEVEL} "
+                         "while it moves data faster than sending it raw")
     sf.add_argument("--speed-limit", metavar="FILE",
                     help="5.4.10 speed_limit JSON; re-read when it changes during the round")
     sf.add_argument("--progress", choices=["bar", "json", "none"], default="none",

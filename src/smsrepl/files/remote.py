@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import xxhash
 
 from .. import kernels
-from ..codec import Compressor, Decompressor
+from ..codec import RAW, Compressor, Decompressor
 from ..errors import RemoteProtocolError, TargetWriteError
 from ..protocol import frames as F
 from . import wire as W
@@ -91,13 +91,24 @@ class Listing:
 
 class OpStream:
     """Operations batched into FILE_OPS frames, compressed and handed to ``send`` on a worker
-    thread (in order), so the next batch is read while this one is compressed and sent."""
+    thread (in order), so the next batch is read while this one is compressed and sent.
 
-    def __init__(self, send: Callable[[F.Event], None], compressor: Compressor, pace: Callable[[], object] | None = None
-                 ) -> None:
+    With ``adaptive``, compression is used only while it moves data faster than sending it
+    raw: on a link faster than the compressor (a LAN, loopback) it costs time and CPU for
+    nothing; on a slow or throttled link it saves time. The two rates are measured as the
+    round goes (raw bytes per second through compress-and-send, and through send alone;
+    every PROBE-th batch tries the other way) and the faster wins."""
+
+    PROBE = 16
+
+    def __init__(self, send: Callable[[F.Event], None], compressor: Compressor, pace: Callable[[], object] | None = None,
+                 *, adaptive: bool = False) -> None:
         self.send = send
         self.comp = compressor
         self.pace = pace  # a CPU cap's pace(), once per frame
+        self.adaptive = adaptive and compressor.level != 0
+        self.rates: dict[bool, float] = {}  # compressed? -> raw bytes per second, smoothed
+        self.raw_frames = 0
         self.parts: list = []
         self.size = 0
         self.frames = 0
@@ -132,10 +143,27 @@ class OpStream:
             self._inflight.popleft().result()  # re-raises a send failure here
         self._inflight.append(self._pool.submit(self._send, body))
 
+    def _compress_next(self) -> bool:
+        if not self.adaptive:
+            return True
+        if len(self.rates) < 2:
+            return self.frames % 2 == 0  # the first two batches measure both ways
+        best = self.rates[True] >= self.rates[False]
+        return best if self.frames % self.PROBE else not best
+
     def _send(self, body: bytes) -> None:
-        self._last = time.monotonic()
-        codec, payload = self.comp.encode(body)
+        t0 = self._last = time.monotonic()
+        compress = self._compress_next()
+        if compress:
+            codec, payload = self.comp.encode(body)
+        else:
+            codec, payload = RAW, body
+            self.raw_frames += 1
         self.send(F.FileOps(codec, len(body), payload))
+        if self.adaptive:
+            rate = len(body) / max(1e-6, time.monotonic() - t0)
+            old = self.rates.get(compress)
+            self.rates[compress] = rate if old is None else 0.7 * old + 0.3 * rate
         if self.pace is not None:
             self.pace()
         self.frames += 1

@@ -50,7 +50,7 @@ class FileRoundResult:
 
 class FileSender:
     def __init__(self, source_dir: str, target: str, address: tuple[str, int], context: ssl.SSLContext, *,
-                 rules: PathRules | None = None, checksum: bool = False, level: int = DEFAULT_LEVEL,
+                 rules: PathRules | None = None, checksum: bool = False, level: int | str = "auto",
                  speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
                  on_report: Callable[[dict], None] | None = None, host_sampler=None) -> None:
         if not os.path.isdir(source_dir):
@@ -190,7 +190,9 @@ class FileSender:
         chan.limiter = self.limiter
         wire0 = self._wire0 = chan.wire_sent
         chan.send(F.RoundBegin(round_id, kind, 0))
-        ops = self._ops = OpStream(chan.send, Compressor(self.level), self.cpu_cap.pace if self.cpu_cap else None)
+        auto = self.level == "auto"
+        ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if auto else self.level),
+                                   self.cpu_cap.pace if self.cpu_cap else None, adaptive=auto)
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,

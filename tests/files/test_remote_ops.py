@@ -1,0 +1,42 @@
+"""OpStream's adaptive compression: compressed only while that moves data faster than raw."""
+import time
+
+from smsrepl.codec import RAW, ZSTD, Compressor, Decompressor
+from smsrepl.files.remote import OpStream
+
+TEXT = b" ".join(b"word%d" % (i % 97) for i in range(200_000))  # ~1.3 MB, compresses well
+
+
+def _run(send_seconds_per_byte: float, batches: int = 40, adaptive: bool = True) -> tuple[list, OpStream]:
+    frames = []
+
+    def send(ev):
+        time.sleep(len(ev.payload) * send_seconds_per_byte)  # a link of a given speed
+        frames.append(ev)
+
+    ops = OpStream(send, Compressor(3), adaptive=adaptive)
+    try:
+        for _ in range(batches):
+            ops.add([TEXT])
+            ops.flush()
+        ops.drain()
+    finally:
+        ops.close()
+    dec = Decompressor()
+    for ev in frames:  # whatever was chosen, every frame decodes to what was batched
+        assert bytes(dec.decode(ev.codec, ev.payload, ev.raw_len)) == TEXT
+    return frames, ops
+
+
+def test_a_fast_link_gets_raw_frames_and_a_slow_one_compressed_frames():
+    fast, ops = _run(0.0)  # sending costs nothing: compression only adds time
+    assert sum(ev.codec == RAW for ev in fast) > 0.8 * len(fast), ops.rates
+    slow, ops = _run(1 / 20e6)  # 20 MB/s: compressing 1.3 MB takes far less than sending it
+    assert sum(ev.codec == ZSTD for ev in slow) > 0.8 * len(slow), ops.rates
+    # the minority are the probes that keep measuring the other way
+    assert any(ev.codec == RAW for ev in slow)
+
+
+def test_without_adaptation_every_frame_is_compressed():
+    frames, _ = _run(0.0, batches=6, adaptive=False)
+    assert all(ev.codec == ZSTD for ev in frames)
