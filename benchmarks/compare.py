@@ -318,6 +318,10 @@ def main() -> int:
             daemon.stop()
         rows = {k: {"wall": statistics.median(r["wall"] for r in v), "wire": statistics.median(r["wire"] for r in v),
                     "runs": [r["wall"] for r in v]} for k, v in cases.items()}
+        sms_runs = sorted(cases["smsrepl send block"], key=lambda r: r["wall"])
+        median_run = sms_runs[len(sms_runs) // 2]
+        rows["smsrepl send block"]["stages"] = {"sender": median_run.get("stages", {}),
+                                               "receiver": median_run.get("rx_stages", {})}
         wans: dict[str, dict] = {}
         if not args.no_wan:
             for spec in args.wan or ["100mbit:20ms", "1gbit:2ms"]:
@@ -369,6 +373,14 @@ def render(size: int, mix: dict, st: dict, bound: dict, rows: dict, args, wans: 
         thr = size / r["wall"]
         out.append(f"| {k} | {r['wall']:.2f} | {thr / mb:.0f} | {r['wire'] / mb:.1f} | {thr / bound['bound']:.0%} |")
     sms = rows["smsrepl send block"]["wall"]
+    stages = rows["smsrepl send block"].get("stages") or {}
+    if stages.get("sender") or stages.get("receiver"):
+        out += ["", f"Where the smsrepl copy's time went (median run, {sms:.2f} s wall; seconds summed over the "
+                    "threads of each stage, so overlapping stages add up to more than the wall time):", "",
+                "| endpoint | stage | seconds | share of wall |", "|---|---|---:|---:|"]
+        for side in ("sender", "receiver"):
+            for name, secs in sorted(stages.get(side, {}).items(), key=lambda kv: -kv[1]):
+                out.append(f"| {side} | {name} | {secs:.2f} | {secs / sms:.0%} |")
     out += ["", f"smsrepl vs rsync -z --whole-file: {rows['rsync -z --whole-file']['wall'] / sms:.2f}x; "
                 f"vs rsync --whole-file: {rows['rsync --whole-file']['wall'] / sms:.2f}x; "
                 f"smsrepl at {size / sms / bound['bound']:.0%} of the machine's bound.", ""]

@@ -82,10 +82,21 @@ def sms_round(ck: str, src: str, target: str, rx_state: str, tx_state: str, *ext
     tx = Measured(CLI + ["send", "block", src, "--to", f"127.0.0.1:{rx.port}", "--target", "disk0",
                          "--certkey", ck, "--state-dir", tx_state, *extra])
     wall, tx_rss, out, _ = tx.wait()
-    _, rx_rss, _, _ = rx.m.wait()
+    _, rx_rss, _, rx_err = rx.m.wait()
     summary = json.loads(out.decode().strip().splitlines()[-1])
     return {"wall": wall, "wire": summary["wire_bytes"], "tx_rss": tx_rss, "rx_rss": rx_rss, "kind": summary["kind"],
-            "dirty_blocks": summary.get("dirty_blocks"), "round_s": summary["seconds"]}
+            "dirty_blocks": summary.get("dirty_blocks"), "round_s": summary["seconds"],
+            "stages": summary.get("stages") or {}, "rx_stages": receiver_stages(rx_err.decode(errors="replace"))}
+
+
+def receiver_stages(stderr: str) -> dict:
+    """The receiver's stage seconds from its per-round line ("... stage seconds: receive 0.23 write 0.04 ...")."""
+    out: dict = {}
+    for line in stderr.splitlines():
+        if "stage seconds:" in line:
+            words = line.split("stage seconds:", 1)[1].split()
+            out = {words[i]: float(words[i + 1]) for i in range(0, len(words) - 1, 2)}
+    return out
 
 
 def sms_sync_command(ck: str, pristine: str, base: str, work: str, size: int) -> dict:

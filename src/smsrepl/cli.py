@@ -62,6 +62,7 @@ def cmd_receive(args) -> int:
     from .transport.receiver import Receiver
     from .transport.sender import parse_address
     from .transport.tls import server_context
+    logging.getLogger("smsrepl.receiver.rounds").setLevel(logging.INFO)  # a line per round, stages included
 
     from .transport.receiver import RootTargets
 
@@ -248,6 +249,7 @@ def cmd_send_block(args) -> int:
             "source_bytes": result.source_size, "data_bytes": result.data_bytes,
             "wire_bytes": result.wire_bytes, "seconds": round(result.seconds, 3),
             "dirty_blocks": result.dirty_blocks,
+            "stages": result.stages,
         }
         print(json.dumps(summary), file=summary_to, flush=True)
 

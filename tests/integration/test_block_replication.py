@@ -180,3 +180,18 @@ def test_remote_verify_block_counts_what_differs_and_touches_no_state(lab):
     assert _verify_remote(lab)[0] == 0 and sha256(lab["src"]) == sha256(lab["dst"])
     code, _, err = _verify_remote({**lab, "ck": lab["tmp"] / "missing.json"})
     assert code == 2 and "missing.json" in err
+
+
+def test_both_endpoints_report_where_the_time_went(lab):
+    write_image(lab["src"], 24 << 20, seed=8, mix={"text": 0.6, "random": 0.2, "hole": 0.2})
+    first = summary(_send(lab))
+    stages = first["stages"]
+    assert set(stages) == {"read", "digest", "compress", "send"}
+    assert stages["compress"] > 0 and stages["read"] > 0
+    assert stages["compress"] < first["seconds"] * 3  # thread seconds: at most a few threads' worth of wall time
+    deadline = time.monotonic() + 5
+    while not any("stage seconds" in line for line in lab["rx"].log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = [line for line in lab["rx"].log if "stage seconds" in line]
+    for stage in ("receive", "decompress", "verify", "write", "flush"):
+        assert f"{stage} " in line, line

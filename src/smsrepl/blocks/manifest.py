@@ -40,6 +40,7 @@ truncated or corrupt file raises ManifestError instead of giving a wrong diff.
 from __future__ import annotations
 
 import os
+import time
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -385,7 +386,7 @@ def diff(a: ManifestFile, b: ManifestFile, *, chunk_groups: int = 8192) -> Itera
         yield pending
 
 
-def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1, ahead: int = 0):
+def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1, ahead: int = 0, clock=None):
     """Yield ``(offset, data_view_or_None, digests)`` for consecutive chunks of a source.
 
     Holes yield ``None`` with all-zero digests and are never read. With
@@ -403,11 +404,16 @@ def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1, ahea
 
     def load(slot: int, pos: int, n: int):
         view = memoryview(bufs[slot])[:n]
+        t0 = time.perf_counter()
         got = source.readinto(view, pos)
         if got < n:
             raise SourceError(f"source {source.path!r} ended at {pos + got}, expected {source.size} bytes")
+        t1 = time.perf_counter()
         digests = digs[slot][:block_count(n)]
         kernels.block_digests(view, FINE_BLOCK, digests)
+        if clock is not None:  # stages.StageClock
+            clock.add("read", t1 - t0)
+            clock.add("digest", time.perf_counter() - t1)
         return pos, view, digests
 
     def plan():

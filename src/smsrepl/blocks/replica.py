@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import kernels
+from ..stages import StageClock
 from ..codec import Decompressor
 from ..errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
 from ..protocol.frames import MAX_RAW, frame_digest
@@ -82,6 +83,8 @@ class Replica:
         self.record: ReplicaRecord | None = None
         self.manifest: ManifestFile | None = None
         self._decomp = Decompressor()
+        #: seconds per receiver stage (decompress, verify, write, flush)
+        self.clock = StageClock()
         self._digests = np.empty(kernels_max_blocks(), dtype="<u8")
         self._range = np.empty(kernels_max_blocks() * FINE_BLOCK, dtype=np.uint8)
         self._pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []
@@ -212,10 +215,11 @@ class Replica:
             if into is not None:
                 self.target.release()
             raise
-        if into is not None:
-            self.target.commit(offset, raw_len)
-        else:
-            self._write_run(offset, end, digests, nonzero, raw)
+        with self.clock.timing("write"):
+            if into is not None:
+                self.target.commit(offset, raw_len)
+            else:
+                self._write_run(offset, end, digests, nonzero, raw)
         self._pending.append((offset // FINE_BLOCK, digests.copy(), None))
         self.pos = end
         self.bytes_written += raw_len
@@ -238,7 +242,8 @@ class Replica:
             r_off = offset + int(index[i0]) * FINE_BLOCK
             r_end = min(offset + (int(index[i1 - 1]) + 1) * FINE_BLOCK, size)
             part = raw[before[i0] * FINE_BLOCK:before[i1] * FINE_BLOCK]
-            self._write_run(r_off, r_end, digests[i0:i1], nonzero[i0:i1], part)
+            with self.clock.timing("write"):
+                self._write_run(r_off, r_end, digests[i0:i1], nonzero[i0:i1], part)
         self._pending.append((offset // FINE_BLOCK, digests.copy(), np.array(index, dtype=np.int64)))
         self.pos = end
         self.bytes_written += len(index) * FINE_BLOCK
@@ -251,9 +256,13 @@ class Replica:
         expect = count * FINE_BLOCK
         if nonzero[-1] and end % FINE_BLOCK:
             expect -= FINE_BLOCK - end % FINE_BLOCK
+        t0 = time.perf_counter()
         raw = self._decomp.decode(codec, payload, expect, into)
+        t1 = time.perf_counter()
         got = self._digests[:count]
         kernels.block_digests(raw, FINE_BLOCK, got)
+        self.clock.add("decompress", t1 - t0)
+        self.clock.add("verify", time.perf_counter() - t1)
         return memoryview(raw).cast("B"), got
 
     def _decode_checked(self, offset: int, index: np.ndarray | None, end: int, codec: int,
@@ -303,7 +312,8 @@ class Replica:
         end = offset + length
         if end % FINE_BLOCK and end != self.record.source_size:
             raise RemoteProtocolError(f"zero range {offset}+{length} does not end on a block boundary")
-        self.target.zero(offset, length)
+        with self.clock.timing("write"):
+            self.target.zero(offset, length)
         self._pending.append((offset // FINE_BLOCK, np.zeros(block_count(length), dtype="<u8"), None))
         self.pos = end
 
@@ -320,6 +330,7 @@ class Replica:
             return rec.checkpoint if rec else 0
         if self.pos == rec.checkpoint and not self._pending:
             return rec.checkpoint
+        t0 = time.perf_counter()
         self.target.flush()
         assert self.manifest is not None
         for first, digests, index in self._pending:
@@ -334,6 +345,7 @@ class Replica:
             raise TargetWriteError(f"cannot write the manifest in {self.dir!r}: {exc.strerror}") from None
         rec.checkpoint = self.pos
         self._save()
+        self.clock.add("flush", time.perf_counter() - t0)
         return rec.checkpoint
 
     def finish(self, round_id: int) -> str:

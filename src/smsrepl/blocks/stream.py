@@ -9,6 +9,8 @@ mark progress through stretches with nothing to send.
 """
 from __future__ import annotations
 
+import time
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -112,6 +114,7 @@ def round_events(  # noqa: C901
     chunk: int = CHUNK,
     sets: bool = False,
     frame_blocks: int = FRAME_BLOCKS,
+    clock=None,
 ) -> Iterator[Event | Covered]:
     """Yield the frames of one round, each followed by a Covered record for the sender's cache.
 
@@ -128,7 +131,7 @@ def round_events(  # noqa: C901
     zero_end = 0
     old = np.empty(chunk // FINE_BLOCK, dtype="<u8")
     scattered = _SetBuilder()
-    for off, view, digests in scan(source, start=start, chunk=chunk, buffers=BUFFERS, ahead=AHEAD):
+    for off, view, digests in scan(source, start=start, chunk=chunk, buffers=BUFFERS, ahead=AHEAD, clock=clock):
         first = off // FINE_BLOCK
         n = len(digests)
         if cache is not None:
@@ -225,7 +228,7 @@ def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray):
 
 
 def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = CHUNK,
-                       sets: bool = True) -> Iterator[Event | Covered]:
+                       sets: bool = True, clock=None) -> Iterator[Event | Covered]:
     """A sync round that reads only the blocks a frozen dirty map names (see dirtymap.py).
 
     Each batch of dirty ranges is read into a buffer of its own (one read per
@@ -244,15 +247,20 @@ def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = CHUNK
         buf = bytearray(total)  # frames keep views into it: never reused
         mv = memoryview(buf)
         pos = 0
+        t0 = time.perf_counter()
         for off, n in ranges:
             if source.readinto(mv[pos:pos + n], off) < n:
                 raise SourceError(f"source {source.path!r} ended before {off + n}")
             pos += n
+        t1 = time.perf_counter()
         counts = np.array([block_count(n) for _, n in ranges], dtype=np.int64)
         starts = np.array([off // FINE_BLOCK for off, _ in ranges], dtype=np.int64)
         blocks = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
         digests = np.empty(len(blocks), dtype="<u8")
         kernels.block_digests(mv, FINE_BLOCK, digests)  # ranges are whole blocks but for the source's last
+        if clock is not None:
+            clock.add("read", t1 - t0)
+            clock.add("digest", time.perf_counter() - t1)
         changed = np.flatnonzero(digests != cache.read_fine_at(blocks))
         for c0 in range(0, len(changed), MAX_SET):
             pick = changed[c0:c0 + MAX_SET]

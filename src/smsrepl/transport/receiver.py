@@ -32,6 +32,8 @@ from .tls import check_peer_role, classify_ssl_error
 from .tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.receiver")
+#: one line per completed block round, with its stage breakdown (`smsrepl receive` shows it)
+rounds_log = logging.getLogger("smsrepl.receiver.rounds")
 
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: seconds between durable checkpoints while data flows
@@ -255,6 +257,8 @@ class _Session:
         self.hello: F.Hello | None = None
         self.rounds = 0
         self.written = 0
+        #: seconds per stage of the last completed block round (stages.StageClock)
+        self.stages: dict = {}
         self._frames: queue.Queue | None = None
         self.lock_fd: int | None = None
 
@@ -343,6 +347,9 @@ class _Session:
                     self.rounds += 1
                     in_round = None
                     self.chan.send(F.RoundDone(ev.round_id, root))
+                    self.stages = replica.clock.snapshot()
+                    rounds_log.info("%s: round %d done, %d bytes written; stage seconds: %s", self.hello.target,
+                                    ev.round_id, replica.bytes_written, replica.clock.line())
                 elif isinstance(ev, F.ManifestRequest):
                     self._answer_manifest(ev)
                 elif isinstance(ev, _CONTROL):
@@ -514,7 +521,10 @@ class _Session:
     def _read_into(self, frames: queue.Queue) -> None:
         try:
             while True:
+                t0 = time.perf_counter()
                 ev = self.chan.recv()
+                if self.replica is not None:
+                    self.replica.clock.add("receive", time.perf_counter() - t0)
                 frames.put(ev)
                 if isinstance(ev, (ConnectionClosed, F.Close, F.Error)):
                     return

@@ -36,6 +36,7 @@ from ..errors import (
 from ..progress import HostSampler, ProgressTracker, subtask_for
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from ..ratelimit import CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedSchedule
+from ..stages import StageClock
 from ..state import Event as StateEvent
 from ..state import SessionState, SessionStateMachine, StatePair
 from ..protocol import frames as F
@@ -81,6 +82,8 @@ class RoundResult:
     seconds: float
     #: blocks a dirty map named for this round (None: the round read the whole source)
     dirty_blocks: int | None = None
+    #: seconds per stage (stages.StageClock): read, digest, compress, send
+    stages: dict | None = None
 
 
 def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> TLSStream:
@@ -160,6 +163,7 @@ class Sender:
         self._round_done: F.RoundDone | None = None
         self._failure: BaseException | None = None
         self._replies: queue.Queue = queue.Queue()
+        self.clock = StageClock()
 
     def stop(self) -> None:
         """Pause: break the running round from another thread. What the receiver made
@@ -297,7 +301,7 @@ class Sender:
         wire = chan.wire_sent - wire0
         self._close(chan)
         return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started,
-                           dirty_blocks)
+                           dirty_blocks, self.clock.snapshot())
 
     def check(self, *, chunk: int = 8 << 20, extent: int = 1 << 20) -> tuple[int, int]:
         """Compare the source, read now, with the receiver's manifest: the digests of what it
@@ -394,7 +398,9 @@ class Sender:
         comp = getattr(self._local, "comp", None)
         if comp is None:
             comp = self._local.comp = Compressor(self.level)
+        t0 = time.perf_counter()
         codec, payload = comp.encode(ev.payload)
+        self.clock.add("compress", time.perf_counter() - t0)
         if self.cpu_cap is not None:
             self.cpu_cap.pace()
         return dataclasses.replace(ev, codec=codec, payload=payload)
@@ -413,7 +419,10 @@ class Sender:
                         return
                     batch, covered, raw = work
                     for item in batch:
-                        chan.send(item.result() if isinstance(item, Future) else item)
+                        frame = item.result() if isinstance(item, Future) else item
+                        t0 = time.perf_counter()
+                        chan.send(frame)
+                        self.clock.add("send", time.perf_counter() - t0)
                     # progress counts what reached the socket, not what was read ahead
                     self._report(kind, covered, start, total, raw, chan)
             except BaseException as exc:
@@ -433,11 +442,11 @@ class Sender:
         try:
             sets = "block-set" in self._peer_caps
             if dirty is not None:  # a frozen dirty map: read only what it names
-                events = dirty_round_events(source, dirty, cache, sets=sets)
+                events = dirty_round_events(source, dirty, cache, sets=sets, clock=self.clock)
             else:
                 big = "frame-8m" in self._peer_caps
                 events = round_events(source, start=start, cache=against, sets=sets,
-                                      frame_blocks=FRAME_BLOCKS if big else LEGACY_FRAME_BLOCKS)
+                                      frame_blocks=FRAME_BLOCKS if big else LEGACY_FRAME_BLOCKS, clock=self.clock)
             for item in events:
                 if writer_error or self._failure:
                     break
