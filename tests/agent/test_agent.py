@@ -176,6 +176,9 @@ def test_two_disk_migration_continuous_sync_cutover_through_an_outage(tmp_path, 
             {"command_name": "START", "result": "success", "result_detail": {"state": "replicating"}}]
         [check] = cp.bodies("network_check")
         assert check["destination_connectivity"] is True and check["migration_speed"] > 0
+        print(f"\noutage {outage:.0f} s: {rounds_during} round(s) completed during it, {cp.dropped} requests "
+              f"dropped, {len(progress)} progress reports delivered, {cp.requests} requests in all, "
+              f"{len(agent._rounds)} rounds")
     finally:
         lab.close()
 
