@@ -269,3 +269,22 @@ def test_agent_process_killed_mid_copy_carries_on_after_a_restart(tmp_path, cp, 
                 p.kill()
                 p.wait(10)
         lab.close()
+
+
+def test_skip_means_no_consistency_check(tmp_path, cp, bundle):
+    lab = Lab(tmp_path, cp, bundle, sizes=(8,))
+    try:
+        agent, thread = lab.agent()
+        cp.push_command("source-1", "START", "task-1")
+        wait_for(lambda: agent.copied, what="the copy")
+        cp.push_command("source-1", "SKIP")
+        wait_for(lambda: len(cp.bodies("command_result")) == 2, what="SKIP's answer")
+        agent.request_cutover()
+        thread.join(60)
+        assert agent.finished and lab.identical()
+        assert cp.bodies("command_result")[1] == {"command_name": "SKIP", "result": "success",
+                                                  "result_detail": {"skip_consistency_check": True}}
+        assert cp.bodies("consistency_result") == []
+        assert states(cp)[-1] == ("FINISHED", "cutovered")
+    finally:
+        lab.close()
