@@ -275,6 +275,103 @@ def wan_case(wan: Wan, ck: str, src: str, tmp: str, runs: int, level: int) -> di
     return {k: statistics.median(v) for k, v in res.items()}
 
 
+def sweep(ck: str, src: str, tmp: str, runs: int, levels: list[int], rates: list[str]) -> dict:
+    """Throughput and wire bytes of the smsrepl full copy against the zstd level, on loopback
+    and over shaped links of several rates (medians of ``runs``)."""
+    out: dict = {"loopback": {}, "links": {}}
+    for level in levels:
+        walls, wires = [], []
+        for run in range(runs):
+            base = os.path.join(tmp, f"sweep{level}-{run}")
+            os.makedirs(base)
+            os.sync()
+            r = sms_round(ck, src, f"{base}/t.img", f"{base}/rx", f"{base}/tx", "--level", str(level))
+            walls.append(r["wall"])
+            wires.append(r["wire"])
+            shutil.rmtree(base)
+        out["loopback"][level] = {"wall": statistics.median(walls), "wire": statistics.median(wires)}
+    for rate in rates:
+        try:
+            wan = Wan(rate, 2.0)
+        except PermissionError as exc:
+            print(f"link sweep skipped: {exc}")
+            break
+        try:
+            out["links"][rate] = {}
+            for level in levels:
+                r = _wan_sms(wan, ck, src, tmp, runs, level)
+                out["links"][rate][level] = r
+        finally:
+            wan.down()
+    return out
+
+
+def _wan_sms(wan: "Wan", ck: str, src: str, tmp: str, runs: int, level: int) -> float:
+    from replication import CLI
+
+    walls = []
+    for run in range(runs):
+        base = os.path.join(tmp, f"wsweep{run}")
+        os.makedirs(base)
+        rx = wan.run_in(wan.RX, CLI + ["receive", "--listen", "10.77.0.2:8900", "--certkey", ck, "--target",
+                                       f"disk0={base}/t.img", "--state-dir", f"{base}/rx", "--once"],
+                        stderr=subprocess.PIPE)
+        if b"listening" not in rx.stderr.readline():
+            raise RuntimeError("receiver did not start in its namespace")
+        t0 = time.perf_counter()
+        tx = wan.run_in(wan.TX, CLI + ["send", "block", src, "--to", "10.77.0.2:8900", "--target", "disk0",
+                                       "--certkey", ck, "--state-dir", f"{base}/tx", "--level", str(level)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if tx.wait():
+            raise RuntimeError("send over the shaped link failed")
+        walls.append(time.perf_counter() - t0)
+        rx.wait(30)
+        shutil.rmtree(base)
+    return statistics.median(walls)
+
+
+def render_sweep(size: int, sw: dict, default_level: int) -> str:
+    mb = 1e6
+    out = ["## Sweep: zstd level", "", "| link | " + " | ".join(f"level {lv}" for lv in sw["loopback"]) + " |",
+           "|---|" + "---:|" * len(sw["loopback"])]
+    out.append("| loopback, MB/s of source | " + " | ".join(f"{size / r['wall'] / mb:.0f}"
+                                                        for r in sw["loopback"].values()) + " |")
+    out.append("| loopback, wire MB | " + " | ".join(f"{r['wire'] / mb:.0f}" for r in sw["loopback"].values()) + " |")
+    for rate, per in sw["links"].items():
+        out.append(f"| {rate}, MB/s of source | " + " | ".join(f"{size / w / mb:.0f}" for w in per.values()) + " |")
+    out.append("")
+    for name, walls in [("loopback", {lv: r["wall"] for lv, r in sw["loopback"].items()})] + list(sw["links"].items()):
+        best = min(walls, key=walls.get)
+        if default_level in walls:
+            gap = walls[default_level] / walls[best] - 1
+            out.append(f"- {name}: best level {best}; the default ({default_level}) is "
+                       f"{'the best' if best == default_level else f'{gap:.0%} slower'}")
+    out.append("")
+    return "\n".join(out)
+
+
+def plot_sweep(out_dir: str, size: int, sw: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    levels = list(sw["loopback"])
+    ax.plot(levels, [size / r["wall"] / 1e6 for r in sw["loopback"].values()], "o-", label="loopback")
+    for rate, per in sw["links"].items():
+        ax.plot(list(per), [size / w / 1e6 for w in per.values()], "o-", label=rate)
+    ax.set_xlabel("zstd level (0 = none)")
+    ax.set_ylabel("MB/s of source")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "sweep-level.png"), dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gib", type=float, default=1.0)
@@ -285,6 +382,8 @@ def main() -> int:
     ap.add_argument("--wan", action="append", metavar="RATE:RTT",
                     help="simulated links (netem in two network namespaces); default 100mbit:20ms and 1gbit:2ms")
     ap.add_argument("--no-wan", action="store_true", help="skip the simulated links")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also sweep the zstd level (0 1 3 6 9) on loopback and links of 100mbit, 1gbit")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     size = int(args.size_gib * (1 << 30))
@@ -337,6 +436,10 @@ def main() -> int:
                 finally:
                     wan.down()
         report = render(size, mix, st, bound, rows, args, wans)
+        if args.sweep:
+            sw = sweep(ck, src, tmp, args.runs, [0, 1, 3, 6, 9], [] if args.no_wan else ["100mbit", "1gbit"])
+            report += "\n" + render_sweep(size, sw, args.level)
+            plot_sweep(args.out, size, sw)
         print(report)
         with open(os.path.join(args.out, "results.md"), "w") as fh:
             fh.write(report)
