@@ -420,7 +420,7 @@ def cmd_agent(args) -> int:
     cp = ControlPlane(args.endpoint, token, verify=args.ca_file or True, retries=2, backoff=0.5, max_backoff=5.0)
     agent = Agent(cp, args.source_id, disks, args.state_dir or _state_home("agent"), task_id=args.task_id,
                   data_port=args.data_port, poll_interval=args.poll_interval, sync_interval=args.sync_interval,
-                  host=args.host)
+                  host=args.host, tree=args.tree, tree_target=args.tree_target)
 
     def on_term(signum, frame):
         if signum == signal.SIGTERM and not getattr(on_term, "seen", False):
@@ -545,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--task-id", help="the task, when START does not name one")
     ag.add_argument("--disk", action="append", metavar="NAME=PATH",
                     help="a registered source disk (5.3.2 name, e.g. /dev/vda) and the device or image to read")
+    ag.add_argument("--tree", metavar="DIR", help="the source tree of file-level tasks (MIGRATE_FILE), e.g. /")
+    ag.add_argument("--tree-target", default="root", metavar="NAME",
+                    help="the receiver's directory target for the tree (default root)")
     ag.add_argument("--ca-file", help="trust this CA for the control plane's HTTPS")
     ag.add_argument("--data-port", type=int, default=8900, help="the receiver's data port (default 8900)")
     ag.add_argument("--host", help="connect here instead of the task's migration_ip (a lab)")

@@ -214,7 +214,7 @@ def test_stop_resume_speed_limit_change_and_delete(tmp_path, cp, bundle):
         lab.close()
 
 
-def test_a_command_without_a_task_and_a_file_task_are_refused_with_a_reason(tmp_path, cp, bundle):
+def test_a_command_without_a_task_and_a_file_task_without_a_tree_are_refused_with_a_reason(tmp_path, cp, bundle):
     lab = Lab(tmp_path, cp, bundle, sizes=(8,))
     try:
         cp.add_task("file-task", {"id": "file-task", "type": "MIGRATE_FILE", "migration_ip": "127.0.0.1",
@@ -226,7 +226,7 @@ def test_a_command_without_a_task_and_a_file_task_are_refused_with_a_reason(tmp_
         wait_for(lambda: len(cp.bodies("command_result")) == 2, what="two answers")
         sync, start = cp.bodies("command_result")
         assert sync["result"] == "fail" and "no task" in sync["result_detail"]["error_msg"]
-        assert start["result"] == "fail" and "MIGRATE_BLOCK" in start["result_detail"]["error_msg"]
+        assert start["result"] == "fail" and "--tree" in start["result_detail"]["error_msg"]
         agent.stop()
         thread.join(10)
     finally:
@@ -288,3 +288,50 @@ def test_skip_means_no_consistency_check(tmp_path, cp, bundle):
         assert states(cp)[-1] == ("FINISHED", "cutovered")
     finally:
         lab.close()
+
+
+def test_file_level_task_copy_sync_cutover_and_consistency(tmp_path, cp, bundle):
+    """A MIGRATE_FILE task: the tree goes to the receiver's directory target with the task's
+    path rules, SYNC sends a change, the cutover round and a per-directory consistency result."""
+    src = tmp_path / "tree"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(10):
+            (src / f"d{d}" / f"f{f}.txt").write_bytes(b"x%d-%d " % (d, f) * (100 + f))
+    (src / "skip").mkdir()
+    (src / "skip" / "secret").write_bytes(b"not to be copied")
+    dst = tmp_path / "target-tree"
+    rx = Receiver({"root": str(dst)}, server_context(bundle), str(tmp_path / "rx"))
+    _, port = rx.start("127.0.0.1", 0)
+    try:
+        cp.add_task("ft", {"id": "ft", "type": "MIGRATE_FILE", "migration_ip": "127.0.0.1", "syncing": True,
+                           "is_need_consistency_check": True, "target_server": {"disks": []}},
+                    certkey=json.loads(bundle.to_json()),
+                    configuration={"task_id": "ft", "migrate_type": "LINUX_FILE_MIGRATE", "configurations": [
+                        {"config_key": "MIGRATE_EXCLUDE_PATH", "config_value": "/skip", "config_status": ""},
+                        {"config_key": "CONSISTENCY_DIR", "config_value": "/d0,/d1", "config_status": ""}]})
+        agent = Agent(client(cp), "source-1", {}, str(tmp_path / "agent"), data_port=port, poll_interval=0.1,
+                      sync_interval=3600, netcheck_seconds=0.3, tree=str(src))
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        cp.push_command("source-1", "START", "ft")
+        wait_for(lambda: agent.copied, what="the tree copy")
+        assert (dst / "d2" / "f9.txt").read_bytes() == (src / "d2" / "f9.txt").read_bytes()
+        assert not (dst / "skip" / "secret").exists()
+        (src / "d1" / "f3.txt").write_bytes(b"changed on the source")
+        n = len(agent._rounds)
+        cp.push_command("source-1", "SYNC")
+        wait_for(lambda: len(agent._rounds) > n, what="the sync round")
+        assert agent._rounds[-1].kind == "sync" and agent._rounds[-1].files_sent == 1
+        assert (dst / "d1" / "f3.txt").read_bytes() == b"changed on the source"
+        agent.request_cutover()
+        thread.join(60)
+        assert agent.finished
+        [result] = cp.bodies("consistency_result")
+        assert [(r["dir_check"], r["num_total_files"], r["num_different_files"], r["num_target_miss_files"])
+                for r in result["consistency_result"]] == [("/d0", 10, 0, 0), ("/d1", 10, 0, 0)]
+        subtasks = {b["subtask_name"] for b in cp.bodies("progress")}
+        assert subtasks == {"MIGRATE_LINUX_FILE", "SYNC_LINUX_FILE"}
+        assert states(cp)[-1] == ("FINISHED", "cutovered")
+    finally:
+        rx.stop()

@@ -35,7 +35,7 @@ from ..errors import ConfigError, ReplicationError
 from ..session import BlockSession
 from ..state import CommandResult, ServerCommand, SessionState
 from .client import ControlPlane, ControlPlaneError
-from .server import DiskPlan, ServerRound
+from .server import DiskPlan, ServerRound, TreeRound
 
 log = logging.getLogger("smsrepl.agent")
 
@@ -152,12 +152,17 @@ class Agent:
     def __init__(self, cp: ControlPlane, source_id: str, disks: dict[str, str], state_dir: str, *,
                  task_id: str | None = None, data_port: int = DATA_PORT, poll_interval: float = 2.0,
                  sync_interval: float = 30.0, speed_poll: float = 5.0, host: str | None = None,
-                 outbox_retry: float = 1.0, retry_delay: float = 2.0, netcheck_seconds: float = 2.0) -> None:
-        if not disks:
-            raise ConfigError("the agent needs at least one --disk NAME=PATH")
+                 outbox_retry: float = 1.0, retry_delay: float = 2.0, netcheck_seconds: float = 2.0,
+                 tree: str | None = None, tree_target: str = "root") -> None:
+        if not disks and not tree:
+            raise ConfigError("the agent needs --disk NAME=PATH (block tasks) or --tree DIR (file tasks)")
         self.cp = cp
         self.source_id = source_id
-        self.disks = dict(disks)
+        self.disks = dict(disks or {})
+        #: the source tree of file-level tasks (MIGRATE_FILE) and the receiver's directory target for it
+        self.tree = tree
+        self.tree_target = tree_target
+        self._rules = None
         self.state_dir = os.path.abspath(state_dir)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.task_id = task_id
@@ -187,6 +192,7 @@ class Agent:
         self._last_round_end = 0.0
         self._rounds: list = []
         self._sampler = None
+        self._file_task = False
 
     # --- control ----------------------------------------------------------------
     def stop(self) -> None:
@@ -297,17 +303,27 @@ class Agent:
             raise ConfigError("START carries no task_id and the agent was given none")
         self.task_id = task_id
         task = self.cp.get_task(task_id)
-        if task.get("type", "MIGRATE_BLOCK") != "MIGRATE_BLOCK":
-            raise ConfigError(f"task type {task.get('type')!r}: this agent runs block-level (MIGRATE_BLOCK) tasks")
+        kind = task.get("type", "MIGRATE_BLOCK")
+        if kind not in ("MIGRATE_BLOCK", "MIGRATE_FILE"):
+            raise ConfigError(f"task type {kind!r} is neither MIGRATE_BLOCK nor MIGRATE_FILE")
+        if kind == "MIGRATE_FILE" and not self.tree:
+            raise ConfigError("a MIGRATE_FILE task needs the agent's --tree DIR")
+        if kind == "MIGRATE_BLOCK" and not self.disks:
+            raise ConfigError("a MIGRATE_BLOCK task needs the agent's --disk NAME=PATH")
         host = self.host or task.get("migration_ip")
         if not host:
             raise ConfigError("the task has no migration_ip")
-        self._plans = plan_disks(task, self.disks)
+        self._file_task = kind == "MIGRATE_FILE"
+        self._plans = [] if self._file_task else plan_disks(task, self.disks)
         certkey = CertKey.from_json(json.dumps(self.cp.get_certkey(task_id)), source="control plane certkey")
         phrase = (self.cp.get_passphrase(task_id) or {}).get("passphrase") or None
         self._ctx = client_context(certkey, phrase.encode() if phrase else None)
         self._refresh_speed_limit()
         config = self.cp.get_configuration(task_id) or {}
+        if self._file_task:
+            from ..files.rules import PathRules
+
+            self._rules = PathRules.from_configurations(config, source="the task's configuration (5.10.2)")
         items = [c for c in config.get("configurations", []) if c.get("config_key") == "LINUX_CPU_LIMIT"]
         self._cpu_cap = CpuCap.from_configurations({"configurations": [
             {"config_key": c["config_key"], "config_value": c["config_value"]} for c in items]}) if items else None
@@ -321,7 +337,7 @@ class Agent:
         self._save_task()
         if self.copied:
             self.session._copied = True
-        log.info("task %s: %d disk(s) to %s:%d", task_id, len(self._plans), host, self.data_port)
+        log.info("task %s (%s) to %s:%d", task_id, kind, host, self.data_port)
 
     def _refresh_speed_limit(self) -> None:
         from ..ratelimit import SpeedSchedule
@@ -360,8 +376,19 @@ class Agent:
         self.outbox.put("network_check", self.task_id, body)
 
     # --- rounds ---------------------------------------------------------------------
-    def _make_round(self, states) -> ServerRound:
+    def _make_round(self, states):
         from ..transport.sender import Sender
+
+        if self._file_task:
+            from ..transport.file_sender import FileSender
+
+            cut = self._cutover.is_set()
+            rnd = TreeRound(lambda: FileSender(self.tree, self.tree_target, self._address, self._ctx, rules=self._rules,
+                                               speed_limit=self._schedule, cpu_cap=self._cpu_cap,
+                                               on_report=self._on_report, host_sampler=self._sampler),
+                            self.state_dir, states=states, first_copy=not self.copied and not cut, cutover=cut)
+            self._round = rnd
+            return rnd
 
         def make_sender(disk: DiskPlan, on_report):
             return Sender(disk.path, disk.target, self._address, self._ctx, self.state_dir,
@@ -415,6 +442,17 @@ class Agent:
 
     def _consistency_check(self) -> None:
         from ..transport.sender import Sender
+
+        if self._file_task:
+            from ..files.compare import compare_with_listing
+            from ..transport.file_sender import FileSender
+
+            sender = FileSender(self.tree, self.tree_target, self._address, self._ctx, rules=self._rules)
+            dirs = [p.text for p in self._rules.consistency_dirs] if self._rules else []
+            result, _ = compare_with_listing(self.tree, sender.describe_target(), dirs)
+            self.consistency = {"consistency_result": result["consistency_result"]}
+            self.outbox.put("consistency", self.task_id, self.consistency)
+            return
 
         items = []
         for disk in self._plans:

@@ -20,7 +20,7 @@ from typing import Any
 from ..blocks.device import BlockSource
 from ..errors import ConfigError, TransportError
 from ..progress import TRACE_MAX
-from ..state import Event, SessionState, SessionStateMachine
+from ..state import Event, SessionStateMachine
 
 
 @dataclass(frozen=True)
@@ -135,3 +135,47 @@ class ServerRound:
 
 def server_state_file(state_dir: str) -> str:
     return os.path.join(state_dir, "server.json")
+
+
+@dataclass
+class TreeResult:
+    kind: str
+    data_bytes: int
+    wire_bytes: int
+    seconds: float
+    files_sent: int
+
+
+class TreeRound:
+    """One round of a file-level task (MIGRATE_FILE): the source tree to the receiver's
+    directory target, with the Sender's face for session.BlockSession like ServerRound."""
+
+    def __init__(self, make_sender: Callable[[], Any], state_dir: str, *, states: SessionStateMachine | None = None,
+                 first_copy: bool = True, cutover: bool = False) -> None:
+        self.make_sender = make_sender
+        self.first_copy = first_copy
+        self.dir = state_dir
+        self.states = states
+        self.cutover = cutover
+        self.stop_requested = False
+        self._sender = None
+
+    def stop(self) -> None:
+        self.stop_requested = True
+        if self._sender is not None:
+            self._sender.stop()
+
+    def _fire(self, event: Event) -> None:
+        if self.states is not None and self.states.can(event):
+            self.states.fire(event)
+
+    def run(self) -> TreeResult:
+        kind = "cutover" if self.cutover else ("full" if self.first_copy else "sync")
+        self._fire({"full": Event.START, "sync": Event.SYNC_START, "cutover": Event.CUTOVER}[kind])
+        self._fire(Event.COPY_RUNNING)
+        self._sender = sender = self.make_sender()
+        if self.stop_requested:
+            sender.stop()
+        r = sender.run()
+        self._fire({"full": Event.COPY_DONE, "sync": Event.SYNC_DONE, "cutover": Event.CUTOVER_DONE}[kind])
+        return TreeResult(kind, r.stats.bytes_sent, r.wire_bytes, r.seconds, r.stats.files_sent)

@@ -73,6 +73,16 @@ class FileSender:
         self.on_report = on_report
         self.host_sampler = host_sampler
         self.tracker: ProgressTracker | None = None
+        self.stop_requested = False
+        self._chan: Channel | None = None
+
+    def stop(self) -> None:
+        """Pause: break the running round from another thread (files already renamed stay;
+        the next round sends what is missing)."""
+        self.stop_requested = True
+        chan = self._chan
+        if chan is not None:
+            chan.abort()
 
     def replace_schedule(self, schedule: SpeedSchedule) -> None:
         self.limiter.replace_schedule(schedule)
@@ -85,6 +95,7 @@ class FileSender:
     def run(self) -> FileRoundResult:
         started = time.monotonic()
         chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        self._chan = chan
         try:
             return self._session(chan, started)
         finally:
