@@ -497,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--speed-limit", metavar="FILE",
                     help="5.4.10 speed_limit JSON; re-read when the file changes during the transfer")
     sb.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (LINUX_CPU_LIMIT)")
-    sb.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level, 0 = no compression (default {DEFAULT_LEVEL})")
+    sb.add_argument("--level", type=_file_level, default=DEFAULT_LEVEL,
+                    help=f"zstd level, 0 = no compression, auto = level {DEFAULT_LEVEL} for each frame only while "
+                         f"that moves data faster than sending it raw (default {DEFAULT_LEVEL})")
     sb.add_argument("--dirty-map", metavar="FILE",
                     help="changed-block map the source's writes are marked in (smsrepl.blocks.dirtymap); "
                          "sync rounds then read only the blocks it names")

@@ -94,3 +94,55 @@ class Decompressor:
             raise DecompressionError(f"zstd payload decompressed to {'more than ' if extra else ''}{got} bytes, "
                                      f"frame says {raw_len}")
         return into[:raw_len]
+
+
+class AdaptiveChoice:
+    """Raw or compressed, whichever moves data faster, measured as a transfer goes.
+
+    Raw frames cost their send time; compressed ones the longer of compression
+    (spread over ``threads``) and their send time. Rates are smoothed; the first two
+    choices measure both ways, then every PROBE-th choice tries the other way so a
+    change of link (or of speed limit) is noticed. Thread-safe."""
+
+    PROBE = 16
+
+    def __init__(self, threads: int = 1) -> None:
+        import threading
+
+        self.threads = max(1, threads)
+        self._lock = threading.Lock()
+        self._n = 0
+        self._send: dict[bool, float] = {}  # compressed? -> source bytes per second through send
+        self._comp: float | None = None  # source bytes per second through one compressor
+        self.chosen = {True: 0, False: 0}
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else 0.7 * old + 0.3 * new
+
+    def rate(self, compressed: bool) -> float | None:
+        send = self._send.get(compressed)
+        if not compressed or send is None:
+            return send
+        return send if self._comp is None else min(send, self._comp * self.threads)
+
+    def choose(self) -> bool:
+        """True: compress the next frame."""
+        with self._lock:
+            i = self._n
+            self._n += 1
+            raw, comp = self.rate(False), self.rate(True)
+            if raw is None or comp is None:
+                pick = i % 2 == 0
+            else:
+                best = comp >= raw
+                pick = best if i % self.PROBE else not best
+            self.chosen[pick] += 1
+            return pick
+
+    def record_send(self, compressed: bool, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self._send[compressed] = self._ewma(self._send.get(compressed), nbytes / max(seconds, 1e-6))
+
+    def record_compress(self, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self._comp = self._ewma(self._comp, nbytes / max(seconds, 1e-6))

@@ -57,3 +57,42 @@ def test_slow_link_with_zero_and_hole_chunks_between_data(tmp_path, level, peer_
     assert sent == 4 * stretch
     assert chan.frames == 4 * stretch // (frame_blocks * 4096)
     assert chan.bad == []
+
+
+class LinkChannel(SlowCheckingChannel):
+    """A link of ``rate`` bytes per second (None: free), counting raw and compressed frames."""
+
+    def __init__(self, rate):
+        super().__init__(0.0)
+        self.rate = rate
+        self.codecs = []
+
+    def send(self, ev) -> None:
+        super().send(ev)
+        if isinstance(ev, F.BlockData):
+            self.codecs.append(ev.codec)
+            if self.rate:
+                time.sleep(len(ev.payload) / self.rate)
+
+
+@pytest.mark.parametrize("rate,expect_compressed", [(None, False), (30e6, True)])
+def test_level_auto_sends_raw_on_a_fast_link_and_compresses_on_a_slow_one(tmp_path, rate, expect_compressed):
+    from smsrepl.testdata import write_image
+
+    path = str(tmp_path / "src.img")
+    size = 96 << 20
+    write_image(path, size, seed=3, mix={"text": 1.0})
+    sender = Sender(path, "disk0", ("127.0.0.1", 1), None, str(tmp_path / "st"), level="auto", compress_threads=2)
+    sender._peer_caps = frozenset(F.CAPABILITIES)
+    chan = LinkChannel(rate)
+    with BlockSource(path) as src:
+        sender._stream(chan, src, None, "full", 0, ManifestFile.create(str(tmp_path / "cache"), size))
+    assert chan.bad == [] and len(chan.codecs) == 12
+    # frames chosen before the first measurements came back (the pipeline reads ahead) try
+    # both ways in turn; once both rates are known, every frame follows the faster way
+    tail = chan.codecs[-5:]
+    why = (chan.codecs, sender.adapt._send, sender.adapt._comp)
+    if expect_compressed:
+        assert all(c != 0 for c in tail), why
+    else:
+        assert all(c == 0 for c in tail), why

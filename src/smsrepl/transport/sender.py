@@ -23,7 +23,7 @@ from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
 from ..blocks.replica import write_json_atomic
 from ..blocks.dirtymap import DirtyMap
 from ..blocks.stream import CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered, dirty_round_events, round_events
-from ..codec import DEFAULT_LEVEL, Compressor
+from ..codec import DEFAULT_LEVEL, AdaptiveChoice, Compressor
 from ..errors import (
     ConnectError,
     ManifestError,
@@ -86,6 +86,11 @@ class RoundResult:
     stages: dict | None = None
 
 
+def _source_bytes(frame) -> int:
+    """The source bytes a BLOCK_DATA or BLOCK_SET frame covers."""
+    return frame.raw_len if isinstance(frame, F.BlockData) else len(frame.index) * FINE_BLOCK
+
+
 def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> TLSStream:
     host, port = address
     try:
@@ -116,7 +121,7 @@ class Sender:
         context: ssl.SSLContext,
         state_dir: str,
         *,
-        level: int = DEFAULT_LEVEL,
+        level: int | str = DEFAULT_LEVEL,
         compress_threads: int | None = None,
         speed_limit: SpeedSchedule | None = None,
         cpu_cap: CpuCap | None = None,
@@ -133,6 +138,8 @@ class Sender:
         self.context = context
         self.dir = os.path.join(os.path.abspath(state_dir), self.target)
         self.level = level
+        #: "auto": each frame compressed (at the default level) only while that moves data faster
+        self._zlevel = DEFAULT_LEVEL if level == "auto" else level
         # zstd releases the GIL: one compressor per core keeps the sender from
         # being bound by compression (measured: 225 MB/s per core at level 1 on
         # binaries here, 380 MB/s with two)
@@ -164,6 +171,7 @@ class Sender:
         self._failure: BaseException | None = None
         self._replies: queue.Queue = queue.Queue()
         self.clock = StageClock()
+        self.adapt = AdaptiveChoice(self.compress_threads) if level == "auto" else None
 
     def stop(self) -> None:
         """Pause: break the running round from another thread. What the receiver made
@@ -397,10 +405,13 @@ class Sender:
     def _encode(self, ev: F.BlockData | F.BlockSet) -> F.BlockData | F.BlockSet:
         comp = getattr(self._local, "comp", None)
         if comp is None:
-            comp = self._local.comp = Compressor(self.level)
+            comp = self._local.comp = Compressor(self._zlevel)
         t0 = time.perf_counter()
         codec, payload = comp.encode(ev.payload)
-        self.clock.add("compress", time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self.clock.add("compress", dt)
+        if self.adapt is not None:
+            self.adapt.record_compress(_source_bytes(ev), dt)
         if self.cpu_cap is not None:
             self.cpu_cap.pace()
         return dataclasses.replace(ev, codec=codec, payload=payload)
@@ -410,6 +421,7 @@ class Sender:
         """Send one round's frames: read and digest here, compress on a pool, write on a thread."""
         out: queue.Queue = queue.Queue(maxsize=2)
         writer_error: list[BaseException] = []
+        adapt = self.adapt
 
         def writer() -> None:
             try:
@@ -422,7 +434,10 @@ class Sender:
                         frame = item.result() if isinstance(item, Future) else item
                         t0 = time.perf_counter()
                         chan.send(frame)
-                        self.clock.add("send", time.perf_counter() - t0)
+                        dt = time.perf_counter() - t0
+                        self.clock.add("send", dt)
+                        if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
+                            adapt.record_send(isinstance(item, Future), _source_bytes(frame), dt)
                     # progress counts what reached the socket, not what was read ahead
                     self._report(kind, covered, start, total, raw, chan)
             except BaseException as exc:
@@ -432,7 +447,7 @@ class Sender:
 
         wt = threading.Thread(target=writer, daemon=True)
         wt.start()
-        pool = ThreadPoolExecutor(self.compress_threads, thread_name_prefix="zstd") if self.level else None
+        pool = ThreadPoolExecutor(self.compress_threads, thread_name_prefix="zstd") if self._zlevel else None
         pending: list[Covered] = []
         self._pending = pending
         sent = 0
@@ -466,8 +481,8 @@ class Sender:
                     self._apply_acks(cache, self._acked)
                     continue
                 if isinstance(item, (F.BlockData, F.BlockSet)):
-                    sent += item.raw_len if isinstance(item, F.BlockData) else len(item.index) * FINE_BLOCK
-                    if pool is not None:
+                    sent += _source_bytes(item)
+                    if pool is not None and (adapt is None or adapt.choose()):
                         item = pool.submit(self._encode, item)
                 batch.append(item)
             if batch:
