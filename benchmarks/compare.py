@@ -233,8 +233,6 @@ class Wan:
 
 def wan_case(wan: Wan, ck: str, src: str, tmp: str, runs: int, level: int) -> dict:
     """Effective throughput (source bytes per second) of smsrepl and rsync -z over the shaped link."""
-    from replication import CLI
-
     res: dict[str, list[float]] = {"smsrepl send block": [], "rsync -z --whole-file": []}
     root = os.path.join(tmp, "wan-rsync")
     os.makedirs(root, exist_ok=True)
@@ -246,23 +244,7 @@ def wan_case(wan: Wan, ck: str, src: str, tmp: str, runs: int, level: int) -> di
     try:
         time.sleep(0.5)
         for run in range(runs):
-            base = os.path.join(tmp, f"wan{run}")
-            os.makedirs(base)
-            rx = wan.run_in(wan.RX, CLI + ["receive", "--listen", "10.77.0.2:8900", "--certkey", ck, "--target",
-                                           f"disk0={base}/t.img", "--state-dir", f"{base}/rx", "--once"],
-                            stderr=subprocess.PIPE)
-            if b"listening" not in rx.stderr.readline():
-                raise RuntimeError("receiver did not start in its namespace")
-            t0 = time.perf_counter()
-            tx = wan.run_in(wan.TX, CLI + ["send", "block", src, "--to", "10.77.0.2:8900", "--target", "disk0",
-                                           "--certkey", ck, "--state-dir", f"{base}/tx", "--level", str(level)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, err = tx.communicate()
-            if tx.returncode:
-                raise RuntimeError(f"send over the WAN failed: {err[-500:]!r}")
-            res["smsrepl send block"].append(time.perf_counter() - t0)
-            rx.wait(30)
-            shutil.rmtree(base)
+            res["smsrepl send block"].append(_wan_sms_once(wan, ck, src, os.path.join(tmp, f"wan{run}"), level))
             t0 = time.perf_counter()
             cp = wan.run_in(wan.TX, ["rsync", "-z", "--whole-file", src, f"rsync://10.77.0.2:8730/bench/w{run}.img"])
             if cp.wait():
@@ -307,27 +289,36 @@ def sweep(ck: str, src: str, tmp: str, runs: int, levels: list[int], rates: list
 
 
 def _wan_sms(wan: "Wan", ck: str, src: str, tmp: str, runs: int, level: int) -> float:
+    return statistics.median(_wan_sms_once(wan, ck, src, os.path.join(tmp, f"wsweep{run}"), level)
+                             for run in range(runs))
+
+
+def _wan_sms_once(wan: "Wan", ck: str, src: str, base: str, level: int) -> float:
+    """Seconds of one smsrepl full copy over the shaped link (the receiver in the far namespace)."""
     from replication import CLI
 
-    walls = []
-    for run in range(runs):
-        base = os.path.join(tmp, f"wsweep{run}")
-        os.makedirs(base)
-        rx = wan.run_in(wan.RX, CLI + ["receive", "--listen", "10.77.0.2:8900", "--certkey", ck, "--target",
-                                       f"disk0={base}/t.img", "--state-dir", f"{base}/rx", "--once"],
-                        stderr=subprocess.PIPE)
+    os.makedirs(base)
+    rx = wan.run_in(wan.RX, CLI + ["receive", "--listen", "10.77.0.2:8900", "--certkey", ck, "--target",
+                                   f"disk0={base}/t.img", "--state-dir", f"{base}/rx", "--once"],
+                    stderr=subprocess.PIPE)
+    try:
         if b"listening" not in rx.stderr.readline():
             raise RuntimeError("receiver did not start in its namespace")
         t0 = time.perf_counter()
         tx = wan.run_in(wan.TX, CLI + ["send", "block", src, "--to", "10.77.0.2:8900", "--target", "disk0",
                                        "--certkey", ck, "--state-dir", f"{base}/tx", "--level", str(level)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if tx.wait():
-            raise RuntimeError("send over the shaped link failed")
-        walls.append(time.perf_counter() - t0)
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = tx.communicate()
+        if tx.returncode:
+            raise RuntimeError(f"send over the shaped link failed: {err[-500:]!r}")
+        wall = time.perf_counter() - t0
         rx.wait(30)
-        shutil.rmtree(base)
-    return statistics.median(walls)
+        return wall
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def render_sweep(size: int, sw: dict, default_level: int) -> str:
@@ -351,12 +342,8 @@ def render_sweep(size: int, sw: dict, default_level: int) -> str:
 
 
 def plot_sweep(out_dir: str, size: int, sw: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
     levels = list(sw["loopback"])
@@ -509,7 +496,8 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
-def plots(out_dir: str, size: int, st: dict, bound: dict, rows: dict) -> None:
+def _pyplot():
+    """matplotlib.pyplot drawing to files, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -517,6 +505,13 @@ def plots(out_dir: str, size: int, st: dict, bound: dict, rows: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("(no plots: pip install '.[bench]' for matplotlib)")
+        return None
+    return plt
+
+
+def plots(out_dir: str, size: int, st: dict, bound: dict, rows: dict) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 3.5))
     names = list(rows) + ["machine bound"]

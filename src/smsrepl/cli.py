@@ -259,7 +259,7 @@ def cmd_send_block(args) -> int:
             from .continuous import ContinuousSync
 
             cont = ContinuousSync(make_sender, interval=interval, dirty_map=dirty, on_round=print_summary)
-            _cutover_on_sigterm(cont)
+            _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
             cont.run()
         else:
             print_summary(make_sender().run())
@@ -280,7 +280,7 @@ def _dirty_map(path: str, source: str):
     return DirtyMap.open(path, size)
 
 
-def _cutover_on_sigterm(cont) -> None:
+def _cutover_on_sigterm(cutover, abort, round_now=None) -> None:
     """First SIGTERM: the cutover round; a second one, or SIGINT: abort, resumably; SIGUSR1: a round now."""
     import signal
 
@@ -288,13 +288,14 @@ def _cutover_on_sigterm(cont) -> None:
         if signum == signal.SIGTERM and not getattr(on_term, "seen", False):
             on_term.seen = True
             print("SIGTERM: running the cutover round", file=sys.stderr, flush=True)
-            cont.request_cutover()
+            cutover()
         else:
-            cont.abort()
+            abort()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGUSR1, lambda signum, frame: cont.request_round())
+    if round_now is not None:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: round_now())
 
 
 def cmd_netcheck(args) -> int:
@@ -399,8 +400,6 @@ def _file_level(text: str):
 
 
 def cmd_agent(args) -> int:
-    import signal
-
     from .agent.client import ControlPlane
     from .agent.loop import Agent
 
@@ -422,16 +421,7 @@ def cmd_agent(args) -> int:
                   data_port=args.data_port, poll_interval=args.poll_interval, sync_interval=args.sync_interval,
                   host=args.host, tree=args.tree, tree_target=args.tree_target)
 
-    def on_term(signum, frame):
-        if signum == signal.SIGTERM and not getattr(on_term, "seen", False):
-            on_term.seen = True
-            print("SIGTERM: running the cutover round", file=sys.stderr, flush=True)
-            agent.request_cutover()
-        else:
-            agent.stop()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    _cutover_on_sigterm(agent.request_cutover, agent.stop)
     return agent.run()
 
 

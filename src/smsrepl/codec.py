@@ -114,7 +114,6 @@ class AdaptiveChoice:
         self._n = 0
         self._send: dict[bool, float] = {}  # compressed? -> source bytes per second through send
         self._comp: float | None = None  # source bytes per second through one compressor
-        self.chosen = {True: 0, False: 0}
 
     def _ewma(self, old: float | None, new: float) -> float:
         return new if old is None else 0.7 * old + 0.3 * new
@@ -136,7 +135,6 @@ class AdaptiveChoice:
             else:
                 best = comp >= raw
                 pick = best if i % self.PROBE else not best
-            self.chosen[pick] += 1
             return pick
 
     def record_send(self, compressed: bool, nbytes: int, seconds: float) -> None:

@@ -335,3 +335,38 @@ def test_file_level_task_copy_sync_cutover_and_consistency(tmp_path, cp, bundle)
         assert states(cp)[-1] == ("FINISHED", "cutovered")
     finally:
         rx.stop()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--disk", "/dev/vda"], "expected NAME=PATH"),
+    (["--disk", "/dev/vda=/a", "--disk", "/dev/vda=/b"], "given twice"),
+    ([], "--disk NAME=PATH (block tasks) or --tree DIR"),
+])
+def test_agent_command_line_mistakes_are_usage_errors(tmp_path, extra, message):
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    cp = subprocess.run([sys.executable, "-m", "smsrepl", "agent", "--endpoint", "https://127.0.0.1:9",
+                         "--token-file", str(token), "--source-id", "s", "--state-dir", str(tmp_path / "st"), *extra],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and message in cp.stderr, cp.stderr
+    missing = subprocess.run([sys.executable, "-m", "smsrepl", "agent", "--endpoint", "https://127.0.0.1:9",
+                              "--token-file", str(tmp_path / "nope"), "--source-id", "s"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--token-file" in missing.stderr and TOKEN not in missing.stderr
+
+
+def test_malformed_command_and_speed_limit_from_the_control_plane_are_ignored(tmp_path, cp, bundle):
+    lab = Lab(tmp_path, cp, bundle, sizes=(8,), syncing=False, check=False)
+    try:
+        agent, thread = lab.agent()
+        cp.push_command("source-1", "REBOOT")  # not a 5.5.1 command: logged, no answer, nothing done
+        cp.push_command("source-1", "START", "task-1")
+        wait_for(lambda: agent.finished, what="the copy")
+        cp.set_speed_limit("task-1", {"speed_limit": [{"start": "25:00", "end": "23:59", "speed": 1}]})
+        agent._refresh_speed_limit()
+        assert agent._schedule_raw == {"speed_limit": []}  # the valid schedule stays
+        thread.join(30)
+        assert [b["command_name"] for b in cp.bodies("command_result")] == ["START"]
+        assert lab.identical()
+    finally:
+        lab.close()

@@ -195,3 +195,26 @@ def test_both_endpoints_report_where_the_time_went(lab):
     [line] = [line for line in lab["rx"].log if "stage seconds" in line]
     for stage in ("receive", "decompress", "verify", "write", "flush"):
         assert f"{stage} " in line, line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{src}", "--to", "127.0.0.1:1"], "needs --target NAME and --certkey"),
+    (["{src}", "{src}", "--to", "127.0.0.1:1"], "give TARGET, or --to"),
+    (["{src}"], "give TARGET, or --to"),
+])
+def test_verify_block_usage_mistakes(lab, args, message):
+    write_image(lab["src"], 1 << 20, seed=1)
+    cp = subprocess.run([*CLI_VERIFY, *[a.format(src=lab["src"]) for a in args]], capture_output=True, text=True,
+                        timeout=60)
+    assert cp.returncode == 2 and message in cp.stderr, cp.stderr
+
+
+@pytest.mark.parametrize("level", ["fast", "42", "-1"])
+def test_send_level_must_be_a_zstd_level_or_auto(lab, level):
+    write_image(lab["src"], 1 << 20, seed=1)
+    for kind, src in (("block", lab["src"]), ("files", str(lab["tmp"]))):
+        cp = subprocess.run([sys.executable, "-m", "smsrepl", "send", kind, src, "--to", lab["rx"].address,
+                             "--target", "disk0", "--certkey", lab["ck"], "--level", level],
+                            capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 2 and "--level" in cp.stderr, cp.stderr
+    assert not os.path.exists(lab["dst"])

@@ -355,10 +355,8 @@ class Agent:
             log.error("ignoring an invalid speed limit from the control plane: %s", exc)
             return
         self._schedule_raw, self._schedule = raw, schedule
-        rnd = self._round
-        sender = rnd._sender if rnd is not None else None
-        if sender is not None:
-            sender.replace_schedule(schedule)
+        if self._round is not None:
+            self._round.replace_schedule(schedule)
 
     def _network_check(self) -> None:
         """Measure the link to the receiver over the data port and report it (5.9.1)."""

@@ -55,25 +55,20 @@ def disk_sizes(disks: list[DiskPlan]) -> list[int]:
     return sizes
 
 
-class ServerRound:
-    def __init__(self, disks: list[DiskPlan], make_sender: Callable[..., Any], state_dir: str, *,
-                 states: SessionStateMachine | None = None, first_copy: bool = True, cutover: bool = False,
-                 on_report: Callable[[dict], None] | None = None) -> None:
-        """``make_sender(disk, on_report)`` builds the Sender of one disk (with no state
-        machine of its own: the server's is ``states``)."""
-        if not disks:
-            raise ConfigError("a server session needs at least one disk")
-        self.disks = disks
-        self.sizes = disk_sizes(disks)
-        self.make_sender = make_sender
+_BEGIN = {"full": Event.START, "sync": Event.SYNC_START, "cutover": Event.CUTOVER}
+_END = {"full": Event.COPY_DONE, "sync": Event.SYNC_DONE, "cutover": Event.CUTOVER_DONE}
+
+
+class _Round:
+    """What ServerRound and TreeRound share: the round's kind and the session state it fires,
+    and the running sender, which stop() breaks and replace_schedule() reaches."""
+
+    def __init__(self, state_dir: str, states: SessionStateMachine | None, first_copy: bool, cutover: bool) -> None:
         self.dir = state_dir
         self.states = states
-        self.first_copy = first_copy
-        self.cutover = cutover
-        self.on_report = on_report
+        self.kind = "cutover" if cutover else ("full" if first_copy else "sync")
         self.stop_requested = False
         self._sender = None
-        self._best = 0
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -81,35 +76,50 @@ class ServerRound:
         if sender is not None:
             sender.stop()
 
+    def replace_schedule(self, schedule) -> None:
+        """A new speed schedule for the running transfer (the next senders are built with it)."""
+        sender = self._sender
+        if sender is not None:
+            sender.replace_schedule(schedule)
+
     def _fire(self, event: Event) -> None:
         if self.states is not None and self.states.can(event):
             self.states.fire(event)
 
+    def _start(self, sender):
+        self._sender = sender
+        if self.stop_requested:  # stop() came before the sender existed
+            sender.stop()
+        return sender
+
+
+class ServerRound(_Round):
+    def __init__(self, disks: list[DiskPlan], make_sender: Callable[..., Any], state_dir: str, *,
+                 states: SessionStateMachine | None = None, first_copy: bool = True, cutover: bool = False,
+                 on_report: Callable[[dict], None] | None = None) -> None:
+        """``make_sender(disk, on_report)`` builds the Sender of one disk (with no state
+        machine of its own: the server's is ``states``)."""
+        if not disks:
+            raise ConfigError("a server session needs at least one disk")
+        super().__init__(state_dir, states, first_copy, cutover)
+        self.disks = disks
+        self.sizes = disk_sizes(disks)
+        self.make_sender = make_sender
+        self.on_report = on_report
+        self._best = 0
+
     def run(self) -> ServerResult:
-        if self.cutover:
-            kind = "cutover"
-            self._fire(Event.CUTOVER)
-        elif self.first_copy:
-            kind = "full"
-            self._fire(Event.START)
-        else:
-            kind = "sync"
-            self._fire(Event.SYNC_START)
+        self._fire(_BEGIN[self.kind])
         self._fire(Event.COPY_RUNNING)
         results = []
         for i, disk in enumerate(self.disks):
             if self.stop_requested:
                 raise TransportError("the server round was stopped")
-            sender = self.make_sender(disk, lambda rep, i=i: self._report(i, rep))
-            self._sender = sender
-            if self.stop_requested:  # stop() came between the check and the assignment
-                sender.stop()
-            results.append(sender.run())
+            results.append(self._start(self.make_sender(disk, lambda rep, i=i: self._report(i, rep))).run())
         self._sender = None
-        self._fire({"full": Event.COPY_DONE, "sync": Event.SYNC_DONE, "cutover": Event.CUTOVER_DONE}[kind])
-        result = ServerResult(kind, results, sum(self.sizes), sum(r.data_bytes for r in results),
-                              sum(r.wire_bytes for r in results), sum(r.seconds for r in results))
-        return result
+        self._fire(_END[self.kind])
+        return ServerResult(self.kind, results, sum(self.sizes), sum(r.data_bytes for r in results),
+                            sum(r.wire_bytes for r in results), sum(r.seconds for r in results))
 
     def _report(self, i: int, rep: dict) -> None:
         total = sum(self.sizes)
@@ -146,36 +156,18 @@ class TreeResult:
     files_sent: int
 
 
-class TreeRound:
+class TreeRound(_Round):
     """One round of a file-level task (MIGRATE_FILE): the source tree to the receiver's
     directory target, with the Sender's face for session.BlockSession like ServerRound."""
 
     def __init__(self, make_sender: Callable[[], Any], state_dir: str, *, states: SessionStateMachine | None = None,
                  first_copy: bool = True, cutover: bool = False) -> None:
+        super().__init__(state_dir, states, first_copy, cutover)
         self.make_sender = make_sender
-        self.first_copy = first_copy
-        self.dir = state_dir
-        self.states = states
-        self.cutover = cutover
-        self.stop_requested = False
-        self._sender = None
-
-    def stop(self) -> None:
-        self.stop_requested = True
-        if self._sender is not None:
-            self._sender.stop()
-
-    def _fire(self, event: Event) -> None:
-        if self.states is not None and self.states.can(event):
-            self.states.fire(event)
 
     def run(self) -> TreeResult:
-        kind = "cutover" if self.cutover else ("full" if self.first_copy else "sync")
-        self._fire({"full": Event.START, "sync": Event.SYNC_START, "cutover": Event.CUTOVER}[kind])
+        self._fire(_BEGIN[self.kind])
         self._fire(Event.COPY_RUNNING)
-        self._sender = sender = self.make_sender()
-        if self.stop_requested:
-            sender.stop()
-        r = sender.run()
-        self._fire({"full": Event.COPY_DONE, "sync": Event.SYNC_DONE, "cutover": Event.CUTOVER_DONE}[kind])
-        return TreeResult(kind, r.stats.bytes_sent, r.wire_bytes, r.seconds, r.stats.files_sent)
+        r = self._start(self.make_sender()).run()
+        self._fire(_END[self.kind])
+        return TreeResult(self.kind, r.stats.bytes_sent, r.wire_bytes, r.seconds, r.stats.files_sent)

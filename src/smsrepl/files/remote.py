@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import xxhash
 
 from .. import kernels
-from ..codec import RAW, Compressor, Decompressor
+from ..codec import RAW, AdaptiveChoice, Compressor, Decompressor
 from ..errors import RemoteProtocolError, TargetWriteError
 from ..protocol import frames as F
 from . import wire as W
@@ -97,18 +97,15 @@ class OpStream:
     raw: on a link faster than the compressor (a LAN, loopback) it costs time and CPU for
     nothing; on a slow or throttled link it saves time. The two rates are measured as the
     round goes (raw bytes per second through compress-and-send, and through send alone;
-    every PROBE-th batch tries the other way) and the faster wins."""
-
-    PROBE = 16
+    see codec.AdaptiveChoice) and the faster wins."""
 
     def __init__(self, send: Callable[[F.Event], None], compressor: Compressor, pace: Callable[[], object] | None = None,
                  *, adaptive: bool = False) -> None:
         self.send = send
         self.comp = compressor
         self.pace = pace  # a CPU cap's pace(), once per frame
-        self.adaptive = adaptive and compressor.level != 0
-        self.rates: dict[bool, float] = {}  # compressed? -> raw bytes per second, smoothed
-        self.raw_frames = 0
+        # one worker compresses then sends: a compressed batch's send time includes its compression
+        self.adapt = AdaptiveChoice(1) if adaptive and compressor.level != 0 else None
         self.parts: list = []
         self.size = 0
         self.frames = 0
@@ -143,27 +140,18 @@ class OpStream:
             self._inflight.popleft().result()  # re-raises a send failure here
         self._inflight.append(self._pool.submit(self._send, body))
 
-    def _compress_next(self) -> bool:
-        if not self.adaptive:
-            return True
-        if len(self.rates) < 2:
-            return self.frames % 2 == 0  # the first two batches measure both ways
-        best = self.rates[True] >= self.rates[False]
-        return best if self.frames % self.PROBE else not best
+    @property
+    def rates(self) -> dict[bool, float]:
+        """compressed? -> raw bytes per second through the worker, as measured so far."""
+        return dict(self.adapt._send) if self.adapt is not None else {}
 
     def _send(self, body: bytes) -> None:
         t0 = self._last = time.monotonic()
-        compress = self._compress_next()
-        if compress:
-            codec, payload = self.comp.encode(body)
-        else:
-            codec, payload = RAW, body
-            self.raw_frames += 1
+        compress = self.adapt is None or self.adapt.choose()
+        codec, payload = self.comp.encode(body) if compress else (RAW, body)
         self.send(F.FileOps(codec, len(body), payload))
-        if self.adaptive:
-            rate = len(body) / max(1e-6, time.monotonic() - t0)
-            old = self.rates.get(compress)
-            self.rates[compress] = rate if old is None else 0.7 * old + 0.3 * rate
+        if self.adapt is not None:
+            self.adapt.record_send(compress, len(body), time.monotonic() - t0)
         if self.pace is not None:
             self.pace()
         self.frames += 1

@@ -257,8 +257,6 @@ class _Session:
         self.hello: F.Hello | None = None
         self.rounds = 0
         self.written = 0
-        #: seconds per stage of the last completed block round (stages.StageClock)
-        self.stages: dict = {}
         self._frames: queue.Queue | None = None
         self.lock_fd: int | None = None
 
@@ -347,7 +345,6 @@ class _Session:
                     self.rounds += 1
                     in_round = None
                     self.chan.send(F.RoundDone(ev.round_id, root))
-                    self.stages = replica.clock.snapshot()
                     rounds_log.info("%s: round %d done, %d bytes written; stage seconds: %s", self.hello.target,
                                     ev.round_id, replica.bytes_written, replica.clock.line())
                 elif isinstance(ev, F.ManifestRequest):
