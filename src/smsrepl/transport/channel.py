@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 
 from ..errors import TransportError
 from .tls import classify_ssl_error
@@ -36,6 +37,11 @@ class Channel:
         self.limiter = None
         #: called with the frame's size after it was written (an over-speed guard)
         self.on_sent = None
+        #: when the pending recv() began waiting (None while not receiving): a watchdog
+        #: that sees this too old aborts a peer that trickles a frame byte by byte
+        self.recv_since: float | None = None
+        #: why abort() broke the connection, for the error the blocked call raises
+        self.abort_reason: str | None = None
 
     def send(self, event: Event) -> None:
         with self._state_lock:
@@ -65,11 +71,24 @@ class Channel:
 
     def recv(self) -> Event:
         """Block until the next event; a ConnectionClosed event at the end."""
+        self.recv_since = time.monotonic()
+        try:
+            return self._recv()
+        except TransportError:
+            if self.abort_reason is not None:
+                raise TransportError(self.abort_reason) from None
+            raise
+        finally:
+            self.recv_since = None
+
+    def _recv(self) -> Event:
         while True:
             with self._state_lock:
                 ev = self.conn.next_event()
             if ev is not NEED_DATA:
                 self._first_read = False
+                if isinstance(ev, ConnectionClosed) and self.abort_reason is not None:
+                    raise TransportError(self.abort_reason)
                 return ev
             with self._state_lock:
                 direct = self.conn.receive_buffer()
@@ -91,8 +110,11 @@ class Channel:
                 else:
                     self.conn.receive_data(memoryview(self._rbuf)[:n] if n else b"")
 
-    def abort(self) -> None:
-        """Break the connection from another thread: blocked reads and writes fail at once."""
+    def abort(self, reason: str | None = None) -> None:
+        """Break the connection from another thread: blocked reads and writes fail at once
+        (with ``reason`` as their error, when given)."""
+        if reason is not None:
+            self.abort_reason = reason
         raw = getattr(self.sock, "raw", self.sock)
         try:
             raw.shutdown(socket.SHUT_RDWR)

@@ -38,8 +38,16 @@ rounds_log = logging.getLogger("smsrepl.receiver.rounds")
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: seconds between durable checkpoints while data flows
 CHECKPOINT_SECONDS = 2.0
+#: from accepting a connection to its HELLO: TLS handshake and the first frame together
 HANDSHAKE_TIMEOUT = 15.0
+#: a session that delivers no complete frame for this long is dropped, however many bytes
+#: trickle in (an 8 MiB frame at the slowest speed limit, 1 Mbit/s, takes 67 s)
 IDLE_TIMEOUT = 120.0
+#: connections served at once, and how many of them may still be before their HELLO:
+#: a flood of connections costs a bounded number of threads and is shed at the door
+MAX_CONNECTIONS = 64
+MAX_UNAUTHENTICATED = 16
+WATCHDOG_SECONDS = 0.5
 MAX_MANIFEST_ENTRIES = 1 << 18  # per MANIFEST_DATA frame: 4 MiB coarse, 2 MiB fine
 
 
@@ -95,6 +103,9 @@ class Receiver:
         on_session: Callable[[SessionOutcome], None] | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
         checkpoint_seconds: float = CHECKPOINT_SECONDS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
     ) -> None:
         if isinstance(targets, RootTargets):
             self.targets = targets
@@ -110,6 +121,13 @@ class Receiver:
         if not 0 < checkpoint_seconds <= 60:
             raise ConfigError(f"checkpoint interval {checkpoint_seconds} s is outside 0-60 s")
         self.checkpoint_seconds = checkpoint_seconds
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.max_unauthenticated = min(max_unauthenticated, max_connections)
+        #: live connections: raw socket -> _Conn (the watchdog's view of them)
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._conns_lock = threading.Lock()
+        self.shed = 0  # connections closed at the door because of the limits
         self._busy: dict[str, "_Session"] = {}
         self._busy_lock = threading.Condition()
         self._listener: socket.socket | None = None
@@ -138,6 +156,8 @@ class Receiver:
             self._listener.settimeout(0.2)
         except OSError:
             return None  # stopped before serving began
+        watchdog = threading.Thread(target=self._watchdog, daemon=True, name="smsrepl-rx-watchdog")
+        watchdog.start()
         while not self._stopping.is_set():
             try:
                 raw, addr = self._listener.accept()
@@ -147,6 +167,8 @@ class Receiver:
                 continue
             except OSError:
                 break
+            if not self._admit(raw, addr):
+                continue
             t = threading.Thread(target=self._handle, args=(raw, addr), daemon=True)
             t.start()
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
@@ -172,10 +194,56 @@ class Receiver:
         for t in list(self._threads):
             t.join(timeout=10)
 
+    # --- admission and the watchdog -----------------------------------------
+    def _admit(self, raw: socket.socket, addr) -> bool:
+        with self._conns_lock:
+            pending = sum(1 for c in self._conns.values() if not c.authenticated)
+            if len(self._conns) < self.max_connections and pending < self.max_unauthenticated:
+                self._conns[raw] = _Conn(raw, time.monotonic())
+                return True
+            self.shed += 1
+            shed, live = self.shed, len(self._conns)
+        # one line per 100 shed connections: a flood must not flood the log too
+        if shed % 100 == 1:
+            log.warning("%s:%s: refused at the door: %d connections open, %d before their HELLO "
+                        "(limits %d and %d); %d refused so far", addr[0], addr[1], live, pending,
+                        self.max_connections, self.max_unauthenticated, shed)
+        try:
+            raw.close()
+        except OSError:
+            pass
+        return False
+
+    def _watchdog(self) -> None:
+        """Drop connections that stall the door (no HELLO in time) or trickle frames."""
+        while not self._stopping.wait(WATCHDOG_SECONDS):
+            now = time.monotonic()
+            with self._conns_lock:
+                conns = list(self._conns.values())
+            for c in conns:
+                if not c.authenticated and now - c.accepted > self.handshake_timeout:
+                    c.drop(f"no HELLO within {self.handshake_timeout:g} s of connecting")
+                elif c.chan is not None and c.chan.recv_since is not None \
+                        and now - c.chan.recv_since > self.idle_timeout:
+                    c.drop(f"the peer sent no complete frame for {self.idle_timeout:g} s")
+
+    def connections(self) -> tuple[int, int]:
+        """(open connections, of which before their HELLO)."""
+        with self._conns_lock:
+            return len(self._conns), sum(1 for c in self._conns.values() if not c.authenticated)
+
     # --- one session --------------------------------------------------------
     def _handle(self, raw: socket.socket, addr) -> None:
+        try:
+            self._serve_connection(raw, addr)
+        finally:
+            with self._conns_lock:
+                self._conns.pop(raw, None)
+
+    def _serve_connection(self, raw: socket.socket, addr) -> None:
         peer = f"{addr[0]}:{addr[1]}"
-        raw.settimeout(HANDSHAKE_TIMEOUT)
+        conn = self._conns[raw]
+        raw.settimeout(self.handshake_timeout)
         try:
             sock = TLSStream(raw, self.context, server_side=True)
             sock.handshake()
@@ -185,12 +253,15 @@ class Receiver:
             raw.close()
             return
         except (ssl.SSLError, OSError) as exc:
-            log.warning("%s: %s", peer, classify_ssl_error(exc, server_side=True))
+            log.warning("%s: %s", peer, conn.reason or classify_ssl_error(exc, server_side=True))
             raw.close()
             return
         sock.settimeout(self.idle_timeout)
         chan = Channel(sock, Connection(RECEIVER))
-        session = _Session(self, chan, peer)
+        conn.chan = chan
+        if conn.reason is not None:  # the watchdog fired between the handshake and here
+            chan.abort(conn.reason)
+        session = _Session(self, chan, peer, on_hello=conn.authenticate)
         try:
             session.run()
         finally:
@@ -237,6 +308,33 @@ class Receiver:
 _CONTROL = (F.Ping, F.Close, F.Error, ConnectionClosed)
 
 
+class _Conn:
+    """One accepted connection as the watchdog sees it."""
+
+    def __init__(self, raw: socket.socket, accepted: float) -> None:
+        self.raw = raw
+        self.accepted = accepted
+        self.authenticated = False  # a HELLO arrived over mutual TLS
+        self.chan: Channel | None = None
+        self.reason: str | None = None
+
+    def authenticate(self) -> None:
+        self.authenticated = True
+
+    def drop(self, reason: str) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        log.warning("dropping a connection: %s", reason)
+        if self.chan is not None:
+            self.chan.abort(reason)
+        else:
+            try:
+                self.raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 def _read_record(path: str) -> dict:
     """A file target's round record; a missing or damaged one means no completed round (a full copy)."""
     try:
@@ -248,8 +346,9 @@ def _read_record(path: str) -> dict:
 
 
 class _Session:
-    def __init__(self, rx: Receiver, chan: Channel, peer: str) -> None:
+    def __init__(self, rx: Receiver, chan: Channel, peer: str, *, on_hello: Callable[[], None] | None = None) -> None:
         self.rx = rx
+        self.on_hello = on_hello
         self.chan = chan
         self.peer = peer
         self.outcome: SessionOutcome | None = None
@@ -269,6 +368,8 @@ class _Session:
             if not isinstance(ev, F.Hello):
                 raise RemoteProtocolError(f"expected HELLO, got {type(ev).__name__}")
             self.hello = ev
+            if self.on_hello is not None:
+                self.on_hello()
             target_name = ev.target
             if PROTOCOL_VERSION not in ev.versions:
                 raise RefusedError(f"no common protocol version (peer speaks {ev.versions}, we speak {PROTOCOL_VERSION})")

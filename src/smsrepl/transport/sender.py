@@ -168,6 +168,8 @@ class Sender:
         self._peer_caps: frozenset = frozenset()
         self._done = threading.Event()
         self._round_done: F.RoundDone | None = None
+        self._round_id = 0
+        self._sent_to = 0
         self._failure: BaseException | None = None
         self._replies: queue.Queue = queue.Queue()
         self.clock = StageClock()
@@ -239,6 +241,11 @@ class Sender:
         reader.start()
 
         cache_path = os.path.join(self.dir, "target.manifest")
+        if welcome.state == "partial" and not (
+                0 <= welcome.checkpoint <= source.size
+                and (welcome.checkpoint % F.FINE_BLOCK == 0 or welcome.checkpoint == source.size)):
+            raise RemoteProtocolError(f"the receiver offers to resume at {welcome.checkpoint}, which is not "
+                                      f"a block boundary of the {source.size}-byte source")
         if welcome.state == "partial" and welcome.round_kind == "full":
             kind, round_id, start = "full", welcome.round_id, welcome.checkpoint
             cache = self._open_cache(cache_path, source.size) or ManifestFile.create(cache_path, source.size)
@@ -266,11 +273,14 @@ class Sender:
         chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
         self._wire0 = wire0
+        # a CHECKPOINT may name only this round and only what was sent already
+        self._round_id, self._sent_to = round_id, start
         try:
             chan.send(F.RoundBegin(round_id, kind, start))
             self._state(StateEvent.COPY_RUNNING)
             data_bytes = self._stream(chan, source, cache if kind == "sync" else None, kind, start, cache,
                                       frozen if map_driven else None)
+            self._sent_to = source.size
             chan.send(F.RoundEnd(round_id))
             self._done.wait(IO_TIMEOUT)
             if self._failure is not None:
@@ -430,6 +440,7 @@ class Sender:
                     if work is None:
                         return
                     batch, covered, raw = work
+                    self._sent_to = max(self._sent_to, covered)  # before the receiver can see it
                     for item in batch:
                         frame = item.result() if isinstance(item, Future) else item
                         t0 = time.perf_counter()
@@ -533,6 +544,10 @@ class Sender:
             while True:
                 ev = chan.recv()
                 if isinstance(ev, F.Checkpoint):
+                    if ev.round_id != self._round_id or ev.offset > self._sent_to:
+                        raise RemoteProtocolError(
+                            f"the receiver acknowledged offset {ev.offset} of round {ev.round_id}, but round "
+                            f"{self._round_id} has sent only up to {self._sent_to}: it claims data it never got")
                     self._acked = max(self._acked, ev.offset)
                 elif isinstance(ev, F.RoundDone):
                     self._round_done = ev
