@@ -156,17 +156,14 @@ class _ScheduleWatcher:
 
 def _read_config(path: str) -> dict:
     """A 5.10.1 configuration body from a file."""
+    from .files.rules import parse_configuration_body
+
     try:
         with open(path, "rb") as fh:
-            body = json.loads(fh.read())
+            raw = fh.read()
     except OSError as exc:
         raise ConfigError(f"--config {path!r} cannot be read: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"--config {path!r} is not valid JSON: {exc}") from None
-    items = body.get("configurations") if isinstance(body, dict) else None
-    if not isinstance(items, list):
-        raise ConfigError(f"--config {path!r}: expected {{\"configurations\": [...]}} (5.10.1)")
-    return body
+    return parse_configuration_body(raw, f"--config {path!r}")
 
 
 def _block_cpu_cap(path: str | None):

@@ -232,6 +232,8 @@ class SpeedSchedule:
                 obj = json.loads(text_or_dict)
             except ValueError as e:
                 raise ConfigError(f"speed limit: invalid JSON: {e}") from None
+            except RecursionError:
+                raise ConfigError("speed limit: invalid JSON (nested too deeply)") from None
         else:
             obj = text_or_dict
         if not isinstance(obj, Mapping):

@@ -20,6 +20,7 @@ an excluded path.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,18 @@ SYNC_EXCLUDE = ("SYNC_EXCLUDE_PATH", "SYNC_EXCLUDE_DIR")
 ONLY_SYNC = ("ONLY_SYNC_PATH", "ONLY_SYNC_DIR")
 CONSISTENCY = ("CONSISTENCY_DIR",)
 CPU_LIMIT = "LINUX_CPU_LIMIT"
+
+
+def parse_configuration_body(raw: bytes, source: str) -> dict:
+    """The bytes of a 5.10.1 body, ``{"configurations": [...]}``, as a dict (items unchecked)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+    items = body.get("configurations") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: expected {{\"configurations\": [...]}} (5.10.1)")
+    return body
 KEYS = frozenset(MIGRATE_EXCLUDE + SYNC_EXCLUDE + ONLY_SYNC + CONSISTENCY + (CPU_LIMIT,))
 #: the reference's limit on config_value
 MAX_VALUE = 1024

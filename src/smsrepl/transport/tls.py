@@ -246,7 +246,10 @@ def _parse_certs(text: str, name: str, source: str) -> list[x509.Certificate]:
         if label != "CERTIFICATE":
             raise CertificateError(f"{source}: key {name!r}: expected only CERTIFICATE PEM blocks, found {label!r}")
         try:
-            out.append(x509.load_pem_x509_certificate(block.encode("ascii")))
+            cert = x509.load_pem_x509_certificate(block.encode("ascii"))
+            # the parse is lazy: touch what later checks read, so damage shows here
+            cert.public_key(), cert.subject, cert.issuer, cert.extensions
+            out.append(cert)
         except (ValueError, UnsupportedAlgorithm):
             raise CertificateError(f"{source}: key {name!r}: invalid PEM certificate") from None
     return out
