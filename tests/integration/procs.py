@@ -24,12 +24,14 @@ def sha256(path: str) -> str:
 
 
 class ReceiverProc:
-    def __init__(self, certkey: str, targets: dict[str, str], state_dir: str, *extra: str, port: int = 0) -> None:
+    def __init__(self, certkey: str, targets: dict[str, str], state_dir: str, *extra: str, port: int = 0,
+                 env: dict[str, str] | None = None) -> None:
         args = CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", certkey, "--state-dir", state_dir,
                       "--checkpoint-seconds", "0.05", *extra]
         for name, path in targets.items():
             args += ["--target", f"{name}={path}"]
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **env} if env else None)
         line = self.proc.stderr.readline()
         m = re.search(r"listening on ([\d.]+):(\d+)", line)
         if not m:
@@ -71,8 +73,9 @@ def send_args(source: str, address: str, certkey: str, state_dir: str, target: s
                   "--state-dir", state_dir, *extra]
 
 
-def send(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(send_args(*args, **kw), capture_output=True, text=True, timeout=timeout)
+def send(*args, timeout: float = 300, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(send_args(*args, **kw), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
 
 
 def summary(cp: subprocess.CompletedProcess) -> dict:

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterator
 
 from .direct import ALIGN, STAGE, DirectWriter
+from .. import faults
 from ..errors import (
     SizeMismatchError,
     SourceError,
@@ -147,6 +148,7 @@ class BlockSource:
     def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
         """Fill ``buf`` from ``offset``; short only at the end of the source."""
         try:
+            faults.io("source.read", offset, len(buf))
             return _pread_into(self.fd, buf, offset)
         except OSError as exc:
             raise SourceError(f"source {self.path!r}: read failed near offset {offset}: {_describe(exc)}") from None
@@ -293,6 +295,7 @@ class BlockTarget:
         done = 0
         while done < len(view):
             try:
+                faults.io("target.write", offset + done, len(view) - done)
                 done += os.pwrite(self.fd, view[done:], offset + done)
             except OSError as exc:
                 raise TargetWriteError(

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .. import faults
+
 ALIGN = 4096
 #: bytes per staging buffer (the largest BLOCK_DATA frame), and buffers in flight
 STAGE = 8 << 20
@@ -107,6 +109,7 @@ class DirectWriter:
             self.buffered(offset, view)
             return
         try:
+            faults.io("target.write", offset, len(view))
             wrote = os.pwrite(self.fd, view, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import kernels
+from .. import faults, kernels
 from ..stages import StageClock
 from ..codec import Decompressor
 from ..errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
@@ -343,6 +343,7 @@ class Replica:
             self.manifest.commit()
         except OSError as exc:
             raise TargetWriteError(f"cannot write the manifest in {self.dir!r}: {exc.strerror}") from None
+        faults.point("receiver.checkpoint")  # data and manifest durable, the record not yet
         rec.checkpoint = self.pos
         self._save()
         self.clock.add("flush", time.perf_counter() - t0)

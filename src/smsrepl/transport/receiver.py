@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from .. import faults
 from ..blocks.device import BlockTarget
 from ..blocks.manifest import GROUP_BLOCKS
 from ..blocks.replica import Replica, write_json_atomic
@@ -430,8 +431,10 @@ class _Session:
                 if isinstance(ev, F.BlockData):
                     replica.apply_data(ev.offset, ev.raw_len, ev.codec, ev.digests, ev.payload,
                                        zeros=ev.zeros, check=ev.check)
+                    faults.point("receiver.data")
                 elif isinstance(ev, F.BlockSet):
                     replica.apply_set(ev.offset, ev.index, ev.codec, ev.digests, ev.payload)
+                    faults.point("receiver.data")
                 elif isinstance(ev, F.ZeroRange):
                     replica.apply_zero(ev.offset, ev.length)
                 elif isinstance(ev, F.Scanned):
@@ -445,6 +448,7 @@ class _Session:
                     self.written += replica.bytes_written
                     self.rounds += 1
                     in_round = None
+                    faults.point("receiver.round_done")  # durable and recorded, not yet confirmed
                     self.chan.send(F.RoundDone(ev.round_id, root))
                     rounds_log.info("%s: round %d done, %d bytes written; stage seconds: %s", self.hello.target,
                                     ev.round_id, replica.bytes_written, replica.clock.line())
@@ -557,6 +561,7 @@ class _Session:
             raise
         desc = self.replica.describe(ev.session_id, ev.source_size, any_session=verify)
         self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
+        faults.point("receiver.welcome")
         log.info("%s: %s %s for target %s (%s)", self.peer, "consistency check" if verify else "session",
                  ev.session_id, ev.target, desc["state"])
         return True

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import kernels
+from .. import faults, kernels
 from ..blocks.device import BlockSource
 from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
 from ..blocks.replica import write_json_atomic
@@ -237,6 +237,7 @@ class Sender:
         if not isinstance(welcome, F.Welcome):
             raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
         self._peer_caps = frozenset(welcome.capabilities)
+        faults.point("sender.welcome")
         reader = threading.Thread(target=self._read_loop, args=(chan,), daemon=True)
         reader.start()
 
@@ -282,11 +283,13 @@ class Sender:
                                       frozen if map_driven else None)
             self._sent_to = source.size
             chan.send(F.RoundEnd(round_id))
+            faults.point("sender.round_end")
             self._done.wait(IO_TIMEOUT)
             if self._failure is not None:
                 raise self._failure
             if self._round_done is None:
                 raise TransportError("the receiver did not confirm the end of the round in time")
+            faults.point("sender.round_done")  # durable there, not yet recorded here
         except ReplicationError:
             if not self.stop_requested:  # a requested stop is a pause, not an error
                 self._state(StateEvent.ERROR)
@@ -449,6 +452,7 @@ class Sender:
                         self.clock.add("send", dt)
                         if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
                             adapt.record_send(isinstance(item, Future), _source_bytes(frame), dt)
+                    faults.point("sender.data")
                     # progress counts what reached the socket, not what was read ahead
                     self._report(kind, covered, start, total, raw, chan)
             except BaseException as exc:
