@@ -25,8 +25,8 @@ def sha256(path: str) -> str:
 
 class ReceiverProc:
     def __init__(self, certkey: str, targets: dict[str, str], state_dir: str, *extra: str, port: int = 0,
-                 env: dict[str, str] | None = None) -> None:
-        args = CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", certkey, "--state-dir", state_dir,
+                 env: dict[str, str] | None = None, verbose: bool = False) -> None:
+        args = CLI + ["-v"] * verbose + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", certkey, "--state-dir", state_dir,
                       "--checkpoint-seconds", "0.05", *extra]
         for name, path in targets.items():
             args += ["--target", f"{name}={path}"]

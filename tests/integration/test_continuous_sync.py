@@ -166,3 +166,13 @@ def test_dirty_map_of_another_source_is_refused_untouched(tmp_path, certkey_file
                                   "--dirty-map", dm), capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and "tracks 1048576 bytes, the source has 8192" in cp.stderr, cp.stderr
     assert open(dm, "rb").read() == before
+
+
+def test_dirty_map_in_a_missing_directory_is_a_usage_error(tmp_path, certkey_file):
+    src = tmp_path / "src.img"
+    src.write_bytes(b"\x01" * 8192)
+    dm = tmp_path / "no-such-dir" / "dirty.map"
+    cp = subprocess.run(send_args(str(src), "127.0.0.1:1", certkey_file, str(tmp_path / "tx"), "disk0",
+                                  "--dirty-map", str(dm)), capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and "cannot be opened or created: No such file or directory" in cp.stderr, cp.stderr
+    assert "Traceback" not in cp.stderr and not dm.parent.exists()

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from typing import Any
 
+from ..blocks.replica import private_makedirs
 from ..errors import ConfigError, ReplicationError
 from ..session import BlockSession
 from ..state import CommandResult, ServerCommand, SessionState
@@ -164,7 +165,7 @@ class Agent:
         self.tree_target = tree_target
         self._rules = None
         self.state_dir = os.path.abspath(state_dir)
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        private_makedirs(self.state_dir)
         self.task_id = task_id
         self.data_port = data_port
         self.poll_interval = poll_interval

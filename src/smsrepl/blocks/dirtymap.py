@@ -108,13 +108,21 @@ class DirtyMap:
         want = HEADER_SIZE + 2 * slot
         created = False
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.ftruncate(fd, want)
-            os.pwrite(fd, _HEAD.pack(MAGIC, VERSION, FINE_BLOCK, size, 0, 0, 1, 0, boot_id()), 0)
-            os.fsync(fd)
-            created = True
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    os.ftruncate(fd, want)
+                    os.pwrite(fd, _HEAD.pack(MAGIC, VERSION, FINE_BLOCK, size, 0, 0, 1, 0, boot_id()), 0)
+                    os.fsync(fd)
+                except OSError:
+                    os.close(fd)
+                    os.unlink(path)
+                    raise
+                created = True
+        except OSError as exc:
+            raise ConfigError(f"dirty map {path!r} cannot be opened or created: {exc.strerror}") from None
         try:
             if os.fstat(fd).st_size != want:
                 raise ManifestError(f"dirty map {path!r} is {os.fstat(fd).st_size} bytes, a {size}-byte source needs {want}")

@@ -55,6 +55,21 @@ class ReplicaRecord:
     completed_rounds: int
 
 
+def private_makedirs(path: str) -> None:
+    """Create ``path`` and any missing parent as owner-only directories (state holds digests
+    of the data and session records; os.makedirs would leave new parents at 0755)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        private_makedirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
 def write_json_atomic(path: str, obj: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -77,7 +92,7 @@ class Replica:
     def __init__(self, target: BlockTarget, state_dir: str) -> None:
         self.target = target
         self.dir = state_dir
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        private_makedirs(state_dir)
         self.state_path = os.path.join(state_dir, "state.json")
         self.manifest_path = os.path.join(state_dir, "manifest")
         self.record: ReplicaRecord | None = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .. import faults
 from ..blocks.device import BlockTarget
 from ..blocks.manifest import GROUP_BLOCKS
-from ..blocks.replica import Replica, write_json_atomic
+from ..blocks.replica import Replica, private_makedirs, write_json_atomic
 from ..errors import (
     ConfigError,
     RefusedError,
@@ -116,7 +116,7 @@ class Receiver:
             self.targets = {check_target_name(n): os.path.abspath(p) for n, p in targets.items()}
         self.context = context
         self.state_dir = os.path.abspath(state_dir)
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        private_makedirs(self.state_dir)
         self.on_session = on_session
         self.idle_timeout = idle_timeout
         if not 0 < checkpoint_seconds <= 60:

@@ -20,7 +20,7 @@ import numpy as np
 from .. import faults, kernels
 from ..blocks.device import BlockSource
 from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
-from ..blocks.replica import write_json_atomic
+from ..blocks.replica import private_makedirs, write_json_atomic
 from ..blocks.dirtymap import DirtyMap
 from ..blocks.stream import CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered, dirty_round_events, round_events
 from ..codec import DEFAULT_LEVEL, AdaptiveChoice, Compressor
@@ -199,7 +199,7 @@ class Sender:
 
     # --- state ------------------------------------------------------------
     def _load_session(self, size: int) -> dict:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        private_makedirs(self.dir)
         path = os.path.join(self.dir, "session.json")
         try:
             with open(path) as fh:
