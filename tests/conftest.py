@@ -44,7 +44,10 @@ def pytest_runtest_makereport(item, call):
     if mark is None or not os.environ.get("SMSREPL_RELIABILITY_OUT"):
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        tries = dict(item.user_properties).get("tries", 1)
+        tries = dict(item.user_properties).get("tries")
+        if tries is None:  # a hypothesis test: its example budget
+            hyp = getattr(getattr(item, "obj", None), "_hypothesis_internal_use_settings", None)
+            tries = hyp.max_examples if hyp is not None else 1
         reason = ""
         if report.skipped and isinstance(report.longrepr, tuple):
             reason = report.longrepr[2]

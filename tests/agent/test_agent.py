@@ -138,6 +138,7 @@ def test_disks_map_by_name_then_by_position():
         plan_disks({"target_server": {"disks": []}}, {"/dev/vda": "/a"})
 
 
+@pytest.mark.reliability("fault", "control plane down during a migration (agent)")
 def test_two_disk_migration_continuous_sync_cutover_through_an_outage(tmp_path, cp, bundle):
     """The acceptance run: START, continuous sync, the control plane gone for a while in the
     middle (30 s with SMSREPL_SLOW), rounds keep running, the cutover round, a consistency
@@ -233,6 +234,7 @@ def test_a_command_without_a_task_and_a_file_task_without_a_tree_are_refused_wit
         lab.close()
 
 
+@pytest.mark.reliability("fault", "agent killed mid-copy, restarted")
 def test_agent_process_killed_mid_copy_carries_on_after_a_restart(tmp_path, cp, bundle):
     """`smsrepl agent` killed (SIGKILL) during the copy: restarted, it resumes the task without
     a new START, finishes the copy, runs the cutover round on SIGTERM and exits 0."""

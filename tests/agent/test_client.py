@@ -120,6 +120,7 @@ def test_token_header_json_and_every_endpoint_path(server, tls_files):
         cp.get_task("../sources/x")
 
 
+@pytest.mark.reliability("fault", "control plane answering 429 and 5xx")
 def test_retries_429_and_5xx_with_backoff_honouring_retry_after(server, tls_files):
     script, url = server
     script.answers[("GET", "/v3/tasks/t1")] = [(429, None, {"Retry-After": "7"}), (503, None, {}),
@@ -175,6 +176,7 @@ def test_untrusted_certificate_is_refused(server):
         cp.get_task("t1")
 
 
+@pytest.mark.reliability("secrets", "control-plane token never in logs, errors or repr")
 def test_token_never_in_logs_errors_or_repr(server, tls_files, caplog):
     script, url = server
     script.answers[("GET", "/v3/tasks/t1")] = [(503, None, {}), (400, {"error_code": "SMS.1101",

@@ -164,6 +164,7 @@ def _kill_run(tmp_path, seed):
     return len(lines)
 
 
+@pytest.mark.reliability("fault", "kill -9 while marking the dirty map")
 @pytest.mark.parametrize("seed", range(int(os.environ.get("SMSREPL_KILL_RUNS", "3")) * 2))
 def test_killed_process_loses_no_mark(tmp_path, seed):
     assert _kill_run(tmp_path, seed) > 10

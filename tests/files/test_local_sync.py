@@ -124,6 +124,7 @@ sync_tree(sys.argv[1], sys.argv[2])
 """
 
 
+@pytest.mark.reliability("fault", "kill during a local file round (no half-written file)")
 @pytest.mark.parametrize("seed", range(6))
 def test_killed_round_leaves_no_half_file_and_the_next_run_cleans_up(tmp_path, seed):
     rng = random.Random(seed)

@@ -39,6 +39,7 @@ def op_bytes(op, entry, data):
 ops = st.lists(st.tuples(st.sampled_from(sorted(W.OP_NAMES)), entries, st.binary(max_size=40)), max_size=8)
 
 
+@pytest.mark.reliability("fuzzing", "random bytes into the file record decoders (hypothesis)")
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_decode_only_to_protocol_errors(data):
@@ -54,6 +55,7 @@ def test_random_bytes_decode_only_to_protocol_errors(data):
         pass
 
 
+@pytest.mark.reliability("hostile peer", "random file operation sequences (nothing outside the root)")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops)
 def test_hostile_operations_stay_inside_the_root(tmp_path_factory, seq):

@@ -45,6 +45,7 @@ def _untouched(dst) -> bool:
     return not os.path.exists(dst) or not any(open(dst, "rb").read())
 
 
+@pytest.mark.reliability("tls", "certificate signed by another CA")
 def test_certificate_from_another_ca_is_refused(tmp_path, rx, source):
     _, addr, dst = rx
     other = str(write_certkey(tmp_path / "other", make_bundle()))
@@ -54,6 +55,7 @@ def test_certificate_from_another_ca_is_refused(tmp_path, rx, source):
     assert _untouched(dst)
 
 
+@pytest.mark.reliability("tls", "expired certificate")
 def test_expired_certificates_are_refused(tmp_path, source):
     old = expired_bundle()
     dst = tmp_path / "t.img"
@@ -68,6 +70,7 @@ def test_expired_certificates_are_refused(tmp_path, source):
     assert _untouched(dst)
 
 
+@pytest.mark.reliability("tls", "plaintext client (SMS.0304)")
 def test_plaintext_client_is_refused_and_receiver_survives(tmp_path, certkey_file, source, bundle):
     dst = str(tmp_path / "t.img")
     proc = ReceiverProc(certkey_file, {"disk0": dst}, str(tmp_path / "st"))
@@ -141,6 +144,7 @@ def test_target_smaller_than_source_is_refused_untouched(tmp_path, bundle, certk
     assert sha256(str(dst)) == before
 
 
+@pytest.mark.reliability("hostile peer", "sender names a target it was not given")
 def test_unknown_target_and_bad_names(tmp_path, rx, certkey_file, source):
     _, addr, dst = rx
     cp = send(source, addr, certkey_file, str(tmp_path / "tx"), "disk9")
@@ -159,6 +163,7 @@ def _raw_session(addr, bundle, target="disk0", size=1 << 20, session="raw-sessio
     return chan, chan.recv()
 
 
+@pytest.mark.reliability("hostile peer", "sender names a path outside the targets")
 @pytest.mark.parametrize("name", ["../disk0", "/etc/passwd", "disk0/../../x", ".", "disk0\x00"])
 def test_receiver_refuses_path_tricks_from_a_hostile_sender(rx, bundle, name):
     _, addr, dst = rx
@@ -168,6 +173,7 @@ def test_receiver_refuses_path_tricks_from_a_hostile_sender(rx, bundle, name):
     assert _untouched(dst)
 
 
+@pytest.mark.reliability("hostile peer", "digest mismatch")
 def test_digest_mismatch_is_refused_and_not_written(rx, bundle):
     _, addr, dst = rx
     chan, ev = _raw_session(addr, bundle)
@@ -184,6 +190,7 @@ def test_digest_mismatch_is_refused_and_not_written(rx, bundle):
     assert _untouched(dst)
 
 
+@pytest.mark.reliability("hostile peer", "corrupt compressed payload")
 def test_corrupt_compressed_payload_is_a_decompression_error(rx, bundle):
     _, addr, dst = rx
     chan, _ = _raw_session(addr, bundle)
@@ -201,6 +208,7 @@ def test_corrupt_compressed_payload_is_a_decompression_error(rx, bundle):
     assert _untouched(dst)
 
 
+@pytest.mark.reliability("hostile peer", "frames out of order")
 def test_protocol_violation_is_refused_without_writing(rx, bundle):
     _, addr, dst = rx
     chan, _ = _raw_session(addr, bundle)
@@ -219,6 +227,7 @@ def test_protocol_violation_is_refused_without_writing(rx, bundle):
     assert _untouched(dst)
 
 
+@pytest.mark.reliability("hostile peer", "second session for a busy target")
 def test_busy_target_is_refused(rx, bundle):
     _, addr, dst = rx
     first, ev1 = _raw_session(addr, bundle, session="one")
@@ -240,6 +249,7 @@ def test_same_session_reconnecting_replaces_its_dead_connection(rx, bundle):
     first.close()
 
 
+@pytest.mark.reliability("fault", "target write fails (file size limit)")
 def test_target_write_failure_is_sms_2007_and_resumable(tmp_path, certkey_file, source):
     dst = tmp_path / "t.img"
     with open(dst, "wb") as fh:

@@ -84,6 +84,7 @@ def _kill_receiver_during_send(lab, rng, lo, hi):
     lab["rx"] = ReceiverProc(lab["ck"], {"disk0": lab["dst"]}, str(lab["tmp"] / "rx-state"))
 
 
+@pytest.mark.reliability("fault", "kill -9 of the sender at a random point")
 @pytest.mark.parametrize("seed", _kill_runs())
 def test_kill_sender_during_full_copy_then_resume(lab, seed):
     rng = random.Random(seed)
@@ -96,6 +97,7 @@ def test_kill_sender_during_full_copy_then_resume(lab, seed):
         assert result["data_bytes"] <= size - result["resumed_from"]
 
 
+@pytest.mark.reliability("fault", "kill -9 of the receiver at a random point")
 @pytest.mark.parametrize("seed", _kill_runs())
 def test_kill_receiver_during_copy_then_restart_and_resume(lab, seed):
     rng = random.Random(100 + seed)
@@ -106,6 +108,7 @@ def test_kill_receiver_during_copy_then_restart_and_resume(lab, seed):
     assert sha256(lab["src"]) == sha256(lab["dst"])
 
 
+@pytest.mark.reliability("fault", "kill -9 during a sync round")
 @pytest.mark.parametrize("seed", _kill_runs())
 def test_kill_during_sync_round_then_resume(lab, seed):
     rng = random.Random(200 + seed)
@@ -120,6 +123,7 @@ def test_kill_during_sync_round_then_resume(lab, seed):
     assert sha256(lab["src"]) == sha256(lab["dst"])
 
 
+@pytest.mark.reliability("fault", "connection cut at a random byte offset")
 @pytest.mark.parametrize("seed", _kill_runs())
 def test_connection_cut_at_random_offset_then_resume(lab, seed):
     rng = random.Random(300 + seed)
@@ -137,6 +141,7 @@ def test_connection_cut_at_random_offset_then_resume(lab, seed):
     assert sha256(lab["src"]) == sha256(lab["dst"])
 
 
+@pytest.mark.reliability("fault", "kill-and-resume campaign (random side, random point)")
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(50))
 def test_kill_campaign(lab, seed):

@@ -87,6 +87,7 @@ def test_continuous_sync_follows_a_writer_and_cuts_over(tmp_path, certkey_file):
     assert all(r["kind"] == "sync" for r in rounds[1:])
 
 
+@pytest.mark.reliability("fault", "kills during continuous sync with a concurrent writer")
 @pytest.mark.parametrize("seed", range(KILL_RUNS))
 def test_kills_during_continuous_sync_end_byte_identical(tmp_path, certkey_file, seed):
     _run(tmp_path, certkey_file, seed=100 + seed, kills=2)

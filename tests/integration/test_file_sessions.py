@@ -111,6 +111,7 @@ def _raw_session(addr, bundle, target="tree"):
     return chan
 
 
+@pytest.mark.reliability("hostile peer", "file sender names paths outside the root")
 @pytest.mark.parametrize("path", [b"../escape", b"/tmp/escape-abs", b"a/../../escape", b"link/escape"])
 def test_hostile_sender_cannot_write_outside_the_target(tmp_path, rx, bundle, path):
     from smsrepl.files import wire as W
@@ -131,6 +132,7 @@ def test_hostile_sender_cannot_write_outside_the_target(tmp_path, rx, bundle, pa
     assert sorted(os.listdir(dst)) == ["link"]
 
 
+@pytest.mark.reliability("hostile peer", "file operations out of order")
 def test_operations_out_of_place_are_refused(tmp_path, rx, bundle):
     from smsrepl.files import wire as W
     from smsrepl.protocol import frames as F
@@ -146,6 +148,7 @@ def test_operations_out_of_place_are_refused(tmp_path, rx, bundle):
 
 
 
+@pytest.mark.reliability("fault", "kill -9 of a file sender, then rerun")
 @pytest.mark.parametrize("seed", range(4))
 def test_killed_sender_then_rerun_ends_identical_without_temporaries(tmp_path, rx, bundle, certkey_file, seed):
     import random

@@ -150,6 +150,7 @@ def test_stream_cut_mid_frame_is_an_unclean_close():
     assert isinstance(ev, ConnectionClosed) and not ev.clean
 
 
+@pytest.mark.reliability("hostile peer", "frame length that lies (huge declared size)")
 def test_oversized_frame_is_refused_before_buffering_it():
     s, r = pair_in_round()
     r.receive_data(F.HEADER.pack(F.MAX_BODY + 1, BlockData.TYPE, 0, 0, 0))
@@ -176,6 +177,7 @@ def _all_frames():
     return frames
 
 
+@pytest.mark.reliability("hostile peer", "every flipped bit of a frame header or control body")
 def test_every_flipped_bit_outside_a_data_payload_is_detected():
     for wire in _all_frames():
         protected = len(wire)
@@ -224,6 +226,7 @@ def test_block_set_offset_must_be_aligned_and_encoder_checks_its_arrays():
         F.encode(BlockSet(0, np.array([0, 1]), 0, np.zeros(1, dtype="<u8"), b""))
 
 
+@pytest.mark.reliability("hostile peer", "flipped bits in data payloads")
 def test_flipped_payload_bits_fail_the_digest_or_the_codec():
     data = (b"smsrepl payload " * 512)
     comp, dec = Compressor(), Decompressor()
@@ -244,6 +247,7 @@ def test_flipped_payload_bits_fail_the_digest_or_the_codec():
         assert not np.array_equal(got, digests)
 
 
+@pytest.mark.reliability("fuzzing", "random bytes into the frame parser (hypothesis)")
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_random_bytes_only_raise_documented_errors(blob):

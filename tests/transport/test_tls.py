@@ -161,6 +161,7 @@ def _assert_3301(exc_info, *fragments):
     return str(err)
 
 
+@pytest.mark.reliability("tls", "wrong passphrase (SMS.3301)")
 def test_wrong_passphrase(locked):
     with pytest.raises(CertificateError) as ei:
         client_context(locked, b"not-the-passphrase")
@@ -287,6 +288,7 @@ def test_bad_server_role(plain):
 
 
 # -- authentication failures (SMS.0304) --------------------------------------------------
+@pytest.mark.reliability("tls", "certificate signed by another CA")
 def test_other_ca_is_refused(plain):
     other = make_bundle()
     out = handshake(server_context(plain), client_context(other))
@@ -296,6 +298,7 @@ def test_other_ca_is_refused(plain):
     assert_auth(out.client, "certificate verify failed")
 
 
+@pytest.mark.reliability("tls", "expired certificate")
 def test_expired_is_refused():
     bad = expired_bundle()
     out = handshake(server_context(bad), client_context(bad))
@@ -304,6 +307,7 @@ def test_expired_is_refused():
     assert_auth(out.server)
 
 
+@pytest.mark.reliability("tls", "not-yet-valid certificate")
 def test_not_yet_valid_is_refused():
     bad = not_yet_valid_bundle()
     out = handshake(server_context(bad), client_context(bad))
@@ -311,6 +315,7 @@ def test_not_yet_valid_is_refused():
     assert_auth(out.client, "certificate verify failed: certificate is not yet valid")
 
 
+@pytest.mark.reliability("tls", "expired certificate")
 def test_expired_client_cert_refused_by_server():
     ca = LabCA.create()
     good = make_bundle(ca=ca)
@@ -322,6 +327,7 @@ def test_expired_client_cert_refused_by_server():
     assert_auth(out.client, "peer rejected our certificate")
 
 
+@pytest.mark.reliability("tls", "role confusion (source certificate on a receiver)")
 def test_receiver_presenting_source_cert_is_refused(plain):
     confused = dataclasses.replace(plain, target_data_cert=plain.cert, target_data_private_key=plain.private_key)
     out = handshake(server_context(confused), client_context(plain))
@@ -329,6 +335,7 @@ def test_receiver_presenting_source_cert_is_refused(plain):
     assert_auth(out.client, "certificate verify failed", "purpose")
 
 
+@pytest.mark.reliability("tls", "role confusion (target certificate on a sender)")
 def test_sender_presenting_target_cert_is_refused(plain):
     confused = dataclasses.replace(plain, cert=plain.target_data_cert, private_key=plain.target_data_private_key)
     out = handshake(server_context(plain), client_context(confused))
@@ -336,6 +343,7 @@ def test_sender_presenting_target_cert_is_refused(plain):
     assert_auth(out.server, "certificate verify failed", "purpose")
 
 
+@pytest.mark.reliability("tls", "role confusion (management certificate on the data port)")
 def test_mgmt_cert_on_data_port_is_refused(plain):
     """Both target certs are serverAuth: only the role check tells them apart."""
     out = handshake(server_context(plain, role="mgmt"), client_context(plain))
@@ -359,6 +367,7 @@ def test_role_ou_beats_permissive_eku():
     assert_auth(out.server, "role smsrepl-target-data", "expected smsrepl-source")
 
 
+@pytest.mark.reliability("tls", "client without a certificate")
 def test_client_without_certificate_is_refused(plain):
     anon = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     anon.check_hostname = False
@@ -368,6 +377,7 @@ def test_client_without_certificate_is_refused(plain):
     assert_auth(out.client)
 
 
+@pytest.mark.reliability("tls", "TLS 1.2 client (TLS 1.3 only)")
 def test_tls12_client_is_refused(plain):
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     old.check_hostname = False
@@ -379,6 +389,7 @@ def test_tls12_client_is_refused(plain):
     assert_auth(out.client)
 
 
+@pytest.mark.reliability("tls", "plaintext client (SMS.0304)")
 @pytest.mark.parametrize("payload", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HELLO smsrepl plaintext\r\n"])
 def test_plaintext_client_is_classified(plain, payload):
     sctx = server_context(plain)
@@ -458,6 +469,7 @@ def _snapshot(dirs):
     return seen
 
 
+@pytest.mark.reliability("secrets", "decrypted keys never written to a file")
 def test_keys_go_through_memfd_only(locked, monkeypatch, tmp_path):
     calls = []
     real = ssl.SSLContext.load_cert_chain
