@@ -78,3 +78,12 @@ def test_consistency_dirs_cpu_limit_and_spellings():
 def test_bad_configurations_name_the_problem(bad, match):
     with pytest.raises(ConfigError, match=match):
         PathRules.from_configurations(bad)
+
+
+def test_a_value_with_a_lone_surrogate_is_a_config_error():
+    from smsrepl.errors import ConfigError
+    from smsrepl.files.rules import PathRules
+
+    body = {"configurations": [{"config_key": "EXCLUDE_MIGRATE_PATH", "config_value": "/tmp/\udbe0x"}]}
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        PathRules.from_configurations(body)

@@ -65,7 +65,11 @@ class Pattern:
             raise ConfigError(f"{where}: {text!r} is not an absolute path")
         if "\x00" in text:
             raise ConfigError(f"{where}: {text!r} contains a NUL byte")
-        parts = tuple(p for p in os.fsencode(text).split(b"/") if p and p != b".")
+        try:
+            raw = os.fsencode(text)
+        except UnicodeEncodeError:
+            raise ConfigError(f"{where}: {text!r} is not valid Unicode (a lone surrogate)") from None
+        parts = tuple(p for p in raw.split(b"/") if p and p != b".")
         if b".." in parts:
             raise ConfigError(f"{where}: {text!r} contains '..'")
         if not parts:

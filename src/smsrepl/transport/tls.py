@@ -250,7 +250,7 @@ def _parse_certs(text: str, name: str, source: str) -> list[x509.Certificate]:
             # the parse is lazy: touch what later checks read, so damage shows here
             cert.public_key(), cert.subject, cert.issuer, cert.extensions
             out.append(cert)
-        except (ValueError, UnsupportedAlgorithm):
+        except Exception:  # noqa: BLE001 - damaged DER raises ValueError, TypeError, DuplicateExtension...
             raise CertificateError(f"{source}: key {name!r}: invalid PEM certificate") from None
     return out
 
