@@ -91,6 +91,19 @@ def _source_bytes(frame) -> int:
     return frame.raw_len if isinstance(frame, F.BlockData) else len(frame.index) * FINE_BLOCK
 
 
+def _frame_end(frame) -> int:
+    """The source offset a round frame takes the receiver to (0 for frames that move nothing)."""
+    if isinstance(frame, F.BlockData):
+        return frame.offset + frame.raw_len
+    if isinstance(frame, F.BlockSet):
+        return frame.offset + (int(frame.index[-1]) + 1) * FINE_BLOCK
+    if isinstance(frame, F.ZeroRange):
+        return frame.offset + frame.length
+    if isinstance(frame, F.Scanned):
+        return frame.offset
+    return 0
+
+
 def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> TLSStream:
     host, port = address
     try:
@@ -443,9 +456,10 @@ class Sender:
                     if work is None:
                         return
                     batch, covered, raw = work
-                    self._sent_to = max(self._sent_to, covered)  # before the receiver can see it
                     for item in batch:
                         frame = item.result() if isinstance(item, Future) else item
+                        # a CHECKPOINT may cover this frame once it is sent: allow it first
+                        self._sent_to = max(self._sent_to, _frame_end(frame))
                         t0 = time.perf_counter()
                         chan.send(frame)
                         dt = time.perf_counter() - t0
