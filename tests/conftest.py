@@ -43,6 +43,13 @@ def pytest_runtest_makereport(item, call):
     mark = item.get_closest_marker("reliability")
     if mark is None or not os.environ.get("SMSREPL_RELIABILITY_OUT"):
         return
+    if report.when == "teardown":
+        if report.failed:  # a fixture's check after the test (e.g. nothing written outside the target)
+            for row in reversed(_reliability_rows):
+                if row["test"] == item.nodeid:
+                    row["outcome"], row["reason"] = "failed", "teardown: " + str(report.longrepr).strip().splitlines()[-1][:200]
+                    break
+        return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         tries = dict(item.user_properties).get("tries")
         if tries is None:  # a hypothesis test: its example budget

@@ -30,12 +30,12 @@ def configure(spec: str) -> None:
         name, _, arg = where.partition(":")
         if not name:
             raise ValueError(f"SMSREPL_FAULTS item {item!r}: expected WHAT@POINT[:ARG]")
+        code = getattr(errno, what.upper(), None)
+        if (what != "kill" and (code is None or not arg)) or (arg and not arg.isdigit()):
+            raise ValueError(f"SMSREPL_FAULTS item {item!r}: expected kill@POINT[:N] or ERRNO@IO:OFFSET")
         if what == "kill":
             _KILLS[name] = int(arg or 1)
         else:
-            code = getattr(errno, what.upper(), None)
-            if code is None or not arg:
-                raise ValueError(f"SMSREPL_FAULTS item {item!r}: expected kill@POINT or ERRNO@IO:OFFSET")
             _IO[name] = (code, int(arg))
 
 

@@ -54,10 +54,12 @@ def test_long_profile_mutation_fuzzing(name, record_property):
 @pytest.mark.reliability("fuzzing", "parsers, atheris coverage-guided (long profile)")
 @pytest.mark.skipif(not ATHERIS, reason="atheris profile: pip install '.[fuzz]' and set SMSREPL_FUZZ_ATHERIS=N")
 @pytest.mark.parametrize("name", NAMES)
-def test_atheris_fuzzing(name, record_property):
+def test_atheris_fuzzing(name, record_property, tmp_path):
     pytest.importorskip("atheris", reason="atheris does not install here")
     driver = os.path.join(os.path.dirname(__file__), "atheris_fuzz.py")
-    cp = subprocess.run([sys.executable, driver, name, f"-runs={ATHERIS}", "-rss_limit_mb=1024", "-max_len=4096"],
-                        capture_output=True, text=True, timeout=3600)
+    crashes = tmp_path / "crashes"
+    crashes.mkdir()
+    cp = subprocess.run([sys.executable, driver, name, f"-runs={ATHERIS}", "-rss_limit_mb=1024", "-max_len=4096",
+                         f"-artifact_prefix={crashes}/"], capture_output=True, text=True, timeout=3600)
     assert cp.returncode == 0, cp.stderr[-3000:]
     record_property("tries", ATHERIS)

@@ -122,6 +122,11 @@ class Channel:
             pass
 
     def close(self) -> None:
+        # the callbacks are bound methods of the endpoint that owns this channel: dropping
+        # them breaks that reference cycle, so the session's buffers (1 MiB and up) go now,
+        # not at the next full garbage collection (a continuous session grew by ~0.3 MiB a round)
+        self.on_sent = None
+        self.limiter = None
         try:
             self.sock.close()
         except OSError:

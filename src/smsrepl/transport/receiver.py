@@ -41,9 +41,11 @@ TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHECKPOINT_SECONDS = 2.0
 #: from accepting a connection to its HELLO: TLS handshake and the first frame together
 HANDSHAKE_TIMEOUT = 15.0
-#: a session that delivers no complete frame for this long is dropped, however many bytes
-#: trickle in (an 8 MiB frame at the slowest speed limit, 1 Mbit/s, takes 67 s)
+#: a session that completes no frame and moves less than MIN_PROGRESS bytes for this long
+#: is dropped: a peer trickling one byte a second is, a slow but steady link (an 8 MiB frame
+#: at 512 kbit/s takes 131 s) is not
 IDLE_TIMEOUT = 120.0
+MIN_PROGRESS = 64 << 10
 #: connections served at once, and how many of them may still be before their HELLO:
 #: a flood of connections costs a bounded number of threads and is shed at the door
 MAX_CONNECTIONS = 64
@@ -171,7 +173,14 @@ class Receiver:
             if not self._admit(raw, addr):
                 continue
             t = threading.Thread(target=self._handle, args=(raw, addr), daemon=True)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:  # no thread for it: it must not hold a place at the door
+                log.warning("%s:%s: refused: %s", addr[0], addr[1], exc)
+                with self._conns_lock:
+                    self._conns.pop(raw, None)
+                raw.close()
+                continue
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
             if once:
                 t.join()
@@ -197,18 +206,30 @@ class Receiver:
 
     # --- admission and the watchdog -----------------------------------------
     def _admit(self, raw: socket.socket, addr) -> bool:
+        evict = None
         with self._conns_lock:
-            pending = sum(1 for c in self._conns.values() if not c.authenticated)
-            if len(self._conns) < self.max_connections and pending < self.max_unauthenticated:
+            pending = [c for c in self._conns.values() if not c.authenticated and c.reason is None]
+            live = sum(1 for c in self._conns.values() if c.reason is None)
+            if live < self.max_connections:
+                if len(pending) >= self.max_unauthenticated:
+                    # the door is full of connections that have not said HELLO: the oldest
+                    # goes, so idle connections cannot keep real senders out for long
+                    evict = min(pending, key=lambda c: c.accepted)
+                    self.shed += 1
                 self._conns[raw] = _Conn(raw, time.monotonic())
-                return True
-            self.shed += 1
-            shed, live = self.shed, len(self._conns)
+                admitted = True
+            else:
+                admitted = False
+                self.shed += 1
+            shed = self.shed
+        if evict is not None:
+            evict.drop(f"evicted before its HELLO: {len(pending)} connections were waiting at the door", quiet=shed % 100 != 1)
+        if admitted:
+            return True
         # one line per 100 shed connections: a flood must not flood the log too
         if shed % 100 == 1:
-            log.warning("%s:%s: refused at the door: %d connections open, %d before their HELLO "
-                        "(limits %d and %d); %d refused so far", addr[0], addr[1], live, pending,
-                        self.max_connections, self.max_unauthenticated, shed)
+            log.warning("%s:%s: refused at the door: %d connections open (limit %d); %d refused so far",
+                        addr[0], addr[1], live, self.max_connections, shed)
         try:
             raw.close()
         except OSError:
@@ -222,11 +243,18 @@ class Receiver:
             with self._conns_lock:
                 conns = list(self._conns.values())
             for c in conns:
-                if not c.authenticated and now - c.accepted > self.handshake_timeout:
-                    c.drop(f"no HELLO within {self.handshake_timeout:g} s of connecting")
-                elif c.chan is not None and c.chan.recv_since is not None \
-                        and now - c.chan.recv_since > self.idle_timeout:
-                    c.drop(f"the peer sent no complete frame for {self.idle_timeout:g} s")
+                if not c.authenticated:
+                    if now - c.accepted > self.handshake_timeout:
+                        c.drop(f"no HELLO within {self.handshake_timeout:g} s of connecting")
+                    continue
+                chan = c.chan
+                since = chan.recv_since if chan is not None else None  # read once: recv() clears it
+                got = chan.wire_received if chan is not None else 0
+                if since is None or got - c.progress_bytes >= MIN_PROGRESS:
+                    c.progress_at, c.progress_bytes = now, got
+                elif now - max(since, c.progress_at) > self.idle_timeout:
+                    c.drop(f"the peer completed no frame and sent less than {MIN_PROGRESS >> 10} KiB "
+                           f"in {self.idle_timeout:g} s")
 
     def connections(self) -> tuple[int, int]:
         """(open connections, of which before their HELLO)."""
@@ -254,7 +282,8 @@ class Receiver:
             raw.close()
             return
         except (ssl.SSLError, OSError) as exc:
-            log.warning("%s: %s", peer, conn.reason or classify_ssl_error(exc, server_side=True))
+            if conn.reason is None:  # else the watchdog or the door dropped it, and said why
+                log.warning("%s: %s", peer, classify_ssl_error(exc, server_side=True))
             raw.close()
             return
         sock.settimeout(self.idle_timeout)
@@ -318,15 +347,19 @@ class _Conn:
         self.authenticated = False  # a HELLO arrived over mutual TLS
         self.chan: Channel | None = None
         self.reason: str | None = None
+        #: when the watchdog last saw MIN_PROGRESS more bytes arrive (or no frame pending)
+        self.progress_at = accepted
+        self.progress_bytes = 0
 
     def authenticate(self) -> None:
         self.authenticated = True
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, *, quiet: bool = False) -> None:
         if self.reason is not None:
             return
         self.reason = reason
-        log.warning("dropping a connection: %s", reason)
+        if not quiet:
+            log.warning("dropping a connection: %s", reason)
         if self.chan is not None:
             self.chan.abort(reason)
         else:

@@ -242,6 +242,7 @@ class Sender:
                 return self._session(source, rec, chan, started)
             finally:
                 chan.close()
+                self._chan = None
 
     def _session(self, source: BlockSource, rec: dict, chan: Channel, started: float) -> RoundResult:
         chan.send(F.Hello([PROTOCOL_VERSION], "block", self.target, rec["session_id"], source.size, F.FINE_BLOCK, list(CAPABILITIES)))
