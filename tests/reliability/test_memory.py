@@ -44,3 +44,24 @@ def test_rounds_leave_no_cycles_holding_channels(tmp_path, bundle, monkeypatch):
         dm.close()
     assert len(made) >= 3
     assert not alive, f"{len(alive)} sender channels still alive without a garbage collection"
+
+
+def test_one_sender_object_runs_several_rounds_and_a_check(tmp_path, bundle):
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(2 << 20))
+    rx = Receiver({"disk0": str(tmp_path / "dst.img")}, server_context(bundle), str(tmp_path / "rx"))
+    addr = rx.start()
+    try:
+        sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"))
+        first = sender.run()
+        with open(src, "r+b") as fh:
+            fh.seek(8192)
+            fh.write(b"\x07" * 4096)
+        second = sender.run()  # a second session on the same object starts clean
+        differ, extents = sender.check()
+    finally:
+        rx.stop()
+    assert (first.kind, second.kind) == ("full", "sync")
+    assert second.data_bytes == 4096, second
+    assert differ == 0 and extents == 2
+    assert (tmp_path / "dst.img").read_bytes() == src.read_bytes()

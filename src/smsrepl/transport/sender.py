@@ -173,10 +173,15 @@ class Sender:
         self.trace = trace
         self._chan: Channel | None = None
         self.stop_requested = False
+        self.states: SessionStateMachine | None = None
+        self._new_session()
+        self.adapt = AdaptiveChoice(self.compress_threads) if level == "auto" else None
+
+    def _new_session(self) -> None:
+        """What one session's threads share; fresh for every run() or check()."""
         self.tracker: ProgressTracker | None = None
         self._last_report = 0.0
         self._wire0 = 0
-        self.states: SessionStateMachine | None = None
         self._acked = 0
         self._peer_caps: frozenset = frozenset()
         self._done = threading.Event()
@@ -186,7 +191,6 @@ class Sender:
         self._failure: BaseException | None = None
         self._replies: queue.Queue = queue.Queue()
         self.clock = StageClock()
-        self.adapt = AdaptiveChoice(self.compress_threads) if level == "auto" else None
 
     def stop(self) -> None:
         """Pause: break the running round from another thread. What the receiver made
@@ -232,6 +236,7 @@ class Sender:
     # --- the session --------------------------------------------------------
     def run(self) -> RoundResult:
         started = time.monotonic()
+        self._new_session()
         with BlockSource(self.source_path) as source:
             rec = self._load_session(source.size)
             if self.stop_requested:
@@ -343,6 +348,7 @@ class Sender:
         verified on arrival and made durable. Returns (extents that differ, extents), an
         extent being ``extent`` bytes: the unit where a consistency result counts files
         (a target changed behind the receiver's back is not seen: it is not re-read)."""
+        self._new_session()
         with BlockSource(self.source_path) as source:
             rec = self._load_session(source.size)
             chan = Channel(connect(self.address, self.context), Connection(SENDER))
