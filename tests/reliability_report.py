@@ -80,8 +80,10 @@ def render(rows: list[dict], soak: dict | None) -> str:
                 f"| RSS at the end, MiB | {soak['tx_rss_end']:.1f} | {soak['rx_rss_end']:.1f} |",
                 f"| growth | {soak['tx_rss_end'] / soak['tx_rss_warm'] - 1:+.1%} | "
                 f"{soak['rx_rss_end'] / soak['rx_rss_warm'] - 1:+.1%} |",
-                f"| open descriptors, warm-up max / later max | {soak['tx_fds_warm']} / {soak['tx_fds_after']} | "
-                f"{soak['rx_fds_warm']} / {soak['rx_fds_after']} |", "",
+                f"| open descriptors during the warm-up, median (max) | {soak['tx_fds_warm_median']:g} "
+                f"({soak['tx_fds_warm_max']}) | {soak['rx_fds_warm_median']:g} ({soak['rx_fds_warm_max']}) |",
+                f"| open descriptors after it, median (max) | {soak['tx_fds_after_median']:g} "
+                f"({soak['tx_fds_after_max']}) | {soak['rx_fds_after_median']:g} ({soak['rx_fds_after_max']}) |", "",
                 f"Longest time without a completed round after the warm-up: {soak['max_seconds_since_round']:g} s. "
                 f"Target identical to the source after the cutover: {'yes' if soak['identical'] else '**NO**'}.", ""]
     return "\n".join(out)
