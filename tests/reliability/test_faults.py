@@ -165,8 +165,13 @@ class DelayProxy:
     """Loopback TCP proxy: every chunk waits ``delay`` s each way; ``stall`` pauses forwarding for
     that long once ``stall_at`` bytes went towards the receiver (a link that goes quiet)."""
 
-    def __init__(self, upstream: int, delay: float = 0.0, stall_at: int | None = None, stall: float = 0.0):
+    def __init__(self, upstream: int, delay: float = 0.0, stall_at: int | None = None, stall: float = 0.0,
+                 mangle_at: int | None = None, mangle: str = ""):
         self.upstream, self.delay, self.stall_at, self.stall = upstream, delay, stall_at, stall
+        #: once mangle_at bytes went towards the receiver: "duplicate" sends the next chunk
+        #: twice, "reorder" swaps the next two chunks (a broken middlebox, where netem is absent)
+        self.mangle_at, self.mangle = mangle_at, mangle
+        self._held: bytes | None = None
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.forwarded = 0
@@ -195,6 +200,17 @@ class DelayProxy:
                     time.sleep(self.stall)
                 if towards_receiver:
                     self.forwarded += len(data)
+                    if self.mangle_at is not None and self.forwarded >= self.mangle_at:
+                        if self.mangle == "duplicate":
+                            self.mangle_at = None
+                            b.sendall(data)
+                        elif self._held is None:
+                            self._held = data  # reorder: this chunk goes after the next one
+                            continue
+                        else:
+                            self.mangle_at = None
+                            b.sendall(data)
+                            data = self._held
                 b.sendall(data)
         except OSError:
             pass
@@ -214,6 +230,23 @@ def test_a_slow_and_stalling_link_still_ends_identical(lab):
     proxy = DelayProxy(rx.port, delay=0.005, stall_at=SIZE // 4, stall=5.0)
     try:
         cp = send(lab["src"], proxy.address, lab["ck"], lab["tx_state"])
+    finally:
+        proxy.close()
+        rx.stop()
+    assert cp.returncode == 0, cp.stderr
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+
+
+@reliability("fault", "bytes duplicated or reordered in the stream (a broken middlebox)")
+@pytest.mark.parametrize("mangle", ["duplicate", "reorder"])
+def test_duplicated_or_reordered_stream_bytes_are_caught_and_the_rerun_ends_identical(lab, mangle):
+    rx = _receiver(lab)
+    proxy = DelayProxy(rx.port, mangle_at=1 << 20, mangle=mangle)
+    try:
+        cp = send(lab["src"], proxy.address, lab["ck"], lab["tx_state"])
+        # TLS refuses the damaged records: a resumable transport error, nothing wrong applied
+        assert cp.returncode == 3 and cp.stderr.startswith("SMS."), (cp.returncode, cp.stderr)
+        cp = _send(lab, rx)
     finally:
         proxy.close()
         rx.stop()
