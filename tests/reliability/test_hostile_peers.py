@@ -167,7 +167,11 @@ def test_a_connection_flood_is_shed_and_the_receiver_still_serves(rx, bundle):
         peak = max(peak, threading.active_count())
     # 4 may wait for their HELLO; the threads of those pushed out end as their sockets close
     assert peak <= threads0 + 3 * 4, peak
-    assert receiver.shed >= 450, receiver.shed
+    assert len(socks) >= 300  # the flood happened (a connect the kernel's backlog dropped is not counted)
+    deadline = time.monotonic() + 5  # the accept loop catches up with the backlog
+    while receiver.shed < len(socks) - 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert receiver.shed >= len(socks) - 4 - 64, (receiver.shed, len(socks))  # 64: the listen backlog
     assert receiver.connections()[1] <= 4 + 4
     for s in socks:
         s.close()
