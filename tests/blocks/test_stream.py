@@ -117,3 +117,21 @@ def test_dirty_map_round_reads_only_marked_blocks_and_rebuilds_the_source(tmp_pa
     assert kinds.count("BlockSet") <= 2 and "Scanned" not in kinds
     assert dm.dirty_blocks() == 0
     dm.close()
+
+
+def test_a_long_zero_region_goes_out_in_pieces_not_as_one_range_at_its_end(tmp_path):
+    # allocated zeros (read, not a hole): one ZERO_RANGE at the end of a huge region would
+    # leave the receiver without a frame for minutes
+    path = tmp_path / "zeros.img"
+    with open(path, "wb") as fh:
+        for _ in range(12):
+            fh.write(bytes(4 << 20))
+        fh.write(b"\x01" * 4096)
+    src = BlockSource(str(path))
+    frames = [e for e in round_events(src, zero_flush=8 << 20) if isinstance(e, (F.ZeroRange, F.BlockData))]
+    zeros = [f for f in frames if isinstance(f, F.ZeroRange)]
+    assert len(zeros) >= 5 and all(z.length <= (8 << 20) + (8 << 20) for z in zeros)
+    assert sum(z.length for z in zeros) == 48 << 20
+    assert [z.offset for z in zeros] == sorted(z.offset for z in zeros)
+    assert zeros[0].offset == 0 and zeros[-1].offset + zeros[-1].length == 48 << 20
+    assert isinstance(frames[-1], F.BlockData) and frames[-1].offset == 48 << 20

@@ -37,6 +37,10 @@ ZERO_RUN_MIN = 16
 SET_RUN_MAX = 64
 #: a SCANNED frame after this much source without any frame keeps checkpoints moving
 SCANNED_EVERY = 64 << 20
+#: a zero run coalesced into one ZERO_RANGE goes out at least every this many bytes: a
+#: disk's long all-zero region (read, not a hole) must not keep the receiver without a
+#: frame past its idle limit, nor the checkpoint still for minutes
+ZERO_FLUSH = 1 << 30
 #: read size
 CHUNK = 8 << 20
 #: chunks read and digested ahead on worker threads while frames are built
@@ -115,6 +119,7 @@ def round_events(  # noqa: C901
     sets: bool = False,
     frame_blocks: int = FRAME_BLOCKS,
     clock=None,
+    zero_flush: int = ZERO_FLUSH,
 ) -> Iterator[Event | Covered]:
     """Yield the frames of one round, each followed by a Covered record for the sender's cache.
 
@@ -161,6 +166,10 @@ def round_events(  # noqa: C901
                             yield ZeroRange(zero_from, zero_end - zero_from)
                         zero_from, zero_end = b_off, b_end
                     yield Covered(first + s0, digests[s0:s0 + sn].copy())
+                    if zero_end - zero_from >= zero_flush:
+                        yield ZeroRange(zero_from, zero_end - zero_from)
+                        zero_from = None
+                        sent_any = True
                     continue
                 if zero_from is not None:
                     yield ZeroRange(zero_from, zero_end - zero_from)
