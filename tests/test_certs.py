@@ -34,6 +34,7 @@ def _ou(cert):
 
 
 def test_bundle_shape_and_roles():
+    now = dt.datetime.now(dt.timezone.utc)
     b = make_bundle()
     doc = json.loads(b.to_json())
     assert set(doc) == {
@@ -47,7 +48,7 @@ def test_bundle_shape_and_roles():
         assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
         assert leaf.public_key().curve.name == "secp256r1"
-        assert leaf.not_valid_before_utc <= NOW + dt.timedelta(seconds=5) < leaf.not_valid_after_utc
+        assert leaf.not_valid_before_utc <= now + dt.timedelta(seconds=5) < leaf.not_valid_after_utc
     assert _eku(src) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert _eku(mgmt) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert _eku(data) == [ExtendedKeyUsageOID.SERVER_AUTH]

@@ -243,7 +243,9 @@ def test_duplicated_or_reordered_stream_bytes_are_caught_and_the_rerun_ends_iden
     rx = _receiver(lab)
     proxy = DelayProxy(rx.port, mangle_at=1 << 20, mangle=mangle)
     try:
-        cp = send(lab["src"], proxy.address, lab["ck"], lab["tx_state"])
+        # the proxy keeps the sender's side open and stops reading once the receiver hung up:
+        # the sender must notice at once (not at its 300 s socket timeout)
+        cp = send(lab["src"], proxy.address, lab["ck"], lab["tx_state"], timeout=60)
         # TLS refuses the damaged records: a resumable transport error, nothing wrong applied
         assert cp.returncode == 3 and cp.stderr.startswith("SMS."), (cp.returncode, cp.stderr)
         cp = _send(lab, rx)

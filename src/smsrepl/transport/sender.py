@@ -589,6 +589,9 @@ class Sender:
             self._failure = exc
             self._replies.put(exc)
             self._done.set()
+            # the session is over: a writer blocked on a full socket (a peer or middlebox that
+            # stopped reading) must fail now, not at the socket timeout minutes later
+            chan.abort()
 
     @staticmethod
     def _raise_if_error(ev: F.Event) -> None:
