@@ -349,3 +349,24 @@ def test_wall_clock_jumps_change_the_window_but_never_stall_burst_or_trip_the_gu
     assert send_for(12) == pytest.approx(1e6, rel=0.1)  # the guard never tripped on the burst
     wall[0] = dt.datetime(2026, 11, 26, 23, 0, 0)  # a whole day back: outside the window
     assert send_for(1) > 50e6
+
+
+@pytest.mark.parametrize("spec", ["kill", "kill@", "kill@x:y", "nosuch@target.write:1", "eio@source.read",
+                                  "eio@source.read:-5"])
+def test_a_malformed_fault_spec_names_the_item(spec):
+    from smsrepl import faults
+
+    try:
+        with pytest.raises(ValueError, match="SMSREPL_FAULTS item"):
+            faults.configure(spec)
+    finally:
+        faults.configure("")
+    assert not faults._KILLS and not faults._IO  # nothing half-configured stays active
+
+
+def test_a_malformed_fault_spec_stops_the_cli_before_it_touches_anything(lab):
+    cp = subprocess.run(CLI + ["send", "block", lab["src"], "--to", "127.0.0.1:1", "--target", "disk0", "--certkey",
+                               lab["ck"], "--state-dir", lab["tx_state"]], capture_output=True, text=True,
+                        timeout=60, env={**os.environ, "SMSREPL_FAULTS": "kill@x:y"})
+    assert cp.returncode != 0 and "SMSREPL_FAULTS item 'kill@x:y'" in cp.stderr
+    assert not os.path.exists(lab["tx_state"])

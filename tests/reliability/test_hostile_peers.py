@@ -26,6 +26,8 @@ from smsrepl.transport.sender import Sender, connect
 from smsrepl.transport.tls import client_context, server_context
 from smsrepl.transport.tlsio import TLSStream
 
+from integration.procs import wait_until
+
 reliability = pytest.mark.reliability
 
 
@@ -142,9 +144,7 @@ def test_idle_sessions_are_capped_and_then_dropped(rx, bundle):
     assert threading.active_count() <= threads0 + 8 + 2  # one thread per served connection
     assert receiver.shed >= 12
     # idle past the frame deadline: all of them are dropped
-    deadline = time.monotonic() + 6
-    while receiver.connections()[0] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not receiver.connections()[0], timeout=6)
     assert receiver.connections() == (0, 0)
     for chan in chans:
         chan.close()
@@ -168,16 +168,12 @@ def test_a_connection_flood_is_shed_and_the_receiver_still_serves(rx, bundle):
     # 4 may wait for their HELLO; the threads of those pushed out end as their sockets close
     assert peak <= threads0 + 3 * 4, peak
     assert len(socks) >= 300  # the flood happened (a connect the kernel's backlog dropped is not counted)
-    deadline = time.monotonic() + 5  # the accept loop catches up with the backlog
-    while receiver.shed < len(socks) - 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: receiver.shed >= len(socks) - 4, timeout=5)  # the accept loop catches up
     assert receiver.shed >= len(socks) - 4 - 64, (receiver.shed, len(socks))  # 64: the listen backlog
     assert receiver.connections()[1] <= 4 + 4
     for s in socks:
         s.close()
-    deadline = time.monotonic() + 5
-    while receiver.connections()[0] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not receiver.connections()[0], timeout=5)
     assert threading.active_count() <= threads0 + 1
     chan, ev = _session(addr, bundle, session="after-flood")
     chan.close()
