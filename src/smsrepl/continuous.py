@@ -4,7 +4,7 @@
     agent:          sync.request_round()     # the SYNC command: a round now, not at the next interval
     signal handler: sync.request_cutover()   # first SIGTERM: the agent quiesced the source
                     sync.abort()             # second SIGTERM or SIGINT
-    results = sync.run()
+    results = sync.run()   # the latest rounds' results (sync.rounds counts them all)
 
 ``run`` returns after the cutover round: a round that began after the
 cutover was requested, so the target equals the source as of that request.
@@ -18,12 +18,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .errors import ReplicationError, TransportError
+from .memory import release_free_memory
 
 FINE_BLOCK = 4096
+#: round results kept: a sync that runs for weeks must not grow by one result a round
+KEEP_RESULTS = 100
 
 
 class ContinuousSync:
@@ -43,7 +47,8 @@ class ContinuousSync:
         self._wake = threading.Event()  # a round is wanted now (SYNC, cutover or abort)
         self._sender = None
         self.last_round_end: float | None = None
-        self.results: list = []
+        self.results: deque = deque(maxlen=KEEP_RESULTS)
+        self.rounds = 0
 
     def request_round(self) -> None:
         """Run the next round now (the SYNC command) instead of at the end of the interval."""
@@ -89,13 +94,18 @@ class ContinuousSync:
                 continue  # the next round resumes from the receiver's checkpoint
             finally:
                 self._sender = None
+                del sender
+                # each round's buffers come and go: hand what the allocator kept back to the
+                # system, so memory between rounds is what is live, not the largest round's high-water
+                release_free_memory()
             failures = 0
             self.last_round_end = time.monotonic()
             self.results.append(result)
+            self.rounds += 1
             if self.on_round is not None:
                 self.on_round(result)
             if final:
-                return self.results
+                return list(self.results)
             self._wake.wait(self.interval)
             self._wake.clear()
             if self._cutover.is_set():

@@ -22,7 +22,7 @@ from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import connect
 from smsrepl.transport.tls import client_context, server_context
 
-from .procs import CLI, ReceiverProc, send, sha256
+from .procs import CLI, ReceiverProc, send, sha256, wait_until
 
 
 @pytest.fixture
@@ -188,6 +188,12 @@ def test_digest_mismatch_is_refused_and_not_written(rx, bundle):
     chan.close()
     assert isinstance(ev, F.Error) and ev.code == "SMS.2009", ev
     assert _untouched(dst)
+    receiver = rx[0]
+    wait_until(lambda: not receiver.outcomes.empty(), timeout=10)
+    outcome = receiver.outcomes.get_nowait()
+    assert not outcome.ok and outcome.error.code == "SMS.2009"
+    # kept outcomes must not hold the failed session's frames (and their buffers) alive
+    assert outcome.error.__traceback__ is None
 
 
 @pytest.mark.reliability("hostile peer", "corrupt compressed payload")

@@ -177,3 +177,40 @@ def test_dirty_map_in_a_missing_directory_is_a_usage_error(tmp_path, certkey_fil
                                   "--dirty-map", str(dm)), capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and "cannot be opened or created: No such file or directory" in cp.stderr, cp.stderr
     assert "Traceback" not in cp.stderr and not dm.parent.exists()
+
+
+def test_a_long_running_sync_keeps_only_the_latest_results_and_outcomes(tmp_path, bundle, monkeypatch):
+    """Weeks of rounds must not grow either side by one result or outcome a round."""
+    import threading
+
+    from smsrepl import continuous
+    from smsrepl.continuous import ContinuousSync
+    from smsrepl.transport import receiver as receiver_mod
+    from smsrepl.transport.sender import Sender
+    from smsrepl.transport.tls import client_context, server_context
+
+    monkeypatch.setattr(continuous, "KEEP_RESULTS", 3)
+    monkeypatch.setattr(receiver_mod, "KEEP_OUTCOMES", 3)
+    src, dm_path = str(tmp_path / "src.img"), str(tmp_path / "dirty.map")
+    with open(src, "wb") as fh:
+        fh.write(os.urandom(1 << 20))
+    rx = receiver_mod.Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    addr = rx.start()
+    dm = DirtyMap.open(dm_path, 1 << 20)
+    sync = ContinuousSync(lambda: Sender(src, "disk0", addr, client_context(bundle), str(tmp_path / "tx"),
+                                         dirty_map=dm), interval=0, dirty_map=dm,
+                          on_round=lambda r: sync.rounds >= 7 and sync.request_cutover())
+    t = threading.Thread(target=sync.run)
+    t.start()
+    try:
+        t.join(60)
+        assert not t.is_alive()
+    finally:
+        sync.abort()
+        t.join(30)
+        rx.stop()
+        dm.close()
+    assert sync.rounds == 8  # 7, then the cutover round
+    assert [r.round_id for r in sync.results] == [6, 7, 8]
+    kept = [rx.outcomes.get_nowait() for _ in range(rx.outcomes.qsize())]
+    assert len(kept) == 3 and all(o.ok and o.target == "disk0" for o in kept)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from smsrepl import kernels
-from smsrepl.errors import RemoteProtocolError
+from smsrepl.errors import ConfigError, RemoteProtocolError
 from smsrepl.protocol import RECEIVER, SENDER, Connection
 from smsrepl.protocol import frames as F
 from smsrepl.testdata import write_image
@@ -45,6 +45,23 @@ def rx(tmp_path, bundle):
     receiver.stop()
     assert set(os.listdir(root)) <= before | {"target.img"}, "the receiver wrote outside its target"
     assert not dst.exists() or not any(dst.read_bytes()), "a hostile peer got data into the target"
+
+
+@pytest.mark.parametrize("limit, value, named", [
+    ("idle_timeout", 0, "idle timeout"), ("idle_timeout", -1, "idle timeout"),
+    ("idle_timeout", float("nan"), "idle timeout"), ("idle_timeout", "120", "idle timeout"),
+    ("handshake_timeout", 0, "handshake timeout"), ("handshake_timeout", float("inf"), "handshake timeout"),
+    ("max_connections", 0, "connection limit"), ("max_connections", 2.5, "connection limit"),
+    ("max_unauthenticated", -3, "unauthenticated connection limit"),
+    ("max_unauthenticated", True, "unauthenticated connection limit"),
+    ("checkpoint_seconds", 0, "checkpoint interval"), ("checkpoint_seconds", 61, "checkpoint interval"),
+])
+def test_receiver_limits_out_of_range_are_refused_before_any_state_exists(tmp_path, bundle, limit, value, named):
+    state = tmp_path / "state"
+    with pytest.raises(ConfigError, match=named) as exc:
+        Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(state), **{limit: value})
+    assert str(value) in str(exc.value)
+    assert not state.exists()
 
 
 def _session(addr, bundle, *, target="disk0", size=1 << 20, session="hostile"):

@@ -26,6 +26,7 @@ from ..errors import (
     TargetWriteError,
     TransportError,
 )
+from ..memory import release_free_memory
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
 from ..protocol import frames as F
 from .channel import Channel
@@ -50,6 +51,8 @@ MIN_PROGRESS = 64 << 10
 #: a flood of connections costs a bounded number of threads and is shed at the door
 MAX_CONNECTIONS = 64
 MAX_UNAUTHENTICATED = 16
+#: session outcomes kept for serve_forever(once=True) and embedders; older ones are dropped
+KEEP_OUTCOMES = 100
 WATCHDOG_SECONDS = 0.5
 MAX_MANIFEST_ENTRIES = 1 << 18  # per MANIFEST_DATA frame: 4 MiB coarse, 2 MiB fine
 
@@ -110,6 +113,15 @@ class Receiver:
         max_connections: int = MAX_CONNECTIONS,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
     ) -> None:
+        for what, value in (("idle timeout", idle_timeout), ("handshake timeout", handshake_timeout)):
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ConfigError(f"{what} {value!r} s must be a positive number of seconds")
+        for what, value in (("connection limit", max_connections), ("unauthenticated connection limit",
+                                                                     max_unauthenticated)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{what} {value!r} must be a whole number of at least 1")
+        if not 0 < checkpoint_seconds <= 60:
+            raise ConfigError(f"checkpoint interval {checkpoint_seconds} s is outside 0-60 s")
         if isinstance(targets, RootTargets):
             self.targets = targets
         elif not targets:
@@ -121,8 +133,6 @@ class Receiver:
         private_makedirs(self.state_dir)
         self.on_session = on_session
         self.idle_timeout = idle_timeout
-        if not 0 < checkpoint_seconds <= 60:
-            raise ConfigError(f"checkpoint interval {checkpoint_seconds} s is outside 0-60 s")
         self.checkpoint_seconds = checkpoint_seconds
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
@@ -136,7 +146,8 @@ class Receiver:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
-        self.outcomes: queue.Queue[SessionOutcome] = queue.Queue()
+        #: the latest sessions' outcomes (a receiver that runs for weeks keeps KEEP_OUTCOMES)
+        self.outcomes: queue.Queue[SessionOutcome] = queue.Queue(KEEP_OUTCOMES)
 
     # --- listening ----------------------------------------------------------
     def bind(self, host: str, port: int) -> tuple[str, int]:
@@ -296,10 +307,22 @@ class Receiver:
             session.run()
         finally:
             chan.close()
+            release_free_memory()  # a session's buffers are gone: give the pages back between sessions
             if session.outcome is not None:
-                self.outcomes.put(session.outcome)
+                self._keep(session.outcome)
                 if self.on_session:
                     self.on_session(session.outcome)
+
+    def _keep(self, outcome: SessionOutcome) -> None:
+        while True:
+            try:
+                self.outcomes.put_nowait(outcome)
+                return
+            except queue.Full:
+                try:
+                    self.outcomes.get_nowait()  # the oldest goes
+                except queue.Empty:
+                    pass
 
     def _claim(self, name: str, session: "_Session") -> int:
         with self._busy_lock:
@@ -445,6 +468,8 @@ class _Session:
             if self.lock_fd is not None:
                 self.rx._release(target_name, self.lock_fd)
         if self.hello is not None:
+            if error is not None:  # its traceback holds the session's frames and their buffers
+                error = error.with_traceback(None)
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
 
     def _loop(self) -> bool:
