@@ -1,6 +1,6 @@
 """smsrepl against the tools people would otherwise use, and against what this machine can do.
 
-    python benchmarks/compare.py [--size-gib 1] [--runs 3] [--level 3] [--out benchmarks/results]
+    python benchmarks/compare.py [--size-gib 1] [--runs 3] [--level 2] [--out benchmarks/results]
 
 1. Builds a disk-like image (holes, zeros, text-like, random and mixed 4 MiB stretches).
 2. Measures each stage of the data path alone, in this run, on one core: read (page
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from replication import RsyncDaemon, rsync, sms_round  # noqa: E402
 from smsrepl import kernels  # noqa: E402
 from smsrepl.certs import make_bundle, write_certkey  # noqa: E402
-from smsrepl.codec import Compressor, Decompressor  # noqa: E402
+from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor  # noqa: E402
 from smsrepl.testdata import write_image  # noqa: E402
 
 CHUNK = 8 << 20
@@ -363,7 +363,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gib", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--level", type=int, default=DEFAULT_LEVEL)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--wan", action="append", metavar="RATE:RTT",

@@ -3,7 +3,7 @@
     python benchmarks/files.py [--files 50000] [--dirs 500] [--runs 3] [--tmp DIR]
 
 Cases (interleaved per run):
-  initial copy  smsrepl send files (TLS 1.3, zstd-3) -> receive  vs  rsync -aH to a loopback daemon
+  initial copy  smsrepl send files (TLS 1.3, zstd level 2 by default) -> receive  vs  rsync -aH to a loopback daemon
   sync round    after 1% of the files were rewritten: smsrepl (second run) vs rsync -aH --delete
 Reports wall seconds, files per second and wire bytes.
 """

@@ -3,7 +3,7 @@
     python benchmarks/replication.py [--size-gib 2] [--runs 3] [--tmp DIR]
 
 Cases (each run interleaved so machine noise hits all alike):
-  full copy     smsrepl send block (TLS 1.3, zstd-3)  vs  rsync daemon on loopback
+  full copy     smsrepl send block (TLS 1.3, zstd level 2 by default)  vs  rsync daemon on loopback
                 with --whole-file, with and without -z
   sync round    after 1% random 4 KiB rewrites: smsrepl (no change tracking)  vs
                 rsync --inplace --no-whole-file (default block size, and -B 4096)
@@ -194,6 +194,7 @@ def main() -> int:
     ap.add_argument("--dirty-scaling", action="store_true",
                     help="only smsrepl: dirty-map sync rounds of 2 GiB and 8 GiB sparse images, same dirty blocks")
     ap.add_argument("--full-only", action="store_true", help="only the full-copy cases (quicker)")
+    ap.add_argument("--level", default=None, help="smsrepl's --level for its compressed full copy (default: its default)")
     ap.add_argument("--rss-scaling", action="store_true",
                     help="only smsrepl: peak RSS of each side for 1 GiB and 4 GiB images (full copy and sync round)")
     args = ap.parse_args()
@@ -223,7 +224,8 @@ def main() -> int:
                 os.makedirs(base)
                 os.sync()  # earlier runs' writeback must not land in this one
                 # full copies
-                r = sms_round(ck, src, f"{base}/t.img", f"{base}/rx", f"{base}/tx")
+                r = sms_round(ck, src, f"{base}/t.img", f"{base}/rx", f"{base}/tx",
+                              *(["--level", args.level] if args.level else []))
                 res["smsrepl full"].append(r)
                 checks.append(netcheck(ck, base))
                 os.unlink(f"{base}/t.img")

@@ -23,7 +23,7 @@ from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
 from ..blocks.replica import private_makedirs, write_json_atomic
 from ..blocks.dirtymap import DirtyMap
 from ..blocks.stream import CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered, dirty_round_events, round_events
-from ..codec import DEFAULT_LEVEL, AdaptiveChoice, Compressor
+from ..codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
 from ..errors import (
     ConnectError,
     ManifestError,
@@ -151,8 +151,8 @@ class Sender:
         self.context = context
         self.dir = os.path.join(os.path.abspath(state_dir), self.target)
         self.level = level
-        #: "auto": each frame compressed (at the default level) only while that moves data faster
-        self._zlevel = DEFAULT_LEVEL if level == "auto" else level
+        #: "auto": each frame at the level of AUTO_LEVELS (0: raw) that moves data fastest so far
+        self._zlevel = max(AUTO_LEVELS) if level == "auto" else level
         # zstd releases the GIL: one compressor per core keeps the sender from
         # being bound by compression (measured: 225 MB/s per core at level 1 on
         # binaries here, 380 MB/s with two)
@@ -175,7 +175,7 @@ class Sender:
         self.stop_requested = False
         self.states: SessionStateMachine | None = None
         self._new_session()
-        self.adapt = AdaptiveChoice(self.compress_threads) if level == "auto" else None
+        self.adapt = AdaptiveChoice(self.compress_threads, AUTO_LEVELS) if level == "auto" else None
 
     def _new_session(self) -> None:
         """What one session's threads share; fresh for every run() or check()."""
@@ -435,16 +435,19 @@ class Sender:
             raise RemoteProtocolError("manifest answer does not match the request")
         return ev.entries
 
-    def _encode(self, ev: F.BlockData | F.BlockSet) -> F.BlockData | F.BlockSet:
-        comp = getattr(self._local, "comp", None)
+    def _encode(self, ev: F.BlockData | F.BlockSet, level: int) -> F.BlockData | F.BlockSet:
+        comps = getattr(self._local, "comps", None)
+        if comps is None:
+            comps = self._local.comps = {}
+        comp = comps.get(level)
         if comp is None:
-            comp = self._local.comp = Compressor(self._zlevel)
+            comp = comps[level] = Compressor(level)
         t0 = time.perf_counter()
         codec, payload = comp.encode(ev.payload)
         dt = time.perf_counter() - t0
         self.clock.add("compress", dt)
         if self.adapt is not None:
-            self.adapt.record_compress(_source_bytes(ev), dt)
+            self.adapt.record_compress(level, _source_bytes(ev), dt)
         if self.cpu_cap is not None:
             self.cpu_cap.pace()
         return dataclasses.replace(ev, codec=codec, payload=payload)
@@ -463,7 +466,7 @@ class Sender:
                     if work is None:
                         return
                     batch, covered, raw = work
-                    for item in batch:
+                    for item, level in batch:
                         frame = item.result() if isinstance(item, Future) else item
                         # a CHECKPOINT may cover this frame once it is sent: allow it first
                         self._sent_to = max(self._sent_to, _frame_end(frame))
@@ -472,7 +475,7 @@ class Sender:
                         dt = time.perf_counter() - t0
                         self.clock.add("send", dt)
                         if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
-                            adapt.record_send(isinstance(item, Future), _source_bytes(frame), dt)
+                            adapt.record_send(level, _source_bytes(frame), dt)
                     faults.point("sender.data")
                     # progress counts what reached the socket, not what was read ahead
                     self._report(kind, covered, start, total, raw, chan)
@@ -516,11 +519,13 @@ class Sender:
                         self.cpu_cap.pace()
                     self._apply_acks(cache, self._acked)
                     continue
+                level = None
                 if isinstance(item, (F.BlockData, F.BlockSet)):
                     sent += _source_bytes(item)
-                    if pool is not None and (adapt is None or adapt.choose()):
-                        item = pool.submit(self._encode, item)
-                batch.append(item)
+                    level = self._zlevel if adapt is None else adapt.choose()
+                    if level:
+                        item = pool.submit(self._encode, item, level)
+                batch.append((item, level))
             if batch:
                 out.put((batch, covered_to, sent))
         finally:

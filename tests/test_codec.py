@@ -1,0 +1,73 @@
+"""Codec: frame window, and the adaptive level choice against simulated links."""
+import os
+import random
+
+import pytest
+import zstandard
+
+from smsrepl.codec import FRAME_SIZE, RAW, ZSTD, AdaptiveChoice, Compressor, Decompressor
+
+
+def test_a_frame_is_compressed_with_a_window_spanning_the_whole_frame():
+    # 1 MiB of random text, repeated 4 MiB later: only a window over the whole frame sees it
+    rng = random.Random(5)
+    part = bytes(rng.choice(b"abcdefghij klmnop\n") for _ in range(1 << 20))
+    data = part + os.urandom(3 << 20) + part + os.urandom(3 << 20)
+    assert len(data) == FRAME_SIZE
+    codec, payload = Compressor(1).encode(data)
+    assert codec == ZSTD
+    assert zstandard.get_frame_parameters(payload).window_size >= FRAME_SIZE
+    # the repeat costs next to nothing: about the random 6 MiB plus the first copy, compressed
+    assert len(payload) < (6 << 20) + (1 << 20) * 0.7
+    assert bytes(Decompressor().decode(codec, payload, len(data))) == data
+
+
+def test_incompressible_data_goes_raw():
+    data = os.urandom(1 << 20)
+    assert Compressor(3).encode(data) == (RAW, data)
+
+
+#: level -> (wire bytes per source byte, source bytes per second through one compressor)
+LEVELS = {0: (1.0, None), 1: (0.40, 400e6), 3: (0.30, 150e6)}
+
+
+def _drive(choice: AdaptiveChoice, link: float, frames: int = 400) -> list[int]:
+    """Feed the choice what a link of ``link`` wire bytes/s and the compressors above would measure."""
+    picks = []
+    for _ in range(frames):
+        level = choice.choose()
+        picks.append(level)
+        ratio, comp = LEVELS[level]
+        nbytes = 8 << 20
+        if comp:
+            choice.record_compress(level, nbytes, nbytes / comp)
+        choice.record_send(level, nbytes, nbytes * ratio / link)
+    return picks
+
+
+@pytest.mark.parametrize("link, best", [
+    (10e9, 0),     # faster than any compressor: raw
+    (200e6, 1),    # level 1 (2 x 400 MB/s, 500 MB/s through the link) beats raw (200) and 3 (300)
+    (12.5e6, 3),   # 100 Mbit/s: every byte saved counts
+])
+def test_auto_settles_on_the_fastest_level_for_the_link_and_keeps_probing(link, best):
+    choice = AdaptiveChoice(2, tuple(LEVELS))
+    picks = _drive(choice, link)
+    tail = picks[100:]
+    assert choice.best() == best
+    assert tail.count(best) >= 0.9 * len(tail)
+    # the probes still try each other level now and then
+    assert set(tail) == set(LEVELS)
+
+
+def test_auto_follows_a_change_of_link():
+    choice = AdaptiveChoice(2, tuple(LEVELS))
+    _drive(choice, 10e9)
+    assert choice.best() == 0
+    picks = _drive(choice, 12.5e6)
+    assert choice.best() == 3 and picks[-50:].count(3) >= 45
+
+
+def test_auto_needs_two_levels():
+    with pytest.raises(ValueError):
+        AdaptiveChoice(2, (3, 3))
