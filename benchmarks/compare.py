@@ -257,7 +257,7 @@ def wan_case(wan: Wan, ck: str, src: str, tmp: str, runs: int, level: int) -> di
     return {k: statistics.median(v) for k, v in res.items()}
 
 
-def sweep(ck: str, src: str, tmp: str, runs: int, levels: list[int], rates: list[str]) -> dict:
+def sweep(ck: str, src: str, tmp: str, runs: int, levels: list[int | str], rates: list[str]) -> dict:
     """Throughput and wire bytes of the smsrepl full copy against the zstd level, on loopback
     and over shaped links of several rates (medians of ``runs``)."""
     out: dict = {"loopback": {}, "links": {}}
@@ -333,10 +333,11 @@ def render_sweep(size: int, sw: dict, default_level: int) -> str:
     out.append("")
     for name, walls in [("loopback", {lv: r["wall"] for lv, r in sw["loopback"].items()})] + list(sw["links"].items()):
         best = min(walls, key=walls.get)
-        if default_level in walls:
-            gap = walls[default_level] / walls[best] - 1
-            out.append(f"- {name}: best level {best}; the default ({default_level}) is "
-                       f"{'the best' if best == default_level else f'{gap:.0%} slower'}")
+        for setting in (default_level, "auto"):
+            if setting in walls:
+                gap = walls[setting] / walls[best] - 1
+                out.append(f"- {name}: best level {best}; {setting} is "
+                           f"{'the best' if best == setting else f'{gap:.0%} slower'}")
     out.append("")
     return "\n".join(out)
 
@@ -346,11 +347,13 @@ def plot_sweep(out_dir: str, size: int, sw: dict) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    levels = list(sw["loopback"])
-    ax.plot(levels, [size / r["wall"] / 1e6 for r in sw["loopback"].values()], "o-", label="loopback")
-    for rate, per in sw["links"].items():
-        ax.plot(list(per), [size / w / 1e6 for w in per.values()], "o-", label=rate)
-    ax.set_xlabel("zstd level (0 = none)")
+    series = [("loopback", {lv: r["wall"] for lv, r in sw["loopback"].items()})] + list(sw["links"].items())
+    for name, walls in series:
+        levels = [lv for lv in walls if lv != "auto"]
+        line, = ax.plot(levels, [size / walls[lv] / 1e6 for lv in levels], "o-", label=name)
+        if "auto" in walls:  # auto is not a level: a dashed line at its throughput
+            ax.axhline(size / walls["auto"] / 1e6, color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_xlabel("zstd level (0 = none); dashed: --level auto")
     ax.set_ylabel("MB/s of source")
     ax.set_yscale("log")
     ax.legend()
@@ -370,7 +373,7 @@ def main() -> int:
                     help="simulated links (netem in two network namespaces); default 100mbit:20ms and 1gbit:2ms")
     ap.add_argument("--no-wan", action="store_true", help="skip the simulated links")
     ap.add_argument("--sweep", action="store_true",
-                    help="also sweep the zstd level (0 1 3 6 9) on loopback and links of 100mbit, 1gbit")
+                    help="also sweep the zstd level (0 1 2 3 6 auto) on loopback and links of 100mbit, 1gbit")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     size = int(args.size_gib * (1 << 30))
@@ -424,7 +427,7 @@ def main() -> int:
                     wan.down()
         report = render(size, mix, st, bound, rows, args, wans)
         if args.sweep:
-            sw = sweep(ck, src, tmp, args.runs, [0, 1, 3, 6, 9], [] if args.no_wan else ["100mbit", "1gbit"])
+            sw = sweep(ck, src, tmp, args.runs, [0, 1, 2, 3, 6, "auto"], [] if args.no_wan else ["100mbit", "1gbit"])
             report += "\n" + render_sweep(size, sw, args.level)
             plot_sweep(args.out, size, sw)
         print(report)

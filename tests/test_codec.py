@@ -31,30 +31,36 @@ def test_incompressible_data_goes_raw():
 LEVELS = {0: (1.0, None), 1: (0.40, 400e6), 3: (0.30, 150e6)}
 
 
-def _drive(choice: AdaptiveChoice, link: float, frames: int = 400) -> list[int]:
-    """Feed the choice what a link of ``link`` wire bytes/s and the compressors above would measure."""
+def _drive(choice: AdaptiveChoice, link: float, frames: int = 400, buffered: bool = False) -> list[int]:
+    """Feed the choice what a link of ``link`` wire bytes/s and the compressors above would measure.
+
+    With ``buffered``, every other frame finds a drained 4 MiB socket buffer and its first
+    4 MiB go out at once, as happens when the sender waits on its compressors."""
     picks = []
-    for _ in range(frames):
+    for n in range(frames):
         level = choice.choose()
         picks.append(level)
         ratio, comp = LEVELS[level]
         nbytes = 8 << 20
         if comp:
             choice.record_compress(level, nbytes, nbytes / comp)
-        choice.record_send(level, nbytes, nbytes * ratio / link)
+        wire = int(nbytes * ratio)
+        waits = max(0, wire - (4 << 20)) if buffered and n % 2 else wire
+        choice.record_send(level, nbytes, wire, waits / link)
     return picks
 
 
+@pytest.mark.parametrize("buffered", [False, True])
 @pytest.mark.parametrize("link, best", [
     (10e9, 0),     # faster than any compressor: raw
     (200e6, 1),    # level 1 (2 x 400 MB/s, 500 MB/s through the link) beats raw (200) and 3 (300)
     (12.5e6, 3),   # 100 Mbit/s: every byte saved counts
 ])
-def test_auto_settles_on_the_fastest_level_for_the_link_and_keeps_probing(link, best):
+def test_auto_settles_on_the_fastest_level_for_the_link_and_keeps_probing(link, best, buffered):
     choice = AdaptiveChoice(2, tuple(LEVELS))
-    picks = _drive(choice, link)
+    picks = _drive(choice, link, buffered=buffered)
     tail = picks[100:]
-    assert choice.best() == best
+    assert choice.best() == best, {lv: choice.rate(lv) for lv in LEVELS}
     assert tail.count(best) >= 0.9 * len(tail)
     # the probes still try each other level now and then
     assert set(tail) == set(LEVELS)
@@ -66,6 +72,15 @@ def test_auto_follows_a_change_of_link():
     assert choice.best() == 0
     picks = _drive(choice, 12.5e6)
     assert choice.best() == 3 and picks[-50:].count(3) >= 45
+
+
+def test_compressing_then_sending_on_one_thread_adds_the_two_times():
+    # 300 MB/s link: pipelined, level 3 (2 x 150 MB/s) would tie raw; one thread doing both
+    # (1 / (1/1000 + 1/150) MB/s = 130 MB/s) loses to raw at 300 MB/s
+    choice = AdaptiveChoice(1, (0, 3), pipelined=False)
+    _drive(choice, 300e6, frames=100)
+    assert choice.best() == 0
+    assert choice.rate(3) == pytest.approx(1 / (0.30 / 300e6 + 1 / 150e6), rel=0.01)
 
 
 def test_auto_needs_two_levels():

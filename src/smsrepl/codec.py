@@ -25,7 +25,7 @@ CODECS = {RAW: "raw", ZSTD: "zstd"}
 #: sends fewer bytes than rsync -z.
 DEFAULT_LEVEL = 2
 #: the levels ``--level auto`` chooses among for block sends
-AUTO_LEVELS = (0, 1, 3)
+AUTO_LEVELS = (0, DEFAULT_LEVEL)
 #: zstd's parameters are chosen for frames of this size (blocks.stream.FRAME_BLOCKS)
 FRAME_SIZE = 8 << 20
 #: each frame is compressed on its own, so the window spans the whole frame: the levels'
@@ -107,36 +107,58 @@ class Decompressor:
 class AdaptiveChoice:
     """The zstd level (0: raw) that moves data fastest, measured as a transfer goes.
 
-    A level's rate is source bytes per second: through its frames' send time, and for a
-    compressed level no more than its compressors manage (one per ``threads``). Raw
-    wins on a link faster than compression (loopback, a fast LAN), a higher level on a
-    slow link where each byte saved is worth its CPU. Rates are smoothed; until every
-    level is measured the choices go round them, then every PROBE-th choice tries one of
-    the others in turn, so a change of link (or of speed limit) is noticed. Thread-safe."""
+    Three things are measured: the link's rate in wire bytes per second (all frames'
+    bytes over the time spent sending them, whatever their level), each level's ratio
+    (wire bytes per source byte) and each level's compression rate on one thread. A
+    level then moves ``link / ratio`` source bytes per second, or what its compressors
+    manage if that is less: ``threads`` of them compressing while another thread sends
+    (``pipelined``), or one that compresses and then sends. Raw wins on a link faster
+    than compression (loopback, a fast LAN), compression on a slower one. Each level is
+    tried once, the highest is used until all are measured, and then every PROBE-th choice
+    tries one of the others in turn, so a change of data or of link (a speed limit) is noticed.
+    Thread-safe."""
 
-    PROBE = 16
+    #: one frame in PROBE tries another level: 1/32 of the frames at the wrong level costs a
+    #: few percent at most, and a change of link is noticed within 256 MiB
+    PROBE = 32
+    #: the link rate is taken over at least this many wire bytes at a time: much more than a
+    #: socket buffer, which takes a frame at once when it has room and not when it has none
+    LINK_WINDOW = 64 << 20
 
-    def __init__(self, threads: int = 1, levels: tuple[int, ...] = (0, DEFAULT_LEVEL)) -> None:
+    def __init__(self, threads: int = 1, levels: tuple[int, ...] = (0, DEFAULT_LEVEL), *,
+                 pipelined: bool = True) -> None:
         import threading
 
         if len(set(levels)) < 2:
             raise ValueError("adaptive compression needs at least two levels to choose from")
         self.threads = max(1, threads)
         self.levels = tuple(levels)
+        self.pipelined = pipelined
         self._lock = threading.Lock()
         self._n = 0
-        self._send: dict[int, float] = {}  # level -> source bytes per second through send
+        self._link: float | None = None  # wire bytes per second
+        self._window = [0, 0.0]  # wire bytes and seconds since the last link sample
+        self._ratio: dict[int, float] = {0: 1.0}  # level -> wire bytes per source byte
         self._comp: dict[int, float] = {}  # level -> source bytes per second through one compressor
 
-    def _ewma(self, old: float | None, new: float) -> float:
-        return new if old is None else 0.7 * old + 0.3 * new
+    @staticmethod
+    def _ewma(old: float | None, new: float, keep: float = 0.7) -> float:
+        return new if old is None else keep * old + (1 - keep) * new
 
     def rate(self, level: int) -> float | None:
-        send = self._send.get(level)
+        """Source bytes per second at ``level``, as measured so far (None: not yet known)."""
+        link, ratio = self._link, self._ratio.get(level)
+        if link is None or ratio is None:
+            return None
+        through_link = link / max(ratio, 1e-3)
+        if not level:
+            return through_link
         comp = self._comp.get(level)
-        if not level or send is None or comp is None:
-            return send
-        return min(send, comp * self.threads)
+        if comp is None:
+            return None
+        if self.pipelined:
+            return min(through_link, comp * self.threads)
+        return 1 / (1 / through_link + 1 / comp)
 
     def best(self) -> int | None:
         """The fastest level so far (None until every level is measured)."""
@@ -150,19 +172,31 @@ class AdaptiveChoice:
         with self._lock:
             i = self._n
             self._n += 1
-            unmeasured = [lv for lv in self.levels if self._send.get(lv) is None]
-            if unmeasured:
-                return unmeasured[i % len(unmeasured)]
             best = self.best()
+            if best is None:
+                # frames are chosen well before the first measurements come back: try each
+                # level once, then stay on the highest until all are measured (over a slow
+                # link a raw frame costs more than a compressed one on a fast link)
+                if i < len(self.levels):
+                    return self.levels[i]
+                return max(self.levels)
             if i % self.PROBE:
                 return best
             others = [lv for lv in self.levels if lv != best]
             return others[(i // self.PROBE) % len(others)]
 
-    def record_send(self, level: int, nbytes: int, seconds: float) -> None:
+    def record_send(self, level: int, source_bytes: int, wire_bytes: int, seconds: float) -> None:
+        """A frame of ``source_bytes`` at ``level`` took ``wire_bytes`` and ``seconds`` to send."""
         with self._lock:
-            self._send[level] = self._ewma(self._send.get(level), nbytes / max(seconds, 1e-6))
+            if level and source_bytes:
+                self._ratio[level] = self._ewma(self._ratio.get(level), wire_bytes / source_bytes)
+            w = self._window
+            w[0] += wire_bytes
+            w[1] += seconds
+            if w[0] >= self.LINK_WINDOW or self._link is None:
+                self._link = self._ewma(self._link, w[0] / max(w[1], 1e-6), keep=0.5)
+                w[0], w[1] = 0, 0.0
 
-    def record_compress(self, level: int, nbytes: int, seconds: float) -> None:
+    def record_compress(self, level: int, source_bytes: int, seconds: float) -> None:
         with self._lock:
-            self._comp[level] = self._ewma(self._comp.get(level), nbytes / max(seconds, 1e-6))
+            self._comp[level] = self._ewma(self._comp.get(level), source_bytes / max(seconds, 1e-6))

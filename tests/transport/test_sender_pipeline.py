@@ -70,6 +70,7 @@ class LinkChannel(SlowCheckingChannel):
     def send(self, ev) -> None:
         super().send(ev)
         if isinstance(ev, F.BlockData):
+            self.wire_sent += len(ev.payload)
             self.codecs.append(ev.codec)
             if self.rate:
                 time.sleep(len(ev.payload) / self.rate)
@@ -91,7 +92,7 @@ def test_level_auto_sends_raw_on_a_fast_link_and_compresses_on_a_slow_one(tmp_pa
     # frames chosen before the first measurements came back (the pipeline reads ahead) try
     # both ways in turn; once both rates are known, every frame follows the faster way
     tail = chan.codecs[-5:]
-    why = (chan.codecs, sender.adapt._send, sender.adapt._comp)
+    why = (chan.codecs, {lv: sender.adapt.rate(lv) for lv in sender.adapt.levels})
     if expect_compressed:
         assert all(c != 0 for c in tail), why
     else:

@@ -105,7 +105,8 @@ class OpStream:
         self.comp = compressor
         self.pace = pace  # a CPU cap's pace(), once per frame
         # one worker compresses then sends: a compressed batch's send time includes its compression
-        self.adapt = AdaptiveChoice(1, (0, compressor.level)) if adaptive and compressor.level != 0 else None
+        self.adapt = AdaptiveChoice(1, (0, compressor.level), pipelined=False) \
+            if adaptive and compressor.level != 0 else None
         self.parts: list = []
         self.size = 0
         self.frames = 0
@@ -141,17 +142,20 @@ class OpStream:
         self._inflight.append(self._pool.submit(self._send, body))
 
     @property
-    def rates(self) -> dict[int, float]:
+    def rates(self) -> dict[int, float | None]:
         """level (0: raw) -> raw bytes per second through the worker, as measured so far."""
-        return dict(self.adapt._send) if self.adapt is not None else {}
+        return {lv: self.adapt.rate(lv) for lv in self.adapt.levels} if self.adapt is not None else {}
 
     def _send(self, body: bytes) -> None:
         t0 = self._last = time.monotonic()
         level = self.comp.level if self.adapt is None else self.adapt.choose()
         codec, payload = self.comp.encode(body) if level else (RAW, body)
+        t1 = time.monotonic()
         self.send(F.FileOps(codec, len(body), payload))
         if self.adapt is not None:
-            self.adapt.record_send(level, len(body), time.monotonic() - t0)
+            if level:
+                self.adapt.record_compress(level, len(body), t1 - t0)
+            self.adapt.record_send(level, len(body), len(payload), time.monotonic() - t1)
         if self.pace is not None:
             self.pace()
         self.frames += 1

@@ -470,12 +470,12 @@ class Sender:
                         frame = item.result() if isinstance(item, Future) else item
                         # a CHECKPOINT may cover this frame once it is sent: allow it first
                         self._sent_to = max(self._sent_to, _frame_end(frame))
-                        t0 = time.perf_counter()
+                        t0, w0 = time.perf_counter(), chan.wire_sent
                         chan.send(frame)
                         dt = time.perf_counter() - t0
                         self.clock.add("send", dt)
                         if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
-                            adapt.record_send(level, _source_bytes(frame), dt)
+                            adapt.record_send(level, _source_bytes(frame), chan.wire_sent - w0, dt)
                     faults.point("sender.data")
                     # progress counts what reached the socket, not what was read ahead
                     self._report(kind, covered, start, total, raw, chan)
