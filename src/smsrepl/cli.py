@@ -18,6 +18,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 from . import __version__
 from .codec import DEFAULT_LEVEL
 from .errors import EXIT_USAGE, ConfigError, ReplicationError
+from .memory import pin_mmap_threshold
 
 
 def _state_home(kind: str) -> str:
@@ -555,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    pin_mmap_threshold()  # endpoints run for days: memory must track what is live (see memory.py)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
