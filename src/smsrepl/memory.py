@@ -3,7 +3,7 @@
 glibc raises its mmap threshold each time a large block is freed (up to
 32 MiB), so after the first 8 MiB frame buffer comes and goes the next ones are
 carved from the heaps of whichever threads use them, and fragments stay behind.
-Measured here with a continuous sync of ~7 rounds a second: the receiver grew
+Measured here with a continuous sync of ~2 rounds a second: the receiver grew
 from 58 to 75 MiB in 2 minutes (and to 128 MiB in a 30-minute soak); with the
 threshold pinned at 1 MiB it stayed at 52 MiB and the sender at 51 MiB instead
 of 70-75. ``pin_mmap_threshold()`` (the CLI calls it at start; an embedding
