@@ -43,10 +43,10 @@ class Compressor:
         self.level = level
         self._zc = None
         if level:
-            base = zstandard.ZstdCompressionParameters.from_level(level, source_size=FRAME_SIZE)
+            # no level's own window is larger at this source size (zstd caps it at the size)
             params = zstandard.ZstdCompressionParameters.from_level(
                 level, source_size=FRAME_SIZE, write_content_size=True, write_checksum=False,
-                window_log=max(base.window_log, WINDOW_LOG))
+                window_log=WINDOW_LOG)
             self._zc = zstandard.ZstdCompressor(compression_params=params)
 
     def encode(self, data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
