@@ -39,6 +39,8 @@ def _glibc():
 
 def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold (no dynamic raising); True if the allocator took it."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise ValueError(f"mmap threshold {threshold!r} must be a positive number of bytes")
     libc = _glibc()
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) if libc else False
 

@@ -65,3 +65,15 @@ def test_one_sender_object_runs_several_rounds_and_a_check(tmp_path, bundle):
     assert second.data_bytes == 4096, second
     assert differ == 0 and extents == 2
     assert (tmp_path / "dst.img").read_bytes() == src.read_bytes()
+
+
+def test_mmap_threshold_pinning_refuses_a_bad_size_and_takes_the_default():
+    import platform
+
+    from smsrepl import memory
+
+    for bad in (0, -1, 1.5, "1M", True):
+        with pytest.raises(ValueError, match="mmap threshold"):
+            memory.pin_mmap_threshold(bad)
+    if platform.libc_ver()[0] == "glibc":
+        assert memory.pin_mmap_threshold() is True
