@@ -30,7 +30,9 @@ def test_library_netcheck_measures_loopback(tmp_path, bundle):
         rx.stop()
     assert len(res.rtts_ms) == 10 and res.delay_ms < 5
     assert res.bulk_bytes >= 1 << 20 and res.speed_mbit > 50
-    assert res.loss_pct == 0
+    # loopback loses nothing, but the kernel may retransmit a segment or two when the machine is
+    # loaded (0.04% seen once, under a concurrent fuzz run); a wrong ratio would be far above 1%
+    assert 0 <= res.loss_pct < 1
     _check_body(res.body())
     assert not (tmp_path / "t.img").exists()  # a network check touches no target
 
