@@ -15,6 +15,9 @@ Public API (identical results in both backends; sizes in bytes)::
     weak_checksum(buf) -> int
     delta_block_size(file_len) -> int
     apply_delta(old, rows, block_size, data) -> bytes
+
+Native only (``TREE``): the file-tree kernels of ``_native/fstree.c`` (scan_dir,
+diff_records, group_records, read_files, write_files, link_files).
 """
 from __future__ import annotations
 
@@ -60,6 +63,17 @@ group_digests = _impl.group_digests
 zero_map = _impl.zero_map
 file_signature = _impl.file_signature
 weak_checksum = _impl.weak_checksum
+
+#: the file-tree kernels (fstree.c) exist natively only: where they are missing, file rounds
+#: take their per-entry path, which is the reference these kernels are tested against
+TREE = BACKEND == "native"
+if TREE:
+    scan_dir = _impl.scan_dir
+    diff_records = _impl.diff_records
+    group_records = _impl.group_records
+    read_files = _impl.read_files
+    write_files = _impl.write_files
+    link_files = _impl.link_files
 
 
 def delta_search(weak, strong, block_size: int, old_len: int, data) -> np.ndarray:

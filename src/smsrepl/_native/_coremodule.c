@@ -6,6 +6,7 @@
 
 #include "blockscan.h"
 #include "delta.h"
+#include "fstree.h"
 
 /* Validate a block size; multiple_of_8 for the block-digest kernels. */
 static int check_block_size(Py_ssize_t bs, int multiple_of_8)
@@ -213,6 +214,15 @@ done:
 }
 
 static PyMethodDef core_methods[] = {
+    {"scan_dir", sms_py_scan_dir, METH_VARARGS,
+     "scan_dir(dir_fd, prefix, dir_path|None) -> (records, names, kinds, ends, errors)"},
+    {"diff_records", sms_py_diff_records, METH_VARARGS, "diff_records(source, target) -> (actions, gone)"},
+    {"group_records", sms_py_group_records, METH_VARARGS, "group_records(body) -> [(parent, start, end)]"},
+    {"read_files", sms_py_read_files, METH_VARARGS,
+     "read_files(dir_fd, records, indices, max_size) -> (operations, left, files, bytes)"},
+    {"write_files", sms_py_write_files, METH_VARARGS,
+     "write_files(body, pos, dir_fd_of, owner, max_files, threads) -> (end, files, bytes, fds, dir_fds, file_dirs, names, paths)"},
+    {"link_files", sms_py_link_files, METH_VARARGS, "link_files(fds, dir_fds, file_dirs, names, tag) -> failures"},
     {"group_digests", py_group_digests, METH_VARARGS,
      "group_digests(buf, group_size, out) -> number of groups (16-byte canonical XXH3-128 each)"},
     {"block_digests", py_block_digests, METH_VARARGS,

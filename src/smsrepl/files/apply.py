@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import resource
 import itertools
 import os
 import re
@@ -48,6 +49,9 @@ _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 #: files written under temporary names before one syncfs() and their renames
 PENDING_FILES = 4096
 PENDING_BYTES = 256 << 20
+#: threads writing a run of small files (kernels.write_files): file creation is mostly
+#: kernel time, and an anonymous file is made without the directory's lock
+WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def _syncfs(fd: int) -> None:
@@ -79,6 +83,7 @@ def check_path(path: bytes) -> tuple[bytes, ...]:
 
 
 _TEMP_PREFIX = os.urandom(4).hex().encode()
+_TEMP_TAG = int(_TEMP_PREFIX, 16) ^ 0x80000000  # link_files' temporaries: another prefix than ours
 _temp_counter = itertools.count()
 
 
@@ -100,12 +105,20 @@ class TreeWriter:
         self._fds: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
         self._cache = cache
         self._dirs: list[tuple[tuple[bytes, ...], Entry]] = []
-        #: directories whose entries changed: made durable by finish()
-        self._touched: set[tuple[bytes, ...]] = set()
+        #: directories whose entries changed (made durable by finish()), with their times before
+        #: the first change: a directory the round gives no metadata for gets them back
+        self._touched: dict[tuple[bytes, ...], tuple[int, int] | None] = {}
         #: written files waiting for one syncfs and their renames: (temporary name, parts)
         self._pending: list[tuple[bytes, tuple[bytes, ...]]] = []
         self._pending_paths: set[bytes] = set()
         self._pending_bytes = 0
+        #: runs of anonymous files written by kernels.write_files, named after the next syncfs
+        self._runs: list[tuple] = []
+        self._run_files = 0
+        fd_limit = _raise_fd_limit() if kernels.TREE else 0
+        self._native = fd_limit >= 1024
+        #: files waiting for a syncfs, at most (each run file holds a descriptor meanwhile)
+        self._pending_cap = min(PENDING_FILES, fd_limit // 4) if self._native else PENDING_FILES
         #: what could not be recreated (device files without root, xattrs the file system refused)
         self.reported: list[str] = []
 
@@ -130,6 +143,16 @@ class TreeWriter:
             os.close(ofd)
         return fd
 
+    def _touch(self, parts: tuple[bytes, ...]) -> None:
+        """Directory ``parts`` is about to change: note its times first."""
+        if parts in self._touched:
+            return
+        try:
+            st = os.fstat(self.dir_fd(parts))
+            self._touched[parts] = (st.st_atime_ns, st.st_mtime_ns)
+        except (OSError, TargetWriteError):
+            self._touched[parts] = None
+
     def _forget(self, parts: tuple[bytes, ...]) -> None:
         for key in [k for k in self._fds if k[:len(parts)] == parts]:
             os.close(self._fds.pop(key))
@@ -138,6 +161,9 @@ class TreeWriter:
         return os.fsdecode(b"/".join((self.root,) + tuple(parts)))
 
     def close(self) -> None:
+        runs, self._runs, self._run_files = self._runs, [], 0
+        for run in runs:  # files never made durable are dropped: they have no name
+            _drop_run(*run)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -165,11 +191,12 @@ class TreeWriter:
         parent = self.dir_fd(parts[:-1])
         st = self._lstat(parts, parent)
         if st is not None and not stat.S_ISDIR(st.st_mode):
+            self._touch(parts[:-1])
             self._remove(parts, parent, st)
             st = None
         if st is None:
+            self._touch(parts[:-1])
             os.mkdir(parts[-1], 0o700, dir_fd=parent)
-            self._touched.add(parts[:-1])
         self._dirs.append((parts, entry))
 
     def write_file(self, entry: Entry, chunks: Iterable[bytes | memoryview], *, sparse: bool = True) -> None:
@@ -322,6 +349,7 @@ class TreeWriter:
         st = self._lstat(parts, parent)
         if st is None:
             return
+        self._touch(parts[:-1])
         if stat.S_ISDIR(st.st_mode) and not recursive:
             self._forget(parts)
             try:
@@ -332,32 +360,92 @@ class TreeWriter:
                 return
         else:
             self._remove(parts, parent, st)
-        self._touched.add(parts[:-1])
 
     def _defer(self, tmp: bytes, parts: tuple[bytes, ...], size: int) -> None:
         self._pending.append((tmp, parts))
         self._pending_paths.add(b"/".join(parts))
         self._pending_bytes += size
-        if len(self._pending) >= PENDING_FILES or self._pending_bytes >= PENDING_BYTES:
+        if len(self._pending) + self._run_files >= self._pending_cap or self._pending_bytes >= PENDING_BYTES:
             self.flush_pending()
 
     def flush_pending(self) -> None:
         """Make the waiting files durable, then give them their names."""
-        if not self._pending:
+        if not self._pending and not self._runs:
             return
         _syncfs(self.root_fd)
+        runs, self._runs, self._run_files = self._runs, [], 0
+        for i, run in enumerate(runs):
+            try:
+                self._link_run(*run)
+            except BaseException:
+                for later in runs[i + 1:]:
+                    _drop_run(*later)
+                raise
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         self._pending_paths.clear()
         for tmp, parts in pending:
             self._install(tmp, parts, self.dir_fd(parts[:-1]))
 
+    # --- runs of small files, natively (kernels.write_files) ---------------------
+    def write_run(self, body, pos: int) -> tuple[int, int, int]:
+        """Write the run of plain FILE operations of a FILE_OPS ``body`` that starts at ``pos``
+        (see kernels.write_files); they get their names with the next flush_pending().
+        Returns (where the first operation not taken starts, files, bytes): ``pos`` itself
+        where this writer cannot, or the operation there is one for the careful path."""
+        if not self._native:
+            return pos, 0, 0
+        room = max(1, self._pending_cap - self._run_files - len(self._pending))
+        try:
+            end, files, nbytes, fds, dirs, fdirs, names, paths = kernels.write_files(
+                body, pos, self._parent_fd, self.preserve_owner, room, WRITE_THREADS)
+        except OSError as exc:
+            if getattr(exc, "step", "") == "create" and exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                self._native = False  # no O_TMPFILE here: the careful path writes named temporaries
+                return pos, 0, 0
+            raise TargetWriteError(f"FILE {os.fsdecode(exc.filename or b'')!r}: {exc.strerror}") from None
+        if files:
+            self._runs.append((fds, dirs, fdirs, names, paths))
+            self._run_files += files
+            self._pending_bytes += nbytes
+            self._pending_paths.update(paths)
+            if not self.fsync:
+                runs, self._runs, self._run_files = self._runs, [], 0
+                for run in runs:
+                    self._link_run(*run)
+            elif self._run_files + len(self._pending) >= self._pending_cap or self._pending_bytes >= PENDING_BYTES:
+                self.flush_pending()
+        return end, files, nbytes
+
+    def _parent_fd(self, parent: bytes) -> int:
+        return self.dir_fd(check_path(parent) if parent else ())
+
+    def _link_run(self, fds, dirs, fdirs, names, paths) -> None:
+        parents = {p.rpartition(b"/")[0] for p in paths}
+        for parent in parents:
+            self._touch(tuple(parent.split(b"/")) if parent else ())
+        failures = kernels.link_files(fds, dirs, fdirs, names, _TEMP_TAG)
+        self._pending_paths.difference_update(paths)
+        for i, err, tmp in failures:
+            parts = check_path(paths[i])
+            if tmp is None:
+                raise TargetWriteError(f"FILE {os.fsdecode(paths[i])!r}: {os.strerror(err)}")
+            self._install(tmp, parts, self.dir_fd(parts[:-1]))  # a directory held the name
+
     def finish(self) -> None:
         """Set the metadata of the directories created or touched, deepest first, and make
         every rename, link and removal durable (fsync of the directories they changed)."""
         self.flush_pending()
+        given = set()
         for parts, entry in sorted(self._dirs, key=lambda d: len(d[0]), reverse=True):
             self._set_meta_fd(self.dir_fd(parts), entry)
+            given.add(parts)
         self._dirs.clear()
+        for parts, times in self._touched.items():
+            if times is not None and parts not in given:
+                try:
+                    os.utime(self.dir_fd(parts), ns=times)
+                except (OSError, TargetWriteError):
+                    pass  # removed later in the round
         if self.fsync:
             for parts in sorted(self._touched, key=len, reverse=True):
                 try:
@@ -395,7 +483,7 @@ class TreeWriter:
             os.unlink(parts[-1], dir_fd=parent)
 
     def _install(self, tmp: bytes, parts, parent) -> None:
-        self._touched.add(parts[:-1])
+        self._touch(parts[:-1])
         try:
             os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
             return
@@ -515,6 +603,28 @@ class FileSink:
             os.close(self.fd)
             self.fd = -1
             _unlink_quiet(self.tmp, self.parent)
+
+
+def _drop_run(fds, dirs, fdirs, names, paths) -> None:
+    for fd in fds + dirs:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (runs of small files
+    keep a descriptor per file until a syncfs); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _unlink_quiet(name: bytes, dir_fd: int) -> None:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import kernels
 from ..errors import SourceError
 from .apply import TreeWriter, remove_temporaries
 from .compare import content_digest
@@ -74,25 +75,38 @@ class LocalTarget:
 
 def sync_tree(source: str, target, *, rules: PathRules | None = None, kind: str = "full",
               checksum: bool = False, delete: bool | None = None,
-              on_entry: Callable[[Entry], None] | None = None, entries=None) -> RoundStats:
+              on_done: Callable[[int], None] | None = None, entries=None) -> RoundStats:
     """Make ``target`` (a directory path or a target object) equal ``source``, as
     filtered by ``rules`` for a round of ``kind``.
 
     Unchanged files (same size and mtime, or same content with ``checksum``)
     are not rewritten; their metadata is corrected. ``delete`` (default: in
     sync rounds) removes target entries the source no longer has, never
-    under an excluded path. ``on_entry`` is called after each source entry
-    was dealt with (progress). ``entries``: the source's entries as walk_round() yields
-    them, when the caller started that walk early (see Prefetch).
+    under an excluded path. ``on_done(file_bytes)`` is called as source entries
+    were dealt with (progress). ``entries``: the source as walk_round() yields it,
+    or as scan_round() does for a target that takes a directory at a time, when the
+    caller started that walk early (see Prefetch).
     """
     own = isinstance(target, (str, bytes, os.PathLike))
     t = LocalTarget(os.fsdecode(target)) if own else target
+    delete = kind == "sync" if delete is None else delete
+    src = os.fsencode(source)
     try:
-        return _round(os.fsencode(source), t, rules, kind, checksum, kind == "sync" if delete is None else delete,
-                      on_entry, entries)
+        if hasattr(t, "dir_records") and by_dirs(checksum):
+            from .dirround import round_by_dirs
+
+            return round_by_dirs(src, t, entries if entries is not None else scan_round(src, rules, kind),
+                                 rules.for_round(kind) if rules else None, delete, on_done)
+        return _round(src, t, rules, kind, checksum, delete, on_done, entries)
     finally:
         if own:
             t.close()
+
+
+def by_dirs(checksum: bool) -> bool:
+    """Rounds to a target that takes a directory at a time go that way (files.dirround): with
+    the native kernels, and without content checksums (which need a digest per file)."""
+    return kernels.TREE and not checksum
 
 
 def walk_round(source: str | bytes, rules: PathRules | None, kind: str):
@@ -100,17 +114,24 @@ def walk_round(source: str | bytes, rules: PathRules | None, kind: str):
     return walk(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, implied=True)
 
 
+def scan_round(source: str | bytes, rules: PathRules | None, kind: str):
+    """walk_round() a directory at a time (files.dirscan)."""
+    from .dirscan import scan_dirs
+
+    return scan_dirs(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True)
+
+
 class Prefetch:
     """Runs an iterator on a thread of its own, up to ``limit`` items ahead of the consumer:
     the source tree is walked while the receiver is still describing its own. Items cross
-    in batches of BATCH: one queue hand-off (two futex calls) per item cost more than the
+    in batches of ``batch``: one queue hand-off (two futex calls) per item cost more than the
     lstat of a small file."""
 
     _END = object()
-    BATCH = 256
 
-    def __init__(self, it, limit: int = 65536) -> None:
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, limit // self.BATCH))
+    def __init__(self, it, limit: int = 65536, batch: int = 256) -> None:
+        self.batch = batch
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, limit // batch))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(it,), name="walk-prefetch", daemon=True)
         self._thread.start()
@@ -129,7 +150,7 @@ class Prefetch:
         try:
             for item in it:
                 batch.append(item)
-                if len(batch) >= self.BATCH:
+                if len(batch) >= self.batch:
                     if not self._put(batch):
                         return
                     batch = []
@@ -153,7 +174,7 @@ class Prefetch:
         self._thread.join(5)
 
 
-def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None, entries=None) -> RoundStats:
+def _round(src: bytes, t, rules, kind, checksum, delete, on_done=None, entries=None) -> RoundStats:
     stats = RoundStats(temporaries_removed=getattr(t, "temporaries_removed", 0))
     filt = rules.for_round(kind) if rules else None
     seen: set[bytes] = set()
@@ -162,8 +183,8 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_entry=None, entries=
         stats.entries += 1
         seen.add(e.path)
         _entry(src, t, e, filt, checksum, links, stats)
-        if on_entry is not None:
-            on_entry(e)
+        if on_done is not None:
+            on_done(e.size if e.kind == "file" else 0)
     if delete:
         # every entry the source lost, deepest first; a directory goes once empty, so what an
         # exclude rule hides inside it keeps it (as rsync does), and nothing excluded is touched

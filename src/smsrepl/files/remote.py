@@ -44,15 +44,23 @@ KEEPALIVE = 20.0
 # --- receiver: describe -------------------------------------------------------
 def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Compressor | None = None
                   ) -> Iterator[F.TreeData]:
-    """TREE_DATA frames listing every entry under ``root`` (with content digests when asked)."""
+    """TREE_DATA frames listing every entry under ``root`` (with content digests when asked).
+
+    With the native kernels and no digests, a directory's records are made in one call
+    (files.dirscan); the root's own entry is then not listed (nobody asks for it)."""
     comp = compressor or Compressor()
     top = os.fsencode(root)
+    if kernels.TREE and not checksum:
+        from .dirscan import scan_dirs
+
+        bodies = (b.records for b in scan_dirs(top, on_error=lambda p, exc: None))
+    else:
+        bodies = (W.encode_entry(e, content_digest(top + b"/" + e.path) if checksum and e.kind == "file" else None)
+                  for e in walk(top, xattrs=True, on_error=lambda p, exc: None))
     parts: list[bytes] = []
     size = 0
     last = time.monotonic()
-    for e in walk(top, xattrs=True, on_error=lambda p, exc: None):
-        digest = content_digest(top + b"/" + e.path) if checksum and e.kind == "file" else None
-        rec = W.encode_entry(e, digest)
+    for rec in bodies:
         parts.append(rec)
         size += len(rec)
         # a batch at least every KEEPALIVE seconds: a long checksum scan must not look idle
@@ -70,23 +78,85 @@ def _records(cls, comp: Compressor, parts: list, **kw):
 
 # --- sender: the receiver's tree, and operations ------------------------------
 class Listing:
-    """The receiver's tree as received: path -> (entry, content digest or None)."""
+    """The receiver's tree as received, kept as each directory's records (decoded on demand):
+    ``records(rel)`` for a directory-at-a-time round, ``lookup(path)`` -> (entry, content
+    digest or None) for the per-entry one."""
+
+    ROOT = None  # the key of the root's own record
 
     def __init__(self) -> None:
-        self.entries: dict[bytes, tuple[Entry, bytes | None]] = {}
+        self.groups: dict[bytes | None, list[bytes]] = {}
+        self._decoded: dict[bytes | None, list[tuple[Entry, bytes | None]]] = {}
+        self._by_path: dict[bytes | None, dict[bytes, tuple[Entry, bytes | None]]] = {}
         self.done = False
 
     def add(self, ev: F.TreeData, decomp: Decompressor) -> None:
         if self.done:
             raise RemoteProtocolError("TREE_DATA after the last one")
-        body = decomp.decode(ev.codec, ev.payload, ev.raw_len)
-        r = W.Reader(body)
-        if len(body) == 1 and bytes(body) == b"\0":
-            r.pos = 1
-        while not r.done():
-            e, digest = r.entry()
-            self.entries[e.path] = (e, digest)
+        body = bytes(decomp.decode(ev.codec, ev.payload, ev.raw_len))
+        if body != b"\0":
+            for parent, start, end in _groups(body):
+                self.groups.setdefault(parent, []).append(body[start:end])
         self.done = ev.last
+
+    def records(self, rel: bytes) -> bytes:
+        parts = self.groups.get(rel)
+        if not parts:
+            return b""
+        if len(parts) > 1:
+            parts[:] = [b"".join(parts)]
+        return parts[0]
+
+    def decoded(self, rel: bytes | None) -> list[tuple[Entry, bytes | None]]:
+        got = self._decoded.get(rel)
+        if got is None:
+            r, got = W.Reader(self.records(rel)), []
+            while not r.done():
+                got.append(r.entry())
+            self._decoded[rel] = got
+            self._by_path[rel] = {e.path: (e, d) for e, d in got}
+        return got
+
+    def lookup(self, path: bytes) -> tuple[Entry, bytes | None] | None:
+        parent = path.rpartition(b"/")[0] if path else self.ROOT
+        if parent not in self.groups:
+            return None
+        self.decoded(parent)
+        return self._by_path[parent].get(path)
+
+    def below(self, path: bytes) -> list[bytes]:
+        """Paths listed under directory ``path`` (at any depth)."""
+        pre = path + b"/"
+        return [e.path for rel in list(self.groups) if rel is not None and (rel == path or rel.startswith(pre))
+                for e, _ in self.decoded(rel)]
+
+    @property
+    def entries(self) -> dict[bytes, tuple[Entry, bytes | None]]:
+        """Every entry: path -> (entry, content digest or None)."""
+        out = {}
+        for rel in list(self.groups):
+            out.update((e.path, (e, d)) for e, d in self.decoded(rel))
+        return out
+
+
+def _groups(body: bytes) -> list[tuple[bytes | None, int, int]]:
+    """(parent directory, start, end) of each run of records of ``body`` with one parent."""
+    if kernels.TREE:
+        try:
+            return kernels.group_records(body)
+        except ValueError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+    out: list[tuple[bytes | None, int, int]] = []
+    r = W.Reader(body)
+    while not r.done():
+        start = r.pos
+        e, _ = r.entry()
+        parent = e.path.rpartition(b"/")[0] if e.path else Listing.ROOT
+        if out and out[-1][0] == parent and parent is not Listing.ROOT:
+            out[-1] = (parent, out[-1][1], r.pos)
+        else:
+            out.append((parent, start, r.pos))
+    return out
 
 
 class OpStream:
@@ -256,7 +326,7 @@ class RemoteTarget:
     """files.local's target interface, for a receiver at the far end of a channel."""
 
     def __init__(self, listing: Listing, ops: OpStream, signature: Callable | None = None) -> None:
-        self.listing = listing.entries
+        self.listing = listing
         self.ops = ops
         #: signature(path, block_size) -> (file size, weak, strong) of the receiver's copy; None: no deltas
         self.signature = signature
@@ -265,17 +335,37 @@ class RemoteTarget:
         self.temporaries_removed = 0  # the receiver removes them at RoundBegin
 
     def existing(self, path: bytes) -> Entry | None:
-        got = self.listing.get(path)
+        got = self.listing.lookup(path)
         return got[0] if got else None
 
     def content_digest(self, path: bytes) -> bytes | None:
-        got = self.listing.get(path)
+        got = self.listing.lookup(path)
         return got[1] if got else None
 
     def paths(self, filt: RoundFilter | None):
-        for path in sorted(self.listing):
+        for path in sorted(self.listing.entries):
             if not path or filt is None or filt.includes(tuple(path.split(b"/"))):
                 yield path
+
+    # --- a directory at a time (files.dirround) ---
+    def dir_records(self, rel: bytes) -> bytes:
+        return self.listing.records(rel)
+
+    def gone(self, rel: bytes, indices: list[int]) -> list[bytes]:
+        items = self.listing.decoded(rel)
+        out = []
+        for j in indices:
+            e = items[j][0]
+            out.append(e.path)
+            if e.kind == "dir":
+                out += self.listing.below(e.path)
+        return out
+
+    def below(self, path: bytes) -> list[bytes]:
+        return self.listing.below(path)
+
+    def add_files(self, ops: bytes, files: int, nbytes: int) -> None:
+        self.ops.add([ops])
 
     def set_root_meta(self, e: Entry) -> None:
         self.ops.add(W.encode_op(W.ROOT, e))
@@ -330,12 +420,23 @@ class OpApplier:
 
     def apply(self, ev: F.FileOps) -> None:
         body = self.decomp.decode(ev.codec, ev.payload, ev.raw_len)
-        for op, entry, data in W.decode_ops(body):
+        r = W.Reader(body)
+        while not r.done():
+            if self.sink is None and body[r.pos] == W.FILE:
+                end, files, nbytes = self.w.write_run(body, r.pos)  # a run of small files, natively
+                if end != r.pos:
+                    r.pos = end
+                    self.files += files
+                    self.bytes += nbytes
+                    continue
+            op = body[r.pos]
+            entry = None
             try:
+                op, entry, data = W.decode_op(r)
                 self._apply(op, entry, data)
             except OSError as exc:  # a system call refused: the sender hears it as SMS.2007
-                what = os.fsdecode(entry.path) if entry is not None else W.OP_NAMES[op]
-                raise TargetWriteError(f"{W.OP_NAMES[op]} {what!r}: {exc.strerror or exc}") from None
+                what = os.fsdecode(entry.path) if entry is not None else W.OP_NAMES.get(op, str(op))
+                raise TargetWriteError(f"{W.OP_NAMES.get(op, op)} {what!r}: {exc.strerror or exc}") from None
 
     def _apply(self, op: int, entry: Entry | None, data) -> None:
         w = self.w

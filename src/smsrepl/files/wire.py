@@ -138,21 +138,25 @@ def decode_ops(body: bytes | memoryview) -> Iterator[tuple[int, Entry | None, me
     """(opcode, entry, data or path) for each operation of a FILE_OPS body."""
     r = Reader(body)
     while not r.done():
-        op = r.u8()
-        if op not in OP_NAMES:
-            raise RemoteProtocolError(f"unknown file operation {op}")
-        entry = r.entry()[0] if op in _WITH_ENTRY else None
-        if op == FILE:
-            yield op, entry, r.view(entry.size)
-        elif op == CHUNK:
-            yield op, None, r.view(r.u32())
-        elif op == END:
-            yield op, None, r.bytes(16)
-        elif op in (HARDLINK, DELETE):
-            yield op, entry, r.bytes(r.u16())
-        elif op == DELTA:
-            yield op, entry, r.u32()
-        elif op == COPY:
-            yield op, None, _COPY.unpack(r.view(_COPY.size))
-        else:
-            yield op, entry, None
+        yield decode_op(r)
+
+
+def decode_op(r: Reader) -> tuple[int, Entry | None, memoryview | bytes | int | tuple | None]:
+    """The operation at the reader's position (which moves past it)."""
+    op = r.u8()
+    if op not in OP_NAMES:
+        raise RemoteProtocolError(f"unknown file operation {op}")
+    entry = r.entry()[0] if op in _WITH_ENTRY else None
+    if op == FILE:
+        return op, entry, r.view(entry.size)
+    if op == CHUNK:
+        return op, None, r.view(r.u32())
+    if op == END:
+        return op, None, r.bytes(16)
+    if op in (HARDLINK, DELETE):
+        return op, entry, r.bytes(r.u16())
+    if op == DELTA:
+        return op, entry, r.u32()
+    if op == COPY:
+        return op, None, _COPY.unpack(r.view(_COPY.size))
+    return op, entry, None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..codec import DEFAULT_LEVEL, Compressor, Decompressor
 from ..errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
-from ..files.local import Prefetch, RoundStats, sync_tree, walk_round
+from ..files.local import Prefetch, RoundStats, by_dirs, scan_round, sync_tree, walk_round
 from ..files.remote import Listing, OpStream, RemoteTarget
 from ..files.rules import PathRules
 from ..files.scan import Entry, walk
@@ -135,15 +135,14 @@ class FileSender:
         finally:
             chan.close()
 
-    def _progress(self, chan: Channel) -> Callable[[Entry], None]:
+    def _progress(self, chan: Channel) -> Callable[[int], None]:
         done = [0, 0.0]
 
-        def on_entry(e: Entry) -> None:
+        def on_done(file_bytes: int) -> None:
             self._ops.keepalive()
             if self.tracker is None:
                 return
-            if e.kind == "file":
-                done[0] += e.size
+            done[0] += file_bytes
             self.tracker.update(min(done[0], self.tracker.totalsize), chan.wire_sent - self._wire0,
                                 self._ops.raw_bytes)
             now = time.monotonic()
@@ -151,7 +150,7 @@ class FileSender:
                 done[1] = now
                 self.on_report(self.tracker.report())
 
-        return on_entry
+        return on_done
 
     def _signature(self, chan: Channel, path: bytes, block_size: int):
         """(file size, weak, strong) of the receiver's copy of ``path``; size 0 if it has none."""
@@ -182,7 +181,11 @@ class FileSender:
         kind = "sync" if welcome.state == "synced" else "full"
         round_id = welcome.round_id + 1
         chan.send(F.TreeRequest(self.checksum))
-        prefetch = Prefetch(walk_round(self.source, self.rules, kind))  # while the receiver lists its tree
+        # the source is walked while the receiver lists its tree
+        if by_dirs(self.checksum):
+            prefetch = Prefetch(scan_round(self.source, self.rules, kind), limit=1024, batch=1)
+        else:
+            prefetch = Prefetch(walk_round(self.source, self.rules, kind))
         try:
             return self._round(chan, started, kind, round_id, prefetch)
         finally:
@@ -192,12 +195,12 @@ class FileSender:
         listing, decomp = Listing(), Decompressor()
         while not listing.done:
             listing.add(self._recv(chan, F.TreeData), decomp)
-        log.info("%s round %d of %s -> %s (%d entries there)", kind, round_id, self.source, self.target,
-                 len(listing.entries))
+        log.info("%s round %d of %s -> %s (%d directories there)", kind, round_id, self.source, self.target,
+                 len(listing.groups))
         if self.on_report is not None:
             self.tracker = ProgressTracker(subtask_for("file", first_copy=kind == "full"), self._total(kind),
                                            host_sampler=self.host_sampler)
-        on_entry = self._progress(chan)
+        on_done = self._progress(chan)
         chan.limiter = self.limiter
         wire0 = self._wire0 = chan.wire_sent
         chan.send(F.RoundBegin(round_id, kind, 0))
@@ -207,7 +210,7 @@ class FileSender:
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
-                              on_entry=on_entry, entries=entries)
+                              on_done=on_done, entries=entries)
             self.literal_bytes = target.literal_bytes
             chan.send(F.RoundEnd(round_id))
         except TransportError:

@@ -1,0 +1,98 @@
+"""One round of tree replication a directory at a time (native kernels).
+
+The same decisions as files.local's per-entry round, made for a whole directory
+at once where they are simple: ``kernels.diff_records`` compares the source's
+records of a directory with the target's, entries alike on both sides are left
+alone, and new or changed small files are read by ``kernels.read_files``
+straight into FILE operations. Everything else (hard links, special files,
+metadata-only changes, kind changes, files that change while read, large
+files) takes the per-entry path, ``local._entry``.
+
+The target must offer, besides files.local's interface, ``dir_records(rel)``
+(its records of directory ``rel``, sorted), ``gone(rel, indices)`` (paths of
+those records and of everything below them) and ``add_files(ops, files, bytes)``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from .. import kernels
+from ..errors import RemoteProtocolError
+from .dirscan import FILE, DirBatch, root_entry
+from .local import RoundStats, _entry
+from .remote import INLINE
+from .rules import RoundFilter
+
+#: diff_records' verdicts
+SAME, OTHER, NEW, META_ONLY, DATA = range(5)
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter | None, delete: bool,
+                  on_done: Callable[[int], None] | None = None) -> RoundStats:
+    stats = RoundStats(temporaries_removed=getattr(t, "temporaries_removed", 0))
+    links: dict[tuple[int, int], bytes] = {}
+    t.set_root_meta(root_entry(src))
+    stats.entries += 1
+    gone: list[bytes] = []
+    for b in batches:
+        stats.entries += len(b.names)
+        try:
+            actions, gone_idx = kernels.diff_records(b.records, t.dir_records(b.rel))
+        except ValueError as exc:
+            raise RemoteProtocolError(f"the target's listing of {os.fsdecode(b.rel) or '/'!r}: {exc}") from None
+        if gone_idx:
+            gone += t.gone(b.rel, gone_idx)
+        for path in b.not_entered:
+            gone += t.below(path)
+        quick, slow = [], []
+        for i, a in enumerate(actions):
+            if a == SAME:
+                if b.kinds[i] == FILE:
+                    stats.unchanged += 1
+            elif (a in (NEW, DATA) and b.kinds[i] == FILE and b.nlink(i) == 1 and b.size(i) <= INLINE):
+                quick.append(i)
+            else:
+                slow.append(i)
+        if quick:
+            slow += _read_small(src, t, b, quick, stats)
+        for i in sorted(slow):
+            e = b.entry(i)
+            if e.kind == "file" and e.nlink > 1:  # hard links are keyed by (dev, ino), which records lack
+                try:
+                    st = os.lstat(src + b"/" + e.path)
+                    e.dev, e.ino = st.st_dev, st.st_ino
+                except OSError:
+                    pass  # gone: _send_file says so
+            _entry(src, t, e, filt, False, links, stats)
+        if on_done is not None:
+            on_done(b.file_bytes())
+    if delete:
+        # deepest first (reverse sorted order); nothing excluded is touched
+        doomed = sorted(p for p in gone if filt is None or filt.includes(tuple(p.split(b"/"))))
+        for path in reversed(doomed):
+            t.delete(path)
+        stats.deleted = len(doomed)
+    t.finish()
+    stats.reported += t.reported
+    return stats
+
+
+def _read_small(src: bytes, t, b: DirBatch, quick: list[int], stats: RoundStats) -> list[int]:
+    """Send the small files at ``quick`` as FILE operations read in one native call; the
+    indices it left (changed while read, vanished, ...) go the careful way."""
+    full = src + b"/" + b.rel if b.rel else src
+    try:
+        fd = os.open(full, _OPEN_DIR)
+    except OSError:
+        return quick
+    try:
+        ops, left, files, nbytes = kernels.read_files(fd, b.records, quick, INLINE)
+    finally:
+        os.close(fd)
+    if files:
+        t.add_files(ops, files, nbytes)
+        stats.files_sent += files
+        stats.bytes_sent += nbytes
+    return left

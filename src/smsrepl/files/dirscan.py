@@ -1,0 +1,152 @@
+"""Directory-at-a-time tree scan, with the native kernels (kernels.TREE).
+
+Each directory's entries come as one body of wire records (files.wire), made by
+one call of ``kernels.scan_dir``: a round then deals with a directory of many
+small files in a few calls instead of a few per file. What is included is
+walk()'s (files.scan): filters, ``one_file_system``, ``on_error``; a directory
+comes before its content, names within a directory sorted by their bytes (the
+directories themselves come in depth-first order, each after its parent).
+"""
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from .. import kernels
+from . import wire as W
+from .rules import RoundFilter
+from .scan import Entry, _raise, read_xattrs
+from ..errors import SourceError
+
+DIR = W.KIND_CODES["dir"]
+FILE = W.KIND_CODES["file"]
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SIZE = struct.Struct(">Q")  # at offset 13 of a record
+_NLINK = struct.Struct(">I")  # at offset 37
+
+
+@dataclass(slots=True)
+class DirBatch:
+    """The (included) entries of one directory."""
+
+    rel: bytes  # the directory, relative to the root (b"" for the root)
+    parts: tuple[bytes, ...]
+    records: bytes  # wire records, sorted by path
+    names: list[bytes]
+    kinds: bytes  # a wire kind code per record
+    ends: list[int]  # each record's end offset in ``records``
+    #: indices of directories walked only on the way to included paths (ONLY_SYNC ancestors)
+    implied: frozenset[int] = frozenset()
+    #: subdirectories listed but not entered (mount points with one_file_system)
+    not_entered: list[bytes] = field(default_factory=list)
+
+    def path(self, i: int) -> bytes:
+        return self.rel + b"/" + self.names[i] if self.rel else self.names[i]
+
+    def start(self, i: int) -> int:
+        return self.ends[i - 1] if i else 0
+
+    def size(self, i: int) -> int:
+        return _SIZE.unpack_from(self.records, self.start(i) + 13)[0]
+
+    def nlink(self, i: int) -> int:
+        return _NLINK.unpack_from(self.records, self.start(i) + 37)[0]
+
+    def entry(self, i: int) -> Entry:
+        e, _ = W.Reader(memoryview(self.records)[self.start(i):self.ends[i]]).entry()
+        e.implied = i in self.implied
+        return e
+
+    def file_bytes(self) -> int:
+        """Bytes of the regular files in the batch."""
+        recs, ends = self.records, self.ends
+        return sum(_SIZE.unpack_from(recs, (ends[i - 1] if i else 0) + 13)[0]
+                   for i, k in enumerate(self.kinds) if k == FILE)
+
+
+def root_entry(top: bytes, xattrs: bool = True) -> Entry:
+    """The root directory's own entry (as walk() yields it first)."""
+    try:
+        st = os.lstat(top)
+    except OSError as exc:
+        _raise(top, exc)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"{os.fsdecode(top)!r} is not a directory")
+    e = Entry.from_stat(b"", st)
+    if xattrs:
+        e.xattrs = read_xattrs(top)
+    return e
+
+
+def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
+              on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False,
+              xattrs: bool = True) -> Iterator[DirBatch]:
+    """A DirBatch for each directory under ``root`` (the root's first) that the walk enters."""
+    top = os.fsencode(root)
+    st = root_entry(top, xattrs=False)
+    dev = st.dev if one_file_system else None
+    stack: list[tuple[bytes, tuple[bytes, ...]]] = [(b"", ())]
+    while stack:
+        rel, parts = stack.pop()
+        full = top + b"/" + rel if rel else top
+        try:
+            fd = os.open(full, _OPEN_DIR)
+            try:
+                records, names, kinds, ends, errors = kernels.scan_dir(fd, rel, full if xattrs else None)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if on_error is _raise:
+                _raise(full, exc)
+            on_error(rel, exc)
+            continue
+        for name, err in errors:
+            child = rel + b"/" + name if rel else name
+            exc = OSError(err, os.strerror(err))
+            if on_error is _raise:
+                _raise(top + b"/" + child, exc)
+            on_error(child, exc)
+        batch = DirBatch(rel, parts, records, names, kinds, ends)
+        if filt is not None:
+            batch = _filtered(batch, filt)
+        subdirs = [i for i, k in enumerate(batch.kinds) if k == DIR]
+        if dev is not None:
+            entered = []
+            for i in subdirs:
+                try:
+                    same = os.lstat(top + b"/" + batch.path(i)).st_dev == dev
+                except OSError:
+                    same = True  # gone meanwhile: its scan reports it
+                if same:
+                    entered.append(i)
+                else:
+                    batch.not_entered.append(batch.path(i))
+            subdirs = entered
+        yield batch
+        for i in reversed(subdirs):
+            stack.append((batch.path(i), parts + (batch.names[i],)))
+
+
+def _filtered(b: DirBatch, filt: RoundFilter) -> DirBatch:
+    keep, implied = [], set()
+    for i, name in enumerate(b.names):
+        cp = b.parts + (name,)
+        if filt.includes(cp):
+            keep.append(i)
+        elif b.kinds[i] == DIR and filt.descend(cp):
+            implied.add(len(keep))
+            keep.append(i)
+    if len(keep) == len(b.names):
+        return b
+    view = memoryview(b.records)
+    chunks, ends, pos = [], [], 0
+    for i in keep:
+        rec = view[b.start(i):b.ends[i]]
+        chunks.append(rec)
+        pos += len(rec)
+        ends.append(pos)
+    return DirBatch(b.rel, b.parts, b"".join(chunks), [b.names[i] for i in keep], bytes(b.kinds[i] for i in keep),
+                    ends, frozenset(implied))
