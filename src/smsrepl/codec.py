@@ -10,7 +10,7 @@ or already-compressed data costs the receiver nothing to "decompress".
 """
 from __future__ import annotations
 
-import numpy as np
+from ._lazy import np
 import zstandard
 
 from .errors import CompressionError, DecompressionError

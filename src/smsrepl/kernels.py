@@ -17,15 +17,16 @@ Public API (identical results in both backends; sizes in bytes)::
     apply_delta(old, rows, block_size, data) -> bytes
 
 Native only (``TREE``): the file-tree kernels of ``_native/fstree.c`` (scan_dir,
-diff_records, group_records, read_files, write_files, link_files).
+diff_records, group_records, read_files, write_files, link_files, copy_into).
 """
 from __future__ import annotations
 
 import math
 import os
 import platform
+import struct
 
-import numpy as np
+from ._lazy import np
 
 ZERO_DIGEST = 0
 UNKNOWN_DIGEST = 0xFFFF_FFFF_FFFF_FFFF
@@ -71,6 +72,7 @@ if TREE:
     scan_dir = _impl.scan_dir
     diff_records = _impl.diff_records
     group_records = _impl.group_records
+    copy_into = _impl.copy_into
     read_files = _impl.read_files
     write_files = _impl.write_files
     link_files = _impl.link_files
@@ -116,9 +118,9 @@ def apply_delta(old, rows: np.ndarray, block_size: int, data) -> bytes:
 
 def _self_test() -> None:
     buf = bytes(range(256)) * 4 + bytes(1024) + b"smsrepl"
-    out = np.zeros(5, dtype=np.uint64)
+    out = bytearray(40)  # five little-endian uint64 (no numpy: importing it costs a short command 0.1 s)
     n = block_digests(buf, 512, out)
-    if n != 3 or out.tolist() != _SELF_TEST_DIGESTS:
+    if n != 3 or list(struct.unpack("<5Q", out)) != _SELF_TEST_DIGESTS:
         raise ImportError("smsrepl native core self-test failed" if BACKEND == "native"
                           else "smsrepl pure backend self-test failed")
 

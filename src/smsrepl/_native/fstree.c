@@ -620,6 +620,34 @@ static const uint8_t *leaf_of(const sms_rec *r, size_t *len)
     return p;
 }
 
+/* --- copy_into ---------------------------------------------------------------- */
+/* copy_into(dst, pos, src) -> pos + len(src)
+ * Copy src into the writable buffer dst at pos, with the GIL released for large copies (a
+ * thread timing its send must not wait for another's memcpy). */
+PyObject *sms_py_copy_into(PyObject *self, PyObject *args)
+{
+    Py_buffer d = {0}, src = {0};
+    Py_ssize_t pos;
+    if (!PyArg_ParseTuple(args, "w*ny*:copy_into", &d, &pos, &src))
+        return NULL;
+    PyObject *res = NULL;
+    if (pos < 0 || pos > d.len || src.len > d.len - pos) {
+        PyErr_Format(PyExc_ValueError, "copy_into: %zd bytes at %zd do not fit in %zd", src.len, pos, d.len);
+    } else {
+        if (src.len >= (1 << 16)) {
+            Py_BEGIN_ALLOW_THREADS
+            memcpy((uint8_t *)d.buf + pos, src.buf, (size_t)src.len);
+            Py_END_ALLOW_THREADS
+        } else {
+            memcpy((uint8_t *)d.buf + pos, src.buf, (size_t)src.len);
+        }
+        res = PyLong_FromSsize_t(pos + src.len);
+    }
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&src);
+    return res;
+}
+
 /* --- group_records ---------------------------------------------------------- */
 /* group_records(body) -> [(parent, start, end)]
  * Runs of consecutive records of a listing body that share a parent directory (parent b""
@@ -672,8 +700,9 @@ PyObject *sms_py_group_records(PyObject *self, PyObject *args)
 }
 
 /* --- read_files ------------------------------------------------------------- */
-/* One small file as a FILE operation appended to out; 0 if done, else the file is left to
- * the caller (not regular, too large, unreadable, or changed while being read). */
+/* One small file as a FILE operation written at out->len (out->cap is fixed: the caller's
+ * buffer). 0 if done; 1 if it did not fit (nothing written); -1 if the file is left to the
+ * caller (not regular, too large, unreadable, or changed while being read). */
 static int read_one(int dir_fd, const sms_rec *r, uint64_t max_size, sms_buf *out)
 {
     size_t nlen;
@@ -687,16 +716,17 @@ static int read_one(int dir_fd, const sms_rec *r, uint64_t max_size, sms_buf *ou
     if (fd < 0)
         return -1;
     struct stat before, after;
-    int ok = 0;
+    int rc = -1;
     if (fstat(fd, &before) < 0 || !S_ISREG(before.st_mode) || (uint64_t)before.st_size > max_size)
         goto out;
     size_t size = (size_t)before.st_size;
-    size_t mark = out->len;
-    if (sms_buf_reserve(out, 1 + SMS_REC_HEAD + r->plen + r->xlen + size) < 0)
+    if (out->len + 1 + SMS_REC_HEAD + r->plen + r->xlen + size > out->cap) {
+        rc = 1;
         goto out;
+    }
+    size_t mark = out->len;
     out->data[out->len++] = SMS_OP_FILE;
-    if (put_record(out, &before, NULL, 0, r->path, r->plen, NULL, 0, r->xattrs, r->xlen))
-        goto rollback;
+    put_record(out, &before, NULL, 0, r->path, r->plen, NULL, 0, r->xattrs, r->xlen); /* fits: checked */
     size_t got = 0;
     while (got < size) {
         ssize_t n = read(fd, out->data + out->len + got, size - got);
@@ -708,35 +738,41 @@ static int read_one(int dir_fd, const sms_rec *r, uint64_t max_size, sms_buf *ou
     }
     if (got != size || fstat(fd, &after) < 0 || after.st_size != before.st_size ||
         mtime_ns(&after) != mtime_ns(&before) || after.st_ctim.tv_sec != before.st_ctim.tv_sec ||
-        after.st_ctim.tv_nsec != before.st_ctim.tv_nsec)
-        goto rollback;
+        after.st_ctim.tv_nsec != before.st_ctim.tv_nsec) {
+        out->len = mark;
+        goto out;
+    }
     out->len += size;
-    ok = 1;
-    goto out;
-rollback:
-    out->len = mark;
+    rc = 0;
 out:
     close(fd);
-    return ok ? 0 : -1;
+    return rc;
 }
 
-/* read_files(dir_fd, records, indices, max_size) -> (operations, left, files, bytes)
+/* read_files(dir_fd, records, indices, max_size, out, pos) -> (end, taken, left, files, bytes)
  * FILE operations for the regular files of `records` (one directory's, as scan_dir made
- * them) at `indices`, read relative to dir_fd; `left`: the indices not done here (for the
- * caller's careful path: changed while read, vanished, not regular, larger than max_size). */
+ * them) at `indices`, read relative to dir_fd straight into the writable buffer `out` from
+ * offset `pos`, until the next one does not fit. end: where they end in `out`; taken: how
+ * many indices were dealt with (the rest did not fit); left: those of them not done here,
+ * for the caller's careful path (changed while read, vanished, not regular, larger than
+ * max_size). */
 PyObject *sms_py_read_files(PyObject *self, PyObject *args)
 {
     int dir_fd;
-    Py_buffer rb = {0};
+    Py_buffer rb = {0}, ob = {0};
     PyObject *idx_o;
     unsigned long long max_size;
-    if (!PyArg_ParseTuple(args, "iy*OK:read_files", &dir_fd, &rb, &idx_o, &max_size))
+    Py_ssize_t pos;
+    if (!PyArg_ParseTuple(args, "iy*OKw*n:read_files", &dir_fd, &rb, &idx_o, &max_size, &ob, &pos))
         return NULL;
     rec_list recs = {0};
     size_t *idx = NULL;
     uint8_t *failed = NULL;
-    sms_buf out = {0};
-    PyObject *res = NULL, *ops = NULL, *left = NULL, *seq = NULL;
+    PyObject *res = NULL, *left = NULL, *seq = NULL;
+    if (pos < 0 || pos > ob.len) {
+        PyErr_SetString(PyExc_ValueError, "read_files: pos outside the buffer");
+        goto done;
+    }
     int rc = parse_all(rb.buf, (size_t)rb.len, &recs);
     if (rc < 0) {
         if (rc == -2)
@@ -765,25 +801,29 @@ PyObject *sms_py_read_files(PyObject *self, PyObject *args)
         }
         idx[k] = (size_t)v;
     }
+    sms_buf out = {ob.buf, (size_t)pos, (size_t)ob.len};
     size_t nfiles = 0;
     uint64_t nbytes = 0;
+    Py_ssize_t taken = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t k = 0; k < n; k++) {
-        const sms_rec *r = &recs.r[idx[k]];
+    for (; taken < n; taken++) {
+        const sms_rec *r = &recs.r[idx[taken]];
         size_t before = out.len;
-        if (r->kind != KIND_FILE || read_one(dir_fd, r, max_size, &out) < 0) {
-            failed[k] = 1;
+        int got = r->kind == KIND_FILE ? read_one(dir_fd, r, max_size, &out) : -1;
+        if (got == 1)
+            break;
+        if (got < 0) {
+            failed[taken] = 1;
         } else {
             nfiles++;
             nbytes += out.len - before - 1 - SMS_REC_HEAD - r->plen - r->xlen;
         }
     }
     Py_END_ALLOW_THREADS
-    ops = PyBytes_FromStringAndSize((const char *)out.data, (Py_ssize_t)out.len);
     left = PyList_New(0);
-    if (!ops || !left)
+    if (!left)
         goto done;
-    for (Py_ssize_t k = 0; k < n; k++) {
+    for (Py_ssize_t k = 0; k < taken; k++) {
         if (!failed[k])
             continue;
         PyObject *v = PyLong_FromSize_t(idx[k]);
@@ -793,16 +833,16 @@ PyObject *sms_py_read_files(PyObject *self, PyObject *args)
         }
         Py_DECREF(v);
     }
-    res = Py_BuildValue("(OOnK)", ops, left, (Py_ssize_t)nfiles, (unsigned long long)nbytes);
+    res = Py_BuildValue("(nnOnK)", (Py_ssize_t)out.len, taken, left, (Py_ssize_t)nfiles, (unsigned long long)nbytes);
 done:
     Py_XDECREF(seq);
-    Py_XDECREF(ops);
     Py_XDECREF(left);
     free(recs.r);
     free(idx);
     free(failed);
-    sms_buf_free(&out);
     PyBuffer_Release(&rb);
+    if (ob.obj)
+        PyBuffer_Release(&ob);
     return res;
 }
 

@@ -22,7 +22,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-import numpy as np
+from .._lazy import np
 
 from .. import faults
 

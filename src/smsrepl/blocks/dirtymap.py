@@ -51,7 +51,7 @@ import struct
 import threading
 from collections.abc import Iterator
 
-import numpy as np
+from .._lazy import np
 
 from ..errors import ConfigError, ManifestError
 from .manifest import FINE_BLOCK, runs_of

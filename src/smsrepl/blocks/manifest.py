@@ -46,7 +46,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 
-import numpy as np
+from .._lazy import np
 import xxhash
 
 from ..errors import ManifestError, SourceError

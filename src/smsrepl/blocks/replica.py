@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
+from .._lazy import np
 
 from .. import faults, kernels
 from ..stages import StageClock

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
+from .._lazy import np
 
 from .. import kernels
 from ..codec import RAW

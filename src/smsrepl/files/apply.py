@@ -31,11 +31,10 @@ import stat
 from collections import OrderedDict
 from collections.abc import Iterable
 
-import numpy as np
+from .._lazy import np
 import xxhash
 
 from .. import kernels
-from ..blocks.manifest import run_arrays
 from ..errors import DecompressionError, RemoteProtocolError, TargetWriteError
 from .scan import KINDS as KIND_OF, Entry
 
@@ -505,6 +504,8 @@ class TreeWriter:
             # all-zero 4 KiB blocks stay holes, as rsync --sparse keeps them
             zero = np.empty(-(-len(view) // SPARSE_BLOCK), dtype=np.uint8)
             if kernels.zero_map(view, SPARSE_BLOCK, zero):
+                from ..blocks.manifest import run_arrays
+
                 starts, counts = run_arrays(zero == 0)
                 runs = [(s * SPARSE_BLOCK, min(len(view), (s + c) * SPARSE_BLOCK))
                         for s, c in zip(starts.tolist(), counts.tolist())]

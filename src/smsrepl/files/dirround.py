@@ -10,7 +10,8 @@ files) takes the per-entry path, ``local._entry``.
 
 The target must offer, besides files.local's interface, ``dir_records(rel)``
 (its records of directory ``rel``, sorted), ``gone(rel, indices)`` (paths of
-those records and of everything below them) and ``add_files(ops, files, bytes)``.
+those records and of everything below them) and ``read_files(dir_fd, records, indices,
+max_size)`` (kernels.read_files into its operation stream).
 """
 from __future__ import annotations
 
@@ -88,11 +89,9 @@ def _read_small(src: bytes, t, b: DirBatch, quick: list[int], stats: RoundStats)
     except OSError:
         return quick
     try:
-        ops, left, files, nbytes = kernels.read_files(fd, b.records, quick, INLINE)
+        left, files, nbytes = t.read_files(fd, b.records, quick, INLINE)
     finally:
         os.close(fd)
-    if files:
-        t.add_files(ops, files, nbytes)
-        stats.files_sent += files
-        stats.bytes_sent += nbytes
+    stats.files_sent += files
+    stats.bytes_sent += nbytes
     return left

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import Enum
 
-import numpy as np
+from .._lazy import np
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import frames as F

@@ -57,7 +57,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-import numpy as np
+from .._lazy import np
 import xxhash
 
 FINE_BLOCK = 4096
@@ -357,7 +357,13 @@ def encode(event: Event) -> list[bytes | memoryview]:
         if not 0 < event.raw_len <= MAX_RAW:
             raise ValueError(f"{type(event).__name__} of {event.raw_len} bytes outside 1..{MAX_RAW}")
         flags = 1 if isinstance(event, TreeData) and event.last else 0
-        return [_frame(t, _RECORDS.pack(flags, event.codec, event.raw_len) + bytes(event.payload))]
+        prefix = _RECORDS.pack(flags, event.codec, event.raw_len)
+        payload = memoryview(event.payload).cast("B")  # not copied: these are the large frames of file rounds
+        head8 = struct.pack(">IBBH", len(prefix) + len(payload), t, 0, 0)
+        check = xxhash.xxh32(head8)
+        check.update(prefix)
+        check.update(payload)
+        return [head8 + struct.pack(">I", check.intdigest()) + prefix, payload]
     if isinstance(event, SigRequest):
         return [_frame(t, _SIGREQ.pack(event.block_size) + bytes(event.path))]
     if isinstance(event, SigData):

@@ -27,7 +27,7 @@ from ..ratelimit import CpuCap, ScheduledLimiter, SpeedSchedule
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from ..protocol import frames as F
 from .channel import Channel
-from .sender import check_target_name, connect
+from .connect import check_target_name, connect
 
 log = logging.getLogger("smsrepl.file_sender")
 

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import queue
-import re
 import socket
 import ssl
 import threading
@@ -30,6 +29,7 @@ from ..memory import release_free_memory
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
 from ..protocol import frames as F
 from .channel import Channel
+from .connect import TARGET_NAME, check_target_name
 from .tls import check_peer_role, classify_ssl_error
 from .tlsio import TLSStream
 
@@ -37,7 +37,6 @@ log = logging.getLogger("smsrepl.receiver")
 #: one line per completed block round, with its stage breakdown (`smsrepl receive` shows it)
 rounds_log = logging.getLogger("smsrepl.receiver.rounds")
 
-TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: seconds between durable checkpoints while data flows
 CHECKPOINT_SECONDS = 2.0
 #: from accepting a connection to its HELLO: TLS handshake and the first frame together
@@ -55,12 +54,6 @@ MAX_UNAUTHENTICATED = 16
 KEEP_OUTCOMES = 100
 WATCHDOG_SECONDS = 0.5
 MAX_MANIFEST_ENTRIES = 1 << 18  # per MANIFEST_DATA frame: 4 MiB coarse, 2 MiB fine
-
-
-def check_target_name(name: str) -> str:
-    if not TARGET_NAME.match(name) or name in (".", ".."):
-        raise ConfigError(f"target name {name!r} is invalid: use letters, digits, '.', '_' and '-' only")
-    return name
 
 
 class RootTargets(Mapping):

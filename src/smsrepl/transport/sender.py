@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
+from .._lazy import np
 
 from .. import faults, kernels
 from ..blocks.device import BlockSource
@@ -41,34 +41,13 @@ from ..state import Event as StateEvent
 from ..state import SessionState, SessionStateMachine, StatePair
 from ..protocol import frames as F
 from .channel import Channel
-from .receiver import MAX_MANIFEST_ENTRIES, check_target_name
+from .connect import CONNECT_TIMEOUT, DEFAULT_PORT, IO_TIMEOUT, check_target_name, connect, parse_address  # noqa: F401
+from .receiver import MAX_MANIFEST_ENTRIES
 from .tls import check_peer_role, classify_ssl_error
 from .tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.sender")
 
-DEFAULT_PORT = 8900
-CONNECT_TIMEOUT = 10.0
-IO_TIMEOUT = 300.0
-
-
-def parse_address(text: str, default_port: int = DEFAULT_PORT, *, listen: bool = False) -> tuple[str, int]:
-    from ..errors import ConfigError
-
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    host = host.strip("[]")
-    try:
-        p = int(port)
-        if not (0 if listen else 1) <= p < 65536:
-            raise ValueError
-    except ValueError:
-        lowest = 0 if listen else 1
-        raise ConfigError(f"address {text!r}: port must be a number from {lowest} to 65535") from None
-    if not host:
-        raise ConfigError(f"address {text!r} has no host")
-    return host, p
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,27 +81,6 @@ def _frame_end(frame) -> int:
     if isinstance(frame, F.Scanned):
         return frame.offset
     return 0
-
-
-def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> TLSStream:
-    host, port = address
-    try:
-        raw = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise ConnectError(f"cannot reach the target at {host}:{port} (is a receiver listening on port {port}?): {exc.strerror or exc}") from None
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock = TLSStream(raw, context, server_side=False)
-        sock.handshake()
-        check_peer_role(sock.obj, "target-data")
-    except ReplicationError:
-        raw.close()
-        raise
-    except (ssl.SSLError, OSError) as exc:
-        raw.close()
-        raise classify_ssl_error(exc, server_side=False) from None
-    sock.settimeout(IO_TIMEOUT)
-    return sock
 
 
 class Sender:

@@ -1,0 +1,61 @@
+"""Opening a sender's connection: addresses, target names, and the TLS connection to a
+receiver with its role checked. Kept apart from the block sender so that a file session or
+a network check does not import the block machinery."""
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+
+from ..errors import ConfigError, ConnectError, ReplicationError
+from .tls import check_peer_role, classify_ssl_error
+from .tlsio import TLSStream
+
+DEFAULT_PORT = 8900
+CONNECT_TIMEOUT = 10.0
+IO_TIMEOUT = 300.0
+TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_target_name(name: str) -> str:
+    if not TARGET_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"target name {name!r} is invalid: use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT, *, listen: bool = False) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    host = host.strip("[]")
+    try:
+        p = int(port)
+        if not (0 if listen else 1) <= p < 65536:
+            raise ValueError
+    except ValueError:
+        lowest = 0 if listen else 1
+        raise ConfigError(f"address {text!r}: port must be a number from {lowest} to 65535") from None
+    if not host:
+        raise ConfigError(f"address {text!r} has no host")
+    return host, p
+
+
+def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> TLSStream:
+    host, port = address
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise ConnectError(f"cannot reach the target at {host}:{port} (is a receiver listening on port {port}?): {exc.strerror or exc}") from None
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock = TLSStream(raw, context, server_side=False)
+        sock.handshake()
+        check_peer_role(sock.obj, "target-data")
+    except ReplicationError:
+        raw.close()
+        raise
+    except (ssl.SSLError, OSError) as exc:
+        raw.close()
+        raise classify_ssl_error(exc, server_side=False) from None
+    sock.settimeout(IO_TIMEOUT)
+    return sock
