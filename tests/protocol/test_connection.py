@@ -365,7 +365,7 @@ def test_malformed_file_frames_are_protocol_errors(ftype, body, match):
     from smsrepl.protocol import frames as F
 
     head8 = struct.pack(">IBBH", len(body), ftype, 0, 0)
-    h = xxhash.xxh32(head8)
+    h = xxhash.xxh3_64(head8)
     h.update(body)
     with pytest.raises(RemoteProtocolError, match=match):
         conn = Connection(RECEIVER)
@@ -375,5 +375,5 @@ def test_malformed_file_frames_are_protocol_errors(ftype, body, match):
         if ftype in (0x32, 0x33):
             conn.receive_data(F.encode(F.RoundBegin(1, "full", 0))[0])
             conn.next_event()
-        conn.receive_data(head8 + struct.pack(">I", h.intdigest()) + body)
+        conn.receive_data(head8 + struct.pack(">I", h.intdigest() & 0xFFFFFFFF) + body)
         conn.next_event()

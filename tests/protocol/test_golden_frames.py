@@ -1,7 +1,8 @@
 """Golden frames: fixed events whose wire bytes are pinned, so the wire format cannot drift silently.
 
 A deliberate format change updates these digests together with the layout in
-frames.py (and PROTOCOL_VERSION once a release has shipped).
+frames.py (and PROTOCOL_VERSION once a release has shipped). Version 2 changed every
+frame's check from XXH32 to XXH3-64's low 32 bits.
 """
 import numpy as np
 import pytest
@@ -29,12 +30,12 @@ def _events():
 
 
 GOLDEN = {
-    "BlockData": (16329, "38516dceb43067b0"),
-    "BlockSet": (12352, "52b4e9854196f445"),
-    "ZeroRange": (28, "35a842b2cec1e023"),
-    "Scanned": (20, "9b3788238504fcd8"),
-    "RoundBegin": (50, "a1c6e927e8d46c3f"),
-    "Ping": (60, "298e407dc71dd654"),
+    "BlockData": (16329, "e0f4ef4601ab60ef"),
+    "BlockSet": (12352, "cb4716ccbf74f403"),
+    "ZeroRange": (28, "036c88f5a8c8b3e5"),
+    "Scanned": (20, "ecf80b8a6608bc1a"),
+    "RoundBegin": (50, "d21ea536da39f451"),
+    "Ping": (60, "ae084049fe645e67"),
 }
 
 
