@@ -62,7 +62,7 @@ def cmd_certs_init(args) -> int:
 
 def cmd_receive(args) -> int:
     from .transport.receiver import Receiver
-    from .transport.sender import parse_address
+    from .transport.connect import parse_address
     from .transport.tls import server_context
     logging.getLogger("smsrepl.receiver.rounds").setLevel(logging.INFO)  # a line per round, stages included
 
@@ -188,7 +188,7 @@ def _block_cpu_cap(path: str | None):
 def cmd_send_files(args) -> int:
     from .files.rules import PathRules
     from .transport.file_sender import FileSender
-    from .transport.sender import parse_address
+    from .transport.connect import parse_address
     from .transport.tls import client_context
 
     from .progress import HostSampler
@@ -299,7 +299,7 @@ def _cutover_on_sigterm(cutover, abort, round_now=None) -> None:
 
 def cmd_netcheck(args) -> int:
     from .netcheck import run_netcheck
-    from .transport.sender import parse_address
+    from .transport.connect import parse_address
     from .transport.tls import client_context
 
     if not 0.2 <= args.seconds <= 600:
@@ -364,7 +364,7 @@ def cmd_verify_files(args) -> int:
         if args.to:
             from .files.compare import compare_with_listing
             from .transport.file_sender import FileSender
-            from .transport.sender import parse_address
+            from .transport.connect import parse_address
             from .transport.tls import client_context
 
             if not (args.target and args.certkey):

@@ -17,7 +17,7 @@ Public API (identical results in both backends; sizes in bytes)::
     apply_delta(old, rows, block_size, data) -> bytes
 
 Native only (``TREE``): the file-tree kernels of ``_native/fstree.c`` (scan_dir,
-diff_records, group_records, read_files, write_files, link_files, copy_into).
+diff_records, group_records, read_files, write_files, link_files).
 """
 from __future__ import annotations
 
@@ -72,7 +72,6 @@ if TREE:
     scan_dir = _impl.scan_dir
     diff_records = _impl.diff_records
     group_records = _impl.group_records
-    copy_into = _impl.copy_into
     read_files = _impl.read_files
     write_files = _impl.write_files
     link_files = _impl.link_files

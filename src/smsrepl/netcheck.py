@@ -102,7 +102,7 @@ def run_netcheck(address: tuple[str, int], context: ssl.SSLContext, *, seconds: 
     import psutil
 
     from .transport.channel import Channel
-    from .transport.sender import connect
+    from .transport.connect import connect
 
     if not 0 < bulk <= F.MAX_BODY - 64:
         raise ValueError(f"bulk frame size must be 1..{F.MAX_BODY - 64} bytes")

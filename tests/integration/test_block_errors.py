@@ -77,7 +77,7 @@ def test_plaintext_client_is_refused_and_receiver_survives(tmp_path, certkey_fil
     try:
         s = socket.create_connection(("127.0.0.1", proc.port))
         conn = Connection(SENDER)
-        s.sendall(b"".join(bytes(p) for p in conn.send(F.Hello([1], "block", "disk0", "x", 1 << 20, 4096, []))))
+        s.sendall(b"".join(bytes(p) for p in conn.send(F.Hello([F.PROTOCOL_VERSION], "block", "disk0", "x", 1 << 20, 4096, []))))
         s.settimeout(5)
         try:
             assert s.recv(100) in (b"",) or True
@@ -159,7 +159,7 @@ def test_unknown_target_and_bad_names(tmp_path, rx, certkey_file, source):
 def _raw_session(addr, bundle, target="disk0", size=1 << 20, session="raw-session"):
     host, port = addr.rsplit(":", 1)
     chan = Channel(connect((host, int(port)), client_context(bundle)), Connection(SENDER))
-    chan.send(F.Hello([1], "block", target, session, size, 4096, []))
+    chan.send(F.Hello([F.PROTOCOL_VERSION], "block", target, session, size, 4096, []))
     return chan, chan.recv()
 
 

@@ -88,7 +88,7 @@ def test_data_frames_in_a_netcheck_session_are_refused(tmp_path, bundle):
     addr = rx.start()
     try:
         chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
-        chan.send(F.Hello([1], "netcheck", "", "nc", 0, 4096, ["zstd"]))
+        chan.send(F.Hello([F.PROTOCOL_VERSION], "netcheck", "", "nc", 0, 4096, ["zstd"]))
         assert isinstance(chan.recv(), F.Welcome)
         chan.conn.state = State.ROUND  # forge our side to send data the session does not allow
         data = b"\x05" * 4096
@@ -120,7 +120,7 @@ def test_a_consistency_check_session_cannot_begin_a_round_or_write(tmp_path, bun
             if exists:
                 target.write_bytes(b"\x07" * 8192)
             chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
-            chan.send(F.Hello([1], "verify", "disk0", "someone-else", 8192, 4096, ["zstd"]))
+            chan.send(F.Hello([F.PROTOCOL_VERSION], "verify", "disk0", "someone-else", 8192, 4096, ["zstd"]))
             welcome = chan.recv()
             assert isinstance(welcome, F.Welcome) and welcome.state == "new"
             chan.send(F.RoundBegin(1, "full", 0))

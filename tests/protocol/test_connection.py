@@ -369,7 +369,7 @@ def test_malformed_file_frames_are_protocol_errors(ftype, body, match):
     h.update(body)
     with pytest.raises(RemoteProtocolError, match=match):
         conn = Connection(RECEIVER)
-        conn.receive_data(F.encode(F.Hello([1], "files", "t", "s", 0, 4096, []))[0])
+        conn.receive_data(F.encode(F.Hello([F.PROTOCOL_VERSION], "files", "t", "s", 0, 4096, []))[0])
         conn.next_event()
         conn.send(F.Welcome(1, "s", 0, "new", 0, "files", 0, "", []))
         if ftype in (0x32, 0x33):

@@ -50,7 +50,7 @@ def _digests(data: bytes) -> np.ndarray:
     return d
 
 
-_HELLO = F.Hello([1], "block", "disk0", "fuzz", 1 << 20, 4096, ["block-set"])
+_HELLO = F.Hello([F.PROTOCOL_VERSION], "block", "disk0", "fuzz", 1 << 20, 4096, ["block-set"])
 _WELCOME = F.Welcome(1, "fuzz", 1 << 20, "new", 0, "full", 0, "", capabilities=["block-set"])
 _DATA = bytes(range(256)) * 16
 

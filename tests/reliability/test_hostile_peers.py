@@ -66,7 +66,7 @@ def test_receiver_limits_out_of_range_are_refused_before_any_state_exists(tmp_pa
 
 def _session(addr, bundle, *, target="disk0", size=1 << 20, session="hostile"):
     chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
-    chan.send(F.Hello([1], "block", target, session, size, 4096, []))
+    chan.send(F.Hello([F.PROTOCOL_VERSION], "block", target, session, size, 4096, []))
     return chan, chan.recv()
 
 
@@ -150,7 +150,7 @@ def test_idle_sessions_are_capped_and_then_dropped(rx, bundle):
     for i in range(20):
         try:
             chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
-            chan.send(F.Hello([1], "netcheck", "", f"idle-{i}", 0, 4096, []))
+            chan.send(F.Hello([F.PROTOCOL_VERSION], "netcheck", "", f"idle-{i}", 0, 4096, []))
             chans.append(chan)
         except Exception:  # noqa: BLE001 - shed at the door: refused before or during TLS
             pass
@@ -312,7 +312,7 @@ def test_frames_out_of_order_are_refused_without_writing(rx, bundle, script):
         chan.send(F.RoundBegin(1, "full", 0))
         chan.sock.sendall(_wire(F.Checkpoint(1, 4096, 4096)))
     else:
-        chan.sock.sendall(_wire(F.Hello([1], "block", "disk0", "x", 1 << 20, 4096, [])))
+        chan.sock.sendall(_wire(F.Hello([F.PROTOCOL_VERSION], "block", "disk0", "x", 1 << 20, 4096, [])))
     ev = chan.recv()
     chan.close()
     assert isinstance(ev, F.Error) and ev.code == "SMS.1908", ev

@@ -217,7 +217,6 @@ static PyMethodDef core_methods[] = {
     {"scan_dir", sms_py_scan_dir, METH_VARARGS,
      "scan_dir(dir_fd, prefix, dir_path|None) -> (records, names, kinds, ends, errors)"},
     {"diff_records", sms_py_diff_records, METH_VARARGS, "diff_records(source, target) -> (actions, gone)"},
-    {"copy_into", sms_py_copy_into, METH_VARARGS, "copy_into(dst, pos, src) -> pos + len(src)"},
     {"group_records", sms_py_group_records, METH_VARARGS, "group_records(body) -> [(parent, start, end)]"},
     {"read_files", sms_py_read_files, METH_VARARGS,
      "read_files(dir_fd, records, indices, max_size, out, pos) -> (end, taken, left, files, bytes)"},

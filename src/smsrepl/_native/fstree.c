@@ -620,34 +620,6 @@ static const uint8_t *leaf_of(const sms_rec *r, size_t *len)
     return p;
 }
 
-/* --- copy_into ---------------------------------------------------------------- */
-/* copy_into(dst, pos, src) -> pos + len(src)
- * Copy src into the writable buffer dst at pos, with the GIL released for large copies (a
- * thread timing its send must not wait for another's memcpy). */
-PyObject *sms_py_copy_into(PyObject *self, PyObject *args)
-{
-    Py_buffer d = {0}, src = {0};
-    Py_ssize_t pos;
-    if (!PyArg_ParseTuple(args, "w*ny*:copy_into", &d, &pos, &src))
-        return NULL;
-    PyObject *res = NULL;
-    if (pos < 0 || pos > d.len || src.len > d.len - pos) {
-        PyErr_Format(PyExc_ValueError, "copy_into: %zd bytes at %zd do not fit in %zd", src.len, pos, d.len);
-    } else {
-        if (src.len >= (1 << 16)) {
-            Py_BEGIN_ALLOW_THREADS
-            memcpy((uint8_t *)d.buf + pos, src.buf, (size_t)src.len);
-            Py_END_ALLOW_THREADS
-        } else {
-            memcpy((uint8_t *)d.buf + pos, src.buf, (size_t)src.len);
-        }
-        res = PyLong_FromSsize_t(pos + src.len);
-    }
-    PyBuffer_Release(&d);
-    PyBuffer_Release(&src);
-    return res;
-}
-
 /* --- group_records ---------------------------------------------------------- */
 /* group_records(body) -> [(parent, start, end)]
  * Runs of consecutive records of a listing body that share a parent directory (parent b""

@@ -37,7 +37,6 @@ void sms_buf_free(sms_buf *b);
 #ifdef Py_PYTHON_H
 PyObject *sms_py_scan_dir(PyObject *self, PyObject *args);
 PyObject *sms_py_diff_records(PyObject *self, PyObject *args);
-PyObject *sms_py_copy_into(PyObject *self, PyObject *args);
 PyObject *sms_py_group_records(PyObject *self, PyObject *args);
 PyObject *sms_py_read_files(PyObject *self, PyObject *args);
 PyObject *sms_py_write_files(PyObject *self, PyObject *args);

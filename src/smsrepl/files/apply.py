@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import resource
 import itertools
 import os
 import re
+import resource
 import stat
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from .._lazy import np
 import xxhash
 
 from .. import kernels
-from ..errors import DecompressionError, RemoteProtocolError, TargetWriteError
+from ..errors import DecompressionError, RemoteProtocolError, ReplicationError, TargetWriteError
 from .scan import KINDS as KIND_OF, Entry
 
 NAME_MAX = 255
@@ -114,6 +115,8 @@ class TreeWriter:
         #: runs of anonymous files written by kernels.write_files, named after the next syncfs
         self._runs: list[tuple] = []
         self._run_files = 0
+        self._behind: ThreadPoolExecutor | None = None
+        self._flushing: Future | None = None
         fd_limit = _raise_fd_limit() if kernels.TREE else 0
         self._native = fd_limit >= 1024
         #: files waiting for a syncfs, at most (each run file holds a descriptor meanwhile)
@@ -160,6 +163,13 @@ class TreeWriter:
         return os.fsdecode(b"/".join((self.root,) + tuple(parts)))
 
     def close(self) -> None:
+        if self._behind is not None:
+            try:
+                self._reap()
+            except (OSError, ReplicationError) as exc:  # closing after a failure: say it, keep closing
+                self.reported.append(f"files of the last batch not kept: {exc}")
+            self._behind.shutdown(wait=True)
+            self._behind = None
         runs, self._runs, self._run_files = self._runs, [], 0
         for run in runs:  # files never made durable are dropped: they have no name
             _drop_run(*run)
@@ -369,6 +379,7 @@ class TreeWriter:
 
     def flush_pending(self) -> None:
         """Make the waiting files durable, then give them their names."""
+        self._reap()
         if not self._pending and not self._runs:
             return
         _syncfs(self.root_fd)
@@ -412,17 +423,43 @@ class TreeWriter:
                 for run in runs:
                     self._link_run(*run)
             elif self._run_files + len(self._pending) >= self._pending_cap or self._pending_bytes >= PENDING_BYTES:
-                self.flush_pending()
+                self._flush_behind()
         return end, files, nbytes
+
+    def _flush_behind(self) -> None:
+        """flush_pending() for the runs waiting, with their syncfs and linking done by a
+        thread of its own while the next runs are written (one such flush at a time)."""
+        self._reap()
+        if self._pending:  # named temporaries are renamed here: the careful, synchronous way
+            self.flush_pending()
+            return
+        runs, self._runs, self._run_files, self._pending_bytes = self._runs, [], 0, 0
+        for run in runs:
+            self._touch_parents(run[4])
+        if self._behind is None:
+            self._behind = ThreadPoolExecutor(1, thread_name_prefix="flush-behind")
+        self._flushing = self._behind.submit(_sync_and_link, self.root_fd, runs)
+
+    def _reap(self) -> None:
+        """Wait for the flush behind, and settle what it could not link."""
+        fut, self._flushing = self._flushing, None
+        if fut is None:
+            return
+        for run, failures in fut.result():
+            self._settle(run[4], failures)
 
     def _parent_fd(self, parent: bytes) -> int:
         return self.dir_fd(check_path(parent) if parent else ())
 
     def _link_run(self, fds, dirs, fdirs, names, paths) -> None:
-        parents = {p.rpartition(b"/")[0] for p in paths}
-        for parent in parents:
+        self._touch_parents(paths)
+        self._settle(paths, kernels.link_files(fds, dirs, fdirs, names, _TEMP_TAG))
+
+    def _touch_parents(self, paths: list[bytes]) -> None:
+        for parent in {p.rpartition(b"/")[0] for p in paths}:
             self._touch(tuple(parent.split(b"/")) if parent else ())
-        failures = kernels.link_files(fds, dirs, fdirs, names, _TEMP_TAG)
+
+    def _settle(self, paths: list[bytes], failures: list) -> None:
         self._pending_paths.difference_update(paths)
         for i, err, tmp in failures:
             parts = check_path(paths[i])
@@ -604,6 +641,26 @@ class FileSink:
             os.close(self.fd)
             self.fd = -1
             _unlink_quiet(self.tmp, self.parent)
+
+
+def _sync_and_link(root_fd: int, runs: list[tuple]) -> list[tuple]:
+    """The flush behind: one syncfs, then every run linked (kernels.link_files closes its
+    descriptors); [(run, failures)]."""
+    try:
+        _syncfs(root_fd)
+    except BaseException:
+        for run in runs:
+            _drop_run(*run)
+        raise
+    done = []
+    for i, run in enumerate(runs):
+        try:
+            done.append((run, kernels.link_files(*run[:4], _TEMP_TAG)))
+        except BaseException:
+            for later in runs[i + 1:]:
+                _drop_run(*later)
+            raise
+    return done
 
 
 def _drop_run(fds, dirs, fdirs, names, paths) -> None:

@@ -8,6 +8,7 @@ batched into FILE_OPS frames; the receiver applies them in order
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 import time
@@ -217,6 +218,9 @@ class OpStream:
                 # all of them at once, before any frame is sent: allocating (zeroing, faulting in)
                 # one while the worker times a send would skew the adaptive choice's rates
                 self._free = [_touched(self.CAPACITY) for _ in range(self.IN_FLIGHT + 1)]
+                # ctypes views pin the buffers (a resize would raise) and give their addresses
+                self._pins = [(ctypes.c_char * len(b)).from_buffer(b) for b in self._free]
+                self._address = {id(b): ctypes.addressof(pin) for b, pin in zip(self._free, self._pins)}
             self._buf = self._free.pop()
         return self._buf, self._pos
 
@@ -235,12 +239,14 @@ class OpStream:
         if need > self.CAPACITY:
             raise ValueError(f"a file operation of {need} bytes exceeds a batch")
         for b in buffers:
-            if kernels.TREE and len(b) >= 1 << 16:
-                pos = kernels.copy_into(buf, pos, b)
+            n = len(b)
+            if n >= 1 << 16 and isinstance(b, bytes):
+                # through libc: ctypes lets go of the GIL, which a worker timing its send for
+                # the adaptive choice would otherwise wait for
+                ctypes.memmove(self._address[id(buf)] + pos, b, n)
             else:
-                n = len(b)
                 buf[pos:pos + n] = b
-                pos += n
+            pos += n
         self.advance(pos)
 
     def flush(self) -> None:

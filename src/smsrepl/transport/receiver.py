@@ -407,6 +407,7 @@ class _Session:
         self.rounds = 0
         self.written = 0
         self._frames: queue.Queue | None = None
+        self._reader_stop: threading.Event | None = None
         self.lock_fd: int | None = None
 
     def run(self) -> None:
@@ -451,6 +452,8 @@ class _Session:
                 except ReplicationError:
                     pass
         finally:
+            if self._reader_stop is not None:
+                self._reader_stop.set()  # a reader still waiting to hand over a frame gives up
             if self.replica is not None:
                 try:
                     self.replica.checkpoint()  # keep what arrived intact before the cut
@@ -468,10 +471,7 @@ class _Session:
     def _loop(self) -> bool:
         replica = self.replica
         assert replica is not None and self.hello is not None
-        frames: queue.Queue = queue.Queue(maxsize=16)
-        self._frames = frames
-        reader = threading.Thread(target=self._read_into, args=(frames,), daemon=True)
-        reader.start()
+        frames = self._start_reader(16)
         last_ckpt = time.monotonic()
         in_round: F.RoundBegin | None = None
         try:
@@ -546,9 +546,13 @@ class _Session:
         root = self.rx.targets[self.hello.target]
         applier: OpApplier | None = None
         round_id = 0
+        # the next frame is read and decrypted while this one's files are written
+        frames = self._start_reader(2)
         try:
             while True:
-                ev = self.chan.recv()
+                ev = frames.get()
+                if isinstance(ev, BaseException):
+                    raise ev
                 if isinstance(ev, F.TreeRequest) and applier is None:
                     for frame in describe_tree(root, checksum=ev.checksum):
                         self.chan.send(frame)
@@ -672,18 +676,36 @@ class _Session:
             if isinstance(ev, (BaseException, ConnectionClosed)):
                 return
 
-    def _read_into(self, frames: queue.Queue) -> None:
+    def _start_reader(self, depth: int) -> queue.Queue:
+        """Frames read (and decrypted) by a thread of their own, up to ``depth`` ahead of the
+        loop that applies them."""
+        frames: queue.Queue = queue.Queue(maxsize=depth)
+        self._frames = frames
+        self._reader_stop = threading.Event()
+        threading.Thread(target=self._read_into, args=(frames, self._reader_stop), daemon=True,
+                         name="smsrepl-rx-reader").start()
+        return frames
+
+    def _read_into(self, frames: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():  # the loop may be gone (an error): never block forever
+                try:
+                    frames.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
             while True:
                 t0 = time.perf_counter()
                 ev = self.chan.recv()
                 if self.replica is not None:
                     self.replica.clock.add("receive", time.perf_counter() - t0)
-                frames.put(ev)
-                if isinstance(ev, (ConnectionClosed, F.Close, F.Error)):
+                if not put(ev) or isinstance(ev, (ConnectionClosed, F.Close, F.Error)):
                     return
         except BaseException as exc:  # handed to the applying thread
-            frames.put(exc)
+            put(exc)
 
     def _answer_manifest(self, req: F.ManifestRequest) -> None:
         man = self.replica.manifest if self.replica else None
