@@ -41,6 +41,7 @@ from .scan import KINDS as KIND_OF, Entry
 
 NAME_MAX = 255
 _BAD_PARTS = frozenset((b"", b".", b".."))
+TEMP_START = b".smsrepl~"
 TEMP_RE = re.compile(rb"^\.smsrepl~[0-9a-f]{16}~")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: hole granularity when writing sparse files

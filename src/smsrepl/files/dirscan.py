@@ -130,6 +130,26 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
             stack.append((batch.path(i), parts + (batch.names[i],)))
 
 
+def without_temporaries(top: bytes, b: DirBatch) -> DirBatch:
+    """``b`` without the temporaries a killed round left (apply.TEMP_RE), which are removed."""
+    from .apply import TEMP_START, TEMP_RE, _unlink_quiet
+
+    temps = [i for i, n in enumerate(b.names) if n.startswith(TEMP_START) and TEMP_RE.match(n)]
+    if not temps:
+        return b
+    try:
+        fd = os.open(top + b"/" + b.rel if b.rel else top, _OPEN_DIR)
+    except OSError:
+        return b
+    try:
+        for i in temps:
+            _unlink_quiet(b.names[i], fd)
+    finally:
+        os.close(fd)
+    gone = set(temps)
+    return _subset(b, [i for i in range(len(b.names)) if i not in gone], set())
+
+
 def _filtered(b: DirBatch, filt: RoundFilter) -> DirBatch:
     keep, implied = [], set()
     for i, name in enumerate(b.names):
@@ -139,8 +159,11 @@ def _filtered(b: DirBatch, filt: RoundFilter) -> DirBatch:
         elif b.kinds[i] == DIR and filt.descend(cp):
             implied.add(len(keep))
             keep.append(i)
-    if len(keep) == len(b.names):
-        return b
+    return b if len(keep) == len(b.names) else _subset(b, keep, implied)
+
+
+def _subset(b: DirBatch, keep: list[int], implied: set[int]) -> DirBatch:
+    """The entries of ``b`` at ``keep`` (``implied``: indices into the result)."""
     view = memoryview(b.records)
     chunks, ends, pos = [], [], 0
     for i in keep:

@@ -23,7 +23,7 @@ from ..codec import RAW, AdaptiveChoice, Compressor, Decompressor
 from ..errors import RemoteProtocolError, TargetWriteError
 from ..protocol import frames as F
 from . import wire as W
-from .apply import FileSink, TreeWriter
+from .apply import FileSink, TreeWriter, remove_temporaries
 from .compare import content_digest
 from .rules import RoundFilter
 from .scan import Entry, walk
@@ -46,16 +46,19 @@ KEEPALIVE = 20.0
 def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Compressor | None = None
                   ) -> Iterator[F.TreeData]:
     """TREE_DATA frames listing every entry under ``root`` (with content digests when asked).
+    Temporaries a killed round left (apply.TEMP_RE) are removed first, and not listed.
 
     With the native kernels and no digests, a directory's records are made in one call
-    (files.dirscan); the root's own entry is then not listed (nobody asks for it)."""
+    (files.dirscan), which also finds the temporaries (no walk of its own); the root's own
+    entry is then not listed (nobody asks for it)."""
     comp = compressor or Compressor()
     top = os.fsencode(root)
     if kernels.TREE and not checksum:
-        from .dirscan import scan_dirs
+        from .dirscan import scan_dirs, without_temporaries
 
-        bodies = (b.records for b in scan_dirs(top, on_error=lambda p, exc: None))
+        bodies = (without_temporaries(top, b).records for b in scan_dirs(top, on_error=lambda p, exc: None))
     else:
+        remove_temporaries(top)
         bodies = (W.encode_entry(e, content_digest(top + b"/" + e.path) if checksum and e.kind == "file" else None)
                   for e in walk(top, xattrs=True, on_error=lambda p, exc: None))
     parts: list[bytes] = []

@@ -90,16 +90,29 @@ class FileSender:
     def _total(self, kind: str) -> int:
         """Bytes of the regular files the round covers (the 5.4.8 totalsize)."""
         filt = self.rules.for_round(kind) if self.rules else None
+        if by_dirs(self.checksum):
+            from ..files.dirscan import scan_dirs
+
+            return sum(b.file_bytes() for b in scan_dirs(self.source, filt, on_error=lambda p, exc: None, xattrs=False))
         return sum(e.size for e in walk(self.source, filt, on_error=lambda p, exc: None) if e.kind == "file")
 
     def run(self) -> FileRoundResult:
         started = time.monotonic()
-        chan = Channel(connect(self.address, self.context), Connection(SENDER))
-        self._chan = chan
+        # where either kind of round walks the same tree, the walk starts now: it overlaps
+        # connecting, the TLS handshake and the receiver's listing of its own tree
+        early = None
+        if by_dirs(self.checksum) and (self.rules is None or self.rules.for_round("full") == self.rules.for_round("sync")):
+            early = Prefetch(scan_round(self.source, self.rules, "full"), limit=1024, batch=1)
         try:
-            return self._session(chan, started)
+            chan = Channel(connect(self.address, self.context), Connection(SENDER))
+            self._chan = chan
+            try:
+                return self._session(chan, started, early)
+            finally:
+                chan.close()
         finally:
-            chan.close()
+            if early is not None:
+                early.close()
 
     def _recv(self, chan: Channel, *want: type) -> F.Event:
         ev = chan.recv()
@@ -172,7 +185,7 @@ class FileSender:
             raise RemoteProtocolError("SIG_DATA does not cover the file")
         return size, w, s
 
-    def _session(self, chan: Channel, started: float) -> FileRoundResult:
+    def _session(self, chan: Channel, started: float, early: Prefetch | None = None) -> FileRoundResult:
         chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
                           list(CAPABILITIES)))
         welcome = self._recv(chan, F.Welcome)
@@ -182,6 +195,8 @@ class FileSender:
         round_id = welcome.round_id + 1
         chan.send(F.TreeRequest(self.checksum))
         # the source is walked while the receiver lists its tree
+        if early is not None:
+            return self._round(chan, started, kind, round_id, early)
         if by_dirs(self.checksum):
             prefetch = Prefetch(scan_round(self.source, self.rules, kind), limit=1024, batch=1)
         else:

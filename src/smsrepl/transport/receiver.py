@@ -529,9 +529,7 @@ class _Session:
             pass
         except OSError as exc:
             raise TargetWriteError(f"target {ev.target!r}: cannot create {root!r}: {exc.strerror}") from None
-        from ..files.apply import remove_temporaries
-
-        remove_temporaries(root)  # what a killed round left, before the tree is described
+        self._described = False  # describe_tree removes what a killed round left
         self._files_state = os.path.join(self.rx.state_dir, f"{ev.target}.files.json")
         rec = _read_record(self._files_state)
         last = int(rec.get("round_id", 0))
@@ -540,7 +538,7 @@ class _Session:
         log.info("%s: file session %s for target %s (%s)", self.peer, ev.session_id, ev.target, root)
 
     def _files_loop(self) -> bool:
-        from ..files.apply import TreeWriter
+        from ..files.apply import TreeWriter, remove_temporaries
         from ..files.remote import OpApplier, describe_tree, signature_frames
 
         root = self.rx.targets[self.hello.target]
@@ -556,7 +554,11 @@ class _Session:
                 if isinstance(ev, F.TreeRequest) and applier is None:
                     for frame in describe_tree(root, checksum=ev.checksum):
                         self.chan.send(frame)
+                    self._described = True
                 elif isinstance(ev, F.RoundBegin) and applier is None:
+                    if not self._described:  # a sender that did not ask for the tree first
+                        remove_temporaries(root)
+                        self._described = True
                     rec = _read_record(self._files_state)
                     write_json_atomic(self._files_state, {**rec, "round_id": ev.round_id, "complete": rec.get(
                         "complete", False) and ev.kind == "sync"})
