@@ -15,7 +15,6 @@ each session). Elsewhere than glibc both are no-ops.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 #: allocations of this size and more are mapped on their own and unmapped when freed
 MMAP_THRESHOLD = 1 << 20
@@ -28,7 +27,8 @@ def _glibc():
     global _libc
     if _libc is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            # the process's own symbols: find_library() would run ldconfig (10-20 ms a start)
+            libc = ctypes.CDLL(None)
             libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
             libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             _libc = libc
