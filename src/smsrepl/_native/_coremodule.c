@@ -215,7 +215,7 @@ done:
 
 static PyMethodDef core_methods[] = {
     {"scan_dir", sms_py_scan_dir, METH_VARARGS,
-     "scan_dir(dir_fd, prefix, dir_path|None) -> (records, names, kinds, ends, errors)"},
+     "scan_dir(dir_fd, prefix, dir_path|None) -> (records, names, kinds, ends, errors, file_bytes)"},
     {"diff_records", sms_py_diff_records, METH_VARARGS, "diff_records(source, target) -> (actions, gone)"},
     {"group_records", sms_py_group_records, METH_VARARGS, "group_records(body) -> [(parent, start, end)]"},
     {"read_files", sms_py_read_files, METH_VARARGS,

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -181,6 +182,25 @@ static int cmp_cstr(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+#ifndef SYS_listxattrat
+#define SYS_listxattrat 465 /* Linux 6.13 (x86_64 and the generic table alike) */
+#endif
+static int have_listxattrat = 1;
+
+/* Whether entry `name` of dir_fd may have xattrs: listxattrat() answers without resolving
+ * a path (half the cost of llistxattr by path, where most entries have none). */
+static int may_have_xattrs(int dir_fd, const char *name)
+{
+    if (!have_listxattrat)
+        return 1;
+    long n = syscall(SYS_listxattrat, dir_fd, name, AT_SYMLINK_NOFOLLOW, NULL, (size_t)0);
+    if (n == 0)
+        return 0;
+    if (n < 0 && (errno == ENOSYS || errno == EINVAL || errno == EPERM))
+        have_listxattrat = 0; /* an older kernel, or a filter that refuses it */
+    return 1;
+}
+
 /* The xattr block of `path` (u16 count, then per item u16 name length, name, u32 value
  * length, value; sorted by name), empty where there are none. 0 or an errno. */
 static int read_xattrs(const char *path, sms_buf *xb)
@@ -274,6 +294,7 @@ out:
 
 typedef struct {
     sms_buf blob;
+    uint64_t file_bytes; /* sizes of the regular files */
     dname *names; /* sorted; entries that failed have their errno in errs */
     size_t count;
     uint8_t *kinds;  /* per record */
@@ -386,7 +407,7 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
             llen = (size_t)r;
         }
         xb.len = 0;
-        if (dpath) {
+        if (dpath && may_have_xattrs(dir_fd, dn->name)) {
             memcpy(xpath + dlen + 1, dn->name, dn->len + 1);
             int e = read_xattrs(xpath, &xb);
             if (e) {
@@ -397,6 +418,8 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
         if ((err = put_record(&o->blob, &st, prefix, prelen, (const uint8_t *)dn->name, dn->len, linkbuf,
                               llen, xb.data, xb.len)))
             goto done;
+        if (S_ISREG(st.st_mode))
+            o->file_bytes += (uint64_t)st.st_size;
         o->kinds[o->nrec] = (uint8_t)kind_of(st.st_mode);
         o->ends[o->nrec] = o->blob.len;
         o->nameidx[o->nrec] = i;
@@ -409,11 +432,11 @@ done:
     return err;
 }
 
-/* scan_dir(dir_fd, prefix, dir_path or None) -> (records, names, kinds, ends, errors)
+/* scan_dir(dir_fd, prefix, dir_path or None) -> (records, names, kinds, ends, errors, file_bytes)
  * Records of every entry of the directory, sorted by name, paths `prefix/name`; names: the
  * records' leaf names; kinds: a kind code per record; ends: each record's end offset;
  * errors: (name, errno) of entries that could not be read. With dir_path (the directory's
- * path), records carry the entries' xattrs. */
+ * path), records carry the entries' xattrs. file_bytes: the sizes of the regular files. */
 PyObject *sms_py_scan_dir(PyObject *self, PyObject *args)
 {
     int dir_fd;
@@ -475,7 +498,7 @@ PyObject *sms_py_scan_dir(PyObject *self, PyObject *args)
         }
         Py_DECREF(t);
     }
-    res = PyTuple_Pack(5, blob, names, kinds, ends, errors);
+    res = Py_BuildValue("(OOOOOK)", blob, names, kinds, ends, errors, (unsigned long long)o.file_bytes);
 fail:
     Py_XDECREF(blob);
     Py_XDECREF(names);

@@ -50,6 +50,8 @@ _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 #: files written under temporary names before one syncfs() and their renames
 PENDING_FILES = 4096
 PENDING_BYTES = 256 << 20
+#: directories made durable one fsync each at the end of a round; more take one syncfs
+FSYNC_DIRS = 16
 #: threads writing a run of small files (kernels.write_files): file creation is mostly
 #: kernel time, and an anonymous file is made without the directory's lock
 WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -483,7 +485,9 @@ class TreeWriter:
                     os.utime(self.dir_fd(parts), ns=times)
                 except (OSError, TargetWriteError):
                     pass  # removed later in the round
-        if self.fsync:
+        if self.fsync and len(self._touched) > FSYNC_DIRS:
+            _syncfs(self.root_fd)  # one flush for them all
+        elif self.fsync:
             for parts in sorted(self._touched, key=len, reverse=True):
                 try:
                     os.fsync(self.dir_fd(parts))

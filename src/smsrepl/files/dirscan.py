@@ -5,18 +5,22 @@ one call of ``kernels.scan_dir``: a round then deals with a directory of many
 small files in a few calls instead of a few per file. What is included is
 walk()'s (files.scan): filters, ``one_file_system``, ``on_error``; a directory
 comes before its content, names within a directory sorted by their bytes (the
-directories themselves come in depth-first order, each after its parent).
+directories themselves come breadth first, each after its parent).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .. import kernels
 from . import wire as W
+from .apply import TEMP_RE, TEMP_START, _unlink_quiet
 from .rules import RoundFilter
 from .scan import Entry, _raise, read_xattrs
 from ..errors import SourceError
@@ -25,6 +29,9 @@ DIR = W.KIND_CODES["dir"]
 FILE = W.KIND_CODES["file"]
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SIZE = struct.Struct(">Q")  # at offset 13 of a record
+#: threads scanning directories, and directories scanned ahead of the consumer at most
+SCAN_THREADS = int(os.environ.get("SMSREPL_SCAN_THREADS", "0")) or max(1, min(4, os.cpu_count() or 1))
+AHEAD = 64
 _NLINK = struct.Struct(">I")  # at offset 37
 
 
@@ -42,6 +49,8 @@ class DirBatch:
     implied: frozenset[int] = frozenset()
     #: subdirectories listed but not entered (mount points with one_file_system)
     not_entered: list[bytes] = field(default_factory=list)
+    #: bytes of the regular files in the batch (None: add them up from the records)
+    sizes: int | None = None
 
     def path(self, i: int) -> bytes:
         return self.rel + b"/" + self.names[i] if self.rel else self.names[i]
@@ -62,6 +71,8 @@ class DirBatch:
 
     def file_bytes(self) -> int:
         """Bytes of the regular files in the batch."""
+        if self.sizes is not None:
+            return self.sizes
         recs, ends = self.records, self.ends
         return sum(_SIZE.unpack_from(recs, (ends[i - 1] if i else 0) + 13)[0]
                    for i, k in enumerate(self.kinds) if k == FILE)
@@ -83,57 +94,86 @@ def root_entry(top: bytes, xattrs: bool = True) -> Entry:
 
 def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
               on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False,
-              xattrs: bool = True) -> Iterator[DirBatch]:
-    """A DirBatch for each directory under ``root`` (the root's first) that the walk enters."""
+              xattrs: bool = True, threads: int = SCAN_THREADS) -> Iterator[DirBatch]:
+    """A DirBatch for each directory under ``root`` (the root's first) that the walk enters.
+
+    Directories are scanned ``threads`` at a time (kernels.scan_dir lets go of the GIL), at
+    most AHEAD of them before the consumer takes their batches; the batches come in the
+    order the directories were found (breadth first), so a directory's batch always comes
+    after its parent's."""
     top = os.fsencode(root)
     st = root_entry(top, xattrs=False)
     dev = st.dev if one_file_system else None
-    stack: list[tuple[bytes, tuple[bytes, ...]]] = [(b"", ())]
-    while stack:
-        rel, parts = stack.pop()
-        full = top + b"/" + rel if rel else top
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="scan") if threads > 1 else None
+    # [rel, parts, future or None]: the first AHEAD have their scan started
+    todo: deque[list] = deque([[b"", (), None]])
+
+    def start_ahead() -> None:
+        for item in itertools.islice(todo, AHEAD):
+            if item[2] is None:
+                item[2] = pool.submit(_scan_one, top, item[0], xattrs)
+
+    try:
+        while todo:
+            if pool is not None:
+                start_ahead()
+            rel, parts, fut = todo.popleft()
+            got = fut.result() if fut is not None else _scan_one(top, rel, xattrs)
+            full = top + b"/" + rel if rel else top
+            if isinstance(got, OSError):
+                if on_error is _raise:
+                    _raise(full, got)
+                on_error(rel, got)
+                continue
+            records, names, kinds, ends, errors, sizes = got
+            for name, err in errors:
+                child = rel + b"/" + name if rel else name
+                exc = OSError(err, os.strerror(err))
+                if on_error is _raise:
+                    _raise(top + b"/" + child, exc)
+                on_error(child, exc)
+            batch = DirBatch(rel, parts, records, names, kinds, ends, sizes=sizes)
+            if filt is not None:
+                batch = _filtered(batch, filt)
+            subdirs = [i for i, k in enumerate(batch.kinds) if k == DIR]
+            if dev is not None:
+                entered = []
+                for i in subdirs:
+                    try:
+                        same = os.lstat(top + b"/" + batch.path(i)).st_dev == dev
+                    except OSError:
+                        same = True  # gone meanwhile: its scan reports it
+                    if same:
+                        entered.append(i)
+                    else:
+                        batch.not_entered.append(batch.path(i))
+                subdirs = entered
+            todo.extend([batch.path(i), parts + (batch.names[i],), None] for i in subdirs)
+            if pool is not None:
+                start_ahead()  # before the consumer gets this batch: the pool keeps working
+            yield batch
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _scan_one(top: bytes, rel: bytes, xattrs: bool):
+    """kernels.scan_dir of directory ``rel``, or the OSError that stopped it."""
+    full = top + b"/" + rel if rel else top
+    try:
+        fd = os.open(full, _OPEN_DIR)
         try:
-            fd = os.open(full, _OPEN_DIR)
-            try:
-                records, names, kinds, ends, errors = kernels.scan_dir(fd, rel, full if xattrs else None)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            if on_error is _raise:
-                _raise(full, exc)
-            on_error(rel, exc)
-            continue
-        for name, err in errors:
-            child = rel + b"/" + name if rel else name
-            exc = OSError(err, os.strerror(err))
-            if on_error is _raise:
-                _raise(top + b"/" + child, exc)
-            on_error(child, exc)
-        batch = DirBatch(rel, parts, records, names, kinds, ends)
-        if filt is not None:
-            batch = _filtered(batch, filt)
-        subdirs = [i for i, k in enumerate(batch.kinds) if k == DIR]
-        if dev is not None:
-            entered = []
-            for i in subdirs:
-                try:
-                    same = os.lstat(top + b"/" + batch.path(i)).st_dev == dev
-                except OSError:
-                    same = True  # gone meanwhile: its scan reports it
-                if same:
-                    entered.append(i)
-                else:
-                    batch.not_entered.append(batch.path(i))
-            subdirs = entered
-        yield batch
-        for i in reversed(subdirs):
-            stack.append((batch.path(i), parts + (batch.names[i],)))
+            return kernels.scan_dir(fd, rel, full if xattrs else None)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return exc
 
 
 def without_temporaries(top: bytes, b: DirBatch) -> DirBatch:
     """``b`` without the temporaries a killed round left (apply.TEMP_RE), which are removed."""
-    from .apply import TEMP_START, TEMP_RE, _unlink_quiet
-
+    if TEMP_START not in b.records:  # a byte search rules out nearly every directory
+        return b
     temps = [i for i, n in enumerate(b.names) if n.startswith(TEMP_START) and TEMP_RE.match(n)]
     if not temps:
         return b

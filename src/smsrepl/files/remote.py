@@ -51,7 +51,7 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     With the native kernels and no digests, a directory's records are made in one call
     (files.dirscan), which also finds the temporaries (no walk of its own); the root's own
     entry is then not listed (nobody asks for it)."""
-    comp = compressor or Compressor()
+    comp = compressor or Compressor(1)  # records compress well at the cheapest level
     top = os.fsencode(root)
     if kernels.TREE and not checksum:
         from .dirscan import scan_dirs, without_temporaries
