@@ -845,6 +845,8 @@ done:
 typedef struct {
     const uint8_t *name; /* leaf, not NUL-terminated */
     size_t nlen;
+    const uint8_t *path; /* the whole path, for errors */
+    size_t plen;
     const uint8_t *data;
     uint64_t size;
     uint32_t mode, uid, gid;
@@ -1046,6 +1048,8 @@ PyObject *sms_py_write_files(PyObject *self, PyObject *args)
         wfile *f = &run.files[run.n++];
         f->name = leaf;
         f->nlen = nlen;
+        f->path = r.path;
+        f->plen = r.plen;
         f->data = b + p + 1 + r.total;
         f->size = r.size;
         f->mode = r.mode;
@@ -1076,7 +1080,7 @@ PyObject *sms_py_write_files(PyObject *self, PyObject *args)
     for (size_t i = 0; i < run.n; i++) {
         wfile *f = &run.files[i];
         if (f->err) {
-            PyObject *path = PyBytes_FromStringAndSize((const char *)f->name, (Py_ssize_t)f->nlen);
+            PyObject *path = PyBytes_FromStringAndSize((const char *)f->path, (Py_ssize_t)f->plen);
             PyObject *exc = path ? PyObject_CallFunction(PyExc_OSError, "isO", f->err, strerror(f->err), path) : NULL;
             if (exc) {
                 PyObject *step = PyUnicode_FromString(f->step ? f->step : "write");

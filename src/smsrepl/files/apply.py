@@ -32,10 +32,10 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .._lazy import np
 import xxhash
 
 from .. import kernels
+from .._lazy import np
 from ..errors import DecompressionError, RemoteProtocolError, ReplicationError, TargetWriteError
 from .scan import KINDS as KIND_OF, Entry
 

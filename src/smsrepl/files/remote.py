@@ -25,6 +25,7 @@ from ..protocol import frames as F
 from . import wire as W
 from .apply import FileSink, TreeWriter, remove_temporaries
 from .compare import content_digest
+from .dirscan import scan_dirs, without_temporaries
 from .rules import RoundFilter
 from .scan import Entry, walk
 
@@ -54,8 +55,6 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     comp = compressor or Compressor(1)  # records compress well at the cheapest level
     top = os.fsencode(root)
     if kernels.TREE and not checksum:
-        from .dirscan import scan_dirs, without_temporaries
-
         bodies = (without_temporaries(top, b).records for b in scan_dirs(top, on_error=lambda p, exc: None))
     else:
         remove_temporaries(top)

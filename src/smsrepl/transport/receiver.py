@@ -25,6 +25,8 @@ from ..errors import (
     TargetWriteError,
     TransportError,
 )
+from ..files.apply import TreeWriter, remove_temporaries
+from ..files.remote import OpApplier, describe_tree, signature_frames
 from ..memory import release_free_memory
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
 from ..protocol import frames as F
@@ -538,9 +540,6 @@ class _Session:
         log.info("%s: file session %s for target %s (%s)", self.peer, ev.session_id, ev.target, root)
 
     def _files_loop(self) -> bool:
-        from ..files.apply import TreeWriter, remove_temporaries
-        from ..files.remote import OpApplier, describe_tree, signature_frames
-
         root = self.rx.targets[self.hello.target]
         applier: OpApplier | None = None
         round_id = 0

@@ -1,0 +1,238 @@
+"""The file-tree kernels (fstree.c) against the per-entry Python code they stand in for,
+and their answers to bad input."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from smsrepl.files import wire as W
+from smsrepl.files.scan import walk
+
+try:
+    from smsrepl._native import _core as native
+except ImportError:  # pragma: no cover
+    native = None
+
+pytestmark = pytest.mark.skipif(native is None, reason="native core not built")
+ODD = [b"plain.txt", b"with space", b"new\nline", b"\xff\xfenot-utf8", b"x" * 255, b"-dash", b"Upper"]
+
+
+def _dirfd(path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "t"
+    root.mkdir()
+    for i, name in enumerate(ODD):
+        (root / os.fsdecode(name)).write_bytes(b"d" * (i * 100))
+    os.symlink(b"target\xff", os.path.join(os.fsencode(root), b"link"))
+    os.mkfifo(root / "fifo")
+    (root / "sub").mkdir()
+    try:
+        os.setxattr(root / "plain.txt", "user.b", b"2")
+        os.setxattr(root / "plain.txt", "user.a", b"")
+    except OSError:
+        pass  # a file system without user xattrs: records carry none, on both sides
+    return root
+
+
+def _python_records(root, prefix: bytes) -> bytes:
+    out = b""
+    for e in walk(root, xattrs=True):
+        if e.path and b"/" not in e.path:
+            e.path = prefix + b"/" + e.path if prefix else e.path
+            out += W.encode_entry(e)
+    return out
+
+
+@pytest.mark.parametrize("prefix", [b"", b"a/b"])
+def test_scan_dir_makes_the_records_the_python_walk_does(tree, prefix):
+    fd = _dirfd(tree)
+    try:
+        records, names, kinds, ends, errors, sizes = native.scan_dir(fd, prefix, os.fsencode(tree))
+    finally:
+        os.close(fd)
+    assert records == _python_records(tree, prefix)
+    assert names == sorted(names) and set(ODD) <= set(names)
+    assert len(kinds) == len(names) == len(ends) and ends[-1] == len(records)
+    assert errors == []
+    assert sizes == sum(i * 100 for i in range(len(ODD)))
+
+
+def test_scan_dir_of_something_that_is_not_a_directory_is_an_oserror(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as err:
+            native.scan_dir(fd, b"", None)
+        assert err.value.errno == errno.ENOTDIR
+    finally:
+        os.close(fd)
+    with pytest.raises(ValueError, match="NUL"):
+        native.scan_dir(0, b"", b"a\0b")
+
+
+def _records_of(root) -> bytes:
+    fd = _dirfd(root)
+    try:
+        return native.scan_dir(fd, b"", os.fsencode(root))[0]
+    finally:
+        os.close(fd)
+
+
+def test_diff_records_verdicts(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    for d in (src, dst):
+        d.mkdir()
+        for name in ("same", "meta", "data", "kind", "link_old", "gone"):
+            if d == src and name == "gone":
+                continue
+            (d / name).write_bytes(b"12345")
+            os.utime(d / name, ns=(10**18, 10**18))
+        os.symlink("to-a", d / "sym")
+    (src / "new").write_bytes(b"n")
+    os.chmod(src / "meta", 0o600)
+    (src / "data").write_bytes(b"123456")
+    os.utime(src / "data", ns=(10**18, 10**18))
+    (src / "kind").unlink()
+    (src / "kind").mkdir()
+    os.link(src / "link_old", src / "link_new")  # a hard link on the source: the careful path
+    (dst / "sym").unlink()
+    os.symlink("to-b", dst / "sym")
+    names = sorted(os.fsencode(n) for n in os.listdir(src))
+    actions, gone = native.diff_records(_records_of(src), _records_of(dst))
+    got = dict(zip(names, actions))
+    assert got == {b"same": 0, b"meta": 3, b"data": 4, b"kind": 1, b"link_old": 1, b"link_new": 2, b"new": 2,
+                   b"sym": 1}
+    dst_names = sorted(os.fsencode(n) for n in os.listdir(dst))
+    assert [dst_names[j] for j in gone] == [b"gone"]
+
+
+def test_diff_records_refuses_unsorted_duplicate_and_truncated_listings(tmp_path):
+    for n in ("a", "b"):
+        (tmp_path / n).write_bytes(b"")
+    recs = _records_of(tmp_path)
+    a_end = W.Reader(recs)
+    a_end.entry()
+    first, second = recs[:a_end.pos], recs[a_end.pos:]
+    with pytest.raises(ValueError, match="sorted"):
+        native.diff_records(recs, second + first)
+    with pytest.raises(ValueError, match="sorted"):
+        native.diff_records(first + first, recs)
+    with pytest.raises(ValueError, match="past the end"):
+        native.diff_records(recs[:-1], b"")
+
+
+def test_group_records_splits_by_parent_and_keeps_the_root_apart(tmp_path):
+    e = next(walk(tmp_path))
+    root_rec = W.encode_entry(e)  # path b""
+    (tmp_path / "x").write_bytes(b"")
+    fd = _dirfd(tmp_path)
+    try:
+        top = native.scan_dir(fd, b"", None)[0]
+        deep = native.scan_dir(fd, b"d/e", None)[0]
+    finally:
+        os.close(fd)
+    body = root_rec + top + deep
+    assert native.group_records(body) == [(None, 0, len(root_rec)), (b"", len(root_rec), len(root_rec) + len(top)),
+                                          (b"d/e", len(root_rec) + len(top), len(body))]
+    with pytest.raises(ValueError):
+        native.group_records(body[:-3])
+
+
+def test_read_files_reads_into_the_buffer_and_leaves_what_it_cannot(tmp_path):
+    for name, size in (("a", 10), ("b", 5000), ("c", 3)):
+        (tmp_path / name).write_bytes(bytes([65 + len(name)]) * size)
+    (tmp_path / "big").write_bytes(b"B" * 70_000)
+    os.mkfifo(tmp_path / "p")
+    recs = _records_of(tmp_path)  # a b big c p
+    fd = _dirfd(tmp_path)
+    try:
+        os.unlink(tmp_path / "c")
+        os.mkfifo(tmp_path / "c")  # a file swapped for a FIFO after the scan: never opened blocking
+        buf = bytearray(1 << 20)
+        end, taken, left, files, nbytes = native.read_files(fd, recs, [0, 1, 2, 3, 4], 65536, buf, 7)
+        assert (taken, sorted(left), files, nbytes) == (5, [2, 3, 4], 2, 5010)
+        ops = list(W.decode_ops(bytes(buf[7:end])))
+        assert [(op, e.path, len(d)) for op, e, d in ops] == [(W.FILE, b"a", 10), (W.FILE, b"b", 5000)]
+        small = bytearray(200)  # room for a, not for b: stops there
+        end, taken, left, files, _ = native.read_files(fd, recs, [0, 1], 65536, small, 0)
+        assert (taken, left, files) == (1, [], 1)
+        with pytest.raises(ValueError, match="outside the buffer"):
+            native.read_files(fd, recs, [0], 65536, small, 201)
+        with pytest.raises(IndexError):
+            native.read_files(fd, recs, [5], 65536, buf, 0)
+        with pytest.raises(TypeError):
+            native.read_files(fd, recs, [0], 65536, b"read-only", 0)
+    finally:
+        os.close(fd)
+
+
+def _file_op(path: bytes, data: bytes, mode: int = 0o640, mtime: int = 1_500_000_000_123_456_789) -> bytes:
+    from smsrepl.files.scan import Entry
+
+    e = Entry(path, "file", mode, os.getuid(), os.getgid(), len(data), mtime, 0, 0, 1, 0)
+    return b"".join(bytes(p) for p in W.encode_op(W.FILE, e, data=data))
+
+
+def test_write_files_then_link_files_make_the_files_with_their_metadata(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "old").write_bytes(b"previous")
+    (tmp_path / "adir").mkdir()  # a directory where a file goes: left to the caller, named temporarily
+    sparse = b"s" * 10 + bytes(3 * 4096) + b"e"
+    body = (_file_op(b"new", b"hello") + _file_op(b"sub/deep", sparse, 0o600) + _file_op(b"old", b"replaced")
+            + _file_op(b"adir", b"x") + _file_op(b"../escape", b"no"))
+    fds = {b"": _dirfd(tmp_path), b"sub": _dirfd(tmp_path / "sub")}
+    try:
+        end, n, nbytes, files, dirs, fdirs, names, paths = native.write_files(body, 0, fds.__getitem__, False, 100, 2)
+        assert end == len(body) - len(_file_op(b"../escape", b"no"))  # stops before the bad path
+        assert (n, nbytes, paths) == (4, 5 + len(sparse) + 8 + 1, [b"new", b"sub/deep", b"old", b"adir"])
+        assert not (tmp_path / "new").exists()  # nameless until linked
+        failures = native.link_files(files, dirs, fdirs, names, 0xABC)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert [(i, err) for i, err, _ in failures] == [(3, errno.EISDIR)]
+    assert failures[0][2].startswith(b".smsrepl~00000abc")
+    assert (tmp_path / "new").read_bytes() == b"hello" and (tmp_path / "old").read_bytes() == b"replaced"
+    deep = os.stat(tmp_path / "sub" / "deep")
+    assert (tmp_path / "sub" / "deep").read_bytes() == sparse
+    assert stat.S_IMODE(deep.st_mode) == 0o600 and deep.st_mtime_ns == 1_500_000_000_123_456_789
+    assert deep.st_blocks * 512 < len(sparse)  # the zero blocks stayed holes
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_write_files_stops_at_operations_for_the_careful_path_and_cleans_up_on_errors(tmp_path):
+    from smsrepl.files.scan import Entry
+
+    e = Entry(b"x", "file", 0o644, 0, 0, 1, 0, 0, 0, 1, 0, xattrs={b"user.k": b"v"})
+    with_xattrs = b"".join(bytes(p) for p in W.encode_op(W.FILE, e, data=b"1"))
+    body = _file_op(b"a", b"1") + with_xattrs
+    fd = _dirfd(tmp_path)
+    try:
+        got = native.write_files(body, 0, lambda parent: fd, False, 100, 1)
+        assert got[0] == len(_file_op(b"a", b"1")) and got[1] == 1
+        native.link_files(*got[3:7], 1)
+        assert native.write_files(with_xattrs, 0, lambda parent: fd, False, 100, 1)[1] == 0
+        assert native.write_files(body, 0, lambda parent: fd, False, 0, 1)[1] == 0  # max_files 0
+
+        def refuse(parent):
+            raise PermissionError("no")
+
+        with pytest.raises(PermissionError):
+            native.write_files(_file_op(b"d/b", b"2"), 0, refuse, False, 100, 1)
+        with pytest.raises(ValueError):
+            native.write_files(body, len(body) + 1, lambda parent: fd, False, 100, 1)
+        with pytest.raises(ValueError):
+            native.link_files([1], [], [0], [b"x"], 0)
+        with pytest.raises(ValueError, match="bad name"):
+            native.link_files([os.dup(fd)], [os.dup(fd)], [0], [b".."], 0)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # nothing else was named
