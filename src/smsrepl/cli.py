@@ -217,7 +217,8 @@ def cmd_send_files(args) -> int:
 
 def cmd_send_block(args) -> int:
     from .progress import HostSampler
-    from .transport.sender import Sender, parse_address
+    from .transport.connect import parse_address
+    from .transport.sender import Sender
     from .transport.tls import client_context
 
     if args.interval is not None and not args.continuous:
@@ -334,7 +335,8 @@ def _verify_block_remote(args) -> tuple[dict, bool]:
     import tempfile
     import time
 
-    from .transport.sender import Sender, parse_address
+    from .transport.connect import parse_address
+    from .transport.sender import Sender
     from .transport.tls import client_context
 
     if not (args.target and args.certkey):

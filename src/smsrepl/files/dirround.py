@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterable
 
 from .. import kernels
 from ..errors import RemoteProtocolError
-from .dirscan import FILE, DirBatch, root_entry
-from .local import RoundStats, _entry
+from .dirscan import FILE, DirBatch
+from .scan import root_entry
+from .local import RoundStats, _entry, delete_gone
 from .remote import INLINE
 from .rules import RoundFilter
 
@@ -73,12 +74,8 @@ def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter 
             _entry(src, t, e, filt, False, links, stats)
         if on_done is not None:
             on_done(b.file_bytes())
-    if delete:
-        # deepest first (reverse sorted order); nothing excluded is touched
-        doomed = sorted(p for p in gone if filt is None or filt.includes(tuple(p.split(b"/"))))
-        for path in reversed(doomed):
-            t.delete(path)
-        stats.deleted = len(doomed)
+    if delete:  # nothing excluded is touched
+        delete_gone(t, sorted(p for p in gone if filt is None or filt.includes(tuple(p.split(b"/")))), stats)
     t.finish()
     stats.reported += t.reported
     return stats

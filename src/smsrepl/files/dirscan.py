@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import stat
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -22,8 +21,7 @@ from .. import kernels
 from . import wire as W
 from .apply import TEMP_RE, TEMP_START, _unlink_quiet
 from .rules import RoundFilter
-from .scan import Entry, _raise, read_xattrs
-from ..errors import SourceError
+from .scan import Entry, _raise, root_entry
 
 DIR = W.KIND_CODES["dir"]
 FILE = W.KIND_CODES["file"]
@@ -76,20 +74,6 @@ class DirBatch:
         recs, ends = self.records, self.ends
         return sum(_SIZE.unpack_from(recs, (ends[i - 1] if i else 0) + 13)[0]
                    for i, k in enumerate(self.kinds) if k == FILE)
-
-
-def root_entry(top: bytes, xattrs: bool = True) -> Entry:
-    """The root directory's own entry (as walk() yields it first)."""
-    try:
-        st = os.lstat(top)
-    except OSError as exc:
-        _raise(top, exc)
-    if not stat.S_ISDIR(st.st_mode):
-        raise SourceError(f"{os.fsdecode(top)!r} is not a directory")
-    e = Entry.from_stat(b"", st)
-    if xattrs:
-        e.xattrs = read_xattrs(top)
-    return e
 
 
 def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,

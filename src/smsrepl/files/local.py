@@ -186,15 +186,18 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_done=None, entries=N
         if on_done is not None:
             on_done(e.size if e.kind == "file" else 0)
     if delete:
-        # every entry the source lost, deepest first; a directory goes once empty, so what an
-        # exclude rule hides inside it keeps it (as rsync does), and nothing excluded is touched
-        gone = [path for path in t.paths(filt) if path and path not in seen]
-        for path in reversed(gone):
-            t.delete(path)
-        stats.deleted = len(gone)
+        delete_gone(t, [path for path in t.paths(filt) if path and path not in seen], stats)
     t.finish()
     stats.reported += t.reported
     return stats
+
+
+def delete_gone(t, gone: list[bytes], stats: RoundStats) -> None:
+    """Remove the target entries the source lost (sorted paths), deepest first: a directory
+    goes once empty, so what an exclude rule hides inside it keeps it (as rsync does)."""
+    for path in reversed(gone):
+        t.delete(path)
+    stats.deleted = len(gone)
 
 
 def _entry(src: bytes, t, e: Entry, filt, checksum: bool, links: dict, stats: RoundStats) -> None:

@@ -71,6 +71,21 @@ def read_xattrs(path: bytes) -> dict[bytes, bytes]:
     return out
 
 
+def root_entry(top: bytes, xattrs: bool = True) -> Entry:
+    """The root directory's own entry (walk() yields it first); SourceError where ``top``
+    cannot be read or is not a directory."""
+    try:
+        st = os.lstat(top)
+    except OSError as exc:
+        _raise(top, exc)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"{os.fsdecode(top)!r} is not a directory")
+    e = Entry.from_stat(b"", st)
+    if xattrs:
+        e.xattrs = read_xattrs(top)
+    return e
+
+
 def walk(root: str | bytes, filt: RoundFilter | None = None, *,
          on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False,
          xattrs: bool = False, implied: bool = False) -> Iterator[Entry]:
@@ -86,17 +101,9 @@ def walk(root: str | bytes, filt: RoundFilter | None = None, *,
     marked ``implied``.
     """
     top = os.fsencode(root)
-    try:
-        st = os.lstat(top)
-    except OSError as exc:
-        _raise(top, exc)
-    if not stat.S_ISDIR(st.st_mode):
-        raise SourceError(f"{os.fsdecode(top)!r} is not a directory")
-    root_entry = Entry.from_stat(b"", st)
-    if xattrs:
-        root_entry.xattrs = read_xattrs(top)
-    yield root_entry
-    dev = st.st_dev if one_file_system else None
+    root = root_entry(top, xattrs)
+    yield root
+    dev = root.dev if one_file_system else None
     # an explicit stack, not recursion: trees can be deeper than Python's recursion limit
     stack = [_listing(top, b"", (), on_error)]
     while stack:

@@ -21,7 +21,7 @@ from ..errors import RemoteError, RemoteProtocolError, ReplicationError, Transpo
 from ..files.local import Prefetch, RoundStats, by_dirs, scan_round, sync_tree, walk_round
 from ..files.remote import Listing, OpStream, RemoteTarget
 from ..files.rules import PathRules
-from ..files.scan import Entry, walk
+from ..files.scan import walk
 from ..progress import ProgressTracker, subtask_for
 from ..ratelimit import CpuCap, ScheduledLimiter, SpeedSchedule
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed

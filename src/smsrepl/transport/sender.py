@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import ssl
 import threading
 import time
@@ -25,7 +24,6 @@ from ..blocks.dirtymap import DirtyMap
 from ..blocks.stream import CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered, dirty_round_events, round_events
 from ..codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
 from ..errors import (
-    ConnectError,
     ManifestError,
     RemoteError,
     RemoteProtocolError,
@@ -41,10 +39,8 @@ from ..state import Event as StateEvent
 from ..state import SessionState, SessionStateMachine, StatePair
 from ..protocol import frames as F
 from .channel import Channel
-from .connect import CONNECT_TIMEOUT, DEFAULT_PORT, IO_TIMEOUT, check_target_name, connect, parse_address  # noqa: F401
+from .connect import IO_TIMEOUT, check_target_name, connect, parse_address  # noqa: F401 (re-exported for agents)
 from .receiver import MAX_MANIFEST_ENTRIES
-from .tls import check_peer_role, classify_ssl_error
-from .tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.sender")
 
