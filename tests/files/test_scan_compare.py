@@ -211,3 +211,25 @@ def test_cli_verify_files(tmp_path):
     assert cp.returncode == 2 and "CONSISTENCY_DIR" in cp.stderr and "not an absolute path" in cp.stderr
     cp = run(str(src), str(tmp_path / "nowhere"))
     assert cp.returncode == 2 and "nowhere': No such file or directory" in cp.stderr
+
+
+@pytest.mark.skipif(not __import__("smsrepl.kernels", fromlist=["TREE"]).TREE, reason="native file-tree kernels only")
+def test_scan_threads_setting_is_checked_and_does_not_change_the_scan(tmp_path, monkeypatch):
+    from smsrepl.errors import ConfigError
+    from smsrepl.files.dirscan import scan_dirs
+
+    for d in range(6):
+        (tmp_path / f"d{d}" / "e").mkdir(parents=True)
+        (tmp_path / f"d{d}" / "f").write_bytes(b"x" * d)
+
+    def listing():
+        return sorted((b.rel, b.records) for b in scan_dirs(tmp_path))
+
+    monkeypatch.setenv("SMSREPL_SCAN_THREADS", "1")
+    one = listing()
+    monkeypatch.setenv("SMSREPL_SCAN_THREADS", "3")
+    assert listing() == one and len(one) == 13
+    for bad in ("0", "-2", "two", "65", "1.5"):
+        monkeypatch.setenv("SMSREPL_SCAN_THREADS", bad)
+        with pytest.raises(ConfigError, match="SMSREPL_SCAN_THREADS"):
+            listing()

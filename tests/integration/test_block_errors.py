@@ -156,11 +156,25 @@ def test_unknown_target_and_bad_names(tmp_path, rx, certkey_file, source):
     assert _untouched(dst)
 
 
-def _raw_session(addr, bundle, target="disk0", size=1 << 20, session="raw-session"):
+def _raw_session(addr, bundle, target="disk0", size=1 << 20, session="raw-session", versions=None):
     host, port = addr.rsplit(":", 1)
     chan = Channel(connect((host, int(port)), client_context(bundle)), Connection(SENDER))
-    chan.send(F.Hello([F.PROTOCOL_VERSION], "block", target, session, size, 4096, []))
+    chan.send(F.Hello(versions or [F.PROTOCOL_VERSION], "block", target, session, size, 4096, []))
     return chan, chan.recv()
+
+
+@pytest.mark.parametrize("kind", ["block", "files"])
+def test_a_sender_of_protocol_1_is_refused_with_the_versions_named(rx, bundle, kind):
+    """Version 2 changed every frame's check (XXH3-64): an older peer hears why, and nothing is written."""
+    _, addr, dst = rx
+    host, port = addr.rsplit(":", 1)
+    chan = Channel(connect((host, int(port)), client_context(bundle)), Connection(SENDER))
+    chan.send(F.Hello([1], kind, "disk0", "old-peer", 1 << 20, 4096, []))
+    ev = chan.recv()
+    chan.close()
+    assert isinstance(ev, F.Error) and ev.exit_code == 4
+    assert "no common protocol version" in ev.message and "[1]" in ev.message, ev.message
+    assert _untouched(dst)
 
 
 @pytest.mark.reliability("hostile peer", "sender names a path outside the targets")

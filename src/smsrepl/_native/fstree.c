@@ -76,6 +76,20 @@ int sms_buf_reserve(sms_buf *b, size_t extra)
     return 0;
 }
 
+/* Room in array *p (capacity *cap elements of elem bytes) for element n: doubled when full. */
+static int grow(void **p, size_t *cap, size_t n, size_t elem)
+{
+    if (n < *cap)
+        return 0;
+    size_t c = *cap ? *cap * 2 : 64;
+    void *q = realloc(*p, c * elem);
+    if (!q)
+        return -1;
+    *p = q;
+    *cap = c;
+    return 0;
+}
+
 void sms_buf_free(sms_buf *b)
 {
     free(b->data);
@@ -341,14 +355,9 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
         const char *n = de->d_name;
         if (n[0] == '.' && (n[1] == 0 || (n[1] == '.' && n[2] == 0)))
             continue;
-        if (o->count == cap) {
-            cap = cap ? cap * 2 : 64;
-            dname *nn = realloc(o->names, cap * sizeof *nn);
-            if (!nn) {
-                err = ENOMEM;
-                break;
-            }
-            o->names = nn;
+        if (grow((void **)&o->names, &cap, o->count, sizeof *o->names) < 0) {
+            err = ENOMEM;
+            break;
         }
         size_t len = strlen(n);
         char *copy = malloc(len + 1);
@@ -522,13 +531,8 @@ static int parse_all(const uint8_t *p, size_t len, rec_list *out)
     out->r = NULL;
     out->n = 0;
     while (pos < len) {
-        if (out->n == cap) {
-            cap = cap ? cap * 2 : 256;
-            sms_rec *nr = realloc(out->r, cap * sizeof *nr);
-            if (!nr)
-                return -2;
-            out->r = nr;
-        }
+        if (grow((void **)&out->r, &cap, out->n, sizeof *out->r) < 0)
+            return -2;
         if (sms_parse_rec(p + pos, len - pos, &out->r[out->n]) < 0)
             return -1;
         pos += out->r[out->n].total;
@@ -1018,14 +1022,9 @@ PyObject *sms_py_write_files(PyObject *self, PyObject *args)
             Py_DECREF(fd_o);
             if (fd == -1 && PyErr_Occurred())
                 goto fail;
-            if (ndirs == dcap) {
-                dcap = dcap ? dcap * 2 : 16;
-                int *nd = realloc(run.dir_fds, dcap * sizeof *nd);
-                if (!nd) {
-                    PyErr_NoMemory();
-                    goto fail;
-                }
-                run.dir_fds = nd;
+            if (grow((void **)&run.dir_fds, &dcap, ndirs, sizeof *run.dir_fds) < 0) {
+                PyErr_NoMemory();
+                goto fail;
             }
             int dup_fd = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
             if (dup_fd < 0) {
@@ -1036,14 +1035,9 @@ PyObject *sms_py_write_files(PyObject *self, PyObject *args)
             last_parent = r.path;
             last_plen = parent_len;
         }
-        if (run.n == cap) {
-            cap = cap ? cap * 2 : 256;
-            wfile *nf = realloc(run.files, cap * sizeof *nf);
-            if (!nf) {
-                PyErr_NoMemory();
-                goto fail;
-            }
-            run.files = nf;
+        if (grow((void **)&run.files, &cap, run.n, sizeof *run.files) < 0) {
+            PyErr_NoMemory();
+            goto fail;
         }
         wfile *f = &run.files[run.n++];
         f->name = leaf;
@@ -1102,18 +1096,12 @@ PyObject *sms_py_write_files(PyObject *self, PyObject *args)
         goto build_fail;
     for (size_t d = 0; d < ndirs; d++)
         PyList_SET_ITEM(dirs, (Py_ssize_t)d, PyLong_FromLong(run.dir_fds[d]));
-    {
-        size_t q = (size_t)pos;
-        for (size_t i = 0; i < run.n; i++) {
-            wfile *f = &run.files[i];
-            sms_rec r;
-            sms_parse_rec(b + q + 1, len - q - 1, &r);
-            q += 1 + r.total + (size_t)r.size;
-            PyList_SET_ITEM(fds, (Py_ssize_t)i, PyLong_FromLong(f->fd));
-            PyList_SET_ITEM(fdirs, (Py_ssize_t)i, PyLong_FromSize_t(f->dir));
-            PyList_SET_ITEM(names, (Py_ssize_t)i, PyBytes_FromStringAndSize((const char *)f->name, (Py_ssize_t)f->nlen));
-            PyList_SET_ITEM(paths, (Py_ssize_t)i, PyBytes_FromStringAndSize((const char *)r.path, (Py_ssize_t)r.plen));
-        }
+    for (size_t i = 0; i < run.n; i++) {
+        wfile *f = &run.files[i];
+        PyList_SET_ITEM(fds, (Py_ssize_t)i, PyLong_FromLong(f->fd));
+        PyList_SET_ITEM(fdirs, (Py_ssize_t)i, PyLong_FromSize_t(f->dir));
+        PyList_SET_ITEM(names, (Py_ssize_t)i, PyBytes_FromStringAndSize((const char *)f->name, (Py_ssize_t)f->nlen));
+        PyList_SET_ITEM(paths, (Py_ssize_t)i, PyBytes_FromStringAndSize((const char *)f->path, (Py_ssize_t)f->plen));
     }
     if (PyErr_Occurred())
         goto build_fail;

@@ -385,15 +385,7 @@ class TreeWriter:
         self._reap()
         if not self._pending and not self._runs:
             return
-        _syncfs(self.root_fd)
-        runs, self._runs, self._run_files = self._runs, [], 0
-        for i, run in enumerate(runs):
-            try:
-                self._link_run(*run)
-            except BaseException:
-                for later in runs[i + 1:]:
-                    _drop_run(*later)
-                raise
+        self._settle_all(_sync_and_link(self.root_fd, self._take_runs()))  # its syncfs covers both kinds
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         self._pending_paths.clear()
         for tmp, parts in pending:
@@ -422,9 +414,7 @@ class TreeWriter:
             self._pending_bytes += nbytes
             self._pending_paths.update(paths)
             if not self.fsync:
-                runs, self._runs, self._run_files = self._runs, [], 0
-                for run in runs:
-                    self._link_run(*run)
+                self._settle_all(_sync_and_link(self.root_fd, self._take_runs(), sync=False))
             elif self._run_files + len(self._pending) >= self._pending_cap or self._pending_bytes >= PENDING_BYTES:
                 self._flush_behind()
         return end, files, nbytes
@@ -436,9 +426,7 @@ class TreeWriter:
         if self._pending:  # named temporaries are renamed here: the careful, synchronous way
             self.flush_pending()
             return
-        runs, self._runs, self._run_files, self._pending_bytes = self._runs, [], 0, 0
-        for run in runs:
-            self._touch_parents(run[4])
+        runs, self._pending_bytes = self._take_runs(), 0
         if self._behind is None:
             self._behind = ThreadPoolExecutor(1, thread_name_prefix="flush-behind")
         self._flushing = self._behind.submit(_sync_and_link, self.root_fd, runs)
@@ -446,29 +434,30 @@ class TreeWriter:
     def _reap(self) -> None:
         """Wait for the flush behind, and settle what it could not link."""
         fut, self._flushing = self._flushing, None
-        if fut is None:
-            return
-        for run, failures in fut.result():
-            self._settle(run[4], failures)
+        if fut is not None:
+            self._settle_all(fut.result())
+
+    def _take_runs(self) -> list[tuple]:
+        """The runs waiting, their directories' times noted first (linking changes them)."""
+        runs, self._runs, self._run_files = self._runs, [], 0
+        for run in runs:
+            for parent in {p.rpartition(b"/")[0] for p in run[4]}:
+                self._touch(tuple(parent.split(b"/")) if parent else ())
+        return runs
 
     def _parent_fd(self, parent: bytes) -> int:
         return self.dir_fd(check_path(parent) if parent else ())
 
-    def _link_run(self, fds, dirs, fdirs, names, paths) -> None:
-        self._touch_parents(paths)
-        self._settle(paths, kernels.link_files(fds, dirs, fdirs, names, _TEMP_TAG))
-
-    def _touch_parents(self, paths: list[bytes]) -> None:
-        for parent in {p.rpartition(b"/")[0] for p in paths}:
-            self._touch(tuple(parent.split(b"/")) if parent else ())
-
-    def _settle(self, paths: list[bytes], failures: list) -> None:
-        self._pending_paths.difference_update(paths)
-        for i, err, tmp in failures:
-            parts = check_path(paths[i])
-            if tmp is None:
-                raise TargetWriteError(f"FILE {os.fsdecode(paths[i])!r}: {os.strerror(err)}")
-            self._install(tmp, parts, self.dir_fd(parts[:-1]))  # a directory held the name
+    def _settle_all(self, linked: list[tuple]) -> None:
+        """After _sync_and_link: the paths are named; what could not be linked is dealt with."""
+        for run, failures in linked:
+            paths = run[4]
+            self._pending_paths.difference_update(paths)
+            for i, err, tmp in failures:
+                parts = check_path(paths[i])
+                if tmp is None:
+                    raise TargetWriteError(f"FILE {os.fsdecode(paths[i])!r}: {os.strerror(err)}")
+                self._install(tmp, parts, self.dir_fd(parts[:-1]))  # a directory held the name
 
     def finish(self) -> None:
         """Set the metadata of the directories created or touched, deepest first, and make
@@ -648,11 +637,12 @@ class FileSink:
             _unlink_quiet(self.tmp, self.parent)
 
 
-def _sync_and_link(root_fd: int, runs: list[tuple]) -> list[tuple]:
-    """The flush behind: one syncfs, then every run linked (kernels.link_files closes its
-    descriptors); [(run, failures)]."""
+def _sync_and_link(root_fd: int, runs: list[tuple], sync: bool = True) -> list[tuple]:
+    """One syncfs (with ``sync``), then every run linked (kernels.link_files closes its
+    descriptors); [(run, failures)]. Runs on the flush-behind thread too: no writer state."""
     try:
-        _syncfs(root_fd)
+        if sync:
+            _syncfs(root_fd)
     except BaseException:
         for run in runs:
             _drop_run(*run)

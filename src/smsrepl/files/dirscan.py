@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .. import kernels
+from ..errors import ConfigError
 from . import wire as W
 from .apply import TEMP_RE, TEMP_START, _unlink_quiet
 from .rules import RoundFilter
@@ -28,7 +29,8 @@ FILE = W.KIND_CODES["file"]
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SIZE = struct.Struct(">Q")  # at offset 13 of a record
 #: threads scanning directories, and directories scanned ahead of the consumer at most
-SCAN_THREADS = int(os.environ.get("SMSREPL_SCAN_THREADS", "0")) or max(1, min(4, os.cpu_count() or 1))
+#: (SMSREPL_SCAN_THREADS, 1-64, overrides the first)
+SCAN_THREADS = max(1, min(4, os.cpu_count() or 1))
 AHEAD = 64
 _NLINK = struct.Struct(">I")  # at offset 37
 
@@ -78,7 +80,7 @@ class DirBatch:
 
 def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
               on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False,
-              xattrs: bool = True, threads: int = SCAN_THREADS) -> Iterator[DirBatch]:
+              xattrs: bool = True, threads: int | None = None) -> Iterator[DirBatch]:
     """A DirBatch for each directory under ``root`` (the root's first) that the walk enters.
 
     Directories are scanned ``threads`` at a time (kernels.scan_dir lets go of the GIL), at
@@ -86,6 +88,7 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
     order the directories were found (breadth first), so a directory's batch always comes
     after its parent's."""
     top = os.fsencode(root)
+    threads = scan_threads() if threads is None else threads
     st = root_entry(top, xattrs=False)
     dev = st.dev if one_file_system else None
     pool = ThreadPoolExecutor(threads, thread_name_prefix="scan") if threads > 1 else None
@@ -139,6 +142,16 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def scan_threads() -> int:
+    """SCAN_THREADS, or SMSREPL_SCAN_THREADS where set; ConfigError naming it if it is not 1-64."""
+    text = os.environ.get("SMSREPL_SCAN_THREADS", "").strip()
+    if not text:
+        return SCAN_THREADS
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise ConfigError(f"SMSREPL_SCAN_THREADS must be a whole number from 1 to 64, not {text!r}")
+    return int(text)
 
 
 def _scan_one(top: bytes, rel: bytes, xattrs: bool):

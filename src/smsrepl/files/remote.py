@@ -190,6 +190,8 @@ class OpStream:
         self.adapt = AdaptiveChoice(1, (0, compressor.level), pipelined=False) \
             if adaptive and compressor.level != 0 else None
         self._free: list[bytearray] = []
+        self._pins: list = []  # ctypes views of the buffers (made with them in space())
+        self._address: dict[int, int] = {}  # id(buffer) -> its address, for ctypes.memmove
         self._buf: bytearray | None = None
         self._pos = 0
         self.frames = 0
@@ -219,7 +221,7 @@ class OpStream:
             if not self._free and not self._inflight:
                 # all of them at once, before any frame is sent: allocating (zeroing, faulting in)
                 # one while the worker times a send would skew the adaptive choice's rates
-                self._free = [_touched(self.CAPACITY) for _ in range(self.IN_FLIGHT + 1)]
+                self._free = [_prefaulted(self.CAPACITY) for _ in range(self.IN_FLIGHT + 1)]
                 # ctypes views pin the buffers (a resize would raise) and give their addresses
                 self._pins = [(ctypes.c_char * len(b)).from_buffer(b) for b in self._free]
                 self._address = {id(b): ctypes.addressof(pin) for b, pin in zip(self._free, self._pins)}
@@ -300,7 +302,7 @@ class OpStream:
         self._inflight.clear()
 
 
-def _touched(size: int) -> bytearray:
+def _prefaulted(size: int) -> bytearray:
     """A zeroed buffer with every page already faulted in."""
     buf = bytearray(size)
     buf[::4096] = bytes(len(range(0, size, 4096)))
@@ -396,7 +398,7 @@ class RemoteTarget:
         self.signature = signature
         self.literal_bytes = 0
         self.reported: list[str] = []
-        self.temporaries_removed = 0  # the receiver removes them at RoundBegin
+        self.temporaries_removed = 0  # the receiver removes them while it lists its tree
 
     def existing(self, path: bytes) -> Entry | None:
         got = self.listing.lookup(path)

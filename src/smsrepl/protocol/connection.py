@@ -59,6 +59,7 @@ NEED_DATA = _Sentinel("NEED_DATA")
 DIRECT_BODY_MIN = 64 << 10
 #: large-body buffers kept for reuse (frames still held by a consumer need their own)
 KEEP_BODIES = 4
+_REFCOUNT = getattr(sys, "getrefcount", None)  # CPython's; elsewhere every body gets a new buffer
 
 
 class ConnectionClosed(F.Event):
@@ -214,9 +215,9 @@ class Connection:
         """A buffer for a large body: an earlier one that nothing refers to any more (its
         event and every view of it are gone), else a new one. A new 4 MiB buffer per frame
         cost a page fault per 4 KiB: 16% of a receiver's time with many small files."""
-        for buf in self._bodies:
+        for buf in self._bodies if _REFCOUNT is not None else ():
             # free: referenced only by the list, this loop and getrefcount's argument
-            if len(buf) >= length and sys.getrefcount(buf) <= 3:
+            if len(buf) >= length and _REFCOUNT(buf) <= 3:
                 return memoryview(buf)[:length]
         buf = bytearray(length)
         if len(self._bodies) >= KEEP_BODIES:

@@ -102,7 +102,7 @@ class FileSender:
         # connecting, the TLS handshake and the receiver's listing of its own tree
         early = None
         if by_dirs(self.checksum) and (self.rules is None or self.rules.for_round("full") == self.rules.for_round("sync")):
-            early = Prefetch(scan_round(self.source, self.rules, "full"), limit=1024, batch=1)
+            early = self._source_walk("full")
         try:
             chan = Channel(connect(self.address, self.context), Connection(SENDER))
             self._chan = chan
@@ -185,6 +185,12 @@ class FileSender:
             raise RemoteProtocolError("SIG_DATA does not cover the file")
         return size, w, s
 
+    def _source_walk(self, kind: str) -> Prefetch:
+        """The source walked for a round of ``kind`` on a thread of its own, ahead of the round."""
+        if by_dirs(self.checksum):
+            return Prefetch(scan_round(self.source, self.rules, kind), limit=1024, batch=1)
+        return Prefetch(walk_round(self.source, self.rules, kind))
+
     def _session(self, chan: Channel, started: float, early: Prefetch | None = None) -> FileRoundResult:
         chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
                           list(CAPABILITIES)))
@@ -197,10 +203,7 @@ class FileSender:
         # the source is walked while the receiver lists its tree
         if early is not None:
             return self._round(chan, started, kind, round_id, early)
-        if by_dirs(self.checksum):
-            prefetch = Prefetch(scan_round(self.source, self.rules, kind), limit=1024, batch=1)
-        else:
-            prefetch = Prefetch(walk_round(self.source, self.rules, kind))
+        prefetch = self._source_walk(kind)
         try:
             return self._round(chan, started, kind, round_id, prefetch)
         finally:
