@@ -448,3 +448,38 @@ def test_cli_bad_input_for_file_entry_points(tmp_path, certkey_file, args, match
     cp = subprocess.run([sys.executable, "-m", "smsrepl", *argv], capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and match in cp.stderr, (cp.returncode, cp.stderr)
     assert sorted(os.listdir(tmp_path)) == ["bad.json"]  # nothing created
+
+
+def test_a_round_decided_while_the_listing_streams_ends_identical(tmp_path, rx, bundle, monkeypatch):
+    """One directory per TREE_DATA: the sender decides each directory while later ones are
+    still arriving; what goes below a deleted directory is only known from those."""
+    from smsrepl import kernels
+    from smsrepl.files import remote
+
+    monkeypatch.setattr(remote, "STREAM_BATCH", 1)
+    followed = []
+    follow = remote.Listing.follow
+    monkeypatch.setattr(remote.Listing, "follow", lambda self, *a: followed.append(1) or follow(self, *a))
+    _, addr = rx
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in range(6):
+        for s in range(4):
+            os.makedirs(src / f"d{d}" / f"s{s}" / "deep")
+            for k in range(5):
+                (src / f"d{d}" / f"s{s}" / f"f{k}").write_bytes(b"%d-%d-%d" % (d, s, k) * (k + 1))
+            (src / f"d{d}" / f"s{s}" / "deep" / "leaf").write_bytes(b"leaf")
+    assert send(src, addr, bundle).kind == "full"
+    assert oracle(os.fsdecode(src), dst) == ""
+    shutil.rmtree(src / "d1")  # a whole subtree goes: its deeper directories are listed later
+    shutil.rmtree(src / "d2" / "s3")
+    shutil.rmtree(src / "d3" / "s0")
+    (src / "d3" / "s0").write_bytes(b"a file where a directory was")
+    os.unlink(src / "d4" / "s1" / "f2")
+    os.makedirs(src / "d4" / "s1" / "f2")  # and a directory where a file was
+    (src / "d5" / "s2" / "deep" / "leaf").write_bytes(b"changed leaf")
+    os.makedirs(src / "d0" / "new" / "newer")
+    (src / "d0" / "new" / "newer" / "x").write_bytes(b"new")
+    again = send(src, addr, bundle)
+    assert again.kind == "sync" and again.stats.deleted >= 30
+    assert oracle(os.fsdecode(src), dst, "--delete") == ""
+    assert followed == ([1] if kernels.TREE else [])  # the full round's listing was one (empty) frame

@@ -347,7 +347,7 @@ def test_block_data_carries_a_zero_map_and_one_digest_for_the_frame():
 
 
 @pytest.mark.parametrize("ftype,body,match", [
-    (0x31, b"\x02\x00\x00\x00\x00\x01x", "flags"),  # TREE_DATA with an unknown flag
+    (0x31, b"\x04\x00\x00\x00\x00\x01x", "flags"),  # TREE_DATA with an unknown flag
     (0x32, b"\x01\x00\x00\x00\x00\x01x", "flags"),  # FILE_OPS never has "last"
     (0x32, b"\x00\x00\x00\x00\x00\x00", "raw length"),  # nothing to apply
     (0x32, b"\x00\x00\x01\x00\x00\x01", "raw length"),  # beyond MAX_RAW

@@ -10,8 +10,10 @@ files) takes the per-entry path, ``local._entry``.
 
 The target must offer, besides files.local's interface, ``dir_records(rel)``
 (its records of directory ``rel``, sorted), ``gone(rel, indices)`` (paths of
-those records and of everything below them) and ``read_files(dir_fd, records, indices,
-max_size)`` (kernels.read_files into its operation stream).
+those records, and of those that are directories), ``below(path)`` (everything
+listed below a directory: asked only after the last directory was dealt with, as
+the target's listing may still be arriving until then) and ``read_files(dir_fd,
+records, indices, max_size)`` (kernels.read_files into its operation stream).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter 
     t.set_root_meta(root_entry(src))
     stats.entries += 1
     gone: list[bytes] = []
+    emptied: list[bytes] = []  # directories whose contents go too
     for b in batches:
         stats.entries += len(b.names)
         try:
@@ -47,9 +50,10 @@ def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter 
         except ValueError as exc:
             raise RemoteProtocolError(f"the target's listing of {os.fsdecode(b.rel) or '/'!r}: {exc}") from None
         if gone_idx:
-            gone += t.gone(b.rel, gone_idx)
-        for path in b.not_entered:
-            gone += t.below(path)
+            paths, dirs = t.gone(b.rel, gone_idx)
+            gone += paths
+            emptied += dirs
+        emptied += b.not_entered
         quick, slow = [], []
         changed_files = 0
         for m in _CHANGED.finditer(actions):  # in C: most entries of a sync round are alike
@@ -74,6 +78,8 @@ def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter 
             _entry(src, t, e, filt, False, links, stats)
         if on_done is not None:
             on_done(b.file_bytes())
+    for path in emptied:
+        gone += t.below(path)
     if delete:  # nothing excluded is touched
         delete_gone(t, sorted(p for p in gone if filt is None or filt.includes(tuple(p.split(b"/")))), stats)
     t.finish()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from .scan import Entry, walk
 
 #: operations are sent once this much is batched (before compression)
 BATCH = 4 << 20
+#: records per TREE_DATA of a streamed listing (~1,500 entries): the sender starts early
+STREAM_BATCH = 128 << 10
 #: files up to this size travel whole inside one operation; larger ones in CHUNKs
 INLINE = 256 << 10
 #: a changed file at least this large, with a copy on the receiver, goes as a delta against it
@@ -44,17 +47,21 @@ KEEPALIVE = 20.0
 
 
 # --- receiver: describe -------------------------------------------------------
-def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Compressor | None = None
-                  ) -> Iterator[F.TreeData]:
+def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Compressor | None = None,
+                  stream: bool = False) -> Iterator[F.TreeData]:
     """TREE_DATA frames listing every entry under ``root`` (with content digests when asked).
     Temporaries a killed round left (apply.TEMP_RE) are removed first, and not listed.
 
     With the native kernels and no digests, a directory's records are made in one call
     (files.dirscan), which also finds the temporaries (no walk of its own); the root's own
-    entry is then not listed (nobody asks for it)."""
+    entry is then not listed (nobody asks for it). The frames are then ordered (whole
+    directories, breadth first), and with ``stream`` (a sender that listed "tree-stream")
+    they go every STREAM_BATCH bytes: the sender decides while this end still lists."""
     comp = compressor or Compressor(1)  # records compress well at the cheapest level
     top = os.fsencode(root)
-    if kernels.TREE and not checksum:
+    ordered = kernels.TREE and not checksum
+    batch = STREAM_BATCH if ordered and stream else BATCH
+    if ordered:
         bodies = (without_temporaries(top, b).records for b in scan_dirs(top, on_error=lambda p, exc: None))
     else:
         remove_temporaries(top)
@@ -67,10 +74,10 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
         parts.append(rec)
         size += len(rec)
         # a batch at least every KEEPALIVE seconds: a long checksum scan must not look idle
-        if size >= BATCH or time.monotonic() - last >= KEEPALIVE:
-            yield _records(F.TreeData, comp, parts, last=False)
+        if size >= batch or time.monotonic() - last >= KEEPALIVE:
+            yield _records(F.TreeData, comp, parts, last=False, ordered=ordered)
             parts, size, last = [], 0, time.monotonic()
-    yield _records(F.TreeData, comp, parts, last=True)
+    yield _records(F.TreeData, comp, parts, last=True, ordered=ordered)
 
 
 def _records(cls, comp: Compressor, parts: list, **kw):
@@ -83,7 +90,11 @@ def _records(cls, comp: Compressor, parts: list, **kw):
 class Listing:
     """The receiver's tree as received, kept as each directory's records (decoded on demand):
     ``records(rel)`` for a directory-at-a-time round, ``lookup(path)`` -> (entry, content
-    digest or None) for the per-entry one."""
+    digest or None) for the per-entry one.
+
+    An ordered listing (whole directories, breadth first) may still be arriving on the
+    thread :meth:`follow` starts: a directory's records are final once a directory after
+    it in that order arrived, and every question waits for that much of the listing."""
 
     ROOT = None  # the key of the root's own record
 
@@ -92,17 +103,67 @@ class Listing:
         self._decoded: dict[bytes | None, list[tuple[Entry, bytes | None]]] = {}
         self._by_path: dict[bytes | None, dict[bytes, tuple[Entry, bytes | None]]] = {}
         self.done = False
+        self.ordered: bool | None = None  # set by the first frame
+        self._frontier: tuple = ()  # order key of the last directory received (ordered listings)
+        self._failed: BaseException | None = None
+        self._following = False
+        self._cond = threading.Condition()
 
     def add(self, ev: F.TreeData, decomp: Decompressor) -> None:
         if self.done:
             raise RemoteProtocolError("TREE_DATA after the last one")
+        if self.ordered is not None and ev.ordered != self.ordered:
+            raise RemoteProtocolError("TREE_DATA both ordered and not in one listing")
         body = bytes(decomp.decode(ev.codec, ev.payload, ev.raw_len))
-        if body != b"\0":
-            for parent, start, end in _groups(body):
+        groups = _groups(body) if body != b"\0" else []
+        frontier = self._frontier
+        if ev.ordered:
+            for parent, _, _ in groups:
+                key = _order(parent)
+                if key <= frontier:
+                    raise RemoteProtocolError("ordered TREE_DATA out of order (or a directory split)")
+                frontier = key
+        with self._cond:
+            for parent, start, end in groups:
                 self.groups.setdefault(parent, []).append(body[start:end])
-        self.done = ev.last
+            self.ordered = ev.ordered
+            self._frontier = frontier
+            self.done = ev.last
+            self._cond.notify_all()
+
+    def follow(self, next_frame: Callable[[], F.TreeData], decomp: Decompressor) -> threading.Thread:
+        """Receive the rest of the listing (``next_frame()``) on a thread of its own; a failure
+        there is raised by the next question that waits for the listing."""
+
+        def run() -> None:
+            try:
+                while not self.done:
+                    self.add(next_frame(), decomp)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                with self._cond:
+                    self._failed = exc
+                    self._cond.notify_all()
+
+        thread = threading.Thread(target=run, name="listing", daemon=True)
+        self._following = True
+        thread.start()
+        return thread
+
+    def wait(self, rel: bytes | None = None, *, whole: bool = False) -> None:
+        """Until directory ``rel``'s records are final (the whole listing with ``whole``)."""
+        if self.done:
+            return
+        if not self._following:
+            raise RuntimeError("the listing is incomplete and nothing receives the rest")
+        key = None if whole else _order(rel)
+        with self._cond:
+            while not self.done and self._failed is None and (key is None or self._frontier < key):
+                self._cond.wait()
+            if not self.done and self._failed is not None:
+                raise self._failed
 
     def records(self, rel: bytes) -> bytes:
+        self.wait(rel)
         parts = self.groups.get(rel)
         if not parts:
             return b""
@@ -122,6 +183,7 @@ class Listing:
 
     def lookup(self, path: bytes) -> tuple[Entry, bytes | None] | None:
         parent = path.rpartition(b"/")[0] if path else self.ROOT
+        self.wait(parent)
         if parent not in self.groups:
             return None
         self.decoded(parent)
@@ -129,6 +191,7 @@ class Listing:
 
     def below(self, path: bytes) -> list[bytes]:
         """Paths listed under directory ``path`` (at any depth)."""
+        self.wait(whole=True)
         pre = path + b"/"
         return [e.path for rel in list(self.groups) if rel is not None and (rel == path or rel.startswith(pre))
                 for e, _ in self.decoded(rel)]
@@ -136,10 +199,19 @@ class Listing:
     @property
     def entries(self) -> dict[bytes, tuple[Entry, bytes | None]]:
         """Every entry: path -> (entry, content digest or None)."""
+        self.wait(whole=True)
         out = {}
         for rel in list(self.groups):
             out.update((e.path, (e, d)) for e, d in self.decoded(rel))
         return out
+
+
+def _order(rel: bytes | None) -> tuple:
+    """A directory's place in a breadth-first listing: depth, then its path's components as bytes."""
+    if rel is None:
+        return (-1,)
+    parts = rel.split(b"/") if rel else []
+    return (len(parts), parts)
 
 
 def _groups(body: bytes) -> list[tuple[bytes | None, int, int]]:
@@ -417,15 +489,12 @@ class RemoteTarget:
     def dir_records(self, rel: bytes) -> bytes:
         return self.listing.records(rel)
 
-    def gone(self, rel: bytes, indices: list[int]) -> list[bytes]:
+    def gone(self, rel: bytes, indices: list[int]) -> tuple[list[bytes], list[bytes]]:
+        """Paths of the records of directory ``rel`` at ``indices``, and those of them that are
+        directories (what is below them is known once the whole listing arrived: below())."""
         items = self.listing.decoded(rel)
-        out = []
-        for j in indices:
-            e = items[j][0]
-            out.append(e.path)
-            if e.kind == "dir":
-                out += self.listing.below(e.path)
-        return out
+        paths = [items[j][0].path for j in indices]
+        return paths, [items[j][0].path for j in indices if items[j][0].kind == "dir"]
 
     def below(self, path: bytes) -> list[bytes]:
         return self.listing.below(path)

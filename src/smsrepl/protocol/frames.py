@@ -39,9 +39,14 @@ the event class; unknown or missing keys are a protocol error. Binary bodies:
     PING, PONG  u64 nonce | u64 sender clock ns | padding (netcheck sizes)
     MANIFEST_DATA  u8 level (0 coarse, 1 fine) | 7 zero bytes | u64 first |
                 u32 count | 4 zero bytes | entries (16 or 8 bytes each, LE)
-    TREE_DATA, FILE_OPS  u8 flags (TREE_DATA: bit 0 = last) | u8 codec |
+    TREE_DATA, FILE_OPS  u8 flags (TREE_DATA: bit 0 = last, bit 1 = ordered) | u8 codec |
                 u32 raw length | payload (codec as BLOCK_DATA; the raw bytes are
-                entry records or operations, see files/wire.py)
+                entry records or operations, see files/wire.py). An ordered
+                TREE_DATA holds whole directories, and the directories of a listing
+                come breadth first: by depth, then by their path's components
+                compared as bytes (the order of files.dirscan); a receiver sends
+                them only to a sender that listed "tree-stream", which may then
+                start its round (RoundBegin, FILE_OPS) before the last one arrives
     SIG_REQUEST u32 block size | path (the rest of the body)
     SIG_DATA    u8 flags (bit 0 = last) | u32 block size | u64 file size |
                 u32 first block | u32 count | weak sums u32 LE * count |
@@ -72,7 +77,7 @@ MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 12 + 4096
 PROTOCOL_VERSION = 2  # 2: frame checks are XXH3-64's low 32 bits (XXH32 ran at 2 GB/s)
 #: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
 #: uses a feature only when the peer listed it)
-CAPABILITIES = ("zstd", "block-set", "frame-8m", "files")
+CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream")
 
 _BLOCK_PREFIX = struct.Struct(">QIBxxx")
 _SET_PREFIX = struct.Struct(">QIBxxx")  # offset, count, codec
@@ -82,7 +87,7 @@ _U64 = struct.Struct(">Q")
 _ZERO = struct.Struct(">QQ")
 _PING = struct.Struct(">QQ")
 _MAN = struct.Struct(">B7xQI4x")
-_RECORDS = struct.Struct(">BBI")  # flags (TREE_DATA: bit 0 = last), codec, raw length
+_RECORDS = struct.Struct(">BBI")  # flags (TREE_DATA: bit 0 = last, bit 1 = ordered), codec, raw length
 _SIGREQ = struct.Struct(">I")  # block size, then the path
 _SIGDATA = struct.Struct(">BIQII")  # flags (bit 0 = last), block size, file size, first block, count
 #: most signature blocks in one SIG_DATA frame
@@ -251,13 +256,15 @@ class TreeRequest(Event):
 
 @dataclass(frozen=True, slots=True)
 class TreeData(Event):
-    """Entry records of the receiver's tree; ``last`` ends the answer."""
+    """Entry records of the receiver's tree; ``last`` ends the answer; ``ordered``: whole
+    directories, breadth first (see the module's notes)."""
 
     TYPE: ClassVar[int] = 0x31
     last: bool
     codec: int
     raw_len: int
     payload: Any
+    ordered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +363,7 @@ def encode(event: Event) -> list[bytes | memoryview]:
     if isinstance(event, (TreeData, FileOps)):
         if not 0 < event.raw_len <= MAX_RAW:
             raise ValueError(f"{type(event).__name__} of {event.raw_len} bytes outside 1..{MAX_RAW}")
-        flags = 1 if isinstance(event, TreeData) and event.last else 0
+        flags = (event.last | event.ordered << 1) if isinstance(event, TreeData) else 0
         prefix = _RECORDS.pack(flags, event.codec, event.raw_len)
         payload = memoryview(event.payload).cast("B")  # not copied: these are the large frames of file rounds
         head8 = struct.pack(">IBBH", len(prefix) + len(payload), t, 0, 0)
@@ -431,13 +438,13 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
         if len(body) < _RECORDS.size:
             raise FrameError(f"{cls.__name__} body too short")
         flags, codec, raw_len = _RECORDS.unpack_from(body)
-        if flags & ~1 or (flags and ftype == FileOps.TYPE):
+        if flags & ~3 or (flags and ftype == FileOps.TYPE):
             raise FrameError(f"{cls.__name__} flags {flags:#x} not allowed")
         if not 0 < raw_len <= MAX_RAW:
             raise FrameError(f"{cls.__name__} raw length {raw_len} outside 1..{MAX_RAW}")
         payload = memoryview(body)[_RECORDS.size:]
         if ftype == TreeData.TYPE:
-            return TreeData(bool(flags), codec, raw_len, payload)
+            return TreeData(bool(flags & 1), codec, raw_len, payload, bool(flags & 2))
         return FileOps(codec, raw_len, payload)
     if ftype == SigRequest.TYPE:
         if len(body) < _SIGREQ.size + 1:

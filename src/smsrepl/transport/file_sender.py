@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -75,6 +76,8 @@ class FileSender:
         self.tracker: ProgressTracker | None = None
         self.stop_requested = False
         self._chan: Channel | None = None
+        #: the thread that receives the rest of an ordered listing, and the listing
+        self._listing: tuple[threading.Thread, Listing] | None = None
 
     def stop(self) -> None:
         """Pause: break the running round from another thread (files already renamed stay;
@@ -115,6 +118,14 @@ class FileSender:
                 early.close()
 
     def _recv(self, chan: Channel, *want: type) -> F.Event:
+        if self._listing is not None:  # one reader at a time: the listing's comes first
+            thread, listing = self._listing
+            thread.join()
+            self._listing = None
+            listing.wait(whole=True)  # what stopped it (an ERROR frame, a lost connection)
+        return self._recv_frame(chan, *want)
+
+    def _recv_frame(self, chan: Channel, *want: type) -> F.Event:
         ev = chan.recv()
         while isinstance(ev, F.Pong):  # answers to keepalive PINGs
             ev = chan.recv()
@@ -211,10 +222,12 @@ class FileSender:
 
     def _round(self, chan: Channel, started: float, kind: str, round_id: int, entries: Prefetch) -> FileRoundResult:
         listing, decomp = Listing(), Decompressor()
-        while not listing.done:
+        listing.add(self._recv(chan, F.TreeData), decomp)
+        if listing.ordered and not listing.done:  # decide as it arrives: each directory waits for its own listing
+            self._listing = listing.follow(lambda: self._recv_frame(chan, F.TreeData), decomp), listing
+        while not listing.done and not listing.ordered:
             listing.add(self._recv(chan, F.TreeData), decomp)
-        log.info("%s round %d of %s -> %s (%d directories there)", kind, round_id, self.source, self.target,
-                 len(listing.groups))
+        log.info("%s round %d of %s -> %s", kind, round_id, self.source, self.target)
         if self.on_report is not None:
             self.tracker = ProgressTracker(subtask_for("file", first_copy=kind == "full"), self._total(kind),
                                            host_sampler=self.host_sampler)
@@ -230,6 +243,7 @@ class FileSender:
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
                               on_done=on_done, entries=entries)
             self.literal_bytes = target.literal_bytes
+            listing.wait(whole=True)  # ROUND_END only after the whole listing (its state machine)
             chan.send(F.RoundEnd(round_id))
         except TransportError:
             # the receiver usually hung up after saying why: prefer its ERROR frame

@@ -551,7 +551,8 @@ class _Session:
                 if isinstance(ev, BaseException):
                     raise ev
                 if isinstance(ev, F.TreeRequest) and applier is None:
-                    for frame in describe_tree(root, checksum=ev.checksum):
+                    for frame in describe_tree(root, checksum=ev.checksum,
+                                               stream="tree-stream" in self.hello.capabilities):
                         self.chan.send(frame)
                     self._described = True
                 elif isinstance(ev, F.RoundBegin) and applier is None:
