@@ -34,9 +34,10 @@ def _passphrase(args) -> bytes | None:
 
 
 def _certkey(args):
-    from .transport.tls import CertKey
+    from .transport.tls import CertKey, ValidatedBundles
 
-    return CertKey.load(args.certkey)
+    # a sender starts for every round: a bundle validated before is not parsed again
+    return CertKey.load(args.certkey, known=ValidatedBundles(_state_home("validated-bundles")))
 
 
 def _targets(pairs: list[str]) -> dict[str, str]:

@@ -509,3 +509,136 @@ def test_keys_go_through_memfd_only(locked, monkeypatch, tmp_path):
         except OSError:
             continue
         assert b"PRIVATE KEY" not in data, p
+
+
+# -- the start-up path: cryptography's x509 only where it is needed ------------------------
+def _bio_pair(cctx, sctx):
+    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    cli, srv = cctx.wrap_bio(cin, cout), sctx.wrap_bio(sin, sout, server_side=True)
+    done = {cli: False, srv: False}
+    for _ in range(10):
+        for obj in (cli, srv):
+            if not done[obj]:
+                try:
+                    obj.do_handshake()
+                    done[obj] = True
+                except ssl.SSLWantReadError:
+                    pass
+        sin.write(cout.read())
+        cin.write(sout.read())
+    assert all(done.values())
+    return cli, srv
+
+
+def _foreign(protocol, bundle, cert_field, key_field, tmp_path):
+    """A context made without smsrepl's help, presenting the same certificate."""
+    ctx = ssl.SSLContext(protocol)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=bundle.ca)
+    cert, key = tmp_path / f"{cert_field}.pem", tmp_path / f"{key_field}.pem"
+    cert.write_text(getattr(bundle, cert_field))
+    key.write_text(getattr(bundle, key_field))
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _outcome(conn, role):
+    try:
+        check_peer_role(conn, role)
+        return "accepted"
+    except AuthenticationError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("server_role", ["data", "mgmt"])
+def test_role_checks_agree_with_and_without_our_contexts(plain, server_role, tmp_path):
+    """Our contexts take the subject from OpenSSL's verified certificate; any other context's
+    peer certificate is parsed again: the verdicts are the same."""
+    ours = _bio_pair(client_context(plain), server_context(plain, role=server_role))
+    theirs = _bio_pair(_foreign(ssl.PROTOCOL_TLS_CLIENT, plain, "cert", "private_key", tmp_path),
+                       _foreign(ssl.PROTOCOL_TLS_SERVER, plain, f"target_{server_role}_cert",
+                                f"target_{server_role}_private_key", tmp_path))
+    verdicts = []
+    for cli, srv in (ours, theirs):
+        verdicts.append([_outcome(cli, r) for r in ("target-data", "target-mgmt", "source")]
+                        + [_outcome(srv, r) for r in ("source", "target-data")])
+    assert verdicts[0] == verdicts[1]
+    assert verdicts[0][0 if server_role == "data" else 1] == "accepted"
+    assert verdicts[0][2] != "accepted" and "smsrepl-source" in verdicts[0][2] and verdicts[0][3] == "accepted"
+
+
+def test_a_validated_bundle_is_not_parsed_again(plain, tmp_path, monkeypatch):
+    import smsrepl.transport.tls as tls
+
+    monkeypatch.setattr(tls, "_VALIDATED", set())
+    path = tmp_path / "certkey.json"
+    path.write_text(plain.to_json())
+    known = tls.ValidatedBundles(tmp_path / "validated")
+    assert CertKey.load(path, known=known) == plain
+    assert plain.digest() in known
+    monkeypatch.setattr(tls, "_VALIDATED", set())  # a new process: only the store remembers
+
+    def refuse(*a):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(tls, "_parse_certs", refuse)
+    assert CertKey.load(path, known=known) == plain
+    # another bundle (or another smsrepl or cryptography version) is validated in full
+    damaged = json.loads(plain.to_json())
+    damaged["target_mgmt_cert"] = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+    path.write_text(json.dumps(damaged))
+    with pytest.raises(AssertionError, match="parsed again"):
+        CertKey.load(path, known=known)
+    monkeypatch.undo()
+    monkeypatch.setattr(tls, "_VALIDATED", set())
+    with pytest.raises(CertificateError, match="target_mgmt_cert"):
+        CertKey.load(path, known=known)
+    assert len(os.listdir(tmp_path / "validated")) == 1  # the damaged one never gets a mark
+    monkeypatch.setattr(tls, "__version__", "0.0.0-other")
+    assert plain.digest() not in known
+
+
+def test_the_validated_store_is_bounded_and_never_fails_a_load(plain, tmp_path, monkeypatch):
+    import smsrepl.transport.tls as tls
+
+    known = tls.ValidatedBundles(tmp_path / "validated")
+    for i in range(tls.ValidatedBundles.KEEP + 5):
+        known.add(f"{i:064x}")
+    assert len(os.listdir(tmp_path / "validated")) == tls.ValidatedBundles.KEEP
+    (tmp_path / "file").write_text("")
+    nowhere = tls.ValidatedBundles(tmp_path / "file" / "validated")  # cannot be made: ENOTDIR
+    monkeypatch.setattr(tls, "_VALIDATED", set())
+    path = tmp_path / "certkey.json"
+    path.write_text(plain.to_json())
+    assert CertKey.load(path, known=nowhere) == plain
+    assert plain.digest() not in nowhere
+
+
+def test_a_second_sender_start_does_not_import_cryptography_x509(plain, tmp_path):
+    """The CLI remembers the bundle it validated: the next start (the next sync round) goes
+    without cryptography's x509 modules, through the whole TLS handshake and role check."""
+    import subprocess
+    import sys
+
+    from smsrepl.certs import write_certkey
+    from smsrepl.transport.receiver import Receiver
+
+    ck = str(write_certkey(tmp_path / "certs", plain))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(plain), str(tmp_path / "rx-state"), idle_timeout=10)
+    host, port = rx.start()
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    try:
+        imported = []
+        for _ in range(2):
+            cp = subprocess.run([sys.executable, "-X", "importtime", "-m", "smsrepl", "send", "files",
+                                 str(tmp_path / "src"), "--to", f"{host}:{port}", "--target", "t", "--certkey", ck],
+                                capture_output=True, text=True, timeout=60, env=env)
+            assert cp.returncode == 0, cp.stderr[-2000:]
+            imported.append("cryptography.x509" in cp.stderr)
+    finally:
+        rx.stop()
+    assert imported == [True, False]
+    assert (tmp_path / "dst" / "f").read_bytes() == b"x"
