@@ -187,25 +187,30 @@ def _block_cpu_cap(path: str | None):
 
 
 def cmd_send_files(args) -> int:
-    from .files.rules import PathRules
     from .transport.file_sender import FileSender
     from .transport.connect import parse_address
     from .transport.tls import client_context
 
-    from .progress import HostSampler
+    rules = None
+    if args.config:
+        from .files.rules import PathRules
 
-    rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}") \
-        if args.config else None
+        rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}")
+    host_sampler = None
+    if args.progress == "json":
+        from .progress import HostSampler
+
+        host_sampler = HostSampler()
     watcher = _ScheduleWatcher(args.speed_limit)
     ctx = client_context(_certkey(args), _passphrase(args))
     out = _ProgressOutput(args.progress)
     sender = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules,
                         checksum=args.checksum, level=args.level, speed_limit=watcher.load(),
-                        on_report=out.report if args.progress != "none" else None,
-                        host_sampler=HostSampler() if args.progress == "json" else None)
+                        on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler)
     watcher.sender = sender
     watcher.watch()
     try:
+        sender.open()  # the receiver lists its tree while the round's modules load
         result = sender.run()
     finally:
         watcher.close()

@@ -130,3 +130,35 @@ def test_ordered_flag_survives_the_wire():
     rx.receive_data(b"".join(bytes(p) for p in parts))
     got = rx.next_event()
     assert isinstance(got, F.TreeData) and got.last and got.ordered and bytes(got.payload) == b"abc"
+
+
+@native
+def test_what_is_batched_goes_out_before_waiting_for_the_listing(tmp_path, monkeypatch):
+    """A sender ahead of the receiver's listing sends its batched operations before it waits:
+    they reach the receiver (on a slow link: cross it) while the receiver still lists."""
+    from smsrepl.codec import Compressor
+    from smsrepl.files.remote import OpStream, RemoteTarget
+    from smsrepl.files.scan import root_entry
+
+    frames = _frames(_tree(tmp_path / "t"), monkeypatch)
+    sent = []
+    ops = OpStream(sent.append, Compressor(1))
+    listing, q = Listing(), queue.Queue()
+    q.put(frames[0])
+    listing.follow(q.get, Decompressor())
+    target = RemoteTarget(listing, ops)
+    try:
+        target.set_root_meta(root_entry(os.fsencode(tmp_path / "t")))
+        assert listing.records(b"") and not sent  # batched, not sent: nothing waited yet
+        waiter = threading.Thread(target=target.dir_records, args=(b"a",), daemon=True)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()
+        ops.drain()
+        assert [type(ev) for ev in sent] == [F.FileOps]  # went out while waiting
+        for ev in frames[1:]:
+            q.put(ev)
+        waiter.join(5)
+        assert not waiter.is_alive()
+    finally:
+        ops.close()

@@ -483,3 +483,28 @@ def test_a_round_decided_while_the_listing_streams_ends_identical(tmp_path, rx, 
     assert again.kind == "sync" and again.stats.deleted >= 30
     assert oracle(os.fsdecode(src), dst, "--delete") == ""
     assert followed == ([1] if kernels.TREE else [])  # the full round's listing was one (empty) frame
+
+
+def test_the_file_sender_module_leaves_the_round_machinery_for_later():
+    """The CLI sends HELLO and TREE_REQUEST (FileSender.open) before the round's modules load:
+    the receiver lists its tree meanwhile."""
+    code = ("import sys, smsrepl.cli, smsrepl.transport.file_sender; "
+            "print(sorted(m for m in sys.modules if m.startswith(('smsrepl.files', 'smsrepl.progress'))))")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip() == "[]"
+
+
+def test_a_sender_may_ask_for_the_tree_before_welcome():
+    from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, SENDER, Connection
+    from smsrepl.protocol import frames as F
+
+    tx, rx = Connection(SENDER), Connection(RECEIVER)
+    wire = b"".join(bytes(p) for ev in (F.Hello([PROTOCOL_VERSION], "files", "t", "s", 0, 4096, list(CAPABILITIES)),
+                                        F.TreeRequest(False)) for p in tx.send(ev))
+    rx.receive_data(wire)
+    assert isinstance(rx.next_event(), F.Hello)
+    rx.send(F.Welcome(PROTOCOL_VERSION, "s", 0, "new", 0, "full", 0, "", capabilities=list(CAPABILITIES)))
+    assert isinstance(rx.next_event(), F.TreeRequest)
+    with pytest.raises(Exception, match="cannot send RoundBegin"):
+        tx.send(F.RoundBegin(1, "full", 0))  # a round still waits for WELCOME

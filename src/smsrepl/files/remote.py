@@ -149,6 +149,10 @@ class Listing:
         thread.start()
         return thread
 
+    def ready(self, rel: bytes | None) -> bool:
+        """Whether directory ``rel``'s records are final (wait() would not block)."""
+        return self.done or (self.ordered and self._frontier >= _order(rel))
+
     def wait(self, rel: bytes | None = None, *, whole: bool = False) -> None:
         """Until directory ``rel``'s records are final (the whole listing with ``whole``)."""
         if self.done:
@@ -487,6 +491,10 @@ class RemoteTarget:
 
     # --- a directory at a time (files.dirround) ---
     def dir_records(self, rel: bytes) -> bytes:
+        if not self.listing.ready(rel):
+            # about to wait for the receiver's listing: what is batched goes now, to be
+            # applied as soon as the receiver has listed its tree
+            self.ops.flush()
         return self.listing.records(rel)
 
     def gone(self, rel: bytes, indices: list[int]) -> tuple[list[bytes], list[bytes]]:

@@ -79,6 +79,7 @@ _LIVE = (State.IDLE, State.ROUND, State.ROUND_ENDING)
 
 TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.START, S, F.Hello): State.HANDSHAKE,
+    (State.HANDSHAKE, S, F.TreeRequest): State.HANDSHAKE,  # a file sender need not wait for WELCOME
     (State.HANDSHAKE, R, F.Welcome): State.IDLE,
     (State.IDLE, S, F.ManifestRequest): State.IDLE,
     (State.IDLE, R, F.ManifestData): State.IDLE,

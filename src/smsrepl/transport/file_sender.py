@@ -16,19 +16,24 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..codec import DEFAULT_LEVEL, Compressor, Decompressor
 from ..errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
-from ..files.local import Prefetch, RoundStats, by_dirs, scan_round, sync_tree, walk_round
-from ..files.remote import Listing, OpStream, RemoteTarget
-from ..files.rules import PathRules
-from ..files.scan import walk
-from ..progress import ProgressTracker, subtask_for
 from ..ratelimit import CpuCap, ScheduledLimiter, SpeedSchedule
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from ..protocol import frames as F
 from .channel import Channel
 from .connect import check_target_name, connect
+
+if TYPE_CHECKING:
+    from ..files.local import Prefetch, RoundStats
+    from ..files.remote import Listing
+    from ..files.rules import PathRules
+    from ..progress import ProgressTracker
+
+# the file-round machinery (files.*, progress) is imported where a round first needs it:
+# open() sends HELLO and TREE_REQUEST before, and the receiver lists its tree meanwhile
 
 log = logging.getLogger("smsrepl.file_sender")
 
@@ -92,6 +97,9 @@ class FileSender:
 
     def _total(self, kind: str) -> int:
         """Bytes of the regular files the round covers (the 5.4.8 totalsize)."""
+        from ..files.local import by_dirs
+        from ..files.scan import walk
+
         filt = self.rules.for_round(kind) if self.rules else None
         if by_dirs(self.checksum):
             from ..files.dirscan import scan_dirs
@@ -99,20 +107,38 @@ class FileSender:
             return sum(b.file_bytes() for b in scan_dirs(self.source, filt, on_error=lambda p, exc: None, xattrs=False))
         return sum(e.size for e in walk(self.source, filt, on_error=lambda p, exc: None) if e.kind == "file")
 
+    def open(self) -> None:
+        """Connect, and send HELLO and TREE_REQUEST without waiting for WELCOME: the receiver
+        lists its tree while this process gets ready for the round. run() opens the session
+        itself otherwise."""
+        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        try:
+            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
+                              list(CAPABILITIES)))
+            chan.send(F.TreeRequest(self.checksum))
+        except BaseException:
+            chan.close()
+            raise
+        self._chan = chan
+
     def run(self) -> FileRoundResult:
+        from ..files.local import by_dirs
+
         started = time.monotonic()
         # where either kind of round walks the same tree, the walk starts now: it overlaps
-        # connecting, the TLS handshake and the receiver's listing of its own tree
+        # connecting (unless open() did), the TLS handshake and the receiver's listing
         early = None
         if by_dirs(self.checksum) and (self.rules is None or self.rules.for_round("full") == self.rules.for_round("sync")):
             early = self._source_walk("full")
         try:
-            chan = Channel(connect(self.address, self.context), Connection(SENDER))
-            self._chan = chan
+            if self._chan is None:
+                self.open()
+            chan = self._chan
             try:
                 return self._session(chan, started, early)
             finally:
                 chan.close()
+                self._chan = None  # the next run() connects again
         finally:
             if early is not None:
                 early.close()
@@ -141,6 +167,8 @@ class FileSender:
     def describe_target(self) -> dict:
         """The receiver's tree with content digests (path -> (entry, digest)), without a round:
         what a remote consistency check compares against."""
+        from ..files.remote import Listing
+
         chan = Channel(connect(self.address, self.context), Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
@@ -198,19 +226,18 @@ class FileSender:
 
     def _source_walk(self, kind: str) -> Prefetch:
         """The source walked for a round of ``kind`` on a thread of its own, ahead of the round."""
+        from ..files.local import Prefetch, by_dirs, scan_round, walk_round
+
         if by_dirs(self.checksum):
             return Prefetch(scan_round(self.source, self.rules, kind), limit=1024, batch=1)
         return Prefetch(walk_round(self.source, self.rules, kind))
 
     def _session(self, chan: Channel, started: float, early: Prefetch | None = None) -> FileRoundResult:
-        chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
-                          list(CAPABILITIES)))
-        welcome = self._recv(chan, F.Welcome)
+        welcome = self._recv(chan, F.Welcome)  # open() sent HELLO and TREE_REQUEST
         if "files" not in welcome.capabilities:
             raise RemoteProtocolError("the receiver does not take file sessions")
         kind = "sync" if welcome.state == "synced" else "full"
         round_id = welcome.round_id + 1
-        chan.send(F.TreeRequest(self.checksum))
         # the source is walked while the receiver lists its tree
         if early is not None:
             return self._round(chan, started, kind, round_id, early)
@@ -221,6 +248,10 @@ class FileSender:
             prefetch.close()
 
     def _round(self, chan: Channel, started: float, kind: str, round_id: int, entries: Prefetch) -> FileRoundResult:
+        from ..files.local import sync_tree
+        from ..files.remote import Listing, OpStream, RemoteTarget
+        from ..progress import ProgressTracker, subtask_for
+
         listing, decomp = Listing(), Decompressor()
         listing.add(self._recv(chan, F.TreeData), decomp)
         if listing.ordered and not listing.done:  # decide as it arrives: each directory waits for its own listing
