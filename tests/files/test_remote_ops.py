@@ -40,3 +40,27 @@ def test_a_fast_link_gets_raw_frames_and_a_slow_one_compressed_frames():
 def test_without_adaptation_every_frame_is_compressed():
     frames, _ = _run(0.0, batches=6, adaptive=False)
     assert all(ev.codec == ZSTD for ev in frames)
+
+
+def test_operations_that_trickle_in_leave_before_the_batch_is_full(monkeypatch):
+    """A sync round's few changed files: a batch goes once its first operation is BATCH_AGE
+    old, so the receiver applies them as the round goes, not all at its end."""
+    from smsrepl.files import remote
+
+    monkeypatch.setattr(remote, "BATCH_AGE", 0.5)  # a loaded machine may pause for some ms
+    frames = []
+    ops = OpStream(frames.append, Compressor(1))
+    try:
+        ops.add([b"a" * 100])
+        ops.add([b"b" * 100])
+        assert ops.size == 200 and not frames  # both in one young batch
+        time.sleep(remote.BATCH_AGE * 2)
+        ops.add([b"c" * 100])  # the batch is old now: it goes with this one
+        assert ops.size == 0
+        ops.add([b"d" * 100])
+        ops.drain()
+    finally:
+        ops.close()
+    dec = Decompressor()
+    assert [bytes(dec.decode(ev.codec, ev.payload, ev.raw_len)) for ev in frames] == [
+        b"a" * 100 + b"b" * 100 + b"c" * 100, b"d" * 100]

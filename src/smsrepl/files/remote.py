@@ -33,6 +33,9 @@ from .scan import Entry, walk
 
 #: operations are sent once this much is batched (before compression)
 BATCH = 4 << 20
+#: ... or once the batch's first operation is this many seconds old: operations that trickle
+#: in (a sync round's few changed files) reach the receiver as the round goes, not at its end
+BATCH_AGE = 0.02
 #: records per TREE_DATA of a streamed listing (~1,500 entries): the sender starts early
 STREAM_BATCH = 128 << 10
 #: files up to this size travel whole inside one operation; larger ones in CHUNKs
@@ -273,6 +276,7 @@ class OpStream:
         self._address: dict[int, int] = {}  # id(buffer) -> its address, for ctypes.memmove
         self._buf: mmap.mmap | None = None
         self._pos = 0
+        self._since = 0.0  # when the batch got its first operation
         self.frames = 0
         self.raw_bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-ops")
@@ -308,8 +312,10 @@ class OpStream:
 
     def advance(self, end: int) -> None:
         """Bytes up to ``end`` of the batch buffer were written."""
+        if not self._pos:
+            self._since = time.monotonic()
         self._pos = end
-        if end >= BATCH:
+        if end >= BATCH or time.monotonic() - self._since >= BATCH_AGE:
             self.flush()
 
     def add(self, buffers: list) -> None:
