@@ -1,6 +1,7 @@
 """File-level replication over loopback against rsync, same run, medians of N.
 
     python benchmarks/files.py [--files 50000] [--dirs 500] [--runs 3] [--tmp DIR] [--target-fs auto|ext4|tmp]
+                               [--receivers once|persistent]
 
 Targets (both tools') go on a fresh ext4 file system in a loop-mounted image (``--target-fs
 ext4``; ``auto``, the default, where this runs as root and may mount): a migration target is
@@ -12,7 +13,9 @@ file creation 10x slower, for both tools. ``tmp`` puts them under --tmp.
 Cases (interleaved per run):
   initial copy  smsrepl send files (TLS 1.3, zstd level 2 by default) -> receive  vs  rsync -aH to a loopback daemon
   sync round    after 1% of the files were rewritten: smsrepl (second run) vs rsync -aH --delete
-Reports wall seconds, files per second and wire bytes.
+Reports wall seconds, files per second and wire bytes. Each smsrepl round goes to a receiver
+started for it (``--receivers once``, the default) or to one long-running receiver per target
+(``persistent``: how a target helper runs, and what the rsync daemon is to rsync).
 """
 from __future__ import annotations
 
@@ -62,22 +65,44 @@ def change(root: str, fraction: float, seed: int = 2) -> int:
     return len(picked)
 
 
-def sms(ck: str, src: str, dst: str, state: str) -> dict:
-    port = free_port()
-    rx = subprocess.Popen(CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", ck, "--target",
-                                 f"t={dst}", "--state-dir", state, "--once"], stderr=subprocess.PIPE)
-    line = rx.stderr.readline()
-    if b"listening" not in line:
-        raise RuntimeError(line)
-    t0 = time.perf_counter()
-    cp = subprocess.run(CLI + ["send", "files", src, "--to", f"127.0.0.1:{port}", "--target", "t", "--certkey", ck],
-                        capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    rx.wait(60)
-    if cp.returncode:
-        raise RuntimeError(cp.stderr)
-    out = json.loads(cp.stdout)
-    return {"wall": wall, "wire": out["wire_bytes"], "sent": out["files_sent"]}
+class SmsTarget:
+    """One smsrepl target and its receiver: started for each round (``once``), or once for all."""
+
+    def __init__(self, ck: str, dst: str, state: str, once: bool) -> None:
+        self.ck, self.dst, self.state, self.once = ck, dst, state, once
+        self.rx: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        self.port = free_port()
+        self.rx = subprocess.Popen(CLI + ["receive", "--listen", f"127.0.0.1:{self.port}", "--certkey", self.ck,
+                                          "--target", f"t={self.dst}", "--state-dir", self.state]
+                                   + (["--once"] if self.once else []), stderr=subprocess.PIPE)
+        line = self.rx.stderr.readline()
+        if b"listening" not in line:
+            raise RuntimeError(line)
+        if not self.once:  # nobody reads its log from here on
+            self.rx.stderr.close()
+
+    def round(self, src: str) -> dict:
+        if self.rx is None:
+            self._start()
+        t0 = time.perf_counter()
+        cp = subprocess.run(CLI + ["send", "files", src, "--to", f"127.0.0.1:{self.port}", "--target", "t",
+                                   "--certkey", self.ck], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if self.once:
+            self.rx.wait(60)
+            self.rx = None
+        if cp.returncode:
+            raise RuntimeError(cp.stderr)
+        out = json.loads(cp.stdout)
+        return {"wall": wall, "wire": out["wire_bytes"], "sent": out["files_sent"]}
+
+    def stop(self) -> None:
+        if self.rx is not None:
+            self.rx.terminate()
+            self.rx.wait(30)
+            self.rx = None
 
 
 def rsync(src: str, port: int, name: str, *flags: str) -> dict:
@@ -128,6 +153,8 @@ def main() -> int:
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--target-fs", choices=["auto", "ext4", "tmp"], default="auto",
                     help="where both tools write: a fresh loop-mounted ext4 (auto: where root can mount), or --tmp")
+    ap.add_argument("--receivers", choices=["once", "persistent"], default="once",
+                    help="a receiver started for each smsrepl round, or one long-running receiver per target")
     ap.add_argument("--delta-gib", type=float, default=0,
                     help="only the delta case: a file of this size, 100 bytes inserted in the middle, one sync round")
     args = ap.parse_args()
@@ -146,16 +173,18 @@ def main() -> int:
         daemon = RsyncDaemon(root, tmp)
         res = {k: [] for k in ("smsrepl copy", "rsync copy", "smsrepl sync", "rsync sync")}
         changed = 0
+        targets = [SmsTarget(ck, os.path.join(out, f"sms{run}"), os.path.join(tmp, f"st{run}"),
+                             args.receivers == "once") for run in range(args.runs)]
         try:
             for run in range(args.runs):
                 subprocess.run(["sync"], check=True)
-                res["smsrepl copy"].append(sms(ck, src, os.path.join(out, f"sms{run}"), os.path.join(tmp, f"st{run}")))
+                res["smsrepl copy"].append(targets[run].round(src))
                 subprocess.run(["sync"], check=True)
                 res["rsync copy"].append(rsync(src, daemon.port, f"r{run}"))
             changed = change(src, 0.01)
             for run in range(args.runs):
                 subprocess.run(["sync"], check=True)
-                res["smsrepl sync"].append(sms(ck, src, os.path.join(out, f"sms{run}"), os.path.join(tmp, f"st{run}")))
+                res["smsrepl sync"].append(targets[run].round(src))
                 subprocess.run(["sync"], check=True)
                 res["rsync sync"].append(rsync(src, daemon.port, f"r{run}", "--delete"))
             # the oracle: rsync finds nothing to change after the last smsrepl round
@@ -163,10 +192,12 @@ def main() -> int:
                                      os.path.join(out, f"sms{args.runs - 1}") + "/"], capture_output=True, text=True)
             differing = len([x for x in oracle.stdout.splitlines() if x.strip()])
         finally:
+            for t in targets:
+                t.stop()
             daemon.stop()
             if fs is not None:
                 fs.close()
-        print(f"targets on {'a fresh ext4 (loop)' if fs else out}")
+        print(f"targets on {'a fresh ext4 (loop)' if fs else out}; smsrepl receivers: {args.receivers}")
         print(f"\ntree: {args.files} files of 1-16 KiB ({total / 1e6:.0f} MB) in {args.dirs} directories; "
               f"sync change: {changed} files rewritten in place; medians of {args.runs}\n")
         print("| case | wall s | files/s | wire MB |\n|---|---:|---:|---:|")
@@ -198,8 +229,8 @@ def delta_case(gib: float, tmpdir: str | None) -> int:
         with open(path, "wb") as fh:
             for _ in range(0, size, 64 << 20):
                 fh.write(rng.integers(0, 256, 64 << 20, dtype=np.uint8).tobytes())
-        dst, state = os.path.join(tmp, "dst"), os.path.join(tmp, "st")
-        sms(ck, src, dst, state)
+        target = SmsTarget(ck, os.path.join(tmp, "dst"), os.path.join(tmp, "st"), once=True)
+        target.round(src)
         mid = size // 2 + 4321
         with open(path, "r+b") as fh:  # insert 100 bytes: everything after shifts
             fh.seek(mid)
@@ -208,8 +239,8 @@ def delta_case(gib: float, tmpdir: str | None) -> int:
             fh.write(b"I" * 100 + tail)
         del tail
         subprocess.run(["sync"], check=True)
-        r = sms(ck, src, dst, state)
-        same = subprocess.run(["cmp", path, os.path.join(dst, "big.bin")]).returncode == 0
+        r = target.round(src)
+        same = subprocess.run(["cmp", path, os.path.join(target.dst, "big.bin")]).returncode == 0
         print(f"| file | sync round s | wire bytes | wire / file size | identical |\n|---|---:|---:|---:|---|\n"
               f"| {gib:g} GiB, 100 bytes inserted | {r['wall']:.2f} | {r['wire']} | {r['wire'] / size:.5%} | {same} |")
         return 0 if same else 1
