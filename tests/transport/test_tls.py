@@ -418,28 +418,35 @@ def test_plaintext_client_is_classified(plain, payload):
     assert_auth(result[0], "not a TLS client")
 
 
+def _bio_pair(cctx, sctx):
+    """A client and a server SSLObject joined by memory BIOs (asyncio style), and a function
+    that runs their handshake."""
+    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    cli, srv = cctx.wrap_bio(cin, cout), sctx.wrap_bio(sin, sout, server_side=True)
+
+    def shake():
+        done = {cli: False, srv: False}
+        for _ in range(10):
+            for obj in (cli, srv):
+                if not done[obj]:
+                    try:
+                        obj.do_handshake()
+                        done[obj] = True
+                    except ssl.SSLWantReadError:
+                        pass
+            sin.write(cout.read())
+            cin.write(sout.read())
+        assert all(done.values())
+
+    return cli, srv, shake
+
+
 def test_check_peer_role_on_sslobject(plain):
     """Memory-BIO handshake (asyncio style): check_peer_role takes SSLObject."""
-    cctx, sctx = client_context(plain), server_context(plain)
-    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    cli = cctx.wrap_bio(cin, cout)
-    srv = sctx.wrap_bio(sin, sout, server_side=True)
+    cli, srv, shake = _bio_pair(client_context(plain), server_context(plain))
     with pytest.raises(AuthenticationError):
         check_peer_role(cli, "target-data")  # not done yet
-    done = {"c": False, "s": False}
-    for _ in range(10):
-        for name, obj in (("c", cli), ("s", srv)):
-            if not done[name]:
-                try:
-                    obj.do_handshake()
-                    done[name] = True
-                except ssl.SSLWantReadError:
-                    pass
-        sin.write(cout.read())
-        cin.write(sout.read())
-        if all(done.values()):
-            break
-    assert all(done.values())
+    shake()
     check_peer_role(cli, "target-data")
     check_peer_role(srv, "source")
     with pytest.raises(AuthenticationError):
@@ -512,21 +519,9 @@ def test_keys_go_through_memfd_only(locked, monkeypatch, tmp_path):
 
 
 # -- the start-up path: cryptography's x509 only where it is needed ------------------------
-def _bio_pair(cctx, sctx):
-    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    cli, srv = cctx.wrap_bio(cin, cout), sctx.wrap_bio(sin, sout, server_side=True)
-    done = {cli: False, srv: False}
-    for _ in range(10):
-        for obj in (cli, srv):
-            if not done[obj]:
-                try:
-                    obj.do_handshake()
-                    done[obj] = True
-                except ssl.SSLWantReadError:
-                    pass
-        sin.write(cout.read())
-        cin.write(sout.read())
-    assert all(done.values())
+def _shaken(cctx, sctx):
+    cli, srv, shake = _bio_pair(cctx, sctx)
+    shake()
     return cli, srv
 
 
@@ -555,8 +550,8 @@ def _outcome(conn, role):
 def test_role_checks_agree_with_and_without_our_contexts(plain, server_role, tmp_path):
     """Our contexts take the subject from OpenSSL's verified certificate; any other context's
     peer certificate is parsed again: the verdicts are the same."""
-    ours = _bio_pair(client_context(plain), server_context(plain, role=server_role))
-    theirs = _bio_pair(_foreign(ssl.PROTOCOL_TLS_CLIENT, plain, "cert", "private_key", tmp_path),
+    ours = _shaken(client_context(plain), server_context(plain, role=server_role))
+    theirs = _shaken(_foreign(ssl.PROTOCOL_TLS_CLIENT, plain, "cert", "private_key", tmp_path),
                        _foreign(ssl.PROTOCOL_TLS_SERVER, plain, f"target_{server_role}_cert",
                                 f"target_{server_role}_private_key", tmp_path))
     verdicts = []
