@@ -4,8 +4,10 @@ that breaks the order."""
 import os
 import queue
 import threading
+import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from smsrepl import kernels
 from smsrepl.codec import RAW, Decompressor
@@ -162,3 +164,49 @@ def test_what_is_batched_goes_out_before_waiting_for_the_listing(tmp_path, monke
         assert not waiter.is_alive()
     finally:
         ops.close()
+
+
+_NAMES = [b"a", b"a-", b"a.b", b"ab", b"B", b"\xc3\xa9", b"z z", b"\xff"]
+
+
+@native
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dirs=st.lists(st.lists(st.sampled_from(_NAMES), min_size=1, max_size=3), max_size=12),
+       files=st.lists(st.integers(0, 11), max_size=10), batch=st.sampled_from([1, 40, 300, 128 << 10]))
+def test_any_tree_streamed_reads_as_the_whole_listing(tmp_path_factory, dirs, files, batch):
+    """Whatever the tree and the frame size, every directory's records read from a listing
+    that is still arriving equal those of the complete listing."""
+    root = tmp_path_factory.mktemp("t")
+    top = os.fsencode(root)
+    made = sorted({b"/".join(d) for d in dirs})
+    for d in made:
+        os.makedirs(top + b"/" + d, exist_ok=True)
+    for i in files:
+        parent = made[i % len(made)] if made else b""
+        with open(top + b"/" + parent + b"/f%d" % i if parent else top + b"/f%d" % i, "wb") as fh:
+            fh.write(b"x" * i)
+    old = remote.STREAM_BATCH
+    remote.STREAM_BATCH = batch
+    try:
+        frames = list(describe_tree(top, stream=True))
+    finally:
+        remote.STREAM_BATCH = old
+    whole = Listing()
+    for ev in frames:
+        whole.add(ev, Decompressor())
+    listing, q = Listing(), queue.Queue()
+    listing.add(frames[0], Decompressor())
+    if not listing.done:
+        listing.follow(q.get, Decompressor())
+
+    def feed():  # the rest arrives while the questions are asked
+        for ev in frames[1:]:
+            time.sleep(0.001)
+            q.put(ev)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    for rel in [b""] + sorted(made, key=lambda d: (d.count(b"/"), d.split(b"/"))):  # as a sender asks
+        assert listing.records(rel) == whole.records(rel), rel
+    assert listing.entries.keys() == whole.entries.keys()
+    feeder.join(5)
