@@ -155,7 +155,12 @@ class Listing:
 
     def ready(self, rel: bytes | None) -> bool:
         """Whether directory ``rel``'s records are final (wait() would not block)."""
-        return self.done or (self.ordered and self._frontier >= _order(rel))
+        return self._final(_order(rel))
+
+    def _final(self, key: tuple | None) -> bool:
+        """Whether the records up to order ``key`` (None: all of them) are in. An unordered
+        listing's frontier stays empty: only its end makes anything final."""
+        return self.done or (key is not None and self._frontier >= key)
 
     def wait(self, rel: bytes | None = None, *, whole: bool = False) -> None:
         """Until directory ``rel``'s records are final (the whole listing with ``whole``)."""
@@ -165,7 +170,7 @@ class Listing:
             raise RuntimeError("the listing is incomplete and nothing receives the rest")
         key = None if whole else _order(rel)
         with self._cond:
-            while not self.done and self._failed is None and (key is None or self._frontier < key):
+            while not self._final(key) and self._failed is None:
                 self._cond.wait()
             if not self.done and self._failed is not None:
                 raise self._failed

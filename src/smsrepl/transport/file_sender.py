@@ -111,15 +111,20 @@ class FileSender:
         """Connect, and send HELLO and TREE_REQUEST without waiting for WELCOME: the receiver
         lists its tree while this process gets ready for the round. run() opens the session
         itself otherwise."""
+        self._chan = self._connect(self.checksum)
+
+    def _connect(self, checksum: bool) -> Channel:
+        """A connection with HELLO and TREE_REQUEST sent (the protocol lets the request come
+        before WELCOME)."""
         chan = Channel(connect(self.address, self.context), Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
                               list(CAPABILITIES)))
-            chan.send(F.TreeRequest(self.checksum))
+            chan.send(F.TreeRequest(checksum))
         except BaseException:
             chan.close()
             raise
-        self._chan = chan
+        return chan
 
     def run(self) -> FileRoundResult:
         from ..files.local import by_dirs
@@ -169,12 +174,9 @@ class FileSender:
         what a remote consistency check compares against."""
         from ..files.remote import Listing
 
-        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        chan = self._connect(checksum=True)
         try:
-            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
-                              list(CAPABILITIES)))
             self._recv(chan, F.Welcome)
-            chan.send(F.TreeRequest(True))
             listing, decomp = Listing(), Decompressor()
             while not listing.done:
                 listing.add(self._recv(chan, F.TreeData), decomp)
