@@ -1,7 +1,7 @@
 """File-level replication over loopback against rsync, same run, medians of N.
 
     python benchmarks/files.py [--files 50000] [--dirs 500] [--runs 3] [--tmp DIR] [--target-fs auto|ext4|tmp]
-                               [--receivers once|persistent]
+                               [--receivers once|persistent] [--senders process|continuous]
 
 Targets (both tools') go on a fresh ext4 file system in a loop-mounted image (``--target-fs
 ext4``; ``auto``, the default, where this runs as root and may mount): a migration target is
@@ -10,12 +10,17 @@ without a journal, every inode allocation walks past the inodes freed in the las
 six minutes (ext4's recently_deleted()): a benchmark right after deleting a tree measured
 file creation 10x slower, for both tools. ``tmp`` puts them under --tmp.
 
-Cases (interleaved per run):
+Cases (interleaved per run, which tool goes first alternating from run to run):
   initial copy  smsrepl send files (TLS 1.3, zstd level 2 by default) -> receive  vs  rsync -aH to a loopback daemon
   sync round    after 1% of the files were rewritten: smsrepl (second run) vs rsync -aH --delete
 Reports wall seconds, files per second and wire bytes. Each smsrepl round goes to a receiver
 started for it (``--receivers once``, the default) or to one long-running receiver per target
 (``persistent``: how a target helper runs, and what the rsync daemon is to rsync).
+``--senders continuous`` runs each target's rounds in one ``send files --continuous``
+session, as an agent runs SYNC_LINUX_FILE: the copy is its first round (timed from the
+process's start), and each sync round is a SIGUSR1 (the SYNC command), timed from the
+signal to the round's summary line, as replication.py times a block sync command.
+It implies persistent receivers.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,9 +74,10 @@ def change(root: str, fraction: float, seed: int = 2) -> int:
 class SmsTarget:
     """One smsrepl target and its receiver: started for each round (``once``), or once for all."""
 
-    def __init__(self, ck: str, dst: str, state: str, once: bool) -> None:
-        self.ck, self.dst, self.state, self.once = ck, dst, state, once
+    def __init__(self, ck: str, dst: str, state: str, once: bool, continuous: bool = False) -> None:
+        self.ck, self.dst, self.state, self.once, self.continuous = ck, dst, state, once and not continuous, continuous
         self.rx: subprocess.Popen | None = None
+        self.tx: subprocess.Popen | None = None  # the continuous session
 
     def _start(self) -> None:
         self.port = free_port()
@@ -83,12 +90,16 @@ class SmsTarget:
         if not self.once:  # nobody reads its log from here on
             self.rx.stderr.close()
 
+    def _send_args(self, src: str) -> list[str]:
+        return CLI + ["send", "files", src, "--to", f"127.0.0.1:{self.port}", "--target", "t", "--certkey", self.ck]
+
     def round(self, src: str) -> dict:
         if self.rx is None:
             self._start()
+        if self.continuous:
+            return self._continuous_round(src)
         t0 = time.perf_counter()
-        cp = subprocess.run(CLI + ["send", "files", src, "--to", f"127.0.0.1:{self.port}", "--target", "t",
-                                   "--certkey", self.ck], capture_output=True, text=True)
+        cp = subprocess.run(self._send_args(src), capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if self.once:
             self.rx.wait(60)
@@ -98,7 +109,25 @@ class SmsTarget:
         out = json.loads(cp.stdout)
         return {"wall": wall, "wire": out["wire_bytes"], "sent": out["files_sent"]}
 
+    def _continuous_round(self, src: str) -> dict:
+        t0 = time.perf_counter()
+        if self.tx is None:
+            self.tx = subprocess.Popen(self._send_args(src) + ["--continuous", "--interval", "86400"],
+                                       stdout=subprocess.PIPE, text=True)
+        else:
+            self.tx.send_signal(signal.SIGUSR1)
+        line = self.tx.stdout.readline()
+        wall = time.perf_counter() - t0
+        if not line:
+            raise RuntimeError(f"continuous sender exited with {self.tx.wait(60)}")
+        out = json.loads(line)
+        return {"wall": wall, "wire": out["wire_bytes"], "sent": out["files_sent"]}
+
     def stop(self) -> None:
+        if self.tx is not None:
+            self.tx.send_signal(signal.SIGTERM)  # the cutover round, then exit
+            self.tx.communicate(timeout=120)
+            self.tx = None
         if self.rx is not None:
             self.rx.terminate()
             self.rx.wait(30)
@@ -117,7 +146,13 @@ def rsync(src: str, port: int, name: str, *flags: str) -> dict:
 
 class TargetFS:
     """A fresh ext4 file system for the targets, in a sparse image under ``tmp``, mounted
-    while the benchmark runs (None where it cannot be made: not root, no loop devices)."""
+    while the benchmark runs (None where it cannot be made: not root, no loop devices).
+
+    The loop device does direct I/O to its image where it can (``losetup --direct-io=on``),
+    as a disk would: a buffered loop device puts every block written through the page cache
+    twice and writes it back twice, once to the image and once to the disk under it, which
+    is a cost of the benchmark's plumbing, paid only by a tool that makes its writes durable
+    during the timed run."""
 
     def __init__(self, tmp: str, size: int, inodes: int) -> None:
         self.image = os.path.join(tmp, "targets.img")
@@ -125,8 +160,26 @@ class TargetFS:
         os.makedirs(self.mount)
         with open(self.image, "wb") as fh:
             fh.truncate(size)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(inodes), self.image], check=True)
-        subprocess.run(["mount", "-o", "loop", self.image, self.mount], check=True)
+        # inode tables and journal written now: not by ext4lazyinit in the background of the first runs
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(inodes), "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        self.image], check=True)
+        self.device = None
+        for dio in ("on", "off"):
+            cp = subprocess.run(["losetup", "--find", "--show", f"--direct-io={dio}", self.image],
+                                capture_output=True, text=True)
+            if cp.returncode == 0:
+                self.device, self.direct_io = cp.stdout.strip(), dio == "on"
+                break
+        if self.device is None:
+            raise OSError(f"no loop device for {self.image}: {cp.stderr.strip()}")
+        try:
+            subprocess.run(["mount", self.device, self.mount], check=True)
+        except subprocess.CalledProcessError:
+            subprocess.run(["losetup", "-d", self.device], check=False)
+            raise
+
+    def describe(self) -> str:
+        return f"a fresh ext4 (loop device, direct I/O {'on' if self.direct_io else 'off'})"
 
     @classmethod
     def make(cls, tmp: str, size: int, inodes: int, want: str) -> "TargetFS | None":
@@ -142,6 +195,7 @@ class TargetFS:
 
     def close(self) -> None:
         subprocess.run(["umount", self.mount], check=False)
+        subprocess.run(["losetup", "-d", self.device], check=False)
         os.unlink(self.image)
 
 
@@ -155,6 +209,9 @@ def main() -> int:
                     help="where both tools write: a fresh loop-mounted ext4 (auto: where root can mount), or --tmp")
     ap.add_argument("--receivers", choices=["once", "persistent"], default="once",
                     help="a receiver started for each smsrepl round, or one long-running receiver per target")
+    ap.add_argument("--senders", choices=["process", "continuous"], default="process",
+                    help="a send files process for each round, or one --continuous session per target whose "
+                         "sync rounds are SIGUSR1 (implies persistent receivers)")
     ap.add_argument("--delta-gib", type=float, default=0,
                     help="only the delta case: a file of this size, 100 bytes inserted in the middle, one sync round")
     args = ap.parse_args()
@@ -174,19 +231,18 @@ def main() -> int:
         res = {k: [] for k in ("smsrepl copy", "rsync copy", "smsrepl sync", "rsync sync")}
         changed = 0
         targets = [SmsTarget(ck, os.path.join(out, f"sms{run}"), os.path.join(tmp, f"st{run}"),
-                             args.receivers == "once") for run in range(args.runs)]
+                             args.receivers == "once", args.senders == "continuous") for run in range(args.runs)]
         try:
-            for run in range(args.runs):
-                subprocess.run(["sync"], check=True)
-                res["smsrepl copy"].append(targets[run].round(src))
-                subprocess.run(["sync"], check=True)
-                res["rsync copy"].append(rsync(src, daemon.port, f"r{run}"))
-            changed = change(src, 0.01)
-            for run in range(args.runs):
-                subprocess.run(["sync"], check=True)
-                res["smsrepl sync"].append(targets[run].round(src))
-                subprocess.run(["sync"], check=True)
-                res["rsync sync"].append(rsync(src, daemon.port, f"r{run}", "--delete"))
+            for case, flags in (("copy", ()), ("sync", ("--delete",))):
+                if case == "sync":
+                    changed = change(src, 0.01)
+                for run in range(args.runs):
+                    # which tool goes first alternates from run to run: neither always meets
+                    # what the other left behind (writeback, a warmer or colder cache)
+                    for tool in (("smsrepl", "rsync") if run % 2 == 0 else ("rsync", "smsrepl")):
+                        subprocess.run(["sync"], check=True)
+                        res[f"{tool} {case}"].append(targets[run].round(src) if tool == "smsrepl"
+                                                     else rsync(src, daemon.port, f"r{run}", *flags))
             # the oracle: rsync finds nothing to change after the last smsrepl round
             oracle = subprocess.run(["rsync", "-aHAXn", "--numeric-ids", "--checksum", "-i", f"{src}/",
                                      os.path.join(out, f"sms{args.runs - 1}") + "/"], capture_output=True, text=True)
@@ -197,16 +253,18 @@ def main() -> int:
             daemon.stop()
             if fs is not None:
                 fs.close()
-        print(f"targets on {'a fresh ext4 (loop)' if fs else out}; smsrepl receivers: {args.receivers}")
+        receivers = "persistent" if args.senders == "continuous" else args.receivers
+        print(f"targets on {fs.describe() if fs else out}; smsrepl receivers: {receivers}; senders: {args.senders}")
         print(f"\ntree: {args.files} files of 1-16 KiB ({total / 1e6:.0f} MB) in {args.dirs} directories; "
               f"sync change: {changed} files rewritten in place; medians of {args.runs}\n")
-        print("| case | wall s | files/s | wire MB |\n|---|---:|---:|---:|")
+        print("| case | wall s | files/s | wire MB | each run, s |\n|---|---:|---:|---:|---|")
         med = {}
         for k, rows in res.items():
             wall = statistics.median(r["wall"] for r in rows)
             wire = statistics.median(r["wire"] for r in rows)
             med[k] = wall
-            print(f"| {k} | {wall:.2f} | {args.files / wall:.0f} | {wire / 1e6:.2f} |")
+            runs = " ".join(f"{r['wall']:.2f}" for r in rows)
+            print(f"| {k} | {wall:.2f} | {args.files / wall:.0f} | {wire / 1e6:.2f} | {runs} |")
         print(f"\ninitial copy: smsrepl {med['rsync copy'] / med['smsrepl copy']:.2f}x rsync's files per second")
         print(f"sync round:   smsrepl {med['rsync sync'] / med['smsrepl sync']:.2f}x faster than rsync")
         print(f"rsync -aHAXn --checksum oracle after the last smsrepl round: {differing} lines (0: identical)")

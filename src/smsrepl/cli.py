@@ -191,6 +191,7 @@ def cmd_send_files(args) -> int:
     from .transport.connect import parse_address
     from .transport.tls import client_context
 
+    interval = _continuous_interval(args)
     rules = None
     if args.config:
         from .files.rules import PathRules
@@ -204,21 +205,46 @@ def cmd_send_files(args) -> int:
     watcher = _ScheduleWatcher(args.speed_limit)
     ctx = client_context(_certkey(args), _passphrase(args))
     out = _ProgressOutput(args.progress)
-    sender = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules,
-                        checksum=args.checksum, level=args.level, speed_limit=watcher.load(),
-                        on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler)
-    watcher.sender = sender
+    summary_to = sys.stderr if args.progress == "json" else sys.stdout
+
+    def make_sender() -> FileSender:
+        sender = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules,
+                            checksum=args.checksum, level=args.level, speed_limit=watcher.load(),
+                            on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler)
+        watcher.sender = sender
+        return sender
+
+    def print_summary(result) -> None:
+        print(json.dumps(result.summary()), file=summary_to, flush=True)
+        for line in result.stats.reported:
+            print(f"note: {line}", file=sys.stderr)
+
     watcher.watch()
     try:
-        sender.open()  # the receiver lists its tree while the round's modules load
-        result = sender.run()
+        if args.continuous:
+            from .continuous import ContinuousSync
+
+            cont = ContinuousSync(make_sender, interval=interval, on_round=print_summary)
+            _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
+            cont.run()
+        else:
+            sender = make_sender()
+            sender.open()  # the receiver lists its tree while the round's modules load
+            print_summary(sender.run())
     finally:
         watcher.close()
         out.close()
-    print(json.dumps(result.summary()), file=sys.stderr if args.progress == "json" else sys.stdout, flush=True)
-    for line in result.stats.reported:
-        print(f"note: {line}", file=sys.stderr)
     return 0
+
+
+def _continuous_interval(args) -> float:
+    """Seconds between continuous rounds, from --interval (which needs --continuous)."""
+    if args.interval is not None and not args.continuous:
+        raise ConfigError("--interval applies to --continuous only")
+    interval = 30.0 if args.interval is None else args.interval
+    if not 0 <= interval <= 86400:
+        raise ConfigError(f"--interval {interval}: must be between 0 and 86400 seconds")
+    return interval
 
 
 def cmd_send_block(args) -> int:
@@ -227,11 +253,7 @@ def cmd_send_block(args) -> int:
     from .transport.sender import Sender
     from .transport.tls import client_context
 
-    if args.interval is not None and not args.continuous:
-        raise ConfigError("--interval applies to --continuous only")
-    interval = 30.0 if args.interval is None else args.interval
-    if not 0 <= interval <= 86400:
-        raise ConfigError(f"--interval {interval}: must be between 0 and 86400 seconds")
+    interval = _continuous_interval(args)
     watcher = _ScheduleWatcher(args.speed_limit)
     cpu_cap = _block_cpu_cap(args.config)
     ctx = client_context(_certkey(args), _passphrase(args))
@@ -481,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="5.4.10 speed_limit JSON; re-read when it changes during the round")
     sf.add_argument("--progress", choices=["bar", "json", "none"], default="none",
                     help="json: one 5.4.8 report per line on stdout (MIGRATE_LINUX_FILE / SYNC_LINUX_FILE)")
+    sf.add_argument("--continuous", action="store_true",
+                    help="after the copy keep running sync rounds (SIGUSR1: a round now); SIGTERM runs the "
+                         "cutover round and exits 0")
+    sf.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between continuous rounds (default 30)")
     sf.set_defaults(func=cmd_send_files)
     sb = send.add_parser("block", help="copy (first run) or sync (later runs) a disk or image")
     sb.add_argument("source")

@@ -432,6 +432,45 @@ def test_receive_root_serves_named_targets_below_it_only(tmp_path, bundle):
     assert sorted(os.listdir(base)) == ["home"]
 
 
+def test_cli_continuous_file_sync_rounds_on_sigusr1_and_cuts_over_on_sigterm(tmp_path, certkey_file):
+    import signal
+
+    from .procs import ReceiverProc
+
+    src = rich_tree(tmp_path / "src")
+    dst = tmp_path / "dst"
+    rx = ReceiverProc(certkey_file, {"t": str(dst)}, str(tmp_path / "rxs"))
+    tx = subprocess.Popen([sys.executable, "-m", "smsrepl", "send", "files", os.fsdecode(src), "--to", rx.address,
+                           "--target", "t", "--certkey", certkey_file, "--continuous", "--interval", "3600"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in tx.stdout], daemon=True).start()
+    summary = lambda: json.loads(lines.get(timeout=60))  # noqa: E731  (Empty: no round came)
+    try:
+        first = summary()
+        assert first["kind"] == "full" and first["files_sent"] == 7
+        assert oracle(os.fsdecode(src), dst) == ""
+        added = os.path.join(src, b"added.txt")
+        with open(added, "wb") as fh:
+            fh.write(b"new since the copy\n")
+        tx.send_signal(signal.SIGUSR1)  # the SYNC command: a round now, not in an hour
+        second = summary()
+        assert second["kind"] == "sync" and second["files_sent"] == 1 and second["round"] == first["round"] + 1
+        assert oracle(os.fsdecode(src), dst) == ""
+        os.unlink(added)
+        tx.send_signal(signal.SIGTERM)  # the cutover round, then exit 0
+        last = summary()
+        assert tx.wait(60) == 0
+        assert last["kind"] == "sync" and last["deleted"] == 1 and "cutover" in tx.stderr.read()
+    finally:
+        tx.kill()
+        rx.stop()
+    assert oracle(os.fsdecode(src), dst) == ""
+
+
 @pytest.mark.parametrize("args,match", [
     (["receive", "--listen", "127.0.0.1:0", "--certkey", "{ck}", "--root", "{tmp}/nope"], "is not a directory"),
     (["receive", "--listen", "127.0.0.1:0", "--certkey", "{ck}", "--root", "{tmp}", "--target", "a={tmp}/a"],
@@ -441,6 +480,10 @@ def test_receive_root_serves_named_targets_below_it_only(tmp_path, bundle):
     (["send", "files", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--config", "{tmp}/bad.json"],
      "unknown config_key 'EXCLUDE'"),
     (["send", "files", "{tmp}/nope", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}"], "not a directory"),
+    (["send", "files", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--interval", "5"],
+     "--interval applies to --continuous only"),
+    (["send", "files", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--continuous",
+      "--interval", "-1"], "must be between 0 and 86400"),
 ])
 def test_cli_bad_input_for_file_entry_points(tmp_path, certkey_file, args, match):
     (tmp_path / "bad.json").write_text(json.dumps({"configurations": [{"config_key": "EXCLUDE", "config_value": "/x"}]}))
