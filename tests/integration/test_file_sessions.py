@@ -471,6 +471,53 @@ def test_cli_continuous_file_sync_rounds_on_sigusr1_and_cuts_over_on_sigterm(tmp
     assert oracle(os.fsdecode(src), dst) == ""
 
 
+@pytest.mark.reliability("fault", "kill -9 of the receiver under a continuous file sync, then restart")
+@pytest.mark.parametrize("seed", range(2))
+def test_continuous_file_sync_survives_a_killed_receiver_and_ends_identical(tmp_path, certkey_file, seed):
+    """The round the kill cut fails; the session retries it against the restarted receiver,
+    which removes the temporaries the kill left; SIGTERM's cutover round ends identical."""
+    import random
+    import signal
+    import time
+
+    from smsrepl.files.apply import TEMP_RE
+
+    from .procs import ReceiverProc
+
+    rng = random.Random(seed)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in range(4):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(30):
+            (src / f"d{d}" / f"f{i:03}").write_bytes(rng.randbytes(rng.randint(1, 256 << 10)))
+    rx = ReceiverProc(certkey_file, {"t": str(dst)}, str(tmp_path / "rxs"))
+    tx = subprocess.Popen([sys.executable, "-m", "smsrepl", "send", "files", str(src), "--to", rx.address,
+                           "--target", "t", "--certkey", certkey_file, "--level", "0", "--continuous",
+                           "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (dst.exists() and any(dst.iterdir())):  # the copy is under way
+            assert time.monotonic() < deadline and tx.poll() is None
+            time.sleep(0.005)
+        rx.kill()
+        rx = ReceiverProc(certkey_file, {"t": str(dst)}, str(tmp_path / "rxs"), port=rx.port)
+        for i in range(40):  # work for the rounds after the retry, cut at a random time again
+            (src / "d1" / f"new{i:02}").write_bytes(rng.randbytes(256 << 10))
+        time.sleep(rng.uniform(1.9, 2.6))  # the session retries a failed round after 2 s
+        rx.kill()
+        rx = ReceiverProc(certkey_file, {"t": str(dst)}, str(tmp_path / "rxs"), port=rx.port)
+        time.sleep(0.5)
+        tx.send_signal(signal.SIGTERM)  # the cutover round, then exit 0
+        out, err = tx.communicate(timeout=120)
+        assert tx.returncode == 0, err
+    finally:
+        tx.kill()
+        rx.stop()
+    assert json.loads(out.splitlines()[-1])["kind"] in ("full", "sync")  # the cutover round's summary
+    assert oracle(str(src), dst) == ""
+    assert not [p for p in dst.rglob("*") if TEMP_RE.match(p.name.encode())]
+
+
 @pytest.mark.parametrize("args,match", [
     (["receive", "--listen", "127.0.0.1:0", "--certkey", "{ck}", "--root", "{tmp}/nope"], "is not a directory"),
     (["receive", "--listen", "127.0.0.1:0", "--certkey", "{ck}", "--root", "{tmp}", "--target", "a={tmp}/a"],
