@@ -17,7 +17,8 @@ Public API (identical results in both backends; sizes in bytes)::
     apply_delta(old, rows, block_size, data) -> bytes
 
 Native only (``TREE``): the file-tree kernels of ``_native/fstree.c`` (scan_dir,
-diff_records, group_records, read_files, write_files, link_files).
+diff_records, group_records, read_files, write_files, link_files; xattr_cache, what
+scan_dir knows of entries without xattrs across the scans of a process).
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ weak_checksum = _impl.weak_checksum
 TREE = BACKEND == "native"
 if TREE:
     scan_dir = _impl.scan_dir
+    xattr_cache = _impl.xattr_cache
     diff_records = _impl.diff_records
     group_records = _impl.group_records
     read_files = _impl.read_files

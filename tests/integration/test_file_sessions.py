@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from smsrepl import kernels
 from smsrepl.errors import RefusedError, RemoteError
 from smsrepl.files.rules import PathRules
 from smsrepl.transport.file_sender import FileSender
@@ -363,6 +364,33 @@ def test_removed_xattrs_and_kind_changes_reach_the_target(tmp_path, rx, bundle):
     send(src, addr, bundle)
     assert os.listxattr(dst / "f") == [] and (dst / "d").read_bytes() == b"now a file"
     assert oracle(str(src), dst, "--delete") == ""
+
+
+@pytest.mark.skipif(not kernels.TREE, reason="the no-xattrs cache belongs to the native scan")
+def test_xattrs_set_after_entries_were_cached_as_bare_reach_the_target_on_either_side(tmp_path, rx, bundle):
+    """Rounds of one process remember entries without xattrs (by their ctime); an xattr set
+    later on the source, or on the target behind the receiver's back, is still seen."""
+    import time
+
+    _, addr = rx
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(10):
+        (src / f"f{i}").write_bytes(b"%d" % i)
+    kernels.xattr_cache(clear=True, min_age=0)  # trust ctimes of any age: the rounds are seconds apart
+    try:
+        for _ in range(3):  # the sender knows the source's entries from the first, the receiver
+            send(src, addr, bundle)  # the target's from the second
+        assert kernels.xattr_cache()[1] >= 30
+        time.sleep(0.05)  # past the ctime clock's tick
+        os.setxattr(src / "f1", "user.src", b"on the source")
+        os.setxattr(dst / "f2", "user.stray", b"on the target only")
+        assert oracle(str(src), dst) != ""
+        send(src, addr, bundle)
+        assert os.listxattr(dst / "f1") == ["user.src"] and os.listxattr(dst / "f2") == []
+        assert oracle(str(src), dst) == ""
+    finally:
+        kernels.xattr_cache(clear=True, min_age=2.0)
 
 
 def test_only_sync_creates_the_directories_on_the_way(tmp_path, rx, bundle):

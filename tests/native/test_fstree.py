@@ -236,3 +236,70 @@ def test_write_files_stops_at_operations_for_the_careful_path_and_cleans_up_on_e
     finally:
         os.close(fd)
     assert sorted(os.listdir(tmp_path)) == ["a"]  # nothing else was named
+
+
+@pytest.fixture
+def xattr_cache():
+    """The no-xattrs cache, empty, keeping entries of any age; as it was afterwards."""
+    entries, _ = native.xattr_cache(clear=True)
+    yield native
+    native.xattr_cache(clear=True, min_age=2.0)
+
+
+def _scan(root) -> bytes:
+    fd = _dirfd(root)
+    try:
+        return native.scan_dir(fd, b"", os.fsencode(root))[0]
+    finally:
+        os.close(fd)
+
+
+def _xattrs_supported(path) -> bool:
+    try:
+        os.setxattr(path, "user.probe", b"1")
+        os.removexattr(path, "user.probe")
+        return True
+    except OSError:
+        return False
+
+
+def test_scans_skip_the_xattr_probe_of_entries_known_bare_and_see_every_change(tmp_path, xattr_cache):
+    import time
+
+    root = tmp_path / "t"
+    root.mkdir()
+    for i in range(20):
+        (root / f"f{i:02}").write_bytes(b"x" * i)
+    if not _xattrs_supported(root / "f00"):
+        pytest.skip("no user xattrs on this file system")
+    time.sleep(0.05)  # past the ctime clock's tick: the probe's own ctime change is behind us
+    xattr_cache.xattr_cache(min_age=0)
+    first = _scan(root)
+    assert xattr_cache.xattr_cache() == (20, 0)
+    assert _scan(root) == first
+    assert xattr_cache.xattr_cache()[1] == 20  # the second scan probed none of them
+    time.sleep(0.05)
+    os.setxattr(root / "f03", "user.added", b"later")  # changes f03's ctime
+    with_xattr = _scan(root)
+    assert with_xattr != first and b"user.added" in with_xattr
+    assert with_xattr == _python_records(root, b"")
+    time.sleep(0.05)
+    os.removexattr(root / "f03", "user.added")
+    assert _scan(root) == first
+
+
+def test_entries_changed_within_the_last_seconds_are_not_kept(tmp_path, xattr_cache):
+    root = tmp_path / "t"
+    root.mkdir()
+    for i in range(5):
+        (root / f"f{i}").write_bytes(b"new")
+    xattr_cache.xattr_cache(min_age=2.0)  # the default: ctimes this young are not trusted
+    _scan(root)
+    _scan(root)
+    assert xattr_cache.xattr_cache() == (0, 0)
+
+
+@pytest.mark.parametrize("bad", [-1, 1e9, float("nan"), "soon"])
+def test_xattr_cache_refuses_a_bad_age(bad):
+    with pytest.raises((ValueError, TypeError)):
+        native.xattr_cache(min_age=bad)

@@ -216,6 +216,8 @@ done:
 static PyMethodDef core_methods[] = {
     {"scan_dir", sms_py_scan_dir, METH_VARARGS,
      "scan_dir(dir_fd, prefix, dir_path|None) -> (records, names, kinds, ends, errors, file_bytes)"},
+    {"xattr_cache", (PyCFunction)(void (*)(void))sms_py_xattr_cache, METH_VARARGS | METH_KEYWORDS,
+     "xattr_cache(clear=False, min_age=None) -> (entries, hits): scan_dir's cache of entries without xattrs"},
     {"diff_records", sms_py_diff_records, METH_VARARGS, "diff_records(source, target) -> (actions, gone)"},
     {"group_records", sms_py_group_records, METH_VARARGS, "group_records(body) -> [(parent, start, end)]"},
     {"read_files", sms_py_read_files, METH_VARARGS,

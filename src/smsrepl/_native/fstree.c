@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fstree.h"
@@ -215,6 +216,126 @@ static int may_have_xattrs(int dir_fd, const char *name)
     return 1;
 }
 
+/* Entries known to have no xattrs, across the scans of this process (a continuous sync's
+ * sender and a long-running receiver scan the same trees round after round): the key is a
+ * hash of (device, inode), the value the entry's ctime. Setting or removing an xattr (or an
+ * ACL) changes the ctime, so an entry whose ctime is what it was when it was found bare is
+ * still bare, and its listxattrat() is skipped (about a fifth of a scan). Only entries whose
+ * ctime was at least NOX_MIN_AGE seconds old when found are kept: ctime comes from a clock
+ * that ticks every few milliseconds, and a change later in the same tick would keep it. */
+#define NOX_FIRST_SLOTS ((size_t)1 << 16)
+#define NOX_MAX_SLOTS ((size_t)1 << 21) /* 32 MiB: a million entries at half load */
+typedef struct {
+    uint64_t key, ctime_ns;
+} nox_slot;
+static nox_slot *nox_slots;
+static size_t nox_mask, nox_used;
+static uint64_t nox_hits;
+static double nox_min_age = 2.0;
+static pthread_mutex_t nox_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static uint64_t nox_key(const struct stat *st)
+{
+    uint64_t h = (uint64_t)st->st_dev * 0x9E3779B97F4A7C15ULL ^ (uint64_t)st->st_ino;
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDULL;
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ULL;
+    h ^= h >> 33;
+    return h ? h : 1; /* 0 marks an empty slot */
+}
+
+static uint64_t ctime_ns(const struct stat *st)
+{
+    return (uint64_t)st->st_ctim.tv_sec * 1000000000ULL + (uint64_t)st->st_ctim.tv_nsec;
+}
+
+static nox_slot *nox_find(uint64_t key) /* the key's slot, or the empty one it would take */
+{
+    for (size_t i = (size_t)key & nox_mask;; i = (i + 1) & nox_mask)
+        if (nox_slots[i].key == key || !nox_slots[i].key)
+            return &nox_slots[i];
+}
+
+/* Whether the entry is known to have no xattrs at its present ctime. */
+static int nox_known(const struct stat *st)
+{
+    int hit = 0;
+    pthread_mutex_lock(&nox_lock);
+    if (nox_slots) {
+        nox_slot *s = nox_find(nox_key(st));
+        hit = s->key && s->ctime_ns == ctime_ns(st);
+        nox_hits += (uint64_t)hit;
+    }
+    pthread_mutex_unlock(&nox_lock);
+    return hit;
+}
+
+/* Remember an entry found without xattrs (`now`: when the scan began, seconds). */
+static void nox_remember(const struct stat *st, double now)
+{
+    if ((double)st->st_ctim.tv_sec + (double)st->st_ctim.tv_nsec / 1e9 > now - nox_min_age)
+        return;
+    uint64_t key = nox_key(st);
+    pthread_mutex_lock(&nox_lock);
+    if (!nox_slots || (nox_used + 1) * 2 > nox_mask + 1) {
+        size_t slots = nox_slots ? (nox_mask + 1) * 2 : NOX_FIRST_SLOTS;
+        nox_slot *grown = slots <= NOX_MAX_SLOTS ? calloc(slots, sizeof *grown) : NULL;
+        if (grown) {
+            nox_slot *old = nox_slots;
+            size_t old_slots = old ? nox_mask + 1 : 0;
+            nox_slots = grown;
+            nox_mask = slots - 1;
+            for (size_t i = 0; i < old_slots; i++)
+                if (old[i].key)
+                    *nox_find(old[i].key) = old[i];
+            free(old);
+        } else if (!nox_slots || (nox_used + 1) * 4 > (nox_mask + 1) * 3) {
+            pthread_mutex_unlock(&nox_lock); /* full: what is known stays, nothing more */
+            return;
+        }
+    }
+    nox_slot *s = nox_find(key);
+    nox_used += !s->key;
+    s->key = key;
+    s->ctime_ns = ctime_ns(st);
+    pthread_mutex_unlock(&nox_lock);
+}
+
+/* xattr_cache(clear=False, min_age=None) -> (entries, hits): the no-xattrs cache's size and
+ * how many probes it saved; clear empties it; min_age sets the age (seconds) an entry's ctime
+ * needs to be kept (tests). */
+PyObject *sms_py_xattr_cache(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *names[] = {"clear", "min_age", NULL};
+    int clear = 0;
+    PyObject *min_age = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|pO:xattr_cache", names, &clear, &min_age))
+        return NULL;
+    double age = 0;
+    if (min_age != Py_None) {
+        age = PyFloat_AsDouble(min_age);
+        if (age == -1 && PyErr_Occurred())
+            return NULL;
+        if (!(age >= 0 && age <= 3600)) {
+            PyErr_SetString(PyExc_ValueError, "min_age must be 0 to 3600 seconds");
+            return NULL;
+        }
+    }
+    pthread_mutex_lock(&nox_lock);
+    if (min_age != Py_None)
+        nox_min_age = age;
+    if (clear) {
+        free(nox_slots);
+        nox_slots = NULL;
+        nox_mask = nox_used = 0;
+        nox_hits = 0;
+    }
+    PyObject *r = Py_BuildValue("(KK)", (unsigned long long)nox_used, (unsigned long long)nox_hits);
+    pthread_mutex_unlock(&nox_lock);
+    return r;
+}
+
 /* The xattr block of `path` (u16 count, then per item u16 name length, name, u32 value
  * length, value; sorted by name), empty where there are none. 0 or an errno. */
 static int read_xattrs(const char *path, sms_buf *xb)
@@ -391,6 +512,9 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
         memcpy(xpath, dpath, dlen);
         xpath[dlen] = '/';
     }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    double now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
     for (size_t i = 0; i < o->count; i++) {
         const dname *dn = &o->names[i];
         struct stat st;
@@ -416,13 +540,17 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
             llen = (size_t)r;
         }
         xb.len = 0;
-        if (dpath && may_have_xattrs(dir_fd, dn->name)) {
-            memcpy(xpath + dlen + 1, dn->name, dn->len + 1);
-            int e = read_xattrs(xpath, &xb);
-            if (e) {
-                o->errs[i] = e;
-                continue;
+        if (dpath && !nox_known(&st)) {
+            if (may_have_xattrs(dir_fd, dn->name)) {
+                memcpy(xpath + dlen + 1, dn->name, dn->len + 1);
+                int e = read_xattrs(xpath, &xb);
+                if (e) {
+                    o->errs[i] = e;
+                    continue;
+                }
             }
+            if (!xb.len)
+                nox_remember(&st, now);
         }
         if ((err = put_record(&o->blob, &st, prefix, prelen, (const uint8_t *)dn->name, dn->len, linkbuf,
                               llen, xb.data, xb.len)))

@@ -36,6 +36,7 @@ void sms_buf_free(sms_buf *b);
 
 #ifdef Py_PYTHON_H
 PyObject *sms_py_scan_dir(PyObject *self, PyObject *args);
+PyObject *sms_py_xattr_cache(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *sms_py_diff_records(PyObject *self, PyObject *args);
 PyObject *sms_py_group_records(PyObject *self, PyObject *args);
 PyObject *sms_py_read_files(PyObject *self, PyObject *args);
