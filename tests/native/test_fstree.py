@@ -241,17 +241,9 @@ def test_write_files_stops_at_operations_for_the_careful_path_and_cleans_up_on_e
 @pytest.fixture
 def xattr_cache():
     """The no-xattrs cache, empty, keeping entries of any age; as it was afterwards."""
-    entries, _ = native.xattr_cache(clear=True)
+    native.xattr_cache(clear=True)
     yield native
     native.xattr_cache(clear=True, min_age=2.0)
-
-
-def _scan(root) -> bytes:
-    fd = _dirfd(root)
-    try:
-        return native.scan_dir(fd, b"", os.fsencode(root))[0]
-    finally:
-        os.close(fd)
 
 
 def _xattrs_supported(path) -> bool:
@@ -274,18 +266,18 @@ def test_scans_skip_the_xattr_probe_of_entries_known_bare_and_see_every_change(t
         pytest.skip("no user xattrs on this file system")
     time.sleep(0.05)  # past the ctime clock's tick: the probe's own ctime change is behind us
     xattr_cache.xattr_cache(min_age=0)
-    first = _scan(root)
+    first = _records_of(root)
     assert xattr_cache.xattr_cache() == (20, 0)
-    assert _scan(root) == first
+    assert _records_of(root) == first
     assert xattr_cache.xattr_cache()[1] == 20  # the second scan probed none of them
     time.sleep(0.05)
     os.setxattr(root / "f03", "user.added", b"later")  # changes f03's ctime
-    with_xattr = _scan(root)
+    with_xattr = _records_of(root)
     assert with_xattr != first and b"user.added" in with_xattr
     assert with_xattr == _python_records(root, b"")
     time.sleep(0.05)
     os.removexattr(root / "f03", "user.added")
-    assert _scan(root) == first
+    assert _records_of(root) == first
 
 
 def test_entries_changed_within_the_last_seconds_are_not_kept(tmp_path, xattr_cache):
@@ -294,8 +286,8 @@ def test_entries_changed_within_the_last_seconds_are_not_kept(tmp_path, xattr_ca
     for i in range(5):
         (root / f"f{i}").write_bytes(b"new")
     xattr_cache.xattr_cache(min_age=2.0)  # the default: ctimes this young are not trusted
-    _scan(root)
-    _scan(root)
+    _records_of(root)
+    _records_of(root)
     assert xattr_cache.xattr_cache() == (0, 0)
 
 
