@@ -221,8 +221,9 @@ static int may_have_xattrs(int dir_fd, const char *name)
  * hash of (device, inode), the value the entry's ctime. Setting or removing an xattr (or an
  * ACL) changes the ctime, so an entry whose ctime is what it was when it was found bare is
  * still bare, and its listxattrat() is skipped (about a fifth of a scan). Only entries whose
- * ctime was at least NOX_MIN_AGE seconds old when found are kept: ctime comes from a clock
- * that ticks every few milliseconds, and a change later in the same tick would keep it. */
+ * ctime was at least nox_min_age seconds old when found are kept: ctime comes from a clock
+ * that ticks every few milliseconds, and a change later in the same tick would keep it. A
+ * hash collision misleads only where the two inodes' ctimes are equal to the nanosecond. */
 #define NOX_FIRST_SLOTS ((size_t)1 << 16)
 #define NOX_MAX_SLOTS ((size_t)1 << 21) /* 32 MiB: a million entries at half load */
 typedef struct {
