@@ -258,48 +258,61 @@ static nox_slot *nox_find(uint64_t key) /* the key's slot, or the empty one it w
             return &nox_slots[i];
 }
 
-/* Whether the entry is known to have no xattrs at its present ctime. */
-static int nox_known(const struct stat *st)
+/* known[i] = 1 for each entry i (of n, errs[i] == 0) known to have no xattrs at its present
+ * ctime. One lock for a whole directory: its scan threads would otherwise meet on it at
+ * every entry. */
+static void nox_lookup(const struct stat *sts, const int *errs, size_t n, uint8_t *known)
 {
-    int hit = 0;
     pthread_mutex_lock(&nox_lock);
     if (nox_slots) {
-        nox_slot *s = nox_find(nox_key(st));
-        hit = s->key && s->ctime_ns == ctime_ns(st);
-        nox_hits += (uint64_t)hit;
-    }
-    pthread_mutex_unlock(&nox_lock);
-    return hit;
-}
-
-/* Remember an entry found without xattrs (`now`: when the scan began, seconds). */
-static void nox_remember(const struct stat *st, double now)
-{
-    if ((double)st->st_ctim.tv_sec + (double)st->st_ctim.tv_nsec / 1e9 > now - nox_min_age)
-        return;
-    uint64_t key = nox_key(st);
-    pthread_mutex_lock(&nox_lock);
-    if (!nox_slots || (nox_used + 1) * 2 > nox_mask + 1) {
-        size_t slots = nox_slots ? (nox_mask + 1) * 2 : NOX_FIRST_SLOTS;
-        nox_slot *grown = slots <= NOX_MAX_SLOTS ? calloc(slots, sizeof *grown) : NULL;
-        if (grown) {
-            nox_slot *old = nox_slots;
-            size_t old_slots = old ? nox_mask + 1 : 0;
-            nox_slots = grown;
-            nox_mask = slots - 1;
-            for (size_t i = 0; i < old_slots; i++)
-                if (old[i].key)
-                    *nox_find(old[i].key) = old[i];
-            free(old);
-        } else if (!nox_slots || (nox_used + 1) * 4 > (nox_mask + 1) * 3) {
-            pthread_mutex_unlock(&nox_lock); /* full: what is known stays, nothing more */
-            return;
+        for (size_t i = 0; i < n; i++) {
+            if (errs[i])
+                continue;
+            nox_slot *s = nox_find(nox_key(&sts[i]));
+            known[i] = s->key && s->ctime_ns == ctime_ns(&sts[i]);
+            nox_hits += known[i];
         }
     }
-    nox_slot *s = nox_find(key);
-    nox_used += !s->key;
-    s->key = key;
-    s->ctime_ns = ctime_ns(st);
+    pthread_mutex_unlock(&nox_lock);
+}
+
+/* Room for one more entry, growing the table while it may (lock held); 0 when full. */
+static int nox_room(void)
+{
+    if (nox_slots && (nox_used + 1) * 2 <= nox_mask + 1)
+        return 1;
+    size_t slots = nox_slots ? (nox_mask + 1) * 2 : NOX_FIRST_SLOTS;
+    nox_slot *grown = slots <= NOX_MAX_SLOTS ? calloc(slots, sizeof *grown) : NULL;
+    if (!grown) /* at its largest (or no memory): fill to three quarters, then keep what is known */
+        return nox_slots && (nox_used + 1) * 4 <= (nox_mask + 1) * 3;
+    nox_slot *old = nox_slots;
+    size_t old_slots = old ? nox_mask + 1 : 0;
+    nox_slots = grown;
+    nox_mask = slots - 1;
+    for (size_t i = 0; i < old_slots; i++)
+        if (old[i].key)
+            *nox_find(old[i].key) = old[i];
+    free(old);
+    return 1;
+}
+
+/* Remember entries idx[0..n) of sts, found without xattrs, whose ctime was at least
+ * nox_min_age old at `now` (when the scan began, seconds). */
+static void nox_remember(const struct stat *sts, const size_t *idx, size_t n, double now)
+{
+    pthread_mutex_lock(&nox_lock);
+    for (size_t k = 0; k < n; k++) {
+        const struct stat *st = &sts[idx[k]];
+        if ((double)st->st_ctim.tv_sec + (double)st->st_ctim.tv_nsec / 1e9 > now - nox_min_age)
+            continue;
+        if (!nox_room())
+            break;
+        uint64_t key = nox_key(st);
+        nox_slot *s = nox_find(key);
+        nox_used += !s->key;
+        s->key = key;
+        s->ctime_ns = ctime_ns(st);
+    }
     pthread_mutex_unlock(&nox_lock);
 }
 
@@ -504,8 +517,12 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
     o->errs = calloc(n, sizeof *o->errs);
     char *xpath = dpath ? malloc(dlen + 2 + NAME_MAX_BYTES + 1) : NULL;
     uint8_t *linkbuf = malloc(65536);
+    struct stat *sts = malloc(n * sizeof *sts);
+    uint8_t *known = calloc(n, 1);
+    size_t *bare = malloc(n * sizeof *bare), nbare = 0;
     sms_buf xb = {0};
-    if (!o->kinds || !o->ends || !o->nameidx || !o->errs || !linkbuf || (dpath && !xpath)) {
+    if (!o->kinds || !o->ends || !o->nameidx || !o->errs || !linkbuf || !sts || !known || !bare ||
+        (dpath && !xpath)) {
         err = ENOMEM;
         goto done;
     }
@@ -516,13 +533,16 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     double now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    for (size_t i = 0; i < o->count; i++)
+        if (fstatat(dir_fd, o->names[i].name, &sts[i], AT_SYMLINK_NOFOLLOW) < 0)
+            o->errs[i] = errno;
+    if (dpath)
+        nox_lookup(sts, o->errs, o->count, known);
     for (size_t i = 0; i < o->count; i++) {
         const dname *dn = &o->names[i];
-        struct stat st;
-        if (fstatat(dir_fd, dn->name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-            o->errs[i] = errno;
+        const struct stat st = sts[i];
+        if (o->errs[i])
             continue;
-        }
         if (!kind_of(st.st_mode)) {
             o->errs[i] = EINVAL; /* a file type Linux does not otherwise have */
             continue;
@@ -541,7 +561,7 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
             llen = (size_t)r;
         }
         xb.len = 0;
-        if (dpath && !nox_known(&st)) {
+        if (dpath && !known[i]) {
             if (may_have_xattrs(dir_fd, dn->name)) {
                 memcpy(xpath + dlen + 1, dn->name, dn->len + 1);
                 int e = read_xattrs(xpath, &xb);
@@ -551,7 +571,7 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
                 }
             }
             if (!xb.len)
-                nox_remember(&st, now);
+                bare[nbare++] = i;
         }
         if ((err = put_record(&o->blob, &st, prefix, prelen, (const uint8_t *)dn->name, dn->len, linkbuf,
                               llen, xb.data, xb.len)))
@@ -563,9 +583,14 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
         o->nameidx[o->nrec] = i;
         o->nrec++;
     }
+    if (nbare)
+        nox_remember(sts, bare, nbare, now);
 done:
     free(xpath);
     free(linkbuf);
+    free(sts);
+    free(known);
+    free(bare);
     sms_buf_free(&xb);
     return err;
 }
