@@ -75,7 +75,7 @@ class SmsTarget:
     """One smsrepl target and its receiver: started for each round (``once``), or once for all."""
 
     def __init__(self, ck: str, dst: str, state: str, once: bool, continuous: bool = False) -> None:
-        self.ck, self.dst, self.state, self.once, self.continuous = ck, dst, state, once and not continuous, continuous
+        self.ck, self.dst, self.state, self.once, self.continuous = ck, dst, state, once, continuous
         self.rx: subprocess.Popen | None = None
         self.tx: subprocess.Popen | None = None  # the continuous session
 
@@ -230,8 +230,10 @@ def main() -> int:
         daemon = RsyncDaemon(root, tmp)
         res = {k: [] for k in ("smsrepl copy", "rsync copy", "smsrepl sync", "rsync sync")}
         changed = 0
-        targets = [SmsTarget(ck, os.path.join(out, f"sms{run}"), os.path.join(tmp, f"st{run}"),
-                             args.receivers == "once", args.senders == "continuous") for run in range(args.runs)]
+        continuous = args.senders == "continuous"
+        once = args.receivers == "once" and not continuous  # a continuous session needs its receiver to stay
+        targets = [SmsTarget(ck, os.path.join(out, f"sms{run}"), os.path.join(tmp, f"st{run}"), once, continuous)
+                   for run in range(args.runs)]
         try:
             for case, flags in (("copy", ()), ("sync", ("--delete",))):
                 if case == "sync":
@@ -253,8 +255,8 @@ def main() -> int:
             daemon.stop()
             if fs is not None:
                 fs.close()
-        receivers = "persistent" if args.senders == "continuous" else args.receivers
-        print(f"targets on {fs.describe() if fs else out}; smsrepl receivers: {receivers}; senders: {args.senders}")
+        print(f"targets on {fs.describe() if fs else out}; smsrepl receivers: {'once' if once else 'persistent'}; "
+              f"senders: {args.senders}")
         print(f"\ntree: {args.files} files of 1-16 KiB ({total / 1e6:.0f} MB) in {args.dirs} directories; "
               f"sync change: {changed} files rewritten in place; medians of {args.runs}\n")
         print("| case | wall s | files/s | wire MB | each run, s |\n|---|---:|---:|---:|---|")

@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import threading
-import time
 
 # smsrepl uses numpy for elementwise work only: OpenBLAS's thread pool would
 # cost each process CPU at start-up and spin beside the data path (measured:

@@ -540,10 +540,10 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
         nox_lookup(sts, o->errs, o->count, known);
     for (size_t i = 0; i < o->count; i++) {
         const dname *dn = &o->names[i];
-        const struct stat st = sts[i];
+        const struct stat *st = &sts[i];
         if (o->errs[i])
             continue;
-        if (!kind_of(st.st_mode)) {
+        if (!kind_of(st->st_mode)) {
             o->errs[i] = EINVAL; /* a file type Linux does not otherwise have */
             continue;
         }
@@ -552,7 +552,7 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
             continue;
         }
         size_t llen = 0;
-        if (S_ISLNK(st.st_mode)) {
+        if (S_ISLNK(st->st_mode)) {
             ssize_t r = readlinkat(dir_fd, dn->name, (char *)linkbuf, 65535);
             if (r < 0) {
                 o->errs[i] = errno;
@@ -573,12 +573,12 @@ static int scan_impl(int dir_fd, const uint8_t *prefix, size_t prelen, const cha
             if (!xb.len)
                 bare[nbare++] = i;
         }
-        if ((err = put_record(&o->blob, &st, prefix, prelen, (const uint8_t *)dn->name, dn->len, linkbuf,
+        if ((err = put_record(&o->blob, st, prefix, prelen, (const uint8_t *)dn->name, dn->len, linkbuf,
                               llen, xb.data, xb.len)))
             goto done;
-        if (S_ISREG(st.st_mode))
-            o->file_bytes += (uint64_t)st.st_size;
-        o->kinds[o->nrec] = (uint8_t)kind_of(st.st_mode);
+        if (S_ISREG(st->st_mode))
+            o->file_bytes += (uint64_t)st->st_size;
+        o->kinds[o->nrec] = (uint8_t)kind_of(st->st_mode);
         o->ends[o->nrec] = o->blob.len;
         o->nameidx[o->nrec] = i;
         o->nrec++;
