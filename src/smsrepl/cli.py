@@ -253,17 +253,35 @@ def cmd_send_block(args) -> int:
     from .transport.tls import client_context
 
     interval = _continuous_interval(args)
+    _check_live_flags(args)
     watcher = _ScheduleWatcher(args.speed_limit)
     cpu_cap = _block_cpu_cap(args.config)
     ctx = client_context(_certkey(args), _passphrase(args))
-    dirty = _dirty_map(args.dirty_map, args.source) if args.dirty_map else None
+    state_dir = args.state_dir or _state_home("send")
+    quiesce = None
+    if args.continuous:
+        from .blocks.quiesce import FREEZE_TIMEOUT, Quiesce
+
+        # also thaws what a killed run of this state directory left frozen
+        quiesce = Quiesce(args.source, freeze=args.freeze, state_dir=state_dir,
+                          timeout=FREEZE_TIMEOUT if args.freeze_timeout is None else args.freeze_timeout)
+        quiesce.check()
+    dirty, tracking = None, "scan"
+    if args.dirty_map:
+        dirty, tracking = _dirty_map(args.dirty_map, args.source), "map"
+    elif args.continuous:
+        from .blocks.tracker import open_tracking
+
+        dirty = open_tracking(args.source, args.tracking or "auto",
+                              notice=lambda line: print(line, file=sys.stderr, flush=True))
+        tracking = "kernel" if dirty is not None else "scan"
     out = _ProgressOutput(args.progress)
     summary_to = sys.stderr if args.progress == "json" else sys.stdout
     cont = None
 
     def make_sender() -> Sender:
         sender = Sender(args.source, args.target, parse_address(args.to), ctx,
-                        args.state_dir or _state_home("send"), level=args.level,
+                        state_dir, level=args.level,
                         speed_limit=watcher.load(), cpu_cap=cpu_cap, on_report=out.report,
                         host_sampler=HostSampler() if args.progress == "json" else None,
                         dirty_map=dirty, trace=cont.trace if cont is not None else None)
@@ -278,6 +296,13 @@ def cmd_send_block(args) -> int:
             "dirty_blocks": result.dirty_blocks,
             "stages": result.stages,
         }
+        if cont is not None:
+            summary["tracking"] = tracking
+            if result.whole_reason:
+                summary["whole_source_because"] = result.whole_reason
+            summary["lag"] = cont.lag()
+            if cont.cutover_quiesce is not None:
+                summary["cutover"] = cont.cutover_quiesce
         print(json.dumps(summary), file=summary_to, flush=True)
 
     watcher.watch()
@@ -285,7 +310,8 @@ def cmd_send_block(args) -> int:
         if args.continuous:
             from .continuous import ContinuousSync
 
-            cont = ContinuousSync(make_sender, interval=interval, dirty_map=dirty, on_round=print_summary)
+            cont = ContinuousSync(make_sender, interval=interval, dirty_map=dirty, on_round=print_summary,
+                                  quiesce=quiesce, tracking=tracking)
             _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
             cont.run()
         else:
@@ -296,6 +322,18 @@ def cmd_send_block(args) -> int:
         if dirty is not None:
             dirty.close()
     return 0
+
+
+def _check_live_flags(args) -> None:
+    """--tracking, --freeze and --freeze-timeout belong to --continuous (the tracker lives as long
+    as the process, and the cutover is its last round); --tracking kernel excludes --dirty-map."""
+    if not args.continuous:
+        for flag, value in (("--tracking", args.tracking), ("--freeze", args.freeze or None),
+                            ("--freeze-timeout", args.freeze_timeout)):
+            if value is not None:
+                raise ConfigError(f"{flag} applies to --continuous only")
+    if args.dirty_map and args.tracking not in (None, "auto"):
+        raise ConfigError(f"--tracking {args.tracking} and --dirty-map: give one way of finding changed blocks")
 
 
 def _dirty_map(path: str, source: str):
@@ -528,6 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds; SIGTERM runs the cutover round and exits 0")
     sb.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between continuous rounds (default 30)")
+    sb.add_argument("--tracking", choices=["auto", "kernel", "scan"],
+                    help="how --continuous finds changed blocks: kernel (tracefs block events, needs root), scan "
+                         "(every round reads the whole source), auto (default: kernel where it can run)")
+    sb.add_argument("--freeze", action="store_true",
+                    help="the cutover freezes the source's mounted file systems (FIFREEZE) until its round has "
+                         "read the last block, instead of only syncing them; always thawed")
+    sb.add_argument("--freeze-timeout", type=float, metavar="SECONDS",
+                    help="longest a --freeze may last before it is thawed and the cutover round runs again "
+                         "(default 60)")
     sb.set_defaults(func=cmd_send_block)
 
     nc = sub.add_parser("netcheck", help="measure the link to a receiver; prints the 5.9.1 body")

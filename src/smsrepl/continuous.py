@@ -8,24 +8,30 @@
 
 ``run`` returns after the cutover round: a round that began after the
 cutover was requested, so the target equals the source as of that request.
+Before it, ``quiesce`` (blocks/quiesce.py) syncs or freezes the source's
+file systems, and thaws them after it; a freeze its guard had to thaw at its
+timeout before the round ended makes the cutover round run again.
 Each round is a session of its own (``make_sender()`` builds its Sender), so
 a lost connection costs one round, which the next one resumes. Replication
-lag (bytes marked dirty and seconds since the last completed round) is
+lag (lag.py: backlog, rates, the cutover's estimated length, convergence) is
 available as :meth:`lag` and goes into every report's ``process_trace``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from . import faults
 from .errors import ReplicationError, TransportError
+from .lag import LagMeter
 from .memory import release_free_memory
 
-FINE_BLOCK = 4096
+log = logging.getLogger("smsrepl.continuous")
 #: round results kept: a sync that runs for weeks must not grow by one result a round
 KEEP_RESULTS = 100
 
@@ -33,7 +39,7 @@ KEEP_RESULTS = 100
 class ContinuousSync:
     def __init__(self, make_sender: Callable[[], Any], *, interval: float = 30.0, dirty_map=None,
                  on_round: Callable[[Any], Any] | None = None, retry_delay: float = 2.0,
-                 max_failures: int = 5) -> None:
+                 max_failures: int = 5, quiesce=None, tracking: str | None = None) -> None:
         if interval < 0:
             raise ValueError("interval must be >= 0")
         self._make_sender = make_sender
@@ -42,6 +48,12 @@ class ContinuousSync:
         self.on_round = on_round
         self.retry_delay = retry_delay
         self.max_failures = max_failures
+        self.quiesce = quiesce
+        self.meter = LagMeter(dirty_map, tracking=tracking or ("map" if dirty_map is not None else "scan"))
+        #: what the cutover's quiesce did to each file system (blocks.quiesce.Quiesce.begin)
+        self.quiesced: dict[str, str] = {}
+        #: what the quiesce of the completed cutover round did (for its summary)
+        self.cutover_quiesce: dict[str, str] | None = None
         self._cutover = threading.Event()
         self._aborted = threading.Event()
         self._wake = threading.Event()  # a round is wanted now (SYNC, cutover or abort)
@@ -66,22 +78,40 @@ class ContinuousSync:
             sender.stop()
 
     def lag(self) -> dict:
-        """``dirty_bytes`` marked since the last round froze the map, and seconds since a round completed."""
-        dirty = self.dirty_map.dirty_blocks() * FINE_BLOCK if self.dirty_map is not None else None
+        """The backlog (``dirty_bytes``), seconds since a round completed, and lag.py's figures."""
         since = None if self.last_round_end is None else round(time.monotonic() - self.last_round_end, 1)
-        return {"dirty_bytes": dirty, "seconds_since_round": since}
+        return {"seconds_since_round": since, **self.meter.figures()}
 
     def trace(self) -> str:
-        return "lag " + json.dumps(self.lag(), separators=(",", ":"))
+        head = "" if self.meter.converging else "NOT CONVERGING: "
+        return head + "lag " + json.dumps(self.lag(), separators=(",", ":"))
 
     def run(self) -> list:
+        try:
+            return self._run()
+        finally:
+            self._unquiesce()
+
+    def _unquiesce(self) -> bool:
+        """Thaw what the cutover froze; False when its guard had thawed it before the round ended."""
+        if not self.quiesced or self.quiesce is None:
+            return True
+        self.quiesced = {}
+        return self.quiesce.end()
+
+    def _run(self) -> list:
         failures = 0
         while True:
             final = self._cutover.is_set()  # decided before the round starts: it covers every earlier write
             if self._aborted.is_set():
                 raise TransportError("continuous sync aborted; rerun to resume")
+            if final and self.quiesce is not None and not self.quiesced:
+                # what the file systems hold in memory reaches the disk before the round's boundary
+                self.quiesced = self.quiesce.begin() or {"(none mounted)": "nothing to sync"}
+                faults.point("cutover.quiesced")
             sender = self._make_sender()
             self._sender = sender
+            self.meter.round_started()
             try:
                 result = sender.run()
             except ReplicationError as exc:
@@ -100,6 +130,13 @@ class ContinuousSync:
                 release_free_memory()
             failures = 0
             self.last_round_end = time.monotonic()
+            self.meter.round_done(result)
+            if final:
+                self.cutover_quiesce = dict(self.quiesced)
+                faults.point("cutover.before_thaw")  # the target now holds the source as it is frozen
+            if final and not self._unquiesce():
+                log.warning("the freeze did not hold for the whole cutover round: running it again")
+                continue
             self.results.append(result)
             self.rounds += 1
             if self.on_round is not None:

@@ -4,6 +4,8 @@
 
 * ``kill@POINT`` or ``kill@POINT:N``: the process kills itself with SIGKILL the
   N-th time (default the first) it passes POINT, e.g. ``receiver.checkpoint``.
+* ``stop@POINT``: the process stops itself (SIGSTOP) there, for a test to look at the
+  world in that state (say, a frozen file system) before it sends SIGCONT.
 * ``ERRNO@IO:OFFSET``: every ``IO`` (``source.read``, ``target.write``) that touches
   bytes at or past OFFSET fails with that errno (``eio``, ``enospc``, ...), as a
   failing disk would.
@@ -18,12 +20,14 @@ import os
 import signal
 
 _KILLS: dict[str, int] = {}
+_STOPS: set[str] = set()
 _IO: dict[str, tuple[int, int]] = {}
 
 
 def configure(spec: str) -> None:
     """Replace the active faults with ``spec`` (the ``SMSREPL_FAULTS`` syntax)."""
     _KILLS.clear()
+    _STOPS.clear()
     _IO.clear()
     for item in filter(None, (p.strip() for p in spec.split(","))):
         what, _, where = item.partition("@")
@@ -31,8 +35,11 @@ def configure(spec: str) -> None:
         if not name:
             raise ValueError(f"SMSREPL_FAULTS item {item!r}: expected WHAT@POINT[:ARG]")
         code = getattr(errno, what.upper(), None)
+        if what == "stop" and not arg:
+            _STOPS.add(name)
+            continue
         if (what != "kill" and (code is None or not arg)) or (arg and not arg.isdigit()):
-            raise ValueError(f"SMSREPL_FAULTS item {item!r}: expected kill@POINT[:N] or ERRNO@IO:OFFSET")
+            raise ValueError(f"SMSREPL_FAULTS item {item!r}: expected kill@POINT[:N], stop@POINT or ERRNO@IO:OFFSET")
         if what == "kill":
             _KILLS[name] = int(arg or 1)
         else:
@@ -40,7 +47,9 @@ def configure(spec: str) -> None:
 
 
 def point(name: str) -> None:
-    """A place where a ``kill@`` fault may end the process."""
+    """A place where a ``kill@`` fault may end the process (or a ``stop@`` one pause it)."""
+    if name in _STOPS:
+        os.kill(os.getpid(), signal.SIGSTOP)
     if name in _KILLS:
         _KILLS[name] -= 1
         if _KILLS[name] <= 0:

@@ -16,6 +16,12 @@ Public API (identical results in both backends; sizes in bytes)::
     delta_block_size(file_len) -> int
     apply_delta(old, rows, block_size, data) -> bytes
 
+Change tracking (traceread.c, twin in blocks/tracepage.py)::
+
+    TraceReader(pipe_fd, marker_fd, cpu, page_size, idle_us, layout, dev, first, nsectors, bitmap)
+    trace_take(bitmap, out) -> int                   # out |= bitmap; bitmap = 0 (atomically)
+    trace_parse_page(page, layout, dev, first, nsectors, bitmap) -> dict of counts
+
 Native only (``TREE``): the file-tree kernels of ``_native/fstree.c`` (scan_dir,
 diff_records, group_records, read_files, write_files, link_files; xattr_cache, what
 scan_dir knows of entries without xattrs across the scans of a process).
@@ -77,6 +83,27 @@ if TREE:
     read_files = _impl.read_files
     write_files = _impl.write_files
     link_files = _impl.link_files
+
+if BACKEND == "native":
+    TraceReader = _impl.TraceReader
+    trace_take = _impl.trace_take
+    trace_parse_page = _impl.trace_parse_page
+else:
+    # the change tracker's reader (_native/traceread.c) and its twin, imported when first used
+    def TraceReader(*args):
+        from .blocks.tracepage import PyTraceReader
+
+        return PyTraceReader(*args)
+
+    def trace_take(bitmap, out) -> int:
+        from .blocks.tracepage import trace_take as take
+
+        return take(bitmap, out)
+
+    def trace_parse_page(page, layout, dev, first_sector, nsectors, bitmap) -> dict:
+        from .blocks.tracepage import parse_page
+
+        return parse_page(page, layout, dev, first_sector, nsectors, bitmap)
 
 
 def delta_search(weak, strong, block_size: int, old_len: int, data) -> np.ndarray:

@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from .blocks.device import BlockSource
+from .blocks.direct import aligned_buffer
 from .blocks.manifest import FINE_BLOCK, runs_of
 
 CHUNK = 8 << 20
@@ -23,7 +24,7 @@ def compare_block_images(source_path: str, target_path: str, *, max_ranges: int 
         nblocks = -(-src.size // FINE_BLOCK)
         covered = min(src.size, dst.size)
         missing = nblocks - (-(-covered // FINE_BLOCK)) if dst.size < src.size else 0
-        a, b = bytearray(CHUNK), bytearray(CHUNK)
+        a, b = aligned_buffer(CHUNK), aligned_buffer(CHUNK)  # both read with O_DIRECT
         different = 0
         ranges: list[list[int]] = []
         pos = 0

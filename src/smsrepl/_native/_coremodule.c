@@ -1,4 +1,4 @@
-/* Thin CPython binding for the smsrepl native kernels (blockscan.c, delta.c).
+/* Thin CPython binding for the smsrepl native kernels (blockscan.c, delta.c; traceread.c in tracebinding.c).
  * Every function takes whole buffers (buffer protocol), validates sizes, and
  * runs its loop with the GIL released. */
 #define PY_SSIZE_T_CLEAN
@@ -7,6 +7,7 @@
 #include "blockscan.h"
 #include "delta.h"
 #include "fstree.h"
+#include "tracebinding.h"
 
 /* Validate a block size; multiple_of_8 for the block-digest kernels. */
 static int check_block_size(Py_ssize_t bs, int multiple_of_8)
@@ -235,6 +236,10 @@ static PyMethodDef core_methods[] = {
     {"delta_search", py_delta_search, METH_VARARGS,
      "delta_search(weak, strong, block_size, old_len, data) -> bytes of int64 rows (kind, a, b)"},
     {"weak_checksum", py_weak_checksum, METH_O, "weak_checksum(buf) -> uint32 weak checksum"},
+    {"trace_parse_page", sms_py_trace_parse_page, METH_VARARGS,
+     "trace_parse_page(page, layout, dev, first_sector, nsectors, bitmap) -> counts (traceread.h)"},
+    {"trace_take", sms_py_trace_take, METH_VARARGS,
+     "trace_take(bitmap, out) -> bits moved: out |= bitmap, bitmap = 0, word by word atomically"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -252,7 +257,8 @@ PyMODINIT_FUNC PyInit__core(void)
     if (PyModule_AddObject(m, "ZERO_DIGEST", PyLong_FromUnsignedLongLong(SMS_ZERO_DIGEST)) < 0 ||
         PyModule_AddObject(m, "UNKNOWN_DIGEST", PyLong_FromUnsignedLongLong(SMS_UNKNOWN_DIGEST)) < 0 ||
         PyModule_AddIntConstant(m, "DELTA_MAX_CHAIN", SMS_DELTA_MAX_CHAIN) < 0 ||
-        PyModule_AddIntConstant(m, "DELTA_FAIL_BUDGET", SMS_DELTA_FAIL_BUDGET) < 0) {
+        PyModule_AddIntConstant(m, "DELTA_FAIL_BUDGET", SMS_DELTA_FAIL_BUDGET) < 0 ||
+        sms_trace_register(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

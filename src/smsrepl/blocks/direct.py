@@ -32,6 +32,16 @@ STAGE = 8 << 20
 STAGES = 3
 
 
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer of at least ``size`` bytes (anonymous memory), for O_DIRECT reads."""
+    return mmap.mmap(-1, max(ALIGN, -(-size // ALIGN) * ALIGN))
+
+
+def buffer_address(view) -> int:
+    """The memory address of a writable buffer's first byte (O_DIRECT needs it aligned)."""
+    return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0] if len(view) else 0
+
+
 class DirectWriter:
     def __init__(self, path: str, buffered: Callable[[int, memoryview], None]) -> None:
         """Open ``path`` for direct writes; raises OSError where the file system does not allow them.

@@ -398,7 +398,9 @@ def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1, ahea
     """
     if buffers < ahead + 1:
         raise ValueError("scan needs more buffers than chunks read ahead")
-    bufs = [bytearray(chunk) for _ in range(buffers)]
+    from .direct import aligned_buffer
+
+    bufs = [aligned_buffer(chunk) for _ in range(buffers)]  # O_DIRECT reads go straight into them
     digs = [np.empty(chunk // FINE_BLOCK, dtype="<u8") for _ in range(buffers)]
     hole_digests = np.zeros(chunk // FINE_BLOCK, dtype="<u8")
 

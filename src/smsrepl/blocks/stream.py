@@ -20,6 +20,7 @@ from .. import kernels
 from ..codec import RAW
 from ..errors import SourceError
 from ..protocol.frames import LEGACY_RAW, MAX_RAW, MAX_SET, BlockData, BlockSet, Event, Scanned, ZeroRange
+from .direct import aligned_buffer
 from .manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
 
 #: blocks per BLOCK_DATA frame (8 MiB, one read chunk) for a peer with the "frame-8m"
@@ -253,8 +254,8 @@ def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = CHUNK
     size = source.size
     for ranges in _batches(dirty.ranges(), batch):
         total = sum(n for _, n in ranges)
-        buf = bytearray(total)  # frames keep views into it: never reused
-        mv = memoryview(buf)
+        buf = aligned_buffer(total)  # frames keep views into it: never reused
+        mv = memoryview(buf)[:total]
         pos = 0
         t0 = time.perf_counter()
         for off, n in ranges:

@@ -18,6 +18,7 @@ from .._lazy import np
 
 from .. import faults, kernels
 from ..blocks.device import BlockSource
+from ..blocks.direct import aligned_buffer
 from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
 from ..blocks.replica import private_makedirs, write_json_atomic
 from ..blocks.dirtymap import DirtyMap
@@ -59,6 +60,8 @@ class RoundResult:
     dirty_blocks: int | None = None
     #: seconds per stage (stages.StageClock): read, digest, compress, send
     stages: dict | None = None
+    #: why a sync round with a dirty map read the whole source anyway (the map's reason)
+    whole_reason: str | None = None
 
 
 def _source_bytes(frame) -> int:
@@ -230,12 +233,13 @@ class Sender:
             kind, round_id, start = "full", max(1, welcome.round_id + 1), 0
             cache = ManifestFile.create(cache_path, source.size)
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
-        dm, frozen, map_driven = self.dirty_map, None, False
+        dm, frozen, map_driven, whole_reason = self.dirty_map, None, False, None
         if dm is not None:
             # writes from here on go to a fresh slot and are the next round's
             frozen = dm.freeze()
             map_driven = kind == "sync" and dm.trusted
             if not map_driven:
+                whole_reason = dm.reason
                 log.info("dirty map not used for this round (%s): reading the whole source", dm.reason)
 
         self.states = self._own_states or SessionStateMachine(
@@ -295,7 +299,7 @@ class Sender:
         wire = chan.wire_sent - wire0
         self._close(chan)
         return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started,
-                           dirty_blocks, self.clock.snapshot())
+                           dirty_blocks, self.clock.snapshot(), whole_reason if kind == "sync" else None)
 
     def check(self, *, chunk: int = 8 << 20, extent: int = 1 << 20) -> tuple[int, int]:
         """Compare the source, read now, with the receiver's manifest: the digests of what it
@@ -325,7 +329,7 @@ class Sender:
                     ManifestFile.create(path, source.size).close()
                 cache = self._reconcile(chan, path, source.size, welcome.manifest_root)
                 try:
-                    buf = bytearray(chunk)
+                    buf = aligned_buffer(chunk)
                     digests = np.empty(chunk // FINE_BLOCK, dtype="<u8")
                     differ = 0
                     for off in range(0, source.size, chunk):
