@@ -5,7 +5,7 @@ import random
 import pytest
 import zstandard
 
-from smsrepl.codec import FRAME_SIZE, RAW, ZSTD, AdaptiveChoice, Compressor, Decompressor
+from smsrepl.codec import FRAME_SIZE, RAW, SAMPLE, SAMPLES, ZSTD, AdaptiveChoice, Compressor, Decompressor
 
 
 def test_a_frame_is_compressed_with_a_window_spanning_the_whole_frame():
@@ -25,6 +25,30 @@ def test_a_frame_is_compressed_with_a_window_spanning_the_whole_frame():
 def test_incompressible_data_goes_raw():
     data = os.urandom(1 << 20)
     assert Compressor(3).encode(data) == (RAW, data)
+
+
+class _CountingZstd:
+    def __init__(self, zc) -> None:
+        self.zc, self.sizes = zc, []
+
+    def compress(self, data):
+        self.sizes.append(len(data))
+        return self.zc.compress(data)
+
+
+def test_a_payload_whose_samples_do_not_compress_is_sent_raw_without_compressing_it():
+    comp = Compressor(2)
+    comp._zc = spy = _CountingZstd(comp._zc)
+    data = os.urandom(2 << 20)
+    assert comp.encode(data) == (RAW, data)
+    assert spy.sizes == [SAMPLES * SAMPLE]  # only the samples were compressed
+    # one compressible eighth among random ones is worth compressing the whole for
+    text = bytes(random.Random(1).choice(b"abc def\n") for _ in range(256 << 10))
+    mixed = data[:7 << 18] + text
+    spy.sizes.clear()
+    codec, payload = comp.encode(mixed)
+    assert codec == ZSTD and spy.sizes == [SAMPLES * SAMPLE, len(mixed)]
+    assert bytes(Decompressor().decode(codec, payload, len(mixed))) == mixed
 
 
 #: level -> (wire bytes per source byte, source bytes per second through one compressor)

@@ -326,3 +326,48 @@ def group_digests(buf, group_size: int, out) -> int:
     for i in range(ng):
         dst[16 * i:16 * i + 16] = xxhash.xxh3_128_digest(mv[i * group_size:(i + 1) * group_size])
     return ng
+
+
+def read_ranges(fd: int, buf, offsets, lengths, depth: int) -> int:
+    """Range i of fd into buf at the sum of the lengths before it, one pread after another
+    (the native kernel keeps ``depth`` in flight). Returns the bytes read; fewer only where
+    the file ended."""
+    import os
+
+    dst = memoryview(buf).cast("B")
+    offs = np.frombuffer(offsets, dtype=np.int64)
+    lens = np.frombuffer(lengths, dtype=np.int64)
+    if len(offs) != len(lens) or (offs < 0).any() or (lens < 0).any():
+        raise ValueError("read_ranges: offsets and lengths must be int64 arrays of one length, none negative")
+    if int(lens.sum()) > len(dst):
+        raise ValueError(f"read_ranges: the ranges need {int(lens.sum())} bytes, the buffer has {len(dst)}")
+    pos = 0
+    for off, n in zip(offs.tolist(), lens.tolist()):
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [dst[pos + got:pos + n]], off + got)
+            if k == 0:
+                return pos + got
+            got += k
+        pos += n
+    return pos
+
+
+def write_ranges(fd: int, buf, offsets, lengths) -> int:
+    """Range i of ``buf`` (at the sum of the lengths before it) to fd at offsets[i]."""
+    import os
+
+    src = memoryview(buf).cast("B")
+    offs = np.frombuffer(offsets, dtype=np.int64)
+    lens = np.frombuffer(lengths, dtype=np.int64)
+    if len(offs) != len(lens) or (offs < 0).any() or (lens < 0).any():
+        raise ValueError("write_ranges: offsets and lengths must be int64 arrays of one length, none negative")
+    if int(lens.sum()) > len(src):
+        raise ValueError(f"write_ranges: the ranges need {int(lens.sum())} bytes, the buffer has {len(src)}")
+    pos = 0
+    for off, n in zip(offs.tolist(), lens.tolist()):
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, src[pos + done:pos + n], off + done)
+        pos += n
+    return pos

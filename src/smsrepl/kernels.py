@@ -15,6 +15,8 @@ Public API (identical results in both backends; sizes in bytes)::
     weak_checksum(buf) -> int
     delta_block_size(file_len) -> int
     apply_delta(old, rows, block_size, data) -> bytes
+    read_ranges(fd, buf, offsets, lengths, depth) -> int   # scattered reads, depth in flight (AIO)
+    write_ranges(fd, buf, offsets, lengths) -> int         # scattered pwrites, one call
 
 Change tracking (traceread.c, twin in blocks/tracepage.py)::
 
@@ -71,6 +73,8 @@ group_digests = _impl.group_digests
 zero_map = _impl.zero_map
 file_signature = _impl.file_signature
 weak_checksum = _impl.weak_checksum
+read_ranges = _impl.read_ranges
+write_ranges = _impl.write_ranges
 
 #: the file-tree kernels (fstree.c) exist natively only: where they are missing, file rounds
 #: take their per-entry path, which is the reference these kernels are tested against

@@ -7,6 +7,7 @@
 #include "blockscan.h"
 #include "delta.h"
 #include "fstree.h"
+#include "rangeread.h"
 #include "tracebinding.h"
 
 /* Validate a block size; multiple_of_8 for the block-digest kernels. */
@@ -214,7 +215,91 @@ done:
     return res;
 }
 
+/* The int64 offset and length arrays of read_ranges / write_ranges, checked against the buffer. */
+static int check_ranges(Py_buffer *buf, Py_buffer *offs, Py_buffer *lens, size_t *n, const char *name)
+{
+    *n = (size_t)offs->len / 8;
+    if (offs->len % 8 || lens->len != offs->len || ((uintptr_t)offs->buf & 7) || ((uintptr_t)lens->buf & 7)) {
+        PyErr_Format(PyExc_ValueError, "%s: offsets and lengths must be aligned int64 arrays of one length", name);
+        return -1;
+    }
+    const int64_t *o = offs->buf, *l = lens->buf;
+    int64_t need = 0;
+    for (size_t i = 0; i < *n; i++) {
+        if (o[i] < 0 || l[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: negative offset or length", name);
+            return -1;
+        }
+        need += l[i];
+    }
+    if (need > buf->len) {
+        PyErr_Format(PyExc_ValueError, "%s: the ranges need %lld bytes, the buffer has %zd", name, (long long)need,
+                     buf->len);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_read_ranges(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned int depth;
+    Py_buffer buf = {0}, offs = {0}, lens = {0};
+    PyObject *res = NULL;
+    size_t n;
+    if (!PyArg_ParseTuple(args, "iw*y*y*I:read_ranges", &fd, &buf, &offs, &lens, &depth))
+        return NULL;
+    if (check_ranges(&buf, &offs, &lens, &n, "read_ranges") < 0)
+        goto done;
+    int64_t got;
+    Py_BEGIN_ALLOW_THREADS
+    got = sms_read_ranges(fd, buf.buf, offs.buf, lens.buf, n, depth);
+    Py_END_ALLOW_THREADS
+    if (got < 0) {
+        errno = (int)-got;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    res = PyLong_FromLongLong(got);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&lens);
+    return res;
+}
+
+static PyObject *py_write_ranges(PyObject *self, PyObject *args)
+{
+    int fd;
+    Py_buffer buf = {0}, offs = {0}, lens = {0};
+    PyObject *res = NULL;
+    size_t n;
+    if (!PyArg_ParseTuple(args, "iy*y*y*:write_ranges", &fd, &buf, &offs, &lens))
+        return NULL;
+    if (check_ranges(&buf, &offs, &lens, &n, "write_ranges") < 0)
+        goto done;
+    int64_t got;
+    Py_BEGIN_ALLOW_THREADS
+    got = sms_write_ranges(fd, buf.buf, offs.buf, lens.buf, n);
+    Py_END_ALLOW_THREADS
+    if (got < 0) {
+        errno = (int)-got;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    res = PyLong_FromLongLong(got);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&lens);
+    return res;
+}
+
 static PyMethodDef core_methods[] = {
+    {"write_ranges", py_write_ranges, METH_VARARGS,
+     "write_ranges(fd, buf, offsets, lengths) -> bytes written: scattered pwrites (rangeread.h)"},
+    {"read_ranges", py_read_ranges, METH_VARARGS,
+     "read_ranges(fd, buf, offsets, lengths, depth) -> bytes read: scattered reads, depth in flight (rangeread.h)"},
     {"scan_dir", sms_py_scan_dir, METH_VARARGS,
      "scan_dir(dir_fd, prefix, dir_path|None) -> (records, names, kinds, ends, errors, file_bytes)"},
     {"xattr_cache", (PyCFunction)(void (*)(void))sms_py_xattr_cache, METH_VARARGS | METH_KEYWORDS,

@@ -2,6 +2,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdlib.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include "traceread.h"
 #include "tracebinding.h"
@@ -90,9 +92,16 @@ static int reader_init(TraceReader *self, PyObject *args, PyObject *kw)
         return -1;
     }
     self->page = malloc(page_size);
-    if (!self->page) {
+    self->r.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!self->page || self->r.wake_fd < 0) {
+        int err = errno;
+        if (self->r.wake_fd >= 0)
+            close(self->r.wake_fd);
+        free(self->page);
+        self->page = NULL;
         PyBuffer_Release(&self->bitmap);
-        PyErr_NoMemory();
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
     self->r.pipe_fd = pipe_fd, self->r.marker_fd = marker_fd, self->r.cpu = cpu;
@@ -104,6 +113,8 @@ static void reader_dealloc(TraceReader *self)
 {
     if (self->bitmap.obj)
         PyBuffer_Release(&self->bitmap);
+    if (self->page && self->r.wake_fd >= 0)
+        close(self->r.wake_fd);
     free(self->page);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -131,7 +142,8 @@ static PyObject *reader_run(TraceReader *self, PyObject *unused)
 
 static PyObject *reader_stop(TraceReader *self, PyObject *unused)
 {
-    __atomic_store_n(&self->r.stop, 1, __ATOMIC_RELEASE);
+    if (self->page)
+        sms_trace_wake(&self->r, 0);
     Py_RETURN_NONE;
 }
 
@@ -140,7 +152,11 @@ static PyObject *reader_request(TraceReader *self, PyObject *arg)
     unsigned long long seq = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
-    __atomic_store_n(&self->r.want, (uint64_t)seq, __ATOMIC_RELEASE);
+    if (!seq || !self->page) {
+        PyErr_SetString(PyExc_ValueError, "request: a boundary is numbered from 1, on an initialised reader");
+        return NULL;
+    }
+    sms_trace_wake(&self->r, (uint64_t)seq);
     Py_RETURN_NONE;
 }
 

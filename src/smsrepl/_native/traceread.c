@@ -3,6 +3,7 @@
 #include "traceread.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <sched.h>
 #include <string.h>
 #include <time.h>
@@ -161,6 +162,7 @@ int sms_trace_run(struct sms_trace_reader *r, uint8_t *page)
     if (sched_getcpu() != r->cpu)
         return fail(r, EXDEV);
     struct timespec idle = {r->idle_us / 1000000, (long)(r->idle_us % 1000000) * 1000};
+    int idle_ms = (int)(r->idle_us / 1000) ? (int)(r->idle_us / 1000) : 1;
     for (;;) {
         if (__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE))
             return 0;
@@ -191,10 +193,32 @@ int sms_trace_run(struct sms_trace_reader *r, uint8_t *page)
         if (n < 0 && errno == EINTR)
             continue;
         if (n == 0 || errno == EAGAIN) {
-            nanosleep(&idle, NULL);
+            if (r->wake_fd < 0) {
+                nanosleep(&idle, NULL);
+                continue;
+            }
+            struct pollfd pfd = {r->wake_fd, POLLIN, 0};
+            if (poll(&pfd, 1, idle_ms) > 0) {
+                uint64_t v;
+                if (read(r->wake_fd, &v, sizeof v) < 0 && errno != EAGAIN && errno != EINTR)
+                    return fail(r, errno);
+            }
             continue;
         }
         return fail(r, errno);
+    }
+}
+
+void sms_trace_wake(struct sms_trace_reader *r, uint64_t seq)
+{
+    if (seq)
+        __atomic_store_n(&r->want, seq, __ATOMIC_RELEASE);
+    else
+        __atomic_store_n(&r->stop, 1, __ATOMIC_RELEASE);
+    if (r->wake_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(r->wake_fd, &one, sizeof one); /* EAGAIN: it is awake already */
+        (void)w;
     }
 }
 

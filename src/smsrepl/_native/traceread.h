@@ -60,9 +60,10 @@ int sms_trace_parse_page(const uint8_t *page, size_t len, const struct sms_trace
 struct sms_trace_reader {
     int pipe_fd;   /* per_cpu/cpuN/trace_pipe_raw, O_NONBLOCK */
     int marker_fd; /* trace_marker_raw */
+    int wake_fd;   /* an eventfd: a request or stop wakes an idle reader at once (-1: none) */
     int cpu;
     uint32_t page_size;
-    uint32_t idle_us; /* sleep when the buffer is empty */
+    uint32_t idle_us; /* wait this long (or until woken) when the buffer is empty */
     struct sms_trace_layout lay;
     struct sms_trace_disk disk;
     /* shared with the controlling thread (atomic access) */
@@ -75,6 +76,9 @@ struct sms_trace_reader {
     int error; /* errno of the failure that ended run(), 0 while fine */
     struct sms_trace_counts counts;
 };
+
+/* Ask for boundary seq (or stop, with seq 0) and wake the reader. */
+void sms_trace_wake(struct sms_trace_reader *r, uint64_t seq);
 
 /* Pin the calling thread to r->cpu and read until r->stop: returns 0, or -errno
  * (also left in r->error) when pinning, reading or writing a marker failed. */

@@ -25,6 +25,7 @@ import struct
 import threading
 from collections.abc import Iterator
 
+from .._lazy import np
 from .direct import ALIGN, STAGE, DirectWriter, aligned_buffer, buffer_address
 from .. import faults
 from ..errors import (
@@ -45,11 +46,18 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 DIRECT_MIN = 256 << 10
 #: bytes of a reading thread's bounce buffer (unaligned reads go through it)
 BOUNCE = 1 << 20
+#: scattered reads of a sync round in flight at once (a disk serves a queue far faster
+#: than one read after another: 2,621 reads of 4 KiB took 0.17 s one by one on a loop device)
+READ_DEPTH = 64
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
+SYNC_FILE_RANGE_WRITE = 2
 
 
 def _device_size(fd: int) -> int:
@@ -200,6 +208,29 @@ class BlockSource:
             return self._read_bounced(view, offset)
         except OSError as exc:
             raise SourceError(f"source {self.path!r}: read failed near offset {offset}: {_describe(exc)}") from None
+
+    def read_ranges(self, view: memoryview, ranges: list[tuple[int, int]]) -> int:
+        """Read each (offset, length) of ``ranges`` into ``view``, one after the other in it, with
+        READ_DEPTH reads in flight; short only where the source ended."""
+        from .. import kernels
+
+        aligned = self.direct and buffer_address(view) % ALIGN == 0 and all(
+            off % ALIGN == 0 and n % ALIGN == 0 for off, n in ranges)
+        if not aligned:  # an image's short last block, a page-cache source: one range at a time
+            pos = 0
+            for off, n in ranges:
+                got = self.readinto(view[pos:pos + n], off)
+                pos += got
+                if got < n:
+                    break
+            return pos
+        offsets = np.fromiter((off for off, _ in ranges), dtype=np.int64, count=len(ranges))
+        lengths = np.fromiter((n for _, n in ranges), dtype=np.int64, count=len(ranges))
+        try:
+            faults.io("source.read", int(offsets.min(initial=0)), int(lengths.sum()))
+            return kernels.read_ranges(self.fd, view, offsets, lengths, READ_DEPTH)
+        except OSError as exc:
+            raise SourceError(f"source {self.path!r}: read failed near offset {ranges[0][0]}: {_describe(exc)}") from None
 
     def _pread_direct(self, view: memoryview, offset: int) -> int:
         try:
@@ -388,6 +419,31 @@ class BlockTarget:
                 raise TargetWriteError(
                     f"target {self.path!r}: write failed at offset {offset + done}: {_describe(exc)}"
                 ) from None
+
+    def write_ranges(self, data, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        """Write ``data``'s consecutive pieces (lengths[i] bytes each) at offsets[i], buffered, in
+        one native call: a sync round's scattered blocks cost one Python call, not one each."""
+        from .. import kernels
+
+        if not len(offsets):
+            return
+        ends = offsets + lengths
+        lo, hi = int(offsets.min()), int(ends.max())
+        self._check_range(lo, hi - lo)
+        self.drain()
+        try:
+            faults.io("target.write", lo, hi - lo)
+            kernels.write_ranges(self.fd, data, offsets, lengths)
+        except OSError as exc:
+            raise TargetWriteError(f"target {self.path!r}: write failed between offsets {lo} and {hi}: "
+                                   f"{_describe(exc)}") from None
+
+    def write_behind(self) -> None:
+        """Start writing back what buffered writes left in the page cache, without waiting:
+        a sync round's scattered blocks then reach the disk while the round goes on, and the
+        checkpoint's flush waits for the last few (measured: 2,621 scattered 4 KiB blocks,
+        the round's final flush 40-60 ms before)."""
+        _sync_file_range(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # advisory: the flush still syncs
 
     def zero(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zero without storing zeros where possible."""

@@ -10,8 +10,9 @@ mark progress through stretches with nothing to send.
 from __future__ import annotations
 
 import time
-
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .._lazy import np
@@ -44,6 +45,9 @@ SCANNED_EVERY = 64 << 20
 ZERO_FLUSH = 1 << 30
 #: read size
 CHUNK = 8 << 20
+#: bytes of dirty blocks read at a time in a map-driven round (one read ahead of the frames
+#: being sent: smaller batches overlap reading with sending and the receiver's writes)
+DIRTY_BATCH = 2 << 20
 #: chunks read and digested ahead on worker threads while frames are built
 AHEAD = 2
 #: read buffers: 3 chunks' frames may wait in or at the sender's writer, 1 is
@@ -237,45 +241,63 @@ def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray):
     return memoryview(out)
 
 
-def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = CHUNK,
+def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = DIRTY_BATCH,
                        sets: bool = True, clock=None) -> Iterator[Event | Covered]:
     """A sync round that reads only the blocks a frozen dirty map names (see dirtymap.py).
 
     Each batch of dirty ranges is read into a buffer of its own (one read per
-    range), digested in one pass, and compared with the cache: a dirty block
-    whose digest did not change is not sent (the map may say more than
-    changed). What changed travels in BLOCK_SET frames, whole runs included,
-    so per-block work stays in numpy and C; blocks that became zero carry no
-    payload. One CHUNK_END per batch.
+    range, many in flight) on a worker thread, a batch ahead of the one whose
+    frames are being built and sent, digested in one pass, and compared with
+    the cache: a dirty block whose digest did not change is not sent (the map
+    may say more than changed). What changed travels in BLOCK_SET frames, whole
+    runs included, so per-block work stays in numpy and C; blocks that became
+    zero carry no payload. One CHUNK_END per batch.
     """
     if not sets:  # a peer without BLOCK_SET: an ordinary sync round, which reads everything
         yield from round_events(source, cache=cache)
         return
     size = source.size
-    for ranges in _batches(dirty.ranges(), batch):
-        total = sum(n for _, n in ranges)
-        buf = aligned_buffer(total)  # frames keep views into it: never reused
-        mv = memoryview(buf)[:total]
-        pos = 0
-        t0 = time.perf_counter()
-        for off, n in ranges:
-            if source.readinto(mv[pos:pos + n], off) < n:
-                raise SourceError(f"source {source.path!r} ended before {off + n}")
-            pos += n
-        t1 = time.perf_counter()
+    for ranges, mv in _read_ahead(source, _batches(dirty.ranges(), batch), clock):
         counts = np.array([block_count(n) for _, n in ranges], dtype=np.int64)
         starts = np.array([off // FINE_BLOCK for off, _ in ranges], dtype=np.int64)
         blocks = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
         digests = np.empty(len(blocks), dtype="<u8")
+        t1 = time.perf_counter()
         kernels.block_digests(mv, FINE_BLOCK, digests)  # ranges are whole blocks but for the source's last
         if clock is not None:
-            clock.add("read", t1 - t0)
             clock.add("digest", time.perf_counter() - t1)
         changed = np.flatnonzero(digests != cache.read_fine_at(blocks))
         for c0 in range(0, len(changed), MAX_SET):
             pick = changed[c0:c0 + MAX_SET]
             yield from _set_frames(blocks[pick], digests[pick], pick, mv, size)
         yield CHUNK_END
+
+
+def _read_ahead(source, batches, clock) -> Iterator[tuple[list, memoryview]]:
+    """(ranges, their data) of each batch, the next one read on a worker thread meanwhile."""
+
+    def read(ranges):
+        total = sum(n for _, n in ranges)
+        mv = memoryview(aligned_buffer(total))[:total]  # frames keep views into it: never reused
+        t0 = time.perf_counter()
+        if source.read_ranges(mv, ranges) < total:
+            raise SourceError(f"source {source.path!r} ended before {ranges[-1][0] + ranges[-1][1]}")
+        if clock is not None:
+            clock.add("read", time.perf_counter() - t0)
+        return ranges, mv
+
+    with ThreadPoolExecutor(1, thread_name_prefix="dirty-read") as pool:
+        pending: deque = deque()
+        try:
+            for ranges in batches:
+                pending.append(pool.submit(read, ranges))
+                if len(pending) > 1:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _set_frames(blocks: np.ndarray, digests: np.ndarray, positions: np.ndarray, mv: memoryview, size: int):
@@ -292,8 +314,12 @@ def _set_frames(blocks: np.ndarray, digests: np.ndarray, positions: np.ndarray, 
     yield Covered(first, digests, index)
 
 
-def _gather(mv: memoryview, positions: np.ndarray) -> bytes:
-    """The 4 KiB blocks at ``positions`` of a buffer, concatenated (only its last block may be short)."""
+def _gather(mv: memoryview, positions: np.ndarray):
+    """The 4 KiB blocks at ``positions`` of a buffer, concatenated (only its last block may be short):
+    a view where they follow one another (every block the map named changed), else a copy."""
+    if len(positions) and int(positions[-1]) - int(positions[0]) == len(positions) - 1:
+        lo = int(positions[0]) * FINE_BLOCK
+        return mv[lo:min(len(mv), (int(positions[-1]) + 1) * FINE_BLOCK)]
     data = np.frombuffer(mv, dtype=np.uint8)
     full = len(data) // FINE_BLOCK
     whole = positions[positions < full]

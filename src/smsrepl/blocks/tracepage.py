@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import struct
 import threading
-import time
 
 from .._lazy import np
 
@@ -148,12 +148,29 @@ class PyTraceReader:
         self._stop = False
         self._error = 0
         self._counts = _counts()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def __del__(self) -> None:
+        try:
+            os.close(self._wake)
+        except (AttributeError, OSError):
+            pass
 
     def request(self, seq: int) -> None:
+        if seq < 1:
+            raise ValueError("request: a boundary is numbered from 1")
         self._want = seq
+        self._poke()
 
     def stop(self) -> None:
         self._stop = True
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.eventfd_write(self._wake, 1)
+        except BlockingIOError:
+            pass
 
     def state(self) -> dict:
         c = self._counts
@@ -163,6 +180,8 @@ class PyTraceReader:
 
     def run(self) -> None:
         pipe_fd, marker_fd, cpu, page_size, idle = self._args
+        poller = select.poll()
+        poller.register(self._wake, select.POLLIN)
         try:
             os.sched_setaffinity(0, {cpu})
             if os.sched_getaffinity(0) != {cpu}:
@@ -182,7 +201,11 @@ class PyTraceReader:
                 except BlockingIOError:
                     page = b""
                 if not page:
-                    time.sleep(idle)
+                    if poller.poll(max(1, int(idle * 1000))):
+                        try:
+                            os.eventfd_read(self._wake)
+                        except BlockingIOError:
+                            pass
                     continue
                 before = self._counts["last_marker"]
                 parse_page(page, self._layout, *self._disk, counts=self._counts)

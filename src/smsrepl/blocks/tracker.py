@@ -55,8 +55,9 @@ log = logging.getLogger("smsrepl.tracker")
 #: ring buffer per CPU (SMSREPL_TRACE_BUFFER_KB). At 100k writes/s a CPU records about
 #: 5.6 MB/s of events; 8 MiB rides out a reader that is kept off its CPU for over a second
 BUFFER_KB = 8192
-#: a reader that finds its buffer empty sleeps this long (a boundary waits about as much)
-IDLE_US = 5000
+#: a reader that finds its buffer empty waits this long for more (a boundary's request
+#: wakes it at once)
+IDLE_US = 20000
 #: markers not read within this long: the boundary is lost and the tracker starts again
 BOUNDARY_TIMEOUT = 10.0
 MODES = ("auto", "kernel", "scan")
