@@ -485,7 +485,8 @@ def cmd_agent(args) -> int:
     cp = ControlPlane(args.endpoint, token, verify=args.ca_file or True, retries=2, backoff=0.5, max_backoff=5.0)
     agent = Agent(cp, args.source_id, disks, args.state_dir or _state_home("agent"), task_id=args.task_id,
                   data_port=args.data_port, poll_interval=args.poll_interval, sync_interval=args.sync_interval,
-                  host=args.host, tree=args.tree, tree_target=args.tree_target)
+                  host=args.host, tree=args.tree, tree_target=args.tree_target, tracking=args.tracking,
+                  freeze=args.freeze, freeze_timeout=args.freeze_timeout)
 
     _cutover_on_sigterm(agent.request_cutover, agent.stop)
     return agent.run()
@@ -625,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--state-dir", help="where the agent keeps its state")
     ag.add_argument("--poll-interval", type=float, default=5.0, help="seconds between command polls")
     ag.add_argument("--sync-interval", type=float, default=30.0, help="seconds between continuous sync rounds")
+    ag.add_argument("--tracking", choices=["auto", "kernel", "scan"], default="auto",
+                    help="how sync rounds of a syncing task find changed blocks (see send block --tracking)")
+    ag.add_argument("--freeze", action="store_true",
+                    help="the cutover freezes the source disks' file systems until its round has read them")
+    ag.add_argument("--freeze-timeout", type=float, metavar="SECONDS",
+                    help="longest a --freeze may last before it is thawed and the cutover runs again (default 60)")
     ag.set_defaults(func=cmd_agent)
 
     demo = sub.add_parser("demo", help="run the whole loop on this machine")

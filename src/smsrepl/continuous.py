@@ -18,7 +18,6 @@ available as :meth:`lag` and goes into every report's ``process_trace``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -83,8 +82,7 @@ class ContinuousSync:
         return {"seconds_since_round": since, **self.meter.figures()}
 
     def trace(self) -> str:
-        head = "" if self.meter.converging else "NOT CONVERGING: "
-        return head + "lag " + json.dumps(self.lag(), separators=(",", ":"))
+        return self.meter.trace(seconds_since_round=self.lag()["seconds_since_round"])
 
     def run(self) -> list:
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import json
 from collections import deque
 from dataclasses import dataclass
 
@@ -114,3 +115,8 @@ class LagMeter:
             "cutover_estimate_s": None if estimate is None else round(estimate, 1),
             "converging": self.converging,
         }
+
+    def trace(self, **extra) -> str:
+        """The figures as a report's process_trace says them (``NOT CONVERGING:`` first when so)."""
+        head = "" if self.converging else "NOT CONVERGING: "
+        return head + "lag " + json.dumps({**extra, **self.figures()}, separators=(",", ":"))

@@ -155,3 +155,13 @@ def test_a_killed_sender_leaves_no_instance_and_no_frozen_file_system(tmp_path, 
     assert not v["frozen_after_kill"], v
     assert v["instances_of_killed"] == [], v
     _assert_identical(v)
+
+
+@pytest.mark.reliability("live block sources", "the agent: a syncing task on a mounted ext4, cutover")
+def test_the_agent_tracks_a_busy_disk_and_cuts_over_to_an_identical_copy(tmp_path, certkey_file):
+    v = _drive("agent_live.py", tmp_path, certkey_file, seconds=3, seed=4)
+    assert v["finished"] and v["violations"] == [], v
+    assert v["different_blocks"] == 0 and v["fsck_rc"] == 0, v
+    assert v["map_rounds"] >= 2 and v["workload_ops"] > 100, v  # rounds read what the kernel saw written
+    assert v["consistency"]["consistency_result"][0]["num_different_files"] == 0, v
+    assert '"tracking":"kernel"' in v["last_trace"], v

@@ -149,12 +149,23 @@ def plan_disks(task: dict, local: dict[str, str]) -> list[DiskPlan]:
     return plans
 
 
+class _AllDisks:
+    """The dirty maps of a server's disks, seen as one backlog (lag.LagMeter's view)."""
+
+    def __init__(self, maps: list) -> None:
+        self.maps = maps
+
+    def dirty_blocks(self) -> int:
+        return sum(m.dirty_blocks() for m in self.maps)
+
+
 class Agent:
     def __init__(self, cp: ControlPlane, source_id: str, disks: dict[str, str], state_dir: str, *,
                  task_id: str | None = None, data_port: int = DATA_PORT, poll_interval: float = 2.0,
                  sync_interval: float = 30.0, speed_poll: float = 5.0, host: str | None = None,
                  outbox_retry: float = 1.0, retry_delay: float = 2.0, netcheck_seconds: float = 2.0,
-                 tree: str | None = None, tree_target: str = "root") -> None:
+                 tree: str | None = None, tree_target: str = "root", tracking: str = "auto",
+                 freeze: bool = False, freeze_timeout: float | None = None) -> None:
         if not disks and not tree:
             raise ConfigError("the agent needs --disk NAME=PATH (block tasks) or --tree DIR (file tasks)")
         self.cp = cp
@@ -194,6 +205,12 @@ class Agent:
         self._rounds: list = []
         self._sampler = None
         self._file_task = False
+        #: changed-block tracking of each source disk (blocks.tracker), kept from the first copy on
+        self.tracking = tracking
+        self._trackers: dict[str, Any] = {}
+        self._lag = None
+        self.freeze = freeze
+        self.freeze_timeout = freeze_timeout
 
     # --- control ----------------------------------------------------------------
     def stop(self) -> None:
@@ -258,6 +275,9 @@ class Agent:
         finally:
             if self.session is not None and self.session.running and not (self.finished or self.deleted):
                 self.session.command("STOP")
+            if self.session is not None:
+                self.session.wait(30)
+            self.close()
             self.outbox.close()
         return 0 if (self.finished or self.deleted) else 3
 
@@ -334,11 +354,33 @@ class Agent:
         self.task = task
         self._address = (host, self.data_port)
         self._network_check()
+        if not self._file_task and bool(task.get("syncing", False)):
+            self._start_tracking()
         self.session = BlockSession(self._make_round, on_state=self._on_state, on_round=self._on_round)
         self._save_task()
         if self.copied:
             self.session._copied = True
         log.info("task %s (%s) to %s:%d", task_id, kind, host, self.data_port)
+
+    def _start_tracking(self) -> None:
+        """Kernel change tracking of every source disk, from before the first copy on (where it
+        cannot run: sync rounds that read each disk whole, and one notice)."""
+        from ..blocks.tracker import open_tracking
+        from ..lag import LagMeter
+
+        for plan in self._plans:
+            if plan.path not in self._trackers:
+                self._trackers[plan.path] = open_tracking(plan.path, self.tracking, notice=log.warning)
+        maps = [m for m in self._trackers.values() if m is not None]
+        kind = "kernel" if maps and len(maps) == len(self._trackers) else ("scan" if not maps else "kernel+scan")
+        self._lag = LagMeter(_AllDisks(maps) if maps else None, tracking=kind)
+
+    def close(self) -> None:
+        """Stop change tracking (the next agent starts its own, and reads each disk whole once)."""
+        for m in self._trackers.values():
+            if m is not None:
+                m.close()
+        self._trackers = {}
 
     def _refresh_speed_limit(self) -> None:
         from ..ratelimit import SpeedSchedule
@@ -389,15 +431,27 @@ class Agent:
             self._round = rnd
             return rnd
 
+        lag = self._lag
+
         def make_sender(disk: DiskPlan, on_report):
             return Sender(disk.path, disk.target, self._address, self._ctx, self.state_dir,
                           speed_limit=self._schedule, cpu_cap=self._cpu_cap, on_report=on_report,
-                          host_sampler=self._sampler)
+                          host_sampler=self._sampler, dirty_map=self._trackers.get(disk.path),
+                          trace=lag.trace if lag is not None else None)
 
         cut = self._cutover.is_set()
         self._cutover_running = cut
+        quiesce = None
+        if cut:
+            from ..blocks.quiesce import FREEZE_TIMEOUT, Quiesce
+
+            quiesce = Quiesce([p.path for p in self._plans], freeze=self.freeze, state_dir=self.state_dir,
+                              timeout=self.freeze_timeout or FREEZE_TIMEOUT)
+        if lag is not None:
+            lag.round_started()
         rnd = ServerRound(self._plans, make_sender, self.state_dir, states=states,
-                          first_copy=not self.copied and not cut, cutover=cut, on_report=self._on_report)
+                          first_copy=not self.copied and not cut, cutover=cut, on_report=self._on_report,
+                          quiesce=quiesce)
         self._round = rnd
         return rnd
 
@@ -428,6 +482,8 @@ class Agent:
             self._wake.set()
             return
         self._rounds.append(result)
+        if self._lag is not None and not self._file_task:
+            self._lag.round_done(result)
         if result.kind == "full":
             with open(os.path.join(self.state_dir, "copied"), "w") as fh:
                 fh.write(self.task_id or "")

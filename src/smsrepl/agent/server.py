@@ -46,6 +46,12 @@ class ServerResult:
     def round_id(self) -> int:
         return max(r.round_id for r in self.disks)
 
+    @property
+    def dirty_blocks(self) -> int | None:
+        """Blocks the disks' dirty maps named, or None when some disk was read whole."""
+        counts = [getattr(r, "dirty_blocks", None) for r in self.disks]
+        return None if any(c is None for c in counts) else sum(counts)
+
 
 def disk_sizes(disks: list[DiskPlan]) -> list[int]:
     sizes = []
@@ -96,9 +102,10 @@ class _Round:
 class ServerRound(_Round):
     def __init__(self, disks: list[DiskPlan], make_sender: Callable[..., Any], state_dir: str, *,
                  states: SessionStateMachine | None = None, first_copy: bool = True, cutover: bool = False,
-                 on_report: Callable[[dict], None] | None = None) -> None:
+                 on_report: Callable[[dict], None] | None = None, quiesce=None) -> None:
         """``make_sender(disk, on_report)`` builds the Sender of one disk (with no state
-        machine of its own: the server's is ``states``)."""
+        machine of its own: the server's is ``states``). ``quiesce`` (blocks.quiesce.Quiesce)
+        syncs or freezes the disks' file systems before a cutover round and thaws them after."""
         if not disks:
             raise ConfigError("a server session needs at least one disk")
         super().__init__(state_dir, states, first_copy, cutover)
@@ -106,16 +113,27 @@ class ServerRound(_Round):
         self.sizes = disk_sizes(disks)
         self.make_sender = make_sender
         self.on_report = on_report
+        self.quiesce = quiesce
         self._best = 0
 
     def run(self) -> ServerResult:
         self._fire(_BEGIN[self.kind])
         self._fire(Event.COPY_RUNNING)
         results = []
-        for i, disk in enumerate(self.disks):
-            if self.stop_requested:
-                raise TransportError("the server round was stopped")
-            results.append(self._start(self.make_sender(disk, lambda rep, i=i: self._report(i, rep))).run())
+        if self.quiesce is not None:
+            self.quiesce.begin()  # before the first disk's boundary: every disk's round covers it
+        held = True
+        try:
+            for i, disk in enumerate(self.disks):
+                if self.stop_requested:
+                    raise TransportError("the server round was stopped")
+                results.append(self._start(self.make_sender(disk, lambda rep, i=i: self._report(i, rep))).run())
+        finally:
+            if self.quiesce is not None:
+                held = self.quiesce.end()
+        if not held:
+            raise TransportError("the file systems were thawed by the freeze's timeout before the cutover round "
+                                 "ended: the cutover runs again")
         self._sender = None
         self._fire(_END[self.kind])
         return ServerResult(self.kind, results, sum(self.sizes), sum(r.data_bytes for r in results),

@@ -179,13 +179,14 @@ class FreezeGuard:
 
 
 class Quiesce:
-    """syncfs (or freeze) of the source's file systems for the cutover round, and the thaw after it."""
+    """syncfs (or freeze) of the file systems on the source disks for the cutover round, and the
+    thaw after it (a file system spanning two disks, as LVM makes them, is treated once)."""
 
-    def __init__(self, source: str, *, freeze: bool = False, timeout: float = FREEZE_TIMEOUT,
+    def __init__(self, sources: str | list[str], *, freeze: bool = False, timeout: float = FREEZE_TIMEOUT,
                  state_dir: str | None = None) -> None:
         if not 1 <= timeout <= 3600:
             raise ConfigError(f"--freeze-timeout {timeout:g}: must be between 1 and 3600 seconds")
-        self.source = source
+        self.sources = [sources] if isinstance(sources, str) else list(sources)
         self.freeze = freeze
         self.timeout = timeout
         self.state_dir = state_dir
@@ -196,7 +197,11 @@ class Quiesce:
             thaw_left_behind(state_dir)
 
     def mounts(self) -> list[Mount]:
-        return mounts_of(stacked_devices(self.source)) if os.path.exists(self.source) else []
+        devs: set[int] = set()
+        for source in self.sources:
+            if os.path.exists(source):
+                devs |= stacked_devices(source)
+        return mounts_of(devs)
 
     def check(self) -> None:
         """Refuse a freeze that would stop this process: its own state must stay writable."""
