@@ -109,7 +109,9 @@ class DirectWriter:
                 if self._error is None:
                     self._write(memoryview(stage)[:n], offset)
             except BaseException as exc:  # handed to the caller at its next call
-                self._error = exc
+                # without its traceback: that holds _write's frame and so a view of the
+                # stage, which could then never be closed
+                self._error = exc.with_traceback(None)
             finally:
                 self._free.put(stage)
                 self._todo.task_done()
@@ -138,4 +140,8 @@ class DirectWriter:
         os.close(self.fd)
         self.fd = -1
         while not self._free.empty():
-            self._free.get().close()
+            stage = self._free.get()
+            try:
+                stage.close()
+            except BufferError:
+                pass  # a view of it is still alive somewhere: unmapped when that goes

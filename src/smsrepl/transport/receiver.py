@@ -456,19 +456,29 @@ class _Session:
         finally:
             if self._reader_stop is not None:
                 self._reader_stop.set()  # a reader still waiting to hand over a frame gives up
-            if self.replica is not None:
-                try:
-                    self.replica.checkpoint()  # keep what arrived intact before the cut
-                except ReplicationError as exc:
-                    log.warning("%s: final checkpoint failed: %s", self.peer, exc)
-                self.replica.close()
-                self.replica.target.close()
-            if self.lock_fd is not None:
-                self.rx._release(target_name, self.lock_fd)
+            try:
+                self._close_replica()
+            except Exception:  # noqa: BLE001 - the target is released whatever closing it did
+                log.exception("%s: target %s: closing it failed", self.peer, target_name)
+            finally:
+                if self.lock_fd is not None:
+                    self.rx._release(target_name, self.lock_fd)
         if self.hello is not None:
             if error is not None:  # its traceback holds the session's frames and their buffers
                 error = error.with_traceback(None)
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
+
+    def _close_replica(self) -> None:
+        if self.replica is None:
+            return
+        try:
+            self.replica.checkpoint()  # keep what arrived intact before the cut
+        except ReplicationError as exc:
+            log.warning("%s: final checkpoint failed: %s", self.peer, exc)
+        try:
+            self.replica.close()
+        finally:
+            self.replica.target.close()
 
     def _loop(self) -> bool:
         replica = self.replica

@@ -1,0 +1,59 @@
+"""DirectWriter: a failed write is reported and closing afterwards frees everything."""
+import errno
+
+import pytest
+
+from smsrepl import faults
+from smsrepl.blocks.direct import STAGE, DirectWriter
+
+
+@pytest.fixture
+def enospc():
+    faults.configure(f"enospc@target.write:{STAGE}")
+    yield
+    faults.configure("")
+
+
+def test_a_failed_write_is_raised_and_close_still_frees_the_stages(tmp_path, enospc):
+    path = tmp_path / "t.img"
+    path.write_bytes(b"")
+    w = DirectWriter(str(path), lambda off, view: None)
+    data = memoryview(bytes(4096) * 512)
+    w.write(0, data)
+    w.write(STAGE, data)  # past the fault's offset: ENOSPC on the writer thread
+    with pytest.raises(OSError) as got:
+        w.drain()
+    assert got.value.errno == errno.ENOSPC
+    # the kept error must not hold the stage's exported view through its traceback: a
+    # receiver closes the writer as its session ends, and a BufferError there kept the
+    # target claimed until the receiver restarted
+    stages = list(w._free.queue)
+    w.close()
+    assert w.fd == -1 and len(stages) == 3 and all(s.closed for s in stages)
+
+
+@pytest.mark.reliability("receiver under faults", "full disk: the same receiver serves the rerun")
+def test_after_a_full_disk_the_same_receiver_serves_the_rerun(tmp_path, bundle, enospc):
+    """ENOSPC during a block session; then space comes back and the rerun, against the receiver
+    that saw the failure (not a restarted one), completes identical."""
+    import os
+
+    from smsrepl.errors import ReplicationError
+    from smsrepl.transport.receiver import Receiver
+    from smsrepl.transport.sender import Sender
+    from smsrepl.transport.tls import client_context, server_context
+
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(os.urandom(3 * STAGE))
+    rx = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "rx"))
+    addr = rx.start()
+    try:
+        sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0)
+        with pytest.raises(ReplicationError) as got:
+            sender.run()
+        assert "No space left on device" in str(got.value)
+        faults.configure("")  # space freed
+        Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0).run()
+    finally:
+        rx.stop()
+    assert dst.read_bytes() == src.read_bytes()
