@@ -76,6 +76,9 @@ def test_a_busy_mounted_file_system_ends_identical(tmp_path, certkey_file, track
         # after the first copy every round read only what the kernel saw written
         assert v["whole_source_rounds"] == 1 and v["map_rounds"] >= 3, v
         assert v["last_round"]["tracking"] == "kernel"
+        lag = v["last_round"]["lag"]  # what the kernel says is still to send, and how fast rounds send it
+        assert lag["tracking"] == "kernel" and isinstance(lag["dirty_bytes"], int), lag
+        assert lag["drain_rate_bps"] > 0 and lag["cutover_estimate_s"] is not None and lag["converging"], lag
     if cutover == "freeze":
         assert v["frozen_during_cutover"] and not v["frozen_after_cutover"]
         assert v["last_round"]["cutover"] == {os.path.join(str(tmp_path / "work"), "mnt"): "frozen"}
