@@ -113,9 +113,15 @@ class AuthenticationError(ReplicationError):
 
 
 class RefusedError(ReplicationError):
-    """The other side refused the session (unknown target, target busy)."""
+    """The other side refused the session for good (unknown target, wrong kind of target)."""
 
     exit_code = EXIT_AUTH
+
+
+class TargetBusyError(ReplicationError):
+    """The target is served by another session or receiver process now: retry later (exit 3)."""
+
+    resumable = True
 
 
 class ProtocolError(ReplicationError):

@@ -4,6 +4,7 @@ import resource
 import signal
 import socket
 import subprocess
+import time
 import threading
 
 import numpy as np
@@ -255,7 +256,28 @@ def test_busy_target_is_refused(rx, bundle):
     second, ev2 = _raw_session(addr, bundle, session="two")
     first.close()
     second.close()
-    assert isinstance(ev2, F.Error) and ev2.exit_code == 4 and "busy" in ev2.message
+    # busy is for now, not for good: exit 3 (an agent retries), and resumable
+    assert isinstance(ev2, F.Error) and ev2.exit_code == 3 and ev2.resumable and "busy" in ev2.message
+
+
+@pytest.mark.reliability("exit codes", "target busy: exit 3, retry")
+def test_a_sender_that_finds_its_target_busy_exits_3_and_a_retry_succeeds(tmp_path, rx, source, certkey_file, bundle):
+    _, addr, dst = rx
+    holder, ev = _raw_session(addr, bundle, size=8 << 20, session="another-source")
+    assert isinstance(ev, F.Welcome)
+    try:
+        cp = send(source, addr, certkey_file, str(tmp_path / "tx"))
+    finally:
+        holder.close()
+    assert cp.returncode == 3, cp.stderr  # for now, not for good: an agent retries
+    assert "busy" in cp.stderr and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
+    for _ in range(50):  # the holder's session ends as the receiver notices its close
+        cp = send(source, addr, certkey_file, str(tmp_path / "tx"))
+        if cp.returncode != 3:
+            break
+        time.sleep(0.2)
+    assert cp.returncode == 0, cp.stderr
+    assert open(dst, "rb").read() == open(source, "rb").read()
 
 
 def test_same_session_reconnecting_replaces_its_dead_connection(rx, bundle):

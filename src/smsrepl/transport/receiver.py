@@ -22,6 +22,7 @@ from ..errors import (
     RefusedError,
     RemoteProtocolError,
     ReplicationError,
+    TargetBusyError,
     TargetWriteError,
     TransportError,
 )
@@ -331,18 +332,15 @@ class Receiver:
                 holder.chan.abort()
                 self._busy_lock.wait_for(lambda: name not in self._busy, timeout=10)
             if name in self._busy:
-                busy = RefusedError(f"target {name!r} is busy with another session")
-                busy.resumable = True  # a session ends; retrying later may well get the target
-                raise busy
+                raise TargetBusyError(f"target {name!r} is busy with another session; retry when it ends")
             lock_path = os.path.join(self.state_dir, f"{name}.lock")
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                busy = RefusedError(f"target {name!r} is busy with another receiver process")
-                busy.resumable = True
-                raise busy from None
+                raise TargetBusyError(f"target {name!r} is busy with another receiver process; "
+                                      f"retry when it ends") from None
             self._busy[name] = session
             return fd
 
