@@ -84,11 +84,16 @@ def summary(cp: subprocess.CompletedProcess) -> dict:
 
 
 class CuttingProxy:
-    """A loopback TCP proxy that forwards until ``cut_after`` bytes went client->server, then resets both sides."""
+    """A loopback TCP proxy that forwards until ``cut_after`` bytes went client->server, then resets
+    both sides; or, ``silent``, stops forwarding and keeps both connections open until close(), as a
+    middlebox that lost its state does."""
 
-    def __init__(self, upstream_port: int, cut_after: int) -> None:
+    def __init__(self, upstream_port: int, cut_after: int, *, silent: bool = False) -> None:
         self.upstream = upstream_port
         self.cut_after = cut_after
+        self.silent = silent
+        self.stalled = threading.Event()
+        self._closed = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.forwarded = 0
@@ -109,6 +114,8 @@ class CuttingProxy:
                     data = a.recv(65536)
                     if not data:
                         break
+                    if self.stalled.is_set():
+                        break  # silent: what the receiver says is not passed on either
                     if counted:
                         room = self.cut_after - self.forwarded
                         if room <= len(data):
@@ -119,6 +126,9 @@ class CuttingProxy:
                     b.sendall(data)
             except OSError:
                 pass
+            if self.silent:
+                self.stalled.set()
+                self._closed.wait()  # nothing more goes either way, and nobody hears of it
             done.set()
             for s in (client, server):
                 try:
@@ -131,6 +141,7 @@ class CuttingProxy:
         pump(client, server, True)
 
     def close(self) -> None:
+        self._closed.set()
         self.listener.close()
         self._t.join(5)
 

@@ -626,3 +626,41 @@ def test_a_sender_may_ask_for_the_tree_before_welcome():
     assert isinstance(rx.next_event(), F.TreeRequest)
     with pytest.raises(Exception, match="cannot send RoundBegin"):
         tx.send(F.RoundBegin(1, "full", 0))  # a round still waits for WELCOME
+
+
+@pytest.mark.reliability("receiver under faults", "file session dropped silently: the rerun takes the target back")
+def test_a_silently_dropped_file_session_does_not_hold_its_target(tmp_path, certkey_file):
+    """A middlebox stops forwarding without closing anything, and the source side restarts: the
+    receiver's connection stays open and quiet (its idle timeout is 120 s). The rerun from the
+    same tree is the same sender, and takes the target back at once."""
+    import random
+    import time
+
+    from .procs import CuttingProxy, ReceiverProc
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    rng = random.Random(3)
+    for i in range(60):
+        (src / f"f{i:03}").write_bytes(rng.randbytes(256 << 10))
+    rx = ReceiverProc(certkey_file, {"tree": str(dst)}, str(tmp_path / "rx"))
+    proxy = CuttingProxy(rx.port, 2 << 20, silent=True)
+
+    def cmd(port: int) -> list[str]:
+        return [sys.executable, "-m", "smsrepl", "send", "files", str(src), "--to", f"127.0.0.1:{port}",
+                "--target", "tree", "--certkey", certkey_file, "--level", "0"]
+
+    try:
+        first = subprocess.Popen(cmd(proxy.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert proxy.stalled.wait(60), "the first sender never got 2 MiB through"
+        first.kill()
+        first.wait()
+        t0 = time.monotonic()
+        cp = subprocess.run(cmd(rx.port), capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        proxy.close()
+        rx.stop()
+    assert cp.returncode == 0, cp.stderr
+    assert took < 15, took
+    assert oracle(str(src), dst) == ""

@@ -8,12 +8,13 @@ what already arrived is skipped by size and mtime.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -54,6 +55,15 @@ class FileRoundResult:
                 "literal_bytes": self.literal_bytes, "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3), "reported": s.reported}
 
 
+def file_session_id(source: str, target: str) -> str:
+    """The same for every run of this tree on this host into ``target``: a rerun is recognised by
+    the receiver as the same sender, which takes the target back from a connection that died
+    silently (block sessions keep theirs in the state directory)."""
+    ident = b"\0".join([b"files", socket.gethostname().encode(), os.fsencode(os.path.realpath(source)),
+                        target.encode()])
+    return hashlib.sha256(ident).hexdigest()[:32]
+
+
 class FileSender:
     def __init__(self, source_dir: str, target: str, address: tuple[str, int], context: ssl.SSLContext, *,
                  rules: PathRules | None = None, checksum: bool = False, level: int | str = "auto",
@@ -65,6 +75,7 @@ class FileSender:
             raise SourceMissingError(f"source {source_dir!r} is not a directory")
         self.source = os.path.abspath(source_dir)
         self.target = check_target_name(target)
+        self.session_id = file_session_id(self.source, self.target)
         self.address = address
         self.context = context
         self.rules = rules
@@ -118,7 +129,7 @@ class FileSender:
         before WELCOME)."""
         chan = Channel(connect(self.address, self.context), Connection(SENDER))
         try:
-            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, uuid.uuid4().hex, 0, F.FINE_BLOCK,
+            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, self.session_id, 0, F.FINE_BLOCK,
                               list(CAPABILITIES)))
             chan.send(F.TreeRequest(checksum))
         except BaseException:

@@ -32,7 +32,7 @@ from ..memory import release_free_memory
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
 from ..protocol import frames as F
 from .channel import Channel
-from .connect import TARGET_NAME, check_target_name
+from .connect import TARGET_NAME, check_target_name, tune_socket
 from .tls import check_peer_role, classify_ssl_error
 from .tlsio import TLSStream
 
@@ -279,6 +279,10 @@ class Receiver:
     def _serve_connection(self, raw: socket.socket, addr) -> None:
         peer = f"{addr[0]}:{addr[1]}"
         conn = self._conns[raw]
+        try:
+            tune_socket(raw)
+        except OSError:
+            pass  # gone already: the handshake says so
         raw.settimeout(self.handshake_timeout)
         try:
             sock = TLSStream(raw, self.context, server_side=True)
