@@ -133,6 +133,12 @@ class CuttingProxy:
             for s in (client, server):
                 try:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    # wakes the other pump's recv on it: until that returns, close() releases
+                    # nothing and no reset leaves (the receiver would wait for data forever)
+                    s.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+                try:
                     s.close()
                 except OSError:
                     pass

@@ -399,6 +399,16 @@ def _read_record(path: str) -> dict:
         return {}
 
 
+def _detached(exc: ReplicationError) -> ReplicationError:
+    """``exc`` without its traceback, nor the exceptions it was raised during or from: those
+    hold the session's frames and so its buffers (megabytes a session) for as long as the
+    outcome is kept. The message already says what went wrong."""
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
+    exc.__suppress_context__ = True
+    return exc
+
+
 class _Session:
     def __init__(self, rx: Receiver, chan: Channel, peer: str, *, on_hello: Callable[[], None] | None = None) -> None:
         self.rx = rx
@@ -466,8 +476,8 @@ class _Session:
                 if self.lock_fd is not None:
                     self.rx._release(target_name, self.lock_fd)
         if self.hello is not None:
-            if error is not None:  # its traceback holds the session's frames and their buffers
-                error = error.with_traceback(None)
+            if error is not None:
+                error = _detached(error)
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
 
     def _close_replica(self) -> None:
