@@ -407,7 +407,8 @@ class TreeWriter:
             if getattr(exc, "step", "") == "create" and exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 self._native = False  # no O_TMPFILE here: the careful path writes named temporaries
                 return pos, 0, 0
-            raise TargetWriteError(f"FILE {os.fsdecode(exc.filename or b'')!r}: {exc.strerror}") from None
+            name = repr(os.fsdecode(exc.filename)) if exc.filename else "a new file"
+            raise TargetWriteError(f"writing {name} under {os.fsdecode(self.root)!r}: {exc.strerror}") from None
         if files:
             self._runs.append((fds, dirs, fdirs, names, paths))
             self._run_files += files

@@ -601,8 +601,10 @@ class OpApplier:
                 op, entry, data = W.decode_op(r)
                 self._apply(op, entry, data)
             except OSError as exc:  # a system call refused: the sender hears it as SMS.2007
-                what = os.fsdecode(entry.path) if entry is not None else W.OP_NAMES.get(op, str(op))
-                raise TargetWriteError(f"{W.OP_NAMES.get(op, op)} {what!r}: {exc.strerror or exc}") from None
+                # a CHUNK or END names no file: it is the one the open sink writes
+                named = entry if entry is not None else (self.sink.entry if self.sink is not None else None)
+                what = f"{os.fsdecode(named.path)!r}" if named is not None else "the target tree"
+                raise TargetWriteError(f"writing {what} ({W.OP_NAMES.get(op, op)}): {exc.strerror or exc}") from None
 
     def _apply(self, op: int, entry: Entry | None, data) -> None:
         w = self.w
