@@ -26,8 +26,8 @@ import errno
 import itertools
 import os
 import re
-import resource
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +37,7 @@ import xxhash
 from .. import kernels
 from .._lazy import np
 from ..errors import DecompressionError, RemoteProtocolError, ReplicationError, TargetWriteError
+from .fdbudget import process_budget
 from .scan import KINDS as KIND_OF, Entry
 
 NAME_MAX = 255
@@ -50,6 +51,9 @@ _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 #: files written under temporary names before one syncfs() and their renames
 PENDING_FILES = 4096
 PENDING_BYTES = 256 << 20
+#: how long a writer waits for descriptors other sessions hold before it writes one file at a
+#: time the careful way (one descriptor, briefly)
+FD_WAIT = 5.0
 #: directories made durable one fsync each at the end of a round; more take one syncfs
 FSYNC_DIRS = 16
 #: threads writing a run of small files (kernels.write_files): file creation is mostly
@@ -120,10 +124,12 @@ class TreeWriter:
         self._run_files = 0
         self._behind: ThreadPoolExecutor | None = None
         self._flushing: Future | None = None
-        fd_limit = _raise_fd_limit() if kernels.TREE else 0
-        self._native = fd_limit >= 1024
-        #: files waiting for a syncfs, at most (each run file holds a descriptor meanwhile)
-        self._pending_cap = min(PENDING_FILES, fd_limit // 4) if self._native else PENDING_FILES
+        #: descriptors of run files come from the process's budget, shared by its writers
+        self._budget = process_budget() if kernels.TREE else None
+        self._native = self._budget is not None and self._budget.total >= 256
+        if self._budget is not None:
+            self._budget.join()
+        self._held = 0  # descriptors of this writer's runs, taken from the budget
         #: what could not be recreated (device files without root, xattrs the file system refused)
         self.reported: list[str] = []
 
@@ -143,7 +149,8 @@ class TreeWriter:
             what = "is a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror
             raise TargetWriteError(f"target {self._show(parts)!r}: {what}") from None
         self._fds[parts] = fd
-        while len(self._fds) > self._cache:
+        limit = self._cache if self._budget is None else min(self._cache, max(8, self._budget.share() // 8))
+        while len(self._fds) > limit:
             old, ofd = self._fds.popitem(last=False)
             os.close(ofd)
         return fd
@@ -182,6 +189,9 @@ class TreeWriter:
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
+            if self._budget is not None:
+                self._budget.leave(self._held)
+                self._held = 0
 
     def __enter__(self) -> "TreeWriter":
         return self
@@ -377,7 +387,7 @@ class TreeWriter:
         self._pending.append((tmp, parts))
         self._pending_paths.add(b"/".join(parts))
         self._pending_bytes += size
-        if len(self._pending) + self._run_files >= self._pending_cap or self._pending_bytes >= PENDING_BYTES:
+        if len(self._pending) + self._run_files >= PENDING_FILES or self._pending_bytes >= PENDING_BYTES:
             self.flush_pending()
 
     def flush_pending(self) -> None:
@@ -399,16 +409,30 @@ class TreeWriter:
         where this writer cannot, or the operation there is one for the careful path."""
         if not self._native:
             return pos, 0, 0
-        room = max(1, self._pending_cap - self._run_files - len(self._pending))
+        room = self._descriptors(PENDING_FILES - self._run_files - len(self._pending))
+        if not room:
+            return pos, 0, 0  # none to be had now: this file goes the careful way
         try:
             end, files, nbytes, fds, dirs, fdirs, names, paths = kernels.write_files(
                 body, pos, self._parent_fd, self.preserve_owner, room, WRITE_THREADS)
         except OSError as exc:
+            self._budget.give_back(room)
             if getattr(exc, "step", "") == "create" and exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 self._native = False  # no O_TMPFILE here: the careful path writes named temporaries
                 return pos, 0, 0
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # descriptors outside the budget ran short: make this writer's files durable
+                # (which closes theirs) and take this one the careful way
+                self.flush_pending()
+                return pos, 0, 0
             name = repr(os.fsdecode(exc.filename)) if exc.filename else "a new file"
             raise TargetWriteError(f"writing {name} under {os.fsdecode(self.root)!r}: {exc.strerror}") from None
+        used = len(fds) + len(dirs)
+        if used > room:
+            self._budget.force(used - room)  # the runs' directories
+        else:
+            self._budget.give_back(room - used)
+        self._held += used
         if files:
             self._runs.append((fds, dirs, fdirs, names, paths))
             self._run_files += files
@@ -416,9 +440,31 @@ class TreeWriter:
             self._pending_paths.update(paths)
             if not self.fsync:
                 self._settle_all(_sync_and_link(self.root_fd, self._take_runs(), sync=False))
-            elif self._run_files + len(self._pending) >= self._pending_cap or self._pending_bytes >= PENDING_BYTES:
+            elif self._run_files + len(self._pending) >= PENDING_FILES or self._pending_bytes >= PENDING_BYTES \
+                    or self._held >= self._budget.share():
                 self._flush_behind()
         return end, files, nbytes
+
+    def _descriptors(self, want: int) -> int:
+        """Descriptors for up to ``want`` more run files from the budget: this writer's own
+        waiting files made durable first when none are left, then a wait for other sessions';
+        0 when none came within FD_WAIT."""
+        if want <= 0:
+            self.flush_pending()
+            want = PENDING_FILES
+        got = self._budget.take(want, self._held)
+        if got:
+            return got
+        self.flush_pending()  # gives this writer's back
+        deadline = time.monotonic() + FD_WAIT
+        while not (got := self._budget.take(want, self._held)) and time.monotonic() < deadline:
+            self._budget.wait(0.2)
+        return got
+
+    def _release(self, n: int) -> None:
+        if self._budget is not None and n:
+            self._held -= n
+            self._budget.give_back(n)
 
     def _flush_behind(self) -> None:
         """flush_pending() for the runs waiting, with their syncfs and linking done by a
@@ -454,6 +500,7 @@ class TreeWriter:
         for run, failures in linked:
             paths = run[4]
             self._pending_paths.difference_update(paths)
+            self._release(len(run[0]) + len(run[1]))  # linked: their descriptors are closed
             for i, err, tmp in failures:
                 parts = check_path(paths[i])
                 if tmp is None:
@@ -666,19 +713,6 @@ def _drop_run(fds, dirs, fdirs, names, paths) -> None:
         except OSError:
             pass
 
-
-def _raise_fd_limit() -> int:
-    """Raise this process's soft limit of open files to its hard limit (runs of small files
-    keep a descriptor per file until a syncfs); returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (ValueError, OSError):
-            pass
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _unlink_quiet(name: bytes, dir_fd: int) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import socket
 import ssl
 import threading
@@ -27,6 +28,7 @@ from ..errors import (
     TransportError,
 )
 from ..files.apply import TreeWriter, remove_temporaries
+from ..files.fdbudget import process_budget
 from ..files.remote import OpApplier, describe_tree, signature_frames
 from ..memory import release_free_memory
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
@@ -127,6 +129,9 @@ class Receiver:
         self.context = context
         self.state_dir = os.path.abspath(state_dir)
         private_makedirs(self.state_dir)
+        budget = process_budget()  # raises the soft limit of open files to the hard one
+        log.info("open files: limit %d, of which %d shared by the file sessions' waiting files",
+                 resource.getrlimit(resource.RLIMIT_NOFILE)[0], budget.total)
         self.on_session = on_session
         self.idle_timeout = idle_timeout
         self.checkpoint_seconds = checkpoint_seconds
@@ -495,7 +500,7 @@ class _Session:
     def _loop(self) -> bool:
         replica = self.replica
         assert replica is not None and self.hello is not None
-        frames = self._start_reader(16)
+        frames = self._start_reader(3)
         last_ckpt = time.monotonic()
         in_round: F.RoundBegin | None = None
         try:
