@@ -404,3 +404,48 @@ def test_a_receiver_declaring_a_huge_frame_is_refused_quickly(tmp_path, bundle, 
     with pytest.raises(Exception) as exc:  # noqa: PT011 - the type is checked below
         sender.run()
     assert "frame" in str(exc.value).lower() and time.monotonic() - t0 < 2
+
+
+@reliability("hostile peer", "a flood of plaintext probes: warnings with counts, not a line each")
+def test_a_flood_of_plaintext_probes_is_said_in_a_few_lines(bundle, caplog, tmp_path):
+    dst = tmp_path / "target.img"
+    receiver = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "state"), handshake_timeout=2,
+                        max_connections=8, max_unauthenticated=4)
+    addr = receiver.start()
+    with caplog.at_level(logging.WARNING, logger="smsrepl.receiver"):
+        for _ in range(200):
+            s = socket.create_connection(addr)
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            s.settimeout(5)
+            try:
+                s.recv(100)  # the receiver answers the stranger, or closes on it
+            except OSError:
+                pass
+            s.close()
+        assert wait_until(lambda: receiver.connections()[0] == 0, 10)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 1 <= len(lines) <= 3, lines
+    assert "TLS" in lines[0] or "SMS.0304" in lines[0], lines
+    # a real sender still gets through afterwards
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(1 << 20))
+    try:
+        Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx")).run()
+    finally:
+        receiver.stop()
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_limited_warnings_say_how_many_were_held_back(caplog):
+    from smsrepl.transport.loglimit import LimitedWarnings
+
+    now = [100.0]
+    w = LimitedWarnings(logging.getLogger("smsrepl.test"), every=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="smsrepl.test"):
+        assert w.warning("a", "first %s", 1)
+        assert not w.warning("a", "again %s", 2) and not w.warning("a", "again %s", 3)
+        assert w.warning("b", "another kind")  # kinds are counted apart
+        now[0] += 10.5
+        assert w.warning("a", "later %s", 4)
+    assert [r.getMessage() for r in caplog.records] == [
+        "first 1", "another kind", "later 4 (and 2 more like it in the last 10 s)"]

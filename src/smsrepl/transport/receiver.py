@@ -36,6 +36,7 @@ from ..protocol import frames as F
 from .channel import Channel
 from .connect import TARGET_NAME, check_target_name, tune_socket
 from .tls import check_peer_role, classify_ssl_error
+from .loglimit import LimitedWarnings
 from .tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.receiver")
@@ -142,6 +143,8 @@ class Receiver:
         self._conns: dict[socket.socket, _Conn] = {}
         self._conns_lock = threading.Lock()
         self.shed = 0  # connections closed at the door because of the limits
+        #: what strangers at the door cause is said once every few seconds, with a count
+        self.warnings = LimitedWarnings(log)
         self._busy: dict[str, "_Session"] = {}
         self._busy_lock = threading.Condition()
         self._listener: socket.socket | None = None
@@ -228,20 +231,18 @@ class Receiver:
                     # goes, so idle connections cannot keep real senders out for long
                     evict = min(pending, key=lambda c: c.accepted)
                     self.shed += 1
-                self._conns[raw] = _Conn(raw, time.monotonic())
+                self._conns[raw] = _Conn(raw, time.monotonic(), self.warnings)
                 admitted = True
             else:
                 admitted = False
                 self.shed += 1
             shed = self.shed
         if evict is not None:
-            evict.drop(f"evicted before its HELLO: {len(pending)} connections were waiting at the door", quiet=shed % 100 != 1)
+            evict.drop(f"evicted before its HELLO: {len(pending)} connections were waiting at the door")
         if admitted:
             return True
-        # one line per 100 shed connections: a flood must not flood the log too
-        if shed % 100 == 1:
-            log.warning("%s:%s: refused at the door: %d connections open (limit %d); %d refused so far",
-                        addr[0], addr[1], live, self.max_connections, shed)
+        self.warnings.warning("door", "%s:%s: refused at the door: %d connections open (limit %d); %d refused so far",
+                              addr[0], addr[1], live, self.max_connections, shed)
         try:
             raw.close()
         except OSError:
@@ -294,12 +295,12 @@ class Receiver:
             sock.handshake()
             check_peer_role(sock.obj, "source")
         except ReplicationError as exc:
-            log.warning("%s: refused: %s", peer, exc)
+            self.warnings.warning("refused", "%s: refused: %s", peer, exc)
             raw.close()
             return
         except (ssl.SSLError, OSError) as exc:
             if conn.reason is None:  # else the watchdog or the door dropped it, and said why
-                log.warning("%s: %s", peer, classify_ssl_error(exc, server_side=True))
+                self.warnings.warning("handshake", "%s: %s", peer, classify_ssl_error(exc, server_side=True))
             raw.close()
             return
         sock.settimeout(self.idle_timeout)
@@ -366,8 +367,9 @@ _CONTROL = (F.Ping, F.Close, F.Error, ConnectionClosed)
 class _Conn:
     """One accepted connection as the watchdog sees it."""
 
-    def __init__(self, raw: socket.socket, accepted: float) -> None:
+    def __init__(self, raw: socket.socket, accepted: float, warnings: LimitedWarnings) -> None:
         self.raw = raw
+        self.warnings = warnings
         self.accepted = accepted
         self.authenticated = False  # a HELLO arrived over mutual TLS
         self.chan: Channel | None = None
@@ -379,12 +381,11 @@ class _Conn:
     def authenticate(self) -> None:
         self.authenticated = True
 
-    def drop(self, reason: str, *, quiet: bool = False) -> None:
+    def drop(self, reason: str) -> None:
         if self.reason is not None:
             return
         self.reason = reason
-        if not quiet:
-            log.warning("dropping a connection: %s", reason)
+        self.warnings.warning("dropped", "dropping a connection: %s", reason)
         if self.chan is not None:
             self.chan.abort(reason)
         else:
