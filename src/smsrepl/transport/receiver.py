@@ -56,6 +56,11 @@ MIN_PROGRESS = 64 << 10
 #: a flood of connections costs a bounded number of threads and is shed at the door
 MAX_CONNECTIONS = 64
 MAX_UNAUTHENTICATED = 16
+#: network checks in a pool of their own, outside MAX_CONNECTIONS: idle or abusive checks
+#: cannot hold the slots of data sessions. A check lasts seconds; one is dropped after
+#: NETCHECK_SECONDS
+MAX_NETCHECKS = 4
+NETCHECK_SECONDS = 120.0
 #: session outcomes kept for serve_forever(once=True) and embedders; older ones are dropped
 KEEP_OUTCOMES = 100
 WATCHDOG_SECONDS = 0.5
@@ -147,6 +152,7 @@ class Receiver:
         self.warnings = LimitedWarnings(log)
         self._busy: dict[str, "_Session"] = {}
         self._busy_lock = threading.Condition()
+        self._netchecks = 0
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -224,7 +230,7 @@ class Receiver:
         evict = None
         with self._conns_lock:
             pending = [c for c in self._conns.values() if not c.authenticated and c.reason is None]
-            live = sum(1 for c in self._conns.values() if c.reason is None)
+            live = sum(1 for c in self._conns.values() if c.reason is None and c.kind != "netcheck")
             if live < self.max_connections:
                 if len(pending) >= self.max_unauthenticated:
                     # the door is full of connections that have not said HELLO: the oldest
@@ -259,6 +265,9 @@ class Receiver:
                 if not c.authenticated:
                     if now - c.accepted > self.handshake_timeout:
                         c.drop(f"no HELLO within {self.handshake_timeout:g} s of connecting")
+                    continue
+                if c.kind == "netcheck" and now - c.accepted > NETCHECK_SECONDS:
+                    c.drop(f"a network check went on for more than {NETCHECK_SECONDS:g} s")
                     continue
                 chan = c.chan
                 since = chan.recv_since if chan is not None else None  # read once: recv() clears it
@@ -354,6 +363,17 @@ class Receiver:
             self._busy[name] = session
             return fd
 
+    def _claim_netcheck(self) -> None:
+        with self._busy_lock:
+            if self._netchecks >= MAX_NETCHECKS:
+                raise TargetBusyError(f"{self._netchecks} network checks are running (limit {MAX_NETCHECKS}); "
+                                      f"retry in a few seconds")
+            self._netchecks += 1
+
+    def _release_netcheck(self) -> None:
+        with self._busy_lock:
+            self._netchecks -= 1
+
     def _release(self, name: str, fd: int) -> None:
         with self._busy_lock:
             self._busy.pop(name, None)
@@ -372,13 +392,15 @@ class _Conn:
         self.warnings = warnings
         self.accepted = accepted
         self.authenticated = False  # a HELLO arrived over mutual TLS
+        self.kind: str | None = None  # the session kind its HELLO named
         self.chan: Channel | None = None
         self.reason: str | None = None
         #: when the watchdog last saw MIN_PROGRESS more bytes arrive (or no frame pending)
         self.progress_at = accepted
         self.progress_bytes = 0
 
-    def authenticate(self) -> None:
+    def authenticate(self, kind: str) -> None:
+        self.kind = kind
         self.authenticated = True
 
     def drop(self, reason: str) -> None:
@@ -416,7 +438,8 @@ def _detached(exc: ReplicationError) -> ReplicationError:
 
 
 class _Session:
-    def __init__(self, rx: Receiver, chan: Channel, peer: str, *, on_hello: Callable[[], None] | None = None) -> None:
+    def __init__(self, rx: Receiver, chan: Channel, peer: str, *,
+                 on_hello: Callable[[str], None] | None = None) -> None:
         self.rx = rx
         self.on_hello = on_hello
         self.chan = chan
@@ -429,6 +452,7 @@ class _Session:
         self._frames: queue.Queue | None = None
         self._reader_stop: threading.Event | None = None
         self.lock_fd: int | None = None
+        self._netcheck = False  # holds one of the receiver's network-check places
 
     def run(self) -> None:
         target_name = "?"
@@ -440,11 +464,13 @@ class _Session:
                 raise RemoteProtocolError(f"expected HELLO, got {type(ev).__name__}")
             self.hello = ev
             if self.on_hello is not None:
-                self.on_hello()
+                self.on_hello(ev.kind)
             target_name = ev.target
             if PROTOCOL_VERSION not in ev.versions:
                 raise RefusedError(f"no common protocol version (peer speaks {ev.versions}, we speak {PROTOCOL_VERSION})")
             if ev.kind == "netcheck":
+                self.rx._claim_netcheck()
+                self._netcheck = True
                 self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, 0, "new", 0, "full", 0, "",
                                          capabilities=list(CAPABILITIES)))
                 log.info("%s: network check", self.peer)
@@ -464,7 +490,10 @@ class _Session:
                 exc = ReplicationError(f"receiver internal error: {type(exc).__name__}: {exc}")
                 exc.resumable = True  # nothing says a rerun would fail again
             error = exc
-            log.warning("%s: target %s: %s", self.peer, target_name, exc)
+            if isinstance(exc, TargetBusyError):  # a crowd at a busy target says it once in a while
+                self.rx.warnings.warning("busy", "%s: target %s: %s", self.peer, target_name, exc)
+            else:
+                log.warning("%s: target %s: %s", self.peer, target_name, exc)
             if not isinstance(exc, TransportError):
                 try:
                     self.chan.send(F.Error(exc.code or "", exc.message, exc.exit_code, exc.resumable))
@@ -481,6 +510,8 @@ class _Session:
             finally:
                 if self.lock_fd is not None:
                     self.rx._release(target_name, self.lock_fd)
+                if self._netcheck:
+                    self.rx._release_netcheck()
         if self.hello is not None:
             if error is not None:
                 error = _detached(error)
