@@ -33,12 +33,13 @@ reliability = pytest.mark.reliability
 
 @pytest.fixture
 def rx(tmp_path, bundle):
-    """A receiver with short limits: 2 s to say HELLO, 2 s per frame, 8 connections, 4 before HELLO."""
+    """A receiver with short limits: 2 s to say HELLO, 2 s per frame, 8 connections, 4 before HELLO,
+    16 waiting at the door without having said anything."""
     root = tmp_path / "rx"
     root.mkdir()
     dst = root / "target.img"
     receiver = Receiver({"disk0": str(dst)}, server_context(bundle), str(root / "state"), idle_timeout=2,
-                        handshake_timeout=2, max_connections=8, max_unauthenticated=4)
+                        handshake_timeout=2, max_connections=8, max_unauthenticated=4, max_waiting=16)
     host, port = receiver.start()
     before = set(os.listdir(root))
     yield receiver, (host, port), dst
@@ -187,12 +188,12 @@ def test_a_connection_flood_is_shed_and_the_receiver_still_serves(rx, bundle):
         except OSError:
             pass
         peak = max(peak, threading.active_count())
-    # 4 may wait for their HELLO; the threads of those pushed out end as their sockets close
-    assert peak <= threads0 + 3 * 4, peak
+    # connections that say nothing wait at the door without a thread: 16 of them, the rest closed
+    assert peak <= threads0 + 2, peak
     assert len(socks) >= 300  # the flood happened (a connect the kernel's backlog dropped is not counted)
-    wait_until(lambda: receiver.shed >= len(socks) - 4, timeout=5)  # the accept loop catches up
-    assert receiver.shed >= len(socks) - 4 - 64, (receiver.shed, len(socks))  # 64: the listen backlog
-    assert receiver.connections()[1] <= 4 + 4
+    wait_until(lambda: receiver.shed >= len(socks) - 16, timeout=5)  # the accept loop catches up
+    assert receiver.shed >= len(socks) - 16 - 64, (receiver.shed, len(socks))  # 64: the listen backlog
+    assert receiver.connections()[1] <= 16
     for s in socks:
         s.close()
     wait_until(lambda: not receiver.connections()[0], timeout=5)
@@ -454,3 +455,19 @@ def test_limited_warnings_say_how_many_were_held_back(caplog):
         assert w.warning("a", "later %s", 4)
     assert [r.getMessage() for r in caplog.records] == [
         "first 1", "another kind", "later 4 (and 2 more like it in the last 10 s)"]
+
+
+@reliability("hostile peer", "a connection that says nothing: closed at the deadline, no thread meanwhile")
+def test_a_silent_connection_waits_without_a_thread_and_is_closed_at_the_deadline(rx):
+    receiver, addr, _ = rx
+    threads0 = threading.active_count()
+    s = socket.create_connection(addr)
+    s.settimeout(10)
+    t0 = time.monotonic()
+    time.sleep(0.3)
+    assert receiver.connections() == (1, 1) and threading.active_count() == threads0
+    assert s.recv(1) == b""  # closed by the receiver ...
+    took = time.monotonic() - t0
+    s.close()
+    assert 1.5 < took < 5, took  # ... at its 2 s deadline
+    assert receiver.shed == 1 and receiver.connections() == (0, 0)

@@ -36,6 +36,7 @@ from ..protocol import frames as F
 from .channel import Channel
 from .connect import TARGET_NAME, check_target_name, tune_socket
 from .tls import check_peer_role, classify_ssl_error
+from .door import WaitingRoom
 from .loglimit import LimitedWarnings
 from .tlsio import TLSStream
 
@@ -56,6 +57,8 @@ MIN_PROGRESS = 64 << 10
 #: a flood of connections costs a bounded number of threads and is shed at the door
 MAX_CONNECTIONS = 64
 MAX_UNAUTHENTICATED = 16
+#: connections that have said nothing yet wait without a thread (door.py), this many at most
+MAX_WAITING = 1024
 #: network checks in a pool of their own, outside MAX_CONNECTIONS: idle or abusive checks
 #: cannot hold the slots of data sessions. A check lasts seconds; one is dropped after
 #: NETCHECK_SECONDS
@@ -116,12 +119,14 @@ class Receiver:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
         for what, value in (("idle timeout", idle_timeout), ("handshake timeout", handshake_timeout)):
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ConfigError(f"{what} {value!r} s must be a positive number of seconds")
         for what, value in (("connection limit", max_connections), ("unauthenticated connection limit",
-                                                                     max_unauthenticated)):
+                                                                     max_unauthenticated),
+                            ("waiting connection limit", max_waiting)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{what} {value!r} must be a whole number of at least 1")
         if not 0 < checkpoint_seconds <= 60:
@@ -144,6 +149,8 @@ class Receiver:
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         self.max_unauthenticated = min(max_unauthenticated, max_connections)
+        self.max_waiting = max_waiting
+        self._room: WaitingRoom | None = None
         #: live connections: raw socket -> _Conn (the watchdog's view of them)
         self._conns: dict[socket.socket, _Conn] = {}
         self._conns_lock = threading.Lock()
@@ -177,21 +184,41 @@ class Receiver:
         """Accept sessions until stop(); with ``once``, return after the first session that named a target."""
         assert self._listener is not None, "bind() first"
         try:
-            self._listener.settimeout(0.2)
-        except OSError:
+            # within the descriptors left outside the file sessions' budget (fdbudget.RESERVE)
+            limit = min(self.max_waiting, max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
+            room = self._room = WaitingRoom(self._listener, limit=limit, deadline=self.handshake_timeout,
+                                            on_drop=self._dropped_at_door)
+        except (OSError, ValueError):
             return None  # stopped before serving began
         watchdog = threading.Thread(target=self._watchdog, daemon=True, name="smsrepl-rx-watchdog")
         watchdog.start()
+        try:
+            return self._serve(room, once)
+        finally:
+            room.close()
+            self._room = None
+
+    def _serve(self, room: WaitingRoom, once: bool) -> SessionOutcome | None:
+        pending: list = []
+        try:
+            return self._serve_ready(room, once, pending)
+        finally:
+            for raw, _, _ in pending:  # spoke, but the receiver stops (or returned) first
+                raw.close()
+
+    def _serve_ready(self, room: WaitingRoom, once: bool, pending: list) -> SessionOutcome | None:
         while not self._stopping.is_set():
-            try:
-                raw, addr = self._listener.accept()
-            except socket.timeout:
-                if once and not self.outcomes.empty():
-                    return self.outcomes.get()
-                continue
-            except OSError:
-                break
-            if not self._admit(raw, addr):
+            if not pending:
+                try:
+                    pending = room.ready(0.2)
+                except OSError:
+                    break
+                if not pending:
+                    if once and not self.outcomes.empty():
+                        return self.outcomes.get()
+                    continue
+            raw, addr, accepted = pending.pop(0)
+            if not self._admit(raw, addr, accepted):
                 continue
             t = threading.Thread(target=self._handle, args=(raw, addr), daemon=True)
             try:
@@ -226,7 +253,12 @@ class Receiver:
             t.join(timeout=10)
 
     # --- admission and the watchdog -----------------------------------------
-    def _admit(self, raw: socket.socket, addr) -> bool:
+    def _dropped_at_door(self, why: str, addr) -> None:
+        with self._conns_lock:
+            self.shed += 1
+        self.warnings.warning("door", "%s:%s: closed at the door: %s", addr[0], addr[1], why)
+
+    def _admit(self, raw: socket.socket, addr, accepted: float) -> bool:
         evict = None
         with self._conns_lock:
             pending = [c for c in self._conns.values() if not c.authenticated and c.reason is None]
@@ -237,7 +269,7 @@ class Receiver:
                     # goes, so idle connections cannot keep real senders out for long
                     evict = min(pending, key=lambda c: c.accepted)
                     self.shed += 1
-                self._conns[raw] = _Conn(raw, time.monotonic(), self.warnings)
+                self._conns[raw] = _Conn(raw, accepted, self.warnings)
                 admitted = True
             else:
                 admitted = False
@@ -279,9 +311,12 @@ class Receiver:
                            f"in {self.idle_timeout:g} s")
 
     def connections(self) -> tuple[int, int]:
-        """(open connections, of which before their HELLO)."""
+        """(open connections, of which before their HELLO): those served, and those at the door
+        that have not said anything yet."""
+        room = self._room
+        waiting = len(room) if room is not None else 0
         with self._conns_lock:
-            return len(self._conns), sum(1 for c in self._conns.values() if not c.authenticated)
+            return len(self._conns) + waiting, sum(1 for c in self._conns.values() if not c.authenticated) + waiting
 
     # --- one session --------------------------------------------------------
     def _handle(self, raw: socket.socket, addr) -> None:
