@@ -27,9 +27,75 @@ from .._lazy import np
 from .. import faults
 
 ALIGN = 4096
-#: bytes per staging buffer (the largest BLOCK_DATA frame), and buffers in flight
+#: bytes per staging buffer (the largest BLOCK_DATA frame), and buffers one writer has in flight
 STAGE = 8 << 20
 STAGES = 3
+#: staging buffers of all the writers of a process together (a receiver serving 32 block
+#: sessions at once held 3 each: 768 MiB); free ones beyond KEEP_STAGES are unmapped
+POOL_STAGES = 12
+KEEP_STAGES = 3
+
+
+class StagePool:
+    """The staging buffers every DirectWriter of a process draws from: at most ``limit`` exist,
+    and a writer that finds none free waits for another writer's write to complete."""
+
+    def __init__(self, limit: int = POOL_STAGES, keep: int = KEEP_STAGES) -> None:
+        self.limit = limit
+        self.keep = keep
+        self.made = 0
+        self._free: list[mmap.mmap] = []
+        self._cv = threading.Condition()
+
+    def get(self) -> mmap.mmap:
+        with self._cv:
+            while not self._free and self.made >= self.limit:
+                self._cv.wait()
+            if self._free:
+                return self._free.pop()
+            self.made += 1
+        return mmap.mmap(-1, STAGE)
+
+    def put(self, stage: mmap.mmap) -> None:
+        with self._cv:
+            if len(self._free) < self.keep:
+                self._free.append(stage)
+                stage = None
+            self._cv.notify()
+        if stage is not None:  # more free than kept: unmapped, so an idle receiver holds little
+            self._unmap(stage)
+
+    def _unmap(self, stage: mmap.mmap, strict: bool = False) -> None:
+        with self._cv:
+            self.made -= 1
+            self._cv.notify()
+        try:
+            stage.close()
+        except BufferError:
+            if strict:
+                raise
+            # a view of it is still alive somewhere: unmapped when that goes
+
+    def trim(self, *, strict: bool = False) -> int:
+        """Unmap every free buffer; how many were. ``strict``: a buffer that cannot be unmapped
+        (a view of it is alive) raises BufferError."""
+        with self._cv:
+            free, self._free = self._free, []
+        for stage in free:
+            self._unmap(stage, strict)
+        return len(free)
+
+
+_pool: StagePool | None = None
+_pool_lock = threading.Lock()
+
+
+def stage_pool() -> StagePool:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = StagePool()
+        return _pool
 
 
 def aligned_buffer(size: int) -> mmap.mmap:
@@ -55,9 +121,8 @@ class DirectWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
         self.buffered = buffered
         self.usable = True
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(STAGES):
-            self._free.put(mmap.mmap(-1, STAGE))
+        self._pool = stage_pool()
+        self._slots = threading.Semaphore(STAGES)  # this writer's stages in flight, at most
         self._todo: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="direct-writer", daemon=True)
@@ -68,7 +133,7 @@ class DirectWriter:
         self._raise_pending()
         done = 0
         while done < len(view):
-            stage = self._free.get()
+            stage = self._take()
             n = min(STAGE, len(view) - done)
             # numpy copies without the GIL (an mmap slice assignment holds it: the
             # receiver's TLS reader then waits, seen as 0.5 s of a 2 GiB copy)
@@ -79,14 +144,26 @@ class DirectWriter:
     def reserve(self) -> mmap.mmap:
         """A free staging buffer for the caller to fill; hand it back with commit() or release()."""
         self._raise_pending()
-        return self._free.get()
+        return self._take()
 
     def commit(self, stage: mmap.mmap, n: int, offset: int) -> None:
         """Queue the first ``n`` bytes (whole 4 KiB blocks) of a reserved stage for ``offset``."""
         self._todo.put((stage, n, offset))
 
     def release(self, stage: mmap.mmap) -> None:
-        self._free.put(stage)
+        self._give(stage)
+
+    def _take(self) -> mmap.mmap:
+        self._slots.acquire()
+        try:
+            return self._pool.get()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _give(self, stage: mmap.mmap) -> None:
+        self._pool.put(stage)
+        self._slots.release()
 
     def drain(self) -> None:
         """Wait until every queued write reached the file; raise the first failure."""
@@ -113,7 +190,7 @@ class DirectWriter:
                 # stage, which could then never be closed
                 self._error = exc.with_traceback(None)
             finally:
-                self._free.put(stage)
+                self._give(stage)
                 self._todo.task_done()
 
     def _write(self, view: memoryview, offset: int) -> None:
@@ -138,10 +215,4 @@ class DirectWriter:
         self._todo.put(None)
         self._thread.join()
         os.close(self.fd)
-        self.fd = -1
-        while not self._free.empty():
-            stage = self._free.get()
-            try:
-                stage.close()
-            except BufferError:
-                pass  # a view of it is still alive somewhere: unmapped when that goes
+        self.fd = -1  # its stages are back in the pool: the writer thread gave each back
