@@ -67,6 +67,8 @@ NETCHECK_SECONDS = 120.0
 #: session outcomes kept for serve_forever(once=True) and embedders; older ones are dropped
 KEEP_OUTCOMES = 100
 WATCHDOG_SECONDS = 0.5
+#: how long a session waits for its target to be let go by another before it is told "busy"
+BUSY_WAIT = 3.0
 MAX_MANIFEST_ENTRIES = 1 << 18  # per MANIFEST_DATA frame: 4 MiB coarse, 2 MiB fine
 
 
@@ -140,9 +142,7 @@ class Receiver:
         self.context = context
         self.state_dir = os.path.abspath(state_dir)
         private_makedirs(self.state_dir)
-        budget = process_budget()  # raises the soft limit of open files to the hard one
-        log.info("open files: limit %d, of which %d shared by the file sessions' waiting files",
-                 resource.getrlimit(resource.RLIMIT_NOFILE)[0], budget.total)
+        self._fd_budget = process_budget()  # raises the soft limit of open files to the hard one
         self.on_session = on_session
         self.idle_timeout = idle_timeout
         self.checkpoint_seconds = checkpoint_seconds
@@ -190,6 +190,9 @@ class Receiver:
                                             on_drop=self._dropped_at_door)
         except (OSError, ValueError):
             return None  # stopped before serving began
+        log.info("open files: limit %d, of which %d shared by the file sessions' waiting files; "
+                 "up to %d connections wait at the door", resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                 self._fd_budget.total, limit)
         watchdog = threading.Thread(target=self._watchdog, daemon=True, name="smsrepl-rx-watchdog")
         watchdog.start()
         try:
@@ -385,6 +388,10 @@ class Receiver:
                          session.hello.session_id)
                 holder.chan.abort()
                 self._busy_lock.wait_for(lambda: name not in self._busy, timeout=10)
+            if name in self._busy:
+                # a session that is ending (its sender hung up, its target being closed) lets go
+                # within moments: a sender arriving then is not turned away for it
+                self._busy_lock.wait_for(lambda: name not in self._busy, timeout=BUSY_WAIT)
             if name in self._busy:
                 raise TargetBusyError(f"target {name!r} is busy with another session; retry when it ends")
             lock_path = os.path.join(self.state_dir, f"{name}.lock")
