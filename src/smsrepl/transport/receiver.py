@@ -67,6 +67,8 @@ NETCHECK_SECONDS = 120.0
 #: session outcomes kept for serve_forever(once=True) and embedders; older ones are dropped
 KEEP_OUTCOMES = 100
 WATCHDOG_SECONDS = 0.5
+#: how long a failed data session reads what its sender still sends after the ERROR frame
+DRAIN_STREAMING = 10.0
 #: how long a session waits for its target to be let go by another before it is told "busy"
 BUSY_WAIT = 3.0
 MAX_MANIFEST_ENTRIES = 1 << 18  # per MANIFEST_DATA frame: 4 MiB coarse, 2 MiB fine
@@ -539,7 +541,11 @@ class _Session:
             if not isinstance(exc, TransportError):
                 try:
                     self.chan.send(F.Error(exc.code or "", exc.message, exc.exit_code, exc.resumable))
-                    self._drain()
+                    # a sender still streaming a round may take a while to read the ERROR and
+                    # stop: until it does, its data is read and dropped (closing on unread data
+                    # would reset the connection and lose the ERROR, and with it the reason)
+                    streaming = self.replica is not None or (self.hello is not None and self.hello.kind == "files")
+                    self._drain(DRAIN_STREAMING if streaming and not isinstance(exc, TargetBusyError) else 2.0)
                 except ReplicationError:
                     pass
         finally:
