@@ -471,3 +471,31 @@ def test_a_silent_connection_waits_without_a_thread_and_is_closed_at_the_deadlin
     s.close()
     assert 1.5 < took < 5, took  # ... at its 2 s deadline
     assert receiver.shed == 1 and receiver.connections() == (0, 0)
+
+
+@reliability("hostile peer", "one address opening connections faster than its rate: closed before TLS")
+def test_connections_past_an_addresss_rate_are_closed_before_the_handshake(tmp_path, bundle):
+    from smsrepl.transport.receiver import CONNECT_BURST
+
+    receiver = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "state"),
+                        connect_rate=0.01, handshake_timeout=30)
+    addr = receiver.start()
+    try:
+        socks = [socket.create_connection(addr) for _ in range(CONNECT_BURST)]  # the burst: all wait
+        assert wait_until(lambda: receiver.connections()[0] == CONNECT_BURST, 5)
+        late = socket.create_connection(addr)
+        late.settimeout(5)
+        t0 = time.monotonic()
+        assert late.recv(1) == b""  # closed at once, before any TLS
+        assert time.monotonic() - t0 < 2 and receiver.shed == 1
+        late.close()
+        for s in socks:
+            s.close()
+    finally:
+        receiver.stop()
+
+
+def test_a_connection_rate_out_of_range_is_refused(tmp_path, bundle):
+    for bad in (0, -1, float("inf"), "20"):
+        with pytest.raises(ConfigError, match="connection rate"):
+            Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "s"), connect_rate=bad)

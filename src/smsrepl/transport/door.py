@@ -7,6 +7,12 @@ selector with the listening socket: a flood of connections that say nothing
 oldest were pushed out, to reconnect at once) costs a descriptor each and
 nothing else. A connection that has said nothing within ``deadline`` seconds
 is closed, and when ``limit`` wait already the oldest of them goes.
+
+Each peer address may open ``rate`` connections a second (``burst`` at once):
+past that a connection is closed as soon as it is accepted, before it costs a
+TLS handshake. 500 peers that opened a TLS session, were refused and came back
+a second later kept a core busy with handshakes; a sender from another address
+does not notice them now.
 """
 from __future__ import annotations
 
@@ -16,13 +22,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+#: peer addresses whose connection rate is remembered, at most (the least recent goes)
+ADDRESSES = 4096
+
 
 class WaitingRoom:
     def __init__(self, listener: socket.socket, *, limit: int, deadline: float,
-                 on_drop: Callable[[str, tuple], None]) -> None:
+                 on_drop: Callable[[str, tuple], None], rate: float = 20.0, burst: int = 64) -> None:
         self.listener = listener
         self.limit = limit
         self.deadline = deadline
+        self.rate, self.burst = rate, burst
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # address -> [tokens, at]
         self.on_drop = on_drop  # (why, peer address): the receiver counts and says it
         self._sel = selectors.DefaultSelector()
         listener.setblocking(False)
@@ -59,12 +70,28 @@ class WaitingRoom:
                 return
             except OSError:
                 return  # a connection reset before it was accepted, or no descriptors now
+            if not self._token(addr[0]):
+                raw.close()
+                self.on_drop(f"more than {self.rate:g} connections a second from {addr[0]}", addr)
+                continue
             if len(self._waiting) >= self.limit:
                 old = next(iter(self._waiting))
                 self._drop(old, f"pushed out by newer connections: {self.limit} were waiting to say anything")
             raw.setblocking(False)
             self._waiting[raw] = (time.monotonic(), addr)
             self._sel.register(raw, selectors.EVENT_READ, "waiting")
+
+    def _token(self, address: str) -> bool:
+        now = time.monotonic()
+        bucket = self._buckets.pop(address, None)
+        if bucket is None:
+            bucket = [float(self.burst), now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        ok = tokens >= 1
+        self._buckets[address] = [tokens - 1 if ok else tokens, now]
+        if len(self._buckets) > ADDRESSES:
+            self._buckets.popitem(last=False)
+        return ok
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -59,6 +59,10 @@ MAX_CONNECTIONS = 64
 MAX_UNAUTHENTICATED = 16
 #: connections that have said nothing yet wait without a thread (door.py), this many at most
 MAX_WAITING = 1024
+#: new connections a second from one peer address (CONNECT_BURST at once); more are closed
+#: before they cost a TLS handshake
+CONNECT_RATE = 20.0
+CONNECT_BURST = 64
 #: network checks in a pool of their own, outside MAX_CONNECTIONS: idle or abusive checks
 #: cannot hold the slots of data sessions. A check lasts seconds; one is dropped after
 #: NETCHECK_SECONDS
@@ -67,7 +71,8 @@ NETCHECK_SECONDS = 120.0
 #: session outcomes kept for serve_forever(once=True) and embedders; older ones are dropped
 KEEP_OUTCOMES = 100
 WATCHDOG_SECONDS = 0.5
-#: how long a failed data session reads what its sender still sends after the ERROR frame
+#: how long a session whose target failed (a full disk, an I/O error) reads what its sender
+#: still streams after the ERROR frame
 DRAIN_STREAMING = 10.0
 #: how long a session waits for its target to be let go by another before it is told "busy"
 BUSY_WAIT = 3.0
@@ -124,6 +129,7 @@ class Receiver:
         max_connections: int = MAX_CONNECTIONS,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
         max_waiting: int = MAX_WAITING,
+        connect_rate: float = CONNECT_RATE,
     ) -> None:
         for what, value in (("idle timeout", idle_timeout), ("handshake timeout", handshake_timeout)):
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
@@ -152,6 +158,9 @@ class Receiver:
         self.max_connections = max_connections
         self.max_unauthenticated = min(max_unauthenticated, max_connections)
         self.max_waiting = max_waiting
+        if not (isinstance(connect_rate, (int, float)) and 0 < connect_rate < float("inf")):
+            raise ConfigError(f"connection rate {connect_rate!r} a second must be a positive number")
+        self.connect_rate = connect_rate
         self._room: WaitingRoom | None = None
         #: live connections: raw socket -> _Conn (the watchdog's view of them)
         self._conns: dict[socket.socket, _Conn] = {}
@@ -189,7 +198,8 @@ class Receiver:
             # within the descriptors left outside the file sessions' budget (fdbudget.RESERVE)
             limit = min(self.max_waiting, max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
             room = self._room = WaitingRoom(self._listener, limit=limit, deadline=self.handshake_timeout,
-                                            on_drop=self._dropped_at_door)
+                                            on_drop=self._dropped_at_door, rate=self.connect_rate,
+                                            burst=CONNECT_BURST)
         except (OSError, ValueError):
             return None  # stopped before serving began
         log.info("open files: limit %d, of which %d shared by the file sessions' waiting files; "
@@ -544,8 +554,7 @@ class _Session:
                     # a sender still streaming a round may take a while to read the ERROR and
                     # stop: until it does, its data is read and dropped (closing on unread data
                     # would reset the connection and lose the ERROR, and with it the reason)
-                    streaming = self.replica is not None or (self.hello is not None and self.hello.kind == "files")
-                    self._drain(DRAIN_STREAMING if streaming and not isinstance(exc, TargetBusyError) else 2.0)
+                    self._drain(DRAIN_STREAMING if isinstance(exc, TargetWriteError) else 2.0)
                 except ReplicationError:
                     pass
         finally:
@@ -771,7 +780,7 @@ class _Session:
         """
         deadline = time.monotonic() + seconds
         frames = self._frames
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.rx._stopping.is_set():
             if frames is None:
                 try:
                     ev = self.chan.recv()
