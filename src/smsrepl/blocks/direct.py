@@ -86,16 +86,12 @@ class StagePool:
         return len(free)
 
 
-_pool: StagePool | None = None
-_pool_lock = threading.Lock()
+#: the process's pool (it maps nothing until a writer asks)
+_pool = StagePool()
 
 
 def stage_pool() -> StagePool:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = StagePool()
-        return _pool
+    return _pool
 
 
 def aligned_buffer(size: int) -> mmap.mmap:

@@ -17,11 +17,17 @@ from __future__ import annotations
 import resource
 import threading
 
-#: descriptors left outside the budget: connections (one each, up to 64), block sessions'
-#: targets and manifests, lock files, the interpreter's own
+#: descriptors left outside the budget: connections served (one each, up to 64), block
+#: sessions' targets and manifests, lock files, the interpreter's own; and door_descriptors()
 RESERVE = 512
 #: the least a writer is given to work with, however many share the budget
 MIN_SHARE = 16
+
+
+def door_descriptors(soft: int) -> int:
+    """How many connections may wait at a receiver's door (transport/door.py) under a soft
+    limit of ``soft`` open files: an eighth of it, kept out of the budget."""
+    return max(16, soft // 8)
 
 
 def raise_fd_limit() -> int:
@@ -96,6 +102,7 @@ def process_budget() -> DescriptorBudget:
     with _lock:
         if _budget is None:
             soft = raise_fd_limit()
+            rest = soft - min(RESERVE + door_descriptors(soft), soft // 2)
             # an eighth of the rest stays for the writers' directory caches (share // 8 each)
-            _budget = DescriptorBudget(max(MIN_SHARE, (soft - min(RESERVE, soft // 2)) * 7 // 8))
+            _budget = DescriptorBudget(max(MIN_SHARE, rest * 7 // 8))
         return _budget

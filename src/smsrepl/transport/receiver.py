@@ -28,7 +28,7 @@ from ..errors import (
     TransportError,
 )
 from ..files.apply import TreeWriter, remove_temporaries
-from ..files.fdbudget import process_budget
+from ..files.fdbudget import door_descriptors, process_budget
 from ..files.remote import OpApplier, describe_tree, signature_frames
 from ..memory import release_free_memory
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
@@ -195,8 +195,8 @@ class Receiver:
         """Accept sessions until stop(); with ``once``, return after the first session that named a target."""
         assert self._listener is not None, "bind() first"
         try:
-            # within the descriptors left outside the file sessions' budget (fdbudget.RESERVE)
-            limit = min(self.max_waiting, max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
+            # the door's share of the open-file limit is kept out of the file sessions' budget
+            limit = min(self.max_waiting, door_descriptors(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
             room = self._room = WaitingRoom(self._listener, limit=limit, deadline=self.handshake_timeout,
                                             on_drop=self._dropped_at_door, rate=self.connect_rate,
                                             burst=CONNECT_BURST)
@@ -214,43 +214,40 @@ class Receiver:
             self._room = None
 
     def _serve(self, room: WaitingRoom, once: bool) -> SessionOutcome | None:
-        pending: list = []
+        pending: list = []  # connections whose peer has spoken, in the order they did
         try:
-            return self._serve_ready(room, once, pending)
+            while not self._stopping.is_set():
+                if not pending:
+                    try:
+                        pending = room.ready(0.2)
+                    except OSError:
+                        break
+                    if not pending:
+                        if once and not self.outcomes.empty():
+                            return self.outcomes.get()
+                        continue
+                raw, addr, accepted = pending.pop(0)
+                if not self._admit(raw, addr, accepted):
+                    continue
+                t = threading.Thread(target=self._handle, args=(raw, addr), daemon=True)
+                try:
+                    t.start()
+                except RuntimeError as exc:  # no thread for it: it must not hold a place at the door
+                    log.warning("%s:%s: refused: %s", addr[0], addr[1], exc)
+                    with self._conns_lock:
+                        self._conns.pop(raw, None)
+                    raw.close()
+                    continue
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
+                if once:
+                    t.join()
+                    try:
+                        return self.outcomes.get_nowait()
+                    except queue.Empty:
+                        continue  # the connection never got as far as naming a target
         finally:
             for raw, _, _ in pending:  # spoke, but the receiver stops (or returned) first
                 raw.close()
-
-    def _serve_ready(self, room: WaitingRoom, once: bool, pending: list) -> SessionOutcome | None:
-        while not self._stopping.is_set():
-            if not pending:
-                try:
-                    pending = room.ready(0.2)
-                except OSError:
-                    break
-                if not pending:
-                    if once and not self.outcomes.empty():
-                        return self.outcomes.get()
-                    continue
-            raw, addr, accepted = pending.pop(0)
-            if not self._admit(raw, addr, accepted):
-                continue
-            t = threading.Thread(target=self._handle, args=(raw, addr), daemon=True)
-            try:
-                t.start()
-            except RuntimeError as exc:  # no thread for it: it must not hold a place at the door
-                log.warning("%s:%s: refused: %s", addr[0], addr[1], exc)
-                with self._conns_lock:
-                    self._conns.pop(raw, None)
-                raw.close()
-                continue
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            if once:
-                t.join()
-                try:
-                    return self.outcomes.get_nowait()
-                except queue.Empty:
-                    continue  # the connection never got as far as naming a target
         return None
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
