@@ -55,6 +55,7 @@ def rx(tmp_path, bundle):
     ("max_connections", 0, "connection limit"), ("max_connections", 2.5, "connection limit"),
     ("max_unauthenticated", -3, "unauthenticated connection limit"),
     ("max_unauthenticated", True, "unauthenticated connection limit"),
+    ("max_waiting", 0, "waiting connection limit"), ("max_waiting", 1.5, "waiting connection limit"),
     ("checkpoint_seconds", 0, "checkpoint interval"), ("checkpoint_seconds", 61, "checkpoint interval"),
 ])
 def test_receiver_limits_out_of_range_are_refused_before_any_state_exists(tmp_path, bundle, limit, value, named):
