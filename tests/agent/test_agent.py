@@ -372,3 +372,33 @@ def test_malformed_command_and_speed_limit_from_the_control_plane_are_ignored(tm
         assert lab.identical()
     finally:
         lab.close()
+
+
+def test_the_outbox_keeps_each_subtasks_last_progress_while_the_control_plane_lags():
+    """Waiting progress reports are replaced by newer ones of the same subtask only: the copy's
+    last report (100%) still reaches the control plane when the sync round's first one follows
+    before it was delivered (seen on a busy machine: the control plane never heard of the copy)."""
+    from smsrepl.agent.loop import Outbox
+
+    gate, got = threading.Event(), []
+
+    class SlowControlPlane:
+        def put_state(self, ident, body):
+            gate.wait(10)
+
+        def put_progress(self, ident, body):
+            got.append((body["subtask_name"], body["progress"]))
+
+        post_command_result = post_consistency_result = post_network_check = put_state
+
+    box = Outbox(SlowControlPlane())
+    try:
+        box.put("state", "t", {"copystate": "REPLICATE"})  # in flight, held by the gate
+        for subtask, progress in (("MIGRATE_LINUX_FILE", 10), ("MIGRATE_LINUX_FILE", 100), ("SYNC_LINUX_FILE", 5),
+                                  ("SYNC_LINUX_FILE", 60)):
+            box.put("progress", "t", {"subtask_name": subtask, "progress": progress})
+        gate.set()
+        assert box.flush(10)
+    finally:
+        box.close()
+    assert got == [("MIGRATE_LINUX_FILE", 100), ("SYNC_LINUX_FILE", 60)]

@@ -48,7 +48,8 @@ class Outbox:
     """Reports on their way to the control plane, delivered in order by a thread of their own.
 
     While the control plane does not answer, reports wait (progress: only the latest per
-    task is kept; everything else in order) and the thread retries every ``retry`` s."""
+    task and subtask is kept, so a subtask's last report is never replaced by the next
+    subtask's first; everything else in order) and the thread retries every ``retry`` s."""
 
     def __init__(self, cp: ControlPlane, *, retry: float = 1.0) -> None:
         self.cp = cp
@@ -64,8 +65,9 @@ class Outbox:
     def put(self, kind: str, ident: str, body: dict) -> None:
         with self._cond:
             if kind == "progress":
-                for i, (k, ident2, _) in enumerate(self._items):
-                    if k == "progress" and ident2 == ident:
+                subtask = body.get("subtask_name")
+                for i, (k, ident2, old) in enumerate(self._items):
+                    if k == "progress" and ident2 == ident and old.get("subtask_name") == subtask:
                         del self._items[i]  # a newer report replaces one not yet delivered
                         break
             self._items.append((kind, ident, body))
