@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -57,22 +59,52 @@ def test_interrupted_full_round_resumes_only_at_its_checkpoint(tmp_path):
     r2.begin("s1", SIZE, 1, "full", 1 << 20)
 
 
-def test_interrupted_sync_round_marks_its_intent_unknown(tmp_path):
-    data = bytearray(np.random.default_rng(3).integers(0, 256, SIZE, dtype=np.uint8).tobytes())
+def _cut_sync_round(tmp_path, seed):
+    """A full copy, then a sync round cut after a checkpoint, with one block written past it."""
+    data = bytearray(np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8).tobytes())
     r, _ = _full_copy(tmp_path, bytes(data))
     r.begin("s1", SIZE, 2, "sync", 0)
-    block = bytes(4096)[:0] + b"\x01" * 4096
+    block = b"\x01" * 4096
     r.apply_data(8192, 4096, 0, _digests(block), block)
     r.checkpoint()
     r.apply_data(3 * 4096 * 64, 4096, 0, _digests(block), block)
-    r.close()  # crash mid-round
+    r.close()  # crash mid-round: the second block's digest never reached the manifest
+    return block
+
+
+def test_interrupted_sync_round_digests_what_the_target_holds(tmp_path):
+    block = _cut_sync_round(tmp_path, 3)
     r2 = _replica(tmp_path)
     fine = r2.manifest.read_fine(0, r2.manifest.nblocks)
+    held = _digests((tmp_path / "t.img").read_bytes())
     assert fine[2] == _digests(block)[0]  # durable before the checkpoint
-    intent_blocks = min(SIZE, 3 * 4096 * 64 + 4096 + INTENT_STEP) // FINE_BLOCK
-    assert np.all(fine[3:intent_blocks] == UNKNOWN_DIGEST)
+    assert fine[3 * 64] == _digests(block)[0]  # written after it: digested again at recovery
+    assert np.array_equal(fine, held)  # the manifest describes the target exactly
+    assert r2.record.intent == r2.record.checkpoint
     d = r2.describe("s1", SIZE)
     assert (d["state"], d["round_kind"]) == ("partial", "sync")
+
+
+def test_interrupted_sync_round_marks_what_cannot_be_read_unknown(tmp_path):
+    _cut_sync_round(tmp_path, 4)
+    os.truncate(tmp_path / "t.img", SIZE // 2)  # the target lost its second half
+    r2 = Replica(BlockTarget(str(tmp_path / "t.img")), str(tmp_path / "state"))
+    fine = r2.manifest.read_fine(0, r2.manifest.nblocks)
+    checkpoint = r2.record.checkpoint // FINE_BLOCK
+    intent_end = min(SIZE, INTENT_STEP) // FINE_BLOCK
+    assert np.all(fine[checkpoint:intent_end] == UNKNOWN_DIGEST)  # resent by the next round
+    assert not np.any(fine[:checkpoint] == UNKNOWN_DIGEST)
+
+
+def test_sync_round_records_its_first_intent_with_its_begin(tmp_path):
+    data = np.random.default_rng(6).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    r, _ = _full_copy(tmp_path, data)
+    saves = []
+    r._save = lambda: saves.append(r.record.intent)
+    r.begin("s1", SIZE, 2, "sync", 0)
+    block = b"\x03" * 4096
+    r.apply_data(SIZE - 4096, 4096, 0, _digests(block), block)
+    assert saves == [min(SIZE, INTENT_STEP)]  # one state write before the data, not two
 
 
 def test_frames_must_move_forward_and_stay_inside(tmp_path):

@@ -272,6 +272,35 @@ class BlockSource:
         return got
 
 
+class WriteBehind:
+    """Starts writeback of a file's dirty pages (sync_file_range WRITE) on a thread of its own
+    each time it is poked; pokes that come while one runs are folded into the next. Advisory:
+    durability still comes from fdatasync, which also reports any write error."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._wanted = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closing:
+                return
+            _sync_file_range(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
+
+
 class BlockTarget:
     """Writable image file or block device that receives a replica.
 
@@ -284,6 +313,7 @@ class BlockTarget:
                  direct: bool = False) -> None:
         self.path = os.fspath(path)
         self._direct: DirectWriter | None = None
+        self._behind: WriteBehind | None = None
         self._reserved = None
         flags = os.O_RDWR | os.O_CLOEXEC
         try:
@@ -342,6 +372,9 @@ class BlockTarget:
         )
 
     def close(self) -> None:
+        if getattr(self, "_behind", None) is not None:
+            self._behind.close()  # before the descriptor it writes back goes
+            self._behind = None
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -439,11 +472,13 @@ class BlockTarget:
                                    f"{_describe(exc)}") from None
 
     def write_behind(self) -> None:
-        """Start writing back what buffered writes left in the page cache, without waiting:
-        a sync round's scattered blocks then reach the disk while the round goes on, and the
-        checkpoint's flush waits for the last few (measured: 2,621 scattered 4 KiB blocks,
-        the round's final flush 40-60 ms before)."""
-        _sync_file_range(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # advisory: the flush still syncs
+        """Have what buffered writes left in the page cache written back, on a thread, while the
+        round goes on: the checkpoint's flush then waits for the last few blocks only (measured:
+        2,621 scattered 4 KiB blocks, the round's final flush 40-60 ms; started on the receiving
+        thread, the writeback itself held it 35-40 ms a round)."""
+        if self._behind is None:
+            self._behind = WriteBehind(self.fd)
+        self._behind.poke()
 
     def zero(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zero without storing zeros where possible."""
