@@ -110,6 +110,7 @@ def main() -> int:
             rx.kill()
             _, err = rx.communicate()
         verdict["receiver_tracebacks"] = err.count("Traceback")
+        verdict["receiver_log"] = err.splitlines()[-40:]  # for a failed run's message
         run("umount", "-l", mnt, check=False)
         if loop:
             run("losetup", "-d", loop, check=False)

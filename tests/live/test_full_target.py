@@ -18,12 +18,14 @@ pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")]
 @pytest.mark.parametrize("fs", ["ext4", "tmpfs"])
 def test_after_a_full_disk_the_same_receiver_completes_the_reruns(tmp_path, certkey_file, fs):
     v = _drive("fullfs.py", tmp_path, certkey_file, fs=fs, runs=10 if SLOW else 2, seed=len(fs))
-    assert v["receiver_alive"] and v["receiver_tracebacks"] == 0, v
+    log = "\n".join(v.get("receiver_log", []))
+    assert v["receiver_alive"] and v["receiver_tracebacks"] == 0, log
     for r in v["runs"]:
+        why = f"{r}\nreceiver:\n{log}"
         for kind in ("files", "block"):
             # full: exit 3 (retry later), one line naming the problem
-            assert r[f"{kind}_full_rc"] == 3, r
+            assert r[f"{kind}_full_rc"] == 3, why
             err = r[f"{kind}_full_stderr"]
-            assert "SMS.2007" in err and "No space left on device" in err and "\n" not in err, r
-            assert r[f"{kind}_rerun_rc"] == 0, r
-        assert r["tree_identical"] and r["disk_identical"] and r["temporaries"] == [], r
+            assert "SMS.2007" in err and "No space left on device" in err and "\n" not in err, why
+            assert r[f"{kind}_rerun_rc"] == 0, why
+        assert r["tree_identical"] and r["disk_identical"] and r["temporaries"] == [], why

@@ -18,7 +18,7 @@ Any other exception from next_event is a bug.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 
@@ -111,8 +111,13 @@ for _st in State:  # an ERROR frame may follow a violation, to tell the peer why
 
 
 class Connection:
-    def __init__(self, role: Role, *, max_body: int = F.MAX_BODY) -> None:
+    def __init__(self, role: Role, *, max_body: int = F.MAX_BODY,
+                 bodies: Callable[[int, object], memoryview] | None = None) -> None:
+        """``bodies(length, token)``: where large bodies come from (a process-wide pool of the
+        transport's, given this connection's token); else buffers of this connection's own."""
         self.role = role
+        self._bodies_from = bodies
+        self._token = object()
         self.peer = RECEIVER if role is SENDER else SENDER
         self.state = State.START
         self.max_body = max_body
@@ -217,6 +222,8 @@ class Connection:
         """A buffer for a large body: an earlier one that nothing refers to any more (its
         event and every view of it are gone), else a new one. A new 4 MiB buffer per frame
         cost a page fault per 4 KiB: 16% of a receiver's time with many small files."""
+        if self._bodies_from is not None:
+            return self._bodies_from(length, self._token)
         for buf in self._bodies if _REFCOUNT is not None else ():
             # free: referenced only by the list, this loop and getrefcount's argument
             if len(buf) >= length and _REFCOUNT(buf) <= 3:

@@ -31,6 +31,7 @@ from ..files.apply import TreeWriter, remove_temporaries
 from ..files.fdbudget import door_descriptors, process_budget
 from ..files.remote import OpApplier, describe_tree, signature_frames
 from ..memory import release_free_memory
+from .bodies import body_pool
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
 from ..protocol import frames as F
 from .channel import Channel
@@ -360,7 +361,8 @@ class Receiver:
             raw.close()
             return
         sock.settimeout(self.idle_timeout)
-        chan = Channel(sock, Connection(RECEIVER))
+        # large bodies from the process's pool: bounded however many sessions run
+        chan = Channel(sock, Connection(RECEIVER, bodies=body_pool().get))
         conn.chan = chan
         if conn.reason is not None:  # the watchdog fired between the handshake and here
             chan.abort(conn.reason)
@@ -369,6 +371,7 @@ class Receiver:
             session.run()
         finally:
             chan.close()
+            body_pool().trim()
             release_free_memory()  # a session's buffers are gone: give the pages back between sessions
             if session.outcome is not None:
                 self._keep(session.outcome)
