@@ -267,9 +267,12 @@ class Sender:
             if self._round_done is None:
                 raise TransportError("the receiver did not confirm the end of the round in time")
             faults.point("sender.round_done")  # durable there, not yet recorded here
-        except ReplicationError:
+        except ReplicationError as exc:
             if not self.stop_requested:  # a requested stop is a pause, not an error
                 self._state(StateEvent.ERROR)
+            reason = self._peer_reason(exc)
+            if reason is not exc:
+                raise reason from None
             raise
         self.tracker.update(source.size - start, chan.wire_sent - wire0, data_bytes)
         if self.trace is not None:
@@ -492,9 +495,7 @@ class Sender:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         if writer_error:
-            # the receiver usually says why it hung up: prefer its ERROR frame
-            self._done.wait(2.0)
-            raise self._failure or writer_error[0]
+            raise self._failure or writer_error[0]  # _session prefers the receiver's ERROR
         if self._failure:
             raise self._failure
         return sent
@@ -555,6 +556,15 @@ class Sender:
             # the session is over: a writer blocked on a full socket (a peer or middlebox that
             # stopped reading) must fail now, not at the socket timeout minutes later
             chan.abort()
+
+    def _peer_reason(self, exc: ReplicationError) -> ReplicationError:
+        """The receiver's ERROR, where it sent one, rather than what the end of the connection did
+        here: a send that failed because the reader, on that ERROR, shut the socket down (or
+        because the receiver hung up after it) says only "broken pipe"."""
+        if isinstance(exc, TransportError) and not self.stop_requested:
+            self._done.wait(2.0)  # the reader may still be taking the ERROR in
+        failure = self._failure
+        return failure if isinstance(failure, RemoteError) else exc
 
     @staticmethod
     def _raise_if_error(ev: F.Event) -> None:
