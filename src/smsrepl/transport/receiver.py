@@ -19,6 +19,7 @@ from ..blocks.device import BlockTarget
 from ..blocks.manifest import GROUP_BLOCKS
 from ..blocks.replica import Replica, private_makedirs, write_json_atomic
 from ..errors import (
+    AuthenticationError,
     ConfigError,
     RefusedError,
     RemoteProtocolError,
@@ -353,6 +354,8 @@ class Receiver:
             check_peer_role(sock.obj, "source")
         except ReplicationError as exc:
             self.warnings.warning("refused", "%s: refused: %s", peer, exc)
+            if isinstance(exc, AuthenticationError):
+                self._tell_refused(sock, exc)
             raw.close()
             return
         except (ssl.SSLError, OSError) as exc:
@@ -377,6 +380,23 @@ class Receiver:
                 self._keep(session.outcome)
                 if self.on_session:
                     self.on_session(session.outcome)
+
+    @staticmethod
+    def _tell_refused(sock: TLSStream, exc: AuthenticationError) -> None:
+        """Tell a peer whose certificate is of our CA but not a source's why it is refused: an
+        ERROR frame (exit 4: rerunning will not help). Without it the sender sees only the
+        connection end, exit 3, and retries for ever. Its HELLO is read first, so that closing
+        leaves nothing unread (which would reset the connection, and could lose the ERROR)."""
+        chan = Channel(sock, Connection(RECEIVER))
+        try:
+            sock.settimeout(2.0)
+            chan.recv()
+        except ReplicationError:
+            pass
+        try:
+            chan.send(F.Error(exc.code or "", exc.message, exc.exit_code, False))
+        except ReplicationError:
+            pass
 
     def _keep(self, outcome: SessionOutcome) -> None:
         while True:

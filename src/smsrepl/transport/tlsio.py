@@ -43,6 +43,14 @@ class TLSStream:
                 if not data:
                     raise ConnectionResetError("connection closed during the TLS handshake")
                 self._in.write(data)
+            except ssl.SSLError:
+                # the alert that says why (a certificate refused) is in the outgoing BIO: send it,
+                # or the peer sees only the connection end and takes it for a network failure
+                try:
+                    self._send_pending()
+                except OSError:
+                    pass
+                raise
         self._send_pending()
 
     def _send_pending(self) -> None:
