@@ -232,6 +232,13 @@ class Sender:
         else:
             kind, round_id, start = "full", max(1, welcome.round_id + 1), 0
             cache = ManifestFile.create(cache_path, source.size)
+        try:
+            return self._round(source, rec, chan, started, kind, round_id, start, cache)
+        finally:
+            cache.close()  # a failed round too: a continuous sync retries for weeks
+
+    def _round(self, source: BlockSource, rec: dict, chan: Channel, started: float, kind: str, round_id: int,
+               start: int, cache: ManifestFile) -> RoundResult:
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
         dm, frozen, map_driven, whole_reason = self.dirty_map, None, False, None
         if dm is not None:
@@ -367,6 +374,13 @@ class Sender:
         cache = self._open_cache(path, size, verify=True) or ManifestFile.create(path, size)
         if cache.root.hex() == root:
             return cache
+        try:
+            return self._fetch_differences(chan, cache, root)
+        except BaseException:
+            cache.close()
+            raise
+
+    def _fetch_differences(self, chan: Channel, cache: ManifestFile, root: str) -> ManifestFile:
         coarse = np.empty_like(cache.coarse)
         for first in range(0, cache.ngroups, MAX_MANIFEST_ENTRIES):
             n = min(MAX_MANIFEST_ENTRIES, cache.ngroups - first)
