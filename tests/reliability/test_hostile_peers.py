@@ -476,20 +476,30 @@ def test_a_silent_connection_waits_without_a_thread_and_is_closed_at_the_deadlin
     assert receiver.shed == 1 and receiver.connections() == (0, 0)
 
 
+def _speak(addr) -> socket.socket:
+    """A connection that starts a TLS ClientHello and then stalls (a handshake it begins)."""
+    s = socket.create_connection(addr)
+    s.sendall(b"\x16\x03\x01\x02\x00")
+    return s
+
+
 @reliability("hostile peer", "one address opening connections faster than its rate: closed before TLS")
-def test_connections_past_an_addresss_rate_are_closed_before_the_handshake(tmp_path, bundle):
+def test_handshakes_past_an_addresss_rate_are_closed_before_they_start(tmp_path, bundle):
     from smsrepl.transport.receiver import CONNECT_BURST
 
     receiver = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "state"),
-                        connect_rate=0.01, handshake_timeout=30)
+                        connect_rate=0.01, handshake_timeout=30, max_unauthenticated=CONNECT_BURST + 8)
     addr = receiver.start()
     try:
-        socks = [socket.create_connection(addr) for _ in range(CONNECT_BURST)]  # the burst: all wait
+        socks = [_speak(addr) for _ in range(CONNECT_BURST)]  # the burst: all get their handshake
         assert wait_until(lambda: receiver.connections()[0] == CONNECT_BURST, 5)
-        late = socket.create_connection(addr)
+        late = _speak(addr)
         late.settimeout(5)
         t0 = time.monotonic()
-        assert late.recv(1) == b""  # closed at once, before any TLS
+        try:
+            assert late.recv(1) == b""  # closed at once, before any TLS
+        except ConnectionResetError:
+            pass  # closed with its ClientHello unread
         assert time.monotonic() - t0 < 2
         assert wait_until(lambda: receiver.shed == 1, 5)  # counted just after the close
         late.close()
@@ -497,6 +507,27 @@ def test_connections_past_an_addresss_rate_are_closed_before_the_handshake(tmp_p
             s.close()
     finally:
         receiver.stop()
+
+
+@reliability("hostile peer", "silent connections from the sender's own address, reconnecting: it gets through")
+def test_silent_connections_from_a_senders_address_use_none_of_its_rate(tmp_path, bundle):
+    """100 connections from the sender's address that say nothing, past the address's whole rate:
+    they wait at the door, and the sender's session is served."""
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(1 << 20))
+    receiver = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "state"),
+                        connect_rate=0.01, handshake_timeout=30)
+    addr = receiver.start()
+    try:
+        silent = [socket.create_connection(addr) for _ in range(100)]
+        assert wait_until(lambda: receiver.connections()[0] == 100, 5)
+        Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx")).run()
+        assert receiver.shed == 0
+        for s in silent:
+            s.close()
+    finally:
+        receiver.stop()
+    assert (tmp_path / "t.img").read_bytes() == src.read_bytes()
 
 
 def test_a_connection_rate_out_of_range_is_refused(tmp_path, bundle):

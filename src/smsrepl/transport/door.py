@@ -8,11 +8,15 @@ oldest were pushed out, to reconnect at once) costs a descriptor each and
 nothing else. A connection that has said nothing within ``deadline`` seconds
 is closed, and when ``limit`` wait already the oldest of them goes.
 
-Each peer address may open ``rate`` connections a second (``burst`` at once):
-past that a connection is closed as soon as it is accepted, before it costs a
-TLS handshake. 500 peers that opened a TLS session, were refused and came back
-a second later kept a core busy with handshakes; a sender from another address
-does not notice them now.
+Each peer address may start ``rate`` TLS handshakes a second (``burst`` at
+once): past that a connection is closed when it speaks, before it costs a
+handshake. 500 peers that opened a TLS session, were refused and came back a
+second later kept a core busy with handshakes; a sender from another address
+does not notice them now. The rate is charged when a connection speaks, not
+when it is accepted: silent connections cost no handshake, and charged at
+accept, 250 of them dropped at their deadline and reconnecting at once used
+up their address's rate, so that a legitimate sender from the same address
+(one host, or behind one NAT) was turned away with them.
 """
 from __future__ import annotations
 
@@ -55,6 +59,10 @@ class WaitingRoom:
             raw = key.fileobj
             self._sel.unregister(raw)
             accepted, addr = self._waiting.pop(raw)
+            if not self._token(addr[0]):
+                raw.close()
+                self.on_drop(f"more than {self.rate:g} TLS handshakes a second from {addr[0]}", addr)
+                continue
             raw.setblocking(True)
             ready.append((raw, addr, accepted))
         self._expire()
@@ -70,10 +78,6 @@ class WaitingRoom:
                 return
             except OSError:
                 return  # a connection reset before it was accepted, or no descriptors now
-            if not self._token(addr[0]):
-                raw.close()
-                self.on_drop(f"more than {self.rate:g} connections a second from {addr[0]}", addr)
-                continue
             if len(self._waiting) >= self.limit:
                 old = next(iter(self._waiting))
                 self._drop(old, f"pushed out by newer connections: {self.limit} were waiting to say anything")

@@ -61,8 +61,8 @@ MAX_CONNECTIONS = 64
 MAX_UNAUTHENTICATED = 16
 #: connections that have said nothing yet wait without a thread (door.py), this many at most
 MAX_WAITING = 1024
-#: new connections a second from one peer address (CONNECT_BURST at once); more are closed
-#: before they cost a TLS handshake
+#: TLS handshakes a second from one peer address (CONNECT_BURST at once): connections past
+#: that are closed when they speak, before the handshake; silent ones cost none (door.py)
 CONNECT_RATE = 20.0
 CONNECT_BURST = 64
 #: network checks in a pool of their own, outside MAX_CONNECTIONS: idle or abusive checks
