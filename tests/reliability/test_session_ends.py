@@ -124,3 +124,85 @@ def test_however_a_session_ends_the_same_receiver_serves_the_rerun(tmp_path, bun
             proxy.close()
         rx.stop()
     assert dst.read_bytes() == src.read_bytes()
+
+
+def _tree(root, rng):
+    for d in range(12):
+        os.makedirs(root / f"d{d}", exist_ok=True)
+        for f in range(6):
+            (root / f"d{d}" / f"f{f}").write_bytes(rng.randbytes(rng.randint(1, 300 << 10)))
+
+
+def _file_eio(src, addr, bundle, monkeypatch):
+    import errno
+
+    from smsrepl.files.remote import OpApplier
+
+    real, calls = OpApplier._apply, [0]
+
+    def failing(self, *args):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(self, *args)
+
+    monkeypatch.setattr(OpApplier, "_apply", failing)
+    with pytest.raises(ReplicationError, match="Input/output error"):
+        _file_sender(src, addr, bundle).run()
+    monkeypatch.setattr(OpApplier, "_apply", real)
+
+
+def _file_crash(src, addr, bundle, monkeypatch):
+    from smsrepl.files.remote import OpApplier
+
+    real, calls = OpApplier.apply, [0]
+
+    def broken(self, ev):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("a bug in the session's thread")
+        return real(self, ev)
+
+    monkeypatch.setattr(OpApplier, "apply", broken)
+    with pytest.raises(ReplicationError, match="internal error"):
+        _file_sender(src, addr, bundle).run()
+    monkeypatch.setattr(OpApplier, "apply", real)
+
+
+def _file_cut(src, addr, bundle, monkeypatch):
+    proxy = CuttingProxy(addr[1], 4 * MiB)
+    try:
+        with pytest.raises(ReplicationError):
+            _file_sender(src, ("127.0.0.1", proxy.port), bundle).run()
+    finally:
+        proxy.close()
+
+
+def _file_sender(src, addr, bundle):
+    from smsrepl.transport.file_sender import FileSender
+
+    return FileSender(str(src), "tree", addr, client_context(bundle), level=0)
+
+
+@pytest.mark.reliability("receiver under faults", "every way a session ends: target released, same receiver reruns")
+@pytest.mark.parametrize("end", [_file_eio, _file_crash, _file_cut], ids=["eio", "thread crash", "cut"])
+def test_however_a_file_session_ends_the_same_receiver_serves_the_rerun(tmp_path, bundle, monkeypatch, end):
+    import random
+
+    from files.trees import oracle
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    rng = random.Random(11)
+    _tree(src, rng)
+    rx = Receiver({"tree": str(dst)}, server_context(bundle), str(tmp_path / "rx"))
+    addr = rx.start()
+    idle = _fds()
+    try:
+        end(src, addr, bundle, monkeypatch)
+        (src / "d3" / "f1").write_bytes(rng.randbytes(100 << 10))  # the source moved on meanwhile
+        _file_sender(src, addr, bundle).run()
+        assert wait_until(lambda: rx.connections()[0] == 0 and _fds() <= idle, 15), (rx.connections(), _fds(), idle)
+    finally:
+        rx.stop()
+    assert oracle(str(src), dst) == ""
+    assert not [n for _, _, names in os.walk(dst) for n in names if n.startswith(".smsrepl~")]  # no temporaries
