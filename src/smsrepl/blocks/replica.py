@@ -41,12 +41,12 @@ from ..protocol.frames import MAX_RAW, frame_digest
 from .device import BlockTarget
 from .manifest import FINE_BLOCK, UNKNOWN_DIGEST, ManifestFile, block_count
 
+log = logging.getLogger("smsrepl.receiver")
+
 #: how far past a sync round's writes its durable intent mark runs ahead. Each move costs
 #: a durable state write, which waits behind the round's own writeback (measured: 6 moves
 #: of 64 MiB steps held a 1 GiB, 1% round's receiving thread 14-27 ms); a cut round costs
 #: reading up to one step of the target again at recovery
-log = logging.getLogger("smsrepl.receiver")
-
 INTENT_STEP = 1 << 30
 #: bytes of the target read at a time when a cut round's digests are computed again
 REHASH_CHUNK = 8 << 20

@@ -98,13 +98,15 @@ class BodyPool:
             self._drop(free[self.keep:])
             return memoryview(reuse.buf)[:length]
         # room for a new one: free buffers too small (or beyond what is kept) go first
+        gone = []
         while free and (total + length > self.limit or len(free) >= self.keep):
-            total -= len(free[-1].buf)
-            self._drop([free.pop()])
-        if total + length > self.limit and mine >= self.floor and not overdraw:
+            gone.append(free.pop())
+            total -= len(gone[-1].buf)
+        self._drop(gone)
+        over = total + length > self.limit and mine >= self.floor
+        if over and not overdraw:
             return None
-        if total + length > self.limit and mine >= self.floor:
-            self.overdrawn += 1
+        self.overdrawn += over
         buf = bytearray(length)
         self._bodies.append(_Body(buf, owner))
         return memoryview(buf)[:length]

@@ -198,15 +198,15 @@ class Receiver:
         assert self._listener is not None, "bind() first"
         try:
             # the door's share of the open-file limit is kept out of the file sessions' budget
-            limit = min(self.max_waiting, door_descriptors(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            limit = min(self.max_waiting, door_descriptors(soft))
             room = self._room = WaitingRoom(self._listener, limit=limit, deadline=self.handshake_timeout,
                                             on_drop=self._dropped_at_door, rate=self.connect_rate,
                                             burst=CONNECT_BURST)
         except (OSError, ValueError):
             return None  # stopped before serving began
         log.info("open files: limit %d, of which %d shared by the file sessions' waiting files; "
-                 "up to %d connections wait at the door", resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                 self._fd_budget.total, limit)
+                 "up to %d connections wait at the door", soft, self._fd_budget.total, limit)
         watchdog = threading.Thread(target=self._watchdog, daemon=True, name="smsrepl-rx-watchdog")
         watchdog.start()
         try:
