@@ -78,10 +78,12 @@ def loop_device(image: str, size: int | None = None, *, read_only: bool = False)
     return run("losetup", *(["-r"] if read_only else []), "-f", "--show", image).stdout.strip()
 
 
-def start_receiver(work: str, certkey: str, target: str) -> tuple[subprocess.Popen, int]:
-    rx = subprocess.Popen(CLI + ["receive", "--listen", "127.0.0.1:0", "--certkey", certkey, "--state-dir",
+def start_receiver(work: str, certkey: str, target: str, *, port: int = 0,
+                   faults: str = "") -> tuple[subprocess.Popen, int]:
+    rx = subprocess.Popen(CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", certkey, "--state-dir",
                                  os.path.join(work, "rx"), "--checkpoint-seconds", "0.2",
-                                 "--target", f"disk0={target}"], stderr=subprocess.PIPE, text=True)
+                                 "--target", f"disk0={target}"], stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "SMSREPL_FAULTS": faults})
     line = rx.stderr.readline()
     m = re.search(r"listening on [\d.]+:(\d+)", line)
     if m is None:

@@ -7,8 +7,10 @@ CONFIG: work (a directory of the test's), certkey, and optionally size_mib
 cutover (operator: fsfreeze -f, then SIGTERM | freeze: send --freeze | sync:
 applications stopped, smsrepl only syncs), seconds of workload (4), interval
 (0.3), seed, rate (workload operations/s), faults (SMSREPL_FAULTS of the
-first sender), extra (more send flags), zram (a bio-based zram disk instead
-of a loop device).
+first sender), rx_faults (of the first receiver: one killed by them is
+started again on the same port, and the sender's next round goes on against
+it), extra (more send flags), zram (a bio-based zram disk instead of a loop
+device).
 
 A loop device over an image in WORK (partitioned with sgdisk and partx when
 gpt) gets an ext4 that a workload process writes while ``send block
@@ -83,7 +85,7 @@ def main() -> int:
         run(sys.executable, "-c", "import os,sys;r=sys.argv[1];[open(os.path.join(r,'base%d'%i),'wb').write(os.urandom(300000)) for i in range(20)]", mnt)
 
         target = os.path.join(work, "target.img")
-        rx, port = start_receiver(work, certkey, target)
+        rx, port = start_receiver(work, certkey, target, faults=cfg.get("rx_faults", ""))
         procs.append(rx)
         wl = subprocess.Popen([sys.executable, os.path.join(HERE, "workload.py"), mnt, str(cfg.get("seed", 1)),
                                str(cfg.get("rate", 400))], stdout=subprocess.PIPE, text=True)
@@ -99,6 +101,14 @@ def main() -> int:
             return tx
 
         tx = start_sender(cfg.get("faults", ""))
+        if cfg.get("rx_faults"):
+            # the receiver dies at its fault, mid-round; one started again on the same port
+            # recovers the cut round from its state, and the sender's retry goes on against it
+            verdict["rx_killed_rc"] = rx.wait(120)
+            rounds_before = len(tx.rounds)
+            rx, _ = start_receiver(work, certkey, target, port=port)
+            procs.append(rx)
+            verdict["rounds_after_rx_restart"] = tx.wait_rounds(rounds_before + 2)
         if cfg.get("faults") or cfg.get("kill_after") is not None:
             # a sender killed (by its fault, by SIGKILL at a time, or at its cutover):
             # the next one resumes from the receiver's checkpoint
@@ -150,6 +160,7 @@ def main() -> int:
         verdict["sender_stderr"] = "".join(tx.stderr)[-3000:]
         rounds = tx.rounds
         verdict["rounds"] = len(rounds)
+        verdict["round_dirty_blocks"] = [r["dirty_blocks"] for r in rounds]
         verdict["whole_source_rounds"] = sum(r["dirty_blocks"] is None for r in rounds)
         verdict["map_rounds"] = sum(r["dirty_blocks"] is not None for r in rounds)
         verdict["last_round"] = rounds[-1] if rounds else None

@@ -624,6 +624,7 @@ class _Session:
                 elif isinstance(ev, F.BlockSet):
                     replica.apply_set(ev.offset, ev.index, ev.codec, ev.digests, ev.payload)
                     faults.point("receiver.data")
+                    faults.point("receiver.set")  # a map-driven sync round's scattered blocks
                 elif isinstance(ev, F.ZeroRange):
                     replica.apply_zero(ev.offset, ev.length)
                 elif isinstance(ev, F.Scanned):
