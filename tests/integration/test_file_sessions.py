@@ -658,6 +658,7 @@ def test_a_silently_dropped_file_session_does_not_hold_its_target(tmp_path, cert
         t0 = time.monotonic()
         cp = subprocess.run(cmd(rx.port), capture_output=True, text=True, timeout=120)
         took = time.monotonic() - t0
+        print(f"rerun after a silently dropped session: {took:.1f} s")  # for -s
     finally:
         proxy.close()
         rx.stop()
