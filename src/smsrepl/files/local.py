@@ -8,8 +8,10 @@ xattrs and ACLs, holes.
 """
 from __future__ import annotations
 
+import errno
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +21,15 @@ from ..errors import SourceError
 from .apply import TreeWriter, remove_temporaries
 from .compare import content_digest
 from .rules import PathRules, RoundFilter
-from .scan import Entry, walk
+from .scan import Entry, _raise, walk
 
 READ = 1 << 20
 #: a file that keeps changing while it is read is read again this many times
 RETRIES = 3
+#: what a system call says about a path that a live source removed or replaced meanwhile
+VANISHED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE, errno.ELOOP})
+#: paths named per round for each kind of source change (the counts cover them all)
+EXAMPLES = 5
 
 
 @dataclass
@@ -35,7 +41,49 @@ class RoundStats:
     deleted: int = 0
     temporaries_removed: int = 0
     reread: int = 0
+    #: listed, then gone (or replaced by another kind) before it was read: the next round sees it
+    vanished: int = 0
+    #: kept changing through every read: not sent (the target keeps its copy); the next round sends it
+    changed_during_read: int = 0
     reported: list[str] = field(default_factory=list)
+
+    @property
+    def source_moved(self) -> bool:
+        """The round completed, but the source changed under it: the target matches the source
+        as read, not as it is now (the next round catches up)."""
+        return bool(self.vanished or self.changed_during_read)
+
+    def gone(self, path: bytes) -> None:
+        self.vanished += 1
+        if self.vanished <= EXAMPLES:
+            self.reported.append(f"{os.fsdecode(path)}: vanished before it was read; the next round deals with it")
+
+    def unsettled(self, path: bytes) -> None:
+        self.changed_during_read += 1
+        if self.changed_during_read <= EXAMPLES:
+            self.reported.append(f"{os.fsdecode(path)}: kept changing while being read; not sent this round "
+                                 f"(the target keeps its copy)")
+
+
+class SourceWalkErrors:
+    """``on_error`` for the walk of a live source: entries and directories that vanished between
+    being listed and being read are counted (a busy tree never fails a round); any other error
+    (permission, I/O) stops the round, naming the full path."""
+
+    def __init__(self, top: bytes) -> None:
+        self.top = top
+        self.vanished: list[bytes] = []
+
+    def __call__(self, rel: bytes, exc: OSError) -> None:
+        if exc.errno in VANISHED:
+            self.vanished.append(rel)
+            return
+        _raise(self.top + b"/" + rel if rel else self.top, exc)
+
+    def into(self, stats: RoundStats) -> None:
+        for rel in self.vanished:
+            stats.gone(rel)
+        self.vanished = []
 
 
 class LocalTarget:
@@ -75,29 +123,39 @@ class LocalTarget:
 
 def sync_tree(source: str, target, *, rules: PathRules | None = None, kind: str = "full",
               checksum: bool = False, delete: bool | None = None,
-              on_done: Callable[[int], None] | None = None, entries=None) -> RoundStats:
+              on_done: Callable[[int], None] | None = None, entries=None,
+              walk_errors: SourceWalkErrors | None = None) -> RoundStats:
     """Make ``target`` (a directory path or a target object) equal ``source``, as
     filtered by ``rules`` for a round of ``kind``.
 
     Unchanged files (same size and mtime, or same content with ``checksum``)
     are not rewritten; their metadata is corrected. ``delete`` (default: in
-    sync rounds) removes target entries the source no longer has, never
-    under an excluded path. ``on_done(file_bytes)`` is called as source entries
-    were dealt with (progress). ``entries``: the source as walk_round() yields it,
-    or as scan_round() does for a target that takes a directory at a time, when the
-    caller started that walk early (see Prefetch).
+    every round: whatever rounds failed before, a completed one leaves the
+    target without what the source lacks) removes target entries the source no
+    longer has, never under an excluded path. ``on_done(file_bytes)`` is called
+    as source entries were dealt with (progress). ``entries``: the source as
+    walk_round() yields it, or as scan_round() does for a target that takes a
+    directory at a time, when the caller started that walk early (see
+    Prefetch); ``walk_errors``: the SourceWalkErrors that walk reports to.
     """
     own = isinstance(target, (str, bytes, os.PathLike))
     t = LocalTarget(os.fsdecode(target)) if own else target
-    delete = kind == "sync" if delete is None else delete
+    delete = True if delete is None else delete
     src = os.fsencode(source)
+    if entries is None:
+        walk_errors = SourceWalkErrors(src)
     try:
         if hasattr(t, "dir_records") and by_dirs(checksum):
             from .dirround import round_by_dirs
 
-            return round_by_dirs(src, t, entries if entries is not None else scan_round(src, rules, kind),
-                                 rules.for_round(kind) if rules else None, delete, on_done)
-        return _round(src, t, rules, kind, checksum, delete, on_done, entries)
+            stats = round_by_dirs(src, t, entries if entries is not None else scan_round(src, rules, kind, walk_errors),
+                                  rules.for_round(kind) if rules else None, delete, on_done)
+        else:
+            stats = _round(src, t, rules, kind, checksum, delete, on_done,
+                           entries if entries is not None else walk_round(src, rules, kind, walk_errors))
+        if walk_errors is not None:
+            walk_errors.into(stats)
+        return stats
     finally:
         if own:
             t.close()
@@ -109,16 +167,17 @@ def by_dirs(checksum: bool) -> bool:
     return kernels.TREE and not checksum
 
 
-def walk_round(source: str | bytes, rules: PathRules | None, kind: str):
+def walk_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise):
     """The source entries one round of ``kind`` deals with, in order."""
-    return walk(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, implied=True)
+    return walk(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, implied=True,
+                on_error=on_error)
 
 
-def scan_round(source: str | bytes, rules: PathRules | None, kind: str):
+def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise):
     """walk_round() a directory at a time (files.dirscan)."""
     from .dirscan import scan_dirs
 
-    return scan_dirs(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True)
+    return scan_dirs(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, on_error=on_error)
 
 
 class Prefetch:
@@ -131,6 +190,7 @@ class Prefetch:
 
     def __init__(self, it, limit: int = 65536, batch: int = 256) -> None:
         self.batch = batch
+        self.errors: SourceWalkErrors | None = None  # where the walk reports what vanished
         self._q: queue.Queue = queue.Queue(maxsize=max(1, limit // batch))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(it,), name="walk-prefetch", daemon=True)
@@ -174,12 +234,12 @@ class Prefetch:
         self._thread.join(5)
 
 
-def _round(src: bytes, t, rules, kind, checksum, delete, on_done=None, entries=None) -> RoundStats:
+def _round(src: bytes, t, rules, kind, checksum, delete, on_done, entries) -> RoundStats:
     stats = RoundStats(temporaries_removed=getattr(t, "temporaries_removed", 0))
     filt = rules.for_round(kind) if rules else None
     seen: set[bytes] = set()
     links: dict[tuple[int, int], bytes] = {}
-    for e in (entries if entries is not None else walk(src, filt, xattrs=True, implied=True)):
+    for e in entries:
         stats.entries += 1
         seen.add(e.path)
         _entry(src, t, e, filt, checksum, links, stats)
@@ -226,7 +286,7 @@ def _entry(src: bytes, t, e: Entry, filt, checksum: bool, links: dict, stats: Ro
             links[key] = e.path
         if (have is not None and have.kind == "file" and have.size == e.size
                 and not (have.nlink > 1 and e.nlink == 1)  # a hard link there that is not one here
-                and (t.content_digest(e.path) == content_digest(src + b"/" + e.path) if checksum
+                and (t.content_digest(e.path) == _source_digest(src, e.path) if checksum
                      else have.mtime_ns == e.mtime_ns)):
             stats.unchanged += 1
             t.set_meta(e)
@@ -242,17 +302,36 @@ def _entry(src: bytes, t, e: Entry, filt, checksum: bool, links: dict, stats: Ro
         t.special(e)
 
 
+def _source_digest(src: bytes, path: bytes) -> bytes | None:
+    """The source file's content digest; None where it vanished (then it is not alike: the
+    copy's read finds it gone and counts it)."""
+    try:
+        return content_digest(src + b"/" + path)
+    except OSError as exc:
+        if exc.errno in VANISHED:
+            return None
+        raise
+
+
 def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None) -> bool:
     """Copy one file in bounded chunks; if it changed while being read, drop the copy and read it
-    again. False when it was not copied (it never stopped changing)."""
+    again. False when it was not copied: it vanished (or is no longer a regular file), or it
+    never stopped changing; the target then keeps what it had under that name (never a copy
+    that mixes two versions) and the next round deals with it."""
     path = src + b"/" + e.path
     for attempt in range(RETRIES + 1):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
+            if exc.errno in VANISHED:
+                stats.gone(e.path)
+                return False
             raise SourceError(f"cannot read {os.fsdecode(path)!r}: {exc.strerror}") from None
         try:
             before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):  # replaced by a directory, a fifo, ...
+                stats.gone(e.path)
+                return False
             cur = Entry.from_stat(e.path, before)
             cur.xattrs = e.xattrs
             sink = t.open_file(cur, basis)
@@ -270,17 +349,16 @@ def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None =
                 raise
         finally:
             os.close(fd)
-        stable = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+        stable = not left and (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
             after.st_size, after.st_mtime_ns, after.st_ctime_ns)
-        if (stable and not left) or attempt == RETRIES:
-            if not stable or left:
-                stats.reported.append(f"{os.fsdecode(e.path)}: kept changing while being read; sent as last read")
-            if left:
-                sink.abort()
-                return False
+        if stable:
             sink.commit()
             stats.files_sent += 1
             stats.bytes_sent += before.st_size
             return True
         sink.abort()
+        if attempt == RETRIES:
+            stats.unsettled(e.path)
+            return False
         stats.reread += 1
+    return False

@@ -52,6 +52,7 @@ class FileRoundResult:
         s = self.stats
         return {"round": self.round_id, "kind": self.kind, "entries": s.entries, "files_sent": s.files_sent,
                 "bytes_sent": s.bytes_sent, "unchanged": s.unchanged, "deleted": s.deleted, "reread": s.reread,
+                "vanished": s.vanished, "changed_during_read": s.changed_during_read, "source_moved": s.source_moved,
                 "literal_bytes": self.literal_bytes, "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3), "reported": s.reported}
 
 
@@ -238,12 +239,17 @@ class FileSender:
         return size, w, s
 
     def _source_walk(self, kind: str) -> Prefetch:
-        """The source walked for a round of ``kind`` on a thread of its own, ahead of the round."""
-        from ..files.local import Prefetch, by_dirs, scan_round, walk_round
+        """The source walked for a round of ``kind`` on a thread of its own, ahead of the round
+        (what vanished under the walk: the Prefetch's ``errors``)."""
+        from ..files.local import Prefetch, SourceWalkErrors, by_dirs, scan_round, walk_round
 
+        errors = SourceWalkErrors(os.fsencode(self.source))
         if by_dirs(self.checksum):
-            return Prefetch(scan_round(self.source, self.rules, kind), limit=1024, batch=1)
-        return Prefetch(walk_round(self.source, self.rules, kind))
+            p = Prefetch(scan_round(self.source, self.rules, kind, errors), limit=1024, batch=1)
+        else:
+            p = Prefetch(walk_round(self.source, self.rules, kind, errors))
+        p.errors = errors
+        return p
 
     def _session(self, chan: Channel, started: float, early: Prefetch | None = None) -> FileRoundResult:
         welcome = self._recv(chan, F.Welcome)  # open() sent HELLO and TREE_REQUEST
@@ -285,7 +291,7 @@ class FileSender:
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
-                              on_done=on_done, entries=entries)
+                              on_done=on_done, entries=entries, walk_errors=entries.errors)
             self.literal_bytes = target.literal_bytes
             listing.wait(whole=True)  # ROUND_END only after the whole listing (its state machine)
             chan.send(F.RoundEnd(round_id))

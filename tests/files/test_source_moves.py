@@ -1,0 +1,148 @@
+"""A live source moves under a round: what vanished after it was listed, and what kept changing
+while it was read, are counted, never fail the round, and never reach the target as a mix of
+two versions; deletions converge whatever rounds failed before."""
+import os
+import shutil
+import threading
+
+import pytest
+
+from smsrepl import kernels
+from smsrepl.files.local import RETRIES, SourceWalkErrors, scan_round, sync_tree, walk_round
+from smsrepl.files.rules import PathRules
+from smsrepl.errors import SourceError
+
+from .trees import oracle
+
+pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync (the oracle) is not installed")
+
+
+def _tree(root):
+    for d in ("a", "a/b", "c"):
+        os.makedirs(root / d, exist_ok=True)
+    for i in range(20):
+        (root / "a" / f"f{i}.log").write_bytes(b"x" * (i * 100))
+        (root / "a" / "b" / f"g{i}.log").write_bytes(b"y" * i)
+    (root / "c" / "big.dat").write_bytes(os.urandom(2 << 20))
+    return root
+
+
+def remote_round(src, dst, **kw):
+    """sync_tree to ``dst`` as a receiver would see it: its listing, and operations applied
+    in order (a directory-at-a-time round with the native kernels)."""
+    from smsrepl.codec import Compressor, Decompressor
+    from smsrepl.files.apply import TreeWriter
+    from smsrepl.files.remote import Listing, OpApplier, OpStream, RemoteTarget, describe_tree
+
+    os.makedirs(dst, exist_ok=True)
+    listing, decomp = Listing(), Decompressor()
+    for frame in describe_tree(dst):
+        listing.add(frame, decomp)
+    applier = OpApplier(TreeWriter(dst))
+    ops = OpStream(applier.apply, Compressor(1))
+    try:
+        stats = sync_tree(str(src), RemoteTarget(listing, ops), **kw)
+    finally:
+        ops.close()
+    applier.w.finish()
+    applier.w.close()
+    return stats
+
+
+native = pytest.mark.skipif(not kernels.TREE, reason="directory-at-a-time rounds need the native kernels")
+
+
+@pytest.mark.parametrize("listing", ["walk", pytest.param("scan", marks=native)])
+def test_files_gone_after_listing_are_counted_and_the_round_completes(tmp_path, listing):
+    src, dst = _tree(tmp_path / "src"), tmp_path / "dst"
+    errors = SourceWalkErrors(os.fsencode(src))
+    entries = list((walk_round if listing == "walk" else scan_round)(str(src), None, "full", errors))
+    for name in ("a/f3.log", "a/f17.log", "c/big.dat"):  # listed, then gone before they are read
+        os.unlink(src / name)
+    if listing == "walk":
+        stats = sync_tree(str(src), str(dst), entries=entries, walk_errors=errors)
+    else:
+        stats = remote_round(src, dst, entries=entries, walk_errors=errors)
+    assert stats.vanished == 3 and stats.source_moved
+    assert not (dst / "a" / "f3.log").exists() and not (dst / "c" / "big.dat").exists()
+    assert any("a/f3.log: vanished" in line for line in stats.reported)
+    again = sync_tree(str(src), str(dst))  # the next round: exact
+    assert again.vanished == 0 and not again.source_moved and oracle(str(src), dst, "--delete") == ""
+
+
+@native
+def test_a_directory_gone_before_it_is_scanned_is_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMSREPL_SCAN_THREADS", "1")  # directories are scanned as the round asks
+    src, dst = _tree(tmp_path / "src"), tmp_path / "dst"
+    errors = SourceWalkErrors(os.fsencode(src))
+    batches = scan_round(str(src), None, "full", errors)
+    first = next(batches)  # the root's: lists a and c
+    shutil.rmtree(src / "a")
+
+    def rest():
+        yield first
+        yield from batches
+
+    stats = remote_round(src, dst, entries=rest(), walk_errors=errors)
+    assert stats.vanished == 1 and [r for r in stats.reported if r.startswith("a: vanished")]
+
+
+def test_other_read_errors_still_fail_the_round(tmp_path):
+    src = _tree(tmp_path / "src")
+    errors = SourceWalkErrors(os.fsencode(src))
+    with pytest.raises(SourceError, match="cannot read .*a/b.*Permission denied"):
+        errors(b"a/b", PermissionError(13, "Permission denied"))
+
+
+def test_a_file_that_never_stops_changing_is_not_sent_as_a_mix(tmp_path):
+    """A 4 MiB file rewritten end to end over and over, each version one byte value: the
+    target holds one whole version or none, never parts of two."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    path = src / "db.dat"
+    path.write_bytes(b"\0" * (4 << 20))
+    stop = threading.Event()
+
+    def writer():
+        v = 0
+        with open(path, "r+b", buffering=0) as fh:
+            while not stop.is_set():
+                v = (v + 1) % 255 + 1
+                for off in range(0, 4 << 20, 256 << 10):
+                    fh.seek(off)
+                    fh.write(bytes([v]) * (256 << 10))
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        seen = []
+        for _ in range(4):
+            stats = sync_tree(str(src), str(dst))
+            seen.append((stats.files_sent, stats.changed_during_read, stats.reread))
+            if (dst / "db.dat").exists():
+                data = (dst / "db.dat").read_bytes()
+                assert len(set(data)) == 1, f"a mix of versions {sorted(set(data))[:5]}"
+    finally:
+        stop.set()
+        t.join()
+    assert any(c == 1 or r for _, c, r in seen), seen  # the writer did get in the way
+    assert all(c in (0, 1) and (c == 0 or s == 0) for s, c, _ in seen)
+    assert RETRIES >= 1
+
+
+def test_a_full_round_after_failed_ones_deletes_what_the_source_lacks(tmp_path):
+    """The receiver's first completed round is a full one when earlier rounds failed: it must
+    still remove what they left that the source no longer has (never under an excluded path)."""
+    src, dst = _tree(tmp_path / "src"), tmp_path / "dst"
+    sync_tree(str(src), str(dst))
+    shutil.rmtree(src / "a" / "b")
+    os.unlink(src / "a" / "f1.log")
+    (dst / "keep").mkdir()
+    (dst / "keep" / "mine.txt").write_text("excluded: stays")
+    rules = PathRules.from_configurations({"configurations": [
+        {"config_key": "MIGRATE_EXCLUDE_PATH", "config_value": "/keep"}]})
+    stats = sync_tree(str(src), str(dst), rules=rules, kind="full")
+    assert stats.deleted >= 22
+    assert not (dst / "a" / "b").exists() and not (dst / "a" / "f1.log").exists()
+    assert (dst / "keep" / "mine.txt").read_text() == "excluded: stays"
+    assert oracle(str(src), dst, "--delete", "--exclude=/keep") == ""
