@@ -191,6 +191,7 @@ def cmd_send_files(args) -> int:
     from .transport.tls import client_context
 
     interval = _continuous_interval(args)
+    journal = _open_journal(args)
     rules = None
     if args.config:
         from .files.rules import PathRules
@@ -206,10 +207,14 @@ def cmd_send_files(args) -> int:
     out = _ProgressOutput(args.progress)
     summary_to = sys.stderr if args.progress == "json" else sys.stdout
 
+    cont = None
+
     def make_sender() -> FileSender:
+        cutover = cont is not None and cont.cutover_requested
         sender = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules,
                             checksum=args.checksum, level=args.level, speed_limit=watcher.load(),
-                            on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler)
+                            on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler,
+                            journal=journal, whole="the cutover round walks the whole tree" if cutover else None)
         watcher.sender = sender
         return sender
 
@@ -233,7 +238,30 @@ def cmd_send_files(args) -> int:
     finally:
         watcher.close()
         out.close()
+        if journal is not None:
+            journal.close()
     return 0
+
+
+def _open_journal(args):
+    """The change journal of ``send files --continuous`` (files.journal), or None: without
+    --continuous, with --journal off, or where it cannot run (one notice line)."""
+    if args.journal is not None and not args.continuous:
+        raise ConfigError("--journal applies to --continuous only")
+    if args.whole_tree_every is not None:
+        if not args.continuous:
+            raise ConfigError("--whole-tree-every applies to --continuous only")
+        if not 0 <= args.whole_tree_every <= 1_000_000:
+            raise ConfigError(f"--whole-tree-every {args.whole_tree_every}: must be from 0 to 1000000")
+    if not args.continuous or args.journal == "off":
+        return None
+    if args.checksum:
+        print("notice: --checksum reads every file each round; no change journal", file=sys.stderr, flush=True)
+        return None
+    from .files.journal import open_journal
+
+    return open_journal(args.source, whole_every=10 if args.whole_tree_every is None else args.whole_tree_every,
+                        notice=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def _continuous_interval(args) -> float:
@@ -545,6 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the copy keep running sync rounds (SIGUSR1: a round now); SIGTERM runs the "
                          "cutover round and exits 0")
     sf.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between continuous rounds (default 30)")
+    sf.add_argument("--journal", choices=["auto", "off"],
+                    help="with --continuous, how sync rounds find what changed: auto (default) = a fanotify change "
+                         "journal where the kernel and privileges allow (root), rounds then scan only the "
+                         "directories it names; off = every round walks the whole tree")
+    sf.add_argument("--whole-tree-every", type=int, metavar="N",
+                    help="with the journal, every Nth round walks the whole tree anyway (writes through a shared "
+                         "mmap raise no event); 0 = only when the journal cannot vouch (default 10). The "
+                         "cutover round always walks the whole tree")
     sf.set_defaults(func=cmd_send_files)
     sb = send.add_parser("block", help="copy (first run) or sync (later runs) a disk or image")
     sb.add_argument("source")

@@ -65,6 +65,10 @@ class ContinuousSync:
         """Run the next round now (the SYNC command) instead of at the end of the interval."""
         self._wake.set()
 
+    @property
+    def cutover_requested(self) -> bool:
+        return self._cutover.is_set()
+
     def request_cutover(self) -> None:
         self._cutover.set()
         self._wake.set()

@@ -80,20 +80,30 @@ class DirBatch:
 
 def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
               on_error: Callable[[bytes, OSError], None] = _raise, one_file_system: bool = False,
-              xattrs: bool = True, threads: int | None = None) -> Iterator[DirBatch]:
+              xattrs: bool = True, threads: int | None = None,
+              start: list[tuple[bytes, bool]] | None = None) -> Iterator[DirBatch]:
     """A DirBatch for each directory under ``root`` (the root's first) that the walk enters.
 
     Directories are scanned ``threads`` at a time (kernels.scan_dir lets go of the GIL), at
     most AHEAD of them before the consumer takes their batches; the batches come in the
     order the directories were found (breadth first), so a directory's batch always comes
-    after its parent's."""
+    after its parent's.
+
+    ``start``: only these directories, each (relative path, recursive): its own batch, and
+    with ``recursive`` those of every directory below it (a round of the directories a
+    change journal named). Those the filter would not walk into are left out; those that
+    do not exist (any more) are ``on_error``'s."""
     top = os.fsencode(root)
     threads = scan_threads() if threads is None else threads
     st = root_entry(top, xattrs=False)
     dev = st.dev if one_file_system else None
     pool = ThreadPoolExecutor(threads, thread_name_prefix="scan") if threads > 1 else None
-    # [rel, parts, future or None]: the first AHEAD have their scan started
-    todo: deque[list] = deque([[b"", (), None]])
+    # [rel, parts, future or None, recursive]: the first AHEAD have their scan started
+    if start is None:
+        todo: deque[list] = deque([[b"", (), None, True]])
+    else:
+        todo = deque([rel, tuple(rel.split(b"/")) if rel else (), None, rec] for rel, rec in start
+                     if filt is None or _walked(filt, tuple(rel.split(b"/")) if rel else ()))
 
     def start_ahead() -> None:
         for item in itertools.islice(todo, AHEAD):
@@ -104,7 +114,7 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
         while todo:
             if pool is not None:
                 start_ahead()
-            rel, parts, fut = todo.popleft()
+            rel, parts, fut, recursive = todo.popleft()
             got = fut.result() if fut is not None else _scan_one(top, rel, xattrs)
             full = top + b"/" + rel if rel else top
             if isinstance(got, OSError):
@@ -122,7 +132,7 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
             batch = DirBatch(rel, parts, records, names, kinds, ends, sizes=sizes)
             if filt is not None:
                 batch = _filtered(batch, filt)
-            subdirs = [i for i, k in enumerate(batch.kinds) if k == DIR]
+            subdirs = [i for i, k in enumerate(batch.kinds) if k == DIR] if recursive else []
             if dev is not None:
                 entered = []
                 for i in subdirs:
@@ -135,13 +145,18 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
                     else:
                         batch.not_entered.append(batch.path(i))
                 subdirs = entered
-            todo.extend([batch.path(i), parts + (batch.names[i],), None] for i in subdirs)
+            todo.extend([batch.path(i), parts + (batch.names[i],), None, True] for i in subdirs)
             if pool is not None:
                 start_ahead()  # before the consumer gets this batch: the pool keeps working
             yield batch
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _walked(filt: RoundFilter, parts: tuple[bytes, ...]) -> bool:
+    """Whether a whole-tree walk under ``filt`` enters the directory at ``parts``."""
+    return all(filt.includes(parts[:n]) or filt.descend(parts[:n]) for n in range(1, len(parts) + 1))
 
 
 def scan_threads() -> int:

@@ -173,11 +173,12 @@ def walk_round(source: str | bytes, rules: PathRules | None, kind: str, on_error
                 on_error=on_error)
 
 
-def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise):
-    """walk_round() a directory at a time (files.dirscan)."""
+def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise, start=None):
+    """walk_round() a directory at a time (files.dirscan); ``start``: only those directories."""
     from .dirscan import scan_dirs
 
-    return scan_dirs(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, on_error=on_error)
+    return scan_dirs(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, on_error=on_error,
+                     start=start)
 
 
 class Prefetch:

@@ -84,6 +84,42 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     yield _records(F.TreeData, comp, parts, last=True, ordered=ordered)
 
 
+def normal_subset(dirs) -> list[tuple[bytes, bool]]:
+    """(path, recursive) pairs without repeats and without what a recursive one covers,
+    sorted in listing order (breadth first)."""
+    want: dict[bytes, bool] = {}
+    for path, rec in dirs:
+        want[bytes(path)] = want.get(bytes(path), False) or bool(rec)
+    roots = [p for p, r in want.items() if r]
+
+    def below_a_root(path: bytes) -> bool:
+        return any(path != d and (not d or path.startswith(d + b"/")) for d in roots)
+
+    return sorted(((p, r) for p, r in want.items() if not below_a_root(p)), key=lambda pr: _order(pr[0]))
+
+
+def describe_subset(root: str | bytes, dirs, *, compressor: Compressor | None = None,
+                    stream: bool = False) -> Iterator[F.TreeData]:
+    """TREE_DATA frames (ordered) for the directories of a TREE_SUBSET: each one's entries, and
+    with recursive those of every directory below it; directories that are not there are
+    left out. Temporaries a killed round left in them are removed, and not listed."""
+    comp = compressor or Compressor(1)
+    top = os.fsencode(root)
+    batches = [without_temporaries(top, b) for b in scan_dirs(top, on_error=lambda p, exc: None,
+                                                              start=normal_subset(dirs))]
+    batches.sort(key=lambda b: _order(b.rel))  # recursive ones interleave with the others by depth
+    parts: list[bytes] = []
+    size = 0
+    limit = STREAM_BATCH if stream else BATCH
+    for b in batches:
+        parts.append(b.records)
+        size += len(b.records)
+        if size >= limit:
+            yield _records(F.TreeData, comp, parts, last=False, ordered=True)
+            parts, size = [], 0
+    yield _records(F.TreeData, comp, parts, last=True, ordered=True)
+
+
 def _records(cls, comp: Compressor, parts: list, **kw):
     body = b"".join(parts) or b"\0"  # never empty: an empty TREE_DATA carries one padding byte
     codec, payload = comp.encode(body)
@@ -112,6 +148,10 @@ class Listing:
         self._failed: BaseException | None = None
         self._following = False
         self._cond = threading.Condition()
+        #: a TREE_SUBSET's listing: the directories listed with all below them (None: the whole tree)
+        self.recursive: list[bytes] | None = None
+        #: directories asked about by below() that a subset listing does not cover
+        self.unlisted: list[bytes] = []
 
     def add(self, ev: F.TreeData, decomp: Decompressor) -> None:
         if self.done:
@@ -206,6 +246,9 @@ class Listing:
         """Paths listed under directory ``path`` (at any depth)."""
         self.wait(whole=True)
         pre = path + b"/"
+        if self.recursive is not None and not any(path == d or not d or path.startswith(d + b"/")
+                                                  for d in self.recursive):
+            self.unlisted.append(path)  # what is below it here is unknown: a whole-tree round must follow
         return [e.path for rel in list(self.groups) if rel is not None and (rel == path or rel.startswith(pre))
                 for e, _ in self.decoded(rel)]
 

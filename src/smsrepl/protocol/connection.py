@@ -85,6 +85,7 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.IDLE, R, F.ManifestData): State.IDLE,
     (State.IDLE, S, F.RoundBegin): State.ROUND,
     (State.IDLE, S, F.TreeRequest): State.IDLE,
+    (State.IDLE, S, F.TreeSubset): State.IDLE,
     (State.IDLE, R, F.TreeData): State.IDLE,
     (State.ROUND, R, F.TreeData): State.ROUND,  # an ordered listing still arriving ("tree-stream")
     (State.ROUND, S, F.FileOps): State.ROUND,

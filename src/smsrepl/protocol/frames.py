@@ -47,6 +47,12 @@ the event class; unknown or missing keys are a protocol error. Binary bodies:
                 compared as bytes (the order of files.dirscan); a receiver sends
                 them only to a sender that listed "tree-stream", which may then
                 start its round (RoundBegin, FILE_OPS) before the last one arrives
+    TREE_SUBSET u8 flags (must be 0) | u32 count | count * (u8 recursive | u16 length | path)
+                (TREE_REQUEST for some directories only: each one's entries, and with
+                recursive everything below it; answered by ordered TREE_DATA frames as
+                TREE_REQUEST is, to a sender that listed "tree-stream", and sent only to a
+                receiver that listed "tree-subset". Paths are relative, without empty,
+                "." or ".." components; b"" is the root)
     SIG_REQUEST u32 block size | path (the rest of the body)
     SIG_DATA    u8 flags (bit 0 = last) | u32 block size | u64 file size |
                 u32 first block | u32 count | weak sums u32 LE * count |
@@ -77,7 +83,7 @@ MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 12 + 4096
 PROTOCOL_VERSION = 2  # 2: frame checks are XXH3-64's low 32 bits (XXH32 ran at 2 GB/s)
 #: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
 #: uses a feature only when the peer listed it)
-CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream")
+CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream", "tree-subset")
 
 _BLOCK_PREFIX = struct.Struct(">QIBxxx")
 _SET_PREFIX = struct.Struct(">QIBxxx")  # offset, count, codec
@@ -89,6 +95,8 @@ _PING = struct.Struct(">QQ")
 _MAN = struct.Struct(">B7xQI4x")
 _RECORDS = struct.Struct(">BBI")  # flags (TREE_DATA: bit 0 = last, bit 1 = ordered), codec, raw length
 _SIGREQ = struct.Struct(">I")  # block size, then the path
+_SUBSET = struct.Struct(">BI")  # flags, count
+_SUBDIR = struct.Struct(">BH")  # recursive, path length
 _SIGDATA = struct.Struct(">BIQII")  # flags (bit 0 = last), block size, file size, first block, count
 #: most signature blocks in one SIG_DATA frame
 MAX_SIG = 1 << 19
@@ -287,6 +295,15 @@ class SigRequest(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class TreeSubset(Event):
+    """The sender asks for the receiver's entries of some directories only: ``dirs`` is a tuple
+    of (relative path, recursive) (a round of the directories a change journal named)."""
+
+    TYPE: ClassVar[int] = 0x35
+    dirs: tuple
+
+
+@dataclass(frozen=True, slots=True)
 class SigData(Event):
     """Blocks ``first``.. of the signature: weak (uint32) and XXH3-64 (uint64) sums; ``file_size`` 0
     and no blocks when there is no usable basis."""
@@ -305,7 +322,7 @@ JSON_EVENTS: dict[int, type] = {
                               TreeRequest)
 }
 BINARY_EVENTS: dict[int, type] = {cls.TYPE: cls for cls in (BlockData, BlockSet, ZeroRange, Scanned, Ping, Pong, ManifestData,
-                                                            TreeData, FileOps, SigRequest, SigData)}
+                                                            TreeData, FileOps, SigRequest, SigData, TreeSubset)}
 TYPES: dict[int, type] = {**JSON_EVENTS, **BINARY_EVENTS}
 
 _JSON_TYPES = {"int": int, "str": str, "bool": bool, "list": list}
@@ -373,6 +390,14 @@ def encode(event: Event) -> list[bytes | memoryview]:
         return [head8 + struct.pack(">I", check.intdigest() & 0xFFFFFFFF) + prefix, payload]
     if isinstance(event, SigRequest):
         return [_frame(t, _SIGREQ.pack(event.block_size) + bytes(event.path))]
+    if isinstance(event, TreeSubset):
+        parts = [_SUBSET.pack(0, len(event.dirs))]
+        for path, recursive in event.dirs:
+            path = bytes(path)
+            if len(path) > 0xFFFF:
+                raise ValueError("TREE_SUBSET path longer than 65535 bytes")
+            parts.append(_SUBDIR.pack(1 if recursive else 0, len(path)) + path)
+        return [_frame(t, b"".join(parts))]
     if isinstance(event, SigData):
         weak = np.ascontiguousarray(event.weak, dtype="<u4")
         strong = np.ascontiguousarray(event.strong, dtype="<u8")
@@ -450,6 +475,8 @@ def decode(ftype: int, body: bytes, check: int, head8: bytes) -> Event:
         if len(body) < _SIGREQ.size + 1:
             raise FrameError("SIG_REQUEST body too short")
         return SigRequest(_SIGREQ.unpack_from(body)[0], bytes(body[_SIGREQ.size:]))
+    if ftype == TreeSubset.TYPE:
+        return _decode_subset(body)
     if ftype == SigData.TYPE:
         if len(body) < _SIGDATA.size:
             raise FrameError("SIG_DATA body too short")
@@ -500,6 +527,30 @@ def _decode_set(body: bytes, check: int, head8: bytes) -> BlockSet:
         raise FrameError("BLOCK_SET indices must start at 0 and strictly increase")
     digests = np.frombuffer(body, dtype="<u8", count=count, offset=_SET_PREFIX.size + 4 * count)
     return BlockSet(offset, index, codec, digests, memoryview(body)[end:])
+
+
+def _decode_subset(body: bytes) -> TreeSubset:
+    if len(body) < _SUBSET.size:
+        raise FrameError("TREE_SUBSET body too short")
+    flags, count = _SUBSET.unpack_from(body)
+    if flags:
+        raise FrameError("TREE_SUBSET flags must be 0")
+    pos, dirs = _SUBSET.size, []
+    for _ in range(count):
+        if pos + _SUBDIR.size > len(body):
+            raise FrameError("TREE_SUBSET shorter than its count says")
+        recursive, n = _SUBDIR.unpack_from(body, pos)
+        pos += _SUBDIR.size
+        path = bytes(body[pos:pos + n])
+        pos += n
+        if len(path) != n or recursive > 1:
+            raise FrameError("TREE_SUBSET entry malformed")
+        if path and (b"\0" in path or any(c in (b"", b".", b"..") for c in path.split(b"/"))):
+            raise FrameError(f"TREE_SUBSET path {path!r} is not a plain relative path")
+        dirs.append((path, bool(recursive)))
+    if pos != len(body):
+        raise FrameError("TREE_SUBSET has bytes after its last entry")
+    return TreeSubset(tuple(dirs))
 
 
 def _decode_json(cls: type, body: bytes) -> Event:

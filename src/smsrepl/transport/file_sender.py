@@ -30,6 +30,7 @@ from .connect import check_target_name, connect
 if TYPE_CHECKING:
     from ..files.local import Prefetch, RoundStats
     from ..files.remote import Listing
+    from ..files.journal import Changes, ChangeJournal
     from ..files.rules import PathRules
     from ..progress import ProgressTracker
 
@@ -47,13 +48,19 @@ class FileRoundResult:
     wire_bytes: int
     seconds: float
     literal_bytes: int = 0  # data of delta-sent files that the receiver's copies did not have
+    #: "whole" (the tree walked) or "journal" (only the directories a change journal named)
+    scope: str = "whole"
+    dirs: int = 0  # directories a journal round scanned (as asked, before recursion)
+    whole_because: str | None = None  # why a round with a journal walked the whole tree
 
     def summary(self) -> dict:
         s = self.stats
         return {"round": self.round_id, "kind": self.kind, "entries": s.entries, "files_sent": s.files_sent,
                 "bytes_sent": s.bytes_sent, "unchanged": s.unchanged, "deleted": s.deleted, "reread": s.reread,
                 "vanished": s.vanished, "changed_during_read": s.changed_during_read, "source_moved": s.source_moved,
-                "literal_bytes": self.literal_bytes, "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3), "reported": s.reported}
+                "literal_bytes": self.literal_bytes, "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3),
+                "scope": self.scope, **({"dirs": self.dirs} if self.scope == "journal" else {}),
+                **({"whole_because": self.whole_because} if self.whole_because else {}), "reported": s.reported}
 
 
 def file_session_id(source: str, target: str) -> str:
@@ -69,7 +76,8 @@ class FileSender:
     def __init__(self, source_dir: str, target: str, address: tuple[str, int], context: ssl.SSLContext, *,
                  rules: PathRules | None = None, checksum: bool = False, level: int | str = "auto",
                  speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
-                 on_report: Callable[[dict], None] | None = None, host_sampler=None) -> None:
+                 on_report: Callable[[dict], None] | None = None, host_sampler=None,
+                 journal: ChangeJournal | None = None, whole: str | None = None) -> None:
         if not os.path.isdir(source_dir):
             from ..errors import SourceMissingError
 
@@ -90,6 +98,9 @@ class FileSender:
         self.cpu_cap = cpu_cap
         self.on_report = on_report
         self.host_sampler = host_sampler
+        #: a change journal of the source (files.journal): sync rounds of only what it names
+        self.journal = journal
+        self.whole = whole  # a reason to walk the whole tree anyway (the cutover)
         self.tracker: ProgressTracker | None = None
         self.stop_requested = False
         self._chan: Channel | None = None
@@ -107,8 +118,9 @@ class FileSender:
     def replace_schedule(self, schedule: SpeedSchedule) -> None:
         self.limiter.replace_schedule(schedule)
 
-    def _total(self, kind: str) -> int:
-        """Bytes of the regular files the round covers (the 5.4.8 totalsize)."""
+    def _total(self, kind: str, dirs: list | None = None) -> int:
+        """Bytes of the regular files the round covers (the 5.4.8 totalsize); ``dirs``: a journal
+        round's."""
         from ..files.local import by_dirs
         from ..files.scan import walk
 
@@ -116,23 +128,26 @@ class FileSender:
         if by_dirs(self.checksum):
             from ..files.dirscan import scan_dirs
 
-            return sum(b.file_bytes() for b in scan_dirs(self.source, filt, on_error=lambda p, exc: None, xattrs=False))
+            return sum(b.file_bytes() for b in scan_dirs(self.source, filt, on_error=lambda p, exc: None, xattrs=False,
+                                                         start=dirs))
         return sum(e.size for e in walk(self.source, filt, on_error=lambda p, exc: None) if e.kind == "file")
 
     def open(self) -> None:
         """Connect, and send HELLO and TREE_REQUEST without waiting for WELCOME: the receiver
         lists its tree while this process gets ready for the round. run() opens the session
-        itself otherwise."""
-        self._chan = self._connect(self.checksum)
+        itself otherwise. With a journal the request waits for WELCOME: its round id says
+        whether a subset will do."""
+        self._chan = self._connect(self.checksum, request=self.journal is None)
 
-    def _connect(self, checksum: bool) -> Channel:
-        """A connection with HELLO and TREE_REQUEST sent (the protocol lets the request come
-        before WELCOME)."""
+    def _connect(self, checksum: bool, request: bool = True) -> Channel:
+        """A connection with HELLO and (``request``) TREE_REQUEST sent (the protocol lets the
+        request come before WELCOME)."""
         chan = Channel(connect(self.address, self.context), Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, self.session_id, 0, F.FINE_BLOCK,
                               list(CAPABILITIES)))
-            chan.send(F.TreeRequest(checksum))
+            if request:
+                chan.send(F.TreeRequest(checksum))
         except BaseException:
             chan.close()
             raise
@@ -145,7 +160,8 @@ class FileSender:
         # where either kind of round walks the same tree, the walk starts now: it overlaps
         # connecting (unless open() did), the TLS handshake and the receiver's listing
         early = None
-        if by_dirs(self.checksum) and (self.rules is None or self.rules.for_round("full") == self.rules.for_round("sync")):
+        if by_dirs(self.checksum) and self.journal is None and (
+                self.rules is None or self.rules.for_round("full") == self.rules.for_round("sync")):
             early = self._source_walk("full")
         try:
             if self._chan is None:
@@ -153,6 +169,11 @@ class FileSender:
             chan = self._chan
             try:
                 return self._session(chan, started, early)
+            except BaseException:
+                if self.journal is not None:
+                    # temporaries of the cut round may sit where a subset does not look
+                    self.journal.force_whole("the last round did not complete")
+                raise
             finally:
                 chan.close()
                 self._chan = None  # the next run() connects again
@@ -238,14 +259,15 @@ class FileSender:
             raise RemoteProtocolError("SIG_DATA does not cover the file")
         return size, w, s
 
-    def _source_walk(self, kind: str) -> Prefetch:
+    def _source_walk(self, kind: str, dirs: list | None = None) -> Prefetch:
         """The source walked for a round of ``kind`` on a thread of its own, ahead of the round
-        (what vanished under the walk: the Prefetch's ``errors``)."""
+        (what vanished under the walk: the Prefetch's ``errors``); ``dirs``: only those (a
+        journal round's, directory-at-a-time rounds only)."""
         from ..files.local import Prefetch, SourceWalkErrors, by_dirs, scan_round, walk_round
 
         errors = SourceWalkErrors(os.fsencode(self.source))
         if by_dirs(self.checksum):
-            p = Prefetch(scan_round(self.source, self.rules, kind, errors), limit=1024, batch=1)
+            p = Prefetch(scan_round(self.source, self.rules, kind, errors, start=dirs), limit=1024, batch=1)
         else:
             p = Prefetch(walk_round(self.source, self.rules, kind, errors))
         p.errors = errors
@@ -260,18 +282,52 @@ class FileSender:
         # the source is walked while the receiver lists its tree
         if early is not None:
             return self._round(chan, started, kind, round_id, early)
-        prefetch = self._source_walk(kind)
+        changes = self._journal_changes(welcome, kind)
+        if changes is not None and changes.whole_because is None:
+            from ..files.remote import normal_subset
+
+            dirs = normal_subset(changes.dirs)
+            chan.send(F.TreeSubset(tuple(dirs)))
+        else:
+            dirs = None
+            if self.journal is not None:
+                chan.send(F.TreeRequest(self.checksum))
+        prefetch = self._source_walk(kind, dirs)
         try:
-            return self._round(chan, started, kind, round_id, prefetch)
+            result = self._round(chan, started, kind, round_id, prefetch, dirs)
         finally:
             prefetch.close()
+        if self.journal is not None:
+            self.journal.completed(result.round_id)
+            if changes is not None and changes.whole_because:
+                result.whole_because = changes.whole_because
+        return result
 
-    def _round(self, chan: Channel, started: float, kind: str, round_id: int, entries: Prefetch) -> FileRoundResult:
+    def _journal_changes(self, welcome: F.Welcome, kind: str) -> Changes | None:
+        """The journal's changes since the last round (taken now: the round's boundary), or
+        None without a journal."""
+        if self.journal is None:
+            return None
+        from ..files.local import by_dirs
+
+        whole = self.whole
+        if kind != "sync":
+            whole = "the receiver's target has no completed round"
+        elif not by_dirs(self.checksum):
+            whole = "a journal round needs the native kernels and no content checksums"
+        elif "tree-subset" not in welcome.capabilities:
+            whole = "the receiver does not list parts of its tree (tree-subset)"
+        return self.journal.take(round_id=welcome.round_id, whole=whole)
+
+    def _round(self, chan: Channel, started: float, kind: str, round_id: int, entries: Prefetch,
+               dirs: list | None = None) -> FileRoundResult:
         from ..files.local import sync_tree
         from ..files.remote import Listing, OpStream, RemoteTarget
         from ..progress import ProgressTracker, subtask_for
 
         listing, decomp = Listing(), Decompressor()
+        if dirs is not None:
+            listing.recursive = [d for d, rec in dirs if rec]
         listing.add(self._recv(chan, F.TreeData), decomp)
         if listing.ordered and not listing.done:  # decide as it arrives: each directory waits for its own listing
             self._listing = listing.follow(lambda: self._recv_frame(chan, F.TreeData), decomp), listing
@@ -279,7 +335,7 @@ class FileSender:
             listing.add(self._recv(chan, F.TreeData), decomp)
         log.info("%s round %d of %s -> %s", kind, round_id, self.source, self.target)
         if self.on_report is not None:
-            self.tracker = ProgressTracker(subtask_for("file", first_copy=kind == "full"), self._total(kind),
+            self.tracker = ProgressTracker(subtask_for("file", first_copy=kind == "full"), self._total(kind, dirs),
                                            host_sampler=self.host_sampler)
         on_done = self._progress(chan)
         chan.limiter = self.limiter
@@ -313,4 +369,8 @@ class FileSender:
             self._recv(chan, F.Close)
         except ReplicationError:
             pass  # the round is durable already
-        return FileRoundResult(round_id, kind, stats, wire, time.monotonic() - started, self.literal_bytes)
+        if listing.unlisted and self.journal is not None:
+            self.journal.force_whole(f"{os.fsdecode(listing.unlisted[0])!r} left the source where the journal "
+                                     f"did not say so")
+        return FileRoundResult(round_id, kind, stats, wire, time.monotonic() - started, self.literal_bytes,
+                               scope="whole" if dirs is None else "journal", dirs=len(dirs or ()))

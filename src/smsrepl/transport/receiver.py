@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .. import faults
+from .. import faults, kernels
 from ..blocks.device import BlockTarget
 from ..blocks.manifest import GROUP_BLOCKS
 from ..blocks.replica import Replica, private_makedirs, write_json_atomic
@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..files.apply import TreeWriter, remove_temporaries
 from ..files.fdbudget import door_descriptors, process_budget
-from ..files.remote import OpApplier, describe_tree, signature_frames
+from ..files.remote import OpApplier, describe_subset, describe_tree, signature_frames
 from ..memory import release_free_memory
 from .bodies import body_pool
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
@@ -672,8 +672,9 @@ class _Session:
         self._files_state = os.path.join(self.rx.state_dir, f"{ev.target}.files.json")
         rec = _read_record(self._files_state)
         last = int(rec.get("round_id", 0))
+        caps = [c for c in CAPABILITIES if kernels.TREE or c != "tree-subset"]  # listed by directory scans
         self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, 0, "synced" if rec.get("complete") else "new",
-                                 last, "files", 0, "", capabilities=list(CAPABILITIES)))
+                                 last, "files", 0, "", capabilities=caps))
         log.info("%s: file session %s for target %s (%s)", self.peer, ev.session_id, ev.target, root)
 
     def _files_loop(self) -> bool:
@@ -690,6 +691,12 @@ class _Session:
                 if isinstance(ev, F.TreeRequest) and applier is None:
                     for frame in describe_tree(root, checksum=ev.checksum,
                                                stream="tree-stream" in self.hello.capabilities):
+                        self.chan.send(frame)
+                    self._described = True
+                elif isinstance(ev, F.TreeSubset) and applier is None and kernels.TREE:
+                    # temporaries a killed round left are removed by the listing of a whole-tree
+                    # round, and a failed round is always followed by one (files.journal)
+                    for frame in describe_subset(root, ev.dirs, stream="tree-stream" in self.hello.capabilities):
                         self.chan.send(frame)
                     self._described = True
                 elif isinstance(ev, F.RoundBegin) and applier is None:

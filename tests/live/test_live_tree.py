@@ -1,0 +1,188 @@
+"""Live file trees: ``send files --continuous`` while a writer churns the source tree (creates,
+appends, truncates, rewrites, renames, deletes files; makes, moves and removes directories),
+with rsync as the oracle after the writer stops.
+
+The default run takes one short run of each case; SMSREPL_SLOW=1 runs the acceptance
+campaign (20 runs of 60 s at about 1,000 operations/s). As root the rounds use the fanotify
+change journal (files.journal); the journal's own cases need root and skip without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "integration"))
+
+from procs import ReceiverProc  # noqa: E402
+from treechurn import TreeChurn  # noqa: E402
+
+SLOW = bool(os.environ.get("SMSREPL_SLOW"))
+CLI = [sys.executable, "-m", "smsrepl"]
+ROOT = os.geteuid() == 0
+pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync (the oracle) is not installed")
+
+
+def oracle(src: str, dst: str) -> str:
+    cp = subprocess.run(["rsync", "-aHAXn", "--delete", "--numeric-ids", "--checksum", "-i", f"{src}/", f"{dst}/"],
+                        capture_output=True, text=True, check=True)
+    return cp.stdout
+
+
+class ContinuousSender:
+    """``send files --continuous`` with its round summaries collected as they come."""
+
+    def __init__(self, src: str, rx: ReceiverProc, certkey: str, *extra: str) -> None:
+        self.proc = subprocess.Popen(CLI + ["send", "files", src, "--to", rx.address, "--target", "t", "--certkey",
+                                            certkey, "--continuous", "--progress", "none", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.rounds: queue.Queue = queue.Queue()
+        self.summaries: list[dict] = []
+        self.err: list[str] = []
+        threading.Thread(target=self._out, daemon=True).start()
+        threading.Thread(target=self._errs, daemon=True).start()
+
+    def _out(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                s = json.loads(line)
+                self.summaries.append(s)
+                self.rounds.put(s)
+
+    def _errs(self) -> None:
+        for line in self.proc.stderr:
+            self.err.append(line)
+
+    def next_round(self, timeout: float = 120) -> dict:
+        return self.rounds.get(timeout=timeout)
+
+    def round_after(self, t: float, timeout: float = 120) -> dict:
+        """The first round that started after monotonic time ``t`` (waits for it)."""
+        while True:
+            s = self.next_round(timeout)
+            if s.get("_end", time.monotonic()) - s["seconds"] > t:
+                return s
+
+    def cutover(self, timeout: float = 300) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def _one_run(tmp_path, certkey_file, seconds: float, seed: int, *extra: str) -> dict:
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    w = TreeChurn(src, rate=1000, seed=seed)
+    w.populate()
+    rx = ReceiverProc(certkey_file, {"t": dst}, str(tmp_path / "rx"))
+    snd = None
+    try:
+        w.start()
+        snd = ContinuousSender(src, rx, certkey_file, "--interval", "1", *extra)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds and snd.proc.poll() is None:
+            time.sleep(0.2)
+        w.stop()
+        rate = w.ops / (time.monotonic() - t0)
+        assert snd.proc.poll() is None, "".join(snd.err[-20:])
+        # the rounds after the writer stopped, before the cutover: as the journal (or the walk) sees it
+        stopped = len(snd.summaries)
+        deadline = time.monotonic() + 120
+        while len(snd.summaries) < stopped + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        between = oracle(src, dst)
+        rc = snd.cutover()
+        assert rc == 0, "".join(snd.err[-20:])
+        after = oracle(src, dst)
+        return {"rate": rate, "ops": w.ops, "rounds": snd.summaries, "between": between, "after": after,
+                "errors": [line for line in snd.err if "SMS." in line or "Traceback" in line]}
+    finally:
+        w.stop()
+        if snd is not None:
+            snd.kill()
+        rx.kill()
+
+
+def _check(run: dict) -> None:
+    rounds = run["rounds"]
+    assert not run["errors"], run["errors"][:5]
+    assert run["after"] == "", run["after"][:2000]
+    # the round that began after the writer stopped (the second after it) left the oracle silent too
+    assert run["between"] == "", run["between"][:2000]
+    assert len(rounds) >= 3
+    assert sum(r["vanished"] + r["changed_during_read"] + r["reread"] for r in rounds) > 0, \
+        "the writer never got in a round's way: the run proves nothing"
+    assert rounds[-1]["scope"] == "whole"  # the cutover
+
+
+@pytest.mark.parametrize("journal", ["off", pytest.param("auto", marks=pytest.mark.skipif(
+    not ROOT, reason="the change journal needs root (CAP_SYS_ADMIN)"))])
+def test_continuous_rounds_survive_a_churning_tree(tmp_path, certkey_file, journal):
+    run = _one_run(tmp_path, certkey_file, 12, random.randrange(1 << 30), "--journal", journal)
+    _check(run)
+    if journal == "auto":
+        assert any(r["scope"] == "journal" for r in run["rounds"]), [r.get("whole_because") for r in run["rounds"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(20))
+def test_acceptance_campaign_20_runs_of_60_seconds(tmp_path, certkey_file, i):
+    run = _one_run(tmp_path, certkey_file, 60, 1000 + i)
+    _check(run)
+    print(json.dumps({"run": i, "rate": round(run["rate"]), "rounds": len(run["rounds"]),
+                      "journal_rounds": sum(r["scope"] == "journal" for r in run["rounds"]),
+                      "vanished": sum(r["vanished"] for r in run["rounds"]),
+                      "changed_during_read": sum(r["changed_during_read"] for r in run["rounds"])}))
+
+
+def test_rounds_killed_during_churn_then_one_completed_round_converges(tmp_path, certkey_file):
+    """Five rounds cut by kill -9 (of the sender, or of the receiver) while the writer runs;
+    then the writer stops and the next round that completes leaves the oracle silent."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    w = TreeChurn(src, rate=1000, seed=7, max_files=6000)
+    w.populate(files=4000)
+    rx = ReceiverProc(certkey_file, {"t": dst}, str(tmp_path / "rx"))
+    rng = random.Random(11)
+    slow = tmp_path / "slow.json"  # 5 MB/s: each round lasts long enough to be cut
+    slow.write_text(json.dumps({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 40}]}))
+    killed = []
+    try:
+        w.start()
+        for i in range(5):
+            p = subprocess.Popen(CLI + ["send", "files", src, "--to", rx.address, "--target", "t", "--certkey",
+                                        certkey_file, "--level", "0", "--speed-limit", str(slow)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(1.0, 2.5))
+            victim = p if i % 2 == 0 else rx.proc
+            victim.kill()
+            out, _ = p.communicate(timeout=60)
+            killed.append(not out.strip())  # no summary: the round did not complete
+            if i % 2:
+                port = rx.port
+                rx.kill()
+                rx = ReceiverProc(certkey_file, {"t": dst}, str(tmp_path / "rx"), port=port)
+        w.stop()
+        stale = [line for line in oracle(src, dst).splitlines() if line.startswith("*deleting")]
+        assert stale, "the cut rounds left nothing that the source lost since: the run proves nothing"
+        cp = subprocess.run(CLI + ["send", "files", src, "--to", rx.address, "--target", "t", "--certkey",
+                                   certkey_file], capture_output=True, text=True, timeout=300)
+        assert cp.returncode == 0, cp.stderr
+        assert oracle(src, dst) == ""
+        assert sum(killed) >= 4, killed  # the kills landed inside rounds
+    finally:
+        w.stop()
+        rx.kill()
