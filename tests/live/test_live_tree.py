@@ -186,3 +186,85 @@ def test_rounds_killed_during_churn_then_one_completed_round_converges(tmp_path,
     finally:
         w.stop()
         rx.kill()
+
+
+def _structured_changes(src: str, step: int) -> None:
+    """Changes of every shape a journal must get right, one set per step."""
+    p = lambda *a: os.path.join(src, *a)  # noqa: E731
+    if step == 0:  # new nested directories with files
+        os.makedirs(p("n1", "n2", "n3"))
+        for d in ("n1", "n1/n2", "n1/n2/n3"):
+            with open(p(d, "f.txt"), "w") as fh:
+                fh.write(d * 100)
+    elif step == 1:  # a directory with content moved under another
+        os.rename(p("keep", "sub0"), p("n1", "n2", "moved"))
+    elif step == 2:  # a subtree removed
+        shutil.rmtree(p("keep", "sub1"))
+    elif step == 3:  # files renamed across directories, modes, xattrs, symlinks, a hard link
+        os.rename(p("keep", "sub2", "f0"), p("n1", "from-sub2"))
+        os.chmod(p("keep", "sub3"), 0o750)
+        os.chmod(p("keep", "sub3", "f1"), 0o600)
+        os.setxattr(p("keep", "sub4", "f2"), "user.tag", b"v2")
+        os.symlink("../keep/sub4/f2", p("n1", "link"))
+        os.link(p("keep", "sub5", "f3"), p("n1", "n2", "hard"))
+    elif step == 4:  # content: appends, truncation, in-place rewrite of a large file
+        with open(p("keep", "sub6", "f4"), "ab") as fh:
+            fh.write(b"more" * 1000)
+        os.truncate(p("keep", "sub7", "f5"), 3)
+        with open(p("keep", "big.dat"), "r+b") as fh:
+            fh.seek(1 << 20)
+            fh.write(os.urandom(4096))
+    elif step == 5:  # a file becomes a directory and a directory a file (same names)
+        os.unlink(p("keep", "sub8", "f6"))
+        os.makedirs(p("keep", "sub8", "f6"))
+        with open(p("keep", "sub8", "f6", "inside"), "w") as fh:
+            fh.write("x")
+        shutil.rmtree(p("keep", "sub9"))
+        with open(p("keep", "sub9"), "w") as fh:
+            fh.write("now a file")
+
+
+@pytest.mark.skipif(not ROOT, reason="the change journal needs root (CAP_SYS_ADMIN)")
+def test_journal_rounds_follow_every_shape_of_change(tmp_path, certkey_file):
+    """Each set of changes is followed by a journal round (never a whole-tree one: --whole-tree-every 0)
+    after which the oracle is silent; a hard link made in a journal round makes the next round whole."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    for i in range(10):
+        os.makedirs(os.path.join(src, "keep", f"sub{i}"))
+        for j in range(10):
+            with open(os.path.join(src, "keep", f"sub{i}", f"f{j}"), "w") as fh:
+                fh.write(f"{i}-{j}" * 50)
+    with open(os.path.join(src, "keep", "big.dat"), "wb") as fh:
+        fh.write(os.urandom(3 << 20))
+    rx = ReceiverProc(certkey_file, {"t": dst}, str(tmp_path / "rx"))
+    snd = ContinuousSender(src, rx, certkey_file, "--interval", "0.3", "--whole-tree-every", "0")
+    try:
+        first = snd.next_round()
+        assert first["scope"] == "whole"
+        for step in range(6):
+            _structured_changes(src, step)
+            n = len(snd.summaries)
+            deadline = time.monotonic() + 60
+            while len(snd.summaries) < n + 2 and time.monotonic() < deadline:  # one may have started before
+                time.sleep(0.05)
+            after = snd.summaries[n + 1]
+            out = oracle(src, dst)
+            if out and os.environ.get("DEBUG_TREE"):
+                for root in (src, dst):
+                    for q in ("n1/n2", "n1/n2/hard", "keep/sub5/f3"):
+                        st = os.lstat(os.path.join(root, q))
+                        print(root[-3:], q, st.st_mtime_ns, st.st_nlink, st.st_ino)
+                print(subprocess.run(["rsync", "-aHAXn", "--delete", "--numeric-ids", "--checksum", "-ii", f"{src}/",
+                                      f"{dst}/"], capture_output=True, text=True).stdout)
+                print(snd.summaries[n], "\n", snd.err[-10:])
+            assert out == "", f"step {step} ({after}): {out[:2000]}"
+            if step == 3:
+                assert snd.summaries[n]["scope"] == "journal" or after["scope"] == "journal"
+            elif step != 4:
+                assert after["scope"] == "journal", after
+        assert any("hard-linked" in (s.get("whole_because") or "") for s in snd.summaries)
+        assert snd.cutover() == 0
+        assert oracle(src, dst) == ""
+    finally:
+        snd.kill()
+        rx.kill()

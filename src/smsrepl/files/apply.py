@@ -237,6 +237,7 @@ class TreeWriter:
         of many small files, where per-file overhead is what counts."""
         parts = check_path(entry.path)
         parent = self.dir_fd(parts[:-1])
+        self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = _temp_name(parts[-1])
         if len(data) != entry.size:
             raise RemoteProtocolError(f"{os.fsdecode(entry.path)!r}: got {len(data)} bytes, "
@@ -261,6 +262,7 @@ class TreeWriter:
         ``digest``, commit() can check the data against an XXH3-128."""
         parts = check_path(entry.path)
         parent = self.dir_fd(parts[:-1])
+        self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = _temp_name(parts[-1])
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
         return FileSink(self, entry, parts, parent, tmp, fd, sparse, digest)
@@ -268,6 +270,7 @@ class TreeWriter:
     def symlink(self, entry: Entry) -> None:
         parts = check_path(entry.path)
         parent = self.dir_fd(parts[:-1])
+        self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = _temp_name(parts[-1])
         os.symlink(entry.link, tmp, dir_fd=parent)
         try:
@@ -291,6 +294,7 @@ class TreeWriter:
             other = os.stat(target[-1], dir_fd=tdir, follow_symlinks=False)
             if (have.st_dev, have.st_ino) == (other.st_dev, other.st_ino):
                 return
+        self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = _temp_name(parts[-1])
         os.link(target[-1], tmp, src_dir_fd=tdir, dst_dir_fd=parent, follow_symlinks=False)
         self._install(tmp, parts, parent)
@@ -303,6 +307,7 @@ class TreeWriter:
         if entry.kind in ("chardev", "blockdev") and os.geteuid() != 0:
             self.reported.append(f"{os.fsdecode(entry.path)}: device file not recreated (needs root)")
             return False
+        self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = _temp_name(parts[-1])
         os.mknod(tmp, 0o600 | kind[entry.kind], entry.rdev, dir_fd=parent)
         try:

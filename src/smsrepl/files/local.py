@@ -45,6 +45,8 @@ class RoundStats:
     vanished: int = 0
     #: kept changing through every read: not sent (the target keeps its copy); the next round sends it
     changed_during_read: int = 0
+    #: files with other names (hard links) sent or linked: a journal round may not see the others
+    hard_links_changed: int = 0
     reported: list[str] = field(default_factory=list)
 
     @property
@@ -282,6 +284,7 @@ def _entry(src: bytes, t, e: Entry, filt, checksum: bool, links: dict, stats: Ro
         key = (e.dev, e.ino)
         if e.nlink > 1 and key in links:
             t.hardlink(e, links[key])
+            stats.hard_links_changed += 1
             return
         if e.nlink > 1:
             links[key] = e.path
@@ -292,6 +295,8 @@ def _entry(src: bytes, t, e: Entry, filt, checksum: bool, links: dict, stats: Ro
             stats.unchanged += 1
             t.set_meta(e)
             return
+        if e.nlink > 1:
+            stats.hard_links_changed += 1
         if not _send_file(t, src, e, stats, have) and e.nlink > 1:
             del links[key]  # not there: its other names get their own copy
     elif e.kind == "symlink":

@@ -369,8 +369,11 @@ class FileSender:
             self._recv(chan, F.Close)
         except ReplicationError:
             pass  # the round is durable already
-        if listing.unlisted and self.journal is not None:
+        if dirs is not None and listing.unlisted:
             self.journal.force_whole(f"{os.fsdecode(listing.unlisted[0])!r} left the source where the journal "
                                      f"did not say so")
+        if dirs is not None and stats.hard_links_changed:
+            # their other names may sit in directories this round did not scan
+            self.journal.force_whole("hard-linked files changed in a journal round")
         return FileRoundResult(round_id, kind, stats, wire, time.monotonic() - started, self.literal_bytes,
                                scope="whole" if dirs is None else "journal", dirs=len(dirs or ()))
