@@ -268,3 +268,44 @@ def test_journal_rounds_follow_every_shape_of_change(tmp_path, certkey_file):
     finally:
         snd.kill()
         rx.kill()
+
+
+@pytest.mark.skipif(not ROOT, reason="the change journal needs root (CAP_SYS_ADMIN)")
+def test_an_overflow_while_the_sender_is_stopped_is_followed_by_a_whole_tree_round(tmp_path, certkey_file):
+    """The sender is stopped (SIGSTOP, as a descheduled or swapped-out agent would be) while
+    20,000 names come and go: the kernel's queue (16,384 events) overflows, and the next round
+    walks the whole tree, the one after is a journal round again. 10 times with SMSREPL_SLOW=1."""
+    src, dst = tmp_path / "src", str(tmp_path / "dst")
+    for i in range(5):
+        os.makedirs(src / f"d{i}")
+        (src / f"d{i}" / "f").write_text("x")
+    rx = ReceiverProc(certkey_file, {"t": dst}, str(tmp_path / "rx"))
+    snd = ContinuousSender(str(src), rx, certkey_file, "--interval", "0.3", "--whole-tree-every", "0")
+    detected = []
+    try:
+        snd.next_round()
+        for run in range(10 if SLOW else 2):
+            snd.proc.send_signal(signal.SIGSTOP)
+            try:
+                for k in range(20000):
+                    p = src / "d0" / f"t{k}"
+                    p.touch()
+                    p.unlink()
+                (src / f"d{run % 5}" / "f").write_text(f"run {run}")  # lost with the overflow: the walk finds it
+            finally:
+                snd.proc.send_signal(signal.SIGCONT)
+            n = len(snd.summaries)
+            deadline = time.monotonic() + 60
+            while len(snd.summaries) < n + 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            later = snd.summaries[n:n + 3]
+            whole = [i for i, s in enumerate(later) if "overflow" in (s.get("whole_because") or "")]
+            detected.append(bool(whole))
+            assert whole and whole[0] < 2, later
+            assert later[whole[0] + 1]["scope"] == "journal", later
+            assert oracle(str(src), dst) == ""
+        assert all(detected)
+        assert snd.cutover() == 0
+    finally:
+        snd.kill()
+        rx.kill()

@@ -210,6 +210,7 @@ class Agent:
         #: changed-block tracking of each source disk (blocks.tracker), kept from the first copy on
         self.tracking = tracking
         self._trackers: dict[str, Any] = {}
+        self._journal = None  # the source tree's change journal (files.journal), file tasks that sync
         self._lag = None
         self.freeze = freeze
         self.freeze_timeout = freeze_timeout
@@ -358,6 +359,11 @@ class Agent:
         self._network_check()
         if not self._file_task and bool(task.get("syncing", False)):
             self._start_tracking()
+        if self._file_task and bool(task.get("syncing", False)) and self._journal is None:
+            from ..files.journal import open_journal
+
+            # from before the first copy on: SYNC_LINUX_FILE rounds scan what it names
+            self._journal = open_journal(self.tree, notice=log.warning)
         self.session = BlockSession(self._make_round, on_state=self._on_state, on_round=self._on_round)
         self._save_task()
         if self.copied:
@@ -383,6 +389,9 @@ class Agent:
             if m is not None:
                 m.close()
         self._trackers = {}
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def _refresh_speed_limit(self) -> None:
         from ..ratelimit import SpeedSchedule
@@ -428,7 +437,9 @@ class Agent:
             cut = self._cutover.is_set()
             rnd = TreeRound(lambda: FileSender(self.tree, self.tree_target, self._address, self._ctx, rules=self._rules,
                                                speed_limit=self._schedule, cpu_cap=self._cpu_cap,
-                                               on_report=self._on_report, host_sampler=self._sampler),
+                                               on_report=self._on_report, host_sampler=self._sampler,
+                                               journal=self._journal,
+                                               whole="the cutover round walks the whole tree" if cut else None),
                             self.state_dir, states=states, first_copy=not self.copied and not cut, cutover=cut)
             self._round = rnd
             return rnd
