@@ -133,6 +133,22 @@ def test_without_privileges_no_journal_and_one_notice(tmp_path, monkeypatch):
     assert len(lines) == 1 and "CAP_SYS_ADMIN" in lines[0] and "whole tree" in lines[0]
 
 
+@needs_root
+def test_without_cap_sys_admin_no_journal_and_one_notice(tmp_path):
+    """As an unprivileged user (privileges dropped in a child process): no journal, one notice."""
+    import subprocess
+    import sys
+
+    code = ("import os; from smsrepl.files.journal import open_journal; "
+            "os.setgroups([]); os.setgid(65534); os.setuid(65534); lines = []; "  # nobody, no capabilities
+            "j = open_journal('/', notice=lines.append); print(j is None, len(lines)); print(lines[0])")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    first, notice = cp.stdout.splitlines()[:2]
+    assert first == "True 1"
+    assert "Operation not permitted" in notice and "CAP_SYS_ADMIN" in notice and "whole tree" in notice
+
+
 def test_tree_subset_frames_round_trip_and_bad_ones_are_refused():
     from smsrepl.protocol import RECEIVER, SENDER, Connection
     from smsrepl.protocol.connection import State

@@ -9,6 +9,7 @@ directories themselves come breadth first, each after its parent).
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import struct
@@ -91,18 +92,18 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
 
     ``start``: only these directories, each (relative path, recursive): its own batch, and
     with ``recursive`` those of every directory below it (a round of the directories a
-    change journal named). Those the filter would not walk into are left out; those that
-    do not exist (any more) are ``on_error``'s."""
+    change journal named). Those the filter would not walk into are left out, and so are
+    those that are not (or no longer) directories: the journal names removed ones too."""
     top = os.fsencode(root)
     threads = scan_threads() if threads is None else threads
     st = root_entry(top, xattrs=False)
     dev = st.dev if one_file_system else None
     pool = ThreadPoolExecutor(threads, thread_name_prefix="scan") if threads > 1 else None
-    # [rel, parts, future or None, recursive]: the first AHEAD have their scan started
+    # [rel, parts, future or None, recursive, asked for]: the first AHEAD have their scan started
     if start is None:
-        todo: deque[list] = deque([[b"", (), None, True]])
+        todo: deque[list] = deque([[b"", (), None, True, False]])
     else:
-        todo = deque([rel, tuple(rel.split(b"/")) if rel else (), None, rec] for rel, rec in start
+        todo = deque([rel, tuple(rel.split(b"/")) if rel else (), None, rec, True] for rel, rec in start
                      if filt is None or _walked(filt, tuple(rel.split(b"/")) if rel else ()))
 
     def start_ahead() -> None:
@@ -114,10 +115,12 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
         while todo:
             if pool is not None:
                 start_ahead()
-            rel, parts, fut, recursive = todo.popleft()
+            rel, parts, fut, recursive, asked = todo.popleft()
             got = fut.result() if fut is not None else _scan_one(top, rel, xattrs)
             full = top + b"/" + rel if rel else top
             if isinstance(got, OSError):
+                if asked and got.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
                 if on_error is _raise:
                     _raise(full, got)
                 on_error(rel, got)
@@ -145,7 +148,7 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
                     else:
                         batch.not_entered.append(batch.path(i))
                 subdirs = entered
-            todo.extend([batch.path(i), parts + (batch.names[i],), None, True] for i in subdirs)
+            todo.extend([batch.path(i), parts + (batch.names[i],), None, True, False] for i in subdirs)
             if pool is not None:
                 start_ahead()  # before the consumer gets this batch: the pool keeps working
             yield batch

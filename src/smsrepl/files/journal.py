@@ -90,7 +90,8 @@ class _Group:
         if libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, MASK, AT_FDCWD, path) < 0:
             e = ctypes.get_errno()
             os.close(fd)
-            raise JournalUnavailable(f"fanotify_mark of the file system at {os.fsdecode(path)!r}: {os.strerror(e)}")
+            raise JournalUnavailable(f"fanotify_mark of the file system at {os.fsdecode(path)!r}: {os.strerror(e)}"
+                                     + (" (needs CAP_SYS_ADMIN)" if e == errno.EPERM else ""))
         self.mount_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
@@ -180,6 +181,10 @@ class ChangeJournal:
                 raise ValueError("a fanotify event shorter than its header")
             if mask & FAN_Q_OVERFLOW:
                 self._whole = "the change journal's queue overflowed (events were lost)"
+                pending.clear()
+            if self._whole is not None:  # the next round walks the whole tree: nothing to keep
+                pos += length
+                continue
             p = pos + meta_len
             while p + _INFO.size <= pos + length:
                 itype, _, ilen = _INFO.unpack_from(data, p)
@@ -200,6 +205,7 @@ class ChangeJournal:
             pos += length
         if len(pending) > MAX_DIRS and self._whole is None:
             self._whole = f"more than {MAX_DIRS} directories changed since the last round"
+            pending.clear()
 
     # --- rounds -----------------------------------------------------------------------
     def take(self, *, round_id: int | None, whole: str | None = None) -> Changes:
@@ -273,7 +279,9 @@ class ChangeJournal:
             self._paused.clear()
 
     def close(self) -> None:
-        self._closed.set()
+        closed = getattr(self, "_closed", None)
+        if closed is not None:
+            closed.set()
         thread = getattr(self, "_thread", None)
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
