@@ -170,3 +170,20 @@ def test_normal_subset_drops_what_a_recursive_directory_covers():
     got = normal_subset([(b"a/b", False), (b"a", True), (b"c", False), (b"c", True), (b"c/d", False),
                          (b"x/y", False), (b"", False), (b"x", False)])
     assert got == [(b"", False), (b"a", True), (b"c", True), (b"x", False), (b"x/y", False)]
+
+
+@needs_root
+def test_a_handle_that_does_not_resolve_makes_the_round_whole(journal, monkeypatch):
+    """Gone directories (ESTALE) are dropped, but a handle this system cannot open (a file system
+    that makes handles it cannot decode) would lose a change: the round walks the whole tree."""
+    import errno
+
+    src, j = journal
+    (src / "c" / "new").write_text("x")
+
+    def refuse(group, handle):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(j, "_path", refuse)
+    got = j.take(round_id=1)
+    assert got.whole_because and "does not resolve" in got.whole_because

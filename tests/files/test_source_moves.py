@@ -94,40 +94,94 @@ def test_other_read_errors_still_fail_the_round(tmp_path):
         errors(b"a/b", PermissionError(13, "Permission denied"))
 
 
-def test_a_file_that_never_stops_changing_is_not_sent_as_a_mix(tmp_path):
-    """A 4 MiB file rewritten end to end over and over, each version one byte value: the
-    target holds one whole version or none, never parts of two."""
+@pytest.fixture
+def cpu_hog():
+    """A busy process on one core: writers get preempted in the middle of their write() calls,
+    which is when a reader can see two versions with the same size and times."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield
+    p.kill()
+    p.wait()
+
+
+#: rewrites a file end to end over and over (argv: path, size, chunk), each version one byte value
+_REWRITER = """
+import os, sys
+path, size, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fd = os.open(path, os.O_WRONLY)
+v = 0
+while True:
+    v = v % 255 + 1
+    data = bytes([v]) * chunk
+    for off in range(0, size, chunk):
+        os.pwrite(fd, data, off)
+"""
+
+
+@pytest.mark.parametrize("size,chunk,how", [
+    (128 << 10, 16 << 10, "local"),  # the careful path
+    (4 << 20, 256 << 10, "local"),  # the careful path, chunk by chunk
+    pytest.param(128 << 10, 16 << 10, "remote", marks=native),  # small files: read whole in C
+])
+def test_a_file_that_never_stops_changing_is_not_sent_as_a_mix(tmp_path, cpu_hog, size, chunk, how):
+    """A file rewritten end to end over and over by a process that keeps it open, each version
+    one byte value, on a busy machine: the target holds one whole version or none, never
+    parts of two (equal sizes and times before and after a read do not prove it: a write()
+    under way changed them when it started)."""
+    import subprocess
+    import sys
+    import time
+
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     path = src / "db.dat"
-    path.write_bytes(b"\0" * (4 << 20))
-    stop = threading.Event()
-
-    def writer():
-        v = 0
-        with open(path, "r+b", buffering=0) as fh:
-            while not stop.is_set():
-                v = (v + 1) % 255 + 1
-                for off in range(0, 4 << 20, 256 << 10):
-                    fh.seek(off)
-                    fh.write(bytes([v]) * (256 << 10))
-
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
+    path.write_bytes(b"\1" * size)
+    writer = subprocess.Popen([sys.executable, "-c", _REWRITER, str(path), str(size), str(chunk)])
     try:
         seen = []
-        for _ in range(4):
-            stats = sync_tree(str(src), str(dst))
+        time.sleep(0.3)  # the writer is under way
+        for _ in range(12):
+            time.sleep(0.03)  # the file's times move on (a round within the same clock tick sees them alike)
+            stats = sync_tree(str(src), str(dst)) if how == "local" else remote_round(src, dst)
             seen.append((stats.files_sent, stats.changed_during_read, stats.reread))
             if (dst / "db.dat").exists():
                 data = (dst / "db.dat").read_bytes()
-                assert len(set(data)) == 1, f"a mix of versions {sorted(set(data))[:5]}"
+                assert len(set(data)) == 1, f"a mix of versions {sorted(set(data))[:5]} after {seen}"
     finally:
-        stop.set()
-        t.join()
-    assert any(c == 1 or r for _, c, r in seen), seen  # the writer did get in the way
+        writer.kill()
+        writer.wait()
     assert all(c in (0, 1) and (c == 0 or s == 0) for s, c, _ in seen)
-    assert RETRIES >= 1
+    final = sync_tree(str(src), str(dst)) if how == "local" else remote_round(src, dst)
+    assert final.changed_during_read == 0 and (dst / "db.dat").read_bytes() == path.read_bytes()  # quiet now
+
+
+def test_a_file_open_for_writing_and_just_changed_waits_for_the_round_end(tmp_path):
+    """No lease while another process holds the file open for writing: a change younger than
+    SETTLE_NS is not trusted; the round reads it again at its end, once it is old enough."""
+    import time
+
+    from smsrepl.files.local import SETTLE_NS
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    held = open(src / "log.txt", "wb")  # kept open for writing, as a daemon keeps its log
+    try:
+        held.write(b"line\n" * 100)
+        held.flush()
+        t0 = time.monotonic()
+        stats = sync_tree(str(src), str(dst))
+        took = time.monotonic() - t0
+        assert stats.files_sent == 1 and (dst / "log.txt").read_bytes() == b"line\n" * 100
+        assert took >= SETTLE_NS / 1e9 * 0.8  # it waited for the change to settle
+    finally:
+        held.close()
+    t0 = time.monotonic()
+    (src / "other.txt").write_bytes(b"closed right away")  # no writer left: leased, no wait
+    stats = sync_tree(str(src), str(dst))
+    assert stats.files_sent == 1 and time.monotonic() - t0 < SETTLE_NS / 1e9
 
 
 def test_a_full_round_after_failed_ones_deletes_what_the_source_lacks(tmp_path):

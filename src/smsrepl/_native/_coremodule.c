@@ -307,7 +307,7 @@ static PyMethodDef core_methods[] = {
     {"diff_records", sms_py_diff_records, METH_VARARGS, "diff_records(source, target) -> (actions, gone)"},
     {"group_records", sms_py_group_records, METH_VARARGS, "group_records(body) -> [(parent, start, end)]"},
     {"read_files", sms_py_read_files, METH_VARARGS,
-     "read_files(dir_fd, records, indices, max_size, out, pos) -> (end, taken, left, files, bytes)"},
+     "read_files(dir_fd, records, indices, max_size, out, pos, settle_before_ns=0) -> (end, taken, left, files, bytes)"},
     {"write_files", sms_py_write_files, METH_VARARGS,
      "write_files(body, pos, dir_fd_of, owner, max_files, threads) -> (end, files, bytes, fds, dir_fds, file_dirs, names, paths)"},
     {"link_files", sms_py_link_files, METH_VARARGS, "link_files(fds, dir_fds, file_dirs, names, tag) -> failures"},

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -853,10 +854,35 @@ PyObject *sms_py_group_records(PyObject *self, PyObject *args)
 }
 
 /* --- read_files ------------------------------------------------------------- */
+/* Whether a write may have gone on while the file was read, although size, mtime and ctime
+ * read the same before and after: the times change when a write() starts, so one that was
+ * under way when the read began and still was when it ended leaves them alike. A read lease
+ * (F_RDLCK) settles it: the kernel grants one only while nobody has the file open for
+ * writing, and breaks it when anybody opens it so; a lease held from before the read to
+ * after it means no write went on. Where no lease is to be had (open for writing elsewhere,
+ * not our file without CAP_LEASE, leases off), a file changed after `settle_before_ns`
+ * (its ctime) is not trusted. Lease breaks are signalled with SIGURG, whose default is to be
+ * ignored (SIGIO's ends the process); the opener waits until this descriptor is closed,
+ * which is right after the read. */
+static int lease(int fd)
+{
+    fcntl(fd, F_SETSIG, SIGURG);
+    return fcntl(fd, F_SETLEASE, F_RDLCK) == 0;
+}
+
+static int unsettled(int fd, int leased, const struct stat *after, int64_t settle_before_ns)
+{
+    if (leased)
+        return fcntl(fd, F_GETLEASE) != F_RDLCK;
+    return settle_before_ns > 0 &&
+           (int64_t)after->st_ctim.tv_sec * 1000000000LL + after->st_ctim.tv_nsec > settle_before_ns;
+}
+
 /* One small file as a FILE operation written at out->len (out->cap is fixed: the caller's
  * buffer). 0 if done; 1 if it did not fit (nothing written); -1 if the file is left to the
- * caller (not regular, too large, unreadable, or changed while being read). */
-static int read_one(int dir_fd, const sms_rec *r, uint64_t max_size, sms_buf *out)
+ * caller (not regular, too large, unreadable, changed while being read, or maybe: see
+ * unsettled()). */
+static int read_one(int dir_fd, const sms_rec *r, uint64_t max_size, sms_buf *out, int64_t settle_before_ns)
 {
     size_t nlen;
     const uint8_t *leaf = leaf_of(r, &nlen);
@@ -872,6 +898,7 @@ static int read_one(int dir_fd, const sms_rec *r, uint64_t max_size, sms_buf *ou
     int rc = -1;
     if (fstat(fd, &before) < 0 || !S_ISREG(before.st_mode) || (uint64_t)before.st_size > max_size)
         goto out;
+    int leased = lease(fd);
     size_t size = (size_t)before.st_size;
     if (out->len + 1 + SMS_REC_HEAD + r->plen + r->xlen + size > out->cap) {
         rc = 1;
@@ -891,7 +918,7 @@ static int read_one(int dir_fd, const sms_rec *r, uint64_t max_size, sms_buf *ou
     }
     if (got != size || fstat(fd, &after) < 0 || after.st_size != before.st_size ||
         mtime_ns(&after) != mtime_ns(&before) || after.st_ctim.tv_sec != before.st_ctim.tv_sec ||
-        after.st_ctim.tv_nsec != before.st_ctim.tv_nsec) {
+        after.st_ctim.tv_nsec != before.st_ctim.tv_nsec || unsettled(fd, leased, &after, settle_before_ns)) {
         out->len = mark;
         goto out;
     }
@@ -902,13 +929,13 @@ out:
     return rc;
 }
 
-/* read_files(dir_fd, records, indices, max_size, out, pos) -> (end, taken, left, files, bytes)
+/* read_files(dir_fd, records, indices, max_size, out, pos, settle_before_ns=0) -> (end, taken, left, files, bytes)
  * FILE operations for the regular files of `records` (one directory's, as scan_dir made
  * them) at `indices`, read relative to dir_fd straight into the writable buffer `out` from
  * offset `pos`, until the next one does not fit. end: where they end in `out`; taken: how
  * many indices were dealt with (the rest did not fit); left: those of them not done here,
  * for the caller's careful path (changed while read, vanished, not regular, larger than
- * max_size). */
+ * max_size, changed after settle_before_ns without a lease: see unsettled()). */
 PyObject *sms_py_read_files(PyObject *self, PyObject *args)
 {
     int dir_fd;
@@ -916,7 +943,9 @@ PyObject *sms_py_read_files(PyObject *self, PyObject *args)
     PyObject *idx_o;
     unsigned long long max_size;
     Py_ssize_t pos;
-    if (!PyArg_ParseTuple(args, "iy*OKw*n:read_files", &dir_fd, &rb, &idx_o, &max_size, &ob, &pos))
+    long long settle_before_ns = 0;
+    if (!PyArg_ParseTuple(args, "iy*OKw*n|L:read_files", &dir_fd, &rb, &idx_o, &max_size, &ob, &pos,
+                          &settle_before_ns))
         return NULL;
     rec_list recs = {0};
     size_t *idx = NULL;
@@ -962,7 +991,7 @@ PyObject *sms_py_read_files(PyObject *self, PyObject *args)
     for (; taken < n; taken++) {
         const sms_rec *r = &recs.r[idx[taken]];
         size_t before = out.len;
-        int got = r->kind == KIND_FILE ? read_one(dir_fd, r, max_size, &out) : -1;
+        int got = r->kind == KIND_FILE ? read_one(dir_fd, r, max_size, &out, (int64_t)settle_before_ns) : -1;
         if (got == 1)
             break;
         if (got < 0) {

@@ -25,7 +25,7 @@ from .. import kernels
 from ..errors import RemoteProtocolError
 from .dirscan import FILE, DirBatch
 from .scan import root_entry
-from .local import RoundStats, _entry, delete_gone
+from .local import RoundStats, _entry, delete_gone, settle_deferred
 from .remote import INLINE
 from .rules import RoundFilter
 
@@ -78,6 +78,7 @@ def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter 
             _entry(src, t, e, filt, False, links, stats)
         if on_done is not None:
             on_done(b.file_bytes())
+    settle_deferred(t, src, stats)
     for path in emptied:
         gone += t.below(path)
     if delete:  # nothing excluded is touched

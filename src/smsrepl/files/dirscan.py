@@ -104,7 +104,7 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
         todo: deque[list] = deque([[b"", (), None, True, False]])
     else:
         todo = deque([rel, tuple(rel.split(b"/")) if rel else (), None, rec, True] for rel, rec in start
-                     if filt is None or _walked(filt, tuple(rel.split(b"/")) if rel else ()))
+                     if filt is None or walked(filt, tuple(rel.split(b"/")) if rel else ()))
 
     def start_ahead() -> None:
         for item in itertools.islice(todo, AHEAD):
@@ -157,7 +157,7 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _walked(filt: RoundFilter, parts: tuple[bytes, ...]) -> bool:
+def walked(filt: RoundFilter, parts: tuple[bytes, ...]) -> bool:
     """Whether a whole-tree walk under ``filt`` enters the directory at ``parts``."""
     return all(filt.includes(parts[:n]) or filt.descend(parts[:n]) for n in range(1, len(parts) + 1))
 

@@ -225,7 +225,11 @@ class ChangeJournal:
         if reason is not None:
             self._journal_rounds = 0
             return Changes(whole_because=reason)
-        dirs = self._resolve(pending)
+        try:
+            dirs = self._resolve(pending)
+        except OSError as exc:
+            self._journal_rounds = 0
+            return Changes(whole_because=f"a directory's file handle does not resolve here ({exc.strerror})")
         if len(dirs) > MAX_DIRS:
             return Changes(whole_because=f"more than {MAX_DIRS} directories changed since the last round")
         self._journal_rounds += 1
@@ -247,10 +251,14 @@ class ChangeJournal:
         return out
 
     def _path(self, g: _Group, handle: bytes) -> bytes | None:
-        """The directory's path relative to the root, or None where it is gone or outside."""
+        """The directory's path relative to the root, or None where it is gone or outside;
+        OSError where the handle cannot be turned into a directory (a change would be lost)."""
         fd = self._libc.open_by_handle_at(g.mount_fd, handle, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if fd < 0:
-            return None
+            e = ctypes.get_errno()
+            if e in (errno.ESTALE, errno.ENOENT):
+                return None  # removed: its removal is an event in its parent
+            raise OSError(e, os.strerror(e))
         try:
             path = os.readlink(f"/proc/self/fd/{fd}".encode())
         finally:

@@ -9,10 +9,13 @@ xattrs and ACLs, holes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import queue
+import signal
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +33,10 @@ RETRIES = 3
 VANISHED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE, errno.ELOOP})
 #: paths named per round for each kind of source change (the counts cover them all)
 EXAMPLES = 5
+#: a file nobody lets us lease (open for writing elsewhere) is trusted only if its last change
+#: (ctime) is this much older than the read: a write() under way moves the times when it
+#: starts, not when it ends (see read_lease)
+SETTLE_NS = 250_000_000
 
 
 @dataclass
@@ -47,6 +54,8 @@ class RoundStats:
     changed_during_read: int = 0
     #: files with other names (hard links) sent or linked: a journal round may not see the others
     hard_links_changed: int = 0
+    #: (entry, basis, ctime) of files changed too recently to trust, read again at the round's end
+    deferred: list = field(default_factory=list)
     reported: list[str] = field(default_factory=list)
 
     @property
@@ -248,6 +257,7 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_done, entries) -> Ro
         _entry(src, t, e, filt, checksum, links, stats)
         if on_done is not None:
             on_done(e.size if e.kind == "file" else 0)
+    settle_deferred(t, src, stats)
     if delete:
         delete_gone(t, [path for path in t.paths(filt) if path and path not in seen], stats)
     t.finish()
@@ -297,7 +307,7 @@ def _entry(src: bytes, t, e: Entry, filt, checksum: bool, links: dict, stats: Ro
             return
         if e.nlink > 1:
             stats.hard_links_changed += 1
-        if not _send_file(t, src, e, stats, have) and e.nlink > 1:
+        if _send_file(t, src, e, stats, have) is False and e.nlink > 1:
             del links[key]  # not there: its other names get their own copy
     elif e.kind == "symlink":
         if have is not None and have.kind == "symlink" and have.link == e.link:
@@ -319,11 +329,36 @@ def _source_digest(src: bytes, path: bytes) -> bytes | None:
         raise
 
 
-def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None) -> bool:
+def read_lease(fd: int) -> bool:
+    """Take a read lease on ``fd``: granted only while nobody has the file open for writing,
+    and broken (lease_held() turns False) as soon as anybody opens it so. Held from before a
+    read to after it, it proves that no write went on meanwhile, which equal sizes and times
+    do not: a write() under way changed them when it started. The opener waits until ``fd``
+    is closed (right after the read, or after the chunk that sees the break). The break is
+    signalled with SIGURG, which is ignored by default (SIGIO would end the process)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        return True
+    except OSError:
+        return False  # open for writing elsewhere, not ours without CAP_LEASE, or no leases here
+
+
+def lease_held(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+    except OSError:
+        return False
+
+
+def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None, *,
+               defer: bool = True) -> bool | None:
     """Copy one file in bounded chunks; if it changed while being read, drop the copy and read it
     again. False when it was not copied: it vanished (or is no longer a regular file), or it
     never stopped changing; the target then keeps what it had under that name (never a copy
-    that mixes two versions) and the next round deals with it."""
+    that mixes two versions) and the next round deals with it. None when it was put off to
+    the round's end (``stats.deferred``; see settle_deferred): open for writing elsewhere and
+    changed within SETTLE_NS."""
     path = src + b"/" + e.path
     for attempt in range(RETRIES + 1):
         try:
@@ -334,6 +369,8 @@ def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None =
                 return False
             raise SourceError(f"cannot read {os.fsdecode(path)!r}: {exc.strerror}") from None
         try:
+            leased = read_lease(fd)
+            settle_before = time.time_ns() - SETTLE_NS
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):  # replaced by a directory, a fifo, ...
                 stats.gone(e.path)
@@ -349,22 +386,49 @@ def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None =
                         break  # truncated meanwhile: the check below sees it
                     sink.write(data)
                     left -= len(data)
+                    if leased and not lease_held(fd):
+                        break  # opened for writing: let the writer go (closing the descriptor) and read again
                 after = os.fstat(fd)
+                held = lease_held(fd) if leased else None
             except BaseException:
                 sink.abort()
                 raise
         finally:
             os.close(fd)
-        stable = not left and (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+        stable = not left and held is not False and (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
             after.st_size, after.st_mtime_ns, after.st_ctime_ns)
-        if stable:
+        if stable and not leased and after.st_ctime_ns > settle_before:
+            sink.abort()  # a write may still be under way: nothing tells
+            if defer and e.nlink == 1:
+                stats.deferred.append((e, basis, after.st_ctime_ns))
+                return None
+            time.sleep(max(0.0, (after.st_ctime_ns + SETTLE_NS - time.time_ns()) / 1e9))
+        elif stable:
             sink.commit()
             stats.files_sent += 1
             stats.bytes_sent += before.st_size
             return True
-        sink.abort()
+        else:
+            sink.abort()
         if attempt == RETRIES:
             stats.unsettled(e.path)
             return False
         stats.reread += 1
     return False
+
+
+def settle_deferred(t, src: bytes, stats: RoundStats) -> None:
+    """Read again the files put off because they changed within SETTLE_NS of being read: once
+    the newest of those changes is SETTLE_NS old (one wait for them all), up to RETRIES times."""
+    for _ in range(RETRIES):
+        todo, stats.deferred = stats.deferred, []
+        if not todo:
+            return
+        wait = (max(c for _, _, c in todo) + SETTLE_NS - time.time_ns()) / 1e9
+        if wait > 0:
+            time.sleep(wait)
+        for e, basis, _ in todo:
+            _send_file(t, src, e, stats, basis)
+    for e, _, _ in stats.deferred:
+        stats.unsettled(e.path)
+    stats.deferred = []

@@ -559,11 +559,14 @@ class RemoteTarget:
     def read_files(self, dir_fd: int, records: bytes, indices: list[int], max_size: int) -> tuple[list[int], int, int]:
         """kernels.read_files straight into the batch buffers; (indices left for the careful
         path, files sent, bytes sent)."""
+        from .local import SETTLE_NS
+
         left: list[int] = []
         files = nbytes = 0
         while indices:
             buf, pos = self.ops.space()
-            end, taken, lft, f, b = kernels.read_files(dir_fd, records, indices, max_size, buf, pos)
+            end, taken, lft, f, b = kernels.read_files(dir_fd, records, indices, max_size, buf, pos,
+                                                       time.time_ns() - SETTLE_NS)
             left += lft
             files += f
             nbytes += b

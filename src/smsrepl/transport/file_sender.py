@@ -284,9 +284,12 @@ class FileSender:
             return self._round(chan, started, kind, round_id, early)
         changes = self._journal_changes(welcome, kind)
         if changes is not None and changes.whole_because is None:
+            from ..files.dirscan import walked
             from ..files.remote import normal_subset
 
-            dirs = normal_subset(changes.dirs)
+            filt = self.rules.for_round(kind) if self.rules else None
+            dirs = [(d, r) for d, r in normal_subset(changes.dirs)
+                    if filt is None or walked(filt, tuple(d.split(b"/")) if d else ())]
             chan.send(F.TreeSubset(tuple(dirs)))
         else:
             dirs = None
