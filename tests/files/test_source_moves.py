@@ -3,12 +3,11 @@ while it was read, are counted, never fail the round, and never reach the target
 two versions; deletions converge whatever rounds failed before."""
 import os
 import shutil
-import threading
 
 import pytest
 
 from smsrepl import kernels
-from smsrepl.files.local import RETRIES, SourceWalkErrors, scan_round, sync_tree, walk_round
+from smsrepl.files.local import SourceWalkErrors, scan_round, sync_tree, walk_round
 from smsrepl.files.rules import PathRules
 from smsrepl.errors import SourceError
 
