@@ -148,10 +148,6 @@ class Listing:
         self._failed: BaseException | None = None
         self._following = False
         self._cond = threading.Condition()
-        #: a TREE_SUBSET's listing: the directories listed with all below them (None: the whole tree)
-        self.recursive: list[bytes] | None = None
-        #: directories asked about by below() that a subset listing does not cover
-        self.unlisted: list[bytes] = []
 
     def add(self, ev: F.TreeData, decomp: Decompressor) -> None:
         if self.done:
@@ -246,9 +242,6 @@ class Listing:
         """Paths listed under directory ``path`` (at any depth)."""
         self.wait(whole=True)
         pre = path + b"/"
-        if self.recursive is not None and not any(path == d or not d or path.startswith(d + b"/")
-                                                  for d in self.recursive):
-            self.unlisted.append(path)  # what is below it here is unknown: a whole-tree round must follow
         return [e.path for rel in list(self.groups) if rel is not None and (rel == path or rel.startswith(pre))
                 for e, _ in self.decoded(rel)]
 
