@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -232,9 +233,15 @@ def cmd_send_files(args) -> int:
             _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
             cont.run()
         else:
+            interrupted = _stop_on_sigint(watcher)
             sender = make_sender()
-            sender.open()  # the receiver lists its tree while the round's modules load
-            print_summary(sender.run())
+            try:
+                sender.open()  # the receiver lists its tree while the round's modules load
+                print_summary(sender.run())
+            except ReplicationError:
+                if interrupted.is_set():
+                    return 130
+                raise
     finally:
         watcher.close()
         out.close()
@@ -262,6 +269,24 @@ def _open_journal(args):
 
     return open_journal(args.source, whole_every=10 if args.whole_tree_every is None else args.whole_tree_every,
                         notice=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _stop_on_sigint(watcher: _ScheduleWatcher) -> threading.Event:
+    """SIGINT during a one-shot round stops the sender (``watcher.sender``) from the handler, so
+    the round ends however busy the main thread is (a KeyboardInterrupt raised somewhere deep
+    can be swallowed on its way up); the caller exits 130 when the returned event is set.
+    Before the session's connection exists, KeyboardInterrupt as usual."""
+    hit = threading.Event()
+
+    def on_int(signum, frame) -> None:
+        hit.set()
+        sender = watcher.sender
+        if sender is None or getattr(sender, "_chan", None) is None:
+            raise KeyboardInterrupt
+        sender.stop()
+
+    signal.signal(signal.SIGINT, on_int)
+    return hit
 
 
 def _continuous_interval(args) -> float:
@@ -343,7 +368,13 @@ def cmd_send_block(args) -> int:
             _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
             cont.run()
         else:
-            print_summary(make_sender().run())
+            interrupted = _stop_on_sigint(watcher)
+            try:
+                print_summary(make_sender().run())
+            except ReplicationError:
+                if interrupted.is_set():
+                    return 130
+                raise
     finally:
         watcher.close()
         out.close()
