@@ -172,6 +172,8 @@ class TreeResult:
     wire_bytes: int
     seconds: float
     files_sent: int
+    scope: str = "whole"  # or "journal": only the directories the change journal named
+    source_moved: bool = False  # the source changed under the round (vanished, changed while read)
 
 
 class TreeRound(_Round):
@@ -188,4 +190,5 @@ class TreeRound(_Round):
         self._fire(Event.COPY_RUNNING)
         r = self._start(self.make_sender()).run()
         self._fire(_END[self.kind])
-        return TreeResult(self.kind, r.stats.bytes_sent, r.wire_bytes, r.seconds, r.stats.files_sent)
+        return TreeResult(self.kind, r.stats.bytes_sent, r.wire_bytes, r.seconds, r.stats.files_sent, r.scope,
+                          r.stats.source_moved)
