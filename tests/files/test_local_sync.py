@@ -100,20 +100,21 @@ def test_a_file_changing_while_read_is_read_again(tmp_path, monkeypatch):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     (src / "f").write_bytes(b"1" * 5000)
-    real_read, calls = os.read, []
+    real_read, writers = os.read, []
 
-    def read(fd, n):  # the writer strikes between the first read's start and end
+    def read(fd, n):  # another process opens the file to write while the first read is under way
         data = real_read(fd, n)
-        if not calls:
-            calls.append(1)
-            with open(src / "f", "ab") as fh:
-                fh.write(b"2" * 10)
+        if not writers:
+            writers.append(None)  # Popen reads a pipe with os.read too
+            writers[0] = subprocess.Popen([sys.executable, "-c", f"open({str(src / 'f')!r}, 'ab').write(b'2' * 10)"])
+            time.sleep(0.5)  # its open() breaks the read lease, and waits for this read to let go
         return data
 
     monkeypatch.setattr(local.os, "read", read)
     stats = sync_tree(str(src), str(dst))
     monkeypatch.undo()
-    assert stats.reread == 1 and (dst / "f").read_bytes() == b"1" * 5000 + b"2" * 10
+    assert writers[0].wait(30) == 0
+    assert stats.reread >= 1 and (dst / "f").read_bytes() == b"1" * 5000 + b"2" * 10
     assert oracle(str(src), dst) == ""
 
 
