@@ -156,8 +156,8 @@ def test_rounds_killed_during_churn_then_one_completed_round_converges(tmp_path,
     """Five rounds cut by kill -9 (of the sender, or of the receiver) while the writer runs;
     then the writer stops and the next round that completes leaves the oracle silent."""
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
-    w = TreeChurn(src, rate=1000, seed=7, max_files=6000)
-    w.populate(files=4000)
+    w = TreeChurn(src, rate=1000, seed=7, max_files=5000)
+    w.populate(files=3000)
     rx = ReceiverProc(certkey_file, {"t": dst}, str(tmp_path / "rx"))
     rng = random.Random(11)
     slow = tmp_path / "slow.json"  # 5 MB/s: each round lasts long enough to be cut
@@ -169,7 +169,7 @@ def test_rounds_killed_during_churn_then_one_completed_round_converges(tmp_path,
             p = subprocess.Popen(CLI + ["send", "files", src, "--to", rx.address, "--target", "t", "--certkey",
                                         certkey_file, "--level", "0", "--speed-limit", str(slow)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(rng.uniform(1.0, 2.5))
+            time.sleep(rng.uniform(0.8, 1.8))
             victim = p if i % 2 == 0 else rx.proc
             victim.kill()
             out, _ = p.communicate(timeout=60)
