@@ -343,3 +343,20 @@ def test_a_write_through_a_shared_mmap_reaches_the_target_by_the_next_whole_tree
     finally:
         snd.kill()
         rx.kill()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--journal", "off"], "--journal applies to --continuous only"),
+    (["--whole-tree-every", "3"], "--whole-tree-every applies to --continuous only"),
+    (["--continuous", "--whole-tree-every", "-1"], "--whole-tree-every -1: must be from 0 to 1000000"),
+    (["--continuous", "--journal", "sometimes"], "invalid choice: 'sometimes'"),
+])
+def test_bad_journal_flags_are_usage_errors_and_touch_nothing(tmp_path, certkey_file, extra, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    cp = subprocess.run(CLI + ["send", "files", str(src), "--to", "127.0.0.1:1", "--target", "t", "--certkey",
+                               certkey_file, *extra], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and message in cp.stderr, cp.stderr
+    assert message in cp.stderr.strip().splitlines()[-1]  # one line says it (after argparse's usage)
+    assert sorted(os.listdir(src)) == ["f"]

@@ -351,8 +351,7 @@ def lease_held(fd: int) -> bool:
         return False
 
 
-def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None, *,
-               defer: bool = True) -> bool | None:
+def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None = None) -> bool | None:
     """Copy one file in bounded chunks; if it changed while being read, drop the copy and read it
     again. False when it was not copied: it vanished (or is no longer a regular file), or it
     never stopped changing; the target then keeps what it had under that name (never a copy
@@ -399,7 +398,7 @@ def _send_file(t, src: bytes, e: Entry, stats: RoundStats, basis: Entry | None =
             after.st_size, after.st_mtime_ns, after.st_ctime_ns)
         if stable and not leased and after.st_ctime_ns > settle_before:
             sink.abort()  # a write may still be under way: nothing tells
-            if defer and e.nlink == 1:
+            if e.nlink == 1:  # one with other names waits here: they may be linked to it next
                 stats.deferred.append((e, basis, after.st_ctime_ns))
                 return None
             time.sleep(max(0.0, (after.st_ctime_ns + SETTLE_NS - time.time_ns()) / 1e9))

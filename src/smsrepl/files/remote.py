@@ -52,7 +52,7 @@ KEEPALIVE = 20.0
 
 # --- receiver: describe -------------------------------------------------------
 def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Compressor | None = None,
-                  stream: bool = False) -> Iterator[F.TreeData]:
+                  stream: bool = False, dirs=None) -> Iterator[F.TreeData]:
     """TREE_DATA frames listing every entry under ``root`` (with content digests when asked).
     Temporaries a killed round left (apply.TEMP_RE) are removed first, and not listed.
 
@@ -60,12 +60,21 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     (files.dirscan), which also finds the temporaries (no walk of its own); the root's own
     entry is then not listed (nobody asks for it). The frames are then ordered (whole
     directories, breadth first), and with ``stream`` (a sender that listed "tree-stream")
-    they go every STREAM_BATCH bytes: the sender decides while this end still lists."""
+    they go every STREAM_BATCH bytes: the sender decides while this end still lists.
+
+    ``dirs``: a TREE_SUBSET's (path, recursive) pairs, native kernels only: those directories'
+    entries, and with recursive those of every directory below them; directories that are
+    not there are left out."""
     comp = compressor or Compressor(1)  # records compress well at the cheapest level
     top = os.fsencode(root)
     ordered = kernels.TREE and not checksum
     batch = STREAM_BATCH if ordered and stream else BATCH
-    if ordered:
+    if dirs is not None:
+        subset = [without_temporaries(top, b) for b in scan_dirs(top, on_error=lambda p, exc: None,
+                                                                 start=normal_subset(dirs))]
+        subset.sort(key=lambda b: _order(b.rel))  # recursive ones interleave with the others by depth
+        bodies = (b.records for b in subset)
+    elif ordered:
         bodies = (without_temporaries(top, b).records for b in scan_dirs(top, on_error=lambda p, exc: None))
     else:
         remove_temporaries(top)
@@ -96,28 +105,6 @@ def normal_subset(dirs) -> list[tuple[bytes, bool]]:
         return any(path != d and (not d or path.startswith(d + b"/")) for d in roots)
 
     return sorted(((p, r) for p, r in want.items() if not below_a_root(p)), key=lambda pr: _order(pr[0]))
-
-
-def describe_subset(root: str | bytes, dirs, *, compressor: Compressor | None = None,
-                    stream: bool = False) -> Iterator[F.TreeData]:
-    """TREE_DATA frames (ordered) for the directories of a TREE_SUBSET: each one's entries, and
-    with recursive those of every directory below it; directories that are not there are
-    left out. Temporaries a killed round left in them are removed, and not listed."""
-    comp = compressor or Compressor(1)
-    top = os.fsencode(root)
-    batches = [without_temporaries(top, b) for b in scan_dirs(top, on_error=lambda p, exc: None,
-                                                              start=normal_subset(dirs))]
-    batches.sort(key=lambda b: _order(b.rel))  # recursive ones interleave with the others by depth
-    parts: list[bytes] = []
-    size = 0
-    limit = STREAM_BATCH if stream else BATCH
-    for b in batches:
-        parts.append(b.records)
-        size += len(b.records)
-        if size >= limit:
-            yield _records(F.TreeData, comp, parts, last=False, ordered=True)
-            parts, size = [], 0
-    yield _records(F.TreeData, comp, parts, last=True, ordered=True)
 
 
 def _records(cls, comp: Compressor, parts: list, **kw):

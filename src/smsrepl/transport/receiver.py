@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..files.apply import TreeWriter, remove_temporaries
 from ..files.fdbudget import door_descriptors, process_budget
-from ..files.remote import OpApplier, describe_subset, describe_tree, signature_frames
+from ..files.remote import OpApplier, describe_tree, signature_frames
 from ..memory import release_free_memory
 from .bodies import body_pool
 from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
@@ -696,7 +696,7 @@ class _Session:
                 elif isinstance(ev, F.TreeSubset) and applier is None and kernels.TREE:
                     # temporaries a killed round left are removed by the listing of a whole-tree
                     # round, and a failed round is always followed by one (files.journal)
-                    for frame in describe_subset(root, ev.dirs, stream="tree-stream" in self.hello.capabilities):
+                    for frame in describe_tree(root, dirs=ev.dirs, stream="tree-stream" in self.hello.capabilities):
                         self.chan.send(frame)
                     self._described = True
                 elif isinstance(ev, F.RoundBegin) and applier is None:
