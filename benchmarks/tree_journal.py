@@ -119,7 +119,7 @@ def main() -> int:
     rng = random.Random(a.seed)
     work = tempfile.mkdtemp(prefix="tree-journal-", dir=a.tmp)
     devs, rx, cont = [], None, None
-    changed = a.files // 1000
+    changed = a.files // 1000 // a.changed_dirs * a.changed_dirs  # the same number in each directory
     try:
         src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
         for name, mnt in (("src", src), ("dst", dst)):
