@@ -60,8 +60,8 @@ class WaitingRoom:
             self._sel.unregister(raw)
             accepted, addr = self._waiting.pop(raw)
             if not self._token(addr[0]):
-                raw.close()
                 self.on_drop(f"more than {self.rate:g} TLS handshakes a second from {addr[0]}", addr)
+                raw.close()  # counted first: what the peer sees is already in the count
                 continue
             raw.setblocking(True)
             ready.append((raw, addr, accepted))
@@ -108,8 +108,8 @@ class WaitingRoom:
     def _drop(self, raw: socket.socket, why: str) -> None:
         _, addr = self._waiting.pop(raw)
         self._sel.unregister(raw)
-        raw.close()
         self.on_drop(why, addr)
+        raw.close()
 
     def close(self) -> None:
         for raw in list(self._waiting):
