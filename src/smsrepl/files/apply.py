@@ -173,25 +173,29 @@ class TreeWriter:
         return os.fsdecode(b"/".join((self.root,) + tuple(parts)))
 
     def close(self) -> None:
-        if self._behind is not None:
-            try:
-                self._reap()
-            except (OSError, ReplicationError) as exc:  # closing after a failure: say it, keep closing
-                self.reported.append(f"files of the last batch not kept: {exc}")
-            self._behind.shutdown(wait=True)
-            self._behind = None
-        runs, self._runs, self._run_files = self._runs, [], 0
-        for run in runs:  # files never made durable are dropped: they have no name
-            _drop_run(*run)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        if self.root_fd >= 0:
-            os.close(self.root_fd)
-            self.root_fd = -1
-            if self._budget is not None:
-                self._budget.leave(self._held)
-                self._held = 0
+        try:
+            if self._behind is not None:
+                try:
+                    self._reap()
+                except (OSError, ReplicationError) as exc:  # closing after a failure: say it, keep closing
+                    self.reported.append(f"files of the last batch not kept: {exc}")
+                self._behind.shutdown(wait=True)
+                self._behind = None
+            runs, self._runs, self._run_files = self._runs, [], 0
+            for run in runs:  # files never made durable are dropped: they have no name
+                _drop_run(*run)
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        finally:
+            # whatever failed above, the process's descriptor budget gets this writer's share back:
+            # a share kept by a writer that is gone starves every later session of the process
+            if self.root_fd >= 0:
+                self.root_fd, fd = -1, self.root_fd
+                if self._budget is not None:
+                    self._budget.leave(self._held)
+                    self._held = 0
+                os.close(fd)
 
     def __enter__(self) -> "TreeWriter":
         return self
