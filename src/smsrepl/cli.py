@@ -191,6 +191,9 @@ def cmd_send_files(args) -> int:
     from .transport.connect import parse_address
     from .transport.tls import client_context
 
+    from .dryrun import check_flags
+
+    check_flags(args)
     interval = _continuous_interval(args)
     journal = _open_journal(args)
     rules = None
@@ -205,6 +208,10 @@ def cmd_send_files(args) -> int:
         host_sampler = HostSampler()
     watcher = _ScheduleWatcher(args.speed_limit)
     ctx = client_context(_certkey(args), _passphrase(args))
+    if args.dry_run:
+        from .dryrun import dry_run_files
+
+        return dry_run_files(args, rules, ctx)
     out = _ProgressOutput(args.progress)
     summary_to = sys.stderr if args.progress == "json" else sys.stdout
 
@@ -215,7 +222,8 @@ def cmd_send_files(args) -> int:
         sender = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules,
                             checksum=args.checksum, level=args.level, speed_limit=watcher.load(),
                             on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler,
-                            journal=journal, whole="the cutover round walks the whole tree" if cutover else None)
+                            journal=journal, whole="the cutover round walks the whole tree" if cutover else None,
+                            max_delete=args.max_delete)
         watcher.sender = sender
         return sender
 
@@ -305,12 +313,19 @@ def cmd_send_block(args) -> int:
     from .transport.sender import Sender
     from .transport.tls import client_context
 
+    from .dryrun import check_flags
+
+    check_flags(args)
     interval = _continuous_interval(args)
     _check_live_flags(args)
     watcher = _ScheduleWatcher(args.speed_limit)
     cpu_cap = _block_cpu_cap(args.config)
     ctx = client_context(_certkey(args), _passphrase(args))
     state_dir = args.state_dir or _state_home("send")
+    if args.dry_run:
+        from .dryrun import dry_run_block
+
+        return dry_run_block(args, ctx, state_dir)
     quiesce = None
     if args.continuous:
         from .blocks.quiesce import FREEZE_TIMEOUT, Quiesce
@@ -512,6 +527,12 @@ def cmd_verify_files(args) -> int:
     return 0 if result["check_result"] == "consistent" else 1
 
 
+def _max_delete(text: str) -> int:
+    from .dryrun import max_delete
+
+    return max_delete(text)
+
+
 def _file_level(text: str):
     if text == "auto":
         return text
@@ -612,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with the journal, every Nth round walks the whole tree anyway (writes through a shared "
                          "mmap raise no event); 0 = only when the journal cannot vouch (default 10). The "
                          "cutover round always walks the whole tree")
+    sf.add_argument("--dry-run", "-n", action="store_true",
+                    help="print what a round would change, one line per entry as rsync -i does, and a summary; "
+                         "change nothing on the target")
+    sf.add_argument("--max-delete", type=_max_delete, metavar="N",
+                    help="refuse a round (before it changes anything, exit 2) that would delete more than N target "
+                         "entries; 0 = no deletion, -1 = no limit (default: refuse one that would delete more than "
+                         "half of a target of 10 entries or more)")
     sf.set_defaults(func=cmd_send_files)
     sb = send.add_parser("block", help="copy (first run) or sync (later runs) a disk or image")
     sb.add_argument("source")
@@ -643,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--freeze-timeout", type=float, metavar="SECONDS",
                     help="longest a --freeze may last before it is thawed and the cutover round runs again "
                          "(default 60)")
+    sb.add_argument("--dry-run", "-n", action="store_true",
+                    help="print how many blocks a round would send (and their ranges; -v: every range); change "
+                         "nothing on the target")
     sb.set_defaults(func=cmd_send_block)
 
     nc = sub.add_parser("netcheck", help="measure the link to a receiver; prints the 5.9.1 body")

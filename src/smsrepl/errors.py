@@ -112,6 +112,14 @@ class AuthenticationError(ReplicationError):
     exit_code = EXIT_AUTH
 
 
+class DeletionLimitError(ReplicationError):
+    """A file round would delete more target entries than its limit allows (--max-delete, or
+    more than half of the target's by default): refused, for the operator to decide (exit 2:
+    the same command gives the same answer; rsync exits 25)."""
+
+    exit_code = EXIT_USAGE
+
+
 class RefusedError(ReplicationError):
     """The other side refused the session for good (unknown target, wrong kind of target)."""
 

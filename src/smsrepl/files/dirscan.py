@@ -185,13 +185,17 @@ def _scan_one(top: bytes, rel: bytes, xattrs: bool):
         return exc
 
 
-def without_temporaries(top: bytes, b: DirBatch) -> DirBatch:
-    """``b`` without the temporaries a killed round left (apply.TEMP_RE), which are removed."""
+def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirBatch:
+    """``b`` without the temporaries a killed round left (apply.TEMP_RE), which are removed
+    (unless not ``remove``: a dry run's listing leaves the target as it is)."""
     if TEMP_START not in b.records:  # a byte search rules out nearly every directory
         return b
     temps = [i for i, n in enumerate(b.names) if n.startswith(TEMP_START) and TEMP_RE.match(n)]
     if not temps:
         return b
+    if not remove:
+        gone = set(temps)
+        return _subset(b, [i for i in range(len(b.names)) if i not in gone], set())
     try:
         fd = os.open(top + b"/" + b.rel if b.rel else top, _OPEN_DIR)
     except OSError:

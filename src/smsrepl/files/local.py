@@ -267,7 +267,11 @@ def _round(src: bytes, t, rules, kind, checksum, delete, on_done, entries) -> Ro
 
 def delete_gone(t, gone: list[bytes], stats: RoundStats) -> None:
     """Remove the target entries the source lost (sorted paths), deepest first: a directory
-    goes once empty, so what an exclude rule hides inside it keeps it (as rsync does)."""
+    goes once empty, so what an exclude rule hides inside it keeps it (as rsync does). A target
+    with a ``deletion_limit(count)`` (files.deletions) may refuse them all first."""
+    limit = getattr(t, "deletion_limit", None)
+    if limit is not None and gone:
+        limit(len(gone))
     for path in reversed(gone):
         t.delete(path)
     stats.deleted = len(gone)

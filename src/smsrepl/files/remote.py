@@ -25,7 +25,7 @@ from ..codec import RAW, AdaptiveChoice, Compressor, Decompressor
 from ..errors import RemoteProtocolError, TargetWriteError
 from ..protocol import frames as F
 from . import wire as W
-from .apply import FileSink, TreeWriter, remove_temporaries
+from .apply import TEMP_RE, FileSink, TreeWriter, remove_temporaries
 from .compare import content_digest
 from .dirscan import scan_dirs, without_temporaries
 from .rules import RoundFilter
@@ -52,7 +52,7 @@ KEEPALIVE = 20.0
 
 # --- receiver: describe -------------------------------------------------------
 def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Compressor | None = None,
-                  stream: bool = False, dirs=None) -> Iterator[F.TreeData]:
+                  stream: bool = False, dirs=None, keep_temporaries: bool = False) -> Iterator[F.TreeData]:
     """TREE_DATA frames listing every entry under ``root`` (with content digests when asked).
     Temporaries a killed round left (apply.TEMP_RE) are removed first, and not listed.
 
@@ -64,22 +64,28 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
 
     ``dirs``: a TREE_SUBSET's (path, recursive) pairs, native kernels only: those directories'
     entries, and with recursive those of every directory below them; directories that are
-    not there are left out."""
+    not there are left out.
+
+    ``keep_temporaries``: leave the temporaries where they are (still not listed): a dry run
+    changes nothing."""
     comp = compressor or Compressor(1)  # records compress well at the cheapest level
     top = os.fsencode(root)
     ordered = kernels.TREE and not checksum
     batch = STREAM_BATCH if ordered and stream else BATCH
     if dirs is not None:
-        subset = [without_temporaries(top, b) for b in scan_dirs(top, on_error=lambda p, exc: None,
-                                                                 start=normal_subset(dirs))]
+        subset = [without_temporaries(top, b, remove=not keep_temporaries)
+                  for b in scan_dirs(top, on_error=lambda p, exc: None, start=normal_subset(dirs))]
         subset.sort(key=lambda b: _order(b.rel))  # recursive ones interleave with the others by depth
         bodies = (b.records for b in subset)
     elif ordered:
-        bodies = (without_temporaries(top, b).records for b in scan_dirs(top, on_error=lambda p, exc: None))
+        bodies = (without_temporaries(top, b, remove=not keep_temporaries).records
+                  for b in scan_dirs(top, on_error=lambda p, exc: None))
     else:
-        remove_temporaries(top)
+        if not keep_temporaries:
+            remove_temporaries(top)
         bodies = (W.encode_entry(e, content_digest(top + b"/" + e.path) if checksum and e.kind == "file" else None)
-                  for e in walk(top, xattrs=True, on_error=lambda p, exc: None))
+                  for e in walk(top, xattrs=True, on_error=lambda p, exc: None)
+                  if not (keep_temporaries and any(TEMP_RE.match(c) for c in e.path.split(b"/"))))
     parts: list[bytes] = []
     size = 0
     last = time.monotonic()

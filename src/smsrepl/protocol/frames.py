@@ -84,6 +84,9 @@ PROTOCOL_VERSION = 2  # 2: frame checks are XXH3-64's low 32 bits (XXH32 ran at 
 #: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
 #: uses a feature only when the peer listed it)
 CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream", "tree-subset")
+#: listed in HELLO by a sender that only looks (send --dry-run): the receiver then creates,
+#: removes and begins nothing (never listed in WELCOME, nor in an ordinary HELLO)
+DRY_RUN = "dry-run"
 
 _BLOCK_PREFIX = struct.Struct(">QIBxxx")
 _SET_PREFIX = struct.Struct(">QIBxxx")  # offset, count, codec

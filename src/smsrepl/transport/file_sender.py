@@ -29,6 +29,7 @@ from .connect import check_target_name, connect
 
 if TYPE_CHECKING:
     from ..files.local import Prefetch, RoundStats
+    from ..files.plan import Plan
     from ..files.remote import Listing
     from ..files.journal import Changes, ChangeJournal
     from ..files.rules import PathRules
@@ -77,7 +78,8 @@ class FileSender:
                  rules: PathRules | None = None, checksum: bool = False, level: int | str = "auto",
                  speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
                  on_report: Callable[[dict], None] | None = None, host_sampler=None,
-                 journal: ChangeJournal | None = None, whole: str | None = None) -> None:
+                 journal: ChangeJournal | None = None, whole: str | None = None,
+                 max_delete: int | None = None) -> None:
         if not os.path.isdir(source_dir):
             from ..errors import SourceMissingError
 
@@ -101,6 +103,9 @@ class FileSender:
         #: a change journal of the source (files.journal): sync rounds of only what it names
         self.journal = journal
         self.whole = whole  # a reason to walk the whole tree anyway (the cutover)
+        #: most target entries a round may delete (files.deletions): None = half of the target's
+        #: (from MIN_GUARDED entries up), -1 = no limit
+        self.max_delete = max_delete
         self.tracker: ProgressTracker | None = None
         self.stop_requested = False
         self._chan: Channel | None = None
@@ -306,6 +311,69 @@ class FileSender:
                 result.whole_because = changes.whole_because
         return result
 
+    def _deletion_limit(self, chan: Channel, listing: Listing, kind: str, *, whole: bool) -> Callable[[int], None]:
+        """Refuse, before the round begins, a whole-tree round that would delete more than its
+        limit (files.deletions; the session is closed first: the target keeps its round
+        record). Returns the check the round's deletion step makes again: the source may
+        change meanwhile, and a journal round (not counted ahead, nor guarded by default: it
+        lists a part of the target) meets its --max-delete there."""
+        from ..errors import DeletionLimitError
+        from ..files.deletions import UNLIMITED, check_deletions, listed_entries, would_delete
+
+        total = None
+        if whole and self.max_delete != UNLIMITED:
+            filt = self.rules.for_round(kind) if self.rules else None
+            try:
+                total = listed_entries(listing) if self.max_delete is None else None
+                check_deletions(would_delete(self.source, listing, filt, self.checksum), total, self.max_delete,
+                                self.target)
+            except DeletionLimitError:
+                self._goodbye(chan)
+                raise
+        return lambda count: check_deletions(count, total, self.max_delete, self.target, changed=True)
+
+    def _goodbye(self, chan: Channel) -> None:
+        """End a session that begins no round (its listing received whole)."""
+        try:
+            chan.send(F.Close("done"))
+            self._recv(chan, F.Close)
+        except ReplicationError:
+            pass
+
+    def plan(self) -> "Plan":
+        """What a round would change (files.plan), found as the round finds it, changing nothing:
+        the receiver lists its tree for a session that begins no round (HELLO lists DRY_RUN:
+        it creates and removes nothing either)."""
+        from ..files.local import walk_round
+        from ..files.plan import plan_round
+        from ..files.remote import Listing
+
+        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        try:
+            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, self.session_id, 0, F.FINE_BLOCK,
+                              list(CAPABILITIES) + [F.DRY_RUN]))
+            chan.send(F.TreeRequest(self.checksum))
+            welcome = self._recv(chan, F.Welcome)
+            if "files" not in welcome.capabilities:
+                raise RemoteProtocolError("the receiver does not take file sessions")
+            kind = "sync" if welcome.state == "synced" else "full"
+            listing, decomp = Listing(), Decompressor()
+            while not listing.done:
+                listing.add(self._recv(chan, F.TreeData), decomp)
+            self._goodbye(chan)
+        finally:
+            chan.close()
+        filt = self.rules.for_round(kind) if self.rules else None
+        entries = listing.entries
+
+        def lookup(path: bytes):
+            got = entries.get(path)
+            return got[0] if got else None
+
+        return plan_round(os.fsencode(self.source), walk_round(self.source, self.rules, kind), lookup, entries,
+                          filt, kind, welcome.round_id + 1, checksum=self.checksum,
+                          target_digest=lambda path: entries[path][1])
+
     def _journal_changes(self, welcome: F.Welcome, kind: str) -> Changes | None:
         """The journal's changes since the last round (taken now: the round's boundary), or
         None without a journal."""
@@ -338,6 +406,7 @@ class FileSender:
         if self.on_report is not None:
             self.tracker = ProgressTracker(subtask_for("file", first_copy=kind == "full"), self._total(kind, dirs),
                                            host_sampler=self.host_sampler)
+        deletion_limit = self._deletion_limit(chan, listing, kind, whole=dirs is None)
         on_done = self._progress(chan)
         chan.limiter = self.limiter
         wire0 = self._wire0 = chan.wire_sent
@@ -347,6 +416,7 @@ class FileSender:
                                    self.cpu_cap.pace if self.cpu_cap else None, adaptive=auto)
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
+            target.deletion_limit = deletion_limit
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
                               on_done=on_done, entries=entries, walk_errors=entries.errors)
             self.literal_bytes = target.literal_bytes

@@ -662,8 +662,10 @@ class _Session:
         if os.path.lexists(root) and not os.path.isdir(root):
             raise RefusedError(f"target {ev.target!r} ({root}) is not a directory: file sessions need one")
         self.lock_fd = self.rx._claim(ev.target, self)
+        self._dry = F.DRY_RUN in ev.capabilities  # a dry run: list, change nothing
         try:
-            os.mkdir(root, 0o755)
+            if not self._dry:
+                os.mkdir(root, 0o755)
         except FileExistsError:
             pass
         except OSError as exc:
@@ -689,16 +691,19 @@ class _Session:
                 if isinstance(ev, BaseException):
                     raise ev
                 if isinstance(ev, F.TreeRequest) and applier is None:
-                    for frame in describe_tree(root, checksum=ev.checksum,
+                    for frame in describe_tree(root, checksum=ev.checksum, keep_temporaries=self._dry,
                                                stream="tree-stream" in self.hello.capabilities):
                         self.chan.send(frame)
                     self._described = True
                 elif isinstance(ev, F.TreeSubset) and applier is None and kernels.TREE:
                     # temporaries a killed round left are removed by the listing of a whole-tree
                     # round, and a failed round is always followed by one (files.journal)
-                    for frame in describe_tree(root, dirs=ev.dirs, stream="tree-stream" in self.hello.capabilities):
+                    for frame in describe_tree(root, dirs=ev.dirs, keep_temporaries=self._dry,
+                                               stream="tree-stream" in self.hello.capabilities):
                         self.chan.send(frame)
                     self._described = True
+                elif isinstance(ev, F.RoundBegin) and self._dry:
+                    raise RemoteProtocolError("a dry run may not begin a round")
                 elif isinstance(ev, F.RoundBegin) and applier is None:
                     if not self._described:  # a sender that did not ask for the tree first
                         remove_temporaries(root)
@@ -760,7 +765,10 @@ class _Session:
         except BaseException:
             target.close()
             raise
-        desc = self.replica.describe(ev.session_id, ev.source_size, any_session=verify)
+        # a dry run (a check that says what a round of this session would send) is described
+        # as the session's round would be
+        desc = self.replica.describe(ev.session_id, ev.source_size,
+                                     any_session=verify and F.DRY_RUN not in ev.capabilities)
         self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
         faults.point("receiver.welcome")
         log.info("%s: %s %s for target %s (%s)", self.peer, "consistency check" if verify else "session",

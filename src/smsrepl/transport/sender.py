@@ -64,6 +64,45 @@ class RoundResult:
     whole_reason: str | None = None
 
 
+@dataclass
+class BlockDryRun:
+    """What a block round would send: BLOCK_DATA/BLOCK_SET blocks and their ranges, and the
+    ranges of zero blocks sent as ZERO_RANGE (no data)."""
+
+    kind: str
+    round_id: int
+    start: int
+    source_size: int
+    source: str
+    blocks: int = 0
+    data_bytes: int = 0  # what the round's data_bytes would be
+    zero_bytes: int = 0
+    ranges: list = dataclasses.field(default_factory=list)  # [offset, length] of the data, merged
+
+    def add(self, ev) -> None:
+        if isinstance(ev, F.BlockData):
+            self._range(ev.offset, ev.raw_len)
+        elif isinstance(ev, F.BlockSet):
+            for i in ev.index.tolist():
+                self._range(ev.offset + i * FINE_BLOCK, min(FINE_BLOCK, self.source_size - ev.offset - i * FINE_BLOCK))
+        elif isinstance(ev, F.ZeroRange):
+            self.zero_bytes += ev.length
+
+    def _range(self, offset: int, length: int) -> None:
+        self.blocks += -(-length // FINE_BLOCK)
+        self.data_bytes += length
+        if self.ranges and self.ranges[-1][0] + self.ranges[-1][1] == offset:
+            self.ranges[-1][1] += length
+        else:
+            self.ranges.append([offset, length])
+
+    def summary(self, target: str) -> str:
+        where = f" from offset {self.start}" if self.start else ""
+        return (f"dry run, {self.kind} round {self.round_id} of {self.source!r} ({self.source_size} bytes) to target "
+                f"{target!r}{where}: {self.blocks} blocks ({self.data_bytes} bytes) in {len(self.ranges)} ranges "
+                f"would be sent, {self.zero_bytes} bytes of zero blocks as zero ranges; nothing was changed")
+
+
 def _source_bytes(frame) -> int:
     """The source bytes a BLOCK_DATA or BLOCK_SET frame covers."""
     return frame.raw_len if isinstance(frame, F.BlockData) else len(frame.index) * FINE_BLOCK
@@ -358,6 +397,59 @@ class Sender:
                 return differ, extents
             finally:
                 chan.close()
+
+    def dry_run(self) -> BlockDryRun:
+        """What a round would send (``send block --dry-run``): the round's own decisions (the
+        receiver's WELCOME for this session, its manifest reconciled, stream.round_events over
+        the source), without a round. The session is a check (HELLO kind "verify", listing
+        DRY_RUN): the receiver neither creates nor grows the target, nor begins a round. This
+        session's state is read, not made; the local copy of the target's manifest is brought
+        up to date, as a round would."""
+        self._new_session()
+        with BlockSource(self.source_path) as source:
+            try:
+                with open(os.path.join(self.dir, "session.json")) as fh:
+                    rec = json.load(fh)
+                if rec.get("source_size") != source.size or rec.get("source") != self.source_path:
+                    rec = None
+            except (OSError, ValueError):
+                rec = None
+            session_id = rec["session_id"] if rec else uuid.uuid4().hex  # a first run's new session
+            chan = Channel(connect(self.address, self.context), Connection(SENDER))
+            self._chan = chan
+            try:
+                chan.send(F.Hello([PROTOCOL_VERSION], "verify", self.target, session_id, source.size,
+                                  F.FINE_BLOCK, list(CAPABILITIES) + [F.DRY_RUN]))
+                welcome = chan.recv()
+                self._raise_if_error(welcome)
+                if not isinstance(welcome, F.Welcome):
+                    raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
+                self._peer_caps = frozenset(welcome.capabilities)
+                threading.Thread(target=self._read_loop, args=(chan,), daemon=True).start()
+                cache, start = None, 0
+                if welcome.state == "partial" and welcome.round_kind == "full":
+                    kind, round_id, start = "full", welcome.round_id, welcome.checkpoint
+                elif welcome.state in ("synced", "partial") and rec is not None:
+                    kind, round_id = "sync", welcome.round_id + 1
+                    private_makedirs(self.dir)
+                    cache = self._reconcile(chan, os.path.join(self.dir, "target.manifest"), source.size,
+                                            welcome.manifest_root)
+                else:
+                    kind, round_id = "full", max(1, welcome.round_id + 1)
+                try:
+                    result = BlockDryRun(kind, round_id, start, source.size, self.source_path)
+                    big = "frame-8m" in self._peer_caps
+                    for ev in round_events(source, start=start, cache=cache, sets="block-set" in self._peer_caps,
+                                           frame_blocks=FRAME_BLOCKS if big else LEGACY_FRAME_BLOCKS):
+                        result.add(ev)
+                finally:
+                    if cache is not None:
+                        cache.close()
+                self._close(chan)
+                return result
+            finally:
+                chan.close()
+                self._chan = None
 
     def _open_cache(self, path: str, size: int, *, verify: bool = False) -> ManifestFile | None:
         try:

@@ -1,0 +1,89 @@
+"""How many target entries a file round would delete, and the limit it must stay within.
+
+A round deletes what the target holds and the source lacks. Pointed at the wrong
+source (a tiny tree against a big target), or at a source emptied by a mount that
+failed, that is most of the target: such a round is refused before it changes
+anything. The limit is ``--max-delete N`` (at most N deletions; 0: none; -1: no
+limit) or, by default, half of the target's entries, for targets of MIN_GUARDED
+entries or more (a handful of entries is quickly copied again, and a lab's tiny tree
+is routinely emptied).
+
+:func:`would_delete` counts a whole-tree round's deletions from the receiver's
+listing and a walk of the source (the same decisions as files.local and
+files.dirround), before the round begins; the round's own deletion step checks
+the limit again (files.local.delete_gone: the source may change meanwhile, and a
+journal round is not counted ahead).
+"""
+from __future__ import annotations
+
+import os
+
+from .. import kernels
+from ..errors import DeletionLimitError
+from .rules import RoundFilter
+
+#: targets with fewer entries than this are not guarded by default
+MIN_GUARDED = 10
+#: --max-delete -1: no limit
+UNLIMITED = -1
+
+
+def check_deletions(count: int, target_entries: int | None, limit: int | None, target: str, *,
+                    changed: bool = False) -> None:
+    """Raise DeletionLimitError where ``count`` deletions go beyond ``limit`` (None: the default
+    guard, which needs ``target_entries``; UNLIMITED: none). ``changed``: the round's other
+    changes were made already (the check at its deletion step)."""
+    done = "nothing was deleted (the round's other changes were made)" if changed else "nothing was changed"
+    if limit is None:
+        if target_entries is None or target_entries < MIN_GUARDED or count * 2 <= target_entries:
+            return
+        raise DeletionLimitError(
+            f"would delete {count} of {target_entries} entries on target {target!r} (more than half): "
+            f"wrong source? {done}; rerun with --max-delete {count} (or --max-delete -1 for no limit) to allow it")
+    if limit == UNLIMITED or count <= limit:
+        return
+    if limit == 0:
+        raise DeletionLimitError(f"would delete {count} entries on target {target!r}, and --max-delete 0 allows "
+                                 f"none: {done}; rerun with --max-delete {count} to allow it")
+    raise DeletionLimitError(f"would delete {count} entries on target {target!r}, more than --max-delete {limit}: "
+                             f"{done}; rerun with --max-delete {count} to allow it")
+
+
+def listed_entries(listing) -> int:
+    """Entries of a receiver's listing (files.remote.Listing), its root not counted."""
+    listing.wait(whole=True)
+    if listing.ordered and kernels.TREE:  # count records without decoding them
+        return sum(len(kernels.diff_records(b"", listing.records(rel))[1])
+                   for rel in list(listing.groups) if rel is not None)
+    return sum(1 for path in listing.entries if path)
+
+
+def would_delete(source: str | bytes, listing, filt: RoundFilter | None, checksum: bool = False) -> int:
+    """How many entries a whole-tree round of ``source`` (as ``filt`` selects it) would delete
+    from the target that ``listing`` describes."""
+    src = os.fsencode(source)
+    if listing.ordered and kernels.TREE and not checksum:
+        return _by_dirs(src, listing, filt)
+    from .scan import walk
+
+    seen = {e.path for e in walk(src, filt, implied=True, on_error=lambda p, exc: None)}
+    return sum(1 for path in listing.entries
+               if path and path not in seen and (filt is None or filt.includes(tuple(path.split(b"/")))))
+
+
+def _by_dirs(src: bytes, listing, filt: RoundFilter | None) -> int:
+    """files.dirround's deletions: each source directory's records against the target's."""
+    from .dirscan import scan_dirs
+
+    gone: list[bytes] = []
+    emptied: list[bytes] = []
+    for b in scan_dirs(src, filt, xattrs=False, on_error=lambda p, exc: None):
+        _, idx = kernels.diff_records(b.records, listing.records(b.rel))
+        if idx:
+            items = listing.decoded(b.rel)
+            gone += [items[j][0].path for j in idx]
+            emptied += [items[j][0].path for j in idx if items[j][0].kind == "dir"]
+        emptied += b.not_entered
+    for path in emptied:
+        gone += listing.below(path)
+    return sum(1 for p in set(gone) if filt is None or filt.includes(tuple(p.split(b"/"))))
