@@ -72,6 +72,9 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     top = os.fsencode(root)
     ordered = kernels.TREE and not checksum
     batch = STREAM_BATCH if ordered and stream else BATCH
+    if keep_temporaries and not os.path.isdir(top):  # a dry run's target not made yet: empty
+        yield _records(F.TreeData, comp, [], last=True, ordered=ordered)
+        return
     if dirs is not None:
         subset = [without_temporaries(top, b, remove=not keep_temporaries)
                   for b in scan_dirs(top, on_error=lambda p, exc: None, start=normal_subset(dirs))]
