@@ -1,0 +1,107 @@
+"""files.deletions: the limit of a round's deletions, counted as the round counts them."""
+import os
+import shutil
+
+import pytest
+
+from smsrepl import kernels
+from smsrepl.codec import Decompressor
+from smsrepl.errors import DeletionLimitError, EXIT_USAGE
+from smsrepl.files import deletions
+from smsrepl.files.deletions import check_deletions, listed_entries, would_delete
+from smsrepl.files.local import delete_gone, sync_tree, RoundStats
+from smsrepl.files.remote import Listing, describe_tree
+from smsrepl.files.rules import PathRules
+from smsrepl.transport.file_sender import FileSender
+from smsrepl.transport.receiver import Receiver
+from smsrepl.transport.tls import client_context, server_context
+
+from files.trees import rich_tree
+
+
+@pytest.mark.parametrize("count,total,limit,refused", [
+    (9, 9, None, False),  # below the floor: not guarded
+    (5, 10, None, False),  # half may go
+    (6, 10, None, True),
+    (6, None, None, False),  # a journal round's part of the target: not guarded by default
+    (3, 10, 3, False), (4, 10, 3, True), (1, 100, 0, True), (0, 100, 0, False), (100, 100, -1, False),
+])
+def test_check_deletions(count, total, limit, refused):
+    if not refused:
+        check_deletions(count, total, limit, "t")
+        return
+    with pytest.raises(DeletionLimitError, match=f"would delete {count} .*target 't'") as exc:
+        check_deletions(count, total, limit, "t")
+    assert exc.value.exit_code == EXIT_USAGE and "nothing was changed" in str(exc.value)
+
+
+def test_delete_gone_refused_deletes_nothing():
+    class Target:
+        deleted = []
+
+        def delete(self, path):
+            self.deleted.append(path)
+
+        def deletion_limit(self, count):
+            check_deletions(count, 20, None, "t", changed=True)
+
+    t = Target()
+    with pytest.raises(DeletionLimitError, match="nothing was deleted .the round's other changes were made"):
+        delete_gone(t, [b"x%d" % i for i in range(11)], RoundStats())
+    assert t.deleted == []
+    delete_gone(t, [b"x%d" % i for i in range(10)], RoundStats())
+    assert len(t.deleted) == 10
+
+
+def _listing(root, checksum):
+    listing, decomp = Listing(), Decompressor()
+    for frame in describe_tree(root, checksum=checksum):
+        listing.add(frame, decomp)
+    return listing
+
+
+@pytest.mark.parametrize("checksum", [False, True])  # a directory at a time (native) and entry by entry
+def test_would_delete_counts_what_a_round_deletes(tmp_path, checksum):
+    src = os.fsdecode(rich_tree(tmp_path / "src"))
+    dst = str(tmp_path / "dst")
+    sync_tree(src, dst)
+    shutil.rmtree(os.path.join(src, "with space", "deeper"))
+    os.unlink(os.path.join(src, "fifo"))
+    os.makedirs(os.path.join(src, "cache", "x"))
+    os.makedirs(os.path.join(dst, "cache", "kept"))  # excluded: never deleted, never counted
+    rules = PathRules.from_configurations({"configurations": [
+        {"config_key": "SYNC_EXCLUDE_PATH", "config_value": "/cache"}]})
+    listing = _listing(dst, checksum)
+    total = listed_entries(listing)
+    assert total == sum(len(d) + len(f) for _, d, f in os.walk(dst))
+    count = would_delete(src, listing, rules.for_round("sync"), checksum)
+    stats = sync_tree(src, dst, rules=rules, kind="sync", checksum=checksum)
+    assert count == stats.deleted == 43
+    assert os.path.isdir(os.path.join(dst, "cache", "kept"))
+
+
+def test_a_round_past_its_limit_at_the_deletion_step_deletes_nothing(tmp_path, bundle, monkeypatch):
+    """The source may lose entries after the count (or a journal round is not counted ahead): the
+    round's deletion step checks again."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for i in range(12):
+        (src / "d").mkdir(parents=True, exist_ok=True)
+        (src / "d" / f"f{i}").write_bytes(b"x" * i)
+    rx = Receiver({"tree": str(dst)}, server_context(bundle), str(tmp_path / "rx"), idle_timeout=10)
+    addr = rx.start()
+    try:
+        def send(**kw):
+            return FileSender(str(src), "tree", addr, client_context(bundle), **kw).run()
+
+        send()
+        for i in range(5):
+            (src / "d" / f"f{i}").unlink()
+        monkeypatch.setattr(deletions, "would_delete", lambda *a, **kw: 0)  # as if counted before they went
+        with pytest.raises(DeletionLimitError, match="would delete 5 entries on target 'tree', more than "
+                                                     "--max-delete 2: nothing was deleted"):
+            send(max_delete=2)
+        assert sorted(os.listdir(dst / "d")) == sorted(f"f{i}" for i in range(12))
+        monkeypatch.undo()
+        assert send(max_delete=5).stats.deleted == 5
+    finally:
+        rx.stop()
