@@ -307,3 +307,28 @@ def test_block_dry_run_reports_what_the_round_then_sends_and_writes_nothing(tmp_
     real = blocks(addr, certkey_file, src, sstate)
     assert real.returncode == 0, real.stderr
     assert json.loads(real.stdout)["data_bytes"] == 12288
+
+
+def test_a_dry_run_session_may_not_begin_a_round(tmp_path, rx, bundle, certkey_file):
+    """The receiver holds a dry run to what it said it is: a sender that lists DRY_RUN and then
+    begins a round (a bug, or a hostile peer) is refused; the target and its record stay."""
+    from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection
+    from smsrepl.protocol import frames as F
+    from smsrepl.transport.channel import Channel
+    from smsrepl.transport.connect import connect, parse_address
+    from smsrepl.transport.tls import client_context
+
+    _, addr = rx
+    src = make_tree(str(tmp_path / "src"), n_files=4, dirs=1)
+    assert files(addr, certkey_file, src, "tree").returncode == 0
+    before, rec = snapshot(tmp_path / "dst"), state(tmp_path)
+    chan = Channel(connect(parse_address(addr), client_context(bundle)), Connection(SENDER))
+    try:
+        chan.send(F.Hello([PROTOCOL_VERSION], "files", "tree", "dry", 0, 4096, list(CAPABILITIES) + [F.DRY_RUN]))
+        assert isinstance(chan.recv(), F.Welcome)
+        chan.send(F.RoundBegin(9, "full", 0))
+        ev = chan.recv()
+    finally:
+        chan.close()
+    assert isinstance(ev, F.Error) and "a dry run may not begin a round" in ev.message, ev
+    assert snapshot(tmp_path / "dst") == before and state(tmp_path) == rec
