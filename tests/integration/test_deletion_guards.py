@@ -83,8 +83,17 @@ def lines(cp) -> list[str]:
     return cp.stdout.splitlines()[:-1]
 
 
+def outcomes(receiver) -> list:
+    """The receiver's session outcomes so far (each ends once its session's thread is done)."""
+    time.sleep(0.2)
+    out = []
+    while not receiver.outcomes.empty():
+        out.append(receiver.outcomes.get_nowait())
+    return out
+
+
 def test_dry_run_of_a_first_copy_lists_everything_and_writes_nothing(tmp_path, rx, certkey_file):
-    _, addr = rx
+    receiver, addr = rx
     src = make_tree(str(tmp_path / "src"), n_files=4, dirs=2)
     os.symlink("d0/f0.txt", f"{src}/link")
     os.link(f"{src}/d0/f0.txt", f"{src}/hard")
@@ -98,6 +107,9 @@ def test_dry_run_of_a_first_copy_lists_everything_and_writes_nothing(tmp_path, r
     cp = files(addr, certkey_file, src, "tree", "--dry-run")
     assert cp.returncode == 0, cp.stderr
     assert snapshot(tmp_path / "dst") == before and state(tmp_path) == rec
+    # the sessions ended cleanly, without a round
+    assert [(o.target, o.ok, o.error, o.rounds, o.bytes_written) for o in outcomes(receiver)] == [
+        ("fresh", True, None, 0, 0), ("tree", True, None, 0, 0)]
     got = lines(cp)
     assert got[0] == "cd+++++++++ d0/"
     assert ">f+++++++++ d0/f0.txt" in got and "cd+++++++++ d1/" in got
@@ -164,9 +176,10 @@ def test_dry_run_of_a_sync_round_names_what_the_round_then_changes(tmp_path, rx,
 
 
 def test_a_tiny_source_against_a_big_target_changes_nothing_and_says_how_to_allow_it(tmp_path, rx, certkey_file):
-    _, addr = rx
+    receiver, addr = rx
     big = make_tree(str(tmp_path / "big"), n_files=30, dirs=3)
     assert files(addr, certkey_file, big, "wipe").returncode == 0
+    outcomes(receiver)
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     (tiny / "d0").mkdir()
@@ -179,6 +192,8 @@ def test_a_tiny_source_against_a_big_target_changes_nothing_and_says_how_to_allo
                                  "to allow it")
     assert cp.stdout == ""
     assert snapshot(tmp_path / "wipe") == before and state(tmp_path) == rec
+    # the session ended without a round, cleanly
+    assert [(o.ok, o.error, o.rounds) for o in outcomes(receiver)] == [(True, None, 0)]
     # the dry run says the same, and exits 0
     dry = files(addr, certkey_file, tiny, "wipe", "--dry-run")
     assert dry.returncode == 0 and "a real round would stop before changing anything: would delete 31 of 33" in dry.stderr
