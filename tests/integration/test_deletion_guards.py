@@ -137,6 +137,7 @@ def test_dry_run_of_a_sync_round_names_what_the_round_then_changes(tmp_path, rx,
     os.symlink("d0/f1.txt", f"{src}/moving")
     os.makedirs(f"{src}/gone/deep")
     open(f"{src}/gone/deep/x", "w").write("x")
+    os.link(f"{src}/d1/f5.txt", f"{src}/d2/hard")
     assert files(addr, certkey_file, src, "tree").returncode == 0
     time.sleep(0.05)
     with open(f"{src}/d0/f3.txt", "a") as fh:  # size and time
@@ -171,8 +172,10 @@ def test_dry_run_of_a_sync_round_names_what_the_round_then_changes(tmp_path, rx,
     assert json.loads(real.stdout)["deleted"] == 4
     named = {x[12:].split(" -> ")[0].rstrip("/") or "." for x in got}
     assert {os.fsdecode(p) for p in _changes(before, snapshot(dst))} - {"."} == named - {"."}
-    again = files(addr, certkey_file, src, "tree", "--dry-run")  # and nothing is left to do
-    assert again.returncode == 0 and lines(again) == [], again.stdout
+    for how in [], ["--checksum"]:  # and nothing is left to do
+        again = files(addr, certkey_file, src, "tree", "--dry-run", *how)
+        assert again.returncode == 0 and lines(again) == [], again.stdout
+        assert " 0 new, 0 changed, 0 with new attributes, 0 to delete (of 38 target entries); 0 B" in again.stdout
 
 
 def test_a_tiny_source_against_a_big_target_changes_nothing_and_says_how_to_allow_it(tmp_path, rx, certkey_file):
