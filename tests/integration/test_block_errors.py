@@ -150,7 +150,7 @@ def test_unknown_target_and_bad_names(tmp_path, rx, certkey_file, source):
     _, addr, dst = rx
     cp = send(source, addr, certkey_file, str(tmp_path / "tx"), "disk9")
     assert cp.returncode == 4, cp.stderr
-    assert cp.stderr.startswith("SMS.0808") and "receiver has no target 'disk9'; it has: disk0" in cp.stderr
+    assert cp.stderr.startswith("SMS.0808") and "no target named 'disk9'; its targets are: disk0" in cp.stderr
     for bad in ("../disk0", "/etc/passwd", "a/b"):
         cp = send(source, addr, certkey_file, str(tmp_path / "tx"), bad)
         assert cp.returncode == 2 and "invalid" in cp.stderr, cp.stderr

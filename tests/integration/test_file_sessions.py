@@ -66,7 +66,7 @@ def test_refusals_name_the_problem(tmp_path, rx, bundle):
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"x")
-    with pytest.raises(RemoteError, match="receiver has no target 'nope'; it has: img, tree") as exc:
+    with pytest.raises(RemoteError, match="no target named 'nope'; its targets are: img, tree") as exc:
         send(src, addr, bundle, target="nope")
     assert exc.value.exit_code == RefusedError.exit_code
     (tmp_path / "disk.img").write_bytes(b"")  # a file: block sessions only
@@ -454,7 +454,7 @@ def test_receive_root_serves_named_targets_below_it_only(tmp_path, bundle):
             chan.send(F.Hello([PROTOCOL_VERSION], "files", name, "x", 0, 4096, list(CAPABILITIES)))
             ev = chan.recv()
             chan.close()
-            assert isinstance(ev, F.Error) and f"receiver has no target {name!r}" in ev.message, ev
+            assert isinstance(ev, F.Error) and f"no target named {name!r}" in ev.message, ev
     finally:
         rx.stop()
     assert sorted(os.listdir(base)) == ["home"]

@@ -456,7 +456,7 @@ class BlockTarget:
     def _direct_failed(self, exc: OSError) -> TargetWriteError:
         """The error of a direct write that failed on the writer thread, at the offset it was for."""
         at = self._direct.failed_at if self._direct is not None else None
-        where = f" at offset {at}" if at is not None else ""
+        where = f" at offset {at[0]} ({at[1]} bytes)" if at is not None else ""
         return TargetWriteError(f"{self.what}: write failed{where}: {_describe(exc)}")
 
     def _write_buffered(self, offset: int, view: memoryview) -> None:

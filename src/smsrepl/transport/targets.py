@@ -83,22 +83,22 @@ def check_kind(name: str, path: str, session: str) -> None:
     'files', 'block' or 'verify' (a block consistency check)."""
     kind = kind_of(path)
     if session == "files" and kind in ("image file", "block device"):
-        raise TargetKindError(f"target {name!r} is {_a(kind)} ({path}), not a directory: a file session "
-                              f"(send files, verify files) needs a directory; use `send block` or `verify block`")
+        raise TargetKindError(f"target {name!r} is {_a(kind)} ({path}), not a directory: `send files` and "
+                              f"`verify files` need one; use `send block` or `verify block`")
     if session in ("block", "verify") and kind == "directory":
-        asked = "send block" if session == "block" else "verify block"
-        raise TargetKindError(f"target {name!r} is a directory ({path}), not an image file or block device, "
-                              f"which `{asked}` needs; use `send files` or `verify files`")
+        verb = "send" if session == "block" else "verify"
+        raise TargetKindError(f"target {name!r} is a directory ({path}), not an image file or block device: "
+                              f"`{verb} block` needs one; use `{verb} files`")
 
 
 def unknown(name: str, targets: Mapping[str, str]) -> RefusedError:
     """The refusal of a target name the receiver was not given, listing the names it was."""
     names = sorted(targets)
     if not names:  # --root: any valid name below it
-        return RefusedError(f"receiver has no target {name!r}: its targets are the names below its --root "
+        return RefusedError(f"no target named {name!r}: its targets are the names below its --root "
                             f"(letters, digits, '.', '_' and '-')", code=TargetMissingError.code)
     shown = ", ".join(names[:LIST_NAMES]) + (f" and {len(names) - LIST_NAMES} more" if len(names) > LIST_NAMES else "")
-    return RefusedError(f"receiver has no target {name!r}; it has: {shown}", code=TargetMissingError.code)
+    return RefusedError(f"no target named {name!r}; its targets are: {shown}", code=TargetMissingError.code)
 
 
 def _a(kind: str) -> str:
