@@ -343,3 +343,27 @@ def test_a_writing_target_keeps_its_device_claimed(loop):
             BlockTarget(loop, create=False, name="vdb", exclusive=True)
         assert target.is_device
     os.close(os.open(loop, os.O_RDONLY | os.O_EXCL))  # let go with the target
+
+
+def test_a_free_device_is_written_and_let_go_after_the_session(tmp_path, certkey_file, source, loop):
+    rx = ReceiverProc(certkey_file, {"vdb": loop}, str(tmp_path / "rx"), create=False)
+    try:
+        cp = send(source, rx.address, certkey_file, str(tmp_path / "tx"), "vdb")
+        assert cp.returncode == 0, cp.stderr
+        os.close(os.open(loop, os.O_RDONLY | os.O_EXCL))  # the session ended: nobody holds it
+    finally:
+        rx.stop()
+    size = os.path.getsize(source)
+    fd = os.open(loop, os.O_RDONLY)
+    try:
+        assert hashlib.sha256(os.pread(fd, size, 0)).hexdigest() == sha256(source)
+    finally:
+        os.close(fd)
+
+
+def test_a_long_list_of_names_is_cut_short():
+    from smsrepl.transport.targets import LIST_NAMES, unknown
+
+    err = unknown("x", {f"d{i:03}": f"/srv/d{i}" for i in range(LIST_NAMES + 5)})
+    assert err.code == "SMS.0808" and err.exit_code == 4
+    assert err.message.endswith(f"d{LIST_NAMES - 1:03} and 5 more") and "/srv" not in err.message, err.message
