@@ -298,7 +298,7 @@ def _wan_sms_once(wan: "Wan", ck: str, src: str, base: str, level: int) -> float
     from replication import CLI
 
     os.makedirs(base)
-    rx = wan.run_in(wan.RX, CLI + ["receive", "--listen", "10.77.0.2:8900", "--certkey", ck, "--target",
+    rx = wan.run_in(wan.RX, CLI + ["receive", "--listen", "10.77.0.2:8900", "--certkey", ck, "--create", "--target",
                                    f"disk0={base}/t.img", "--state-dir", f"{base}/rx", "--once"],
                     stderr=subprocess.PIPE)
     try:

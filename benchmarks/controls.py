@@ -99,7 +99,7 @@ class CountingProxy:
 
 class Receiver:
     def __init__(self, ck: str, target: str, state: str) -> None:
-        self.proc = subprocess.Popen(CLI + ["receive", "--listen", "127.0.0.1:0", "--certkey", ck, "--target",
+        self.proc = subprocess.Popen(CLI + ["receive", "--listen", "127.0.0.1:0", "--certkey", ck, "--create", "--target",
                                             f"disk0={target}", "--state-dir", state, "--once"],
                                      stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()

@@ -82,7 +82,7 @@ class SmsTarget:
     def _start(self) -> None:
         self.port = free_port()
         self.rx = subprocess.Popen(CLI + ["receive", "--listen", f"127.0.0.1:{self.port}", "--certkey", self.ck,
-                                          "--target", f"t={self.dst}", "--state-dir", self.state]
+                                          "--create", "--target", f"t={self.dst}", "--state-dir", self.state]
                                    + (["--once"] if self.once else []), stderr=subprocess.PIPE)
         line = self.rx.stderr.readline()
         if b"listening" not in line:

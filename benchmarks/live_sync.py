@@ -76,7 +76,7 @@ def main() -> int:
                               check=True).stdout.strip()
         target = os.path.join(tmp, "target.img")
         rx = subprocess.Popen(CLI + ["receive", "--listen", "127.0.0.1:0", "--certkey", certkey, "--state-dir",
-                                     os.path.join(tmp, "rx"), "--target", f"disk0={target}"],
+                                     os.path.join(tmp, "rx"), "--create", "--target", f"disk0={target}"],
                               stderr=subprocess.PIPE, text=True)
         procs.append(rx)
         port = int(re.search(r":(\d+)", rx.stderr.readline()).group(1))

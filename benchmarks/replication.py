@@ -71,7 +71,7 @@ class SmsReceiver:
     def __init__(self, ck: str, target: str, state: str) -> None:
         self.port = free_port()
         self.m = Measured(CLI + ["receive", "--listen", f"127.0.0.1:{self.port}", "--certkey", ck,
-                                 "--target", f"disk0={target}", "--state-dir", state, "--once"])
+                                 "--create", "--target", f"disk0={target}", "--state-dir", state, "--once"])
         line = self.m.proc.stderr.readline()
         if b"listening" not in line:
             raise RuntimeError(line)
@@ -108,7 +108,7 @@ def sms_sync_command(ck: str, pristine: str, base: str, work: str, size: int) ->
     subprocess.run(["cp", "--sparse=always", pristine, src], check=True)  # what the target holds
     port = free_port()
     rx = subprocess.Popen(CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", ck,
-                                 "--target", f"disk0={work}/t.img", "--state-dir", f"{work}/rx"],
+                                 "--create", "--target", f"disk0={work}/t.img", "--state-dir", f"{work}/rx"],
                           stderr=subprocess.PIPE)
     try:
         if b"listening" not in rx.stderr.readline():

@@ -74,7 +74,7 @@ def cmd_receive(args) -> int:
     host, port = parse_address(args.listen, listen=True)
     ctx = server_context(_certkey(args), _passphrase(args))
     rx = Receiver(RootTargets(args.root) if args.root else _targets(args.target), ctx, args.state_dir or _state_home("receive"),
-                  checkpoint_seconds=args.checkpoint_seconds)
+                  checkpoint_seconds=args.checkpoint_seconds, create=args.create)
     host, port = rx.bind(host, port)
     print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
     try:
@@ -596,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--passphrase-file")
     rc.add_argument("--target", action="append", default=[], metavar="NAME=PATH")
     rc.add_argument("--root", metavar="DIR", help="every target NAME is DIR/NAME: an image file (block) or a directory (files)")
+    rc.add_argument("--create", action="store_true",
+                    help="create a --target PATH that does not exist (an image file sized to the source, or a "
+                         "directory), for a lab; without it a missing target is refused at start")
     rc.add_argument("--state-dir")
     rc.add_argument("--once", action="store_true", help="exit after one session")
     rc.add_argument("--checkpoint-seconds", type=float, default=2.0,

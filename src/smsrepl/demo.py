@@ -57,7 +57,7 @@ def run_demo(*, size_mib: int = 64, keep: bool = False) -> int:
             _say(f"3. source disk {name}: {mib} MiB image ({', '.join(f'{k} {v >> 20} MiB' for k, v in mix.items())})")
 
         targets = {"vda": f"{work}/target-vda.img", "vdb": f"{work}/target-vdb.img", "tree": f"{work}/target-tree"}
-        rx = Receiver(targets, server_context(bundle), f"{work}/receiver-state")
+        rx = Receiver(targets, server_context(bundle), f"{work}/receiver-state", create=True)
         host, port = rx.start("127.0.0.1", 0)
         _say(f"4. receiver on {host}:{port} (mutual TLS 1.3): vda, vdb -> images, tree -> a directory")
 

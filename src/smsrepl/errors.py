@@ -67,6 +67,20 @@ class SizeMismatchError(TargetError):
     code = "SMS.1504"
 
 
+class TargetMissingError(TargetError):
+    """A target path that does not exist, refused rather than created (a typo must not become a file)."""
+
+    code = "SMS.0808"  # "Target disks or partitions not found"
+
+
+class TargetInUseError(TargetError):
+    """A target device mounted or held open exclusively by another program (O_EXCL: EBUSY)."""
+
+
+class TargetKindError(TargetError):
+    """A block session for a directory target, or a file session for an image file or device."""
+
+
 class TargetWriteError(ReplicationError):
     """Writing or syncing the target failed (I/O error, disk full)."""
 

@@ -59,7 +59,7 @@ class Lab:
         self.dst = {f"vd{c}": str(tmp_path / f"t-vd{c}.img") for c in "ab"[:len(sizes)]}
         for i, (path, mib) in enumerate(zip(self.src.values(), sizes)):
             write_image(path, mib << 20, seed=i + 1)
-        self.rx = Receiver(dict(self.dst), server_context(bundle), str(tmp_path / "rx"))
+        self.rx = Receiver(dict(self.dst), server_context(bundle), str(tmp_path / "rx"), create=True)
         _, self.port = self.rx.start("127.0.0.1", 0)
         task = {"id": "task-1", "name": "lab", "type": "MIGRATE_BLOCK", "os_type": "LINUX",
                 "migration_ip": "127.0.0.1", "syncing": syncing, "is_need_consistency_check": check,
@@ -305,7 +305,7 @@ def test_file_level_task_copy_sync_cutover_and_consistency(tmp_path, cp, bundle)
     (src / "skip").mkdir()
     (src / "skip" / "secret").write_bytes(b"not to be copied")
     dst = tmp_path / "target-tree"
-    rx = Receiver({"root": str(dst)}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"root": str(dst)}, server_context(bundle), str(tmp_path / "rx"), create=True)
     _, port = rx.start("127.0.0.1", 0)
     try:
         cp.add_task("ft", {"id": "ft", "type": "MIGRATE_FILE", "migration_ip": "127.0.0.1", "syncing": True,

@@ -45,7 +45,7 @@ def test_after_a_full_disk_the_same_receiver_serves_the_rerun(tmp_path, bundle, 
 
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(os.urandom(3 * STAGE))
-    rx = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     try:
         sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0)

@@ -25,9 +25,10 @@ def sha256(path: str) -> str:
 
 class ReceiverProc:
     def __init__(self, certkey: str, targets: dict[str, str], state_dir: str, *extra: str, port: int = 0,
-                 env: dict[str, str] | None = None, verbose: bool = False) -> None:
+                 env: dict[str, str] | None = None, verbose: bool = False, create: bool = True) -> None:
+        # create: the tests' targets are images the first session makes (receive --create)
         args = CLI + ["-v"] * verbose + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", certkey, "--state-dir", state_dir,
-                      "--checkpoint-seconds", "0.05", *extra]
+                      "--checkpoint-seconds", "0.05", *(["--create"] if create else []), *extra]
         for name, path in targets.items():
             args += ["--target", f"{name}={path}"]
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,

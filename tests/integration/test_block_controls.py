@@ -17,7 +17,7 @@ from .procs import send, sha256
 
 @pytest.fixture
 def rx(tmp_path, bundle):
-    receiver = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"))
+    receiver = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     host, port = receiver.start()
     yield receiver, (host, port)
     receiver.stop()

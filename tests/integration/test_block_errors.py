@@ -29,7 +29,7 @@ from .procs import CLI, ReceiverProc, send, sha256, wait_until
 @pytest.fixture
 def rx(tmp_path, bundle):
     dst = tmp_path / "target.img"
-    receiver = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "rx-state"), idle_timeout=5)
+    receiver = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "rx-state"), idle_timeout=5, create=True)
     host, port = receiver.start()
     yield receiver, f"{host}:{port}", dst
     receiver.stop()
@@ -60,7 +60,7 @@ def test_certificate_from_another_ca_is_refused(tmp_path, rx, source):
 def test_expired_certificates_are_refused(tmp_path, source):
     old = expired_bundle()
     dst = tmp_path / "t.img"
-    r = Receiver({"disk0": str(dst)}, server_context(old), str(tmp_path / "st"))
+    r = Receiver({"disk0": str(dst)}, server_context(old), str(tmp_path / "st"), create=True)
     host, port = r.start()
     try:
         cp = send(source, f"{host}:{port}", str(write_certkey(tmp_path / "old", old)), str(tmp_path / "tx"))
@@ -135,7 +135,7 @@ def test_target_smaller_than_source_is_refused_untouched(tmp_path, bundle, certk
     dst = tmp_path / "small.img"
     dst.write_bytes(b"keep me" * 1000)
     before = sha256(str(dst))
-    r = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "st"))
+    r = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "st"), create=True)
     host, port = r.start()
     try:
         cp = send(source, f"{host}:{port}", certkey_file, str(tmp_path / "tx"))
@@ -150,7 +150,7 @@ def test_unknown_target_and_bad_names(tmp_path, rx, certkey_file, source):
     _, addr, dst = rx
     cp = send(source, addr, certkey_file, str(tmp_path / "tx"), "disk9")
     assert cp.returncode == 4, cp.stderr
-    assert "not one of this receiver's targets" in cp.stderr
+    assert cp.stderr.startswith("SMS.0808") and "no target named 'disk9'; its targets are: disk0" in cp.stderr
     for bad in ("../disk0", "/etc/passwd", "a/b"):
         cp = send(source, addr, certkey_file, str(tmp_path / "tx"), bad)
         assert cp.returncode == 2 and "invalid" in cp.stderr, cp.stderr
@@ -302,7 +302,7 @@ def test_target_write_failure_is_sms_2007_and_resumable(tmp_path, certkey_file, 
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
 
     args = CLI + ["receive", "--listen", "127.0.0.1:0", "--certkey", certkey_file, "--state-dir",
-                  str(tmp_path / "st"), "--target", f"disk0={dst}", "--checkpoint-seconds", "0.05"]
+                  str(tmp_path / "st"), "--create", "--target", f"disk0={dst}", "--checkpoint-seconds", "0.05"]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
     try:
         port = int(proc.stderr.readline().rsplit(":", 1)[1])

@@ -104,7 +104,7 @@ def test_sync_command_runs_a_round_now_and_lag_is_reported(tmp_path, bundle):
     src, dm_path = str(tmp_path / "src.img"), str(tmp_path / "dirty.map")
     with open(src, "wb") as fh:
         fh.write(os.urandom(4 << 20))
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     dm = DirtyMap.open(dm_path, 4 << 20)
     reports = []
@@ -194,7 +194,7 @@ def test_a_long_running_sync_keeps_only_the_latest_results_and_outcomes(tmp_path
     src, dm_path = str(tmp_path / "src.img"), str(tmp_path / "dirty.map")
     with open(src, "wb") as fh:
         fh.write(os.urandom(1 << 20))
-    rx = receiver_mod.Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    rx = receiver_mod.Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     dm = DirtyMap.open(dm_path, 1 << 20)
     sync = ContinuousSync(lambda: Sender(src, "disk0", addr, client_context(bundle), str(tmp_path / "tx"),

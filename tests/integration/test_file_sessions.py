@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync (th
 @pytest.fixture
 def rx(tmp_path, bundle):
     receiver = Receiver({"tree": str(tmp_path / "dst"), "img": str(tmp_path / "disk.img")}, server_context(bundle),
-                        str(tmp_path / "rx-state"), idle_timeout=10)
+                        str(tmp_path / "rx-state"), idle_timeout=10, create=True)
     host, port = receiver.start()
     yield receiver, (host, port)
     receiver.stop()
@@ -66,7 +66,7 @@ def test_refusals_name_the_problem(tmp_path, rx, bundle):
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"x")
-    with pytest.raises(RemoteError, match="'nope' is not one of this receiver's targets") as exc:
+    with pytest.raises(RemoteError, match="no target named 'nope'; its targets are: img, tree") as exc:
         send(src, addr, bundle, target="nope")
     assert exc.value.exit_code == RefusedError.exit_code
     (tmp_path / "disk.img").write_bytes(b"")  # a file: block sessions only
@@ -79,7 +79,7 @@ def test_cli_send_files_and_verify(tmp_path, certkey_file):
     src = rich_tree(tmp_path / "src")
     dst = tmp_path / "dst"
     rx = subprocess.Popen([sys.executable, "-m", "smsrepl", "receive", "--listen", "127.0.0.1:0", "--certkey",
-                           certkey_file, "--target", f"t={dst}", "--state-dir", str(tmp_path / "rxs"), "--once"],
+                           certkey_file, "--create", "--target", f"t={dst}", "--state-dir", str(tmp_path / "rxs"), "--once"],
                           stderr=subprocess.PIPE, text=True)
     try:
         line = rx.stderr.readline()
@@ -322,7 +322,7 @@ def test_meta_for_another_kind_never_reaches_through_a_symlink_nor_blocks_on_a_f
 
 
 def test_a_target_that_cannot_be_created_is_an_error_the_sender_hears(tmp_path, bundle):
-    rx = Receiver({"t": str(tmp_path / "missing" / "parent" / "dst")}, server_context(bundle), str(tmp_path / "st"))
+    rx = Receiver({"t": str(tmp_path / "missing" / "parent" / "dst")}, server_context(bundle), str(tmp_path / "st"), create=True)
     addr = rx.start()
     try:
         src = tmp_path / "src"
@@ -410,7 +410,7 @@ def test_only_sync_creates_the_directories_on_the_way(tmp_path, rx, bundle):
 def test_a_long_quiet_sync_round_keeps_the_connection_alive(tmp_path, bundle, monkeypatch):
     from smsrepl.files import remote
 
-    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(bundle), str(tmp_path / "st"), idle_timeout=1)
+    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(bundle), str(tmp_path / "st"), idle_timeout=1, create=True)
     addr = rx.start()
     try:
         src = tmp_path / "src"
@@ -454,7 +454,7 @@ def test_receive_root_serves_named_targets_below_it_only(tmp_path, bundle):
             chan.send(F.Hello([PROTOCOL_VERSION], "files", name, "x", 0, 4096, list(CAPABILITIES)))
             ev = chan.recv()
             chan.close()
-            assert isinstance(ev, F.Error) and "not one of this receiver's targets" in ev.message, ev
+            assert isinstance(ev, F.Error) and f"no target named {name!r}" in ev.message, ev
     finally:
         rx.stop()
     assert sorted(os.listdir(base)) == ["home"]

@@ -22,7 +22,7 @@ def _check_body(body):
 
 
 def test_library_netcheck_measures_loopback(tmp_path, bundle):
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     try:
         res = run_netcheck(addr, client_context(bundle), seconds=0.5, pings=10)
@@ -84,7 +84,7 @@ def test_data_frames_in_a_netcheck_session_are_refused(tmp_path, bundle):
     from smsrepl.transport.channel import Channel
     from smsrepl.transport.sender import connect
 
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     try:
         chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
@@ -113,7 +113,7 @@ def test_a_consistency_check_session_cannot_begin_a_round_or_write(tmp_path, bun
     from smsrepl.transport.sender import connect
 
     target = tmp_path / "t.img"
-    rx = Receiver({"disk0": str(target)}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(target)}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     try:
         for exists in (False, True):

@@ -20,7 +20,7 @@ SLOW = SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59
 
 @pytest.fixture
 def rx(tmp_path, bundle):
-    receiver = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"))
+    receiver = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = receiver.start()
     yield addr
     receiver.stop()
@@ -79,7 +79,7 @@ def test_error_then_resume_reports_allowed_pairs(tmp_path, bundle):
     with open(src, "wb") as fh:
         fh.write(os.urandom(2_000_000))
     pairs = []
-    receiver = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"))
+    receiver = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = receiver.start()
     receiver.stop()  # nothing listens there now: the round fails with SMS.1807
     s = _session(tmp_path, bundle, addr, pairs, src)

@@ -47,7 +47,7 @@ def main() -> int:
         mounted = True
         bundle = make_bundle()
         target = os.path.join(work, "target.img")
-        rx = Receiver({"vda": target}, server_context(bundle), os.path.join(work, "rx"))
+        rx = Receiver({"vda": target}, server_context(bundle), os.path.join(work, "rx"), create=True)
         _, port = rx.start("127.0.0.1", 0)
         fake = FakeControlPlane(TOKEN, os.path.join(work, "cp"))
         url = fake.start()

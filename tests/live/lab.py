@@ -81,7 +81,7 @@ def loop_device(image: str, size: int | None = None, *, read_only: bool = False)
 def start_receiver(work: str, certkey: str, target: str, *, port: int = 0,
                    faults: str = "") -> tuple[subprocess.Popen, int]:
     rx = subprocess.Popen(CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", certkey, "--state-dir",
-                                 os.path.join(work, "rx"), "--checkpoint-seconds", "0.2",
+                                 os.path.join(work, "rx"), "--checkpoint-seconds", "0.2", "--create",
                                  "--target", f"disk0={target}"], stderr=subprocess.PIPE, text=True,
                           env={**os.environ, "SMSREPL_FAULTS": faults})
     line = rx.stderr.readline()

@@ -5,6 +5,7 @@ write used to keep the target claimed until the receiver restarted) and a
 tmpfs. The default run takes 2 runs of each; SMSREPL_SLOW=1 takes 10.
 """
 import os
+import re
 
 import pytest
 
@@ -27,5 +28,12 @@ def test_after_a_full_disk_the_same_receiver_completes_the_reruns(tmp_path, cert
             assert r[f"{kind}_full_rc"] == 3, why
             err = r[f"{kind}_full_stderr"]
             assert "SMS.2007" in err and "No space left on device" in err and "\n" not in err, why
+            # it names the target, its path, and the file (in the tree) or the offset written
+            name = f"{'tree' if kind == 'files' else 'disk'}{r['run']}"
+            assert re.search(rf"target '{name}' \(/\S+/targets/{name}\): ", err), why
+            if kind == "files":
+                assert re.search(r"writing 'f\d\d' \(", err) or "syncfs" in err, why
+            else:
+                assert re.search(r"write failed at offset \d+", err) or "sync failed" in err, why
             assert r[f"{kind}_rerun_rc"] == 0, why
         assert r["tree_identical"] and r["disk_identical"] and r["temporaries"] == [], why

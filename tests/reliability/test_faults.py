@@ -291,7 +291,7 @@ def test_loss_reordering_and_duplication_on_a_netem_link(lab):
         pytest.skip(f"netem link unavailable: {reason}")
     try:
         rx = subprocess.Popen(["ip", "netns", "exec", NS_RX, *CLI, "receive", "--listen", "10.78.0.2:0", "--certkey",
-                               lab["ck"], "--state-dir", lab["rx_state"], "--target", f"disk0={lab['dst']}"],
+                               lab["ck"], "--state-dir", lab["rx_state"], "--create", "--target", f"disk0={lab['dst']}"],
                               stderr=subprocess.PIPE, text=True)
         port = int(rx.stderr.readline().rsplit(":", 1)[1])
         cp = subprocess.run(["ip", "netns", "exec", NS_TX, *CLI, "send", "block", lab["src"], "--to",

@@ -39,7 +39,7 @@ def rx(tmp_path, bundle):
     root.mkdir()
     dst = root / "target.img"
     receiver = Receiver({"disk0": str(dst)}, server_context(bundle), str(root / "state"), idle_timeout=2,
-                        handshake_timeout=2, max_connections=8, max_unauthenticated=4, max_waiting=16)
+                        handshake_timeout=2, max_connections=8, max_unauthenticated=4, max_waiting=16, create=True)
     host, port = receiver.start()
     before = set(os.listdir(root))
     yield receiver, (host, port), dst
@@ -61,7 +61,7 @@ def rx(tmp_path, bundle):
 def test_receiver_limits_out_of_range_are_refused_before_any_state_exists(tmp_path, bundle, limit, value, named):
     state = tmp_path / "state"
     with pytest.raises(ConfigError, match=named) as exc:
-        Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(state), **{limit: value})
+        Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(state), **{limit: value}, create=True)
     assert str(value) in str(exc.value)
     assert not state.exists()
 
@@ -418,7 +418,7 @@ def test_a_receiver_declaring_a_huge_frame_is_refused_quickly(tmp_path, bundle, 
 def test_a_flood_of_plaintext_probes_is_said_in_a_few_lines(bundle, caplog, tmp_path):
     dst = tmp_path / "target.img"
     receiver = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "state"), handshake_timeout=2,
-                        max_connections=8, max_unauthenticated=4)
+                        max_connections=8, max_unauthenticated=4, create=True)
     addr = receiver.start()
     with caplog.at_level(logging.WARNING, logger="smsrepl.receiver"):
         for _ in range(200):
@@ -488,7 +488,7 @@ def test_handshakes_past_an_addresss_rate_are_closed_before_they_start(tmp_path,
     from smsrepl.transport.receiver import CONNECT_BURST
 
     receiver = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "state"),
-                        connect_rate=0.01, handshake_timeout=30, max_unauthenticated=CONNECT_BURST + 8)
+                        connect_rate=0.01, handshake_timeout=30, max_unauthenticated=CONNECT_BURST + 8, create=True)
     addr = receiver.start()
     try:
         socks = [_speak(addr) for _ in range(CONNECT_BURST)]  # the burst: all get their handshake
@@ -516,7 +516,7 @@ def test_silent_connections_from_a_senders_address_use_none_of_its_rate(tmp_path
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(1 << 20))
     receiver = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "state"),
-                        connect_rate=0.01, handshake_timeout=30)
+                        connect_rate=0.01, handshake_timeout=30, create=True)
     addr = receiver.start()
     try:
         silent = [socket.create_connection(addr) for _ in range(100)]
@@ -533,4 +533,4 @@ def test_silent_connections_from_a_senders_address_use_none_of_its_rate(tmp_path
 def test_a_connection_rate_out_of_range_is_refused(tmp_path, bundle):
     for bad in (0, -1, float("inf"), "20"):
         with pytest.raises(ConfigError, match="connection rate"):
-            Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "s"), connect_rate=bad)
+            Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "s"), connect_rate=bad, create=True)

@@ -18,7 +18,7 @@ from smsrepl.transport.tls import client_context, server_context
 def test_rounds_leave_no_cycles_holding_channels(tmp_path, bundle, monkeypatch):
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(4 << 20))
-    rx = Receiver({"disk0": str(tmp_path / "dst.img")}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(tmp_path / "dst.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     made = []
     real_init = channel_module.Channel.__init__
@@ -49,7 +49,7 @@ def test_rounds_leave_no_cycles_holding_channels(tmp_path, bundle, monkeypatch):
 def test_one_sender_object_runs_several_rounds_and_a_check(tmp_path, bundle):
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(2 << 20))
-    rx = Receiver({"disk0": str(tmp_path / "dst.img")}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(tmp_path / "dst.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     try:
         sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"))

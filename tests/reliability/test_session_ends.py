@@ -105,7 +105,7 @@ def _sender(src, addr, bundle, tmp_path):
 def test_however_a_session_ends_the_same_receiver_serves_the_rerun(tmp_path, bundle, monkeypatch, end):
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(os.urandom(SIZE))
-    rx = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(dst)}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     idle = _fds()
     proxy = None
@@ -194,7 +194,7 @@ def test_however_a_file_session_ends_the_same_receiver_serves_the_rerun(tmp_path
     src, dst = tmp_path / "src", tmp_path / "dst"
     rng = random.Random(11)
     _tree(src, rng)
-    rx = Receiver({"tree": str(dst)}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"tree": str(dst)}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     idle = _fds()
     try:

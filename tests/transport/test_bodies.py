@@ -106,7 +106,7 @@ def test_a_receiver_draws_every_session_s_bodies_from_one_bounded_pool(tmp_path,
         src.write_bytes(os.urandom(16 * MiB))
         sources.append(src)
     rx = Receiver({f"d{i}": str(tmp_path / f"dst{i}.img") for i in range(n)}, server_context(bundle),
-                  str(tmp_path / "rx"))
+                  str(tmp_path / "rx"), create=True)
     addr = rx.start()
     peak, done, errors = [0], threading.Event(), []
 

@@ -20,7 +20,7 @@ def test_the_receivers_error_wins_over_the_broken_pipe_it_causes(tmp_path, bundl
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(24 << 20))
     faults.configure("enospc@target.write:0")  # the receiver's disk is full (same process)
-    rx = Receiver({"disk0": str(tmp_path / "dst.img")}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(tmp_path / "dst.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0)
     real_send = channel_module.Channel.send

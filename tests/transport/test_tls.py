@@ -622,7 +622,7 @@ def test_a_second_sender_start_does_not_import_cryptography_x509(plain, tmp_path
     ck = str(write_certkey(tmp_path / "certs", plain))
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "f").write_bytes(b"x")
-    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(plain), str(tmp_path / "rx-state"), idle_timeout=10)
+    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(plain), str(tmp_path / "rx-state"), idle_timeout=10, create=True)
     host, port = rx.start()
     env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
     try:

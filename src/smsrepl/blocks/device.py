@@ -33,6 +33,9 @@ from ..errors import (
     SourceError,
     SourceMissingError,
     TargetError,
+    TargetInUseError,
+    TargetKindError,
+    TargetMissingError,
     TargetWriteError,
 )
 
@@ -310,33 +313,41 @@ class BlockTarget:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, need_size: int | None = None, create: bool = True,
-                 direct: bool = False) -> None:
+                 direct: bool = False, name: str | None = None, exclusive: bool = False) -> None:
+        """``name``: the receiver's name for the target, said in every error beside the path.
+        ``exclusive``: a block device is opened with O_EXCL, which the kernel refuses while the
+        device is mounted or claimed by another program, and which keeps others from claiming
+        it while this target is open (on Linux O_EXCL without O_CREAT means nothing else)."""
         self.path = os.fspath(path)
+        self.what = f"target {name!r} ({self.path})" if name else f"target {self.path!r}"
         self._direct: DirectWriter | None = None
         self._behind: WriteBehind | None = None
         self._reserved = None
-        flags = os.O_RDWR | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
         try:
             self.fd = os.open(self.path, flags)
             self.created = False
         except FileNotFoundError:
             if not create:
-                raise TargetError(f"target {self.path!r} does not exist") from None
+                raise TargetMissingError(f"{self.what} does not exist") from None
             try:
                 self.fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as exc:
-                raise TargetError(f"target {self.path!r} cannot be created: {_describe(exc)}") from None
+                raise TargetError(f"{self.what} cannot be created: {_describe(exc)}") from None
             self.created = True
         except PermissionError:
-            raise TargetError(f"target {self.path!r}: permission denied") from None
+            raise TargetError(f"{self.what}: permission denied") from None
         except IsADirectoryError:
-            raise TargetError(f"target {self.path!r} is a directory, not an image file or block device") from None
+            raise TargetKindError(f"{self.what} is a directory, not an image file or block device") from None
         except OSError as exc:
-            raise TargetError(f"target {self.path!r} cannot be opened: {_describe(exc)}") from None
+            if exc.errno == errno.EBUSY and exclusive:
+                raise TargetInUseError(f"{self.what} is in use (mounted or held by another program); "
+                                       f"nothing was written") from None
+            raise TargetError(f"{self.what} cannot be opened: {_describe(exc)}") from None
         try:
             kind = _probe(self.fd)
             if kind is None:
-                raise TargetError(f"target {self.path!r} is not a regular file or block device")
+                raise TargetKindError(f"{self.what} is not a regular file or block device")
             self.is_device, self.size = kind
             if need_size is not None:
                 self.require_size(need_size)
@@ -364,11 +375,11 @@ class BlockTarget:
             try:
                 os.ftruncate(self.fd, need)
             except OSError as exc:
-                raise TargetWriteError(f"target {self.path!r}: cannot grow to {need} bytes: {_describe(exc)}") from None
+                raise TargetWriteError(f"{self.what}: cannot grow to {need} bytes: {_describe(exc)}") from None
             self.size = need
             return
         raise SizeMismatchError(
-            f"target {self.path!r} holds {self.size} bytes but the source has {need} bytes"
+            f"{self.what} holds {self.size} bytes but the source has {need} bytes"
         )
 
     def close(self) -> None:
@@ -391,7 +402,7 @@ class BlockTarget:
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise TargetWriteError(
-                f"target {self.path!r}: write of {length} bytes at {offset} is outside its {self.size} bytes"
+                f"{self.what}: write of {length} bytes at {offset} is outside its {self.size} bytes"
             )
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -403,7 +414,7 @@ class BlockTarget:
             try:
                 self._direct.write(offset, view[:aligned])
             except OSError as exc:  # an earlier write failed on the writer thread
-                raise TargetWriteError(f"target {self.path!r}: write failed: {_describe(exc)}") from None
+                raise self._direct_failed(exc) from None
             view, offset = view[aligned:], offset + aligned
             if not len(view):
                 return
@@ -420,7 +431,7 @@ class BlockTarget:
         try:
             self._reserved = self._direct.reserve()
         except OSError as exc:
-            raise TargetWriteError(f"target {self.path!r}: write failed: {_describe(exc)}") from None
+            raise self._direct_failed(exc) from None
         return memoryview(self._reserved)[:length]
 
     def commit(self, offset: int, length: int) -> None:
@@ -440,7 +451,13 @@ class BlockTarget:
             try:
                 self._direct.drain()
             except OSError as exc:
-                raise TargetWriteError(f"target {self.path!r}: write failed: {_describe(exc)}") from None
+                raise self._direct_failed(exc) from None
+
+    def _direct_failed(self, exc: OSError) -> TargetWriteError:
+        """The error of a direct write that failed on the writer thread, at the offset it was for."""
+        at = self._direct.failed_at if self._direct is not None else None
+        where = f" at offset {at[0]} ({at[1]} bytes)" if at is not None else ""
+        return TargetWriteError(f"{self.what}: write failed{where}: {_describe(exc)}")
 
     def _write_buffered(self, offset: int, view: memoryview) -> None:
         done = 0
@@ -450,7 +467,7 @@ class BlockTarget:
                 done += os.pwrite(self.fd, view[done:], offset + done)
             except OSError as exc:
                 raise TargetWriteError(
-                    f"target {self.path!r}: write failed at offset {offset + done}: {_describe(exc)}"
+                    f"{self.what}: write failed at offset {offset + done}: {_describe(exc)}"
                 ) from None
 
     def write_ranges(self, data, offsets: np.ndarray, lengths: np.ndarray) -> None:
@@ -468,7 +485,7 @@ class BlockTarget:
             faults.io("target.write", lo, hi - lo)
             kernels.write_ranges(self.fd, data, offsets, lengths)
         except OSError as exc:
-            raise TargetWriteError(f"target {self.path!r}: write failed between offsets {lo} and {hi}: "
+            raise TargetWriteError(f"{self.what}: write failed between offsets {lo} and {hi}: "
                                    f"{_describe(exc)}") from None
 
     def write_behind(self) -> None:
@@ -498,7 +515,7 @@ class BlockTarget:
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise TargetWriteError(
-                    f"target {self.path!r}: cannot zero {length} bytes at {offset}: {os.strerror(err)}"
+                    f"{self.what}: cannot zero {length} bytes at {offset}: {os.strerror(err)}"
                 )
         chunk = bytes(min(length, 1 << 20))
         pos = offset
@@ -516,4 +533,4 @@ class BlockTarget:
         try:
             os.fdatasync(self.fd)
         except OSError as exc:
-            raise TargetWriteError(f"target {self.path!r}: sync failed: {_describe(exc)}") from None
+            raise TargetWriteError(f"{self.what}: sync failed: {_describe(exc)}") from None

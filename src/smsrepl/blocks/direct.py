@@ -121,6 +121,8 @@ class DirectWriter:
         self._slots = threading.Semaphore(STAGES)  # this writer's stages in flight, at most
         self._todo: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        #: (offset, length) of the write that failed (the error says what, this says where)
+        self.failed_at: tuple[int, int] | None = None
         self._thread = threading.Thread(target=self._run, name="direct-writer", daemon=True)
         self._thread.start()
 
@@ -185,6 +187,7 @@ class DirectWriter:
                 # without its traceback: that holds _write's frame and so a view of the
                 # stage, which could then never be closed
                 self._error = exc.with_traceback(None)
+                self.failed_at = offset, n
             finally:
                 self._give(stage)
                 self._todo.task_done()

@@ -160,7 +160,7 @@ class Replica:
                 off = b * FINE_BLOCK
                 length = min(n * FINE_BLOCK, size - off)
                 if self.target.readinto(buf[:length], off) < length:
-                    raise TargetWriteError(f"target {self.target.path!r} ends before {off + length}")
+                    raise TargetWriteError(f"{self.target.what} ends before {off + length}")
                 kernels.block_digests(buf[:length], FINE_BLOCK, digests[:n])
                 man.write_fine(b, digests[:n])
         except (OSError, TargetWriteError) as exc:

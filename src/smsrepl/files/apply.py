@@ -513,7 +513,7 @@ class TreeWriter:
             for i, err, tmp in failures:
                 parts = check_path(paths[i])
                 if tmp is None:
-                    raise TargetWriteError(f"FILE {os.fsdecode(paths[i])!r}: {os.strerror(err)}")
+                    raise TargetWriteError(f"writing {os.fsdecode(paths[i])!r} (FILE): {os.strerror(err)}")
                 self._install(tmp, parts, self.dir_fd(parts[:-1]))  # a directory held the name
 
     def finish(self) -> None:

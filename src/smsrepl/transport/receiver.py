@@ -25,6 +25,7 @@ from ..errors import (
     RemoteProtocolError,
     ReplicationError,
     TargetBusyError,
+    TargetKindError,
     TargetWriteError,
     TransportError,
 )
@@ -39,6 +40,7 @@ from .channel import Channel
 from .connect import TARGET_NAME, check_target_name, tune_socket
 from .tls import check_peer_role, classify_ssl_error
 from .door import WaitingRoom
+from . import targets as target_checks
 from .loglimit import LimitedWarnings
 from .tlsio import TLSStream
 
@@ -132,7 +134,10 @@ class Receiver:
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
         max_waiting: int = MAX_WAITING,
         connect_rate: float = CONNECT_RATE,
+        create: bool = False,
     ) -> None:
+        """``create``: a target path that does not exist is created (an image file sized to the
+        source, or a directory) instead of refused; names below a RootTargets are created either way."""
         for what, value in (("idle timeout", idle_timeout), ("handshake timeout", handshake_timeout)):
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ConfigError(f"{what} {value!r} s must be a positive number of seconds")
@@ -149,6 +154,8 @@ class Receiver:
             raise ConfigError("the receiver needs at least one --target NAME=PATH, or --root DIR")
         else:
             self.targets = {check_target_name(n): os.path.abspath(p) for n, p in targets.items()}
+            target_checks.check_at_start(self.targets, create=create)
+        self.create = create or isinstance(self.targets, RootTargets)
         self.context = context
         self.state_dir = os.path.abspath(state_dir)
         private_makedirs(self.state_dir)
@@ -501,6 +508,14 @@ def _read_record(path: str) -> dict:
         return {}
 
 
+def _name_target(exc: TargetWriteError, name: str, path: str | None) -> None:
+    """Have the message of a failed write name the target it was for (a file's error names the
+    file in the tree, a block write's its offset: neither says which target)."""
+    if f"target {name!r}" not in exc.message:
+        exc.message = f"target {name!r}{f' ({path})' if path else ''}: {exc.message}"
+        exc.args = (exc.message,)
+
+
 def _detached(exc: ReplicationError) -> ReplicationError:
     """``exc`` without its traceback, nor the exceptions it was raised during or from: those
     hold the session's frames and so its buffers (megabytes a session) for as long as the
@@ -563,6 +578,8 @@ class _Session:
                 log.exception("%s: target %s: internal error", self.peer, target_name)
                 exc = ReplicationError(f"receiver internal error: {type(exc).__name__}: {exc}")
                 exc.resumable = True  # nothing says a rerun would fail again
+            if isinstance(exc, TargetWriteError):
+                _name_target(exc, target_name, self.rx.targets.get(target_name) if self.hello else None)
             error = exc
             if isinstance(exc, TargetBusyError):  # a crowd at a busy target says it once in a while
                 self.rx.warnings.warning("busy", "%s: target %s: %s", self.peer, target_name, exc)
@@ -657,10 +674,13 @@ class _Session:
     def _open_file_session(self, ev: F.Hello) -> None:
         """Claim a directory target and welcome the sender, saying whether a round completed before."""
         if ev.target not in self.rx.targets:
-            raise RefusedError(f"target {ev.target!r} is not one of this receiver's targets")
+            raise target_checks.unknown(ev.target, self.rx.targets)
         root = self.rx.targets[ev.target]
+        target_checks.check_kind(ev.target, root, "files")
         if os.path.lexists(root) and not os.path.isdir(root):
-            raise RefusedError(f"target {ev.target!r} ({root}) is not a directory: file sessions need one")
+            raise TargetKindError(f"target {ev.target!r} ({root}) is not a directory: file sessions need one")
+        if not self.rx.create and not os.path.lexists(root):
+            raise target_checks.missing(ev.target, root)
         self.lock_fd = self.rx._claim(ev.target, self)
         self._dry = F.DRY_RUN in ev.capabilities  # a dry run: list, change nothing
         try:
@@ -731,7 +751,8 @@ class _Session:
                 else:
                     raise RemoteProtocolError(f"{type(ev).__name__} out of place in a file session")
         except OSError as exc:  # listing, signatures, temporaries: the sender hears SMS.2007
-            raise TargetWriteError(f"target {self.hello.target!r}: {exc.strerror or exc}") from None
+            where = f" {os.fsdecode(exc.filename)!r}" if exc.filename else ""
+            raise TargetWriteError(f"target {self.hello.target!r} ({root}):{where} {exc.strerror or exc}") from None
         finally:
             if applier is not None:
                 applier.close()
@@ -750,16 +771,21 @@ class _Session:
         if ev.kind not in ("block", "verify"):
             raise RefusedError(f"session kind {ev.kind!r} is not supported by this receiver")
         if ev.target not in self.rx.targets:
-            raise RefusedError(f"target {ev.target!r} is not one of this receiver's targets")
+            raise target_checks.unknown(ev.target, self.rx.targets)
         if ev.block_size != F.FINE_BLOCK:
             raise RefusedError(f"block size {ev.block_size} unsupported (need {F.FINE_BLOCK})")
         self.lock_fd = self.rx._claim(ev.target, self)
         path = self.rx.targets[ev.target]
+        target_checks.check_kind(ev.target, path, ev.kind)
+        if not (verify or self.rx.create or os.path.exists(path)):
+            raise target_checks.missing(ev.target, path)
         if verify and not os.path.exists(path):
             self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, 0, "new", 0, "full", 0, "",
                                      capabilities=list(CAPABILITIES)))
             return False
-        target = BlockTarget(path, need_size=None if verify else ev.source_size, create=not verify, direct=not verify)
+        # exclusive: a mounted or claimed device is refused, and stays claimed while the session writes
+        target = BlockTarget(path, need_size=None if verify else ev.source_size, create=self.rx.create and not verify,
+                             direct=not verify, name=ev.target, exclusive=not verify)
         try:
             self.replica = Replica(target, os.path.join(self.rx.state_dir, ev.target))
         except BaseException:
