@@ -29,7 +29,7 @@ def test_a_file_task_against_a_target_it_would_mostly_delete_fails_and_deletes_n
         for f in range(10):
             (dst / f"d{d}" / f"f{f}").write_bytes(b"precious")
     before = listing(str(dst))
-    rx = Receiver({"root": str(dst)}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"root": str(dst)}, server_context(bundle), str(tmp_path / "rx"), create=True)
     _, port = rx.start("127.0.0.1", 0)
     try:
         cp.add_task("ft", {"id": "ft", "type": "MIGRATE_FILE", "migration_ip": "127.0.0.1", "syncing": True,

@@ -87,7 +87,7 @@ def test_a_round_past_its_limit_at_the_deletion_step_deletes_nothing(tmp_path, b
     for i in range(12):
         (src / "d").mkdir(parents=True, exist_ok=True)
         (src / "d" / f"f{i}").write_bytes(b"x" * i)
-    rx = Receiver({"tree": str(dst)}, server_context(bundle), str(tmp_path / "rx"), idle_timeout=10)
+    rx = Receiver({"tree": str(dst)}, server_context(bundle), str(tmp_path / "rx"), idle_timeout=10, create=True)
     addr = rx.start()
     try:
         def send(**kw):

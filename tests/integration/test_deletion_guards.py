@@ -23,7 +23,7 @@ CLI = [sys.executable, "-m", "smsrepl"]
 def rx(tmp_path, bundle):
     receiver = Receiver({"tree": str(tmp_path / "dst"), "wipe": str(tmp_path / "wipe"),
                          "img": str(tmp_path / "disk.img"), "fresh": str(tmp_path / "fresh")},
-                        server_context(bundle), str(tmp_path / "rx-state"), idle_timeout=10)
+                        server_context(bundle), str(tmp_path / "rx-state"), idle_timeout=10, create=True)
     host, port = receiver.start()
     yield receiver, f"{host}:{port}"
     receiver.stop()
