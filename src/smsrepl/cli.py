@@ -19,7 +19,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 from . import __version__
 from .codec import DEFAULT_LEVEL
 from .errors import EXIT_USAGE, ConfigError, ReplicationError
-from .flags import OneLineParser, add_verbose, nonempty, number_in, seconds, subcommands
+from .flags import (OneLineParser, add_verbose, address, control_plane_id, directory, https_url, nonempty,
+                    number_in, seconds, state_dir, subcommands, target_name)
 from .memory import pin_mmap_threshold
 
 
@@ -42,11 +43,16 @@ def _certkey(args):
 
 
 def _targets(pairs: list[str]) -> dict[str, str]:
+    from .transport.connect import TARGET_NAME
+
     out: dict[str, str] = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--target {pair!r}: expected NAME=PATH")
+        if not TARGET_NAME.match(name) or name in (".", ".."):
+            raise ConfigError(f"--target {pair!r}: the name {name!r} is invalid: use letters, digits, '.', '_' "
+                              "and '-' only")
         if name in out:
             raise ConfigError(f"--target {name!r} given twice")
         out[name] = path
@@ -54,10 +60,11 @@ def _targets(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_certs_init(args) -> int:
-    from .certs import make_bundle, write_certkey
+    from .certs import check_certkey_slot, make_bundle, write_certkey
 
-    bundle = make_bundle(_passphrase(args))
-    path = write_certkey(args.outdir, bundle)
+    passphrase = _passphrase(args)
+    check_certkey_slot(args.outdir, overwrite=args.force)  # before making keys for nothing
+    path = write_certkey(args.outdir, make_bundle(passphrase), overwrite=args.force)
     print(f"wrote {path}")
     return 0
 
@@ -77,7 +84,7 @@ def cmd_receive(args) -> int:
     rx = Receiver(RootTargets(args.root) if args.root else _targets(args.target), ctx, args.state_dir or _state_home("receive"),
                   checkpoint_seconds=args.checkpoint_seconds)
     host, port = rx.bind(host, port)
-    print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+    print(f"listening on {f'[{host}]' if ':' in host else host}:{port}", file=sys.stderr, flush=True)
     try:
         outcome = rx.serve_forever(once=args.once)
     except KeyboardInterrupt:
@@ -122,7 +129,13 @@ class _ScheduleWatcher:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self.mtime = os.stat(path).st_mtime_ns if path else None
+        self.mtime = None
+        if path:
+            try:
+                self.mtime = os.stat(path).st_mtime_ns
+            except OSError as exc:
+                raise ConfigError(f"--speed-limit {path!r} cannot be read: {exc.strerror}") from None
+            self.load()  # a bad schedule is refused before anything starts
         self._stop = threading.Event()
         #: the running round's sender (continuous sync makes one per round)
         self.sender = None
@@ -130,7 +143,17 @@ class _ScheduleWatcher:
     def load(self):
         from .ratelimit import SpeedSchedule
 
-        return SpeedSchedule.from_file(self.path) if self.path else None
+        if not self.path:
+            return None
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"--speed-limit {self.path!r} cannot be read: {exc.strerror}") from None
+        try:
+            return SpeedSchedule.from_json(data)
+        except ConfigError as exc:
+            raise ConfigError(f"--speed-limit {self.path!r}: {exc.message}") from None
 
     def watch(self) -> None:
         if self.path:
@@ -534,6 +557,10 @@ def cmd_agent(args) -> int:
             token = fh.read().strip()
     except OSError as exc:
         raise ConfigError(f"--token-file {args.token_file!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file {args.token_file!r} is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"--token-file {args.token_file!r} is empty")
     disks = {}
     for item in args.disk or []:
         name, sep, path = item.partition("=")
@@ -541,7 +568,10 @@ def cmd_agent(args) -> int:
             raise ConfigError(f"--disk {item!r}: expected NAME=PATH (e.g. /dev/vda=/dev/vda)")
         if name in disks:
             raise ConfigError(f"--disk {name} given twice")
+        _check_disk(item, path)
         disks[name] = path
+    if args.ca_file:
+        _check_ca_file(args.ca_file)
     cp = ControlPlane(args.endpoint, token, verify=args.ca_file or True, retries=2, backoff=0.5, max_backoff=5.0)
     agent = Agent(cp, args.source_id, disks, args.state_dir or _state_home("agent"), task_id=args.task_id,
                   data_port=args.data_port, poll_interval=args.poll_interval, sync_interval=args.sync_interval,
@@ -550,6 +580,32 @@ def cmd_agent(args) -> int:
 
     _cutover_on_sigterm(agent.request_cutover, agent.stop)
     return agent.run()
+
+
+def _check_disk(item: str, path: str) -> None:
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"--disk {item!r}: {path}: {exc.strerror}") from None
+    if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
+        raise ConfigError(f"--disk {item!r}: {path} is not a block device or an image file")
+
+
+def _check_ca_file(path: str) -> None:
+    """--ca-file: a readable file of PEM certificates (requests would fail on it at the first poll)."""
+    import ssl
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(16 << 20)
+    except OSError as exc:
+        raise ConfigError(f"--ca-file {path!r} cannot be read: {exc.strerror}") from None
+    try:
+        ssl.create_default_context(cadata=data.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError, ValueError):
+        raise ConfigError(f"--ca-file {path!r} holds no PEM CA certificate") from None
 
 
 def cmd_demo(args) -> int:
@@ -568,9 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"smsrepl {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr (also accepted after "
                                                                 "the subcommand)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to run")
 
-    certs = sub.add_parser("certs", help="certificate bundles for a lab").add_subparsers(dest="certs_cmd", required=True)
+    certs = sub.add_parser("certs", help="certificate bundles for a lab").add_subparsers(dest="certs_cmd", required=True, help="write a bundle")
     ci = certs.add_parser("init", help="write OUTDIR/certkey.json (the 5.7.1 shape)")
     ci.add_argument("outdir", metavar="OUTDIR", help="directory to write certkey.json in (created, mode 0700, "
                                                      "when missing); copy that one file to both hosts")
@@ -580,29 +636,29 @@ def build_parser() -> argparse.ArgumentParser:
     ci.set_defaults(func=cmd_certs_init)
 
     rc = sub.add_parser("receive", help="the target-side endpoint")
-    rc.add_argument("--listen", required=True, metavar="HOST:PORT",
+    rc.add_argument("--listen", required=True, type=address(listen=True), metavar="HOST:PORT",
                     help="address to accept senders on; a bare PORT listens on every address, IPv4 and IPv6")
     rc.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
     rc.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
     rc.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
                     help="a target senders may name: an image file or device (block) or a directory (files); "
                          "repeatable")
-    rc.add_argument("--root", metavar="DIR", help="every target NAME is DIR/NAME: an image file (block) or a directory (files)")
-    rc.add_argument("--state-dir", metavar="DIR", help="where the receiver keeps its checkpoints and manifests "
+    rc.add_argument("--root", type=directory("root directory"), metavar="DIR", help="every target NAME is DIR/NAME: an image file (block) or a directory (files)")
+    rc.add_argument("--state-dir", type=state_dir, metavar="DIR", help="where the receiver keeps its checkpoints and manifests "
                                                        "(default ~/.local/state/smsrepl/receive)")
     rc.add_argument("--once", action="store_true", help="exit after one session")
     rc.add_argument("--checkpoint-seconds", type=seconds(0, 3600, low_open=True), default=2.0, metavar="SECONDS",
                     help="seconds between durable checkpoints while data flows (default 2)")
     rc.set_defaults(func=cmd_receive)
 
-    send = sub.add_parser("send", help="the source-side endpoint").add_subparsers(dest="send_cmd", required=True)
+    send = sub.add_parser("send", help="the source-side endpoint").add_subparsers(dest="send_cmd", required=True, help="what to copy")
     sf = send.add_parser("files", help="copy (first run) or sync (later runs) a directory tree")
     sf.add_argument("source", metavar="SRC_DIR", help="the directory tree to copy")
-    sf.add_argument("--to", required=True, metavar="HOST:PORT", help=TO_HELP)
-    sf.add_argument("--target", required=True, metavar="NAME", help="the receiver's directory target to copy into")
+    sf.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
+    sf.add_argument("--target", required=True, type=target_name, metavar="NAME", help="the receiver's directory target to copy into")
     sf.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
     sf.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
-    sf.add_argument("--state-dir", metavar="DIR", help="accepted for symmetry with send block; the receiver keeps a file "
+    sf.add_argument("--state-dir", type=state_dir, metavar="DIR", help="accepted for symmetry with send block; the receiver keeps a file "
                                         "target's round record")
     sf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (path rules, LINUX_CPU_LIMIT)")
     sf.add_argument("--checksum", action="store_true",
@@ -629,11 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
     sf.set_defaults(func=cmd_send_files)
     sb = send.add_parser("block", help="copy (first run) or sync (later runs) a disk or image")
     sb.add_argument("source", metavar="SOURCE", help="the disk or image to copy")
-    sb.add_argument("--to", required=True, metavar="HOST:PORT", help=TO_HELP)
-    sb.add_argument("--target", required=True, metavar="NAME", help="the receiver's block target to copy into")
+    sb.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
+    sb.add_argument("--target", required=True, type=target_name, metavar="NAME", help="the receiver's block target to copy into")
     sb.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
     sb.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
-    sb.add_argument("--state-dir", metavar="DIR", help="where the sender keeps what it copied, for resuming and "
+    sb.add_argument("--state-dir", type=state_dir, metavar="DIR", help="where the sender keeps what it copied, for resuming and "
                                                        "sync rounds (default ~/.local/state/smsrepl/send)")
     sb.add_argument("--progress", choices=["bar", "json", "none"], default="none",
                     help="json: one 5.4.8 report per line on stdout; bar: a progress bar on stderr")
@@ -661,29 +717,29 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_send_block)
 
     nc = sub.add_parser("netcheck", help="measure the link to a receiver; prints the 5.9.1 body")
-    nc.add_argument("--to", required=True, metavar="HOST:PORT", help=TO_HELP)
+    nc.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
     nc.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
     nc.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
     nc.add_argument("--seconds", type=seconds(0.2, 600), default=3.0, metavar="SECONDS", help="length of the bulk transfer (default 3)")
     nc.set_defaults(func=cmd_netcheck)
 
-    ver = sub.add_parser("verify", help="compare a source with its copy").add_subparsers(dest="verify_cmd", required=True)
+    ver = sub.add_parser("verify", help="compare a source with its copy").add_subparsers(dest="verify_cmd", required=True, help="what to compare")
     vb = ver.add_parser("block", help="compare two images or devices block by block")
     vb.add_argument("source", metavar="SOURCE", help="the disk or image that was copied")
     vb.add_argument("target_path", nargs="?", metavar="TARGET", help="its copy, an image or device on this host "
                                                                      "(or give --to)")
-    vb.add_argument("--to", metavar="HOST:PORT", help="compare with a receiver's target (it sends its digests, "
+    vb.add_argument("--to", type=address(), metavar="HOST:PORT", help="compare with a receiver's target (it sends its digests, "
                                                      "never data)")
-    vb.add_argument("--target", metavar="NAME", help="with --to: the receiver's target to compare with")
+    vb.add_argument("--target", type=target_name, metavar="NAME", help="with --to: the receiver's target to compare with")
     vb.add_argument("--certkey", metavar="FILE", help="with --to: " + CERTKEY_HELP)
     vb.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
     vb.set_defaults(func=cmd_verify_block)
     vf = ver.add_parser("files", help="compare two directory trees (5.4.13 counts)")
-    vf.add_argument("source", metavar="SRC_DIR", help="the directory tree that was copied")
-    vf.add_argument("target_path", nargs="?", metavar="TARGET_DIR", help="its copy on this host (or give --to)")
-    vf.add_argument("--to", metavar="HOST:PORT", help="compare with a receiver's target (it sends digests and "
+    vf.add_argument("source", type=directory("source directory"), metavar="SRC_DIR", help="the directory tree that was copied")
+    vf.add_argument("target_path", nargs="?", type=directory("target directory"), metavar="TARGET_DIR", help="its copy on this host (or give --to)")
+    vf.add_argument("--to", type=address(), metavar="HOST:PORT", help="compare with a receiver's target (it sends digests and "
                                                      "metadata, never file data)")
-    vf.add_argument("--target", metavar="NAME", help="with --to: the receiver's target to compare with")
+    vf.add_argument("--target", type=target_name, metavar="NAME", help="with --to: the receiver's target to compare with")
     vf.add_argument("--certkey", metavar="FILE", help="with --to: " + CERTKEY_HELP)
     vf.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
     vf.add_argument("--dir-check", action="append", metavar="PATH",
@@ -694,19 +750,19 @@ def build_parser() -> argparse.ArgumentParser:
     vf.set_defaults(func=cmd_verify_files)
 
     ag = sub.add_parser("agent", help="the reference agent loop against an API v3 control plane")
-    ag.add_argument("--endpoint", required=True, metavar="URL", help="https://... of the control plane")
+    ag.add_argument("--endpoint", required=True, type=https_url, metavar="URL", help="https://... of the control plane")
     ag.add_argument("--token-file", required=True, metavar="FILE", help="file holding the X-Auth-Token")
-    ag.add_argument("--source-id", required=True, metavar="ID", help="this source server's id in the control plane")
-    ag.add_argument("--task-id", metavar="ID", help="the task, when START does not name one")
+    ag.add_argument("--source-id", required=True, type=control_plane_id, metavar="ID", help="this source server's id in the control plane")
+    ag.add_argument("--task-id", type=control_plane_id, metavar="ID", help="the task, when START does not name one")
     ag.add_argument("--disk", action="append", metavar="NAME=PATH",
                     help="a registered source disk (5.3.2 name, e.g. /dev/vda) and the device or image to read")
-    ag.add_argument("--tree", metavar="DIR", help="the source tree of file-level tasks (MIGRATE_FILE), e.g. /")
-    ag.add_argument("--tree-target", default="root", metavar="NAME",
+    ag.add_argument("--tree", type=directory("source tree"), metavar="DIR", help="the source tree of file-level tasks (MIGRATE_FILE), e.g. /")
+    ag.add_argument("--tree-target", default="root", type=target_name, metavar="NAME",
                     help="the receiver's directory target for the tree (default root)")
     ag.add_argument("--ca-file", metavar="FILE", help="trust this CA for the control plane's HTTPS")
     ag.add_argument("--data-port", type=number_in(int, 1, 65535), default=8900, metavar="PORT", help="the receiver's data port (default 8900)")
     ag.add_argument("--host", type=nonempty, help="connect here instead of the task's migration_ip (a lab)")
-    ag.add_argument("--state-dir", metavar="DIR", help="where the agent keeps its state "
+    ag.add_argument("--state-dir", type=state_dir, metavar="DIR", help="where the agent keeps its state "
                                                        "(default ~/.local/state/smsrepl/agent)")
     ag.add_argument("--poll-interval", type=seconds(0, 3600, low_open=True), default=5.0, metavar="SECONDS",
                     help="seconds between command polls (default 5)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import stat
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -64,3 +66,91 @@ def subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
             for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
                 leaves += subcommands(sub) or [sub]
     return leaves
+
+
+def address(*, listen: bool = False):
+    """An argparse type: ``HOST:PORT`` checked now (transport.connect.parse_address), kept as text."""
+    def parse(text: str) -> str:
+        from .errors import ConfigError
+        from .transport.connect import parse_address
+
+        try:
+            parse_address(text, listen=listen)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+        return text
+
+    parse.__name__ = "address"
+    return parse
+
+
+def target_name(text: str) -> str:
+    from .errors import ConfigError
+    from .transport.connect import check_target_name
+
+    try:
+        return check_target_name(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def directory(what: str):
+    """An argparse type: an existing directory (``what`` names it in the message)."""
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"the {what} must not be empty")
+        try:
+            st = os.stat(text)
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{what} {text!r}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a directory")
+        return text
+
+    parse.__name__ = "directory"
+    return parse
+
+
+def state_dir(text: str) -> str:
+    """An argparse type: a directory smsrepl may keep state in: a writable directory, or a path
+    that can be made under one (it is created when used, not now)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the state directory must not be empty")
+    path = os.path.abspath(text)
+    probe = path
+    while True:
+        try:
+            st = os.stat(probe)
+        except FileNotFoundError:
+            probe = os.path.dirname(probe)
+            continue
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"state directory {text!r}: {exc.strerror} ({probe})") from None
+        break
+    if not stat.S_ISDIR(st.st_mode):
+        raise argparse.ArgumentTypeError(f"state directory {text!r}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"state directory {text!r}: {probe} is not writable (permission denied)")
+    return text
+
+
+def control_plane_id(text: str) -> str:
+    """An argparse type: a source server or task id as the control plane's paths take it."""
+    from .agent.client import _ID
+
+    if not _ID.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid id (letters, digits, '.', '_', '-')")
+    return text
+
+
+def https_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL: {exc}") from None
+    if parts.scheme != "https" or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an https://HOST[:PORT] URL")
+    return text
