@@ -20,7 +20,7 @@ from . import __version__
 from .codec import DEFAULT_LEVEL
 from .errors import EXIT_USAGE, ConfigError, ReplicationError
 from .flags import (OneLineParser, add_verbose, address, control_plane_id, directory, https_url, nonempty,
-                    number_in, seconds, state_dir, subcommands, target_name)
+                    number, number_in, seconds, state_dir, subcommands, target_name)
 from .memory import pin_mmap_threshold
 
 
@@ -80,11 +80,12 @@ def cmd_receive(args) -> int:
     if args.root and args.target:
         raise ConfigError("give --target NAME=PATH ... or --root DIR, not both")
     host, port = parse_address(args.listen, listen=True)
+    _check_listen(host, port)
     ctx = server_context(_certkey(args), _passphrase(args))
     rx = Receiver(RootTargets(args.root) if args.root else _targets(args.target), ctx, args.state_dir or _state_home("receive"),
                   checkpoint_seconds=args.checkpoint_seconds)
     host, port = rx.bind(host, port)
-    print(f"listening on {f'[{host}]' if ':' in host else host}:{port}", file=sys.stderr, flush=True)
+    print(f"listening on {_shown_address(host, port)}", file=sys.stderr, flush=True)
     try:
         outcome = rx.serve_forever(once=args.once)
     except KeyboardInterrupt:
@@ -95,6 +96,26 @@ def cmd_receive(args) -> int:
         print(str(outcome.error), file=sys.stderr)
         return outcome.error.exit_code
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """An address the receiver cannot listen on (not this host's, in use) is refused before the
+    receiver makes its state directory."""
+    import errno
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        if host == "::" and exc.errno == errno.EAFNOSUPPORT:
+            return  # no IPv6 here: the receiver listens on 0.0.0.0
+        raise ConfigError(f"--listen {_shown_address(host, port)}: cannot listen there: {exc.strerror}") from None
+
+
+def _shown_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _ProgressOutput:
@@ -673,12 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds (SIGUSR1: a round now); SIGTERM runs the "
                          "cutover round and exits 0")
-    sf.add_argument("--interval", type=seconds(0, 86400), metavar="SECONDS", help="seconds between continuous rounds (default 30)")
+    sf.add_argument("--interval", type=number(float), metavar="SECONDS", help="seconds between continuous rounds (default 30)")
     sf.add_argument("--journal", choices=["auto", "off"],
                     help="with --continuous, how sync rounds find what changed: auto (default) = a fanotify change "
                          "journal where the kernel and privileges allow (root), rounds then scan only the "
                          "directories it names; off = every round walks the whole tree")
-    sf.add_argument("--whole-tree-every", type=number_in(int, 0, 1_000_000), metavar="N",
+    sf.add_argument("--whole-tree-every", type=number(int), metavar="N",
                     help="with the journal, every Nth round walks the whole tree anyway (writes through a shared "
                          "mmap raise no event); 0 = only when the journal cannot vouch (default 10). The "
                          "cutover round always walks the whole tree")
@@ -704,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "sync rounds then read only the blocks it names")
     sb.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds; SIGTERM runs the cutover round and exits 0")
-    sb.add_argument("--interval", type=seconds(0, 86400), metavar="SECONDS", help="seconds between continuous rounds (default 30)")
+    sb.add_argument("--interval", type=number(float), metavar="SECONDS", help="seconds between continuous rounds (default 30)")
     sb.add_argument("--tracking", choices=["auto", "kernel", "scan"],
                     help="how --continuous finds changed blocks: kernel (tracefs block events, needs root), scan "
                          "(every round reads the whole source), auto (default: kernel where it can run)")
@@ -720,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
     nc.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
     nc.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
-    nc.add_argument("--seconds", type=seconds(0.2, 600), default=3.0, metavar="SECONDS", help="length of the bulk transfer (default 3)")
+    nc.add_argument("--seconds", type=number(float), default=3.0, metavar="SECONDS", help="length of the bulk transfer (default 3)")
     nc.set_defaults(func=cmd_netcheck)
 
     ver = sub.add_parser("verify", help="compare a source with its copy").add_subparsers(dest="verify_cmd", required=True, help="what to compare")

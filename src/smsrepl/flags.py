@@ -35,6 +35,15 @@ def _number(kind, text: str):
     return value
 
 
+def number(kind):
+    """An argparse type: a finite int or float (the command checks its range)."""
+    def parse(text: str):
+        return _number(kind, text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def number_in(kind, low, high, *, low_open: bool = False, unit: str = ""):
     """An argparse type: an int or float from ``low`` to ``high`` (above ``low`` when ``low_open``)."""
     def parse(text: str):
