@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
                     help="a target senders may name: an image file or device (block) or a directory (files); "
                          "repeatable")
-    rc.add_argument("--root", type=directory("root directory"), metavar="DIR", help="every target NAME is DIR/NAME: an image file (block) or a directory (files)")
+    rc.add_argument("--root", metavar="DIR", help="every target NAME is DIR/NAME: an image file (block) or a directory (files)")
     rc.add_argument("--state-dir", type=state_dir, metavar="DIR", help="where the receiver keeps its checkpoints and manifests "
                                                        "(default ~/.local/state/smsrepl/receive)")
     rc.add_argument("--once", action="store_true", help="exit after one session")
