@@ -25,6 +25,7 @@ import datetime as _dt
 import ipaddress
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "LabCA",
     "expired_bundle",
     "make_bundle",
+    "check_certkey_slot",
     "not_yet_valid_bundle",
     "write_certkey",
 ]
@@ -304,6 +306,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exists_message(final: Path) -> str:
+    return (f"{final} already exists: a bundle both hosts must share; give --force to replace it "
+            "(hosts holding the old one can no longer connect)")
+
+
+def check_certkey_slot(outdir: str | os.PathLike[str], *, overwrite: bool) -> None:
+    """Refuse (CertificateError) an ``OUTDIR/certkey.json`` that exists, unless ``overwrite``, and
+    one that is not a regular file (a directory, a symlink) in any case."""
+    final = Path(outdir) / CERTKEY_FILENAME
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise CertificateError(f"cannot write the certificate bundle: {outdir} is not a directory") from None
+    except OSError as exc:
+        raise CertificateError(f"cannot write {final}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a symbolic link" if stat.S_ISLNK(st.st_mode) \
+            else "not a regular file"
+        raise CertificateError(f"{final} exists and is {kind}: remove it or choose another directory")
+    if not overwrite:
+        raise CertificateError(_exists_message(final))
+
+
 def write_certkey(outdir: str | os.PathLike[str], certkey: CertKey, *, overwrite: bool = True) -> Path:
     """Write ``OUTDIR/certkey.json`` (mode 0600) atomically and return its path.
 
@@ -349,7 +376,7 @@ def write_certkey(outdir: str | os.PathLike[str], certkey: CertKey, *, overwrite
             os.unlink(tmp)
     except FileExistsError:
         _unlink_quiet(tmp)
-        raise CertificateError(f"{final} already exists") from None
+        raise CertificateError(_exists_message(final)) from None
     except OSError as exc:
         _unlink_quiet(tmp)
         raise CertificateError(f"cannot write {final}: {exc.strerror or exc}") from None

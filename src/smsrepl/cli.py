@@ -19,6 +19,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 from . import __version__
 from .codec import DEFAULT_LEVEL
 from .errors import EXIT_USAGE, ConfigError, ReplicationError
+from .flags import (OneLineParser, add_verbose, address, control_plane_id, directory, https_url, nonempty,
+                    number, number_in, seconds, state_dir, subcommands, target_name)
 from .memory import pin_mmap_threshold
 
 
@@ -41,11 +43,16 @@ def _certkey(args):
 
 
 def _targets(pairs: list[str]) -> dict[str, str]:
+    from .transport.connect import TARGET_NAME
+
     out: dict[str, str] = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--target {pair!r}: expected NAME=PATH")
+        if not TARGET_NAME.match(name) or name in (".", ".."):
+            raise ConfigError(f"--target {pair!r}: the name {name!r} is invalid: use letters, digits, '.', '_' "
+                              "and '-' only")
         if name in out:
             raise ConfigError(f"--target {name!r} given twice")
         out[name] = path
@@ -53,10 +60,11 @@ def _targets(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_certs_init(args) -> int:
-    from .certs import make_bundle, write_certkey
+    from .certs import check_certkey_slot, make_bundle, write_certkey
 
-    bundle = make_bundle(_passphrase(args))
-    path = write_certkey(args.outdir, bundle)
+    passphrase = _passphrase(args)
+    check_certkey_slot(args.outdir, overwrite=args.force)  # before making keys for nothing
+    path = write_certkey(args.outdir, make_bundle(passphrase), overwrite=args.force)
     print(f"wrote {path}")
     return 0
 
@@ -72,11 +80,12 @@ def cmd_receive(args) -> int:
     if args.root and args.target:
         raise ConfigError("give --target NAME=PATH ... or --root DIR, not both")
     host, port = parse_address(args.listen, listen=True)
+    _check_listen(host, port)
     ctx = server_context(_certkey(args), _passphrase(args))
     rx = Receiver(RootTargets(args.root) if args.root else _targets(args.target), ctx, args.state_dir or _state_home("receive"),
                   checkpoint_seconds=args.checkpoint_seconds, create=args.create)
     host, port = rx.bind(host, port)
-    print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+    print(f"listening on {_shown_address(host, port)}", file=sys.stderr, flush=True)
     try:
         outcome = rx.serve_forever(once=args.once)
     except KeyboardInterrupt:
@@ -87,6 +96,26 @@ def cmd_receive(args) -> int:
         print(str(outcome.error), file=sys.stderr)
         return outcome.error.exit_code
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """An address the receiver cannot listen on (not this host's, in use) is refused before the
+    receiver makes its state directory."""
+    import errno
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        if host == "::" and exc.errno == errno.EAFNOSUPPORT:
+            return  # no IPv6 here: the receiver listens on 0.0.0.0
+        raise ConfigError(f"--listen {_shown_address(host, port)}: cannot listen there: {exc.strerror}") from None
+
+
+def _shown_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _ProgressOutput:
@@ -121,7 +150,13 @@ class _ScheduleWatcher:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self.mtime = os.stat(path).st_mtime_ns if path else None
+        self.mtime = None
+        if path:
+            try:
+                self.mtime = os.stat(path).st_mtime_ns
+            except OSError as exc:
+                raise ConfigError(f"--speed-limit {path!r} cannot be read: {exc.strerror}") from None
+            self.load()  # a bad schedule is refused before anything starts
         self._stop = threading.Event()
         #: the running round's sender (continuous sync makes one per round)
         self.sender = None
@@ -129,7 +164,17 @@ class _ScheduleWatcher:
     def load(self):
         from .ratelimit import SpeedSchedule
 
-        return SpeedSchedule.from_file(self.path) if self.path else None
+        if not self.path:
+            return None
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"--speed-limit {self.path!r} cannot be read: {exc.strerror}") from None
+        try:
+            return SpeedSchedule.from_json(data)
+        except ConfigError as exc:
+            raise ConfigError(f"--speed-limit {self.path!r}: {exc.message}") from None
 
     def watch(self) -> None:
         if self.path:
@@ -554,6 +599,10 @@ def cmd_agent(args) -> int:
             token = fh.read().strip()
     except OSError as exc:
         raise ConfigError(f"--token-file {args.token_file!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file {args.token_file!r} is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"--token-file {args.token_file!r} is empty")
     disks = {}
     for item in args.disk or []:
         name, sep, path = item.partition("=")
@@ -561,7 +610,10 @@ def cmd_agent(args) -> int:
             raise ConfigError(f"--disk {item!r}: expected NAME=PATH (e.g. /dev/vda=/dev/vda)")
         if name in disks:
             raise ConfigError(f"--disk {name} given twice")
+        _check_disk(item, path)
         disks[name] = path
+    if args.ca_file:
+        _check_ca_file(args.ca_file)
     cp = ControlPlane(args.endpoint, token, verify=args.ca_file or True, retries=2, backoff=0.5, max_backoff=5.0)
     agent = Agent(cp, args.source_id, disks, args.state_dir or _state_home("agent"), task_id=args.task_id,
                   data_port=args.data_port, poll_interval=args.poll_interval, sync_interval=args.sync_interval,
@@ -572,47 +624,86 @@ def cmd_agent(args) -> int:
     return agent.run()
 
 
+def _check_disk(item: str, path: str) -> None:
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"--disk {item!r}: {path}: {exc.strerror}") from None
+    if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
+        raise ConfigError(f"--disk {item!r}: {path} is not a block device or an image file")
+
+
+def _check_ca_file(path: str) -> None:
+    """--ca-file: a readable file of PEM certificates (requests would fail on it at the first poll)."""
+    import ssl
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(16 << 20)
+    except OSError as exc:
+        raise ConfigError(f"--ca-file {path!r} cannot be read: {exc.strerror}") from None
+    try:
+        ssl.create_default_context(cadata=data.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError, ValueError):
+        raise ConfigError(f"--ca-file {path!r} holds no PEM CA certificate") from None
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(size_mib=args.size_mib, keep=args.keep)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smsrepl", description="Block and file replication over mutual TLS.")
-    p.add_argument("--version", action="version", version=f"smsrepl {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
-    sub = p.add_subparsers(dest="command", required=True)
+CERTKEY_HELP = "the certkey.json bundle (smsrepl certs init); both hosts need the same one"
+PASSPHRASE_HELP = "file holding the passphrase of the bundle's private keys"
+TO_HELP = "the receiver's address"
 
-    certs = sub.add_parser("certs", help="certificate bundles for a lab").add_subparsers(dest="certs_cmd", required=True)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="smsrepl", description="Block and file replication over mutual TLS.")
+    p.add_argument("--version", action="version", version=f"smsrepl {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr (also accepted after "
+                                                                "the subcommand)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to run")
+
+    certs = sub.add_parser("certs", help="certificate bundles for a lab").add_subparsers(dest="certs_cmd", required=True, help="write a bundle")
     ci = certs.add_parser("init", help="write OUTDIR/certkey.json (the 5.7.1 shape)")
-    ci.add_argument("outdir")
-    ci.add_argument("--passphrase-file")
+    ci.add_argument("outdir", metavar="OUTDIR", help="directory to write certkey.json in (created, mode 0700, "
+                                                     "when missing); copy that one file to both hosts")
+    ci.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP + " to encrypt the private keys with")
+    ci.add_argument("--force", action="store_true", help="replace an existing OUTDIR/certkey.json (hosts holding "
+                                                        "the old bundle can no longer connect)")
     ci.set_defaults(func=cmd_certs_init)
 
     rc = sub.add_parser("receive", help="the target-side endpoint")
-    rc.add_argument("--listen", required=True, metavar="HOST:PORT")
-    rc.add_argument("--certkey", required=True)
-    rc.add_argument("--passphrase-file")
-    rc.add_argument("--target", action="append", default=[], metavar="NAME=PATH")
+    rc.add_argument("--listen", required=True, type=address(listen=True), metavar="HOST:PORT",
+                    help="address to accept senders on; a bare PORT listens on every address, IPv4 and IPv6")
+    rc.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
+    rc.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    rc.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
+                    help="a target senders may name: an image file or device (block) or a directory (files); "
+                         "repeatable")
     rc.add_argument("--root", metavar="DIR", help="every target NAME is DIR/NAME: an image file (block) or a directory (files)")
     rc.add_argument("--create", action="store_true",
                     help="create a --target PATH that does not exist (an image file sized to the source, or a "
                          "directory), for a lab; without it a missing target is refused at start")
-    rc.add_argument("--state-dir")
+    rc.add_argument("--state-dir", type=state_dir, metavar="DIR", help="where the receiver keeps its checkpoints and manifests "
+                                                       "(default ~/.local/state/smsrepl/receive)")
     rc.add_argument("--once", action="store_true", help="exit after one session")
-    rc.add_argument("--checkpoint-seconds", type=float, default=2.0,
+    rc.add_argument("--checkpoint-seconds", type=seconds(0, 3600, low_open=True), default=2.0, metavar="SECONDS",
                     help="seconds between durable checkpoints while data flows (default 2)")
     rc.set_defaults(func=cmd_receive)
 
-    send = sub.add_parser("send", help="the source-side endpoint").add_subparsers(dest="send_cmd", required=True)
+    send = sub.add_parser("send", help="the source-side endpoint").add_subparsers(dest="send_cmd", required=True, help="what to copy")
     sf = send.add_parser("files", help="copy (first run) or sync (later runs) a directory tree")
-    sf.add_argument("source", metavar="SRC_DIR")
-    sf.add_argument("--to", required=True, metavar="HOST:PORT")
-    sf.add_argument("--target", required=True)
-    sf.add_argument("--certkey", required=True)
-    sf.add_argument("--passphrase-file")
-    sf.add_argument("--state-dir", help="accepted for symmetry with send block; the receiver keeps a file "
+    sf.add_argument("source", metavar="SRC_DIR", help="the directory tree to copy")
+    sf.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
+    sf.add_argument("--target", required=True, type=target_name, metavar="NAME", help="the receiver's directory target to copy into")
+    sf.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
+    sf.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    sf.add_argument("--state-dir", type=state_dir, metavar="DIR", help="accepted for symmetry with send block; the receiver keeps a file "
                                         "target's round record")
     sf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (path rules, LINUX_CPU_LIMIT)")
     sf.add_argument("--checksum", action="store_true",
@@ -627,12 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds (SIGUSR1: a round now); SIGTERM runs the "
                          "cutover round and exits 0")
-    sf.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between continuous rounds (default 30)")
+    sf.add_argument("--interval", type=number(float), metavar="SECONDS", help="seconds between continuous rounds (default 30)")
     sf.add_argument("--journal", choices=["auto", "off"],
                     help="with --continuous, how sync rounds find what changed: auto (default) = a fanotify change "
                          "journal where the kernel and privileges allow (root), rounds then scan only the "
                          "directories it names; off = every round walks the whole tree")
-    sf.add_argument("--whole-tree-every", type=int, metavar="N",
+    sf.add_argument("--whole-tree-every", type=number(int), metavar="N",
                     help="with the journal, every Nth round walks the whole tree anyway (writes through a shared "
                          "mmap raise no event); 0 = only when the journal cannot vouch (default 10). The "
                          "cutover round always walks the whole tree")
@@ -645,12 +736,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "half of a target of 10 entries or more)")
     sf.set_defaults(func=cmd_send_files)
     sb = send.add_parser("block", help="copy (first run) or sync (later runs) a disk or image")
-    sb.add_argument("source")
-    sb.add_argument("--to", required=True, metavar="HOST:PORT")
-    sb.add_argument("--target", required=True)
-    sb.add_argument("--certkey", required=True)
-    sb.add_argument("--passphrase-file")
-    sb.add_argument("--state-dir")
+    sb.add_argument("source", metavar="SOURCE", help="the disk or image to copy")
+    sb.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
+    sb.add_argument("--target", required=True, type=target_name, metavar="NAME", help="the receiver's block target to copy into")
+    sb.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
+    sb.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    sb.add_argument("--state-dir", type=state_dir, metavar="DIR", help="where the sender keeps what it copied, for resuming and "
+                                                       "sync rounds (default ~/.local/state/smsrepl/send)")
     sb.add_argument("--progress", choices=["bar", "json", "none"], default="none",
                     help="json: one 5.4.8 report per line on stdout; bar: a progress bar on stderr")
     sb.add_argument("--speed-limit", metavar="FILE",
@@ -664,14 +756,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "sync rounds then read only the blocks it names")
     sb.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds; SIGTERM runs the cutover round and exits 0")
-    sb.add_argument("--interval", type=float, metavar="SECONDS", help="seconds between continuous rounds (default 30)")
+    sb.add_argument("--interval", type=number(float), metavar="SECONDS", help="seconds between continuous rounds (default 30)")
     sb.add_argument("--tracking", choices=["auto", "kernel", "scan"],
                     help="how --continuous finds changed blocks: kernel (tracefs block events, needs root), scan "
                          "(every round reads the whole source), auto (default: kernel where it can run)")
     sb.add_argument("--freeze", action="store_true",
                     help="the cutover freezes the source's mounted file systems (FIFREEZE) until its round has "
                          "read the last block, instead of only syncing them; always thawed")
-    sb.add_argument("--freeze-timeout", type=float, metavar="SECONDS",
+    sb.add_argument("--freeze-timeout", type=seconds(0, 3600, low_open=True), metavar="SECONDS",
                     help="longest a --freeze may last before it is thawed and the cutover round runs again "
                          "(default 60)")
     sb.add_argument("--dry-run", "-n", action="store_true",
@@ -680,30 +772,31 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_send_block)
 
     nc = sub.add_parser("netcheck", help="measure the link to a receiver; prints the 5.9.1 body")
-    nc.add_argument("--to", required=True, metavar="HOST:PORT")
-    nc.add_argument("--certkey", required=True)
-    nc.add_argument("--passphrase-file")
-    nc.add_argument("--seconds", type=float, default=3.0, help="length of the bulk transfer (default 3)")
+    nc.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
+    nc.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
+    nc.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    nc.add_argument("--seconds", type=number(float), default=3.0, metavar="SECONDS", help="length of the bulk transfer (default 3)")
     nc.set_defaults(func=cmd_netcheck)
 
-    ver = sub.add_parser("verify", help="compare a source with its copy").add_subparsers(dest="verify_cmd", required=True)
+    ver = sub.add_parser("verify", help="compare a source with its copy").add_subparsers(dest="verify_cmd", required=True, help="what to compare")
     vb = ver.add_parser("block", help="compare two images or devices block by block")
-    vb.add_argument("source")
-    vb.add_argument("target_path", nargs="?", metavar="TARGET")
-    vb.add_argument("--to", metavar="HOST:PORT", help="compare with a receiver's target (it sends its digests, "
+    vb.add_argument("source", metavar="SOURCE", help="the disk or image that was copied")
+    vb.add_argument("target_path", nargs="?", metavar="TARGET", help="its copy, an image or device on this host "
+                                                                     "(or give --to)")
+    vb.add_argument("--to", type=address(), metavar="HOST:PORT", help="compare with a receiver's target (it sends its digests, "
                                                      "never data)")
-    vb.add_argument("--target", metavar="NAME")
-    vb.add_argument("--certkey")
-    vb.add_argument("--passphrase-file")
+    vb.add_argument("--target", type=target_name, metavar="NAME", help="with --to: the receiver's target to compare with")
+    vb.add_argument("--certkey", metavar="FILE", help="with --to: " + CERTKEY_HELP)
+    vb.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
     vb.set_defaults(func=cmd_verify_block)
     vf = ver.add_parser("files", help="compare two directory trees (5.4.13 counts)")
-    vf.add_argument("source", metavar="SRC_DIR")
-    vf.add_argument("target_path", nargs="?", metavar="TARGET_DIR")
-    vf.add_argument("--to", metavar="HOST:PORT", help="compare with a receiver's target (it sends digests and "
+    vf.add_argument("source", type=directory("source directory"), metavar="SRC_DIR", help="the directory tree that was copied")
+    vf.add_argument("target_path", nargs="?", type=directory("target directory"), metavar="TARGET_DIR", help="its copy on this host (or give --to)")
+    vf.add_argument("--to", type=address(), metavar="HOST:PORT", help="compare with a receiver's target (it sends digests and "
                                                      "metadata, never file data)")
-    vf.add_argument("--target", metavar="NAME")
-    vf.add_argument("--certkey")
-    vf.add_argument("--passphrase-file")
+    vf.add_argument("--target", type=target_name, metavar="NAME", help="with --to: the receiver's target to compare with")
+    vf.add_argument("--certkey", metavar="FILE", help="with --to: " + CERTKEY_HELP)
+    vf.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
     vf.add_argument("--dir-check", action="append", metavar="PATH",
                     help="a directory to check, absolute from the tree's root (repeatable; default: all)")
     vf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON: its CONSISTENCY_DIR entries")
@@ -712,33 +805,39 @@ def build_parser() -> argparse.ArgumentParser:
     vf.set_defaults(func=cmd_verify_files)
 
     ag = sub.add_parser("agent", help="the reference agent loop against an API v3 control plane")
-    ag.add_argument("--endpoint", required=True, help="https://... of the control plane")
-    ag.add_argument("--token-file", required=True, help="file holding the X-Auth-Token")
-    ag.add_argument("--source-id", required=True, help="this source server's id in the control plane")
-    ag.add_argument("--task-id", help="the task, when START does not name one")
+    ag.add_argument("--endpoint", required=True, type=https_url, metavar="URL", help="https://... of the control plane")
+    ag.add_argument("--token-file", required=True, metavar="FILE", help="file holding the X-Auth-Token")
+    ag.add_argument("--source-id", required=True, type=control_plane_id, metavar="ID", help="this source server's id in the control plane")
+    ag.add_argument("--task-id", type=control_plane_id, metavar="ID", help="the task, when START does not name one")
     ag.add_argument("--disk", action="append", metavar="NAME=PATH",
                     help="a registered source disk (5.3.2 name, e.g. /dev/vda) and the device or image to read")
-    ag.add_argument("--tree", metavar="DIR", help="the source tree of file-level tasks (MIGRATE_FILE), e.g. /")
-    ag.add_argument("--tree-target", default="root", metavar="NAME",
+    ag.add_argument("--tree", type=directory("source tree"), metavar="DIR", help="the source tree of file-level tasks (MIGRATE_FILE), e.g. /")
+    ag.add_argument("--tree-target", default="root", type=target_name, metavar="NAME",
                     help="the receiver's directory target for the tree (default root)")
-    ag.add_argument("--ca-file", help="trust this CA for the control plane's HTTPS")
-    ag.add_argument("--data-port", type=int, default=8900, help="the receiver's data port (default 8900)")
-    ag.add_argument("--host", help="connect here instead of the task's migration_ip (a lab)")
-    ag.add_argument("--state-dir", help="where the agent keeps its state")
-    ag.add_argument("--poll-interval", type=float, default=5.0, help="seconds between command polls")
-    ag.add_argument("--sync-interval", type=float, default=30.0, help="seconds between continuous sync rounds")
+    ag.add_argument("--ca-file", metavar="FILE", help="trust this CA for the control plane's HTTPS")
+    ag.add_argument("--data-port", type=number_in(int, 1, 65535), default=8900, metavar="PORT", help="the receiver's data port (default 8900)")
+    ag.add_argument("--host", type=nonempty, help="connect here instead of the task's migration_ip (a lab)")
+    ag.add_argument("--state-dir", type=state_dir, metavar="DIR", help="where the agent keeps its state "
+                                                       "(default ~/.local/state/smsrepl/agent)")
+    ag.add_argument("--poll-interval", type=seconds(0, 3600, low_open=True), default=5.0, metavar="SECONDS",
+                    help="seconds between command polls (default 5)")
+    ag.add_argument("--sync-interval", type=seconds(0, 86400), default=30.0, metavar="SECONDS",
+                    help="seconds between continuous sync rounds (default 30)")
     ag.add_argument("--tracking", choices=["auto", "kernel", "scan"], default="auto",
                     help="how sync rounds of a syncing task find changed blocks (see send block --tracking)")
     ag.add_argument("--freeze", action="store_true",
                     help="the cutover freezes the source disks' file systems until its round has read them")
-    ag.add_argument("--freeze-timeout", type=float, metavar="SECONDS",
+    ag.add_argument("--freeze-timeout", type=seconds(0, 3600, low_open=True), metavar="SECONDS",
                     help="longest a --freeze may last before it is thawed and the cutover runs again (default 60)")
     ag.set_defaults(func=cmd_agent)
 
     demo = sub.add_parser("demo", help="run the whole loop on this machine")
-    demo.add_argument("--size-mib", type=int, default=64)
+    demo.add_argument("--size-mib", type=number_in(int, 1, 1 << 20), default=64, metavar="MIB",
+                      help="size of the demo's first disk image (default 64)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's working directory")
     demo.set_defaults(func=cmd_demo)
+    for leaf in subcommands(p):
+        add_verbose(leaf)
     return p
 
 

@@ -20,7 +20,7 @@ def compare_block_images(source_path: str, target_path: str, *, max_ranges: int 
     ``different_ranges`` as ``[offset, length]`` pairs, and whether they match.
     A target larger than the source is compared over the source's size.
     """
-    with BlockSource(source_path) as src, BlockSource(target_path) as dst:
+    with BlockSource(source_path) as src, BlockSource(target_path, role="target") as dst:
         nblocks = -(-src.size // FINE_BLOCK)
         covered = min(src.size, dst.size)
         missing = nblocks - (-(-covered // FINE_BLOCK)) if dst.size < src.size else 0

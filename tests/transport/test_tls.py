@@ -637,3 +637,16 @@ def test_a_second_sender_start_does_not_import_cryptography_x509(plain, tmp_path
         rx.stop()
     assert imported == [True, False]
     assert (tmp_path / "dst" / "f").read_bytes() == b"x"
+
+
+def test_bundles_of_two_cas_are_named_as_such_on_both_sides(plain):
+    from smsrepl.transport.tls import OTHER_BUNDLE_HINT
+
+    out = handshake(server_context(plain), client_context(make_bundle()))
+    refused(out)
+    assert_auth(out.client, "certificate verify failed", "not issued by this bundle's CA", OTHER_BUNDLE_HINT)
+    assert_auth(out.server, "unknown CA", OTHER_BUNDLE_HINT)
+    # another refusal keeps its own words: no hint where the CA is the same
+    bad = expired_bundle()
+    out = handshake(server_context(bad), client_context(bad))
+    assert OTHER_BUNDLE_HINT not in str(out.client)

@@ -29,6 +29,7 @@ from .._lazy import np
 from .direct import ALIGN, STAGE, DirectWriter, aligned_buffer, buffer_address
 from .. import faults
 from ..errors import (
+    ReplicationError,
     SizeMismatchError,
     SourceError,
     SourceMissingError,
@@ -103,8 +104,10 @@ class BlockSource:
     reading thread's own.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, direct: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, direct: bool = True, role: str = "source") -> None:
         self.path = os.fspath(path)
+        #: what errors call it: "source", or "target" when a copy is read back (verify)
+        self.role = role
         self.direct = False
         #: why reads go through the page cache (None while they are direct)
         self.buffered_reason: str | None = "direct reads not asked for"
@@ -113,7 +116,7 @@ class BlockSource:
         try:
             kind = _probe(self.fd)
             if kind is None:
-                raise SourceMissingError(f"source {self.path!r} is not a regular file or block device")
+                raise self._missing(f"{self.role} {self.path!r} is not a regular file or block device")
             self.is_device, self.size = kind
         except BaseException:
             os.close(self.fd)
@@ -125,11 +128,15 @@ class BlockSource:
         try:
             return os.open(self.path, flags)
         except FileNotFoundError:
-            raise SourceMissingError(f"source {self.path!r} does not exist") from None
+            raise self._missing(f"{self.role} {self.path!r} does not exist") from None
         except PermissionError:
-            raise SourceMissingError(f"source {self.path!r}: permission denied") from None
+            raise self._missing(f"{self.role} {self.path!r}: permission denied") from None
         except OSError as exc:
-            raise SourceError(f"source {self.path!r} cannot be opened: {_describe(exc)}") from None
+            error = SourceError if self.role == "source" else TargetError
+            raise error(f"{self.role} {self.path!r} cannot be opened: {_describe(exc)}") from None
+
+    def _missing(self, message: str) -> ReplicationError:
+        return SourceMissingError(message) if self.role == "source" else TargetError(message)
 
     def _open_direct(self) -> None:
         """Swap the descriptor for an O_DIRECT one of the same file, where the file system allows it."""
@@ -210,7 +217,7 @@ class BlockSource:
                 return self._pread_direct(view, offset)
             return self._read_bounced(view, offset)
         except OSError as exc:
-            raise SourceError(f"source {self.path!r}: read failed near offset {offset}: {_describe(exc)}") from None
+            raise SourceError(f"{self.role} {self.path!r}: read failed near offset {offset}: {_describe(exc)}") from None
 
     def read_ranges(self, view: memoryview, ranges: list[tuple[int, int]]) -> int:
         """Read each (offset, length) of ``ranges`` into ``view``, one after the other in it, with
@@ -233,7 +240,7 @@ class BlockSource:
             faults.io("source.read", int(offsets.min(initial=0)), int(lengths.sum()))
             return kernels.read_ranges(self.fd, view, offsets, lengths, READ_DEPTH)
         except OSError as exc:
-            raise SourceError(f"source {self.path!r}: read failed near offset {ranges[0][0]}: {_describe(exc)}") from None
+            raise SourceError(f"{self.role} {self.path!r}: read failed near offset {ranges[0][0]}: {_describe(exc)}") from None
 
     def _pread_direct(self, view: memoryview, offset: int) -> int:
         try:
@@ -248,7 +255,7 @@ class BlockSource:
 
     def _drop_direct(self, why: str) -> None:
         if self.is_device:
-            raise SourceError(f"source {self.path!r}: {why}; a mounted device cannot be read "
+            raise SourceError(f"{self.role} {self.path!r}: {why}; a mounted device cannot be read "
                               "coherently through its page cache")
         fd = self._open(os.O_RDONLY | os.O_CLOEXEC)
         os.close(self.fd)

@@ -36,6 +36,10 @@ CONSISTENCY = ("CONSISTENCY_DIR",)
 CPU_LIMIT = "LINUX_CPU_LIMIT"
 
 
+#: the fields of a 5.10.1 ConfigBody (config_status: reserved, unused)
+ITEM_FIELDS = ("config_key", "config_value", "config_status")
+
+
 def parse_configuration_body(raw: bytes, source: str) -> dict:
     """The bytes of a 5.10.1 body, ``{"configurations": [...]}``, as a dict (items unchecked)."""
     try:
@@ -45,6 +49,14 @@ def parse_configuration_body(raw: bytes, source: str) -> dict:
     items = body.get("configurations") if isinstance(body, dict) else None
     if not isinstance(items, list):
         raise ConfigError(f"{source}: expected {{\"configurations\": [...]}} (5.10.1)")
+    for key in body:
+        if key != "configurations":
+            raise ConfigError(f"{source}: unknown field {key!r} (5.10.1 has only \"configurations\")")
+    for i, item in enumerate(items):
+        for key in item if isinstance(item, dict) else ():
+            if key not in ITEM_FIELDS:
+                raise ConfigError(f"{source} configurations[{i}]: unknown field {key!r} "
+                                  f"(known: {', '.join(ITEM_FIELDS)})")
     return body
 KEYS = frozenset(MIGRATE_EXCLUDE + SYNC_EXCLUDE + ONLY_SYNC + CONSISTENCY + (CPU_LIMIT,))
 #: the reference's limit on config_value

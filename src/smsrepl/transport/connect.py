@@ -23,7 +23,19 @@ def check_target_name(name: str) -> str:
     return name
 
 
+#: what ``receive --listen PORT`` listens on: every address, IPv6 and IPv4 (a dual-stack socket;
+#: the receiver falls back to 0.0.0.0 where the kernel has no IPv6)
+ANY_ADDRESS = "::"
+
+
 def parse_address(text: str, default_port: int = DEFAULT_PORT, *, listen: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address) as (host, port). A sender's HOST alone
+    means the default port; a bare PORT is refused for a sender (it would be taken as a host) and
+    means every address for a listener."""
+    if text.isdigit():
+        if not listen:
+            raise ConfigError(f"address {text!r} is a port only: expected HOST:PORT (e.g. 192.0.2.10:{text})")
+        text = f"[{ANY_ADDRESS}]:{text}"
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, str(default_port)

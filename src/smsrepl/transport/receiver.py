@@ -189,7 +189,14 @@ class Receiver:
     # --- listening ----------------------------------------------------------
     def bind(self, host: str, port: int) -> tuple[str, int]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            if host != "::":
+                raise
+            host, sock = "0.0.0.0", socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no IPv6 here
+        if host == "::":  # every address: IPv4 too, whatever net.ipv6.bindv6only says
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

@@ -576,13 +576,20 @@ def _refuse_other_roles(named: set[str], role: str) -> None:
 
 
 # -- errors -----------------------------------------------------------------------
+OTHER_BUNDLE_HINT = ("the two hosts use different certkey bundles: copy the same certkey.json to both "
+                     "(smsrepl certs init once)")
+#: X509 verify results meaning "not issued by a CA this context trusts": unable to get issuer
+#: certificate (2, 20), self-signed leaf or chain (18, 19), leaf signature unverifiable (21),
+#: signature failure (7: a CA of the same name but another key), key identifiers differ (30)
+_OTHER_CA_CODES = frozenset({2, 7, 18, 19, 20, 21, 30})
 _REASONS = {
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": "peer did not present a certificate",
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "peer requires a certificate and none was sent",
     "UNSUPPORTED_PROTOCOL": "peer does not support TLS 1.3",
     "NO_PROTOCOLS_AVAILABLE": "no TLS version in common with the peer (TLS 1.3 required)",
     "TLSV1_ALERT_PROTOCOL_VERSION": "peer refused TLS 1.3 (protocol version alert)",
-    "TLSV1_ALERT_UNKNOWN_CA": "peer rejected our certificate: unknown CA",
+    "TLSV1_ALERT_UNKNOWN_CA": "peer rejected our certificate: unknown CA (our certificate was not issued by the "
+                              "peer's bundle's CA); " + OTHER_BUNDLE_HINT,
     "SSLV3_ALERT_BAD_CERTIFICATE": "peer rejected our certificate: bad certificate",
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "peer rejected our certificate: unsupported certificate (wrong role or key usage)",
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": "peer rejected our certificate: certificate expired or not yet valid",
@@ -618,6 +625,9 @@ def classify_ssl_error(exc: BaseException, *, server_side: bool | None = None) -
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or getattr(exc, "reason", None) or "unknown reason"
+        if exc.verify_code in _OTHER_CA_CODES:
+            return AuthenticationError(f"certificate verify failed: {detail}: the peer's certificate was not "
+                                       f"issued by this bundle's CA; {OTHER_BUNDLE_HINT}")
         return AuthenticationError(f"certificate verify failed: {detail}")
     if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return TransportError("connection closed during the TLS handshake")
