@@ -526,6 +526,9 @@ class _Session:
         self._frames: queue.Queue | None = None
         self._reader_stop: threading.Event | None = None
         self.lock_fd: int | None = None
+        #: the block session whose rounds this connection runs: the HELLO's, or the one a
+        #: sender without state of its own took over (_adopt)
+        self.session_id = ""
         self._netcheck = False  # holds one of the receiver's network-check places
 
     def run(self) -> None:
@@ -630,7 +633,7 @@ class _Session:
                 elif isinstance(ev, F.Scanned):
                     replica.scanned(ev.offset)
                 elif isinstance(ev, F.RoundBegin):
-                    replica.begin(self.hello.session_id, self.hello.source_size, ev.round_id, ev.kind, ev.start)
+                    replica.begin(self.session_id, self.hello.source_size, ev.round_id, ev.kind, ev.start)
                     in_round = ev
                     last_ckpt = time.monotonic()
                 elif isinstance(ev, F.RoundEnd):
@@ -760,12 +763,31 @@ class _Session:
         except BaseException:
             target.close()
             raise
-        desc = self.replica.describe(ev.session_id, ev.source_size, any_session=verify)
-        self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
+        self.session_id = ev.session_id
+        if not verify and F.ADOPT_SESSION in ev.capabilities:
+            self._adopt(ev)
+        desc = self.replica.describe(self.session_id, ev.source_size, any_session=verify)
+        self.chan.send(F.Welcome(PROTOCOL_VERSION, self.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
         faults.point("receiver.welcome")
         log.info("%s: %s %s for target %s (%s)", self.peer, "consistency check" if verify else "session",
-                 ev.session_id, ev.target, desc["state"])
+                 self.session_id, ev.target, desc["state"])
         return True
+
+    def _adopt(self, ev: F.Hello) -> None:
+        """A sender without a completed round of its own (its state lost, or another host's)
+        takes this target's session over where the manifest allows (Replica.why_not_reconcilable):
+        its next round is a sync round against what the target holds, not a full copy."""
+        rec = self.replica.record
+        if rec is None or rec.session_id == ev.session_id:
+            return  # nothing to take over, or its own session: a resume as usual
+        why = self.replica.why_not_reconcilable(ev.source_size)
+        if why:
+            log.warning("%s: target %s: a sender without local state cannot reconcile with this target (%s); "
+                        "it copies the whole source", self.peer, ev.target, why)
+            return
+        log.info("%s: target %s: session %s, without local state, takes over session %s and reconciles "
+                 "with its manifest", self.peer, ev.target, ev.session_id, rec.session_id)
+        self.session_id = rec.session_id
 
     def _verify_loop(self) -> bool:
         """Answer manifest requests until the sender closes; no data, no round."""
