@@ -85,11 +85,11 @@ def cmd_receive(args) -> int:
     rx = Receiver(RootTargets(args.root) if args.root else _targets(args.target), ctx, args.state_dir or _state_home("receive"),
                   checkpoint_seconds=args.checkpoint_seconds, create=args.create)
     host, port = rx.bind(host, port)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # sessions end checkpointed, then exit 0
+        signal.signal(signum, lambda n, frame: rx.request_stop(signal.Signals(n).name))
     print(f"listening on {_shown_address(host, port)}", file=sys.stderr, flush=True)
     try:
         outcome = rx.serve_forever(once=args.once)
-    except KeyboardInterrupt:
-        return 130
     finally:
         rx.stop()
     if args.once and outcome is not None and outcome.error is not None:

@@ -345,14 +345,15 @@ def test_file_level_task_copy_sync_cutover_and_consistency(tmp_path, cp, bundle)
 
 @pytest.mark.parametrize("extra,message", [
     (["--disk", "/dev/vda"], "expected NAME=PATH"),
-    (["--disk", "/dev/vda=/a", "--disk", "/dev/vda=/b"], "given twice"),
+    (["--disk", "/dev/vda={token}", "--disk", "/dev/vda={token}"], "given twice"),
     ([], "--disk NAME=PATH (block tasks) or --tree DIR"),
 ])
 def test_agent_command_line_mistakes_are_usage_errors(tmp_path, extra, message):
     token = tmp_path / "token"
     token.write_text(TOKEN)
     cp = subprocess.run([sys.executable, "-m", "smsrepl", "agent", "--endpoint", "https://127.0.0.1:9",
-                         "--token-file", str(token), "--source-id", "s", "--state-dir", str(tmp_path / "st"), *extra],
+                         "--token-file", str(token), "--source-id", "s", "--state-dir", str(tmp_path / "st"),
+                         *(arg.format(token=token) for arg in extra)],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and message in cp.stderr, cp.stderr
     missing = subprocess.run([sys.executable, "-m", "smsrepl", "agent", "--endpoint", "https://127.0.0.1:9",
@@ -406,3 +407,36 @@ def test_the_outbox_keeps_each_subtasks_last_progress_while_the_control_plane_la
     finally:
         box.close()
     assert got == [("MIGRATE_LINUX_FILE", 100), ("SYNC_LINUX_FILE", 60)]
+
+
+def test_sync_during_a_running_round_queues_exactly_one_more_round(tmp_path, cp, bundle):
+    """SYNC while a round runs is not refused: it is acknowledged (success, queued) and one more
+    round runs after the running one; several SYNCs during that round make one round, not three."""
+    slow = {"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 40, "over_speed_threshold": 100.0}]}
+    lab = Lab(tmp_path, cp, bundle, syncing=True, check=False, sizes=(24,), speed=slow)
+    try:
+        agent, thread = lab.agent(sync_interval=3600)  # no round of its own accord: only the SYNCs'
+        cp.push_command("source-1", "START", "task-1")
+        wait_for(lambda: ("REPLICATE", "replicating") in states(cp), what="replication")
+        for _ in range(3):
+            cp.push_command("source-1", "SYNC")
+        wait_for(lambda: len(cp.bodies("command_result")) == 4, what="four answers")
+        assert not agent.copied, "the copy ended before the SYNCs arrived: make it slower"
+        start, *syncs = cp.bodies("command_result")
+        assert start["result"] == "success"
+        assert [(b["command_name"], b["result"], b["result_detail"]["queued"], b["result_detail"]["coalesced"])
+                for b in syncs] == [("SYNC", "success", True, False), ("SYNC", "success", True, True),
+                                    ("SYNC", "success", True, True)]
+        wait_for(lambda: len(agent._rounds) == 2 and not agent.session.running, timeout=90,
+                 what="the copy and one sync round")
+        time.sleep(1.5)  # poll_interval is 0.1 s: a second queued round would have started by now
+        assert [r.kind for r in agent._rounds] == ["full", "sync"]
+        assert not agent.session.running and lab.identical()
+        assert ("SYNCING", "syncing") in states(cp)
+        cp.push_command("source-1", "SYNC")  # with no round running: a round at once, as before
+        wait_for(lambda: len(agent._rounds) == 3, what="the third round")
+        assert "queued" not in cp.bodies("command_result")[-1]["result_detail"]
+        agent.stop()
+        thread.join(30)
+    finally:
+        lab.close()

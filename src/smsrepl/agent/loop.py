@@ -203,6 +203,8 @@ class Agent:
         self._plans: list[DiskPlan] = []
         self._round: ServerRound | None = None
         self._cutover_running = False
+        #: a SYNC came while a round ran: one more round once it ends (several SYNCs make one)
+        self._sync_queued = False
         self._last_round_end = 0.0
         self._rounds: list = []
         self._sampler = None
@@ -311,12 +313,25 @@ class Agent:
                 return self.session.command("START")
             if self.session is None:
                 return CommandResult.fail(name, "no task has been started")
+            if name.value == "SYNC" and self.session.running:
+                return self._queue_sync(name)
+            if name.value in ("STOP", "DELETE"):
+                self._sync_queued = False  # a pause or the end: no round after it
             result = self.session.command(name)
             if name.value == "DELETE" and result.ok:
                 self.deleted = True
             return result
         except ReplicationError as exc:
             return CommandResult.fail(name, exc)
+
+    def _queue_sync(self, name) -> CommandResult:
+        """SYNC while a round runs: one more round after it, as soon as the session is synced
+        again (_maybe_round); SYNCs until then add nothing to it."""
+        coalesced = self._sync_queued
+        self._sync_queued = True
+        log.info("SYNC during a running round: %s", "already queued" if coalesced else "one more round after it")
+        return CommandResult.success(name, state=self.session.states.state.value, queued=True,
+                                     coalesced=coalesced)
 
     # --- set-up from the task -------------------------------------------------------
     def _prepare(self, task_id: str | None) -> None:
@@ -483,7 +498,14 @@ class Agent:
         if s.states.state is not SessionState.SYNCED:
             return
         if self._cutover.is_set():
+            self._sync_queued = False  # the cutover round is that round
             s.command("SYNC")  # _make_round sees the cutover flag
+            return
+        if self._sync_queued:
+            self._sync_queued = False
+            result = s.command("SYNC")
+            if not result.ok:
+                log.error("the SYNC queued during the last round could not start: %s", result.result_detail)
             return
         if bool(self.task.get("syncing", False)) and time.monotonic() - self._last_round_end >= self.sync_interval:
             s.command("SYNC")

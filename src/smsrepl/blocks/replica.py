@@ -200,6 +200,26 @@ class Replica:
             "manifest_root": self.manifest.root.hex(),
         }
 
+    def why_not_reconcilable(self, source_size: int) -> str:
+        """Why a sender of another session (one that lost its own state) cannot take this
+        target's session over with a sync round against its manifest; "" when it can.
+
+        It can once a round completed for a source of this size: the manifest then holds the
+        digests of what was verified on arrival and made durable, and a cut sync round's were
+        computed again from the target when it was opened (``_load``). A sync round reads the
+        whole source and sends every block whose digest differs, so whatever source wrote the
+        target, what it holds afterwards is the new source. An unfinished first copy is not
+        taken over: resuming it would keep, below its checkpoint, data of a source nobody
+        knows to be this one."""
+        rec = self.record
+        if rec is None or self.manifest is None:
+            return "it holds no replication state"
+        if rec.source_size != source_size:
+            return f"its last copy is of a {rec.source_size}-byte source, not {source_size} bytes"
+        if rec.completed_rounds == 0:
+            return "its first copy never completed"
+        return ""
+
     # --- rounds -------------------------------------------------------------
     def begin(self, session_id: str, source_size: int, round_id: int, kind: str, start: int) -> None:
         rec = self.record

@@ -81,6 +81,23 @@ DRAIN_STREAMING = 10.0
 #: how long a session waits for its target to be let go by another before it is told "busy"
 BUSY_WAIT = 3.0
 MAX_MANIFEST_ENTRIES = 1 << 18  # per MANIFEST_DATA frame: 4 MiB coarse, 2 MiB fine
+#: a session told to end (the receiver stops, or another sender takes its target over) that has
+#: not let go after this long is cut: its peer may be gone and a send to it blocked
+LET_GO_SECONDS = 1.0
+#: how long a stopping receiver reads what a sender still streams after its ERROR frame
+STOP_DRAIN = 0.5
+#: the longest stop() waits for sessions' last checkpoints (each one fsyncs the target)
+STOP_GRACE = 60.0
+
+
+class ReceiverStopping(ReplicationError):
+    """The receiver is stopping (SIGINT, SIGTERM, stop()): the round is checkpointed, rerun to resume."""
+
+    resumable = True
+
+
+class TakenOver(TargetBusyError):
+    """Another connection of the same session took the target over."""
 
 
 class RootTargets(Mapping):
@@ -183,6 +200,7 @@ class Receiver:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._stop_reason = "stop requested"
         #: the latest sessions' outcomes (a receiver that runs for weeks keeps KEEP_OUTCOMES)
         self.outcomes: queue.Queue[SessionOutcome] = queue.Queue(KEEP_OUTCOMES)
 
@@ -273,12 +291,39 @@ class Receiver:
         self._threads.append(t)
         return addr
 
-    def stop(self) -> None:
+    def request_stop(self, why: str = "stop requested") -> None:
+        """Stop serving; every session ends with a checkpoint, its sender told why (callable from
+        a signal handler: the sessions are told on a thread of their own)."""
+        if self._stopping.is_set():
+            return
+        self._stop_reason = why
         self._stopping.set()
+        threading.Thread(target=self._end_sessions, name="smsrepl-rx-stop", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop serving, and return once every session made its data durable and wrote its
+        checkpoint (within about LET_GO_SECONDS and a checkpoint's fsync)."""
+        self.request_stop()
         if self._listener is not None:
             self._listener.close()
+        deadline = time.monotonic() + STOP_GRACE
         for t in list(self._threads):
-            t.join(timeout=10)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _end_sessions(self) -> None:
+        with self._busy_lock:
+            self._busy_lock.notify_all()  # a session waiting for a busy target gives up
+        with self._conns_lock:
+            conns = list(self._conns.values())
+        log.info("stopping (%s): %d connection(s) end, sessions with a checkpoint", self._stop_reason, len(conns))
+        for c in conns:
+            c.end(ReceiverStopping(f"the receiver is stopping ({self._stop_reason}); rerun to resume"))
+        time.sleep(LET_GO_SECONDS)
+        with self._conns_lock:
+            left = [c for c in self._conns.values()]
+        for c in left:  # stuck in a send to a peer that is gone: cut it
+            if c.chan is not None:
+                c.chan.abort("the receiver is stopping")
 
     # --- admission and the watchdog -----------------------------------------
     def _dropped_at_door(self, why: str, addr) -> None:
@@ -384,6 +429,9 @@ class Receiver:
         if conn.reason is not None:  # the watchdog fired between the handshake and here
             chan.abort(conn.reason)
         session = _Session(self, chan, peer, on_hello=conn.authenticate)
+        conn.session = session
+        if self._stopping.is_set():
+            session.end(ReceiverStopping(f"the receiver is stopping ({self._stop_reason}); retry later"))
         try:
             session.run()
         finally:
@@ -430,16 +478,23 @@ class Receiver:
                     and holder.hello.session_id == session.hello.session_id:
                 # the same sender came back: its old connection is dead or dying
                 # (a cut the old session has not noticed yet); the newer one wins
-                log.info("target %s: session %s reconnected; dropping its old connection", name,
-                         session.hello.session_id)
-                holder.chan.abort()
-                self._busy_lock.wait_for(lambda: name not in self._busy, timeout=10)
+                log.info("target %s: session %s reconnected from %s; dropping its old connection from %s", name,
+                         session.hello.session_id, session.peer, holder.peer)
+                holder.end(TakenOver(f"target {name!r} was taken over by another sender of the same session "
+                                     f"({_peer_name(session.chan, session.peer)}); this sender stops here"))
+                if not self._busy_lock.wait_for(lambda: name not in self._busy, timeout=LET_GO_SECONDS):
+                    holder.chan.abort()  # its peer may be gone, a send to it blocked
+                    self._busy_lock.wait_for(lambda: name not in self._busy, timeout=10)
             if name in self._busy:
                 # a session that is ending (its sender hung up, its target being closed) lets go
                 # within moments: a sender arriving then is not turned away for it
-                self._busy_lock.wait_for(lambda: name not in self._busy, timeout=BUSY_WAIT)
+                self._busy_lock.wait_for(lambda: name not in self._busy or self._stopping.is_set(),
+                                         timeout=BUSY_WAIT)
+            if self._stopping.is_set():
+                raise ReceiverStopping(f"the receiver is stopping ({self._stop_reason}); retry later")
             if name in self._busy:
-                raise TargetBusyError(f"target {name!r} is busy with another session; retry when it ends")
+                raise TargetBusyError(f"target {name!r} is busy with another session (from "
+                                      f"{self._busy[name].peer}); retry when it ends")
             lock_path = os.path.join(self.state_dir, f"{name}.lock")
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -482,6 +537,7 @@ class _Conn:
         self.authenticated = False  # a HELLO arrived over mutual TLS
         self.kind: str | None = None  # the session kind its HELLO named
         self.chan: Channel | None = None
+        self.session: _Session | None = None
         self.reason: str | None = None
         #: when the watchdog last saw MIN_PROGRESS more bytes arrive (or no frame pending)
         self.progress_at = accepted
@@ -490,6 +546,18 @@ class _Conn:
     def authenticate(self, kind: str) -> None:
         self.kind = kind
         self.authenticated = True
+
+    def end(self, why: ReplicationError) -> None:
+        """Ask its session to end now (it checkpoints and tells its sender ``why``)."""
+        if self.session is not None:
+            self.session.end(why)
+        elif self.chan is not None:
+            self.chan.abort(why.message)
+        else:
+            try:
+                self.raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def drop(self, reason: str) -> None:
         if self.reason is not None:
@@ -503,6 +571,17 @@ class _Conn:
                 self.raw.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _peer_name(chan: Channel, peer: str) -> str:
+    """``peer`` and the subject CN (or OU) of its certificate, where there is one."""
+    try:
+        cert = chan.sock.getpeercert() or {}
+    except (AttributeError, ValueError):
+        return peer
+    names = {key: value for rdn in cert.get("subject", ()) for key, value in rdn}
+    name = names.get("commonName") or names.get("organizationalUnitName")
+    return f"{peer}, certificate {name!r}" if name else peer
 
 
 def _read_record(path: str) -> dict:
@@ -548,7 +627,27 @@ class _Session:
         self._frames: queue.Queue | None = None
         self._reader_stop: threading.Event | None = None
         self.lock_fd: int | None = None
+        #: the block session whose rounds this connection runs: the HELLO's, or the one a
+        #: sender without state of its own took over (_adopt)
+        self.session_id = ""
         self._netcheck = False  # holds one of the receiver's network-check places
+        #: why the session must end now (the receiver stops, another sender takes over): the
+        #: applying loop raises it at its next frame
+        self._ended: ReplicationError | None = None
+
+    def end(self, why: ReplicationError) -> None:
+        """End the session from another thread: its loop stops at the next frame, the target is
+        checkpointed and the sender hears ``why`` (no ERROR frame can be sent on a channel whose
+        loop is not reading frames: a consistency check, a network check, a handshake)."""
+        self._ended = why
+        frames = self._frames
+        if frames is None:
+            self.chan.abort(why.message)
+            return
+        try:
+            frames.put_nowait(why)  # wakes a loop waiting for the sender's next frame
+        except queue.Full:
+            pass  # the loop is busy with frames: it sees _ended before the next one
 
     def run(self) -> None:
         target_name = "?"
@@ -581,6 +680,8 @@ class _Session:
                 self._open_block_session(ev)
                 clean = self._loop()
         except Exception as exc:  # noqa: BLE001 - every failure must reach the sender, not kill the thread
+            if self._ended is not None:
+                exc = self._ended_error()
             if not isinstance(exc, ReplicationError):
                 log.exception("%s: target %s: internal error", self.peer, target_name)
                 exc = ReplicationError(f"receiver internal error: {type(exc).__name__}: {exc}")
@@ -618,11 +719,30 @@ class _Session:
                 error = _detached(error)
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
 
+    def _ended_error(self) -> ReplicationError:
+        """The reason the session was ended, with where a cut block round stands now that its
+        data is durable (the sender resumes there)."""
+        why = self._ended
+        rec = self.replica.record if self.replica is not None else None
+        if rec is None or not rec.active:
+            return why
+        try:
+            offset = self.replica.checkpoint()
+        except ReplicationError:
+            return why  # _close_replica says so
+        return type(why)(f"{why.message} (round {rec.round_id} of target {self.hello.target!r} "
+                         f"checkpointed at {offset} of {rec.source_size} bytes)")
+
     def _close_replica(self) -> None:
         if self.replica is None:
             return
+        rec = self.replica.record
         try:
-            self.replica.checkpoint()  # keep what arrived intact before the cut
+            offset = self.replica.checkpoint()  # keep what arrived intact before the cut
+            if rec is not None and rec.active:
+                (log.warning if self._ended is not None else log.info)(
+                    "%s: target %s: round %d checkpointed at %d of %d bytes", self.peer, self.hello.target,
+                    rec.round_id, offset, rec.source_size)
         except ReplicationError as exc:
             log.warning("%s: final checkpoint failed: %s", self.peer, exc)
         try:
@@ -639,6 +759,8 @@ class _Session:
         try:
             while True:
                 ev = frames.get()
+                if self._ended is not None:
+                    raise self._ended
                 if isinstance(ev, BaseException):
                     raise ev
                 if isinstance(ev, F.BlockData):
@@ -654,7 +776,7 @@ class _Session:
                 elif isinstance(ev, F.Scanned):
                     replica.scanned(ev.offset)
                 elif isinstance(ev, F.RoundBegin):
-                    replica.begin(self.hello.session_id, self.hello.source_size, ev.round_id, ev.kind, ev.start)
+                    replica.begin(self.session_id, self.hello.source_size, ev.round_id, ev.kind, ev.start)
                     in_round = ev
                     last_ckpt = time.monotonic()
                 elif isinstance(ev, F.RoundEnd):
@@ -715,6 +837,8 @@ class _Session:
         try:
             while True:
                 ev = frames.get()
+                if self._ended is not None:
+                    raise self._ended
                 if isinstance(ev, BaseException):
                     raise ev
                 if isinstance(ev, F.TreeRequest) and applier is None:
@@ -798,15 +922,34 @@ class _Session:
         except BaseException:
             target.close()
             raise
+        self.session_id = ev.session_id
+        if F.ADOPT_SESSION in ev.capabilities and (not verify or F.DRY_RUN in ev.capabilities):
+            self._adopt(ev)  # a dry run is told what its round would be told (nothing is kept)
         # a dry run (a check that says what a round of this session would send) is described
         # as the session's round would be
-        desc = self.replica.describe(ev.session_id, ev.source_size,
+        desc = self.replica.describe(self.session_id, ev.source_size,
                                      any_session=verify and F.DRY_RUN not in ev.capabilities)
-        self.chan.send(F.Welcome(PROTOCOL_VERSION, ev.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
+        self.chan.send(F.Welcome(PROTOCOL_VERSION, self.session_id, target.size, capabilities=list(CAPABILITIES), **desc))
         faults.point("receiver.welcome")
         log.info("%s: %s %s for target %s (%s)", self.peer, "consistency check" if verify else "session",
-                 ev.session_id, ev.target, desc["state"])
+                 self.session_id, ev.target, desc["state"])
         return True
+
+    def _adopt(self, ev: F.Hello) -> None:
+        """A sender without a completed round of its own (its state lost, or another host's)
+        takes this target's session over where the manifest allows (Replica.why_not_reconcilable):
+        its next round is a sync round against what the target holds, not a full copy."""
+        rec = self.replica.record
+        if rec is None or rec.session_id == ev.session_id:
+            return  # nothing to take over, or its own session: a resume as usual
+        why = self.replica.why_not_reconcilable(ev.source_size)
+        if why:
+            log.warning("%s: target %s: a sender without local state cannot reconcile with this target (%s); "
+                        "it copies the whole source", self.peer, ev.target, why)
+            return
+        log.info("%s: target %s: session %s, without local state, takes over session %s and reconciles "
+                 "with its manifest", self.peer, ev.target, ev.session_id, rec.session_id)
+        self.session_id = rec.session_id
 
     def _verify_loop(self) -> bool:
         """Answer manifest requests until the sender closes; no data, no round."""
@@ -847,9 +990,11 @@ class _Session:
         Closing with unread data would reset the connection, and the sender
         could lose the ERROR frame that says why.
         """
+        if self.rx._stopping.is_set():
+            seconds = min(seconds, STOP_DRAIN)
         deadline = time.monotonic() + seconds
         frames = self._frames
-        while time.monotonic() < deadline and not self.rx._stopping.is_set():
+        while time.monotonic() < deadline:
             if frames is None:
                 try:
                     ev = self.chan.recv()

@@ -62,6 +62,9 @@ class RoundResult:
     stages: dict | None = None
     #: why a sync round with a dirty map read the whole source anyway (the map's reason)
     whole_reason: str | None = None
+    #: for a sender without a completed round of its own for the target (its state lost, or
+    #: another host's): that it reconciled with the receiver's manifest, or why it copied everything
+    reconcile: str | None = None
 
 
 @dataclass
@@ -186,6 +189,7 @@ class Sender:
         self._sent_to = 0
         self._failure: BaseException | None = None
         self._replies: queue.Queue = queue.Queue()
+        self._reconcile_note: str | None = None
         self.clock = StageClock()
 
     def stop(self) -> None:
@@ -246,12 +250,26 @@ class Sender:
                 self._chan = None
 
     def _session(self, source: BlockSource, rec: dict, chan: Channel, started: float) -> RoundResult:
-        chan.send(F.Hello([PROTOCOL_VERSION], "block", self.target, rec["session_id"], source.size, F.FINE_BLOCK, list(CAPABILITIES)))
+        # no completed round here: the target may hold a copy all the same (this sender's state
+        # was lost, or another host copied it), which the receiver's manifest describes
+        stateless = not rec.get("rounds")
+        caps = [c for c in CAPABILITIES if c != F.ADOPT_SESSION or stateless]
+        chan.send(F.Hello([PROTOCOL_VERSION], "block", self.target, rec["session_id"], source.size, F.FINE_BLOCK, caps))
         welcome = chan.recv()
         self._raise_if_error(welcome)
         if not isinstance(welcome, F.Welcome):
             raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
         self._peer_caps = frozenset(welcome.capabilities)
+        self._reconcile_note = None
+        if welcome.session_id != rec["session_id"]:
+            if not stateless:
+                raise RemoteProtocolError(f"the receiver names session {welcome.session_id}, not this one's")
+            self._adopt(rec, welcome)
+        elif stateless and welcome.state == "new":
+            self._reconcile_note = (
+                "full copy: no local state for this target, and the receiver holds no completed copy to reconcile "
+                "with" if F.ADOPT_SESSION in self._peer_caps else
+                "full copy: no local state for this target, and the receiver is of a version that cannot reconcile")
         faults.point("sender.welcome")
         reader = threading.Thread(target=self._read_loop, args=(chan,), daemon=True)
         reader.start()
@@ -276,6 +294,19 @@ class Sender:
         finally:
             cache.close()  # a failed round too: a continuous sync retries for weeks
 
+    def _adopt(self, rec: dict, welcome: F.Welcome) -> None:
+        """Take over the receiver's session (see F.ADOPT_SESSION): its manifest, fetched by
+        _reconcile, says what the target holds, and the sync round sends what differs."""
+        if welcome.state == "new" or (welcome.state == "partial" and welcome.round_kind == "full"):
+            raise RemoteProtocolError(f"the receiver offers session {welcome.session_id} in state "
+                                      f"{welcome.state}/{welcome.round_kind}, which has no completed round")
+        log.info("no local state for target %s: taking over the receiver's session %s (round %d) and "
+                 "reconciling with its manifest", self.target, welcome.session_id, welcome.round_id)
+        rec["session_id"] = welcome.session_id
+        self._save_session(rec)
+        self._reconcile_note = (f"reconciled with the receiver's manifest: no local state for this target, "
+                                f"session {welcome.session_id} taken over after its round {welcome.round_id}")
+
     def _round(self, source: BlockSource, rec: dict, chan: Channel, started: float, kind: str, round_id: int,
                start: int, cache: ManifestFile) -> RoundResult:
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
@@ -283,9 +314,11 @@ class Sender:
         if dm is not None:
             # writes from here on go to a fresh slot and are the next round's
             frozen = dm.freeze()
-            map_driven = kind == "sync" and dm.trusted
+            # a session taken over: the map marks writes since this sender's last round, not
+            # since what the target holds
+            map_driven = kind == "sync" and dm.trusted and self._reconcile_note is None
             if not map_driven:
-                whole_reason = dm.reason
+                whole_reason = dm.reason if self._reconcile_note is None else "a session taken over: no local state"
                 log.info("dirty map not used for this round (%s): reading the whole source", dm.reason)
 
         self.states = self._own_states or SessionStateMachine(
@@ -341,14 +374,19 @@ class Sender:
         else:
             dirty_blocks = None
         if cache.root.hex() != self._round_done.manifest_root:
-            log.warning("local copy of the target manifest differs from the receiver's; the next round reconciles it")
+            # a resumed round's copy lacks what the receiver made durable after the last
+            # CHECKPOINT this sender heard of before the cut: expected, and reconciled cheaply
+            (log.info if start else log.warning)(
+                "local copy of the target manifest differs from the receiver's%s; the next round reconciles it",
+                " after a resumed round" if start else "")
         cache.close()
         rec["rounds"] = rec.get("rounds", 0) + 1
         self._save_session(rec)
         wire = chan.wire_sent - wire0
         self._close(chan)
         return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started,
-                           dirty_blocks, self.clock.snapshot(), whole_reason if kind == "sync" else None)
+                           dirty_blocks, self.clock.snapshot(), whole_reason if kind == "sync" else None,
+                           self._reconcile_note)
 
     def check(self, *, chunk: int = 8 << 20, extent: int = 1 << 20) -> tuple[int, int]:
         """Compare the source, read now, with the receiver's manifest: the digests of what it
@@ -415,11 +453,13 @@ class Sender:
             except (OSError, ValueError):
                 rec = None
             session_id = rec["session_id"] if rec else uuid.uuid4().hex  # a first run's new session
+            stateless = rec is None or not rec.get("rounds")  # as _session: the receiver may offer its session
             chan = Channel(connect(self.address, self.context), Connection(SENDER))
             self._chan = chan
             try:
                 chan.send(F.Hello([PROTOCOL_VERSION], "verify", self.target, session_id, source.size,
-                                  F.FINE_BLOCK, list(CAPABILITIES) + [F.DRY_RUN]))
+                                  F.FINE_BLOCK, [c for c in CAPABILITIES if c != F.ADOPT_SESSION or stateless]
+                                  + [F.DRY_RUN]))
                 welcome = chan.recv()
                 self._raise_if_error(welcome)
                 if not isinstance(welcome, F.Welcome):
@@ -429,7 +469,7 @@ class Sender:
                 cache, start = None, 0
                 if welcome.state == "partial" and welcome.round_kind == "full":
                     kind, round_id, start = "full", welcome.round_id, welcome.checkpoint
-                elif welcome.state in ("synced", "partial") and rec is not None:
+                elif welcome.state in ("synced", "partial") and (rec is not None or welcome.session_id != session_id):
                     kind, round_id = "sync", welcome.round_id + 1
                     private_makedirs(self.dir)
                     cache = self._reconcile(chan, os.path.join(self.dir, "target.manifest"), source.size,
@@ -452,6 +492,9 @@ class Sender:
                 self._chan = None
 
     def _open_cache(self, path: str, size: int, *, verify: bool = False) -> ManifestFile | None:
+        if not os.path.exists(path):
+            log.info("no local copy of the target manifest; fetching it")
+            return None
         try:
             cache = ManifestFile.open(path, writable=True, expect_size=size)
             if verify:

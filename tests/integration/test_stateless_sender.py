@@ -1,0 +1,162 @@
+"""A sender without local state (its --state-dir lost, another user, another host) reconciles with
+the receiver's manifest instead of copying a whole disk that the target already holds; where the
+receiver's state cannot vouch for the target, it copies everything and says why."""
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from smsrepl.ratelimit import SpeedSchedule
+from smsrepl.testdata import write_image
+from smsrepl.transport.receiver import Receiver
+from smsrepl.transport.sender import Sender
+from smsrepl.transport.tls import client_context, server_context
+
+from .procs import ReceiverProc, send, sha256, summary
+
+SIZE = 32 << 20
+MIX = {"text": 0.5, "random": 0.5}  # no holes: a full copy sends the whole image as data
+CHANGED = [5, 1000, 4097, 8190]  # 4 KiB blocks rewritten in the source between the runs
+
+
+def _rewrite(path, blocks, seed=7):
+    with open(path, "r+b") as fh:
+        for i, b in enumerate(blocks):
+            fh.seek(b * 4096)
+            fh.write(bytes([(seed + i) % 256]) * 4096)
+
+
+@pytest.fixture
+def lab(tmp_path, certkey_file):
+    src, dst = str(tmp_path / "source.img"), str(tmp_path / "target.img")
+    rx = ReceiverProc(certkey_file, {"disk0": dst}, str(tmp_path / "rx-state"))
+    yield {"src": src, "dst": dst, "rx": rx, "ck": certkey_file, "tmp": tmp_path}
+    rx.stop()
+
+
+def _send(lab, state_dir):
+    return send(lab["src"], lab["rx"].address, lab["ck"], str(state_dir), "disk0")
+
+
+def test_a_sender_that_lost_its_state_sends_only_what_changed(lab):
+    write_image(lab["src"], SIZE, seed=3, mix=MIX)
+    first = summary(_send(lab, lab["tmp"] / "tx"))
+    assert first["kind"] == "full" and first["data_bytes"] == SIZE
+    shutil.rmtree(lab["tmp"] / "tx")
+    _rewrite(lab["src"], CHANGED)
+
+    second = summary(_send(lab, lab["tmp"] / "tx"))
+    assert second["kind"] == "sync", second
+    assert second["data_bytes"] == len(CHANGED) * 4096 < 0.05 * SIZE
+    assert second["wire_bytes"] < 0.05 * SIZE
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+    # the session taken over is this sender's now: the next run is an ordinary sync round
+    third = summary(_send(lab, lab["tmp"] / "tx"))
+    assert third["kind"] == "sync" and third["data_bytes"] == 0
+
+
+def test_a_dry_run_without_local_state_says_what_the_reconciling_round_then_sends(lab):
+    write_image(lab["src"], SIZE, seed=6, mix=MIX)
+    summary(_send(lab, lab["tmp"] / "tx"))
+    shutil.rmtree(lab["tmp"] / "tx")
+    _rewrite(lab["src"], CHANGED)
+    before = sha256(lab["dst"])
+    dry = send(lab["src"], lab["rx"].address, lab["ck"], str(lab["tmp"] / "tx"), "disk0", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"dry run, sync round 2 of {lab['src']!r}" in dry.stdout, dry.stdout
+    assert f"{len(CHANGED)} blocks ({len(CHANGED) * 4096} bytes)" in dry.stdout, dry.stdout
+    assert sha256(lab["dst"]) == before
+    second = summary(_send(lab, lab["tmp"] / "tx"))
+    assert second["kind"] == "sync" and second["data_bytes"] == len(CHANGED) * 4096
+
+
+def test_another_users_state_dir_reconciles_too(lab):
+    """Another user (another --state-dir, as another host would have) takes the target over."""
+    write_image(lab["src"], SIZE, seed=4, mix=MIX)
+    summary(_send(lab, lab["tmp"] / "alice"))
+    _rewrite(lab["src"], CHANGED[:1])
+    bob = summary(_send(lab, lab["tmp"] / "bob"))
+    assert bob["kind"] == "sync" and bob["data_bytes"] == 4096
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+
+
+def test_a_target_changed_behind_the_receivers_back_is_not_seen_by_reconciling(lab):
+    """What is detectable: the receiver's manifest holds the digests of what it verified on
+    arrival and made durable; a sync round (with or without the sender's state) trusts it and
+    does not read the target. A write to the target by someone else is not repaired by a
+    reconciling round, nor seen by `verify block --to`; `verify block SOURCE TARGET`, run where
+    both can be read, compares the bytes and finds it."""
+    write_image(lab["src"], SIZE, seed=5, mix=MIX)
+    summary(_send(lab, lab["tmp"] / "tx"))
+    with open(lab["dst"], "r+b") as fh:  # behind the receiver's back
+        fh.seek(3000 * 4096)
+        fh.write(b"\xee" * 4096)
+    shutil.rmtree(lab["tmp"] / "tx")
+    again = summary(_send(lab, lab["tmp"] / "tx"))
+    assert again["kind"] == "sync" and again["data_bytes"] == 0
+    local = subprocess.run([sys.executable, "-m", "smsrepl", "verify", "block", lab["src"], lab["dst"]],
+                           capture_output=True, text=True, timeout=120)
+    assert local.returncode == 1, local.stderr
+    assert json.loads(local.stdout)["different_ranges"] == [[3000 * 4096, 4096]]
+
+
+# --- where the receiver's state cannot vouch for the target: a full copy, and why ------------
+
+@pytest.fixture
+def inproc(tmp_path, bundle):
+    rx = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"),
+                  checkpoint_seconds=0.05, create=True)
+    addr = rx.start()
+    src = str(tmp_path / "source.img")
+    write_image(src, SIZE, seed=6, mix=MIX)
+
+    def sender(state: str, **kw) -> Sender:
+        return Sender(src, "disk0", addr, client_context(bundle), str(tmp_path / state), level=0, **kw)
+
+    yield {"sender": sender, "src": src, "dst": str(tmp_path / "target.img"), "tmp": tmp_path}
+    rx.stop()
+
+
+def test_a_first_copy_says_why_it_copies_everything(inproc):
+    result = inproc["sender"]("tx").run()
+    assert result.kind == "full" and result.data_bytes == SIZE
+    assert result.reconcile.startswith("full copy: no local state for this target, and the receiver holds "
+                                       "no completed copy")
+    again = inproc["sender"]("tx").run()  # with its state: nothing to explain
+    assert again.kind == "sync" and again.reconcile is None
+
+
+def test_an_unfinished_first_copy_of_another_sender_is_not_taken_over(inproc, caplog):
+    """Its data below the checkpoint may be of another source: the newcomer copies from zero."""
+    slow = SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 40}]})
+    first = inproc["sender"]("alice", speed_limit=slow)
+    threading.Timer(2.5, first.stop).start()
+    with pytest.raises(Exception):
+        first.run()
+    state = json.loads((inproc["tmp"] / "rx" / "disk0" / "state.json").read_text())
+    assert state["active"] and state["round_kind"] == "full" and state["checkpoint"] > 0
+    with caplog.at_level(logging.WARNING, logger="smsrepl.receiver"):
+        result = inproc["sender"]("bob").run()
+    assert result.kind == "full" and result.resumed_from == 0 and result.data_bytes == SIZE
+    assert result.reconcile.startswith("full copy: no local state")
+    assert any("cannot reconcile with this target (its first copy never completed)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert sha256(inproc["src"]) == sha256(inproc["dst"])
+
+
+def test_a_sender_with_state_never_takes_another_session_over(inproc):
+    """Only a sender without a completed round of its own offers to take over: one with its own
+    history, finding another session on the target, copies in full as before."""
+    inproc["sender"]("alice").run()
+    bob = inproc["sender"]("bob")
+    bob.run()  # takes alice's session over
+    rec = json.loads((inproc["tmp"] / "alice" / "disk0" / "session.json").read_text())
+    rec["session_id"] = "0" * 32  # alice's own history, for a session the receiver no longer has
+    (inproc["tmp"] / "alice" / "disk0" / "session.json").write_text(json.dumps(rec))
+    result = inproc["sender"]("alice").run()
+    assert result.kind == "full" and result.resumed_from == 0 and result.reconcile is None
+    assert sha256(inproc["src"]) == sha256(inproc["dst"])
