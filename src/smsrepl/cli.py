@@ -65,6 +65,11 @@ def cmd_receive(args) -> int:
     from .transport.receiver import Receiver
     from .transport.connect import parse_address
     from .transport.tls import server_context
+    from . import logsetup
+
+    logsetup.configure(args.verbose, args.log_file, args.log_format)
+    if args.log_file:  # logrotate: a moved file is reopened anyway; SIGHUP reopens it at once
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=logsetup.reopen).start())
     logging.getLogger("smsrepl.receiver.rounds").setLevel(logging.INFO)  # a line per round, stages included
 
     from .transport.receiver import RootTargets
@@ -77,6 +82,8 @@ def cmd_receive(args) -> int:
                   checkpoint_seconds=args.checkpoint_seconds)
     host, port = rx.bind(host, port)
     print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+    if args.log_file:
+        _service_log().info("listening on %s:%s", host, port, extra={"host": host, "port": port})
     try:
         outcome = rx.serve_forever(once=args.once)
     except KeyboardInterrupt:
@@ -87,6 +94,13 @@ def cmd_receive(args) -> int:
         print(str(outcome.error), file=sys.stderr)
         return outcome.error.exit_code
     return 0
+
+
+def _service_log() -> logging.Logger:
+    """The receiver's start and stop lines in its --log-file (stderr has them already)."""
+    log = logging.getLogger("smsrepl.receiver.service")
+    log.setLevel(logging.INFO)
+    return log
 
 
 class _ProgressOutput:
@@ -579,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--once", action="store_true", help="exit after one session")
     rc.add_argument("--checkpoint-seconds", type=float, default=2.0,
                     help="seconds between durable checkpoints while data flows (default 2)")
+    rc.add_argument("--log-file", metavar="FILE",
+                    help="append log lines (rounds, warnings) to FILE instead of stderr; reopened when "
+                         "moved (logrotate) and on SIGHUP. 'listening on HOST:PORT' goes to both")
+    rc.add_argument("--log-format", choices=["text", "json"], default="text",
+                    help="text (default), or json: one object a line with time (ISO 8601 UTC), level, "
+                         "logger, message and the line's fields")
     rc.set_defaults(func=cmd_receive)
 
     send = sub.add_parser("send", help="the source-side endpoint").add_subparsers(dest="send_cmd", required=True)
@@ -715,8 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     # what the imports made lives as long as the process: keep the collector from walking it
     # again and again (it took 5% of a sender's time in a round of small files)
     gc.freeze()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .logsetup import configure as configure_logging
+
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except ReplicationError as exc:

@@ -567,7 +567,8 @@ class _Session:
             if isinstance(exc, TargetBusyError):  # a crowd at a busy target says it once in a while
                 self.rx.warnings.warning("busy", "%s: target %s: %s", self.peer, target_name, exc)
             else:
-                log.warning("%s: target %s: %s", self.peer, target_name, exc)
+                log.warning("%s: target %s: %s", self.peer, target_name, exc,
+                            extra={"peer": self.peer, "target": target_name, "code": exc.code or None})
             if not isinstance(exc, TransportError):
                 try:
                     self.chan.send(F.Error(exc.code or "", exc.message, exc.exit_code, exc.resumable))
@@ -641,7 +642,9 @@ class _Session:
                     faults.point("receiver.round_done")  # durable and recorded, not yet confirmed
                     self.chan.send(F.RoundDone(ev.round_id, root))
                     rounds_log.info("%s: round %d done, %d bytes written; stage seconds: %s", self.hello.target,
-                                    ev.round_id, replica.bytes_written, replica.clock.line())
+                                    ev.round_id, replica.bytes_written, replica.clock.line(),
+                                    extra={"target": self.hello.target, "peer": self.peer, "round_id": ev.round_id,
+                                           "bytes_written": replica.bytes_written})
                 elif isinstance(ev, F.ManifestRequest):
                     self._answer_manifest(ev)
                 elif isinstance(ev, _CONTROL):
