@@ -450,6 +450,16 @@ def cmd_netcheck(args) -> int:
 
 
 
+def cmd_status(args) -> int:
+    from .transport.connect import parse_address
+    from .transport.status import fetch_status, format_report
+    from .transport.tls import client_context
+
+    ctx = client_context(_certkey(args), _passphrase(args))
+    report = fetch_status(parse_address(args.to), ctx)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
 
 def cmd_verify_block(args) -> int:
     from .verify import compare_block_images
@@ -671,6 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--passphrase-file")
     nc.add_argument("--seconds", type=float, default=3.0, help="length of the bulk transfer (default 3)")
     nc.set_defaults(func=cmd_netcheck)
+
+    st = sub.add_parser("status", help="list a receiver's targets and running sessions")
+    st.add_argument("--to", required=True, metavar="HOST:PORT", help="the receiver's address")
+    st.add_argument("--certkey", required=True, metavar="FILE",
+                    help="the certificate bundle (the same one the receiver and its senders use)")
+    st.add_argument("--passphrase-file", metavar="FILE", help="file holding the bundle's key passphrase")
+    st.add_argument("--json", action="store_true",
+                    help="print the report as JSON ({\"targets\": [...], \"sessions\": [...]}) instead of tables")
+    st.set_defaults(func=cmd_status)
 
     ver = sub.add_parser("verify", help="compare a source with its copy").add_subparsers(dest="verify_cmd", required=True)
     vb = ver.add_parser("block", help="compare two images or devices block by block")

@@ -324,6 +324,15 @@ class Receiver:
                     c.drop(f"the peer completed no frame and sent less than {MIN_PROGRESS >> 10} KiB "
                            f"in {self.idle_timeout:g} s")
 
+    def status(self) -> tuple[list, list]:
+        """(targets, sessions) as a STATUS frame carries them (transport/status.py)."""
+        from .status import describe
+
+        with self._busy_lock:
+            busy = dict(self._busy)
+        root = self.targets.root if isinstance(self.targets, RootTargets) else None
+        return describe(self.targets, busy, self.state_dir, root)
+
     def connections(self) -> tuple[int, int]:
         """(open connections, of which before their HELLO): those served, and those at the door
         that have not said anything yet."""
@@ -527,6 +536,7 @@ class _Session:
         self._reader_stop: threading.Event | None = None
         self.lock_fd: int | None = None
         self._netcheck = False  # holds one of the receiver's network-check places
+        self.started = time.time()
 
     def run(self) -> None:
         target_name = "?"
@@ -549,6 +559,8 @@ class _Session:
                                          capabilities=list(CAPABILITIES)))
                 log.info("%s: network check", self.peer)
                 clean = self._netcheck_loop()
+            elif ev.kind == "status":
+                clean = self._status()
             elif ev.kind == "files":
                 self._open_file_session(ev)
                 clean = self._files_loop()
@@ -590,7 +602,7 @@ class _Session:
                     self.rx._release(target_name, self.lock_fd)
                 if self._netcheck:
                     self.rx._release_netcheck()
-        if self.hello is not None:
+        if self.hello is not None and self.hello.kind != "status":  # a question, not a session
             if error is not None:
                 error = _detached(error)
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
@@ -781,6 +793,17 @@ class _Session:
                     return True
             else:
                 raise RemoteProtocolError(f"{type(ev).__name__} in a consistency check session")
+
+    def _status(self) -> bool:
+        """Welcome, one STATUS frame (the receiver's targets and running sessions), then CLOSE."""
+        self.chan.send(F.Welcome(PROTOCOL_VERSION, self.hello.session_id, 0, "new", 0, "full", 0, "",
+                                 capabilities=list(CAPABILITIES)))
+        self.chan.send(F.Status(*self.rx.status()))
+        log.info("%s: status request", self.peer)
+        ev = self.chan.recv()
+        if not isinstance(ev, _CONTROL):
+            raise RemoteProtocolError(f"{type(ev).__name__} after a status report")
+        return self._control(ev, " after a status report")
 
     def _netcheck_loop(self) -> bool:
         """Answer every PING (padded ones are the bulk transfer) until the sender closes."""
