@@ -81,9 +81,9 @@ def cmd_receive(args) -> int:
     rx = Receiver(RootTargets(args.root) if args.root else _targets(args.target), ctx, args.state_dir or _state_home("receive"),
                   checkpoint_seconds=args.checkpoint_seconds)
     host, port = rx.bind(host, port)
-    print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
-    if args.log_file:
+    if args.log_file:  # first: whoever sees the stderr line finds it in the log too
         _service_log().info("listening on %s:%s", host, port, extra={"host": host, "port": port})
+    print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
     try:
         outcome = rx.serve_forever(once=args.once)
     except KeyboardInterrupt:
