@@ -45,32 +45,42 @@ def _formatter(log_format: str) -> logging.Formatter:
 
 def configure(verbose: bool = False, log_file: str | None = None, log_format: str = "text") -> None:
     """Send the process's log lines to ``log_file`` (appended) or else to stderr, in
-    ``log_format``; INFO and up with ``verbose``, WARNING and up otherwise. Replaces what
-    was configured before. A file that cannot be opened is a ConfigError naming it.
+    ``log_format``; INFO and up with ``verbose``, WARNING and up otherwise. Replaces what an
+    earlier call configured; handlers someone else put on the root logger (an embedding program,
+    pytest) are left alone, and text to stderr is then left to them (as logging.basicConfig
+    does). A file that cannot be opened is a ConfigError naming it.
 
     The file handler reopens the file when it was moved or removed (logrotate), and
     :func:`reopen` does so on demand (SIGHUP)."""
     formatter = _formatter(log_format)
-    if log_file:
+    handler: logging.Handler | None = None
+    if log_file:  # opened first: a file that cannot be opened changes nothing
         try:
-            handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+            handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"--log-file {log_file!r} cannot be opened for appending: "
                               f"{exc.strerror or exc}") from None
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in _ours():
         root.removeHandler(old)
         old.close()
-    root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if handler is None:
+        if log_format == "text" and root.handlers:
+            return
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler._smsrepl = True  # ours: the next call replaces it
+    root.addHandler(handler)
+
+
+def _ours() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers if getattr(h, "_smsrepl", False)]
 
 
 def reopen() -> None:
     """Close and reopen the log file (a SIGHUP after logrotate moved it); stderr is left alone."""
-    for handler in logging.getLogger().handlers:
+    for handler in _ours():
         if isinstance(handler, logging.FileHandler):
             handler.acquire()
             try:
