@@ -68,8 +68,8 @@ def cmd_receive(args) -> int:
     from . import logsetup
 
     logsetup.configure(args.verbose, args.log_file, args.log_format)
-    if args.log_file:  # logrotate: a moved file is reopened anyway; SIGHUP reopens it at once
-        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=logsetup.reopen).start())
+    # SIGHUP (logrotate, systemctl reload) reopens the log file, if any; it never ends the receiver
+    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=logsetup.reopen).start())
     logging.getLogger("smsrepl.receiver.rounds").setLevel(logging.INFO)  # a line per round, stages included
 
     from .transport.receiver import RootTargets

@@ -78,6 +78,18 @@ def test_text_log_file_is_reopened_after_logrotate_and_on_sighup(tmp_path, certk
     assert "round 1 done" not in log.read_text()
 
 
+def test_sighup_without_a_log_file_does_not_end_the_receiver(tmp_path, certkey_file, source):
+    """systemctl reload sends SIGHUP whatever the logging: the journal case must survive it."""
+    rx = ReceiverProc(certkey_file, {"disk0": str(tmp_path / "target.img")}, str(tmp_path / "rx"))
+    try:
+        rx.proc.send_signal(signal.SIGHUP)
+        assert not wait_until(lambda: rx.proc.poll() is not None, 1)
+        assert cp_ok(send(source, rx.address, certkey_file, str(tmp_path / "tx")))
+    finally:
+        rx.stop()
+    assert sha256(source) == sha256(str(tmp_path / "target.img"))
+
+
 def cp_ok(cp) -> bool:
     assert cp.returncode == 0, cp.stderr
     return True
