@@ -73,6 +73,11 @@ def cmd_receive(args) -> int:
     from .transport.receiver import Receiver
     from .transport.connect import parse_address
     from .transport.tls import server_context
+    from . import logsetup
+
+    logsetup.configure(args.verbose, args.log_file, args.log_format)
+    # SIGHUP (logrotate, systemctl reload) reopens the log file, if any; it never ends the receiver
+    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=logsetup.reopen).start())
     logging.getLogger("smsrepl.receiver.rounds").setLevel(logging.INFO)  # a line per round, stages included
 
     from .transport.receiver import RootTargets
@@ -87,6 +92,8 @@ def cmd_receive(args) -> int:
     host, port = rx.bind(host, port)
     for signum in (signal.SIGINT, signal.SIGTERM):  # sessions end checkpointed, then exit 0
         signal.signal(signum, lambda n, frame: rx.request_stop(signal.Signals(n).name))
+    if args.log_file:  # first: whoever sees the stderr line finds it in the log too
+        _service_log().info("listening on %s", _shown_address(host, port), extra={"host": host, "port": port})
     print(f"listening on {_shown_address(host, port)}", file=sys.stderr, flush=True)
     try:
         outcome = rx.serve_forever(once=args.once)
@@ -116,6 +123,13 @@ def _check_listen(host: str, port: int) -> None:
 
 def _shown_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _service_log() -> logging.Logger:
+    """The receiver's start and stop lines in its --log-file (stderr has them already)."""
+    log = logging.getLogger("smsrepl.receiver.service")
+    log.setLevel(logging.INFO)
+    return log
 
 
 class _ProgressOutput:
@@ -496,6 +510,16 @@ def cmd_netcheck(args) -> int:
 
 
 
+def cmd_status(args) -> int:
+    from .transport.connect import parse_address
+    from .transport.status import fetch_status, format_report
+    from .transport.tls import client_context
+
+    ctx = client_context(_certkey(args), _passphrase(args))
+    report = fetch_status(parse_address(args.to), ctx)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
 
 def cmd_verify_block(args) -> int:
     from .verify import compare_block_images
@@ -694,6 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--once", action="store_true", help="exit after one session")
     rc.add_argument("--checkpoint-seconds", type=seconds(0, 3600, low_open=True), default=2.0, metavar="SECONDS",
                     help="seconds between durable checkpoints while data flows (default 2)")
+    rc.add_argument("--log-file", metavar="FILE",
+                    help="append log lines (rounds, warnings) to FILE instead of stderr; reopened when "
+                         "moved (logrotate) and on SIGHUP. 'listening on HOST:PORT' goes to both")
+    rc.add_argument("--log-format", choices=["text", "json"], default="text",
+                    help="text (default), or json: one object a line with time (ISO 8601 UTC), level, "
+                         "logger, message and the line's fields")
     rc.set_defaults(func=cmd_receive)
 
     send = sub.add_parser("send", help="the source-side endpoint").add_subparsers(dest="send_cmd", required=True, help="what to copy")
@@ -778,6 +808,14 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--seconds", type=number(float), default=3.0, metavar="SECONDS", help="length of the bulk transfer (default 3)")
     nc.set_defaults(func=cmd_netcheck)
 
+    st = sub.add_parser("status", help="list a receiver's targets and running sessions")
+    st.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
+    st.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
+    st.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    st.add_argument("--json", action="store_true",
+                    help="print the report as JSON ({\"targets\": [...], \"sessions\": [...]}) instead of tables")
+    st.set_defaults(func=cmd_status)
+
     ver = sub.add_parser("verify", help="compare a source with its copy").add_subparsers(dest="verify_cmd", required=True, help="what to compare")
     vb = ver.add_parser("block", help="compare two images or devices block by block")
     vb.add_argument("source", metavar="SOURCE", help="the disk or image that was copied")
@@ -848,8 +886,9 @@ def main(argv: list[str] | None = None) -> int:
     # what the imports made lives as long as the process: keep the collector from walking it
     # again and again (it took 5% of a sender's time in a round of small files)
     gc.freeze()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .logsetup import configure as configure_logging
+
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except ReplicationError as exc:

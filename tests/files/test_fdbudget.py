@@ -51,7 +51,7 @@ def test_a_waiting_writer_wakes_when_descriptors_come_back():
     assert not got
     b.give_back(3)
     t.join(5)
-    assert got == [3] and time.monotonic() - t0 < 2
+    assert got == [3] and time.monotonic() - t0 < 4.5  # woken, not by its 5 s wait running out
 
 
 def test_a_budget_of_nothing_is_refused():

@@ -28,7 +28,7 @@ def _run(send_seconds_per_byte: float, batches: int = 40, adaptive: bool = True)
     return frames, ops
 
 
-def _slow_cpu(monkeypatch, rate: float = 25e6) -> None:
+def _slow_cpu(monkeypatch, rate: float) -> None:
     """Compression at ``rate`` bytes per second: a fast link measured against a free
     compressor is a coin toss on a busy machine (zstd takes this text at GB/s)."""
     encode = Compressor.encode
@@ -40,12 +40,20 @@ def _slow_cpu(monkeypatch, rate: float = 25e6) -> None:
     monkeypatch.setattr(Compressor, "encode", slow_encode)
 
 
+#: the rates the two cases are built from. The choice rests on one or two timed frames of each
+#: kind, so each case makes the losing way ~100x slower than the winning one: a busy machine
+#: (a thread preempted for tens of ms, zstd at a fraction of its idle speed) cannot flip it. At
+#: 20-25 MB/s the two ways were within a few tens of ms of each other and load did flip it.
+SLOW = 2e6  # bytes per second: a 1.3 MB batch takes 0.65 s
+
+
 def test_a_fast_link_gets_raw_frames_and_a_slow_one_compressed_frames(monkeypatch):
     with monkeypatch.context() as m:
-        _slow_cpu(m)  # 25 MB/s: far slower than appending to a list
+        _slow_cpu(m, SLOW)  # a raw frame (appended to a list) loses only to a 0.65 s stall
         fast, ops = _run(0.0)
     assert sum(ev.codec == RAW for ev in fast) > 0.8 * len(fast), ops.rates
-    slow, ops = _run(1 / 20e6)  # 20 MB/s: compressing 1.3 MB takes far less than sending it
+    # a raw frame takes 0.65 s; compressing it (zstd at level 3, ratio ~1/100) takes ms
+    slow, ops = _run(1 / SLOW)
     assert sum(ev.codec == ZSTD for ev in slow) > 0.8 * len(slow), ops.rates
     # the minority are the probes that keep measuring the other way
     assert any(ev.codec == RAW for ev in slow)

@@ -119,7 +119,7 @@ def test_a_handshake_trickled_byte_by_byte_is_dropped_at_the_deadline(rx, bundle
         took = _closed_within(sock, 6)
     stop.set()
     sock.close()
-    assert 1.5 < took < 4, took
+    assert 1.5 < took < 5.5, took  # without the deadline the trickle would go on for minutes
     assert "no HELLO within 2 s" in caplog.text
 
 
@@ -140,7 +140,9 @@ def test_a_frame_trickled_byte_by_byte_is_dropped(rx, bundle, caplog):
                 time.sleep(0.05)
         took = time.monotonic() - t0
     chan.close()
-    assert took < 5, took  # 2 s without a complete frame, plus the watchdog's tick
+    # 2 s without a complete frame, plus the watchdog's tick (room for a loaded machine: the
+    # trickle would otherwise go on for 400 s)
+    assert took < 10, took
     assert "completed no frame and sent less than 64 KiB in 2 s" in caplog.text
 
 
@@ -257,7 +259,9 @@ def test_a_huge_declared_frame_length_is_refused_before_buffering(rx, bundle):
     ev = chan.recv()
     chan.close()
     assert isinstance(ev, F.Error) and ev.code == "SMS.1908", ev
-    assert "frame" in ev.message and time.monotonic() - t0 < 1.5
+    # the code says it was refused for its length (a receiver waiting for the body would drop
+    # it at the 2 s idle deadline, without SMS.1908); the bound leaves room for a loaded machine
+    assert "frame" in ev.message and time.monotonic() - t0 < 5
 
 
 @reliability("hostile peer", "frame length that lies (body shorter than its fields)")
@@ -404,14 +408,14 @@ def test_a_resume_offer_outside_the_source_is_refused(tmp_path, bundle, source, 
 def test_a_receiver_declaring_a_huge_frame_is_refused_quickly(tmp_path, bundle, source):
     def script(chan, hello):
         chan.sock.sendall(struct.pack(">IB", 0xFFFFFF00, F.Welcome.TYPE) + b"{" * 32)
-        time.sleep(2)
+        time.sleep(15)  # far longer than the bound below: only refusing the frame ends it in time
 
     peer = ScriptedReceiver(bundle, script)
     sender = Sender(source, "disk0", peer.address, client_context(bundle), str(tmp_path / "tx"))
     t0 = time.monotonic()
     with pytest.raises(Exception) as exc:  # noqa: PT011 - the type is checked below
         sender.run()
-    assert "frame" in str(exc.value).lower() and time.monotonic() - t0 < 2
+    assert "frame" in str(exc.value).lower() and time.monotonic() - t0 < 8
 
 
 @reliability("hostile peer", "a flood of plaintext probes: warnings with counts, not a line each")
@@ -472,7 +476,7 @@ def test_a_silent_connection_waits_without_a_thread_and_is_closed_at_the_deadlin
     assert s.recv(1) == b""  # closed by the receiver ...
     took = time.monotonic() - t0
     s.close()
-    assert 1.5 < took < 5, took  # ... at its 2 s deadline
+    assert 1.5 < took < 9, took  # ... at its 2 s deadline (not at the socket's 10 s timeout)
     assert receiver.shed == 1 and receiver.connections() == (0, 0)
 
 
@@ -500,7 +504,7 @@ def test_handshakes_past_an_addresss_rate_are_closed_before_they_start(tmp_path,
             assert late.recv(1) == b""  # closed at once, before any TLS
         except ConnectionResetError:
             pass  # closed with its ClientHello unread
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 10  # not the 30 s handshake deadline
         assert wait_until(lambda: receiver.shed == 1, 5)  # counted just after the close
         late.close()
         for s in socks:

@@ -463,22 +463,63 @@ def test_classify_other_errors():
 
 
 # -- no decrypted key on disk -------------------------------------------------------------
-def _snapshot(dirs):
-    seen = {}
-    for d in dirs:
-        for root, _, files in os.walk(d):
-            for f in files:
-                p = os.path.join(root, f)
-                try:
-                    seen[p] = os.stat(p).st_mtime_ns
-                except OSError:
-                    pass
-    return seen
+# Only places this process could have written to are inspected (never the machine's /tmp as a
+# whole: other programs' files are not ours to read, and walking them took 42 s on a shared
+# machine): the temporary, home and XDG directories are pointed at a fresh tmp_path, every file
+# the process opens for writing is recorded (an audit hook), and its open descriptors and
+# mappings are looked at while OpenSSL holds the key.
+_WRITES: list | None = None  # the audit hook records into it while set
+
+
+def _audit(event, args):
+    if _WRITES is not None and event == "open" and args and isinstance(args[0], (str, bytes)):
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            _WRITES.append(os.fsdecode(args[0]))
+
+
+_AUDIT_INSTALLED = False
+
+
+def _files_of_process() -> set[str]:
+    """Paths of the regular files this process has open or mapped (its /proc entries only)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                out.add(parts[5].strip())
+    return {p for p in out if p.startswith("/") and not p.startswith(("/memfd:", "/dev/", "/proc/"))}
+
+
+def _files_under(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.mark.reliability("secrets", "decrypted keys never written to a file")
 def test_keys_go_through_memfd_only(locked, monkeypatch, tmp_path):
+    global _WRITES, _AUDIT_INSTALLED
+    import sys
+
+    home = tmp_path / "home"
+    for sub in ("tmp", "home", "xdg-state", "xdg-cache", "xdg-config", "xdg-data", "xdg-runtime", "cwd"):
+        (tmp_path / sub).mkdir()
+    for var, sub in (("TMPDIR", "tmp"), ("HOME", "home"), ("XDG_STATE_HOME", "xdg-state"),
+                     ("XDG_CACHE_HOME", "xdg-cache"), ("XDG_CONFIG_HOME", "xdg-config"),
+                     ("XDG_DATA_HOME", "xdg-data"), ("XDG_RUNTIME_DIR", "xdg-runtime")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert tempfile.gettempdir() == str(tmp_path / "tmp") and os.path.expanduser("~") == str(home)
+
     calls = []
+    held = []  # the process's files while OpenSSL reads the key
     real = ssl.SSLContext.load_cert_chain
 
     def spy(self, certfile, keyfile=None, password=None):
@@ -488,16 +529,22 @@ def test_keys_go_through_memfd_only(locked, monkeypatch, tmp_path):
             assert target.startswith("/memfd:smsrepl-"), target
         with open(keyfile, "rb") as fh:
             calls.append(fh.read())
+        held.append(_files_of_process())
         return real(self, certfile, keyfile, password)
 
-    dirs = [tempfile.gettempdir(), "/dev/shm", "/var/tmp", os.getcwd()]
-    dirs = [d for d in dirs if os.path.isdir(d)]
-    before = _snapshot(dirs)
+    if not _AUDIT_INSTALLED:  # an audit hook cannot be removed: one, idle outside this test
+        sys.addaudithook(_audit)
+        _AUDIT_INSTALLED = True
+    files_before = _files_of_process()
     fds_before = set(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spy)
-    client_context(locked, PASS)
-    server_context(locked, PASS)
-    server_context(locked, PASS, role="mgmt")
+    _WRITES = []
+    try:
+        client_context(locked, PASS)
+        server_context(locked, PASS)
+        server_context(locked, PASS, role="mgmt")
+    finally:
+        writes, _WRITES = _WRITES, None
     monkeypatch.undo()
     # What reached OpenSSL is the PEM as given: still encrypted.
     assert calls == [
@@ -506,16 +553,18 @@ def test_keys_go_through_memfd_only(locked, monkeypatch, tmp_path):
         locked.target_mgmt_private_key.encode(),
     ]
     assert all(b"ENCRYPTED PRIVATE KEY" in c for c in calls)
-    # memfds are closed again, and nothing new appeared on disk.
+    # memfds are closed again; no file was opened for writing, none held open or mapped but
+    # those the process had before, and nothing appeared where it keeps files.
     assert set(os.listdir("/proc/self/fd")) <= fds_before | {str(n) for n in range(3)}
-    after = _snapshot(dirs)
-    new = [p for p in after if p not in before or after[p] != before[p]]
-    for p in new:
-        try:
-            data = Path(p).read_bytes()
-        except OSError:
-            continue
-        assert b"PRIVATE KEY" not in data, p
+    assert writes == []
+    for files in held + [_files_of_process()]:
+        for p in sorted(files - files_before):
+            try:
+                data = Path(p).read_bytes()
+            except OSError:
+                continue
+            assert b"PRIVATE KEY" not in data, p
+    assert _files_under(tmp_path) == {}
 
 
 # -- the start-up path: cryptography's x509 only where it is needed ------------------------

@@ -82,6 +82,7 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.HANDSHAKE, S, F.TreeRequest): State.HANDSHAKE,  # a file sender need not wait for WELCOME
     (State.HANDSHAKE, R, F.Welcome): State.IDLE,
     (State.IDLE, S, F.ManifestRequest): State.IDLE,
+    (State.IDLE, R, F.Status): State.IDLE,  # after the WELCOME of a "status" session
     (State.IDLE, R, F.ManifestData): State.IDLE,
     (State.IDLE, S, F.RoundBegin): State.ROUND,
     (State.IDLE, S, F.TreeRequest): State.IDLE,

@@ -58,6 +58,12 @@ the event class; unknown or missing keys are a protocol error. Binary bodies:
                 u32 first block | u32 count | weak sums u32 LE * count |
                 XXH3-64 u64 LE * count
 
+STATUS (0x07, JSON): the receiver's answer to a HELLO of kind "status" (sent after its WELCOME,
+to a receiver that listed "status"): ``targets``, one object per target (name, path, kind
+block/directory/missing, size, busy, last_round), and ``sessions``, one per running session
+that holds a target (target, peer, kind, started, bytes_received, rounds); see
+transport/status.py. The asker then sends CLOSE.
+
 Type ranges: 0x01-0x0f session, 0x10-0x1f block rounds, 0x20-0x2f
 manifests, 0x30-0x3f file transfer, 0x40-0x4f network check.
 """
@@ -83,7 +89,7 @@ MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 12 + 4096
 PROTOCOL_VERSION = 2  # 2: frame checks are XXH3-64's low 32 bits (XXH32 ran at 2 GB/s)
 #: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
 #: uses a feature only when the peer listed it)
-CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream", "tree-subset", "adopt-session")
+CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream", "tree-subset", "adopt-session", "status")
 #: in a block HELLO: this sender has no completed round of its own for the target and takes over
 #: the receiver's session, if the receiver holds a completed copy, with a sync round against its
 #: manifest; the receiver then names that session in its WELCOME. In a WELCOME: it may do so
@@ -155,6 +161,15 @@ class Error(Event):
 class Close(Event):
     TYPE: ClassVar[int] = 0x04
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Event):
+    """The receiver's targets and running sessions (a HELLO of kind "status" asks for it)."""
+
+    TYPE: ClassVar[int] = 0x07
+    targets: list
+    sessions: list
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +341,7 @@ class SigData(Event):
 
 JSON_EVENTS: dict[int, type] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Error, Close, RoundBegin, Checkpoint, RoundEnd, RoundDone, ManifestRequest,
-                              TreeRequest)
+                              TreeRequest, Status)
 }
 BINARY_EVENTS: dict[int, type] = {cls.TYPE: cls for cls in (BlockData, BlockSet, ZeroRange, Scanned, Ping, Pong, ManifestData,
                                                             TreeData, FileOps, SigRequest, SigData, TreeSubset)}

@@ -383,6 +383,15 @@ class Receiver:
                     c.drop(f"the peer completed no frame and sent less than {MIN_PROGRESS >> 10} KiB "
                            f"in {self.idle_timeout:g} s")
 
+    def status(self) -> tuple[list, list]:
+        """(targets, sessions) as a STATUS frame carries them (transport/status.py)."""
+        from .status import describe
+
+        with self._busy_lock:
+            busy = dict(self._busy)
+        root = self.targets.root if isinstance(self.targets, RootTargets) else None
+        return describe(self.targets, busy, self.state_dir, root)
+
     def connections(self) -> tuple[int, int]:
         """(open connections, of which before their HELLO): those served, and those at the door
         that have not said anything yet."""
@@ -634,6 +643,7 @@ class _Session:
         #: why the session must end now (the receiver stops, another sender takes over): the
         #: applying loop raises it at its next frame
         self._ended: ReplicationError | None = None
+        self.started = time.time()
 
     def end(self, why: ReplicationError) -> None:
         """End the session from another thread: its loop stops at the next frame, the target is
@@ -670,6 +680,8 @@ class _Session:
                                          capabilities=list(CAPABILITIES)))
                 log.info("%s: network check", self.peer)
                 clean = self._netcheck_loop()
+            elif ev.kind == "status":
+                clean = self._status()
             elif ev.kind == "files":
                 self._open_file_session(ev)
                 clean = self._files_loop()
@@ -692,7 +704,8 @@ class _Session:
             if isinstance(exc, TargetBusyError):  # a crowd at a busy target says it once in a while
                 self.rx.warnings.warning("busy", "%s: target %s: %s", self.peer, target_name, exc)
             else:
-                log.warning("%s: target %s: %s", self.peer, target_name, exc)
+                log.warning("%s: target %s: %s", self.peer, target_name, exc,
+                            extra={"peer": self.peer, "target": target_name, "code": exc.code or None})
             if not isinstance(exc, TransportError):
                 try:
                     self.chan.send(F.Error(exc.code or "", exc.message, exc.exit_code, exc.resumable))
@@ -714,7 +727,7 @@ class _Session:
                     self.rx._release(target_name, self.lock_fd)
                 if self._netcheck:
                     self.rx._release_netcheck()
-        if self.hello is not None:
+        if self.hello is not None and self.hello.kind != "status":  # a question, not a session
             if error is not None:
                 error = _detached(error)
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
@@ -787,7 +800,9 @@ class _Session:
                     faults.point("receiver.round_done")  # durable and recorded, not yet confirmed
                     self.chan.send(F.RoundDone(ev.round_id, root))
                     rounds_log.info("%s: round %d done, %d bytes written; stage seconds: %s", self.hello.target,
-                                    ev.round_id, replica.bytes_written, replica.clock.line())
+                                    ev.round_id, replica.bytes_written, replica.clock.line(),
+                                    extra={"target": self.hello.target, "peer": self.peer, "round_id": ev.round_id,
+                                           "bytes_written": replica.bytes_written})
                 elif isinstance(ev, F.ManifestRequest):
                     self._answer_manifest(ev)
                 elif isinstance(ev, _CONTROL):
@@ -962,6 +977,17 @@ class _Session:
                     return True
             else:
                 raise RemoteProtocolError(f"{type(ev).__name__} in a consistency check session")
+
+    def _status(self) -> bool:
+        """Welcome, one STATUS frame (the receiver's targets and running sessions), then CLOSE."""
+        self.chan.send(F.Welcome(PROTOCOL_VERSION, self.hello.session_id, 0, "new", 0, "full", 0, "",
+                                 capabilities=list(CAPABILITIES)))
+        self.chan.send(F.Status(*self.rx.status()))
+        log.info("%s: status request", self.peer)
+        ev = self.chan.recv()
+        if not isinstance(ev, _CONTROL):
+            raise RemoteProtocolError(f"{type(ev).__name__} after a status report")
+        return self._control(ev, " after a status report")
 
     def _netcheck_loop(self) -> bool:
         """Answer every PING (padded ones are the bulk transfer) until the sender closes."""
