@@ -129,6 +129,8 @@ class Sender:
         #: what each report's process_trace says (continuous sync puts the replication lag there)
         self.trace = trace
         self._chan: Channel | None = None
+        #: (source offset the running round has reached, source size); None before a round
+        self.position: tuple[int, int] | None = None
         self.stop_requested = False
         self.states: SessionStateMachine | None = None
         self._new_session()
@@ -153,6 +155,9 @@ class Sender:
         """Pause: break the running round from another thread. What the receiver made
         durable stays; the next run resumes from its checkpoint."""
         self.stop_requested = True
+        self.limiter.release()
+        if self.cpu_cap is not None:
+            self.cpu_cap.release()
         chan = self._chan
         if chan is not None:
             chan.abort()
@@ -260,6 +265,7 @@ class Sender:
         self._wire0 = wire0
         # a CHECKPOINT may name only this round and only what was sent already
         self._round_id, self._sent_to = round_id, start
+        self.position = (start, source.size)
         try:
             chan.send(F.RoundBegin(round_id, kind, start))
             self._state(StateEvent.COPY_RUNNING)
@@ -518,6 +524,7 @@ class Sender:
         """Feed the 5.4.8 tracker with what reached the socket; emit a report at most once a second."""
         if self.tracker is None:
             return
+        self.position = (pos, start + total)
         self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
         if self.trace is not None:
             self.tracker.set_trace(self.trace())
