@@ -711,7 +711,7 @@ class CpuCap:
         percent: Any,
         clock: Callable[[], float] = time.monotonic,
         cpu_time: Callable[[], float] = time.process_time,
-        sleep: Callable[[float], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
         *,
         margin: float = 0.93,
         credit_s: float = 0.05,
@@ -721,9 +721,7 @@ class CpuCap:
         self._share = self.percent / 100.0 * margin
         self._clock = clock
         self._cpu_time = cpu_time
-        #: set by release(): pace() no longer sleeps (the transfer is being stopped)
-        self._released = threading.Event()
-        self._sleep = sleep if sleep is not None else self._released.wait
+        self._sleep = sleep
         self._credit = credit_s
         self._max_sleep = max_sleep
         self._lock = threading.Lock()
@@ -752,19 +750,20 @@ class CpuCap:
             self._update_locked()
             return self._debt
 
-    def pace(self) -> float:
-        """Sleep as long as the process is over its CPU share. Returns seconds slept."""
+    def pace(self, cancel: threading.Event | None = None) -> float:
+        """Sleep as long as the process is over its CPU share, or until ``cancel`` is set (the
+        caller's transfer is stopping; the cap itself may be shared with later transfers).
+        Returns seconds slept."""
         slept = 0.0
         while True:
             with self._lock:
                 self._update_locked()
                 wait = self._debt / self._share if self._debt > _EPS_CPU_S else 0.0
-            if wait <= 0 or self._released.is_set():
+            if wait <= 0 or (cancel is not None and cancel.is_set()):
                 return slept
             step = min(wait, self._max_sleep)
-            self._sleep(step)
+            if cancel is not None:
+                cancel.wait(step)
+            else:
+                self._sleep(step)
             slept += step
-
-    def release(self) -> None:
-        """pace() sleeps no more: the transfer is stopping."""
-        self._released.set()

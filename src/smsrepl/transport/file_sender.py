@@ -104,6 +104,7 @@ class FileSender:
         self.tracker: ProgressTracker | None = None
         self._done_bytes: int | None = None  # file bytes the running round has dealt with
         self.stop_requested = False
+        self._stopped = threading.Event()  # ends a CPU cap's pacing (the cap may outlive this sender)
         self._chan: Channel | None = None
         #: the thread that receives the rest of an ordered listing, and the listing
         self._listing: tuple[threading.Thread, Listing] | None = None
@@ -112,9 +113,8 @@ class FileSender:
         """Pause: break the running round from another thread (files already renamed stay;
         the next round sends what is missing)."""
         self.stop_requested = True
+        self._stopped.set()
         self.limiter.release()
-        if self.cpu_cap is not None:
-            self.cpu_cap.release()
         chan = self._chan
         if chan is not None:
             chan.abort()
@@ -371,7 +371,8 @@ class FileSender:
         chan.send(F.RoundBegin(round_id, kind, 0))
         auto = self.level == "auto"
         ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if auto else self.level),
-                                   self.cpu_cap.pace if self.cpu_cap else None, adaptive=auto)
+                                   (lambda: self.cpu_cap.pace(self._stopped)) if self.cpu_cap else None,
+                                   adaptive=auto)
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,

@@ -132,6 +132,7 @@ class Sender:
         #: (source offset the running round has reached, source size); None before a round
         self.position: tuple[int, int] | None = None
         self.stop_requested = False
+        self._stopped = threading.Event()  # ends a CPU cap's pacing (the cap may outlive this sender)
         self.states: SessionStateMachine | None = None
         self._new_session()
         self.adapt = AdaptiveChoice(self.compress_threads, AUTO_LEVELS) if level == "auto" else None
@@ -155,9 +156,8 @@ class Sender:
         """Pause: break the running round from another thread. What the receiver made
         durable stays; the next run resumes from its checkpoint."""
         self.stop_requested = True
+        self._stopped.set()
         self.limiter.release()
-        if self.cpu_cap is not None:
-            self.cpu_cap.release()
         chan = self._chan
         if chan is not None:
             chan.abort()
@@ -430,7 +430,7 @@ class Sender:
         if self.adapt is not None:
             self.adapt.record_compress(level, _source_bytes(ev), dt)
         if self.cpu_cap is not None:
-            self.cpu_cap.pace()
+            self.cpu_cap.pace(self._stopped)
         return dataclasses.replace(ev, codec=codec, payload=payload)
 
     def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
@@ -497,7 +497,7 @@ class Sender:
                     out.put((batch, covered_to, sent))
                     batch = []
                     if self.cpu_cap is not None:
-                        self.cpu_cap.pace()
+                        self.cpu_cap.pace(self._stopped)
                     self._apply_acks(cache, self._acked)
                     continue
                 level = None
