@@ -118,8 +118,10 @@ def _files_identical(a, b) -> bool:
     return subprocess.run(["diff", "-r", str(a), str(b)], capture_output=True).returncode == 0
 
 
-def _any_file(root) -> bool:
-    return any(files for _, _, files in os.walk(root))
+def _files_arrived(root, n: int) -> bool:
+    """At least ``n`` files (under temporary names until their directory is done) in ``root``:
+    the first n - 1 arrived whole."""
+    return sum(len(files) for _, _, files in os.walk(root)) >= n
 
 
 @pytest.mark.reliability("interruption", "a file copy under a speed limit: SIGINT/SIGTERM, exit 3, resumed")
@@ -134,7 +136,7 @@ def test_an_interrupted_file_copy_stops_at_once_exits_3_and_the_same_command_res
         args = CLI + ["send", "files", str(src), "--to", rx.address, "--target", "tree", "--certkey", certkey_file,
                       "--level", "0", "--progress", "json", "--speed-limit", _limit(limit, 8)]  # 21 s
         run = Run(args)
-        assert wait_until(lambda: _any_file(dst) or run.proc.poll() is not None, 60)
+        assert wait_until(lambda: _files_arrived(dst, 3) or run.proc.poll() is not None, 60)
         time.sleep(0.5)
         rc, seconds, stderr = run.interrupt(sig)
         _check_interrupted(rc, seconds, stderr, f"files {sig.name}", "20.0 MiB")
@@ -161,7 +163,7 @@ def test_a_file_copy_without_progress_reports_says_how_much_it_sent(tmp_path, ce
                                        "--certkey", certkey_file, "--level", "0",
                                        "--speed-limit", _limit(tmp_path / "limit.json", 8)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert wait_until(lambda: _any_file(dst), 60)
+        assert wait_until(lambda: _files_arrived(dst, 1), 60)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
