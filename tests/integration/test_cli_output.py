@@ -3,6 +3,7 @@ JSON summary only with --json, --progress json stdout of 5.4.8 reports only, and
 that log lines never run through and that is closed before the summary."""
 import json
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -16,7 +17,7 @@ from .procs import CLI, ReceiverProc, sha256, wait_until
 
 MiB = 1 << 20
 BLOCK_LINE = re.compile(r"^sent (?P<sent>[\d.]+ (B|KiB|MiB)) of 16\.0 MiB \(wire [\d.]+ (B|KiB|MiB), (?P<ratio>[\d.]+x|-)\) "
-                        r"in [\d.]+ s, [\d.]+ (bit/s|kbit/s|Mbit/s|Gbit/s); round (?P<round>\d+) (?P<kind>full|sync)$")
+                        r"in [\d.]+ s, [\d.]+ (bit/s|kbit/s|Mbit/s|Gbit/s); round (?P<round>\d+) (?P<kind>full|sync)(?P<cutover>, the cutover)?$")
 FILES_LINE = re.compile(r"^sent (?P<files>\d+) files?, [\d.]+ (B|KiB|MiB) \(wire [\d.]+ (B|KiB|MiB), ([\d.]+x|-)\), "
                         r"deleted (?P<deleted>\d+), unchanged (?P<unchanged>\d+) in [\d.]+ s, "
                         r"[\d.]+ (bit/s|kbit/s|Mbit/s|Gbit/s); round (?P<round>\d+) (?P<kind>full|sync)$")
@@ -190,3 +191,36 @@ def test_a_file_send_prints_counts_and_sizes_in_one_line(tmp_path, certkey_file)
         assert (summary["files_sent"], summary["deleted"], summary["unchanged"]) == (0, 0, 8)
     finally:
         rx.stop()
+
+
+def test_continuous_prints_a_line_a_round_and_sigterm_is_still_the_cutover(lab):
+    """--continuous keeps its signals: SIGTERM runs the cutover round and exits 0 (not 3)."""
+    proc = subprocess.Popen(_block(lab, "--continuous", "--interval", "0.2", "--tracking", "scan"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: len(lines) >= 2 or proc.poll() is not None, 60), lines
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    err = proc.stderr.read()
+    assert rc == 0, err
+    assert "interrupted" not in err and "SIGTERM: running the cutover round" in err, err
+    assert len(lines) >= 3, lines  # the copy, a sync round at least, the cutover
+    rounds = [BLOCK_LINE.match(line) for line in lines]
+    assert all(rounds), lines
+    assert [m["kind"] for m in rounds] == ["full"] + ["sync"] * (len(rounds) - 1)
+    assert [int(m["round"]) for m in rounds] == list(range(1, len(rounds) + 1))
+    assert [bool(m["cutover"]) for m in rounds] == [False] * (len(rounds) - 1) + [True]
+    assert sha256(lab["source"]) == sha256(lab["target"])
