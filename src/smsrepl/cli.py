@@ -6,7 +6,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 
