@@ -305,7 +305,7 @@ def _wan_sms_once(wan: "Wan", ck: str, src: str, base: str, level: int) -> float
         if b"listening" not in rx.stderr.readline():
             raise RuntimeError("receiver did not start in its namespace")
         t0 = time.perf_counter()
-        tx = wan.run_in(wan.TX, CLI + ["send", "block", src, "--to", "10.77.0.2:8900", "--target", "disk0",
+        tx = wan.run_in(wan.TX, CLI + ["send", "block", "--json", src, "--to", "10.77.0.2:8900", "--target", "disk0",
                                        "--certkey", ck, "--state-dir", f"{base}/tx", "--level", str(level)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _, err = tx.communicate()

@@ -111,7 +111,7 @@ class Receiver:
 
 def send(ck: str, src: str, port: int, state: str, *extra: str, on_line=None) -> tuple[float, list[dict]]:
     t0 = time.monotonic()
-    proc = subprocess.Popen(CLI + ["send", "block", src, "--to", f"127.0.0.1:{port}", "--target", "disk0",
+    proc = subprocess.Popen(CLI + ["send", "block", "--json", src, "--to", f"127.0.0.1:{port}", "--target", "disk0",
                                    "--certkey", ck, "--state-dir", state, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     reports = []
@@ -204,7 +204,7 @@ def cpu_case(ck: str, tmp: str) -> dict:
     with open(conf, "w") as fh:
         json.dump({"configurations": [{"config_key": "LINUX_CPU_LIMIT", "config_value": "30"}]}, fh)
     rx = Receiver(ck, os.path.join(tmp, "cpu-t.img"), os.path.join(tmp, "cpu-rx"))
-    proc = subprocess.Popen(CLI + ["send", "block", src, "--to", f"127.0.0.1:{rx.port}", "--target", "disk0",
+    proc = subprocess.Popen(CLI + ["send", "block", "--json", src, "--to", f"127.0.0.1:{rx.port}", "--target", "disk0",
                                    "--certkey", ck, "--state-dir", os.path.join(tmp, "cpu-tx"), "--config", conf],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     samples = []  # (seconds since start, CPU seconds used)

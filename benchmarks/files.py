@@ -91,7 +91,7 @@ class SmsTarget:
             self.rx.stderr.close()
 
     def _send_args(self, src: str) -> list[str]:
-        return CLI + ["send", "files", src, "--to", f"127.0.0.1:{self.port}", "--target", "t", "--certkey", self.ck]
+        return CLI + ["send", "files", "--json", src, "--to", f"127.0.0.1:{self.port}", "--target", "t", "--certkey", self.ck]
 
     def round(self, src: str) -> dict:
         if self.rx is None:

@@ -82,7 +82,7 @@ def main() -> int:
         port = int(re.search(r":(\d+)", rx.stderr.readline()).group(1))
         rx_log: list[str] = []
         threading.Thread(target=lambda: rx_log.extend(rx.stderr), daemon=True).start()
-        tx = subprocess.Popen(CLI + ["send", "block", loop, "--to", f"127.0.0.1:{port}", "--target", "disk0",
+        tx = subprocess.Popen(CLI + ["send", "block", "--json", loop, "--to", f"127.0.0.1:{port}", "--target", "disk0",
                                      "--certkey", certkey, "--state-dir", os.path.join(tmp, "tx"), "--continuous",
                                      "--interval", "86400", "--tracking", "kernel"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

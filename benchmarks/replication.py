@@ -79,7 +79,7 @@ class SmsReceiver:
 
 def sms_round(ck: str, src: str, target: str, rx_state: str, tx_state: str, *extra: str) -> dict:
     rx = SmsReceiver(ck, target, rx_state)
-    tx = Measured(CLI + ["send", "block", src, "--to", f"127.0.0.1:{rx.port}", "--target", "disk0",
+    tx = Measured(CLI + ["send", "block", "--json", src, "--to", f"127.0.0.1:{rx.port}", "--target", "disk0",
                          "--certkey", ck, "--state-dir", tx_state, *extra])
     wall, tx_rss, out, _ = tx.wait()
     _, rx_rss, _, rx_err = rx.m.wait()
@@ -113,7 +113,7 @@ def sms_sync_command(ck: str, pristine: str, base: str, work: str, size: int) ->
     try:
         if b"listening" not in rx.stderr.readline():
             raise RuntimeError("receiver did not start")
-        tx = subprocess.Popen(CLI + ["send", "block", src, "--to", f"127.0.0.1:{port}", "--target", "disk0",
+        tx = subprocess.Popen(CLI + ["send", "block", "--json", src, "--to", f"127.0.0.1:{port}", "--target", "disk0",
                                      "--certkey", ck, "--state-dir", f"{work}/tx", "--dirty-map",
                                      f"{work}/dirty.map", "--continuous", "--interval", "86400"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

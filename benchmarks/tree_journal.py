@@ -85,7 +85,7 @@ def change(dirs: list[str], n_dirs: int, n_files: int, rng: random.Random) -> No
 
 class Continuous:
     def __init__(self, src: str, address: str, certkey: str) -> None:
-        self.proc = subprocess.Popen(CLI + ["send", "files", src, "--to", address, "--target", "t", "--certkey", certkey,
+        self.proc = subprocess.Popen(CLI + ["send", "files", "--json", src, "--to", address, "--target", "t", "--certkey", certkey,
                                             "--continuous", "--interval", "86400", "--whole-tree-every", "0"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         self.q: queue.Queue = queue.Queue()
@@ -135,7 +135,7 @@ def main() -> int:
         line = rx.stderr.readline()
         address = "127.0.0.1:" + line.rsplit(":", 1)[1].split()[0]
         threading.Thread(target=lambda: [None for _ in rx.stderr], daemon=True).start()
-        one_shot = CLI + ["send", "files", src, "--to", address, "--target", "t", "--certkey", certkey]
+        one_shot = CLI + ["send", "files", "--json", src, "--to", address, "--target", "t", "--certkey", certkey]
         t = time.monotonic()
         full = json.loads(run(*one_shot, env=ENV).stdout.strip().splitlines()[-1])
         print(f"full copy: {full['seconds']} s ({full['files_sent']} files)", flush=True)

@@ -524,3 +524,32 @@ def test_cpu_cap_idle_credit_is_small():
     ft.cpu += 1.0  # then a one-second burst of CPU
     slept = cap.pace()
     assert slept == pytest.approx((1.0 - 0.05) / (0.2 * 0.93) - 1.0, rel=1e-6)
+
+
+def test_release_and_cancel_end_a_paced_wait_at_once():
+    """A stopping sender (interrupt.OneShotStop) must not sit out its limiter's or CPU cap's sleeps."""
+    import threading
+    import time
+
+    lim = ScheduledLimiter(SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 1}]}))
+    cap = CpuCap(10, cpu_time=lambda: time.monotonic() * 100)  # far over its share: pace() would sleep on
+    cancel = threading.Event()
+    took: dict = {}
+
+    def wait(name, fn) -> None:
+        t0 = time.monotonic()
+        fn()
+        took[name] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=wait, args=("limiter", lambda: lim.throttle(10 << 20)), daemon=True),  # 84 s
+               threading.Thread(target=wait, args=("cap", lambda: cap.pace(cancel)), daemon=True)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    lim.release()
+    cancel.set()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads)
+    assert took["limiter"] < 2 and took["cap"] < 2, took
+    assert lim.throttle(10 << 20) == 0  # and from now on

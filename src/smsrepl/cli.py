@@ -6,7 +6,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 
@@ -133,27 +132,56 @@ def _service_log() -> logging.Logger:
 
 
 class _ProgressOutput:
-    """--progress json: one 5.4.8 report per line on stdout; bar: a tqdm bar on stderr."""
+    """--progress json: one 5.4.8 report per line on stdout; bar: a tqdm bar on stderr, one a
+    round, with log lines and notes written above it while it is shown (never through it)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.bar = None
+        self._redirect = None  # tqdm's logging redirect while a bar is shown
 
     def report(self, rep: dict) -> None:
         if self.mode == "json":
             print(json.dumps(rep, ensure_ascii=False), flush=True)
         elif self.mode == "bar":
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             if self.bar is None:
                 self.bar = tqdm(total=rep["totalsize"], unit="B", unit_scale=True, unit_divisor=1024,
                                 desc=rep["subtask_name"], file=sys.stderr, dynamic_ncols=True)
+                self._redirect = logging_redirect_tqdm()
+                self._redirect.__enter__()
             self.bar.update(rep["replicatesize"] - self.bar.n)
-            self.bar.set_postfix_str(f"{rep['migrate_speed']:.0f} Mbit/s on the wire", refresh=False)
+            # the round's last report says 0 (nothing moves any more): end_round shows the average
+            if rep["migrate_speed"] or rep["progress"] < 100:
+                self.bar.set_postfix_str(f"{rep['migrate_speed']:.0f} Mbit/s on the wire", refresh=False)
+
+    def note(self, line: str) -> None:
+        """A line for the operator on stderr: above the bar while one is shown."""
+        if self.bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def end_round(self, wire_bytes: int, seconds: float) -> None:
+        """Close the round's bar, its rate the round's average: before the summary is printed,
+        so that nothing redraws the bar after it."""
+        if self.bar is not None and seconds > 0:
+            from .summary import human_rate
+
+            self.bar.set_postfix_str(f"{human_rate(wire_bytes / seconds)} on the wire, average", refresh=False)
+        self.close()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
 
 
 class _ScheduleWatcher:
@@ -174,6 +202,8 @@ class _ScheduleWatcher:
         self._stop = threading.Event()
         #: the running round's sender (continuous sync makes one per round)
         self.sender = None
+        #: where a line for the operator goes (above a progress bar, when there is one)
+        self.note = lambda line: print(line, file=sys.stderr)
 
     def load(self):
         from .ratelimit import SpeedSchedule
@@ -213,7 +243,7 @@ class _ScheduleWatcher:
                 self.sender.replace_schedule(self.load())
                 logging.getLogger("smsrepl").info("speed limit reloaded from %s", self.path)
             except ReplicationError as exc:  # keep the old schedule, say why
-                print(f"ignoring changed speed limit: {exc}", file=sys.stderr)
+                self.note(f"ignoring changed speed limit: {exc}")
 
 
 def _read_config(path: str) -> dict:
@@ -245,7 +275,7 @@ def _block_cpu_cap(path: str | None):
     return CpuCap.from_configurations(body)
 
 
-def cmd_send_files(args) -> int:
+def cmd_send_files(args, stop=None) -> int:
     from .transport.file_sender import FileSender
     from .transport.connect import parse_address
     from .transport.tls import client_context
@@ -272,7 +302,7 @@ def cmd_send_files(args) -> int:
 
         return dry_run_files(args, rules, ctx)
     out = _ProgressOutput(args.progress)
-    summary_to = sys.stderr if args.progress == "json" else sys.stdout
+    watcher.note = out.note
 
     cont = None
 
@@ -284,10 +314,16 @@ def cmd_send_files(args) -> int:
                             journal=journal, whole="the cutover round walks the whole tree" if cutover else None,
                             max_delete=args.max_delete)
         watcher.sender = sender
+        if stop is not None:
+            stop.sender = sender
         return sender
 
     def print_summary(result) -> None:
-        print(json.dumps(result.summary()), file=summary_to, flush=True)
+        from .summary import files_round_line
+
+        out.end_round(result.wire_bytes, result.seconds)
+        summary = result.summary()
+        _print_summary(args, json.dumps(summary) if args.json else files_round_line(summary))
         for line in result.stats.reported:
             print(f"note: {line}", file=sys.stderr)
 
@@ -300,15 +336,11 @@ def cmd_send_files(args) -> int:
             _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
             cont.run()
         else:
-            interrupted = _stop_on_sigint(watcher)
             sender = make_sender()
-            try:
-                sender.open()  # the receiver lists its tree while the round's modules load
-                print_summary(sender.run())
-            except ReplicationError:
-                if interrupted.is_set():
-                    return 130
-                raise
+            sender.open()  # the receiver lists its tree while the round's modules load
+            result = sender.run()
+            stop.cancel()
+            print_summary(result)
     finally:
         watcher.close()
         out.close()
@@ -338,22 +370,33 @@ def _open_journal(args):
                         notice=lambda line: print(line, file=sys.stderr, flush=True))
 
 
-def _stop_on_sigint(watcher: _ScheduleWatcher) -> threading.Event:
-    """SIGINT during a one-shot round stops the sender (``watcher.sender``) from the handler, so
-    the round ends however busy the main thread is (a KeyboardInterrupt raised somewhere deep
-    can be swallowed on its way up); the caller exits 130 when the returned event is set.
-    Before the session's connection exists, KeyboardInterrupt as usual."""
-    hit = threading.Event()
+def _print_summary(args, line: str) -> None:
+    """A round's summary (the human line, or with --json the JSON object): on stdout, or on
+    stderr with --progress json, whose stdout carries 5.4.8 reports only."""
+    print(line, file=sys.stderr if args.progress == "json" else sys.stdout, flush=True)
 
-    def on_int(signum, frame) -> None:
-        hit.set()
-        sender = watcher.sender
-        if sender is None or getattr(sender, "_chan", None) is None:
-            raise KeyboardInterrupt
-        sender.stop()
 
-    signal.signal(signal.SIGINT, on_int)
-    return hit
+def _one_shot_stop(cmd):
+    """``cmd`` (send block / send files) with SIGINT and SIGTERM stopping a one-shot run within
+    a second, exit 3 and where it got to (interrupt.OneShotStop). --continuous keeps its own
+    signals: SIGTERM is the cutover round there."""
+
+    def run(args) -> int:
+        if args.continuous:
+            return cmd(args)
+        from .interrupt import OneShotStop
+
+        stop = OneShotStop()
+        stop.install()
+        try:
+            return cmd(args, stop)
+        except (Exception, KeyboardInterrupt):
+            if stop.hit.is_set():  # whatever the stop broke on its way out
+                return stop.say()
+            raise
+
+    run.__doc__ = cmd.__doc__
+    return run
 
 
 def _continuous_interval(args) -> float:
@@ -366,7 +409,7 @@ def _continuous_interval(args) -> float:
     return interval
 
 
-def cmd_send_block(args) -> int:
+def cmd_send_block(args, stop=None) -> int:
     from .progress import HostSampler
     from .transport.connect import parse_address
     from .transport.sender import Sender
@@ -403,7 +446,7 @@ def cmd_send_block(args) -> int:
                               notice=lambda line: print(line, file=sys.stderr, flush=True))
         tracking = "kernel" if dirty is not None else "scan"
     out = _ProgressOutput(args.progress)
-    summary_to = sys.stderr if args.progress == "json" else sys.stdout
+    watcher.note = out.note
     cont = None
 
     def make_sender() -> Sender:
@@ -413,9 +456,14 @@ def cmd_send_block(args) -> int:
                         host_sampler=HostSampler() if args.progress == "json" else None,
                         dirty_map=dirty, trace=cont.trace if cont is not None else None)
         watcher.sender = sender
+        if stop is not None:
+            stop.sender = sender
         return sender
 
     def print_summary(result) -> None:
+        from .summary import block_round_line
+
+        out.end_round(result.wire_bytes, result.seconds)
         summary = {
             "round": result.round_id, "kind": result.kind, "resumed_from": result.resumed_from,
             "source_bytes": result.source_size, "data_bytes": result.data_bytes,
@@ -423,6 +471,8 @@ def cmd_send_block(args) -> int:
             "dirty_blocks": result.dirty_blocks,
             "stages": result.stages,
         }
+        if result.reconcile:  # a sender without local state: reconciled, or why it copied everything
+            summary["reconcile"] = result.reconcile
         if cont is not None:
             summary["tracking"] = tracking
             if result.whole_reason:
@@ -430,7 +480,7 @@ def cmd_send_block(args) -> int:
             summary["lag"] = cont.lag()
             if cont.cutover_quiesce is not None:
                 summary["cutover"] = cont.cutover_quiesce
-        print(json.dumps(summary), file=summary_to, flush=True)
+        _print_summary(args, json.dumps(summary) if args.json else block_round_line(summary))
 
     watcher.watch()
     try:
@@ -442,13 +492,9 @@ def cmd_send_block(args) -> int:
             _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
             cont.run()
         else:
-            interrupted = _stop_on_sigint(watcher)
-            try:
-                print_summary(make_sender().run())
-            except ReplicationError:
-                if interrupted.is_set():
-                    return 130
-                raise
+            result = make_sender().run()
+            stop.cancel()
+            print_summary(result)
     finally:
         watcher.close()
         out.close()
@@ -745,6 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="5.4.10 speed_limit JSON; re-read when it changes during the round")
     sf.add_argument("--progress", choices=["bar", "json", "none"], default="none",
                     help="json: one 5.4.8 report per line on stdout (MIGRATE_LINUX_FILE / SYNC_LINUX_FILE)")
+    sf.add_argument("--json", action="store_true",
+                    help="print each round's summary as one JSON object instead of the human line (on stdout; "
+                         "on stderr with --progress json)")
     sf.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds (SIGUSR1: a round now); SIGTERM runs the "
                          "cutover round and exits 0")
@@ -764,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse a round (before it changes anything, exit 2) that would delete more than N target "
                          "entries; 0 = no deletion, -1 = no limit (default: refuse one that would delete more than "
                          "half of a target of 10 entries or more)")
-    sf.set_defaults(func=cmd_send_files)
+    sf.set_defaults(func=_one_shot_stop(cmd_send_files))
     sb = send.add_parser("block", help="copy (first run) or sync (later runs) a disk or image")
     sb.add_argument("source", metavar="SOURCE", help="the disk or image to copy")
     sb.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
@@ -784,6 +833,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--dirty-map", metavar="FILE",
                     help="changed-block map the source's writes are marked in (smsrepl.blocks.dirtymap); "
                          "sync rounds then read only the blocks it names")
+    sb.add_argument("--json", action="store_true",
+                    help="print each round's summary as one JSON object instead of the human line (on stdout; "
+                         "on stderr with --progress json)")
     sb.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds; SIGTERM runs the cutover round and exits 0")
     sb.add_argument("--interval", type=number(float), metavar="SECONDS", help="seconds between continuous rounds (default 30)")
@@ -799,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--dry-run", "-n", action="store_true",
                     help="print how many blocks a round would send (and their ranges; -v: every range); change "
                          "nothing on the target")
-    sb.set_defaults(func=cmd_send_block)
+    sb.set_defaults(func=_one_shot_stop(cmd_send_block))
 
     nc = sub.add_parser("netcheck", help="measure the link to a receiver; prints the 5.9.1 body")
     nc.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)

@@ -431,14 +431,16 @@ class ScheduledLimiter:
         schedule: SpeedSchedule | None = None,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], _dt.datetime] = _dt.datetime.now,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         *,
         max_sleep: float = 0.25,
     ) -> None:
         self._schedule = schedule if schedule is not None else SpeedSchedule.unlimited()
         self._clock = clock
         self._wallclock = wallclock
-        self._sleep = sleep
+        #: set by release(): every wait ends at once (the transfer is being stopped)
+        self._released = threading.Event()
+        self._sleep = sleep if sleep is not None else self._released.wait
         self._max_sleep = max_sleep
         self._lock = threading.Lock()
         self._bucket = TokenBucket(None, None, clock)
@@ -477,7 +479,7 @@ class ScheduledLimiter:
             self._refresh_locked()
             wait = self._bucket.reserve(nbytes)
         slept = 0.0
-        while wait > 0:
+        while wait > 0 and not self._released.is_set():
             step = min(wait, self._max_sleep)
             self._sleep(step)
             slept += step
@@ -485,6 +487,11 @@ class ScheduledLimiter:
                 self._refresh_locked()
                 wait = self._bucket.delay()
         return slept
+
+    def release(self) -> None:
+        """End every wait now and from now on: the transfer is stopping, and what it still
+        writes fails on its broken connection rather than after a paced sleep."""
+        self._released.set()
 
 
 # ---------------------------------------------------------------------------
@@ -743,15 +750,20 @@ class CpuCap:
             self._update_locked()
             return self._debt
 
-    def pace(self) -> float:
-        """Sleep as long as the process is over its CPU share. Returns seconds slept."""
+    def pace(self, cancel: threading.Event | None = None) -> float:
+        """Sleep as long as the process is over its CPU share, or until ``cancel`` is set (the
+        caller's transfer is stopping; the cap itself may be shared with later transfers).
+        Returns seconds slept."""
         slept = 0.0
         while True:
             with self._lock:
                 self._update_locked()
                 wait = self._debt / self._share if self._debt > _EPS_CPU_S else 0.0
-            if wait <= 0:
+            if wait <= 0 or (cancel is not None and cancel.is_set()):
                 return slept
             step = min(wait, self._max_sleep)
-            self._sleep(step)
+            if cancel is not None:
+                cancel.wait(step)
+            else:
+                self._sleep(step)
             slept += step

@@ -70,7 +70,7 @@ class ReceiverProc:
 
 
 def send_args(source: str, address: str, certkey: str, state_dir: str, target: str = "disk0", *extra: str) -> list[str]:
-    return CLI + ["send", "block", source, "--to", address, "--target", target, "--certkey", certkey,
+    return CLI + ["send", "block", "--json", source, "--to", address, "--target", target, "--certkey", certkey,
                   "--state-dir", state_dir, *extra]
 
 

@@ -218,7 +218,7 @@ def test_verify_block_usage_mistakes(lab, args, message):
 def test_send_level_must_be_a_zstd_level_or_auto(lab, level):
     write_image(lab["src"], 1 << 20, seed=1)
     for kind, src in (("block", lab["src"]), ("files", str(lab["tmp"]))):
-        cp = subprocess.run([sys.executable, "-m", "smsrepl", "send", kind, src, "--to", lab["rx"].address,
+        cp = subprocess.run([sys.executable, "-m", "smsrepl", "send", kind, "--json", src, "--to", lab["rx"].address,
                              "--target", "disk0", "--certkey", lab["ck"], "--level", level],
                             capture_output=True, text=True, timeout=60)
         assert cp.returncode == 2 and "--level" in cp.stderr, cp.stderr

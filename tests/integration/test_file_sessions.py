@@ -84,7 +84,7 @@ def test_cli_send_files_and_verify(tmp_path, certkey_file):
     try:
         line = rx.stderr.readline()
         port = line.rsplit(":", 1)[1].strip()
-        cp = subprocess.run([sys.executable, "-m", "smsrepl", "send", "files", os.fsdecode(src), "--to",
+        cp = subprocess.run([sys.executable, "-m", "smsrepl", "send", "files", "--json", os.fsdecode(src), "--to",
                              f"127.0.0.1:{port}", "--target", "t", "--certkey", certkey_file],
                             capture_output=True, text=True, timeout=60)
         assert cp.returncode == 0, cp.stderr
@@ -164,7 +164,7 @@ def test_killed_sender_then_rerun_ends_identical_without_temporaries(tmp_path, r
     src.mkdir()
     for i in range(40):
         (src / f"f{i:03}").write_bytes(rng.randbytes(rng.randint(1, 2 << 20)))
-    cmd = [sys.executable, "-m", "smsrepl", "send", "files", str(src), "--to", f"{host}:{port}", "--target", "tree",
+    cmd = [sys.executable, "-m", "smsrepl", "send", "files", "--json", str(src), "--to", f"{host}:{port}", "--target", "tree",
            "--certkey", certkey_file, "--level", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(rng.uniform(0.3, 1.2))
@@ -468,7 +468,7 @@ def test_cli_continuous_file_sync_rounds_on_sigusr1_and_cuts_over_on_sigterm(tmp
     src = rich_tree(tmp_path / "src")
     dst = tmp_path / "dst"
     rx = ReceiverProc(certkey_file, {"t": str(dst)}, str(tmp_path / "rxs"))
-    tx = subprocess.Popen([sys.executable, "-m", "smsrepl", "send", "files", os.fsdecode(src), "--to", rx.address,
+    tx = subprocess.Popen([sys.executable, "-m", "smsrepl", "send", "files", "--json", os.fsdecode(src), "--to", rx.address,
                            "--target", "t", "--certkey", certkey_file, "--continuous", "--interval", "3600"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     import queue
@@ -519,7 +519,7 @@ def test_continuous_file_sync_survives_a_killed_receiver_and_ends_identical(tmp_
         for i in range(30):
             (src / f"d{d}" / f"f{i:03}").write_bytes(rng.randbytes(rng.randint(1, 256 << 10)))
     rx = ReceiverProc(certkey_file, {"t": str(dst)}, str(tmp_path / "rxs"))
-    tx = subprocess.Popen([sys.executable, "-m", "smsrepl", "send", "files", str(src), "--to", rx.address,
+    tx = subprocess.Popen([sys.executable, "-m", "smsrepl", "send", "files", "--json", str(src), "--to", rx.address,
                            "--target", "t", "--certkey", certkey_file, "--level", "0", "--continuous",
                            "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -552,12 +552,12 @@ def test_continuous_file_sync_survives_a_killed_receiver_and_ends_identical(tmp_
      "not both"),
     (["verify", "files", "{tmp}", "--to", "127.0.0.1:1"], "needs --target NAME and --certkey"),
     (["verify", "files", "{tmp}", "{tmp}", "--to", "127.0.0.1:1"], "give TARGET_DIR, or --to"),
-    (["send", "files", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--config", "{tmp}/bad.json"],
+    (["send", "files", "--json", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--config", "{tmp}/bad.json"],
      "unknown config_key 'EXCLUDE'"),
-    (["send", "files", "{tmp}/nope", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}"], "not a directory"),
-    (["send", "files", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--interval", "5"],
+    (["send", "files", "--json", "{tmp}/nope", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}"], "not a directory"),
+    (["send", "files", "--json", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--interval", "5"],
      "--interval applies to --continuous only"),
-    (["send", "files", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--continuous",
+    (["send", "files", "--json", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--continuous",
       "--interval", "-1"], "must be between 0 and 86400"),
 ])
 def test_cli_bad_input_for_file_entry_points(tmp_path, certkey_file, args, match):
@@ -647,7 +647,7 @@ def test_a_silently_dropped_file_session_does_not_hold_its_target(tmp_path, cert
     proxy = CuttingProxy(rx.port, 2 << 20, silent=True)
 
     def cmd(port: int) -> list[str]:
-        return [sys.executable, "-m", "smsrepl", "send", "files", str(src), "--to", f"127.0.0.1:{port}",
+        return [sys.executable, "-m", "smsrepl", "send", "files", "--json", str(src), "--to", f"127.0.0.1:{port}",
                 "--target", "tree", "--certkey", certkey_file, "--level", "0"]
 
     try:
@@ -692,7 +692,7 @@ def test_concurrent_file_senders_share_the_receivers_descriptors(tmp_path, certk
                           stderr=subprocess.PIPE, text=True, preexec_fn=limit)
     try:
         port = int(re.search(r"listening on [\d.]+:(\d+)", rx.stderr.readline()).group(1))
-        senders = [subprocess.Popen([sys.executable, "-m", "smsrepl", "send", "files", str(src), "--to",
+        senders = [subprocess.Popen([sys.executable, "-m", "smsrepl", "send", "files", "--json", str(src), "--to",
                                      f"127.0.0.1:{port}", "--target", f"t{i}", "--certkey", certkey_file],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                    for i in range(16)]

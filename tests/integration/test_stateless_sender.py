@@ -51,6 +51,7 @@ def test_a_sender_that_lost_its_state_sends_only_what_changed(lab):
 
     second = summary(_send(lab, lab["tmp"] / "tx"))
     assert second["kind"] == "sync", second
+    assert second["reconcile"].startswith("reconciled with the receiver's manifest: no local state"), second
     assert second["data_bytes"] == len(CHANGED) * 4096 < 0.05 * SIZE
     assert second["wire_bytes"] < 0.05 * SIZE
     assert sha256(lab["src"]) == sha256(lab["dst"])

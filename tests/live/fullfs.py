@@ -43,7 +43,7 @@ def fill(mnt: str) -> str:
 
 
 def send(kind: str, source: str, target: str, port: int, certkey: str, work: str) -> subprocess.CompletedProcess:
-    args = CLI + ["send", kind, source, "--to", f"127.0.0.1:{port}", "--target", target, "--certkey", certkey,
+    args = CLI + ["send", kind, "--json", source, "--to", f"127.0.0.1:{port}", "--target", target, "--certkey", certkey,
                   "--level", "0"]
     if kind == "block":
         args += ["--state-dir", os.path.join(work, "tx-" + target)]

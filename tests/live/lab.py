@@ -98,7 +98,7 @@ class Sender:
 
     def __init__(self, dev: str, port: int, certkey: str, work: str, *flags: str, faults: str = "",
                  env: dict | None = None) -> None:
-        args = CLI + ["send", "block", dev, "--to", f"127.0.0.1:{port}", "--target", "disk0", "--certkey", certkey,
+        args = CLI + ["send", "block", "--json", dev, "--to", f"127.0.0.1:{port}", "--target", "disk0", "--certkey", certkey,
                       "--state-dir", os.path.join(work, "tx"), "--continuous", *flags]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {}), "SMSREPL_FAULTS": faults})

@@ -44,7 +44,7 @@ class ContinuousSender:
     """``send files --continuous`` with its round summaries collected as they come."""
 
     def __init__(self, src: str, rx: ReceiverProc, certkey: str, *extra: str) -> None:
-        self.proc = subprocess.Popen(CLI + ["send", "files", src, "--to", rx.address, "--target", "t", "--certkey",
+        self.proc = subprocess.Popen(CLI + ["send", "files", "--json", src, "--to", rx.address, "--target", "t", "--certkey",
                                             certkey, "--continuous", "--progress", "none", *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.rounds: queue.Queue = queue.Queue()
@@ -166,7 +166,7 @@ def test_rounds_killed_during_churn_then_one_completed_round_converges(tmp_path,
     try:
         w.start()
         for i in range(5):
-            p = subprocess.Popen(CLI + ["send", "files", src, "--to", rx.address, "--target", "t", "--certkey",
+            p = subprocess.Popen(CLI + ["send", "files", "--json", src, "--to", rx.address, "--target", "t", "--certkey",
                                         certkey_file, "--level", "0", "--speed-limit", str(slow)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             time.sleep(rng.uniform(0.8, 1.8))
@@ -181,7 +181,7 @@ def test_rounds_killed_during_churn_then_one_completed_round_converges(tmp_path,
         w.stop()
         stale = [line for line in oracle(src, dst).splitlines() if line.startswith("*deleting")]
         assert stale, "the cut rounds left nothing that the source lost since: the run proves nothing"
-        cp = subprocess.run(CLI + ["send", "files", src, "--to", rx.address, "--target", "t", "--certkey",
+        cp = subprocess.run(CLI + ["send", "files", "--json", src, "--to", rx.address, "--target", "t", "--certkey",
                                    certkey_file], capture_output=True, text=True, timeout=300)
         assert cp.returncode == 0, cp.stderr
         assert oracle(src, dst) == ""
@@ -355,7 +355,7 @@ def test_bad_journal_flags_are_usage_errors_and_touch_nothing(tmp_path, certkey_
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_text("x")
-    cp = subprocess.run(CLI + ["send", "files", str(src), "--to", "127.0.0.1:1", "--target", "t", "--certkey",
+    cp = subprocess.run(CLI + ["send", "files", "--json", str(src), "--to", "127.0.0.1:1", "--target", "t", "--certkey",
                                certkey_file, *extra], capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and message in cp.stderr, cp.stderr
     assert message in cp.stderr.strip().splitlines()[-1]  # one line says it (after argparse's usage)

@@ -294,7 +294,7 @@ def test_loss_reordering_and_duplication_on_a_netem_link(lab):
                                lab["ck"], "--state-dir", lab["rx_state"], "--create", "--target", f"disk0={lab['dst']}"],
                               stderr=subprocess.PIPE, text=True)
         port = int(rx.stderr.readline().rsplit(":", 1)[1])
-        cp = subprocess.run(["ip", "netns", "exec", NS_TX, *CLI, "send", "block", lab["src"], "--to",
+        cp = subprocess.run(["ip", "netns", "exec", NS_TX, *CLI, "send", "block", "--json", lab["src"], "--to",
                              f"10.78.0.2:{port}", "--target", "disk0", "--certkey", lab["ck"], "--state-dir",
                              lab["tx_state"]], capture_output=True, text=True, timeout=600)
         rx.terminate()
@@ -365,7 +365,7 @@ def test_a_malformed_fault_spec_names_the_item(spec):
 
 
 def test_a_malformed_fault_spec_stops_the_cli_before_it_touches_anything(lab):
-    cp = subprocess.run(CLI + ["send", "block", lab["src"], "--to", "127.0.0.1:1", "--target", "disk0", "--certkey",
+    cp = subprocess.run(CLI + ["send", "block", "--json", lab["src"], "--to", "127.0.0.1:1", "--target", "disk0", "--certkey",
                                lab["ck"], "--state-dir", lab["tx_state"]], capture_output=True, text=True,
                         timeout=60, env={**os.environ, "SMSREPL_FAULTS": "kill@x:y"})
     assert cp.returncode != 0 and "SMSREPL_FAULTS item 'kill@x:y'" in cp.stderr

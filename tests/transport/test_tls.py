@@ -677,7 +677,7 @@ def test_a_second_sender_start_does_not_import_cryptography_x509(plain, tmp_path
     try:
         imported = []
         for _ in range(2):
-            cp = subprocess.run([sys.executable, "-X", "importtime", "-m", "smsrepl", "send", "files",
+            cp = subprocess.run([sys.executable, "-X", "importtime", "-m", "smsrepl", "send", "files", "--json",
                                  str(tmp_path / "src"), "--to", f"{host}:{port}", "--target", "t", "--certkey", ck],
                                 capture_output=True, text=True, timeout=60, env=env)
             assert cp.returncode == 0, cp.stderr[-2000:]

@@ -107,7 +107,9 @@ class FileSender:
         #: (from MIN_GUARDED entries up), -1 = no limit
         self.max_delete = max_delete
         self.tracker: ProgressTracker | None = None
+        self._done_bytes: int | None = None  # file bytes the running round has dealt with
         self.stop_requested = False
+        self._stopped = threading.Event()  # ends a CPU cap's pacing (the cap may outlive this sender)
         self._chan: Channel | None = None
         #: the thread that receives the rest of an ordered listing, and the listing
         self._listing: tuple[threading.Thread, Listing] | None = None
@@ -116,12 +118,27 @@ class FileSender:
         """Pause: break the running round from another thread (files already renamed stay;
         the next round sends what is missing)."""
         self.stop_requested = True
+        self._stopped.set()
+        self.limiter.release()
         chan = self._chan
         if chan is not None:
             chan.abort()
 
     def replace_schedule(self, schedule: SpeedSchedule) -> None:
         self.limiter.replace_schedule(schedule)
+
+    @property
+    def position(self) -> tuple[int, int | None] | None:
+        """(file bytes the running round has dealt with or sent, the round's total where known:
+        with progress reports); None before the round began."""
+        if self._done_bytes is None:
+            return None
+        # entries are counted done a directory at a time: what was sent of the current one counts too
+        ops = getattr(self, "_ops", None)
+        done = max(self._done_bytes, ops.raw_bytes if ops is not None else 0)
+        if self.tracker is None:
+            return done, None
+        return min(done, self.tracker.totalsize), self.tracker.totalsize
 
     def _total(self, kind: str, dirs: list | None = None) -> int:
         """Bytes of the regular files the round covers (the 5.4.8 totalsize); ``dirs``: a journal
@@ -133,9 +150,17 @@ class FileSender:
         if by_dirs(self.checksum):
             from ..files.dirscan import scan_dirs
 
-            return sum(b.file_bytes() for b in scan_dirs(self.source, filt, on_error=lambda p, exc: None, xattrs=False,
-                                                         start=dirs))
-        return sum(e.size for e in walk(self.source, filt, on_error=lambda p, exc: None) if e.kind == "file")
+            return sum(b.file_bytes() for b in self._unless_stopped(
+                scan_dirs(self.source, filt, on_error=lambda p, exc: None, xattrs=False, start=dirs)))
+        return sum(e.size for e in self._unless_stopped(walk(self.source, filt, on_error=lambda p, exc: None))
+                   if e.kind == "file")
+
+    def _unless_stopped(self, items):
+        """``items``, until stop() is called (a walk of a large tree takes seconds)."""
+        for item in items:
+            if self.stop_requested:
+                raise TransportError("the round was stopped")
+            yield item
 
     def open(self) -> None:
         """Connect, and send HELLO and TREE_REQUEST without waiting for WELCOME: the receiver
@@ -232,9 +257,10 @@ class FileSender:
 
         def on_done(file_bytes: int) -> None:
             self._ops.keepalive()
+            done[0] += file_bytes
+            self._done_bytes = done[0]
             if self.tracker is None:
                 return
-            done[0] += file_bytes
             self.tracker.update(min(done[0], self.tracker.totalsize), chan.wire_sent - self._wire0,
                                 self._ops.raw_bytes)
             now = time.monotonic()
@@ -408,12 +434,14 @@ class FileSender:
                                            host_sampler=self.host_sampler)
         deletion_limit = self._deletion_limit(chan, listing, kind, whole=dirs is None)
         on_done = self._progress(chan)
+        self._done_bytes = 0
         chan.limiter = self.limiter
         wire0 = self._wire0 = chan.wire_sent
         chan.send(F.RoundBegin(round_id, kind, 0))
         auto = self.level == "auto"
         ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if auto else self.level),
-                                   self.cpu_cap.pace if self.cpu_cap else None, adaptive=auto)
+                                   (lambda: self.cpu_cap.pace(self._stopped)) if self.cpu_cap else None,
+                                   adaptive=auto)
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
             target.deletion_limit = deletion_limit

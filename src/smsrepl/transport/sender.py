@@ -171,7 +171,10 @@ class Sender:
         #: what each report's process_trace says (continuous sync puts the replication lag there)
         self.trace = trace
         self._chan: Channel | None = None
+        #: (source offset the running round has reached, source size); None before a round
+        self.position: tuple[int, int] | None = None
         self.stop_requested = False
+        self._stopped = threading.Event()  # ends a CPU cap's pacing (the cap may outlive this sender)
         self.states: SessionStateMachine | None = None
         self._new_session()
         self.adapt = AdaptiveChoice(self.compress_threads, AUTO_LEVELS) if level == "auto" else None
@@ -196,6 +199,8 @@ class Sender:
         """Pause: break the running round from another thread. What the receiver made
         durable stays; the next run resumes from its checkpoint."""
         self.stop_requested = True
+        self._stopped.set()
+        self.limiter.release()
         chan = self._chan
         if chan is not None:
             chan.abort()
@@ -332,6 +337,7 @@ class Sender:
         self._wire0 = wire0
         # a CHECKPOINT may name only this round and only what was sent already
         self._round_id, self._sent_to = round_id, start
+        self.position = (start, source.size)
         try:
             chan.send(F.RoundBegin(round_id, kind, start))
             self._state(StateEvent.COPY_RUNNING)
@@ -559,7 +565,7 @@ class Sender:
         if self.adapt is not None:
             self.adapt.record_compress(level, _source_bytes(ev), dt)
         if self.cpu_cap is not None:
-            self.cpu_cap.pace()
+            self.cpu_cap.pace(self._stopped)
         return dataclasses.replace(ev, codec=codec, payload=payload)
 
     def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
@@ -626,7 +632,7 @@ class Sender:
                     out.put((batch, covered_to, sent))
                     batch = []
                     if self.cpu_cap is not None:
-                        self.cpu_cap.pace()
+                        self.cpu_cap.pace(self._stopped)
                     self._apply_acks(cache, self._acked)
                     continue
                 level = None
@@ -653,6 +659,7 @@ class Sender:
         """Feed the 5.4.8 tracker with what reached the socket; emit a report at most once a second."""
         if self.tracker is None:
             return
+        self.position = (pos, start + total)
         self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
         if self.trace is not None:
             self.tracker.set_trace(self.trace())

@@ -1,0 +1,82 @@
+"""SIGINT and SIGTERM during a one-shot send: stop within a second, say where, exit 3.
+
+The handler stops the running sender (its connection is aborted, its pacing sleeps end), so
+the round fails at once wherever the main thread is; what the receiver made durable stays,
+and the same command resumes from there. A watchdog bounds the rest: if the process has not
+ended ``GRACE`` seconds after the signal (a read stuck on a slow disk, a thread that does not
+notice), it says the same line and exits 3 anyway. A second signal does so at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from .errors import EXIT_TRANSFER
+from .summary import interrupted_line
+
+#: seconds from the signal to the forced exit when the orderly one has not happened by then
+GRACE = 0.8
+
+
+class OneShotStop:
+    """Install with :meth:`install`; the command sets :attr:`sender` once it made one."""
+
+    def __init__(self) -> None:
+        #: the running sender (transport.sender.Sender or FileSender): stop(), position
+        self.sender = None
+        self.hit = threading.Event()
+        self._said = threading.Lock()
+        self._done = False
+        self._cancelled = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.hit.is_set():  # a second signal: no more waiting
+            self._exit_now()
+        self.hit.set()
+        threading.Thread(target=self._watchdog, name="interrupt-watchdog", daemon=True).start()
+        sender = self.sender
+        if sender is not None:
+            sender.stop()
+        if sender is None or getattr(sender, "_chan", None) is None:
+            # not connected yet (a connect is not broken by stop()): unwind from wherever the
+            # main thread is; should something swallow this, the watchdog ends the process
+            raise KeyboardInterrupt
+
+    def position(self) -> tuple[int, int | None] | None:
+        return getattr(self.sender, "position", None)
+
+    def say(self) -> int:
+        """Print the interruption line once; the exit code to return (3)."""
+        # not a plain `with`: a second signal's handler runs on the main thread, maybe in here
+        if self._said.acquire(timeout=0.5):
+            try:
+                if not self._done:
+                    self._done = True
+                    print(interrupted_line(self.position()), file=sys.stderr, flush=True)
+            finally:
+                self._said.release()
+        return EXIT_TRANSFER
+
+    def cancel(self) -> None:
+        """The command ended on its own (the round completed as the signal came): no forced exit."""
+        self._cancelled = True
+
+    def _watchdog(self) -> None:
+        time.sleep(GRACE)
+        if not self._cancelled:
+            self._exit_now()
+
+    def _exit_now(self) -> None:
+        self.say()
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os._exit(EXIT_TRANSFER)
