@@ -76,7 +76,7 @@ def block_round_line(summary: dict) -> str:
         line += f", resumed at {human_bytes(summary['resumed_from'])}"
     if summary.get("cutover") is not None:
         line += ", the cutover"
-    if summary.get("reconcile"):
+    if (summary.get("reconcile") or "").startswith("reconciled"):  # not the first copy's "no local state"
         line += f"; {summary['reconcile']}"
     return line
 

@@ -19,7 +19,7 @@ def _run(*args, timeout=60) -> subprocess.CompletedProcess:
 
 
 def _receiver(*args) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(CLI + ["receive", *args], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(CLI + ["receive", "--create", *args], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     if "listening on" not in line:
         proc.kill()
@@ -40,7 +40,7 @@ def _stop(proc: subprocess.Popen) -> str:
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_is_accepted_before_and_after_the_subcommand(tmp_path, certkey_file, where):
     args = ["--listen", "127.0.0.1:0", "--certkey", certkey_file, "--target", f"d={tmp_path / 't.img'}",
-            "--state-dir", str(tmp_path / "rx")]
+            "--state-dir", str(tmp_path / "rx"), "--create"]
     proc = subprocess.Popen(CLI + (["-v", "receive", *args] if where == "before" else ["receive", *args, "-v"]),
                             stderr=subprocess.PIPE, text=True)
     try:

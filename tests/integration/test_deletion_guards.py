@@ -65,7 +65,7 @@ def state(tmp_path) -> dict:
 
 
 def files(addr, certkey, src, target, *extra, timeout=120):
-    return subprocess.run(CLI + ["send", "files", str(src), "--to", addr, "--target", target, "--certkey", certkey,
+    return subprocess.run(CLI + ["send", "files", "--json", str(src), "--to", addr, "--target", target, "--certkey", certkey,
                                  *extra], capture_output=True, text=True, timeout=timeout)
 
 
@@ -285,7 +285,7 @@ def test_continuous_rounds_are_guarded_too(tmp_path, rx, certkey_file):
 
 
 def blocks(addr, certkey, src, state_dir, *extra, target="img"):
-    return subprocess.run(CLI + ["send", "block", str(src), "--to", addr, "--target", target, "--certkey", certkey,
+    return subprocess.run(CLI + ["send", "block", "--json", str(src), "--to", addr, "--target", target, "--certkey", certkey,
                                  "--state-dir", str(state_dir), *extra], capture_output=True, text=True, timeout=120)
 
 

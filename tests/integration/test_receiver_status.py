@@ -135,7 +135,7 @@ def test_a_receiver_without_the_status_capability_is_named(tmp_path, bundle, cer
 
     monkeypatch.setattr(rxmod, "CAPABILITIES", tuple(c for c in F.CAPABILITIES if c != "status"))
     monkeypatch.setattr(rxmod._Session, "_status", lambda self: self._open_block_session(self.hello))
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"))
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     try:
         with pytest.raises(RefusedError) as exc:

@@ -444,6 +444,7 @@ class Receiver:
         try:
             session.run()
         finally:
+            conn.session = None  # conn and session refer to each other: only a full gc would free the buffers
             chan.close()
             body_pool().trim()
             release_free_memory()  # a session's buffers are gone: give the pages back between sessions
