@@ -78,20 +78,20 @@ def _check_interrupted(rc: int, seconds: float, stderr: str, what: str, total: s
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_block_copy_stops_at_once_exits_3_and_the_same_command_resumes(tmp_path, certkey_file, sig):
     source = tmp_path / "source.img"
-    write_image(str(source), 16 * MiB, seed=7, mix={"random": 1.0})
+    write_image(str(source), 32 * MiB, seed=7, mix={"random": 1.0})
     target = tmp_path / "target.img"
     rx = ReceiverProc(certkey_file, {"disk0": str(target)}, str(tmp_path / "rx"))
     limit = tmp_path / "limit.json"
     try:
         args = send_args(str(source), rx.address, certkey_file, str(tmp_path / "tx"), "disk0", "--level", "0",
-                         "--progress", "json", "--speed-limit", _limit(limit, 8))  # 16 MiB: 17 s
+                         "--progress", "json", "--speed-limit", _limit(limit, 32))  # 32 MiB: 8 s
         run = Run(args)
         assert wait_until(lambda: any(0 < r["replicatesize"] < r["totalsize"] for r in run.reports), 60), \
             run.proc.stderr.read() if run.proc.poll() is not None else "no progress"
         time.sleep(0.5)  # well inside the paced copy
         rc, seconds, stderr = run.interrupt(sig)
-        at = _check_interrupted(rc, seconds, stderr, f"block {sig.name}", "16.0 MiB")
-        assert at != "16.0 MiB"
+        at = _check_interrupted(rc, seconds, stderr, f"block {sig.name}", "32.0 MiB")
+        assert at != "32.0 MiB"
         assert sha256(str(source)) != sha256(str(target))  # it did stop mid-copy
         for line in run.stdout_lines:  # stdout: the 5.4.8 reports before the signal only
             assert set(json.loads(line)) >= {"subtask_name", "progress"}

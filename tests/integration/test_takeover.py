@@ -54,6 +54,7 @@ def test_a_busy_target_names_the_sender_that_holds_it(tmp_path, certkey_file):
     try:
         assert wait_until(lambda: state.exists() and json.loads(state.read_text())["checkpoint"] > 0, 60)
         other = send(src, rx.address, certkey_file, str(tmp_path / "bob"), "disk0")
+        limit.write_text(json.dumps({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 0}]}))  # finish now
         out, err = first.communicate(timeout=60)
     finally:
         if first.poll() is None:
