@@ -138,11 +138,8 @@ def plan_round(src: bytes, entries: Iterable[Entry], lookup, target_paths: Itera
 def _item(src: bytes, e: Entry, have: Entry | None, filt, checksum: bool, links: dict, target_digest, lookup,
           plan: Plan) -> Item | None:
     is_dir = e.kind == "dir"
-    if not e.path:  # the root: only its attributes (listed only by some receivers)
-        if have is None:
-            return None
-        code = _code(".", e, False, False, have.mtime_ns != e.mtime_ns, have)
-        return _attr_item(code, e, plan)
+    if not e.path:  # the root: listed only by the pure backend's receivers; one plan for both
+        return None
     if e.implied:  # on the way to an ONLY_SYNC path: made to exist, left alone otherwise
         if have is None or have.kind != "dir":
             plan.new += 1
