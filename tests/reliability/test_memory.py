@@ -131,6 +131,9 @@ def test_cut_sessions_leave_neither_memory_nor_descriptors_behind(tmp_path, cert
                 assert wait_until(lambda: _fds(pid) == idle_fds, 10), _fd_names(pid)
                 after_10 = _rss_mib(pid)
         assert wait_until(lambda: _fds(pid) == idle_fds, 10), (_fd_names(pid), idle_fds)
+        # on a loaded machine the last sessions' threads may still be letting go of their
+        # buffers when the descriptors are back: a leak stays, those go within seconds
+        wait_until(lambda: _rss_mib(pid) <= 1.2 * after_10 + 32, 10)
         after_all = _rss_mib(pid)
     finally:
         rx.stop()

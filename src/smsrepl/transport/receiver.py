@@ -732,6 +732,12 @@ class _Session:
             if error is not None:
                 error = _detached(error)
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds, self.written)
+        # the reason it was ended was raised in its loop: its traceback holds that loop's frame and
+        # so this session; the frames queue may hold it too. Let go of both, or only a full gc
+        # frees the session's buffers
+        if self._ended is not None:
+            _detached(self._ended)
+        self._frames = None
 
     def _ended_error(self) -> ReplicationError:
         """The reason the session was ended, with where a cut block round stands now that its
