@@ -125,11 +125,7 @@ def run_netcheck(address: tuple[str, int], context: ssl.SSLContext, *, seconds: 
         counters0 = _tcp_counters(chan.sock)
         sent_bytes, bulk_seconds = _bulk(chan, seconds, bulk, first_nonce=pings)
         counters1 = _tcp_counters(chan.sock)
-        chan.send(F.Close("netcheck done"))
-        try:
-            chan.recv()
-        except TransportError:
-            pass
+        chan.goodbye(F.Close("netcheck done"))
     finally:
         chan.close()
     loss = 0.0

@@ -121,6 +121,14 @@ class Channel:
         except OSError:
             pass
 
+    def goodbye(self, frame: Event) -> None:
+        """Send CLOSE and wait for the peer's, or for it to hang up: a question session's end."""
+        self.send(frame)
+        try:
+            self.recv()
+        except TransportError:
+            pass
+
     def close(self) -> None:
         # the callbacks are bound methods of the endpoint that owns this channel: dropping
         # them breaks that reference cycle, so the session's buffers (1 MiB and up) go now,

@@ -137,11 +137,7 @@ def fetch_status(address: tuple[str, int], context: ssl.SSLContext) -> dict:
             raise RefusedError(f"the receiver at {where} refused the status request: {report.message}")
         if not isinstance(report, F.Status):
             raise RemoteProtocolError(f"expected STATUS, got {type(report).__name__}")
-        chan.send(F.Close("status done"))
-        try:
-            chan.recv()
-        except TransportError:
-            pass
+        chan.goodbye(F.Close("status done"))
     finally:
         chan.close()
     return {"targets": report.targets, "sessions": report.sessions}
