@@ -309,9 +309,9 @@ def test_block_dry_run_reports_what_the_round_then_sends_and_writes_nothing(tmp_
     assert json.loads(real.stdout)["data_bytes"] == 3145728
     with open(src, "r+b") as fh:  # three changed blocks: two apart, one run of two
         fh.seek(8192)
-        fh.write(b"x")
+        fh.write(bytes([data[8192] ^ 0xFF]))  # a fixed byte equals the random one 1 time in 256
         fh.seek(3 << 20)
-        fh.write(b"y" * 5000)
+        fh.write(bytes(b ^ 0xFF for b in data[3 << 20:(3 << 20) + 5000]))
     before, rec, img_sum = snapshot(tmp_path / "rx-state"), state(tmp_path), hashlib.sha256(img.read_bytes()).digest()
     img_st = os.stat(img)
     cp = blocks(addr, certkey_file, src, sstate, "--dry-run")
