@@ -8,7 +8,7 @@ setup(
         Extension(
             "smsrepl._native._core",
             sources=[f"{NATIVE}/_coremodule.c", f"{NATIVE}/blockscan.c", f"{NATIVE}/delta.c", f"{NATIVE}/fstree.c",
-                     f"{NATIVE}/traceread.c", f"{NATIVE}/tracebinding.c", f"{NATIVE}/rangeread.c"],
+                     f"{NATIVE}/traceread.c", f"{NATIVE}/tracebinding.c", f"{NATIVE}/rangeread.c", f"{NATIVE}/filehash.c"],
             include_dirs=[NATIVE, f"{NATIVE}/vendor"],
             extra_compile_args=["-O3", "-std=c11", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             extra_link_args=["-pthread"],

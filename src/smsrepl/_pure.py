@@ -371,3 +371,47 @@ def write_ranges(fd: int, buf, offsets, lengths) -> int:
             done += os.pwrite(fd, src[pos + done:pos + n], off + done)
         pos += n
     return pos
+
+
+_HASH_BUF = 1 << 20
+
+
+def hash_files(dir_fd: int, names, out, budget: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """Twin of filehash.c: XXH3-128 of whole regular files relative to ``dir_fd`` into
+    ``out[16*i:16*i+16]`` until more than ``budget`` bytes were read (one file at least)."""
+    import errno as _errno
+    import os
+    import stat
+
+    view = memoryview(out).cast("B")
+    if len(view) < 16 * len(names):
+        raise ValueError(f"out too small: need {16 * len(names)} bytes, got {len(view)}")
+    buf = bytearray(_HASH_BUF)
+    total, errors, i = 0, [], 0
+    while i < len(names) and (i == 0 or total <= budget):
+        name = names[i]
+        if not isinstance(name, bytes) or b"\0" in name:
+            raise ValueError(f"names[{i}] must be bytes without NUL")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK,
+                         dir_fd=dir_fd)
+        except OSError as exc:
+            errors.append((i, _errno.EINVAL if exc.errno == _errno.ELOOP else exc.errno))
+            i += 1
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                errors.append((i, _errno.EISDIR if stat.S_ISDIR(mode) else _errno.EINVAL))
+            else:
+                h = xxhash.xxh3_128()
+                while n := os.readv(fd, [buf]):
+                    h.update(memoryview(buf)[:n])
+                    total += n
+                view[16 * i:16 * i + 16] = h.digest()
+        except OSError as exc:
+            errors.append((i, exc.errno))
+        finally:
+            os.close(fd)
+        i += 1
+    return i, total, errors

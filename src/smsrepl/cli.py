@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import signal
 import sys
@@ -76,6 +75,8 @@ def cmd_receive(args) -> int:
     from . import logsetup
 
     logsetup.configure(args.verbose, args.log_file, args.log_format)
+    import logging
+
     # SIGHUP (logrotate, systemctl reload) reopens the log file, if any; it never ends the receiver
     signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=logsetup.reopen).start())
     logging.getLogger("smsrepl.receiver.rounds").setLevel(logging.INFO)  # a line per round, stages included
@@ -125,7 +126,9 @@ def _shown_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _service_log() -> logging.Logger:
+def _service_log():
+    import logging
+
     """The receiver's start and stop lines in its --log-file (stderr has them already)."""
     log = logging.getLogger("smsrepl.receiver.service")
     log.setLevel(logging.INFO)
@@ -242,6 +245,8 @@ class _ScheduleWatcher:
             self.mtime = mtime
             try:
                 self.sender.replace_schedule(self.load())
+                import logging
+
                 logging.getLogger("smsrepl").info("speed limit reloaded from %s", self.path)
             except ReplicationError as exc:  # keep the old schedule, say why
                 self.note(f"ignoring changed speed limit: {exc}")
@@ -608,18 +613,22 @@ def _verify_block_remote(args) -> tuple[dict, bool]:
 
 
 def cmd_verify_files(args) -> int:
-    from .files.compare import compare_trees
+    from .files.compare import compare_trees, compare_with_listing
     from .files.rules import PathRules
 
+    progress = _CheckProgress(args.progress, "file", args.source)
     try:
         if bool(args.target_path) == bool(args.to):
             raise ConfigError("verify files: give TARGET_DIR, or --to HOST:PORT --target NAME --certkey FILE")
-        dirs = list(args.dir_check or [])
+        dirs: list = list(args.dir_check or [])
+        rules = None
         if args.config:
             rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}")
-            dirs += [p.text for p in rules.consistency_dirs]
+            if hasattr(rules, "anchored"):
+                rules = rules.anchored(args.source)
+            dirs += list(rules.consistency_dirs)
+        kw = {"rules": rules, "mode": args.compare, "on_progress": progress.update}
         if args.to:
-            from .files.compare import compare_with_listing
             from .transport.file_sender import FileSender
             from .transport.connect import parse_address
             from .transport.tls import client_context
@@ -628,19 +637,59 @@ def cmd_verify_files(args) -> int:
                 raise ConfigError("verify files --to needs --target NAME and --certkey FILE")
             sender = FileSender(args.source, args.target, parse_address(args.to),
                                 client_context(_certkey(args), _passphrase(args)))
-            result, checks = compare_with_listing(args.source, sender.describe_target(), dirs)
+            result, checks = compare_with_listing(args.source, sender.describe_target, dirs, **kw)
         else:
-            result, checks = compare_trees(args.source, args.target_path, dirs)
+            result, checks = compare_trees(args.source, args.target_path, dirs, **kw)
     except ReplicationError as exc:  # SPEC: 2 on error, whatever the error's transfer exit code
+        progress.close()
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
+    progress.close()
     if args.list:
         for check in checks:
             print(f"# {check.dir_check}", file=sys.stderr)
             for row in check.combined():
                 print(row, file=sys.stderr)
-    print(json.dumps(result))
+    # with --progress json, stdout carries 5.4.8 reports only: the result goes to stderr
+    print(json.dumps(result), file=sys.stderr if args.progress == "json" else sys.stdout)
     return 0 if result["check_result"] == "consistent" else 1
+
+
+class _CheckProgress:
+    """--progress of a check: bytes compared of bytes to compare, as 5.4.8 reports (json) or a
+    bar, at most one report every half second (and the last one)."""
+
+    EVERY = 0.5
+
+    def __init__(self, mode: str, kind: str, source: str) -> None:
+        self.mode, self.kind, self.source = mode, kind, source
+        self.out = _ProgressOutput(mode) if mode != "none" else None
+        self.tracker = None
+        self.last = 0.0
+        self._lock = threading.Lock()
+
+    def update(self, done: int, total: int) -> None:
+        if self.out is None:
+            return
+        import time
+
+        from .progress import HostSampler, ProgressTracker, subtask_for
+
+        with self._lock:
+            now = time.monotonic()
+            if self.tracker is None:
+                self.tracker = ProgressTracker(subtask_for(self.kind, first_copy=False), total,
+                                               host_sampler=HostSampler() if self.mode == "json" else None)
+                self.tracker.set_trace(f"consistency check of {self.source}"[:2048])
+            self.tracker.update(done, 0)
+            if done < total and now - self.last < self.EVERY:
+                return
+            self.last = now
+            self.out.report(self.tracker.finish() if done >= total else self.tracker.report())
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.close()
 
 
 def _max_delete(text: str) -> int:
@@ -890,10 +939,21 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
     vf.add_argument("--dir-check", action="append", metavar="PATH",
                     help="a directory to check, absolute from the tree's root (repeatable; default: all)")
-    vf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON: its CONSISTENCY_DIR entries")
+    vf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON, as given to send files: "
+                                                      "its CONSISTENCY_DIR entries pick the directories, and "
+                                                      "what its rules left out of the copy stays out of the check")
     vf.add_argument("--list", action="store_true",
-                    help="also list every path on stderr: '=' same, '*' different, '-' missing, '+' extra")
-    vf.set_defaults(func=cmd_verify_files)
+                    help="also list every path on stderr, as rclone check --combined: '=' same, '*' different, "
+                         "'+' only on the source (missing on the target), '-' only on the target, '!' unreadable; "
+                         "names escaped as ls -b does (\\\\, \\n, \\t, \\ooo)")
+    vf.add_argument("--compare", choices=["data", "metadata", "all"], default="data",
+                    help="data (default): kind, size and content (XXH3-128 of every file on both sides), "
+                         "symlink targets, device numbers, as rclone check; metadata: no data read, size, mtime, "
+                         "permissions, owner (as rsync's quick check); all: both")
+    vf.add_argument("--progress", choices=["bar", "json", "none"], default="none",
+                    help="json: one 5.4.8 report per line on stdout (the result then goes to stderr); "
+                         "bar: a progress bar on stderr")
+    vf.set_defaults(func=cmd_verify_files, quick=True)
 
     ag = sub.add_parser("agent", help="the reference agent loop against an API v3 control plane")
     ag.add_argument("--endpoint", required=True, type=https_url, metavar="URL", help="https://... of the control plane")
@@ -935,13 +995,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    pin_mmap_threshold()  # endpoints run for days: memory must track what is live (see memory.py)
+    quick = getattr(args, "quick", False)  # a check: done in a moment, nothing to tune for
+    if not quick:
+        pin_mmap_threshold()  # endpoints run for days: memory must track what is live (see memory.py)
     # what the imports made lives as long as the process: keep the collector from walking it
     # again and again (it took 5% of a sender's time in a round of small files)
     gc.freeze()
-    from .logsetup import configure as configure_logging
+    if args.verbose or not quick or "logging" in sys.modules:
+        from .logsetup import configure as configure_logging
 
-    configure_logging(args.verbose)
+        configure_logging(args.verbose)
     try:
         return args.func(args)
     except ReplicationError as exc:

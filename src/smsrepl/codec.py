@@ -10,8 +10,10 @@ or already-compressed data costs the receiver nothing to "decompress".
 """
 from __future__ import annotations
 
-from ._lazy import np
-import zstandard
+from ._lazy import _Lazy, np
+
+# imported on first use: a command that never compresses (verify, status) skips its import
+zstandard = _Lazy("zstandard")
 
 from .errors import CompressionError, DecompressionError
 

@@ -100,7 +100,7 @@ def run_demo(*, size_mib: int = 64, keep: bool = False) -> int:
         res = FileSender(tree, "tree", (host, port), ctx).run()
         _say(f"9. file tree: {res.stats.files_sent} files copied file by file ({res.summary()['wire_bytes']} "
              "bytes on the wire)")
-        check, _ = compare_with_listing(tree, FileSender(tree, "tree", (host, port), ctx).describe_target())
+        check, _ = compare_with_listing(tree, FileSender(tree, "tree", (host, port), ctx).describe_target)
         files_ok = all(c["num_different_files"] == c["num_target_miss_files"] == c["num_target_more_files"] == 0
                        for c in check["consistency_result"])
         _say(f"   verified against the receiver: {json.dumps(check['consistency_result'])}")

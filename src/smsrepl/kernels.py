@@ -17,6 +17,7 @@ Public API (identical results in both backends; sizes in bytes)::
     apply_delta(old, rows, block_size, data) -> bytes
     read_ranges(fd, buf, offsets, lengths, depth) -> int   # scattered reads, depth in flight (AIO)
     write_ranges(fd, buf, offsets, lengths) -> int         # scattered pwrites, one call
+    hash_files(dir_fd, names, out, budget) -> (done, bytes, [(index, errno)])  # XXH3-128 of whole files
 
 Change tracking (traceread.c, twin in blocks/tracepage.py)::
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-import platform
+import sys
 import struct
 
 from ._lazy import np
@@ -45,7 +46,7 @@ if _requested not in ("", "native", "pure"):
     raise ImportError(f"SMSREPL_BACKEND must be 'native' or 'pure', got {_requested!r}")
 
 if _requested == "pure" or (
-    _requested == "" and platform.python_implementation() != "CPython"
+    _requested == "" and sys.implementation.name != "cpython"
 ):
     from smsrepl import _pure as _impl
 
@@ -74,6 +75,7 @@ zero_map = _impl.zero_map
 file_signature = _impl.file_signature
 weak_checksum = _impl.weak_checksum
 read_ranges = _impl.read_ranges
+hash_files = _impl.hash_files
 write_ranges = _impl.write_ranges
 
 #: the file-tree kernels (fstree.c) exist natively only: where they are missing, file rounds

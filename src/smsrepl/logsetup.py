@@ -2,13 +2,17 @@
 one JSON object a line (``--log-format json``). Nothing else here."""
 from __future__ import annotations
 
-import datetime
 import json
 import logging
-import logging.handlers
 import sys
 
 from .errors import ConfigError
+
+
+def _utc(t: float):
+    import datetime  # on first use: most commands never log a JSON line
+
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
 
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 FORMATS = ("text", "json")
@@ -23,7 +27,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            "time": _utc(record.created)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
@@ -56,7 +60,9 @@ def configure(verbose: bool = False, log_file: str | None = None, log_format: st
     handler: logging.Handler | None = None
     if log_file:  # opened first: a file that cannot be opened changes nothing
         try:
-            handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+            from logging.handlers import WatchedFileHandler
+
+            handler = WatchedFileHandler(log_file, encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"--log-file {log_file!r} cannot be opened for appending: "
                               f"{exc.strerror or exc}") from None
@@ -80,13 +86,15 @@ def _ours() -> list[logging.Handler]:
 
 def reopen() -> None:
     """Close and reopen the log file (a SIGHUP after logrotate moved it); stderr is left alone."""
+    from logging.handlers import WatchedFileHandler
+
     for handler in _ours():
         if isinstance(handler, logging.FileHandler):
             handler.acquire()
             try:
                 handler.close()
                 handler.stream = handler._open()
-                if isinstance(handler, logging.handlers.WatchedFileHandler):
+                if isinstance(handler, WatchedFileHandler):
                     handler._statstream()  # what it watches is the new file
             except OSError:
                 pass  # keep logging nowhere rather than dying: the next reopen may succeed

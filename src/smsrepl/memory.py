@@ -14,7 +14,6 @@ each session). Elsewhere than glibc both are no-ops.
 """
 from __future__ import annotations
 
-import ctypes
 
 #: allocations of this size and more are mapped on their own and unmapped when freed
 MMAP_THRESHOLD = 1 << 20
@@ -26,6 +25,8 @@ _libc = None
 def _glibc():
     global _libc
     if _libc is None:
+        import ctypes  # on first use: a short command (verify) never pins anything
+
         try:
             # the process's own symbols: find_library() would run ldconfig (10-20 ms a start)
             libc = ctypes.CDLL(None)

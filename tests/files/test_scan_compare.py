@@ -185,10 +185,20 @@ def test_metadata_differences_count_and_dir_checks_limit_the_count(tmp_path):
     os.symlink("f2", dst / "etc" / "link")  # another target
     os.utime(dst / "var" / "lib" / "f0", ns=(0, 123456789))
     (dst / "home" / "f0").write_bytes(b"changed")  # outside the checked directories
-    body, checks = compare_trees(str(src), str(dst), ["/etc", "/var/*"])
-    assert [c["num_different_files"] for c in body["consistency_result"]] == [2, 1]
-    assert body["check_result"] == "inconsistent"
-    assert checks[0].combined() == ["= etc/f0", "* etc/f1", "= etc/f2", "* etc/link"]
+    body, checks = compare_trees(str(src), str(dst), ["/etc", "/var/*"])  # data: as rclone check
+    assert [c["num_different_files"] for c in body["consistency_result"]] == [1, 0]
+    assert checks[0].combined() == ["= etc/f0", "= etc/f1", "= etc/f2", "* etc/link"]
+    for mode in ("all", "metadata"):  # permissions and times count too
+        body, checks = compare_trees(str(src), str(dst), ["/etc", "/var/*"], mode=mode)
+        assert [c["num_different_files"] for c in body["consistency_result"]] == [2, 1], mode
+        assert body["check_result"] == "inconsistent"
+        assert checks[0].combined() == ["= etc/f0", "* etc/f1", "= etc/f2", "* etc/link"]
+    (dst / "etc" / "f2").write_bytes(b"DATA 2")  # same size, same mtime, other content
+    os.utime(dst / "etc" / "f2", ns=(0, os.stat(src / "etc" / "f2").st_mtime_ns))
+    got = {mode: compare_trees(str(src), str(dst), ["/etc"], mode=mode)[1][0].different
+           for mode in ("data", "metadata", "all")}
+    assert got == {"data": [b"etc/f2", b"etc/link"], "metadata": [b"etc/f1", b"etc/link"],
+                   "all": [b"etc/f1", b"etc/f2", b"etc/link"]}
 
 
 def test_cli_verify_files(tmp_path):
@@ -204,7 +214,7 @@ def test_cli_verify_files(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"configurations": [{"config_key": "CONSISTENCY_DIR", "config_value": "/"}]}))
     cp = run(str(src), str(dst), "--list")
-    assert cp.returncode == 1 and "+ new" in cp.stderr
+    assert cp.returncode == 1 and "- new" in cp.stderr  # rclone check --combined: '-' only in the destination
     assert json.loads(cp.stdout)["consistency_result"][0]["num_target_more_files"] == 1
     cfg.write_text(json.dumps({"configurations": [{"config_key": "CONSISTENCY_DIR", "config_value": "etc"}]}))
     cp = run(str(src), str(dst), "--config", str(cfg))

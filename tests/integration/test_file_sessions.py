@@ -277,12 +277,15 @@ def test_remote_verify_counts_equal_local_verify(tmp_path, rx, bundle, certkey_f
     os.chmod(dst / "sparse.img", 0o600)  # metadata
     os.unlink(dst / "rel-link")  # missing
     (dst / "extra").write_bytes(b"+")  # extra
-    listing = FileSender(s, "tree", (host, port), client_context(bundle)).describe_target()
-    remote, _ = compare_with_listing(s, listing, ["/", "/with space"])
-    local, _ = compare_trees(s, str(dst), ["/", "/with space"])
-    assert remote["consistency_result"] == local["consistency_result"]
-    entry = remote["consistency_result"][0]
-    assert (entry["num_different_files"], entry["num_target_miss_files"], entry["num_target_more_files"]) == (3, 1, 1)
+    describe = FileSender(s, "tree", (host, port), client_context(bundle)).describe_target
+    for mode, different in (("all", 3), ("data", 2)):  # the chmod counts with metadata only
+        remote, rchecks = compare_with_listing(s, describe, ["/", "/with space"], mode=mode)
+        local, lchecks = compare_trees(s, str(dst), ["/", "/with space"], mode=mode)
+        assert remote["consistency_result"] == local["consistency_result"]
+        assert [c.combined() for c in rchecks] == [c.combined() for c in lchecks]
+        entry = remote["consistency_result"][0]
+        assert (entry["num_different_files"], entry["num_target_miss_files"],
+                entry["num_target_more_files"]) == (different, 1, 1), mode
     cp = subprocess.run([sys.executable, "-m", "smsrepl", "verify", "files", s, "--to", f"{host}:{port}",
                          "--target", "tree", "--certkey", certkey_file], capture_output=True, text=True)
     assert cp.returncode == 1, cp.stderr

@@ -6,6 +6,7 @@
 
 #include "blockscan.h"
 #include "delta.h"
+#include "filehash.h"
 #include "fstree.h"
 #include "rangeread.h"
 #include "tracebinding.h"
@@ -295,7 +296,80 @@ done:
     return res;
 }
 
+/* hash_files(dir_fd, names, out, budget) -> (done, bytes, errors)
+ * XXH3-128 of the regular files `names` (bytes, relative to dir_fd) into out[16*i], in order,
+ * until more than `budget` bytes were read (at least one file per call): done is how many
+ * names were dealt with, errors [(index, errno)] those that could not be read (their
+ * digest is left as it was). */
+#define HASH_BUF (1u << 20)
+static PyObject *py_hash_files(PyObject *self, PyObject *args)
+{
+    int dir_fd;
+    PyObject *names_o;
+    Py_buffer out = {0};
+    unsigned long long budget;
+    if (!PyArg_ParseTuple(args, "iOw*K:hash_files", &dir_fd, &names_o, &out, &budget))
+        return NULL;
+    PyObject *seq = PySequence_Fast(names_o, "names must be a sequence of bytes"), *res = NULL, *errors = NULL;
+    const char **names = NULL;
+    int *errs = NULL;
+    uint8_t *buf = NULL;
+    if (!seq)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (check_out(&out, (size_t)n * 16, "out") < 0)
+        goto done;
+    names = malloc((n ? n : 1) * sizeof *names);
+    errs = calloc(n ? n : 1, sizeof *errs);
+    buf = malloc(HASH_BUF);
+    if (!names || !errs || !buf) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyBytes_Check(item) || (Py_ssize_t)strlen(PyBytes_AS_STRING(item)) != PyBytes_GET_SIZE(item)) {
+            PyErr_Format(PyExc_ValueError, "names[%zd] must be bytes without NUL", i);
+            goto done;
+        }
+        names[i] = PyBytes_AS_STRING(item); /* seq holds the objects: a tuple or our own list copy */
+    }
+    Py_ssize_t i = 0;
+    unsigned long long total = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; i < n && (i == 0 || total <= budget); i++) {
+        uint64_t size;
+        errs[i] = sms_hash_file_at(dir_fd, names[i], buf, HASH_BUF, (uint8_t *)out.buf + 16 * i, &size);
+        total += size;
+    }
+    Py_END_ALLOW_THREADS
+    errors = PyList_New(0);
+    if (!errors)
+        goto done;
+    for (Py_ssize_t k = 0; k < i; k++) {
+        if (errs[k]) {
+            PyObject *t = Py_BuildValue("(ni)", k, errs[k]);
+            if (!t || PyList_Append(errors, t) < 0) {
+                Py_XDECREF(t);
+                goto done;
+            }
+            Py_DECREF(t);
+        }
+    }
+    res = Py_BuildValue("(nKO)", i, total, errors);
+done:
+    Py_XDECREF(errors);
+    Py_XDECREF(seq);
+    free(names);
+    free(errs);
+    free(buf);
+    PyBuffer_Release(&out);
+    return res;
+}
+
 static PyMethodDef core_methods[] = {
+    {"hash_files", py_hash_files, METH_VARARGS,
+     "hash_files(dir_fd, names, out, budget) -> (done, bytes, errors): XXH3-128 of whole files (filehash.h)"},
     {"write_ranges", py_write_ranges, METH_VARARGS,
      "write_ranges(fd, buf, offsets, lengths) -> bytes written: scattered pwrites (rangeread.h)"},
     {"read_ranges", py_read_ranges, METH_VARARGS,

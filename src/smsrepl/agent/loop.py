@@ -534,13 +534,16 @@ class Agent:
         from ..transport.sender import Sender
 
         if self._file_task:
+            from ..consistency import for_upload
             from ..files.compare import compare_with_listing
             from ..transport.file_sender import FileSender
 
             sender = FileSender(self.tree, self.tree_target, self._address, self._ctx, rules=self._rules)
-            dirs = [p.text for p in self._rules.consistency_dirs] if self._rules else []
-            result, _ = compare_with_listing(self.tree, sender.describe_target(), dirs)
-            self.consistency = {"consistency_result": result["consistency_result"]}
+            dirs = list(self._rules.consistency_dirs) if self._rules else []
+            result, _ = compare_with_listing(self.tree, sender.describe_target, dirs, rules=self._rules)
+            for note in result.get("notes", []):
+                log.warning("consistency check: %s", note)
+            self.consistency = for_upload(result["consistency_result"])
             self.outbox.put("consistency", self.task_id, self.consistency)
             return
 

@@ -15,13 +15,11 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .. import kernels
 from ..errors import ConfigError
 from . import wire as W
-from .apply import TEMP_RE, TEMP_START, _unlink_quiet
 from .rules import RoundFilter
 from .scan import Entry, _raise, root_entry
 
@@ -98,7 +96,11 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
     threads = scan_threads() if threads is None else threads
     st = root_entry(top, xattrs=False)
     dev = st.dev if one_file_system else None
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="scan") if threads > 1 else None
+    pool = None
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor  # on first use: it imports logging
+
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="scan")
     # [rel, parts, future or None, recursive, asked for]: the first AHEAD have their scan started
     if start is None:
         todo: deque[list] = deque([[b"", (), None, True, False]])
@@ -188,6 +190,8 @@ def _scan_one(top: bytes, rel: bytes, xattrs: bool):
 def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirBatch:
     """``b`` without the temporaries a killed round left (apply.TEMP_RE), which are removed
     (unless not ``remove``: a dry run's listing leaves the target as it is)."""
+    from .apply import TEMP_RE, TEMP_START, _unlink_quiet  # on first use: a check never writes
+
     if TEMP_START not in b.records:  # a byte search rules out nearly every directory
         return b
     temps = [i for i, n in enumerate(b.names) if n.startswith(TEMP_START) and TEMP_RE.match(n)]

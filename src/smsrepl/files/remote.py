@@ -9,6 +9,7 @@ batched into FILE_OPS frames; the receiver applies them in order
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import os
 import stat
@@ -29,7 +30,7 @@ from .apply import TEMP_RE, FileSink, TreeWriter, remove_temporaries
 from .compare import content_digest
 from .dirscan import scan_dirs, without_temporaries
 from .rules import RoundFilter
-from .scan import Entry, walk
+from .scan import Entry, root_entry, walk
 
 #: operations are sent once this much is batched (before compression)
 BATCH = 4 << 20
@@ -83,6 +84,14 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     elif ordered:
         bodies = (without_temporaries(top, b, remove=not keep_temporaries).records
                   for b in scan_dirs(top, on_error=lambda p, exc: None))
+    elif kernels.TREE:  # with digests: a directory's files read per call (a check's listing)
+        from .compare import records_with_digests
+
+        root_rec = W.encode_entry(root_entry(top, xattrs=True))
+        batches = (without_temporaries(top, b, remove=not keep_temporaries)
+                   for b in scan_dirs(top, on_error=lambda p, exc: None))
+        bodies = itertools.chain([root_rec], (records_with_digests(top, b.rel, b.records, b.names, b.kinds, b.ends)
+                                              for b in batches))
     else:
         if not keep_temporaries:
             remove_temporaries(top)

@@ -25,9 +25,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
 
 from ..errors import ConfigError
+
+TYPE_CHECKING = False  # typing itself is not imported at run time (a check starts in a moment)
+if TYPE_CHECKING:
+    from typing import Any
 
 MIGRATE_EXCLUDE = ("EXCLUDE_MIGRATE_PATH", "MIGRATE_EXCLUDE_PATH", "MIGRATE_EXCLUDE_DIR")
 SYNC_EXCLUDE = ("SYNC_EXCLUDE_PATH", "SYNC_EXCLUDE_DIR")

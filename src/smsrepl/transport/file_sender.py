@@ -232,8 +232,8 @@ class FileSender:
             raise RemoteProtocolError(f"expected {' or '.join(w.__name__ for w in want)}, got {type(ev).__name__}")
         return ev
 
-    def describe_target(self) -> dict:
-        """The receiver's tree with content digests (path -> (entry, digest)), without a round:
+    def describe_target(self):
+        """The receiver's tree with content digests (a files.remote.Listing), without a round:
         what a remote consistency check compares against."""
         from ..files.remote import Listing
 
@@ -248,7 +248,7 @@ class FileSender:
                 self._recv(chan, F.Close)
             except ReplicationError:
                 pass
-            return listing.entries
+            return listing
         finally:
             chan.close()
 
