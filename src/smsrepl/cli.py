@@ -627,7 +627,7 @@ def cmd_verify_files(args) -> int:
             if hasattr(rules, "anchored"):
                 rules = rules.anchored(args.source)
             dirs += list(rules.consistency_dirs)
-        kw = {"rules": rules, "mode": args.compare, "on_progress": progress.update}
+        kw = {"rules": rules, "mode": args.compare, "on_progress": progress.update, "list_paths": args.list}
         if args.to:
             from .transport.file_sender import FileSender
             from .transport.connect import parse_address

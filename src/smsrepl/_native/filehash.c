@@ -39,8 +39,11 @@ int sms_hash_file_at(int dir_fd, const char *name, uint8_t *buf, size_t cap, uin
     XXH3_state_t state;
     int streaming = 0, err = 0;
     size_t have = 0;
-    for (;;) {
-        ssize_t n = read(fd, buf + have, cap - have);
+    /* up to the size fstat gave, as rsync's checksum does: no read() just to meet the end */
+    uint64_t left = (uint64_t)st.st_size;
+    while (left > 0) {
+        size_t want = cap - have < left ? cap - have : (size_t)left;
+        ssize_t n = read(fd, buf + have, want);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -51,6 +54,7 @@ int sms_hash_file_at(int dir_fd, const char *name, uint8_t *buf, size_t cap, uin
             break;
         have += (size_t)n;
         *size += (uint64_t)n;
+        left -= (uint64_t)n;
         if (have == cap) { /* a file larger than the buffer: hash as it streams */
             if (!streaming) {
                 XXH3_128bits_reset(&state);

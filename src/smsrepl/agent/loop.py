@@ -540,7 +540,8 @@ class Agent:
 
             sender = FileSender(self.tree, self.tree_target, self._address, self._ctx, rules=self._rules)
             dirs = list(self._rules.consistency_dirs) if self._rules else []
-            result, _ = compare_with_listing(self.tree, sender.describe_target, dirs, rules=self._rules)
+            result, _ = compare_with_listing(self.tree, sender.describe_target, dirs, rules=self._rules,
+                                             list_paths=False)
             for note in result.get("notes", []):
                 log.warning("consistency check: %s", note)
             self.consistency = for_upload(result["consistency_result"])

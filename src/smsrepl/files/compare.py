@@ -45,6 +45,7 @@ HASH_BUDGET = 32 << 20
 MODES = ("data", "metadata", "all")
 
 _HEAD = struct.Struct(">BIIIQqQIHHIB")  # files.wire's entry record header
+_SIZE = struct.Struct(">Q")  # a record's size, at offset 13
 FILE, DIR, SYMLINK = 1, 2, 3
 _KIND = {"file": 1, "dir": 2, "symlink": 3, "chardev": 4, "blockdev": 5, "fifo": 6, "socket": 7}
 
@@ -76,36 +77,77 @@ def check_filter(rules: PathRules | None) -> RoundFilter | None:
 
 # --- one side's listing -------------------------------------------------------------
 @dataclass
-class Side:
-    """A tree as the check sees it: path -> (kind, mode, uid, gid, size, mtime_ns, rdev, link)
-    of each non-directory entry, files grouped by directory for reading, digests once read."""
+class Dir:
+    """One directory's entries as wire records (files.wire), sorted by name: a DirBatch's,
+    or a receiver's (with digests), indexed only when a check has to look inside."""
 
-    meta: dict[bytes, tuple] = field(default_factory=dict)
-    files_in: dict[bytes, list[bytes]] = field(default_factory=dict)  # dir -> file names
-    digests: dict[bytes, bytes] = field(default_factory=dict)
+    records: bytes
+    names: list[bytes] | None = None
+    kinds: bytes | None = None
+    ends: list[int] | None = None
+    digests: dict[int, bytes] = field(default_factory=dict)  # record index -> content digest
+
+    def index(self) -> None:
+        if self.names is not None:
+            return
+        names, kinds, ends, pos, rec = [], bytearray(), [], 0, self.records
+        while pos < len(rec):
+            kind, _, _, _, _, _, _, _, plen, llen, xlen, has = _HEAD.unpack_from(rec, pos)
+            path = rec[pos + 50:pos + 50 + plen]
+            names.append(path.rpartition(b"/")[2])
+            kinds.append(kind)
+            pos += 50 + plen + llen + xlen + (16 if has else 0)
+            ends.append(pos)
+        self.names, self.kinds, self.ends = names, bytes(kinds), ends
+
+    def files(self) -> list[int]:
+        self.index()
+        return [i for i, k in enumerate(self.kinds) if k == FILE]
+
+    def count(self) -> int:
+        """Non-directory entries."""
+        self.index()
+        return len(self.kinds) - self.kinds.count(DIR)
+
+    def entries(self) -> dict[bytes, tuple[tuple, bytes | None]]:
+        """name -> ((kind, mode, uid, gid, size, mtime_ns, rdev, link), digest) of each
+        non-directory entry; the digest listed in the record, else the one read here."""
+        out, pos, rec, i = {}, 0, self.records, 0
+        while pos < len(rec):
+            kind, mode, uid, gid, size, mtime, rdev, _, plen, llen, xlen, has = _HEAD.unpack_from(rec, pos)
+            p = pos + 50
+            pos = p + plen + llen + xlen + (16 if has else 0)
+            if kind != DIR:
+                link = rec[p + plen:p + plen + llen] if llen else None
+                digest = rec[pos - 16:pos] if has else self.digests.get(i)
+                out[rec[p:p + plen].rpartition(b"/")[2]] = ((kind, mode, uid, gid, size, mtime, rdev, link), digest)
+            i += 1
+        return out
+
+    def with_digests(self) -> bytes:
+        """The records with the digests read here in them, as a receiver lists them."""
+        if not self.digests:
+            return self.records
+        parts, start = [], 0
+        for i, end in enumerate(self.ends or ()):
+            d = self.digests.get(i)
+            if d is None:
+                parts.append(self.records[start:end])
+            else:
+                parts += [self.records[start:start + 49], b"\x01", self.records[start + 50:end], d]
+            start = end
+        return b"".join(parts)
+
+
+@dataclass
+class Side:
+    dirs: dict[bytes, Dir] = field(default_factory=dict)  # relative path -> its entries
     errors: dict[bytes, str] = field(default_factory=dict)  # path -> why it could not be read
 
-    def add_records(self, records: bytes, rel: bytes | None = None) -> None:
-        """Entries from wire records (a DirBatch's, or a receiver's listing with digests)."""
-        pos, end = 0, len(records)
-        meta, digests = self.meta, self.digests
-        while pos < end:
-            kind, mode, uid, gid, size, mtime, rdev, _, plen, llen, xlen, has = _HEAD.unpack_from(records, pos)
-            p = pos + 50
-            path = records[p:p + plen]
-            link = records[p + plen:p + plen + llen] if llen else None
-            pos = p + plen + llen + xlen + (16 if has else 0)
-            if kind == DIR or not path:
-                continue
-            meta[path] = (kind, mode, uid, gid, size, mtime, rdev, link)
-            if has:
-                digests[path] = records[pos - 16:pos]
-            if kind == FILE:
-                parent, _, name = path.rpartition(b"/")
-                self.files_in.setdefault(parent, []).append(name)
 
-
-def list_local(root: bytes, filt: RoundFilter | None) -> Side:
+def list_local(root: bytes, filt: RoundFilter | None, *, xattrs: bool = False) -> Side:
+    """Every directory the walk enters, a Dir each (ONLY_SYNC's ancestors among the entries,
+    as directories, which no count includes)."""
     side = Side()
 
     def failed(path: bytes, exc: OSError) -> None:
@@ -114,27 +156,35 @@ def list_local(root: bytes, filt: RoundFilter | None) -> Side:
     if kernels.TREE:
         from .dirscan import scan_dirs
 
-        for batch in scan_dirs(root, filt, on_error=failed, xattrs=False, threads=1):  # a thread a side
-            side.add_records(batch.records)  # directories (ONLY_SYNC's ancestors among them) not kept
+        for b in scan_dirs(root, filt, on_error=failed, xattrs=xattrs, threads=1):  # a thread a side
+            side.dirs[b.rel] = Dir(b.records, b.names, b.kinds, b.ends)
         return side
-    for e in walk(root, filt, on_error=failed):
-        if e.kind == "dir" or not e.path:
-            continue
-        kind = _KIND.get(e.kind, 0)
-        side.meta[e.path] = (kind, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev, e.link)
-        if kind == FILE:
-            parent, _, name = e.path.rpartition(b"/")
-            side.files_in.setdefault(parent, []).append(name)
+    from . import wire as W
+
+    groups: dict[bytes, list] = {}
+    for e in walk(root, filt, on_error=failed, xattrs=xattrs, implied=True):
+        if e.kind == "dir":
+            groups.setdefault(e.path, [])
+        if e.path:
+            groups.setdefault(e.path.rpartition(b"/")[0], []).append(e)
+    for rel, entries in groups.items():
+        recs = [W.encode_entry(e) for e in entries]
+        ends, pos = [], 0
+        for r in recs:
+            pos += len(r)
+            ends.append(pos)
+        side.dirs[rel] = Dir(b"".join(recs), [e.path.rpartition(b"/")[2] for e in entries],
+                             bytes(_KIND.get(e.kind, 0) for e in entries), ends)
     return side
 
 
 def list_remote(listing) -> Side:
     """A receiver's listing (files.remote.Listing, with digests) as a Side."""
-    side = Side()
     listing.wait(whole=True)
+    side = Side()
     for rel, parts in listing.groups.items():
-        for body in parts:
-            side.add_records(body)
+        if rel is not None:  # None: the root's own record
+            side.dirs[rel] = Dir(b"".join(parts))
     return side
 
 
@@ -154,48 +204,57 @@ class Meter:
             self._report(self.done, self.total)
 
 
-def hash_side(root: bytes, side: Side, want: dict[bytes, list[bytes]], meter: Meter) -> None:
-    """Digests of the files ``want`` names (dir -> names) into ``side.digests``; the ones
-    that cannot be read go to ``side.errors``."""
-    for rel, names in want.items():
+def _size(d: Dir, i: int) -> int:
+    return _SIZE.unpack_from(d.records, d.ends[i - 1] + 13 if i else 13)[0]
+
+
+def hash_side(root: bytes, side: Side, want: dict[bytes, list[int]], meter: Meter) -> None:
+    """Digests of the files ``want`` names (directory -> record indices) into each Dir's
+    ``digests``; the ones that cannot be read go to ``side.errors``."""
+    for rel, idx in want.items():
+        d = side.dirs[rel]
         base = root + b"/" + rel if rel else root
         try:
             dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            for n in names:
-                side.errors[rel + b"/" + n if rel else n] = exc.strerror or str(exc)
+            for i in idx:
+                side.errors[_join(rel, d.names[i])] = exc.strerror or str(exc)
             continue
         try:
-            small = [n for n in names if side.meta[rel + b"/" + n if rel else n][4] < LARGE]
-            for n in names:
-                if side.meta[rel + b"/" + n if rel else n][4] >= LARGE:
-                    _hash_large(dfd, rel, n, side, meter)
+            small = []
+            for i in idx:
+                if _size(d, i) >= LARGE:
+                    _hash_large(dfd, rel, d, i, side, meter)
+                else:
+                    small.append(i)
+            names = [d.names[i] for i in small]
             out = bytearray(16 * len(small))
             start = 0
             while start < len(small):
-                chunk = small[start:]
-                done, nbytes, errs = kernels.hash_files(dfd, chunk, memoryview(out)[16 * start:], HASH_BUDGET)
-                bad = {i for i, _ in errs}
-                for i, err in errs:
-                    path = rel + b"/" + chunk[i] if rel else chunk[i]
-                    side.errors[path] = "not a regular file now" if err in (errno.EINVAL, errno.EISDIR) \
-                        else os.strerror(err)
-                for i in range(done):
-                    if i not in bad:
-                        path = rel + b"/" + chunk[i] if rel else chunk[i]
-                        side.digests[path] = bytes(out[16 * (start + i):16 * (start + i + 1)])
+                done, nbytes, errs = kernels.hash_files(dfd, names[start:], memoryview(out)[16 * start:], HASH_BUDGET)
+                bad = {start + k for k, _ in errs}
+                for k, err in errs:
+                    side.errors[_join(rel, names[start + k])] = "not a regular file now" \
+                        if err in (errno.EINVAL, errno.EISDIR) else os.strerror(err)
+                for k in range(start, start + done):
+                    if k not in bad:
+                        d.digests[small[k]] = bytes(out[16 * k:16 * k + 16])
                 meter.add(nbytes)
                 start += done
         finally:
             os.close(dfd)
 
 
-def _hash_large(dfd: int, rel: bytes, name: bytes, side: Side, meter: Meter) -> None:
-    path = rel + b"/" + name if rel else name
+def _join(rel: bytes, name: bytes) -> bytes:
+    return rel + b"/" + name if rel else name
+
+
+def _hash_large(dfd: int, rel: bytes, d: Dir, i: int, side: Side, meter: Meter) -> None:
+    name = d.names[i]
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
     except OSError as exc:
-        side.errors[path] = exc.strerror or str(exc)
+        side.errors[_join(rel, name)] = exc.strerror or str(exc)
         return
     buf = bytearray(READ_STEP)
     view = memoryview(buf)
@@ -204,9 +263,9 @@ def _hash_large(dfd: int, rel: bytes, name: bytes, side: Side, meter: Meter) -> 
         while n := os.readv(fd, [buf]):
             h.update(view[:n])
             meter.add(n)
-        side.digests[path] = h.digest()
+        d.digests[i] = h.digest()
     except OSError as exc:
-        side.errors[path] = exc.strerror or str(exc)
+        side.errors[_join(rel, name)] = exc.strerror or str(exc)
     finally:
         os.close(fd)
 
@@ -277,6 +336,7 @@ class DirCheck:
     extra: list[bytes] = field(default_factory=list)  # on the target only
     same: list[bytes] = field(default_factory=list)
     errors: list[bytes] = field(default_factory=list)  # unreadable: counted as different too
+    same_count: int = 0  # alike and not in ``same`` (a check run without list_paths)
 
     def entry(self) -> dict:
         from ..consistency import entry
@@ -340,22 +400,15 @@ def _scan_filter(filt: RoundFilter | None, pats: list[tuple[str, Pattern | None]
     return filt if filt.only else RoundFilter(filt.exclude, narrow)
 
 
-class Covered:
-    """Whether a checked directory's pattern covers a path, with the answer for each parent
-    directory kept (a pattern that covers a directory covers all below it)."""
-
-    def __init__(self, pat: Pattern | None) -> None:
-        self.pat = pat
-        self._dirs: dict[bytes, bool] = {}
-
-    def __call__(self, path: bytes) -> bool:
-        if self.pat is None:
-            return True
-        parent = path.rpartition(b"/")[0]
-        got = self._dirs.get(parent)
-        if got is None:
-            got = self._dirs[parent] = bool(parent) and self.pat.covers(tuple(parent.split(b"/")))
-        return got or self.pat.covers(tuple(path.split(b"/")))
+def _coverage(pat: Pattern | None, rel: bytes) -> str:
+    """How a checked directory's pattern meets the entries of directory ``rel``: "all" of
+    them, "some" (decide entry by entry) or "none"."""
+    if pat is None:
+        return "all"
+    parts = tuple(rel.split(b"/")) if rel else ()
+    if parts and pat.covers(parts):
+        return "all"
+    return "some" if pat.may_be_below(parts) else "none"
 
 
 def _key(m: tuple, mode: str) -> tuple:
@@ -366,89 +419,164 @@ def _key(m: tuple, mode: str) -> tuple:
             rdev if kind in (4, 5) else 0, link)
 
 
-def run_check(source: str, target: str | None, dirs: Iterable[str] = (), *, rules: PathRules | None = None,
-              mode: str = "data", on_progress: Callable[[int, int], None] | None = None,
-              target_lister: Callable[[], Side] | None = None) -> tuple[dict, list[DirCheck]]:
+class _Verdicts:
+    """One directory's outcome: all its entries alike (``alike``, counted, not listed one by
+    one unless asked), or per name: "=", "*", "!", "+" (source only), "-" (target only)."""
+
+    __slots__ = ("alike", "names", "marks")
+
+    def __init__(self) -> None:
+        self.alike: list[bytes] | int = 0
+        self.names: list[bytes] = []
+        self.marks: list[str] = []
+
+
+def _entry_verdicts(rel: bytes, ea: dict, eb: dict, mode: str, errors: set[bytes]) -> _Verdicts:
+    v = _Verdicts()
+    for name, (m, da) in ea.items():
+        got = eb.get(name)
+        if got is None:
+            mark = "+"
+        elif _key(m, mode) != _key(got[0], mode):
+            mark = "*"
+        elif mode != "metadata" and m[0] == FILE:
+            path = _join(rel, name)
+            mark = "!" if path in errors or da is None or got[1] is None else "=" if da == got[1] else "*"
+        else:
+            mark = "="
+        v.names.append(name)
+        v.marks.append(mark)
+    for name in eb:
+        if name not in ea:
+            v.names.append(name)
+            v.marks.append("-")
+    return v
+
+
+def _needs_filter(filt: RoundFilter | None, rel: bytes) -> bool:
+    """Whether some entries of directory ``rel`` may be left out by ``filt`` (so a receiver's
+    listing of it, made without the rules, must be filtered entry by entry)."""
+    if filt is None:
+        return False
+    parts = tuple(rel.split(b"/")) if rel else ()
+    if any(p.may_be_below(parts) for p in filt.exclude):
+        return True
+    return bool(filt.only) and not (parts and any(p.covers(parts) for p in filt.only))
+
+
+def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (), *,
+              rules: PathRules | None = None, mode: str = "data",
+              on_progress: Callable[[int, int], None] | None = None,
+              target_lister: Callable[[], Side] | None = None,
+              list_paths: bool = True) -> tuple[dict, list[DirCheck]]:
     """The engine: ``target`` is a directory on this host, or None with ``target_lister``
-    (a receiver's listing, fetched while the source is listed). Returns the 5.4.13 body
-    and the per-directory details."""
+    (a receiver's listing, fetched while the source is listed and read). Returns the 5.4.13
+    body and the per-directory details (every path listed only with ``list_paths``)."""
     if mode not in MODES:
         raise ValueError(f"compare mode must be one of {', '.join(MODES)}, not {mode!r}")
     src = os.fsencode(source)
     pats = _dir_patterns(dirs)
-    filt = check_filter(rules)
-    scan = _scan_filter(filt, pats)
-    dst = os.fsencode(target) if isinstance(target, str) else None
+    scan = _scan_filter(check_filter(rules), pats)
     remote = target_lister is not None
+    dst = None if remote else os.fsencode(target)
     other = Background(target_lister) if remote else Background(list_local, dst, scan)
-    a = list_local(src, scan)
+    # a receiver lists with xattrs: ours the same way, so that alike directories are alike bytes
+    a = list_local(src, scan, xattrs=remote)
     meter = Meter(0, on_progress)
-    if remote and mode != "metadata":
-        # the receiver reads all its files meanwhile: read all of ours too, not after its listing
-        meter.total = sum(a.meta[p][4] for p in _paths(a.files_in))
-        hash_side(src, a, a.files_in, meter)
+    content = mode != "metadata"
+    if remote and content:  # the receiver reads all its files meanwhile: read all of ours now
+        want = {rel: d.files() for rel, d in a.dirs.items()}
+        meter.total = sum(_size(a.dirs[rel], i) for rel, idx in want.items() for i in idx)
+        hash_side(src, a, want, meter)
     b = other.result()
     if remote and scan is not None:
-        b.meta = {p: m for p, m in b.meta.items() if scan.includes(tuple(p.split(b"/"))) and _walked_to(scan, p)}
-    # step 2: read only what could be alike
-    same_meta: list[bytes] = []
-    different: set[bytes] = set()
-    for path, m in a.meta.items():
-        o = b.meta.get(path)
-        if o is None:
-            continue
-        if _key(m, mode) != _key(o, mode):
-            different.add(path)
-        else:
-            same_meta.append(path)
-    read = [p for p in same_meta if a.meta[p][0] == FILE] if mode != "metadata" else []
+        from .dirscan import walked
+
+        b.dirs = {rel: d for rel, d in b.dirs.items() if not rel or walked(scan, tuple(rel.split(b"/")))}
+    fast: set[bytes] = set()
     if not remote:
-        want: dict[bytes, list[bytes]] = {}
-        for p in read:
-            parent, _, name = p.rpartition(b"/")
-            want.setdefault(parent, []).append(name)
-        meter.total = sum(a.meta[p][4] for p in read) * 2
-        other = Background(hash_side, dst, b, want, meter)
-        hash_side(src, a, want, meter)
-        other.result()
-    errors = set(a.errors) | set(b.errors)
-    for p in read:
-        if p in errors or a.digests.get(p) != b.digests.get(p):
-            different.add(p)
-    checks = []
-    for text, pat in pats:
-        covered = Covered(pat)
-        check = DirCheck(text)
-        for path in sorted(a.meta):
-            if not covered(path):
+        # alike listings need only their content compared; others entry by entry
+        want_a: dict[bytes, list[int]] = {}
+        want_b: dict[bytes, list[int]] = {}
+        for rel, da in a.dirs.items():
+            db = b.dirs.get(rel)
+            if db is None:
                 continue
-            check.total += 1
-            if path not in b.meta:
-                check.missing.append(path)
-            elif path in different:
-                check.different.append(path)
-                if path in errors:
-                    check.errors.append(path)
-            else:
-                check.same.append(path)
-        check.extra = sorted(p for p in b.meta if p not in a.meta and covered(p))
-        checks.append(check)
+            if da.records == db.records:
+                fast.add(rel)
+                if content:
+                    want_a[rel] = want_b[rel] = da.files()
+            elif content:
+                ea, eb = da.entries(), db.entries()
+                pairs = [(n, m) for n, (m, _) in ea.items() if m[0] == FILE and n in eb
+                         and _key(m, mode) == _key(eb[n][0], mode)]
+                if pairs:
+                    da.index()
+                    db.index()
+                    ia = {n: i for i, n in enumerate(da.names)}
+                    ib = {n: i for i, n in enumerate(db.names)}
+                    want_a[rel] = [ia[n] for n, _ in pairs]
+                    want_b[rel] = [ib[n] for n, _ in pairs]
+        meter.total = sum(_size(a.dirs[rel], i) for rel, idx in want_a.items() for i in idx) * 2
+        hashing = Background(hash_side, dst, b, want_b, meter)
+        hash_side(src, a, want_a, meter)
+        hashing.result()
+    errors = set(a.errors) | set(b.errors)
+    verdicts: dict[bytes, _Verdicts] = {}
+    for rel in a.dirs.keys() | b.dirs.keys():
+        da, db = a.dirs.get(rel), b.dirs.get(rel)
+        v = None
+        if da is not None and db is not None:
+            if rel in fast and (not content or da.digests == db.digests):
+                v = _Verdicts()
+            elif remote and da.with_digests() == db.records:
+                v = _Verdicts()
+            if v is not None:
+                da.index()
+                v.alike = [n for n, k in zip(da.names, da.kinds) if k != DIR] if list_paths else da.count()
+        if v is None:
+            ea = da.entries() if da is not None else {}
+            eb = db.entries() if db is not None else {}
+            if remote and eb and _needs_filter(scan, rel):
+                parts = tuple(rel.split(b"/")) if rel else ()
+                eb = {n: e for n, e in eb.items() if scan.includes(parts + (n,))}
+            v = _entry_verdicts(rel, ea, eb, mode, errors)
+        verdicts[rel] = v
+    checks = [_count(text, pat, verdicts, list_paths) for text, pat in pats]
     from ..consistency import result_body
 
-    notes = [f"could not read {escape_name(p)}: {(a.errors.get(p) or b.errors.get(p))}" for p in sorted(errors)][:20]
+    notes = [f"could not read {escape_name(p)}: {a.errors.get(p) or b.errors.get(p)}" for p in sorted(errors)][:20]
     return result_body([c.entry() for c in checks], notes=notes), checks
 
 
-def _paths(files_in: dict[bytes, list[bytes]]):
-    for rel, names in files_in.items():
-        for n in names:
-            yield rel + b"/" + n if rel else n
-
-
-def _walked_to(filt: RoundFilter, path: bytes) -> bool:
-    """The local walk would have reached ``path``: none of its ancestors is pruned."""
-    parts = path.split(b"/")
-    return all(filt.includes(parts[:n]) or filt.descend(parts[:n]) for n in range(1, len(parts)))
+def _count(text: str, pat: Pattern | None, verdicts: dict[bytes, _Verdicts], list_paths: bool) -> DirCheck:
+    check = DirCheck(text)
+    lists = {"=": check.same, "*": check.different, "!": check.different, "+": check.missing, "-": check.extra}
+    for rel, v in verdicts.items():
+        cover = _coverage(pat, rel)
+        if cover == "none":
+            continue
+        parts = tuple(rel.split(b"/")) if rel else ()
+        if isinstance(v.alike, int) and cover == "all":
+            check.total += v.alike
+            check.same_count += v.alike
+        elif v.alike:
+            for name in v.alike:
+                if cover == "all" or pat.covers(parts + (name,)):
+                    check.total += 1
+                    check.same.append(_join(rel, name))
+        for name, mark in zip(v.names, v.marks):
+            if cover == "some" and not pat.covers(parts + (name,)):
+                continue
+            path = _join(rel, name)
+            lists[mark].append(path)
+            if mark == "!":
+                check.errors.append(path)
+            if mark != "-":
+                check.total += 1
+    for ls in (check.same, check.different, check.missing, check.extra, check.errors):
+        ls.sort()
+    return check
 
 
 def compare_trees(source: str, target: str, dirs: Iterable[str] = (), **kw) -> tuple[dict, list[DirCheck]]:
