@@ -331,7 +331,7 @@ def cmd_send_files(args, stop=None) -> int:
         from .files.rules import unmatched_note
 
         for key, rule in result.stats.unmatched_rules:
-            print(f"note: {unmatched_note(key, rule, args.source)}", file=sys.stderr)
+            print(f"note: {unmatched_note(key, rule, os.path.abspath(args.source))}", file=sys.stderr)
 
     watcher.watch()
     try:

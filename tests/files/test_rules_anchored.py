@@ -55,6 +55,9 @@ def test_globs_in_the_leading_components_match_src_dirs_own_components(srv, tmp_
     assert [x.parts for x in a.sync_exclude] == [(b"cache",), (b"data", b"*", b"t1"),
                                                  p(f"{parent}/x*/etc")]
     assert a.only_sync[0].parts == (b"**", b"db")
+    deep = "/" + "/".join(["**"] * len(p(str(srv)))) + "/cache"  # as long as SRC_DIR's path, all **
+    assert PathRules.from_configurations(body(("EXCLUDE_MIGRATE_PATH", deep))).anchored(str(srv)).migrate_exclude[
+        0].parts == p(deep)
     f = a.for_round("sync")
     assert not f.includes(p("cache/tmp")) and not f.includes(p("data/db/t1"))
     assert f.includes(p("data/db")) and f.includes(p("data/db/t2"))
