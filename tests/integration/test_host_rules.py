@@ -81,6 +81,9 @@ def test_a_typo_in_a_migration_exclude_is_listed_and_copies_as_before(tmp_path, 
         summary = json.loads(cp.stdout)
         assert summary["kind"] == "sync" and summary["unmatched_rules"] == [
             {"key": "EXCLUDE_MIGRATE_PATH", "rule": f"{srv}/cach"}, {"key": "EXCLUDE_MIGRATE_PATH", "rule": "/data/t9"}]
+    cp = send_files(srv, rx, certkey_file, conf, "--dry-run")  # says so too, changing nothing
+    assert cp.returncode == 0 and cp.stderr.count("matched nothing under") == 2, cp.stderr
+    assert f"note: EXCLUDE_MIGRATE_PATH '{srv}/cach' matched nothing under {srv}\n" in cp.stderr
 
 
 def test_an_exclude_naming_src_dir_itself_is_refused_before_anything_is_sent(tmp_path, rx, certkey_file, srv):

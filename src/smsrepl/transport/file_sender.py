@@ -372,7 +372,7 @@ class FileSender:
         """What a round would change (files.plan), found as the round finds it, changing nothing:
         the receiver lists its tree for a session that begins no round (HELLO lists DRY_RUN:
         it creates and removes nothing either)."""
-        from ..files.local import walk_round
+        from ..files.local import round_filter, walk_round
         from ..files.plan import plan_round
         from ..files.remote import Listing
 
@@ -398,9 +398,15 @@ class FileSender:
             got = entries.get(path)
             return got[0] if got else None
 
-        return plan_round(os.fsencode(self.source), walk_round(self.source, self.rules, kind), lookup, entries,
-                          filt, kind, welcome.round_id + 1, checksum=self.checksum,
+        walk_filter = round_filter(self.source, self.rules, kind)
+        plan = plan_round(os.fsencode(self.source), walk_round(self.source, self.rules, kind, filt=walk_filter),
+                          lookup, entries, filt, kind, welcome.round_id + 1, checksum=self.checksum,
                           target_digest=lambda path: entries[path][1])
+        if walk_filter is not None:
+            from ..files.rules import unmatched_note
+
+            plan.reported += [unmatched_note(key, rule, self.source) for key, rule in walk_filter.unmatched()]
+        return plan
 
     def _journal_changes(self, welcome: F.Welcome, kind: str) -> Changes | None:
         """The journal's changes since the last round (taken now: the round's boundary), or
