@@ -243,32 +243,46 @@ class RoundFilter:
     only: tuple[Pattern, ...]  # empty: everything not excluded
     #: indexes into exclude + only of the patterns that covered an entry asked about
     _hits: set = field(default_factory=set, init=False, compare=False, repr=False)
+    #: (index, pattern) of the exclude and of the only patterns not in _hits yet: all that is
+    #: tried again after one pattern covered an entry (the first that covers decides)
+    _unhit: list = field(default_factory=list, init=False, compare=False, repr=False)
 
-    def _covered(self, patterns: tuple[Pattern, ...], base: int, path: tuple) -> bool:
-        """Some pattern covers ``path``; each one that does is noted (once it is, it is no
-        longer tried after another one matched)."""
-        hits, found = self._hits, False
-        for i, p in enumerate(patterns, base):
-            if found and i in hits:
-                continue
-            if p.covers(path):
-                hits.add(i)
-                found = True
-        return found
+    def __post_init__(self) -> None:
+        self._unhit[:] = [list(enumerate(self.exclude)), list(enumerate(self.only, len(self.exclude)))]
+
+    def _note(self, which: int, test) -> None:
+        """Note the patterns of list ``which`` (0: exclude, 1: only) not noted yet that pass ``test``."""
+        left = []
+        for i, p in self._unhit[which]:
+            if test(p):
+                self._hits.add(i)
+            else:
+                left.append((i, p))
+        self._unhit[which] = left
 
     def includes(self, path: Sequence[bytes]) -> bool:
         """The entry at ``path`` (components from the tree's root) takes part in the round."""
-        if self._covered(self.exclude, 0, path):
-            return False
-        return not self.only or self._covered(self.only, len(self.exclude), path)
+        for p in self.exclude:
+            if p.covers(path):
+                if self._unhit[0]:
+                    self._note(0, lambda q: q.covers(path))
+                return False
+        if not self.only:
+            return True
+        for p in self.only:
+            if p.covers(path):
+                if self._unhit[1]:
+                    self._note(1, lambda q: q.covers(path))
+                return True
+        return False
 
     def descend(self, path: Sequence[bytes]) -> bool:
         """Directory ``path`` must be walked: it or something below it may take part."""
-        if self._covered(self.exclude, 0, path):
-            for i, p in enumerate(self.exclude):  # never looked at: moot, not unmatched
-                if i not in self._hits and p.may_be_below(path):
-                    self._hits.add(i)
-            return False
+        for p in self.exclude:
+            if p.covers(path):
+                if self._unhit[0]:  # what is below it is never looked at: moot, not unmatched
+                    self._note(0, lambda q: q.covers(path) or q.may_be_below(path))
+                return False
         return not self.only or any(p.covers(path) or p.may_be_below(path) for p in self.only)
 
     def unmatched(self) -> list[tuple[str, str]]:
