@@ -199,8 +199,9 @@ def walk_round(source: str | bytes, rules: PathRules | None, kind: str, on_error
                filt: RoundFilter | None = None):
     """The source entries one round of ``kind`` deals with, in order; ``filt``: the round's
     filter (round_filter()'s), when the caller wants to know which rules matched."""
-    return walk(os.fsencode(source), filt if filt is not None else round_filter(source, rules, kind), xattrs=True, implied=True,
-                on_error=on_error)
+    if filt is None:
+        filt = round_filter(source, rules, kind)
+    return walk(os.fsencode(source), filt, xattrs=True, implied=True, on_error=on_error)
 
 
 def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise, start=None,
@@ -208,8 +209,9 @@ def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error
     """walk_round() a directory at a time (files.dirscan); ``start``: only those directories."""
     from .dirscan import scan_dirs
 
-    return scan_dirs(os.fsencode(source), filt if filt is not None else round_filter(source, rules, kind), xattrs=True, on_error=on_error,
-                     start=start)
+    if filt is None:
+        filt = round_filter(source, rules, kind)
+    return scan_dirs(os.fsencode(source), filt, xattrs=True, on_error=on_error, start=start)
 
 
 class Prefetch:
