@@ -22,8 +22,10 @@ pattern is taken relative to SRC_DIR, which stands for the source machine's
 ``/``: ``/cache`` with SRC_DIR ``/srv`` is ``/srv/cache`` too. A rule naming
 SRC_DIR itself is the whole tree for ONLY_SYNC and CONSISTENCY_DIR keys and a
 configuration error for the exclude keys (it would exclude everything). With
-SRC_DIR ``/`` nothing changes. A pattern keeps its text and its key, for
-messages.
+SRC_DIR ``/`` nothing changes. A pattern naming a directory above SRC_DIR
+(``/srv`` with SRC_DIR ``/srv/www``) stays relative: it then most likely
+matches nothing, and is reported. A pattern keeps its text and its key, for
+messages; ``Pattern.relative`` is the path it stands for under SRC_DIR.
 
 A round's filter (:class:`RoundFilter`) notes which patterns covered an entry
 it was asked about; :meth:`RoundFilter.unmatched` lists the others after a walk
