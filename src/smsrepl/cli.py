@@ -296,6 +296,7 @@ def cmd_send_files(args, stop=None) -> int:
         from .files.rules import PathRules
 
         rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}")
+        rules = rules.anchored(args.source)  # before anything connects: a rule may exclude the whole tree
     host_sampler = None
     if args.progress == "json":
         from .progress import HostSampler
@@ -332,6 +333,10 @@ def cmd_send_files(args, stop=None) -> int:
         _print_summary(args, json.dumps(summary) if args.json else files_round_line(summary))
         for line in result.stats.reported:
             print(f"note: {line}", file=sys.stderr)
+        from .files.rules import unmatched_note
+
+        for key, rule in result.stats.unmatched_rules:
+            print(f"note: {unmatched_note(key, rule, os.path.abspath(args.source))}", file=sys.stderr)
 
     watcher.watch()
     try:

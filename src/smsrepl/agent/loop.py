@@ -362,7 +362,8 @@ class Agent:
         if self._file_task:
             from ..files.rules import PathRules
 
-            self._rules = PathRules.from_configurations(config, source="the task's configuration (5.10.2)")
+            self._rules = PathRules.from_configurations(config, source="the task's configuration (5.10.2)").anchored(
+                self.tree)
         items = [c for c in config.get("configurations", []) if c.get("config_key") == "LINUX_CPU_LIMIT"]
         self._cpu_cap = CpuCap.from_configurations({"configurations": [
             {"config_key": c["config_key"], "config_value": c["config_value"]} for c in items]}) if items else None

@@ -12,6 +12,7 @@ session.BlockSession and continuous.ContinuousSync drive it unchanged.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..blocks.device import BlockSource
 from ..errors import ConfigError, TransportError
 from ..progress import TRACE_MAX
 from ..state import Event, SessionStateMachine
+
+log = logging.getLogger("smsrepl.agent")
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,13 @@ class TreeRound(_Round):
     def run(self) -> TreeResult:
         self._fire(_BEGIN[self.kind])
         self._fire(Event.COPY_RUNNING)
-        r = self._start(self.make_sender()).run()
+        sender = self.make_sender()
+        r = self._start(sender).run()
         self._fire(_END[self.kind])
+        if r.stats.unmatched_rules:
+            from ..files.rules import unmatched_note
+
+            for key, rule in r.stats.unmatched_rules:
+                log.warning("%s", unmatched_note(key, rule, sender.source))
         return TreeResult(self.kind, r.stats.bytes_sent, r.wire_bytes, r.seconds, r.stats.files_sent, r.scope,
                           r.stats.source_moved)

@@ -57,6 +57,9 @@ class RoundStats:
     #: (entry, basis, ctime) of files changed too recently to trust, read again at the round's end
     deferred: list = field(default_factory=list)
     reported: list[str] = field(default_factory=list)
+    #: (config key, rule) of the round's path rules that matched nothing in the source (rules.
+    #: RoundFilter.unmatched); rounds that walk a part of the tree (a journal's) leave it empty
+    unmatched_rules: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def source_moved(self) -> bool:
@@ -147,25 +150,34 @@ def sync_tree(source: str, target, *, rules: PathRules | None = None, kind: str 
     as source entries were dealt with (progress). ``entries``: the source as
     walk_round() yields it, or as scan_round() does for a target that takes a
     directory at a time, when the caller started that walk early (see
-    Prefetch); ``walk_errors``: the SourceWalkErrors that walk reports to.
+    Prefetch); ``walk_errors``: the SourceWalkErrors that walk reports to. The rules
+    are anchored to ``source`` (PathRules.anchored). A round that walks the source itself
+    lists the rules that matched nothing in ``unmatched_rules``; with ``entries``, that
+    is for the caller to do (it has the walk's filter).
     """
     own = isinstance(target, (str, bytes, os.PathLike))
     t = LocalTarget(os.fsdecode(target)) if own else target
     delete = True if delete is None else delete
     src = os.fsencode(source)
+    rules = rules.anchored(src) if rules is not None else None
+    walk_filter = None
     if entries is None:
         walk_errors = SourceWalkErrors(src)
+        walk_filter = rules.for_round(kind) if rules else None
     try:
         if hasattr(t, "dir_records") and by_dirs(checksum):
             from .dirround import round_by_dirs
 
-            stats = round_by_dirs(src, t, entries if entries is not None else scan_round(src, rules, kind, walk_errors),
+            stats = round_by_dirs(src, t, entries if entries is not None else
+                                  scan_round(src, rules, kind, walk_errors, filt=walk_filter),
                                   rules.for_round(kind) if rules else None, delete, on_done)
         else:
             stats = _round(src, t, rules, kind, checksum, delete, on_done,
-                           entries if entries is not None else walk_round(src, rules, kind, walk_errors))
+                           entries if entries is not None else walk_round(src, rules, kind, walk_errors, walk_filter))
         if walk_errors is not None:
             walk_errors.into(stats)
+        if walk_filter is not None:
+            stats.unmatched_rules = walk_filter.unmatched()
         return stats
     finally:
         if own:
@@ -178,18 +190,28 @@ def by_dirs(checksum: bool) -> bool:
     return kernels.TREE and not checksum
 
 
-def walk_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise):
-    """The source entries one round of ``kind`` deals with, in order."""
-    return walk(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, implied=True,
-                on_error=on_error)
+def round_filter(source: str | bytes, rules: PathRules | None, kind: str) -> RoundFilter | None:
+    """The filter of a round of ``kind`` over ``source``: the rules anchored to it."""
+    return rules.anchored(source).for_round(kind) if rules else None
 
 
-def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise, start=None):
+def walk_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise,
+               filt: RoundFilter | None = None):
+    """The source entries one round of ``kind`` deals with, in order; ``filt``: the round's
+    filter (round_filter()'s), when the caller wants to know which rules matched."""
+    if filt is None:
+        filt = round_filter(source, rules, kind)
+    return walk(os.fsencode(source), filt, xattrs=True, implied=True, on_error=on_error)
+
+
+def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise, start=None,
+               filt: RoundFilter | None = None):
     """walk_round() a directory at a time (files.dirscan); ``start``: only those directories."""
     from .dirscan import scan_dirs
 
-    return scan_dirs(os.fsencode(source), rules.for_round(kind) if rules else None, xattrs=True, on_error=on_error,
-                     start=start)
+    if filt is None:
+        filt = round_filter(source, rules, kind)
+    return scan_dirs(os.fsencode(source), filt, xattrs=True, on_error=on_error, start=start)
 
 
 class Prefetch:
@@ -203,6 +225,7 @@ class Prefetch:
     def __init__(self, it, limit: int = 65536, batch: int = 256) -> None:
         self.batch = batch
         self.errors: SourceWalkErrors | None = None  # where the walk reports what vanished
+        self.filter: RoundFilter | None = None  # the walk's (which rules matched: RoundFilter.unmatched)
         self._q: queue.Queue = queue.Queue(maxsize=max(1, limit // batch))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(it,), name="walk-prefetch", daemon=True)

@@ -11,8 +11,27 @@ Keys (both spellings the service uses)::
 A ``config_value`` is a comma-separated list of absolute paths or shell globs
 on the source machine: ``*``, ``?`` and ``[...]`` match within one path
 component, ``**`` matches any number of components. A pattern names an entry
-and everything under it. Paths are taken relative to the transfer's source
-directory, which stands for the source machine's ``/``.
+and everything under it.
+
+Where a rule meets a source directory SRC_DIR (:meth:`PathRules.anchored`), a
+pattern whose leading components name SRC_DIR's absolute path (as
+``os.path.realpath`` resolves it, or as given; ``*``, ``?`` and ``[...]`` may
+stand for one of those components, ``**`` may not) is that host path:
+``/srv/cache`` with SRC_DIR ``/srv`` is ``cache`` under SRC_DIR. Every other
+pattern is taken relative to SRC_DIR, which stands for the source machine's
+``/``: ``/cache`` with SRC_DIR ``/srv`` is ``/srv/cache`` too. A rule naming
+SRC_DIR itself is the whole tree for ONLY_SYNC and CONSISTENCY_DIR keys and a
+configuration error for the exclude keys (it would exclude everything). With
+SRC_DIR ``/`` nothing changes. A pattern naming a directory above SRC_DIR
+(``/srv`` with SRC_DIR ``/srv/www``) stays relative: it then most likely
+matches nothing, and is reported. A pattern keeps its text and its key, for
+messages; ``Pattern.relative`` is the path it stands for under SRC_DIR.
+
+A round's filter (:class:`RoundFilter`) notes which patterns covered an entry
+it was asked about; :meth:`RoundFilter.unmatched` lists the others after a walk
+of the whole tree (a rule that matches nothing is most often a typo, or a path
+meant for another SRC_DIR). An exclude pattern below an excluded directory
+counts as matched: the walk never looks there, and the rule is moot anyway.
 
 What migration excludes, sync rounds exclude too (a sync must not bring in
 what the copy left out), and a sync round never deletes on the target under
@@ -20,6 +39,7 @@ an excluded path.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -69,13 +89,22 @@ _GLOB = b"**"
 
 @dataclass(frozen=True)
 class Pattern:
-    """One absolute path or glob, as components (bytes: file names need not be UTF-8)."""
+    """One absolute path or glob, as components (bytes: file names need not be UTF-8);
+    ``parts`` are relative to the source directory (none: the whole tree), ``text`` and
+    ``key`` are what the configuration said."""
 
     text: str
     parts: tuple[bytes, ...]
+    key: str = field(default="", compare=False)
+
+    @property
+    def relative(self) -> str:
+        """The path or glob the pattern stands for under the source directory, as an absolute
+        path (``/`` for the whole tree)."""
+        return "/" + os.fsdecode(b"/".join(self.parts))
 
     @classmethod
-    def parse(cls, text: str, where: str) -> "Pattern":
+    def parse(cls, text: str, where: str, key: str = "") -> "Pattern":
         if not text.startswith("/"):
             raise ConfigError(f"{where}: {text!r} is not an absolute path")
         if "\x00" in text:
@@ -89,7 +118,7 @@ class Pattern:
             raise ConfigError(f"{where}: {text!r} contains '..'")
         if not parts:
             raise ConfigError(f"{where}: {text!r} names the whole tree ('/'); leave the key out instead")
-        return cls(text, parts)
+        return cls(text, parts, key)
 
     def covers(self, path: Sequence[bytes]) -> bool:
         """The pattern names ``path`` or one of its ancestors."""
@@ -164,8 +193,33 @@ class PathRules:
             slot = "m" if key in MIGRATE_EXCLUDE else "s" if key in SYNC_EXCLUDE else "o" if key in ONLY_SYNC else "c"
             for text in (t.strip() for t in value.split(",")):
                 if text:
-                    lists[slot].append(Pattern.parse(text, where))
+                    lists[slot].append(Pattern.parse(text, where, key))
         return cls(tuple(lists["m"]), tuple(lists["s"]), tuple(lists["o"]), tuple(lists["c"]), cpu, frozenset(given))
+
+    def anchored(self, source_dir: str | bytes) -> "PathRules":
+        """These rules as they apply to a tree rooted at ``source_dir`` (see the module's
+        docstring): patterns naming a host path under it are made relative to it. Taken from
+        each pattern's text: anchoring again, or to another directory, gives the same as once."""
+        roots = _root_parts(source_dir)
+        if not roots[0]:
+            return self
+
+        def anchor(p: Pattern, whole_ok: bool) -> Pattern:
+            parts = Pattern.parse(p.text, p.key or "rule", p.key).parts
+            for root in roots:
+                if len(parts) >= len(root) and all(c != _GLOB and fnmatchcase(r, c) for r, c in zip(root, parts)):
+                    if len(parts) == len(root) and not whole_ok:
+                        raise ConfigError(f"{p.key or 'exclude rule'} {p.text!r} names the source directory "
+                                          f"{os.fsdecode(b'/' + b'/'.join(roots[0]))} itself: it would exclude "
+                                          f"everything (leave it out, or name a path below it)")
+                    return dataclasses.replace(p, parts=parts[len(root):])
+            return dataclasses.replace(p, parts=parts)
+
+        return dataclasses.replace(
+            self, migrate_exclude=tuple(anchor(p, False) for p in self.migrate_exclude),
+            sync_exclude=tuple(anchor(p, False) for p in self.sync_exclude),
+            only_sync=tuple(anchor(p, True) for p in self.only_sync),
+            consistency_dirs=tuple(anchor(p, True) for p in self.consistency_dirs))
 
     def for_round(self, kind: str) -> "RoundFilter":
         """What a round of ``kind`` ("full" or "sync") copies and may delete."""
@@ -176,19 +230,76 @@ class PathRules:
         raise ValueError(f"round kind must be 'full' or 'sync', not {kind!r}")
 
 
+def _root_parts(source_dir: str | bytes) -> list[tuple[bytes, ...]]:
+    """The components of ``source_dir``'s absolute path: as the kernel resolves it, then (if
+    other) as given; a host path may name it either way."""
+    given = os.path.abspath(os.fsencode(source_dir))
+    found = []
+    for path in (os.path.realpath(given), given):
+        parts = tuple(c for c in path.split(b"/") if c)
+        if parts not in found:
+            found.append(parts)
+    return found
+
+
 @dataclass(frozen=True)
 class RoundFilter:
     exclude: tuple[Pattern, ...]
     only: tuple[Pattern, ...]  # empty: everything not excluded
+    #: indexes into exclude + only of the patterns that covered an entry asked about
+    _hits: set = field(default_factory=set, init=False, compare=False, repr=False)
+    #: (index, pattern) of the exclude and of the only patterns not in _hits yet: all that is
+    #: tried again after one pattern covered an entry (the first that covers decides)
+    _unhit: list = field(default_factory=list, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._unhit[:] = [list(enumerate(self.exclude)), list(enumerate(self.only, len(self.exclude)))]
+
+    def _note(self, which: int, test) -> None:
+        """Note the patterns of list ``which`` (0: exclude, 1: only) not noted yet that pass ``test``."""
+        left = []
+        for i, p in self._unhit[which]:
+            if test(p):
+                self._hits.add(i)
+            else:
+                left.append((i, p))
+        self._unhit[which] = left
 
     def includes(self, path: Sequence[bytes]) -> bool:
         """The entry at ``path`` (components from the tree's root) takes part in the round."""
-        if any(p.covers(path) for p in self.exclude):
-            return False
-        return not self.only or any(p.covers(path) for p in self.only)
+        for p in self.exclude:
+            if p.covers(path):
+                if self._unhit[0]:
+                    self._note(0, lambda q: q.covers(path))
+                return False
+        if not self.only:
+            return True
+        for p in self.only:
+            if p.covers(path):
+                if self._unhit[1]:
+                    self._note(1, lambda q: q.covers(path))
+                return True
+        return False
 
     def descend(self, path: Sequence[bytes]) -> bool:
         """Directory ``path`` must be walked: it or something below it may take part."""
-        if any(p.covers(path) for p in self.exclude):
-            return False
+        for p in self.exclude:
+            if p.covers(path):
+                if self._unhit[0]:  # what is below it is never looked at: moot, not unmatched
+                    self._note(0, lambda q: q.covers(path) or q.may_be_below(path))
+                return False
         return not self.only or any(p.covers(path) or p.may_be_below(path) for p in self.only)
+
+    def unmatched(self) -> list[tuple[str, str]]:
+        """(config key, rule text) of the patterns that covered none of the entries asked
+        about, in the configuration's order, each once."""
+        out: list[tuple[str, str]] = []
+        for i, p in enumerate(self.exclude + self.only):
+            if i not in self._hits and (p.key, p.text) not in out:
+                out.append((p.key, p.text))
+        return out
+
+
+def unmatched_note(key: str, rule: str, source: str | bytes) -> str:
+    """The human line about a rule that matched nothing under ``source``."""
+    return f"{key} {rule!r} matched nothing under {os.fsdecode(source)}"

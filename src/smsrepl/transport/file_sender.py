@@ -61,7 +61,8 @@ class FileRoundResult:
                 "vanished": s.vanished, "changed_during_read": s.changed_during_read, "source_moved": s.source_moved,
                 "literal_bytes": self.literal_bytes, "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3),
                 "scope": self.scope, **({"dirs": self.dirs} if self.scope == "journal" else {}),
-                **({"whole_because": self.whole_because} if self.whole_because else {}), "reported": s.reported}
+                **({"whole_because": self.whole_because} if self.whole_because else {}), "reported": s.reported,
+                "unmatched_rules": [{"key": key, "rule": rule} for key, rule in s.unmatched_rules]}
 
 
 def file_session_id(source: str, target: str) -> str:
@@ -89,7 +90,7 @@ class FileSender:
         self.session_id = file_session_id(self.source, self.target)
         self.address = address
         self.context = context
-        self.rules = rules
+        self.rules = rules.anchored(self.source) if rules is not None else None  # host paths under it: relative
         self.checksum = checksum
         self.level = level
         self.literal_bytes = 0
@@ -294,14 +295,15 @@ class FileSender:
         """The source walked for a round of ``kind`` on a thread of its own, ahead of the round
         (what vanished under the walk: the Prefetch's ``errors``); ``dirs``: only those (a
         journal round's, directory-at-a-time rounds only)."""
-        from ..files.local import Prefetch, SourceWalkErrors, by_dirs, scan_round, walk_round
+        from ..files.local import Prefetch, SourceWalkErrors, by_dirs, round_filter, scan_round, walk_round
 
         errors = SourceWalkErrors(os.fsencode(self.source))
+        filt = round_filter(self.source, self.rules, kind)
         if by_dirs(self.checksum):
-            p = Prefetch(scan_round(self.source, self.rules, kind, errors, start=dirs), limit=1024, batch=1)
+            p = Prefetch(scan_round(self.source, self.rules, kind, errors, start=dirs, filt=filt), limit=1024, batch=1)
         else:
-            p = Prefetch(walk_round(self.source, self.rules, kind, errors))
-        p.errors = errors
+            p = Prefetch(walk_round(self.source, self.rules, kind, errors, filt))
+        p.errors, p.filter = errors, filt
         return p
 
     def _session(self, chan: Channel, started: float, early: Prefetch | None = None) -> FileRoundResult:
@@ -370,7 +372,7 @@ class FileSender:
         """What a round would change (files.plan), found as the round finds it, changing nothing:
         the receiver lists its tree for a session that begins no round (HELLO lists DRY_RUN:
         it creates and removes nothing either)."""
-        from ..files.local import walk_round
+        from ..files.local import round_filter, walk_round
         from ..files.plan import plan_round
         from ..files.remote import Listing
 
@@ -396,9 +398,15 @@ class FileSender:
             got = entries.get(path)
             return got[0] if got else None
 
-        return plan_round(os.fsencode(self.source), walk_round(self.source, self.rules, kind), lookup, entries,
-                          filt, kind, welcome.round_id + 1, checksum=self.checksum,
+        walk_filter = round_filter(self.source, self.rules, kind)
+        plan = plan_round(os.fsencode(self.source), walk_round(self.source, self.rules, kind, filt=walk_filter),
+                          lookup, entries, filt, kind, welcome.round_id + 1, checksum=self.checksum,
                           target_digest=lambda path: entries[path][1])
+        if walk_filter is not None:
+            from ..files.rules import unmatched_note
+
+            plan.reported += [unmatched_note(key, rule, self.source) for key, rule in walk_filter.unmatched()]
+        return plan
 
     def _journal_changes(self, welcome: F.Welcome, kind: str) -> Changes | None:
         """The journal's changes since the last round (taken now: the round's boundary), or
@@ -447,6 +455,8 @@ class FileSender:
             target.deletion_limit = deletion_limit
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
                               on_done=on_done, entries=entries, walk_errors=entries.errors)
+            if entries.filter is not None and dirs is None:  # a part of the tree says nothing of the rest
+                stats.unmatched_rules = entries.filter.unmatched()
             self.literal_bytes = target.literal_bytes
             listing.wait(whole=True)  # ROUND_END only after the whole listing (its state machine)
             chan.send(F.RoundEnd(round_id))
