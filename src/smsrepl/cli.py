@@ -629,8 +629,7 @@ def cmd_verify_files(args) -> int:
         rules = None
         if args.config:
             rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}")
-            if hasattr(rules, "anchored"):
-                rules = rules.anchored(args.source)
+            rules = rules.anchored(args.source)  # host paths under SRC_DIR name what is below it
             dirs += list(rules.consistency_dirs)
         kw = {"rules": rules, "mode": args.compare, "on_progress": progress.update, "list_paths": args.list}
         if args.to:

@@ -382,10 +382,10 @@ def escape_name(path: bytes) -> str:
 def _dir_patterns(dirs: Iterable[str | Pattern]) -> list[tuple[str, Pattern | None]]:
     out = []
     for d in list(dirs) or ["/"]:
-        if isinstance(d, Pattern):
-            out.append((d.text, d))
+        if isinstance(d, Pattern):  # a CONSISTENCY_DIR naming SRC_DIR itself has no parts: all of it
+            out.append((d.text, d if d.parts else None))
         else:
-            out.append((d, None if d.strip("/") == "" else Pattern.parse(d, "dir_check")))
+            out.append((d, None if d.strip("/") == "" else Pattern.parse(d, "--dir-check", "--dir-check")))
     return out
 
 
@@ -545,8 +545,23 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
     checks = [_count(text, pat, verdicts, list_paths) for text, pat in pats]
     from ..consistency import result_body
 
-    notes = [f"could not read {escape_name(p)}: {a.errors.get(p) or b.errors.get(p)}" for p in sorted(errors)][:20]
-    return result_body([c.entry() for c in checks], notes=notes), checks
+    return result_body([c.entry() for c in checks], notes=_notes(source, scan, pats, checks, a, b, errors)), checks
+
+
+def _notes(source: str, scan: RoundFilter | None, pats, checks: list[DirCheck], a: Side, b: Side,
+           errors: set[bytes]) -> list[str]:
+    """What the operator should know besides the counts: rules and checked directories that
+    matched nothing (a typo, or a path of another tree), entries that could not be read."""
+    from .rules import unmatched_note
+
+    notes = [unmatched_note(key or "rule", text, source) for key, text in (scan.unmatched() if scan else [])
+             if key not in ("CONSISTENCY_DIR", "--dir-check")]
+    notes += [unmatched_note(pat.key or "CONSISTENCY_DIR", text, source) for (text, pat), c in zip(pats, checks)
+              if pat is not None and c.total == 0 and not c.extra]
+    notes += [f"could not read {escape_name(p)}: {a.errors.get(p) or b.errors.get(p)}" for p in sorted(errors)[:20]]
+    if len(errors) > 20:
+        notes.append(f"... and {len(errors) - 20} more that could not be read")
+    return notes
 
 
 def _count(text: str, pat: Pattern | None, verdicts: dict[bytes, _Verdicts], list_paths: bool) -> DirCheck:
