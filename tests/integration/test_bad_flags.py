@@ -155,6 +155,8 @@ BAD: dict[str, list[Bad]] = {
                                        for v in PASSPHRASE],
     "verify files --dir-check": [Bad("relative/path"), Bad("/a/../b")],
     "verify files --config": CONFIG,
+    "verify files --compare": [Bad("content"), Bad("")],
+    "verify files --progress": [Bad("nope")],
     "agent --endpoint": [Bad("http://127.0.0.1:1"), Bad("nope"), Bad("https://")],
     "agent --token-file": [Bad(MISSING), Bad(A_DIR), Bad(UNREADABLE), Bad(EMPTY)],
     "agent --source-id": [Bad(""), Bad("a/b")],

@@ -29,12 +29,14 @@ int sms_hash_file_at(int dir_fd, const char *name, uint8_t *buf, size_t cap, uin
     if (fd < 0)
         return errno == ELOOP ? EINVAL : errno;
     struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+    if (fstat(fd, &st) < 0) {
         int err = errno;
-        if (err == 0 || S_ISDIR(st.st_mode))
-            err = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
         close(fd);
         return err;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
     }
     XXH3_state_t state;
     int streaming = 0, err = 0;
