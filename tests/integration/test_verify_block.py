@@ -153,11 +153,18 @@ def test_remote_check_reports_progress_and_builds_the_same_result(tmp_path, cert
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     write_image(str(src), SIZE, seed=6)
     rx = ReceiverProc(certkey_file, {"disk0": str(dst)}, str(tmp_path / "rx-state"))
+    remote = ("--to", rx.address, "--target", "disk0", "--certkey", certkey_file, "--progress", "json")
     try:
+        before = verify(src, *remote)  # nothing copied yet: every block counts as different
         summary(send(str(src), rx.address, certkey_file, str(tmp_path / "tx-state"), "disk0"))
-        cp = verify(src, "--to", rx.address, "--target", "disk0", "--certkey", certkey_file, "--progress", "json")
+        cp = verify(src, *remote)
     finally:
         rx.stop()
+    assert before.returncode == 1, before.stderr
+    reports = [json.loads(line) for line in before.stdout.splitlines()]
+    blocks = -(-SIZE // 4096)
+    assert reports[-1]["progress"] == 100 and f"{blocks} 4 KiB blocks different" in reports[-1]["process_trace"]
+    assert entry(json.loads(before.stderr.splitlines()[-1]))["num_different_files"] == blocks
     assert cp.returncode == 0, cp.stderr
     reports = [json.loads(line) for line in cp.stdout.splitlines()]
     for rep in reports:

@@ -417,6 +417,8 @@ class Sender:
                 threading.Thread(target=self._read_loop, args=(chan,), daemon=True).start()
                 per = extent // FINE_BLOCK
                 extents = -(-source.size // extent)
+                if on_progress is not None:
+                    on_progress(0, source.size, 0)
                 if welcome.state != "synced":  # no completed round: nothing there counts as a copy
                     self._close(chan)
                     return extents, extents
@@ -429,8 +431,6 @@ class Sender:
                     digests = np.empty(chunk // FINE_BLOCK, dtype="<u8")
                     differ = 0
                     last = time.monotonic()
-                    if on_progress is not None:
-                        on_progress(0, source.size, 0)
                     for off in range(0, source.size, chunk):
                         if on_progress is not None and time.monotonic() - last >= 1.0:
                             last = time.monotonic()
