@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--smsrepl-args", default="", help="extra arguments for verify block (e.g. '--progress json')")
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
     if not shutil.which("xxhsum"):
         raise SystemExit("xxhsum not found (apt-get install xxhash)")
 
