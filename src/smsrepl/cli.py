@@ -139,8 +139,9 @@ class _ProgressOutput:
     """--progress json: one 5.4.8 report per line on stdout; bar: a tqdm bar on stderr, one a
     round, with log lines and notes written above it while it is shown (never through it)."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, *, wire: bool = True) -> None:
         self.mode = mode
+        self.wire = wire  # False: nothing crosses a wire (a local check), no rate of it on the bar
         self.bar = None
         self._redirect = None  # tqdm's logging redirect while a bar is shown
 
@@ -158,7 +159,7 @@ class _ProgressOutput:
                 self._redirect.__enter__()
             self.bar.update(rep["replicatesize"] - self.bar.n)
             # the round's last report says 0 (nothing moves any more): end_round shows the average
-            if rep["migrate_speed"] or rep["progress"] < 100:
+            if self.wire and (rep["migrate_speed"] or rep["progress"] < 100):
                 self.bar.set_postfix_str(f"{rep['migrate_speed']:.0f} Mbit/s on the wire", refresh=False)
 
     def note(self, line: str) -> None:
@@ -579,27 +580,39 @@ def cmd_status(args) -> int:
 
 
 def cmd_verify_block(args) -> int:
+    from .checkprogress import CheckProgress
+    from .progress import SYNC_LINUX_BLOCK, HostSampler
     from .verify import compare_block_images
 
+    out = _ProgressOutput(args.progress, wire=False)
+    progress = None
+    if args.progress != "none":
+        progress = CheckProgress(out.report, SYNC_LINUX_BLOCK, args.target if args.to else args.target_path,
+                                 "4 KiB blocks", HostSampler() if args.progress == "json" else None)
     try:
         if bool(args.target_path) == bool(args.to):
             raise ConfigError("verify block: give TARGET, or --to HOST:PORT --target NAME --certkey FILE")
         if args.to:
-            result, consistent = _verify_block_remote(args)
+            result, consistent = _verify_block_remote(args, progress)
         else:
-            result, consistent = compare_block_images(args.source, args.target_path)
+            result, consistent = compare_block_images(args.source, args.target_path, on_progress=progress)
+        if progress is not None:
+            progress.finish(result["consistency_result"][0]["num_different_files"])
     except ReplicationError as exc:  # SPEC: 2 on error
+        out.close()
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps(result))
+    out.close()
+    # with --progress json stdout holds the reports alone
+    print(json.dumps(result), file=sys.stderr if args.progress == "json" else sys.stdout, flush=True)
     return 0 if consistent else 1
 
 
-def _verify_block_remote(args) -> tuple[dict, bool]:
+def _verify_block_remote(args, on_progress=None) -> tuple[dict, bool]:
     """The source read now against the receiver's digests of what it verified and made durable."""
     import tempfile
-    import time
 
+    from .consistency import consistent, entry, result_body
     from .transport.connect import parse_address
     from .transport.sender import Sender
     from .transport.tls import client_context
@@ -609,12 +622,10 @@ def _verify_block_remote(args) -> tuple[dict, bool]:
     ctx = client_context(_certkey(args), _passphrase(args))
     with tempfile.TemporaryDirectory(prefix="smsrepl-verify-") as state:
         # a state directory of its own: a sender's session and manifest cache stay untouched
-        differ, total = Sender(args.source, args.target, parse_address(args.to), ctx, state).check(extent=4096)
-    consistent = differ == 0
-    return {"finished_time": int(time.time() * 1000), "check_result": "consistent" if consistent else "inconsistent",
-            "consistency_result": [{"dir_check": args.target, "num_total_files": total,
-                                    "num_different_files": differ, "num_target_miss_files": 0,
-                                    "num_target_more_files": 0}]}, consistent
+        differ, total = Sender(args.source, args.target, parse_address(args.to), ctx, state).check(
+            extent=4096, on_progress=on_progress)
+    entries = [entry(args.target, total, different=differ)]
+    return result_body(entries), consistent(entries)
 
 
 def cmd_verify_files(args) -> int:
@@ -932,6 +943,9 @@ def build_parser() -> argparse.ArgumentParser:
     vb.add_argument("--target", type=target_name, metavar="NAME", help="with --to: the receiver's target to compare with")
     vb.add_argument("--certkey", metavar="FILE", help="with --to: " + CERTKEY_HELP)
     vb.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    vb.add_argument("--progress", choices=["bar", "json", "none"], default="none",
+                    help="json: one 5.4.8 report per line on stdout (SYNC_LINUX_BLOCK; the result then goes to "
+                         "stderr); bar: a progress bar on stderr")
     vb.set_defaults(func=cmd_verify_block)
     vf = ver.add_parser("files", help="compare two directory trees (5.4.13 counts)")
     vf.add_argument("source", type=directory("source directory"), metavar="SRC_DIR", help="the directory tree that was copied")

@@ -146,6 +146,7 @@ BAD: dict[str, list[Bad]] = {
     "verify block --certkey": [Bad(v.value, code=v.code, set=REMOTE[:2], drop=("target_path",)) for v in CERTKEY],
     "verify block --passphrase-file": [Bad(v.value, code=v.code, set=REMOTE, drop=("target_path",))
                                        for v in PASSPHRASE],
+    "verify block --progress": [Bad("nope"), Bad("JSON")],
     "verify files source": [Bad(MISSING, expect="source"), Bad(A_FILE, expect="source")],
     "verify files target_path": [Bad(MISSING, expect="target"), Bad(A_FILE, expect="target")],
     "verify files --to": [Bad("8912", set=REMOTE[1:], drop=("target_path",)), Bad("127.0.0.1:1")],

@@ -549,14 +549,14 @@ class Agent:
             self.outbox.put("consistency", self.task_id, self.consistency)
             return
 
+        from ..consistency import entry, for_upload
+
         items = []
         for disk in self._plans:
             sender = Sender(disk.path, disk.target, self._address, self._ctx, self.state_dir)
             differ, total = sender.check()
-            items.append({"dir_check": disk.name, "num_total_files": min(total, 1_000_000),
-                          "num_different_files": min(differ, 1_000_000), "num_target_miss_files": 0,
-                          "num_target_more_files": 0})
-        self.consistency = {"consistency_result": items}
+            items.append(entry(disk.name, total, different=differ))
+        self.consistency = for_upload(items)
         self.outbox.put("consistency", self.task_id, self.consistency)
 
     # --- reports ----------------------------------------------------------------------

@@ -394,11 +394,14 @@ class Sender:
                            dirty_blocks, self.clock.snapshot(), whole_reason if kind == "sync" else None,
                            self._reconcile_note)
 
-    def check(self, *, chunk: int = 8 << 20, extent: int = 1 << 20) -> tuple[int, int]:
+    def check(self, *, chunk: int = 8 << 20, extent: int = 1 << 20,
+              on_progress: Callable[[int, int, int], None] | None = None) -> tuple[int, int]:
         """Compare the source, read now, with the receiver's manifest: the digests of what it
         verified on arrival and made durable. Returns (extents that differ, extents), an
         extent being ``extent`` bytes: the unit where a consistency result counts files
-        (a target changed behind the receiver's back is not seen: it is not re-read)."""
+        (a target changed behind the receiver's back is not seen: it is not re-read).
+        ``on_progress(bytes read, bytes to read, extents found different)``: at the start
+        of the read and about every second."""
         self._new_session()
         with BlockSource(self.source_path) as source:
             rec = self._load_session(source.size)
@@ -414,6 +417,8 @@ class Sender:
                 threading.Thread(target=self._read_loop, args=(chan,), daemon=True).start()
                 per = extent // FINE_BLOCK
                 extents = -(-source.size // extent)
+                if on_progress is not None:
+                    on_progress(0, source.size, 0)
                 if welcome.state != "synced":  # no completed round: nothing there counts as a copy
                     self._close(chan)
                     return extents, extents
@@ -425,7 +430,11 @@ class Sender:
                     buf = aligned_buffer(chunk)
                     digests = np.empty(chunk // FINE_BLOCK, dtype="<u8")
                     differ = 0
+                    last = time.monotonic()
                     for off in range(0, source.size, chunk):
+                        if on_progress is not None and time.monotonic() - last >= 1.0:
+                            last = time.monotonic()
+                            on_progress(off, source.size, differ)
                         n = min(chunk, source.size - off)
                         view = memoryview(buf)[:n]
                         if source.readinto(view, off) < n:
