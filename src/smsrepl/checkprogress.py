@@ -26,11 +26,13 @@ class CheckProgress:
         self.host_sampler = host_sampler
         self.tracker: ProgressTracker | None = None
 
-    def __call__(self, done: int, total: int, different: int) -> None:
+    def __call__(self, done: int, total: int, different: int | None = None) -> None:
+        """``different``: found so far, None where the compare knows only at its end."""
         if self.tracker is None:
             self.tracker = ProgressTracker(self.subtask, total, host_sampler=self.host_sampler)
         self.tracker.update(done, wire_bytes=0, raw_bytes=0)
-        self.tracker.set_trace(f"consistency check of {self.what}: {different} {self.unit} different so far")
+        so_far = "" if different is None else f": {different} {self.unit} different so far"
+        self.tracker.set_trace(f"consistency check of {self.what}{so_far}")
         self.report(self.tracker.report())
 
     def finish(self, different: int) -> None:

@@ -632,7 +632,14 @@ def cmd_verify_files(args) -> int:
     from .files.compare import compare_trees, compare_with_listing
     from .files.rules import PathRules
 
-    progress = _CheckProgress(args.progress, "file", args.source)
+    from .checkprogress import CheckProgress
+    from .progress import SYNC_LINUX_FILE, HostSampler
+
+    out = _ProgressOutput(args.progress, wire=False)
+    progress = None
+    if args.progress != "none":
+        progress = CheckProgress(out.report, SYNC_LINUX_FILE, args.source, "files",
+                                 HostSampler() if args.progress == "json" else None)
     try:
         if bool(args.target_path) == bool(args.to):
             raise ConfigError("verify files: give TARGET_DIR, or --to HOST:PORT --target NAME --certkey FILE")
@@ -642,7 +649,7 @@ def cmd_verify_files(args) -> int:
             rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}")
             rules = rules.anchored(args.source)  # host paths under SRC_DIR name what is below it
             dirs += list(rules.consistency_dirs)
-        kw = {"rules": rules, "mode": args.compare, "on_progress": progress.update, "list_paths": args.list}
+        kw = {"rules": rules, "mode": args.compare, "on_progress": progress, "list_paths": args.list}
         if args.to:
             from .transport.file_sender import FileSender
             from .transport.connect import parse_address
@@ -656,10 +663,13 @@ def cmd_verify_files(args) -> int:
         else:
             result, checks = compare_trees(args.source, args.target_path, dirs, **kw)
     except ReplicationError as exc:  # SPEC: 2 on error, whatever the error's transfer exit code
-        progress.close()
+        out.close()
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    progress.close()
+    if progress is not None:
+        progress.finish(sum(e["num_different_files"] + e["num_target_miss_files"] + e["num_target_more_files"]
+                            for e in result["consistency_result"]))
+    out.close()
     if args.list:
         for check in checks:
             print(f"# {check.dir_check}", file=sys.stderr)
@@ -668,43 +678,6 @@ def cmd_verify_files(args) -> int:
     # with --progress json, stdout carries 5.4.8 reports only: the result goes to stderr
     print(json.dumps(result), file=sys.stderr if args.progress == "json" else sys.stdout)
     return 0 if result["check_result"] == "consistent" else 1
-
-
-class _CheckProgress:
-    """--progress of a check: bytes compared of bytes to compare, as 5.4.8 reports (json) or a
-    bar, at most one report every half second (and the last one)."""
-
-    EVERY = 0.5
-
-    def __init__(self, mode: str, kind: str, source: str) -> None:
-        self.mode, self.kind, self.source = mode, kind, source
-        self.out = _ProgressOutput(mode) if mode != "none" else None
-        self.tracker = None
-        self.last = 0.0
-        self._lock = threading.Lock()
-
-    def update(self, done: int, total: int) -> None:
-        if self.out is None:
-            return
-        import time
-
-        from .progress import HostSampler, ProgressTracker, subtask_for
-
-        with self._lock:
-            now = time.monotonic()
-            if self.tracker is None:
-                self.tracker = ProgressTracker(subtask_for(self.kind, first_copy=False), total,
-                                               host_sampler=HostSampler() if self.mode == "json" else None)
-                self.tracker.set_trace(f"consistency check of {self.source}"[:2048])
-            self.tracker.update(done, 0)
-            if done < total and now - self.last < self.EVERY:
-                return
-            self.last = now
-            self.out.report(self.tracker.finish() if done >= total else self.tracker.report())
-
-    def close(self) -> None:
-        if self.out is not None:
-            self.out.close()
 
 
 def _max_delete(text: str) -> int:

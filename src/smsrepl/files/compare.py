@@ -27,6 +27,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -190,18 +191,35 @@ def list_remote(listing) -> Side:
 
 # --- reading content ------------------------------------------------------------------
 class Meter:
-    """Bytes read so far, for progress (added to from several threads)."""
+    """Bytes read so far, for progress (added to from several threads): ``on_progress(done,
+    total)`` at most every EVERY seconds (the caller reports the end)."""
+
+    EVERY = 0.5
 
     def __init__(self, total: int, on_progress: Callable[[int, int], None] | None) -> None:
         self.total, self.done = total, 0
         self._lock = threading.Lock()
         self._report = on_progress
+        self._last = 0.0
 
     def add(self, n: int) -> None:
         with self._lock:
             self.done += n
+            if self._report is None:
+                return
+            now = time.monotonic()
+            if now - self._last < self.EVERY:
+                return
+            self._last = now
+            done, total = self.done, self.total
+        self._report(done, total)
+
+    def start(self, total: int) -> None:
+        """The bytes to read are known: the first report (a check with nothing to read has it too)."""
+        self.total = total
+        self._last = time.monotonic()
         if self._report is not None:
-            self._report(self.done, self.total)
+            self._report(0, total)
 
 
 def _size(d: Dir, i: int) -> int:
@@ -486,7 +504,7 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
     content = mode != "metadata"
     if remote and content:  # the receiver reads all its files meanwhile: read all of ours now
         want = {rel: d.files() for rel, d in a.dirs.items()}
-        meter.total = sum(_size(a.dirs[rel], i) for rel, idx in want.items() for i in idx)
+        meter.start(sum(_size(a.dirs[rel], i) for rel, idx in want.items() for i in idx))
         hash_side(src, a, want, meter)
     b = other.result()
     if remote and scan is not None:
@@ -517,7 +535,7 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
                     ib = {n: i for i, n in enumerate(db.names)}
                     want_a[rel] = [ia[n] for n, _ in pairs]
                     want_b[rel] = [ib[n] for n, _ in pairs]
-        meter.total = sum(_size(a.dirs[rel], i) for rel, idx in want_a.items() for i in idx) * 2
+        meter.start(sum(_size(a.dirs[rel], i) for rel, idx in want_a.items() for i in idx) * 2)
         hashing = Background(hash_side, dst, b, want_b, meter)
         hash_side(src, a, want_a, meter)
         hashing.result()
