@@ -413,7 +413,8 @@ def test_only_sync_creates_the_directories_on_the_way(tmp_path, rx, bundle):
 def test_a_long_quiet_sync_round_keeps_the_connection_alive(tmp_path, bundle, monkeypatch):
     from smsrepl.files import remote
 
-    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(bundle), str(tmp_path / "st"), idle_timeout=1, create=True)
+    # idle timeout 2 s, a keepalive every 0.2 s: a 1.8 s stall of a busy machine is needed to fail it
+    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(bundle), str(tmp_path / "st"), idle_timeout=2, create=True)
     addr = rx.start()
     try:
         src = tmp_path / "src"
@@ -424,8 +425,8 @@ def test_a_long_quiet_sync_round_keeps_the_connection_alive(tmp_path, bundle, mo
         send(src, addr, bundle, target="t")
         real = remote.RemoteTarget.set_meta
 
-        def slow(self, e):  # every unchanged file takes a while: the round is quiet for 3 s
-            time.sleep(0.01)
+        def slow(self, e):  # every unchanged file takes a while: the round is quiet for 4 s at least
+            time.sleep(0.014)
             real(self, e)
 
         import time
