@@ -632,12 +632,12 @@ def cmd_verify_files(args) -> int:
     from .files.compare import compare_trees, compare_with_listing
     from .files.rules import PathRules
 
-    from .checkprogress import CheckProgress
-    from .progress import SYNC_LINUX_FILE, HostSampler
-
     out = _ProgressOutput(args.progress, wire=False)
     progress = None
     if args.progress != "none":
+        from .checkprogress import CheckProgress
+        from .progress import SYNC_LINUX_FILE, HostSampler
+
         progress = CheckProgress(out.report, SYNC_LINUX_FILE, args.source, "files",
                                  HostSampler() if args.progress == "json" else None)
     try:
