@@ -1,4 +1,3 @@
-import ast
 import json
 import os
 import random
@@ -12,6 +11,8 @@ from smsrepl.errors import SourceError
 from smsrepl.files.compare import compare_trees
 from smsrepl.files.rules import PathRules
 from smsrepl.files.scan import walk
+
+from .trees import as_nobody
 
 
 def make_tree(root, n_files=300, seed=1):
@@ -98,36 +99,21 @@ def test_unreadable_directory_is_an_error_or_reported(tmp_path):
     (root / "locked").mkdir(parents=True)
     (root / "locked" / "f").write_bytes(b"1")
     os.chmod(root / "locked", 0)
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # CI runs as root: drop privileges to see the denial
-        code = 1
+    def scan():
+        seen = []
+        paths = [e.path for e in walk(str(root), on_error=lambda p, e: seen.append(p))]
         try:
-            os.close(rfd)
-            if os.geteuid() == 0:
-                os.setgid(65534)
-                os.setuid(65534)
-            seen = []
-            paths = [e.path for e in walk(str(root), on_error=lambda p, e: seen.append(p))]
-            try:
-                list(walk(str(root)))
-                err = "no error"
-            except SourceError as exc:
-                err = str(exc)
-            os.write(wfd, repr((paths, seen, err)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    out = b""
-    while chunk := os.read(rfd, 4096):
-        out += chunk
-    os.close(rfd)
-    _, status = os.waitpid(pid, 0)
-    os.chmod(root / "locked", 0o755)
-    shutil.rmtree(base)
-    assert os.waitstatus_to_exitcode(status) == 0
-    paths, seen, err = ast.literal_eval(out.decode())
+            list(walk(str(root)))
+            err = "no error"
+        except SourceError as exc:
+            err = str(exc)
+        return paths, seen, err
+
+    try:
+        paths, seen, err = as_nobody(scan)
+    finally:
+        os.chmod(root / "locked", 0o755)
+        shutil.rmtree(base)
     assert paths == [b"", b"locked"] and seen == [b"locked"]
     assert err.startswith("SMS.1901") and "t/locked': Permission denied" in err
 

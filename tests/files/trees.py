@@ -41,3 +41,34 @@ def rich_tree(root, seed=1):
         os.mknod(j(b"null-dev"), 0o600 | 0o020000, os.makedev(1, 3))
     os.utime(j(b"with space"), ns=(1, 1_600_000_000_123_456_789))
     return root
+
+
+def as_nobody(fn):
+    """``fn()`` in a forked child that dropped root to nobody (CI runs as root, which reads
+    anything: a test of "permission denied" must drop it); its repr()'d result, read back
+    with ast.literal_eval. Paths it reads must be open to others: pytest's tmp_path is
+    root's alone (use tempfile.mkdtemp and chmod 0755)."""
+    import ast
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(rfd)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            os.write(wfd, repr(fn()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    out = b""
+    while chunk := os.read(rfd, 4096):
+        out += chunk
+    os.close(rfd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return ast.literal_eval(out.decode())
