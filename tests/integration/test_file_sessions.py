@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -707,3 +708,29 @@ def test_concurrent_file_senders_share_the_receivers_descriptors(tmp_path, certk
     assert [rc for rc, _ in results] == [0] * 16, [err for rc, err in results if rc]
     for i in range(16):
         assert oracle(str(src), root / f"t{i}") == "", i
+
+
+def test_a_receiver_waiting_long_for_the_disk_keeps_the_sender_from_timing_out(tmp_path, bundle, monkeypatch):
+    """syncfs waits for every writer of the file system: on a busy disk the end of a round
+    can take longer than the sender's I/O timeout. The receiver sends PONGs meanwhile (here:
+    a 0.2 s keepalive against a 1 s timeout and a barrier of 2.5 s)."""
+    from smsrepl.files.apply import TreeWriter
+    from smsrepl.transport import connect, receiver
+
+    monkeypatch.setattr(connect, "IO_TIMEOUT", 1.0)
+    monkeypatch.setattr(receiver, "KEEPALIVE", 0.2)
+    real = TreeWriter.finish
+
+    def slow_finish(self, *a, **kw):
+        time.sleep(2.5)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(TreeWriter, "finish", slow_finish)
+    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(bundle), str(tmp_path / "st"), create=True)
+    addr = rx.start()
+    try:
+        src = rich_tree(tmp_path / "src")
+        assert send(src, addr, bundle, target="t").kind == "full"
+        assert oracle(os.fsdecode(src), tmp_path / "dst") == ""
+    finally:
+        rx.stop()

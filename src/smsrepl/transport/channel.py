@@ -42,6 +42,8 @@ class Channel:
         self.recv_since: float | None = None
         #: why abort() broke the connection, for the error the blocked call raises
         self.abort_reason: str | None = None
+        #: when the last frame went (time.monotonic()): keepalives are sent only into a silence
+        self.sent_at = time.monotonic()
 
     def send(self, event: Event) -> None:
         with self._state_lock:
@@ -66,6 +68,7 @@ class Channel:
             except (OSError, ssl.SSLError) as exc:
                 raise TransportError(f"connection lost while sending: {exc}") from None
             self.wire_sent += size
+            self.sent_at = time.monotonic()
         if self.on_sent is not None:
             self.on_sent(size)
 

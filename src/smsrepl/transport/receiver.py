@@ -1,6 +1,7 @@
 """The target-side endpoint: accepts TLS sessions and applies them to configured targets only."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -56,6 +57,9 @@ HANDSHAKE_TIMEOUT = 15.0
 #: is dropped: a peer trickling one byte a second is, a slow but steady link (an 8 MiB frame
 #: at 512 kbit/s takes 131 s) is not
 IDLE_TIMEOUT = 120.0
+#: seconds between the PONGs a file session sends while it works without sending (a syncfs that
+#: waits for a busy disk, a listing that reads a large file): the sender's I/O timeout is 300 s
+KEEPALIVE = 20.0
 MIN_PROGRESS = 64 << 10
 #: connections served at once, and how many of them may still be before their HELLO:
 #: a flood of connections costs a bounded number of threads and is shed at the door
@@ -864,9 +868,10 @@ class _Session:
                 if isinstance(ev, BaseException):
                     raise ev
                 if isinstance(ev, F.TreeRequest) and applier is None:
-                    for frame in describe_tree(root, checksum=ev.checksum, keep_temporaries=self._dry,
-                                               stream="tree-stream" in self.hello.capabilities):
-                        self.chan.send(frame)
+                    with self._keeping_alive():
+                        for frame in describe_tree(root, checksum=ev.checksum, keep_temporaries=self._dry,
+                                                   stream="tree-stream" in self.hello.capabilities):
+                            self.chan.send(frame)
                     self._described = True
                 elif isinstance(ev, F.TreeSubset) and applier is None and kernels.TREE:
                     # temporaries a killed round left are removed by the listing of a whole-tree
@@ -891,7 +896,8 @@ class _Session:
                     for frame in signature_frames(applier.w, ev):
                         self.chan.send(frame)
                 elif isinstance(ev, F.RoundEnd) and applier is not None and ev.round_id == round_id:
-                    applier.w.finish()
+                    with self._keeping_alive():  # syncfs waits for every writer of the file system
+                        applier.w.finish()
                     applier.w.close()
                     self.written += applier.bytes
                     applier = None
@@ -1004,6 +1010,28 @@ class _Session:
                 raise RemoteProtocolError(f"{type(ev).__name__} during a network check")
             if self._control(ev, " during a network check"):
                 return True
+
+    @contextlib.contextmanager
+    def _keeping_alive(self):
+        """While the body runs, a PONG to the sender every KEEPALIVE seconds it sent nothing
+        else, so that a long wait for the disk is not taken for a dead peer."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(KEEPALIVE):
+                if time.monotonic() - self.chan.sent_at >= KEEPALIVE:
+                    try:
+                        self.chan.send(F.Pong(0, time.monotonic_ns(), 0))
+                    except (ReplicationError, OSError):
+                        return
+
+        thread = threading.Thread(target=beat, name="keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def _control(self, ev, during: str) -> bool:
         """PING, CLOSE, ERROR and the end of the stream, alike in every session; True once closed."""
