@@ -105,8 +105,10 @@ def _fixed_events():
         "Pong": F.Pong(7, 123456789),
         "ZeroRange.max": F.ZeroRange((1 << 64) - 4096, 4096),
         "ManifestData.coarse": F.ManifestData(
-            "coarse", 3, np.array([[1, 2], [0, (1 << 64) - 1], [0x0123456789ABCDEF, 0xFEDCBA9876543210]], dtype="<u8")),
-        "ManifestData.fine": F.ManifestData("fine", 1 << 20, np.array([0, 1, (1 << 64) - 1, 0x8000000000000000], "<u8")),
+            "coarse", 3,
+            np.array([[1, 2], [0, (1 << 64) - 1], [0x0123456789ABCDEF, 0xFEDCBA9876543210]], dtype="<u8")),
+        "ManifestData.fine": F.ManifestData("fine", 1 << 20,
+                                            np.array([0, 1, (1 << 64) - 1, 0x8000000000000000], "<u8")),
         "ManifestData.empty": F.ManifestData("fine", 5, np.zeros(0, dtype="<u8")),
         # file frames: TREE_DATA with each flag alone, FILE_OPS raw and zstd
         "TreeData": F.TreeData(False, 0, len(records), records),
