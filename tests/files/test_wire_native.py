@@ -91,6 +91,17 @@ def test_put_record_writes_the_fields_in_wire_order():
     assert all(name in value for name, (_, value) in zip(names, writes)), writes
 
 
+def test_xattr_block_layout():
+    """wire.py: u16 count, then per item (sorted by name) u16 name length, name, u32 value length, value."""
+    c = _source("fstree.c")
+    body = c[c.index("qsort(names, count, sizeof *names, cmp_cstr);"):]
+    body = body[:body.index("goto out;\n        }\n        if (errno != ERANGE")]
+    assert re.search(r"xb->len = 2;.*put16\(xb->data, kept\);", body, re.S)  # the count, written last
+    assert re.search(r"put16\(xb->data \+ xb->len, \(uint16_t\)nl\);\s*memcpy\(p, names\[i\], nl\);\s*"
+                     r"p = put32\(p \+ nl, \(uint32_t\)vn\);\s*memcpy\(p, val, \(size_t\)vn\);", body)
+    assert "return strcmp(" in _function(c, "static int cmp_cstr(")  # byte order, as sorted() in Python
+
+
 # --- the native scan against the Python walk ----------------------------------------------
 
 MTIME = 1_600_000_000_987_654_321
@@ -117,7 +128,8 @@ def test_native_scan_record_decodes_to_the_walk_entry(tmp_path):
     os.chmod(root / "sub", 0o2750)
     try:
         os.setxattr(known, "user.golden", b"\x00\x01v")
-        xattrs = {b"user.golden": b"\x00\x01v"}
+        os.setxattr(known, "user.Empty", b"")  # set last, sorted first
+        xattrs = {b"user.golden": b"\x00\x01v", b"user.Empty": b""}
     except OSError:
         xattrs = {}  # a file system without user xattrs: records carry none, on both sides
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
