@@ -57,3 +57,33 @@ def test_a_waiting_writer_wakes_when_descriptors_come_back():
 def test_a_budget_of_nothing_is_refused():
     with pytest.raises(ValueError, match="leaves nothing"):
         DescriptorBudget(0)
+
+
+@pytest.mark.skipif(not __import__("smsrepl.kernels", fromlist=["TREE"]).TREE, reason="runs of files are native")
+def test_a_run_that_fails_any_way_gives_its_room_back(tmp_path, monkeypatch):
+    """A run's room is taken from the process's budget before its files are written; a run
+    stopped by something other than an OSError (a directory of the run that cannot be opened
+    raises TargetWriteError through the kernel's callback) must give it back, or every later
+    session of the process waits for descriptors that never come (a stress run's receiver
+    wrote every file the slow way, 5 s each, until its senders timed out)."""
+    from smsrepl import kernels
+    from smsrepl.errors import TargetWriteError
+    from smsrepl.files import apply
+    from smsrepl.files.fdbudget import process_budget
+
+    budget = process_budget()
+    before = budget.held
+
+    def failing(body, pos, dir_fd_of, *rest):
+        dir_fd_of(b"not/there")  # what the kernel asks for a run's directory
+        raise AssertionError("dir_fd_of should have raised")
+
+    monkeypatch.setattr(kernels, "write_files", failing)
+    w = apply.TreeWriter(str(tmp_path))
+    try:
+        with pytest.raises(TargetWriteError):
+            w.write_run(b"\0" * 64, 0)
+        assert budget.held == before
+    finally:
+        w.close()
+    assert budget.held == before

@@ -436,6 +436,11 @@ class TreeWriter:
                 return pos, 0, 0
             name = repr(os.fsdecode(exc.filename)) if exc.filename else "a new file"
             raise TargetWriteError(f"writing {name} under {os.fsdecode(self.root)!r}: {exc.strerror}") from None
+        except BaseException:
+            # anything else (a directory that could not be opened for the run, a stop): the room
+            # goes back too, or the process's budget stays short of it for every later session
+            self._budget.give_back(room)
+            raise
         used = len(fds) + len(dirs)
         if used > room:
             self._budget.force(used - room)  # the runs' directories
