@@ -293,32 +293,12 @@ def records_with_digests(top: bytes, rel: bytes, records: bytes, names: list[byt
     """A directory's wire records (a DirBatch's) with the XXH3-128 of each regular file's
     content: what a receiver lists for a check. A file that cannot be read goes without one
     (a check counts it as different)."""
-    files = [i for i, k in enumerate(kinds) if k == FILE]
+    d = Dir(records, names, kinds, ends)
+    files = d.files()
     if not files:
         return records
-    digests: dict[int, bytes] = {}
-    try:
-        dfd = os.open(top + b"/" + rel if rel else top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        dfd = -1
-    if dfd >= 0:
-        try:
-            want = [names[i] for i in files]
-            out = bytearray(16 * len(want))
-            done, _, errs = kernels.hash_files(dfd, want, out, 1 << 62)
-            bad = {i for i, _ in errs}
-            digests = {files[k]: bytes(out[16 * k:16 * k + 16]) for k in range(done) if k not in bad}
-        finally:
-            os.close(dfd)
-    parts, start = [], 0
-    for i, end in enumerate(ends):
-        d = digests.get(i)
-        if d is None:
-            parts.append(records[start:end])
-        else:
-            parts += [records[start:start + 49], b"\x01", records[start + 50:end], d]
-        start = end
-    return b"".join(parts)
+    hash_side(top, Side({rel: d}), {rel: files}, Meter(0, None))
+    return d.with_digests()
 
 
 class Background(threading.Thread):
