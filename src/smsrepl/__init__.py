@@ -1,5 +1,5 @@
 """smsrepl: the data plane of a server migration (block and file replication over mutual TLS)."""
-from ._version import __version__
+from smsrepl._version import __version__
 
 __all__ = ["__version__", "backend"]
 
@@ -8,7 +8,7 @@ def __getattr__(name: str):
     # lazy: importing the package must not pull numpy in before the CLI has set
     # its environment (see cli.py), nor cost a library user who needs only a part
     if name == "backend":
-        from .kernels import BACKEND
+        from smsrepl.kernels import BACKEND
 
         return BACKEND
     raise AttributeError(f"module 'smsrepl' has no attribute {name!r}")

@@ -15,12 +15,13 @@ import threading
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from . import __version__
-from .codec import DEFAULT_LEVEL
-from .errors import EXIT_USAGE, ConfigError, ReplicationError
-from .flags import (OneLineParser, add_verbose, address, control_plane_id, directory, https_url, nonempty,
-                    number, number_in, seconds, state_dir, subcommands, target_name)
-from .memory import pin_mmap_threshold
+from smsrepl import __version__
+from smsrepl.codec import DEFAULT_LEVEL
+from smsrepl.errors import EXIT_USAGE, ConfigError, ReplicationError
+from smsrepl.flags import (OneLineParser, add_verbose, address, control_plane_id, directory,
+                           https_url, nonempty, number, number_in, seconds, state_dir, subcommands,
+                           target_name)
+from smsrepl.memory import pin_mmap_threshold
 
 
 def _state_home(kind: str) -> str:
@@ -29,20 +30,20 @@ def _state_home(kind: str) -> str:
 
 
 def _passphrase(args) -> bytes | None:
-    from .transport.tls import load_passphrase
+    from smsrepl.transport.tls import load_passphrase
 
     return load_passphrase(args.passphrase_file) if getattr(args, "passphrase_file", None) else None
 
 
 def _certkey(args):
-    from .transport.tls import CertKey, ValidatedBundles
+    from smsrepl.transport.tls import CertKey, ValidatedBundles
 
     # a sender starts for every round: a bundle validated before is not parsed again
     return CertKey.load(args.certkey, known=ValidatedBundles(_state_home("validated-bundles")))
 
 
 def _targets(pairs: list[str]) -> dict[str, str]:
-    from .transport.connect import TARGET_NAME
+    from smsrepl.transport.connect import TARGET_NAME
 
     out: dict[str, str] = {}
     for pair in pairs:
@@ -59,7 +60,7 @@ def _targets(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_certs_init(args) -> int:
-    from .certs import check_certkey_slot, make_bundle, write_certkey
+    from smsrepl.certs import check_certkey_slot, make_bundle, write_certkey
 
     passphrase = _passphrase(args)
     check_certkey_slot(args.outdir, overwrite=args.force)  # before making keys for nothing
@@ -69,10 +70,10 @@ def cmd_certs_init(args) -> int:
 
 
 def cmd_receive(args) -> int:
-    from .transport.receiver import Receiver
-    from .transport.connect import parse_address
-    from .transport.tls import server_context
-    from . import logsetup
+    from smsrepl.transport.receiver import Receiver
+    from smsrepl.transport.connect import parse_address
+    from smsrepl.transport.tls import server_context
+    from smsrepl import logsetup
 
     logsetup.configure(args.verbose, args.log_file, args.log_format)
     import logging
@@ -81,7 +82,7 @@ def cmd_receive(args) -> int:
     signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=logsetup.reopen).start())
     logging.getLogger("smsrepl.receiver.rounds").setLevel(logging.INFO)  # a line per round, stages included
 
-    from .transport.receiver import RootTargets
+    from smsrepl.transport.receiver import RootTargets
 
     if args.root and args.target:
         raise ConfigError("give --target NAME=PATH ... or --root DIR, not both")
@@ -175,7 +176,7 @@ class _ProgressOutput:
         """Close the round's bar, its rate the round's average: before the summary is printed,
         so that nothing redraws the bar after it."""
         if self.bar is not None and seconds > 0:
-            from .summary import human_rate
+            from smsrepl.summary import human_rate
 
             self.bar.set_postfix_str(f"{human_rate(wire_bytes / seconds)} on the wire, average", refresh=False)
         self.close()
@@ -211,7 +212,7 @@ class _ScheduleWatcher:
         self.note = lambda line: print(line, file=sys.stderr)
 
     def load(self):
-        from .ratelimit import SpeedSchedule
+        from smsrepl.ratelimit import SpeedSchedule
 
         if not self.path:
             return None
@@ -255,7 +256,7 @@ class _ScheduleWatcher:
 
 def _read_config(path: str) -> dict:
     """A 5.10.1 configuration body from a file."""
-    from .files.rules import parse_configuration_body
+    from smsrepl.files.rules import parse_configuration_body
 
     try:
         with open(path, "rb") as fh:
@@ -269,8 +270,8 @@ def _block_cpu_cap(path: str | None):
     """The 5.10.1 configuration body for block transfer: only LINUX_CPU_LIMIT applies."""
     if not path:
         return None
-    from .files.rules import CPU_LIMIT, KEYS
-    from .ratelimit import CpuCap
+    from smsrepl.files.rules import CPU_LIMIT, KEYS
+    from smsrepl.ratelimit import CpuCap
 
     body = _read_config(path)
     for i, item in enumerate(body["configurations"]):
@@ -283,30 +284,30 @@ def _block_cpu_cap(path: str | None):
 
 
 def cmd_send_files(args, stop=None) -> int:
-    from .transport.file_sender import FileSender
-    from .transport.connect import parse_address
-    from .transport.tls import client_context
+    from smsrepl.transport.file_sender import FileSender
+    from smsrepl.transport.connect import parse_address
+    from smsrepl.transport.tls import client_context
 
-    from .dryrun import check_flags
+    from smsrepl.dryrun import check_flags
 
     check_flags(args)
     interval = _continuous_interval(args)
     journal = _open_journal(args)
     rules = None
     if args.config:
-        from .files.rules import PathRules
+        from smsrepl.files.rules import PathRules
 
         rules = PathRules.from_configurations(_read_config(args.config), source=f"--config {args.config!r}")
         rules = rules.anchored(args.source)  # before anything connects: a rule may exclude the whole tree
     host_sampler = None
     if args.progress == "json":
-        from .progress import HostSampler
+        from smsrepl.progress import HostSampler
 
         host_sampler = HostSampler()
     watcher = _ScheduleWatcher(args.speed_limit)
     ctx = client_context(_certkey(args), _passphrase(args))
     if args.dry_run:
-        from .dryrun import dry_run_files
+        from smsrepl.dryrun import dry_run_files
 
         return dry_run_files(args, rules, ctx)
     out = _ProgressOutput(args.progress)
@@ -327,14 +328,14 @@ def cmd_send_files(args, stop=None) -> int:
         return sender
 
     def print_summary(result) -> None:
-        from .summary import files_round_line
+        from smsrepl.summary import files_round_line
 
         out.end_round(result.wire_bytes, result.seconds)
         summary = result.summary()
         _print_summary(args, json.dumps(summary) if args.json else files_round_line(summary))
         for line in result.stats.reported:
             print(f"note: {line}", file=sys.stderr)
-        from .files.rules import unmatched_note
+        from smsrepl.files.rules import unmatched_note
 
         for key, rule in result.stats.unmatched_rules:
             print(f"note: {unmatched_note(key, rule, os.path.abspath(args.source))}", file=sys.stderr)
@@ -342,7 +343,7 @@ def cmd_send_files(args, stop=None) -> int:
     watcher.watch()
     try:
         if args.continuous:
-            from .continuous import ContinuousSync
+            from smsrepl.continuous import ContinuousSync
 
             cont = ContinuousSync(make_sender, interval=interval, on_round=print_summary)
             _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
@@ -376,7 +377,7 @@ def _open_journal(args):
     if args.checksum:
         print("notice: --checksum reads every file each round; no change journal", file=sys.stderr, flush=True)
         return None
-    from .files.journal import open_journal
+    from smsrepl.files.journal import open_journal
 
     return open_journal(args.source, whole_every=10 if args.whole_tree_every is None else args.whole_tree_every,
                         notice=lambda line: print(line, file=sys.stderr, flush=True))
@@ -396,7 +397,7 @@ def _one_shot_stop(cmd):
     def run(args) -> int:
         if args.continuous:
             return cmd(args)
-        from .interrupt import OneShotStop
+        from smsrepl.interrupt import OneShotStop
 
         stop = OneShotStop()
         stop.install()
@@ -422,12 +423,12 @@ def _continuous_interval(args) -> float:
 
 
 def cmd_send_block(args, stop=None) -> int:
-    from .progress import HostSampler
-    from .transport.connect import parse_address
-    from .transport.sender import Sender
-    from .transport.tls import client_context
+    from smsrepl.progress import HostSampler
+    from smsrepl.transport.connect import parse_address
+    from smsrepl.transport.sender import Sender
+    from smsrepl.transport.tls import client_context
 
-    from .dryrun import check_flags
+    from smsrepl.dryrun import check_flags
 
     check_flags(args)
     interval = _continuous_interval(args)
@@ -437,12 +438,12 @@ def cmd_send_block(args, stop=None) -> int:
     ctx = client_context(_certkey(args), _passphrase(args))
     state_dir = args.state_dir or _state_home("send")
     if args.dry_run:
-        from .dryrun import dry_run_block
+        from smsrepl.dryrun import dry_run_block
 
         return dry_run_block(args, ctx, state_dir)
     quiesce = None
     if args.continuous:
-        from .blocks.quiesce import FREEZE_TIMEOUT, Quiesce
+        from smsrepl.blocks.quiesce import FREEZE_TIMEOUT, Quiesce
 
         # also thaws what a killed run of this state directory left frozen
         quiesce = Quiesce(args.source, freeze=args.freeze, state_dir=state_dir,
@@ -452,7 +453,7 @@ def cmd_send_block(args, stop=None) -> int:
     if args.dirty_map:
         dirty, tracking = _dirty_map(args.dirty_map, args.source), "map"
     elif args.continuous:
-        from .blocks.tracker import open_tracking
+        from smsrepl.blocks.tracker import open_tracking
 
         dirty = open_tracking(args.source, args.tracking or "auto",
                               notice=lambda line: print(line, file=sys.stderr, flush=True))
@@ -473,7 +474,7 @@ def cmd_send_block(args, stop=None) -> int:
         return sender
 
     def print_summary(result) -> None:
-        from .summary import block_round_line
+        from smsrepl.summary import block_round_line
 
         out.end_round(result.wire_bytes, result.seconds)
         summary = {
@@ -497,7 +498,7 @@ def cmd_send_block(args, stop=None) -> int:
     watcher.watch()
     try:
         if args.continuous:
-            from .continuous import ContinuousSync
+            from smsrepl.continuous import ContinuousSync
 
             cont = ContinuousSync(make_sender, interval=interval, dirty_map=dirty, on_round=print_summary,
                                   quiesce=quiesce, tracking=tracking)
@@ -528,8 +529,8 @@ def _check_live_flags(args) -> None:
 
 
 def _dirty_map(path: str, source: str):
-    from .blocks.device import BlockSource
-    from .blocks.dirtymap import DirtyMap
+    from smsrepl.blocks.device import BlockSource
+    from smsrepl.blocks.dirtymap import DirtyMap
 
     with BlockSource(source) as src:
         size = src.size
@@ -555,9 +556,9 @@ def _cutover_on_sigterm(cutover, abort, round_now=None) -> None:
 
 
 def cmd_netcheck(args) -> int:
-    from .netcheck import run_netcheck
-    from .transport.connect import parse_address
-    from .transport.tls import client_context
+    from smsrepl.netcheck import run_netcheck
+    from smsrepl.transport.connect import parse_address
+    from smsrepl.transport.tls import client_context
 
     if not 0.2 <= args.seconds <= 600:
         raise ConfigError(f"--seconds {args.seconds}: must be between 0.2 and 600")
@@ -569,9 +570,9 @@ def cmd_netcheck(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .transport.connect import parse_address
-    from .transport.status import fetch_status, format_report
-    from .transport.tls import client_context
+    from smsrepl.transport.connect import parse_address
+    from smsrepl.transport.status import fetch_status, format_report
+    from smsrepl.transport.tls import client_context
 
     ctx = client_context(_certkey(args), _passphrase(args))
     report = fetch_status(parse_address(args.to), ctx)
@@ -580,9 +581,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_verify_block(args) -> int:
-    from .checkprogress import CheckProgress
-    from .progress import SYNC_LINUX_BLOCK, HostSampler
-    from .verify import compare_block_images
+    from smsrepl.checkprogress import CheckProgress
+    from smsrepl.progress import SYNC_LINUX_BLOCK, HostSampler
+    from smsrepl.verify import compare_block_images
 
     out = _ProgressOutput(args.progress, wire=False)
     progress = None
@@ -612,10 +613,10 @@ def _verify_block_remote(args, on_progress=None) -> tuple[dict, bool]:
     """The source read now against the receiver's digests of what it verified and made durable."""
     import tempfile
 
-    from .consistency import consistent, entry, result_body
-    from .transport.connect import parse_address
-    from .transport.sender import Sender
-    from .transport.tls import client_context
+    from smsrepl.consistency import consistent, entry, result_body
+    from smsrepl.transport.connect import parse_address
+    from smsrepl.transport.sender import Sender
+    from smsrepl.transport.tls import client_context
 
     if not (args.target and args.certkey):
         raise ConfigError("verify block --to needs --target NAME and --certkey FILE")
@@ -629,14 +630,14 @@ def _verify_block_remote(args, on_progress=None) -> tuple[dict, bool]:
 
 
 def cmd_verify_files(args) -> int:
-    from .files.compare import compare_trees, compare_with_listing
-    from .files.rules import PathRules
+    from smsrepl.files.compare import compare_trees, compare_with_listing
+    from smsrepl.files.rules import PathRules
 
     out = _ProgressOutput(args.progress, wire=False)
     progress = None
     if args.progress != "none":
-        from .checkprogress import CheckProgress
-        from .progress import SYNC_LINUX_FILE, HostSampler
+        from smsrepl.checkprogress import CheckProgress
+        from smsrepl.progress import SYNC_LINUX_FILE, HostSampler
 
         progress = CheckProgress(out.report, SYNC_LINUX_FILE, args.source, "files",
                                  HostSampler() if args.progress == "json" else None)
@@ -651,9 +652,9 @@ def cmd_verify_files(args) -> int:
             dirs += list(rules.consistency_dirs)
         kw = {"rules": rules, "mode": args.compare, "on_progress": progress, "list_paths": args.list}
         if args.to:
-            from .transport.file_sender import FileSender
-            from .transport.connect import parse_address
-            from .transport.tls import client_context
+            from smsrepl.transport.file_sender import FileSender
+            from smsrepl.transport.connect import parse_address
+            from smsrepl.transport.tls import client_context
 
             if not (args.target and args.certkey):
                 raise ConfigError("verify files --to needs --target NAME and --certkey FILE")
@@ -681,7 +682,7 @@ def cmd_verify_files(args) -> int:
 
 
 def _max_delete(text: str) -> int:
-    from .dryrun import max_delete
+    from smsrepl.dryrun import max_delete
 
     return max_delete(text)
 
@@ -699,8 +700,8 @@ def _file_level(text: str):
 
 
 def cmd_agent(args) -> int:
-    from .agent.client import ControlPlane
-    from .agent.loop import Agent
+    from smsrepl.agent.client import ControlPlane
+    from smsrepl.agent.loop import Agent
 
     try:
         with open(args.token_file) as fh:
@@ -759,7 +760,7 @@ def _check_ca_file(path: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from smsrepl.demo import run_demo
 
     return run_demo(size_mib=args.size_mib, keep=args.keep)
 
@@ -993,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
     # again and again (it took 5% of a sender's time in a round of small files)
     gc.freeze()
     if args.verbose or not quick or "logging" in sys.modules:
-        from .logsetup import configure as configure_logging
+        from smsrepl.logsetup import configure as configure_logging
 
         configure_logging(args.verbose)
     try:

@@ -10,12 +10,12 @@ or already-compressed data costs the receiver nothing to "decompress".
 """
 from __future__ import annotations
 
-from ._lazy import _Lazy, np
+from smsrepl._lazy import _Lazy, np
 
 # imported on first use: a command that never compresses (verify, status) skips its import
 zstandard = _Lazy("zstandard")
 
-from .errors import CompressionError, DecompressionError
+from smsrepl.errors import CompressionError, DecompressionError
 
 RAW = 0
 ZSTD = 1

@@ -25,10 +25,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import faults
-from .errors import ReplicationError, TransportError
-from .lag import LagMeter
-from .memory import release_free_memory
+from smsrepl import faults
+from smsrepl.errors import ReplicationError, TransportError
+from smsrepl.lag import LagMeter
+from smsrepl.memory import release_free_memory
 
 log = logging.getLogger("smsrepl.continuous")
 #: round results kept: a sync that runs for weeks must not grow by one result a round

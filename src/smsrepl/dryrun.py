@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import ConfigError, DeletionLimitError
+from smsrepl.errors import ConfigError, DeletionLimitError
 
 #: ranges a block dry run lists without -v
 RANGES_SHOWN = 20
@@ -36,9 +36,9 @@ def check_flags(args) -> None:
 
 
 def dry_run_files(args, rules, ctx, out=None) -> int:
-    from .files.deletions import check_deletions
-    from .transport.connect import parse_address
-    from .transport.file_sender import FileSender
+    from smsrepl.files.deletions import check_deletions
+    from smsrepl.transport.connect import parse_address
+    from smsrepl.transport.file_sender import FileSender
 
     out = out or sys.stdout
     sender = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules, checksum=args.checksum)
@@ -56,8 +56,8 @@ def dry_run_files(args, rules, ctx, out=None) -> int:
 
 
 def dry_run_block(args, ctx, state_dir: str, out=None) -> int:
-    from .transport.connect import parse_address
-    from .transport.sender import Sender
+    from smsrepl.transport.connect import parse_address
+    from smsrepl.transport.sender import Sender
 
     out = out or sys.stdout
     sender = Sender(args.source, args.target, parse_address(args.to), ctx, state_dir)

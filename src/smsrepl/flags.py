@@ -80,8 +80,8 @@ def subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
 def address(*, listen: bool = False):
     """An argparse type: ``HOST:PORT`` checked now (transport.connect.parse_address), kept as text."""
     def parse(text: str) -> str:
-        from .errors import ConfigError
-        from .transport.connect import parse_address
+        from smsrepl.errors import ConfigError
+        from smsrepl.transport.connect import parse_address
 
         try:
             parse_address(text, listen=listen)
@@ -94,8 +94,8 @@ def address(*, listen: bool = False):
 
 
 def target_name(text: str) -> str:
-    from .errors import ConfigError
-    from .transport.connect import check_target_name
+    from smsrepl.errors import ConfigError
+    from smsrepl.transport.connect import check_target_name
 
     try:
         return check_target_name(text)
@@ -145,7 +145,7 @@ def state_dir(text: str) -> str:
 
 def control_plane_id(text: str) -> str:
     """An argparse type: a source server or task id as the control plane's paths take it."""
-    from .agent.client import _ID
+    from smsrepl.agent.client import _ID
 
     if not _ID.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a valid id (letters, digits, '.', '_', '-')")

@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 
-from .errors import EXIT_TRANSFER
-from .summary import interrupted_line
+from smsrepl.errors import EXIT_TRANSFER
+from smsrepl.summary import interrupted_line
 
 #: seconds from the signal to the forced exit when the orderly one has not happened by then
 GRACE = 0.8

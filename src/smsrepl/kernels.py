@@ -36,7 +36,7 @@ import os
 import sys
 import struct
 
-from ._lazy import np
+from smsrepl._lazy import np
 
 ZERO_DIGEST = 0
 UNKNOWN_DIGEST = 0xFFFF_FFFF_FFFF_FFFF
@@ -97,17 +97,17 @@ if BACKEND == "native":
 else:
     # the change tracker's reader (_native/traceread.c) and its twin, imported when first used
     def TraceReader(*args):
-        from .blocks.tracepage import PyTraceReader
+        from smsrepl.blocks.tracepage import PyTraceReader
 
         return PyTraceReader(*args)
 
     def trace_take(bitmap, out) -> int:
-        from .blocks.tracepage import trace_take as take
+        from smsrepl.blocks.tracepage import trace_take as take
 
         return take(bitmap, out)
 
     def trace_parse_page(page, layout, dev, first_sector, nsectors, bitmap) -> dict:
-        from .blocks.tracepage import parse_page
+        from smsrepl.blocks.tracepage import parse_page
 
         return parse_page(page, layout, dev, first_sector, nsectors, bitmap)
 

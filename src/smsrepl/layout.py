@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from smsrepl.errors import ConfigError
 
 MB = 1 << 20
 #: what an MBR disk keeps before its first partition (the partition table, aligned)

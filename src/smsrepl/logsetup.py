@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from .errors import ConfigError
+from smsrepl.errors import ConfigError
 
 
 def _utc(t: float):

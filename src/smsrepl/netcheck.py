@@ -29,9 +29,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .errors import RemoteProtocolError, TransportError
-from .protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
-from .protocol import frames as F
+from smsrepl.errors import RemoteProtocolError, TransportError
+from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
+from smsrepl.protocol import frames as F
 
 #: grade: (max delay ms, max jitter ms, max loss %, min bandwidth Mbit/s); checked in order
 GRADES: tuple[tuple[str, float, float, float, float], ...] = (
@@ -101,8 +101,8 @@ def run_netcheck(address: tuple[str, int], context: ssl.SSLContext, *, seconds: 
     """Measure the link to the receiver at ``address`` (the same TLS and port as a transfer)."""
     import psutil
 
-    from .transport.channel import Channel
-    from .transport.connect import connect
+    from smsrepl.transport.channel import Channel
+    from smsrepl.transport.connect import connect
 
     if not 0 < bulk <= F.MAX_BODY - 64:
         raise ValueError(f"bulk frame size must be 1..{F.MAX_BODY - 64} bytes")

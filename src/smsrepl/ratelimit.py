@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .errors import EXIT_TRANSFER, ConfigError, ReplicationError
+from smsrepl.errors import EXIT_TRANSFER, ConfigError, ReplicationError
 
 __all__ = [
     "BYTES_PER_MBIT",

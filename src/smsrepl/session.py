@@ -21,8 +21,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ReplicationError
-from .state import Command, CommandResult, Event, ServerCommand, SessionState, SessionStateMachine, StatePair
+from smsrepl.errors import ReplicationError
+from smsrepl.state import (Command, CommandResult, Event, ServerCommand, SessionState,
+                           SessionStateMachine, StatePair)
 
 #: how long STOP and DELETE wait for a running round to let go
 STOP_TIMEOUT = 60.0

@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .errors import EXIT_USAGE, ConfigError, ReplicationError
+from smsrepl.errors import EXIT_USAGE, ConfigError, ReplicationError
 
 __all__ = [
     "CopyState",

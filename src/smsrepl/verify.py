@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .blocks import imagecompare
-from .consistency import entry, result_body
+from smsrepl.blocks import imagecompare
+from smsrepl.consistency import entry, result_body
 
 
 def compare_block_images(source_path: str, target_path: str, *, max_ranges: int = 1000,

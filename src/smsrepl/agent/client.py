@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import requests
 
-from ..errors import ConfigError, ReplicationError
+from smsrepl.errors import ConfigError, ReplicationError
 
 log = logging.getLogger("smsrepl.agent.client")
 

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .fields import body_problems
+from smsrepl.agent.fields import body_problems
 
 _ROUTES = [
     ("GET", re.compile(r"^/v3/tasks/([^/]+)$"), "task"),

@@ -18,9 +18,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ConfigError
-from ..progress import report_problems
-from ..state import CopyState, MigrationCycle, is_allowed
+from smsrepl.errors import ConfigError
+from smsrepl.progress import report_problems
+from smsrepl.state import CopyState, MigrationCycle, is_allowed
 
 # field -> (kind, min, max, required, enum); kind: str, int, float, bool, object, array
 Table = dict[str, tuple[str, float | None, float | None, bool, frozenset | None]]

@@ -31,12 +31,12 @@ import time
 from collections import deque
 from typing import Any
 
-from ..blocks.replica import private_makedirs
-from ..errors import ConfigError, ReplicationError
-from ..session import BlockSession
-from ..state import CommandResult, ServerCommand, SessionState
-from .client import ControlPlane, ControlPlaneError
-from .server import DiskPlan, ServerRound, TreeRound
+from smsrepl.blocks.replica import private_makedirs
+from smsrepl.errors import ConfigError, ReplicationError
+from smsrepl.session import BlockSession
+from smsrepl.state import CommandResult, ServerCommand, SessionState
+from smsrepl.agent.client import ControlPlane, ControlPlaneError
+from smsrepl.agent.server import DiskPlan, ServerRound, TreeRound
 
 log = logging.getLogger("smsrepl.agent")
 
@@ -257,7 +257,7 @@ class Agent:
             self.session = None
 
     def _save_task(self, **extra) -> None:
-        from ..blocks.replica import write_json_atomic
+        from smsrepl.blocks.replica import write_json_atomic
 
         write_json_atomic(self._task_file(), {"task_id": self.task_id, **extra})
 
@@ -335,8 +335,8 @@ class Agent:
 
     # --- set-up from the task -------------------------------------------------------
     def _prepare(self, task_id: str | None) -> None:
-        from ..ratelimit import CpuCap
-        from ..transport.tls import CertKey, client_context
+        from smsrepl.ratelimit import CpuCap
+        from smsrepl.transport.tls import CertKey, client_context
 
         if not task_id:
             raise ConfigError("START carries no task_id and the agent was given none")
@@ -360,14 +360,14 @@ class Agent:
         self._refresh_speed_limit()
         config = self.cp.get_configuration(task_id) or {}
         if self._file_task:
-            from ..files.rules import PathRules
+            from smsrepl.files.rules import PathRules
 
             self._rules = PathRules.from_configurations(config, source="the task's configuration (5.10.2)").anchored(
                 self.tree)
         items = [c for c in config.get("configurations", []) if c.get("config_key") == "LINUX_CPU_LIMIT"]
         self._cpu_cap = CpuCap.from_configurations({"configurations": [
             {"config_key": c["config_key"], "config_value": c["config_value"]} for c in items]}) if items else None
-        from ..progress import HostSampler
+        from smsrepl.progress import HostSampler
 
         self._sampler = HostSampler()  # host and agent CPU, memory and disk I/O in every report
         self.task = task
@@ -376,7 +376,7 @@ class Agent:
         if not self._file_task and bool(task.get("syncing", False)):
             self._start_tracking()
         if self._file_task and bool(task.get("syncing", False)) and self._journal is None:
-            from ..files.journal import open_journal
+            from smsrepl.files.journal import open_journal
 
             # from before the first copy on: SYNC_LINUX_FILE rounds scan what it names
             self._journal = open_journal(self.tree, notice=log.warning)
@@ -389,8 +389,8 @@ class Agent:
     def _start_tracking(self) -> None:
         """Kernel change tracking of every source disk, from before the first copy on (where it
         cannot run: sync rounds that read each disk whole, and one notice)."""
-        from ..blocks.tracker import open_tracking
-        from ..lag import LagMeter
+        from smsrepl.blocks.tracker import open_tracking
+        from smsrepl.lag import LagMeter
 
         for plan in self._plans:
             if plan.path not in self._trackers:
@@ -410,7 +410,7 @@ class Agent:
             self._journal = None
 
     def _refresh_speed_limit(self) -> None:
-        from ..ratelimit import SpeedSchedule
+        from smsrepl.ratelimit import SpeedSchedule
 
         try:
             raw = self.cp.get_speed_limit(self.task_id)
@@ -430,7 +430,7 @@ class Agent:
 
     def _network_check(self) -> None:
         """Measure the link to the receiver over the data port and report it (5.9.1)."""
-        from ..netcheck import UNUSABLE, run_netcheck
+        from smsrepl.netcheck import UNUSABLE, run_netcheck
 
         if self.netcheck_seconds <= 0:
             return
@@ -445,10 +445,10 @@ class Agent:
 
     # --- rounds ---------------------------------------------------------------------
     def _make_round(self, states):
-        from ..transport.sender import Sender
+        from smsrepl.transport.sender import Sender
 
         if self._file_task:
-            from ..transport.file_sender import FileSender
+            from smsrepl.transport.file_sender import FileSender
 
             cut = self._cutover.is_set()
             rnd = TreeRound(lambda: FileSender(self.tree, self.tree_target, self._address, self._ctx, rules=self._rules,
@@ -472,7 +472,7 @@ class Agent:
         self._cutover_running = cut
         quiesce = None
         if cut:
-            from ..blocks.quiesce import FREEZE_TIMEOUT, Quiesce
+            from smsrepl.blocks.quiesce import FREEZE_TIMEOUT, Quiesce
 
             quiesce = Quiesce([p.path for p in self._plans], freeze=self.freeze, state_dir=self.state_dir,
                               timeout=self.freeze_timeout or FREEZE_TIMEOUT)
@@ -532,12 +532,12 @@ class Agent:
         self._wake.set()
 
     def _consistency_check(self) -> None:
-        from ..transport.sender import Sender
+        from smsrepl.transport.sender import Sender
 
         if self._file_task:
-            from ..consistency import for_upload
-            from ..files.compare import compare_with_listing
-            from ..transport.file_sender import FileSender
+            from smsrepl.consistency import for_upload
+            from smsrepl.files.compare import compare_with_listing
+            from smsrepl.transport.file_sender import FileSender
 
             sender = FileSender(self.tree, self.tree_target, self._address, self._ctx, rules=self._rules)
             dirs = list(self._rules.consistency_dirs) if self._rules else []
@@ -549,7 +549,7 @@ class Agent:
             self.outbox.put("consistency", self.task_id, self.consistency)
             return
 
-        from ..consistency import entry, for_upload
+        from smsrepl.consistency import entry, for_upload
 
         items = []
         for disk in self._plans:

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..blocks.device import BlockSource
-from ..errors import ConfigError, TransportError
-from ..progress import TRACE_MAX
-from ..state import Event, SessionStateMachine
+from smsrepl.blocks.device import BlockSource
+from smsrepl.errors import ConfigError, TransportError
+from smsrepl.progress import TRACE_MAX
+from smsrepl.state import Event, SessionStateMachine
 
 log = logging.getLogger("smsrepl.agent")
 
@@ -195,7 +195,7 @@ class TreeRound(_Round):
         r = self._start(sender).run()
         self._fire(_END[self.kind])
         if r.stats.unmatched_rules:
-            from ..files.rules import unmatched_note
+            from smsrepl.files.rules import unmatched_note
 
             for key, rule in r.stats.unmatched_rules:
                 log.warning("%s", unmatched_note(key, rule, sender.source))

@@ -25,20 +25,12 @@ import struct
 import threading
 from collections.abc import Iterator
 
-from .._lazy import np
-from .direct import ALIGN, STAGE, DirectWriter, aligned_buffer, buffer_address
-from .. import faults
-from ..errors import (
-    ReplicationError,
-    SizeMismatchError,
-    SourceError,
-    SourceMissingError,
-    TargetError,
-    TargetInUseError,
-    TargetKindError,
-    TargetMissingError,
-    TargetWriteError,
-)
+from smsrepl._lazy import np
+from smsrepl.blocks.direct import ALIGN, STAGE, DirectWriter, aligned_buffer, buffer_address
+from smsrepl import faults
+from smsrepl.errors import (ReplicationError, SizeMismatchError, SourceError, SourceMissingError,
+                            TargetError, TargetInUseError, TargetKindError, TargetMissingError,
+                            TargetWriteError)
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
@@ -222,7 +214,7 @@ class BlockSource:
     def read_ranges(self, view: memoryview, ranges: list[tuple[int, int]]) -> int:
         """Read each (offset, length) of ``ranges`` into ``view``, one after the other in it, with
         READ_DEPTH reads in flight; short only where the source ended."""
-        from .. import kernels
+        from smsrepl import kernels
 
         aligned = self.direct and buffer_address(view) % ALIGN == 0 and all(
             off % ALIGN == 0 and n % ALIGN == 0 for off, n in ranges)
@@ -480,7 +472,7 @@ class BlockTarget:
     def write_ranges(self, data, offsets: np.ndarray, lengths: np.ndarray) -> None:
         """Write ``data``'s consecutive pieces (lengths[i] bytes each) at offsets[i], buffered, in
         one native call: a sync round's scattered blocks cost one Python call, not one each."""
-        from .. import kernels
+        from smsrepl import kernels
 
         if not len(offsets):
             return

@@ -22,9 +22,9 @@ import queue
 import threading
 from collections.abc import Callable
 
-from .._lazy import np
+from smsrepl._lazy import np
 
-from .. import faults
+from smsrepl import faults
 
 ALIGN = 4096
 #: bytes per staging buffer (the largest BLOCK_DATA frame), and buffers one writer has in flight

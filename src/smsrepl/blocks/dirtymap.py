@@ -51,10 +51,10 @@ import struct
 import threading
 from collections.abc import Iterator
 
-from .._lazy import np
+from smsrepl._lazy import np
 
-from ..errors import ConfigError, ManifestError
-from .manifest import FINE_BLOCK, runs_of
+from smsrepl.errors import ConfigError, ManifestError
+from smsrepl.blocks.manifest import FINE_BLOCK, runs_of
 
 MAGIC = b"SMSDIRTY"
 VERSION = 1

@@ -25,9 +25,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .._lazy import np
-from .device import BlockSource
-from .direct import aligned_buffer
+from smsrepl._lazy import np
+from smsrepl.blocks.device import BlockSource
+from smsrepl.blocks.direct import aligned_buffer
 
 BLOCK = 4096
 #: bytes a worker compares at a time: two chunks stay in its core's L2 while memcmp reads them

@@ -46,11 +46,11 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 
-from .._lazy import np
+from smsrepl._lazy import np
 import xxhash
 
-from ..errors import ManifestError, SourceError
-from .. import kernels
+from smsrepl.errors import ManifestError, SourceError
+from smsrepl import kernels
 
 MAGIC = b"SMSRMNF\n"
 VERSION = 1
@@ -398,7 +398,7 @@ def scan(source, *, chunk: int = 8 << 20, start: int = 0, buffers: int = 1, ahea
     """
     if buffers < ahead + 1:
         raise ValueError("scan needs more buffers than chunks read ahead")
-    from .direct import aligned_buffer
+    from smsrepl.blocks.direct import aligned_buffer
 
     bufs = [aligned_buffer(chunk) for _ in range(buffers)]  # O_DIRECT reads go straight into them
     digs = [np.empty(chunk // FINE_BLOCK, dtype="<u8") for _ in range(buffers)]

@@ -30,8 +30,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .tracefs import process_start, unescape_mount_path
+from smsrepl.errors import ConfigError
+from smsrepl.blocks.tracefs import process_start, unescape_mount_path
 
 log = logging.getLogger("smsrepl.quiesce")
 

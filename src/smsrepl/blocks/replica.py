@@ -31,15 +31,15 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from .._lazy import np
+from smsrepl._lazy import np
 
-from .. import faults, kernels
-from ..stages import StageClock
-from ..codec import Decompressor
-from ..errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
-from ..protocol.frames import MAX_RAW, frame_digest
-from .device import BlockTarget
-from .manifest import FINE_BLOCK, UNKNOWN_DIGEST, ManifestFile, block_count
+from smsrepl import faults, kernels
+from smsrepl.stages import StageClock
+from smsrepl.codec import Decompressor
+from smsrepl.errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
+from smsrepl.protocol.frames import MAX_RAW, frame_digest
+from smsrepl.blocks.device import BlockTarget
+from smsrepl.blocks.manifest import FINE_BLOCK, UNKNOWN_DIGEST, ManifestFile, block_count
 
 log = logging.getLogger("smsrepl.receiver")
 

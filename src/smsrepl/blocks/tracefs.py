@@ -16,7 +16,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from smsrepl.errors import ConfigError
 
 #: the tracker's SMS code: "Failed to start the I/O monitoring module"
 CODE_START = "SMS.1902"

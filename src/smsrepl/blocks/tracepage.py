@@ -15,7 +15,7 @@ import select
 import struct
 import threading
 
-from .._lazy import np
+from smsrepl._lazy import np
 
 MISSED_EVENTS = 1 << 31
 COMMIT_MASK = (1 << 27) - 1

@@ -41,14 +41,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .._lazy import np
+from smsrepl._lazy import np
 
-from .. import faults, kernels
-from ..errors import ConfigError
-from . import tracefs
-from .dirtymap import _popcount, _ranges
-from .manifest import FINE_BLOCK
-from .tracefs import MARKER_MAGIC, TrackingUnavailable
+from smsrepl import faults, kernels
+from smsrepl.errors import ConfigError
+from smsrepl.blocks import tracefs
+from smsrepl.blocks.dirtymap import _popcount, _ranges
+from smsrepl.blocks.manifest import FINE_BLOCK
+from smsrepl.blocks.tracefs import MARKER_MAGIC, TrackingUnavailable
 
 log = logging.getLogger("smsrepl.tracker")
 

@@ -34,11 +34,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
-from .. import kernels
-from .._lazy import np
-from ..errors import DecompressionError, RemoteProtocolError, ReplicationError, TargetWriteError
-from .fdbudget import process_budget
-from .scan import KINDS as KIND_OF, Entry
+from smsrepl import kernels
+from smsrepl._lazy import np
+from smsrepl.errors import (DecompressionError, RemoteProtocolError, ReplicationError,
+                            TargetWriteError)
+from smsrepl.files.fdbudget import process_budget
+from smsrepl.files.scan import KINDS as KIND_OF, Entry
 
 NAME_MAX = 255
 _BAD_PARTS = frozenset((b"", b".", b".."))
@@ -597,7 +598,7 @@ class TreeWriter:
             # all-zero 4 KiB blocks stay holes, as rsync --sparse keeps them
             zero = np.empty(-(-len(view) // SPARSE_BLOCK), dtype=np.uint8)
             if kernels.zero_map(view, SPARSE_BLOCK, zero):
-                from ..blocks.manifest import run_arrays
+                from smsrepl.blocks.manifest import run_arrays
 
                 starts, counts = run_arrays(zero == 0)
                 runs = [(s * SPARSE_BLOCK, min(len(view), (s + c) * SPARSE_BLOCK))

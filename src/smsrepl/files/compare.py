@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from .. import kernels
-from .rules import Pattern, PathRules, RoundFilter
-from .scan import walk
+from smsrepl import kernels
+from smsrepl.files.rules import Pattern, PathRules, RoundFilter
+from smsrepl.files.scan import walk
 
 READ = 1 << 20
 #: files at least this large are read in steps of READ_STEP (progress between steps)
@@ -155,12 +155,12 @@ def list_local(root: bytes, filt: RoundFilter | None, *, xattrs: bool = False) -
         side.errors[path] = exc.strerror or str(exc)
 
     if kernels.TREE:
-        from .dirscan import scan_dirs
+        from smsrepl.files.dirscan import scan_dirs
 
         for b in scan_dirs(root, filt, on_error=failed, xattrs=xattrs, threads=1):  # a thread a side
             side.dirs[b.rel] = Dir(b.records, b.names, b.kinds, b.ends)
         return side
-    from . import wire as W
+    from smsrepl.files import wire as W
 
     groups: dict[bytes, list] = {}
     for e in walk(root, filt, on_error=failed, xattrs=xattrs, implied=True):
@@ -337,7 +337,7 @@ class DirCheck:
     same_count: int = 0  # alike and not in ``same`` (a check run without list_paths)
 
     def entry(self) -> dict:
-        from ..consistency import entry
+        from smsrepl.consistency import entry
 
         return entry(self.dir_check, self.total, len(self.different), len(self.missing), len(self.extra))
 
@@ -488,7 +488,7 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
         hash_side(src, a, want, meter)
     b = other.result()
     if remote and scan is not None:
-        from .dirscan import walked
+        from smsrepl.files.dirscan import walked
 
         b.dirs = {rel: d for rel, d in b.dirs.items() if not rel or walked(scan, tuple(rel.split(b"/")))}
     fast: set[bytes] = set()
@@ -541,7 +541,7 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
             v = _entry_verdicts(rel, ea, eb, mode, errors)
         verdicts[rel] = v
     checks = [_count(text, pat, verdicts, list_paths) for text, pat in pats]
-    from ..consistency import result_body
+    from smsrepl.consistency import result_body
 
     return result_body([c.entry() for c in checks], notes=_notes(source, scan, pats, checks, a, b, errors)), checks
 
@@ -550,7 +550,7 @@ def _notes(source: str, scan: RoundFilter | None, pats, checks: list[DirCheck], 
            errors: set[bytes]) -> list[str]:
     """What the operator should know besides the counts: rules and checked directories that
     matched nothing (a typo, or a path of another tree), entries that could not be read."""
-    from .rules import unmatched_note
+    from smsrepl.files.rules import unmatched_note
 
     notes = [unmatched_note(key or "rule", text, source) for key, text in (scan.unmatched() if scan else [])
              if key not in ("CONSISTENCY_DIR", "--dir-check")]

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 
-from .. import kernels
-from ..errors import DeletionLimitError
-from .rules import RoundFilter
+from smsrepl import kernels
+from smsrepl.errors import DeletionLimitError
+from smsrepl.files.rules import RoundFilter
 
 #: targets with fewer entries than this are not guarded by default
 MIN_GUARDED = 10
@@ -64,7 +64,7 @@ def would_delete(source: str | bytes, listing, filt: RoundFilter | None, checksu
     src = os.fsencode(source)
     if listing.ordered and kernels.TREE and not checksum:
         return _by_dirs(src, listing, filt)
-    from .scan import walk
+    from smsrepl.files.scan import walk
 
     seen = {e.path for e in walk(src, filt, implied=True, on_error=lambda p, exc: None)}
     return sum(1 for path in listing.entries
@@ -73,7 +73,7 @@ def would_delete(source: str | bytes, listing, filt: RoundFilter | None, checksu
 
 def _by_dirs(src: bytes, listing, filt: RoundFilter | None) -> int:
     """files.dirround's deletions: each source directory's records against the target's."""
-    from .dirscan import scan_dirs
+    from smsrepl.files.dirscan import scan_dirs
 
     gone: list[bytes] = []
     emptied: list[bytes] = []

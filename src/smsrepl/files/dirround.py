@@ -21,13 +21,13 @@ import os
 import re
 from collections.abc import Callable, Iterable
 
-from .. import kernels
-from ..errors import RemoteProtocolError
-from .dirscan import FILE, DirBatch
-from .scan import root_entry
-from .local import RoundStats, _entry, delete_gone, settle_deferred
-from .remote import INLINE
-from .rules import RoundFilter
+from smsrepl import kernels
+from smsrepl.errors import RemoteProtocolError
+from smsrepl.files.dirscan import FILE, DirBatch
+from smsrepl.files.scan import root_entry
+from smsrepl.files.local import RoundStats, _entry, delete_gone, settle_deferred
+from smsrepl.files.remote import INLINE
+from smsrepl.files.rules import RoundFilter
 
 #: diff_records' verdicts
 SAME, OTHER, NEW, META_ONLY, DATA = range(5)

@@ -17,11 +17,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .. import kernels
-from ..errors import ConfigError
-from . import wire as W
-from .rules import RoundFilter
-from .scan import Entry, _raise, root_entry
+from smsrepl import kernels
+from smsrepl.errors import ConfigError
+from smsrepl.files import wire as W
+from smsrepl.files.rules import RoundFilter
+from smsrepl.files.scan import Entry, _raise, root_entry
 
 DIR = W.KIND_CODES["dir"]
 FILE = W.KIND_CODES["file"]
@@ -190,7 +190,7 @@ def _scan_one(top: bytes, rel: bytes, xattrs: bool):
 def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirBatch:
     """``b`` without the temporaries a killed round left (apply.TEMP_RE), which are removed
     (unless not ``remove``: a dry run's listing leaves the target as it is)."""
-    from .apply import TEMP_RE, TEMP_START, _unlink_quiet  # on first use: a check never writes
+    from smsrepl.files.apply import TEMP_RE, TEMP_START, _unlink_quiet  # on first use: a check never writes
 
     if TEMP_START not in b.records:  # a byte search rules out nearly every directory
         return b

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import kernels
-from ..errors import SourceError
-from .apply import TreeWriter, remove_temporaries
-from .compare import content_digest
-from .rules import PathRules, RoundFilter
-from .scan import Entry, _raise, walk
+from smsrepl import kernels
+from smsrepl.errors import SourceError
+from smsrepl.files.apply import TreeWriter, remove_temporaries
+from smsrepl.files.compare import content_digest
+from smsrepl.files.rules import PathRules, RoundFilter
+from smsrepl.files.scan import Entry, _raise, walk
 
 READ = 1 << 20
 #: a file that keeps changing while it is read is read again this many times
@@ -166,7 +166,7 @@ def sync_tree(source: str, target, *, rules: PathRules | None = None, kind: str 
         walk_filter = rules.for_round(kind) if rules else None
     try:
         if hasattr(t, "dir_records") and by_dirs(checksum):
-            from .dirround import round_by_dirs
+            from smsrepl.files.dirround import round_by_dirs
 
             stats = round_by_dirs(src, t, entries if entries is not None else
                                   scan_round(src, rules, kind, walk_errors, filt=walk_filter),
@@ -207,7 +207,7 @@ def walk_round(source: str | bytes, rules: PathRules | None, kind: str, on_error
 def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error=_raise, start=None,
                filt: RoundFilter | None = None):
     """walk_round() a directory at a time (files.dirscan); ``start``: only those directories."""
-    from .dirscan import scan_dirs
+    from smsrepl.files.dirscan import scan_dirs
 
     if filt is None:
         filt = round_filter(source, rules, kind)

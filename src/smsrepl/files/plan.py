@@ -20,9 +20,9 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .compare import content_digest
-from .rules import RoundFilter
-from .scan import Entry
+from smsrepl.files.compare import content_digest
+from smsrepl.files.rules import RoundFilter
+from smsrepl.files.scan import Entry
 
 _KIND = {"file": "f", "dir": "d", "symlink": "L", "chardev": "D", "blockdev": "D", "fifo": "S", "socket": "S"}
 _ACL = b"system.posix_acl_"

@@ -21,16 +21,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
-from .. import kernels
-from ..codec import RAW, AdaptiveChoice, Compressor, Decompressor
-from ..errors import RemoteProtocolError, TargetWriteError
-from ..protocol import frames as F
-from . import wire as W
-from .apply import TEMP_RE, FileSink, TreeWriter, remove_temporaries
-from .compare import content_digest
-from .dirscan import scan_dirs, without_temporaries
-from .rules import RoundFilter
-from .scan import Entry, root_entry, walk
+from smsrepl import kernels
+from smsrepl.codec import RAW, AdaptiveChoice, Compressor, Decompressor
+from smsrepl.errors import RemoteProtocolError, TargetWriteError
+from smsrepl.protocol import frames as F
+from smsrepl.files import wire as W
+from smsrepl.files.apply import TEMP_RE, FileSink, TreeWriter, remove_temporaries
+from smsrepl.files.compare import content_digest
+from smsrepl.files.dirscan import scan_dirs, without_temporaries
+from smsrepl.files.rules import RoundFilter
+from smsrepl.files.scan import Entry, root_entry, walk
 
 #: operations are sent once this much is batched (before compression)
 BATCH = 4 << 20
@@ -85,7 +85,7 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
         bodies = (without_temporaries(top, b, remove=not keep_temporaries).records
                   for b in scan_dirs(top, on_error=lambda p, exc: None))
     elif kernels.TREE:  # with digests: a directory's files read per call (a check's listing)
-        from .compare import records_with_digests
+        from smsrepl.files.compare import records_with_digests
 
         root_rec = W.encode_entry(root_entry(top, xattrs=True))
         batches = (without_temporaries(top, b, remove=not keep_temporaries)
@@ -557,7 +557,7 @@ class RemoteTarget:
     def read_files(self, dir_fd: int, records: bytes, indices: list[int], max_size: int) -> tuple[list[int], int, int]:
         """kernels.read_files straight into the batch buffers; (indices left for the careful
         path, files sent, bytes sent)."""
-        from .local import SETTLE_NS
+        from smsrepl.files.local import SETTLE_NS
 
         left: list[int] = []
         files = nbytes = 0
@@ -742,7 +742,7 @@ class OpApplier:
 def open_regular(w: TreeWriter, path: bytes) -> int:
     """A read descriptor of the regular file at ``path`` under the writer's root (never through
     a symlink), or -1 where there is none."""
-    from .apply import check_path
+    from smsrepl.files.apply import check_path
 
     parts = check_path(path)
     try:

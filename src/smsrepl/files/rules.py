@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from ..errors import ConfigError
+from smsrepl.errors import ConfigError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (a check starts in a moment)
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ class PathRules:
             given.add(key)
             where = f"{where} ({key})"
             if key == CPU_LIMIT:
-                from ..ratelimit import CpuCap
+                from smsrepl.ratelimit import CpuCap
 
                 try:
                     CpuCap(value)

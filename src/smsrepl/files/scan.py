@@ -13,8 +13,8 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..errors import SourceError
-from .rules import RoundFilter
+from smsrepl.errors import SourceError
+from smsrepl.files.rules import RoundFilter
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev",
          stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}

@@ -29,8 +29,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from ..errors import RemoteProtocolError
-from .scan import Entry
+from smsrepl.errors import RemoteProtocolError
+from smsrepl.files.scan import Entry
 
 KIND_CODES = {"file": 1, "dir": 2, "symlink": 3, "chardev": 4, "blockdev": 5, "fifo": 6, "socket": 7}
 KINDS = {v: k for k, v in KIND_CODES.items()}

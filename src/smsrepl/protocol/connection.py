@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 
 
-from ..errors import LocalProtocolError, RemoteProtocolError
-from . import frames as F
+from smsrepl.errors import LocalProtocolError, RemoteProtocolError
+from smsrepl.protocol import frames as F
 
 
 class Role(Enum):

@@ -74,7 +74,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from .._lazy import np
+from smsrepl._lazy import np
 import xxhash
 
 FINE_BLOCK = 4096

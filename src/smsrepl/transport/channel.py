@@ -10,10 +10,10 @@ import ssl
 import threading
 import time
 
-from ..errors import TransportError
-from .tls import classify_ssl_error
-from ..protocol import NEED_DATA, RECEIVER, Connection, ConnectionClosed
-from ..protocol.frames import Event
+from smsrepl.errors import TransportError
+from smsrepl.transport.tls import classify_ssl_error
+from smsrepl.protocol import NEED_DATA, RECEIVER, Connection, ConnectionClosed
+from smsrepl.protocol.frames import Event
 
 RECV_SIZE = 1 << 20
 #: bytes per speed-limiter payment when a limit applies

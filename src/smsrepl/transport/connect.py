@@ -7,9 +7,9 @@ import re
 import socket
 import ssl
 
-from ..errors import ConfigError, ConnectError, ReplicationError
-from .tls import check_peer_role, classify_ssl_error
-from .tlsio import TLSStream
+from smsrepl.errors import ConfigError, ConnectError, ReplicationError
+from smsrepl.transport.tls import check_peer_role, classify_ssl_error
+from smsrepl.transport.tlsio import TLSStream
 
 DEFAULT_PORT = 8900
 CONNECT_TIMEOUT = 10.0

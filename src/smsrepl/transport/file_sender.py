@@ -19,21 +19,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..codec import DEFAULT_LEVEL, Compressor, Decompressor
-from ..errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
-from ..ratelimit import CpuCap, ScheduledLimiter, SpeedSchedule
-from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
-from ..protocol import frames as F
-from .channel import Channel
-from .connect import check_target_name, connect
+from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor
+from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
+from smsrepl.ratelimit import CpuCap, ScheduledLimiter, SpeedSchedule
+from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
+from smsrepl.protocol import frames as F
+from smsrepl.transport.channel import Channel
+from smsrepl.transport.connect import check_target_name, connect
 
 if TYPE_CHECKING:
-    from ..files.local import Prefetch, RoundStats
-    from ..files.plan import Plan
-    from ..files.remote import Listing
-    from ..files.journal import Changes, ChangeJournal
-    from ..files.rules import PathRules
-    from ..progress import ProgressTracker
+    from smsrepl.files.local import Prefetch, RoundStats
+    from smsrepl.files.plan import Plan
+    from smsrepl.files.remote import Listing
+    from smsrepl.files.journal import Changes, ChangeJournal
+    from smsrepl.files.rules import PathRules
+    from smsrepl.progress import ProgressTracker
 
 # the file-round machinery (files.*, progress) is imported where a round first needs it:
 # open() sends HELLO and TREE_REQUEST before, and the receiver lists its tree meanwhile
@@ -82,7 +82,7 @@ class FileSender:
                  journal: ChangeJournal | None = None, whole: str | None = None,
                  max_delete: int | None = None) -> None:
         if not os.path.isdir(source_dir):
-            from ..errors import SourceMissingError
+            from smsrepl.errors import SourceMissingError
 
             raise SourceMissingError(f"source {source_dir!r} is not a directory")
         self.source = os.path.abspath(source_dir)
@@ -144,12 +144,12 @@ class FileSender:
     def _total(self, kind: str, dirs: list | None = None) -> int:
         """Bytes of the regular files the round covers (the 5.4.8 totalsize); ``dirs``: a journal
         round's."""
-        from ..files.local import by_dirs
-        from ..files.scan import walk
+        from smsrepl.files.local import by_dirs
+        from smsrepl.files.scan import walk
 
         filt = self.rules.for_round(kind) if self.rules else None
         if by_dirs(self.checksum):
-            from ..files.dirscan import scan_dirs
+            from smsrepl.files.dirscan import scan_dirs
 
             return sum(b.file_bytes() for b in self._unless_stopped(
                 scan_dirs(self.source, filt, on_error=lambda p, exc: None, xattrs=False, start=dirs)))
@@ -185,7 +185,7 @@ class FileSender:
         return chan
 
     def run(self) -> FileRoundResult:
-        from ..files.local import by_dirs
+        from smsrepl.files.local import by_dirs
 
         started = time.monotonic()
         # where either kind of round walks the same tree, the walk starts now: it overlaps
@@ -236,7 +236,7 @@ class FileSender:
     def describe_target(self):
         """The receiver's tree with content digests (a files.remote.Listing), without a round:
         what a remote consistency check compares against."""
-        from ..files.remote import Listing
+        from smsrepl.files.remote import Listing
 
         chan = self._connect(checksum=True)
         try:
@@ -295,7 +295,8 @@ class FileSender:
         """The source walked for a round of ``kind`` on a thread of its own, ahead of the round
         (what vanished under the walk: the Prefetch's ``errors``); ``dirs``: only those (a
         journal round's, directory-at-a-time rounds only)."""
-        from ..files.local import Prefetch, SourceWalkErrors, by_dirs, round_filter, scan_round, walk_round
+        from smsrepl.files.local import (Prefetch, SourceWalkErrors, by_dirs, round_filter,
+                                         scan_round, walk_round)
 
         errors = SourceWalkErrors(os.fsencode(self.source))
         filt = round_filter(self.source, self.rules, kind)
@@ -317,8 +318,8 @@ class FileSender:
             return self._round(chan, started, kind, round_id, early)
         changes = self._journal_changes(welcome, kind)
         if changes is not None and changes.whole_because is None:
-            from ..files.dirscan import walked
-            from ..files.remote import normal_subset
+            from smsrepl.files.dirscan import walked
+            from smsrepl.files.remote import normal_subset
 
             filt = self.rules.for_round(kind) if self.rules else None
             dirs = [(d, r) for d, r in normal_subset(changes.dirs)
@@ -345,8 +346,8 @@ class FileSender:
         record). Returns the check the round's deletion step makes again: the source may
         change meanwhile, and a journal round (not counted ahead, nor guarded by default: it
         lists a part of the target) meets its --max-delete there."""
-        from ..errors import DeletionLimitError
-        from ..files.deletions import UNLIMITED, check_deletions, listed_entries, would_delete
+        from smsrepl.errors import DeletionLimitError
+        from smsrepl.files.deletions import UNLIMITED, check_deletions, listed_entries, would_delete
 
         total = None
         if whole and self.max_delete != UNLIMITED:
@@ -372,9 +373,9 @@ class FileSender:
         """What a round would change (files.plan), found as the round finds it, changing nothing:
         the receiver lists its tree for a session that begins no round (HELLO lists DRY_RUN:
         it creates and removes nothing either)."""
-        from ..files.local import round_filter, walk_round
-        from ..files.plan import plan_round
-        from ..files.remote import Listing
+        from smsrepl.files.local import round_filter, walk_round
+        from smsrepl.files.plan import plan_round
+        from smsrepl.files.remote import Listing
 
         chan = Channel(connect(self.address, self.context), Connection(SENDER))
         try:
@@ -403,7 +404,7 @@ class FileSender:
                           lookup, entries, filt, kind, welcome.round_id + 1, checksum=self.checksum,
                           target_digest=lambda path: entries[path][1])
         if walk_filter is not None:
-            from ..files.rules import unmatched_note
+            from smsrepl.files.rules import unmatched_note
 
             plan.reported += [unmatched_note(key, rule, self.source) for key, rule in walk_filter.unmatched()]
         return plan
@@ -413,7 +414,7 @@ class FileSender:
         None without a journal."""
         if self.journal is None:
             return None
-        from ..files.local import by_dirs
+        from smsrepl.files.local import by_dirs
 
         whole = self.whole
         if kind != "sync":
@@ -426,9 +427,9 @@ class FileSender:
 
     def _round(self, chan: Channel, started: float, kind: str, round_id: int, entries: Prefetch,
                dirs: list | None = None) -> FileRoundResult:
-        from ..files.local import sync_tree
-        from ..files.remote import Listing, OpStream, RemoteTarget
-        from ..progress import ProgressTracker, subtask_for
+        from smsrepl.files.local import sync_tree
+        from smsrepl.files.remote import Listing, OpStream, RemoteTarget
+        from smsrepl.progress import ProgressTracker, subtask_for
 
         listing, decomp = Listing(), Decompressor()
         listing.add(self._recv(chan, F.TreeData), decomp)

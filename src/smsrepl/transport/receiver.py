@@ -15,35 +15,27 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .. import faults, kernels
-from ..blocks.device import BlockTarget
-from ..blocks.manifest import GROUP_BLOCKS
-from ..blocks.replica import Replica, private_makedirs, write_json_atomic
-from ..errors import (
-    AuthenticationError,
-    ConfigError,
-    RefusedError,
-    RemoteProtocolError,
-    ReplicationError,
-    TargetBusyError,
-    TargetKindError,
-    TargetWriteError,
-    TransportError,
-)
-from ..files.apply import TreeWriter, remove_temporaries
-from ..files.fdbudget import door_descriptors, process_budget
-from ..files.remote import OpApplier, describe_tree, signature_frames
-from ..memory import release_free_memory
-from .bodies import body_pool
-from ..protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
-from ..protocol import frames as F
-from .channel import Channel
-from .connect import TARGET_NAME, check_target_name, tune_socket
-from .tls import check_peer_role, classify_ssl_error
-from .door import WaitingRoom
-from . import targets as target_checks
-from .loglimit import LimitedWarnings
-from .tlsio import TLSStream
+from smsrepl import faults, kernels
+from smsrepl.blocks.device import BlockTarget
+from smsrepl.blocks.manifest import GROUP_BLOCKS
+from smsrepl.blocks.replica import Replica, private_makedirs, write_json_atomic
+from smsrepl.errors import (AuthenticationError, ConfigError, RefusedError, RemoteProtocolError,
+                            ReplicationError, TargetBusyError, TargetKindError, TargetWriteError,
+                            TransportError)
+from smsrepl.files.apply import TreeWriter, remove_temporaries
+from smsrepl.files.fdbudget import door_descriptors, process_budget
+from smsrepl.files.remote import OpApplier, describe_tree, signature_frames
+from smsrepl.memory import release_free_memory
+from smsrepl.transport.bodies import body_pool
+from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
+from smsrepl.protocol import frames as F
+from smsrepl.transport.channel import Channel
+from smsrepl.transport.connect import TARGET_NAME, check_target_name, tune_socket
+from smsrepl.transport.tls import check_peer_role, classify_ssl_error
+from smsrepl.transport.door import WaitingRoom
+from smsrepl.transport import targets as target_checks
+from smsrepl.transport.loglimit import LimitedWarnings
+from smsrepl.transport.tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.receiver")
 #: one line per completed block round, with its stage breakdown (`smsrepl receive` shows it)
@@ -389,7 +381,7 @@ class Receiver:
 
     def status(self) -> tuple[list, list]:
         """(targets, sessions) as a STATUS frame carries them (transport/status.py)."""
-        from .status import describe
+        from smsrepl.transport.status import describe
 
         with self._busy_lock:
             busy = dict(self._busy)

@@ -14,34 +14,29 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .._lazy import np
+from smsrepl._lazy import np
 
-from .. import faults, kernels
-from ..blocks.device import BlockSource
-from ..blocks.direct import aligned_buffer
-from ..blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
-from ..blocks.replica import private_makedirs, write_json_atomic
-from ..blocks.dirtymap import DirtyMap
-from ..blocks.stream import CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered, dirty_round_events, round_events
-from ..codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
-from ..errors import (
-    ManifestError,
-    RemoteError,
-    RemoteProtocolError,
-    ReplicationError,
-    SourceError,
-    TransportError,
-)
-from ..progress import HostSampler, ProgressTracker, subtask_for
-from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
-from ..ratelimit import CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedSchedule
-from ..stages import StageClock
-from ..state import Event as StateEvent
-from ..state import SessionState, SessionStateMachine, StatePair
-from ..protocol import frames as F
-from .channel import Channel
-from .connect import IO_TIMEOUT, check_target_name, connect, parse_address  # noqa: F401 (re-exported for agents)
-from .receiver import MAX_MANIFEST_ENTRIES
+from smsrepl import faults, kernels
+from smsrepl.blocks.device import BlockSource
+from smsrepl.blocks.direct import aligned_buffer
+from smsrepl.blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
+from smsrepl.blocks.replica import private_makedirs, write_json_atomic
+from smsrepl.blocks.dirtymap import DirtyMap
+from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered,
+                                   dirty_round_events, round_events)
+from smsrepl.codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
+from smsrepl.errors import (ManifestError, RemoteError, RemoteProtocolError, ReplicationError,
+                            SourceError, TransportError)
+from smsrepl.progress import HostSampler, ProgressTracker, subtask_for
+from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
+from smsrepl.ratelimit import CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedSchedule
+from smsrepl.stages import StageClock
+from smsrepl.state import Event as StateEvent
+from smsrepl.state import SessionState, SessionStateMachine, StatePair
+from smsrepl.protocol import frames as F
+from smsrepl.transport.channel import Channel
+from smsrepl.transport.connect import IO_TIMEOUT, check_target_name, connect, parse_address  # noqa: F401 (re-exported for agents)
+from smsrepl.transport.receiver import MAX_MANIFEST_ENTRIES
 
 log = logging.getLogger("smsrepl.sender")
 

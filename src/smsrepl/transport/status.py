@@ -11,10 +11,10 @@ import stat
 import uuid
 from collections.abc import Mapping
 
-from ..errors import RefusedError, RemoteProtocolError, TransportError
-from ..protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
-from ..protocol import frames as F
-from .connect import TARGET_NAME
+from smsrepl.errors import RefusedError, RemoteProtocolError, TransportError
+from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
+from smsrepl.protocol import frames as F
+from smsrepl.transport.connect import TARGET_NAME
 
 CAPABILITY = "status"
 #: most targets one report lists (a --root receiver's directory may hold many names)
@@ -112,8 +112,8 @@ def describe(targets: Mapping[str, str], busy: Mapping[str, object], state_dir: 
 # --- the asking side --------------------------------------------------------------------
 def fetch_status(address: tuple[str, int], context: ssl.SSLContext) -> dict:
     """The report of the receiver at ``address``: {"targets": [...], "sessions": [...]}."""
-    from .channel import Channel
-    from .connect import connect
+    from smsrepl.transport.channel import Channel
+    from smsrepl.transport.connect import connect
 
     where = f"{address[0]}:{address[1]}"
     too_old = RefusedError(f"the receiver at {where} cannot report its status (it does not list the "

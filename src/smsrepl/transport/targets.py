@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import Mapping
 
-from ..errors import RefusedError, TargetInUseError, TargetKindError, TargetMissingError
+from smsrepl.errors import RefusedError, TargetInUseError, TargetKindError, TargetMissingError
 
 #: target names listed at most in a refusal of an unknown name
 LIST_NAMES = 20
