@@ -36,9 +36,9 @@ import numpy as np  # noqa: E402
 
 from replication import RsyncDaemon, rsync, sms_round  # noqa: E402
 from smsrepl import kernels  # noqa: E402
-from smsrepl.certs import make_bundle, write_certkey  # noqa: E402
-from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor  # noqa: E402
-from smsrepl.testdata import write_image  # noqa: E402
+from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
+from smsrepl.protocol.codec import DEFAULT_LEVEL, Compressor, Decompressor  # noqa: E402
+from smsrepl.lab.testdata import write_image  # noqa: E402
 
 CHUNK = 8 << 20
 RECORD = 16 << 10  # a TLS record

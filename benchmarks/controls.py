@@ -36,9 +36,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-from smsrepl.certs import make_bundle, write_certkey  # noqa: E402
-from smsrepl.progress import validate_report  # noqa: E402
-from smsrepl.testdata import write_image  # noqa: E402
+from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
+from smsrepl.control.progress import validate_report  # noqa: E402
+from smsrepl.lab.testdata import write_image  # noqa: E402
 
 CLI = [sys.executable, "-m", "smsrepl"]
 TICKS = os.sysconf("SC_CLK_TCK")

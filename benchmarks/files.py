@@ -41,7 +41,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from replication import CLI, RsyncDaemon, free_port  # noqa: E402
-from smsrepl.certs import make_bundle, write_certkey  # noqa: E402
+from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
 
 
 def make_tree(root: str, files: int, dirs: int, seed: int = 1) -> int:

@@ -29,9 +29,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-from smsrepl.certs import make_bundle, write_certkey  # noqa: E402
+from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
 from smsrepl.blocks.dirtymap import DirtyMap  # noqa: E402
-from smsrepl.testdata import rewrite_random_blocks, write_image  # noqa: E402
+from smsrepl.lab.testdata import rewrite_random_blocks, write_image  # noqa: E402
 
 CLI = [sys.executable, "-m", "smsrepl"]
 # an installed smsrepl has its bytecode compiled (pip does it); a checkout run with

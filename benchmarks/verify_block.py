@@ -3,7 +3,7 @@
     python benchmarks/verify_block.py [--size 2G] [--runs 3] [--kind random|disk] [--tmp DIR] [--keep]
 
 Writes SRC (``random``: incompressible data, every block read; ``disk``: the disk-like image of
-smsrepl.testdata, with holes) and TGT, a byte-for-byte copy, into a fresh directory under
+smsrepl.lab.testdata, with holes) and TGT, a byte-for-byte copy, into a fresh directory under
 --tmp; reads both once so the page cache is warm; then runs the two commands interleaved
 (the order alternating), --runs times each, whole processes (interpreter start included).
 Prints each run's seconds, the medians, the throughput over both files (MB/s) and the ratio
@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--size", type=size_arg, default=2 << 30, help="image size (bytes, or 512M, 2G; default 2G)")
     ap.add_argument("--runs", type=int, default=3, help="runs of each command (default 3)")
     ap.add_argument("--kind", choices=["random", "disk"], default="random",
-                    help="random: every block data (default); disk: smsrepl.testdata's disk-like image")
+                    help="random: every block data (default); disk: smsrepl.lab.testdata's disk-like image")
     ap.add_argument("--tmp", default=None, help="directory the images are written under (a fresh one inside it)")
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--smsrepl-args", default="", help="extra arguments for verify block (e.g. '--progress json')")
@@ -89,7 +89,7 @@ def main() -> int:
         if args.kind == "random":
             write_random(src, args.size)
         else:
-            from smsrepl.testdata import write_image
+            from smsrepl.lab.testdata import write_image
 
             write_image(src, args.size)
         shutil.copyfile(src, tgt)

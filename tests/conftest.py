@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from smsrepl.certs import make_bundle, write_certkey
+from smsrepl.lab.certs import make_bundle, write_certkey
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from smsrepl.certs import CERTKEY_FILENAME, LabCA, expired_bundle, make_bundle, not_yet_valid_bundle, write_certkey
+from smsrepl.lab.certs import (CERTKEY_FILENAME, LabCA, expired_bundle, make_bundle,
+                               not_yet_valid_bundle, write_certkey)
 from smsrepl.errors import CertificateError, ConfigError
 from smsrepl.transport.tls import CertKey, client_context, server_context
 

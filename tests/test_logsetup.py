@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from smsrepl import logsetup
+from smsrepl.cli import logsetup
 from smsrepl.errors import ConfigError
 
 

@@ -8,20 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smsrepl import progress as P
-from smsrepl.progress import (
-    EMITTED_FIELDS,
-    REMAIN_UNKNOWN,
-    HostSample,
-    HostSampler,
-    ProgressTracker,
-    ReportError,
-    format_agent_time,
-    report_problems,
-    subtask_for,
-    validate_report,
-)
-from smsrepl.ratelimit import judge_over_speed
+from smsrepl.control import progress as P
+from smsrepl.control.progress import (EMITTED_FIELDS, REMAIN_UNKNOWN, HostSample, HostSampler,
+                                      ProgressTracker, ReportError, format_agent_time,
+                                      report_problems, subtask_for, validate_report)
+from smsrepl.throttle import judge_over_speed
 
 SPEC_KEYS = {
     "subtask_name", "progress", "replicatesize", "totalsize", "process_trace", "migrate_speed", "compress_rate",

@@ -4,7 +4,7 @@ import pathlib
 import re
 
 from smsrepl.files.rules import PathRules, parse_configuration_body
-from smsrepl.ratelimit import SpeedSchedule
+from smsrepl.throttle import SpeedSchedule
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 

@@ -8,25 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smsrepl.errors import ConfigError, ReplicationError, TransportError
-from smsrepl.state import (
-    ALLOWED_PAIRS,
-    STATE_PAIRS,
-    TRANSITIONS,
-    Command,
-    CommandResult,
-    CommandResultValue,
-    CopyState,
-    Event,
-    MigrationCycle,
-    ServerCommand,
-    SessionState,
-    SessionStateMachine,
-    StatePair,
-    StatePairError,
-    TransitionError,
-    check_pair,
-    is_allowed,
-)
+from smsrepl.control.state import (ALLOWED_PAIRS, STATE_PAIRS, TRANSITIONS, Command, CommandResult,
+                                   CommandResultValue, CopyState, Event, MigrationCycle,
+                                   ServerCommand, SessionState, SessionStateMachine, StatePair,
+                                   StatePairError, TransitionError, check_pair, is_allowed)
 
 # SMS.7728's text, transcribed independently of the module's table.
 SMS_7728 = {

@@ -1,7 +1,8 @@
-"""Units in the human summary and interruption lines (smsrepl.summary)."""
+"""Units in the human summary and interruption lines (smsrepl.cli.summary)."""
 import pytest
 
-from smsrepl.summary import block_round_line, files_round_line, human_bytes, human_rate, human_seconds, interrupted_line
+from smsrepl.cli.summary import (block_round_line, files_round_line, human_bytes, human_rate,
+                                 human_seconds, interrupted_line)
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (12_345, "12.1 KiB"),

@@ -6,7 +6,7 @@ __all__ = ["__version__", "backend"]
 
 def __getattr__(name: str):
     # lazy: importing the package must not pull numpy in before the CLI has set
-    # its environment (see cli.py), nor cost a library user who needs only a part
+    # its environment (see cli/__init__.py), nor cost a library user who needs only a part
     if name == "backend":
         from smsrepl.kernels import BACKEND
 

@@ -19,7 +19,7 @@ Public API (identical results in both backends; sizes in bytes)::
     write_ranges(fd, buf, offsets, lengths) -> int         # scattered pwrites, one call
     hash_files(dir_fd, names, out, budget) -> (done, bytes, [(index, errno)])  # XXH3-128 of whole files
 
-Change tracking (traceread.c, twin in blocks/tracepage.py)::
+Change tracking (traceread.c, twin in _pure/trace.py)::
 
     TraceReader(pipe_fd, marker_fd, cpu, page_size, idle_us, layout, dev, first, nsectors, bitmap)
     trace_take(bitmap, out) -> int                   # out |= bitmap; bitmap = 0 (atomically)
@@ -97,17 +97,17 @@ if BACKEND == "native":
 else:
     # the change tracker's reader (_native/traceread.c) and its twin, imported when first used
     def TraceReader(*args):
-        from smsrepl.blocks.tracepage import PyTraceReader
+        from smsrepl._pure.trace import PyTraceReader
 
         return PyTraceReader(*args)
 
     def trace_take(bitmap, out) -> int:
-        from smsrepl.blocks.tracepage import trace_take as take
+        from smsrepl._pure.trace import trace_take as take
 
         return take(bitmap, out)
 
     def trace_parse_page(page, layout, dev, first_sector, nsectors, bitmap) -> dict:
-        from smsrepl.blocks.tracepage import parse_page
+        from smsrepl._pure.trace import parse_page
 
         return parse_page(page, layout, dev, first_sector, nsectors, bitmap)
 

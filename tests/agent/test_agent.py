@@ -17,12 +17,12 @@ from smsrepl import kernels
 import requests
 
 from smsrepl.agent.client import ControlPlane
-from smsrepl.agent.fakecp import FakeControlPlane
+from smsrepl.lab.fakecp import FakeControlPlane
 from smsrepl.agent.fields import body_problems
 from smsrepl.agent.loop import Agent, plan_disks
-from smsrepl.certs import make_bundle
+from smsrepl.lab.certs import make_bundle
 from smsrepl.errors import ConfigError
-from smsrepl.testdata import rewrite_random_blocks, write_image
+from smsrepl.lab.testdata import rewrite_random_blocks, write_image
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.tls import server_context
 

@@ -5,7 +5,7 @@ import os
 import threading
 
 from smsrepl.agent.loop import Agent
-from smsrepl.certs import make_bundle
+from smsrepl.lab.certs import make_bundle
 from smsrepl.errors import DeletionLimitError
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.tls import server_context

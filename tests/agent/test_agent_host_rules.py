@@ -6,7 +6,7 @@ import logging
 import threading
 
 from smsrepl.agent.loop import Agent
-from smsrepl.certs import make_bundle
+from smsrepl.lab.certs import make_bundle
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.tls import server_context
 

@@ -4,7 +4,7 @@ import copy
 import pytest
 
 from smsrepl.errors import ConfigError
-from smsrepl.layout import GPT_RESERVE, MB, check_layout, check_task_layout
+from smsrepl.agent.layout import GPT_RESERVE, MB, check_layout, check_task_layout
 
 # reference 4.1, step 2 (5.3.2 body, disks part) and step 3 (5.4.1 body, target_server), as printed
 REF_41_SOURCE = {"os_type": "LINUX", "name": "bike-centos", "disks": [{

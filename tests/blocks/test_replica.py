@@ -251,7 +251,7 @@ def test_direct_target_frames_decoded_in_place_and_bad_ones_write_nothing(tmp_pa
     # solid frames are decompressed straight into the direct writer's buffer: a frame that
     # fails its digest must leave the target untouched and give the buffer back
     from smsrepl.blocks import direct
-    from smsrepl.codec import Compressor
+    from smsrepl.protocol.codec import Compressor
     from smsrepl.protocol.frames import frame_digest
 
     size = 8 << 20

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from smsrepl.cli import build_parser
-from smsrepl.flags import subcommands
+from smsrepl.cli.flags import subcommands
 
 CLI = [sys.executable, "-m", "smsrepl"]
 
@@ -220,8 +220,8 @@ def test_every_option_has_help():
 # -- the workspace ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from smsrepl.certs import make_bundle, write_certkey
-    from smsrepl.testdata import write_image
+    from smsrepl.lab.certs import make_bundle, write_certkey
+    from smsrepl.lab.testdata import write_image
 
     w = tmp_path_factory.mktemp("flags")
     write_certkey(w / "ck", make_bundle())

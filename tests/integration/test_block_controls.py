@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from smsrepl.progress import validate_report
-from smsrepl.ratelimit import SpeedSchedule
-from smsrepl.state import is_allowed
+from smsrepl.control.progress import validate_report
+from smsrepl.throttle import SpeedSchedule
+from smsrepl.control.state import is_allowed
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context

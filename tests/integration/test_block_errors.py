@@ -12,12 +12,12 @@ import pytest
 import zstandard
 
 from smsrepl import kernels
-from smsrepl.certs import expired_bundle, make_bundle, write_certkey
-from smsrepl.codec import Compressor
+from smsrepl.lab.certs import expired_bundle, make_bundle, write_certkey
+from smsrepl.protocol.codec import Compressor
 from smsrepl.errors import CompressionError
 from smsrepl.protocol import SENDER, Connection
 from smsrepl.protocol import frames as F
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import connect

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from smsrepl.testdata import rewrite_random_blocks, write_image
+from smsrepl.lab.testdata import rewrite_random_blocks, write_image
 
 from .procs import CuttingProxy, ReceiverProc, send, send_args, sha256, summary
 

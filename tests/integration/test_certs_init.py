@@ -3,7 +3,7 @@ the same one), and two hosts holding bundles of different CAs are told so on bot
 import os
 import subprocess
 
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 
 from .procs import CLI, ReceiverProc, send, sha256, wait_until
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from smsrepl.progress import EMITTED_FIELDS, report_problems
-from smsrepl.testdata import write_image
+from smsrepl.control.progress import EMITTED_FIELDS, report_problems
+from smsrepl.lab.testdata import write_image
 
 from .procs import CLI, ReceiverProc, sha256, wait_until
 

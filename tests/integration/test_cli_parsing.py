@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 
 from .procs import CLI, send, sha256
 

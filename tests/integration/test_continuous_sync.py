@@ -96,7 +96,7 @@ def test_kills_during_continuous_sync_end_byte_identical(tmp_path, certkey_file,
 def test_sync_command_runs_a_round_now_and_lag_is_reported(tmp_path, bundle):
     import threading
 
-    from smsrepl.continuous import ContinuousSync
+    from smsrepl.replication.continuous import ContinuousSync
     from smsrepl.transport.receiver import Receiver
     from smsrepl.transport.sender import Sender
     from smsrepl.transport.tls import client_context, server_context
@@ -183,8 +183,8 @@ def test_a_long_running_sync_keeps_only_the_latest_results_and_outcomes(tmp_path
     """Weeks of rounds must not grow either side by one result or outcome a round."""
     import threading
 
-    from smsrepl import continuous
-    from smsrepl.continuous import ContinuousSync
+    from smsrepl.replication import continuous
+    from smsrepl.replication.continuous import ContinuousSync
     from smsrepl.transport import receiver as receiver_mod
     from smsrepl.transport.sender import Sender
     from smsrepl.transport.tls import client_context, server_context

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from smsrepl.certs import write_certkey
-from smsrepl.testdata import write_image
+from smsrepl.lab.certs import write_certkey
+from smsrepl.lab.testdata import write_image
 
 from .procs import CuttingProxy, ReceiverProc, send, send_args, sha256, wait_until
 
@@ -52,7 +52,7 @@ def _resumes(source, rx, certkey_file, tx, target) -> None:
 def test_a_certificate_of_the_wrong_role_is_exit_4(tmp_path, source, wrong):
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from smsrepl.certs import OU_TARGET_DATA, LabCA, make_bundle
+    from smsrepl.lab.certs import OU_TARGET_DATA, LabCA, make_bundle
 
     ca = LabCA.create()
     bundle = make_bundle(ca=ca)

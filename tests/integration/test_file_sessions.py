@@ -241,8 +241,8 @@ def test_delta_against_a_corrupted_basis_is_caught_by_the_digest(tmp_path, rx, b
 def test_progress_reports_and_speed_limit(tmp_path, rx, bundle):
     import time
 
-    from smsrepl.progress import report_problems
-    from smsrepl.ratelimit import SpeedSchedule
+    from smsrepl.control.progress import report_problems
+    from smsrepl.throttle import SpeedSchedule
 
     _, addr = rx
     src = tmp_path / "src"
@@ -612,7 +612,7 @@ def test_the_file_sender_module_leaves_the_round_machinery_for_later():
     """The CLI sends HELLO and TREE_REQUEST (FileSender.open) before the round's modules load:
     the receiver lists its tree meanwhile."""
     code = ("import sys, smsrepl.cli, smsrepl.transport.file_sender; "
-            "print(sorted(m for m in sys.modules if m.startswith(('smsrepl.files', 'smsrepl.progress'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('smsrepl.files', 'smsrepl.control.progress'))))")
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 
 from .procs import CLI, ReceiverProc, send_args, sha256, wait_until
 

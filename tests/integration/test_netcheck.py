@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from smsrepl.netcheck import GRADES, UNUSABLE, grade, run_netcheck
+from smsrepl.transport.netcheck import GRADES, UNUSABLE, grade, run_netcheck
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.tls import client_context, server_context
 

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from smsrepl.logsetup import JsonFormatter
-from smsrepl.testdata import write_image
+from smsrepl.cli.logsetup import JsonFormatter
+from smsrepl.lab.testdata import write_image
 
 from .procs import CLI, ReceiverProc, send, sha256, wait_until
 

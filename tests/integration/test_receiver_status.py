@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from smsrepl.certs import make_bundle, write_certkey
+from smsrepl.lab.certs import make_bundle, write_certkey
 from smsrepl.protocol import frames as F
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.tls import server_context
 

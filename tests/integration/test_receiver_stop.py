@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 
 from .procs import ReceiverProc, send, send_args, sha256, summary, wait_until
 

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from smsrepl.ratelimit import SpeedSchedule
-from smsrepl.session import BlockSession
-from smsrepl.state import SessionState, is_allowed
+from smsrepl.throttle import SpeedSchedule
+from smsrepl.replication.session import BlockSession
+from smsrepl.control.state import SessionState, is_allowed
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from smsrepl.ratelimit import SpeedSchedule
-from smsrepl.testdata import write_image
+from smsrepl.throttle import SpeedSchedule
+from smsrepl.lab.testdata import write_image
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context

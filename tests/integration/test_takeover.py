@@ -4,7 +4,7 @@ import json
 import re
 import subprocess
 
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 
 from .procs import ReceiverProc, send, send_args, sha256, summary, wait_until
 

@@ -20,7 +20,7 @@ import pytest
 
 from smsrepl.blocks.device import BlockTarget
 from smsrepl.errors import TargetInUseError
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 
 from .procs import CLI, ReceiverProc, send, sha256
 

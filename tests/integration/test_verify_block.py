@@ -13,8 +13,8 @@ import pytest
 
 from smsrepl import cli
 from smsrepl.blocks import imagecompare
-from smsrepl.progress import validate_report
-from smsrepl.testdata import write_image
+from smsrepl.control.progress import validate_report
+from smsrepl.lab.testdata import write_image
 
 from .procs import CLI, ReceiverProc, send, sha256, summary
 

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from smsrepl.progress import validate_report
+from smsrepl.control.progress import validate_report
 
 CLI = [sys.executable, "-m", "smsrepl"]
 

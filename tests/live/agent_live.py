@@ -27,9 +27,9 @@ TOKEN = "live-agent-token-0123456789"
 
 def main() -> int:
     from smsrepl.agent.client import ControlPlane
-    from smsrepl.agent.fakecp import FakeControlPlane
+    from smsrepl.lab.fakecp import FakeControlPlane
     from smsrepl.agent.loop import Agent
-    from smsrepl.certs import make_bundle
+    from smsrepl.lab.certs import make_bundle
     from smsrepl.transport.receiver import Receiver
     from smsrepl.transport.tls import server_context
 

@@ -86,7 +86,7 @@ def test_a_busy_mounted_file_system_ends_identical(tmp_path, certkey_file, track
 
 @pytest.mark.reliability("live block sources", "mounted ext4, pure-Python backend and tracker reader")
 def test_the_pure_backend_copies_a_busy_file_system_too(tmp_path, certkey_file):
-    # tests/run's pure pass leaves tests/live out: this is its case (the reader of tracepage.py)
+    # tests/run's pure pass leaves tests/live out: this is its case (the reader of _pure/trace.py)
     v = _drive("scenario.py", tmp_path, certkey_file, tracking="kernel", cutover="operator", seconds=3, seed=9,
                rate=200, env={"SMSREPL_BACKEND": "pure"})
     _assert_identical(v)

@@ -1,5 +1,5 @@
 """hash_files: XXH3-128 of whole files, a directory's files per call (filehash.c and its
-twin in _pure.py give what xxhash gives)."""
+twin in _pure/__init__.py give what xxhash gives)."""
 from __future__ import annotations
 
 import errno

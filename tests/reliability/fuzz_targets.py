@@ -24,7 +24,7 @@ from smsrepl.files import wire as W
 from smsrepl.files.rules import PathRules, parse_configuration_body
 from smsrepl.protocol import NEED_DATA, RECEIVER, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
-from smsrepl.ratelimit import SpeedSchedule
+from smsrepl.throttle import SpeedSchedule
 from smsrepl.transport.tls import CertKey
 
 
@@ -186,7 +186,7 @@ def parse_dirty_map(data: bytes) -> None:
 # --- JSON documents --------------------------------------------------------------------
 
 def _certkey_doc(bundle) -> dict:
-    from smsrepl.certs import write_certkey
+    from smsrepl.lab.certs import write_certkey
 
     path = write_certkey(_SCRATCH, bundle)
     with open(path) as fh:
@@ -258,7 +258,7 @@ _BUNDLE = []
 
 def _bundle():
     if not _BUNDLE:
-        from smsrepl.certs import make_bundle
+        from smsrepl.lab.certs import make_bundle
 
         _BUNDLE.append(make_bundle())
     return _BUNDLE[0]

@@ -20,8 +20,8 @@ import zlib
 
 import pytest
 
-from smsrepl.ratelimit import OverSpeedGuard, ScheduledLimiter, SpeedSchedule
-from smsrepl.testdata import write_image
+from smsrepl.throttle import OverSpeedGuard, ScheduledLimiter, SpeedSchedule
+from smsrepl.lab.testdata import write_image
 
 from integration.procs import CLI, ReceiverProc, send, sha256
 

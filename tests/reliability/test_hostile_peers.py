@@ -19,7 +19,7 @@ from smsrepl import kernels
 from smsrepl.errors import ConfigError, RemoteProtocolError
 from smsrepl.protocol import RECEIVER, SENDER, Connection
 from smsrepl.protocol import frames as F
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender, connect

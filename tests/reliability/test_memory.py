@@ -70,7 +70,7 @@ def test_one_sender_object_runs_several_rounds_and_a_check(tmp_path, bundle):
 def test_mmap_threshold_pinning_refuses_a_bad_size_and_takes_the_default():
     import platform
 
-    from smsrepl import memory
+    from smsrepl.transport import memory
 
     for bad in (0, -1, 1.5, "1M", True):
         with pytest.raises(ValueError, match="mmap threshold"):

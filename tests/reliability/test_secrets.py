@@ -9,7 +9,7 @@ import pytest
 
 from integration.procs import CLI, ReceiverProc, send_args
 
-from smsrepl.testdata import write_image
+from smsrepl.lab.testdata import write_image
 
 PASSPHRASE = "lab-Passphrase-9c2e-\u00e9t\u00e9"
 

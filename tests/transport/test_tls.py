@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from smsrepl.certs import LabCA, expired_bundle, make_bundle, not_yet_valid_bundle
+from smsrepl.lab.certs import LabCA, expired_bundle, make_bundle, not_yet_valid_bundle
 from smsrepl.errors import AuthenticationError, CertificateError, ConfigError, TransportError
 from smsrepl.transport.tls import (
     CertKey,
@@ -665,7 +665,7 @@ def test_a_second_sender_start_does_not_import_cryptography_x509(plain, tmp_path
     import subprocess
     import sys
 
-    from smsrepl.certs import write_certkey
+    from smsrepl.lab.certs import write_certkey
     from smsrepl.transport.receiver import Receiver
 
     ck = str(write_certkey(tmp_path / "certs", plain))

@@ -1,6 +1,6 @@
 /* rsync-style delta search. See delta.h for the checksum definitions.
  *
- * Algorithm (mirrored exactly by smsrepl/_pure.py:delta_search):
+ * Algorithm (mirrored exactly by smsrepl/_pure/__init__.py:delta_search):
  *  nfull = old_len / bs full old blocks; a short last block (old_len % bs) exists
  *  when last_len > 0 and is index nfull.
  *  Table: tsize = smallest power of two >= max(16, 2*nfull); bucket(h) =

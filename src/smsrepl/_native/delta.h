@@ -1,6 +1,6 @@
 /* rsync-style rolling-checksum delta kernels (no Python.h).
  *
- * Weak checksum (identical in smsrepl/_pure.py, bit for bit):
+ * Weak checksum (identical in smsrepl/_pure/__init__.py, bit for bit):
  *     W(b[0..n)) = sum_{k=0}^{n-1} (b[k] + 1) * M^(n-1-k)   mod 2^32,  M = 0x9E3779B1
  * i.e. Horner: h = 0; for each byte: h = h*M + (byte+1)  (all mod 2^32).
  * Rolling a window of length n by one byte:

@@ -5,7 +5,7 @@ fields, missing required ones, wrong types, values out of range or outside
 an enum. The fake control plane rejects a request with any problem; tests
 fail on it. Tables (reference section, table):
 
-- progress, 5.4.8 (5-184): smsrepl.progress.REPORT_FIELDS
+- progress, 5.4.8 (5-184): smsrepl.control.progress.REPORT_FIELDS
 - changestate, 5.3.6 (5-64): copystate / migrationcycle enums, and the pair
   must be one SMS.7728 allows
 - command_result, 5.5.2 (5-250)
@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from smsrepl.errors import ConfigError
-from smsrepl.progress import report_problems
-from smsrepl.state import CopyState, MigrationCycle, is_allowed
+from smsrepl.control.progress import report_problems
+from smsrepl.control.state import CopyState, MigrationCycle, is_allowed
 
 # field -> (kind, min, max, required, enum); kind: str, int, float, bool, object, array
 Table = dict[str, tuple[str, float | None, float | None, bool, frozenset | None]]

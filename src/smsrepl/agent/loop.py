@@ -33,8 +33,8 @@ from typing import Any
 
 from smsrepl.blocks.replica import private_makedirs
 from smsrepl.errors import ConfigError, ReplicationError
-from smsrepl.session import BlockSession
-from smsrepl.state import CommandResult, ServerCommand, SessionState
+from smsrepl.replication.session import BlockSession
+from smsrepl.control.state import CommandResult, ServerCommand, SessionState
 from smsrepl.agent.client import ControlPlane, ControlPlaneError
 from smsrepl.agent.server import DiskPlan, ServerRound, TreeRound
 
@@ -335,7 +335,7 @@ class Agent:
 
     # --- set-up from the task -------------------------------------------------------
     def _prepare(self, task_id: str | None) -> None:
-        from smsrepl.ratelimit import CpuCap
+        from smsrepl.throttle import CpuCap
         from smsrepl.transport.tls import CertKey, client_context
 
         if not task_id:
@@ -367,7 +367,7 @@ class Agent:
         items = [c for c in config.get("configurations", []) if c.get("config_key") == "LINUX_CPU_LIMIT"]
         self._cpu_cap = CpuCap.from_configurations({"configurations": [
             {"config_key": c["config_key"], "config_value": c["config_value"]} for c in items]}) if items else None
-        from smsrepl.progress import HostSampler
+        from smsrepl.control.progress import HostSampler
 
         self._sampler = HostSampler()  # host and agent CPU, memory and disk I/O in every report
         self.task = task
@@ -390,7 +390,7 @@ class Agent:
         """Kernel change tracking of every source disk, from before the first copy on (where it
         cannot run: sync rounds that read each disk whole, and one notice)."""
         from smsrepl.blocks.tracker import open_tracking
-        from smsrepl.lag import LagMeter
+        from smsrepl.replication.lag import LagMeter
 
         for plan in self._plans:
             if plan.path not in self._trackers:
@@ -410,7 +410,7 @@ class Agent:
             self._journal = None
 
     def _refresh_speed_limit(self) -> None:
-        from smsrepl.ratelimit import SpeedSchedule
+        from smsrepl.throttle import SpeedSchedule
 
         try:
             raw = self.cp.get_speed_limit(self.task_id)
@@ -430,7 +430,7 @@ class Agent:
 
     def _network_check(self) -> None:
         """Measure the link to the receiver over the data port and report it (5.9.1)."""
-        from smsrepl.netcheck import UNUSABLE, run_netcheck
+        from smsrepl.transport.netcheck import UNUSABLE, run_netcheck
 
         if self.netcheck_seconds <= 0:
             return
@@ -535,7 +535,7 @@ class Agent:
         from smsrepl.transport.sender import Sender
 
         if self._file_task:
-            from smsrepl.consistency import for_upload
+            from smsrepl.control.consistency import for_upload
             from smsrepl.files.compare import compare_with_listing
             from smsrepl.transport.file_sender import FileSender
 
@@ -549,7 +549,7 @@ class Agent:
             self.outbox.put("consistency", self.task_id, self.consistency)
             return
 
-        from smsrepl.consistency import entry, for_upload
+        from smsrepl.control.consistency import entry, for_upload
 
         items = []
         for disk in self._plans:

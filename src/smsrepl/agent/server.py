@@ -20,8 +20,8 @@ from typing import Any
 
 from smsrepl.blocks.device import BlockSource
 from smsrepl.errors import ConfigError, TransportError
-from smsrepl.progress import TRACE_MAX
-from smsrepl.state import Event, SessionStateMachine
+from smsrepl.control.progress import TRACE_MAX
+from smsrepl.control.state import Event, SessionStateMachine
 
 log = logging.getLogger("smsrepl.agent")
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from smsrepl._lazy import np
 from smsrepl.blocks.device import BlockSource
 from smsrepl.blocks.direct import aligned_buffer
+from smsrepl.control.consistency import entry, result_body
 
 BLOCK = 4096
 #: bytes a worker compares at a time: two chunks stay in its core's L2 while memcmp reads them
@@ -236,3 +237,21 @@ class _Folder:
                     ranges.append([off, length])
                 else:
                     self.full = True
+
+
+def compare_block_images(source_path: str, target_path: str, *, max_ranges: int = 1000,
+                         on_progress: Callable[[int, int, int], None] | None = None) -> tuple[dict, bool]:
+    """Compare two images or devices byte for byte, 4 KiB block by block.
+
+    Returns a consistency result (5.4.13: ``finished_time``, ``check_result``,
+    ``consistency_result`` with one entry whose "files" are 4 KiB blocks) plus
+    ``different_ranges`` as ``[offset, length]`` pairs (the first ``max_ranges`` runs of
+    differing blocks, merged, then the part a shorter target lacks), and whether they match.
+    A target larger than the source is compared over the source's size. ``on_progress(bytes
+    compared, bytes to compare, blocks found different)``: about every second (compare).
+    """
+    with open_side(source_path, "source") as src, open_side(target_path, "target") as dst:
+        diff = compare(src, dst, max_ranges=max_ranges, on_progress=on_progress)
+    result = result_body([entry(target_path, diff.blocks, different=diff.different, missing=diff.missing)])
+    result["different_ranges"] = diff.ranges
+    return result, diff.same

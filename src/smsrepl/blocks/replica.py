@@ -35,7 +35,7 @@ from smsrepl._lazy import np
 
 from smsrepl import faults, kernels
 from smsrepl.stages import StageClock
-from smsrepl.codec import Decompressor
+from smsrepl.protocol.codec import Decompressor
 from smsrepl.errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
 from smsrepl.protocol.frames import MAX_RAW, frame_digest
 from smsrepl.blocks.device import BlockTarget

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from smsrepl._lazy import np
 
 from smsrepl import kernels
-from smsrepl.codec import RAW
+from smsrepl.protocol.codec import RAW
 from smsrepl.errors import SourceError
 from smsrepl.protocol.frames import (LEGACY_RAW, MAX_RAW, MAX_SET, BlockData, BlockSet, Event,
                                      Scanned, ZeroRange)

@@ -1,7 +1,7 @@
 """tracefs for the change tracker: where it is, our instances, event formats, a disk's place.
 
 Everything here reads or writes files under tracefs or /sys; nothing parses
-events (see tracepage.py and _native/traceread.c). Instances are named
+events (see _pure/trace.py and _native/traceread.c). Instances are named
 ``smsrepl-<pid>-<start>-<major>_<minor>``, ``start`` being the process's start
 time in clock ticks (/proc/PID/stat field 22): a killed tracker's instance
 keeps recording and holds its ring buffer, and the next tracker removes every

@@ -337,7 +337,7 @@ class DirCheck:
     same_count: int = 0  # alike and not in ``same`` (a check run without list_paths)
 
     def entry(self) -> dict:
-        from smsrepl.consistency import entry
+        from smsrepl.control.consistency import entry
 
         return entry(self.dir_check, self.total, len(self.different), len(self.missing), len(self.extra))
 
@@ -541,7 +541,7 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
             v = _entry_verdicts(rel, ea, eb, mode, errors)
         verdicts[rel] = v
     checks = [_count(text, pat, verdicts, list_paths) for text, pat in pats]
-    from smsrepl.consistency import result_body
+    from smsrepl.control.consistency import result_body
 
     return result_body([c.entry() for c in checks], notes=_notes(source, scan, pats, checks, a, b, errors)), checks
 

@@ -177,7 +177,7 @@ class PathRules:
             given.add(key)
             where = f"{where} ({key})"
             if key == CPU_LIMIT:
-                from smsrepl.ratelimit import CpuCap
+                from smsrepl.throttle import CpuCap
 
                 try:
                     CpuCap(value)

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor
+from smsrepl.protocol.codec import DEFAULT_LEVEL, Compressor, Decompressor
 from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
-from smsrepl.ratelimit import CpuCap, ScheduledLimiter, SpeedSchedule
+from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
 from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from smsrepl.files.remote import Listing
     from smsrepl.files.journal import Changes, ChangeJournal
     from smsrepl.files.rules import PathRules
-    from smsrepl.progress import ProgressTracker
+    from smsrepl.control.progress import ProgressTracker
 
 # the file-round machinery (files.*, progress) is imported where a round first needs it:
 # open() sends HELLO and TREE_REQUEST before, and the receiver lists its tree meanwhile
@@ -429,7 +429,7 @@ class FileSender:
                dirs: list | None = None) -> FileRoundResult:
         from smsrepl.files.local import sync_tree
         from smsrepl.files.remote import Listing, OpStream, RemoteTarget
-        from smsrepl.progress import ProgressTracker, subtask_for
+        from smsrepl.control.progress import ProgressTracker, subtask_for
 
         listing, decomp = Listing(), Decompressor()
         listing.add(self._recv(chan, F.TreeData), decomp)

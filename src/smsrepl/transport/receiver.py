@@ -25,7 +25,7 @@ from smsrepl.errors import (AuthenticationError, ConfigError, RefusedError, Remo
 from smsrepl.files.apply import TreeWriter, remove_temporaries
 from smsrepl.files.fdbudget import door_descriptors, process_budget
 from smsrepl.files.remote import OpApplier, describe_tree, signature_frames
-from smsrepl.memory import release_free_memory
+from smsrepl.transport.memory import release_free_memory
 from smsrepl.transport.bodies import body_pool
 from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F

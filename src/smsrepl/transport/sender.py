@@ -24,15 +24,15 @@ from smsrepl.blocks.replica import private_makedirs, write_json_atomic
 from smsrepl.blocks.dirtymap import DirtyMap
 from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered,
                                    dirty_round_events, round_events)
-from smsrepl.codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
+from smsrepl.protocol.codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
 from smsrepl.errors import (ManifestError, RemoteError, RemoteProtocolError, ReplicationError,
                             SourceError, TransportError)
-from smsrepl.progress import HostSampler, ProgressTracker, subtask_for
+from smsrepl.control.progress import HostSampler, ProgressTracker, subtask_for
 from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
-from smsrepl.ratelimit import CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedSchedule
+from smsrepl.throttle import CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedSchedule
 from smsrepl.stages import StageClock
-from smsrepl.state import Event as StateEvent
-from smsrepl.state import SessionState, SessionStateMachine, StatePair
+from smsrepl.control.state import Event as StateEvent
+from smsrepl.control.state import SessionState, SessionStateMachine, StatePair
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT, check_target_name, connect, parse_address  # noqa: F401 (re-exported for agents)

@@ -25,7 +25,7 @@ import json
 from collections import deque
 from dataclasses import dataclass
 
-log = logging.getLogger("smsrepl.lag")
+log = logging.getLogger("smsrepl.replication.lag")
 
 FINE_BLOCK = 4096
 #: rounds looked at for the convergence verdict and the rates

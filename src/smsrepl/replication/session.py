@@ -8,7 +8,7 @@
     session.command("DELETE")              # stop and drop the local state
     session.command("SKIP")                # the consistency check will be skipped
 
-Every command answers a :class:`~smsrepl.state.CommandResult` (``success``
+Every command answers a :class:`~smsrepl.control.state.CommandResult` (``success``
 or ``fail`` with a detail), as 5.5.2 expects. One state machine spans the
 whole task, so the (copystate, migrationcycle) pairs reported through
 ``on_state`` follow SMS.7728 across rounds, pauses, errors and deletion.
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from smsrepl.errors import ReplicationError
-from smsrepl.state import (Command, CommandResult, Event, ServerCommand, SessionState,
-                           SessionStateMachine, StatePair)
+from smsrepl.control.state import (Command, CommandResult, Event, ServerCommand, SessionState,
+                                   SessionStateMachine, StatePair)
 
 #: how long STOP and DELETE wait for a running round to let go
 STOP_TIMEOUT = 60.0

@@ -584,7 +584,7 @@ def parse_agent_time(value: Any) -> _dt.datetime:
     """The agent's local wall-clock time from a 5.4.8 ``agent_time``.
 
     The reference only says it is a string of at most 30 characters. Accepted:
-    ISO 8601 (``2024-05-01T08:00:00+08:00``, what :mod:`smsrepl.progress`
+    ISO 8601 (``2024-05-01T08:00:00+08:00``, what :mod:`smsrepl.control.progress`
     emits; the space-separated form too), ``HH:MM[:SS]``, and epoch
     milliseconds as digits (converted to this machine's local time). A UTC
     offset is ignored: the time as written is the agent's local time, which

@@ -27,10 +27,10 @@ from typing import Any
 
 from smsrepl import faults
 from smsrepl.errors import ReplicationError, TransportError
-from smsrepl.lag import LagMeter
-from smsrepl.memory import release_free_memory
+from smsrepl.replication.lag import LagMeter
+from smsrepl.transport.memory import release_free_memory
 
-log = logging.getLogger("smsrepl.continuous")
+log = logging.getLogger("smsrepl.replication.continuous")
 #: round results kept: a sync that runs for weeks must not grow by one result a round
 KEEP_RESULTS = 100
 

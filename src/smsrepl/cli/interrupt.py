@@ -15,7 +15,7 @@ import threading
 import time
 
 from smsrepl.errors import EXIT_TRANSFER
-from smsrepl.summary import interrupted_line
+from smsrepl.cli.summary import interrupted_line
 
 #: seconds from the signal to the forced exit when the orderly one has not happened by then
 GRACE = 0.8

@@ -29,15 +29,15 @@ def _wait(cond, timeout: float, what: str) -> None:
 
 def run_demo(*, size_mib: int = 64, keep: bool = False) -> int:
     from smsrepl.agent.client import ControlPlane
-    from smsrepl.agent.fakecp import FakeControlPlane
+    from smsrepl.lab.fakecp import FakeControlPlane
     from smsrepl.agent.loop import Agent
-    from smsrepl.certs import make_bundle
+    from smsrepl.lab.certs import make_bundle
     from smsrepl.files.compare import compare_with_listing
-    from smsrepl.testdata import rewrite_random_blocks, write_image
+    from smsrepl.lab.testdata import rewrite_random_blocks, write_image
     from smsrepl.transport.file_sender import FileSender
     from smsrepl.transport.receiver import Receiver
     from smsrepl.transport.tls import client_context, server_context
-    from smsrepl.verify import compare_block_images
+    from smsrepl.blocks.imagecompare import compare_block_images
 
     work = tempfile.mkdtemp(prefix="smsrepl-demo-")
     cp = rx = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from smsrepl.progress import ProgressTracker
+from smsrepl.control.progress import ProgressTracker
 
 
 class CheckProgress:

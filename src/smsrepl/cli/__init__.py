@@ -16,12 +16,12 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from smsrepl import __version__
-from smsrepl.codec import DEFAULT_LEVEL
+from smsrepl.protocol.codec import DEFAULT_LEVEL
 from smsrepl.errors import EXIT_USAGE, ConfigError, ReplicationError
-from smsrepl.flags import (OneLineParser, add_verbose, address, control_plane_id, directory,
-                           https_url, nonempty, number, number_in, seconds, state_dir, subcommands,
-                           target_name)
-from smsrepl.memory import pin_mmap_threshold
+from smsrepl.cli.flags import (OneLineParser, add_verbose, address, control_plane_id, directory,
+                               https_url, nonempty, number, number_in, seconds, state_dir,
+                               subcommands, target_name)
+from smsrepl.transport.memory import pin_mmap_threshold
 
 
 def _state_home(kind: str) -> str:
@@ -60,7 +60,7 @@ def _targets(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_certs_init(args) -> int:
-    from smsrepl.certs import check_certkey_slot, make_bundle, write_certkey
+    from smsrepl.lab.certs import check_certkey_slot, make_bundle, write_certkey
 
     passphrase = _passphrase(args)
     check_certkey_slot(args.outdir, overwrite=args.force)  # before making keys for nothing
@@ -73,7 +73,7 @@ def cmd_receive(args) -> int:
     from smsrepl.transport.receiver import Receiver
     from smsrepl.transport.connect import parse_address
     from smsrepl.transport.tls import server_context
-    from smsrepl import logsetup
+    from smsrepl.cli import logsetup
 
     logsetup.configure(args.verbose, args.log_file, args.log_format)
     import logging
@@ -176,7 +176,7 @@ class _ProgressOutput:
         """Close the round's bar, its rate the round's average: before the summary is printed,
         so that nothing redraws the bar after it."""
         if self.bar is not None and seconds > 0:
-            from smsrepl.summary import human_rate
+            from smsrepl.cli.summary import human_rate
 
             self.bar.set_postfix_str(f"{human_rate(wire_bytes / seconds)} on the wire, average", refresh=False)
         self.close()
@@ -212,7 +212,7 @@ class _ScheduleWatcher:
         self.note = lambda line: print(line, file=sys.stderr)
 
     def load(self):
-        from smsrepl.ratelimit import SpeedSchedule
+        from smsrepl.throttle import SpeedSchedule
 
         if not self.path:
             return None
@@ -271,7 +271,7 @@ def _block_cpu_cap(path: str | None):
     if not path:
         return None
     from smsrepl.files.rules import CPU_LIMIT, KEYS
-    from smsrepl.ratelimit import CpuCap
+    from smsrepl.throttle import CpuCap
 
     body = _read_config(path)
     for i, item in enumerate(body["configurations"]):
@@ -288,7 +288,7 @@ def cmd_send_files(args, stop=None) -> int:
     from smsrepl.transport.connect import parse_address
     from smsrepl.transport.tls import client_context
 
-    from smsrepl.dryrun import check_flags
+    from smsrepl.cli.dryrun import check_flags
 
     check_flags(args)
     interval = _continuous_interval(args)
@@ -301,13 +301,13 @@ def cmd_send_files(args, stop=None) -> int:
         rules = rules.anchored(args.source)  # before anything connects: a rule may exclude the whole tree
     host_sampler = None
     if args.progress == "json":
-        from smsrepl.progress import HostSampler
+        from smsrepl.control.progress import HostSampler
 
         host_sampler = HostSampler()
     watcher = _ScheduleWatcher(args.speed_limit)
     ctx = client_context(_certkey(args), _passphrase(args))
     if args.dry_run:
-        from smsrepl.dryrun import dry_run_files
+        from smsrepl.cli.dryrun import dry_run_files
 
         return dry_run_files(args, rules, ctx)
     out = _ProgressOutput(args.progress)
@@ -328,7 +328,7 @@ def cmd_send_files(args, stop=None) -> int:
         return sender
 
     def print_summary(result) -> None:
-        from smsrepl.summary import files_round_line
+        from smsrepl.cli.summary import files_round_line
 
         out.end_round(result.wire_bytes, result.seconds)
         summary = result.summary()
@@ -343,7 +343,7 @@ def cmd_send_files(args, stop=None) -> int:
     watcher.watch()
     try:
         if args.continuous:
-            from smsrepl.continuous import ContinuousSync
+            from smsrepl.replication.continuous import ContinuousSync
 
             cont = ContinuousSync(make_sender, interval=interval, on_round=print_summary)
             _cutover_on_sigterm(cont.request_cutover, cont.abort, cont.request_round)
@@ -397,7 +397,7 @@ def _one_shot_stop(cmd):
     def run(args) -> int:
         if args.continuous:
             return cmd(args)
-        from smsrepl.interrupt import OneShotStop
+        from smsrepl.cli.interrupt import OneShotStop
 
         stop = OneShotStop()
         stop.install()
@@ -423,12 +423,12 @@ def _continuous_interval(args) -> float:
 
 
 def cmd_send_block(args, stop=None) -> int:
-    from smsrepl.progress import HostSampler
+    from smsrepl.control.progress import HostSampler
     from smsrepl.transport.connect import parse_address
     from smsrepl.transport.sender import Sender
     from smsrepl.transport.tls import client_context
 
-    from smsrepl.dryrun import check_flags
+    from smsrepl.cli.dryrun import check_flags
 
     check_flags(args)
     interval = _continuous_interval(args)
@@ -438,7 +438,7 @@ def cmd_send_block(args, stop=None) -> int:
     ctx = client_context(_certkey(args), _passphrase(args))
     state_dir = args.state_dir or _state_home("send")
     if args.dry_run:
-        from smsrepl.dryrun import dry_run_block
+        from smsrepl.cli.dryrun import dry_run_block
 
         return dry_run_block(args, ctx, state_dir)
     quiesce = None
@@ -474,7 +474,7 @@ def cmd_send_block(args, stop=None) -> int:
         return sender
 
     def print_summary(result) -> None:
-        from smsrepl.summary import block_round_line
+        from smsrepl.cli.summary import block_round_line
 
         out.end_round(result.wire_bytes, result.seconds)
         summary = {
@@ -498,7 +498,7 @@ def cmd_send_block(args, stop=None) -> int:
     watcher.watch()
     try:
         if args.continuous:
-            from smsrepl.continuous import ContinuousSync
+            from smsrepl.replication.continuous import ContinuousSync
 
             cont = ContinuousSync(make_sender, interval=interval, dirty_map=dirty, on_round=print_summary,
                                   quiesce=quiesce, tracking=tracking)
@@ -556,7 +556,7 @@ def _cutover_on_sigterm(cutover, abort, round_now=None) -> None:
 
 
 def cmd_netcheck(args) -> int:
-    from smsrepl.netcheck import run_netcheck
+    from smsrepl.transport.netcheck import run_netcheck
     from smsrepl.transport.connect import parse_address
     from smsrepl.transport.tls import client_context
 
@@ -581,9 +581,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_verify_block(args) -> int:
-    from smsrepl.checkprogress import CheckProgress
-    from smsrepl.progress import SYNC_LINUX_BLOCK, HostSampler
-    from smsrepl.verify import compare_block_images
+    from smsrepl.control.checkprogress import CheckProgress
+    from smsrepl.control.progress import SYNC_LINUX_BLOCK, HostSampler
+    from smsrepl.blocks.imagecompare import compare_block_images
 
     out = _ProgressOutput(args.progress, wire=False)
     progress = None
@@ -613,7 +613,7 @@ def _verify_block_remote(args, on_progress=None) -> tuple[dict, bool]:
     """The source read now against the receiver's digests of what it verified and made durable."""
     import tempfile
 
-    from smsrepl.consistency import consistent, entry, result_body
+    from smsrepl.control.consistency import consistent, entry, result_body
     from smsrepl.transport.connect import parse_address
     from smsrepl.transport.sender import Sender
     from smsrepl.transport.tls import client_context
@@ -636,8 +636,8 @@ def cmd_verify_files(args) -> int:
     out = _ProgressOutput(args.progress, wire=False)
     progress = None
     if args.progress != "none":
-        from smsrepl.checkprogress import CheckProgress
-        from smsrepl.progress import SYNC_LINUX_FILE, HostSampler
+        from smsrepl.control.checkprogress import CheckProgress
+        from smsrepl.control.progress import SYNC_LINUX_FILE, HostSampler
 
         progress = CheckProgress(out.report, SYNC_LINUX_FILE, args.source, "files",
                                  HostSampler() if args.progress == "json" else None)
@@ -682,7 +682,7 @@ def cmd_verify_files(args) -> int:
 
 
 def _max_delete(text: str) -> int:
-    from smsrepl.dryrun import max_delete
+    from smsrepl.cli.dryrun import max_delete
 
     return max_delete(text)
 
@@ -760,7 +760,7 @@ def _check_ca_file(path: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    from smsrepl.demo import run_demo
+    from smsrepl.lab.demo import run_demo
 
     return run_demo(size_mib=args.size_mib, keep=args.keep)
 
@@ -994,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
     # again and again (it took 5% of a sender's time in a round of small files)
     gc.freeze()
     if args.verbose or not quick or "logging" in sys.modules:
-        from smsrepl.logsetup import configure as configure_logging
+        from smsrepl.cli.logsetup import configure as configure_logging
 
         configure_logging(args.verbose)
     try:
