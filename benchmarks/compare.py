@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from replication import RsyncDaemon, rsync, sms_round  # noqa: E402
 from smsrepl import kernels  # noqa: E402
 from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
-from smsrepl.protocol.codec import DEFAULT_LEVEL, Compressor, Decompressor  # noqa: E402
+from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor  # noqa: E402
 from smsrepl.lab.testdata import write_image  # noqa: E402
 
 CHUNK = 8 << 20

@@ -5,8 +5,8 @@ import random
 import pytest
 import zstandard
 
-from smsrepl.protocol.codec import (FRAME_SIZE, RAW, SAMPLE, SAMPLES, ZSTD, AdaptiveChoice,
-                                    Compressor, Decompressor)
+from smsrepl.codec import (FRAME_SIZE, RAW, SAMPLE, SAMPLES, ZSTD, AdaptiveChoice, Compressor,
+                           Decompressor)
 
 
 def test_a_frame_is_compressed_with_a_window_spanning_the_whole_frame():

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from smsrepl.control import progress as P
 from smsrepl.control.progress import (EMITTED_FIELDS, REMAIN_UNKNOWN, HostSample, HostSampler,
-                                      ProgressTracker, ReportError, format_agent_time,
-                                      report_problems, subtask_for, validate_report)
+                                      ProgressTracker, format_agent_time, report_problems,
+                                      subtask_for, validate_report)
+from smsrepl.errors import ReportError
 from smsrepl.throttle import judge_over_speed
 
 SPEC_KEYS = {

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smsrepl.errors import ConfigError, ReplicationError
-from smsrepl.throttle import (BYTES_PER_MBIT, CpuCap, OverSpeedError, OverSpeedGuard,
-                              ScheduledLimiter, SpeedRule, SpeedSchedule, TokenBucket,
-                              default_burst, judge_over_speed, parse_agent_time, parse_cpu_limit)
+from smsrepl.throttle import (CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedRule, SpeedSchedule,
+                              TokenBucket, default_burst, judge_over_speed, parse_agent_time,
+                              parse_cpu_limit)
+from smsrepl.errors import BYTES_PER_MBIT, OverSpeedError
 
 REFERENCE_BODY = {"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 1000, "over_speed_threshold": 50.0}]}
 

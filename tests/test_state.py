@@ -11,7 +11,8 @@ from smsrepl.errors import ConfigError, ReplicationError, TransportError
 from smsrepl.control.state import (ALLOWED_PAIRS, STATE_PAIRS, TRANSITIONS, Command, CommandResult,
                                    CommandResultValue, CopyState, Event, MigrationCycle,
                                    ServerCommand, SessionState, SessionStateMachine, StatePair,
-                                   StatePairError, TransitionError, check_pair, is_allowed)
+                                   check_pair, is_allowed)
+from smsrepl.errors import StatePairError, TransitionError
 
 # SMS.7728's text, transcribed independently of the module's table.
 SMS_7728 = {

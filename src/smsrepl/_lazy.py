@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 
 class _Lazy:
@@ -10,7 +11,7 @@ class _Lazy:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._mod = None
+        self._mod: Any = None
 
     def __getattr__(self, attr: str):
         mod = self._mod
@@ -19,4 +20,7 @@ class _Lazy:
         return getattr(mod, attr)
 
 
-np = _Lazy("numpy")
+if TYPE_CHECKING:  # the type checker sees numpy itself, with its types
+    import numpy as np
+else:
+    np = _Lazy("numpy")

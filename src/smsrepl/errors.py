@@ -13,6 +13,8 @@ EXIT_USAGE = 2
 EXIT_TRANSFER = 3
 EXIT_AUTH = 4
 
+BYTES_PER_MBIT = 125_000  # the unit of the control plane's speed limits (OverSpeedError's message)
+
 
 class ReplicationError(Exception):
     """Root of every error smsrepl raises on purpose."""
@@ -168,3 +170,85 @@ class RemoteError(ReplicationError):
         super().__init__(message, code=code)
         self.exit_code = exit_code
         self.resumable = resumable
+
+
+class ControlPlaneError(ReplicationError):
+    """The control plane answered with an error (4xx, or 5xx after the retries)."""
+
+    def __init__(self, message: str, *, status: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.resumable = status == 429 or status >= 500
+
+
+class ControlPlaneUnavailable(ControlPlaneError):
+    """No answer (connection refused, timeout, TLS failure) after every retry."""
+
+    code = "SMS.1807"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=0)
+        self.resumable = True
+
+
+class TrackingUnavailable(ConfigError):
+    """Kernel change tracking cannot run here; the message names what is missing."""
+
+    code = "SMS.1902"  # tracefs.CODE_START
+
+
+class ReportError(ValueError):
+    """A progress report does not match the 5.4.8 field list."""
+
+
+class StatePairError(ConfigError):
+    """A (copystate, migrationcycle) pair SMS.7728 forbids."""
+
+    code = "SMS.7728"
+
+
+class TransitionError(ReplicationError):
+    """An event that the session's state does not allow (misuse, not I/O)."""
+
+    exit_code = EXIT_USAGE
+
+
+class JournalUnavailable(Exception):
+    """The kernel, the privileges or the file system do not allow a journal (the reason)."""
+
+
+class FrameError(ValueError):
+    """A frame that cannot be decoded; the connection turns it into RemoteProtocolError."""
+
+
+class OverSpeedError(ReplicationError):
+    """The measured rate exceeded the limit by more than ``over_speed_threshold``.
+
+    The reference's error table (6.1) has no code for this (SMS.6302 is "no
+    speed limit found"), so it carries none. Exit code 3: the session stops
+    and can be resumed once the cause is fixed.
+    """
+
+    exit_code = EXIT_TRANSFER
+    resumable = True
+
+    def __init__(self, measured_bps: float, limit_bps: float, threshold_pct: float, window_s: float) -> None:
+        self.measured_bps = measured_bps
+        self.limit_bps = limit_bps
+        self.threshold_pct = threshold_pct
+        allowed = limit_bps * (1 + threshold_pct / 100)
+        super().__init__(
+            f"over speed: measured {measured_bps / BYTES_PER_MBIT:.2f} Mbit/s over the last {window_s:g} s, "
+            f"limit {limit_bps / BYTES_PER_MBIT:.2f} Mbit/s, over_speed_threshold {threshold_pct:g} % "
+            f"(stop above {allowed / BYTES_PER_MBIT:.2f} Mbit/s)"
+        )
+
+
+class ReceiverStopping(ReplicationError):
+    """The receiver is stopping (SIGINT, SIGTERM, stop()): the round is checkpointed, rerun to resume."""
+
+    resumable = True
+
+
+class TakenOver(TargetBusyError):
+    """Another connection of the same session took the target over."""

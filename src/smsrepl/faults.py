@@ -43,6 +43,7 @@ def configure(spec: str) -> None:
         if what == "kill":
             _KILLS[name] = int(arg or 1)
         else:
+            assert code is not None
             _IO[name] = (code, int(arg))
 
 

@@ -35,11 +35,12 @@ import math
 import os
 import sys
 import struct
+from typing import Any
 
 from smsrepl._lazy import np
 
-ZERO_DIGEST = 0
-UNKNOWN_DIGEST = 0xFFFF_FFFF_FFFF_FFFF
+#: the unit of block digests, dirty maps and the wire's block maps
+FINE_BLOCK = 4096
 
 _requested = os.environ.get("SMSREPL_BACKEND", "").strip().lower()
 if _requested not in ("", "native", "pure"):
@@ -48,13 +49,16 @@ if _requested not in ("", "native", "pure"):
 if _requested == "pure" or (
     _requested == "" and sys.implementation.name != "cpython"
 ):
-    from smsrepl import _pure as _impl
+    from smsrepl import _pure
 
+    _impl: Any = _pure
     BACKEND = "pure"
     _delta_search = _impl.delta_search
 else:
     try:
-        from smsrepl._native import _core as _impl  # type: ignore[no-redef]
+        from smsrepl._native import _core
+
+        _impl = _core
     except ImportError as exc:  # pragma: no cover - depends on the build
         raise ImportError(
             "smsrepl native core (smsrepl._native._core) could not be imported: "
@@ -68,6 +72,10 @@ else:
         raw = _impl.delta_search(weak, strong, block_size, old_len, data)
         return np.frombuffer(raw, dtype=np.int64).reshape(-1, 3)
 
+
+#: digest sentinels, defined with the kernels that write them (blockscan.h; _pure twins them)
+ZERO_DIGEST: int = _impl.ZERO_DIGEST
+UNKNOWN_DIGEST: int = _impl.UNKNOWN_DIGEST
 
 block_digests = _impl.block_digests
 group_digests = _impl.group_digests

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from smsrepl.agent.client import ControlPlane, ControlPlaneError, ControlPlaneUnavailable
+from smsrepl.agent.client import ControlPlane
+from smsrepl.errors import ControlPlaneError, ControlPlaneUnavailable
 from smsrepl.errors import ConfigError
 
 TOKEN = "MIIDkgYJKoZIhvcNAQcC-secret-token-value"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from smsrepl.blocks.dirtymap import DirtyMap, HEADER_SIZE
-from smsrepl.blocks.manifest import FINE_BLOCK
+from smsrepl.kernels import FINE_BLOCK
 from smsrepl.errors import ConfigError, ManifestError
 
 SIZE = (40 << 20) - 1000  # a short last block

@@ -5,7 +5,7 @@ import pytest
 
 from smsrepl import kernels
 from smsrepl.blocks.device import BlockTarget
-from smsrepl.blocks.manifest import FINE_BLOCK, UNKNOWN_DIGEST
+from smsrepl.kernels import FINE_BLOCK, UNKNOWN_DIGEST
 from smsrepl.blocks.replica import INTENT_STEP, Replica
 from smsrepl.errors import DecompressionError, RemoteProtocolError, SizeMismatchError, TargetWriteError
 
@@ -251,7 +251,7 @@ def test_direct_target_frames_decoded_in_place_and_bad_ones_write_nothing(tmp_pa
     # solid frames are decompressed straight into the direct writer's buffer: a frame that
     # fails its digest must leave the target untouched and give the buffer back
     from smsrepl.blocks import direct
-    from smsrepl.protocol.codec import Compressor
+    from smsrepl.codec import Compressor
     from smsrepl.protocol.frames import frame_digest
 
     size = 8 << 20

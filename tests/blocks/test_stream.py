@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from smsrepl.blocks.device import BlockSource, BlockTarget
-from smsrepl.blocks.manifest import FINE_BLOCK, ManifestFile
+from smsrepl.blocks.manifest import ManifestFile
+from smsrepl.kernels import FINE_BLOCK
 from smsrepl.blocks.replica import Replica
 from smsrepl.blocks.stream import CHUNK_END, SET_RUN_MAX, Covered, round_events
 from smsrepl.protocol import frames as F

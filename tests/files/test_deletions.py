@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from smsrepl import kernels
-from smsrepl.protocol.codec import Decompressor
+from smsrepl.codec import Decompressor
 from smsrepl.errors import DeletionLimitError, EXIT_USAGE
 from smsrepl.files import deletions
 from smsrepl.files.deletions import check_deletions, listed_entries, would_delete

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from smsrepl import kernels
-from smsrepl.protocol.codec import RAW, Decompressor
+from smsrepl.codec import RAW, Decompressor
 from smsrepl.errors import RemoteError, RemoteProtocolError
 from smsrepl.files import remote
 from smsrepl.files.remote import Listing, describe_tree
@@ -138,7 +138,7 @@ def test_ordered_flag_survives_the_wire():
 def test_what_is_batched_goes_out_before_waiting_for_the_listing(tmp_path, monkeypatch):
     """A sender ahead of the receiver's listing sends its batched operations before it waits:
     they reach the receiver (on a slow link: cross it) while the receiver still lists."""
-    from smsrepl.protocol.codec import Compressor
+    from smsrepl.codec import Compressor
     from smsrepl.files.remote import OpStream, RemoteTarget
     from smsrepl.files.scan import root_entry
 

@@ -1,7 +1,7 @@
 """OpStream's adaptive compression: compressed only while that moves data faster than raw."""
 import time
 
-from smsrepl.protocol.codec import RAW, ZSTD, Compressor, Decompressor
+from smsrepl.codec import RAW, ZSTD, Compressor, Decompressor
 from smsrepl.files.remote import OpStream
 
 TEXT = b" ".join(b"word%d" % (i % 97) for i in range(200_000))  # ~1.3 MB, compresses well

@@ -29,7 +29,7 @@ def _tree(root):
 def remote_round(src, dst, **kw):
     """sync_tree to ``dst`` as a receiver would see it: its listing, and operations applied
     in order (a directory-at-a-time round with the native kernels)."""
-    from smsrepl.protocol.codec import Compressor, Decompressor
+    from smsrepl.codec import Compressor, Decompressor
     from smsrepl.files.apply import TreeWriter
     from smsrepl.files.remote import Listing, OpApplier, OpStream, RemoteTarget, describe_tree
 

@@ -13,7 +13,7 @@ import zstandard
 
 from smsrepl import kernels
 from smsrepl.lab.certs import expired_bundle, make_bundle, write_certkey
-from smsrepl.protocol.codec import Compressor
+from smsrepl.codec import Compressor
 from smsrepl.errors import CompressionError
 from smsrepl.protocol import SENDER, Connection
 from smsrepl.protocol import frames as F

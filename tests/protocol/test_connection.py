@@ -7,7 +7,7 @@ import xxhash
 from hypothesis import given, settings, strategies as st
 
 from smsrepl import kernels
-from smsrepl.protocol.codec import Compressor, Decompressor
+from smsrepl.codec import Compressor, Decompressor
 from smsrepl.errors import DecompressionError, LocalProtocolError, RemoteProtocolError
 from smsrepl.protocol import (
     NEED_DATA,

@@ -79,7 +79,7 @@ class LinkChannel(SlowCheckingChannel):
 @pytest.mark.parametrize("rate,expect_compressed", [(None, False), (30e6, True)])
 def test_level_auto_sends_raw_on_a_fast_link_and_compresses_on_a_slow_one(tmp_path, monkeypatch, rate,
                                                                          expect_compressed):
-    from smsrepl.protocol.codec import Compressor
+    from smsrepl.codec import Compressor
     from smsrepl.lab.testdata import write_image
 
     if rate is None:

@@ -1,4 +1,6 @@
-from collections.abc import Buffer, Callable
+from collections.abc import Callable
+
+from typing_extensions import Buffer
 
 ZERO_DIGEST: int
 UNKNOWN_DIGEST: int

@@ -387,7 +387,8 @@ def hash_files(dir_fd: int, names, out, budget: int) -> tuple[int, int, list[tup
     if len(view) < 16 * len(names):
         raise ValueError(f"out too small: need {16 * len(names)} bytes, got {len(view)}")
     buf = bytearray(_HASH_BUF)
-    total, errors, i = 0, [], 0
+    total, i = 0, 0
+    errors: list[tuple[int, int]] = []
     while i < len(names) and (i == 0 or total <= budget):
         name = names[i]
         if not isinstance(name, bytes) or b"\0" in name:
@@ -396,7 +397,7 @@ def hash_files(dir_fd: int, names, out, budget: int) -> tuple[int, int, list[tup
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK,
                          dir_fd=dir_fd)
         except OSError as exc:
-            errors.append((i, _errno.EINVAL if exc.errno == _errno.ELOOP else exc.errno))
+            errors.append((i, _errno.EINVAL if exc.errno == _errno.ELOOP else exc.errno or _errno.EIO))
             i += 1
             continue
         try:
@@ -410,7 +411,7 @@ def hash_files(dir_fd: int, names, out, budget: int) -> tuple[int, int, list[tup
                     total += n
                 view[16 * i:16 * i + 16] = h.digest()
         except OSError as exc:
-            errors.append((i, exc.errno))
+            errors.append((i, exc.errno or _errno.EIO))
         finally:
             os.close(fd)
         i += 1

@@ -21,32 +21,13 @@ from urllib.parse import quote
 
 import requests
 
-from smsrepl.errors import ConfigError, ReplicationError
+from smsrepl.errors import ConfigError, ControlPlaneError, ControlPlaneUnavailable
 
 log = logging.getLogger("smsrepl.agent.client")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 #: answers that are worth retrying
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-
-
-class ControlPlaneError(ReplicationError):
-    """The control plane answered with an error (4xx, or 5xx after the retries)."""
-
-    def __init__(self, message: str, *, status: int, code: str | None = None) -> None:
-        super().__init__(message, code=code)
-        self.status = status
-        self.resumable = status == 429 or status >= 500
-
-
-class ControlPlaneUnavailable(ControlPlaneError):
-    """No answer (connection refused, timeout, TLS failure) after every retry."""
-
-    code = "SMS.1807"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=0)
-        self.resumable = True
 
 
 def _path_id(value: str, what: str) -> str:

@@ -35,7 +35,8 @@ from smsrepl.blocks.replica import private_makedirs
 from smsrepl.errors import ConfigError, ReplicationError
 from smsrepl.replication.session import BlockSession
 from smsrepl.control.state import CommandResult, ServerCommand, SessionState
-from smsrepl.agent.client import ControlPlane, ControlPlaneError
+from smsrepl.agent.client import ControlPlane
+from smsrepl.errors import ControlPlaneError
 from smsrepl.agent.server import DiskPlan, ServerRound, TreeRound
 
 log = logging.getLogger("smsrepl.agent")

@@ -1,5 +1,6 @@
 """Block sources and targets, manifests and their diff."""
 from smsrepl.blocks.device import BlockSource, BlockTarget
-from smsrepl.blocks.manifest import FINE_BLOCK, GROUP_BLOCKS, ManifestFile
+from smsrepl.blocks.manifest import GROUP_BLOCKS, ManifestFile
+from smsrepl.kernels import FINE_BLOCK
 
 __all__ = ["BlockSource", "BlockTarget", "FINE_BLOCK", "GROUP_BLOCKS", "ManifestFile"]

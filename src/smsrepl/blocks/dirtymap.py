@@ -54,7 +54,8 @@ from collections.abc import Iterator
 from smsrepl._lazy import np
 
 from smsrepl.errors import ConfigError, ManifestError
-from smsrepl.blocks.manifest import FINE_BLOCK, runs_of
+from smsrepl.blocks.manifest import runs_of
+from smsrepl.kernels import FINE_BLOCK
 
 MAGIC = b"SMSDIRTY"
 VERSION = 1

@@ -46,21 +46,19 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 
-from smsrepl._lazy import np
 import xxhash
 
-from smsrepl.errors import ManifestError, SourceError
 from smsrepl import kernels
+from smsrepl._lazy import np
+from smsrepl.errors import ManifestError, SourceError
+from smsrepl.kernels import FINE_BLOCK
 
 MAGIC = b"SMSRMNF\n"
 VERSION = 1
 ALGO_XXH3 = 1
-FINE_BLOCK = 4096
 GROUP_BLOCKS = 256
 HEADER = struct.Struct("<8sHHIIIQ16s16s")
 assert HEADER.size == 64
-ZERO_DIGEST = 0
-UNKNOWN_DIGEST = 0xFFFFFFFFFFFFFFFF
 #: groups refreshed per read at commit (16 MiB of fine digests)
 COMMIT_GROUPS = 8192
 # coarse digest of a group of all-zero fine blocks

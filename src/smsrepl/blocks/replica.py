@@ -35,11 +35,12 @@ from smsrepl._lazy import np
 
 from smsrepl import faults, kernels
 from smsrepl.stages import StageClock
-from smsrepl.protocol.codec import Decompressor
+from smsrepl.codec import Decompressor
 from smsrepl.errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
 from smsrepl.protocol.frames import MAX_RAW, frame_digest
 from smsrepl.blocks.device import BlockTarget
-from smsrepl.blocks.manifest import FINE_BLOCK, UNKNOWN_DIGEST, ManifestFile, block_count
+from smsrepl.blocks.manifest import ManifestFile, block_count
+from smsrepl.kernels import FINE_BLOCK, UNKNOWN_DIGEST
 
 log = logging.getLogger("smsrepl.receiver")
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from smsrepl._lazy import np
 
 from smsrepl import kernels
-from smsrepl.protocol.codec import RAW
+from smsrepl.codec import RAW
 from smsrepl.errors import SourceError
 from smsrepl.protocol.frames import (LEGACY_RAW, MAX_RAW, MAX_SET, BlockData, BlockSet, Event,
                                      Scanned, ZeroRange)
 from smsrepl.blocks.direct import aligned_buffer
-from smsrepl.blocks.manifest import FINE_BLOCK, ManifestFile, block_count, runs_of, scan
+from smsrepl.blocks.manifest import ManifestFile, block_count, runs_of, scan
+from smsrepl.kernels import FINE_BLOCK
 
 #: blocks per BLOCK_DATA frame (8 MiB, one read chunk) for a peer with the "frame-8m"
 #: capability, else LEGACY_FRAME_BLOCKS (4 MiB). zstd-3 with its default parameters

@@ -16,7 +16,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from smsrepl.errors import ConfigError
+from smsrepl.errors import TrackingUnavailable
 
 #: the tracker's SMS code: "Failed to start the I/O monitoring module"
 CODE_START = "SMS.1902"
@@ -24,12 +24,6 @@ INSTANCE_PREFIX = "smsrepl-"
 _INSTANCE = re.compile(r"smsrepl-(\d+)-(\d+)-(\d+)_(\d+)$")
 #: the ids our round markers carry in trace_marker_raw ("SMSR")
 MARKER_MAGIC = 0x534D5352
-
-
-class TrackingUnavailable(ConfigError):
-    """Kernel change tracking cannot run here; the message names what is missing."""
-
-    code = CODE_START
 
 
 def find_root(*, mount: bool = True) -> str:

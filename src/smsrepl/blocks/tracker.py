@@ -47,8 +47,8 @@ from smsrepl import faults, kernels
 from smsrepl.errors import ConfigError
 from smsrepl.blocks import tracefs
 from smsrepl.blocks.dirtymap import _popcount, _ranges
-from smsrepl.blocks.manifest import FINE_BLOCK
-from smsrepl.blocks.tracefs import MARKER_MAGIC, TrackingUnavailable
+from smsrepl.blocks.tracefs import MARKER_MAGIC
+from smsrepl.errors import TrackingUnavailable
 
 log = logging.getLogger("smsrepl.tracker")
 

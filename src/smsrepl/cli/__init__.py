@@ -16,7 +16,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from smsrepl import __version__
-from smsrepl.protocol.codec import DEFAULT_LEVEL
+from smsrepl.codec import DEFAULT_LEVEL
 from smsrepl.errors import EXIT_USAGE, ConfigError, ReplicationError
 from smsrepl.cli.flags import (OneLineParser, add_verbose, address, control_plane_id, directory,
                                https_url, nonempty, number, number_in, seconds, state_dir,

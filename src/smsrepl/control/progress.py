@@ -56,6 +56,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
+from smsrepl.errors import ReportError
+
 __all__ = [
     "MIGRATE_LINUX_BLOCK",
     "SYNC_LINUX_BLOCK",
@@ -137,10 +139,6 @@ EMITTED_FIELDS = tuple(k for k in REPORT_FIELDS if k != "need_migration_test")
 
 def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(v)
-
-
-class ReportError(ValueError):
-    """A progress report does not match the 5.4.8 field list."""
 
 
 def report_problems(report: Any, *, require_all: bool = False) -> list[str]:

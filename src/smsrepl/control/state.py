@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from smsrepl.errors import EXIT_USAGE, ConfigError, ReplicationError
+from smsrepl.errors import ConfigError, ReplicationError, StatePairError, TransitionError
 
 __all__ = [
     "CopyState",
@@ -126,18 +126,6 @@ ALLOWED_PAIRS: Mapping[MigrationCycle, frozenset[CopyState]] = {
     _M.CUTOVERING: frozenset({_C.CUTOVERING, *_ANYTIME}),
     _M.CUTOVERED: frozenset({_C.FINISHED, *_ANYTIME}),
 }
-
-
-class StatePairError(ConfigError):
-    """A (copystate, migrationcycle) pair SMS.7728 forbids."""
-
-    code = "SMS.7728"
-
-
-class TransitionError(ReplicationError):
-    """An event that the session's state does not allow (misuse, not I/O)."""
-
-    exit_code = EXIT_USAGE
 
 
 def is_allowed(copystate: "str | CopyState", migrationcycle: "str | MigrationCycle") -> bool:

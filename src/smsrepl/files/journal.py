@@ -41,6 +41,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from smsrepl.errors import JournalUnavailable
+
 log = logging.getLogger("smsrepl.journal")
 
 FAN_CLOEXEC, FAN_NONBLOCK = 0x1, 0x2
@@ -62,10 +64,6 @@ _META = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, ma
 _INFO = struct.Struct("=BBH")  # info_type, pad, len
 _HANDLE = struct.Struct("=Ii")  # handle_bytes, handle_type (after the 8-byte fsid)
 _OCTAL = re.compile(rb"\\([0-7]{3})")
-
-
-class JournalUnavailable(Exception):
-    """The kernel, the privileges or the file system do not allow a journal (the reason)."""
 
 
 @dataclass

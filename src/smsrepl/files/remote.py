@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import xxhash
 
 from smsrepl import kernels
-from smsrepl.protocol.codec import RAW, AdaptiveChoice, Compressor, Decompressor
+from smsrepl.codec import RAW, AdaptiveChoice, Compressor, Decompressor
 from smsrepl.errors import RemoteProtocolError, TargetWriteError
 from smsrepl.protocol import frames as F
 from smsrepl.files import wire as W

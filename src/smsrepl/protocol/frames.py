@@ -74,10 +74,12 @@ import struct
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from smsrepl._lazy import np
 import xxhash
 
-FINE_BLOCK = 4096
+from smsrepl._lazy import np
+from smsrepl.errors import FrameError
+from smsrepl.kernels import FINE_BLOCK
+
 HEADER = struct.Struct(">IBBHI")
 HEADER_SIZE = HEADER.size  # 12
 #: largest raw payload of one BLOCK_DATA frame a receiver accepts (a sender sends
@@ -349,10 +351,6 @@ TYPES: dict[int, type] = {**JSON_EVENTS, **BINARY_EVENTS}
 
 _JSON_TYPES = {"int": int, "str": str, "bool": bool, "list": list}
 _MAX_INT = (1 << 63) - 1
-
-
-class FrameError(ValueError):
-    """A frame that cannot be decoded; the connection turns it into RemoteProtocolError."""
 
 
 def _check(header8: bytes, checked: bytes | memoryview) -> int:

@@ -25,9 +25,10 @@ import json
 from collections import deque
 from dataclasses import dataclass
 
+from smsrepl.kernels import FINE_BLOCK
+
 log = logging.getLogger("smsrepl.replication.lag")
 
-FINE_BLOCK = 4096
 #: rounds looked at for the convergence verdict and the rates
 WINDOW = 3
 

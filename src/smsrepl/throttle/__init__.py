@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from smsrepl.errors import EXIT_TRANSFER, ConfigError, ReplicationError
+from smsrepl.errors import BYTES_PER_MBIT, ConfigError, OverSpeedError
 
 __all__ = [
     "BYTES_PER_MBIT",
@@ -62,7 +62,6 @@ __all__ = [
 ]
 
 #: 1 Mbit/s = 10**6 bits/s = 125 000 bytes/s.
-BYTES_PER_MBIT = 125_000
 MIN_SPEED_MBIT = 0
 MAX_SPEED_MBIT = 10_000
 MIN_THRESHOLD = 10.0
@@ -497,29 +496,6 @@ class ScheduledLimiter:
 # ---------------------------------------------------------------------------
 # Over-speed
 # ---------------------------------------------------------------------------
-
-class OverSpeedError(ReplicationError):
-    """The measured rate exceeded the limit by more than ``over_speed_threshold``.
-
-    The reference's error table (6.1) has no code for this (SMS.6302 is "no
-    speed limit found"), so it carries none. Exit code 3: the session stops
-    and can be resumed once the cause is fixed.
-    """
-
-    exit_code = EXIT_TRANSFER
-    resumable = True
-
-    def __init__(self, measured_bps: float, limit_bps: float, threshold_pct: float, window_s: float) -> None:
-        self.measured_bps = measured_bps
-        self.limit_bps = limit_bps
-        self.threshold_pct = threshold_pct
-        allowed = limit_bps * (1 + threshold_pct / 100)
-        super().__init__(
-            f"over speed: measured {measured_bps / BYTES_PER_MBIT:.2f} Mbit/s over the last {window_s:g} s, "
-            f"limit {limit_bps / BYTES_PER_MBIT:.2f} Mbit/s, over_speed_threshold {threshold_pct:g} % "
-            f"(stop above {allowed / BYTES_PER_MBIT:.2f} Mbit/s)"
-        )
-
 
 class OverSpeedGuard:
     """Measures wire bytes over a sliding window and stops on over-speed.

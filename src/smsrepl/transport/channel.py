@@ -12,10 +12,10 @@ import time
 
 from smsrepl.errors import TransportError
 from smsrepl.transport.tls import classify_ssl_error
+from smsrepl.transport.tlsio import RECV_SIZE
 from smsrepl.protocol import NEED_DATA, RECEIVER, Connection, ConnectionClosed
 from smsrepl.protocol.frames import Event
 
-RECV_SIZE = 1 << 20
 #: bytes per speed-limiter payment when a limit applies
 THROTTLE_SLICE = 64 << 10
 

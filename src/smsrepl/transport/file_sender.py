@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from smsrepl.protocol.codec import DEFAULT_LEVEL, Compressor, Decompressor
+from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor
 from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
 from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
 from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed

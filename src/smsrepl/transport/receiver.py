@@ -19,9 +19,9 @@ from smsrepl import faults, kernels
 from smsrepl.blocks.device import BlockTarget
 from smsrepl.blocks.manifest import GROUP_BLOCKS
 from smsrepl.blocks.replica import Replica, private_makedirs, write_json_atomic
-from smsrepl.errors import (AuthenticationError, ConfigError, RefusedError, RemoteProtocolError,
-                            ReplicationError, TargetBusyError, TargetKindError, TargetWriteError,
-                            TransportError)
+from smsrepl.errors import (AuthenticationError, ConfigError, ReceiverStopping, RefusedError,
+                            RemoteProtocolError, ReplicationError, TakenOver, TargetBusyError,
+                            TargetKindError, TargetWriteError, TransportError)
 from smsrepl.files.apply import TreeWriter, remove_temporaries
 from smsrepl.files.fdbudget import door_descriptors, process_budget
 from smsrepl.files.remote import OpApplier, describe_tree, signature_frames
@@ -84,16 +84,6 @@ LET_GO_SECONDS = 1.0
 STOP_DRAIN = 0.5
 #: the longest stop() waits for sessions' last checkpoints (each one fsyncs the target)
 STOP_GRACE = 60.0
-
-
-class ReceiverStopping(ReplicationError):
-    """The receiver is stopping (SIGINT, SIGTERM, stop()): the round is checkpointed, rerun to resume."""
-
-    resumable = True
-
-
-class TakenOver(TargetBusyError):
-    """Another connection of the same session took the target over."""
 
 
 class RootTargets(Mapping):

@@ -19,12 +19,13 @@ from smsrepl._lazy import np
 from smsrepl import faults, kernels
 from smsrepl.blocks.device import BlockSource
 from smsrepl.blocks.direct import aligned_buffer
-from smsrepl.blocks.manifest import FINE_BLOCK, ManifestFile, runs_of
+from smsrepl.blocks.manifest import ManifestFile, runs_of
+from smsrepl.kernels import FINE_BLOCK
 from smsrepl.blocks.replica import private_makedirs, write_json_atomic
 from smsrepl.blocks.dirtymap import DirtyMap
 from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered,
                                    dirty_round_events, round_events)
-from smsrepl.protocol.codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
+from smsrepl.codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
 from smsrepl.errors import (ManifestError, RemoteError, RemoteProtocolError, ReplicationError,
                             SourceError, TransportError)
 from smsrepl.control.progress import HostSampler, ProgressTracker, subtask_for
