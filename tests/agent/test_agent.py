@@ -19,7 +19,8 @@ import requests
 from smsrepl.agent.client import ControlPlane
 from smsrepl.lab.fakecp import FakeControlPlane
 from smsrepl.agent.fields import body_problems
-from smsrepl.agent.loop import Agent, plan_disks
+from smsrepl.agent.block_task import plan_disks
+from smsrepl.agent.loop import Agent
 from smsrepl.lab.certs import make_bundle
 from smsrepl.errors import ConfigError
 from smsrepl.lab.testdata import rewrite_random_blocks, write_image
@@ -329,7 +330,7 @@ def test_file_level_task_copy_sync_cutover_and_consistency(tmp_path, cp, bundle)
         assert agent._rounds[-1].kind == "sync" and agent._rounds[-1].files_sent == 1
         assert (dst / "d1" / "f3.txt").read_bytes() == b"changed on the source"
         if os.geteuid() == 0 and kernels.TREE:  # SYNC_LINUX_FILE rounds follow the tree's change journal
-            assert agent._journal is not None and agent._rounds[-1].scope == "journal"
+            assert agent._driver.journal is not None and agent._rounds[-1].scope == "journal"
         agent.request_cutover()
         thread.join(60)
         assert agent.finished
@@ -383,7 +384,7 @@ def test_the_outbox_keeps_each_subtasks_last_progress_while_the_control_plane_la
     """Waiting progress reports are replaced by newer ones of the same subtask only: the copy's
     last report (100%) still reaches the control plane when the sync round's first one follows
     before it was delivered (seen on a busy machine: the control plane never heard of the copy)."""
-    from smsrepl.agent.loop import Outbox
+    from smsrepl.agent.outbox import Outbox
 
     gate, got = threading.Event(), []
 

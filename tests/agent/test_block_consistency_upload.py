@@ -2,7 +2,9 @@
 disk in the reference's limits (counts 0-1,000,000, at most 30 entries), whatever the disks hold."""
 from __future__ import annotations
 
+from smsrepl.agent.block_task import BlockTask
 from smsrepl.agent.fields import body_problems
+from smsrepl.agent.link import TaskLink
 from smsrepl.agent.loop import Agent
 from smsrepl.agent.server import DiskPlan
 from smsrepl.transport import sender as sender_module
@@ -29,11 +31,10 @@ class Outbox:
 def test_block_upload_is_clamped_to_the_references_limits(monkeypatch):
     monkeypatch.setattr(sender_module, "Sender", FakeSender)
     agent = Agent.__new__(Agent)  # only what _consistency_check reads
-    agent._file_task = False
-    agent._plans = [DiskPlan(f"/dev/vd{i}", f"/img/{i}", f"vd{i}") for i in range(32)]
-    agent._address, agent._ctx, agent.state_dir, agent.task_id = ("127.0.0.1", 1), None, "/nonexistent", "t1"
+    link = TaskLink("t1", ("127.0.0.1", 1), None, "/nonexistent", None, None, print, lambda: None)
+    disks = BlockTask([DiskPlan(f"/dev/vd{i}", f"/img/{i}", f"vd{i}") for i in range(32)], link)
     agent.outbox = Outbox()
-    agent._consistency_check()
+    agent._consistency_check(disks)
     [(kind, key, body)] = agent.outbox.items
     assert (kind, key) == ("consistency", "t1")
     assert list(body) == ["consistency_result"]

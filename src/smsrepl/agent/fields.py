@@ -64,6 +64,11 @@ NETWORK_CHECK: Table = {
 }
 
 
+def _within(value: float, lo: float | None, hi: float | None) -> bool:
+    """``lo <= value <= hi``; a bound of None is no bound."""
+    return (lo is None or lo <= value) and (hi is None or value <= hi)
+
+
 def table_problems(table: Table, body: Any, where: str = "") -> list[str]:
     if not isinstance(body, Mapping):
         return [f"{where or 'body'}: expected an object, got {type(body).__name__}"]
@@ -78,7 +83,7 @@ def table_problems(table: Table, body: Any, where: str = "") -> list[str]:
         if kind == "str":
             if not isinstance(v, str):
                 out.append(f"{name}: expected a string, got {type(v).__name__}")
-            elif not lo <= len(v) <= hi:
+            elif not _within(len(v), lo, hi):
                 out.append(f"{name}: length {len(v)} outside {lo}-{hi}")
             elif enum is not None and v not in enum:
                 out.append(f"{name}: {v!r} is not one of {sorted(enum)}")
@@ -91,14 +96,14 @@ def table_problems(table: Table, body: Any, where: str = "") -> list[str]:
         elif kind == "array":
             if not isinstance(v, list):
                 out.append(f"{name}: expected an array, got {type(v).__name__}")
-            elif not lo <= len(v) <= hi:
+            elif not _within(len(v), lo, hi):
                 out.append(f"{name}: {len(v)} items, allowed {lo}-{hi}")
         else:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 out.append(f"{name}: expected a number, got {type(v).__name__}")
             elif kind == "int" and not isinstance(v, int):
                 out.append(f"{name}: expected an integer, got {v!r}")
-            elif not math.isfinite(v) or not lo <= v <= hi:
+            elif not math.isfinite(v) or not _within(v, lo, hi):
                 out.append(f"{name}: {v!r} outside {lo}-{hi}")
     return out
 

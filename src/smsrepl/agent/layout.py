@@ -46,14 +46,19 @@ class LayoutProblem:
         return f"{self.code}: {self.where}: {self.message}"
 
 
-def _int(obj: Mapping, key: str, where: str, *, required: bool = True) -> int | None:
+def _opt_int(obj: Mapping, key: str, where: str) -> int | None:
     value = obj.get(key)
     if value is None:
-        if required:
-            raise ConfigError(f"{where}: {key} is missing")
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where}: {key} must be a non-negative integer (bytes), got {value!r}")
+    return value
+
+
+def _int(obj: Mapping, key: str, where: str) -> int:
+    value = _opt_int(obj, key, where)
+    if value is None:
+        raise ConfigError(f"{where}: {key} is missing")
     return value
 
 
@@ -81,12 +86,12 @@ def _is_system(disk: Mapping) -> bool:
                for pv in disk.get("physical_volumes") or [])
 
 
-def check_layout(source_disks: Sequence[Mapping], target_server: Mapping, *, task_type: str = "MIGRATE_BLOCK",
+def check_layout(source_disks: Sequence[Mapping], target_server: object, *, task_type: str = "MIGRATE_BLOCK",
                  source_volume_groups: Sequence[Mapping] = ()) -> list[LayoutProblem]:
     """Every broken rule (see the module doc); an empty list means the layout can hold the source.
 
     Malformed input (a size that is not a non-negative integer, a disk list that is
-    not a list) raises ConfigError naming the field."""
+    not a list, a target_server that is not an object) raises ConfigError naming the field."""
     if task_type not in ("MIGRATE_BLOCK", "MIGRATE_FILE"):
         raise ConfigError(f"task type must be MIGRATE_BLOCK or MIGRATE_FILE, got {task_type!r}")
     if not isinstance(target_server, Mapping):
@@ -94,11 +99,11 @@ def check_layout(source_disks: Sequence[Mapping], target_server: Mapping, *, tas
     problems: list[LayoutProblem] = []
     targets = _list(target_server, "disks", "target_server")
     sources = list(source_disks)
-    for i, s in enumerate(sources):
-        if not isinstance(s, Mapping):
+    for i, disk in enumerate(sources):
+        if not isinstance(disk, Mapping):
             raise ConfigError(f"source disks[{i}] must be an object (5.3.2 ServerDisk)")
     # a source disk's relation_name names its target disk (Linux); pair by it, else by order
-    pairs = []
+    pairs: list[tuple[Mapping | None, Mapping]] = []
     related = {s.get("relation_name"): s for s in sources if s.get("relation_name")}
     for i, t in enumerate(targets):
         s = related.get(t.get("name")) or (sources[i] if i < len(sources) and not related else None)
@@ -122,14 +127,14 @@ def check_layout(source_disks: Sequence[Mapping], target_server: Mapping, *, tas
         total = 0
         for spv, pv in _pair(spvs, pvs, "index"):
             pwhere = f"{where} partition {pv.get('name') or pv.get('index')!r}"
-            psize = _int(pv, "size", pwhere, required=False)
+            psize = _opt_int(pv, "size", pwhere)
             if psize is None:
                 continue
             total += psize
             if psize % MB:
                 problems.append(LayoutProblem("SMS.6612", pwhere, f"{psize} bytes is not a whole number of MB"))
-            used = max(_int(pv, "used_size", pwhere, required=False) or 0,
-                       (_int(spv, "used_size", pwhere, required=False) or 0) if spv is not None else 0)
+            used = max(_opt_int(pv, "used_size", pwhere) or 0,
+                       (_opt_int(spv, "used_size", pwhere) or 0) if spv is not None else 0)
             if psize < used:
                 problems.append(LayoutProblem("SMS.6538", pwhere, f"{psize} bytes, less than the {used} bytes "
                                               "its data uses"))
@@ -147,7 +152,7 @@ def check_layout(source_disks: Sequence[Mapping], target_server: Mapping, *, tas
     svgs = {vg.get("name"): vg for vg in source_volume_groups if isinstance(vg, Mapping)}
     for vg in _list(target_server, "volume_groups", "target_server"):
         where = f"volume group {vg.get('name')!r}"
-        vsize = _int(vg, "size", where, required=False)
+        vsize = _opt_int(vg, "size", where)
         lvs = _list(vg, "logical_volumes", where)
         slvs = {lv.get("name"): lv for lv in _list(svgs.get(vg.get("name"), {}), "logical_volumes", where)}
         lv_total = 0
@@ -156,8 +161,8 @@ def check_layout(source_disks: Sequence[Mapping], target_server: Mapping, *, tas
             lsize = _int(lv, "size", lwhere)
             lv_total += lsize
             src = slvs.get(lv.get("name"), {})
-            used = max(_int(lv, "used_size", lwhere, required=False) or 0,
-                       _int(src, "used_size", lwhere, required=False) or 0)
+            used = max(_opt_int(lv, "used_size", lwhere) or 0,
+                       _opt_int(src, "used_size", lwhere) or 0)
             if lsize < used:
                 problems.append(LayoutProblem("SMS.6538", lwhere, f"{lsize} bytes, less than the {used} bytes "
                                               "its data uses"))

@@ -13,7 +13,6 @@ session.BlockSession and continuous.ContinuousSync drive it unchanged.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,14 +45,11 @@ class ServerResult:
     seconds: float
 
     @property
-    def round_id(self) -> int:
-        return max(r.round_id for r in self.disks)
-
-    @property
     def dirty_blocks(self) -> int | None:
         """Blocks the disks' dirty maps named, or None when some disk was read whole."""
         counts = [getattr(r, "dirty_blocks", None) for r in self.disks]
-        return None if any(c is None for c in counts) else sum(counts)
+        known = [c for c in counts if c is not None]
+        return sum(known) if len(known) == len(counts) else None
 
 
 def disk_sizes(disks: list[DiskPlan]) -> list[int]:
@@ -162,10 +158,6 @@ class ServerRound(_Round):
         out["process_trace"] = (head + rep.get("process_trace", ""))[:TRACE_MAX]
         if self.on_report is not None:
             self.on_report(out)
-
-
-def server_state_file(state_dir: str) -> str:
-    return os.path.join(state_dir, "server.json")
 
 
 @dataclass
