@@ -1,4 +1,4 @@
-"""The file-tree kernels (fstree.c) against the per-entry Python code they stand in for,
+"""The file-tree kernels (fstree.h) against the per-entry Python code they stand in for,
 and their answers to bad input."""
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
-/* Thin CPython binding for the smsrepl native kernels (blockscan.c, delta.c; traceread.c in tracebinding.c).
- * Every function takes whole buffers (buffer protocol), validates sizes, and
- * runs its loop with the GIL released. */
+/* The smsrepl._native._core extension module: its method table and init, and the thin
+ * CPython bindings of the buffer kernels (blockscan.c, delta.c, rangeread.c, filehash.c).
+ * The file-tree kernels are bound in fstree_binding.c, the trace reader in tracebinding.c.
+ * Every binding validates its arguments, runs the kernel with the GIL released, and builds
+ * the Python result; the kernels themselves do not include Python.h. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include "blockscan.h"
 #include "delta.h"
 #include "filehash.h"
-#include "fstree.h"
+#include "fstree_binding.h"
 #include "rangeread.h"
 #include "tracebinding.h"
 
@@ -34,7 +36,7 @@ static int check_out(const Py_buffer *b, size_t need, const char *name)
     return 0;
 }
 
-static PyObject *py_block_digests(PyObject *self, PyObject *args)
+static PyObject *py_block_digests(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *buf_o, *out_o;
     Py_ssize_t bs;
@@ -64,7 +66,7 @@ done:
     return res;
 }
 
-static PyObject *py_zero_map(PyObject *self, PyObject *args)
+static PyObject *py_zero_map(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *buf_o, *out_o;
     Py_ssize_t bs;
@@ -94,7 +96,7 @@ done:
     return res;
 }
 
-static PyObject *py_file_signature(PyObject *self, PyObject *args)
+static PyObject *py_file_signature(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *buf_o, *weak_o, *strong_o;
     Py_ssize_t bs;
@@ -129,7 +131,7 @@ done:
 }
 
 /* Returns bytes holding n*3 native int64 (kind, a, b); kernels.py reshapes. */
-static PyObject *py_delta_search(PyObject *self, PyObject *args)
+static PyObject *py_delta_search(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *weak_o, *strong_o, *data_o;
     Py_ssize_t bs;
@@ -174,7 +176,7 @@ done:
     return res;
 }
 
-static PyObject *py_weak_checksum(PyObject *self, PyObject *arg)
+static PyObject *py_weak_checksum(PyObject *Py_UNUSED(self), PyObject *arg)
 {
     Py_buffer buf;
     uint32_t h;
@@ -187,7 +189,7 @@ static PyObject *py_weak_checksum(PyObject *self, PyObject *arg)
     return PyLong_FromUnsignedLong(h);
 }
 
-static PyObject *py_group_digests(PyObject *self, PyObject *args)
+static PyObject *py_group_digests(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *buf_o, *out_o;
     Py_ssize_t gs;
@@ -241,7 +243,7 @@ static int check_ranges(Py_buffer *buf, Py_buffer *offs, Py_buffer *lens, size_t
     return 0;
 }
 
-static PyObject *py_read_ranges(PyObject *self, PyObject *args)
+static PyObject *py_read_ranges(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int fd;
     unsigned int depth;
@@ -269,7 +271,7 @@ done:
     return res;
 }
 
-static PyObject *py_write_ranges(PyObject *self, PyObject *args)
+static PyObject *py_write_ranges(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int fd;
     Py_buffer buf = {0}, offs = {0}, lens = {0};
@@ -302,7 +304,7 @@ done:
  * names were dealt with, errors [(index, errno)] those that could not be read (their
  * digest is left as it was). */
 #define HASH_BUF (1u << 20)
-static PyObject *py_hash_files(PyObject *self, PyObject *args)
+static PyObject *py_hash_files(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int dir_fd;
     PyObject *names_o;
@@ -404,7 +406,9 @@ static PyMethodDef core_methods[] = {
 
 static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT, "smsrepl._native._core",
-    "Native kernels of smsrepl (block digests, zero map, rsync-style delta).", -1, core_methods,
+    "Native kernels of smsrepl: block digests, zero maps and group digests, rsync-style delta, "
+    "scattered reads and writes, whole-file digests, file-tree scans and runs of small files, "
+    "and the block tracer's trace reader.", -1, core_methods,
     NULL, NULL, NULL, NULL,
 };
 
