@@ -1,7 +1,7 @@
 """Only the C extension lives here; all metadata is in pyproject.toml.
 
-SMSREPL_WERROR=1 in the environment makes every compiler warning an error (CI sets it).
-tests/native/test_build_warnings.py reads SOURCES and CFLAGS from this file: keep them literals."""
+SMSREPL_WERROR=1 in the environment makes every compiler warning an error (CI sets it);
+tests/native/test_build_warnings.py compiles each source with these flags plus -Werror."""
 import os
 
 from setuptools import Extension, setup

@@ -15,7 +15,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import setuptools
+
+setuptools = pytest.importorskip("setuptools")
 
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE = ROOT / "src" / "smsrepl" / "_native"
