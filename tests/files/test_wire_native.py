@@ -1,6 +1,6 @@
-"""The C copy of the record layout (_native/fstree.h, fstree.c) against files/wire.py.
+"""The C copy of the record layout (_native/fstree.h, fstree_record.c, fstree_scan.c) against files/wire.py.
 
-fstree.c writes and parses entry records by hand (offsets, field widths, kind codes, the FILE
+The file-tree kernels write and parse entry records by hand (offsets, field widths, kind codes, the FILE
 opcode); nothing ties those numbers to wire.py but these tests. The first ones read the C
 text, so they run on either backend; the last one runs the native scan."""
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _function(text: str, signature: str) -> str:
 def _wire_head() -> list[tuple[str, int, int, bool]]:
     """(field, offset, width, signed) of each field of wire.py's record head."""
     codes = W._ENTRY.format.lstrip(">!")
-    assert len(codes) == len(FIELDS), "wire.py's record head gained or lost a field: update FIELDS and fstree.c"
+    assert len(codes) == len(FIELDS), "wire.py's record head gained or lost a field: update FIELDS and fstree_record.c"
     return [(name, struct.calcsize(">" + codes[:i]), struct.calcsize(">" + c), c.islower())
             for i, (name, c) in enumerate(zip(FIELDS, codes))]
 
@@ -56,9 +56,8 @@ def test_record_head_size_and_file_opcode():
 
 
 def test_kind_codes():
-    c = _source("fstree.c")
-    defs = _defines(c)
-    kind_of = _function(c, "static int kind_of(")
+    defs = _defines(_source("fstree.h"))
+    kind_of = _function(_source("fstree_record.c"), "int sms_kind_of(")
     cases = {S_IF[m[1]]: int(defs.get(m[2], m[2]))
              for m in re.finditer(r"case S_IF(\w+):\s*return (\w+);", kind_of)}
     assert cases == W.KIND_CODES
@@ -67,7 +66,7 @@ def test_kind_codes():
 
 
 def test_parse_rec_reads_the_fields_where_wire_puts_them():
-    body = _function(_source("fstree.c"), "int sms_parse_rec(")
+    body = _function(_source("fstree_record.c"), "int sms_parse_rec(")
     got = {}
     for m in re.finditer(r"r->(\w+) = (\(int64_t\))?be(16|32|64)\(p \+ (\d+)\);", body):
         got[m[1]] = (int(m[4]), int(m[3]) // 8, bool(m[2]))
@@ -81,7 +80,7 @@ def test_parse_rec_reads_the_fields_where_wire_puts_them():
 
 
 def test_put_record_writes_the_fields_in_wire_order():
-    body = _function(_source("fstree.c"), "static int put_record(")
+    body = _function(_source("fstree_record.c"), "int sms_put_record(")
     head = body[body.index("uint8_t *p = b->data + b->len;"):body.index("if (prelen)")]
     writes = [(1 if m[1] else int(m[2]) // 8, m[3])
               for m in re.finditer(r"(?:(\*p\+\+ =)|p = put(16|32|64)\(p,)([^;]*);", head)]
@@ -93,7 +92,7 @@ def test_put_record_writes_the_fields_in_wire_order():
 
 def test_xattr_block_layout():
     """wire.py: u16 count, then per item (sorted by name) u16 name length, name, u32 value length, value."""
-    c = _source("fstree.c")
+    c = _source("fstree_scan.c")
     body = c[c.index("qsort(names, count, sizeof *names, cmp_cstr);"):]
     body = body[:body.index("goto out;\n        }\n        if (errno != ERANGE")]
     assert re.search(r"xb->len = 2;.*put16\(xb->data, kept\);", body, re.S)  # the count, written last

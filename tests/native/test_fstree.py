@@ -1,4 +1,4 @@
-"""The file-tree kernels (fstree.c) against the per-entry Python code they stand in for,
+"""The file-tree kernels (fstree.h) against the per-entry Python code they stand in for,
 and their answers to bad input."""
 from __future__ import annotations
 
@@ -295,3 +295,22 @@ def test_entries_changed_within_the_last_seconds_are_not_kept(tmp_path, xattr_ca
 def test_xattr_cache_refuses_a_bad_age(bad):
     with pytest.raises((ValueError, TypeError)):
         native.xattr_cache(min_age=bad)
+
+
+def test_link_files_refusing_a_name_still_closes_every_descriptor_it_was_given(tmp_path):
+    fd = _dirfd(tmp_path)
+    try:
+        files = [os.open(tmp_path, os.O_WRONLY | os.O_TMPFILE, 0o600) for _ in range(3)]
+        dirs = [os.dup(fd)]
+        bystander = os.dup(fd)
+        with pytest.raises(ValueError, match="bad name"):
+            native.link_files(files, dirs, [0, 0, 0], [b"ok", b"..", b"late"], 0)
+        for given in files + dirs:
+            with pytest.raises(OSError) as e:
+                os.fstat(given)
+            assert e.value.errno == errno.EBADF
+        os.fstat(bystander)  # only its own descriptors were closed
+        os.close(bystander)
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp_path) == []  # nothing was named

@@ -1,13 +1,15 @@
-/* Thin CPython binding for the smsrepl native kernels (blockscan.c, delta.c; traceread.c in tracebinding.c).
- * Every function takes whole buffers (buffer protocol), validates sizes, and
- * runs its loop with the GIL released. */
+/* The smsrepl._native._core extension module: its method table and init, and the thin
+ * CPython bindings of the buffer kernels (blockscan.c, delta.c, rangeread.c, filehash.c).
+ * The file-tree kernels are bound in fstree_binding.c, the trace reader in tracebinding.c.
+ * Every binding validates its arguments, runs the kernel with the GIL released, and builds
+ * the Python result; the kernels themselves do not include Python.h. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include "blockscan.h"
 #include "delta.h"
 #include "filehash.h"
-#include "fstree.h"
+#include "fstree_binding.h"
 #include "rangeread.h"
 #include "tracebinding.h"
 
@@ -34,28 +36,33 @@ static int check_out(const Py_buffer *b, size_t need, const char *name)
     return 0;
 }
 
-static PyObject *py_block_digests(PyObject *self, PyObject *args)
+typedef size_t (*per_block_kernel)(const uint8_t *buf, size_t len, size_t block_size, uint8_t *out);
+
+/* f(buf, block_size, out) -> kernel's count: `kernel` over buf's blocks into out, which
+ * needs out_per_block bytes a block. */
+static PyObject *per_block(PyObject *args, const char *format, int multiple_of_8, size_t out_per_block,
+                           per_block_kernel kernel)
 {
     PyObject *buf_o, *out_o;
     Py_ssize_t bs;
     Py_buffer buf = {0}, out = {0};
     PyObject *res = NULL;
-    size_t nonzero = 0;
-    if (!PyArg_ParseTuple(args, "OnO:block_digests", &buf_o, &bs, &out_o))
+    size_t count = 0;
+    if (!PyArg_ParseTuple(args, format, &buf_o, &bs, &out_o))
         return NULL;
-    if (check_block_size(bs, 1) < 0)
+    if (check_block_size(bs, multiple_of_8) < 0)
         return NULL;
     if (PyObject_GetBuffer(buf_o, &buf, PyBUF_SIMPLE) < 0)
         goto done;
     if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
         goto done;
     size_t nb = sms_nblocks((size_t)buf.len, (size_t)bs);
-    if (check_out(&out, nb * 8, "out") < 0)
+    if (check_out(&out, nb * out_per_block, "out") < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    nonzero = sms_block_digests(buf.buf, (size_t)buf.len, (size_t)bs, out.buf);
+    count = kernel(buf.buf, (size_t)buf.len, (size_t)bs, out.buf);
     Py_END_ALLOW_THREADS
-    res = PyLong_FromSize_t(nonzero);
+    res = PyLong_FromSize_t(count);
 done:
     if (buf.obj)
         PyBuffer_Release(&buf);
@@ -64,37 +71,28 @@ done:
     return res;
 }
 
-static PyObject *py_zero_map(PyObject *self, PyObject *args)
+static PyObject *py_block_digests(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    PyObject *buf_o, *out_o;
-    Py_ssize_t bs;
-    Py_buffer buf = {0}, out = {0};
-    PyObject *res = NULL;
-    size_t zeros = 0;
-    if (!PyArg_ParseTuple(args, "OnO:zero_map", &buf_o, &bs, &out_o))
-        return NULL;
-    if (check_block_size(bs, 1) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(buf_o, &buf, PyBUF_SIMPLE) < 0)
-        goto done;
-    if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
-        goto done;
-    size_t nb = sms_nblocks((size_t)buf.len, (size_t)bs);
-    if (check_out(&out, nb, "out") < 0)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    zeros = sms_zero_map(buf.buf, (size_t)buf.len, (size_t)bs, out.buf);
-    Py_END_ALLOW_THREADS
-    res = PyLong_FromSize_t(zeros);
-done:
-    if (buf.obj)
-        PyBuffer_Release(&buf);
-    if (out.obj)
-        PyBuffer_Release(&out);
-    return res;
+    return per_block(args, "OnO:block_digests", 1, 8, sms_block_digests);
 }
 
-static PyObject *py_file_signature(PyObject *self, PyObject *args)
+static PyObject *py_zero_map(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    return per_block(args, "OnO:zero_map", 1, 1, sms_zero_map);
+}
+
+static size_t group_digests(const uint8_t *buf, size_t len, size_t group_size, uint8_t *out)
+{
+    sms_group_digests(buf, len, group_size, out);
+    return sms_nblocks(len, group_size);
+}
+
+static PyObject *py_group_digests(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    return per_block(args, "OnO:group_digests", 0, 16, group_digests);
+}
+
+static PyObject *py_file_signature(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *buf_o, *weak_o, *strong_o;
     Py_ssize_t bs;
@@ -129,7 +127,7 @@ done:
 }
 
 /* Returns bytes holding n*3 native int64 (kind, a, b); kernels.py reshapes. */
-static PyObject *py_delta_search(PyObject *self, PyObject *args)
+static PyObject *py_delta_search(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *weak_o, *strong_o, *data_o;
     Py_ssize_t bs;
@@ -174,7 +172,7 @@ done:
     return res;
 }
 
-static PyObject *py_weak_checksum(PyObject *self, PyObject *arg)
+static PyObject *py_weak_checksum(PyObject *Py_UNUSED(self), PyObject *arg)
 {
     Py_buffer buf;
     uint32_t h;
@@ -185,35 +183,6 @@ static PyObject *py_weak_checksum(PyObject *self, PyObject *arg)
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&buf);
     return PyLong_FromUnsignedLong(h);
-}
-
-static PyObject *py_group_digests(PyObject *self, PyObject *args)
-{
-    PyObject *buf_o, *out_o;
-    Py_ssize_t gs;
-    Py_buffer buf = {0}, out = {0};
-    PyObject *res = NULL;
-    if (!PyArg_ParseTuple(args, "OnO:group_digests", &buf_o, &gs, &out_o))
-        return NULL;
-    if (check_block_size(gs, 0) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(buf_o, &buf, PyBUF_SIMPLE) < 0)
-        goto done;
-    if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
-        goto done;
-    size_t ng = sms_nblocks((size_t)buf.len, (size_t)gs);
-    if (check_out(&out, ng * 16, "out") < 0)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    sms_group_digests(buf.buf, (size_t)buf.len, (size_t)gs, out.buf);
-    Py_END_ALLOW_THREADS
-    res = PyLong_FromSize_t(ng);
-done:
-    if (buf.obj)
-        PyBuffer_Release(&buf);
-    if (out.obj)
-        PyBuffer_Release(&out);
-    return res;
 }
 
 /* The int64 offset and length arrays of read_ranges / write_ranges, checked against the buffer. */
@@ -241,20 +210,24 @@ static int check_ranges(Py_buffer *buf, Py_buffer *offs, Py_buffer *lens, size_t
     return 0;
 }
 
-static PyObject *py_read_ranges(PyObject *self, PyObject *args)
+/* read_ranges (reading) or write_ranges: scattered I/O of one fd through one buffer. */
+static PyObject *ranges(PyObject *args, int reading)
 {
     int fd;
-    unsigned int depth;
+    unsigned int depth = 0;
     Py_buffer buf = {0}, offs = {0}, lens = {0};
     PyObject *res = NULL;
     size_t n;
-    if (!PyArg_ParseTuple(args, "iw*y*y*I:read_ranges", &fd, &buf, &offs, &lens, &depth))
+    const char *name = reading ? "read_ranges" : "write_ranges";
+    if (!(reading ? PyArg_ParseTuple(args, "iw*y*y*I:read_ranges", &fd, &buf, &offs, &lens, &depth)
+                  : PyArg_ParseTuple(args, "iy*y*y*:write_ranges", &fd, &buf, &offs, &lens)))
         return NULL;
-    if (check_ranges(&buf, &offs, &lens, &n, "read_ranges") < 0)
+    if (check_ranges(&buf, &offs, &lens, &n, name) < 0)
         goto done;
     int64_t got;
     Py_BEGIN_ALLOW_THREADS
-    got = sms_read_ranges(fd, buf.buf, offs.buf, lens.buf, n, depth);
+    got = reading ? sms_read_ranges(fd, buf.buf, offs.buf, lens.buf, n, depth)
+                  : sms_write_ranges(fd, buf.buf, offs.buf, lens.buf, n);
     Py_END_ALLOW_THREADS
     if (got < 0) {
         errno = (int)-got;
@@ -269,31 +242,14 @@ done:
     return res;
 }
 
-static PyObject *py_write_ranges(PyObject *self, PyObject *args)
+static PyObject *py_read_ranges(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    int fd;
-    Py_buffer buf = {0}, offs = {0}, lens = {0};
-    PyObject *res = NULL;
-    size_t n;
-    if (!PyArg_ParseTuple(args, "iy*y*y*:write_ranges", &fd, &buf, &offs, &lens))
-        return NULL;
-    if (check_ranges(&buf, &offs, &lens, &n, "write_ranges") < 0)
-        goto done;
-    int64_t got;
-    Py_BEGIN_ALLOW_THREADS
-    got = sms_write_ranges(fd, buf.buf, offs.buf, lens.buf, n);
-    Py_END_ALLOW_THREADS
-    if (got < 0) {
-        errno = (int)-got;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    res = PyLong_FromLongLong(got);
-done:
-    PyBuffer_Release(&buf);
-    PyBuffer_Release(&offs);
-    PyBuffer_Release(&lens);
-    return res;
+    return ranges(args, 1);
+}
+
+static PyObject *py_write_ranges(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    return ranges(args, 0);
 }
 
 /* hash_files(dir_fd, names, out, budget) -> (done, bytes, errors)
@@ -302,7 +258,7 @@ done:
  * names were dealt with, errors [(index, errno)] those that could not be read (their
  * digest is left as it was). */
 #define HASH_BUF (1u << 20)
-static PyObject *py_hash_files(PyObject *self, PyObject *args)
+static PyObject *py_hash_files(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int dir_fd;
     PyObject *names_o;
@@ -404,7 +360,9 @@ static PyMethodDef core_methods[] = {
 
 static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT, "smsrepl._native._core",
-    "Native kernels of smsrepl (block digests, zero map, rsync-style delta).", -1, core_methods,
+    "Native kernels of smsrepl: block digests, zero maps and group digests, rsync-style delta, "
+    "scattered reads and writes, whole-file digests, file-tree scans and runs of small files, "
+    "and the block tracer's trace reader.", -1, core_methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -64,7 +64,7 @@ typedef struct {
     int running;
 } TraceReader;
 
-static int reader_init(TraceReader *self, PyObject *args, PyObject *kw)
+static int reader_init(TraceReader *self, PyObject *args, PyObject *Py_UNUSED(kw))
 {
     int pipe_fd, marker_fd, cpu;
     unsigned int page_size, idle_us;
@@ -119,7 +119,7 @@ static void reader_dealloc(TraceReader *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *reader_run(TraceReader *self, PyObject *unused)
+static PyObject *reader_run(TraceReader *self, PyObject *Py_UNUSED(unused))
 {
     if (!self->page || self->running) {
         PyErr_SetString(PyExc_RuntimeError, "TraceReader.run: not initialised, or running already");
@@ -140,7 +140,7 @@ static PyObject *reader_run(TraceReader *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *reader_stop(TraceReader *self, PyObject *unused)
+static PyObject *reader_stop(TraceReader *self, PyObject *Py_UNUSED(unused))
 {
     if (self->page)
         sms_trace_wake(&self->r, 0);
@@ -160,7 +160,7 @@ static PyObject *reader_request(TraceReader *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-static PyObject *reader_state(TraceReader *self, PyObject *unused)
+static PyObject *reader_state(TraceReader *self, PyObject *Py_UNUSED(unused))
 {
     struct sms_trace_reader *r = &self->r;
     uint64_t seen = __atomic_load_n(&r->seen, __ATOMIC_ACQUIRE);
@@ -197,7 +197,7 @@ static PyTypeObject TraceReaderType = {
     .tp_methods = reader_methods,
 };
 
-PyObject *sms_py_trace_parse_page(PyObject *self, PyObject *args)
+PyObject *sms_py_trace_parse_page(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer page = {0}, bm = {0};
     PyObject *layout, *res = NULL;
@@ -220,7 +220,7 @@ done:
     return res;
 }
 
-PyObject *sms_py_trace_take(PyObject *self, PyObject *args)
+PyObject *sms_py_trace_take(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer bm = {0}, out = {0};
     PyObject *res = NULL;
