@@ -25,7 +25,7 @@ Change tracking (traceread.c, twin in _pure/trace.py)::
     trace_take(bitmap, out) -> int                   # out |= bitmap; bitmap = 0 (atomically)
     trace_parse_page(page, layout, dev, first, nsectors, bitmap) -> dict of counts
 
-Native only (``TREE``): the file-tree kernels of ``_native/fstree.c`` (scan_dir,
+Native only (``TREE``): the file-tree kernels of ``_native/fstree_*.c`` (scan_dir,
 diff_records, group_records, read_files, write_files, link_files; xattr_cache, what
 scan_dir knows of entries without xattrs across the scans of a process).
 """
@@ -86,7 +86,7 @@ read_ranges = _impl.read_ranges
 hash_files = _impl.hash_files
 write_ranges = _impl.write_ranges
 
-#: the file-tree kernels (fstree.c) exist natively only: where they are missing, file rounds
+#: the file-tree kernels (fstree_*.c) exist natively only: where they are missing, file rounds
 #: take their per-entry path, which is the reference these kernels are tested against
 TREE = BACKEND == "native"
 if TREE:

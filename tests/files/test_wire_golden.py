@@ -1,8 +1,8 @@
 """Golden records: fixed entries and operations of files/wire.py whose bytes are pinned, so the
-layout of file sessions cannot drift silently (fstree.c writes and reads the same records).
+layout of file sessions cannot drift silently (the fstree_*.c kernels write and reads the same records).
 
 A deliberate format change updates these vectors together with the layout in wire.py,
-fstree.h/fstree.c (see test_wire_native.py) and PROTOCOL_VERSION once a release has shipped.
+fstree.h and fstree_record.c (see test_wire_native.py) and PROTOCOL_VERSION once a release has shipped.
 """
 import pytest
 import xxhash
