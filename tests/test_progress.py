@@ -13,7 +13,7 @@ from smsrepl.control.progress import (EMITTED_FIELDS, REMAIN_UNKNOWN, HostSample
                                       ProgressTracker, format_agent_time, report_problems,
                                       subtask_for, validate_report)
 from smsrepl.errors import ReportError
-from smsrepl.throttle import judge_over_speed
+from overspeed_judge import judge_over_speed
 
 SPEC_KEYS = {
     "subtask_name", "progress", "replicatesize", "totalsize", "process_trace", "migrate_speed", "compress_rate",
