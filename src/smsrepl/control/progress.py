@@ -160,6 +160,12 @@ def report_problems(report: Any, *, require_all: bool = False) -> list[str]:
         if k not in REPORT_FIELDS:
             continue
         kind, lo, hi, _ = REPORT_FIELDS[k]
+        if kind == "bool":
+            if not isinstance(v, bool):
+                problems.append(f"{k}: expected a boolean, got {type(v).__name__}")
+            continue
+        if lo is None or hi is None:  # only booleans have no range
+            continue
         if kind == "str":
             if not isinstance(v, str):
                 problems.append(f"{k}: expected a string, got {type(v).__name__}")
@@ -167,10 +173,6 @@ def report_problems(report: Any, *, require_all: bool = False) -> list[str]:
                 problems.append(f"{k}: {len(v)} chars, at most {_num(hi)}")
             elif k == "subtask_name" and v not in SUBTASK_NAMES:
                 problems.append(f"subtask_name: {v!r} is not a 5.4.8 subtask name")
-            continue
-        if kind == "bool":
-            if not isinstance(v, bool):
-                problems.append(f"{k}: expected a boolean, got {type(v).__name__}")
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             problems.append(f"{k}: expected a number, got {type(v).__name__}")
@@ -409,24 +411,6 @@ class ProgressTracker:
         # rates (a chunk over microseconds); exact from MIN_SPAN_S on.
         span = max(t - base[0], MIN_SPAN_S)
         return (self._replicated - base[1]) / span, (self._wire - base[2]) / span
-
-    def rate_bps(self) -> float:
-        """Smoothed wire rate, bytes/s."""
-        with self._lock:
-            return self._rates(self._clock())[1]
-
-    def eta(self) -> float | None:
-        """Seconds remaining (None while unknown)."""
-        with self._lock:
-            remaining = max(0, self.totalsize - self._replicated)
-            if self._finished or remaining == 0:
-                return 0.0
-            r = self._rates(self._clock())[0]
-            return remaining / r if r > 0 else None
-
-    @property
-    def progress(self) -> int:
-        return 100 if self._finished else self._progress
 
     def report(self) -> dict:
         """A 5.4.8 body with every field smsrepl emits."""

@@ -71,7 +71,7 @@ def _utc(value: _dt.datetime) -> _dt.datetime:
     return value.astimezone(_dt.timezone.utc)
 
 
-def _new_key(key_type: str):
+def _new_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     if key_type == "ec":
         return ec.generate_private_key(ec.SECP256R1())
     if key_type == "rsa":
@@ -99,7 +99,7 @@ def _cert_pem(cert: x509.Certificate) -> str:
 class LabCA:
     """A throw-away certificate authority that can issue leaf certificates."""
 
-    key: object
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
     cert: x509.Certificate
 
     @property
@@ -260,12 +260,15 @@ def make_bundle(
         ca_nb = min(nb, now) - _dt.timedelta(days=1)
         ca_na = max(na, now) + _dt.timedelta(days=1)
         ca = LabCA.create(key_type=key_type, not_before=ca_nb, not_after=ca_na)
-    leaf = dict(not_before=nb, not_after=na, key_type=key_type, passphrase=passphrase)
-    cert, private_key = ca.issue(
-        OU_SOURCE, ou=OU_SOURCE, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), san=False, **leaf
-    )
-    mgmt_cert, mgmt_key = ca.issue(OU_TARGET_MGMT, ou=OU_TARGET_MGMT, eku=(ExtendedKeyUsageOID.SERVER_AUTH,), **leaf)
-    data_cert, data_key = ca.issue(OU_TARGET_DATA, ou=OU_TARGET_DATA, eku=(ExtendedKeyUsageOID.SERVER_AUTH,), **leaf)
+    issuer = ca
+
+    def leaf(ou: str, eku: x509.ObjectIdentifier, san: bool = True) -> tuple[str, str]:
+        return issuer.issue(ou, ou=ou, eku=(eku,), san=san, not_before=nb, not_after=na, key_type=key_type,
+                            passphrase=passphrase)
+
+    cert, private_key = leaf(OU_SOURCE, ExtendedKeyUsageOID.CLIENT_AUTH, san=False)
+    mgmt_cert, mgmt_key = leaf(OU_TARGET_MGMT, ExtendedKeyUsageOID.SERVER_AUTH)
+    data_cert, data_key = leaf(OU_TARGET_DATA, ExtendedKeyUsageOID.SERVER_AUTH)
     return CertKey(
         ca=ca.pem,
         cert=cert,
