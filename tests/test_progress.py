@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smsrepl.control import progress as P
-from smsrepl.control.progress import (EMITTED_FIELDS, REMAIN_UNKNOWN, HostSample, HostSampler,
-                                      ProgressTracker, format_agent_time, report_problems,
-                                      subtask_for, validate_report)
+from smsrepl.control.hostsample import HostSample, HostSampler
+from smsrepl.control.progress import (EMITTED_FIELDS, REMAIN_UNKNOWN, ProgressTracker, format_agent_time,
+                                      report_problems, subtask_for, validate_report)
 from smsrepl.errors import ReportError
 from overspeed_judge import judge_over_speed
 

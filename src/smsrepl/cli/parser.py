@@ -20,6 +20,18 @@ from smsrepl.cli.verify import cmd_verify_block, cmd_verify_files
 CERTKEY_HELP = "the certkey.json bundle (smsrepl certs init); both hosts need the same one"
 PASSPHRASE_HELP = "file holding the passphrase of the bundle's private keys"
 TO_HELP = "the receiver's address"
+ROUND_JSON_HELP = ("print each round's summary as one JSON object instead of the human line (on stdout; on "
+                   "stderr with --progress json)")
+
+
+def _receiver_flags(p: argparse.ArgumentParser, *, target_help: str | None = None) -> None:
+    """--to, --target (given its help), --certkey and --passphrase-file: a command that connects to
+    a receiver."""
+    p.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
+    if target_help is not None:
+        p.add_argument("--target", required=True, type=target_name, metavar="NAME", help=target_help)
+    p.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
+    p.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     send = sub.add_parser("send", help="the source-side endpoint").add_subparsers(dest="send_cmd", required=True, help="what to copy")
     sf = send.add_parser("files", help="copy (first run) or sync (later runs) a directory tree")
     sf.add_argument("source", metavar="SRC_DIR", help="the directory tree to copy")
-    sf.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
-    sf.add_argument("--target", required=True, type=target_name, metavar="NAME", help="the receiver's directory target to copy into")
-    sf.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
-    sf.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    _receiver_flags(sf, target_help="the receiver's directory target to copy into")
     sf.add_argument("--state-dir", type=state_dir, metavar="DIR", help="accepted for symmetry with send block; the receiver keeps a file "
                                         "target's round record")
     sf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (path rules, LINUX_CPU_LIMIT)")
@@ -82,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="5.4.10 speed_limit JSON; re-read when it changes during the round")
     sf.add_argument("--progress", choices=["bar", "json", "none"], default="none",
                     help="json: one 5.4.8 report per line on stdout (MIGRATE_LINUX_FILE / SYNC_LINUX_FILE)")
-    sf.add_argument("--json", action="store_true",
-                    help="print each round's summary as one JSON object instead of the human line (on stdout; "
-                         "on stderr with --progress json)")
+    sf.add_argument("--json", action="store_true", help=ROUND_JSON_HELP)
     sf.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds (SIGUSR1: a round now); SIGTERM runs the "
                          "cutover round and exits 0")
@@ -107,10 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sf.set_defaults(func=one_shot_stop(cmd_send_files))
     sb = send.add_parser("block", help="copy (first run) or sync (later runs) a disk or image")
     sb.add_argument("source", metavar="SOURCE", help="the disk or image to copy")
-    sb.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
-    sb.add_argument("--target", required=True, type=target_name, metavar="NAME", help="the receiver's block target to copy into")
-    sb.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
-    sb.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    _receiver_flags(sb, target_help="the receiver's block target to copy into")
     sb.add_argument("--state-dir", type=state_dir, metavar="DIR", help="where the sender keeps what it copied, for resuming and "
                                                        "sync rounds (default ~/.local/state/smsrepl/send)")
     sb.add_argument("--progress", choices=["bar", "json", "none"], default="none",
@@ -124,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--dirty-map", metavar="FILE",
                     help="changed-block map the source's writes are marked in (smsrepl.blocks.dirtymap); "
                          "sync rounds then read only the blocks it names")
-    sb.add_argument("--json", action="store_true",
-                    help="print each round's summary as one JSON object instead of the human line (on stdout; "
-                         "on stderr with --progress json)")
+    sb.add_argument("--json", action="store_true", help=ROUND_JSON_HELP)
     sb.add_argument("--continuous", action="store_true",
                     help="after the copy keep running sync rounds; SIGTERM runs the cutover round and exits 0")
     sb.add_argument("--interval", type=number(float), metavar="SECONDS", help="seconds between continuous rounds (default 30)")
@@ -145,16 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=one_shot_stop(cmd_send_block))
 
     nc = sub.add_parser("netcheck", help="measure the link to a receiver; prints the 5.9.1 body")
-    nc.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
-    nc.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
-    nc.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    _receiver_flags(nc)
     nc.add_argument("--seconds", type=number(float), default=3.0, metavar="SECONDS", help="length of the bulk transfer (default 3)")
     nc.set_defaults(func=cmd_netcheck)
 
     st = sub.add_parser("status", help="list a receiver's targets and running sessions")
-    st.add_argument("--to", required=True, type=address(), metavar="HOST:PORT", help=TO_HELP)
-    st.add_argument("--certkey", required=True, metavar="FILE", help=CERTKEY_HELP)
-    st.add_argument("--passphrase-file", metavar="FILE", help=PASSPHRASE_HELP)
+    _receiver_flags(st)
     st.add_argument("--json", action="store_true",
                     help="print the report as JSON ({\"targets\": [...], \"sessions\": [...]}) instead of tables")
     st.set_defaults(func=cmd_status)

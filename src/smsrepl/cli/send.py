@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from smsrepl.errors import ConfigError
 from smsrepl.cli.bundle import bundle_certkey, bundle_passphrase
@@ -16,6 +16,10 @@ from smsrepl.cli.speedwatch import ScheduleWatcher
 
 if TYPE_CHECKING:
     from smsrepl.replication.continuous import ContinuousSync
+    from smsrepl.transport.file_sender import FileSender
+    from smsrepl.transport.sender import Sender
+
+S = TypeVar("S", "Sender", "FileSender")
 
 
 def cmd_send_files(args, stop=None) -> int:
@@ -36,7 +40,7 @@ def cmd_send_files(args, stop=None) -> int:
         rules = rules.anchored(args.source)  # before anything connects: a rule may exclude the whole tree
     host_sampler = None
     if args.progress == "json":
-        from smsrepl.control.progress import HostSampler
+        from smsrepl.control.hostsample import HostSampler
 
         host_sampler = HostSampler()
     watcher = ScheduleWatcher(args.speed_limit)
@@ -57,10 +61,7 @@ def cmd_send_files(args, stop=None) -> int:
                             on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler,
                             journal=journal, whole="the cutover round walks the whole tree" if cutover else None,
                             max_delete=args.max_delete)
-        watcher.sender = sender
-        if stop is not None:
-            stop.sender = sender
-        return sender
+        return _held(sender, watcher, stop)
 
     def print_summary(result) -> None:
         from smsrepl.cli.summary import files_round_line
@@ -119,6 +120,14 @@ def _open_journal(args):
                         notice=lambda line: print(line, file=sys.stderr, flush=True))
 
 
+def _held(sender: S, watcher: ScheduleWatcher, stop) -> S:
+    """The round's sender, made known to the --speed-limit watcher and to the one-shot stop."""
+    watcher.sender = sender
+    if stop is not None:
+        stop.sender = sender
+    return sender
+
+
 def _print_summary(args, line: str) -> None:
     """A round's summary (the human line, or with --json the JSON object): on stdout, or on
     stderr with --progress json, whose stdout carries 5.4.8 reports only."""
@@ -159,7 +168,7 @@ def _continuous_interval(args) -> float:
 
 
 def cmd_send_block(args, stop=None) -> int:
-    from smsrepl.control.progress import HostSampler
+    from smsrepl.control.hostsample import HostSampler
     from smsrepl.transport.connect import parse_address
     from smsrepl.transport.sender import Sender
     from smsrepl.transport.tls import client_context
@@ -204,10 +213,7 @@ def cmd_send_block(args, stop=None) -> int:
                         speed_limit=watcher.load(), cpu_cap=cpu_cap, on_report=out.report,
                         host_sampler=HostSampler() if args.progress == "json" else None,
                         dirty_map=dirty, trace=cont.trace if cont is not None else None)
-        watcher.sender = sender
-        if stop is not None:
-            stop.sender = sender
-        return sender
+        return _held(sender, watcher, stop)
 
     def print_summary(result) -> None:
         from smsrepl.cli.summary import block_round_line

@@ -8,6 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Callable
 
 from smsrepl.errors import ConfigError, ReplicationError
+from smsrepl.cli.configfile import read_flag_file
 
 if TYPE_CHECKING:
     from smsrepl.throttle import SpeedSchedule
@@ -44,11 +45,7 @@ class ScheduleWatcher:
     def _read(path: str) -> SpeedSchedule:
         from smsrepl.throttle import SpeedSchedule
 
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise ConfigError(f"--speed-limit {path!r} cannot be read: {exc.strerror}") from None
+        data = read_flag_file("--speed-limit", path)
         try:
             return SpeedSchedule.from_json(data)
         except ConfigError as exc:

@@ -14,7 +14,8 @@ from smsrepl.cli.progressout import ProgressOutput
 
 def cmd_verify_block(args) -> int:
     from smsrepl.control.checkprogress import CheckProgress
-    from smsrepl.control.progress import SYNC_LINUX_BLOCK, HostSampler
+    from smsrepl.control.hostsample import HostSampler
+    from smsrepl.control.progress import SYNC_LINUX_BLOCK
     from smsrepl.blocks.imagecompare import compare_block_images
 
     out = ProgressOutput(args.progress, wire=False)
@@ -69,7 +70,8 @@ def cmd_verify_files(args) -> int:
     progress = None
     if args.progress != "none":
         from smsrepl.control.checkprogress import CheckProgress
-        from smsrepl.control.progress import SYNC_LINUX_FILE, HostSampler
+        from smsrepl.control.hostsample import HostSampler
+        from smsrepl.control.progress import SYNC_LINUX_FILE
 
         progress = CheckProgress(out.report, SYNC_LINUX_FILE, args.source, "files",
                                  HostSampler() if args.progress == "json" else None)
