@@ -19,13 +19,13 @@ def cmd_receive(args) -> int:
     from smsrepl.transport.receiver import Receiver
     from smsrepl.transport.connect import parse_address
     from smsrepl.transport.tls import server_context
-    from smsrepl.cli import logsetup
+    from smsrepl.cli.logsetup import configure as configure_logging, reopen as reopen_log
 
-    logsetup.configure(args.verbose, args.log_file, args.log_format)
+    configure_logging(args.verbose, args.log_file, args.log_format)
     import logging
 
     # SIGHUP (logrotate, systemctl reload) reopens the log file, if any; it never ends the receiver
-    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=logsetup.reopen).start())
+    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=reopen_log).start())
     logging.getLogger("smsrepl.receiver.rounds").setLevel(logging.INFO)  # a line per round, stages included
 
     from smsrepl.transport.receiver import RootTargets
