@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from smsrepl.errors import ConfigError, ReplicationError
 from smsrepl.throttle import (CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedRule, SpeedSchedule,
-                              TokenBucket, default_burst, judge_over_speed, parse_agent_time,
-                              parse_cpu_limit)
+                              TokenBucket, default_burst, parse_cpu_limit)
 from smsrepl.errors import BYTES_PER_MBIT, OverSpeedError
+from overspeed_judge import judge_over_speed, parse_agent_time
 
 REFERENCE_BODY = {"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 1000, "over_speed_threshold": 50.0}]}
 
@@ -58,8 +58,6 @@ def test_reference_body_parses_as_is():
     assert s.limit_bps(dt.time(0, 0)) == 1000 * BYTES_PER_MBIT == 125_000_000
     assert s.limit_bps(dt.time(23, 59, 59, 999999)) == 125_000_000  # 23:59 covers the whole last minute
     assert s.threshold_at(dt.time(12, 0)) == 50.0
-    assert s.next_change(dt.time(12, 0)) is None
-    assert SpeedSchedule.from_json(s.to_json()) == s
 
 
 def test_reference_example_tiles_the_day():
@@ -101,23 +99,18 @@ def test_lowest_wins_zero_is_no_limit_and_outside_windows_unlimited():
     assert s.limit_bps(dt.time(18, 0)) is None
 
 
-def test_wraps_past_midnight_and_next_change_dates():
+def test_wraps_past_midnight():
     s = sched({"start": "22:00", "end": "6:00", "speed": 10})
     assert s.speed_mbit(dt.time(23, 0)) == 10
     assert s.speed_mbit(dt.time(0, 0)) == 10
     assert s.speed_mbit(dt.time(5, 59, 59)) == 10
     assert s.limit_bps(dt.time(6, 0)) is None
     assert s.limit_bps(dt.time(21, 59)) is None
-    assert s.next_change(dt.datetime(2024, 5, 1, 23, 30, 12)) == dt.datetime(2024, 5, 2, 6, 0)
-    assert s.next_change(dt.datetime(2024, 5, 1, 12, 0)) == dt.datetime(2024, 5, 1, 22, 0)
-    assert s.next_change(dt.time(23, 30)) == dt.time(6, 0)
-    assert s.seconds_until_change(dt.time(21, 59, 30)) == 30.0
 
 
 def test_empty_schedule_and_unlimited():
     for s in (sched(), SpeedSchedule.unlimited(), sched({"start": "0:00", "end": "23:59", "speed": 0})):
         assert s.limit_bps(dt.datetime(2024, 1, 1, 3)) is None
-        assert s.next_change(dt.time(3)) is None
         assert not s
 
 
@@ -177,14 +170,6 @@ def test_bad_rule_names_index_and_field(rule, message):
 def test_bad_body(body, message):
     with pytest.raises(ConfigError, match=message):
         SpeedSchedule.from_json(body)
-
-
-def test_from_file(tmp_path):
-    p = tmp_path / "limit.json"
-    p.write_text(json.dumps(REFERENCE_BODY))
-    assert SpeedSchedule.from_file(str(p)).speed_mbit(dt.time(1)) == 1000
-    with pytest.raises(ConfigError, match="speed limit file"):
-        SpeedSchedule.from_file(str(tmp_path / "missing.json"))
 
 
 # ---------------------------------------------------------------------------
@@ -250,20 +235,6 @@ def test_schedule_matches_bruteforce_oracle(rules, data):
         assert s.speed_mbit(t) == speed
         assert s.limit_bps(t) == (None if speed is None else speed * 125_000.0)
         assert s.threshold_at(t) == thr
-    # next_change: the first later minute whose (speed, thr) differs
-    probe = data.draw(st.integers(0, 1439), label="probe")
-    expect = None
-    for step in range(1, 1441):
-        if table[(probe + step) % 1440] != table[probe]:
-            expect = step
-            break
-    at = dt.datetime(2024, 2, 28, probe // 60, probe % 60, 17)
-    got = s.next_change(at)
-    if expect is None:
-        assert got is None and s.seconds_until_change(at) is None
-    else:
-        assert got == dt.datetime(2024, 2, 28, probe // 60, probe % 60) + dt.timedelta(minutes=expect)
-        assert s.seconds_until_change(at) == pytest.approx(expect * 60 - 17)
 
 
 # ---------------------------------------------------------------------------

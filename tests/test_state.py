@@ -151,21 +151,6 @@ def test_random_event_sequences_only_report_allowed_pairs(events):
     assert seen == m.history
 
 
-def test_commands_map_to_events():
-    m = SessionStateMachine()
-    assert m.event_for(Command.START) is Event.START
-    m.fire(Event.START)
-    assert m.event_for(Command.STOP) is Event.STOP
-    m.fire(Event.STOP)
-    m.fire(Event.STOPPED)
-    assert m.event_for(Command.START) is Event.RESUME
-    assert m.event_for(Command.SYNC) is Event.SYNC_START
-    assert m.event_for(Command.DELETE) is Event.DELETE
-    assert m.event_for(Command.SKIP) is Event.SKIP
-    with pytest.raises(TransitionError, match="UPLOAD_LOG"):
-        m.event_for(Command.UPLOAD_LOG)
-
-
 def test_command_vocabulary():
     assert {c.value for c in Command} >= {"START", "STOP", "DELETE", "SYNC", "SKIP"}
     assert Command.parse("sync") is Command.SYNC

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from smsrepl.cli import build_parser
+from smsrepl.cli.parser import build_parser
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 UNIT = CONTRIB / "smsrepl-receive.service"

@@ -1,12 +1,19 @@
-"""Payload codecs: zstd where it pays, raw where it does not.
+"""Payload codecs: zstd where it pays, raw where it does not, and the level that moves data
+fastest.
 
-Codec byte on the wire (BLOCK_DATA frames):
+Codec byte on the wire (BLOCK_DATA and BLOCK_SET frames; TREE_DATA and FILE_OPS, the files
+wire, use the same byte):
     0  raw      payload is the data itself
     1  zstd     payload is one zstd frame holding the data (content size set)
 
-All-zero blocks never reach the codec (they travel as ZERO_RANGE frames).
-A payload is sent raw when zstd saves less than ``MIN_SAVING`` of it: random
-or already-compressed data costs the receiver nothing to "decompress".
+All-zero blocks never reach the codec (a frame's zero map leaves them out of its payload;
+long runs travel as ZERO_RANGE frames). ``Compressor`` sends a payload raw when zstd saves
+less than ``MIN_SAVING`` of it, or when samples spread over it do not compress at all:
+random or already-compressed data costs the receiver nothing to "decompress".
+``Decompressor`` checks the raw length the frame states, and can decode into the caller's
+buffer. ``AdaptiveChoice`` picks the level of each frame for ``--level auto`` from what the
+transfer measures (the link's rate, each level's ratio and speed); it keeps time and a lock,
+which is why the codec lives beside the protocol package and not in it.
 """
 from __future__ import annotations
 
@@ -58,19 +65,21 @@ class Compressor:
             self._zc = zstandard.ZstdCompressor(compression_params=params)
 
     def encode(self, data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
-        if self._zc is None:
+        zc = self._zc
+        if zc is None:
             return RAW, data
-        if self._incompressible(data):
+        if self._incompressible(zc, data):
             return RAW, data
         try:
-            out = self._zc.compress(data)
+            out = zc.compress(data)
         except zstandard.ZstdError as exc:
             raise CompressionError(f"zstd compression failed: {exc}") from None
         if len(out) > len(data) * (1 - MIN_SAVING):
             return RAW, data
         return ZSTD, out
 
-    def _incompressible(self, data) -> bool:
+    @staticmethod
+    def _incompressible(zc, data) -> bool:
         """True when SAMPLES pieces spread over ``data`` do not compress at all."""
         n = len(data)
         if n < 4 * SAMPLES * SAMPLE:
@@ -79,7 +88,7 @@ class Compressor:
         step = n // SAMPLES
         sample = b"".join(view[i * step:i * step + SAMPLE] for i in range(SAMPLES))
         try:
-            out = self._zc.compress(sample)
+            out = zc.compress(sample)
         except zstandard.ZstdError as exc:
             raise CompressionError(f"zstd compression failed: {exc}") from None
         return len(out) > len(sample) * (1 - MIN_SAVING / 4)
@@ -186,10 +195,13 @@ class AdaptiveChoice:
 
     def best(self) -> int | None:
         """The fastest level so far (None until every level is measured)."""
-        rates = {lv: self.rate(lv) for lv in self.levels}
-        if any(r is None for r in rates.values()):
-            return None
-        return max(self.levels, key=lambda lv: rates[lv])
+        rates: dict[int, float] = {}
+        for lv in self.levels:
+            r = self.rate(lv)
+            if r is None:
+                return None
+            rates[lv] = r
+        return max(self.levels, key=rates.__getitem__)
 
     def choose(self) -> int:
         """The level for the next frame."""

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from smsrepl.cli import build_parser
+from smsrepl.cli.parser import build_parser
 from smsrepl.cli.flags import subcommands
 
 CLI = [sys.executable, "-m", "smsrepl"]

@@ -254,7 +254,7 @@ class Agent:
         items = [c for c in config.get("configurations", []) if c.get("config_key") == "LINUX_CPU_LIMIT"]
         cpu_cap = CpuCap.from_configurations({"configurations": [
             {"config_key": c["config_key"], "config_value": c["config_value"]} for c in items]}) if items else None
-        from smsrepl.control.progress import HostSampler
+        from smsrepl.control.hostsample import HostSampler
 
         link = TaskLink(task_id, (host, self.data_port), context, self.state_dir, cpu_cap,
                         HostSampler(),  # host and agent CPU, memory and disk I/O in every report

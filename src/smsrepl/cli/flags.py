@@ -1,5 +1,6 @@
-"""Command-line plumbing: a parser whose usage errors are one line, and the value types of
-the flags (a bad value is refused while parsing: one line naming the flag, exit 2)."""
+"""Command-line plumbing: a parser whose usage errors are one line, the value types of the
+flags (a bad value is refused while parsing: one line naming the flag, exit 2), and where a
+--state-dir defaults to."""
 from __future__ import annotations
 
 import argparse
@@ -163,3 +164,22 @@ def https_url(text: str) -> str:
     if parts.scheme != "https" or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{text!r} is not an https://HOST[:PORT] URL")
     return text
+
+
+def zstd_level(text: str) -> int | str:
+    """An argparse type: a zstd level 0-19, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        level = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a zstd level or 'auto'") from None
+    if not 0 <= level <= 19:
+        raise argparse.ArgumentTypeError(f"level {level} out of range 0-19")
+    return level
+
+
+def state_home(kind: str) -> str:
+    """The per-user directory a ``--state-dir`` defaults to (and validated bundles are kept in)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "smsrepl", kind)

@@ -1,10 +1,15 @@
-"""SIGINT and SIGTERM during a one-shot send: stop within a second, say where, exit 3.
+"""Signals during a send or an agent run.
+
+A one-shot send (OneShotStop): SIGINT and SIGTERM stop it within a second, say where, exit 3.
 
 The handler stops the running sender (its connection is aborted, its pacing sleeps end), so
 the round fails at once wherever the main thread is; what the receiver made durable stays,
 and the same command resumes from there. A watchdog bounds the rest: if the process has not
 ended ``GRACE`` seconds after the signal (a read stuck on a slow disk, a thread that does not
 notice), it says the same line and exits 3 anyway. A second signal does so at once.
+
+A --continuous send or the agent (cutover_on_sigterm): the first SIGTERM runs the cutover
+round; a second one, or SIGINT, aborts resumably; SIGUSR1 asks for a round now.
 """
 from __future__ import annotations
 
@@ -80,3 +85,21 @@ class OneShotStop:
         except (OSError, ValueError):
             pass
         os._exit(EXIT_TRANSFER)
+
+
+def cutover_on_sigterm(cutover, abort, round_now=None) -> None:
+    """First SIGTERM: the cutover round; a second one, or SIGINT: abort, resumably; SIGUSR1: a round now."""
+    seen: list[int] = []  # the SIGTERMs handled so far
+
+    def on_term(signum, frame):
+        if signum == signal.SIGTERM and not seen:
+            seen.append(signum)
+            print("SIGTERM: running the cutover round", file=sys.stderr, flush=True)
+            cutover()
+        else:
+            abort()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    if round_now is not None:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: round_now())

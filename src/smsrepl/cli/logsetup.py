@@ -76,7 +76,7 @@ def configure(verbose: bool = False, log_file: str | None = None, log_format: st
             return
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
-    handler._smsrepl = True  # ours: the next call replaces it
+    setattr(handler, "_smsrepl", True)  # ours: the next call replaces it
     root.addHandler(handler)
 
 

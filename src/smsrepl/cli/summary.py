@@ -20,12 +20,7 @@ def human_bytes(n: int | float) -> str:
     n = max(0, n)
     if n < 1024:
         return f"{int(n)} B"
-    value = float(n)
-    for unit in _BINARY:
-        value /= 1024
-        if value < 1023.5 or unit == _BINARY[-1]:
-            return f"{_three_digits(value)} {unit}"
-    raise AssertionError("unreachable")
+    return _in_units(float(n), 1024, _BINARY, 1023.5)
 
 
 def human_rate(bytes_per_second: float) -> str:
@@ -33,10 +28,15 @@ def human_rate(bytes_per_second: float) -> str:
     bits = max(0.0, bytes_per_second * 8)
     if bits < 1000:
         return f"{bits:.0f} bit/s"
-    value = bits
-    for unit in _DECIMAL_BITS:
-        value /= 1000
-        if value < 999.5 or unit == _DECIMAL_BITS[-1]:
+    return _in_units(bits, 1000, _DECIMAL_BITS, 999.5)
+
+
+def _in_units(value: float, step: int, units: tuple[str, ...], below: float) -> str:
+    """``value`` in the first of ``units`` (each ``step`` times the one before) where it is under
+    ``below`` (it would round to the next unit there), or in the last one."""
+    for unit in units:
+        value /= step
+        if value < below or unit == units[-1]:
             return f"{_three_digits(value)} {unit}"
     raise AssertionError("unreachable")
 

@@ -28,7 +28,7 @@ def consistent(entries: Iterable[dict]) -> bool:
 
 
 def result_body(entries: list[dict], *, notes: Iterable[str] = (), finished_ms: int | None = None) -> dict:
-    body = {"finished_time": int(time.time() * 1000) if finished_ms is None else finished_ms,
+    body: dict[str, object] = {"finished_time": int(time.time() * 1000) if finished_ms is None else finished_ms,
             "check_result": "consistent" if consistent(entries) else "inconsistent",
             "consistency_result": entries}
     notes = list(notes)

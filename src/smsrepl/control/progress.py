@@ -53,9 +53,9 @@ import datetime as _dt
 import math
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
+from smsrepl.control.hostsample import NullHostSampler, Sampler, clamp
 from smsrepl.errors import ReportError
 
 __all__ = [
@@ -71,9 +71,6 @@ __all__ = [
     "REQUIRED_FIELDS",
     "REMAIN_UNKNOWN",
     "RATE_WINDOW_S",
-    "HostSample",
-    "HostSampler",
-    "NullHostSampler",
     "ProgressTracker",
     "ReportError",
     "report_problems",
@@ -110,7 +107,6 @@ INT_MAX = 2**31 - 1
 REMAIN_UNKNOWN = INT_MAX
 RATE_WINDOW_S = 3.0
 MIN_SPAN_S = 0.5
-MB = 1024 * 1024
 TRACE_MAX = 2048
 
 # field -> (kind, min, max, required); kind: "str", "int", "float", "bool"
@@ -160,6 +156,12 @@ def report_problems(report: Any, *, require_all: bool = False) -> list[str]:
         if k not in REPORT_FIELDS:
             continue
         kind, lo, hi, _ = REPORT_FIELDS[k]
+        if kind == "bool":
+            if not isinstance(v, bool):
+                problems.append(f"{k}: expected a boolean, got {type(v).__name__}")
+            continue
+        if lo is None or hi is None:  # only booleans have no range
+            continue
         if kind == "str":
             if not isinstance(v, str):
                 problems.append(f"{k}: expected a string, got {type(v).__name__}")
@@ -167,10 +169,6 @@ def report_problems(report: Any, *, require_all: bool = False) -> list[str]:
                 problems.append(f"{k}: {len(v)} chars, at most {_num(hi)}")
             elif k == "subtask_name" and v not in SUBTASK_NAMES:
                 problems.append(f"subtask_name: {v!r} is not a 5.4.8 subtask name")
-            continue
-        if kind == "bool":
-            if not isinstance(v, bool):
-                problems.append(f"{k}: expected a boolean, got {type(v).__name__}")
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             problems.append(f"{k}: expected a number, got {type(v).__name__}")
@@ -208,104 +206,6 @@ def format_agent_time(epoch_ms: int, tz: _dt.tzinfo | None = None) -> str:
     """``agent_time``: local ISO 8601 with offset, to the second (<= 30 chars)."""
     t = _dt.datetime.fromtimestamp(epoch_ms / 1000, tz=tz) if tz else _dt.datetime.fromtimestamp(epoch_ms / 1000).astimezone()
     return t.replace(microsecond=0).isoformat()
-
-
-# ---------------------------------------------------------------------------
-# Host and process figures
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class HostSample:
-    total_cpu_usage: float = 0.0
-    agent_cpu_usage: float = 0.0
-    total_mem_usage: float = 0.0
-    agent_mem_usage: float = 0.0
-    total_disk_io: float = 0.0
-    agent_disk_io: float = 0.0
-
-
-class Sampler(Protocol):
-    def sample(self) -> HostSample: ...
-
-
-class NullHostSampler:
-    """All zeros; for tests and where psutil is unavailable."""
-
-    def sample(self) -> HostSample:
-        return HostSample()
-
-
-def _clamp(v: float, lo: float, hi: float) -> float:
-    if not math.isfinite(v):
-        return lo
-    return float(min(hi, max(lo, v)))
-
-
-class HostSampler:
-    """Host and process usage from psutil.
-
-    CPU percentages and disk rates are measured between consecutive calls to
-    :meth:`sample` (the first call primes the counters and reports 0 for
-    them). Disk I/O counts bytes read plus written; the host figure sums all
-    disks. Figures psutil cannot give on this platform read 0.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, pid: int | None = None) -> None:
-        import psutil  # imported here so the module imports without it
-
-        self._psutil = psutil
-        self._clock = clock
-        self._proc = psutil.Process(pid)
-        self._ncpu = psutil.cpu_count() or 1
-        self._last_t = clock()
-        self._last_disk = self._disk_bytes()
-        self._last_pdisk = self._proc_disk_bytes()
-        psutil.cpu_percent(None)
-        self._proc.cpu_percent(None)
-
-    def _disk_bytes(self) -> int | None:
-        try:
-            c = self._psutil.disk_io_counters()
-        except Exception:  # noqa: BLE001 - containers without /proc/diskstats
-            return None
-        return None if c is None else c.read_bytes + c.write_bytes
-
-    def _proc_disk_bytes(self) -> int | None:
-        try:
-            c = self._proc.io_counters()
-        except Exception:  # noqa: BLE001 - not permitted / not supported
-            return None
-        return c.read_bytes + c.write_bytes
-
-    def sample(self) -> HostSample:
-        ps = self._psutil
-        t = self._clock()
-        dt = t - self._last_t
-        self._last_t = t
-        total_cpu = ps.cpu_percent(None)
-        agent_cpu = self._proc.cpu_percent(None) / self._ncpu
-        vm = ps.virtual_memory()
-        total_mem = (vm.total - vm.available) / MB
-        try:
-            agent_mem = self._proc.memory_info().rss / MB
-        except Exception:  # noqa: BLE001
-            agent_mem = 0.0
-        disk, pdisk = self._disk_bytes(), self._proc_disk_bytes()
-        total_io = agent_io = 0.0
-        if dt > 0:
-            if disk is not None and self._last_disk is not None:
-                total_io = max(0, disk - self._last_disk) / MB / dt
-            if pdisk is not None and self._last_pdisk is not None:
-                agent_io = max(0, pdisk - self._last_pdisk) / MB / dt
-        self._last_disk, self._last_pdisk = disk, pdisk
-        return HostSample(
-            total_cpu_usage=_clamp(total_cpu, 0, 100),
-            agent_cpu_usage=_clamp(min(agent_cpu, total_cpu if total_cpu > 0 else agent_cpu), 0, 100),
-            total_mem_usage=_clamp(total_mem, 0, 1048576.0),
-            agent_mem_usage=_clamp(agent_mem, 0, 1048576.0),
-            total_disk_io=_clamp(total_io, 0, 10000.0),
-            agent_disk_io=_clamp(agent_io, 0, 10000.0),
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -410,24 +310,6 @@ class ProgressTracker:
         span = max(t - base[0], MIN_SPAN_S)
         return (self._replicated - base[1]) / span, (self._wire - base[2]) / span
 
-    def rate_bps(self) -> float:
-        """Smoothed wire rate, bytes/s."""
-        with self._lock:
-            return self._rates(self._clock())[1]
-
-    def eta(self) -> float | None:
-        """Seconds remaining (None while unknown)."""
-        with self._lock:
-            remaining = max(0, self.totalsize - self._replicated)
-            if self._finished or remaining == 0:
-                return 0.0
-            r = self._rates(self._clock())[0]
-            return remaining / r if r > 0 else None
-
-    @property
-    def progress(self) -> int:
-        return 100 if self._finished else self._progress
-
     def report(self) -> dict:
         """A 5.4.8 body with every field smsrepl emits."""
         with self._lock:
@@ -454,8 +336,8 @@ class ProgressTracker:
             "replicatesize": int(min(replicated, LONG_MAX)),
             "totalsize": int(self.totalsize),
             "process_trace": trace,
-            "migrate_speed": round(_clamp(wire_rate * 8 / 1e6, 0, 10000), 3),
-            "compress_rate": round(_clamp(compress, 0, 10000), 2),
+            "migrate_speed": round(clamp(wire_rate * 8 / 1e6, 0, 10000), 3),
+            "compress_rate": round(clamp(compress, 0, 10000), 2),
             "remain_time": int(remain),
             "total_cpu_usage": round(host.total_cpu_usage, 2),
             "agent_cpu_usage": round(host.agent_cpu_usage, 2),

@@ -331,26 +331,16 @@ class SessionStateMachine:
                 raise TransitionError(f"session event {event.value!r} is not allowed in state {self._state.value!r}")
             self._state = nxt
             pair = STATE_PAIRS[nxt]
-            changed = pair is not None and pair != self._last
+            changed = None  # the pair to report, when it changed
             if pair is not None:
                 check_pair(pair.copystate, pair.migrationcycle)
-            self._last = pair if pair is not None else self._last
-            if changed:
-                self.history.append(pair)
-        if changed and self._on_report is not None:
-            self._on_report(pair)
+                if pair != self._last:
+                    changed = pair
+                    self.history.append(pair)
+                self._last = pair
+        if changed is not None and self._on_report is not None:
+            self._on_report(changed)
         return pair
-
-    def event_for(self, command: "Command") -> Event:
-        """The event a 5.5.1 command means in the current state."""
-        if command is Command.START:
-            if self._state in (S.REPL_STOPPED, S.SYNC_STOPPED, S.CUT_STOPPED, S.REPL_ERROR, S.SYNC_ERROR, S.CUT_ERROR):
-                return E.RESUME
-            return E.START
-        try:
-            return _COMMAND_EVENTS[command]
-        except KeyError:
-            raise TransitionError(f"command {command.value} does not drive the replication session") from None
 
 
 # ---------------------------------------------------------------------------
@@ -380,14 +370,6 @@ class Command(enum.Enum):
             except ValueError:
                 pass
         raise ConfigError(f"command_name: {value!r} is not a 5.5.1 command (START, STOP, DELETE, SYNC, SKIP)")
-
-
-_COMMAND_EVENTS = {
-    Command.STOP: E.STOP,
-    Command.DELETE: E.DELETE,
-    Command.SYNC: E.SYNC_START,
-    Command.SKIP: E.SKIP,
-}
 
 
 class CommandResultValue(enum.Enum):

@@ -71,7 +71,22 @@ def _utc(value: _dt.datetime) -> _dt.datetime:
     return value.astimezone(_dt.timezone.utc)
 
 
-def _new_key(key_type: str):
+def _validity(not_before: _dt.datetime | None, not_after: _dt.datetime | None,
+              days: int) -> tuple[_dt.datetime, _dt.datetime]:
+    """notBefore (by default five minutes ago) and notAfter (by default ``days`` after it), UTC."""
+    nb = _utc(not_before) if not_before is not None else _now() - _SKEW
+    na = _utc(not_after) if not_after is not None else nb + _dt.timedelta(days=days)
+    return nb, na
+
+
+def _key_usage(*, ca: bool, key_encipherment: bool = False) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs only; a leaf signs (and an RSA leaf enciphers keys)."""
+    return x509.KeyUsage(digital_signature=not ca, content_commitment=False, key_encipherment=key_encipherment,
+                         data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                         encipher_only=False, decipher_only=False)
+
+
+def _new_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     if key_type == "ec":
         return ec.generate_private_key(ec.SECP256R1())
     if key_type == "rsa":
@@ -99,7 +114,7 @@ def _cert_pem(cert: x509.Certificate) -> str:
 class LabCA:
     """A throw-away certificate authority that can issue leaf certificates."""
 
-    key: object
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
     cert: x509.Certificate
 
     @property
@@ -117,8 +132,7 @@ class LabCA:
         name: str | None = None,
     ) -> "LabCA":
         key = _new_key(key_type)
-        nb = _utc(not_before) if not_before is not None else _now() - _SKEW
-        na = _utc(not_after) if not_after is not None else nb + _dt.timedelta(days=days)
+        nb, na = _validity(not_before, not_after, days)
         subject = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
@@ -135,20 +149,7 @@ class LabCA:
             .not_valid_before(nb)
             .not_valid_after(na)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(ski, critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
             .sign(key, hashes.SHA256())
@@ -175,8 +176,7 @@ class LabCA:
         ``eku=None`` leaves out the Extended Key Usage extension.
         """
         key = _new_key(key_type)
-        nb = _utc(not_before) if not_before is not None else _now() - _SKEW
-        na = _utc(not_after) if not_after is not None else nb + _dt.timedelta(days=days)
+        nb, na = _validity(not_before, not_after, days)
         attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG)]
         if ou is not None:
             attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
@@ -190,20 +190,7 @@ class LabCA:
             .not_valid_before(nb)
             .not_valid_after(na)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=key_type == "rsa",
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False, key_encipherment=key_type == "rsa"), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
@@ -260,12 +247,15 @@ def make_bundle(
         ca_nb = min(nb, now) - _dt.timedelta(days=1)
         ca_na = max(na, now) + _dt.timedelta(days=1)
         ca = LabCA.create(key_type=key_type, not_before=ca_nb, not_after=ca_na)
-    leaf = dict(not_before=nb, not_after=na, key_type=key_type, passphrase=passphrase)
-    cert, private_key = ca.issue(
-        OU_SOURCE, ou=OU_SOURCE, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), san=False, **leaf
-    )
-    mgmt_cert, mgmt_key = ca.issue(OU_TARGET_MGMT, ou=OU_TARGET_MGMT, eku=(ExtendedKeyUsageOID.SERVER_AUTH,), **leaf)
-    data_cert, data_key = ca.issue(OU_TARGET_DATA, ou=OU_TARGET_DATA, eku=(ExtendedKeyUsageOID.SERVER_AUTH,), **leaf)
+    issuer = ca
+
+    def leaf(ou: str, eku: x509.ObjectIdentifier, san: bool = True) -> tuple[str, str]:
+        return issuer.issue(ou, ou=ou, eku=(eku,), san=san, not_before=nb, not_after=na, key_type=key_type,
+                            passphrase=passphrase)
+
+    cert, private_key = leaf(OU_SOURCE, ExtendedKeyUsageOID.CLIENT_AUTH, san=False)
+    mgmt_cert, mgmt_key = leaf(OU_TARGET_MGMT, ExtendedKeyUsageOID.SERVER_AUTH)
+    data_cert, data_key = leaf(OU_TARGET_DATA, ExtendedKeyUsageOID.SERVER_AUTH)
     return CertKey(
         ca=ca.pem,
         cert=cert,

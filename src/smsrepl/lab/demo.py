@@ -32,6 +32,7 @@ def run_demo(*, size_mib: int = 64, keep: bool = False) -> int:
     from smsrepl.lab.fakecp import FakeControlPlane
     from smsrepl.agent.loop import Agent
     from smsrepl.lab.certs import make_bundle
+    from smsrepl.control.consistency import consistent as no_differences
     from smsrepl.files.compare import compare_with_listing
     from smsrepl.lab.testdata import rewrite_random_blocks, write_image
     from smsrepl.transport.file_sender import FileSender
@@ -101,8 +102,7 @@ def run_demo(*, size_mib: int = 64, keep: bool = False) -> int:
         _say(f"9. file tree: {res.stats.files_sent} files copied file by file ({res.summary()['wire_bytes']} "
              "bytes on the wire)")
         check, _ = compare_with_listing(tree, FileSender(tree, "tree", (host, port), ctx).describe_target)
-        files_ok = all(c["num_different_files"] == c["num_target_miss_files"] == c["num_target_more_files"] == 0
-                       for c in check["consistency_result"])
+        files_ok = no_differences(check["consistency_result"])
         _say(f"   verified against the receiver: {json.dumps(check['consistency_result'])}")
 
         _say("10. what the control plane received:")

@@ -28,7 +28,8 @@ from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS,
 from smsrepl.codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
 from smsrepl.errors import (ManifestError, RemoteError, RemoteProtocolError, ReplicationError,
                             SourceError, TransportError)
-from smsrepl.control.progress import HostSampler, ProgressTracker, subtask_for
+from smsrepl.control.hostsample import HostSampler
+from smsrepl.control.progress import ProgressTracker, subtask_for
 from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from smsrepl.throttle import CpuCap, OverSpeedGuard, ScheduledLimiter, SpeedSchedule
 from smsrepl.stages import StageClock

@@ -1,0 +1,66 @@
+"""``--progress``: where a transfer's or a check's 5.4.8 reports go (JSON lines on stdout, or a
+progress bar on stderr with the operator's lines written above it)."""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+
+class ProgressOutput:
+    """--progress json: one 5.4.8 report per line on stdout; bar: a tqdm bar on stderr, one a
+    round, with log lines and notes written above it while it is shown (never through it)."""
+
+    def __init__(self, mode: str, *, wire: bool = True) -> None:
+        self.mode = mode
+        self.wire = wire  # False: nothing crosses a wire (a local check), no rate of it on the bar
+        self.bar: tqdm | None = None
+        self._redirect: AbstractContextManager[None] | None = None  # tqdm's logging redirect while a bar is shown
+
+    def report(self, rep: dict) -> None:
+        if self.mode == "json":
+            print(json.dumps(rep, ensure_ascii=False), flush=True)
+        elif self.mode == "bar":
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            bar = self.bar
+            if bar is None:
+                bar = self.bar = tqdm(total=rep["totalsize"], unit="B", unit_scale=True, unit_divisor=1024,
+                                      desc=rep["subtask_name"], file=sys.stderr, dynamic_ncols=True)
+                self._redirect = logging_redirect_tqdm()
+                self._redirect.__enter__()
+            bar.update(rep["replicatesize"] - bar.n)
+            # the round's last report says 0 (nothing moves any more): end_round shows the average
+            if self.wire and (rep["migrate_speed"] or rep["progress"] < 100):
+                bar.set_postfix_str(f"{rep['migrate_speed']:.0f} Mbit/s on the wire", refresh=False)
+
+    def note(self, line: str) -> None:
+        """A line for the operator on stderr: above the bar while one is shown."""
+        if self.bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def end_round(self, wire_bytes: int, seconds: float) -> None:
+        """Close the round's bar, its rate the round's average: before the summary is printed,
+        so that nothing redraws the bar after it."""
+        if self.bar is not None and seconds > 0:
+            from smsrepl.cli.summary import human_rate
+
+            self.bar.set_postfix_str(f"{human_rate(wire_bytes / seconds)} on the wire, average", refresh=False)
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
