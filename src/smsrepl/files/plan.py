@@ -10,7 +10,7 @@ mtime, ``p`` permissions, ``o`` owner, ``g`` group, ``a`` ACL, ``x`` xattrs
 (``u`` is always ``.``). Directories end with ``/``, symlinks show ``-> target``,
 hard links ``=> other name``. Entries alike on both sides are not shown.
 
-The decisions are files.local's (size and mtime, or content with --checksum),
+The decisions are files.decide's (size and mtime, or content with --checksum),
 against the receiver's listing, without reading any file data (except for
 --checksum digests, as a round would).
 """
@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from smsrepl.files.compare import content_digest
+from smsrepl.files.digests import content_digest
 from smsrepl.files.rules import RoundFilter
 from smsrepl.files.scan import Entry
 

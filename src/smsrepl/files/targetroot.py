@@ -18,7 +18,7 @@ from collections import OrderedDict
 from smsrepl import kernels
 from smsrepl.errors import TargetWriteError
 from smsrepl.files.fdbudget import DescriptorBudget, process_budget
-from smsrepl.files.names import DIR_FLAGS
+from smsrepl.files.names import DIR_FLAGS, check_path
 
 Parts = tuple[bytes, ...]
 
@@ -80,6 +80,20 @@ class TargetRoot:
     def _show(self, parts: Parts) -> str:
         return os.fsdecode(b"/".join((self.root,) + tuple(parts)))
 
+
+    def open_regular(self, path: bytes) -> int:
+        """A read descriptor of the regular file at ``path`` under the root (never through a
+        symlink), or -1 where there is none."""
+        parts = check_path(path)
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=self.dir_fd(parts[:-1]))
+        except OSError:
+            return -1
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return -1
+        return fd
 
     def _close_dirs(self) -> None:
         for fd in self._fds.values():

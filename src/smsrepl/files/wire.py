@@ -45,6 +45,16 @@ OP_NAMES = {ROOT: "ROOT", DIR: "DIR", FILE: "FILE", SYMLINK: "SYMLINK", SPECIAL:
 _WITH_ENTRY = {ROOT, DIR, FILE, SYMLINK, SPECIAL, META, BEGIN, HARDLINK, DELTA}
 _COPY = struct.Struct(">QQ")
 
+#: a body (TREE_DATA records, FILE_OPS operations) is sent once this much is batched
+#: (before compression)
+BATCH = 4 << 20
+#: files up to this size travel whole inside one FILE operation; larger ones in CHUNKs
+INLINE = 256 << 10
+#: literal data per CHUNK operation
+CHUNK_MAX = 1 << 20
+#: seconds without a frame after which one is sent anyway (the peer's idle timeout is 120 s)
+KEEPALIVE = 20.0
+
 
 def encode_entry(e: Entry, digest: bytes | None = None) -> bytes:
     xb = b""
