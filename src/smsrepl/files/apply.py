@@ -118,7 +118,7 @@ class TreeWriter(PendingFiles):
         parent = self.dir_fd(parts[:-1])
         self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = temp_name(parts[-1])
-        os.symlink(entry.link, tmp, dir_fd=parent)
+        os.symlink(entry.link or b"", tmp, dir_fd=parent)
         try:
             if self.preserve_owner:
                 os.chown(tmp, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)

@@ -28,13 +28,17 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from smsrepl.files.digests import Meter, hash_side
 from smsrepl.files.rules import Pattern, PathRules, RoundFilter
-from smsrepl.files.sides import DIR, FILE, Meta, Side, child_path, list_local, list_remote
+from smsrepl.files.sides import DIR, FILE, Dir, Meta, Side, child_path, list_local, list_remote
+
+if TYPE_CHECKING:
+    from smsrepl.files.listing import Listing
 
 MODES = ("data", "metadata", "all")
+R = TypeVar("R")
 
 
 def check_filter(rules: PathRules | None) -> RoundFilter | None:
@@ -47,14 +51,13 @@ def check_filter(rules: PathRules | None) -> RoundFilter | None:
     return filt if filt.exclude or filt.only else None
 
 
-
-class Background(threading.Thread):
+class Background(threading.Thread, Generic[R]):
     """``fn(*args)`` on a thread of its own; ``result()`` waits and returns or raises it."""
 
-    def __init__(self, fn, *args) -> None:
+    def __init__(self, fn: Callable[..., R], *args: object) -> None:
         super().__init__(name="check", daemon=True)
         self._fn, self._args = fn, args
-        self._out: tuple = (None, None)
+        self._out: tuple[R | None, BaseException | None] = (None, None)
         self.start()
 
     def run(self) -> None:
@@ -63,12 +66,12 @@ class Background(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - raised again by result()
             self._out = (None, exc)
 
-    def result(self):
+    def result(self) -> R:
         self.join()
         value, exc = self._out
         if exc is not None:
             raise exc
-        return value
+        return cast(R, value)
 
 
 # --- the comparison ----------------------------------------------------------------------
@@ -156,7 +159,7 @@ def _coverage(pat: Pattern | None, rel: bytes) -> str:
     return "some" if pat.may_be_below(parts) else "none"
 
 
-def _key(m: tuple, mode: str) -> tuple:
+def _key(m: Meta, mode: str) -> tuple:
     kind, perm, uid, gid, size, mtime, rdev, link = m
     if mode == "data":
         return (kind, size if kind == FILE else 0, rdev if kind in (4, 5) else 0, link)
@@ -168,15 +171,27 @@ class _Verdicts:
     """One directory's outcome: all its entries alike (``alike``, counted, not listed one by
     one unless asked), or per name: "=", "*", "!", "+" (source only), "-" (target only)."""
 
-    __slots__ = ("alike", "names", "marks")
+    __slots__ = ("alike", "names", "marks", "dir")
 
     def __init__(self) -> None:
         self.alike: list[bytes] | int = 0
         self.names: list[bytes] = []
         self.marks: list[str] = []
+        self.dir: Dir | None = None  # where ``alike`` is a count: the entries it counts
+
+    def alike_names(self) -> list[bytes]:
+        if isinstance(self.alike, list):
+            return self.alike
+        if self.dir is None:
+            return []
+        names, kinds, _ = self.dir.index()
+        return [n for n, k in zip(names, kinds) if k != DIR]
 
 
-def _entry_verdicts(rel: bytes, ea: dict, eb: dict, mode: str, errors: set[bytes]) -> _Verdicts:
+Entries = dict[bytes, tuple[Meta, bytes | None]]
+
+
+def _entry_verdicts(rel: bytes, ea: Entries, eb: Entries, mode: str, errors: set[bytes]) -> _Verdicts:
     v = _Verdicts()
     for name, (m, da) in ea.items():
         got = eb.get(name)
@@ -222,9 +237,16 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
     src = os.fsencode(source)
     pats = _dir_patterns(dirs)
     scan = _scan_filter(check_filter(rules), pats)
-    remote = target_lister is not None
-    dst = None if remote else os.fsencode(target)
-    other = Background(target_lister) if remote else Background(list_local, dst, scan)
+    other: Background[Side]
+    if target_lister is None:
+        if target is None:
+            raise ValueError("a check needs a target directory or a target_lister")
+        dst: bytes | None = os.fsencode(target)
+        other = Background(list_local, dst, scan)
+    else:
+        dst = None
+        other = Background(target_lister)
+    remote = dst is None
     # a receiver lists with xattrs: ours the same way, so that alike directories are alike bytes
     a = list_local(src, scan, xattrs=remote)
     meter = Meter(0, on_progress)
@@ -239,29 +261,9 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
 
         b.dirs = {rel: d for rel, d in b.dirs.items() if not rel or walked(scan, tuple(rel.split(b"/")))}
     fast: set[bytes] = set()
-    if not remote:
+    if dst is not None:
         # alike listings need only their content compared; others entry by entry
-        want_a: dict[bytes, list[int]] = {}
-        want_b: dict[bytes, list[int]] = {}
-        for rel, da in a.dirs.items():
-            db = b.dirs.get(rel)
-            if db is None:
-                continue
-            if da.records == db.records:
-                fast.add(rel)
-                if content:
-                    want_a[rel] = want_b[rel] = da.files()
-            elif content:
-                ea, eb = da.entries(), db.entries()
-                pairs = [(n, m) for n, (m, _) in ea.items() if m[0] == FILE and n in eb
-                         and _key(m, mode) == _key(eb[n][0], mode)]
-                if pairs:
-                    da.index()
-                    db.index()
-                    ia = {n: i for i, n in enumerate(da.names)}
-                    ib = {n: i for i, n in enumerate(db.names)}
-                    want_a[rel] = [ia[n] for n, _ in pairs]
-                    want_b[rel] = [ib[n] for n, _ in pairs]
+        want_a, want_b = _to_read(a, b, mode, fast)
         meter.start(sum(a.dirs[rel].size(i) for rel, idx in want_a.items() for i in idx) * 2)
         hashing = Background(hash_side, dst, b, want_b, meter)
         hash_side(src, a, want_a, meter)
@@ -277,12 +279,13 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
             elif remote and da.with_digests() == db.records:
                 v = _Verdicts()
             if v is not None:
-                da.index()
-                v.alike = [n for n, k in zip(da.names, da.kinds) if k != DIR] if list_paths else da.count()
+                v.alike, v.dir = da.count(), da
+                if list_paths:
+                    v.alike = v.alike_names()
         if v is None:
             ea = da.entries() if da is not None else {}
             eb = db.entries() if db is not None else {}
-            if remote and eb and _needs_filter(scan, rel):
+            if remote and eb and scan is not None and _needs_filter(scan, rel):
                 parts = tuple(rel.split(b"/")) if rel else ()
                 eb = {n: e for n, e in eb.items() if scan.includes(parts + (n,))}
             v = _entry_verdicts(rel, ea, eb, mode, errors)
@@ -293,7 +296,34 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
     return result_body([c.entry() for c in checks], notes=_notes(source, scan, pats, checks, a, b, errors)), checks
 
 
-def _notes(source: str, scan: RoundFilter | None, pats, checks: list[DirCheck], a: Side, b: Side,
+def _to_read(a: Side, b: Side, mode: str, fast: set[bytes]) -> tuple[dict[bytes, list[int]], dict[bytes, list[int]]]:
+    """The files whose content a check of two local trees reads: (source side's, target
+    side's) record indices per directory. Directories listed alike (same records) go to
+    ``fast``: all their files are read; in others, the files alike in kind and size."""
+    content = mode != "metadata"
+    want_a: dict[bytes, list[int]] = {}
+    want_b: dict[bytes, list[int]] = {}
+    for rel, da in a.dirs.items():
+        db = b.dirs.get(rel)
+        if db is None:
+            continue
+        if da.records == db.records:
+            fast.add(rel)
+            if content:
+                want_a[rel] = want_b[rel] = da.files()
+        elif content:
+            ea, eb = da.entries(), db.entries()
+            pairs = [(n, m) for n, (m, _) in ea.items() if m[0] == FILE and n in eb
+                     and _key(m, mode) == _key(eb[n][0], mode)]
+            if pairs:
+                ia = {n: i for i, n in enumerate(da.index()[0])}
+                ib = {n: i for i, n in enumerate(db.index()[0])}
+                want_a[rel] = [ia[n] for n, _ in pairs]
+                want_b[rel] = [ib[n] for n, _ in pairs]
+    return want_a, want_b
+
+
+def _notes(source: str, scan: RoundFilter | None, pats: list[tuple[str, Pattern | None]], checks: list[DirCheck], a: Side, b: Side,
            errors: set[bytes]) -> list[str]:
     """What the operator should know besides the counts: rules and checked directories that
     matched nothing (a typo, or a path of another tree), entries that could not be read."""
@@ -317,16 +347,18 @@ def _count(text: str, pat: Pattern | None, verdicts: dict[bytes, _Verdicts], lis
         if cover == "none":
             continue
         parts = tuple(rel.split(b"/")) if rel else ()
-        if isinstance(v.alike, int) and cover == "all":
-            check.total += v.alike
-            check.same_count += v.alike
-        elif v.alike:
+        if isinstance(v.alike, int):  # counted, not listed
+            n = v.alike if cover == "all" else sum(1 for name in v.alike_names()
+                                                   if pat is not None and pat.covers(parts + (name,)))
+            check.total += n
+            check.same_count += n
+        else:
             for name in v.alike:
-                if cover == "all" or pat.covers(parts + (name,)):
+                if cover == "all" or (pat is not None and pat.covers(parts + (name,))):
                     check.total += 1
                     check.same.append(child_path(rel, name))
         for name, mark in zip(v.names, v.marks):
-            if cover == "some" and not pat.covers(parts + (name,)):
+            if cover == "some" and not (pat is not None and pat.covers(parts + (name,))):
                 continue
             path = child_path(rel, name)
             lists[mark].append(path)
@@ -345,7 +377,7 @@ def compare_trees(source: str, target: str, dirs: Iterable[str] = (), **kw) -> t
     return run_check(source, target, dirs, **kw)
 
 
-def compare_with_listing(source: str, describe: Callable[[], object], dirs: Iterable[str] = (),
+def compare_with_listing(source: str, describe: Callable[[], Listing], dirs: Iterable[str] = (),
                          **kw) -> tuple[dict, list[DirCheck]]:
     """As compare_trees, against a receiver: ``describe()`` returns its listing with
     content digests (files.listing.Listing); it runs while the source is listed."""

@@ -52,6 +52,7 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     if keep_temporaries and not os.path.isdir(top):  # a dry run's target not made yet: empty
         yield _records(comp, [], last=True, ordered=ordered)
         return
+    bodies: Iterable[bytes]
     if dirs is not None:
         subset = [without_temporaries(top, b, remove=not keep_temporaries)
                   for b in scan_dirs(top, on_error=lambda p, exc: None, start=normal_subset(dirs))]

@@ -110,6 +110,8 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
                      if filt is None or walked(filt, tuple(rel.split(b"/")) if rel else ()))
 
     def start_ahead() -> None:
+        if pool is None:
+            return
         for item in itertools.islice(todo, AHEAD):
             if item[2] is None:
                 item[2] = pool.submit(_scan_one, top, item[0], xattrs)

@@ -103,7 +103,7 @@ class Listing:
             if not self.done and self._failed is not None:
                 raise self._failed
 
-    def records(self, rel: bytes) -> bytes:
+    def records(self, rel: bytes | None) -> bytes:
         self.wait(rel)
         parts = self.groups.get(rel)
         if not parts:
@@ -141,7 +141,7 @@ class Listing:
     def entries(self) -> dict[bytes, tuple[Entry, bytes | None]]:
         """Every entry: path -> (entry, content digest or None)."""
         self.wait(whole=True)
-        out = {}
+        out: dict[bytes, tuple[Entry, bytes | None]] = {}
         for rel in list(self.groups):
             out.update((e.path, (e, d)) for e, d in self.decoded(rel))
         return out

@@ -105,29 +105,28 @@ def sync_tree(source: str, target: str | bytes | os.PathLike | RoundTarget, *, r
     lists the rules that matched nothing in ``unmatched_rules``; with ``entries``, that
     is for the caller to do (it has the walk's filter).
     """
-    t: RoundTarget
+    local: LocalTarget | None = None
     if isinstance(target, (str, bytes, os.PathLike)):
-        local: LocalTarget | None = LocalTarget(os.fsdecode(target))
-        t = local
+        t: RoundTarget = (local := LocalTarget(os.fsdecode(target)))
     else:
-        local, t = None, target
+        t = target
     delete = True if delete is None else delete
     src = os.fsencode(source)
     rules = rules.anchored(src) if rules is not None else None
     walk_filter: RoundFilter | None = None
+    dirs = isinstance(t, DirRoundTarget) and by_dirs(checksum)
     if entries is None:
-        walk_errors = SourceWalkErrors(src)
+        walk_errors = errors = SourceWalkErrors(src)
         walk_filter = rules.for_round(kind) if rules else None
+        entries = scan_round(src, rules, kind, errors, filt=walk_filter) if dirs else \
+            walk_round(src, rules, kind, errors, walk_filter)
     try:
-        if isinstance(t, DirRoundTarget) and by_dirs(checksum):
+        if isinstance(t, DirRoundTarget) and dirs:
             # the caller's walk of the source is scan_round()'s for such a target, else walk_round()'s
-            batches = cast("Iterable[DirBatch]", entries) if entries is not None else \
-                scan_round(src, rules, kind, walk_errors, filt=walk_filter)
-            stats = round_by_dirs(src, t, batches, rules.for_round(kind) if rules else None, delete, on_done)
+            stats = round_by_dirs(src, t, cast("Iterable[DirBatch]", entries), rules.for_round(kind) if rules else None,
+                                  delete, on_done)
         else:
-            walked = cast("Iterable[Entry]", entries) if entries is not None else \
-                walk_round(src, rules, kind, walk_errors, walk_filter)
-            stats = entry_round(src, t, rules, kind, checksum, delete, on_done, walked)
+            stats = entry_round(src, t, rules, kind, checksum, delete, on_done, cast("Iterable[Entry]", entries))
         if walk_errors is not None:
             walk_errors.into(stats)
         if walk_filter is not None:

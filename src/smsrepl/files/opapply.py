@@ -9,6 +9,7 @@ RemoteProtocolError; a system call that fails, a TargetWriteError naming the ent
 from __future__ import annotations
 
 import os
+from typing import cast
 
 from smsrepl.codec import Decompressor
 from smsrepl.errors import RemoteProtocolError, TargetWriteError
@@ -16,6 +17,9 @@ from smsrepl.files import wire as W
 from smsrepl.files.apply import FileSink, TreeWriter
 from smsrepl.files.scan import Entry
 from smsrepl.protocol import frames as F
+
+#: operations for the file a BEGIN or DELTA opened (and only then)
+_TO_SINK = frozenset((W.CHUNK, W.END, W.ABORT, W.COPY))
 
 
 class OpApplier:
@@ -53,11 +57,38 @@ class OpApplier:
                 what = f"{os.fsdecode(named.path)!r}" if named is not None else "the target tree"
                 raise TargetWriteError(f"writing {what} ({W.OP_NAMES.get(op, op)}): {exc.strerror or exc}") from None
 
-    def _apply(self, op: int, entry: Entry | None, data) -> None:
-        w = self.w
-        if (self.sink is None) != (op not in (W.CHUNK, W.END, W.ABORT, W.COPY)) or (
-                op == W.COPY and self.basis < 0):
+    def _apply(self, op: int, entry: Entry | None, data: W.OpData) -> None:
+        if op in _TO_SINK:
+            if self.sink is None or (op == W.COPY and self.basis < 0):
+                raise RemoteProtocolError(f"file operation {W.OP_NAMES[op]} out of place")
+            self._to_sink(self.sink, op, data)
+        elif self.sink is not None:
             raise RemoteProtocolError(f"file operation {W.OP_NAMES[op]} out of place")
+        elif entry is None:  # DELETE: the only other operation without an entry
+            self.w.delete(bytes(cast(bytes, data)))
+        else:
+            self._entry_op(op, entry, data)
+
+    def _to_sink(self, sink: FileSink, op: int, data: W.OpData) -> None:
+        """CHUNK, COPY, END or ABORT: the file a BEGIN or DELTA opened."""
+        if op == W.CHUNK:
+            chunk = cast(memoryview, data)
+            sink.write(chunk)
+            self.bytes += len(chunk)
+        elif op == W.COPY:
+            self._copy(sink, *cast("tuple[int, int]", data))
+        elif op == W.END:
+            self.sink = None
+            self._close_basis()
+            sink.commit(cast(bytes, data))
+            self.files += 1
+        else:  # ABORT
+            self.sink = None
+            self._close_basis()
+            sink.abort()
+
+    def _entry_op(self, op: int, entry: Entry, data: W.OpData) -> None:
+        w = self.w
         if op == W.ROOT:
             w.set_root_meta(entry)
         elif op == W.DIR:
@@ -70,24 +101,10 @@ class OpApplier:
         elif op == W.BEGIN:
             self._kind(entry, "file")
             self.sink = w.open_file(entry, digest=True)
-        elif op == W.CHUNK:
-            self.sink.write(data)
-            self.bytes += len(data)
         elif op == W.DELTA:
             self._kind(entry, "file")
-            self._open_basis(entry.path, data)
+            self._open_basis(entry.path, cast(int, data))
             self.sink = w.open_file(entry, digest=True)
-        elif op == W.COPY:
-            self._copy(*data)
-        elif op == W.END:
-            sink, self.sink = self.sink, None
-            self._close_basis()
-            sink.commit(data)
-            self.files += 1
-        elif op == W.ABORT:
-            sink, self.sink = self.sink, None
-            self._close_basis()
-            sink.abort()
         elif op == W.SYMLINK:
             self._kind(entry, "symlink")
             w.symlink(entry)
@@ -100,9 +117,7 @@ class OpApplier:
                 w.set_meta(entry)
         elif op == W.HARDLINK:
             self._kind(entry, "file")
-            w.hardlink(entry, bytes(data))
-        elif op == W.DELETE:
-            w.delete(bytes(data))
+            w.hardlink(entry, bytes(cast(bytes, data)))
 
     def _open_basis(self, path: bytes, block_size: int) -> None:
         if not 0 < block_size <= 1 << 24:
@@ -113,7 +128,7 @@ class OpApplier:
         self.bs = block_size
         self.basis_blocks = -(-os.fstat(self.basis).st_size // block_size)
 
-    def _copy(self, first: int, count: int) -> None:
+    def _copy(self, sink: FileSink, first: int, count: int) -> None:
         if count <= 0 or first + count > self.basis_blocks:
             raise RemoteProtocolError(f"COPY of blocks {first}+{count} beyond the basis' {self.basis_blocks}")
         pos, end = first * self.bs, (first + count) * self.bs
@@ -121,7 +136,7 @@ class OpApplier:
             data = os.pread(self.basis, min(end - pos, 8 << 20), pos)
             if not data:
                 break  # the basis' short last block
-            self.sink.write(data)
+            sink.write(data)
             self.bytes += len(data)
             pos += len(data)
 

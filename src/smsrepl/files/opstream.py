@@ -119,9 +119,9 @@ class OpStream:
 
     def flush(self) -> None:
         """Hand the batch to the worker; at most IN_FLIGHT batches wait (bounded memory)."""
-        if not self._pos:
-            return
         buf, n = self._buf, self._pos
+        if not n or buf is None:
+            return
         self._buf, self._pos = None, 0
         self._wait(self.IN_FLIGHT - 1)
         self._inflight.append((self._pool.submit(self._send, buf, n), buf))

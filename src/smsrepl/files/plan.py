@@ -87,10 +87,11 @@ class Plan:
 def _units(n: int) -> str:
     if n < 1024:
         return f"{n} B"
+    x = float(n)
     for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
+        x /= 1024
+        if x < 1024 or unit == "TiB":
+            return f"{x:.1f} {unit}"
     return ""  # pragma: no cover
 
 

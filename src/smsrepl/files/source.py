@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import Any
 
 from smsrepl.files.dirscan import DirBatch, scan_dirs
 from smsrepl.files.liveread import VANISHED
@@ -20,7 +20,6 @@ from smsrepl.files.roundstats import RoundStats
 from smsrepl.files.rules import PathRules, RoundFilter
 from smsrepl.files.scan import Entry, _raise, walk
 
-T = TypeVar("T")
 OnError = Callable[[bytes, OSError], None]
 
 
@@ -67,15 +66,16 @@ def scan_round(source: str | bytes, rules: PathRules | None, kind: str, on_error
     return scan_dirs(os.fsencode(source), filt, xattrs=True, on_error=on_error, start=start)
 
 
-class Prefetch(Generic[T]):
+class Prefetch:
     """Runs an iterator on a thread of its own, up to ``limit`` items ahead of the consumer:
     the source tree is walked while the receiver is still describing its own. Items cross
     in batches of ``batch``: one queue hand-off (two futex calls) per item cost more than the
-    lstat of a small file."""
+    lstat of a small file. The items are a round's source walk: walk_round()'s entries or
+    scan_round()'s batches, which sync_tree takes either way (``entries``)."""
 
     _END = object()
 
-    def __init__(self, it: Iterable[T], limit: int = 65536, batch: int = 256) -> None:
+    def __init__(self, it: Iterable[Any], limit: int = 65536, batch: int = 256) -> None:
         self.batch = batch
         self.errors: SourceWalkErrors | None = None  # where the walk reports what vanished
         self.filter: RoundFilter | None = None  # the walk's (which rules matched: RoundFilter.unmatched)
@@ -93,8 +93,8 @@ class Prefetch(Generic[T]):
                 continue
         return False
 
-    def _run(self, it: Iterable[T]) -> None:
-        batch: list[T] = []
+    def _run(self, it: Iterable[Any]) -> None:
+        batch: list[Any] = []
         try:
             for item in it:
                 batch.append(item)
@@ -108,7 +108,7 @@ class Prefetch(Generic[T]):
             if not batch or self._put(batch):
                 self._put(exc)
 
-    def __iter__(self) -> Iterator[T]:
+    def __iter__(self) -> Iterator[Any]:
         while True:
             item = self._q.get()
             if item is self._END:
