@@ -74,7 +74,6 @@ class Background(threading.Thread, Generic[R]):
         return cast(R, value)
 
 
-# --- the comparison ----------------------------------------------------------------------
 @dataclass
 class DirCheck:
     dir_check: str
@@ -323,8 +322,8 @@ def _to_read(a: Side, b: Side, mode: str, fast: set[bytes]) -> tuple[dict[bytes,
     return want_a, want_b
 
 
-def _notes(source: str, scan: RoundFilter | None, pats: list[tuple[str, Pattern | None]], checks: list[DirCheck], a: Side, b: Side,
-           errors: set[bytes]) -> list[str]:
+def _notes(source: str, scan: RoundFilter | None, pats: list[tuple[str, Pattern | None]], checks: list[DirCheck],
+           a: Side, b: Side, errors: set[bytes]) -> list[str]:
     """What the operator should know besides the counts: rules and checked directories that
     matched nothing (a typo, or a path of another tree), entries that could not be read."""
     from smsrepl.files.rules import unmatched_note

@@ -105,7 +105,6 @@ class PendingFiles(TargetRoot):
                     self._held = 0
                 os.close(fd)
 
-
     def _defer(self, tmp: bytes, parts: Parts, size: int) -> None:
         self._pending.append((tmp, parts))
         self._pending_paths.add(b"/".join(parts))
@@ -272,7 +271,8 @@ def _sync_and_link(root_fd: int, runs: list[Run], sync: bool = True) -> list[Lin
     return done
 
 
-def _drop_run(fds: list[int], dirs: list[int], fdirs: list[int], names: list[bytes], paths: list[bytes]) -> None:
+def _drop_run(fds: list[int], dirs: list[int], fdirs: list[int], names: list[bytes],
+              paths: list[bytes]) -> None:
     for fd in fds + dirs:
         try:
             os.close(fd)

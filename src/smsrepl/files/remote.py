@@ -68,14 +68,12 @@ class DeltaSink:
     and literal CHUNKs, found by the rsync search (kernels.delta_search) window by window."""
 
     def __init__(self, ops: OpStream, entry: Entry, block_size: int, basis_size: int, weak: np.ndarray,
-                 strong: np.ndarray,
-                 counter: "RemoteTarget | None" = None) -> None:
+                 strong: np.ndarray, counter: RemoteTarget | None = None) -> None:
         self.ops, self.entry, self.bs = ops, entry, block_size
         self.counter = counter
         self.basis_size, self.weak, self.strong = basis_size, weak, strong
         self.buf = bytearray()
         self.digest = xxhash.xxh3_128()
-        self.literal = 0
         ops.add(W.encode_op(W.DELTA, entry, block_size=block_size))
 
     def write(self, data: bytes) -> None:
@@ -91,7 +89,6 @@ class DeltaSink:
             if kind == 1:
                 self.ops.add(W.encode_op(W.COPY, first=a, count=b))
                 continue
-            self.literal += b
             if self.counter is not None:
                 self.counter.literal_bytes += b
             for off in range(a, a + b, W.CHUNK_MAX):
