@@ -22,6 +22,8 @@ from smsrepl.files.target import RoundTarget
 
 def entry_round(src: bytes, t: RoundTarget, rules: PathRules | None, kind: str, checksum: bool, delete: bool,
                 on_done: Callable[[int], None] | None, entries: Iterable[Entry]) -> RoundStats:
+    """A round of ``kind`` taking ``entries`` (walk_round()'s) to ``t`` one at a time; with
+    ``delete``, what the target holds beyond them goes at the end."""
     stats = RoundStats(temporaries_removed=t.temporaries_removed)
     filt = rules.for_round(kind) if rules else None
     seen: set[bytes] = set()
