@@ -9,8 +9,11 @@ from smsrepl.codec import Decompressor
 from smsrepl.errors import DeletionLimitError, EXIT_USAGE
 from smsrepl.files import deletions
 from smsrepl.files.deletions import check_deletions, listed_entries, would_delete
-from smsrepl.files.local import delete_gone, sync_tree, RoundStats
-from smsrepl.files.remote import Listing, describe_tree
+from smsrepl.files.decide import delete_gone
+from smsrepl.files.describe import describe_tree
+from smsrepl.files.listing import Listing
+from smsrepl.files.local import sync_tree
+from smsrepl.files.roundstats import RoundStats
 from smsrepl.files.rules import PathRules
 from smsrepl.transport.file_sender import FileSender
 from smsrepl.transport.receiver import Receiver

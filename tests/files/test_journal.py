@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from smsrepl.files.journal import ChangeJournal, open_journal
-from smsrepl.files.remote import normal_subset
+from smsrepl.files.describe import normal_subset
 from smsrepl.protocol import frames as F
 
 ROOT = os.geteuid() == 0

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from smsrepl import kernels
 from smsrepl.codec import RAW, Decompressor
 from smsrepl.errors import RemoteError, RemoteProtocolError
-from smsrepl.files import remote
-from smsrepl.files.remote import Listing, describe_tree
+from smsrepl.files import describe
+from smsrepl.files.describe import describe_tree
+from smsrepl.files.listing import Listing
 from smsrepl.protocol import frames as F
 
 native = pytest.mark.skipif(not kernels.TREE, reason="ordered listings come from the native scan")
@@ -30,7 +31,7 @@ def _tree(root):
 
 
 def _frames(root, monkeypatch):
-    monkeypatch.setattr(remote, "STREAM_BATCH", 1)  # one directory per frame
+    monkeypatch.setattr(describe, "STREAM_BATCH", 1)  # one directory per frame
     return list(describe_tree(str(root), stream=True))
 
 
@@ -139,7 +140,8 @@ def test_what_is_batched_goes_out_before_waiting_for_the_listing(tmp_path, monke
     """A sender ahead of the receiver's listing sends its batched operations before it waits:
     they reach the receiver (on a slow link: cross it) while the receiver still lists."""
     from smsrepl.codec import Compressor
-    from smsrepl.files.remote import OpStream, RemoteTarget
+    from smsrepl.files.opstream import OpStream
+    from smsrepl.files.remote import RemoteTarget
     from smsrepl.files.scan import root_entry
 
     frames = _frames(_tree(tmp_path / "t"), monkeypatch)
@@ -185,12 +187,12 @@ def test_any_tree_streamed_reads_as_the_whole_listing(tmp_path_factory, dirs, fi
         parent = made[i % len(made)] if made else b""
         with open(top + b"/" + parent + b"/f%d" % i if parent else top + b"/f%d" % i, "wb") as fh:
             fh.write(b"x" * i)
-    old = remote.STREAM_BATCH
-    remote.STREAM_BATCH = batch
+    old = describe.STREAM_BATCH
+    describe.STREAM_BATCH = batch
     try:
         frames = list(describe_tree(top, stream=True))
     finally:
-        remote.STREAM_BATCH = old
+        describe.STREAM_BATCH = old
     whole = Listing()
     for ev in frames:
         whole.add(ev, Decompressor())

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from smsrepl.errors import RemoteProtocolError, TargetWriteError
-from smsrepl.files.apply import TEMP_RE, TreeWriter, check_path
+from smsrepl.files.apply import TreeWriter
+from smsrepl.files.names import TEMP_RE, check_path
 from smsrepl.files.local import sync_tree
 from smsrepl.files.rules import PathRules
 from smsrepl.files.scan import Entry, walk
@@ -95,7 +96,7 @@ def test_names_that_escape_the_root_are_refused(tmp_path):
 
 
 def test_a_file_changing_while_read_is_read_again(tmp_path, monkeypatch):
-    from smsrepl.files import local
+    from smsrepl.files import liveread
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -108,11 +109,11 @@ def test_a_file_changing_while_read_is_read_again(tmp_path, monkeypatch):
             writers.append(None)  # Popen reads a pipe with os.read too
             writers[0] = subprocess.Popen([sys.executable, "-c", f"open({str(src / 'f')!r}, 'ab').write(b'2' * 10)"])
             deadline = time.monotonic() + 30
-            while local.lease_held(fd) and time.monotonic() < deadline:  # its open() breaks the read lease
+            while liveread.lease_held(fd) and time.monotonic() < deadline:  # its open() breaks the read lease
                 time.sleep(0.01)
         return data
 
-    monkeypatch.setattr(local.os, "read", read)
+    monkeypatch.setattr(liveread.os, "read", read)
     stats = sync_tree(str(src), str(dst))
     monkeypatch.undo()
     assert writers[0].wait(30) == 0

@@ -2,7 +2,7 @@
 import time
 
 from smsrepl.codec import RAW, ZSTD, Compressor, Decompressor
-from smsrepl.files.remote import OpStream
+from smsrepl.files.opstream import OpStream
 
 TEXT = b" ".join(b"word%d" % (i % 97) for i in range(200_000))  # ~1.3 MB, compresses well
 
@@ -67,16 +67,16 @@ def test_without_adaptation_every_frame_is_compressed():
 def test_operations_that_trickle_in_leave_before_the_batch_is_full(monkeypatch):
     """A sync round's few changed files: a batch goes once its first operation is BATCH_AGE
     old, so the receiver applies them as the round goes, not all at its end."""
-    from smsrepl.files import remote
+    from smsrepl.files import opstream
 
-    monkeypatch.setattr(remote, "BATCH_AGE", 0.5)  # a loaded machine may pause for some ms
+    monkeypatch.setattr(opstream, "BATCH_AGE", 0.5)  # a loaded machine may pause for some ms
     frames = []
     ops = OpStream(frames.append, Compressor(1))
     try:
         ops.add([b"a" * 100])
         ops.add([b"b" * 100])
         assert ops.size == 200 and not frames  # both in one young batch
-        time.sleep(remote.BATCH_AGE * 2)
+        time.sleep(opstream.BATCH_AGE * 2)
         ops.add([b"c" * 100])  # the batch is old now: it goes with this one
         assert ops.size == 0
         ops.add([b"d" * 100])

@@ -209,6 +209,32 @@ def test_cli_verify_files(tmp_path):
     assert cp.returncode == 2 and "nowhere': No such file or directory" in cp.stderr
 
 
+def test_a_glob_dir_check_over_alike_directories_is_counted_without_list(tmp_path):
+    """A CONSISTENCY_DIR glob that covers some entries of a directory alike on both sides:
+    without --list the alike entries are counted, not listed, and the glob picks its own
+    among them (it raised a TypeError, a traceback for ``verify files --dir-check``)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "a" / "sub").mkdir(parents=True)
+    for name in ("x.log", "y.log", "z.txt", "sub/w.log"):
+        (src / "a" / name).write_bytes(name.encode())
+    shutil.copytree(src, dst, symlinks=True)
+    listed, _ = compare_trees(str(src), str(dst), ["/a/*.log"])
+    counted, checks = compare_trees(str(src), str(dst), ["/a/*.log"], list_paths=False)
+    assert counted["consistency_result"] == listed["consistency_result"] and counted["check_result"] == "consistent"
+    assert counted["consistency_result"][0]["num_total_files"] == 2 and checks[0].same_count == 2
+    cp = subprocess.run([sys.executable, "-m", "smsrepl", "verify", "files", str(src), str(dst),
+                         "--dir-check", "/a/*.log"], capture_output=True, text=True)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    assert json.loads(cp.stdout)["consistency_result"][0]["num_total_files"] == 2
+    (dst / "a" / "y.log").write_bytes(b"Y.LOG")  # same size, other content: a different file
+    cp = subprocess.run([sys.executable, "-m", "smsrepl", "verify", "files", str(src), str(dst),
+                         "--dir-check", "/a/*.log"], capture_output=True, text=True)
+    assert cp.returncode == 1, cp.stderr
+    got = json.loads(cp.stdout)["consistency_result"][0]
+    assert (got["num_total_files"], got["num_different_files"]) == (2, 1)
+    assert sorted(os.listdir(dst / "a")) == ["sub", "x.log", "y.log", "z.txt"]  # a check writes nothing
+
+
 @pytest.mark.skipif(not __import__("smsrepl.kernels", fromlist=["TREE"]).TREE, reason="native file-tree kernels only")
 def test_scan_threads_setting_is_checked_and_does_not_change_the_scan(tmp_path, monkeypatch):
     from smsrepl.errors import ConfigError

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from smsrepl import kernels
-from smsrepl.files.local import SourceWalkErrors, scan_round, sync_tree, walk_round
+from smsrepl.files.local import sync_tree
+from smsrepl.files.source import SourceWalkErrors, scan_round, walk_round
 from smsrepl.files.rules import PathRules
 from smsrepl.errors import SourceError
 
@@ -31,7 +32,11 @@ def remote_round(src, dst, **kw):
     in order (a directory-at-a-time round with the native kernels)."""
     from smsrepl.codec import Compressor, Decompressor
     from smsrepl.files.apply import TreeWriter
-    from smsrepl.files.remote import Listing, OpApplier, OpStream, RemoteTarget, describe_tree
+    from smsrepl.files.describe import describe_tree
+    from smsrepl.files.listing import Listing
+    from smsrepl.files.opapply import OpApplier
+    from smsrepl.files.opstream import OpStream
+    from smsrepl.files.remote import RemoteTarget
 
     os.makedirs(dst, exist_ok=True)
     listing, decomp = Listing(), Decompressor()
@@ -164,7 +169,7 @@ def test_a_file_open_for_writing_and_just_changed_waits_for_the_round_end(tmp_pa
     SETTLE_NS is not trusted; the round reads it again at its end, once it is old enough."""
     import time
 
-    from smsrepl.files.local import SETTLE_NS
+    from smsrepl.files.liveread import SETTLE_NS
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from smsrepl.errors import ReplicationError
 from smsrepl.files import wire as W
 from smsrepl.files.apply import TreeWriter
-from smsrepl.files.remote import OpApplier
+from smsrepl.files.opapply import OpApplier
 from smsrepl.files.scan import Entry
 from smsrepl.protocol import frames as F
 

@@ -157,7 +157,7 @@ def test_killed_sender_then_rerun_ends_identical_without_temporaries(tmp_path, r
     import signal
     import time
 
-    from smsrepl.files.apply import TEMP_RE
+    from smsrepl.files.names import TEMP_RE
 
     _, (host, port) = rx
     rng = random.Random(seed)
@@ -412,7 +412,7 @@ def test_only_sync_creates_the_directories_on_the_way(tmp_path, rx, bundle):
 
 
 def test_a_long_quiet_sync_round_keeps_the_connection_alive(tmp_path, bundle, monkeypatch):
-    from smsrepl.files import remote
+    from smsrepl.files import opstream, remote
 
     # idle timeout 2 s, a keepalive every 0.2 s: a 1.8 s stall of a busy machine is needed to fail it
     rx = Receiver({"t": str(tmp_path / "dst")}, server_context(bundle), str(tmp_path / "st"), idle_timeout=2, create=True)
@@ -422,7 +422,7 @@ def test_a_long_quiet_sync_round_keeps_the_connection_alive(tmp_path, bundle, mo
         src.mkdir()
         for i in range(300):
             (src / f"f{i}").write_bytes(b"x")
-        monkeypatch.setattr(remote, "KEEPALIVE", 0.2)
+        monkeypatch.setattr(opstream, "KEEPALIVE", 0.2)
         send(src, addr, bundle, target="t")
         real = remote.RemoteTarget.set_meta
 
@@ -513,7 +513,7 @@ def test_continuous_file_sync_survives_a_killed_receiver_and_ends_identical(tmp_
     import signal
     import time
 
-    from smsrepl.files.apply import TEMP_RE
+    from smsrepl.files.names import TEMP_RE
 
     from .procs import ReceiverProc
 
@@ -577,12 +577,12 @@ def test_a_round_decided_while_the_listing_streams_ends_identical(tmp_path, rx, 
     """One directory per TREE_DATA: the sender decides each directory while later ones are
     still arriving; what goes below a deleted directory is only known from those."""
     from smsrepl import kernels
-    from smsrepl.files import remote
+    from smsrepl.files import describe, listing
 
-    monkeypatch.setattr(remote, "STREAM_BATCH", 1)
+    monkeypatch.setattr(describe, "STREAM_BATCH", 1)
     followed = []
-    follow = remote.Listing.follow
-    monkeypatch.setattr(remote.Listing, "follow", lambda self, *a: followed.append(1) or follow(self, *a))
+    follow = listing.Listing.follow
+    monkeypatch.setattr(listing.Listing, "follow", lambda self, *a: followed.append(1) or follow(self, *a))
     _, addr = rx
     src, dst = tmp_path / "src", tmp_path / "dst"
     for d in range(6):

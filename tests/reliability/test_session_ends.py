@@ -136,7 +136,7 @@ def _tree(root, rng):
 def _file_eio(src, addr, bundle, monkeypatch):
     import errno
 
-    from smsrepl.files.remote import OpApplier
+    from smsrepl.files.opapply import OpApplier
 
     real, calls = OpApplier._apply, [0]
 
@@ -153,7 +153,7 @@ def _file_eio(src, addr, bundle, monkeypatch):
 
 
 def _file_crash(src, addr, bundle, monkeypatch):
-    from smsrepl.files.remote import OpApplier
+    from smsrepl.files.opapply import OpApplier
 
     real, calls = OpApplier.apply, [0]
 

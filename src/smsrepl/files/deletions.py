@@ -9,9 +9,9 @@ entries or more (a handful of entries is quickly copied again, and a lab's tiny 
 is routinely emptied).
 
 :func:`would_delete` counts a whole-tree round's deletions from the receiver's
-listing and a walk of the source (the same decisions as files.local and
+listing and a walk of the source (the same decisions as files.decide and
 files.dirround), before the round begins; the round's own deletion step checks
-the limit again (files.local.delete_gone: the source may change meanwhile, and a
+the limit again (files.decide.delete_gone: the source may change meanwhile, and a
 journal round is not counted ahead).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def check_deletions(count: int, target_entries: int | None, limit: int | None, t
 
 
 def listed_entries(listing) -> int:
-    """Entries of a receiver's listing (files.remote.Listing), its root not counted."""
+    """Entries of a receiver's listing (files.listing.Listing), its root not counted."""
     listing.wait(whole=True)
     if listing.ordered and kernels.TREE:  # count records without decoding them
         return sum(len(kernels.diff_records(b"", listing.records(rel))[1])

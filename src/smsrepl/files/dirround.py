@@ -1,19 +1,16 @@
 """One round of tree replication a directory at a time (native kernels).
 
-The same decisions as files.local's per-entry round, made for a whole directory
+The same decisions as files.decide's per-entry round, made for a whole directory
 at once where they are simple: ``kernels.diff_records`` compares the source's
 records of a directory with the target's, entries alike on both sides are left
 alone, and new or changed small files are read by ``kernels.read_files``
 straight into FILE operations. Everything else (hard links, special files,
 metadata-only changes, kind changes, files that change while read, large
-files) takes the per-entry path, ``local._entry``.
+files) takes the per-entry path, ``decide.bring_entry``.
 
-The target must offer, besides files.local's interface, ``dir_records(rel)``
-(its records of directory ``rel``, sorted), ``gone(rel, indices)`` (paths of
-those records, and of those that are directories), ``below(path)`` (everything
-listed below a directory: asked only after the last directory was dealt with, as
-the target's listing may still be arriving until then) and ``read_files(dir_fd,
-records, indices, max_size)`` (kernels.read_files into its operation stream).
+The target answers a directory at a time (files.target.DirRoundTarget): its records
+of a directory, the paths of those the source lacks, and what is below a directory
+that goes; ``read_files`` reads small source files straight into its operations.
 """
 from __future__ import annotations
 
@@ -23,11 +20,14 @@ from collections.abc import Callable, Iterable
 
 from smsrepl import kernels
 from smsrepl.errors import RemoteProtocolError
+from smsrepl.files.decide import bring_entry, delete_gone
 from smsrepl.files.dirscan import FILE, DirBatch
-from smsrepl.files.scan import root_entry
-from smsrepl.files.local import RoundStats, _entry, delete_gone, settle_deferred
-from smsrepl.files.remote import INLINE
+from smsrepl.files.liveread import settle_deferred
+from smsrepl.files.roundstats import RoundStats
 from smsrepl.files.rules import RoundFilter
+from smsrepl.files.scan import root_entry
+from smsrepl.files.target import DirRoundTarget
+from smsrepl.files.wire import INLINE
 
 #: diff_records' verdicts
 SAME, OTHER, NEW, META_ONLY, DATA = range(5)
@@ -35,9 +35,9 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHANGED = re.compile(rb"[^\x00]")
 
 
-def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter | None, delete: bool,
+def round_by_dirs(src: bytes, t: DirRoundTarget, batches: Iterable[DirBatch], filt: RoundFilter | None, delete: bool,
                   on_done: Callable[[int], None] | None = None) -> RoundStats:
-    stats = RoundStats(temporaries_removed=getattr(t, "temporaries_removed", 0))
+    stats = RoundStats(temporaries_removed=t.temporaries_removed)
     links: dict[tuple[int, int], bytes] = {}
     t.set_root_meta(root_entry(src))
     stats.entries += 1
@@ -54,7 +54,8 @@ def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter 
             gone += paths
             emptied += dirs
         emptied += b.not_entered
-        quick, slow = [], []
+        quick: list[int] = []
+        slow: list[int] = []
         changed_files = 0
         for m in _CHANGED.finditer(actions):  # in C: most entries of a sync round are alike
             i, a = m.start(), actions[m.start()]
@@ -74,8 +75,8 @@ def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter 
                     st = os.lstat(src + b"/" + e.path)
                     e.dev, e.ino = st.st_dev, st.st_ino
                 except OSError:
-                    pass  # gone: _send_file says so
-            _entry(src, t, e, filt, False, links, stats)
+                    pass  # gone: send_file says so
+            bring_entry(src, t, e, filt, False, links, stats)
         if on_done is not None:
             on_done(b.file_bytes())
     settle_deferred(t, src, stats)
@@ -88,7 +89,7 @@ def round_by_dirs(src: bytes, t, batches: Iterable[DirBatch], filt: RoundFilter 
     return stats
 
 
-def _read_small(src: bytes, t, b: DirBatch, quick: list[int], stats: RoundStats) -> list[int]:
+def _read_small(src: bytes, t: DirRoundTarget, b: DirBatch, quick: list[int], stats: RoundStats) -> list[int]:
     """Send the small files at ``quick`` as FILE operations read in one native call; the
     indices it left (changed while read, vanished, ...) go the careful way."""
     full = src + b"/" + b.rel if b.rel else src

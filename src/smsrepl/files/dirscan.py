@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from smsrepl import kernels
 from smsrepl.errors import ConfigError
 from smsrepl.files import wire as W
+from smsrepl.files.names import TEMP_RE, TEMP_START, unlink_quiet
 from smsrepl.files.rules import RoundFilter
 from smsrepl.files.scan import Entry, _raise, root_entry
 
@@ -109,6 +110,8 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
                      if filt is None or walked(filt, tuple(rel.split(b"/")) if rel else ()))
 
     def start_ahead() -> None:
+        if pool is None:
+            return
         for item in itertools.islice(todo, AHEAD):
             if item[2] is None:
                 item[2] = pool.submit(_scan_one, top, item[0], xattrs)
@@ -188,10 +191,8 @@ def _scan_one(top: bytes, rel: bytes, xattrs: bool):
 
 
 def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirBatch:
-    """``b`` without the temporaries a killed round left (apply.TEMP_RE), which are removed
+    """``b`` without the temporaries a killed round left (names.TEMP_RE), which are removed
     (unless not ``remove``: a dry run's listing leaves the target as it is)."""
-    from smsrepl.files.apply import TEMP_RE, TEMP_START, _unlink_quiet  # on first use: a check never writes
-
     if TEMP_START not in b.records:  # a byte search rules out nearly every directory
         return b
     temps = [i for i, n in enumerate(b.names) if n.startswith(TEMP_START) and TEMP_RE.match(n)]
@@ -206,7 +207,7 @@ def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirB
         return b
     try:
         for i in temps:
-            _unlink_quiet(b.names[i], fd)
+            unlink_quiet(b.names[i], fd)
     finally:
         os.close(fd)
     gone = set(temps)

@@ -10,7 +10,7 @@ mtime, ``p`` permissions, ``o`` owner, ``g`` group, ``a`` ACL, ``x`` xattrs
 (``u`` is always ``.``). Directories end with ``/``, symlinks show ``-> target``,
 hard links ``=> other name``. Entries alike on both sides are not shown.
 
-The decisions are files.local's (size and mtime, or content with --checksum),
+The decisions are files.decide's (size and mtime, or content with --checksum),
 against the receiver's listing, without reading any file data (except for
 --checksum digests, as a round would).
 """
@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from smsrepl.files.compare import content_digest
+from smsrepl.files.digests import content_digest
 from smsrepl.files.rules import RoundFilter
 from smsrepl.files.scan import Entry
 
@@ -87,10 +87,11 @@ class Plan:
 def _units(n: int) -> str:
     if n < 1024:
         return f"{n} B"
+    x = float(n)
     for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
+        x /= 1024
+        if x < 1024 or unit == "TiB":
+            return f"{x:.1f} {unit}"
     return ""  # pragma: no cover
 
 

@@ -101,9 +101,9 @@ def walk(root: str | bytes, filt: RoundFilter | None = None, *,
     marked ``implied``.
     """
     top = os.fsencode(root)
-    root = root_entry(top, xattrs)
-    yield root
-    dev = root.dev if one_file_system else None
+    first = root_entry(top, xattrs)
+    yield first
+    dev = first.dev if one_file_system else None
     # an explicit stack, not recursion: trees can be deeper than Python's recursion limit
     stack = [_listing(top, b"", (), on_error)]
     while stack:

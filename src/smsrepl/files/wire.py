@@ -26,6 +26,7 @@ Operations (u8 opcode, then)::
 """
 from __future__ import annotations
 
+import builtins
 import struct
 from collections.abc import Iterator
 
@@ -44,6 +45,19 @@ OP_NAMES = {ROOT: "ROOT", DIR: "DIR", FILE: "FILE", SYMLINK: "SYMLINK", SPECIAL:
             DELTA: "DELTA", COPY: "COPY"}
 _WITH_ENTRY = {ROOT, DIR, FILE, SYMLINK, SPECIAL, META, BEGIN, HARDLINK, DELTA}
 _COPY = struct.Struct(">QQ")
+#: what an operation carries besides its entry: FILE and CHUNK data (memoryview), END's digest,
+#: HARDLINK's and DELETE's path (bytes), DELTA's block size (int), COPY's (first, count)
+OpData = memoryview | bytes | int | tuple[int, int] | None
+
+#: a body (TREE_DATA records, FILE_OPS operations) is sent once this much is batched
+#: (before compression)
+BATCH = 4 << 20
+#: files up to this size travel whole inside one FILE operation; larger ones in CHUNKs
+INLINE = 256 << 10
+#: literal data per CHUNK operation
+CHUNK_MAX = 1 << 20
+#: seconds without a frame after which one is sent anyway (the peer's idle timeout is 120 s)
+KEEPALIVE = 20.0
 
 
 def encode_entry(e: Entry, digest: bytes | None = None) -> bytes:
@@ -89,7 +103,7 @@ class Reader:
     def view(self, n: int) -> memoryview:
         return self._take(n)
 
-    def entry(self) -> tuple[Entry, bytes | None]:
+    def entry(self) -> tuple[Entry, builtins.bytes | None]:
         (kind, mode, uid, gid, size, mtime, rdev, nlink, plen, llen, xlen,
          has_digest) = _ENTRY.unpack(self._take(_ENTRY.size))
         if kind not in KINDS:
@@ -118,6 +132,8 @@ def encode_op(op: int, entry: Entry | None = None, data: bytes | memoryview = b"
     """Buffers of one operation (data is not copied)."""
     out: list = [bytes((op,))]
     if op in _WITH_ENTRY:
+        if entry is None:
+            raise ValueError(f"a {OP_NAMES[op]} operation needs an entry")
         out.append(encode_entry(entry))
     if op == DELTA:
         out.append(_U32.pack(block_size))
@@ -134,20 +150,20 @@ def encode_op(op: int, entry: Entry | None = None, data: bytes | memoryview = b"
     return out
 
 
-def decode_ops(body: bytes | memoryview) -> Iterator[tuple[int, Entry | None, memoryview | bytes | None]]:
+def decode_ops(body: bytes | memoryview) -> Iterator[tuple[int, Entry | None, OpData]]:
     """(opcode, entry, data or path) for each operation of a FILE_OPS body."""
     r = Reader(body)
     while not r.done():
         yield decode_op(r)
 
 
-def decode_op(r: Reader) -> tuple[int, Entry | None, memoryview | bytes | int | tuple | None]:
+def decode_op(r: Reader) -> tuple[int, Entry | None, OpData]:
     """The operation at the reader's position (which moves past it)."""
     op = r.u8()
     if op not in OP_NAMES:
         raise RemoteProtocolError(f"unknown file operation {op}")
     entry = r.entry()[0] if op in _WITH_ENTRY else None
-    if op == FILE:
+    if op == FILE and entry is not None:  # FILE always has one
         return op, entry, r.view(entry.size)
     if op == CHUNK:
         return op, None, r.view(r.u32())

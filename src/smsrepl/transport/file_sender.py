@@ -28,9 +28,10 @@ from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import check_target_name, connect
 
 if TYPE_CHECKING:
-    from smsrepl.files.local import Prefetch, RoundStats
+    from smsrepl.files.source import Prefetch
+    from smsrepl.files.roundstats import RoundStats
     from smsrepl.files.plan import Plan
-    from smsrepl.files.remote import Listing
+    from smsrepl.files.listing import Listing
     from smsrepl.files.journal import Changes, ChangeJournal
     from smsrepl.files.rules import PathRules
     from smsrepl.control.progress import ProgressTracker
@@ -234,9 +235,9 @@ class FileSender:
         return ev
 
     def describe_target(self):
-        """The receiver's tree with content digests (a files.remote.Listing), without a round:
+        """The receiver's tree with content digests (a files.listing.Listing), without a round:
         what a remote consistency check compares against."""
-        from smsrepl.files.remote import Listing
+        from smsrepl.files.listing import Listing
 
         chan = self._connect(checksum=True)
         try:
@@ -295,8 +296,8 @@ class FileSender:
         """The source walked for a round of ``kind`` on a thread of its own, ahead of the round
         (what vanished under the walk: the Prefetch's ``errors``); ``dirs``: only those (a
         journal round's, directory-at-a-time rounds only)."""
-        from smsrepl.files.local import (Prefetch, SourceWalkErrors, by_dirs, round_filter,
-                                         scan_round, walk_round)
+        from smsrepl.files.local import by_dirs
+        from smsrepl.files.source import Prefetch, SourceWalkErrors, round_filter, scan_round, walk_round
 
         errors = SourceWalkErrors(os.fsencode(self.source))
         filt = round_filter(self.source, self.rules, kind)
@@ -319,7 +320,7 @@ class FileSender:
         changes = self._journal_changes(welcome, kind)
         if changes is not None and changes.whole_because is None:
             from smsrepl.files.dirscan import walked
-            from smsrepl.files.remote import normal_subset
+            from smsrepl.files.describe import normal_subset
 
             filt = self.rules.for_round(kind) if self.rules else None
             dirs = [(d, r) for d, r in normal_subset(changes.dirs)
@@ -373,9 +374,9 @@ class FileSender:
         """What a round would change (files.plan), found as the round finds it, changing nothing:
         the receiver lists its tree for a session that begins no round (HELLO lists DRY_RUN:
         it creates and removes nothing either)."""
-        from smsrepl.files.local import round_filter, walk_round
+        from smsrepl.files.source import round_filter, walk_round
         from smsrepl.files.plan import plan_round
-        from smsrepl.files.remote import Listing
+        from smsrepl.files.listing import Listing
 
         chan = Channel(connect(self.address, self.context), Connection(SENDER))
         try:
@@ -428,7 +429,9 @@ class FileSender:
     def _round(self, chan: Channel, started: float, kind: str, round_id: int, entries: Prefetch,
                dirs: list | None = None) -> FileRoundResult:
         from smsrepl.files.local import sync_tree
-        from smsrepl.files.remote import Listing, OpStream, RemoteTarget
+        from smsrepl.files.listing import Listing
+        from smsrepl.files.opstream import OpStream
+        from smsrepl.files.remote import RemoteTarget
         from smsrepl.control.progress import ProgressTracker, subtask_for
 
         listing, decomp = Listing(), Decompressor()

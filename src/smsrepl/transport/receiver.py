@@ -22,9 +22,12 @@ from smsrepl.blocks.replica import Replica, private_makedirs, write_json_atomic
 from smsrepl.errors import (AuthenticationError, ConfigError, ReceiverStopping, RefusedError,
                             RemoteProtocolError, ReplicationError, TakenOver, TargetBusyError,
                             TargetKindError, TargetWriteError, TransportError)
-from smsrepl.files.apply import TreeWriter, remove_temporaries
+from smsrepl.files.apply import TreeWriter
+from smsrepl.files.describe import describe_tree
 from smsrepl.files.fdbudget import door_descriptors, process_budget
-from smsrepl.files.remote import OpApplier, describe_tree, signature_frames
+from smsrepl.files.names import remove_temporaries
+from smsrepl.files.opapply import OpApplier
+from smsrepl.files.signatures import signature_frames
 from smsrepl.transport.memory import release_free_memory
 from smsrepl.transport.bodies import body_pool
 from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, RECEIVER, Connection, ConnectionClosed
