@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from smsrepl.control.progress import HostSampler
+    from smsrepl.control.hostsample import HostSampler
     from smsrepl.throttle import CpuCap, SpeedSchedule
 
 

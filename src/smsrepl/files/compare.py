@@ -376,7 +376,7 @@ def compare_trees(source: str, target: str, dirs: Iterable[str] = (), **kw) -> t
     return run_check(source, target, dirs, **kw)
 
 
-def compare_with_listing(source: str, describe: Callable[[], Listing], dirs: Iterable[str] = (),
+def compare_with_listing(source: str, describe: Callable[[], Listing], dirs: Iterable[str | Pattern] = (),
                          **kw) -> tuple[dict, list[DirCheck]]:
     """As compare_trees, against a receiver: ``describe()`` returns its listing with
     content digests (files.listing.Listing); it runs while the source is listed."""
