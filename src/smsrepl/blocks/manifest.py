@@ -50,6 +50,7 @@ import xxhash
 
 from smsrepl import kernels
 from smsrepl._lazy import np
+from smsrepl.durable import fsync_dir
 from smsrepl.errors import ManifestError, SourceError
 from smsrepl.kernels import FINE_BLOCK
 
@@ -128,7 +129,7 @@ class ManifestFile:
             except OSError:
                 pass
             raise
-        _fsync_dir(path)
+        fsync_dir(path)
         return cls(path, fd, size, coarse, True)
 
     @classmethod
@@ -309,14 +310,6 @@ def _pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
-
-
-def _fsync_dir(path: str) -> None:
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def run_arrays(mask: np.ndarray, base: int = 0) -> tuple[np.ndarray, np.ndarray]:

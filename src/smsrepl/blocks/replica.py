@@ -40,6 +40,7 @@ from smsrepl.errors import DecompressionError, ManifestError, RemoteProtocolErro
 from smsrepl.protocol.frames import MAX_RAW, frame_digest
 from smsrepl.blocks.device import BlockTarget
 from smsrepl.blocks.manifest import ManifestFile, block_count
+from smsrepl.durable import private_makedirs, write_json_atomic
 from smsrepl.kernels import FINE_BLOCK, UNKNOWN_DIGEST
 
 log = logging.getLogger("smsrepl.receiver")
@@ -65,37 +66,6 @@ class ReplicaRecord:
     checkpoint: int
     intent: int
     completed_rounds: int
-
-
-def private_makedirs(path: str) -> None:
-    """Create ``path`` and any missing parent as owner-only directories (state holds digests
-    of the data and session records; os.makedirs would leave new parents at 0755)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    if parent != path:
-        private_makedirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(obj, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class Replica:
