@@ -24,7 +24,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 import smsrepl  # noqa: E402
-from smsrepl.blocks.device import BlockSource  # noqa: E402
+from smsrepl.blocks.source import BlockSource  # noqa: E402
 from smsrepl.blocks.manifest import ManifestFile, build
 from smsrepl.kernels import FINE_BLOCK  # noqa: E402
 from smsrepl.lab.testdata import write_image  # noqa: E402

@@ -38,7 +38,7 @@ from smsrepl.stages import StageClock
 from smsrepl.codec import Decompressor
 from smsrepl.errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
 from smsrepl.protocol.frames import MAX_RAW, frame_digest
-from smsrepl.blocks.device import BlockTarget
+from smsrepl.blocks.target import BlockTarget
 from smsrepl.blocks.manifest import ManifestFile, block_count
 from smsrepl.durable import private_makedirs, write_json_atomic
 from smsrepl.kernels import FINE_BLOCK, UNKNOWN_DIGEST

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from smsrepl._lazy import np
 
 from smsrepl import faults, kernels
-from smsrepl.blocks.device import BlockSource
+from smsrepl.blocks.source import BlockSource
 from smsrepl.blocks.direct import aligned_buffer
 from smsrepl.blocks.manifest import ManifestFile, runs_of
 from smsrepl.kernels import FINE_BLOCK
