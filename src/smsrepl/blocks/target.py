@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import struct
 import threading
@@ -87,7 +88,7 @@ class BlockTarget:
         self.what = f"target {name!r} ({self.path})" if name else f"target {self.path!r}"
         self._direct: DirectWriter | None = None
         self._behind: WriteBehind | None = None
-        self._reserved = None
+        self._reserved: mmap.mmap | None = None
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
         try:
             self.fd = os.open(self.path, flags)
@@ -148,14 +149,16 @@ class BlockTarget:
         )
 
     def close(self) -> None:
-        if getattr(self, "_behind", None) is not None:
-            self._behind.close()  # before the descriptor it writes back goes
+        behind = getattr(self, "_behind", None)
+        if behind is not None:
+            behind.close()  # before the descriptor it writes back goes
             self._behind = None
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
-        if getattr(self, "_direct", None) is not None:
-            self._direct.close()
+        writer = getattr(self, "_direct", None)
+        if writer is not None:
+            writer.close()
             self._direct = None
 
     def __enter__(self) -> BlockTarget:
@@ -174,10 +177,11 @@ class BlockTarget:
         """Write ``data`` at ``offset``; long aligned writes may still be in flight (see :meth:`drain`)."""
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view))
-        if self.direct and len(view) >= DIRECT_MIN and offset % ALIGN == 0:
+        writer = self._direct
+        if writer is not None and writer.usable and len(view) >= DIRECT_MIN and offset % ALIGN == 0:
             aligned = len(view) // ALIGN * ALIGN
             try:
-                self._direct.write(offset, view[:aligned])
+                writer.write(offset, view[:aligned])
             except OSError as exc:  # an earlier write failed on the writer thread
                 raise self._direct_failed(exc) from None
             view, offset = view[aligned:], offset + aligned
@@ -190,24 +194,27 @@ class BlockTarget:
         """A buffer to build the data of a write at ``offset`` in place, or None where a
         plain write() is the way (short, unaligned, or no direct I/O). Exactly one may be
         outstanding; end it with commit() or release()."""
-        if not (self.direct and DIRECT_MIN <= length <= STAGE and offset % ALIGN == 0 and length % ALIGN == 0):
+        writer = self._direct
+        if not (writer is not None and writer.usable and DIRECT_MIN <= length <= STAGE and offset % ALIGN == 0
+                and length % ALIGN == 0):
             return None
         self._check_range(offset, length)
         try:
-            self._reserved = self._direct.reserve()
+            stage = self._reserved = writer.reserve()
         except OSError as exc:
             raise self._direct_failed(exc) from None
-        return memoryview(self._reserved)[:length]
+        return memoryview(stage)[:length]
 
     def commit(self, offset: int, length: int) -> None:
         """Write the reserved buffer's first ``length`` bytes at ``offset`` (may still be in flight)."""
         stage, self._reserved = self._reserved, None
+        assert stage is not None and self._direct is not None, "commit() without reserve()"
         self._direct.commit(stage, length, offset)
 
     def release(self) -> None:
         """Give the reserved buffer back unwritten."""
         stage, self._reserved = self._reserved, None
-        if stage is not None:
+        if stage is not None and self._direct is not None:
             self._direct.release(stage)
 
     def drain(self) -> None:
