@@ -37,17 +37,23 @@ def _prefix_checked(name: str, body: Body, end: int, check: int, head8: bytes) -
         raise FrameError(f"frame check mismatch (corrupt {name} header)")
 
 
+def _data_prefix(name: str, body: Body) -> tuple[int, int, int]:
+    """A data frame's offset (4 KiB aligned), length or count, and codec."""
+    if len(body) < L.BLOCK_PREFIX.size:
+        raise FrameError(f"{name} body shorter than its prefix")
+    offset, n, codec = L.BLOCK_PREFIX.unpack_from(body)  # BLOCK_SET's prefix has the same layout
+    if body[13:16] != b"\0\0\0":
+        raise FrameError(f"{name} padding is not zero")
+    if offset % FINE_BLOCK:
+        raise FrameError(f"{name} offset {offset} is not 4 KiB aligned")
+    return offset, n, codec
+
+
 def _read_block_data(body: Body, check: int, head8: bytes) -> BlockData:
     P = L.BLOCK_PREFIX
-    if len(body) < P.size:
-        raise FrameError("BLOCK_DATA body shorter than its prefix")
-    offset, raw_len, codec = P.unpack_from(body)
-    if body[13:16] != b"\0\0\0":
-        raise FrameError("BLOCK_DATA padding is not zero")
+    offset, raw_len, codec = _data_prefix("BLOCK_DATA", body)
     if raw_len == 0 or raw_len > L.MAX_RAW:
         raise FrameError(f"BLOCK_DATA raw length {raw_len} outside 1..{L.MAX_RAW}")
-    if offset % FINE_BLOCK:
-        raise FrameError(f"BLOCK_DATA offset {offset} is not 4 KiB aligned")
     nblocks = -(-raw_len // FINE_BLOCK)
     end = P.size + 16 + -(-nblocks // 8)
     if len(body) < end:
@@ -63,15 +69,9 @@ def _read_block_data(body: Body, check: int, head8: bytes) -> BlockData:
 
 def _read_block_set(body: Body, check: int, head8: bytes) -> BlockSet:
     P = L.SET_PREFIX
-    if len(body) < P.size:
-        raise FrameError("BLOCK_SET body shorter than its prefix")
-    offset, count, codec = P.unpack_from(body)
-    if body[13:16] != b"\0\0\0":
-        raise FrameError("BLOCK_SET padding is not zero")
+    offset, count, codec = _data_prefix("BLOCK_SET", body)
     if not 0 < count <= L.MAX_SET:
         raise FrameError(f"BLOCK_SET count {count} outside 1..{L.MAX_SET}")
-    if offset % FINE_BLOCK:
-        raise FrameError(f"BLOCK_SET offset {offset} is not 4 KiB aligned")
     end = P.size + 12 * count
     if len(body) < end:
         raise FrameError("BLOCK_SET body shorter than its indices and digests")
