@@ -2,7 +2,7 @@
 
     python benchmarks/manifest_table.py [--size-gib 2] [--runs 3] [--tmp DIR] [--skip-tib]
 
-1. fine manifest build (smsrepl.blocks.manifest.build: SEEK_DATA/SEEK_HOLE, preadv,
+1. fine manifest build (smsrepl.blocks.sourcescan.build: SEEK_DATA/SEEK_HOLE, preadv,
    native 4 KiB XXH3 + zero detection) of a disk-like image in the page cache,
    against `xxhsum -H3 FILE` on the same file, interleaved, medians.
 2. bytes read building the manifest of a half-hole image (only the data half may be read).
@@ -24,8 +24,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 import smsrepl  # noqa: E402
-from smsrepl.blocks.device import BlockSource  # noqa: E402
-from smsrepl.blocks.manifest import ManifestFile, build
+from smsrepl.blocks.source import BlockSource  # noqa: E402
+from smsrepl.blocks.manifest import ManifestFile
+from smsrepl.blocks.sourcescan import build
 from smsrepl.kernels import FINE_BLOCK  # noqa: E402
 from smsrepl.lab.testdata import write_image  # noqa: E402
 

@@ -5,8 +5,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from smsrepl import kernels
-from smsrepl.blocks.device import BlockSource
-from smsrepl.blocks.manifest import GROUP_BLOCKS, ManifestFile, build, diff, group_digests, runs_of
+from smsrepl.blocks.source import BlockSource
+from smsrepl.blocks.manifest import GROUP_BLOCKS, ManifestFile, diff, group_digests, runs_of
+from smsrepl.blocks.sourcescan import build
 from smsrepl.kernels import FINE_BLOCK, UNKNOWN_DIGEST
 from smsrepl.errors import ManifestError, SourceMissingError
 

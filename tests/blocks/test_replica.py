@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from smsrepl import kernels
-from smsrepl.blocks.device import BlockTarget
+from smsrepl.blocks.target import BlockTarget
 from smsrepl.kernels import FINE_BLOCK, UNKNOWN_DIGEST
 from smsrepl.blocks.replica import INTENT_STEP, Replica
 from smsrepl.errors import DecompressionError, RemoteProtocolError, SizeMismatchError, TargetWriteError
@@ -204,7 +204,7 @@ def test_block_set_reaching_a_short_last_block(tmp_path):
 
 
 def test_direct_target_writes_long_runs_past_the_page_cache_and_the_rest_through_it(tmp_path):
-    from smsrepl.blocks import device
+    from smsrepl.blocks import target as device
 
     size = (6 << 20) + 1234
     rng = np.random.default_rng(8)

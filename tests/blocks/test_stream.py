@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from smsrepl.blocks.device import BlockSource, BlockTarget
+from smsrepl.blocks.source import BlockSource
+from smsrepl.blocks.target import BlockTarget
 from smsrepl.blocks.manifest import ManifestFile
 from smsrepl.kernels import FINE_BLOCK
 from smsrepl.blocks.replica import Replica

@@ -3,8 +3,8 @@ import threading
 
 import numpy as np
 
-from smsrepl.blocks import device
-from smsrepl.blocks.device import BlockTarget
+from smsrepl.blocks import target as device
+from smsrepl.blocks.target import BlockTarget
 
 
 def test_write_behind_leaves_the_caller_free_and_close_waits_for_it(tmp_path, monkeypatch):

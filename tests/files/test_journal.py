@@ -8,6 +8,8 @@ import pytest
 from smsrepl.files.journal import ChangeJournal, open_journal
 from smsrepl.files.describe import normal_subset
 from smsrepl.protocol import frames as F
+from smsrepl.protocol import layout as L
+from smsrepl.protocol.readers import read_subset
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="fanotify with FAN_MARK_FILESYSTEM needs CAP_SYS_ADMIN")
@@ -159,11 +161,11 @@ def test_tree_subset_frames_round_trip_and_bad_ones_are_refused():
     rx.receive_data(b"".join(bytes(p) for p in F.encode(ev)))
     assert rx.next_event() == ev
     for bad in (b"../etc", b"a//b", b"a/./b", b"/abs"):
-        body = F._SUBSET.pack(0, 1) + F._SUBDIR.pack(0, len(bad)) + bad
+        body = L.SUBSET.pack(0, 1) + L.SUBDIR.pack(0, len(bad)) + bad
         with pytest.raises(F.FrameError):
-            F._decode_subset(body)
+            read_subset(body)
     with pytest.raises(F.FrameError):
-        F._decode_subset(F._SUBSET.pack(0, 2) + F._SUBDIR.pack(1, 1) + b"a")  # shorter than its count
+        read_subset(L.SUBSET.pack(0, 2) + L.SUBDIR.pack(1, 1) + b"a")  # shorter than its count
 
 
 def test_normal_subset_drops_what_a_recursive_directory_covers():

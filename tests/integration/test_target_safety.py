@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from smsrepl.blocks.device import BlockTarget
+from smsrepl.blocks.target import BlockTarget
 from smsrepl.errors import TargetInUseError
 from smsrepl.lab.testdata import write_image
 

@@ -34,6 +34,8 @@ from smsrepl.protocol import (
     ZeroRange,
 )
 from smsrepl.protocol import frames as F
+from smsrepl.protocol import layout as L
+from smsrepl.protocol import writers as W
 
 
 def hello(**kw):
@@ -165,7 +167,7 @@ def test_malformed_control_frames_are_refused(body):
     s, r = Connection(SENDER), Connection(RECEIVER)
     transfer(s, r, hello())
     transfer(r, s, welcome())
-    r.receive_data(F._frame(RoundBegin.TYPE, body))
+    r.receive_data(W.frame(RoundBegin.TYPE, body))
     with pytest.raises(RemoteProtocolError):
         r.next_event()
 
@@ -208,18 +210,16 @@ def test_every_flipped_bit_outside_a_data_payload_is_detected():
 ])
 def test_malformed_block_sets_are_refused(count, index, problem):
     s, r = pair_in_round()
-    prefix = F._SET_PREFIX.pack(0, count, 0) + np.array(index, dtype=">u4").tobytes() + bytes(8 * len(index))
-    head8 = F.struct.pack(">IBBH", len(prefix), BlockSet.TYPE, 0, 0)
-    r.receive_data(head8 + F.struct.pack(">I", F._check(head8, prefix)) + prefix)
+    prefix = L.SET_PREFIX.pack(0, count, 0) + np.array(index, dtype=">u4").tobytes() + bytes(8 * len(index))
+    r.receive_data(W.frame(BlockSet.TYPE, prefix))
     with pytest.raises(RemoteProtocolError, match=problem):
         r.next_event()
 
 
 def test_block_set_offset_must_be_aligned_and_encoder_checks_its_arrays():
     s, r = pair_in_round()
-    prefix = F._SET_PREFIX.pack(100, 1, 0) + np.zeros(1, dtype=">u4").tobytes() + bytes(8)
-    head8 = F.struct.pack(">IBBH", len(prefix), BlockSet.TYPE, 0, 0)
-    r.receive_data(head8 + F.struct.pack(">I", F._check(head8, prefix)) + prefix)
+    prefix = L.SET_PREFIX.pack(100, 1, 0) + np.zeros(1, dtype=">u4").tobytes() + bytes(8)
+    r.receive_data(W.frame(BlockSet.TYPE, prefix))
     with pytest.raises(RemoteProtocolError, match="not 4 KiB aligned"):
         r.next_event()
     with pytest.raises(ValueError, match="as many digests"):
@@ -339,9 +339,7 @@ def test_block_data_carries_a_zero_map_and_one_digest_for_the_frame():
     bad = bytearray(wire)
     bad[F.HEADER_SIZE + 32] |= 0x80
     s2, r2 = pair_in_round()
-    body = bytes(bad[F.HEADER_SIZE:])
-    head8 = bytes(bad[:8])
-    r2.receive_data(head8 + F.struct.pack(">I", F._check(head8, body[:33])) + body)
+    r2.receive_data(W.frame(BlockData.TYPE, bytes(bad[F.HEADER_SIZE:]), 33))
     with pytest.raises(RemoteProtocolError, match="bits past its last block"):
         r2.next_event()
 

@@ -24,6 +24,7 @@ from smsrepl.files import wire as W
 from smsrepl.files.rules import PathRules, parse_configuration_body
 from smsrepl.protocol import NEED_DATA, RECEIVER, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
+from smsrepl.protocol.writers import frame as _frame
 from smsrepl.throttle import SpeedSchedule
 from smsrepl.transport.tls import CertKey
 
@@ -113,7 +114,7 @@ def fix_frame_checks(data: bytes) -> bytes:
         checked = len(body)
         if ftype == F.BlockData.TYPE and len(body) >= 32:  # its payload is checked by digests instead
             checked = min(len(body), 32 + -(-struct.unpack_from(">I", body, 8)[0] // 4096 // 8))
-        out += F._frame(ftype, bytes(body), checked)
+        out += _frame(ftype, bytes(body), checked)
         pos += F.HEADER_SIZE + len(body)
     return bytes(out + data[pos:])
 

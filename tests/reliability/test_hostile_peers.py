@@ -19,6 +19,7 @@ from smsrepl import kernels
 from smsrepl.errors import ConfigError, RemoteProtocolError
 from smsrepl.protocol import RECEIVER, SENDER, Connection
 from smsrepl.protocol import frames as F
+from smsrepl.protocol.writers import frame as _frame
 from smsrepl.lab.testdata import write_image
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.receiver import Receiver
@@ -272,7 +273,7 @@ def test_a_body_shorter_than_its_fields_is_refused(rx, bundle, cut):
     chan.send(F.RoundBegin(1, "full", 0))
     data = os.urandom(4096)
     body = _body(F.BlockData(0, 4096, 0, _block(data), data))
-    chan.sock.sendall(F._frame(F.BlockData.TYPE, body[:cut]))  # a valid header and check
+    chan.sock.sendall(_frame(F.BlockData.TYPE, body[:cut]))  # a valid header and check
     ev = chan.recv()
     chan.close()
     assert isinstance(ev, F.Error) and ev.code == "SMS.1908", ev
@@ -300,7 +301,7 @@ def test_huge_declared_sizes_are_refused(rx, bundle):
     chan.send(F.RoundBegin(1, "full", 0))
     body = bytearray(_body(F.BlockData(0, 4096, 0, _block(b"\1" * 4096), b"\1" * 4096)))
     struct.pack_into(">I", body, 8, 1 << 31)  # raw length far past the frame limit
-    chan.sock.sendall(F._frame(F.BlockData.TYPE, bytes(body)))
+    chan.sock.sendall(_frame(F.BlockData.TYPE, bytes(body)))
     ev = chan.recv()
     chan.close()
     assert isinstance(ev, F.Error) and ev.code == "SMS.1908", ev

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from smsrepl import kernels
-from smsrepl.blocks.device import BlockSource
+from smsrepl.blocks.source import BlockSource
 from smsrepl.blocks.manifest import ManifestFile
 from smsrepl.blocks.stream import FRAME_BLOCKS, LEGACY_FRAME_BLOCKS
 from smsrepl.protocol import frames as F

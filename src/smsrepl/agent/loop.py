@@ -35,7 +35,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from smsrepl.blocks.replica import private_makedirs
+from smsrepl.durable import private_makedirs
 from smsrepl.errors import ConfigError, ReplicationError
 from smsrepl.replication.session import BlockSession
 from smsrepl.control.state import Command, CommandResult, ServerCommand, SessionState, SessionStateMachine, StatePair
@@ -143,7 +143,7 @@ class Agent:
             self.session = None
 
     def _save_task(self, **extra) -> None:
-        from smsrepl.blocks.replica import write_json_atomic
+        from smsrepl.durable import write_json_atomic
 
         write_json_atomic(self._task_file(), {"task_id": self.task_id, **extra})
 

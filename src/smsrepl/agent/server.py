@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from smsrepl.blocks.device import BlockSource
+from smsrepl.blocks.source import BlockSource
 from smsrepl.errors import ConfigError, TransportError
 from smsrepl.control.progress import TRACE_MAX
 from smsrepl.control.state import Event, SessionStateMachine

@@ -1,5 +1,6 @@
 """Block sources and targets, manifests and their diff."""
-from smsrepl.blocks.device import BlockSource, BlockTarget
+from smsrepl.blocks.source import BlockSource
+from smsrepl.blocks.target import BlockTarget
 from smsrepl.blocks.manifest import GROUP_BLOCKS, ManifestFile
 from smsrepl.kernels import FINE_BLOCK
 

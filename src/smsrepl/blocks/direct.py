@@ -58,11 +58,11 @@ class StagePool:
 
     def put(self, stage: mmap.mmap) -> None:
         with self._cv:
-            if len(self._free) < self.keep:
+            kept = len(self._free) < self.keep
+            if kept:
                 self._free.append(stage)
-                stage = None
             self._cv.notify()
-        if stage is not None:  # more free than kept: unmapped, so an idle receiver holds little
+        if not kept:  # more free than kept: unmapped, so an idle receiver holds little
             self._unmap(stage)
 
     def _unmap(self, stage: mmap.mmap, strict: bool = False) -> None:

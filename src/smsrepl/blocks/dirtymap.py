@@ -82,6 +82,7 @@ class DirtyMap:
         self.nblocks = -(-size // FINE_BLOCK)
         self.slot_bytes = -(-self.nblocks // 8)
         self._mm = mm
+        self._closed = False
         self._bits = [np.frombuffer(mm, dtype=np.uint8, count=self.slot_bytes, offset=HEADER_SIZE + i * _padded(self.slot_bytes))
                       for i in (0, 1)]
         self._tlock = threading.Lock()
@@ -157,14 +158,15 @@ class DirtyMap:
         return m
 
     def close(self) -> None:
-        if self._mm is None:
+        if self._closed:
             return
         with self._lock():
             self._bits = []
-            self._mm.flush()
-            self._mm[_CLEAN] = 1
-            self._mm.flush(0, mmap.PAGESIZE)
-            mm, self._mm = self._mm, None
+            mm = self._mm
+            mm.flush()
+            mm[_CLEAN] = 1
+            mm.flush(0, mmap.PAGESIZE)
+            self._closed = True
             try:
                 mm.close()
             except BufferError:

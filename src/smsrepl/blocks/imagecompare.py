@@ -4,7 +4,7 @@
   coherent with every writer of it; a warm cache makes the check a memory compare, where
   O_DIRECT made it read the disk: 9.8 s for a 2 GiB pair that xxhsum hashes in 0.55 s); a
   block device with O_DIRECT, since a mounted file system writes around the device's page
-  cache (see device.py).
+  cache (see source.py).
 * Work: ``threads`` workers take the chunks in turn (chunk i to worker i % threads), each
   reading its chunk of both sides and comparing them with memcmp; the reads and memcmp (a
   ctypes call) run without the GIL. Only a chunk that differs is looked at block by block.
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smsrepl._lazy import np
-from smsrepl.blocks.device import BlockSource
+from smsrepl.blocks.source import BlockSource
 from smsrepl.blocks.direct import aligned_buffer
 from smsrepl.control.consistency import entry, result_body
 

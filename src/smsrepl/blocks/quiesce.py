@@ -157,7 +157,9 @@ class FreezeGuard:
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-B", "-c", _GUARD, *points, repr(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
-        line = self.proc.stdout.readline().strip()
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        line = self.stdout.readline().strip()
         if len(line) != len(points):
             self.proc.kill()
             self.proc.wait()
@@ -169,11 +171,11 @@ class FreezeGuard:
     def thaw(self) -> bool:
         """Thaw what the guard froze; True unless its timeout had thawed it already."""
         try:
-            self.proc.stdin.write(b"t")
-            self.proc.stdin.close()
+            self.stdin.write(b"t")
+            self.stdin.close()
         except OSError:
             pass
-        out = self.proc.stdout.read()
+        out = self.stdout.read()
         self.proc.wait()
         return b"T" not in out
 

@@ -38,8 +38,9 @@ from smsrepl.stages import StageClock
 from smsrepl.codec import Decompressor
 from smsrepl.errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
 from smsrepl.protocol.frames import MAX_RAW, frame_digest
-from smsrepl.blocks.device import BlockTarget
+from smsrepl.blocks.target import BlockTarget
 from smsrepl.blocks.manifest import ManifestFile, block_count
+from smsrepl.durable import private_makedirs, write_json_atomic
 from smsrepl.kernels import FINE_BLOCK, UNKNOWN_DIGEST
 
 log = logging.getLogger("smsrepl.receiver")
@@ -65,37 +66,6 @@ class ReplicaRecord:
     checkpoint: int
     intent: int
     completed_rounds: int
-
-
-def private_makedirs(path: str) -> None:
-    """Create ``path`` and any missing parent as owner-only directories (state holds digests
-    of the data and session records; os.makedirs would leave new parents at 0755)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    if parent != path:
-        private_makedirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(obj, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class Replica:
@@ -140,17 +110,17 @@ class Replica:
             return
         self.record, self.manifest = rec, man
         if rec.active and rec.round_kind == "sync" and rec.intent > rec.checkpoint:
-            self._rehash(rec.checkpoint // FINE_BLOCK, min(block_count(rec.intent), man.nblocks))
+            self._rehash(man, rec.source_size, rec.checkpoint // FINE_BLOCK, min(block_count(rec.intent), man.nblocks))
             man.commit()
             rec.intent = rec.checkpoint
             self._save()
 
-    def _rehash(self, first: int, last: int) -> None:
-        """Digests of blocks [first, last) from what the target holds, made durable first (a cut
-        sync round may have written them without their digests); UNKNOWN where it cannot be read."""
+    def _rehash(self, man: ManifestFile, size: int, first: int, last: int) -> None:
+        """Digests of blocks [first, last) of a source of ``size`` bytes from what the target holds,
+        made durable first (a cut sync round may have written them without their digests), into
+        ``man``; UNKNOWN where it cannot be read."""
         if last <= first:
             return
-        man, size = self.manifest, self.record.source_size
         per = REHASH_CHUNK // FINE_BLOCK
         buf = memoryview(bytearray(min(REHASH_CHUNK, (last - first) * FINE_BLOCK)))
         digests = np.empty(per, dtype="<u8")
@@ -275,7 +245,7 @@ class Replica:
             raise RemoteProtocolError(f"data at {offset} of {raw_len} bytes does not end on a block boundary")
         self._check_order(offset, raw_len)
         # a frame without zero blocks is decompressed straight into the direct writer's buffer
-        solid = not zeros.any() if digests is None else bool(digests.all())
+        solid = bool(digests.all()) if digests is not None else zeros is not None and not zeros.any()
         into = self.target.reserve(offset, raw_len) if solid else None
         try:
             if digests is None:
@@ -355,9 +325,11 @@ class Replica:
             raise DecompressionError(f"block at offset {offset + block * FINE_BLOCK} does not match its digest")
         return raw, nonzero
 
-    def _decode_framed(self, offset: int, end: int, codec: int, zeros: np.ndarray, check: bytes,
+    def _decode_framed(self, offset: int, end: int, codec: int, zeros: np.ndarray | None, check: bytes,
                        payload, into=None) -> tuple[memoryview, np.ndarray, np.ndarray]:
         """Decompress a BLOCK_DATA payload, digest its blocks, and check them against the frame digest."""
+        if zeros is None:
+            raise RemoteProtocolError(f"data at {offset} carries neither digests nor a zero map")
         nonzero = ~zeros
         raw, got = self._decode_blocks(offset, end, codec, nonzero, payload, into)
         digests = np.zeros(len(zeros), dtype="<u8")
@@ -383,12 +355,12 @@ class Replica:
             buf[:full * FINE_BLOCK].reshape(full, FINE_BLOCK)[whole] = src[:len(whole) * FINE_BLOCK].reshape(-1, FINE_BLOCK)
         if len(whole) < len(blocks):  # the source's short last block
             buf[full * FINE_BLOCK:] = src[len(whole) * FINE_BLOCK:]
-        self.target.write(offset, buf)
+        self.target.write(offset, buf.data)
 
     def apply_zero(self, offset: int, length: int) -> None:
         self._check_order(offset, length)
         end = offset + length
-        if end % FINE_BLOCK and end != self.record.source_size:
+        if end % FINE_BLOCK and end != (self.record.source_size if self.record else -1):
             raise RemoteProtocolError(f"zero range {offset}+{length} does not end on a block boundary")
         with self.clock.timing("write"):
             self.target.zero(offset, length)

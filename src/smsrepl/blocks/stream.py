@@ -23,7 +23,8 @@ from smsrepl.errors import SourceError
 from smsrepl.protocol.frames import (LEGACY_RAW, MAX_RAW, MAX_SET, BlockData, BlockSet, Event,
                                      Scanned, ZeroRange)
 from smsrepl.blocks.direct import aligned_buffer
-from smsrepl.blocks.manifest import ManifestFile, block_count, runs_of, scan
+from smsrepl.blocks.manifest import ManifestFile, block_count, runs_of
+from smsrepl.blocks.sourcescan import scan
 from smsrepl.kernels import FINE_BLOCK
 
 #: blocks per BLOCK_DATA frame (8 MiB, one read chunk) for a peer with the "frame-8m"
@@ -127,7 +128,7 @@ def round_events(  # noqa: C901
     frame_blocks: int = FRAME_BLOCKS,
     clock=None,
     zero_flush: int = ZERO_FLUSH,
-) -> Iterator[Event | Covered]:
+) -> Iterator[Event | Covered | ChunkEnd]:
     """Yield the frames of one round, each followed by a Covered record for the sender's cache.
 
     BLOCK_DATA frames carry raw views into the read buffers; the caller
@@ -244,7 +245,7 @@ def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray):
 
 
 def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = DIRTY_BATCH,
-                       sets: bool = True, clock=None) -> Iterator[Event | Covered]:
+                       sets: bool = True, clock=None) -> Iterator[Event | Covered | ChunkEnd]:
     """A sync round that reads only the blocks a frozen dirty map names (see dirtymap.py).
 
     Each batch of dirty ranges is read into a buffer of its own (one read per

@@ -81,7 +81,7 @@ def instance_name(kernel_dev: int) -> str:
 
 def remove_stale_instances(root: str) -> list[str]:
     """Remove the instances of trackers whose process is gone; returns their names."""
-    removed = []
+    removed: list[str] = []
     base = os.path.join(root, "instances")
     try:
         names = os.listdir(base)

@@ -210,6 +210,7 @@ class KernelTracker:
 
     # --- boundaries -------------------------------------------------------------------
     def _lost_counters(self, cpu: int) -> tuple[int, int]:
+        assert self.instance is not None, "a tracker's counters are read while it runs"
         st = tracefs.cpu_stats(self.instance, cpu)
         return st.get("overrun", 0), st.get("dropped events", 0)
 
@@ -296,8 +297,8 @@ class TrackedDirtyMap:
     def __init__(self, path: str, *, buffer_kb: int | None = None, idle_us: int = IDLE_US) -> None:
         self.path = path
         buffer_kb = buffer_kb_from_env() if buffer_kb is None else buffer_kb
-        self._opts = {"buffer_kb": buffer_kb, "idle_us": idle_us}
-        self.tracker = KernelTracker(path, **self._opts).start()
+        self._buffer_kb, self._idle_us = buffer_kb, idle_us
+        self.tracker = self._new_tracker()
         self.size = self.tracker.size
         self.nblocks = self.tracker.nblocks
         self._pending = np.zeros_like(self.tracker.bitmap)
@@ -307,6 +308,9 @@ class TrackedDirtyMap:
         self.restarts = 0
         self.last_boundary: Boundary | None = None
 
+    def _new_tracker(self) -> KernelTracker:
+        return KernelTracker(self.path, buffer_kb=self._buffer_kb, idle_us=self._idle_us).start()
+
     def freeze(self) -> "FrozenBits":
         with self._lock:
             tracker = self.tracker
@@ -314,7 +318,7 @@ class TrackedDirtyMap:
                 # a tracker that lost its way cannot say what it missed since: a new one, and a scan
                 why = tracker.broken
                 tracker.close()
-                self.tracker = KernelTracker(self.path, **self._opts).start()
+                self.tracker = self._new_tracker()
                 self.restarts += 1
                 log.warning("change tracking of %s started again (%s)", self.path, why)
                 self.trusted, self.reason = False, f"tracking started again: {why}"

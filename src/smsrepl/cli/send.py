@@ -272,7 +272,7 @@ def _check_live_flags(args) -> None:
 
 
 def _dirty_map(path: str, source: str):
-    from smsrepl.blocks.device import BlockSource
+    from smsrepl.blocks.source import BlockSource
     from smsrepl.blocks.dirtymap import DirtyMap
 
     with BlockSource(source) as src:

@@ -133,7 +133,7 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def _advance(self, who: Role, event: F.Event) -> None:
+    def _next_state(self, who: Role, event: F.Event) -> State:
         nxt = TRANSITIONS.get((self.state, who, type(event)))
         if nxt is None:
             name = type(event).__name__
@@ -141,17 +141,23 @@ class Connection:
                 raise LocalProtocolError(f"cannot send {name} in state {self.state.value}")
             state, self.state = self.state, State.ERROR
             raise RemoteProtocolError(f"peer sent {name} in state {state.value}")
-        self.state = nxt
+        return nxt
 
     def send(self, event: F.Event) -> list[bytes | memoryview]:
-        """Buffers that carry ``event``; write them in order. Payloads are not copied."""
-        self._advance(self.role, event)
-        parts = F.encode(event)
+        """Buffers that carry ``event``; write them in order. Payloads are not copied.
+
+        An event the table does not allow now raises LocalProtocolError and changes nothing;
+        one that cannot be encoded raises it too and leaves the connection in ERROR (the
+        conversation cannot go on without the frame)."""
+        nxt = self._next_state(self.role, event)
+        try:
+            parts = F.encode(event)
+        except Exception as exc:
+            self.state = State.ERROR
+            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}") from exc
+        self.state = nxt
         self.bytes_sent += sum(len(p) for p in parts)
         return parts
-
-    def send_bytes(self, event: F.Event) -> bytes:
-        return b"".join(self.send(event))
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; an empty ``data`` means the stream ended."""
@@ -188,9 +194,9 @@ class Connection:
         if self._body is not None:
             if self._body_filled < len(self._body):
                 return self._end_or_need()
-            body, self._body = self._body, None
+            view, self._body = self._body, None
             ftype, check, head8 = self._body_head
-            return self._decode(ftype, body, check, head8)
+            return self._decode(ftype, view, check, head8)
         buf = self._buf
         if len(buf) < F.HEADER_SIZE:
             return self._end_or_need()
@@ -226,9 +232,10 @@ class Connection:
         cost a page fault per 4 KiB: 16% of a receiver's time with many small files."""
         if self._bodies_from is not None:
             return self._bodies_from(length, self._token)
-        for buf in self._bodies if _REFCOUNT is not None else ():
+        refcount = _REFCOUNT
+        for buf in self._bodies if refcount is not None else ():
             # free: referenced only by the list, this loop and getrefcount's argument
-            if len(buf) >= length and _REFCOUNT(buf) <= 3:
+            if len(buf) >= length and refcount is not None and refcount(buf) <= 3:
                 return memoryview(buf)[:length]
         buf = bytearray(length)
         if len(self._bodies) >= KEEP_BODIES:
@@ -236,13 +243,13 @@ class Connection:
         self._bodies.append(buf)
         return memoryview(buf)[:length]
 
-    def _decode(self, ftype: int, body: bytes | bytearray, check: int, head8: bytes) -> F.Event:
+    def _decode(self, ftype: int, body: bytes | memoryview, check: int, head8: bytes) -> F.Event:
         try:
             event = F.decode(ftype, body, check, head8)
         except F.FrameError as exc:
             self.state = State.ERROR
             raise RemoteProtocolError(str(exc)) from None
-        self._advance(self.peer, event)
+        self.state = self._next_state(self.peer, event)
         return event
 
     def _end_or_need(self) -> F.Event | _Sentinel:
@@ -260,7 +267,7 @@ class Connection:
         """All complete events buffered so far."""
         while True:
             ev = self.next_event()
-            if ev is NEED_DATA:
+            if isinstance(ev, _Sentinel):  # NEED_DATA
                 return
             yield ev
             if isinstance(ev, ConnectionClosed):

@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from smsrepl import faults, kernels
-from smsrepl.blocks.device import BlockTarget
+from smsrepl.blocks.target import BlockTarget
 from smsrepl.blocks.manifest import GROUP_BLOCKS
-from smsrepl.blocks.replica import Replica, private_makedirs, write_json_atomic
+from smsrepl.blocks.replica import Replica
+from smsrepl.durable import private_makedirs, write_json_atomic
 from smsrepl.errors import (AuthenticationError, ConfigError, ReceiverStopping, RefusedError,
                             RemoteProtocolError, ReplicationError, TakenOver, TargetBusyError,
                             TargetKindError, TargetWriteError, TransportError)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from smsrepl._lazy import np
 
 from smsrepl import faults, kernels
-from smsrepl.blocks.device import BlockSource
+from smsrepl.blocks.source import BlockSource
 from smsrepl.blocks.direct import aligned_buffer
 from smsrepl.blocks.manifest import ManifestFile, runs_of
 from smsrepl.kernels import FINE_BLOCK
-from smsrepl.blocks.replica import private_makedirs, write_json_atomic
+from smsrepl.durable import private_makedirs, write_json_atomic
 from smsrepl.blocks.dirtymap import DirtyMap
 from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered,
                                    dirty_round_events, round_events)
