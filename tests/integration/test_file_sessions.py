@@ -715,10 +715,10 @@ def test_a_receiver_waiting_long_for_the_disk_keeps_the_sender_from_timing_out(t
     can take longer than the sender's I/O timeout. The receiver sends PONGs meanwhile (here:
     a 0.2 s keepalive against a 1 s timeout and a barrier of 2.5 s)."""
     from smsrepl.files.apply import TreeWriter
-    from smsrepl.transport import connect, receiver
+    from smsrepl.transport import connect, limits
 
     monkeypatch.setattr(connect, "IO_TIMEOUT", 1.0)
-    monkeypatch.setattr(receiver, "KEEPALIVE", 0.2)
+    monkeypatch.setattr(limits, "KEEPALIVE", 0.2)
     real = TreeWriter.finish
 
     def slow_finish(self, *a, **kw):

@@ -37,7 +37,7 @@ from smsrepl.control.state import SessionState, SessionStateMachine, StatePair
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT, check_target_name, connect, parse_address  # noqa: F401 (re-exported for agents)
-from smsrepl.transport.receiver import MAX_MANIFEST_ENTRIES
+from smsrepl.transport.limits import MAX_MANIFEST_ENTRIES
 
 log = logging.getLogger("smsrepl.sender")
 
