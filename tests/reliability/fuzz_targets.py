@@ -25,7 +25,7 @@ from smsrepl.files.rules import PathRules, parse_configuration_body
 from smsrepl.protocol import NEED_DATA, RECEIVER, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
 from smsrepl.throttle import SpeedSchedule
-from smsrepl.transport.tls import CertKey
+from smsrepl.transport.certkey import CertKey
 
 
 @dataclass

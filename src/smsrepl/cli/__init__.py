@@ -30,13 +30,13 @@ def _state_home(kind: str) -> str:
 
 
 def _passphrase(args) -> bytes | None:
-    from smsrepl.transport.tls import load_passphrase
+    from smsrepl.transport.certkey import load_passphrase
 
     return load_passphrase(args.passphrase_file) if getattr(args, "passphrase_file", None) else None
 
 
 def _certkey(args):
-    from smsrepl.transport.tls import CertKey, ValidatedBundles
+    from smsrepl.transport.certkey import CertKey, ValidatedBundles
 
     # a sender starts for every round: a bundle validated before is not parsed again
     return CertKey.load(args.certkey, known=ValidatedBundles(_state_home("validated-bundles")))

@@ -11,7 +11,7 @@ import threading
 import time
 
 from smsrepl.errors import TransportError
-from smsrepl.transport.tls import classify_ssl_error
+from smsrepl.transport.tls_errors import classify_ssl_error
 from smsrepl.transport.tlsio import RECV_SIZE
 from smsrepl.protocol import NEED_DATA, RECEIVER, Connection, ConnectionClosed
 from smsrepl.protocol.frames import Event
@@ -142,7 +142,3 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
-
-
-def closed_error(ev: ConnectionClosed, what: str) -> TransportError:
-    return TransportError(f"connection closed by the peer {what}")

@@ -34,7 +34,8 @@ from smsrepl.transport.loglimit import LimitedWarnings
 from smsrepl.transport.memory import release_free_memory
 from smsrepl.transport.probe_sessions import NetworkCheck, StatusReport
 from smsrepl.transport.session import Handler, Session, SessionOutcome
-from smsrepl.transport.tls import check_peer_role, classify_ssl_error
+from smsrepl.transport.tls import check_peer_role
+from smsrepl.transport.tls_errors import classify_ssl_error
 from smsrepl.transport.tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.receiver")
