@@ -104,7 +104,7 @@ def _raw_session(addr, bundle, target="tree"):
     from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection
     from smsrepl.protocol import frames as F
     from smsrepl.transport.channel import Channel
-    from smsrepl.transport.sender import connect
+    from smsrepl.transport.connect import connect
 
     chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
     chan.send(F.Hello([PROTOCOL_VERSION], "files", target, "hostile", 0, 4096, list(CAPABILITIES)))
@@ -452,7 +452,7 @@ def test_receive_root_serves_named_targets_below_it_only(tmp_path, bundle):
         from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection
         from smsrepl.protocol import frames as F
         from smsrepl.transport.channel import Channel
-        from smsrepl.transport.sender import connect
+        from smsrepl.transport.connect import connect
 
         for name in ("..", "a/b", ""):  # a hostile sender naming a way out of the root
             chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))

@@ -22,7 +22,8 @@ from smsrepl.protocol import frames as F
 from smsrepl.lab.testdata import write_image
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.receiver import Receiver
-from smsrepl.transport.sender import Sender, connect
+from smsrepl.transport.connect import connect
+from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context
 from smsrepl.transport.tlsio import TLSStream
 

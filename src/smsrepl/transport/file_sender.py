@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor
-from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
-from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
-from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
+from smsrepl.errors import RemoteProtocolError, ReplicationError, TransportError
+from smsrepl.throttle import CpuCap, SpeedSchedule
+from smsrepl.protocol import CAPABILITIES
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.connect import check_target_name, connect
+from smsrepl.transport.sender_base import SenderBase, raise_if_error
 
 if TYPE_CHECKING:
     from smsrepl.files.local import Prefetch, RoundStats
@@ -74,7 +74,7 @@ def file_session_id(source: str, target: str) -> str:
     return hashlib.sha256(ident).hexdigest()[:32]
 
 
-class FileSender:
+class FileSender(SenderBase):
     def __init__(self, source_dir: str, target: str, address: tuple[str, int], context: ssl.SSLContext, *,
                  rules: PathRules | None = None, checksum: bool = False, level: int | str = "auto",
                  speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
@@ -85,20 +85,15 @@ class FileSender:
             from smsrepl.errors import SourceMissingError
 
             raise SourceMissingError(f"source {source_dir!r} is not a directory")
+        if cpu_cap is None and rules is not None and rules.cpu_limit is not None:
+            cpu_cap = CpuCap(rules.cpu_limit)
+        super().__init__(target, address, context, speed_limit=speed_limit, cpu_cap=cpu_cap)
         self.source = os.path.abspath(source_dir)
-        self.target = check_target_name(target)
         self.session_id = file_session_id(self.source, self.target)
-        self.address = address
-        self.context = context
         self.rules = rules.anchored(self.source) if rules is not None else None  # host paths under it: relative
         self.checksum = checksum
         self.level = level
         self.literal_bytes = 0
-        #: the running session's speed schedule; replace_schedule() changes it live
-        self.limiter = ScheduledLimiter(speed_limit)
-        if cpu_cap is None and rules is not None and rules.cpu_limit is not None:
-            cpu_cap = CpuCap(rules.cpu_limit)
-        self.cpu_cap = cpu_cap
         self.on_report = on_report
         self.host_sampler = host_sampler
         #: a change journal of the source (files.journal): sync rounds of only what it names
@@ -109,24 +104,8 @@ class FileSender:
         self.max_delete = max_delete
         self.tracker: ProgressTracker | None = None
         self._done_bytes: int | None = None  # file bytes the running round has dealt with
-        self.stop_requested = False
-        self._stopped = threading.Event()  # ends a CPU cap's pacing (the cap may outlive this sender)
-        self._chan: Channel | None = None
         #: the thread that receives the rest of an ordered listing, and the listing
         self._listing: tuple[threading.Thread, Listing] | None = None
-
-    def stop(self) -> None:
-        """Pause: break the running round from another thread (files already renamed stay;
-        the next round sends what is missing)."""
-        self.stop_requested = True
-        self._stopped.set()
-        self.limiter.release()
-        chan = self._chan
-        if chan is not None:
-            chan.abort()
-
-    def replace_schedule(self, schedule: SpeedSchedule) -> None:
-        self.limiter.replace_schedule(schedule)
 
     @property
     def position(self) -> tuple[int, int | None] | None:
@@ -173,16 +152,7 @@ class FileSender:
     def _connect(self, checksum: bool, request: bool = True) -> Channel:
         """A connection with HELLO and (``request``) TREE_REQUEST sent (the protocol lets the
         request come before WELCOME)."""
-        chan = Channel(connect(self.address, self.context), Connection(SENDER))
-        try:
-            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, self.session_id, 0, F.FINE_BLOCK,
-                              list(CAPABILITIES)))
-            if request:
-                chan.send(F.TreeRequest(checksum))
-        except BaseException:
-            chan.close()
-            raise
-        return chan
+        return self._open("files", self.session_id, 0, list(CAPABILITIES), *([F.TreeRequest(checksum)] if request else []))
 
     def run(self) -> FileRoundResult:
         from smsrepl.files.local import by_dirs
@@ -224,11 +194,7 @@ class FileSender:
         ev = chan.recv()
         while isinstance(ev, F.Pong):  # answers to keepalive PINGs
             ev = chan.recv()
-        if isinstance(ev, F.Error):
-            raise RemoteError(f"receiver: {ev.message}", code=ev.code or None, exit_code=ev.exit_code,
-                              resumable=ev.resumable)
-        if isinstance(ev, ConnectionClosed):
-            raise TransportError("the receiver closed the connection")
+        raise_if_error(ev)
         if not isinstance(ev, want):
             raise RemoteProtocolError(f"expected {' or '.join(w.__name__ for w in want)}, got {type(ev).__name__}")
         return ev
@@ -377,11 +343,8 @@ class FileSender:
         from smsrepl.files.plan import plan_round
         from smsrepl.files.remote import Listing
 
-        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        chan = self._open("files", self.session_id, 0, list(CAPABILITIES) + [F.DRY_RUN], F.TreeRequest(self.checksum))
         try:
-            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, self.session_id, 0, F.FINE_BLOCK,
-                              list(CAPABILITIES) + [F.DRY_RUN]))
-            chan.send(F.TreeRequest(self.checksum))
             welcome = self._recv(chan, F.Welcome)
             if "files" not in welcome.capabilities:
                 raise RemoteProtocolError("the receiver does not take file sessions")

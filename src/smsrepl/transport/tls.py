@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import ssl
 import weakref
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Union
 
 from smsrepl.errors import AuthenticationError, CertificateError, ConfigError
