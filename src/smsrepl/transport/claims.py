@@ -29,6 +29,8 @@ class Holder(Protocol):
     hello: F.Hello | None
     peer: str
     chan: Channel
+    started: float  # time.time(); with rounds, what a status report says of it
+    rounds: int
 
     def end(self, why: ReplicationError) -> None: ...
 

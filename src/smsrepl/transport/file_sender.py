@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor
 from smsrepl.errors import RemoteProtocolError, ReplicationError, TransportError
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # open() sends HELLO and TREE_REQUEST before, and the receiver lists its tree meanwhile
 
 log = logging.getLogger("smsrepl.file_sender")
+E = TypeVar("E", bound=F.Event)
 
 
 @dataclass
@@ -168,6 +169,7 @@ class FileSender(SenderBase):
             if self._chan is None:
                 self.open()
             chan = self._chan
+            assert chan is not None
             try:
                 return self._session(chan, started, early)
             except BaseException:
@@ -182,21 +184,21 @@ class FileSender(SenderBase):
             if early is not None:
                 early.close()
 
-    def _recv(self, chan: Channel, *want: type) -> F.Event:
+    def _recv(self, chan: Channel, want: type[E]) -> E:
         if self._listing is not None:  # one reader at a time: the listing's comes first
             thread, listing = self._listing
             thread.join()
             self._listing = None
             listing.wait(whole=True)  # what stopped it (an ERROR frame, a lost connection)
-        return self._recv_frame(chan, *want)
+        return self._recv_frame(chan, want)
 
-    def _recv_frame(self, chan: Channel, *want: type) -> F.Event:
+    def _recv_frame(self, chan: Channel, want: type[E]) -> E:
         ev = chan.recv()
         while isinstance(ev, F.Pong):  # answers to keepalive PINGs
             ev = chan.recv()
         raise_if_error(ev)
         if not isinstance(ev, want):
-            raise RemoteProtocolError(f"expected {' or '.join(w.__name__ for w in want)}, got {type(ev).__name__}")
+            raise RemoteProtocolError(f"expected {want.__name__}, got {type(ev).__name__}")
         return ev
 
     def describe_target(self):
@@ -220,19 +222,20 @@ class FileSender(SenderBase):
             chan.close()
 
     def _progress(self, chan: Channel) -> Callable[[int], None]:
-        done = [0, 0.0]
+        done, reported = 0, 0.0
 
         def on_done(file_bytes: int) -> None:
+            nonlocal done, reported
             self._ops.keepalive()
-            done[0] += file_bytes
-            self._done_bytes = done[0]
-            if self.tracker is None:
+            done += file_bytes
+            self._done_bytes = done
+            if self.tracker is None or self.on_report is None:
                 return
-            self.tracker.update(min(done[0], self.tracker.totalsize), chan.wire_sent - self._wire0,
+            self.tracker.update(min(done, self.tracker.totalsize), chan.wire_sent - self._wire0,
                                 self._ops.raw_bytes)
             now = time.monotonic()
-            if now - done[1] >= 1.0:
-                done[1] = now
+            if now - reported >= 1.0:
+                reported = now
                 self.on_report(self.tracker.report())
 
         return on_done
@@ -242,7 +245,9 @@ class FileSender(SenderBase):
         import numpy as np
 
         chan.send(F.SigRequest(block_size, path))
-        weak, strong, size = [], [], 0
+        weak: list[np.ndarray] = []
+        strong: list[np.ndarray] = []
+        size = 0
         while True:
             ev = self._recv(chan, F.SigData)
             if ev.block_size != block_size or ev.first != sum(len(w) for w in weak):
@@ -410,13 +415,12 @@ class FileSender(SenderBase):
         chan.limiter = self.limiter
         wire0 = self._wire0 = chan.wire_sent
         chan.send(F.RoundBegin(round_id, kind, 0))
-        auto = self.level == "auto"
-        ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if auto else self.level),
-                                   (lambda: self.cpu_cap.pace(self._stopped)) if self.cpu_cap else None,
-                                   adaptive=auto)
+        auto, cap = self.level == "auto", self.cpu_cap
+        ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if isinstance(self.level, str) else self.level),
+                                   (lambda: cap.pace(self._stopped)) if cap else None, adaptive=auto)
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
-            target.deletion_limit = deletion_limit
+            target.deletion_limit = deletion_limit  # type: ignore[attr-defined]  # read by files.local.sync_tree
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
                               on_done=on_done, entries=entries, walk_errors=entries.errors)
             if entries.filter is not None and dirs is None:  # a part of the tree says nothing of the rest
@@ -434,7 +438,7 @@ class FileSender(SenderBase):
         if done.round_id != round_id:
             raise RemoteProtocolError(f"ROUND_DONE for round {done.round_id}, expected {round_id}")
         wire = chan.wire_sent - wire0
-        if self.tracker is not None:
+        if self.tracker is not None and self.on_report is not None:
             self.tracker.update(self.tracker.totalsize, wire, ops.raw_bytes)
             self.on_report(self.tracker.finish())
         try:
@@ -445,7 +449,7 @@ class FileSender(SenderBase):
         # a directory gone from a scanned one, with a subtree the subset did not list, left after
         # the round took its changes (a removal is an event in the parent, and the journal has
         # such directories listed whole): the next journal round deletes what it held
-        if dirs is not None and stats.hard_links_changed:
+        if dirs is not None and stats.hard_links_changed and self.journal is not None:
             # their other names may sit in directories this round did not scan
             self.journal.force_whole("hard-linked files changed in a journal round")
         return FileRoundResult(round_id, kind, stats, wire, time.monotonic() - started, self.literal_bytes,

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
 import os
-import queue
 import ssl
-import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,10 +20,9 @@ from smsrepl.blocks.direct import aligned_buffer
 from smsrepl.blocks.manifest import ManifestFile
 from smsrepl.kernels import FINE_BLOCK
 from smsrepl.blocks.replica import private_makedirs, write_json_atomic
-from smsrepl.blocks.dirtymap import DirtyMap
-from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered,
-                                   dirty_round_events, round_events)
-from smsrepl.codec import AUTO_LEVELS, DEFAULT_LEVEL, AdaptiveChoice, Compressor
+from smsrepl.blocks.dirtymap import DirtyMap, Frozen
+from smsrepl.blocks.stream import FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, round_events
+from smsrepl.codec import DEFAULT_LEVEL
 from smsrepl.errors import RemoteProtocolError, ReplicationError, SourceError, TransportError
 from smsrepl.control.progress import ProgressTracker, subtask_for
 from smsrepl.protocol import CAPABILITIES
@@ -36,6 +31,7 @@ from smsrepl.stages import StageClock
 from smsrepl.control.state import Event as StateEvent
 from smsrepl.control.state import SessionState, SessionStateMachine, StatePair
 from smsrepl.protocol import frames as F
+from smsrepl.transport.block_pipeline import Compression, PendingDigests, send_round
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT
@@ -44,7 +40,6 @@ from smsrepl.transport.round_plan import BlockDryRun, check_resume_offset, plan_
 from smsrepl.transport.sender_base import SenderBase, welcome as expect_welcome
 
 log = logging.getLogger("smsrepl.sender")
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,24 +68,6 @@ def _capabilities(stateless: bool) -> list[str]:
     return [c for c in CAPABILITIES if c != F.ADOPT_SESSION or stateless]
 
 
-def _source_bytes(frame) -> int:
-    """The source bytes a BLOCK_DATA or BLOCK_SET frame covers."""
-    return frame.raw_len if isinstance(frame, F.BlockData) else len(frame.index) * FINE_BLOCK
-
-
-def _frame_end(frame) -> int:
-    """The source offset a round frame takes the receiver to (0 for frames that move nothing)."""
-    if isinstance(frame, F.BlockData):
-        return frame.offset + frame.raw_len
-    if isinstance(frame, F.BlockSet):
-        return frame.offset + (int(frame.index[-1]) + 1) * FINE_BLOCK
-    if isinstance(frame, F.ZeroRange):
-        return frame.offset + frame.length
-    if isinstance(frame, F.Scanned):
-        return frame.offset
-    return 0
-
-
 class Sender(SenderBase):
     def __init__(
         self,
@@ -116,12 +93,9 @@ class Sender(SenderBase):
         self.dir = os.path.join(os.path.abspath(state_dir), self.target)
         self.level = level
         #: "auto": each frame at the level of AUTO_LEVELS (0: raw) that moves data fastest so far
-        self._zlevel = max(AUTO_LEVELS) if level == "auto" else level
-        # zstd releases the GIL: one compressor per core keeps the sender from
-        # being bound by compression (measured: 225 MB/s per core at level 1 on
-        # binaries here, 380 MB/s with two)
-        self.compress_threads = compress_threads or min(4, os.cpu_count() or 1)
-        self._local = threading.local()
+        self.compression = Compression(level, compress_threads or min(4, os.cpu_count() or 1), cpu_cap,
+                                       self._stopped)
+        self.adapt = self.compression.adapt
         self.guard = OverSpeedGuard()
         self.on_report = on_report
         self.on_state = on_state
@@ -136,7 +110,6 @@ class Sender(SenderBase):
         self.position: tuple[int, int] | None = None
         self.states: SessionStateMachine | None = None
         self._new_session()
-        self.adapt = AdaptiveChoice(self.compress_threads, AUTO_LEVELS) if level == "auto" else None
 
     def _new_session(self) -> None:
         """What one session's threads share; fresh for every run() or check()."""
@@ -282,7 +255,7 @@ class Sender(SenderBase):
         if self.on_report:
             self.on_report(final)
         self._state(StateEvent.SYNC_DONE if kind == "sync" else StateEvent.COPY_DONE)
-        self._apply_acks(cache, None)
+        self._digests.apply(None)
         cache.commit()
         dirty_blocks = scope.done(start)
         if cache.root.hex() != self.replies.round_done.manifest_root:
@@ -400,109 +373,15 @@ class Sender(SenderBase):
         """Make the local copy of the target's manifest equal the receiver's."""
         return reconcile(functools.partial(self.replies.request, chan), path, size, root)
 
-    def _encode(self, ev: F.BlockData | F.BlockSet, level: int) -> F.BlockData | F.BlockSet:
-        comps = getattr(self._local, "comps", None)
-        if comps is None:
-            comps = self._local.comps = {}
-        comp = comps.get(level)
-        if comp is None:
-            comp = comps[level] = Compressor(level)
-        t0 = time.perf_counter()
-        codec, payload = comp.encode(ev.payload)
-        dt = time.perf_counter() - t0
-        self.clock.add("compress", dt)
-        if self.adapt is not None:
-            self.adapt.record_compress(level, _source_bytes(ev), dt)
-        if self.cpu_cap is not None:
-            self.cpu_cap.pace(self._stopped)
-        return dataclasses.replace(ev, codec=codec, payload=payload)
-
     def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
-                start: int, cache: ManifestFile, dirty=None) -> int:
-        """Send one round's frames: read and digest here, compress on a pool, write on a thread."""
-        out: queue.Queue = queue.Queue(maxsize=2)
-        writer_error: list[BaseException] = []
-        adapt, replies = self.adapt, self.replies
-
-        def writer() -> None:
-            try:
-                while True:
-                    work = out.get()
-                    if work is None:
-                        return
-                    batch, covered, raw = work
-                    for item, level in batch:
-                        frame = item.result() if isinstance(item, Future) else item
-                        # a CHECKPOINT may cover this frame once it is sent: allow it first
-                        replies.sent_to = max(replies.sent_to, _frame_end(frame))
-                        t0, w0 = time.perf_counter(), chan.wire_sent
-                        chan.send(frame)
-                        dt = time.perf_counter() - t0
-                        self.clock.add("send", dt)
-                        if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
-                            adapt.record_send(level, _source_bytes(frame), chan.wire_sent - w0, dt)
-                    faults.point("sender.data")
-                    # progress counts what reached the socket, not what was read ahead
-                    self._report(kind, covered, start, total, raw, chan)
-            except BaseException as exc:
-                writer_error.append(exc)
-                while out.get() is not None:  # drain so the producer never blocks forever
-                    pass
-
-        wt = threading.Thread(target=writer, daemon=True)
-        wt.start()
-        pool = ThreadPoolExecutor(self.compress_threads, thread_name_prefix="zstd") if self._zlevel else None
-        pending: list[Covered] = []
-        self._pending = pending
-        sent = 0
-        batch: list = []
+                start: int, cache: ManifestFile, dirty: Frozen | None = None) -> int:
+        """Send one round's frames (block_pipeline.py); progress as they reach the socket."""
+        self._digests = PendingDigests(cache)
         total = source.size - start
-        covered_to = start
-        try:
-            sets = "block-set" in self._peer_caps
-            if dirty is not None:  # a frozen dirty map: read only what it names
-                events = dirty_round_events(source, dirty, cache, sets=sets, clock=self.clock)
-            else:
-                big = "frame-8m" in self._peer_caps
-                events = round_events(source, start=start, cache=against, sets=sets,
-                                      frame_blocks=FRAME_BLOCKS if big else LEGACY_FRAME_BLOCKS, clock=self.clock)
-            for item in events:
-                if writer_error or self.replies.failure:
-                    break
-                if isinstance(item, Covered):
-                    pending.append(item)
-                    covered_to = min(source.size, item.end * FINE_BLOCK)
-                    continue
-                if item is CHUNK_END:
-                    # exactly one batch per read chunk, even an empty one: with at most
-                    # 3 batches queued or being written, 1 chunk being cut into frames and
-                    # stream.AHEAD being read, the stream.BUFFERS read buffers are never
-                    # reused before their frames are sent
-                    out.put((batch, covered_to, sent))
-                    batch = []
-                    if self.cpu_cap is not None:
-                        self.cpu_cap.pace(self._stopped)
-                    self._apply_acks(cache, replies.acked)
-                    continue
-                level = None
-                if isinstance(item, (F.BlockData, F.BlockSet)):
-                    sent += _source_bytes(item)
-                    level = self._zlevel if adapt is None else adapt.choose()
-                    if level:
-                        item = pool.submit(self._encode, item, level)
-                batch.append((item, level))
-            if batch:
-                out.put((batch, covered_to, sent))
-        finally:
-            out.put(None)
-            wt.join()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        if writer_error:
-            raise self.replies.failure or writer_error[0]  # _session prefers the receiver's ERROR
-        if self.replies.failure:
-            raise self.replies.failure
-        return sent
+        return send_round(chan, source, start=start, against=against, dirty=dirty, digests=self._digests,
+                          compression=self.compression, replies=self.replies, clock=self.clock,
+                          peer_caps=self._peer_caps,
+                          report=lambda covered, raw: self._report(kind, covered, start, total, raw, chan))
 
     def _report(self, kind: str, pos: int, start: int, total: int, sent: int, chan: Channel) -> None:
         """Feed the 5.4.8 tracker with what reached the socket; emit a report at most once a second."""
@@ -516,19 +395,3 @@ class Sender(SenderBase):
         if self.on_report is not None and now - self._last_report >= 1.0:
             self._last_report = now
             self.on_report(self.tracker.report())
-
-    def _apply_acks(self, cache: ManifestFile, acked: int | None) -> None:
-        """Copy digests the receiver has made durable into the local manifest copy."""
-        pending = self._pending
-        limit = None if acked is None else acked // FINE_BLOCK
-        i = 0
-        for i, cov in enumerate(pending):
-            if limit is not None and cov.end > limit:
-                break
-            if cov.index is None:
-                cache.write_fine(cov.first, cov.digests)
-            else:
-                cache.write_fine_at(cov.first, cov.index, cov.digests)
-        else:
-            i = len(pending)
-        del pending[:i]

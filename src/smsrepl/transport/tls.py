@@ -247,19 +247,20 @@ def check_peer_role(conn: Union[ssl.SSLSocket, ssl.SSLObject], expected_role: st
     ours = getattr(conn, "context", None) in _OURS and _ROLE_PURPOSE[role] == checked
     verified = conn.getpeercert() if ours else None
     if verified:
-        names = (value for rdn in verified.get("subject", ()) for key, value in rdn
-                 if key in ("organizationalUnitName", "commonName") and isinstance(value, str))
+        names = (attr[1] for rdn in verified.get("subject", ()) if isinstance(rdn, tuple) for attr in rdn
+                 if isinstance(attr, tuple) and attr[0] in ("organizationalUnitName", "commonName")
+                 and isinstance(attr[1], str))
         _refuse_other_roles(_roles(names), role)
         return
     from cryptography import x509
-    from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
         raise AuthenticationError("peer certificate cannot be parsed") from None
     try:
-        eku = cert.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+        eku: x509.ExtendedKeyUsage | None = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = None
     except ValueError:
