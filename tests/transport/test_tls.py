@@ -459,7 +459,8 @@ def test_check_peer_role_on_sslobject(plain):
 def test_classify_other_errors():
     assert isinstance(classify_ssl_error(ConnectionResetError(104, "reset")), TransportError)
     assert isinstance(classify_ssl_error(ssl.SSLEOFError(8, "eof")), TransportError)
-    assert isinstance(classify_ssl_error(TimeoutError("timed out")), TransportError)
+    timeout = classify_ssl_error(TimeoutError("timed out"))
+    assert isinstance(timeout, TransportError) and str(timeout).endswith("timed out during the TLS handshake")
 
 
 # -- no decrypted key on disk -------------------------------------------------------------

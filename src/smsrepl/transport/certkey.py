@@ -131,13 +131,8 @@ class CertKey:
     @classmethod
     def load(cls, path: Union[str, os.PathLike[str]], *, known: "ValidatedBundles | None" = None) -> "CertKey":
         """Read and validate a certkey JSON file (SMS.3301 on any problem; ``known``: see validate())."""
-        p = Path(path)
-        try:
-            with open(p, "rb") as fh:
-                data = fh.read(MAX_CERTKEY_BYTES + 1)
-        except OSError as exc:
-            raise CertificateError(f"cannot read certificate bundle {p}: {exc.strerror or exc}") from None
-        return cls.from_json(data, source=str(p), known=known)
+        data = _read_at_most(path, MAX_CERTKEY_BYTES + 1, "certificate bundle")
+        return cls.from_json(data, source=str(Path(path)), known=known)
 
     def to_json(self) -> str:
         return json.dumps({n: getattr(self, n) for n in self.field_names()}, indent=2) + "\n"
@@ -286,11 +281,7 @@ def _same_public_key(a, b) -> bool:
 def load_passphrase(path: Union[str, os.PathLike[str]]) -> bytes:
     """Read a passphrase file; strip one trailing newline (``\\n`` or ``\\r\\n``)."""
     p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            data = fh.read(MAX_PASSPHRASE_BYTES + 3)
-    except OSError as exc:
-        raise CertificateError(f"cannot read passphrase file {p}: {exc.strerror or exc}") from None
+    data = _read_at_most(p, MAX_PASSPHRASE_BYTES + 3, "passphrase file")
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
@@ -301,3 +292,13 @@ def load_passphrase(path: Union[str, os.PathLike[str]]) -> bytes:
         raise CertificateError(f"passphrase in {p} is longer than {MAX_PASSPHRASE_BYTES} bytes")
     return data
 
+
+def _read_at_most(path: Union[str, os.PathLike[str]], limit: int, what: str) -> bytes:
+    """The first ``limit`` bytes of the file; CertificateError naming ``what`` it is when it
+    cannot be read."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(limit)
+    except OSError as exc:
+        raise CertificateError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
