@@ -212,11 +212,7 @@ class FileSender(SenderBase):
             listing, decomp = Listing(), Decompressor()
             while not listing.done:
                 listing.add(self._recv(chan, F.TreeData), decomp)
-            try:
-                chan.send(F.Close("done"))
-                self._recv(chan, F.Close)
-            except ReplicationError:
-                pass
+            self._goodbye(chan)
             return listing
         finally:
             chan.close()
@@ -333,7 +329,7 @@ class FileSender(SenderBase):
         return lambda count: check_deletions(count, total, self.max_delete, self.target, changed=True)
 
     def _goodbye(self, chan: Channel) -> None:
-        """End a session that begins no round (its listing received whole)."""
+        """CLOSE, and the receiver's, after a round or a listing received whole."""
         try:
             chan.send(F.Close("done"))
             self._recv(chan, F.Close)
@@ -441,11 +437,7 @@ class FileSender(SenderBase):
         if self.tracker is not None and self.on_report is not None:
             self.tracker.update(self.tracker.totalsize, wire, ops.raw_bytes)
             self.on_report(self.tracker.finish())
-        try:
-            chan.send(F.Close("done"))
-            self._recv(chan, F.Close)
-        except ReplicationError:
-            pass  # the round is durable already
+        self._goodbye(chan)  # the round is durable already: a lost goodbye changes nothing
         # a directory gone from a scanned one, with a subtree the subset did not list, left after
         # the round took its changes (a removal is an event in the parent, and the journal has
         # such directories listed whole): the next journal round deletes what it held
