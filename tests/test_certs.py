@@ -16,7 +16,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from smsrepl.lab.certs import (CERTKEY_FILENAME, LabCA, expired_bundle, make_bundle,
                                not_yet_valid_bundle, write_certkey)
 from smsrepl.errors import CertificateError, ConfigError
-from smsrepl.transport.tls import CertKey, client_context, server_context
+from smsrepl.transport.certkey import CertKey
+from smsrepl.transport.tls import client_context, server_context
 
 PASS = b"lab-passphrase"
 NOW = dt.datetime.now(dt.timezone.utc)

@@ -20,7 +20,7 @@ from smsrepl.protocol import frames as F
 from smsrepl.lab.testdata import write_image
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.receiver import Receiver
-from smsrepl.transport.sender import connect
+from smsrepl.transport.connect import connect
 from smsrepl.transport.tls import client_context, server_context
 
 from .procs import CLI, ReceiverProc, send, sha256, wait_until

@@ -185,12 +185,12 @@ def test_a_long_running_sync_keeps_only_the_latest_results_and_outcomes(tmp_path
 
     from smsrepl.replication import continuous
     from smsrepl.replication.continuous import ContinuousSync
-    from smsrepl.transport import receiver as receiver_mod
+    from smsrepl.transport import receiver as receiver_mod, server
     from smsrepl.transport.sender import Sender
     from smsrepl.transport.tls import client_context, server_context
 
     monkeypatch.setattr(continuous, "KEEP_RESULTS", 3)
-    monkeypatch.setattr(receiver_mod, "KEEP_OUTCOMES", 3)
+    monkeypatch.setattr(server, "KEEP_OUTCOMES", 3)
     src, dm_path = str(tmp_path / "src.img"), str(tmp_path / "dirty.map")
     with open(src, "wb") as fh:
         fh.write(os.urandom(1 << 20))

@@ -104,7 +104,7 @@ def _raw_session(addr, bundle, target="tree"):
     from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection
     from smsrepl.protocol import frames as F
     from smsrepl.transport.channel import Channel
-    from smsrepl.transport.sender import connect
+    from smsrepl.transport.connect import connect
 
     chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
     chan.send(F.Hello([PROTOCOL_VERSION], "files", target, "hostile", 0, 4096, list(CAPABILITIES)))
@@ -452,7 +452,7 @@ def test_receive_root_serves_named_targets_below_it_only(tmp_path, bundle):
         from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection
         from smsrepl.protocol import frames as F
         from smsrepl.transport.channel import Channel
-        from smsrepl.transport.sender import connect
+        from smsrepl.transport.connect import connect
 
         for name in ("..", "a/b", ""):  # a hostile sender naming a way out of the root
             chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
@@ -715,10 +715,10 @@ def test_a_receiver_waiting_long_for_the_disk_keeps_the_sender_from_timing_out(t
     can take longer than the sender's I/O timeout. The receiver sends PONGs meanwhile (here:
     a 0.2 s keepalive against a 1 s timeout and a barrier of 2.5 s)."""
     from smsrepl.files.apply import TreeWriter
-    from smsrepl.transport import connect, receiver
+    from smsrepl.transport import connect, limits
 
     monkeypatch.setattr(connect, "IO_TIMEOUT", 1.0)
-    monkeypatch.setattr(receiver, "KEEPALIVE", 0.2)
+    monkeypatch.setattr(limits, "KEEPALIVE", 0.2)
     real = TreeWriter.finish
 
     def slow_finish(self, *a, **kw):

@@ -82,7 +82,7 @@ def test_data_frames_in_a_netcheck_session_are_refused(tmp_path, bundle):
     from smsrepl.protocol import SENDER, Connection, State
     from smsrepl.protocol import frames as F
     from smsrepl.transport.channel import Channel
-    from smsrepl.transport.sender import connect
+    from smsrepl.transport.connect import connect
 
     rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
@@ -110,7 +110,7 @@ def test_a_consistency_check_session_cannot_begin_a_round_or_write(tmp_path, bun
     from smsrepl.protocol import SENDER, Connection
     from smsrepl.protocol import frames as F
     from smsrepl.transport.channel import Channel
-    from smsrepl.transport.sender import connect
+    from smsrepl.transport.connect import connect
 
     target = tmp_path / "t.img"
     rx = Receiver({"disk0": str(target)}, server_context(bundle), str(tmp_path / "rx"), create=True)

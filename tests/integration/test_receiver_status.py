@@ -128,13 +128,12 @@ def test_a_status_request_with_another_bundle_is_refused_exit_4(tmp_path, certke
 
 def test_a_receiver_without_the_status_capability_is_named(tmp_path, bundle, certkey_file, monkeypatch):
     """An older receiver answers a HELLO of kind "status" as any unknown kind: refused."""
-    from smsrepl.transport import receiver as rxmod
+    from smsrepl.transport import server
     from smsrepl.transport.status import fetch_status
     from smsrepl.transport.tls import client_context
     from smsrepl.errors import RefusedError
 
-    monkeypatch.setattr(rxmod, "CAPABILITIES", tuple(c for c in F.CAPABILITIES if c != "status"))
-    monkeypatch.setattr(rxmod._Session, "_status", lambda self: self._open_block_session(self.hello))
+    monkeypatch.delitem(server.SESSION_KINDS, "status")
     rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
     addr = rx.start()
     try:

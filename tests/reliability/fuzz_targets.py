@@ -26,7 +26,7 @@ from smsrepl.protocol import NEED_DATA, RECEIVER, SENDER, Connection, Connection
 from smsrepl.protocol import frames as F
 from smsrepl.protocol.writers import frame as _frame
 from smsrepl.throttle import SpeedSchedule
-from smsrepl.transport.tls import CertKey
+from smsrepl.transport.certkey import CertKey
 
 
 @dataclass

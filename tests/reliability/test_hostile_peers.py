@@ -23,7 +23,8 @@ from smsrepl.protocol.writers import frame as _frame
 from smsrepl.lab.testdata import write_image
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.receiver import Receiver
-from smsrepl.transport.sender import Sender, connect
+from smsrepl.transport.connect import connect
+from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context
 from smsrepl.transport.tlsio import TLSStream
 
@@ -149,7 +150,7 @@ def test_a_frame_trickled_byte_by_byte_is_dropped(rx, bundle, caplog):
 
 @reliability("hostile peer", "many idle authenticated connections")
 def test_idle_network_checks_are_capped_and_keep_no_data_session_out(rx, bundle):
-    from smsrepl.transport.receiver import MAX_NETCHECKS
+    from smsrepl.transport.limits import MAX_NETCHECKS
 
     receiver, addr, _ = rx
     threads0 = threading.active_count()
@@ -472,8 +473,8 @@ def test_a_silent_connection_waits_without_a_thread_and_is_closed_at_the_deadlin
     s.settimeout(10)
     t0 = time.monotonic()
     time.sleep(0.3)
-    # it is open, and no thread serves it (the served ones are the receiver's _conns)
-    assert receiver.connections() == (1, 1) and not receiver._conns
+    # it is open, and no thread serves it (the served ones are the receiver's admitted connections)
+    assert receiver.connections() == (1, 1) and not receiver.admission.conns
     assert s.recv(1) == b""  # closed by the receiver ...
     took = time.monotonic() - t0
     s.close()
@@ -490,7 +491,7 @@ def _speak(addr) -> socket.socket:
 
 @reliability("hostile peer", "one address opening connections faster than its rate: closed before TLS")
 def test_handshakes_past_an_addresss_rate_are_closed_before_they_start(tmp_path, bundle):
-    from smsrepl.transport.receiver import CONNECT_BURST
+    from smsrepl.transport.limits import CONNECT_BURST
 
     receiver = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "state"),
                         connect_rate=0.01, handshake_timeout=30, max_unauthenticated=CONNECT_BURST + 8, create=True)

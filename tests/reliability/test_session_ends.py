@@ -15,7 +15,8 @@ from smsrepl.protocol import SENDER, Connection
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.receiver import Receiver
-from smsrepl.transport.sender import Sender, connect
+from smsrepl.transport.connect import connect
+from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context
 
 from integration.procs import CuttingProxy, wait_until

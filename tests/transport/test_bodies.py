@@ -92,13 +92,13 @@ def test_a_receiver_draws_every_session_s_bodies_from_one_bounded_pool(tmp_path,
     sessions end; every target is identical."""
     import os
 
-    from smsrepl.transport import receiver as receiver_module
+    from smsrepl.transport import server
     from smsrepl.transport.receiver import Receiver
     from smsrepl.transport.sender import Sender
     from smsrepl.transport.tls import client_context, server_context
 
     pool = BodyPool(16 * MiB, max_wait=30)
-    monkeypatch.setattr(receiver_module, "body_pool", lambda: pool)
+    monkeypatch.setattr(server, "body_pool", lambda: pool)
     n = 3
     sources = []
     for i in range(n):

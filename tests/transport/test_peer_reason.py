@@ -28,7 +28,7 @@ def test_the_receivers_error_wins_over_the_broken_pipe_it_causes(tmp_path, bundl
     def send(chan, ev):
         if isinstance(ev, F.RoundEnd):  # the round's data is out: its END goes once the ERROR is in
             deadline = time.monotonic() + 30
-            while sender._failure is None and time.monotonic() < deadline:
+            while sender.replies.failure is None and time.monotonic() < deadline:
                 time.sleep(0.01)
         return real_send(chan, ev)
 

@@ -14,15 +14,10 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from smsrepl.lab.certs import LabCA, expired_bundle, make_bundle, not_yet_valid_bundle
-from smsrepl.errors import AuthenticationError, CertificateError, ConfigError, TransportError
-from smsrepl.transport.tls import (
-    CertKey,
-    check_peer_role,
-    classify_ssl_error,
-    client_context,
-    load_passphrase,
-    server_context,
-)
+from smsrepl.errors import AuthenticationError, CertificateError, ConfigError, ReplicationError, TransportError
+from smsrepl.transport.certkey import CertKey, load_passphrase
+from smsrepl.transport.tls import check_peer_role, client_context, server_context
+from smsrepl.transport.tls_errors import classify_ssl_error
 
 PASS = b"task-passphrase-\xc3\xa9-7f3a"
 TIMEOUT = 5.0
@@ -39,6 +34,12 @@ def locked() -> CertKey:
 
 
 # -- harness ------------------------------------------------------------------
+def _classified(exc: Exception, *, server_side: bool) -> Exception:
+    """As the endpoints have it: a refused role (check_peer_role) is its own error, a failed
+    handshake is classified."""
+    return exc if isinstance(exc, ReplicationError) else classify_ssl_error(exc, server_side=server_side)
+
+
 @dataclasses.dataclass
 class Outcome:
     client: object = None  # bytes received, or the classified error
@@ -72,7 +73,7 @@ def handshake(
                 tls.sendall(b"ok")
                 out.server = tls.recv(2)
         except Exception as exc:
-            out.server = classify_ssl_error(exc, server_side=True)
+            out.server = _classified(exc, server_side=True)
         finally:
             raw.close()
 
@@ -85,7 +86,7 @@ def handshake(
             out.client = tls.recv(2)
             tls.sendall(b"hi")
     except Exception as exc:
-        out.client = classify_ssl_error(exc, server_side=False)
+        out.client = _classified(exc, server_side=False)
     finally:
         raw.close()
         thread.join(TIMEOUT + 1)
@@ -458,8 +459,8 @@ def test_check_peer_role_on_sslobject(plain):
 def test_classify_other_errors():
     assert isinstance(classify_ssl_error(ConnectionResetError(104, "reset")), TransportError)
     assert isinstance(classify_ssl_error(ssl.SSLEOFError(8, "eof")), TransportError)
-    e = AuthenticationError("x")
-    assert classify_ssl_error(e) is e
+    timeout = classify_ssl_error(TimeoutError("timed out"))
+    assert isinstance(timeout, TransportError) and str(timeout).endswith("timed out during the TLS handshake")
 
 
 # -- no decrypted key on disk -------------------------------------------------------------
@@ -613,7 +614,7 @@ def test_role_checks_agree_with_and_without_our_contexts(plain, server_role, tmp
 
 
 def test_a_validated_bundle_is_not_parsed_again(plain, tmp_path, monkeypatch):
-    import smsrepl.transport.tls as tls
+    import smsrepl.transport.certkey as tls
 
     monkeypatch.setattr(tls, "_VALIDATED", set())
     path = tmp_path / "certkey.json"
@@ -644,7 +645,7 @@ def test_a_validated_bundle_is_not_parsed_again(plain, tmp_path, monkeypatch):
 
 
 def test_the_validated_store_is_bounded_and_never_fails_a_load(plain, tmp_path, monkeypatch):
-    import smsrepl.transport.tls as tls
+    import smsrepl.transport.certkey as tls
 
     known = tls.ValidatedBundles(tmp_path / "validated")
     for i in range(tls.ValidatedBundles.KEEP + 5):
@@ -689,7 +690,7 @@ def test_a_second_sender_start_does_not_import_cryptography_x509(plain, tmp_path
 
 
 def test_bundles_of_two_cas_are_named_as_such_on_both_sides(plain):
-    from smsrepl.transport.tls import OTHER_BUNDLE_HINT
+    from smsrepl.transport.tls_errors import OTHER_BUNDLE_HINT
 
     out = handshake(server_context(plain), client_context(make_bundle()))
     refused(out)

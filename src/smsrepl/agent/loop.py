@@ -223,7 +223,8 @@ class Agent:
     # --- set-up from the task -------------------------------------------------------
     def _prepare(self, task_id: str | None) -> BlockSession:
         from smsrepl.throttle import CpuCap
-        from smsrepl.transport.tls import CertKey, client_context
+        from smsrepl.transport.certkey import CertKey
+        from smsrepl.transport.tls import client_context
 
         if not task_id:
             raise ConfigError("START carries no task_id and the agent was given none")

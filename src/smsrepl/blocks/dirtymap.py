@@ -50,6 +50,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 from smsrepl._lazy import np
 
@@ -358,3 +359,23 @@ def tracked_pwrite(fd: int, data, offset: int, dirty: DirtyMap) -> None:
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
     dirty.mark(offset, len(view))
+
+
+class FrozenMarks(Protocol):
+    """The marks one round sends: a :class:`Frozen` slot of a DirtyMap, or the kernel
+    tracker's (blocks.tracker.FrozenBits)."""
+
+    def ranges(self) -> Iterator[tuple[int, int]]: ...
+    def dirty_blocks(self) -> int: ...
+    def release(self) -> None: ...
+
+
+class ChangeMap(Protocol):
+    """What a block sender reads a round's changes from: a :class:`DirtyMap` that the
+    source's writers mark, or the kernel tracker's map (blocks.tracker.TrackedDirtyMap)."""
+
+    trusted: bool
+    reason: str
+
+    def freeze(self) -> FrozenMarks: ...
+    def trust(self) -> None: ...

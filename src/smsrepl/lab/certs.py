@@ -36,11 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from smsrepl.errors import CertificateError, ConfigError
+from smsrepl.transport.certkey import CertKey
 from smsrepl.transport.tls import (
     OU_SOURCE,
     OU_TARGET_DATA,
     OU_TARGET_MGMT,
-    CertKey,
 )
 
 __all__ = [

@@ -50,7 +50,7 @@ class _Body:
 
 def _free(body: _Body) -> bool:
     # referenced by the _Body and by getrefcount's argument only
-    return _REFCOUNT(body.buf) <= 2
+    return _REFCOUNT is not None and _REFCOUNT(body.buf) <= 2
 
 
 class BodyPool:

@@ -9,11 +9,13 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 
 from smsrepl.errors import TransportError
-from smsrepl.transport.tls import classify_ssl_error
-from smsrepl.transport.tlsio import RECV_SIZE
-from smsrepl.protocol import NEED_DATA, RECEIVER, Connection, ConnectionClosed
+from smsrepl.throttle import ScheduledLimiter
+from smsrepl.transport.tls_errors import classify_ssl_error
+from smsrepl.transport.tlsio import RECV_SIZE, TLSStream
+from smsrepl.protocol import RECEIVER, Connection, ConnectionClosed
 from smsrepl.protocol.frames import Event
 
 #: bytes per speed-limiter payment when a limit applies
@@ -21,7 +23,7 @@ THROTTLE_SLICE = 64 << 10
 
 
 class Channel:
-    def __init__(self, sock: socket.socket, conn: Connection) -> None:
+    def __init__(self, sock: TLSStream, conn: Connection) -> None:
         self.sock = sock
         self.conn = conn
         self._send_lock = threading.Lock()
@@ -34,9 +36,9 @@ class Channel:
         self._first_read = True
         #: a speed limiter (ratelimit.ScheduledLimiter): throttle(n) pays for n bytes
         #: before they are written, current() says whether a limit applies now
-        self.limiter = None
+        self.limiter: ScheduledLimiter | None = None
         #: called with the frame's size after it was written (an over-speed guard)
-        self.on_sent = None
+        self.on_sent: Callable[[int], None] | None = None
         #: when the pending recv() began waiting (None while not receiving): a watchdog
         #: that sees this too old aborts a peer that trickles a frame byte by byte
         self.recv_since: float | None = None
@@ -88,7 +90,7 @@ class Channel:
         while True:
             with self._state_lock:
                 ev = self.conn.next_event()
-            if ev is not NEED_DATA:
+            if isinstance(ev, Event):  # else NEED_DATA
                 self._first_read = False
                 if isinstance(ev, ConnectionClosed) and self.abort_reason is not None:
                     raise TransportError(self.abort_reason)
@@ -118,9 +120,8 @@ class Channel:
         (with ``reason`` as their error, when given)."""
         if reason is not None:
             self.abort_reason = reason
-        raw = getattr(self.sock, "raw", self.sock)
         try:
-            raw.shutdown(socket.SHUT_RDWR)
+            self.sock.raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -142,7 +143,3 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
-
-
-def closed_error(ev: ConnectionClosed, what: str) -> TransportError:
-    return TransportError(f"connection closed by the peer {what}")

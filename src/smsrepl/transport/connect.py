@@ -8,7 +8,8 @@ import socket
 import ssl
 
 from smsrepl.errors import ConfigError, ConnectError, ReplicationError
-from smsrepl.transport.tls import check_peer_role, classify_ssl_error
+from smsrepl.transport.tls import check_peer_role
+from smsrepl.transport.tls_errors import classify_ssl_error
 from smsrepl.transport.tlsio import TLSStream
 
 DEFAULT_PORT = 8900

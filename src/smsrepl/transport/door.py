@@ -57,6 +57,7 @@ class WaitingRoom:
                 self._accept()
                 continue
             raw = key.fileobj
+            assert isinstance(raw, socket.socket)
             self._sel.unregister(raw)
             accepted, addr = self._waiting.pop(raw)
             if not self._token(addr[0]):

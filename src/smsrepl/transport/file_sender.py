@@ -17,15 +17,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor
-from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
-from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
-from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
+from smsrepl.errors import RemoteProtocolError, ReplicationError, TransportError
+from smsrepl.throttle import CpuCap, SpeedSchedule
+from smsrepl.protocol import CAPABILITIES
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.connect import check_target_name, connect
+from smsrepl.transport.sender_base import SenderBase, raise_if_error
 
 if TYPE_CHECKING:
     from smsrepl.files.source import Prefetch
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 # open() sends HELLO and TREE_REQUEST before, and the receiver lists its tree meanwhile
 
 log = logging.getLogger("smsrepl.file_sender")
+E = TypeVar("E", bound=F.Event)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def file_session_id(source: str, target: str) -> str:
     return hashlib.sha256(ident).hexdigest()[:32]
 
 
-class FileSender:
+class FileSender(SenderBase):
     def __init__(self, source_dir: str, target: str, address: tuple[str, int], context: ssl.SSLContext, *,
                  rules: PathRules | None = None, checksum: bool = False, level: int | str = "auto",
                  speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
@@ -86,20 +87,15 @@ class FileSender:
             from smsrepl.errors import SourceMissingError
 
             raise SourceMissingError(f"source {source_dir!r} is not a directory")
+        if cpu_cap is None and rules is not None and rules.cpu_limit is not None:
+            cpu_cap = CpuCap(rules.cpu_limit)
+        super().__init__(target, address, context, speed_limit=speed_limit, cpu_cap=cpu_cap)
         self.source = os.path.abspath(source_dir)
-        self.target = check_target_name(target)
         self.session_id = file_session_id(self.source, self.target)
-        self.address = address
-        self.context = context
         self.rules = rules.anchored(self.source) if rules is not None else None  # host paths under it: relative
         self.checksum = checksum
         self.level = level
         self.literal_bytes = 0
-        #: the running session's speed schedule; replace_schedule() changes it live
-        self.limiter = ScheduledLimiter(speed_limit)
-        if cpu_cap is None and rules is not None and rules.cpu_limit is not None:
-            cpu_cap = CpuCap(rules.cpu_limit)
-        self.cpu_cap = cpu_cap
         self.on_report = on_report
         self.host_sampler = host_sampler
         #: a change journal of the source (files.journal): sync rounds of only what it names
@@ -110,24 +106,8 @@ class FileSender:
         self.max_delete = max_delete
         self.tracker: ProgressTracker | None = None
         self._done_bytes: int | None = None  # file bytes the running round has dealt with
-        self.stop_requested = False
-        self._stopped = threading.Event()  # ends a CPU cap's pacing (the cap may outlive this sender)
-        self._chan: Channel | None = None
         #: the thread that receives the rest of an ordered listing, and the listing
         self._listing: tuple[threading.Thread, Listing] | None = None
-
-    def stop(self) -> None:
-        """Pause: break the running round from another thread (files already renamed stay;
-        the next round sends what is missing)."""
-        self.stop_requested = True
-        self._stopped.set()
-        self.limiter.release()
-        chan = self._chan
-        if chan is not None:
-            chan.abort()
-
-    def replace_schedule(self, schedule: SpeedSchedule) -> None:
-        self.limiter.replace_schedule(schedule)
 
     @property
     def position(self) -> tuple[int, int | None] | None:
@@ -174,16 +154,7 @@ class FileSender:
     def _connect(self, checksum: bool, request: bool = True) -> Channel:
         """A connection with HELLO and (``request``) TREE_REQUEST sent (the protocol lets the
         request come before WELCOME)."""
-        chan = Channel(connect(self.address, self.context), Connection(SENDER))
-        try:
-            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, self.session_id, 0, F.FINE_BLOCK,
-                              list(CAPABILITIES)))
-            if request:
-                chan.send(F.TreeRequest(checksum))
-        except BaseException:
-            chan.close()
-            raise
-        return chan
+        return self._open("files", self.session_id, 0, list(CAPABILITIES), *([F.TreeRequest(checksum)] if request else []))
 
     def run(self) -> FileRoundResult:
         from smsrepl.files.local import by_dirs
@@ -199,6 +170,7 @@ class FileSender:
             if self._chan is None:
                 self.open()
             chan = self._chan
+            assert chan is not None
             try:
                 return self._session(chan, started, early)
             except BaseException:
@@ -213,25 +185,21 @@ class FileSender:
             if early is not None:
                 early.close()
 
-    def _recv(self, chan: Channel, *want: type) -> F.Event:
+    def _recv(self, chan: Channel, want: type[E]) -> E:
         if self._listing is not None:  # one reader at a time: the listing's comes first
             thread, listing = self._listing
             thread.join()
             self._listing = None
             listing.wait(whole=True)  # what stopped it (an ERROR frame, a lost connection)
-        return self._recv_frame(chan, *want)
+        return self._recv_frame(chan, want)
 
-    def _recv_frame(self, chan: Channel, *want: type) -> F.Event:
+    def _recv_frame(self, chan: Channel, want: type[E]) -> E:
         ev = chan.recv()
         while isinstance(ev, F.Pong):  # answers to keepalive PINGs
             ev = chan.recv()
-        if isinstance(ev, F.Error):
-            raise RemoteError(f"receiver: {ev.message}", code=ev.code or None, exit_code=ev.exit_code,
-                              resumable=ev.resumable)
-        if isinstance(ev, ConnectionClosed):
-            raise TransportError("the receiver closed the connection")
+        raise_if_error(ev)
         if not isinstance(ev, want):
-            raise RemoteProtocolError(f"expected {' or '.join(w.__name__ for w in want)}, got {type(ev).__name__}")
+            raise RemoteProtocolError(f"expected {want.__name__}, got {type(ev).__name__}")
         return ev
 
     def describe_target(self):
@@ -245,29 +213,26 @@ class FileSender:
             listing, decomp = Listing(), Decompressor()
             while not listing.done:
                 listing.add(self._recv(chan, F.TreeData), decomp)
-            try:
-                chan.send(F.Close("done"))
-                self._recv(chan, F.Close)
-            except ReplicationError:
-                pass
+            self._goodbye(chan)
             return listing
         finally:
             chan.close()
 
     def _progress(self, chan: Channel) -> Callable[[int], None]:
-        done = [0, 0.0]
+        done, reported = 0, 0.0
 
         def on_done(file_bytes: int) -> None:
+            nonlocal done, reported
             self._ops.keepalive()
-            done[0] += file_bytes
-            self._done_bytes = done[0]
-            if self.tracker is None:
+            done += file_bytes
+            self._done_bytes = done
+            if self.tracker is None or self.on_report is None:
                 return
-            self.tracker.update(min(done[0], self.tracker.totalsize), chan.wire_sent - self._wire0,
+            self.tracker.update(min(done, self.tracker.totalsize), chan.wire_sent - self._wire0,
                                 self._ops.raw_bytes)
             now = time.monotonic()
-            if now - done[1] >= 1.0:
-                done[1] = now
+            if now - reported >= 1.0:
+                reported = now
                 self.on_report(self.tracker.report())
 
         return on_done
@@ -277,7 +242,9 @@ class FileSender:
         import numpy as np
 
         chan.send(F.SigRequest(block_size, path))
-        weak, strong, size = [], [], 0
+        weak: list[np.ndarray] = []
+        strong: list[np.ndarray] = []
+        size = 0
         while True:
             ev = self._recv(chan, F.SigData)
             if ev.block_size != block_size or ev.first != sum(len(w) for w in weak):
@@ -363,7 +330,7 @@ class FileSender:
         return lambda count: check_deletions(count, total, self.max_delete, self.target, changed=True)
 
     def _goodbye(self, chan: Channel) -> None:
-        """End a session that begins no round (its listing received whole)."""
+        """CLOSE, and the receiver's, after a round or a listing received whole."""
         try:
             chan.send(F.Close("done"))
             self._recv(chan, F.Close)
@@ -378,11 +345,8 @@ class FileSender:
         from smsrepl.files.plan import plan_round
         from smsrepl.files.listing import Listing
 
-        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        chan = self._open("files", self.session_id, 0, list(CAPABILITIES) + [F.DRY_RUN], F.TreeRequest(self.checksum))
         try:
-            chan.send(F.Hello([PROTOCOL_VERSION], "files", self.target, self.session_id, 0, F.FINE_BLOCK,
-                              list(CAPABILITIES) + [F.DRY_RUN]))
-            chan.send(F.TreeRequest(self.checksum))
             welcome = self._recv(chan, F.Welcome)
             if "files" not in welcome.capabilities:
                 raise RemoteProtocolError("the receiver does not take file sessions")
@@ -450,13 +414,12 @@ class FileSender:
         chan.limiter = self.limiter
         wire0 = self._wire0 = chan.wire_sent
         chan.send(F.RoundBegin(round_id, kind, 0))
-        auto = self.level == "auto"
-        ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if auto else self.level),
-                                   (lambda: self.cpu_cap.pace(self._stopped)) if self.cpu_cap else None,
-                                   adaptive=auto)
+        auto, cap = self.level == "auto", self.cpu_cap
+        ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if isinstance(self.level, str) else self.level),
+                                   (lambda: cap.pace(self._stopped)) if cap else None, adaptive=auto)
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
-            target.deletion_limit = deletion_limit
+            target.deletion_limit = deletion_limit  # read by files.local.sync_tree
             stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
                               on_done=on_done, entries=entries, walk_errors=entries.errors)
             if entries.filter is not None and dirs is None:  # a part of the tree says nothing of the rest
@@ -474,18 +437,14 @@ class FileSender:
         if done.round_id != round_id:
             raise RemoteProtocolError(f"ROUND_DONE for round {done.round_id}, expected {round_id}")
         wire = chan.wire_sent - wire0
-        if self.tracker is not None:
+        if self.tracker is not None and self.on_report is not None:
             self.tracker.update(self.tracker.totalsize, wire, ops.raw_bytes)
             self.on_report(self.tracker.finish())
-        try:
-            chan.send(F.Close("done"))
-            self._recv(chan, F.Close)
-        except ReplicationError:
-            pass  # the round is durable already
+        self._goodbye(chan)  # the round is durable already: a lost goodbye changes nothing
         # a directory gone from a scanned one, with a subtree the subset did not list, left after
         # the round took its changes (a removal is an event in the parent, and the journal has
         # such directories listed whole): the next journal round deletes what it held
-        if dirs is not None and stats.hard_links_changed:
+        if dirs is not None and stats.hard_links_changed and self.journal is not None:
             # their other names may sit in directories this round did not scan
             self.journal.force_whole("hard-linked files changed in a journal round")
         return FileRoundResult(round_id, kind, stats, wire, time.monotonic() - started, self.literal_bytes,

@@ -10,6 +10,7 @@ import ssl
 import stat
 import uuid
 from collections.abc import Mapping
+from typing import Protocol
 
 from smsrepl.errors import RefusedError, RemoteProtocolError, TransportError
 from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
@@ -78,7 +79,15 @@ def last_round(state_dir: str, name: str, kind: str) -> dict | None:
             "verified": done, "checkpoint": rec.get("checkpoint"), "source_size": rec.get("source_size")}
 
 
-def describe(targets: Mapping[str, str], busy: Mapping[str, object], state_dir: str,
+class Running(Protocol):
+    """What a report says of a running session."""
+
+    peer: str
+    started: float
+    rounds: int
+
+
+def describe(targets: Mapping[str, str], busy: Mapping[str, Running], state_dir: str,
              root: str | None = None) -> tuple[list, list]:
     """(targets, sessions) of a STATUS frame. ``busy``: target name -> the session holding it;
     ``root``: a --root receiver's directory, whose valid names are its targets."""
@@ -143,9 +152,10 @@ def fetch_status(address: tuple[str, int], context: ssl.SSLContext) -> dict:
     return {"targets": report.targets, "sessions": report.sessions}
 
 
-def _size(n: int | None) -> str:
-    if n is None:
+def _size(size: int | None) -> str:
+    if size is None:
         return "-"
+    n = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+from typing import cast
 
 RECV_SIZE = 1 << 20
 #: plaintext per SSL write: keeps each ciphertext buffer small enough to be reused by malloc
@@ -77,7 +78,8 @@ class TLSStream:
                 try:
                     # one SSL read returns at most one 16 KiB record: drain what has arrived
                     while got < len(view):
-                        n = self.obj.read(len(view) - got, view[got:])
+                        # with a buffer, read() returns the count (typeshed knows only the bytes form)
+                        n = cast(int, self.obj.read(len(view) - got, view[got:]))
                         if not n:
                             return got  # end of stream
                         got += n

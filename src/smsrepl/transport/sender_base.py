@@ -1,0 +1,77 @@
+"""What the block sender and the file sender share: the connection, its opening, and stopping.
+
+Both open a session the same way (connect over mutual TLS, send HELLO, read WELCOME or the
+receiver's ERROR), run it under a speed schedule that can be replaced while it runs, and can
+be stopped from another thread: the running round breaks at once, and what the receiver made
+durable stays for the next run.
+"""
+from __future__ import annotations
+
+import ssl
+import threading
+
+from smsrepl.errors import RemoteError, RemoteProtocolError, TransportError
+from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
+from smsrepl.protocol import frames as F
+from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
+from smsrepl.transport.channel import Channel
+from smsrepl.transport.connect import check_target_name, connect
+
+
+class SenderBase:
+    def __init__(self, target: str, address: tuple[str, int], context: ssl.SSLContext, *,
+                 speed_limit: SpeedSchedule | None, cpu_cap: CpuCap | None) -> None:
+        self.target = check_target_name(target)
+        self.address = address
+        self.context = context
+        #: the running session's speed schedule; replace_schedule() changes it live
+        self.limiter = ScheduledLimiter(speed_limit)
+        self.cpu_cap = cpu_cap
+        self.stop_requested = False
+        self._stopped = threading.Event()  # ends a CPU cap's pacing (the cap may outlive this sender)
+        self._chan: Channel | None = None
+
+    def stop(self) -> None:
+        """Pause: break the running round from another thread. What the receiver made durable
+        stays (blocks up to its checkpoint, files already renamed); the next run resumes."""
+        self.stop_requested = True
+        self._stopped.set()
+        self.limiter.release()
+        chan = self._chan
+        if chan is not None:
+            chan.abort()
+
+    def replace_schedule(self, schedule: SpeedSchedule) -> None:
+        """Change the speed schedule of the running session, effective at once."""
+        self.limiter.replace_schedule(schedule)
+
+    def _open(self, kind: str, session_id: str, size: int, capabilities: list[str],
+              *then: F.Event) -> Channel:
+        """A connection to the receiver with HELLO sent, and the frames ``then`` after it (the
+        protocol lets a TREE_REQUEST come before WELCOME)."""
+        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        try:
+            chan.send(F.Hello([PROTOCOL_VERSION], kind, self.target, session_id, size, F.FINE_BLOCK, capabilities))
+            for frame in then:
+                chan.send(frame)
+        except BaseException:
+            chan.close()
+            raise
+        return chan
+
+
+def raise_if_error(ev: object) -> None:
+    """The receiver's ERROR frame, or the end of the connection, as the exception it means."""
+    if isinstance(ev, F.Error):
+        raise RemoteError(f"receiver: {ev.message}", code=ev.code or None, exit_code=ev.exit_code,
+                          resumable=ev.resumable)
+    if isinstance(ev, ConnectionClosed):
+        raise TransportError("the receiver closed the connection")
+
+
+def welcome(ev: object) -> F.Welcome:
+    """``ev``, the receiver's answer to HELLO, as the WELCOME it must be."""
+    raise_if_error(ev)
+    if not isinstance(ev, F.Welcome):
+        raise RemoteProtocolError(f"expected WELCOME, got {type(ev).__name__}")
+    return ev

@@ -1,0 +1,37 @@
+"""The receiver's dispatch table: HELLO's session kind names the handler that serves it."""
+from __future__ import annotations
+
+import pytest
+
+from smsrepl.protocol import SENDER, Connection
+from smsrepl.protocol import frames as F
+from smsrepl.transport.channel import Channel
+from smsrepl.transport.connect import connect
+from smsrepl.transport.receiver import Receiver
+from smsrepl.transport.server import SESSION_KINDS
+from smsrepl.transport.tls import client_context, server_context
+
+
+def test_every_session_kind_a_sender_opens_has_a_handler():
+    assert set(SESSION_KINDS) == {"block", "verify", "files", "netcheck", "status"}
+
+
+@pytest.mark.parametrize("kind", ["bogus", "", "BLOCK"])
+def test_a_kind_not_in_the_table_is_refused_and_nothing_is_written(tmp_path, bundle, kind):
+    outcomes = []
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True,
+                  on_session=outcomes.append)
+    addr = rx.start()
+    try:
+        chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+        chan.send(F.Hello([F.PROTOCOL_VERSION], kind, "disk0", "s1", 1 << 20, F.FINE_BLOCK, list(F.CAPABILITIES)))
+        ev = chan.recv()
+        chan.close()
+    finally:
+        rx.stop()
+    assert isinstance(ev, F.Error), ev
+    assert ev.exit_code == 4 and not ev.resumable, ev
+    assert ev.message == f"session kind {kind!r} is not supported by this receiver"
+    assert not (tmp_path / "t.img").exists()
+    assert not (tmp_path / "rx" / "disk0").exists() and not (tmp_path / "rx" / "disk0.lock").exists()
+    assert [(o.target, o.ok, o.error.exit_code) for o in outcomes] == [("disk0", False, 4)]
