@@ -54,7 +54,7 @@ DIRTY_BATCH = 2 << 20
 #: chunks read and digested ahead on worker threads while frames are built
 AHEAD = 2
 #: read buffers: 3 chunks' frames may wait in or at the sender's writer, 1 is
-#: being cut into frames, AHEAD are being read (see Sender._stream)
+#: being cut into frames, AHEAD are being read (see transport/block_pipeline.py)
 BUFFERS = 4 + AHEAD
 
 

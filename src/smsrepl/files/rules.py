@@ -6,7 +6,7 @@ Keys (both spellings the service uses)::
     SYNC_EXCLUDE_PATH, SYNC_EXCLUDE_DIR                                not copied by sync rounds
     ONLY_SYNC_PATH, ONLY_SYNC_DIR                                      sync rounds copy only these
     CONSISTENCY_DIR                                                    directories the check covers
-    LINUX_CPU_LIMIT                                                    CPU cap (ratelimit.CpuCap)
+    LINUX_CPU_LIMIT                                                    CPU cap (throttle.cpucap.CpuCap)
 
 A ``config_value`` is a comma-separated list of absolute paths or shell globs
 on the source machine: ``*``, ``?`` and ``[...]`` match within one path

@@ -34,7 +34,7 @@ class Channel:
         # TLS 1.3 clients learn that the server refused their certificate only
         # at their first read: until an event arrives, TLS errors are auth errors
         self._first_read = True
-        #: a speed limiter (ratelimit.ScheduledLimiter): throttle(n) pays for n bytes
+        #: a speed limiter (throttle.limiter.ScheduledLimiter): throttle(n) pays for n bytes
         #: before they are written, current() says whether a limit applies now
         self.limiter: ScheduledLimiter | None = None
         #: called with the frame's size after it was written (an over-speed guard)

@@ -3,7 +3,7 @@
 A file session (HELLO kind "files") claims its directory target (made where it is missing and
 the receiver may create it), says in WELCOME whether a round completed before, lists the tree
 when asked (the whole tree, or the directories a journal round names), and applies each
-round's file operations (files/remote.py, files/apply.py): files replaced atomically, the
+round's file operations (files/opapply.py, files/apply.py): files replaced atomically, the
 round record written only once the round is durable. A dry run lists and changes nothing.
 """
 from __future__ import annotations
