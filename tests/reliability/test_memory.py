@@ -3,12 +3,14 @@ objects and their buffers (1 MiB and up) alive until a full garbage collection. 
 continuous session such cycles grew the sender by ~0.3 MiB a round (found by the soak)."""
 import gc
 import os
+import time
 import weakref
 
 import pytest
 
 from smsrepl.blocks.dirtymap import DirtyMap
 from smsrepl.transport import channel as channel_module
+from smsrepl.transport import session as session_module
 from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context
@@ -143,3 +145,36 @@ def test_cut_sessions_leave_neither_memory_nor_descriptors_behind(tmp_path, cert
     print(f"receiver RSS after 10 cut sessions {after_10:.0f} MiB, after {sessions}: {after_all:.0f} MiB")  # for -s
     assert cut >= sessions - 2, cut  # they were cut (a resumed one may finish below its cut)
     assert after_all <= 1.2 * after_10 + 32, (after_10, after_all)
+
+
+@pytest.mark.reliability("soak", "receiver sessions freed without the garbage collector")
+def test_the_receivers_sessions_are_freed_without_the_garbage_collector(tmp_path, bundle, monkeypatch):
+    # a session and the handler of its kind refer to each other; left so, every finished
+    # session's buffers wait for a full gc (30 cut sessions grew a receiver by ~80 MiB)
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(4 << 20))
+    made = []
+    real_init = session_module.Handler.__init__
+
+    def tracking_init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(session_module.Handler, "__init__", tracking_init)
+    rx = Receiver({"disk0": str(tmp_path / "dst.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
+    addr = rx.start()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx")).run()
+            src.write_bytes(os.urandom(4 << 20))
+        deadline = time.monotonic() + 30  # the session's thread finishes after the sender returns
+        while any(r() is not None for r in made) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [r() for r in made if r() is not None]
+    finally:
+        gc.enable()
+        rx.stop()
+    assert len(made) >= 3
+    assert not alive, f"{len(alive)} session handlers still alive without a garbage collection: {alive}"

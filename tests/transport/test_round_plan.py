@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from smsrepl.errors import RemoteProtocolError
+from smsrepl.errors import FrameError, RemoteProtocolError
 from smsrepl.protocol import frames as F
 from smsrepl.transport.round_plan import RoundPlan, check_resume_offset, plan_round
 
@@ -34,7 +34,12 @@ def test_a_resume_offset_on_a_block_boundary_or_the_end_is_taken(checkpoint):
     check_resume_offset(welcome("partial", 1, "full", checkpoint), size)
 
 
-@pytest.mark.parametrize("checkpoint", [1, 4095, 8 * MiB + 4096, -4096])
+def test_a_negative_resume_offset_never_reaches_the_plan():
+    with pytest.raises(FrameError, match="Welcome.checkpoint"):  # the event refuses it when made
+        welcome("partial", 1, "full", -4096)
+
+
+@pytest.mark.parametrize("checkpoint", [1, 4095, 8 * MiB + 4096])
 def test_a_resume_offset_off_the_blocks_of_the_source_is_refused(checkpoint):
     with pytest.raises(RemoteProtocolError) as exc:
         check_resume_offset(welcome("partial", 1, "full", checkpoint), 8 * MiB)

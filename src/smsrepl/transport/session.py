@@ -162,6 +162,9 @@ class Session:
         if self.ended is not None:
             detached(self.ended)
         self._frames = None
+        # the handler and the session refer to each other: the handler's buffers (a replica's
+        # manifest, a tree writer's) would wait for a full gc
+        self.handler = None
 
     def _failed(self, exc: Exception, target_name: str) -> ReplicationError:
         """Say why the session failed, in the log and to its sender."""
