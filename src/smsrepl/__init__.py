@@ -1,5 +1,8 @@
 """smsrepl: the data plane of a server migration (block and file replication over mutual TLS)."""
+from smsrepl import _moved
 from smsrepl._version import __version__
+
+_moved.install()  # old import paths of moved modules keep working (see _moved.py)
 
 __all__ = ["__version__", "backend"]
 

@@ -1,0 +1,68 @@
+"""The import paths of modules that the layout of docs/ARCHITECTURE.md moved, kept working.
+
+An agent written against an earlier release imports, say, ``smsrepl.ratelimit`` or
+``smsrepl.continuous``; that import now gives the module's new home (``smsrepl.throttle``,
+``smsrepl.replication.continuous``) with a DeprecationWarning naming it, instead of an
+ImportError in the middle of a migration. Nothing in the package uses these names.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import sys
+import warnings
+from types import ModuleType
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
+
+MOVED = {
+    "smsrepl.certs": "smsrepl.lab.certs",
+    "smsrepl.checkprogress": "smsrepl.control.checkprogress",
+    "smsrepl.consistency": "smsrepl.control.consistency",
+    "smsrepl.continuous": "smsrepl.replication.continuous",
+    "smsrepl.demo": "smsrepl.lab.demo",
+    "smsrepl.dryrun": "smsrepl.cli.dryrun",
+    "smsrepl.flags": "smsrepl.cli.flags",
+    "smsrepl.interrupt": "smsrepl.cli.interrupt",
+    "smsrepl.lag": "smsrepl.replication.lag",
+    "smsrepl.layout": "smsrepl.agent.layout",
+    "smsrepl.logsetup": "smsrepl.cli.logsetup",
+    "smsrepl.memory": "smsrepl.transport.memory",
+    "smsrepl.netcheck": "smsrepl.transport.netcheck",
+    "smsrepl.progress": "smsrepl.control.progress",
+    "smsrepl.ratelimit": "smsrepl.throttle",
+    "smsrepl.session": "smsrepl.replication.session",
+    "smsrepl.state": "smsrepl.control.state",
+    "smsrepl.summary": "smsrepl.cli.summary",
+    "smsrepl.testdata": "smsrepl.lab.testdata",
+    "smsrepl.verify": "smsrepl.blocks.imagecompare",
+    "smsrepl.agent.fakecp": "smsrepl.lab.fakecp",
+    "smsrepl.blocks.tracepage": "smsrepl._pure.trace",
+}
+
+
+class _Alias:  # a loader (importlib.abc would cost every command 20 ms of imports)
+    def __init__(self, new: str) -> None:
+        self.new = new
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return None  # a throw-away module: exec_module puts the real one in its place
+
+    def exec_module(self, module: ModuleType) -> None:
+        warnings.warn(f"{module.__name__} moved to {self.new}; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        # the import machinery hands back what sys.modules holds under the old name
+        sys.modules[module.__name__] = importlib.import_module(self.new)
+
+
+class MovedModules:  # a meta path finder
+    def find_spec(self, fullname: str, path=None, target=None) -> importlib.machinery.ModuleSpec | None:
+        new = MOVED.get(fullname)
+        return importlib.machinery.ModuleSpec(fullname, cast("Loader", _Alias(new))) if new else None
+
+
+def install() -> None:
+    if not any(isinstance(f, MovedModules) for f in sys.meta_path):
+        sys.meta_path.append(MovedModules())
