@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # not typing's: importing typing would cost every short command 3 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class _Lazy:

@@ -12,10 +12,6 @@ import importlib.machinery
 import sys
 import warnings
 from types import ModuleType
-from typing import TYPE_CHECKING, cast
-
-if TYPE_CHECKING:
-    from importlib.abc import Loader
 
 MOVED = {
     "smsrepl.certs": "smsrepl.lab.certs",
@@ -43,7 +39,7 @@ MOVED = {
 }
 
 
-class _Alias:  # a loader (importlib.abc would cost every command 20 ms of imports)
+class _Alias:  # a loader
     def __init__(self, new: str) -> None:
         self.new = new
 
@@ -60,7 +56,11 @@ class _Alias:  # a loader (importlib.abc would cost every command 20 ms of impor
 class MovedModules:  # a meta path finder
     def find_spec(self, fullname: str, path=None, target=None) -> importlib.machinery.ModuleSpec | None:
         new = MOVED.get(fullname)
-        return importlib.machinery.ModuleSpec(fullname, cast("Loader", _Alias(new))) if new else None
+        if new is None:
+            return None
+        # _Alias is a Loader by its methods: importlib.abc (and typing for a cast) would cost
+        # every command 25 ms of imports
+        return importlib.machinery.ModuleSpec(fullname, _Alias(new))  # type: ignore[arg-type]
 
 
 def install() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # typing itself would cost every command 3 ms of imports
 
 if TYPE_CHECKING:
     from tqdm import tqdm

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, TypeVar
 
 from smsrepl.errors import ConfigError
 from smsrepl.cli.bundle import bundle_certkey, bundle_passphrase
@@ -14,12 +13,16 @@ from smsrepl.cli.flags import state_home
 from smsrepl.cli.progressout import ProgressOutput
 from smsrepl.cli.speedwatch import ScheduleWatcher
 
+TYPE_CHECKING = False  # typing itself would cost every command 3 ms of imports
+
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     from smsrepl.replication.continuous import ContinuousSync
     from smsrepl.transport.file_sender import FileSender
     from smsrepl.transport.sender import Sender
 
-S = TypeVar("S", "Sender", "FileSender")
+    S = TypeVar("S", "Sender", "FileSender")
 
 
 def cmd_send_files(args, stop=None) -> int:
