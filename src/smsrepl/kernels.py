@@ -35,9 +35,12 @@ import math
 import os
 import sys
 import struct
-from typing import Any
 
 from smsrepl._lazy import np
+
+TYPE_CHECKING = False  # typing itself would cost every command 3 ms of imports
+if TYPE_CHECKING:
+    from typing import Any
 
 #: the unit of block digests, dirty maps and the wire's block maps
 FINE_BLOCK = 4096
