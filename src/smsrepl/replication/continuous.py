@@ -30,7 +30,7 @@ from smsrepl.errors import ReplicationError, TransportError
 from smsrepl.replication.lag import LagMeter
 from smsrepl.transport.memory import release_free_memory
 
-log = logging.getLogger("smsrepl.replication.continuous")
+log = logging.getLogger("smsrepl.continuous")  # the name logs have always carried
 #: round results kept: a sync that runs for weeks must not grow by one result a round
 KEEP_RESULTS = 100
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from smsrepl.kernels import FINE_BLOCK
 
-log = logging.getLogger("smsrepl.replication.lag")
+log = logging.getLogger("smsrepl.lag")  # the name logs have always carried
 
 #: rounds looked at for the convergence verdict and the rates
 WINDOW = 3
