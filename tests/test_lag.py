@@ -37,7 +37,7 @@ def test_rounds_that_drain_faster_than_the_source_dirties_converge(caplog):
     clock, backlog = Clock(), Backlog()
     meter = LagMeter(backlog, clock=clock, tracking="kernel")
     assert meter.figures()["lag_s"] is None and meter.figures()["cutover_estimate_s"] is None
-    with caplog.at_level(logging.WARNING, logger="smsrepl.replication.lag"):
+    with caplog.at_level(logging.WARNING, logger="smsrepl.lag"):
         _round(meter, clock, backlog, blocks=100_000, seconds=10, wait=0)  # the copy
         for _ in range(2 * WINDOW):
             _round(meter, clock, backlog, blocks=2_500, seconds=1, wait=9)  # 10 MB/10 s, drained in 1 s
@@ -55,7 +55,7 @@ def test_rounds_that_drain_faster_than_the_source_dirties_converge(caplog):
 def test_a_source_that_outruns_the_rounds_is_reported_not_converging_once(caplog):
     clock, backlog = Clock(), Backlog()
     meter = LagMeter(backlog, clock=clock, tracking="kernel")
-    with caplog.at_level(logging.WARNING, logger="smsrepl.replication.lag"):
+    with caplog.at_level(logging.WARNING, logger="smsrepl.lag"):
         _round(meter, clock, backlog, blocks=100_000, seconds=10, wait=0)
         blocks = 10_000
         for i in range(WINDOW + 3):
