@@ -15,6 +15,9 @@ from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context
 
+# RSS and descriptor counts: alone, not beside the parallel workers of tests/run
+pytestmark = pytest.mark.serial
+
 
 @pytest.mark.reliability("soak", "sessions freed without the garbage collector")
 def test_rounds_leave_no_cycles_holding_channels(tmp_path, bundle, monkeypatch):
