@@ -152,7 +152,7 @@ class Connection:
         nxt = self._next_state(self.role, event)
         try:
             parts = F.encode(event)
-        except Exception as exc:
+        except F.FrameError as exc:
             self.state = State.ERROR
             raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}") from exc
         self.state = nxt
@@ -233,10 +233,11 @@ class Connection:
         if self._bodies_from is not None:
             return self._bodies_from(length, self._token)
         refcount = _REFCOUNT
-        for buf in self._bodies if refcount is not None else ():
-            # free: referenced only by the list, this loop and getrefcount's argument
-            if len(buf) >= length and refcount is not None and refcount(buf) <= 3:
-                return memoryview(buf)[:length]
+        if refcount is not None:
+            for buf in self._bodies:
+                # free: referenced only by the list, this loop and getrefcount's argument
+                if len(buf) >= length and refcount(buf) <= 3:
+                    return memoryview(buf)[:length]
         buf = bytearray(length)
         if len(self._bodies) >= KEEP_BODIES:
             self._bodies.pop(0)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import operator
 import typing
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
 
 from smsrepl._lazy import np
 from smsrepl.errors import FrameError
@@ -259,6 +259,9 @@ class BlockData(Event):
             raise FrameError("BlockData needs digests, or (as decoded) a zero map per block and a 16-byte check")
         _bytes_like(self, "payload")
 
+    def recoded(self, codec: int, payload: Any) -> BlockData:
+        return _recoded(self, codec, payload)
+
 
 @dataclass(frozen=True, slots=True)
 class BlockSet(Event):
@@ -279,6 +282,26 @@ class BlockSet(Event):
         if index[0] != 0 or (count > 1 and not (np.diff(index) > 0).all()):
             raise FrameError("BLOCK_SET indices must start at 0 and strictly increase")
         _bytes_like(self, "payload")
+
+    def recoded(self, codec: int, payload: Any) -> BlockSet:
+        return _recoded(self, codec, payload)
+
+
+_Data = TypeVar("_Data", "BlockData", "BlockSet")
+_DATA_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (BlockData, BlockSet)}
+
+
+def _recoded(event: _Data, codec: int, payload: Any) -> _Data:
+    """``event`` with its payload encoded by ``codec``: only the two new fields are checked
+    (a sender compresses every data frame; its blocks, digests and index were checked when made)."""
+    new = object.__new__(type(event))
+    for name in _DATA_FIELDS[type(event)]:
+        object.__setattr__(new, name, getattr(event, name))
+    object.__setattr__(new, "codec", codec)
+    object.__setattr__(new, "payload", payload)
+    _uint(new, "codec", 0xFF)
+    _bytes_like(new, "payload")
+    return new
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ local copy of the target's manifest.
 """
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -67,7 +66,7 @@ class Compression:
         if self.adapt is not None:
             self.adapt.record_compress(level, source_bytes(ev), dt)
         self.pace()
-        return dataclasses.replace(ev, codec=codec, payload=payload)
+        return ev.recoded(codec, payload)
 
 
 class PendingDigests:

@@ -51,10 +51,8 @@ class Replies:
                     self._answers.put(ev)
                     if isinstance(ev, F.Close):
                         return
-                elif isinstance(ev, F.Error):
+                elif isinstance(ev, (F.Error, ConnectionClosed)):
                     raise_if_error(ev)
-                elif isinstance(ev, ConnectionClosed):
-                    raise TransportError("the receiver closed the connection")
         except BaseException as exc:
             self.failure = exc
             self._answers.put(exc)
