@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from smsrepl.agent.link import TaskLink
+from smsrepl.agent.link import TaskLink, TaskSide
 from smsrepl.agent.server import DiskPlan, ServerResult, ServerRound
 from smsrepl.control.state import SessionStateMachine
 from smsrepl.errors import ConfigError
@@ -123,6 +123,21 @@ class BlockTask:
             differ, total = sender.check()
             items.append(entry(disk.name, total, different=differ))
         return for_upload(items)
+
+    def adopt(self, old: TaskSide) -> None:
+        """Take over the change tracking of the task prepared before this one (a START that
+        failed is prepared again): the disks both name keep their trackers, so the next sync
+        round still reads only what changed. What this task does not name stops."""
+        if not isinstance(old, BlockTask):
+            old.close()
+            return
+        paths = {plan.path for plan in self.plans}
+        for path, m in old.trackers.items():
+            if path in paths:
+                self.trackers[path] = m
+            elif m is not None:
+                m.close()
+        old.trackers = {}
 
     def close(self) -> None:
         """Stop change tracking (the next agent starts its own, and reads each disk whole once)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from smsrepl.agent.link import TaskLink
+from smsrepl.agent.link import TaskLink, TaskSide
 from smsrepl.agent.server import TreeResult, TreeRound
 from smsrepl.control.state import SessionStateMachine
 
@@ -66,6 +66,13 @@ class FileTask:
         for note in result.get("notes", []):
             log.warning("consistency check: %s", note)
         return for_upload(result["consistency_result"])
+
+    def adopt(self, old: TaskSide) -> None:
+        """Take over the change journal of the task prepared before this one, when it watches
+        the same tree (a START that failed is prepared again); stop anything else it ran."""
+        if isinstance(old, FileTask) and old.tree == self.tree:
+            self.journal, old.journal = old.journal, None
+        old.close()
 
     def close(self) -> None:
         if self.journal is not None:

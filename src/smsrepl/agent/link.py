@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from smsrepl.control.hostsample import HostSampler
@@ -28,3 +28,9 @@ class TaskLink:
     sampler: HostSampler
     on_report: Callable[[dict], None]
     speed_limit: Callable[[], SpeedSchedule | None]
+
+
+class TaskSide(Protocol):
+    """A task's block or file side, as the next one prepared for the task sees it."""
+
+    def close(self) -> None: ...

@@ -262,14 +262,14 @@ class Agent:
                         lambda rep: self.outbox.put("progress", task_id, rep), lambda: self._schedule)
         self.task = task
         self._network_check(link)
-        if self._driver is not None:
-            self._driver.close()
         driver: BlockTask | FileTask
         if tree and rules is not None:
             driver = FileTask(tree, self.tree_target, rules, link)
         else:
             driver = BlockTask(plans, link, tracking=self.tracking, freeze=self.freeze,
                                freeze_timeout=self.freeze_timeout)
+        if self._driver is not None:
+            driver.adopt(self._driver)
         self._driver = driver
         if bool(task.get("syncing", False)):
             driver.track_changes()  # from before the first copy on
