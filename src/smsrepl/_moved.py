@@ -4,6 +4,12 @@ An agent written against an earlier release imports, say, ``smsrepl.ratelimit`` 
 ``smsrepl.continuous``; that import now gives the module's new home (``smsrepl.throttle``,
 ``smsrepl.replication.continuous``) with a DeprecationWarning naming it, instead of an
 ImportError in the middle of a migration. Nothing in the package uses these names.
+
+The names those modules offered stay, with these exceptions (functions no product path called,
+removed with the layout): ``ratelimit.judge_over_speed``, ``parse_agent_time`` and
+``OverSpeedVerdict`` (the control plane's own over-speed judgement), ``SpeedSchedule.from_file``,
+``to_json``, ``next_change`` and ``seconds_until_change``, ``ProgressTracker.eta``, ``rate_bps``
+and ``progress``, ``SessionStateMachine.event_for``.
 """
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ class ControlPlaneUnavailable(ControlPlaneError):
 class TrackingUnavailable(ConfigError):
     """Kernel change tracking cannot run here; the message names what is missing."""
 
-    code = "SMS.1902"  # tracefs.CODE_START
+    code = "SMS.1902"  # "Failed to start the I/O monitoring module"
 
 
 class ReportError(ValueError):

@@ -35,8 +35,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from smsrepl.durable import private_makedirs
-from smsrepl.errors import ConfigError, ReplicationError
+from smsrepl.durable import private_makedirs, write_json_atomic
+from smsrepl.errors import ConfigError, ControlPlaneError, ReplicationError
 from smsrepl.replication.session import BlockSession
 from smsrepl.control.state import Command, CommandResult, ServerCommand, SessionState, SessionStateMachine, StatePair
 from smsrepl.agent.block_task import BlockTask, plan_disks
@@ -44,7 +44,6 @@ from smsrepl.agent.client import ControlPlane
 from smsrepl.agent.file_task import FileTask
 from smsrepl.agent.link import TaskLink
 from smsrepl.agent.outbox import Outbox
-from smsrepl.errors import ControlPlaneError
 from smsrepl.agent.server import ServerRound, TreeRound
 
 if TYPE_CHECKING:
@@ -143,8 +142,6 @@ class Agent:
             self.session = None
 
     def _save_task(self, **extra) -> None:
-        from smsrepl.durable import write_json_atomic
-
         write_json_atomic(self._task_file(), {"task_id": self.task_id, **extra})
 
     def run(self) -> int:

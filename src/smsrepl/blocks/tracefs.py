@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 from smsrepl.errors import TrackingUnavailable
 
-#: the tracker's SMS code: "Failed to start the I/O monitoring module"
-CODE_START = "SMS.1902"
 INSTANCE_PREFIX = "smsrepl-"
 _INSTANCE = re.compile(r"smsrepl-(\d+)-(\d+)-(\d+)_(\d+)$")
 #: the ids our round markers carry in trace_marker_raw ("SMSR")

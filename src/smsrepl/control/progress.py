@@ -55,7 +55,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from smsrepl.control.hostsample import NullHostSampler, Sampler, clamp
+from smsrepl.control.hostsample import HostSample, HostSampler, NullHostSampler, Sampler, clamp
 from smsrepl.errors import ReportError
 
 __all__ = [
@@ -71,6 +71,9 @@ __all__ = [
     "REQUIRED_FIELDS",
     "REMAIN_UNKNOWN",
     "RATE_WINDOW_S",
+    "HostSample",  # with the host sampler in hostsample.py, and named here too as before
+    "HostSampler",
+    "NullHostSampler",
     "ProgressTracker",
     "ReportError",
     "report_problems",

@@ -23,6 +23,7 @@ from smsrepl.errors import RemoteProtocolError
 from smsrepl.files.decide import bring_entry, delete_gone
 from smsrepl.files.dirscan import FILE, DirBatch
 from smsrepl.files.liveread import settle_deferred
+from smsrepl.files.names import DIR_FLAGS
 from smsrepl.files.roundstats import RoundStats
 from smsrepl.files.rules import RoundFilter
 from smsrepl.files.scan import root_entry
@@ -31,7 +32,6 @@ from smsrepl.files.wire import INLINE
 
 #: diff_records' verdicts
 SAME, OTHER, NEW, META_ONLY, DATA = range(5)
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHANGED = re.compile(rb"[^\x00]")
 
 
@@ -94,7 +94,7 @@ def _read_small(src: bytes, t: DirRoundTarget, b: DirBatch, quick: list[int], st
     indices it left (changed while read, vanished, ...) go the careful way."""
     full = src + b"/" + b.rel if b.rel else src
     try:
-        fd = os.open(full, _OPEN_DIR)
+        fd = os.open(full, DIR_FLAGS)
     except OSError:
         return quick
     try:

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from smsrepl import kernels
 from smsrepl.errors import ConfigError
 from smsrepl.files import wire as W
-from smsrepl.files.names import TEMP_RE, TEMP_START, unlink_quiet
+from smsrepl.files.names import DIR_FLAGS, TEMP_RE, TEMP_START, unlink_quiet
 from smsrepl.files.rules import RoundFilter
 from smsrepl.files.scan import Entry, _raise, root_entry
 
 DIR = W.KIND_CODES["dir"]
 FILE = W.KIND_CODES["file"]
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SIZE = struct.Struct(">Q")  # at offset 13 of a record
 #: threads scanning directories, and directories scanned ahead of the consumer at most
 #: (SMSREPL_SCAN_THREADS, 1-64, overrides the first)
@@ -181,7 +180,7 @@ def _scan_one(top: bytes, rel: bytes, xattrs: bool):
     """kernels.scan_dir of directory ``rel``, or the OSError that stopped it."""
     full = top + b"/" + rel if rel else top
     try:
-        fd = os.open(full, _OPEN_DIR)
+        fd = os.open(full, DIR_FLAGS)
         try:
             return kernels.scan_dir(fd, rel, full if xattrs else None)
         finally:
@@ -202,7 +201,7 @@ def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirB
         gone = set(temps)
         return _subset(b, [i for i in range(len(b.names)) if i not in gone], set())
     try:
-        fd = os.open(top + b"/" + b.rel if b.rel else top, _OPEN_DIR)
+        fd = os.open(top + b"/" + b.rel if b.rel else top, DIR_FLAGS)
     except OSError:
         return b
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
+import contextlib
 import os
 import secrets
 import stat
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from smsrepl.durable import fsync_dir
 from smsrepl.errors import CertificateError, ConfigError
 from smsrepl.transport.certkey import CertKey
 from smsrepl.transport.tls import (
@@ -283,19 +285,6 @@ def not_yet_valid_bundle(passphrase: bytes | None = None, **kwargs) -> CertKey:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _exists_message(final: Path) -> str:
     return (f"{final} already exists: a bundle both hosts must share; give --force to replace it "
             "(hosts holding the old one can no longer connect)")
@@ -373,7 +362,8 @@ def write_certkey(outdir: str | os.PathLike[str], certkey: CertKey, *, overwrite
     except BaseException:
         _unlink_quiet(tmp)
         raise
-    _fsync_dir(out)
+    with contextlib.suppress(OSError):  # the bundle is written; a directory that cannot be synced stays as it is
+        fsync_dir(str(final))
     return final
 
 
