@@ -36,6 +36,9 @@ def _events():
         "Scanned": F.Scanned(4 << 20),
         "RoundBegin": F.RoundBegin(2, "sync", 0),
         "Ping": F.Ping(7, 123456789, 32),
+        "Seq": F.Seq(1234567),
+        "Streams": F.Streams(4, ""),
+        "Streams.granted": F.Streams(3, "00112233445566778899aabbccddeeff"),
         **_fixed_events(),
     }
 
@@ -131,6 +134,9 @@ GOLDEN = {
     "BlockSet": (12352, "cb4716ccbf74f403"),
     "ZeroRange": (28, "036c88f5a8c8b3e5"),
     "Scanned": (20, "ecf80b8a6608bc1a"),
+    "Seq": (20, "ad0f66297cbf0b3a"),
+    "Streams": (32, "4e8fb73a6f77c6b6"),
+    "Streams.granted": (64, "0359b45f304f6751"),
     "RoundBegin": (50, "d21ea536da39f451"),
     "Ping": (60, "ae084049fe645e67"),
     "BlockData.fixed": (5161, "08d96d0d99818d68"),
@@ -246,6 +252,7 @@ SPELLED = {
         "00" "000a" "6f646420ff0a6e616d65"),  # not recursive, b"odd \xff\nname"
     "RoundEnd": bytes.fromhex("0000000e" "15" "00" "0000" "a7f1fe1b") + b'{"round_id":4}',
     "Scanned": bytes.fromhex("00000008" "13" "00" "0000" "ccfc5f01" "0000000000400000"),
+    "Seq": bytes.fromhex("00000008" "51" "00" "0000" "89836f2d" "000000000012d687"),
 }
 
 

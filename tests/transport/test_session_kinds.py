@@ -13,7 +13,7 @@ from smsrepl.transport.tls import client_context, server_context
 
 
 def test_every_session_kind_a_sender_opens_has_a_handler():
-    assert set(SESSION_KINDS) == {"block", "verify", "files", "netcheck", "status"}
+    assert set(SESSION_KINDS) == {"block", "verify", "files", "netcheck", "status", "stream"}
 
 
 @pytest.mark.parametrize("kind", ["bogus", "", "BLOCK"])
@@ -35,3 +35,20 @@ def test_a_kind_not_in_the_table_is_refused_and_nothing_is_written(tmp_path, bun
     assert not (tmp_path / "t.img").exists()
     assert not (tmp_path / "rx" / "disk0").exists() and not (tmp_path / "rx" / "disk0.lock").exists()
     assert [(o.target, o.ok, o.error.exit_code) for o in outcomes] == [("disk0", False, 4)]
+
+
+def test_an_extra_connection_without_its_sessions_key_is_refused(tmp_path, bundle):
+    """HELLO kind "stream" joins only a running session that granted streams, with its key."""
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
+    addr = rx.start()
+    try:
+        chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+        chan.send(F.Hello([F.PROTOCOL_VERSION], "stream", "disk0", "s1", 1 << 20, F.FINE_BLOCK, ["streams"]))
+        chan.send(F.Streams(1, "00" * 16))
+        ev = chan.recv()
+        chan.close()
+    finally:
+        rx.stop()
+    assert isinstance(ev, F.Error), ev
+    assert ev.exit_code == 4 and "key" in ev.message, ev
+    assert not (tmp_path / "t.img").exists()

@@ -166,6 +166,17 @@ def https_url(text: str) -> str:
     return text
 
 
+def stream_count(text: str) -> int | str:
+    """An argparse type: --streams N (1-16) or 'auto'."""
+    from smsrepl.errors import ConfigError
+    from smsrepl.transport.streams_auto import parse_streams
+
+    try:
+        return parse_streams(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--streams {text!r}: ")) from None
+
+
 def zstd_level(text: str) -> int | str:
     """An argparse type: a zstd level 0-19, or 'auto'."""
     if text == "auto":

@@ -10,7 +10,7 @@ from smsrepl.cli.agent import cmd_agent
 from smsrepl.cli.dryrun import max_delete
 from smsrepl.cli.flags import (OneLineParser, add_verbose, address, control_plane_id, directory,
                                https_url, nonempty, number, number_in, seconds, state_dir,
-                               subcommands, target_name, zstd_level)
+                               stream_count, subcommands, target_name, zstd_level)
 from smsrepl.cli.lab import cmd_certs_init, cmd_demo
 from smsrepl.cli.probe import cmd_netcheck, cmd_status
 from smsrepl.cli.receive import cmd_receive
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--level", type=zstd_level, default=DEFAULT_LEVEL,
                     help=f"zstd level, 0 = no compression, auto = level {DEFAULT_LEVEL} for each frame only while "
                          f"that moves data faster than sending it raw (default {DEFAULT_LEVEL})")
+    sb.add_argument("--streams", type=stream_count, default="auto", metavar="N|auto",
+                    help="TLS connections the session runs over (1-16); auto (default): one on a LAN, more the "
+                         "longer the link's round trip (a long fat link holds one connection below its rate)")
     sb.add_argument("--dirty-map", metavar="FILE",
                     help="changed-block map the source's writes are marked in (smsrepl.blocks.dirtymap); "
                          "sync rounds then read only the blocks it names")

@@ -212,7 +212,7 @@ def cmd_send_block(args, stop=None) -> int:
 
     def make_sender() -> Sender:
         sender = Sender(args.source, args.target, parse_address(args.to), ctx,
-                        state_dir, level=args.level,
+                        state_dir, level=args.level, streams=args.streams,
                         speed_limit=watcher.load(), cpu_cap=cpu_cap, on_report=out.report,
                         host_sampler=HostSampler() if args.progress == "json" else None,
                         dirty_map=dirty, trace=cont.trace if cont is not None else None)

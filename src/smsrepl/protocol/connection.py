@@ -42,6 +42,8 @@ class State(Enum):
     ROUND = "round"
     ROUND_ENDING = "round_ending"
     CLOSING = "closing"
+    #: an extra connection of a session over several (HELLO kind "stream"), after its WELCOME
+    STREAM = "stream"
     CLOSED = "closed"
     ERROR = "error"
 
@@ -102,7 +104,18 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.ROUND_ENDING, R, F.Checkpoint): State.ROUND_ENDING,
     (State.ROUND_ENDING, R, F.RoundDone): State.IDLE,
     (State.CLOSING, R, F.Close): State.CLOSED,
+    (State.IDLE, S, F.Streams): State.IDLE,
+    (State.IDLE, R, F.Streams): State.IDLE,
+    (State.HANDSHAKE, S, F.Streams): State.HANDSHAKE,  # an extra connection's join, after its HELLO
+    (State.STREAM, S, F.Ping): State.STREAM,
 }
+#: what an extra connection carries, each after its SEQ (the receiver checks the order of the
+#: merged frames with the session's own connection state)
+STREAM_FRAMES = (F.BlockData, F.BlockSet, F.ZeroRange, F.Scanned, F.FileOps)
+for _cls in STREAM_FRAMES + (F.Seq,):
+    TRANSITIONS[(State.STREAM, S, _cls)] = State.STREAM
+for _st in _LIVE:
+    TRANSITIONS[(_st, S, F.Seq)] = _st
 for _st in _LIVE:
     TRANSITIONS[(_st, S, F.Ping)] = _st
     TRANSITIONS[(_st, R, F.Pong)] = _st
@@ -142,6 +155,13 @@ class Connection:
             state, self.state = self.state, State.ERROR
             raise RemoteProtocolError(f"peer sent {name} in state {state.value}")
         return nxt
+
+    def join_stream(self) -> None:
+        """After the WELCOME of a HELLO of kind "stream": this connection carries a session's
+        frames beside its own connection (STREAM_FRAMES, each after a SEQ)."""
+        if self.state is not State.IDLE:
+            raise LocalProtocolError(f"cannot carry a stream in state {self.state.value}")
+        self.state = State.STREAM
 
     def send(self, event: F.Event) -> list[bytes | memoryview]:
         """Buffers that carry ``event``; write them in order. Payloads are not copied.

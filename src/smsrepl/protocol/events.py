@@ -231,6 +231,17 @@ class TreeRequest(ControlEvent):
     checksum: bool  # include each regular file's XXH3-128
 
 
+@dataclass(frozen=True, slots=True)
+class Streams(ControlEvent):
+    """Parallel streams ("streams"). On a session's connection, the sender asks for ``count``
+    connections in all (key ""), and the receiver grants a count and a key; each extra
+    connection then says HELLO of kind "stream" and STREAMS (its index from 1, the key)."""
+
+    TYPE: ClassVar[int] = 0x50
+    count: int
+    key: str
+
+
 # --- binary events ----------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +355,17 @@ class Pong(Event):
 
     def __post_init__(self) -> None:
         _ping(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Seq(Event):
+    """The place of the frame after it in the session's one order, over all its connections."""
+
+    TYPE: ClassVar[int] = 0x51
+    seq: int
+
+    def __post_init__(self) -> None:
+        _uint(self, "seq")
 
 
 def _ping(event: Ping | Pong) -> None:
@@ -464,9 +486,11 @@ class SigData(Event):
 
 
 CONTROL_EVENTS: tuple[type[ControlEvent], ...] = (
-    Hello, Welcome, Error, Close, RoundBegin, Checkpoint, RoundEnd, RoundDone, ManifestRequest, TreeRequest, Status)
+    Hello, Welcome, Error, Close, RoundBegin, Checkpoint, RoundEnd, RoundDone, ManifestRequest, TreeRequest, Status,
+    Streams)
 BINARY_EVENTS: tuple[type[Event], ...] = (
-    BlockData, BlockSet, ZeroRange, Scanned, Ping, Pong, ManifestData, TreeData, FileOps, SigRequest, SigData, TreeSubset)
+    BlockData, BlockSet, ZeroRange, Scanned, Ping, Pong, ManifestData, TreeData, FileOps, SigRequest, SigData, TreeSubset,
+    Seq)
 #: every event class by its frame type
 TYPES: dict[int, type[Event]] = {cls.TYPE: cls for cls in CONTROL_EVENTS + BINARY_EVENTS}
 _FIELDS = {cls: {name: hint for name, hint in typing.get_type_hints(cls).items() if typing.get_origin(hint) is not ClassVar}

@@ -50,6 +50,8 @@ the event class; unknown or missing keys are a protocol error. Binary bodies:
                 compared as bytes (the order of files.dirscan); a receiver sends
                 them only to a sender that listed "tree-stream", which may then
                 start its round (RoundBegin, FILE_OPS) before the last one arrives
+    SEQ         u64 seq  (parallel streams: the frame after it is the seq-th of the session's
+                one order, counted from 0 after the STREAMS exchange, over all its connections)
     TREE_SUBSET u8 flags (must be 0) | u32 count | count * (u8 recursive | u16 length | path)
                 (TREE_REQUEST for some directories only: each one's entries, and with
                 recursive everything below it; answered by ordered TREE_DATA frames as
@@ -67,15 +69,26 @@ block/directory/missing, size, busy, last_round), and ``sessions``, one per runn
 that holds a target (target, peer, kind, started, bytes_received, rounds); see
 transport/status.py. The asker then sends CLOSE.
 
+STREAMS (0x50, JSON: count, key) and SEQ: one session over several connections, between
+peers that both listed "streams". On the session's connection, in IDLE, the sender asks for
+``count`` connections in all (key ""); the receiver answers with the count it grants (at most
+the count asked, 1 when it refuses) and a key. From the next frame on, every frame the sender
+sends on that connection follows a SEQ. Each extra connection says HELLO (kind "stream", the
+session's target, session id and source size) and STREAMS (its index from 1, the key); the
+receiver answers WELCOME and reads from it only SEQ, each followed by a BLOCK_DATA, BLOCK_SET,
+ZERO_RANGE, SCANNED or FILE_OPS, and PING (a keepalive, unanswered, outside the order). The
+receiver applies the frames of all connections in SEQ order, as one connection's; replies go
+on the session's connection. A lost connection fails the session (resumable, as a cut one).
+
 Type ranges: 0x01-0x0f session, 0x10-0x1f block rounds, 0x20-0x2f
-manifests, 0x30-0x3f file transfer, 0x40-0x4f network check.
+manifests, 0x30-0x3f file transfer, 0x40-0x4f network check, 0x50-0x5f parallel streams.
 """
 from smsrepl.errors import FrameError
 from smsrepl.kernels import FINE_BLOCK
 from smsrepl.protocol.events import (BINARY_EVENTS, CONTROL_EVENTS, TYPES, BlockData, BlockSet, Checkpoint, Close,
                                      ControlEvent, Error, Event, FileOps, Hello, ManifestData, ManifestRequest, Ping,
-                                     Pong, RoundBegin, RoundDone, RoundEnd, Scanned, SigData, SigRequest, Status,
-                                     TreeData, TreeRequest, TreeSubset, Welcome, ZeroRange)
+                                     Pong, RoundBegin, RoundDone, RoundEnd, Scanned, Seq, SigData, SigRequest, Status,
+                                     Streams, TreeData, TreeRequest, TreeSubset, Welcome, ZeroRange)
 from smsrepl.protocol.layout import (ADOPT_SESSION, CAPABILITIES, DRY_RUN, HEADER, HEADER_SIZE, LEGACY_RAW, MAX_BODY,
                                      MAX_RAW, MAX_SET, MAX_SIG, PROTOCOL_VERSION)
 from smsrepl.protocol.readers import decode
@@ -84,7 +97,7 @@ from smsrepl.protocol.writers import encode, frame_digest
 __all__ = [
     "FrameError", "FINE_BLOCK", "BINARY_EVENTS", "CONTROL_EVENTS", "TYPES", "BlockData", "BlockSet", "Checkpoint",
     "Close", "ControlEvent", "Error", "Event", "FileOps", "Hello", "ManifestData", "ManifestRequest", "Ping", "Pong",
-    "RoundBegin", "RoundDone", "RoundEnd", "Scanned", "SigData", "SigRequest", "Status", "TreeData", "TreeRequest",
-    "TreeSubset", "Welcome", "ZeroRange", "ADOPT_SESSION", "CAPABILITIES", "DRY_RUN", "HEADER", "HEADER_SIZE",
+    "RoundBegin", "RoundDone", "RoundEnd", "Scanned", "Seq", "Streams", "SigData", "SigRequest", "Status",
+    "TreeData", "TreeRequest", "TreeSubset", "Welcome", "ZeroRange", "ADOPT_SESSION", "CAPABILITIES", "DRY_RUN", "HEADER", "HEADER_SIZE",
     "LEGACY_RAW", "MAX_BODY", "MAX_RAW", "MAX_SET", "MAX_SIG", "PROTOCOL_VERSION", "decode", "encode", "frame_digest",
 ]

@@ -22,7 +22,8 @@ MAX_BODY = MAX_RAW + (MAX_RAW // FINE_BLOCK) * 12 + 4096
 PROTOCOL_VERSION = 2  # 2: frame checks are XXH3-64's low 32 bits (XXH32 ran at 2 GB/s)
 #: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
 #: uses a feature only when the peer listed it)
-CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream", "tree-subset", "adopt-session", "status")
+CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream", "tree-subset", "adopt-session", "status",
+                "streams")
 #: in a block HELLO: this sender has no completed round of its own for the target and takes over
 #: the receiver's session, if the receiver holds a completed copy, with a sync round against its
 #: manifest; the receiver then names that session in its WELCOME. In a WELCOME: it may do so

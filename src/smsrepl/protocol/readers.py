@@ -17,7 +17,7 @@ from smsrepl.errors import FrameError
 from smsrepl.kernels import FINE_BLOCK
 from smsrepl.protocol import layout as L
 from smsrepl.protocol.events import (
-    CONTROL_EVENTS, BlockData, BlockSet, ControlEvent, Event, FileOps, ManifestData, Ping, Pong, Scanned, SigData,
+    CONTROL_EVENTS, BlockData, BlockSet, ControlEvent, Event, FileOps, ManifestData, Ping, Pong, Scanned, Seq, SigData,
     SigRequest, TreeData, TreeSubset, ZeroRange, control_fields)
 
 Body = bytes | bytearray | memoryview
@@ -117,6 +117,12 @@ def _read_scanned(body: Body) -> Scanned:
     return Scanned(L.U64.unpack(body)[0])
 
 
+def _read_seq(body: Body) -> Seq:
+    if len(body) != L.U64.size:
+        raise FrameError("SEQ body has the wrong size")
+    return Seq(L.U64.unpack(body)[0])
+
+
 def _read_ping(cls: type[Ping] | type[Pong], body: Body) -> Event:
     if len(body) < L.PING.size:
         raise FrameError(f"{cls.__name__.upper()} body too short")
@@ -200,6 +206,7 @@ READERS: dict[int, Reader] = {
     **{cls.TYPE: _whole(partial(read_json, cls), cls.__name__) for cls in CONTROL_EVENTS},
     ZeroRange.TYPE: _whole(_read_zero_range, "ZeroRange"),
     Scanned.TYPE: _whole(_read_scanned, "Scanned"),
+    Seq.TYPE: _whole(_read_seq, "Seq"),
     Ping.TYPE: _whole(partial(_read_ping, Ping), "Ping"),
     Pong.TYPE: _whole(partial(_read_ping, Pong), "Pong"),
     TreeData.TYPE: _whole(partial(_read_records, TreeData), "TreeData"),

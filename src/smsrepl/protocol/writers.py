@@ -18,7 +18,8 @@ from smsrepl.errors import FrameError
 from smsrepl.protocol import layout as L
 from smsrepl.protocol.events import (
     CONTROL_EVENTS, BlockData, BlockSet, ControlEvent, Event, FileOps, ManifestData, Ping, Pong, Scanned, SigData,
-    SigRequest, TreeData, TreeSubset, ZeroRange, control_fields)
+    Seq, SigRequest, TreeData, TreeSubset, ZeroRange,
+    control_fields)
 
 Parts = list[bytes | memoryview]
 
@@ -85,6 +86,10 @@ def _write_scanned(event: Scanned) -> Parts:
     return [frame(event.TYPE, L.U64.pack(event.offset))]
 
 
+def _write_seq(event: Seq) -> Parts:
+    return [frame(event.TYPE, L.U64.pack(event.seq))]
+
+
 def _write_ping(event: Ping | Pong) -> Parts:
     return [frame(event.TYPE, L.PING.pack(event.nonce, event.clock_ns) + bytes(event.padding))]
 
@@ -127,6 +132,7 @@ WRITERS: dict[type[Event], Callable[[Any], Parts]] = {
     BlockSet: _write_block_set,
     ZeroRange: _write_zero_range,
     Scanned: _write_scanned,
+    Seq: _write_seq,
     Ping: _write_ping,
     Pong: _write_ping,
     TreeData: _write_records,

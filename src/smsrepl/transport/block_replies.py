@@ -47,7 +47,7 @@ class Replies:
                 elif isinstance(ev, F.RoundDone):
                     self.round_done = ev
                     self.done.set()
-                elif isinstance(ev, (F.ManifestData, F.Pong, F.Close)):
+                elif isinstance(ev, (F.ManifestData, F.Pong, F.Close, F.Streams)):
                     self._answers.put(ev)
                     if isinstance(ev, F.Close):
                         return
@@ -70,6 +70,16 @@ class Replies:
         if not isinstance(ev, F.ManifestData) or ev.level != level or ev.first != first or len(ev.entries) != count:
             raise RemoteProtocolError("manifest answer does not match the request")
         return ev.entries
+
+    def streams(self, chan: Channel, ask: F.Streams) -> F.Streams:
+        """The receiver's answer to STREAMS ``ask``."""
+        chan.send(ask)
+        ev = self._answers.get(timeout=IO_TIMEOUT)
+        if isinstance(ev, BaseException):
+            raise ev
+        if not isinstance(ev, F.Streams) or ev.count > ask.count:
+            raise RemoteProtocolError(f"expected STREAMS granting at most {ask.count}, got {ev!r:.80}")
+        return ev
 
     def peer_reason(self, exc: ReplicationError, *, stopped: bool) -> ReplicationError:
         """The receiver's ERROR, where it sent one, rather than what the end of the connection did

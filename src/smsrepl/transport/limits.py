@@ -52,3 +52,7 @@ LET_GO_SECONDS = 1.0
 STOP_DRAIN = 0.5
 #: the longest stop() waits for sessions' last checkpoints (each one fsyncs the target)
 STOP_GRACE = 60.0
+#: connections one session may run over (parallel streams), its own included
+MAX_STREAMS = 16
+#: seconds between the PINGs a sender sends on an idle extra connection of its session
+STREAM_KEEPALIVE = 20.0

@@ -38,6 +38,7 @@ from smsrepl.transport.connect import IO_TIMEOUT
 from smsrepl.transport.manifest_fetch import open_cache, reconcile
 from smsrepl.transport.round_plan import BlockDryRun, check_resume_offset, plan_round, read_scope
 from smsrepl.transport.sender_base import SenderBase, welcome as expect_welcome
+from smsrepl.transport.streams_auto import StreamCount
 
 log = logging.getLogger("smsrepl.sender")
 
@@ -87,8 +88,9 @@ class Sender(SenderBase):
         states: SessionStateMachine | None = None,
         dirty_map: ChangeMap | None = None,
         trace: Callable[[], str] | None = None,
+        streams: StreamCount = 1,
     ) -> None:
-        super().__init__(target, address, context, speed_limit=speed_limit, cpu_cap=cpu_cap)
+        super().__init__(target, address, context, speed_limit=speed_limit, cpu_cap=cpu_cap, streams=streams)
         self.source_path = os.path.abspath(source_path)
         self.dir = os.path.join(os.path.abspath(state_dir), self.target)
         self.level = level
@@ -165,7 +167,7 @@ class Sender(SenderBase):
             try:
                 return self._session(source, rec, chan, started, stateless)
             finally:
-                chan.close()
+                (self._chan or chan).close()  # the session's connections, extra ones too
                 self._chan = None
 
     def _session(self, source: BlockSource, rec: dict, chan: Channel, started: float, stateless: bool) -> RoundResult:
@@ -183,6 +185,8 @@ class Sender(SenderBase):
                 "full copy: no local state for this target, and the receiver is of a version that cannot reconcile")
         faults.point("sender.welcome")
         self.replies.start(chan)
+        chan = self._spread(chan, functools.partial(self.replies.streams, chan), rec["session_id"], source.size,
+                            self._peer_caps)
 
         cache_path = os.path.join(self.dir, "target.manifest")
         check_resume_offset(welcome, source.size)

@@ -7,8 +7,11 @@ durable stays for the next run.
 """
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from smsrepl.errors import RemoteError, RemoteProtocolError, TransportError
 from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
@@ -16,11 +19,16 @@ from smsrepl.protocol import frames as F
 from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import check_target_name, connect
+from smsrepl.transport.stripes import Stripes
+from smsrepl.transport.streams_auto import StreamCount, initial_streams
+
+log = logging.getLogger("smsrepl.sender")
 
 
 class SenderBase:
     def __init__(self, target: str, address: tuple[str, int], context: ssl.SSLContext, *,
-                 speed_limit: SpeedSchedule | None, cpu_cap: CpuCap | None) -> None:
+                 speed_limit: SpeedSchedule | None, cpu_cap: CpuCap | None,
+                 streams: StreamCount = 1) -> None:
         self.target = check_target_name(target)
         self.address = address
         self.context = context
@@ -30,6 +38,8 @@ class SenderBase:
         self.stop_requested = False
         self._stopped = threading.Event()  # ends a CPU cap's pacing (the cap may outlive this sender)
         self._chan: Channel | None = None
+        #: connections a session runs over: a count, or "auto" (streams_auto.py)
+        self.streams = streams
 
     def stop(self) -> None:
         """Pause: break the running round from another thread. What the receiver made durable
@@ -54,6 +64,53 @@ class SenderBase:
             chan.send(F.Hello([PROTOCOL_VERSION], kind, self.target, session_id, size, F.FINE_BLOCK, capabilities))
             for frame in then:
                 chan.send(frame)
+        except BaseException:
+            chan.close()
+            raise
+        return chan
+
+
+    def _spread(self, chan: Channel, ask: Callable[[F.Streams], F.Streams], session_id: str, size: int,
+                peer_caps: frozenset) -> Channel:
+        """The session's channel over as many connections as ``streams`` says, when more than
+        one and the receiver can (it listed "streams"): ``ask`` sends STREAMS on ``chan`` and
+        returns the receiver's answer. Returns ``chan`` itself, or the Stripes over it."""
+        want = self.streams
+        if want == 1 or "streams" not in peer_caps:
+            return chan
+        count = initial_streams(want, chan)
+        if count <= 1:
+            return chan
+        grant = ask(F.Streams(count, ""))
+        if grant.count <= 1:
+            log.info("the receiver runs this session over one connection")
+            return chan
+        with ThreadPoolExecutor(grant.count - 1) as pool:
+            joins = [pool.submit(self._join, i, grant.key, session_id, size) for i in range(1, grant.count)]
+        extra = []
+        failure: BaseException | None = None
+        for join in joins:
+            try:
+                extra.append(join.result())
+            except BaseException as exc:  # noqa: BLE001 - the others are closed, the first failure raised
+                failure = failure or exc
+        if failure is not None:
+            for one in extra:
+                one.close()
+            raise failure
+        stripes = Stripes(chan, extra)
+        self._chan = stripes
+        log.info("session %s runs over %d connections", session_id, stripes.streams)
+        return stripes
+
+    def _join(self, index: int, key: str, session_id: str, size: int) -> Channel:
+        """Extra connection ``index`` of session ``session_id``, joined."""
+        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        try:
+            chan.send(F.Hello([PROTOCOL_VERSION], "stream", self.target, session_id, size, F.FINE_BLOCK, ["streams"]))
+            chan.send(F.Streams(index, key))
+            welcome(chan.recv())
+            chan.conn.join_stream()
         except BaseException:
             chan.close()
             raise

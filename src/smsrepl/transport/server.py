@@ -34,6 +34,8 @@ from smsrepl.transport.loglimit import LimitedWarnings
 from smsrepl.transport.memory import release_free_memory
 from smsrepl.transport.probe_sessions import NetworkCheck, StatusReport
 from smsrepl.transport.session import Handler, Session, SessionOutcome
+from smsrepl.transport.stream_join import StreamJoin
+from smsrepl.transport.stream_offers import StreamOffers
 from smsrepl.transport.tls import check_peer_role
 from smsrepl.transport.tls_errors import classify_ssl_error
 from smsrepl.transport.tlsio import TLSStream
@@ -47,6 +49,7 @@ SESSION_KINDS: dict[str, type[Handler]] = {
     "files": FileSession,
     "netcheck": NetworkCheck,
     "status": StatusReport,
+    "stream": StreamJoin,
 }
 
 
@@ -77,6 +80,8 @@ class EndpointServer:
         self.stopping = threading.Event()
         self._stop_reason = "stop requested"
         self.claims = TargetClaims(self.state_dir, self.stopping, lambda: self._stop_reason)
+        #: sessions that run over several connections, by the key their extra ones present
+        self.streams = StreamOffers()
         self._room: WaitingRoom | None = None
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []

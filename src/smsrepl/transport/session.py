@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from smsrepl.errors import (RefusedError, RemoteProtocolError, ReplicationError, TargetBusyError,
                             TargetWriteError, TransportError)
@@ -25,13 +26,17 @@ from smsrepl.protocol import frames as F
 from smsrepl.stages import StageClock
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.claims import TargetClaims
-from smsrepl.transport.limits import DRAIN_STREAMING, STOP_DRAIN
+from smsrepl.transport.frame_order import FrameOrder
+from smsrepl.transport.limits import DRAIN_STREAMING, MAX_STREAMS, STOP_DRAIN
 from smsrepl.transport.loglimit import LimitedWarnings
+
+if TYPE_CHECKING:
+    from smsrepl.transport.stream_offers import StreamOffers
 
 log = logging.getLogger("smsrepl.receiver")
 
 #: the frames every session kind answers alike (Session.control)
-CONTROL = (F.Ping, F.Close, F.Error, ConnectionClosed)
+CONTROL = (F.Ping, F.Close, F.Error, ConnectionClosed, F.Streams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class Host(Protocol):
     claims: TargetClaims
     warnings: LimitedWarnings
     stopping: threading.Event
+    streams: StreamOffers
 
     def status(self) -> tuple[list, list]: ...
 
@@ -93,7 +99,9 @@ class Session:
         self.handler: Handler | None = None
         self.rounds = 0
         self.written = 0
-        self._frames: queue.Queue | None = None
+        self._frames: FrameOrder | None = None
+        #: the key extra connections of this session present (grant_streams), once granted
+        self.stream_key: str | None = None
         self._reader_stop: threading.Event | None = None
         self.lock_fd: int | None = None
         #: why the session must end now (the receiver stops, another sender takes over): the
@@ -110,10 +118,7 @@ class Session:
         if frames is None:
             self.chan.abort(why.message)
             return
-        try:
-            frames.put_nowait(why)  # wakes a loop waiting for the sender's next frame
-        except queue.Full:
-            pass  # the loop is busy with frames: it sees `ended` before the next one
+        frames.put_nowait(why)  # wakes a loop waiting for the sender's next frame
 
     def claim(self, name: str) -> None:
         """Hold target ``name`` for this session until it ends."""
@@ -143,6 +148,10 @@ class Session:
         finally:
             if self._reader_stop is not None:
                 self._reader_stop.set()  # a reader still waiting to hand over a frame gives up
+            if self._frames is not None:
+                self._frames.close()
+            if self.stream_key is not None:
+                self.host.streams.withdraw(self.stream_key)
             try:
                 if self.handler is not None:
                     self.handler.close()
@@ -151,7 +160,8 @@ class Session:
             finally:
                 if self.lock_fd is not None:
                     self.host.claims.release(target_name, self.lock_fd)
-        if self.hello is not None and self.hello.kind != "status":  # a question, not a session
+        # a question, or another connection's session's frames: not a session of its own
+        if self.hello is not None and self.hello.kind not in ("status", "stream"):
             if error is not None:
                 error = detached(error)
             self.outcome = SessionOutcome(target_name, self.peer, clean and error is None, error, self.rounds,
@@ -193,7 +203,11 @@ class Session:
         return exc
 
     def control(self, ev: F.Event, during: str) -> bool:
-        """PING, CLOSE, ERROR and the end of the stream, alike in every session; True once closed."""
+        """PING, CLOSE, ERROR, STREAMS and the end of the stream, alike in every session; True
+        once closed."""
+        if isinstance(ev, F.Streams):
+            self.grant_streams(ev)
+            return False
         if isinstance(ev, F.Ping):
             self.chan.send(F.Pong(ev.nonce, ev.clock_ns, 0))
             return False
@@ -203,6 +217,17 @@ class Session:
         if isinstance(ev, F.Error):
             raise TransportError(f"sender aborted: {ev.code} {ev.message}".strip())
         raise TransportError(f"connection closed by the sender{during}")
+
+    def grant_streams(self, ev: F.Streams) -> None:
+        """The sender asks to run this session over ``ev.count`` connections: grant up to
+        MAX_STREAMS (1, a refusal, to a session whose frames are not read on a thread) and offer
+        the extra ones a key (stream_join.py); frames then come numbered (SEQ)."""
+        count = max(1, min(ev.count, MAX_STREAMS)) if self._frames is not None else 1
+        if count > 1 and self.stream_key is None:
+            self.stream_key = secrets.token_hex(16)
+            assert self.hello is not None and self._frames is not None
+            self.host.streams.offer(self.stream_key, self.hello.target, self.hello.session_id, count, self._frames)
+        self.chan.send(F.Streams(count, self.stream_key or "" if count > 1 else ""))
 
     def _drain(self, seconds: float) -> None:
         """After an ERROR frame: read and drop what the sender still sends until it hangs up.
@@ -228,17 +253,18 @@ class Session:
             if isinstance(ev, (BaseException, ConnectionClosed)):
                 return
 
-    def start_reader(self, depth: int, clock: StageClock | None = None) -> queue.Queue:
+    def start_reader(self, depth: int, clock: StageClock | None = None) -> FrameOrder:
         """Frames read (and decrypted) by a thread of their own, up to ``depth`` ahead of the
-        loop that applies them; ``clock`` counts the seconds spent receiving."""
-        frames: queue.Queue = queue.Queue(maxsize=depth)
+        loop that applies them, in the session's order (frame_order.py: with extra connections
+        too); ``clock`` counts the seconds spent receiving."""
+        frames = FrameOrder(depth)
         self._frames = frames
         self._reader_stop = threading.Event()
         threading.Thread(target=self._read_into, args=(frames, self._reader_stop, clock), daemon=True,
                          name="smsrepl-rx-reader").start()
         return frames
 
-    def next_frame(self, frames: queue.Queue) -> F.Event:
+    def next_frame(self, frames: FrameOrder) -> F.Event:
         """The next frame the reader handed over; what it raised, or why the session was ended,
         raised here."""
         ev = frames.get()
@@ -246,28 +272,33 @@ class Session:
             raise self.ended
         if isinstance(ev, BaseException):
             raise ev
+        assert isinstance(ev, F.Event)
         return ev
 
-    def _read_into(self, frames: queue.Queue, stop: threading.Event, clock: StageClock | None) -> None:
-        def put(item: object) -> bool:
-            while not stop.is_set():  # the loop may be gone (an error): never block forever
-                try:
-                    frames.put(item, timeout=0.5)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
+    def _read_into(self, frames: FrameOrder, stop: threading.Event, clock: StageClock | None) -> None:
+        chan = self.chan
         try:
-            while True:
+            while not stop.is_set():
                 t0 = time.perf_counter()
-                ev = self.chan.recv()
+                ev = chan.recv()
+                if isinstance(ev, F.Seq):  # the session runs over several connections
+                    frame = chan.recv()
+                    if isinstance(frame, (F.Seq, ConnectionClosed)):
+                        raise RemoteProtocolError(f"SEQ followed by {type(frame).__name__}")
+                    if clock is not None:
+                        clock.add("receive", time.perf_counter() - t0)
+                    if not frames.put_seq(ev.seq, frame) or isinstance(frame, (F.Close, F.Error)):
+                        return
+                    continue
                 if clock is not None:
                     clock.add("receive", time.perf_counter() - t0)
-                if not put(ev) or isinstance(ev, (ConnectionClosed, F.Close, F.Error)):
+                if frames.sequenced and isinstance(ev, (ConnectionClosed, F.Error)):
+                    frames.put_nowait(ev)  # the sender is gone: what waits for its turn never comes
+                    return
+                if not frames.put(ev) or isinstance(ev, (ConnectionClosed, F.Close, F.Error)):
                     return
         except BaseException as exc:  # handed to the applying thread
-            put(exc)
+            frames.put_nowait(exc)
 
 
 def name_target(exc: TargetWriteError, name: str, path: str | None) -> None:

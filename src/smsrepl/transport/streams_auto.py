@@ -1,0 +1,68 @@
+"""How many connections a session runs over: a count given, or "auto", from the measured link.
+
+One TCP connection moves at most its window per round trip, and after a loss it grows back
+slowly (cubic: seconds at 50 ms): on a long fat link it stays well below the link however
+fast both ends are, while on a LAN or loopback it is not the bound and more connections only
+cost threads. "auto" reads the round trip the kernel measured on the session's connection
+(TCP_INFO, during the TLS handshake) and opens more connections the longer it is.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+
+from smsrepl.errors import ConfigError
+
+StreamCount = int | str
+#: "auto" runs one connection below this round trip (a LAN, loopback) ...
+AUTO_LAN_RTT_MS = 2.0
+#: ... and above it one more per AUTO_STEP_MS of round trip, from AUTO_MIN, at most AUTO_MAX
+AUTO_MIN = 2
+AUTO_STEP_MS = 10.0
+AUTO_MAX = 8
+#: the most a user may ask for (the receiver grants at most its own limit, limits.MAX_STREAMS)
+MAX_ASK = 16
+#: struct tcp_info (linux/tcp.h): tcpi_rtt and tcpi_rttvar in microseconds, at byte 68
+_TCPI_RTT = struct.Struct("=II")
+_TCPI_RTT_AT = 68
+
+
+def parse_streams(text: str) -> StreamCount:
+    """``--streams N|auto`` as a count or "auto"; ConfigError naming the problem otherwise."""
+    if text == "auto":
+        return "auto"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_ASK:
+        raise ConfigError(f"--streams {text!r}: give a number of connections from 1 to {MAX_ASK}, or auto")
+    return count
+
+
+def round_trip_ms(raw: socket.socket) -> float | None:
+    """The smoothed round trip the kernel measured on ``raw``, in ms; None where unknown."""
+    try:
+        info = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCPI_RTT_AT + _TCPI_RTT.size:
+        return None
+    rtt_us, _ = _TCPI_RTT.unpack_from(info, _TCPI_RTT_AT)
+    return rtt_us / 1000.0
+
+
+def auto_count(rtt_ms: float | None) -> int:
+    if rtt_ms is None or rtt_ms < AUTO_LAN_RTT_MS:
+        return 1
+    return min(AUTO_MAX, AUTO_MIN + int(rtt_ms // AUTO_STEP_MS))
+
+
+def initial_streams(want: StreamCount, chan: object) -> int:
+    """The connections to ask the receiver for: ``want``, or for "auto" by the round trip of
+    ``chan``'s socket."""
+    if isinstance(want, int):
+        return want
+    sock = getattr(chan, "sock", None)
+    raw = getattr(sock, "raw", None)
+    return auto_count(round_trip_ms(raw) if isinstance(raw, socket.socket) else None)

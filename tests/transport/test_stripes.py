@@ -1,0 +1,134 @@
+"""Parallel streams below the sessions: the sender's Stripes over several connections and the
+receiver's FrameOrder, on socket pairs (no TLS)."""
+import queue
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from smsrepl import kernels
+from smsrepl.errors import RemoteProtocolError
+from smsrepl.protocol import RECEIVER, SENDER, Connection
+from smsrepl.protocol import frames as F
+from smsrepl.protocol.connection import State
+from smsrepl.transport.channel import Channel
+from smsrepl.transport.frame_order import FrameOrder
+from smsrepl.transport.stripes import Stripes
+
+
+class _Plain:
+    """What Channel uses of a TLS stream, over a plain socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.raw = sock
+
+    def sendall(self, data) -> None:
+        self.raw.sendall(data)
+
+    def recv_into(self, buf) -> int:
+        return self.raw.recv_into(buf)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _pair(main: bool) -> tuple[Channel, Channel]:
+    a, b = socket.socketpair()
+    tx, rx = Channel(_Plain(a), Connection(SENDER)), Channel(_Plain(b), Connection(RECEIVER))
+    for chan in (tx, rx):
+        chan.conn.state = State.ROUND if main else State.STREAM
+    return tx, rx
+
+
+def _read(chan: Channel, order: FrameOrder) -> None:
+    try:
+        while True:
+            ev = chan.recv()
+            if not isinstance(ev, F.Seq):
+                return
+            if not order.put_seq(ev.seq, chan.recv()):
+                return
+    except Exception as exc:  # noqa: BLE001
+        order.put_nowait(exc)
+
+
+def _frame(buf: bytearray, offset: int, rng) -> F.BlockData:
+    buf[:] = rng.integers(1, 256, len(buf), dtype=np.uint8).tobytes()
+    digests = np.empty(len(buf) // 4096, dtype="<u8")
+    kernels.block_digests(bytes(buf), 4096, digests)
+    return F.BlockData(offset, len(buf), 0, digests, memoryview(buf))
+
+
+def test_frames_keep_one_order_over_three_connections_and_their_buffers_may_be_reused_at_once():
+    pairs = [_pair(True), _pair(False), _pair(False)]
+    stripes = Stripes(pairs[0][0], [tx for tx, _ in pairs[1:]])
+    order = FrameOrder(depth=4)
+    readers = [threading.Thread(target=_read, args=(rx, order), daemon=True) for _, rx in pairs]
+    for t in readers:
+        t.start()
+    rng = np.random.default_rng(7)
+    buf = bytearray(256 << 10)  # one read buffer, reused for every frame as the block pipeline does
+    sent = []
+    got: queue.Queue = queue.Queue()
+
+    def consume() -> None:
+        for _ in range(61):
+            got.put(order.get())
+
+    threading.Thread(target=consume, daemon=True).start()
+    for i in range(60):
+        ev = _frame(buf, i * len(buf), rng)
+        sent.append((ev.offset, bytes(buf), ev.digests.copy()))
+        stripes.send(ev)
+        if i == 30:
+            stripes.send(F.ZeroRange(1 << 40, 4096))  # a frame of the session's own connection
+    stripes.flush()
+    frames = [got.get(timeout=30) for _ in range(61)]
+    assert not [f for f in frames if isinstance(f, BaseException)]
+    assert isinstance(frames[31], F.ZeroRange)
+    data = [f for f in frames if isinstance(f, F.BlockData)]
+    assert [f.offset for f in data] == [off for off, _, _ in sent]  # one order, as sent
+    for f, (_, raw, digests) in zip(data, sent):
+        assert bytes(f.payload) == raw, f"frame at {f.offset} was overwritten before it was written"
+    assert {lane.chan.wire_sent > 0 for lane in stripes._lanes} == {True}  # every connection carried frames
+    stripes.close()
+
+
+def test_frames_read_ahead_of_their_turn_wait_and_never_hold_up_the_one_in_turn():
+    order = FrameOrder(depth=2, hold=1000)
+    big = F.Scanned(0)
+    assert order.put_seq(2, big) and order.put_seq(3, big)  # 64 bytes each: room
+    late = threading.Thread(target=order.put_seq, args=(50, F.Scanned(50)))
+    order._held_bytes = 1000  # the hold is full: a later frame waits ...
+    late.start()
+    late.join(0.3)
+    assert late.is_alive()
+    assert order.put_seq(0, F.Scanned(0))  # ... the frame in turn does not
+    order._held_bytes -= 1000
+    assert order.put_seq(1, F.Scanned(1))
+    assert [order.get().offset for _ in range(4)] == [0, 1, 0, 0]
+    late.join(2)
+    assert not late.is_alive()  # the hold has room again
+
+
+def test_a_frame_numbered_twice_or_without_a_number_is_a_protocol_error():
+    order = FrameOrder(depth=4)
+    order.put_seq(0, F.Scanned(0))
+    with pytest.raises(RemoteProtocolError, match="twice"):
+        order.put_seq(0, F.Scanned(0))
+    order.put_seq(5, F.Scanned(5))
+    with pytest.raises(RemoteProtocolError, match="twice"):
+        order.put_seq(5, F.Scanned(5))
+    with pytest.raises(RemoteProtocolError, match="without SEQ"):
+        order.put(F.Scanned(9))
+
+
+def test_a_closed_order_lets_its_readers_go():
+    order = FrameOrder(depth=1)
+    order.put(F.Scanned(0))
+    waiting = threading.Thread(target=order.put, args=(F.Scanned(1),))
+    waiting.start()
+    order.close()
+    waiting.join(2)
+    assert not waiting.is_alive()
