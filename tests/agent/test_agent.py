@@ -441,3 +441,18 @@ def test_sync_during_a_running_round_queues_exactly_one_more_round(tmp_path, cp,
         thread.join(30)
     finally:
         lab.close()
+
+
+def test_an_agent_with_streams_runs_its_sessions_over_that_many_connections(tmp_path, cp, bundle, caplog):
+    lab = Lab(tmp_path, cp, bundle, sizes=(16,))
+    try:
+        with caplog.at_level("INFO", logger="smsrepl.sender"):
+            agent, thread = lab.agent(streams=3)
+            cp.push_command("source-1", "START", "task-1")
+            wait_for(lambda: agent.copied, what="the copy")
+            agent.request_cutover()
+            thread.join(60)
+        assert agent.finished and lab.identical()
+        assert "runs over 3 connections" in caplog.text
+    finally:
+        lab.close()

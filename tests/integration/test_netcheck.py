@@ -37,6 +37,19 @@ def test_library_netcheck_measures_loopback(tmp_path, bundle):
     assert not (tmp_path / "t.img").exists()  # a network check touches no target
 
 
+def test_netcheck_over_several_connections_measures_them_together(tmp_path, bundle):
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
+    addr = rx.start()
+    try:
+        one = run_netcheck(addr, client_context(bundle), seconds=0.4, pings=3)
+        three = run_netcheck(addr, client_context(bundle), seconds=0.4, pings=3, streams=3)
+    finally:
+        rx.stop()
+    assert one.streams == 1 and one.streams_speed_mbit == 0  # auto on loopback: one connection
+    assert three.streams == 3 and three.streams_speed_mbit > 50
+    assert three.body()["migration_speed"] == round(min(three.best_speed_mbit, 10000), 2)
+
+
 def test_cli_netcheck_prints_the_5_9_1_body(tmp_path, certkey_file):
     rx = ReceiverProc(certkey_file, {"disk0": str(tmp_path / "t.img")}, str(tmp_path / "rx"))
     try:

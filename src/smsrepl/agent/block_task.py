@@ -95,7 +95,7 @@ class BlockTask:
             return Sender(disk.path, disk.target, link.address, link.context, link.state_dir,
                           speed_limit=link.speed_limit(), cpu_cap=link.cpu_cap, on_report=on_report,
                           host_sampler=link.sampler, dirty_map=self.trackers.get(disk.path),
-                          trace=lag.trace if lag is not None else None)
+                          trace=lag.trace if lag is not None else None, streams=link.streams)
 
         quiesce = None
         if cutover:

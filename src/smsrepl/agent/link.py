@@ -28,6 +28,8 @@ class TaskLink:
     sampler: HostSampler
     on_report: Callable[[dict], None]
     speed_limit: Callable[[], SpeedSchedule | None]
+    #: connections each session runs over (a count, or "auto": transport/streams_auto.py)
+    streams: int | str = "auto"
 
 
 class TaskSide(Protocol):

@@ -61,7 +61,7 @@ class Agent:
                  sync_interval: float = 30.0, speed_poll: float = 5.0, host: str | None = None,
                  outbox_retry: float = 1.0, retry_delay: float = 2.0, netcheck_seconds: float = 2.0,
                  tree: str | None = None, tree_target: str = "root", tracking: str = "auto",
-                 freeze: bool = False, freeze_timeout: float | None = None) -> None:
+                 freeze: bool = False, freeze_timeout: float | None = None, streams: int | str = "auto") -> None:
         if not disks and not tree:
             raise ConfigError("the agent needs --disk NAME=PATH (block tasks) or --tree DIR (file tasks)")
         self.cp = cp
@@ -79,6 +79,7 @@ class Agent:
         self.speed_poll = speed_poll
         self.retry_delay = retry_delay
         self.netcheck_seconds = netcheck_seconds
+        self.streams = streams
         self.host = host  # overrides the task's migration_ip (a lab on loopback)
         self.outbox = Outbox(cp, retry=outbox_retry)
         self.task: dict | None = None
@@ -256,7 +257,8 @@ class Agent:
 
         link = TaskLink(task_id, (host, self.data_port), context, self.state_dir, cpu_cap,
                         HostSampler(),  # host and agent CPU, memory and disk I/O in every report
-                        lambda rep: self.outbox.put("progress", task_id, rep), lambda: self._schedule)
+                        lambda rep: self.outbox.put("progress", task_id, rep), lambda: self._schedule,
+                        streams=self.streams)
         self.task = task
         self._network_check(link)
         driver: BlockTask | FileTask

@@ -37,7 +37,7 @@ def cmd_agent(args) -> int:
     agent = Agent(cp, args.source_id, disks, args.state_dir or state_home("agent"), task_id=args.task_id,
                   data_port=args.data_port, poll_interval=args.poll_interval, sync_interval=args.sync_interval,
                   host=args.host, tree=args.tree, tree_target=args.tree_target, tracking=args.tracking,
-                  freeze=args.freeze, freeze_timeout=args.freeze_timeout)
+                  freeze=args.freeze, freeze_timeout=args.freeze_timeout, streams=args.streams)
 
     cutover_on_sigterm(agent.request_cutover, agent.stop)
     return agent.run()

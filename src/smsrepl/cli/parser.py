@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     nc = sub.add_parser("netcheck", help="measure the link to a receiver; prints the 5.9.1 body")
     _receiver_flags(nc)
     nc.add_argument("--seconds", type=number(float), default=3.0, metavar="SECONDS", help="length of the bulk transfer (default 3)")
+    nc.add_argument("--streams", type=stream_count, default="auto", metavar="N|auto",
+                    help="also measure N connections at once (auto, the default: as many as a session would run "
+                         "over on this link); stderr says what one and N got, migration_speed is the better")
     nc.set_defaults(func=cmd_netcheck)
 
     st = sub.add_parser("status", help="list a receiver's targets and running sessions")
@@ -221,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds between continuous sync rounds (default 30)")
     ag.add_argument("--tracking", choices=["auto", "kernel", "scan"], default="auto",
                     help="how sync rounds of a syncing task find changed blocks (see send block --tracking)")
+    ag.add_argument("--streams", type=stream_count, default="auto", metavar="N|auto",
+                    help="TLS connections each data session runs over (1-16); auto (default): one on a LAN, "
+                         "more the longer the round trip to the target")
     ag.add_argument("--freeze", action="store_true",
                     help="the cutover freezes the source disks' file systems until its round has read them")
     ag.add_argument("--freeze-timeout", type=seconds(0, 3600, low_open=True), metavar="SECONDS",

@@ -3,6 +3,7 @@ figures as the 5.9.1 body; its targets and sessions)."""
 from __future__ import annotations
 
 import json
+import sys
 
 from smsrepl.errors import ConfigError
 from smsrepl.cli.bundle import bundle_certkey, bundle_passphrase
@@ -16,7 +17,10 @@ def cmd_netcheck(args) -> int:
     if not 0.2 <= args.seconds <= 600:
         raise ConfigError(f"--seconds {args.seconds}: must be between 0.2 and 600")
     ctx = client_context(bundle_certkey(args), bundle_passphrase(args))
-    result = run_netcheck(parse_address(args.to), ctx, seconds=args.seconds)
+    result = run_netcheck(parse_address(args.to), ctx, seconds=args.seconds, streams=args.streams)
+    if result.streams > 1:
+        print(f"one connection: {result.speed_mbit:.1f} Mbit/s; {result.streams} connections: "
+              f"{result.streams_speed_mbit:.1f} Mbit/s", file=sys.stderr)
     print(json.dumps(result.body()))
     return 0
 

@@ -32,7 +32,7 @@ CONNECT_BURST = 64
 #: network checks in a pool of their own, outside MAX_CONNECTIONS: idle or abusive checks
 #: cannot hold the slots of data sessions. A check lasts seconds; one is dropped after
 #: NETCHECK_SECONDS
-MAX_NETCHECKS = 4
+MAX_NETCHECKS = 16  # room for one check over MAX_STREAMS connections
 NETCHECK_SECONDS = 120.0
 #: session outcomes kept for serve_forever(once=True) and embedders; older ones are dropped
 KEEP_OUTCOMES = 100

@@ -12,7 +12,11 @@ A netcheck session is a HELLO of kind "netcheck" to a receiver, then:
 3. ``loss_percentage``: TCP segments the kernel had to retransmit during the
    check, per segment sent (TCP_INFO of the connection); 0 where the
    platform does not say.
-4. ``cpu_usage`` and ``mem_usage``: this host's CPU use during the check and
+4. With ``streams`` more than one (or "auto" on a link whose round trip asks for more, see
+   streams_auto.py), the bulk transfer again over that many connections at once (extra
+   netcheck sessions beside this one): ``streams_speed_mbit``. ``migration_speed`` is then
+   the better of the two: what a session with --streams auto would get.
+5. ``cpu_usage`` and ``mem_usage``: this host's CPU use during the check and
    memory in use, percent (psutil).
 
 ``evaluation_result`` grades the link (6-8 characters, thresholds in GRADES):
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from smsrepl.errors import RemoteProtocolError, TransportError
 from smsrepl.protocol import CAPABILITIES, PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
+from smsrepl.transport.streams_auto import StreamCount, auto_count
 
 #: grade: (max delay ms, max jitter ms, max loss %, min bandwidth Mbit/s); checked in order
 GRADES: tuple[tuple[str, float, float, float, float], ...] = (
@@ -66,10 +71,17 @@ class NetcheckResult:
     rtts_ms: tuple[float, ...]
     bulk_bytes: int
     bulk_seconds: float
+    #: connections of the second bulk transfer (1: none was run) and what they moved together
+    streams: int = 1
+    streams_speed_mbit: float = 0.0
+
+    @property
+    def best_speed_mbit(self) -> float:
+        return max(self.speed_mbit, self.streams_speed_mbit)
 
     @property
     def evaluation(self) -> str:
-        return grade(self.delay_ms, self.jitter_ms, self.loss_pct, self.speed_mbit)
+        return grade(self.delay_ms, self.jitter_ms, self.loss_pct, self.best_speed_mbit)
 
     def body(self) -> dict:
         """The 5.9.1 request body."""
@@ -77,7 +89,7 @@ class NetcheckResult:
             "destination_connectivity": True,
             "network_delay": round(self.delay_ms, 2),
             "network_jitter": round(self.jitter_ms, 2),
-            "migration_speed": round(min(self.speed_mbit, MAX_SPEED), 2),
+            "migration_speed": round(min(self.best_speed_mbit, MAX_SPEED), 2),
             "loss_percentage": round(self.loss_pct, 2),
             "cpu_usage": round(self.cpu_pct, 2),
             "mem_usage": round(self.mem_pct, 2),
@@ -96,17 +108,11 @@ def _tcp_counters(sock) -> tuple[int, int] | None:
     return struct.unpack_from("=I", info, _TCPI_TOTAL_RETRANS)[0], struct.unpack_from("=I", info, _TCPI_SEGS_OUT)[0]
 
 
-def run_netcheck(address: tuple[str, int], context: ssl.SSLContext, *, seconds: float = 3.0, pings: int = 20,
-                 bulk: int = 1 << 20, ping_gap: float = 0.02) -> NetcheckResult:
-    """Measure the link to the receiver at ``address`` (the same TLS and port as a transfer)."""
-    import psutil
-
+def _open_check(address: tuple[str, int], context: ssl.SSLContext):
+    """A netcheck session's connection, welcomed."""
     from smsrepl.transport.channel import Channel
     from smsrepl.transport.connect import connect
 
-    if not 0 < bulk <= F.MAX_BODY - 64:
-        raise ValueError(f"bulk frame size must be 1..{F.MAX_BODY - 64} bytes")
-    psutil.cpu_percent(None)
     chan = Channel(connect(address, context), Connection(SENDER))
     try:
         chan.send(F.Hello([PROTOCOL_VERSION], "netcheck", "", uuid.uuid4().hex, 0, F.FINE_BLOCK, list(CAPABILITIES)))
@@ -115,6 +121,23 @@ def run_netcheck(address: tuple[str, int], context: ssl.SSLContext, *, seconds: 
             raise TransportError(f"receiver refused the network check: {welcome.message}")
         if not isinstance(welcome, F.Welcome):
             raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
+    except BaseException:
+        chan.close()
+        raise
+    return chan
+
+
+def run_netcheck(address: tuple[str, int], context: ssl.SSLContext, *, seconds: float = 3.0, pings: int = 20,
+                 bulk: int = 1 << 20, ping_gap: float = 0.02, streams: StreamCount = 1) -> NetcheckResult:
+    """Measure the link to the receiver at ``address`` (the same TLS and port as a transfer)."""
+    import psutil
+
+    if not 0 < bulk <= F.MAX_BODY - 64:
+        raise ValueError(f"bulk frame size must be 1..{F.MAX_BODY - 64} bytes")
+    psutil.cpu_percent(None)
+    chan = _open_check(address, context)
+    many, many_speed = 1, 0.0
+    try:
         rtts = []
         for nonce in range(pings):
             t0 = time.perf_counter_ns()
@@ -125,6 +148,9 @@ def run_netcheck(address: tuple[str, int], context: ssl.SSLContext, *, seconds: 
         counters0 = _tcp_counters(chan.sock)
         sent_bytes, bulk_seconds = _bulk(chan, seconds, bulk, first_nonce=pings)
         counters1 = _tcp_counters(chan.sock)
+        many = streams if isinstance(streams, int) else auto_count(statistics.fmean(rtts) if rtts else None)
+        if many > 1:
+            many_speed = _bulk_over(chan, address, context, many, seconds, bulk, first_nonce=pings + (1 << 40))
         chan.goodbye(F.Close("netcheck done"))
     finally:
         chan.close()
@@ -142,7 +168,29 @@ def run_netcheck(address: tuple[str, int], context: ssl.SSLContext, *, seconds: 
         rtts_ms=tuple(rtts),
         bulk_bytes=sent_bytes,
         bulk_seconds=bulk_seconds,
+        streams=many,
+        streams_speed_mbit=many_speed,
     )
+
+
+def _bulk_over(chan, address: tuple[str, int], context: ssl.SSLContext, count: int, seconds: float, bulk: int, *,
+               first_nonce: int) -> float:
+    """The bulk transfer over ``chan`` and ``count - 1`` more connections at once: Mbit/s of all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(count) as pool:
+        extra = list(pool.map(lambda _: _open_check(address, context), range(count - 1)))
+        try:
+            t0 = time.perf_counter()
+            runs = list(pool.map(lambda c: _bulk(c, seconds, bulk, first_nonce=first_nonce), [chan, *extra]))
+            elapsed = time.perf_counter() - t0
+        finally:
+            for one in extra:
+                try:
+                    one.goodbye(F.Close("netcheck done"))
+                finally:
+                    one.close()
+    return sum(sent for sent, _ in runs) * 8 / elapsed / 1e6 if elapsed > 0 else 0.0
 
 
 def _expect_pong(ev, nonce: int) -> None:
