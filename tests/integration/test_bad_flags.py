@@ -63,6 +63,7 @@ CONFIG = file_cases() + [Bad("{w}/config-extra.json", expect="'colour'"),
                          Bad("{w}/config-unknown-key.json", expect="NO_SUCH_KEY")]
 SPEED = file_cases() + [Bad("{w}/speed-bad.json")]
 LEVEL = [Bad("x"), Bad("99"), Bad("-1")]
+STREAMS = [Bad("x", expect="1 to 16"), Bad("0", expect="1 to 16"), Bad("17", expect="1 to 16")]
 INTERVAL = [Bad("x", set=(("--continuous", None),)), Bad("-1", set=(("--continuous", None),)),
             Bad("nan", set=(("--continuous", None),)), Bad("5")]  # the last: without --continuous
 FREEZE_TIMEOUT = [Bad("x", set=(("--continuous", None), ("--freeze", None))),
@@ -107,6 +108,7 @@ BAD: dict[str, list[Bad]] = {
     "send files --state-dir": STATE_DIR,
     "send files --config": CONFIG,
     "send files --level": LEVEL,
+    "send files --streams": STREAMS,
     "send files --speed-limit": SPEED,
     "send files --progress": [Bad("nope")],
     "send files --interval": INTERVAL,
@@ -126,6 +128,7 @@ BAD: dict[str, list[Bad]] = {
                                            Bad("{w}/config-unknown-key.json", expect="NO_SUCH_KEY"),
                                            Bad("{w}/config-files-only.json", expect="file-level")],
     "send block --level": LEVEL,
+    "send block --streams": STREAMS,
     "send block --dirty-map": [Bad(A_DIR), Bad(MALFORMED), Bad(UNREADABLE), Bad(MISSING)],
     "send block --interval": INTERVAL,
     "send block --tracking": [Bad("nope", set=(("--continuous", None),)), Bad("scan")],
@@ -139,6 +142,7 @@ BAD: dict[str, list[Bad]] = {
     "netcheck --certkey": CERTKEY,
     "netcheck --passphrase-file": PASSPHRASE,
     "netcheck --seconds": [Bad("x"), Bad("0.1"), Bad("601")],
+    "netcheck --streams": STREAMS,
     "verify block source": [Bad(MISSING, expect="source"), Bad(A_DIR, expect="source")],
     "verify block target_path": [Bad(MISSING, expect="target"), Bad(A_DIR, expect="target")],
     "verify block --to": [Bad("8912", set=REMOTE[1:], drop=("target_path",)), Bad("127.0.0.1:1")],
@@ -173,6 +177,7 @@ BAD: dict[str, list[Bad]] = {
     "agent --poll-interval": [Bad("x"), Bad("0"), Bad("-1")],
     "agent --sync-interval": [Bad("x"), Bad("-1")],
     "agent --tracking": [Bad("nope")],
+    "agent --streams": STREAMS,
     "agent --freeze-timeout": [Bad("x"), Bad("0")],
     "demo --size-mib": [Bad("x"), Bad("0"), Bad("-5")],
 }

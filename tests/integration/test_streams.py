@@ -118,7 +118,8 @@ class _CutOne:
 @pytest.mark.parametrize("victim", [0, 2])
 def test_a_lost_connection_fails_the_session_and_the_next_run_resumes_byte_identical(lab, victim):
     write_image(lab["src"], 96 << 20, seed=5, mix={"text": 0.2, "random": 0.8})
-    proxy = _CutOne(lab["rx"].address, victim, 12 << 20)
+    # an extra connection joins a moment after the round began: it is cut sooner
+    proxy = _CutOne(lab["rx"].address, victim, (12 if victim == 0 else 3) << 20)
     try:
         cut = _send(lab, proxy.address, "--streams", "3", "--level", "0")
     finally:
@@ -130,3 +131,50 @@ def test_a_lost_connection_fails_the_session_and_the_next_run_resumes_byte_ident
     assert result["kind"] == "full"
     assert sha256(lab["src"]) == sha256(lab["dst"])
     assert result["resumed_from"] > 0  # the receiver's checkpoint, of what it applied in order
+
+
+def _tree(root, seed: int, files: int = 400) -> None:
+    import random
+    rng = random.Random(seed)
+    for i in range(files):
+        d = root / f"d{i % 23}" / f"e{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.bin").write_bytes(rng.randbytes(rng.randint(0, 300_000)))
+
+
+def _same_tree(a, b) -> bool:
+    import filecmp
+    cmp = filecmp.dircmp(a, b)
+
+    def same(c) -> bool:
+        if c.left_only or c.right_only or c.diff_files or c.funny_files:
+            return False
+        _, mismatch, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
+        return not mismatch and not errors and all(same(s) for s in c.subdirs.values())
+    return same(cmp)
+
+
+def test_a_file_session_over_three_connections_copies_and_syncs_identical(tmp_path, certkey_file):
+    from .procs import CLI
+    import subprocess
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    _tree(src, 1)
+    rx = ReceiverProc(certkey_file, {"home": str(dst)}, str(tmp_path / "rx"))
+    try:
+        def run():
+            cp = subprocess.run(CLI + ["send", "files", str(src), "--to", rx.address, "--target", "home", "--certkey",
+                                       certkey_file, "--streams", "3", "--json", "-v"],
+                                capture_output=True, text=True, timeout=120)
+            assert cp.returncode == 0, cp.stderr
+            return cp
+        cp = run()
+        assert _connections(cp) == 3
+        assert _same_tree(src, dst)
+        _tree(src, 2, files=150)  # rewrite some, add none: a sync round
+        (src / "d3" / "e3" / "f3.bin").unlink()
+        run()
+        assert _same_tree(src, dst)
+    finally:
+        rx.stop()

@@ -46,6 +46,7 @@ class FileTask:
         link = self.link
         return TreeRound(lambda: FileSender(self.tree, self.target, link.address, link.context, rules=self.rules,
                                             speed_limit=link.speed_limit(), cpu_cap=link.cpu_cap,
+                                            streams=link.streams,
                                             on_report=link.on_report, host_sampler=link.sampler,
                                             journal=self.journal,
                                             whole="the cutover round walks the whole tree" if cutover else None),

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--config", metavar="FILE", help="5.10.1 configurations JSON (path rules, LINUX_CPU_LIMIT)")
     sf.add_argument("--checksum", action="store_true",
                     help="find changed files by content, not by size and mtime (reads every file on both ends)")
+    sf.add_argument("--streams", type=stream_count, default="auto", metavar="N|auto",
+                    help="TLS connections the session runs over (1-16); auto (default): one on a LAN, more the "
+                         "longer the link's round trip")
     sf.add_argument("--level", type=zstd_level, default="auto",
                     help=f"zstd level, 0 = no compression, auto (default) = level {DEFAULT_LEVEL} "
                          "while it moves data faster than sending it raw")

@@ -60,7 +60,8 @@ def cmd_send_files(args, stop=None) -> int:
     def make_sender() -> FileSender:
         cutover = cont is not None and cont.cutover_requested
         sender = FileSender(args.source, args.target, parse_address(args.to), ctx, rules=rules,
-                            checksum=args.checksum, level=args.level, speed_limit=watcher.load(),
+                            checksum=args.checksum, level=args.level, streams=args.streams,
+                            speed_limit=watcher.load(),
                             on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler,
                             journal=journal, whole="the cutover round walks the whole tree" if cutover else None,
                             max_delete=args.max_delete)

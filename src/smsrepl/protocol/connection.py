@@ -105,7 +105,6 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.ROUND_ENDING, R, F.RoundDone): State.IDLE,
     (State.CLOSING, R, F.Close): State.CLOSED,
     (State.IDLE, S, F.Streams): State.IDLE,
-    (State.IDLE, R, F.Streams): State.IDLE,
     (State.HANDSHAKE, S, F.Streams): State.HANDSHAKE,  # an extra connection's join, after its HELLO
     (State.STREAM, S, F.Ping): State.STREAM,
 }
@@ -116,6 +115,7 @@ for _cls in STREAM_FRAMES + (F.Seq,):
     TRANSITIONS[(State.STREAM, S, _cls)] = State.STREAM
 for _st in _LIVE:
     TRANSITIONS[(_st, S, F.Seq)] = _st
+    TRANSITIONS[(_st, R, F.Streams)] = _st  # the answer may come after the round began
 for _st in _LIVE:
     TRANSITIONS[(_st, S, F.Ping)] = _st
     TRANSITIONS[(_st, R, F.Pong)] = _st

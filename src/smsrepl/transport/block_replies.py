@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
 from smsrepl._lazy import np
 from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
@@ -30,6 +31,8 @@ class Replies:
         self.done = threading.Event()  # ROUND_DONE arrived, or the session failed
         self.failure: BaseException | None = None
         self._answers: queue.Queue = queue.Queue()
+        #: the receiver's answer to STREAMS goes here (SenderBase.streams_granted)
+        self.on_streams: Callable[[F.Streams], None] | None = None
 
     def start(self, chan: Channel) -> None:
         threading.Thread(target=self._read, args=(chan,), daemon=True).start()
@@ -47,7 +50,9 @@ class Replies:
                 elif isinstance(ev, F.RoundDone):
                     self.round_done = ev
                     self.done.set()
-                elif isinstance(ev, (F.ManifestData, F.Pong, F.Close, F.Streams)):
+                elif isinstance(ev, F.Streams) and self.on_streams is not None:
+                    self.on_streams(ev)
+                elif isinstance(ev, (F.ManifestData, F.Pong, F.Close)):
                     self._answers.put(ev)
                     if isinstance(ev, F.Close):
                         return
@@ -70,16 +75,6 @@ class Replies:
         if not isinstance(ev, F.ManifestData) or ev.level != level or ev.first != first or len(ev.entries) != count:
             raise RemoteProtocolError("manifest answer does not match the request")
         return ev.entries
-
-    def streams(self, chan: Channel, ask: F.Streams) -> F.Streams:
-        """The receiver's answer to STREAMS ``ask``."""
-        chan.send(ask)
-        ev = self._answers.get(timeout=IO_TIMEOUT)
-        if isinstance(ev, BaseException):
-            raise ev
-        if not isinstance(ev, F.Streams) or ev.count > ask.count:
-            raise RemoteProtocolError(f"expected STREAMS granting at most {ask.count}, got {ev!r:.80}")
-        return ev
 
     def peer_reason(self, exc: ReplicationError, *, stopped: bool) -> ReplicationError:
         """The receiver's ERROR, where it sent one, rather than what the end of the connection did

@@ -23,6 +23,7 @@ from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor
 from smsrepl.errors import RemoteProtocolError, ReplicationError, TransportError
 from smsrepl.throttle import CpuCap, SpeedSchedule
 from smsrepl.protocol import CAPABILITIES
+from smsrepl.transport.streams_auto import StreamCount
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.sender_base import SenderBase, raise_if_error
@@ -82,14 +83,14 @@ class FileSender(SenderBase):
                  speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
                  on_report: Callable[[dict], None] | None = None, host_sampler=None,
                  journal: ChangeJournal | None = None, whole: str | None = None,
-                 max_delete: int | None = None) -> None:
+                 max_delete: int | None = None, streams: StreamCount = 1) -> None:
         if not os.path.isdir(source_dir):
             from smsrepl.errors import SourceMissingError
 
             raise SourceMissingError(f"source {source_dir!r} is not a directory")
         if cpu_cap is None and rules is not None and rules.cpu_limit is not None:
             cpu_cap = CpuCap(rules.cpu_limit)
-        super().__init__(target, address, context, speed_limit=speed_limit, cpu_cap=cpu_cap)
+        super().__init__(target, address, context, speed_limit=speed_limit, cpu_cap=cpu_cap, streams=streams)
         self.source = os.path.abspath(source_dir)
         self.session_id = file_session_id(self.source, self.target)
         self.rules = rules.anchored(self.source) if rules is not None else None  # host paths under it: relative
@@ -179,7 +180,7 @@ class FileSender(SenderBase):
                     self.journal.force_whole("the last round did not complete")
                 raise
             finally:
-                chan.close()
+                (self._chan or chan).close()  # the session's connections, extra ones too
                 self._chan = None  # the next run() connects again
         finally:
             if early is not None:
@@ -193,10 +194,25 @@ class FileSender(SenderBase):
             listing.wait(whole=True)  # what stopped it (an ERROR frame, a lost connection)
         return self._recv_frame(chan, want)
 
+    def _listing_frame(self, chan: Channel) -> F.TreeData:
+        """The next frame of the listing; after its last, the answer to STREAMS that follows it."""
+        ev = self._recv_frame(chan, F.TreeData)
+        if ev.last:
+            self._streams_answer(chan)
+        return ev
+
+    def _streams_answer(self, chan: Channel) -> None:
+        """The receiver's answer to the session's STREAMS, where it was not read yet (it comes
+        after the listing asked for before the STREAMS, before the one asked for after it)."""
+        if self._joining is not None:
+            self.streams_granted(self._recv_frame(chan, F.Streams))
+
     def _recv_frame(self, chan: Channel, want: type[E]) -> E:
         ev = chan.recv()
-        while isinstance(ev, F.Pong):  # answers to keepalive PINGs
-            ev = chan.recv()
+        while isinstance(ev, F.Pong) or (isinstance(ev, F.Streams) and want is not F.Streams):
+            if isinstance(ev, F.Streams):
+                self.streams_granted(ev)
+            ev = chan.recv()  # (a PONG answers a keepalive PING)
         raise_if_error(ev)
         if not isinstance(ev, want):
             raise RemoteProtocolError(f"expected {want.__name__}, got {type(ev).__name__}")
@@ -281,6 +297,8 @@ class FileSender(SenderBase):
             raise RemoteProtocolError("the receiver does not take file sessions")
         kind = "sync" if welcome.state == "synced" else "full"
         round_id = welcome.round_id + 1
+        # more connections asked for now: the answer comes after the listing (_streams_answer)
+        chan = self._spread(chan, self.session_id, 0, frozenset(welcome.capabilities))
         # the source is walked while the receiver lists its tree
         if early is not None:
             return self._round(chan, started, kind, round_id, early)
@@ -401,9 +419,11 @@ class FileSender(SenderBase):
         listing, decomp = Listing(), Decompressor()
         listing.add(self._recv(chan, F.TreeData), decomp)
         if listing.ordered and not listing.done:  # decide as it arrives: each directory waits for its own listing
-            self._listing = listing.follow(lambda: self._recv_frame(chan, F.TreeData), decomp), listing
+            self._listing = listing.follow(lambda: self._listing_frame(chan), decomp), listing
         while not listing.done and not listing.ordered:
             listing.add(self._recv(chan, F.TreeData), decomp)
+        if self._listing is None:
+            self._streams_answer(chan)
         log.info("%s round %d of %s -> %s", kind, round_id, self.source, self.target)
         if self.on_report is not None:
             self.tracker = ProgressTracker(subtask_for("file", first_copy=kind == "full"), self._total(kind, dirs),

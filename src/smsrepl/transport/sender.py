@@ -184,9 +184,9 @@ class Sender(SenderBase):
                 "with" if F.ADOPT_SESSION in self._peer_caps else
                 "full copy: no local state for this target, and the receiver is of a version that cannot reconcile")
         faults.point("sender.welcome")
+        self.replies.on_streams = self.streams_granted
         self.replies.start(chan)
-        chan = self._spread(chan, functools.partial(self.replies.streams, chan), rec["session_id"], source.size,
-                            self._peer_caps)
+        chan = self._spread(chan, rec["session_id"], source.size, self._peer_caps)
 
         cache_path = os.path.join(self.dir, "target.manifest")
         check_resume_offset(welcome, source.size)

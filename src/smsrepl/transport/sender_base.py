@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from smsrepl.errors import RemoteError, RemoteProtocolError, TransportError
+from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
 from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
 from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
@@ -40,6 +40,8 @@ class SenderBase:
         self._chan: Channel | None = None
         #: connections a session runs over: a count, or "auto" (streams_auto.py)
         self.streams = streams
+        #: the STREAMS the running session asked for, until the receiver answers (_spread)
+        self._joining: tuple[Stripes, str, int, int] | None = None
 
     def stop(self) -> None:
         """Pause: break the running round from another thread. What the receiver made durable
@@ -70,38 +72,48 @@ class SenderBase:
         return chan
 
 
-    def _spread(self, chan: Channel, ask: Callable[[F.Streams], F.Streams], session_id: str, size: int,
-                peer_caps: frozenset) -> Channel:
+    def _spread(self, chan: Channel, session_id: str, size: int, peer_caps: frozenset) -> Channel:
         """The session's channel over as many connections as ``streams`` says, when more than
-        one and the receiver can (it listed "streams"): ``ask`` sends STREAMS on ``chan`` and
-        returns the receiver's answer. Returns ``chan`` itself, or the Stripes over it."""
+        one and the receiver can (it listed "streams"). STREAMS asks the receiver for them and
+        every frame after it is numbered, at once: the Stripes returned runs over ``chan``
+        alone until the answer, read by whoever reads ``chan``, comes to streams_granted(),
+        which joins the extra connections on a thread of its own. Returns ``chan`` itself
+        where one connection it is."""
         want = self.streams
         if want == 1 or "streams" not in peer_caps:
             return chan
         count = initial_streams(want, chan)
         if count <= 1:
             return chan
-        grant = ask(F.Streams(count, ""))
-        if grant.count <= 1:
-            log.info("the receiver runs this session over one connection")
-            return chan
+        stripes = Stripes(chan, [])
+        self._joining = (stripes, session_id, size, count)  # before the answer can come
+        chan.send(F.Streams(count, ""))  # unnumbered, before any frame of the stripes
+        self._chan = stripes
+        return stripes
+
+    def streams_granted(self, ev: F.Streams) -> None:
+        """The receiver's answer to the session's STREAMS: join the connections it granted."""
+        pending, self._joining = self._joining, None
+        if pending is None:
+            raise RemoteProtocolError("STREAMS from the receiver, which this session did not ask for")
+        stripes, session_id, size, asked = pending
+        if ev.count > asked:
+            raise RemoteProtocolError(f"the receiver granted {ev.count} connections, {asked} were asked for")
+        if ev.count <= 1:
+            log.info("the receiver runs session %s over one connection", session_id)
+            return
+        threading.Thread(target=self._join_all, args=(stripes, ev, session_id, size), daemon=True,
+                         name="smsrepl-stream-join").start()
+
+    def _join_all(self, stripes: Stripes, grant: F.Streams, session_id: str, size: int) -> None:
         with ThreadPoolExecutor(grant.count - 1) as pool:
             joins = [pool.submit(self._join, i, grant.key, session_id, size) for i in range(1, grant.count)]
-        extra = []
-        failure: BaseException | None = None
-        for join in joins:
+        for i, join in enumerate(joins, 1):
             try:
-                extra.append(join.result())
-            except BaseException as exc:  # noqa: BLE001 - the others are closed, the first failure raised
-                failure = failure or exc
-        if failure is not None:
-            for one in extra:
-                one.close()
-            raise failure
-        stripes = Stripes(chan, extra)
-        self._chan = stripes
+                stripes.add(join.result())
+            except ReplicationError as exc:  # the session goes on over the others
+                log.warning("extra connection %d of session %s not joined: %s", i, session_id, exc)
         log.info("session %s runs over %d connections", session_id, stripes.streams)
-        return stripes
 
     def _join(self, index: int, key: str, session_id: str, size: int) -> Channel:
         """Extra connection ``index`` of session ``session_id``, joined."""

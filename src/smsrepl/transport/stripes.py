@@ -167,6 +167,9 @@ class Stripes(Channel):
         """One more connection (joined already: its HELLO, STREAMS and WELCOME exchanged)."""
         chan.limiter, chan.on_sent = self.main.limiter, self.main.on_sent
         with self._cond:
+            if self._closing or self._failure is not None:  # the session ended meanwhile
+                chan.close()
+                return
             lane = _Lane(chan, len(self._lanes))
             self._lanes.append(lane)
         self._start(lane)
