@@ -33,8 +33,9 @@ from smsrepl.transport.channel import Channel
 from smsrepl.transport.frame_order import frame_size
 from smsrepl.transport.limits import STREAM_KEEPALIVE
 
-#: bytes queued for one connection before send() picks another or waits (two 8 MiB frames)
-LANE_BYTES = 16 << 20
+#: bytes queued for one connection (the frame being written included) before send() picks another
+#: or waits: one 8 MiB frame, so N connections hold at most about N frames
+LANE_BYTES = 8 << 20
 
 
 #: copy buffers kept for reuse
