@@ -72,10 +72,11 @@ def tcp_send(host: str, port: int, seconds: float) -> dict:
     while time.monotonic() - t0 < seconds:
         sent += sock.send(chunk)
     info = tcp_info(sock)
+    cc = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
     sock.shutdown(socket.SHUT_WR)
     sock.recv(1)  # the sink closes after EOF: everything sent has been read
     sock.close()
-    return {"bytes": sent, "seconds": time.monotonic() - t0, **info}
+    return {"bytes": sent, "seconds": time.monotonic() - t0, "cc": cc, **info}
 
 
 def udp_echo(host: str, port: int) -> None:
