@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 NATIVE = "src/smsrepl/_native"
 SOURCES = ["_coremodule.c", "blockscan.c", "delta.c", "filehash.c", "rangeread.c", "traceread.c", "tracebinding.c",
            "fstree_record.c", "fstree_cache.c", "fstree_scan.c", "fstree_diff.c", "fstree_read.c", "fstree_write.c",
-           "fstree_binding.c"]
+           "fstree_binding.c", "linkfwd.c", "linkbinding.c"]
 CFLAGS = ["-O3", "-std=c11", "-pthread", "-Wall", "-Wextra"]
 
 setup(

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from replication import RsyncDaemon, rsync, sms_round  # noqa: E402
 from smsrepl import kernels  # noqa: E402
 from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
+from smsrepl.lab.linkemu import LinkEmulator, LinkUnavailable, parse_rate  # noqa: E402
 from smsrepl.codec import DEFAULT_LEVEL, Compressor, Decompressor  # noqa: E402
 from smsrepl.lab.testdata import write_image  # noqa: E402
 
@@ -190,45 +191,28 @@ def zstd_openssl(src: str, level: int) -> dict:
 
 
 class Wan:
-    """Two network namespaces joined by a veth pair, each end shaped by netem: ``rate`` each
-    way and half the round-trip ``rtt_ms`` of delay each way. Sender side 10.77.0.1, receiver
-    side 10.77.0.2."""
+    """An emulated link (smsrepl.lab.linkemu: two network namespaces joined by TUN devices and
+    a forwarder that shapes each way): ``rate`` each way and half the round-trip ``rtt_ms`` of
+    delay each way, TCP buffers at the kernel's defaults. Sender side 10.77.0.1, receiver side
+    10.77.0.2."""
 
-    TX, RX = "smsbench-tx", "smsbench-rx"
+    TX, RX = "a", "b"
 
     def __init__(self, rate: str, rtt_ms: float) -> None:
         self.rate, self.rtt_ms = rate, rtt_ms
-        self.down()
-        cmds = [f"ip netns add {self.TX}", f"ip netns add {self.RX}",
-                f"ip link add smsb-tx type veth peer name smsb-rx",
-                f"ip link set smsb-tx netns {self.TX}", f"ip link set smsb-rx netns {self.RX}",
-                f"ip -n {self.TX} addr add 10.77.0.1/24 dev smsb-tx", f"ip -n {self.RX} addr add 10.77.0.2/24 dev smsb-rx",
-                f"ip -n {self.TX} link set smsb-tx up", f"ip -n {self.RX} link set smsb-rx up",
-                f"ip -n {self.TX} link set lo up", f"ip -n {self.RX} link set lo up"]
-        for c in cmds:
-            r = subprocess.run(c.split(), capture_output=True, text=True)
-            if r.returncode:
-                self.down()
-                raise PermissionError(f"{c}: {r.stderr.strip()}")
-        #: what shapes the link: netem (rate and delay), or tbf (rate only) on kernels without netem
-        self.shaper = "netem"
-        for ns, dev in ((self.TX, "smsb-tx"), (self.RX, "smsb-rx")):
-            netem = f"tc -n {ns} qdisc add dev {dev} root netem delay {rtt_ms / 2}ms rate {rate} limit 100000"
-            r = subprocess.run(netem.split(), capture_output=True, text=True)
-            if r.returncode:
-                tbf = f"tc -n {ns} qdisc add dev {dev} root tbf rate {rate} burst 256kb latency 100ms"
-                if subprocess.run(tbf.split(), capture_output=True).returncode:
-                    self.down()
-                    raise PermissionError(f"{netem}: {r.stderr.strip()}; tbf failed too")
-                self.shaper = "tbf (no netem in this kernel: rate only, no added delay)"
+        self.link = LinkEmulator(parse_rate(rate), rtt_ms / 2, subnet=77)
+        try:
+            self.link.__enter__()
+        except LinkUnavailable as exc:
+            raise PermissionError(str(exc)) from exc
+        #: what shapes the link
+        self.shaper = "lab.linkemu (rate, delay and a one-RTT drop-tail queue each way)"
 
-    @classmethod
-    def down(cls) -> None:
-        for ns in (cls.TX, cls.RX):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    def down(self) -> None:
+        self.link.__exit__(None, None, None)
 
     def run_in(self, ns: str, args: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", ns, *args], **kw)
+        return self.link.run_in(ns, args, **kw)
 
 
 def wan_case(wan: Wan, ck: str, src: str, tmp: str, runs: int, level: int) -> dict:
@@ -370,7 +354,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--wan", action="append", metavar="RATE:RTT",
-                    help="simulated links (netem in two network namespaces); default 100mbit:20ms and 1gbit:2ms")
+                    help="simulated links (lab.linkemu, two network namespaces); default 100mbit:20ms and 1gbit:2ms")
     ap.add_argument("--no-wan", action="store_true", help="skip the simulated links")
     ap.add_argument("--sweep", action="store_true",
                     help="also sweep the zstd level (0 1 2 3 6 auto) on loopback and links of 100mbit, 1gbit")
@@ -418,7 +402,7 @@ def main() -> int:
                 try:
                     wan = Wan(rate, float(rtt.rstrip("ms")))
                 except PermissionError as exc:
-                    print(f"simulated links skipped: network namespaces or netem are not permitted here ({exc})")
+                    print(f"simulated links skipped: the link emulator cannot run here ({exc})")
                     break
                 try:
                     wans[spec] = wan_case(wan, ck, src, tmp, args.runs, args.level)
@@ -478,7 +462,7 @@ def render(size: int, mix: dict, st: dict, bound: dict, rows: dict, args, wans: 
                 f"vs rsync --whole-file: {rows['rsync --whole-file']['wall'] / sms:.2f}x; "
                 f"smsrepl at {size / sms / bound['bound']:.0%} of the machine's bound.", ""]
     if wans:
-        out += ["## Simulated links (two network namespaces joined by a veth pair, shaped each way)", "",
+        out += ["## Simulated links (two network namespaces joined by lab.linkemu, shaped each way)", "",
                 "| link (rate, RTT) | smsrepl s | rsync -z s | smsrepl MB/s of source | rsync -z MB/s | smsrepl vs rsync -z |",
                 "|---|---:|---:|---:|---:|---:|"]
         for spec, r in wans.items():

@@ -21,7 +21,8 @@ setuptools = pytest.importorskip("setuptools")
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE = ROOT / "src" / "smsrepl" / "_native"
 #: the files that may include Python.h: the module and the thin bindings
-BINDINGS = {"_coremodule.c", "tracebinding.c", "fstree_binding.c", "tracebinding.h", "fstree_binding.h"}
+BINDINGS = {"_coremodule.c", "tracebinding.c", "fstree_binding.c", "tracebinding.h", "fstree_binding.h",
+            "linkbinding.c", "linkbinding.h"}
 
 
 def _extension(monkeypatch, werror: str | None) -> setuptools.Extension:

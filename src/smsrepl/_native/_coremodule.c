@@ -1,6 +1,7 @@
 /* The smsrepl._native._core extension module: its method table and init, and the thin
  * CPython bindings of the buffer kernels (blockscan.c, delta.c, rangeread.c, filehash.c).
- * The file-tree kernels are bound in fstree_binding.c, the trace reader in tracebinding.c.
+ * The file-tree kernels are bound in fstree_binding.c, the trace reader in tracebinding.c,
+ * the link emulator's forwarder in linkbinding.c.
  * Every binding validates its arguments, runs the kernel with the GIL released, and builds
  * the Python result; the kernels themselves do not include Python.h. */
 #define PY_SSIZE_T_CLEAN
@@ -12,6 +13,7 @@
 #include "fstree_binding.h"
 #include "rangeread.h"
 #include "tracebinding.h"
+#include "linkbinding.h"
 
 /* Validate a block size; multiple_of_8 for the block-digest kernels. */
 static int check_block_size(Py_ssize_t bs, int multiple_of_8)
@@ -355,6 +357,8 @@ static PyMethodDef core_methods[] = {
      "trace_parse_page(page, layout, dev, first_sector, nsectors, bitmap) -> counts (traceread.h)"},
     {"trace_take", sms_py_trace_take, METH_VARARGS,
      "trace_take(bitmap, out) -> bits moved: out |= bitmap, bitmap = 0, word by word atomically"},
+    {"link_forward", sms_py_link_forward, METH_VARARGS,
+     "link_forward(fd_a, fd_b, stop_fd, dir_ab, dir_ba, seed, mtu) -> (stats_ab, stats_ba): the link emulator (linkfwd.h)"},
     {NULL, NULL, 0, NULL},
 };
 
