@@ -150,9 +150,10 @@ class EndpointServer:
                         pending = room.ready(0.2)
                     except OSError:
                         break
+                    if once and not self.outcomes.empty():
+                        # its session's extra connections (parallel streams) came in meanwhile
+                        return self.outcomes.get()
                     if not pending:
-                        if once and not self.outcomes.empty():
-                            return self.outcomes.get()
                         continue
                 raw, addr, accepted = pending.pop(0)
                 if not self.admission.admit(raw, addr, accepted):
@@ -166,12 +167,6 @@ class EndpointServer:
                     raw.close()
                     continue
                 self._threads = [x for x in self._threads if x.is_alive()] + [t]
-                if once:
-                    t.join()
-                    try:
-                        return self.outcomes.get_nowait()
-                    except queue.Empty:
-                        continue  # the connection never got as far as naming a target
         finally:
             for raw, _, _ in pending:  # spoke, but the receiver stops (or returned) first
                 raw.close()

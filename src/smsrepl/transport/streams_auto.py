@@ -18,7 +18,7 @@ StreamCount = int | str
 AUTO_LAN_RTT_MS = 2.0
 #: ... and above it one more per AUTO_STEP_MS of round trip, from AUTO_MIN, at most AUTO_MAX
 AUTO_MIN = 2
-AUTO_STEP_MS = 10.0
+AUTO_STEP_MS = 20.0
 AUTO_MAX = 8
 #: the most a user may ask for (the receiver grants at most its own limit, limits.MAX_STREAMS)
 MAX_ASK = 16
