@@ -28,7 +28,9 @@ def _random_image(path, size):
         fh.write(os.urandom(size))
 
 
-def test_speed_limit_paces_the_wire_and_reports_validate(tmp_path, rx, certkey_file):
+@pytest.mark.parametrize("streams", ["1", "4"])
+def test_speed_limit_paces_the_wire_and_reports_validate(tmp_path, rx, certkey_file, streams):
+    """Over several connections (--streams 4) the limit holds for all of them together."""
     _, (host, port) = rx
     src = str(tmp_path / "src.img")
     _random_image(src, 12_000_000)
@@ -37,7 +39,7 @@ def test_speed_limit_paces_the_wire_and_reports_validate(tmp_path, rx, certkey_f
                                                     "over_speed_threshold": 50}]}))
     t0 = time.monotonic()
     cp = send(src, f"{host}:{port}", certkey_file, str(tmp_path / "tx"), "disk0",
-              "--speed-limit", str(limit), "--progress", "json")
+              "--speed-limit", str(limit), "--progress", "json", "--streams", streams, "-v")
     wall = time.monotonic() - t0
     assert cp.returncode == 0, cp.stderr
     reports = [json.loads(line) for line in cp.stdout.splitlines() if line.strip()]
@@ -50,6 +52,7 @@ def test_speed_limit_paces_the_wire_and_reports_validate(tmp_path, rx, certkey_f
     # 12 MB at 40 Mbit/s is 2.4 s of wire time: the round's own seconds (a loaded machine's
     # process start-up, seconds of its own, is not the limiter's doing)
     summary = json.loads(cp.stderr.strip().splitlines()[-1])
+    assert streams == "1" or f"runs over {streams} connections" in cp.stderr
     wire, seconds = summary["wire_bytes"], summary["seconds"]
     assert wire * 8 / 40e6 * 0.95 <= seconds <= min(wall, wire * 8 / 40e6 + 3.0), (seconds, wall)
     assert sha256(src) == sha256(str(tmp_path / "target.img"))
