@@ -132,3 +132,18 @@ def test_a_closed_order_lets_its_readers_go():
     order.close()
     waiting.join(2)
     assert not waiting.is_alive()
+
+
+def test_an_idle_extra_connection_sends_keepalives_outside_the_order(monkeypatch):
+    from smsrepl.transport import stripes as S
+
+    monkeypatch.setattr(S, "STREAM_KEEPALIVE", 0.1)
+    main, extra = _pair(True), _pair(False)
+    stripes = Stripes(main[0], [extra[0]])
+    for _, rx in (main, extra):
+        rx.sock.raw.settimeout(10)
+    got = extra[1].recv()  # nothing was sent: the idle connection's keepalive
+    assert isinstance(got, F.Ping)
+    stripes.send(F.Ping(1, 0))  # not a data frame: the session's own connection, numbered
+    assert isinstance(main[1].recv(), F.Seq) and isinstance(main[1].recv(), F.Ping)
+    stripes.close()

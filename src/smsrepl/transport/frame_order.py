@@ -22,7 +22,7 @@ from collections import deque
 from smsrepl.errors import RemoteProtocolError
 
 #: bytes of frames read ahead of their turn a session holds at most
-HOLD_BYTES = 96 << 20
+HOLD_BYTES = 64 << 20
 
 
 def frame_size(ev: object) -> int:
