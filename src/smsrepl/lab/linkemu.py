@@ -41,6 +41,7 @@ from typing import Any
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 SIDES = ("a", "b")
+READY = "forwarding"  # the forwarder's first line on stdout
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _count = 0
 
@@ -248,6 +249,9 @@ class LinkEmulator:
                  *(["--realtime"] if self.realtime else [])],
                 pass_fds=(*fds, stop_r), stdout=subprocess.PIPE, text=True)
             os.close(stop_r)
+            assert self._fwd.stdout is not None
+            if self._fwd.stdout.readline().strip() != READY:
+                raise RuntimeError(f"the link's forwarder did not start (exit status {self._fwd.wait()})")
         finally:
             for fd in fds:  # the forwarder holds them now; the devices go when it exits
                 os.close(fd)
@@ -313,6 +317,7 @@ def _forward(argv: list[str]) -> int:
             pass
     fd_a, fd_b, stop = (int(x) for x in args.fds.split(","))
     ab, ba = (tuple(int(x) for x in d.split(",")) for d in (args.ab, args.ba))
+    print(READY, flush=True)
     t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
     st_ab, st_ba = _core.link_forward(fd_a, fd_b, stop, ab, ba, args.seed, args.mtu)  # type: ignore[arg-type]
     ru = resource.getrusage(resource.RUSAGE_SELF)
