@@ -229,7 +229,37 @@ def main() -> int:
         fh.write(report)
     with open(os.path.join(args.out, "links.json"), "w") as fh:
         json.dump(result, fh, indent=1)
+    plot(result, os.path.join(args.out, "links.png"))
     return 0
+
+
+def plot(r: dict, path: str) -> None:
+    """Goodput against --streams, one panel per link and congestion control, with one TCP
+    stream and rsync -z on the same link as lines (matplotlib; nothing without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: pip install '.[bench]' for matplotlib)")
+        return
+    cases = r["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4), sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], cases):
+        names = [s for s in r["streams"] if f"smsrepl {s}" in c["tools"]]
+        ax.bar(range(len(names)), [100 * c["tools"][f"smsrepl {s}"]["fraction"] for s in names], color="tab:blue")
+        ax.set_xticks(range(len(names)), [f"{s}" for s in names])
+        ax.axhline(100 * c["tcp"]["fraction"], color="tab:gray", linestyle="--", label="one TCP stream")
+        if "rsync -z" in c["tools"]:
+            ax.axhline(100 * c["tools"]["rsync -z"]["fraction"], color="tab:orange", label="rsync -z")
+        ax.set_title(f"{c['link']} {c['cc']}", fontsize=9)
+        ax.set_xlabel("--streams")
+    axes[0][0].set_ylabel("goodput, % of the link rate")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def collect(cases: list[Case], size: int, data: int, mix: dict, args, streams: list[str]) -> dict:
@@ -263,17 +293,19 @@ def render(r: dict) -> str:
     tools = [f"smsrepl {s}" for s in r["streams"]] + ["rsync -z"]
     head = "| link | cc | one TCP stream | " + " | ".join(
         f"{t.replace('smsrepl ', 'smsrepl --streams ') if t != 'smsrepl 1' else 'smsrepl'}" for t in tools)
-    lines += [head + " | smsrepl vs rsync -z | forwarder CPU |",
+    lines += [head + " | smsrepl (auto) vs rsync -z | forwarder CPU |",
               "|---|---|---:|" + "---:|" * len(tools) + "---:|---:|"]
     for c in r["cases"]:
         cells = [f"{c['tools'][t]['fraction']:.0%} ({c['tools'][t]['wall']:.1f} s)" for t in tools if t in c["tools"]]
-        sms, rs = c["tools"].get("smsrepl 1"), c["tools"].get("rsync -z")
+        sms = c["tools"].get("smsrepl auto") or c["tools"].get("smsrepl 1")
+        rs = c["tools"].get("rsync -z")
         ratio = f"{rs['wall'] / sms['wall']:.2f}x" if sms and rs else "-"
         cpu = max(t["fwd_cpu_per_s"] for t in c["tools"].values())
         lines.append(f"| {c['link']} | {c['cc']} | {c['tcp']['fraction']:.0%} (rtt {c['tcp']['min_rtt_ms']:.0f} ms) | "
                      + " | ".join(cells) + f" | {ratio} | {cpu:.0%} |")
     lines += ["", "One TCP stream: lab.linkprobe's bulk transfer (its last two thirds), the ceiling of one connection "
-              "with these buffers. smsrepl vs rsync -z: rsync's seconds over smsrepl's (above 1: smsrepl faster). "
+              "with these buffers. smsrepl (auto) vs rsync -z: rsync's seconds over smsrepl's with --streams auto, "
+              "or one connection where auto was not run (above 1: smsrepl faster). "
               "Forwarder CPU: the emulator's share of one core during the busiest copy.", ""]
     return "\n".join(lines)
 
