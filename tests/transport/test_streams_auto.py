@@ -24,7 +24,7 @@ def test_bad_streams_values_say_what_is_allowed(text):
         parse_streams(text)
 
 
-def test_the_kernels_round_trip_of_a_loopback_connection_is_a_lan_s():
+def test_the_kernels_round_trip_of_a_loopback_connection_is_a_lan_s_and_loopback_runs_one():
     server = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(server.getsockname())
     peer, _ = server.accept()

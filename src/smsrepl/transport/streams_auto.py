@@ -3,11 +3,13 @@
 One TCP connection moves at most its window per round trip, and after a loss it grows back
 slowly (cubic: seconds at 50 ms): on a long fat link it stays well below the link however
 fast both ends are, while on a LAN or loopback it is not the bound and more connections only
-cost threads. "auto" reads the round trip the kernel measured on the session's connection
-(TCP_INFO, during the TLS handshake) and opens more connections the longer it is.
+cost threads. "auto" reads the least round trip the kernel measured on the session's connection
+(TCP_INFO, during the TLS handshake) and opens more connections the longer it is; one to a
+peer on this host.
 """
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 
@@ -22,9 +24,10 @@ AUTO_STEP_MS = 20.0
 AUTO_MAX = 8
 #: the most a user may ask for (the receiver grants at most its own limit, limits.MAX_STREAMS)
 MAX_ASK = 16
-#: struct tcp_info (linux/tcp.h): tcpi_rtt and tcpi_rttvar in microseconds, at byte 68
-_TCPI_RTT = struct.Struct("=II")
+#: struct tcp_info (linux/tcp.h), microseconds: tcpi_rtt (smoothed) at byte 68, tcpi_min_rtt at 148
+_U32 = struct.Struct("=I")
 _TCPI_RTT_AT = 68
+_TCPI_MIN_RTT_AT = 148
 
 
 def parse_streams(text: str) -> StreamCount:
@@ -41,15 +44,24 @@ def parse_streams(text: str) -> StreamCount:
 
 
 def round_trip_ms(raw: socket.socket) -> float | None:
-    """The smoothed round trip the kernel measured on ``raw``, in ms; None where unknown."""
+    """The least round trip the kernel measured on ``raw`` (a busy host delays some samples,
+    never shortens one), else its smoothed one, in ms; None where unknown."""
     try:
-        info = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        info = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
     except (OSError, AttributeError):
         return None
-    if len(info) < _TCPI_RTT_AT + _TCPI_RTT.size:
+    at = _TCPI_MIN_RTT_AT if len(info) >= _TCPI_MIN_RTT_AT + 4 else _TCPI_RTT_AT
+    if len(info) < at + 4:
         return None
-    rtt_us, _ = _TCPI_RTT.unpack_from(info, _TCPI_RTT_AT)
-    return rtt_us / 1000.0
+    return _U32.unpack_from(info, at)[0] / 1000.0
+
+
+def is_loopback(raw: socket.socket) -> bool:
+    """Whether ``raw``'s peer is this host (more connections cannot help a link there is not)."""
+    try:
+        return ipaddress.ip_address(raw.getpeername()[0]).is_loopback
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def auto_count(rtt_ms: float | None) -> int:
@@ -65,4 +77,6 @@ def initial_streams(want: StreamCount, chan: object) -> int:
         return want
     sock = getattr(chan, "sock", None)
     raw = getattr(sock, "raw", None)
-    return auto_count(round_trip_ms(raw) if isinstance(raw, socket.socket) else None)
+    if not isinstance(raw, socket.socket) or is_loopback(raw):
+        return 1
+    return auto_count(round_trip_ms(raw))
