@@ -16,9 +16,10 @@ MIX = {"hole": 0.1, "zero": 0.1, "text": 0.35, "random": 0.35, "mixed": 0.1}
 @pytest.fixture
 def lab(tmp_path, certkey_file):
     src, dst = str(tmp_path / "source.img"), str(tmp_path / "target.img")
-    rx = ReceiverProc(certkey_file, {"disk0": dst}, str(tmp_path / "rx-state"))
-    yield {"src": src, "dst": dst, "rx": rx, "ck": certkey_file, "tx": str(tmp_path / "tx-state")}
-    rx.stop()
+    env = {"src": src, "dst": dst, "ck": certkey_file, "tx": str(tmp_path / "tx-state"),
+           "rx": ReceiverProc(certkey_file, {"disk0": dst}, str(tmp_path / "rx-state"))}
+    yield env
+    env["rx"].stop()  # the test may have replaced it with a restarted receiver
 
 
 def _send(lab, address, *extra):
@@ -178,3 +179,32 @@ def test_a_file_session_over_three_connections_copies_and_syncs_identical(tmp_pa
         assert _same_tree(src, dst)
     finally:
         rx.stop()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("victim", ["sender", "receiver"])
+def test_kill_9_of_either_end_mid_copy_over_three_connections_then_resume(lab, seed, victim, tmp_path):
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from .procs import send_args
+
+    rng = random.Random(seed)
+    write_image(lab["src"], 96 << 20, seed=seed, mix=MIX)
+    proc = subprocess.Popen(send_args(lab["src"], lab["rx"].address, lab["ck"], lab["tx"], "disk0", "--streams", "3",
+                                      "--level", "0"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(rng.uniform(0.4, 1.2))
+    if victim == "sender":
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    else:
+        lab["rx"].kill()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, 3), err
+        lab["rx"] = ReceiverProc(lab["ck"], {"disk0": lab["dst"]}, str(tmp_path / "rx-state"))
+    result = summary(_send(lab, lab["rx"].address, "--streams", "3"))
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+    if result["kind"] == "full":
+        assert result["data_bytes"] <= (96 << 20) - result["resumed_from"]
