@@ -84,6 +84,14 @@ def test_a_busy_mounted_file_system_ends_identical(tmp_path, certkey_file, track
         assert v["last_round"]["cutover"] == {os.path.join(str(tmp_path / "work"), "mnt"): "frozen"}
 
 
+@pytest.mark.reliability("live block sources", "mounted ext4 under a workload, over three connections")
+def test_a_busy_mounted_file_system_over_three_connections_ends_identical(tmp_path, certkey_file):
+    v = _drive("scenario.py", tmp_path, certkey_file, tracking="kernel", cutover="operator", seconds=4, seed=11,
+               extra=["--streams", "3", "-v"])
+    _assert_identical(v)
+    assert "runs over 3 connections" in v["sender_stderr"], v["sender_stderr"][-2000:]
+
+
 @pytest.mark.reliability("live block sources", "mounted ext4, pure-Python backend and tracker reader")
 def test_the_pure_backend_copies_a_busy_file_system_too(tmp_path, certkey_file):
     # tests/run's pure pass leaves tests/live out: this is its case (the reader of _pure/trace.py)
