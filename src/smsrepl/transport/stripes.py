@@ -264,13 +264,6 @@ class Stripes(Channel):
         for lane in list(self._lanes):
             lane.chan.abort(reason)
 
-    def goodbye(self, frame: F.Event) -> None:
-        self.send(frame)
-        try:
-            self.recv()
-        except TransportError:
-            pass
-
     def close(self) -> None:
         with self._cond:
             self._closing = True
