@@ -136,13 +136,16 @@ class Case:
 
 
 # --- smsrepl -------------------------------------------------------------------------------
-def sms_round(ck: str, src: str, base: str, *extra: str) -> dict:
-    """One `send block` round into BASE/t.img (state in BASE/rx, BASE/tx)."""
+def sms_round(ck: str, src: str, base: str, *extra: str, build: str | None = None) -> dict:
+    """One `send block` round into BASE/t.img (state in BASE/rx, BASE/tx); ``build``: the
+    source tree of another smsrepl build to run instead (its C kernels built in place)."""
+    build = build or NEW_BUILD
+    env = dict(os.environ, PYTHONPATH=build) if build else None
     case = Case()
     port = free_port()
     rx = subprocess.Popen(CLI + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", ck, "--create",
                                  "--target", f"disk0={base}/t.img", "--state-dir", f"{base}/rx", "--once"],
-                          stderr=subprocess.PIPE)
+                          stderr=subprocess.PIPE, env=env)
     try:
         line = rx.stderr.readline()
         if b"listening" not in line:
@@ -151,7 +154,7 @@ def sms_round(ck: str, src: str, base: str, *extra: str) -> dict:
         case.go()
         tx = subprocess.run(CLI + ["send", "block", "--json", src, "--to", f"127.0.0.1:{port}", "--target", "disk0",
                                    "--certkey", ck, "--state-dir", f"{base}/tx", *extra],
-                            capture_output=True)
+                            capture_output=True, env=env)
         wall = case.wall()
         if tx.returncode:
             raise RuntimeError(f"send failed: {tx.stderr[-2000:]!r}")
@@ -306,19 +309,24 @@ def same(a: str, b: str) -> None:
         raise RuntimeError(f"{b} differs from {a}")
 
 
-def full_copies(tmp: str, ck: str, src: str, sshd: Sshd, levels: list[str], runs: int, rows: dict) -> None:
+def full_copies(tmp: str, ck: str, src: str, sshd: Sshd, levels: list[str], runs: int, rows: dict,
+                old: str | None, only_sms: bool = False) -> None:
     root = os.path.join(tmp, "rsync-root")
     os.makedirs(root, exist_ok=True)
     for run in range(runs):
         for level in levels:
-            base = os.path.join(tmp, f"sms{run}-{level}")
-            os.makedirs(base)
-            os.sync()
-            r = sms_round(ck, src, base, "--level", level)
-            if run == 0:
-                same(src, f"{base}/t.img")
-            rows[sms_name(level, levels)].append(r)
-            shutil.rmtree(base)
+            for build in ([None, old] if old else [None]):
+                base = os.path.join(tmp, f"sms{run}-{level}")
+                os.makedirs(base)
+                os.sync()
+                r = sms_round(ck, src, base, "--level", level, build=build)
+                if run == 0:
+                    same(src, f"{base}/t.img")
+                rows[sms_name(level, levels) + (OLD if build else "")].append(r)
+                shutil.rmtree(base)
+        if only_sms:
+            print(f"full copies: run {run + 1} of {runs} done", file=sys.stderr)
+            continue
         for key, flags in (("rsync daemon -z --whole-file", ["-z"]), ("rsync daemon --whole-file", [])):
             os.sync()
             rows[key].append(rsync_daemon(tmp, root, src, "t.img", "--whole-file", *flags))
@@ -339,13 +347,20 @@ def full_copies(tmp: str, ck: str, src: str, sshd: Sshd, levels: list[str], runs
         print(f"full copies: run {run + 1} of {runs} done", file=sys.stderr)
 
 
+#: rows of the build given by --old
+OLD = " [old build]"
+#: --new: the source tree the main rows run (None: the smsrepl this Python imports)
+NEW_BUILD: str | None = None
+
+
 def sms_name(level: str, levels: list[str]) -> str:
     if level == levels[0]:
         return f"smsrepl send block (default, level {level})"
     return f"smsrepl send block --level {level}"
 
 
-def sync_rounds(tmp: str, ck: str, src: str, runs: int, rows: dict, fraction: float) -> int:
+def sync_rounds(tmp: str, ck: str, src: str, runs: int, rows: dict, fraction: float, old: str | None,
+                only_sms: bool = False) -> int:
     """Both tools from the same pre-change target, after the same change of the source."""
     pristine = os.path.join(tmp, "pristine.img")
     subprocess.run(["cp", "--sparse=always", src, pristine], check=True)
@@ -357,16 +372,20 @@ def sync_rounds(tmp: str, ck: str, src: str, runs: int, rows: dict, fraction: fl
     root = os.path.join(tmp, "rsync-root")
     os.makedirs(root, exist_ok=True)
     for run in range(runs):
-        work = os.path.join(tmp, f"sync{run}")
-        subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
-        os.sync()
-        r = sms_round(ck, src, work)
-        if r["kind"] != "sync":
-            raise RuntimeError(f"smsrepl ran a {r['kind']} round, not a sync round")
-        if run == 0:
-            same(src, f"{work}/t.img")
-        rows["smsrepl sync round (digest scan)"].append(r)
-        shutil.rmtree(work)
+        for build in ([None, old] if old else [None]):
+            work = os.path.join(tmp, f"sync{run}")
+            subprocess.run(["cp", "-a", "--sparse=always", sms_base, work], check=True)
+            os.sync()
+            r = sms_round(ck, src, work, build=build)
+            if r["kind"] != "sync":
+                raise RuntimeError(f"smsrepl ran a {r['kind']} round, not a sync round")
+            if run == 0:
+                same(src, f"{work}/t.img")
+            rows["smsrepl sync round (digest scan)" + (OLD if build else "")].append(r)
+            shutil.rmtree(work)
+        if only_sms:
+            print(f"sync rounds: run {run + 1} of {runs} done", file=sys.stderr)
+            continue
         subprocess.run(["cp", "--sparse=always", pristine, f"{root}/s.img"], check=True)
         os.sync()
         rows["rsync daemon --inplace -B 4096"].append(
@@ -436,6 +455,11 @@ def main() -> int:
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--no-sync", action="store_true", help="only the full copies")
     ap.add_argument("--no-full", action="store_true", help="only the sync round")
+    ap.add_argument("--old", metavar="SRC", help="also run the smsrepl rows with the build in this source tree "
+                    "(a checkout's src/ with its C kernels built in place), interleaved: before/after figures")
+    ap.add_argument("--new", metavar="SRC", help="run the main smsrepl rows with this source tree too (a snapshot, "
+                    "so the checkout can change while the benchmark runs)")
+    ap.add_argument("--no-others", action="store_true", help="only smsrepl's rows (with --old: an A/B of builds)")
     args = ap.parse_args()
     levels = args.levels.split(",")
     size = int(args.size_gib * (1 << 30))
@@ -447,23 +471,27 @@ def main() -> int:
         mix = write_image(src, size, seed=42)
         subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=True)  # the page cache
         sshd = Sshd(tmp)
-        keys = [sms_name(lv, levels) for lv in levels] + [
+        old = os.path.abspath(args.old) if args.old else None
+        global NEW_BUILD
+        NEW_BUILD = os.path.abspath(args.new) if args.new else None
+        keys = [sms_name(lv, levels) + sfx for lv in levels for sfx in ([""] + ([OLD] if old else []))] + [
             "rsync daemon -z --whole-file", "rsync daemon --whole-file", "rsync -z --whole-file over ssh",
             "rsync --whole-file over ssh", "zstd -1 -T2 | ssh | zstd -d",
-            "smsrepl sync round (digest scan)", "rsync daemon --inplace -B 4096"]
+            "smsrepl sync round (digest scan)", "smsrepl sync round (digest scan)" + OLD,
+            "rsync daemon --inplace -B 4096"]
         rows: dict[str, list[dict]] = {k: [] for k in keys}
         if not args.no_full:
-            full_copies(tmp, ck, src, sshd, levels, args.runs, rows)
+            full_copies(tmp, ck, src, sshd, levels, args.runs, rows, old, args.no_others)
         changed = 0
         if not args.no_sync:
-            changed = sync_rounds(tmp, ck, src, args.runs, rows, args.fraction)
+            changed = sync_rounds(tmp, ck, src, args.runs, rows, args.fraction, old, args.no_others)
         table = {k: {"wall": med(v, "wall"), "cpu": med(v, "cpu"), "wire": med(v, "wire"), "runs": v}
                  for k, v in rows.items() if v}
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "loopback.json"), "w") as fh:
             json.dump({"size": size, "mix": mix, "runs": args.runs, "levels": levels, "changed": changed,
                        "cpus": len(os.sched_getaffinity(0)), "table": table}, fh, indent=1)
-        if not args.no_full and not args.no_sync:
+        if not (args.no_full or args.no_sync or args.no_others):
             text = render(size, mix, args.runs, table, changed, levels)
         else:
             text = "\n".join(["| case | seconds | CPU s | wire MB |", "|---|---:|---:|---:|"] +
