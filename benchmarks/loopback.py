@@ -402,7 +402,8 @@ def med(rows: list[dict], key: str) -> float:
 
 
 def render(size: int, mix: dict, runs: int, table: dict, changed: int, levels: list[str]) -> str:
-    full = [k for k in table if k not in ("smsrepl sync round (digest scan)", "rsync daemon --inplace -B 4096")]
+    sync_keys = [k for k in table if k.startswith("smsrepl sync round")] + ["rsync daemon --inplace -B 4096"]
+    full = [k for k in table if k not in sync_keys]
     zd, zs = table["rsync daemon -z --whole-file"], table["rsync -z --whole-file over ssh"]
     out = [f"Loopback, {size / 2**30:.2f} GiB disk-like image "
            f"({', '.join(f'{k} {v / size:.0%}' for k, v in mix.items())}), source in the page cache, "
@@ -421,7 +422,7 @@ def render(size: int, mix: dict, runs: int, table: dict, changed: int, levels: l
                 f"pre-change target:", "",
             "| tool | seconds to durable | CPU s (both ends) | wire MB | speed-up vs rsync |",
             "|---|---:|---:|---:|---:|"]
-    for k, t in (("smsrepl sync round (digest scan)", sd), ("rsync daemon --inplace -B 4096", rs)):
+    for k, t in ((k, table[k]) for k in sync_keys):
         out.append(f"| {k} | {t['wall']:.2f} | {t['cpu']:.2f} | {t['wire'] / 1e6:.1f} | {rs['wall'] / t['wall']:.2f}x |")
     d = table[sms_name(levels[0], levels)]
     out += ["", "Acceptance (issue 26):", ""]
@@ -460,7 +461,16 @@ def main() -> int:
     ap.add_argument("--new", metavar="SRC", help="run the main smsrepl rows with this source tree too (a snapshot, "
                     "so the checkout can change while the benchmark runs)")
     ap.add_argument("--no-others", action="store_true", help="only smsrepl's rows (with --old: an A/B of builds)")
+    ap.add_argument("--render", metavar="JSON", help="only write the Markdown again from an earlier loopback.json")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as fh:
+            saved = json.load(fh)
+        text = render(saved["size"], saved["mix"], saved["runs"], saved["table"], saved["changed"], saved["levels"])
+        with open(os.path.join(args.out, "loopback.md"), "w") as fh:
+            fh.write(text + "\n")
+        print(text)
+        return 0
     levels = args.levels.split(",")
     size = int(args.size_gib * (1 << 30))
     tmp = tempfile.mkdtemp(prefix="smsrepl-loopback-", dir=args.tmp)
