@@ -277,7 +277,7 @@ def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray, gather: _
                 out=out[:k * FINE_BLOCK].reshape(k, FINE_BLOCK))
     if tail:
         out[k * FINE_BLOCK:] = data[lo + full * FINE_BLOCK:end]
-    return memoryview(out)
+    return out.data
 
 
 def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = DIRTY_BATCH,
