@@ -22,6 +22,9 @@ process of the case, both ends (getrusage(RUSAGE_CHILDREN) before and after), le
 servers spent starting up until they listened (/proc/PID/stat of each server, read when it
 accepts connections). Cases are interleaved run by run; medians of --runs.
 
+rsync 3.5's -z negotiates zstd at level 3 (`-vv`: "Client negotiated compress: zstd (level 3)";
+the same bytes on the wire as --compress-level=3).
+
 Wire bytes: smsrepl's --json summary (frame bytes on the TLS stream: TLS adds ~22 bytes per
 16 KiB record, 0.13%); rsync's `--stats` "Total bytes sent" (the rsync protocol stream, for the
 daemon what goes on the TCP connection); for ssh transports the ssh client's own count of
