@@ -110,3 +110,43 @@ def test_level_auto_sends_raw_on_a_fast_link_and_compresses_on_a_slow_one(tmp_pa
         assert all(c != 0 for c in tail), why
     else:
         assert all(c == 0 for c in tail), why
+
+
+class SlowZeroAwareChannel(SlowCheckingChannel):
+    """Checks frames whose zero blocks are left out of the payload, after a delay each."""
+
+    def send(self, ev) -> None:
+        if isinstance(ev, F.BlockData):
+            self.frames += 1
+            time.sleep(self.delay)  # later frames are cut meanwhile: their gathering must not reach this one
+            raw = ev.payload if ev.codec == 0 else __import__("zstandard").ZstdDecompressor().decompress(ev.payload)
+            want = ev.digests[ev.digests != 0]
+            d = np.empty(len(want), dtype="<u8")
+            kernels.block_digests(bytes(raw), 4096, d)
+            if not np.array_equal(d, want):
+                self.bad.append(ev.offset)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_frames_with_zero_blocks_keep_their_gathered_payload_until_sent(tmp_path, level):
+    """Every data chunk has zero blocks among its data, so each frame's payload is gathered
+    (the chunk's non-zero blocks copied together); a slow link lets the reader and cutter run
+    as far ahead as they may."""
+    path = str(tmp_path / "src.img")
+    rng = np.random.default_rng(11)
+    stretch = 8 << 20
+    blocks = 12 * stretch // 4096
+    data = rng.integers(0, 256, (blocks, 4096), dtype=np.uint8)
+    data[rng.random(blocks) < 0.3] = 0
+    data[:, 0] = np.where(data.any(axis=1), 1 + np.arange(blocks) % 255, 0)  # no two blocks alike
+    with open(path, "wb") as fh:
+        fh.write(data.tobytes())
+    sender = Sender(path, "disk0", ("127.0.0.1", 1), None, str(tmp_path / "st"), level=level, compress_threads=2)
+    sender._peer_caps = frozenset(F.CAPABILITIES)
+    chan = SlowZeroAwareChannel(0.02)
+    cache = ManifestFile.create(str(tmp_path / "cache"), 12 * stretch)
+    with BlockSource(path) as src:
+        sender._stream(chan, src, None, "full", 0, cache)
+    assert chan.frames >= 12
+    assert chan.bad == []
+

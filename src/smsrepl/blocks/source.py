@@ -8,8 +8,10 @@ writes to a mounted ext4; 0 with O_DIRECT). For an image file, a direct read
 first writes back the range's dirty pages, so a running VM's image reads as
 its guest wrote it. Where the file system refuses O_DIRECT the source is read
 through the page cache, which for a regular file is the file's own and so
-coherent (``BlockSource.direct`` says which). Holes of sparse image files are
-found with SEEK_DATA/SEEK_HOLE and never read. Every error names the path and the problem.
+coherent (``BlockSource.direct`` says which). An image file's ranges that the page
+cache holds whole are read from it all the same (pagecache.py): they are the file's latest
+contents, a copy costs less than the disk read, and a direct read would first write back
+what is dirty. Holes of sparse image files are found with SEEK_DATA/SEEK_HOLE and never read. Every error names the path and the problem.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from smsrepl import faults
 from smsrepl._lazy import np
 from smsrepl.blocks.device import describe, pread_into, probe
 from smsrepl.blocks.direct import ALIGN, aligned_buffer, buffer_address
+from smsrepl.blocks.pagecache import resident
 from smsrepl.errors import ReplicationError, SourceError, SourceMissingError, TargetError
 
 #: bytes of a reading thread's bounce buffer (unaligned reads go through it)
@@ -48,6 +51,8 @@ class BlockSource:
         #: why reads go through the page cache (None while they are direct)
         self.buffered_reason: str | None = "direct reads not asked for"
         self._bounce = threading.local()
+        #: a buffered descriptor of a direct-read image file, for the ranges the page cache holds
+        self._cached_fd = -1
         self.fd = self._open(os.O_RDONLY | os.O_CLOEXEC)
         try:
             kind = probe(self.fd)
@@ -87,7 +92,10 @@ class BlockSource:
             self.buffered_reason = "O_DIRECT is not available"
             self._advise_sequential()
             return
-        os.close(self.fd)
+        if self.is_device:  # its page cache is not coherent with a mounted file system's writes
+            os.close(self.fd)
+        else:
+            self._cached_fd = self.fd
         self.fd, self.direct, self.buffered_reason = fd, True, None
 
     def _advise_sequential(self) -> None:
@@ -100,6 +108,9 @@ class BlockSource:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._cached_fd >= 0:
+            os.close(self._cached_fd)
+            self._cached_fd = -1
 
     def __enter__(self) -> BlockSource:
         return self
@@ -149,6 +160,8 @@ class BlockSource:
             faults.io("source.read", offset, len(view))
             if not self.direct:
                 return pread_into(self.fd, view, offset)
+            if self._cached_fd >= 0 and resident(self._cached_fd, offset, len(view)):
+                return pread_into(self._cached_fd, view, offset)
             if offset % ALIGN == 0 and len(view) % ALIGN == 0 and buffer_address(view) % ALIGN == 0:
                 return self._pread_direct(view, offset)
             return self._read_bounced(view, offset)
@@ -172,9 +185,12 @@ class BlockSource:
             return pos
         offsets = np.fromiter((off for off, _ in ranges), dtype=np.int64, count=len(ranges))
         lengths = np.fromiter((n for _, n in ranges), dtype=np.int64, count=len(ranges))
+        fd = self.fd
+        if self._cached_fd >= 0 and all(resident(self._cached_fd, off, n) for off, n in ranges):
+            fd = self._cached_fd  # recently written blocks: a direct read would write them back first
         try:
             faults.io("source.read", int(offsets.min(initial=0)), int(lengths.sum()))
-            return kernels.read_ranges(self.fd, view, offsets, lengths, READ_DEPTH)
+            return kernels.read_ranges(fd, view, offsets, lengths, READ_DEPTH)
         except OSError as exc:
             raise SourceError(f"{self.role} {self.path!r}: read failed near offset {ranges[0][0]}: {describe(exc)}") from None
 
@@ -195,6 +211,9 @@ class BlockSource:
                               "coherently through its page cache")
         fd = self._open(os.O_RDONLY | os.O_CLOEXEC)
         os.close(self.fd)
+        if self._cached_fd >= 0:
+            os.close(self._cached_fd)
+            self._cached_fd = -1
         self.fd, self.direct, self.buffered_reason = fd, False, why
 
     def _read_bounced(self, view: memoryview, offset: int) -> int:

@@ -56,6 +56,9 @@ AHEAD = 2
 #: read buffers: 3 chunks' frames may wait in or at the sender's writer, 1 is
 #: being cut into frames, AHEAD are being read (see transport/block_pipeline.py)
 BUFFERS = 4 + AHEAD
+#: gather buffers (see _Gather): the frames of the 3 chunks queued or being written and of
+#: the 1 being cut into frames, as for the read buffers
+GATHER = 4
 
 
 class ChunkEnd:
@@ -144,7 +147,9 @@ def round_events(  # noqa: C901
     zero_end = 0
     old = np.empty(chunk // FINE_BLOCK, dtype="<u8")
     scattered = _SetBuilder()
+    gather = _Gather(chunk)
     for off, view, digests in scan(source, start=start, chunk=chunk, buffers=BUFFERS, ahead=AHEAD, clock=clock):
+        gather.next_chunk()
         first = off // FINE_BLOCK
         n = len(digests)
         if cache is not None:
@@ -187,7 +192,7 @@ def round_events(  # noqa: C901
                     d_off = off + f0 * FINE_BLOCK
                     d_end = min(off + f1 * FINE_BLOCK, source.size)
                     fd = digests[f0:f1].copy()
-                    yield BlockData(d_off, d_end - d_off, RAW, fd, _payload(view, f0, d_end - off, fd))
+                    yield BlockData(d_off, d_end - d_off, RAW, fd, _payload(view, f0, d_end - off, fd, gather))
                     yield Covered(first + f0, fd)
                 sent_any = True
         yield from scattered.flush()
@@ -230,7 +235,33 @@ def _segments(zero: np.ndarray, base: int) -> Iterator[tuple[int, int, bool]]:
         yield base + seg_start, n - seg_start, False
 
 
-def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray):
+class _Gather:
+    """Where the non-zero blocks of a chunk's frames are gathered: a buffer per chunk, in turn
+    over GATHER of them, so that a frame with zero blocks costs a copy into memory already
+    mapped instead of a fresh 8 MiB array (a page fault per 4 KiB, ~6% of a level-0 sender)."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.bufs: list[np.ndarray | None] = [None] * GATHER
+        self.turn = 0
+        self.pos = 0
+
+    def next_chunk(self) -> None:
+        self.turn = (self.turn + 1) % GATHER
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        buf = self.bufs[self.turn]
+        if buf is None:
+            buf = self.bufs[self.turn] = np.empty(self.chunk, dtype=np.uint8)
+        if self.pos + n > len(buf):  # more than a chunk's worth: cannot happen, but never overlap
+            return np.empty(n, dtype=np.uint8)
+        out = buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+
+def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray, gather: _Gather | None = None):
     """The non-zero blocks of view[f0 * 4 KiB:end], without a copy when there is no zero block."""
     nonzero = digests != 0
     lo = f0 * FINE_BLOCK
@@ -238,10 +269,15 @@ def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray):
         return view[lo:end]
     data = np.frombuffer(view, dtype=np.uint8)
     full = (end - lo) // FINE_BLOCK
-    out = data[lo:lo + full * FINE_BLOCK].reshape(full, FINE_BLOCK)[nonzero[:full]].reshape(-1)
-    if full < len(nonzero) and nonzero[full]:  # a short last block (the end of the source)
-        out = np.concatenate((out, data[lo + full * FINE_BLOCK:end]))
-    return memoryview(out)
+    keep = nonzero[:full]
+    k = int(np.count_nonzero(keep))
+    tail = end - lo - full * FINE_BLOCK if full < len(nonzero) and nonzero[full] else 0  # the source's short end
+    out = gather.take(k * FINE_BLOCK + tail) if gather is not None else np.empty(k * FINE_BLOCK + tail, np.uint8)
+    np.compress(keep, data[lo:lo + full * FINE_BLOCK].reshape(full, FINE_BLOCK), axis=0,
+                out=out[:k * FINE_BLOCK].reshape(k, FINE_BLOCK))
+    if tail:
+        out[k * FINE_BLOCK:] = data[lo + full * FINE_BLOCK:end]
+    return out.data
 
 
 def dirty_round_events(source, dirty, cache: ManifestFile, *, batch: int = DIRTY_BATCH,

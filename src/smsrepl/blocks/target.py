@@ -8,7 +8,6 @@ path and the problem.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -31,7 +30,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 #: waits for the disk each time
 DIRECT_MIN = 256 << 10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc: find_library() runs ldconfig
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
