@@ -174,10 +174,12 @@ def test_read_files_reads_into_the_buffer_and_leaves_what_it_cannot(tmp_path):
         os.close(fd)
 
 
-def _file_op(path: bytes, data: bytes, mode: int = 0o640, mtime: int = 1_500_000_000_123_456_789) -> bytes:
+def _file_op(path: bytes, data: bytes, mode: int = 0o640, mtime: int = 1_500_000_000_123_456_789,
+             uid: int | None = None, gid: int | None = None) -> bytes:
     from smsrepl.files.scan import Entry
 
-    e = Entry(path, "file", mode, os.getuid(), os.getgid(), len(data), mtime, 0, 0, 1, 0)
+    e = Entry(path, "file", mode, os.getuid() if uid is None else uid, os.getgid() if gid is None else gid,
+              len(data), mtime, 0, 0, 1, 0)
     return b"".join(bytes(p) for p in W.encode_op(W.FILE, e, data=data))
 
 
@@ -206,6 +208,30 @@ def test_write_files_then_link_files_make_the_files_with_their_metadata(tmp_path
     assert stat.S_IMODE(deep.st_mode) == 0o600 and deep.st_mtime_ns == 1_500_000_000_123_456_789
     assert deep.st_blocks * 512 < len(sparse)  # the zero blocks stayed holes
     assert not (tmp_path.parent / "escape").exists()
+
+
+def test_write_files_gives_every_mode_and_owner_whatever_the_umask(tmp_path):
+    """Files are made with their permission bits (the umask may take some away) and chowned and
+    chmodded only where they differ: every mode comes out whole, set-id bits after a chown too."""
+    cases = [(b"plain", 0o644, None, None), (b"umasked", 0o666, None, None), (b"private", 0o600, None, None),
+             (b"setid", 0o6755, None, None), (b"sticky", 0o1777, None, None), (b"none", 0o000, None, None)]
+    root = os.geteuid() == 0
+    if root:  # another owner: chown, which would clear set-id bits set before it
+        cases += [(b"theirs", 0o4750, 1234, 5678), (b"group", 0o2770, None, 5678)]
+    body = b"".join(_file_op(p, b"data", mode, uid=uid, gid=gid) for p, mode, uid, gid in cases)
+    old = os.umask(0o077)
+    fd = _dirfd(tmp_path)
+    try:
+        _, n, _, files, dirs, fdirs, names, _ = native.write_files(body, 0, lambda parent: fd, root, 100, 2)
+        assert n == len(cases)
+        assert native.link_files(files, dirs, fdirs, names, 1) == []
+    finally:
+        os.umask(old)
+        os.close(fd)
+    for path, mode, uid, gid in cases:
+        st = os.stat(tmp_path / os.fsdecode(path))
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (
+            mode, os.getuid() if uid is None else uid, os.getgid() if gid is None else gid), path
 
 
 def test_write_files_stops_at_operations_for_the_careful_path_and_cleans_up_on_errors(tmp_path):
