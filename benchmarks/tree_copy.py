@@ -2,6 +2,7 @@
 
     python benchmarks/tree_copy.py [--files 50000] [--dirs 500] [--runs 5] [--tmp DIR]
                                    [--target-fs auto|ext4|tmp] [--profile DIR] [--only smsrepl|rsync]
+                                   [--build NAME=PYTHON ...]
 
 The tree: --files files of 1-16 KiB (seeded sizes and text-like contents, files.make_tree) in
 --dirs directories, read once before the runs (warm in the page cache). Each run copies it to an
@@ -21,7 +22,9 @@ runs the targets are removed and the file system synced (untimed).
 
 Writes a markdown table to stdout and, with --out (default benchmarks/results/tree-copy.{md,json}),
 both files. --profile DIR runs each smsrepl process of the first run under cProfile (DIR/send.prof,
-DIR/receive.prof); its figures then include the profiler's cost.
+DIR/receive.prof); its figures then include the profiler's cost. --build NAME=PYTHON (repeated) runs
+the smsrepl of each of those interpreters (their venvs: a build before a change and one after) in
+every run, interleaved with the others and rsync; the ratios are the last build's.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from files import TargetFS, make_tree  # noqa: E402
-from replication import CLI, RsyncDaemon, free_port  # noqa: E402
+from replication import RsyncDaemon, free_port  # noqa: E402
 from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
 
 
@@ -60,16 +63,16 @@ def warm(root: str) -> int:
     return n
 
 
-def py(prof: str | None, name: str) -> list[str]:
+def py(python: str, prof: str | None, name: str) -> list[str]:
     if prof is None:
-        return CLI
-    return [sys.executable, "-m", "cProfile", "-o", os.path.join(prof, f"{name}.prof"), "-m", "smsrepl"]
+        return [python, "-m", "smsrepl"]
+    return [python, "-m", "cProfile", "-o", os.path.join(prof, f"{name}.prof"), "-m", "smsrepl"]
 
 
-def sms_run(ck: str, src: str, dst: str, state: str, prof: str | None = None) -> dict:
+def sms_run(python: str, ck: str, src: str, dst: str, state: str, prof: str | None = None) -> dict:
     port = free_port()
     c0 = children_cpu()
-    rx = subprocess.Popen(py(prof, "receive") + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", ck,
+    rx = subprocess.Popen(py(python, prof, "receive") + ["receive", "--listen", f"127.0.0.1:{port}", "--certkey", ck,
                                                  "--create", "--target", f"t={dst}", "--state-dir", state, "--once"],
                           stderr=subprocess.PIPE)
     line = rx.stderr.readline()
@@ -78,7 +81,7 @@ def sms_run(ck: str, src: str, dst: str, state: str, prof: str | None = None) ->
         rx.wait()
         raise RuntimeError(line)
     t0 = time.perf_counter()
-    cp = subprocess.run(py(prof, "send") + ["send", "files", "--json", src, "--to", f"127.0.0.1:{port}",
+    cp = subprocess.run(py(python, prof, "send") + ["send", "files", "--json", src, "--to", f"127.0.0.1:{port}",
                                             "--target", "t", "--certkey", ck], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     rx.stderr.read()
@@ -122,6 +125,8 @@ def main() -> int:
     ap.add_argument("--target-fs", choices=["auto", "ext4", "tmp"], default="auto")
     ap.add_argument("--profile", default=None, help="cProfile the smsrepl processes of the first run into this directory")
     ap.add_argument("--only", choices=["smsrepl", "rsync"], default=None)
+    ap.add_argument("--build", action="append", default=[], metavar="NAME=PYTHON",
+                    help="an smsrepl build to run (its venv's python); repeat to compare builds")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "tree-copy"),
                     help="write OUT.md and OUT.json ('' for none)")
     args = ap.parse_args()
@@ -138,19 +143,20 @@ def main() -> int:
         rsync_root = os.path.join(out, "rsync-root")
         os.makedirs(rsync_root)
         warm(src)
-        tools = [t for t in ("smsrepl", "rsync") if args.only in (None, t)]
+        builds = dict(b.split("=", 1) for b in args.build) or {"smsrepl": sys.executable}
+        tools = [t for t in (*builds, "rsync") if args.only in (None, t) or (args.only == "smsrepl" and t in builds)]
         res: dict[str, list[dict]] = {t: [] for t in tools}
         differing = {}
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
         for run in range(args.runs):
             for tool in (tools if run % 2 == 0 else tools[::-1]):
-                dst = os.path.join(out, "sms") if tool == "smsrepl" else os.path.join(rsync_root, "r")
+                dst = os.path.join(out, "sms") if tool in builds else os.path.join(rsync_root, "r")
                 subprocess.run(["sync"], check=True)
-                if tool == "smsrepl":
+                if tool in builds:
                     state = os.path.join(tmp, "state")
                     shutil.rmtree(state, ignore_errors=True)
-                    r = sms_run(ck, src, dst, state, args.profile if run == 0 else None)
+                    r = sms_run(builds[tool], ck, src, dst, state, args.profile if run == 0 else None)
                 else:
                     r = rsync_run(src, rsync_root, "r", tmp)
                 res[tool].append(r)
@@ -172,12 +178,14 @@ def main() -> int:
     for t, rows in res.items():
         m = med[t]
         each = " ".join(f"{r['wall']:.2f}/{r['cpu']:.2f}" for r in rows)
-        lines.append(f"| {'smsrepl send files' if t == 'smsrepl' else 'rsync -aH + sync'} | {m['wall']:.2f} | "
+        lines.append(f"| {t + ' send files' if t in builds else 'rsync -aH + sync'} | {m['wall']:.2f} | "
                      f"{m['cpu']:.2f} | {args.files / m['wall']:.0f} | {m['wire'] / 1e6:.1f} | {each} |")
     ratios = {}
-    if len(res) == 2:
-        ratios = {"speed": med["rsync"]["wall"] / med["smsrepl"]["wall"], "cpu": med["smsrepl"]["cpu"] / med["rsync"]["cpu"]}
-        lines.append(f"\nsmsrepl is {ratios['speed']:.2f}x as fast as rsync -aH + sync, with "
+    last = [t for t in res if t != "rsync"][-1:]
+    if "rsync" in res and last:
+        sms = med[last[0]]
+        ratios = {"speed": med["rsync"]["wall"] / sms["wall"], "cpu": sms["cpu"] / med["rsync"]["cpu"]}
+        lines.append(f"\n{last[0]} is {ratios['speed']:.2f}x as fast as rsync -aH + sync, with "
                      f"{ratios['cpu']:.2f}x its CPU seconds")
     lines.append(f"rsync -aHn --checksum after the first run's copies, lines (0: identical): {differing}")
     text = "\n".join(lines)
