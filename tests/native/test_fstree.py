@@ -174,6 +174,31 @@ def test_read_files_reads_into_the_buffer_and_leaves_what_it_cannot(tmp_path):
         os.close(fd)
 
 
+def test_read_files_trusts_a_recent_change_only_under_a_lease(tmp_path):
+    """A file changed after settle_before_ns is read only under a read lease, which nobody
+    holding it open for writing lets us take; one older than that is read either way (a write
+    starting during the read would change its ctime, which is checked after it)."""
+    import time
+
+    for name in ("held", "quiet"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+    recs = _records_of(tmp_path)  # held quiet
+    fd = _dirfd(tmp_path)
+    writer = open(tmp_path / "held", "ab")  # open for writing elsewhere: no lease on it
+    try:
+        buf = bytearray(1 << 16)
+        recent = time.time_ns() - 60 * 10**9  # both changed after it
+        _, taken, left, files, _ = native.read_files(fd, recs, [0, 1], 65536, buf, 0, recent)
+        assert (taken, left, files) == (2, [0], 1)  # quiet was leased, held could not be
+        settled = time.time_ns() + 60 * 10**9  # both changed before it
+        end, taken, left, files, _ = native.read_files(fd, recs, [0, 1], 65536, buf, 0, settled)
+        assert (taken, left, files) == (2, [], 2)
+        assert [e.path for _, e, _ in W.decode_ops(bytes(buf[:end]))] == [b"held", b"quiet"]
+    finally:
+        writer.close()
+        os.close(fd)
+
+
 def _file_op(path: bytes, data: bytes, mode: int = 0o640, mtime: int = 1_500_000_000_123_456_789,
              uid: int | None = None, gid: int | None = None) -> bytes:
     from smsrepl.files.scan import Entry
