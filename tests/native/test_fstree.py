@@ -174,6 +174,51 @@ def test_read_files_reads_into_the_buffer_and_leaves_what_it_cannot(tmp_path):
         os.close(fd)
 
 
+def test_read_files_of_many_files_reads_with_threads_what_one_at_a_time_reads(tmp_path):
+    """Many files are read by threads, each into the place its record's size gives it: the
+    operations come out as a file at a time makes them, in order, closed up where a file was
+    left (its size changed since the scan, not a regular file, too large), and a buffer that
+    runs out stops the call at the file that does not fit."""
+    import random
+
+    rng = random.Random(4)
+    names = [f"f{i:03}" for i in range(120)]
+    for name in names:
+        (tmp_path / name).write_bytes(rng.randbytes(rng.randint(0, 3000)))
+    (tmp_path / "f050").write_bytes(b"B" * 70_000)  # larger than max_size
+    recs = _records_of(tmp_path)
+    (tmp_path / "f007").write_bytes(b"grew since the scan" * 300)
+    (tmp_path / "f090").write_bytes(b"shrank")
+    os.unlink(tmp_path / "f100")  # vanished
+    fd = _dirfd(tmp_path)
+    try:
+        every = list(range(len(names)))
+        serial, left_serial = bytearray(), []
+        for first in range(0, len(every), 10):  # 10 at a time: one thread
+            buf = bytearray(1 << 20)
+            end, taken, left, _, _ = native.read_files(fd, recs, every[first:first + 10], 65536, buf, 0)
+            assert taken == len(every[first:first + 10])
+            serial += buf[:end]
+            left_serial += left
+        buf = bytearray(1 << 20)
+        end, taken, left, files, nbytes = native.read_files(fd, recs, every, 65536, buf, 5)
+        assert taken == len(every) and sorted(left) == [7, 50, 90, 100]
+        ops = list(W.decode_ops(bytes(buf[5:end])))
+        assert [e.path for _, e, _ in ops] == [n.encode() for i, n in enumerate(names) if i not in (7, 50, 90, 100)]
+        assert all(bytes(d) == (tmp_path / os.fsdecode(e.path)).read_bytes() for _, e, d in ops)
+        assert files == len(ops) and nbytes == sum(len(d) for _, _, d in ops)
+        assert sorted(left_serial) == [50, 100]  # one at a time reads what changed since the scan
+        ops_serial = [op for op in W.decode_ops(bytes(serial)) if op[1].path not in (b"f007", b"f090")]
+        assert [(e, bytes(d)) for _, e, d in ops_serial] == [(e, bytes(d)) for _, e, d in ops]
+        small = bytearray(20_000)  # room for a few: stops at the first that does not fit
+        end, taken, left, files, _ = native.read_files(fd, recs, every, 65536, small, 0)
+        assert 0 < taken < len(every) and files == taken - len(left)
+        assert [e.path for _, e, _ in W.decode_ops(bytes(small[:end]))] == [
+            n.encode() for i, n in enumerate(names[:taken]) if i not in left]
+    finally:
+        os.close(fd)
+
+
 def test_read_files_trusts_a_recent_change_only_under_a_lease(tmp_path):
     """A file changed after settle_before_ns is read only under a read lease, which nobody
     holding it open for writing lets us take; one older than that is read either way (a write
