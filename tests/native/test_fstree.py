@@ -174,10 +174,82 @@ def test_read_files_reads_into_the_buffer_and_leaves_what_it_cannot(tmp_path):
         os.close(fd)
 
 
-def _file_op(path: bytes, data: bytes, mode: int = 0o640, mtime: int = 1_500_000_000_123_456_789) -> bytes:
+def test_read_files_of_many_files_reads_with_threads_what_one_at_a_time_reads(tmp_path):
+    """Many files are read by threads, each into the place its record's size gives it: the
+    operations come out as a file at a time makes them, in order, closed up where a file was
+    left (its size changed since the scan, not a regular file, too large), and a buffer that
+    runs out stops the call at the file that does not fit."""
+    import random
+
+    rng = random.Random(4)
+    names = [f"f{i:03}" for i in range(120)]
+    for name in names:
+        (tmp_path / name).write_bytes(rng.randbytes(rng.randint(0, 3000)))
+    (tmp_path / "f050").write_bytes(b"B" * 70_000)  # larger than max_size
+    recs = _records_of(tmp_path)
+    (tmp_path / "f007").write_bytes(b"grew since the scan" * 300)
+    (tmp_path / "f090").write_bytes(b"shrank")
+    os.unlink(tmp_path / "f100")  # vanished
+    fd = _dirfd(tmp_path)
+    try:
+        every = list(range(len(names)))
+        serial, left_serial = bytearray(), []
+        for first in range(0, len(every), 10):  # 10 at a time: one thread
+            buf = bytearray(1 << 20)
+            end, taken, left, _, _ = native.read_files(fd, recs, every[first:first + 10], 65536, buf, 0)
+            assert taken == len(every[first:first + 10])
+            serial += buf[:end]
+            left_serial += left
+        buf = bytearray(1 << 20)
+        end, taken, left, files, nbytes = native.read_files(fd, recs, every, 65536, buf, 5)
+        assert taken == len(every) and sorted(left) == [7, 50, 90, 100]
+        ops = list(W.decode_ops(bytes(buf[5:end])))
+        assert [e.path for _, e, _ in ops] == [n.encode() for i, n in enumerate(names) if i not in (7, 50, 90, 100)]
+        assert all(bytes(d) == (tmp_path / os.fsdecode(e.path)).read_bytes() for _, e, d in ops)
+        assert files == len(ops) and nbytes == sum(len(d) for _, _, d in ops)
+        assert sorted(left_serial) == [50, 100]  # one at a time reads what changed since the scan
+        ops_serial = [op for op in W.decode_ops(bytes(serial)) if op[1].path not in (b"f007", b"f090")]
+        assert [(e, bytes(d)) for _, e, d in ops_serial] == [(e, bytes(d)) for _, e, d in ops]
+        small = bytearray(20_000)  # room for a few: stops at the first that does not fit
+        end, taken, left, files, _ = native.read_files(fd, recs, every, 65536, small, 0)
+        assert 0 < taken < len(every) and files == taken - len(left)
+        assert [e.path for _, e, _ in W.decode_ops(bytes(small[:end]))] == [
+            n.encode() for i, n in enumerate(names[:taken]) if i not in left]
+    finally:
+        os.close(fd)
+
+
+def test_read_files_trusts_a_recent_change_only_under_a_lease(tmp_path):
+    """A file changed after settle_before_ns is read only under a read lease, which nobody
+    holding it open for writing lets us take; one older than that is read either way (a write
+    starting during the read would change its ctime, which is checked after it)."""
+    import time
+
+    for name in ("held", "quiet"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+    recs = _records_of(tmp_path)  # held quiet
+    fd = _dirfd(tmp_path)
+    writer = open(tmp_path / "held", "ab")  # open for writing elsewhere: no lease on it
+    try:
+        buf = bytearray(1 << 16)
+        recent = time.time_ns() - 60 * 10**9  # both changed after it
+        _, taken, left, files, _ = native.read_files(fd, recs, [0, 1], 65536, buf, 0, recent)
+        assert (taken, left, files) == (2, [0], 1)  # quiet was leased, held could not be
+        settled = time.time_ns() + 60 * 10**9  # both changed before it
+        end, taken, left, files, _ = native.read_files(fd, recs, [0, 1], 65536, buf, 0, settled)
+        assert (taken, left, files) == (2, [], 2)
+        assert [e.path for _, e, _ in W.decode_ops(bytes(buf[:end]))] == [b"held", b"quiet"]
+    finally:
+        writer.close()
+        os.close(fd)
+
+
+def _file_op(path: bytes, data: bytes, mode: int = 0o640, mtime: int = 1_500_000_000_123_456_789,
+             uid: int | None = None, gid: int | None = None) -> bytes:
     from smsrepl.files.scan import Entry
 
-    e = Entry(path, "file", mode, os.getuid(), os.getgid(), len(data), mtime, 0, 0, 1, 0)
+    e = Entry(path, "file", mode, os.getuid() if uid is None else uid, os.getgid() if gid is None else gid,
+              len(data), mtime, 0, 0, 1, 0)
     return b"".join(bytes(p) for p in W.encode_op(W.FILE, e, data=data))
 
 
@@ -206,6 +278,30 @@ def test_write_files_then_link_files_make_the_files_with_their_metadata(tmp_path
     assert stat.S_IMODE(deep.st_mode) == 0o600 and deep.st_mtime_ns == 1_500_000_000_123_456_789
     assert deep.st_blocks * 512 < len(sparse)  # the zero blocks stayed holes
     assert not (tmp_path.parent / "escape").exists()
+
+
+def test_write_files_gives_every_mode_and_owner_whatever_the_umask(tmp_path):
+    """Files are made with their permission bits (the umask may take some away) and chowned and
+    chmodded only where they differ: every mode comes out whole, set-id bits after a chown too."""
+    cases = [(b"plain", 0o644, None, None), (b"umasked", 0o666, None, None), (b"private", 0o600, None, None),
+             (b"setid", 0o6755, None, None), (b"sticky", 0o1777, None, None), (b"none", 0o000, None, None)]
+    root = os.geteuid() == 0
+    if root:  # another owner: chown, which would clear set-id bits set before it
+        cases += [(b"theirs", 0o4750, 1234, 5678), (b"group", 0o2770, None, 5678)]
+    body = b"".join(_file_op(p, b"data", mode, uid=uid, gid=gid) for p, mode, uid, gid in cases)
+    old = os.umask(0o077)
+    fd = _dirfd(tmp_path)
+    try:
+        _, n, _, files, dirs, fdirs, names, _ = native.write_files(body, 0, lambda parent: fd, root, 100, 2)
+        assert n == len(cases)
+        assert native.link_files(files, dirs, fdirs, names, 1) == []
+    finally:
+        os.umask(old)
+        os.close(fd)
+    for path, mode, uid, gid in cases:
+        st = os.stat(tmp_path / os.fsdecode(path))
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (
+            mode, os.getuid() if uid is None else uid, os.getgid() if gid is None else gid), path
 
 
 def test_write_files_stops_at_operations_for_the_careful_path_and_cleans_up_on_errors(tmp_path):

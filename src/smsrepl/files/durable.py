@@ -11,17 +11,21 @@ waits for whatever else is dirty on that file system: a target file system share
 with busy writers makes rounds slower, not less safe.
 
 Runs of small files written natively (kernels.write_files) wait as anonymous files,
-linked under their names after the next syncfs (kernels.link_files), on a thread of
-their own while the next runs are written; their descriptors come from the
-process's budget (files.fdbudget). At the end of a round the directories changed
-are made durable too (:meth:`PendingFiles._sync_dirs`).
+linked under their names after the next syncfs (kernels.link_files), behind the writer
+while the next runs are written: one thread makes batches durable, another links those
+made durable, in order, so a batch's syncfs runs while the one before is linked (see
+:meth:`PendingFiles._flush_behind`); their descriptors come from the process's budget
+(files.fdbudget). At the end of a round the directories changed are made durable too
+(:meth:`PendingFiles._sync_dirs`).
 """
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from smsrepl import kernels
@@ -75,8 +79,14 @@ class PendingFiles(TargetRoot):
         #: runs of anonymous files written by kernels.write_files, named after the next syncfs
         self._runs: list[Run] = []
         self._run_files = 0
-        self._behind: ThreadPoolExecutor | None = None
-        self._flushing: Future | None = None
+        #: the threads behind the writer: one makes batches durable, one links them
+        self._syncer: ThreadPoolExecutor | None = None
+        self._linker: ThreadPoolExecutor | None = None
+        #: the batches handed to them, oldest first: each future ends once it is linked
+        self._flushing: deque[Future] = deque()
+        #: set once a syncfs behind failed: no later batch is linked (its syncfs may have
+        #: been told nothing of an error the failed one was told of)
+        self._sync_failed = threading.Event()
         self._native = self._budget is not None and self._budget.total >= 256
         if self._budget is not None:
             self._budget.join()
@@ -84,13 +94,16 @@ class PendingFiles(TargetRoot):
 
     def close(self) -> None:
         try:
-            if self._behind is not None:
-                try:
-                    self._reap()
-                except (OSError, ReplicationError) as exc:  # closing after a failure: say it, keep closing
-                    self.reported.append(f"files of the last batch not kept: {exc}")
-                self._behind.shutdown(wait=True)
-                self._behind = None
+            if self._linker is not None:
+                while self._flushing:
+                    try:
+                        self._reap()
+                    except (OSError, ReplicationError) as exc:  # closing after a failure: say it, keep closing
+                        self.reported.append(f"files of the last batch not kept: {exc}")
+                for pool in (self._syncer, self._linker):
+                    if pool is not None:
+                        pool.shutdown(wait=True)
+                self._syncer = self._linker = None
             runs, self._runs, self._run_files = self._runs, [], 0
             for run in runs:  # files never made durable are dropped: they have no name
                 _drop_run(*run)
@@ -195,22 +208,25 @@ class PendingFiles(TargetRoot):
             self._budget.give_back(n)
 
     def _flush_behind(self) -> None:
-        """flush_pending() for the runs waiting, with their syncfs and linking done by a
-        thread of its own while the next runs are written (one such flush at a time)."""
-        self._reap()
+        """flush_pending() for the runs waiting, done behind the writer while the next runs
+        are written: their syncfs on one thread, then their linking on another, so that the
+        next batch's syncfs (a wait for the disk) runs while this one is linked (CPU). At
+        most two batches are behind: this one, and the one before, still being linked."""
+        self._reap(keep=1)
         if self._pending:  # named temporaries are renamed here: the careful, synchronous way
             self.flush_pending()
             return
         runs, self._pending_bytes = self._take_runs(), 0
-        if self._behind is None:
-            self._behind = ThreadPoolExecutor(1, thread_name_prefix="flush-behind")
-        self._flushing = self._behind.submit(_sync_and_link, self.root_fd, runs)
+        if self._syncer is None or self._linker is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="flush-sync")
+            self._linker = ThreadPoolExecutor(1, thread_name_prefix="flush-link")
+        synced = self._syncer.submit(_sync_behind, self.root_fd, self._sync_failed)
+        self._flushing.append(self._linker.submit(_link_after, synced, runs, self._sync_failed))
 
-    def _reap(self) -> None:
-        """Wait for the flush behind, and settle what it could not link."""
-        fut, self._flushing = self._flushing, None
-        if fut is not None:
-            self._settle_all(fut.result())
+    def _reap(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` batches are behind, and settle what they could not link."""
+        while len(self._flushing) > keep:
+            self._settle_all(self._flushing.popleft().result())
 
     def _take_runs(self) -> list[Run]:
         """The runs waiting, their directories' times noted first (linking changes them)."""
@@ -269,6 +285,29 @@ def _sync_and_link(root_fd: int, runs: list[Run], sync: bool = True) -> list[Lin
                 _drop_run(*later)
             raise
     return done
+
+
+def _sync_behind(root_fd: int, failed: threading.Event) -> None:
+    """The syncfs of a batch behind the writer; ``failed`` is set if it fails."""
+    try:
+        _syncfs(root_fd)
+    except BaseException:
+        failed.set()
+        raise
+
+
+def _link_after(synced: Future, runs: list[Run], failed: threading.Event) -> list[Linked]:
+    """_sync_and_link() for a batch whose syncfs is ``synced``: its runs are linked once it
+    succeeded, and only if no syncfs behind failed before it; else dropped."""
+    try:
+        synced.result()
+        if failed.is_set():
+            raise TargetWriteError("syncfs failed for an earlier batch")
+    except BaseException:
+        for run in runs:
+            _drop_run(*run)
+        raise
+    return _sync_and_link(-1, runs, sync=False)
 
 
 def _drop_run(fds: list[int], dirs: list[int], fdirs: list[int], names: list[bytes],
