@@ -115,3 +115,31 @@ def test_after_a_failed_syncfs_no_later_batch_is_named(tmp_path, traced, monkeyp
     assert kept == names[:len(kept)] and len(kept) <= 6  # the first batch at most
     assert not [n for kind, what in traced if kind == "link" for n in what if n not in
                 [k.encode() for k in kept]]
+
+
+def test_after_a_failed_syncfs_the_sessions_cleanup_names_nothing_written_before_it(tmp_path, traced, monkeypatch):
+    """A cut round's cleanup keeps the files received whole (flush_pending): not once a syncfs
+    failed. A later syncfs succeeds (the error was told once, to the failed one) and proves
+    nothing of the files written before it."""
+    calls = []
+    syncfs = durable._syncfs
+
+    def failing(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise TargetWriteError("syncfs failed: Input/output error")
+        syncfs(fd)
+
+    monkeypatch.setattr(durable, "_syncfs", failing)
+    w = TreeWriter(str(tmp_path))
+    try:
+        _write(w, ["a", "b"])
+        with pytest.raises(TargetWriteError, match="syncfs failed"):
+            w.flush_pending()  # the round's flush: its syncfs fails
+        _write(w, ["c", "d"])  # more files of the round arrive, whole
+        with pytest.raises(TargetWriteError, match="failed earlier"):
+            w.flush_pending()  # what file_session's cleanup runs
+    finally:
+        w.close()
+    assert os.listdir(tmp_path) == [] or all(n.startswith(".") for n in os.listdir(tmp_path)), os.listdir(tmp_path)
+    assert not [what for kind, what in traced if kind == "link"]

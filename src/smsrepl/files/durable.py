@@ -126,15 +126,29 @@ class PendingFiles(TargetRoot):
             self.flush_pending()
 
     def flush_pending(self) -> None:
-        """Make the waiting files durable, then give them their names."""
+        """Make the waiting files durable, then give them their names. Once a syncfs failed,
+        none: a later one is not told of the error the failed one was (once per error), so
+        its success proves nothing of the files written before it; they stay temporaries."""
         self._reap()
         if not self._pending and not self._runs:
             return
-        self._settle_all(_sync_and_link(self.root_fd, self._take_runs()))  # its syncfs covers both kinds
+        if self._sync_failed.is_set():
+            self._drop_unnamed()
+            raise TargetWriteError("a syncfs of the target failed earlier: the files received since are not kept")
+        self._settle_all(_sync_and_link(self.root_fd, self._take_runs(), failed=self._sync_failed))
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         self._pending_paths.clear()
         for tmp, parts in pending:
             self._install(tmp, parts, self.dir_fd(parts[:-1]))
+
+    def _drop_unnamed(self) -> None:
+        """Forget the files waiting for their names (they stay temporaries, removed by the next
+        round's listing; a run's descriptors are closed)."""
+        runs, self._runs, self._run_files = self._runs, [], 0
+        for run in runs:
+            _drop_run(*run)
+        self._pending, self._pending_bytes = [], 0
+        self._pending_paths.clear()
 
     # --- runs of small files, natively (kernels.write_files) ---------------------
     def write_run(self, body: bytes | memoryview, pos: int) -> tuple[int, int, int]:
@@ -266,13 +280,17 @@ class PendingFiles(TargetRoot):
         self._touched.clear()
 
 
-def _sync_and_link(root_fd: int, runs: list[Run], sync: bool = True) -> list[Linked]:
+def _sync_and_link(root_fd: int, runs: list[Run], sync: bool = True,
+                   failed: threading.Event | None = None) -> list[Linked]:
     """One syncfs (with ``sync``), then every run linked (kernels.link_files closes its
-    descriptors); [(run, failures)]. Runs on the flush-behind thread too: no writer state."""
+    descriptors); [(run, failures)]. Runs on the flush-behind thread too: no writer state.
+    A failed syncfs sets ``failed``."""
     try:
         if sync:
             _syncfs(root_fd)
     except BaseException:
+        if failed is not None:
+            failed.set()
         for run in runs:
             _drop_run(*run)
         raise
