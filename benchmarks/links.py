@@ -7,8 +7,8 @@ Each link (RATE:RTT[:LOSS%], the same each way; default the issue's 100mbit:20ms
 1gbit:50ms:0.1% and 1gbit:150ms) with each congestion control is a pair of network namespaces
 joined by the emulator, all up at once; each run goes through every link and, on each, a
 single TCP stream (lab.linkprobe, the link's ceiling with these buffers), `smsrepl send
-block --level 0` of a disk-like image for each --streams value (`--streams S` is passed only
-when S != 1, and values other than 1 are skipped when the CLI has no --streams), and
+block --level 0` of a disk-like image for each --streams value (passed always: the CLI's
+default is auto; values other than 1 are skipped when the CLI has no --streams), and
 `rsync -z --whole-file` to an rsync daemon. Each copy is compared with its source.
 
 Goodput = the image's data bytes (its non-zero 4 KiB blocks: what a copy must carry) per
@@ -61,6 +61,10 @@ def cli_streams() -> bool:
     return "--streams" in out
 
 
+#: whether this smsrepl takes --streams: then every run names its count (its default is auto)
+STREAMS_FLAG = cli_streams()
+
+
 def _wait(p: subprocess.Popen, timeout: float) -> float:
     """Waits for p; returns its CPU seconds (user + system, its waited children included)."""
     deadline = time.monotonic() + timeout
@@ -90,7 +94,7 @@ def sms_once(link: LinkEmulator, ck: str, src: str, base: str, streams: str) -> 
         cpu0, t0 = link.forwarder_cpu(), time.perf_counter()
         tx = link.run_in("a", CLI + ["send", "block", "--json", src, "--to", f"{link.addr('b')}:{SMS_PORT}",
                                      "--target", "disk0", "--certkey", ck, "--state-dir", f"{base}/tx", "--level", "0",
-                                     "--progress", "none", *(["--streams", streams] if streams != "1" else [])],
+                                     "--progress", "none", *(["--streams", streams] if STREAMS_FLAG else [])],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = tx.communicate(timeout=3600)
         wall = time.perf_counter() - t0
@@ -183,7 +187,7 @@ def main() -> int:
         else:
             ccs.append(cc)
     streams = args.streams.split(",")
-    if not cli_streams():
+    if not STREAMS_FLAG:
         skipped = [s for s in streams if s != "1"]
         if skipped:
             print(f"--streams {','.join(skipped)} skipped: this smsrepl's `send block` has no --streams")
