@@ -9,7 +9,7 @@ import pytest
 
 from smsrepl import kernels
 from smsrepl.errors import RemoteProtocolError
-from smsrepl.protocol import RECEIVER, SENDER, Connection
+from smsrepl.protocol import RECEIVER, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
 from smsrepl.protocol.connection import State
 from smsrepl.transport.channel import Channel
@@ -147,3 +147,38 @@ def test_an_idle_extra_connection_sends_keepalives_outside_the_order(monkeypatch
     stripes.send(F.Ping(1, 0))  # not a data frame: the session's own connection, numbered
     assert isinstance(main[1].recv(), F.Seq) and isinstance(main[1].recv(), F.Ping)
     stripes.close()
+
+
+def test_an_extra_connection_keeps_alive_while_the_session_s_own_connection_is_busy(monkeypatch):
+    # frames of the session's own connection wake every writer: an idle extra connection still
+    # sends its keepalive in time (the receiver drops a connection silent for its idle timeout)
+    from smsrepl.transport import stripes as S
+
+    monkeypatch.setattr(S, "STREAM_KEEPALIVE", 0.5)
+    main, extra = _pair(True), _pair(False)
+    stripes = Stripes(main[0], [extra[0]])
+    extra[1].sock.raw.settimeout(10)
+
+    def drain() -> None:
+        try:
+            while not isinstance(main[1].recv(), ConnectionClosed):
+                pass
+        except Exception:  # noqa: BLE001 - the test's end closes it
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    got: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: got.put(extra[1].recv()), daemon=True).start()
+    try:
+        for i in range(30):  # a non-data frame every 0.1 s for 3 s, none for the extra connection
+            stripes.send(F.Ping(i, 0))
+            try:
+                ping = got.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
+        else:
+            pytest.fail("the idle extra connection sent no keepalive in 3 s (its limit is 0.5 s)")
+        assert isinstance(ping, F.Ping)
+    finally:
+        stripes.close()

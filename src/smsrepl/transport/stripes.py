@@ -221,8 +221,15 @@ class Stripes(Channel):
             while True:
                 with self._cond:
                     while not lane.items and not self._closing and self._failure is None:
-                        if not self._cond.wait(STREAM_KEEPALIVE) and lane.index and not lane.items:
+                        if not lane.index:
+                            self._cond.wait()
+                            continue
+                        # every send() wakes every writer: the silence is counted from this
+                        # connection's last frame, not from the last wakeup
+                        left = STREAM_KEEPALIVE - (time.monotonic() - chan.sent_at)
+                        if left <= 0:
                             break  # an idle extra connection: a keepalive, outside the order
+                        self._cond.wait(left)
                     if self._failure is not None or (self._closing and not lane.items):
                         return
                     item = lane.items[0] if lane.items else None
