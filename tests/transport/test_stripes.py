@@ -182,3 +182,44 @@ def test_an_extra_connection_keeps_alive_while_the_session_s_own_connection_is_b
         assert isinstance(ping, F.Ping)
     finally:
         stripes.close()
+
+
+@pytest.mark.parametrize("waits_for", ["the loop", "the hold"])
+def test_a_frame_numbered_twice_is_refused_even_when_both_copies_waited(waits_for):
+    # two connections of a (hostile) sender carry the same SEQ, and both readers wait: one for
+    # room in the loop's queue, or both for room in the hold. The second is a protocol error,
+    # never a frame kept (or swapped in) silently, and nothing stays counted in the hold.
+    order = FrameOrder(depth=1, hold=1000)
+    order.put_seq(0, F.Scanned(0))  # the loop's queue is full
+    seq = 1 if waits_for == "the loop" else 5
+    if waits_for == "the hold":
+        order._held_bytes = 1000
+    results: queue.Queue = queue.Queue()
+
+    def put(frame: F.Event) -> None:
+        try:
+            results.put(order.put_seq(seq, frame))
+        except RemoteProtocolError as exc:
+            results.put(exc)
+
+    readers = [threading.Thread(target=put, args=(F.Scanned(i),), daemon=True) for i in (4096, 8192)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(0.3)
+        assert t.is_alive()
+    if waits_for == "the hold":
+        with order._cond:  # the hold has room again
+            order._held_bytes = 0
+            order._cond.notify_all()
+    else:
+        assert order.get().offset == 0
+    for t in readers:
+        t.join(5)
+    outcome = [results.get(timeout=1), results.get(timeout=1)]
+    assert sorted(type(r).__name__ for r in outcome) == ["RemoteProtocolError", "bool"]
+    if waits_for == "the hold":
+        assert list(order._held) == [5] and order._held_bytes == 64
+    else:
+        assert order.get().offset in (4096, 8192)
+        assert not order._held and order._held_bytes == 0

@@ -96,20 +96,19 @@ class FrameOrder:
         size = frame_size(item)
         with self._cond:
             self.sequenced = True
-            if seq < self._next or seq in self._held:
-                raise RemoteProtocolError(f"SEQ {seq} came twice")
-            if seq != self._next:
-                while self._held_bytes >= self.hold and seq != self._next and not self.closed:
-                    self._cond.wait()
-            if seq == self._next:
-                while len(self._ready) >= self.depth and not self.closed:
-                    self._cond.wait()
-            if self.closed:
-                return False
-            if seq != self._next:
-                self._held[seq] = (item, size)
-                self._held_bytes += size
-                return True
+            while True:  # checked again after every wait: another reader may have had this SEQ
+                if seq < self._next or seq in self._held:
+                    raise RemoteProtocolError(f"SEQ {seq} came twice")
+                if self.closed:
+                    return False
+                if seq == self._next:
+                    if len(self._ready) < self.depth:
+                        break
+                elif self._held_bytes < self.hold:
+                    self._held[seq] = (item, size)
+                    self._held_bytes += size
+                    return True
+                self._cond.wait()
             self._ready.append(item)
             self._next += 1
             while self._next in self._held:  # those read ahead, now in turn
