@@ -79,6 +79,7 @@ class SenderBase:
         alone until the answer, read by whoever reads ``chan``, comes to streams_granted(),
         which joins the extra connections on a thread of its own. Returns ``chan`` itself
         where one connection it is."""
+        self._joining = None  # a question an earlier session asked, that ended before the answer
         want = self.streams
         if want == 1 or "streams" not in peer_caps:
             return chan
