@@ -223,3 +223,34 @@ def test_a_frame_numbered_twice_is_refused_even_when_both_copies_waited(waits_fo
     else:
         assert order.get().offset in (4096, 8192)
         assert not order._held and order._held_bytes == 0
+
+
+def test_close_lets_no_writer_hang_on_a_peer_that_stopped_reading():
+    # a sender that fails mid-round (a source read error) closes its connections while their
+    # writers are blocked on a receiver that reads nothing: close() returns in bounded time and
+    # the writers end with it, rather than blocking on their sockets after they were closed
+    import time
+
+    pairs = [_pair(True), _pair(False), _pair(False)]
+    for tx, _ in pairs:
+        tx.sock.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    stripes = Stripes(pairs[0][0], [tx for tx, _ in pairs[1:]])
+    frame = F.BlockData(0, 4 << 20, 0, np.ones(1024, dtype="<u8"), bytes(4 << 20))
+
+    def fill() -> None:
+        try:
+            for _ in range(12):
+                stripes.send(frame)
+        except Exception:  # noqa: BLE001 - closed meanwhile
+            pass
+
+    threading.Thread(target=fill, daemon=True).start()
+    writers = [lane.thread for lane in stripes._lanes]
+    time.sleep(1.0)  # every writer is blocked now, in the middle of a frame
+    t0 = time.monotonic()
+    stripes.close()
+    took = time.monotonic() - t0
+    for t in writers:
+        t.join(5)
+    assert not [t for t in writers if t.is_alive()], "a writer is still blocked on its closed connection"
+    assert took < 10, f"close() took {took:.1f} s"

@@ -38,6 +38,9 @@ from smsrepl.transport.limits import STREAM_KEEPALIVE
 LANE_BYTES = 8 << 20
 
 
+#: seconds close() lets the writers finish what is queued, all together
+CLOSE_WAIT = 5.0
+
 #: copy buffers kept for reuse
 KEEP_BUFFERS = 16
 
@@ -275,7 +278,13 @@ class Stripes(Channel):
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        deadline = time.monotonic() + CLOSE_WAIT
         for lane in list(self._lanes):
             if lane.thread is not None and lane.thread is not threading.current_thread():
-                lane.thread.join(5.0)
+                lane.thread.join(max(0.0, deadline - time.monotonic()))
+                if lane.thread.is_alive():
+                    # blocked on a peer that reads nothing: closing the socket would not wake
+                    # it (Linux), shutting it down does
+                    lane.chan.abort("the session's connections were closed")
+                    lane.thread.join(1.0)
             lane.chan.close()
