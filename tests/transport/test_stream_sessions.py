@@ -45,6 +45,7 @@ def test_a_session_cut_before_the_streams_answer_leaves_nothing_for_the_next_one
         sender = FileSender(str(src), "tree", addr, client_context(bundle), level=0, streams="auto")
         with pytest.raises(ReplicationError, match="not now"):
             sender.run()
+        assert sender._joining is None  # nor the connections and copy buffers of the one that ended
         outcome: list = []
         second = threading.Thread(target=lambda: outcome.append(sender.run()), daemon=True)
         second.start()
