@@ -13,7 +13,7 @@ from smsrepl.protocol import RECEIVER, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
 from smsrepl.protocol.connection import State
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.frame_order import FrameOrder
+from smsrepl.transport.frame_order import HELD_COST, FrameOrder, frame_size
 from smsrepl.transport.stripes import Stripes
 
 
@@ -219,7 +219,7 @@ def test_a_frame_numbered_twice_is_refused_even_when_both_copies_waited(waits_fo
     outcome = [results.get(timeout=1), results.get(timeout=1)]
     assert sorted(type(r).__name__ for r in outcome) == ["RemoteProtocolError", "bool"]
     if waits_for == "the hold":
-        assert list(order._held) == [5] and order._held_bytes == 64
+        assert list(order._held) == [5] and order._held_bytes == frame_size(F.Scanned(0)) + HELD_COST
     else:
         assert order.get().offset in (4096, 8192)
         assert not order._held and order._held_bytes == 0
@@ -254,3 +254,34 @@ def test_close_lets_no_writer_hang_on_a_peer_that_stopped_reading():
         t.join(5)
     assert not [t for t in writers if t.is_alive()], "a writer is still blocked on its closed connection"
     assert took < 10, f"close() took {took:.1f} s"
+
+
+def test_the_hold_bounds_the_memory_of_small_frames_read_ahead_too():
+    # a (hostile) sender that never sends the frame in turn and many small ones after it: what
+    # the receiver holds stays about the hold, not a multiple of it (a small frame is not 64 bytes
+    # held: its event, its entry and its number are more)
+    import tracemalloc
+
+    hold = 2 << 20
+    order = FrameOrder(depth=4, hold=hold)
+    filled = threading.Event()
+
+    def read_ahead() -> None:
+        for i in range(1, 1 << 20):
+            if order._held_bytes >= hold:
+                filled.set()
+            if not order.put_seq(i, F.Scanned(i * 4096)):
+                return
+
+    tracemalloc.start()
+    try:
+        reader = threading.Thread(target=read_ahead, daemon=True)
+        reader.start()
+        assert filled.wait(60)
+        reader.join(0.5)
+        assert reader.is_alive()  # held up by the full hold
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        order.close()
+    assert held < 1.5 * hold, f"{held / hold:.1f} times the hold"
