@@ -285,3 +285,45 @@ def test_the_hold_bounds_the_memory_of_small_frames_read_ahead_too():
         tracemalloc.stop()
         order.close()
     assert held < 1.5 * hold, f"{held / hold:.1f} times the hold"
+
+
+def test_a_connection_that_joins_while_the_speed_limit_is_set_gets_it_too():
+    # the speed limit (and the over-speed guard) are set when the round begins, while extra
+    # connections may be joining on another thread: one that read the session's limiter just
+    # before it was set must not run unlimited
+    class _Main(Channel):
+        hook = None
+
+        @property
+        def limiter(self):
+            value = self.__dict__.get("_lim")
+            if _Main.hook is not None:  # the other thread runs right after the read
+                hook, _Main.hook = _Main.hook, None
+                hook()
+            return value
+
+        @limiter.setter
+        def limiter(self, value):
+            self.__dict__["_lim"] = value
+
+    a, b = socket.socketpair()
+    main = _Main(_Plain(a), Connection(SENDER))
+    main.conn.state = State.ROUND
+    extra, extra_rx = _pair(False)
+    stripes = Stripes(main, [])
+    limit = object()
+    setter = threading.Thread(target=setattr, args=(stripes, "limiter", limit), daemon=True)
+
+    def set_limit_meanwhile() -> None:
+        setter.start()
+        setter.join(0.5)  # done by now, unless it waits for the joining connection
+
+    _Main.hook = set_limit_meanwhile
+    stripes.add(extra)
+    setter.join(5)
+    try:
+        assert [lane.chan.limiter is limit for lane in stripes._lanes] == [True, True]
+    finally:
+        stripes.close()
+        for s in (b, extra_rx.sock.raw):
+            s.close()

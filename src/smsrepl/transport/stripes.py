@@ -146,8 +146,9 @@ class Stripes(Channel):
 
     @limiter.setter
     def limiter(self, value) -> None:
-        for lane in self._lanes:
-            lane.chan.limiter = value
+        with self._cond:  # a connection joining meanwhile (add) gets it too
+            for lane in self._lanes:
+                lane.chan.limiter = value
 
     @property
     def on_sent(self) -> Callable[[int], None] | None:
@@ -155,8 +156,9 @@ class Stripes(Channel):
 
     @on_sent.setter
     def on_sent(self, value: Callable[[int], None] | None) -> None:
-        for lane in self._lanes:
-            lane.chan.on_sent = value
+        with self._cond:
+            for lane in self._lanes:
+                lane.chan.on_sent = value
 
     @property
     def sent_at(self) -> float:
@@ -169,11 +171,11 @@ class Stripes(Channel):
     # --- the connections -------------------------------------------------------------
     def add(self, chan: Channel) -> None:
         """One more connection (joined already: its HELLO, STREAMS and WELCOME exchanged)."""
-        chan.limiter, chan.on_sent = self.main.limiter, self.main.on_sent
         with self._cond:
             if self._closing or self._failure is not None:  # the session ended meanwhile
                 chan.close()
                 return
+            chan.limiter, chan.on_sent = self.main.limiter, self.main.on_sent
             lane = _Lane(chan, len(self._lanes))
             self._lanes.append(lane)
         self._start(lane)
