@@ -327,3 +327,52 @@ def test_a_connection_that_joins_while_the_speed_limit_is_set_gets_it_too():
         stripes.close()
         for s in (b, extra_rx.sock.raw):
             s.close()
+
+
+def test_the_session_s_own_connection_carries_a_frame_at_least_every_keepalive(monkeypatch):
+    # the session's own connection takes no keepalive outside the order (its frames are all
+    # numbered): a sender that sends a data frame every few seconds, spread over 8 connections,
+    # must not leave it silent for 8 times as long (the receiver drops a connection silent for
+    # its idle timeout, 120 s: one SCANNED per 64 MiB of a slowly read source, or a file round's
+    # operations found every 15 s, did so over 8 or 16 connections)
+    import time
+
+    from smsrepl.transport import stripes as S
+
+    monkeypatch.setattr(S, "STREAM_KEEPALIVE", 0.5)
+    pairs = [_pair(True)] + [_pair(False) for _ in range(7)]
+    stripes = Stripes(pairs[0][0], [tx for tx, _ in pairs[1:]])
+    arrivals: list[float] = []
+
+    def read_main() -> None:
+        try:
+            while True:
+                ev = pairs[0][1].recv()
+                if isinstance(ev, ConnectionClosed):
+                    return
+                if isinstance(ev, F.Scanned):
+                    arrivals.append(time.monotonic())
+        except Exception:  # noqa: BLE001 - closed at the test's end
+            pass
+
+    def drain(rx) -> None:
+        try:
+            while not isinstance(rx.recv(), ConnectionClosed):
+                pass
+        except Exception:  # noqa: BLE001
+            pass
+
+    threading.Thread(target=read_main, daemon=True).start()
+    for _, rx in pairs[1:]:
+        threading.Thread(target=drain, args=(rx,), daemon=True).start()
+    start = time.monotonic()
+    try:
+        for i in range(25):  # a data frame every 0.2 s for 5 s
+            stripes.send(F.Scanned(i * 4096))
+            time.sleep(0.2)
+        end = time.monotonic()
+    finally:
+        stripes.close()
+    times = [start] + arrivals + [end]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert max(gaps) < 1.2, f"the session's own connection was silent for {max(gaps):.1f} s (limit 0.5 s)"

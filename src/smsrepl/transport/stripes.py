@@ -210,8 +210,13 @@ class Stripes(Channel):
 
     def _pick(self) -> _Lane:
         """The connection with the least queued; ties go round, so that every connection's
-        window opens up even while none is behind."""
+        window opens up even while none is behind. The session's own connection takes one when
+        it was silent for STREAM_KEEPALIVE: it has no keepalive outside the order, and a frame
+        every few seconds spread over 16 connections left it silent past the receiver's limit."""
         lanes = self._lanes
+        main = lanes[0]
+        if not main.items and time.monotonic() - main.chan.sent_at >= STREAM_KEEPALIVE:
+            return main
         self._turn = (self._turn + 1) % len(lanes)
         best = lanes[self._turn]
         for i in range(1, len(lanes)):
