@@ -376,3 +376,24 @@ def test_the_session_s_own_connection_carries_a_frame_at_least_every_keepalive(m
     times = [start] + arrivals + [end]
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert max(gaps) < 1.2, f"the session's own connection was silent for {max(gaps):.1f} s (limit 0.5 s)"
+
+
+def test_a_session_whose_streams_request_fails_leaves_no_writer_behind():
+    # the connection breaks as the sender asks for more: the session fails (resumably), and
+    # what its run() closes is every connection of it, the stripes' writer included
+    from smsrepl.errors import TransportError
+    from smsrepl.transport.sender_base import SenderBase
+
+    tx, rx = _pair(True)
+    tx.conn.state = State.IDLE
+    rx.sock.raw.close()  # the receiver is gone
+    sender = SenderBase("disk0", ("127.0.0.1", 1), None, speed_limit=None, cpu_cap=None, streams=3)
+    sender._chan = tx
+    before = {t for t in threading.enumerate() if t.name.startswith("smsrepl-stream")}
+    with pytest.raises(TransportError):
+        sender._spread(tx, "s1", 1 << 20, frozenset({"streams"}))
+    (sender._chan or tx).close()  # what Sender.run and FileSender.run do at the end
+    left = [t for t in threading.enumerate() if t.name.startswith("smsrepl-stream") and t not in before]
+    for t in left:
+        t.join(5)
+    assert not [t for t in left if t.is_alive()], "a writer of the failed session's stripes runs on"

@@ -88,8 +88,8 @@ class SenderBase:
             return chan
         stripes = Stripes(chan, [])
         self._joining = (stripes, session_id, size, count)  # before the answer can come
+        self._chan = stripes  # what the session closes at its end, whatever happens next
         chan.send(F.Streams(count, ""))  # unnumbered, before any frame of the stripes
-        self._chan = stripes
         return stripes
 
     def streams_granted(self, ev: F.Streams) -> None:
