@@ -397,3 +397,33 @@ def test_a_session_whose_streams_request_fails_leaves_no_writer_behind():
     for t in left:
         t.join(5)
     assert not [t for t in left if t.is_alive()], "a writer of the failed session's stripes runs on"
+
+
+def test_the_over_speed_guard_stops_a_session_over_several_connections_with_its_own_error():
+    # the guard runs as each frame was written, on the connection's writer: its error is the
+    # session's (exit code 3, no SMS.0807 "connection lost" code for the control plane)
+    from smsrepl.errors import OverSpeedError
+
+    pairs = [_pair(True), _pair(False)]
+    stripes = Stripes(pairs[0][0], [pairs[1][0]])
+
+    def guard(size: int) -> None:
+        raise OverSpeedError(3e6, 1e6, 50, 5.0)
+
+    stripes.on_sent = guard
+    def drain(rx) -> None:
+        try:
+            while not isinstance(rx.recv(), ConnectionClosed):
+                pass
+        except Exception:  # noqa: BLE001 - cut when the session fails
+            pass
+
+    for _, rx in pairs:
+        threading.Thread(target=drain, args=(rx,), daemon=True).start()
+    try:
+        with pytest.raises(OverSpeedError, match="over speed"):
+            for i in range(100):
+                stripes.send(F.Scanned(i * 4096))
+                stripes.flush(10)
+    finally:
+        stripes.close()

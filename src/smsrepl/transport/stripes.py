@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from smsrepl._lazy import np
 
-from smsrepl.errors import TransportError
+from smsrepl.errors import ReplicationError, TransportError
 from smsrepl.protocol import frames as F
 from smsrepl.protocol.connection import STREAM_FRAMES
 from smsrepl.transport.channel import Channel
@@ -258,7 +258,9 @@ class Stripes(Channel):
         except BaseException as exc:  # every connection stops: the session failed
             with self._cond:
                 if self._failure is None:
-                    self._failure = exc if isinstance(exc, TransportError) else TransportError(
+                    # what a write raises is the session's error, as on one connection (the
+                    # over-speed guard's, run once a frame was written, is not "connection lost")
+                    self._failure = exc if isinstance(exc, ReplicationError) else TransportError(
                         f"connection {lane.index} of the session failed: {exc}")
                 self._cond.notify_all()
             self.abort()
