@@ -427,3 +427,29 @@ def test_the_over_speed_guard_stops_a_session_over_several_connections_with_its_
                 stripes.flush(10)
     finally:
         stripes.close()
+
+
+def test_what_a_reader_hands_over_after_the_loop_is_gone_is_dropped():
+    # a reader whose recv() fails once its session ended (the receiver ended it) hands its error
+    # over: kept by a closed order, the error's traceback (the reader's frame: the session, its
+    # channel and their 1 MiB buffers) and the order would hold each other until a full gc
+    import gc
+    import weakref
+
+    order = FrameOrder(depth=2)
+    order.close()
+
+    def reader(frames: FrameOrder) -> None:
+        try:
+            raise OSError("connection reset")
+        except OSError as exc:
+            frames.put_nowait(exc)
+
+    reader(order)
+    gone = weakref.ref(order)
+    gc.disable()
+    try:
+        del order
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -67,8 +67,11 @@ class FrameOrder:
             return item
 
     def put_nowait(self, item: object) -> None:
-        """``item`` (an exception: a failure, the reason the session ends) before any frame."""
+        """``item`` (an exception: a failure, the reason the session ends) before any frame;
+        dropped once the loop is gone (an error's traceback holds its reader, and so this)."""
         with self._cond:
+            if self.closed:
+                return
             self._urgent.append(item)
             self._cond.notify_all()
 
