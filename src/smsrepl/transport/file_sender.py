@@ -181,7 +181,7 @@ class FileSender(SenderBase):
                 raise
             finally:
                 (self._chan or chan).close()  # the session's connections, extra ones too
-                self._chan = None  # the next run() connects again
+                self._chan = self._joining = None  # the next run() connects again
         finally:
             if early is not None:
                 early.close()

@@ -168,7 +168,7 @@ class Sender(SenderBase):
                 return self._session(source, rec, chan, started, stateless)
             finally:
                 (self._chan or chan).close()  # the session's connections, extra ones too
-                self._chan = None
+                self._chan = self._joining = None  # (the stripes and their buffers go)
 
     def _session(self, source: BlockSource, rec: dict, chan: Channel, started: float, stateless: bool) -> RoundResult:
         welcome = expect_welcome(chan.recv())

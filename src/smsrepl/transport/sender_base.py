@@ -79,6 +79,7 @@ class SenderBase:
         alone until the answer, read by whoever reads ``chan``, comes to streams_granted(),
         which joins the extra connections on a thread of its own. Returns ``chan`` itself
         where one connection it is."""
+        self._joining = None  # a question an earlier session asked, that ended before the answer
         want = self.streams
         if want == 1 or "streams" not in peer_caps:
             return chan
@@ -87,8 +88,8 @@ class SenderBase:
             return chan
         stripes = Stripes(chan, [])
         self._joining = (stripes, session_id, size, count)  # before the answer can come
+        self._chan = stripes  # what the session closes at its end, whatever happens next
         chan.send(F.Streams(count, ""))  # unnumbered, before any frame of the stripes
-        self._chan = stripes
         return stripes
 
     def streams_granted(self, ev: F.Streams) -> None:

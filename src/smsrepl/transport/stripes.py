@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from smsrepl._lazy import np
 
-from smsrepl.errors import TransportError
+from smsrepl.errors import ReplicationError, TransportError
 from smsrepl.protocol import frames as F
 from smsrepl.protocol.connection import STREAM_FRAMES
 from smsrepl.transport.channel import Channel
@@ -37,6 +37,9 @@ from smsrepl.transport.limits import STREAM_KEEPALIVE
 #: or waits: one 8 MiB frame, so N connections hold at most about N frames
 LANE_BYTES = 8 << 20
 
+
+#: seconds close() lets the writers finish what is queued, all together
+CLOSE_WAIT = 5.0
 
 #: copy buffers kept for reuse
 KEEP_BUFFERS = 16
@@ -143,8 +146,9 @@ class Stripes(Channel):
 
     @limiter.setter
     def limiter(self, value) -> None:
-        for lane in self._lanes:
-            lane.chan.limiter = value
+        with self._cond:  # a connection joining meanwhile (add) gets it too
+            for lane in self._lanes:
+                lane.chan.limiter = value
 
     @property
     def on_sent(self) -> Callable[[int], None] | None:
@@ -152,8 +156,9 @@ class Stripes(Channel):
 
     @on_sent.setter
     def on_sent(self, value: Callable[[int], None] | None) -> None:
-        for lane in self._lanes:
-            lane.chan.on_sent = value
+        with self._cond:
+            for lane in self._lanes:
+                lane.chan.on_sent = value
 
     @property
     def sent_at(self) -> float:
@@ -166,11 +171,11 @@ class Stripes(Channel):
     # --- the connections -------------------------------------------------------------
     def add(self, chan: Channel) -> None:
         """One more connection (joined already: its HELLO, STREAMS and WELCOME exchanged)."""
-        chan.limiter, chan.on_sent = self.main.limiter, self.main.on_sent
         with self._cond:
             if self._closing or self._failure is not None:  # the session ended meanwhile
                 chan.close()
                 return
+            chan.limiter, chan.on_sent = self.main.limiter, self.main.on_sent
             lane = _Lane(chan, len(self._lanes))
             self._lanes.append(lane)
         self._start(lane)
@@ -205,8 +210,13 @@ class Stripes(Channel):
 
     def _pick(self) -> _Lane:
         """The connection with the least queued; ties go round, so that every connection's
-        window opens up even while none is behind."""
+        window opens up even while none is behind. The session's own connection takes one when
+        it was silent for STREAM_KEEPALIVE: it has no keepalive outside the order, and a frame
+        every few seconds spread over 16 connections left it silent past the receiver's limit."""
         lanes = self._lanes
+        main = lanes[0]
+        if not main.items and time.monotonic() - main.chan.sent_at >= STREAM_KEEPALIVE:
+            return main
         self._turn = (self._turn + 1) % len(lanes)
         best = lanes[self._turn]
         for i in range(1, len(lanes)):
@@ -221,8 +231,15 @@ class Stripes(Channel):
             while True:
                 with self._cond:
                     while not lane.items and not self._closing and self._failure is None:
-                        if not self._cond.wait(STREAM_KEEPALIVE) and lane.index and not lane.items:
+                        if not lane.index:
+                            self._cond.wait()
+                            continue
+                        # every send() wakes every writer: the silence is counted from this
+                        # connection's last frame, not from the last wakeup
+                        left = STREAM_KEEPALIVE - (time.monotonic() - chan.sent_at)
+                        if left <= 0:
                             break  # an idle extra connection: a keepalive, outside the order
+                        self._cond.wait(left)
                     if self._failure is not None or (self._closing and not lane.items):
                         return
                     item = lane.items[0] if lane.items else None
@@ -241,7 +258,9 @@ class Stripes(Channel):
         except BaseException as exc:  # every connection stops: the session failed
             with self._cond:
                 if self._failure is None:
-                    self._failure = exc if isinstance(exc, TransportError) else TransportError(
+                    # what a write raises is the session's error, as on one connection (the
+                    # over-speed guard's, run once a frame was written, is not "connection lost")
+                    self._failure = exc if isinstance(exc, ReplicationError) else TransportError(
                         f"connection {lane.index} of the session failed: {exc}")
                 self._cond.notify_all()
             self.abort()
@@ -268,7 +287,13 @@ class Stripes(Channel):
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        deadline = time.monotonic() + CLOSE_WAIT
         for lane in list(self._lanes):
             if lane.thread is not None and lane.thread is not threading.current_thread():
-                lane.thread.join(5.0)
+                lane.thread.join(max(0.0, deadline - time.monotonic()))
+                if lane.thread.is_alive():
+                    # blocked on a peer that reads nothing: closing the socket would not wake
+                    # it (Linux), shutting it down does
+                    lane.chan.abort("the session's connections were closed")
+                    lane.thread.join(1.0)
             lane.chan.close()
