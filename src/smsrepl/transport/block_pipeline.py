@@ -116,12 +116,14 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
                     frame = item.result() if isinstance(item, Future) else item
                     # a CHECKPOINT may cover this frame once it is sent: allow it first
                     replies.sent_to = max(replies.sent_to, frame_end(frame))
-                    t0, w0 = time.perf_counter(), chan.wire_sent
+                    t0 = time.perf_counter()
                     chan.send(frame)
                     dt = time.perf_counter() - t0
                     clock.add("send", dt)
                     if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
-                        adapt.record_send(level, source_bytes(frame), chan.wire_sent - w0, dt)
+                        # the frame's own bytes: over several connections send() returns once the
+                        # frame is queued, and the wire counters move with other frames
+                        adapt.record_send(level, source_bytes(frame), wire_size(frame), dt)
                 faults.point("sender.data")
                 # progress counts what reached the socket, not what was read ahead
                 report(covered, raw)
@@ -186,6 +188,12 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
 def source_bytes(frame: BlockFrame) -> int:
     """The source bytes a BLOCK_DATA or BLOCK_SET frame covers."""
     return frame.raw_len if isinstance(frame, F.BlockData) else len(frame.index) * FINE_BLOCK
+
+
+def wire_size(frame: BlockFrame) -> int:
+    """A data frame's bytes on the wire, about: its payload and prefix (digests or zero map)."""
+    extra = 12 * len(frame.index) + 28 if isinstance(frame, F.BlockSet) else len(frame.digests) // 8 + 44
+    return memoryview(frame.payload).nbytes + extra
 
 
 def frame_end(frame: object) -> int:
