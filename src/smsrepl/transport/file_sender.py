@@ -151,6 +151,7 @@ class FileSender(SenderBase):
         itself otherwise. With a journal the request waits for WELCOME: its round id says
         whether a subset will do."""
         self._chan = self._connect(self.checksum, request=self.journal is None)
+        self._prejoin(self._chan)
 
     def _connect(self, checksum: bool, request: bool = True) -> Channel:
         """A connection with HELLO and (``request``) TREE_REQUEST sent (the protocol lets the
@@ -181,7 +182,7 @@ class FileSender(SenderBase):
                 raise
             finally:
                 (self._chan or chan).close()  # the session's connections, extra ones too
-                self._chan = self._joining = None  # the next run() connects again
+                self._end_streams()  # the next run() connects again
         finally:
             if early is not None:
                 early.close()

@@ -165,10 +165,11 @@ class Sender(SenderBase):
             stateless = not rec.get("rounds")
             chan = self._chan = self._open("block", rec["session_id"], source.size, _capabilities(stateless))
             try:
+                self._prejoin(chan)
                 return self._session(source, rec, chan, started, stateless)
             finally:
                 (self._chan or chan).close()  # the session's connections, extra ones too
-                self._chan = self._joining = None  # (the stripes and their buffers go)
+                self._end_streams()  # (the stripes and their buffers go)
 
     def _session(self, source: BlockSource, rec: dict, chan: Channel, started: float, stateless: bool) -> RoundResult:
         welcome = expect_welcome(chan.recv())

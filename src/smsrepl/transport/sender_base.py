@@ -11,7 +11,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
 from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection, ConnectionClosed
@@ -42,6 +42,10 @@ class SenderBase:
         self.streams = streams
         #: the STREAMS the running session asked for, until the receiver answers (_spread)
         self._joining: tuple[Stripes, str, int, int] | None = None
+        #: the extra connections' TCP and TLS handshakes, begun with the session's (_prejoin)
+        self._early: list[Future] = []
+        #: the connections the running session runs over, once counted (_prejoin)
+        self._planned: int | None = None
 
     def stop(self) -> None:
         """Pause: break the running round from another thread. What the receiver made durable
@@ -72,6 +76,29 @@ class SenderBase:
         return chan
 
 
+    def _prejoin(self, chan: Channel) -> None:
+        """Begin the extra connections' handshakes now, beside the session's HELLO and WELCOME
+        (two round trips: the first frames go over them a round trip after the receiver's
+        answer to STREAMS, not four); _spread uses them, or the session's end closes them."""
+        self._drop_early()
+        count = self._planned = initial_streams(self.streams, chan) if self.streams != 1 else 1
+        if count > 1:
+            pool = ThreadPoolExecutor(count - 1, thread_name_prefix="smsrepl-stream-connect")
+            self._early = [pool.submit(connect, self.address, self.context) for _ in range(count - 1)]
+            pool.shutdown(wait=False)
+
+    def _drop_early(self) -> None:
+        """Close the extra connections begun early and not used."""
+        early, self._early = self._early, []
+        for fut in early:
+            fut.add_done_callback(_close_connected)
+
+    def _end_streams(self) -> None:
+        """At a session's end: its stripes, its pending STREAMS question and its early
+        connections go (the channel itself was closed)."""
+        self._chan = self._joining = self._planned = None
+        self._drop_early()
+
     def _spread(self, chan: Channel, session_id: str, size: int, peer_caps: frozenset) -> Channel:
         """The session's channel over as many connections as ``streams`` says, when more than
         one and the receiver can (it listed "streams"). STREAMS asks the receiver for them and
@@ -82,8 +109,9 @@ class SenderBase:
         self._joining = None  # a question an earlier session asked, that ended before the answer
         want = self.streams
         if want == 1 or "streams" not in peer_caps:
+            self._drop_early()
             return chan
-        count = initial_streams(want, chan)
+        count = self._planned if self._planned is not None else initial_streams(want, chan)
         if count <= 1:
             return chan
         stripes = Stripes(chan, [])
@@ -100,15 +128,20 @@ class SenderBase:
         stripes, session_id, size, asked = pending
         if ev.count > asked:
             raise RemoteProtocolError(f"the receiver granted {ev.count} connections, {asked} were asked for")
+        early, self._early = self._early, []
+        for fut in early[max(0, ev.count - 1):]:  # more than granted
+            fut.add_done_callback(_close_connected)
         if ev.count <= 1:
             log.info("the receiver runs session %s over one connection", session_id)
             return
-        threading.Thread(target=self._join_all, args=(stripes, ev, session_id, size), daemon=True,
-                         name="smsrepl-stream-join").start()
+        threading.Thread(target=self._join_all, args=(stripes, ev, session_id, size, early[:ev.count - 1]),
+                         daemon=True, name="smsrepl-stream-join").start()
 
-    def _join_all(self, stripes: Stripes, grant: F.Streams, session_id: str, size: int) -> None:
+    def _join_all(self, stripes: Stripes, grant: F.Streams, session_id: str, size: int,
+                  early: list[Future]) -> None:
         with ThreadPoolExecutor(grant.count - 1) as pool:
-            joins = [pool.submit(self._join, i, grant.key, session_id, size) for i in range(1, grant.count)]
+            joins = [pool.submit(self._join, i, grant.key, session_id, size, early[i - 1] if i <= len(early) else None)
+                     for i in range(1, grant.count)]
         for i, join in enumerate(joins, 1):
             try:
                 stripes.add(join.result())
@@ -116,9 +149,11 @@ class SenderBase:
                 log.warning("extra connection %d of session %s not joined: %s", i, session_id, exc)
         log.info("session %s runs over %d connections", session_id, stripes.streams)
 
-    def _join(self, index: int, key: str, session_id: str, size: int) -> Channel:
-        """Extra connection ``index`` of session ``session_id``, joined."""
-        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+    def _join(self, index: int, key: str, session_id: str, size: int, early: Future | None = None) -> Channel:
+        """Extra connection ``index`` of session ``session_id``, joined (over the connection
+        begun early, where there is one)."""
+        chan = Channel(early.result() if early is not None else connect(self.address, self.context),
+                       Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], "stream", self.target, session_id, size, F.FINE_BLOCK, ["streams"]))
             chan.send(F.Streams(index, key))
@@ -128,6 +163,12 @@ class SenderBase:
             chan.close()
             raise
         return chan
+
+
+def _close_connected(fut: Future) -> None:
+    """A done callback: the connection ``fut`` made, closed (a failed one made none)."""
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()
 
 
 def raise_if_error(ev: object) -> None:
