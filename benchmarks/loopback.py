@@ -54,6 +54,8 @@ from smsrepl.codec import DEFAULT_LEVEL  # noqa: E402
 from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
 from smsrepl.lab.testdata import rewrite_random_blocks, write_image  # noqa: E402
 
+from replication import receiver_stages  # noqa: E402  (benchmarks/: the script's own directory)
+
 CLI = [sys.executable, "-m", "smsrepl"]
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 TICK = os.sysconf("SC_CLK_TCK")
@@ -170,15 +172,6 @@ def sms_round(ck: str, src: str, base: str, *extra: str, build: str | None = Non
     summary = json.loads(tx.stdout.decode().strip().splitlines()[-1])
     return {"wall": wall, "cpu": case.cpu(), "wire": summary["wire_bytes"], "kind": summary["kind"],
             "stages": summary.get("stages") or {}, "rx_stages": receiver_stages(rx_err)}
-
-
-def receiver_stages(stderr: str) -> dict:
-    out: dict = {}
-    for line in stderr.splitlines():
-        if "stage seconds:" in line:
-            words = line.split("stage seconds:", 1)[1].split()
-            out = {words[i]: float(words[i + 1]) for i in range(0, len(words) - 1, 2)}
-    return out
 
 
 # --- rsync daemon ----------------------------------------------------------------------------
@@ -470,6 +463,7 @@ def main() -> int:
         with open(args.render) as fh:
             saved = json.load(fh)
         text = render(saved["size"], saved["mix"], saved["runs"], saved["table"], saved["changed"], saved["levels"])
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "loopback.md"), "w") as fh:
             fh.write(text + "\n")
         print(text)
