@@ -54,19 +54,11 @@ from smsrepl.codec import DEFAULT_LEVEL  # noqa: E402
 from smsrepl.lab.certs import make_bundle, write_certkey  # noqa: E402
 from smsrepl.lab.testdata import rewrite_random_blocks, write_image  # noqa: E402
 
-from replication import receiver_stages  # noqa: E402  (benchmarks/: the script's own directory)
+from replication import free_port, receiver_stages  # noqa: E402  (benchmarks/: the script's own directory)
 
 CLI = [sys.executable, "-m", "smsrepl"]
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:

@@ -389,6 +389,7 @@ def test_a_session_whose_streams_request_fails_leaves_no_writer_behind():
     rx.sock.raw.close()  # the receiver is gone
     sender = SenderBase("disk0", ("127.0.0.1", 1), None, speed_limit=None, cpu_cap=None, streams=3)
     sender._chan = tx
+    sender._planned = 3  # what _prejoin counted (its early connections are not this test's)
     before = {t for t in threading.enumerate() if t.name.startswith("smsrepl-stream")}
     with pytest.raises(TransportError):
         sender._spread(tx, "s1", 1 << 20, frozenset({"streams"}))

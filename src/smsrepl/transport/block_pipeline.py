@@ -28,6 +28,7 @@ from smsrepl.stages import StageClock
 from smsrepl.throttle import CpuCap
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
+from smsrepl.transport.frame_order import frame_size
 
 BlockFrame = F.BlockData | F.BlockSet
 
@@ -123,7 +124,7 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
                     if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
                         # the frame's own bytes: over several connections send() returns once the
                         # frame is queued, and the wire counters move with other frames
-                        adapt.record_send(level, source_bytes(frame), wire_size(frame), dt)
+                        adapt.record_send(level, source_bytes(frame), frame_size(frame), dt)
                 faults.point("sender.data")
                 # progress counts what reached the socket, not what was read ahead
                 report(covered, raw)
@@ -188,12 +189,6 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
 def source_bytes(frame: BlockFrame) -> int:
     """The source bytes a BLOCK_DATA or BLOCK_SET frame covers."""
     return frame.raw_len if isinstance(frame, F.BlockData) else len(frame.index) * FINE_BLOCK
-
-
-def wire_size(frame: BlockFrame) -> int:
-    """A data frame's bytes on the wire, about: its payload and prefix (digests or zero map)."""
-    extra = 12 * len(frame.index) + 28 if isinstance(frame, F.BlockSet) else len(frame.digests) // 8 + 44
-    return memoryview(frame.payload).nbytes + extra
 
 
 def frame_end(frame: object) -> int:

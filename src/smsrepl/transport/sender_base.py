@@ -107,12 +107,9 @@ class SenderBase:
         which joins the extra connections on a thread of its own. Returns ``chan`` itself
         where one connection it is."""
         self._joining = None  # a question an earlier session asked, that ended before the answer
-        want = self.streams
-        if want == 1 or "streams" not in peer_caps:
+        count = self._planned or 1  # _prejoin counted them
+        if count <= 1 or "streams" not in peer_caps:
             self._drop_early()
-            return chan
-        count = self._planned if self._planned is not None else initial_streams(want, chan)
-        if count <= 1:
             return chan
         stripes = Stripes(chan, [])
         self._joining = (stripes, session_id, size, count)  # before the answer can come
@@ -140,7 +137,7 @@ class SenderBase:
     def _join_all(self, stripes: Stripes, grant: F.Streams, session_id: str, size: int,
                   early: list[Future]) -> None:
         with ThreadPoolExecutor(grant.count - 1) as pool:
-            joins = [pool.submit(self._join, i, grant.key, session_id, size, early[i - 1] if i <= len(early) else None)
+            joins = [pool.submit(self._join, i, grant.key, session_id, size, early[i - 1])
                      for i in range(1, grant.count)]
         for i, join in enumerate(joins, 1):
             try:
@@ -149,11 +146,10 @@ class SenderBase:
                 log.warning("extra connection %d of session %s not joined: %s", i, session_id, exc)
         log.info("session %s runs over %d connections", session_id, stripes.streams)
 
-    def _join(self, index: int, key: str, session_id: str, size: int, early: Future | None = None) -> Channel:
-        """Extra connection ``index`` of session ``session_id``, joined (over the connection
-        begun early, where there is one)."""
-        chan = Channel(early.result() if early is not None else connect(self.address, self.context),
-                       Connection(SENDER))
+    def _join(self, index: int, key: str, session_id: str, size: int, early: Future) -> Channel:
+        """Extra connection ``index`` of session ``session_id``, joined over the connection
+        _prejoin began."""
+        chan = Channel(early.result(), Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], "stream", self.target, session_id, size, F.FINE_BLOCK, ["streams"]))
             chan.send(F.Streams(index, key))

@@ -12,9 +12,8 @@ pays for the bytes of every connection).
 ``send`` returns before the frame is written, so a frame's buffers are copied first when they
 are not its own (a data frame's payload and digests are views of the sender's read buffers,
 reused once ``send`` returns): into buffers kept for reuse, so that fresh pages are not
-faulted in for every frame. Each connection has a writer thread and a queue of a few frames; ``send`` waits while every
-queue is full, and counts that time (``waited``): a sender that waits for room is bound by
-the network, which is when more connections help (transport/streams_auto.py).
+faulted in for every frame. Each connection has a writer thread and a queue of one frame or
+so; ``send`` waits while every queue is full.
 """
 from __future__ import annotations
 
@@ -111,8 +110,6 @@ class Stripes(Channel):
         self._turn = 0
         self._failure: BaseException | None = None
         self._closing = False
-        #: seconds send() waited for room on every connection (the network is the bound)
-        self.waited = 0.0
         self._buffers = _Buffers()
         self._lanes = [_Lane(main, 0)]
         for chan in extra:
@@ -190,7 +187,6 @@ class Stripes(Channel):
         size = frame_size(event)
         event, buf = owned(event, self._buffers)
         with self._cond:
-            t0 = None
             while True:
                 if self._failure is not None:
                     raise self._failure
@@ -199,10 +195,7 @@ class Stripes(Channel):
                 lane = self._pick() if data else self._lanes[0]
                 if lane.queued < LANE_BYTES or not data:
                     break
-                t0 = t0 or time.monotonic()
                 self._cond.wait(1.0)
-            if t0 is not None:
-                self.waited += time.monotonic() - t0
             lane.items.append((self._seq, event, size, buf))
             lane.queued += size
             self._seq += 1
