@@ -57,3 +57,72 @@ def test_a_session_cut_before_the_streams_answer_leaves_nothing_for_the_next_one
     finally:
         rx.stop()
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.iterdir())
+
+
+# --- a hostile or broken peer on an extra connection --------------------------------------
+
+def _striped_session(tmp_path, bundle):
+    """A receiver, a block session on it that asked for 2 connections, and the grant's key."""
+    from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection
+    from smsrepl.protocol import frames as F
+    from smsrepl.transport.channel import Channel
+    from smsrepl.transport.connect import connect
+
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
+    addr = rx.start()
+    main = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+    main.send(F.Hello([PROTOCOL_VERSION], "block", "disk0", "s1", 1 << 20, F.FINE_BLOCK, list(F.CAPABILITIES)))
+    assert isinstance(main.recv(), F.Welcome)
+    main.send(F.Streams(2, ""))
+    grant = main.recv()
+    assert isinstance(grant, F.Streams) and grant.count == 2
+    return rx, addr, main, grant.key
+
+
+def _extra(addr, bundle, index: int, key: str):
+    from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection
+    from smsrepl.protocol import frames as F
+    from smsrepl.transport.channel import Channel
+    from smsrepl.transport.connect import connect
+
+    chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+    chan.send(F.Hello([PROTOCOL_VERSION], "stream", "disk0", "s1", 1 << 20, F.FINE_BLOCK, ["streams"]))
+    chan.send(F.Streams(index, key))
+    return chan
+
+
+@pytest.mark.parametrize("bad", ["short SEQ", "SEQ then a round's control frame", "a frame without SEQ"])
+def test_an_extra_connection_carrying_a_bad_frame_fails_the_session_and_writes_nothing(tmp_path, bundle, bad):
+    from smsrepl.protocol import frames as F
+    from smsrepl.protocol.writers import frame
+
+    rx, addr, main, key = _striped_session(tmp_path, bundle)
+    try:
+        extra = _extra(addr, bundle, 1, key)
+        assert isinstance(extra.recv(), F.Welcome)
+        wire = {"short SEQ": frame(F.Seq.TYPE, b"\0\0\0\1"),
+                "SEQ then a round's control frame": b"".join(bytes(p) for p in F.encode(F.Seq(0)) + F.encode(F.RoundBegin(1, "full", 0))),
+                "a frame without SEQ": b"".join(bytes(p) for p in F.encode(F.ZeroRange(0, 4096)))}[bad]
+        extra.sock.sendall(wire)  # past this end's own state machine: a broken peer's bytes
+        ev = main.recv()
+        extra.close()
+        main.close()
+    finally:
+        rx.stop()
+    assert isinstance(ev, F.Error), ev
+    assert ev.resumable and "extra connection 1" in ev.message, ev
+    assert not any((tmp_path / "t.img").read_bytes())  # no data reached the target
+
+
+def test_an_extra_connection_past_the_grant_is_refused(tmp_path, bundle):
+    from smsrepl.protocol import frames as F
+
+    rx, addr, main, key = _striped_session(tmp_path, bundle)
+    try:
+        extra = _extra(addr, bundle, 2, key)  # granted 2 in all: index 1 only
+        ev = extra.recv()
+        extra.close()
+        main.close()
+    finally:
+        rx.stop()
+    assert isinstance(ev, F.Error) and ev.exit_code == 4 and "not one the session granted" in ev.message, ev

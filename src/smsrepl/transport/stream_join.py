@@ -39,9 +39,14 @@ class StreamJoin(Handler):
                     if order.closed:
                         return True
                     raise TransportError(f"extra connection {index} of the session was closed")
+                elif not isinstance(ev, F.Ping):  # a keepalive, outside the order; else nothing
+                    raise RemoteProtocolError(f"{type(ev).__name__} without SEQ on an extra connection")
         except ReplicationError as exc:
             if not order.closed:  # the session fails with it: its checkpoint says where to resume
-                order.put_nowait(TransportError(f"extra connection {index} of the session failed: {exc}"))
+                # a broken peer's frame is the session's protocol error, told to the sender in an
+                # ERROR on its own connection; a lost connection is lost for the sender too
+                kind = RemoteProtocolError if isinstance(exc, RemoteProtocolError) else TransportError
+                order.put_nowait(kind(f"extra connection {index} of the session failed: {exc.message}"))
             if isinstance(exc, TransportError):
                 return False
             raise
