@@ -91,17 +91,22 @@ def test_every_batch_is_linked_after_a_syncfs_begun_after_it_was_written(tmp_pat
             assert began and ended and ended[-1] > began[0], (name, traced)
 
 
-def test_after_a_failed_syncfs_no_later_batch_is_named(tmp_path, traced, monkeypatch):
+def _fail_syncfs(monkeypatch, nth: int) -> None:
+    """The ``nth`` syncfs from now fails, as a disk's write error reaches it."""
     calls = []
     syncfs = durable._syncfs
 
     def failing(fd):
         calls.append(fd)
-        if len(calls) == 2:
+        if len(calls) == nth:
             raise TargetWriteError("syncfs failed: Input/output error")
         syncfs(fd)
 
     monkeypatch.setattr(durable, "_syncfs", failing)
+
+
+def test_after_a_failed_syncfs_no_later_batch_is_named(tmp_path, traced, monkeypatch):
+    _fail_syncfs(monkeypatch, 2)
     names = [f"f{i:03}" for i in range(60)]
     w = TreeWriter(str(tmp_path))
     try:
@@ -121,16 +126,7 @@ def test_after_a_failed_syncfs_the_sessions_cleanup_names_nothing_written_before
     """A cut round's cleanup keeps the files received whole (flush_pending): not once a syncfs
     failed. A later syncfs succeeds (the error was told once, to the failed one) and proves
     nothing of the files written before it."""
-    calls = []
-    syncfs = durable._syncfs
-
-    def failing(fd):
-        calls.append(fd)
-        if len(calls) == 1:
-            raise TargetWriteError("syncfs failed: Input/output error")
-        syncfs(fd)
-
-    monkeypatch.setattr(durable, "_syncfs", failing)
+    _fail_syncfs(monkeypatch, 1)
     w = TreeWriter(str(tmp_path))
     try:
         _write(w, ["a", "b"])
