@@ -40,8 +40,12 @@ def test_bulk_tcp_runs_at_the_rate_and_the_round_trip_is_twice_the_delay(rate, d
     assert rtt - 0.2 <= ping["rtt_ms"]["min"] <= rtt + 3, ping
     assert rtt - 0.2 <= ping["rtt_ms"]["median"] <= rtt + 6, ping
     assert rtt - 0.2 <= got["sender"]["min_rtt_us"] / 1e3 <= rtt + 8, got
-    # never above the rate; below it only by what TCP and a loaded machine leave unused
-    assert 0.8 * rate <= got["steady_bps"] <= 1.03 * rate, got
+    # Never above the rate, over the whole connection: the steady window's start can fall on a
+    # hole (a queue drop whose later segments wait out of order, unreadable), so the window
+    # gets them all at once when the retransmission fills it (20.7 of 20 Mbit/s seen that way).
+    assert got["bps"] <= 1.03 * rate, got
+    # below it only by what TCP and a loaded machine leave unused
+    assert got["steady_bps"] >= 0.8 * rate, got
     ab = link.stats["a->b"]  # type: ignore[index]
     assert ab["bytes"] >= got["bytes"] and ab["lost"] == 0
     assert link.stats["cpu_s"] < 2.5  # type: ignore[index]

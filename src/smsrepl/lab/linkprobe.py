@@ -12,12 +12,15 @@ they came back in order.
 """
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import socket
 import statistics
 import struct
 import subprocess
 import sys
+import termios
 import time
 
 TYPE_CHECKING = False
@@ -42,6 +45,7 @@ def tcp_sink(host: str, port: int) -> dict:
     print(READY, file=sys.stderr, flush=True)
     conn, _ = srv.accept()
     buf = bytearray(1 << 20)
+    queued = array.array("i", [0])
     total, samples = 0, []
     first = None
     while True:
@@ -51,7 +55,10 @@ def tcp_sink(host: str, port: int) -> dict:
         now = time.monotonic()
         first = first or now
         total += n
-        samples.append((now, total))
+        # bytes arrived by now = read + still queued; a sink that was descheduled reads a
+        # backlog that arrived before its wake-up, which must not count as later throughput
+        fcntl.ioctl(conn.fileno(), termios.FIONREAD, queued)
+        samples.append((now, total + queued[0]))
     end = time.monotonic()
     conn.close()
     srv.close()
