@@ -226,7 +226,8 @@ typedef struct {
     uint32_t mode, uid, gid;
     int64_t mtime_ns;
     size_t dir; /* index into the run's directory descriptors */
-    int fd;
+    int fd;     /* an anonymous file's, until it is linked; -1 for one created under its name */
+    int named;  /* created under its final name (in a directory not yet under its own) */
     int err;
     const char *step;
 } sms_wfile;
@@ -235,6 +236,7 @@ typedef struct {
     sms_wfile *files;
     size_t n;
     int *dir_fds; /* one per run of files in one directory: files[i].dir indexes it */
+    unsigned char *dir_named; /* per directory: its files are created under their names */
     size_t ndirs;
     uint64_t bytes; /* of the files' data */
     size_t end;     /* where the first operation not taken starts */
@@ -248,16 +250,20 @@ int sms_plan_writes(const uint8_t *body, size_t len, size_t pos, size_t max_file
 /* The parent path of a planned file: its path's first *len bytes. */
 const uint8_t *sms_wfile_parent(const sms_wfile *f, size_t *len);
 /* Write the run as anonymous files (O_TMPFILE) in their directories, nthreads (1..16) at a
- * time: data (all-zero 4 KiB blocks as holes), owner (with `owner`), mode and times. A
- * file's err/step say what failed. */
+ * time: data (all-zero 4 KiB blocks as holes), owner (with `owner`), mode and times. In a
+ * directory marked dir_named (one that has no name of its own yet: nothing in it can be
+ * seen before the caller makes it durable and names it), a file is created under its own
+ * name and closed (fd -1, named 1); an anonymous one where that name is taken. A file's
+ * err/step say what failed. */
 void sms_write_run(sms_wrun *run, int owner, int nthreads);
-/* Close the run's files (anonymous: dropped) and directories, and free it. */
+/* Close the run's files (anonymous: dropped; named: unlinked) and directories, and free it. */
 void sms_drop_run(sms_wrun *run);
 
 /* Give each anonymous file fds[i] the name names[i] in directory dirs[fdirs[i]],
  * atomically replacing what is there (through a temporary name
  * `.smsrepl~<tag><counter>~name`), errs[i] the errno where it failed, tmps[i] the
- * temporary name it waits under (empty where none). Closes nothing. */
+ * temporary name it waits under (empty where none); fds[i] -1: named already, skipped.
+ * Closes nothing. */
 void sms_link_files(sms_tree_cache *cache, const int *fds, const int *dirs, const size_t *fdirs, char *const *names,
                     size_t n, unsigned int tag, int *errs, char (*tmps)[NAME_MAX_BYTES + 1]);
 

@@ -321,10 +321,23 @@ static int open_run_dirs(sms_wrun *run, PyObject *dir_fd_of)
         PyObject *fd_o = PyObject_CallFunction(dir_fd_of, "y#", (const char *)parent, (Py_ssize_t)plen);
         if (!fd_o)
             return -1;
+        int named = 0; /* (fd, True): a directory not yet under its own name */
+        if (PyTuple_Check(fd_o) && PyTuple_GET_SIZE(fd_o) == 2) {
+            named = PyObject_IsTrue(PyTuple_GET_ITEM(fd_o, 1));
+            PyObject *first = PyTuple_GET_ITEM(fd_o, 0);
+            Py_INCREF(first);
+            Py_DECREF(fd_o);
+            fd_o = first;
+            if (named < 0) {
+                Py_DECREF(fd_o);
+                return -1;
+            }
+        }
         long fd = PyLong_AsLong(fd_o);
         Py_DECREF(fd_o);
         if (fd == -1 && PyErr_Occurred())
             return -1;
+        run->dir_named[d] = (unsigned char)named;
         int dup_fd = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
         if (dup_fd < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
@@ -341,7 +354,9 @@ static int open_run_dirs(sms_wrun *run, PyObject *dir_fd_of)
  * only plain ones: a regular file without xattrs, a well-formed path) as anonymous files
  * in their directories, `threads` at a time: data (all-zero 4 KiB blocks as holes),
  * owner (with `owner`), mode and times. dir_fd_of(parent path) gives each directory's
- * descriptor (and checks the path); the run keeps duplicates of them (dir_fds). end:
+ * descriptor (and checks the path), or (descriptor, True) for a directory that has no name
+ * of its own yet, whose files are created under their names (fd -1: nothing to link);
+ * the run keeps duplicates of them (dir_fds). end:
  * where the first operation not taken starts. The files have no name yet: link_files
  * names them, closing fds. On an error no file is kept and OSError names the path. */
 PyObject *sms_py_write_files(PyObject *Py_UNUSED(self), PyObject *args)
@@ -394,6 +409,7 @@ PyObject *sms_py_write_files(PyObject *Py_UNUSED(self), PyObject *args)
                         dirs, fdirs, names, paths);
     free(run.files);
     free(run.dir_fds);
+    free(run.dir_named);
     PyBuffer_Release(&body);
     return res;
 build_fail:

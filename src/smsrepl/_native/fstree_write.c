@@ -38,13 +38,14 @@ int sms_plan_writes(const uint8_t *b, size_t len, size_t pos, size_t max_files, 
         run->files[run->n++] = (sms_wfile){
             .name = leaf, .nlen = nlen, .path = r.path, .plen = r.plen, .data = b + p + 1 + r.total,
             .size = r.size, .mode = r.mode, .uid = r.uid, .gid = r.gid, .mtime_ns = r.mtime_ns,
-            .dir = run->ndirs - 1, .fd = -1, .err = 0, .step = NULL};
+            .dir = run->ndirs - 1, .fd = -1, .named = 0, .err = 0, .step = NULL};
         run->bytes += r.size;
         p += 1 + r.total + (size_t)r.size;
     }
     run->end = p;
     run->dir_fds = malloc((run->ndirs ? run->ndirs : 1) * sizeof *run->dir_fds);
-    if (!run->dir_fds)
+    run->dir_named = calloc(run->ndirs ? run->ndirs : 1, 1);
+    if (!run->dir_fds || !run->dir_named)
         return ENOMEM;
     for (size_t d = 0; d < run->ndirs; d++)
         run->dir_fds[d] = -1;
@@ -59,14 +60,22 @@ const uint8_t *sms_wfile_parent(const sms_wfile *f, size_t *len)
 
 void sms_drop_run(sms_wrun *run)
 {
-    for (size_t i = 0; i < run->n; i++)
-        if (run->files[i].fd >= 0)
-            close(run->files[i].fd); /* anonymous: closing drops the file */
+    for (size_t i = 0; i < run->n; i++) {
+        sms_wfile *f = &run->files[i];
+        if (f->fd >= 0)
+            close(f->fd); /* anonymous: closing drops the file */
+        if (f->named && run->dir_fds && run->dir_fds[f->dir] >= 0) {
+            char name[NAME_MAX_BYTES + 1];
+            snprintf(name, sizeof name, "%.*s", (int)f->nlen, (const char *)f->name);
+            unlinkat(run->dir_fds[f->dir], name, 0);
+        }
+    }
     for (size_t d = 0; d < run->ndirs; d++)
         if (run->dir_fds && run->dir_fds[d] >= 0)
             close(run->dir_fds[d]);
     free(run->files);
     free(run->dir_fds);
+    free(run->dir_named);
     *run = (sms_wrun){0};
 }
 
@@ -115,10 +124,24 @@ static void write_one(const sms_wrun *run, int owner, sms_wfile *f)
 {
     int dfd = run->dir_fds[f->dir];
     f->step = "create";
-    /* Anonymous until linked, so made with its permission bits at once; the set-id bits,
-     * which a chown would clear, are set after it. chown and chmod mark the inode dirty in
-     * the journal (2-3 us a file here): each is made only where the new file differs. */
-    f->fd = openat(dfd, ".", O_WRONLY | O_TMPFILE | O_CLOEXEC, f->mode & 0777);
+    /* Anonymous until linked (or in a directory nobody sees yet), so made with its
+     * permission bits at once; the set-id bits, which a chown would clear, are set after it.
+     * chown and chmod mark the inode dirty in the journal (2-3 us a file here): each is made
+     * only where the new file differs. A file created under its name costs no orphan-list
+     * entry and no link (0.3 of the 1.5 system CPU s of 50,000 small files here). */
+    if (run->dir_named[f->dir]) {
+        char name[NAME_MAX_BYTES + 1];
+        snprintf(name, sizeof name, "%.*s", (int)f->nlen, (const char *)f->name);
+        f->fd = openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, f->mode & 0777);
+        if (f->fd >= 0)
+            f->named = 1;
+        else if (errno != EEXIST) {
+            f->err = errno;
+            return;
+        }
+    }
+    if (f->fd < 0)
+        f->fd = openat(dfd, ".", O_WRONLY | O_TMPFILE | O_CLOEXEC, f->mode & 0777);
     if (f->fd < 0) {
         f->err = errno;
         return;
@@ -144,6 +167,9 @@ static void write_one(const sms_wrun *run, int owner, sms_wfile *f)
     } else if (futimens(f->fd, ts) < 0) {
         f->err = errno;
         f->step = "utime";
+    } else if (f->named) {
+        close(f->fd); /* its name is what keeps it */
+        f->fd = -1;
     }
 }
 
@@ -209,6 +235,8 @@ void sms_link_files(sms_tree_cache *cache, const int *fds, const int *dirs, cons
 {
     for (size_t i = 0; i < n; i++) {
         int dfd = dirs[fdirs[i]];
+        if (fds[i] < 0)
+            continue; /* created under its name */
         if (link_fd(cache, fds[i], dfd, names[i]) == 0)
             continue;
         if (errno != EEXIST) {

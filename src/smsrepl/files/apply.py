@@ -48,6 +48,7 @@ class TreeWriter(PendingFiles):
     # --- entries ---------------------------------------------------------------
     def existing(self, path: bytes) -> os.stat_result | None:
         parts = check_path(path)
+        self.settle_staged(parts)
         try:
             return os.stat(parts[-1], dir_fd=self.dir_fd(parts[:-1]), follow_symlinks=False)
         except FileNotFoundError:
@@ -56,15 +57,17 @@ class TreeWriter(PendingFiles):
     def mkdir(self, entry: Entry) -> None:
         """Create directory ``entry`` (or keep it); its metadata is set by finish()."""
         parts = check_path(entry.path)
-        parent = self.dir_fd(parts[:-1])
-        st = self._lstat(parts, parent)
-        if st is not None and not stat.S_ISDIR(st.st_mode):
-            self._touch(parts[:-1])
-            self._remove(parts, parent, st)
-            st = None
-        if st is None:
-            self._touch(parts[:-1])
-            os.mkdir(parts[-1], 0o700, dir_fd=parent)
+        if parts not in self._staged:  # else made earlier in the round, under a temporary name
+            parent = self.dir_fd(parts[:-1])
+            st = self._lstat(parts, parent)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                self._touch(parts[:-1])
+                self._remove(parts, parent, st)
+                st = None
+            if st is None:
+                self._touch(parts[:-1])
+                if not self.stage_dir(parts, parent):
+                    os.mkdir(parts[-1], 0o700, dir_fd=parent)
         self._dirs.append((parts, entry))
 
     def write_file(self, entry: Entry, chunks: Iterable[bytes | memoryview], *, sparse: bool = True) -> None:
@@ -82,6 +85,7 @@ class TreeWriter(PendingFiles):
         """write_file() for a whole file in one buffer, without a FileSink: the common case
         of many small files, where per-file overhead is what counts."""
         parts = check_path(entry.path)
+        self.settle_staged(parts)
         parent = self.dir_fd(parts[:-1])
         self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = temp_name(parts[-1])
@@ -107,6 +111,7 @@ class TreeWriter(PendingFiles):
         """Start writing regular file ``entry`` under a temporary name (see FileSink); with
         ``digest``, commit() can check the data against an XXH3-128."""
         parts = check_path(entry.path)
+        self.settle_staged(parts)
         parent = self.dir_fd(parts[:-1])
         self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = temp_name(parts[-1])
@@ -115,6 +120,7 @@ class TreeWriter(PendingFiles):
 
     def symlink(self, entry: Entry) -> None:
         parts = check_path(entry.path)
+        self.settle_staged(parts)
         parent = self.dir_fd(parts[:-1])
         self._touch(parts[:-1])  # before its temporary name changes the directory's times
         tmp = temp_name(parts[-1])
@@ -131,6 +137,7 @@ class TreeWriter(PendingFiles):
     def hardlink(self, entry: Entry, to: bytes) -> None:
         """Make ``entry`` another name of the already applied ``to``."""
         parts, target = check_path(entry.path), check_path(to)
+        self.settle_staged(parts)
         if to in self._pending_paths:
             self.flush_pending()  # ``to`` still waits under its temporary name
         parent = self.dir_fd(parts[:-1])
@@ -149,6 +156,7 @@ class TreeWriter(PendingFiles):
         """A FIFO, socket or device node; False (and reported) where it cannot be made."""
         parts = check_path(entry.path)
         parent = self.dir_fd(parts[:-1])
+        self.settle_staged(parts)
         kind = {"fifo": stat.S_IFIFO, "chardev": stat.S_IFCHR, "blockdev": stat.S_IFBLK, "socket": stat.S_IFSOCK}
         if entry.kind in ("chardev", "blockdev") and os.geteuid() != 0:
             self.reported.append(f"{os.fsdecode(entry.path)}: device file not recreated (needs root)")
@@ -171,6 +179,7 @@ class TreeWriter(PendingFiles):
         mode meant for a FIFO must never reach a file through a symlink, nor an
         open() meant for a file block on a FIFO."""
         parts = check_path(entry.path)
+        self.settle_staged(parts)
         if entry.path in self._pending_paths:
             self.flush_pending()
         parent = self.dir_fd(parts[:-1])
@@ -207,6 +216,7 @@ class TreeWriter(PendingFiles):
 
     def readlink(self, path: bytes) -> bytes:
         parts = check_path(path)
+        self.settle_staged(parts)
         return os.readlink(parts[-1], dir_fd=self.dir_fd(parts[:-1]))
 
     def delete(self, path: bytes, *, recursive: bool = False) -> None:
@@ -214,6 +224,7 @@ class TreeWriter(PendingFiles):
         (what is left in it, such as excluded entries, keeps it), or with everything in it when
         ``recursive``. An entry whose parent is already gone is gone."""
         parts = check_path(path)
+        self.settle_staged(parts)
         self.flush_pending()
         try:
             parent = self.dir_fd(parts[:-1])
@@ -237,6 +248,7 @@ class TreeWriter(PendingFiles):
     def finish(self) -> None:
         """Set the metadata of the directories created or touched, deepest first, and make
         every rename, link and removal durable (fsync of the directories they changed)."""
+        self.close_stages()
         self.flush_pending()
         given = set()
         for parts, entry in sorted(self._dirs, key=lambda d: len(d[0]), reverse=True):

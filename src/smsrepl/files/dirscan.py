@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from smsrepl import kernels
 from smsrepl.errors import ConfigError
 from smsrepl.files import wire as W
-from smsrepl.files.names import DIR_FLAGS, TEMP_RE, TEMP_START, unlink_quiet
+from smsrepl.files.names import DIR_FLAGS, TEMP_RE, TEMP_START, remove_temporary, under_temporary
 from smsrepl.files.rules import RoundFilter
 from smsrepl.files.scan import Entry, _raise, root_entry
 
@@ -192,6 +192,8 @@ def _scan_one(top: bytes, rel: bytes, xattrs: bool):
 def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirBatch:
     """``b`` without the temporaries a killed round left (names.TEMP_RE), which are removed
     (unless not ``remove``: a dry run's listing leaves the target as it is)."""
+    if under_temporary(b.rel):  # scanned before its parent's listing removed it: nothing of it is listed
+        return _subset(b, [], set())
     if TEMP_START not in b.records:  # a byte search rules out nearly every directory
         return b
     temps = [i for i, n in enumerate(b.names) if n.startswith(TEMP_START) and TEMP_RE.match(n)]
@@ -206,7 +208,7 @@ def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirB
         return b
     try:
         for i in temps:
-            unlink_quiet(b.names[i], fd)
+            remove_temporary(b.names[i], fd)
     finally:
         os.close(fd)
     gone = set(temps)

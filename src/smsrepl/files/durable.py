@@ -10,6 +10,14 @@ together still cost 0.07 ms per file against syncfs's 0.014 ms here). syncfs als
 waits for whatever else is dirty on that file system: a target file system shared
 with busy writers makes rounds slower, not less safe.
 
+A directory new in a round is made under a temporary name (:meth:`PendingFiles.stage_dir`):
+nothing in it can be seen, so runs of small files are created in it under their own names,
+with no anonymous file to link (an O_TMPFILE file costs an orphan-list entry and a link:
+0.3 of 1.5 system CPU seconds for 50,000 small files here). Such directories are closed
+(no file is created in them by name any more) after STAGE_FILES or STAGE_BYTES, or at the
+end of the round, and renamed after the next syncfs: then every file named in them is
+durable.
+
 Runs of small files written natively (kernels.write_files) wait as anonymous files,
 linked under their names after the next syncfs (kernels.link_files), behind the writer
 while the next runs are written: one thread makes batches durable, another links those
@@ -31,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from smsrepl import kernels
 from smsrepl.errors import ReplicationError, TargetWriteError
 from smsrepl.files.fdbudget import DescriptorBudget
-from smsrepl.files.names import TEMP_TAG, check_path
+from smsrepl.files.names import TEMP_TAG, check_path, temp_name
 from smsrepl.files.targetroot import Parts, TargetRoot
 
 #: files written under temporary names before one syncfs() and their renames
@@ -42,6 +50,11 @@ PENDING_BYTES = 256 << 20
 FD_WAIT = 5.0
 #: directories made durable one fsync each at the end of a round; more take one syncfs
 FSYNC_DIRS = 16
+#: files (and bytes) created under their own names in directories still under temporary ones
+#: before all those directories are closed and named: what a killed round can lose, and
+#: the next re-sends, when it removes them as temporaries
+STAGE_FILES = 65536
+STAGE_BYTES = 1 << 30
 #: threads writing a run of small files (kernels.write_files): file creation is mostly
 #: kernel time, and an anonymous file is made without the directory's lock
 WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -82,8 +95,9 @@ class PendingFiles(TargetRoot):
         #: the threads behind the writer: one makes batches durable, one links them
         self._syncer: ThreadPoolExecutor | None = None
         self._linker: ThreadPoolExecutor | None = None
-        #: the batches handed to them, oldest first: each future ends once it is linked
-        self._flushing: deque[Future] = deque()
+        #: the batches handed to them, oldest first: each future ends once it is linked; with
+        #: each, the directories to name once it is
+        self._flushing: deque[tuple[Future, list[Parts]]] = deque()
         #: set once a syncfs behind failed: no later batch is linked (its syncfs may have
         #: been told nothing of an error the failed one was told of)
         self._sync_failed = threading.Event()
@@ -91,6 +105,13 @@ class PendingFiles(TargetRoot):
         if self._budget is not None:
             self._budget.join()
         self._held = 0  # descriptors of this writer's runs, taken from the budget
+        #: directories under temporary names (TargetRoot._staged) still taking files by name
+        self._stage_open: set[Parts] = set()
+        #: those closed, to be named after the next syncfs
+        self._stage_closed: list[Parts] = []
+        self._stage_files = self._stage_bytes = 0
+        #: how many directories under temporary names each path prefix leads to
+        self._stage_prefixes: dict[Parts, int] = {}
 
     def close(self) -> None:
         try:
@@ -130,12 +151,14 @@ class PendingFiles(TargetRoot):
         none: a later one is not told of the error the failed one was (once per error), so
         its success proves nothing of the files written before it; they stay temporaries."""
         self._reap()
-        if not self._pending and not self._runs:
+        if not self._pending and not self._runs and not self._stage_closed:
             return
         if self._sync_failed.is_set():
             self._drop_unnamed()
             raise TargetWriteError("a syncfs of the target failed earlier: the files received since are not kept")
-        self._settle_all(_sync_and_link(self.root_fd, self._take_runs(), failed=self._sync_failed))
+        runs, closed, self._stage_closed = self._take_runs(), self._stage_closed, []
+        self._settle_all(_sync_and_link(self.root_fd, runs, failed=self._sync_failed))
+        self._name_staged(closed)
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         self._pending_paths.clear()
         for tmp, parts in pending:
@@ -164,7 +187,7 @@ class PendingFiles(TargetRoot):
             return pos, 0, 0  # none to be had now: this file goes the careful way
         try:
             end, files, nbytes, fds, dirs, fdirs, names, paths = kernels.write_files(
-                body, pos, self._parent_fd, self.preserve_owner, room, WRITE_THREADS)
+                body, pos, self._run_dir, self.preserve_owner, room, WRITE_THREADS)
         except OSError as exc:
             budget.give_back(room)
             if getattr(exc, "step", "") == "create" and exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
@@ -188,6 +211,11 @@ class PendingFiles(TargetRoot):
         else:
             budget.give_back(room - used)
         self._held += used
+        if self._stage_open:
+            self._stage_files += fds.count(-1)
+            self._stage_bytes += nbytes
+            if self._stage_files >= STAGE_FILES or self._stage_bytes >= STAGE_BYTES:
+                self.close_stages()
         if files:
             self._runs.append((fds, dirs, fdirs, names, paths))
             self._run_files += files
@@ -231,16 +259,75 @@ class PendingFiles(TargetRoot):
             self.flush_pending()
             return
         runs, self._pending_bytes = self._take_runs(), 0
+        closed, self._stage_closed = self._stage_closed, []
         if self._syncer is None or self._linker is None:
             self._syncer = ThreadPoolExecutor(1, thread_name_prefix="flush-sync")
             self._linker = ThreadPoolExecutor(1, thread_name_prefix="flush-link")
         synced = self._syncer.submit(_sync_behind, self.root_fd, self._sync_failed)
-        self._flushing.append(self._linker.submit(_link_after, synced, runs, self._sync_failed))
+        self._flushing.append((self._linker.submit(_link_after, synced, runs, self._sync_failed), closed))
 
     def _reap(self, keep: int = 0) -> None:
-        """Wait until at most ``keep`` batches are behind, and settle what they could not link."""
+        """Wait until at most ``keep`` batches are behind, settle what they could not link, and
+        name the directories closed before their syncfs."""
         while len(self._flushing) > keep:
-            self._settle_all(self._flushing.popleft().result())
+            linked, closed = self._flushing.popleft()
+            self._settle_all(linked.result())
+            self._name_staged(closed)
+
+    # --- new directories under temporary names -------------------------------------
+    def stage_dir(self, parts: Parts, parent: int) -> bool:
+        """Make new directory ``parts`` under a temporary name in ``parent`` (its descriptor),
+        where runs of small files are then created under their own names; False (nothing
+        made) where files are not made durable before they are named, or not natively."""
+        if not (self.fsync and self._native):
+            return False
+        tmp = temp_name(parts[-1])
+        os.mkdir(tmp, 0o700, dir_fd=parent)
+        self._staged[parts] = tmp
+        self._stage_open.add(parts)
+        for i in range(1, len(parts) + 1):
+            self._stage_prefixes[parts[:i]] = self._stage_prefixes.get(parts[:i], 0) + 1
+        return True
+
+    def close_stages(self) -> None:
+        """No more files by name in the directories under temporary names: they are named
+        after the next syncfs."""
+        self._stage_closed += self._stage_open
+        self._stage_open.clear()
+        self._stage_files = self._stage_bytes = 0
+
+    def settle_staged(self, parts: Parts) -> None:
+        """Entry ``parts`` is about to be looked up, changed or removed under its final name:
+        where it is (or holds) a directory still under a temporary name, all of those are
+        closed and named first."""
+        if parts in self._stage_prefixes:
+            self.close_stages()
+            self.flush_pending()
+
+    def _name_staged(self, closed: list[Parts]) -> None:
+        """Rename directories ``closed`` (what was created in them by name is durable) onto
+        their final names, the deepest first."""
+        for parts in sorted(closed, key=len, reverse=True):
+            tmp = self._staged.get(parts)
+            if tmp is None:
+                continue
+            parent = self.dir_fd(parts[:-1])
+            try:
+                os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+            except OSError as exc:
+                raise TargetWriteError(f"naming new directory {self._show(parts)!r}: {exc.strerror}") from None
+            del self._staged[parts]
+            for i in range(1, len(parts) + 1):
+                left = self._stage_prefixes.pop(parts[:i]) - 1
+                if left:
+                    self._stage_prefixes[parts[:i]] = left
+
+    def _run_dir(self, parent: bytes) -> int | tuple[int, bool]:
+        """kernels.write_files' directory descriptor of ``parent``; (descriptor, True) where its
+        files are created under their own names."""
+        parts = check_path(parent) if parent else ()
+        fd = self.dir_fd(parts)
+        return (fd, True) if parts in self._stage_open else fd
 
     def _take_runs(self) -> list[Run]:
         """The runs waiting, their directories' times noted first (linking changes them)."""
@@ -249,9 +336,6 @@ class PendingFiles(TargetRoot):
             for parent in {p.rpartition(b"/")[0] for p in run[4]}:
                 self._touch(tuple(parent.split(b"/")) if parent else ())
         return runs
-
-    def _parent_fd(self, parent: bytes) -> int:
-        return self.dir_fd(check_path(parent) if parent else ())
 
     def _settle_all(self, linked: list[Linked]) -> None:
         """After _sync_and_link: the paths are named; what could not be linked is dealt with."""

@@ -19,7 +19,7 @@ from smsrepl.files.decide import entry_round
 from smsrepl.files.digests import content_digest
 from smsrepl.files.dirround import round_by_dirs
 from smsrepl.files.dirscan import DirBatch
-from smsrepl.files.names import remove_temporaries
+from smsrepl.files.names import remove_temporaries, under_temporary
 from smsrepl.files.roundstats import RoundStats
 from smsrepl.files.rules import PathRules, RoundFilter
 from smsrepl.files.scan import Entry, walk
@@ -54,7 +54,8 @@ class LocalTarget(RoundTarget):
         return self.w.open_file(e)  # a local copy gains nothing from a delta
 
     def paths(self, filt: RoundFilter | None) -> Iterator[bytes]:
-        return (e.path for e in walk(self.root, filt, on_error=lambda p, exc: None))
+        # not the temporaries of this round: files waiting for their names, new directories
+        return (e.path for e in walk(self.root, filt, on_error=lambda p, exc: None) if not under_temporary(e.path))
 
     def set_root_meta(self, e: Entry) -> None:
         self.w.set_root_meta(e)

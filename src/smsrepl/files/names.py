@@ -4,7 +4,8 @@ Every path a sender names is checked (:func:`check_path`: no absolute paths, no
 ``..``, no empty, ``.`` or over-long components, no NUL) before anything is
 written. A file's data goes to a temporary name in its directory first
 (:func:`temp_name`: ``.smsrepl~<16 hex>~<name>``), which only a rename turns into
-its final name; temporaries a killed run left are removed by
+its final name; a directory new in a round may be made under a temporary name too, and
+renamed once what is in it is durable. Temporaries a killed run left are removed by
 :func:`remove_temporaries` at the start of the next (and are never listed).
 """
 from __future__ import annotations
@@ -55,16 +56,56 @@ def unlink_quiet(name: bytes, dir_fd: int) -> None:
         pass
 
 
+def remove_temporary(name: bytes, dir_fd: int) -> None:
+    """Remove temporary ``name`` in ``dir_fd``: a file, or a directory made under a temporary
+    name (files.durable) with everything in it; quietly where it is gone."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except IsADirectoryError:
+        pass
+    except OSError:
+        return
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return
+    try:
+        for _top, dirs, files, dfd in os.fwalk(b".", topdown=False, dir_fd=fd, follow_symlinks=False):
+            for n in files:
+                unlink_quiet(n, dfd)
+            for n in dirs:  # fwalk lists symlinks to directories among dirs
+                try:
+                    os.rmdir(n, dir_fd=dfd)
+                except NotADirectoryError:
+                    unlink_quiet(n, dfd)
+                except OSError:
+                    pass
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def under_temporary(rel: bytes) -> bool:
+    """Whether relative path ``rel`` lies in a directory made under a temporary name."""
+    return TEMP_START in rel and any(TEMP_RE.match(c) for c in rel.split(b"/"))
+
+
 def remove_temporaries(root: str | bytes) -> int:
-    """Remove what a killed run left (``.smsrepl~...`` names) anywhere under ``root``; returns how many."""
+    """Remove what a killed run left (``.smsrepl~...`` names, files and directories) anywhere
+    under ``root``; returns how many."""
     removed = 0
     fd = os.open(os.fsencode(root), DIR_FLAGS)
     try:
         for _top, dirs, files, dfd in os.fwalk(b".", dir_fd=fd, follow_symlinks=False):
-            for name in files + [d for d in dirs if TEMP_RE.match(d)]:
-                if TEMP_RE.match(name):
-                    unlink_quiet(name, dfd)
-                    removed += 1
+            temps = [n for n in files + dirs if TEMP_RE.match(n)]
+            dirs[:] = [d for d in dirs if not TEMP_RE.match(d)]  # not walked into: removed whole
+            for name in temps:
+                remove_temporary(name, dfd)
+                removed += 1
     finally:
         os.close(fd)
     return removed

@@ -33,6 +33,9 @@ class TargetRoot:
         except OSError as exc:
             raise TargetWriteError(f"target root {os.fsdecode(self.root)!r}: {exc.strerror}") from None
         self._fds: OrderedDict[Parts, int] = OrderedDict()
+        #: directories new in this round made under a temporary name (files.durable), by their
+        #: final parts: the name they have until they are renamed
+        self._staged: dict[Parts, bytes] = {}
         self._cache = cache
         #: directories whose entries changed (made durable by finish()), with their times before
         #: the first change: a directory the round gives no metadata for gets them back
@@ -52,7 +55,7 @@ class TargetRoot:
             return fd
         parent = self.dir_fd(parts[:-1])
         try:
-            fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
+            fd = os.open(self._staged.get(parts, parts[-1]), DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
             what = "is a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror
             raise TargetWriteError(f"target {self._show(parts)!r}: {what}") from None

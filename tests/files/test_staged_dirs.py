@@ -1,0 +1,227 @@
+"""New directories under temporary names (files.durable): a round's new directory is made
+under a temporary name, its small files are created in it under their own names, and it gets
+its final name only after a syncfs that began once those files were written; a failed syncfs
+names none, a killed round leaves only a temporary that the next round removes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from smsrepl import kernels
+from smsrepl.errors import TargetWriteError
+from smsrepl.files import durable
+from smsrepl.files import wire as W
+from smsrepl.files.apply import TreeWriter
+from smsrepl.files.dirscan import scan_dirs, without_temporaries
+from smsrepl.files.local import sync_tree
+from smsrepl.files.names import TEMP_RE, remove_temporaries
+from smsrepl.files.scan import Entry
+
+pytestmark = pytest.mark.skipif(not kernels.TREE, reason="native tree kernels not built")
+
+MTIME = 1_600_000_000 * 10**9
+
+
+def _dir(path: str) -> Entry:
+    return Entry(path.encode(), "dir", 0o755, os.getuid(), os.getgid(), 0, MTIME, 0, 0, 2, 0)
+
+
+def _files(paths: list[str]) -> bytes:
+    out = b""
+    for p in paths:
+        data = p.encode() * 50
+        e = Entry(p.encode(), "file", 0o640, os.getuid(), os.getgid(), len(data), MTIME, 0, 0, 1, 0)
+        out += b"".join(bytes(x) for x in W.encode_op(W.FILE, e, data=data))
+    return out
+
+
+def _write(w: TreeWriter, paths: list[str]) -> None:
+    body, pos = _files(paths), 0
+    while pos < len(body):
+        end, files, _ = w.write_run(body, pos)
+        assert files and end > pos
+        pos = end
+
+
+def _visible(root) -> list[str]:
+    """Paths under ``root`` reachable without passing a temporary name."""
+    out = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not TEMP_RE.match(d.encode())]
+        rel = os.path.relpath(top, root)
+        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + [f for f in files if not f.startswith(".")]]
+    return sorted(out)
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Events in order: ("write", paths), ("sync", "start"/"end"), ("link", names), ("rename", dest)."""
+    events: list[tuple[str, object]] = []
+    lock = threading.Lock()
+    real_write, real_link, real_syncfs, real_rename = kernels.write_files, kernels.link_files, durable._syncfs, os.rename
+
+    def write_files(*args):
+        got = real_write(*args)
+        with lock:
+            events.append(("write", tuple(got[7])))
+        return got
+
+    def syncfs(fd):
+        with lock:
+            events.append(("sync", "start"))
+        time.sleep(0.01)
+        real_syncfs(fd)
+        with lock:
+            events.append(("sync", "end"))
+
+    def link_files(fds, dirs, fdirs, names, tag):
+        with lock:
+            events.append(("link", tuple(n for fd, n in zip(fds, names) if fd >= 0)))
+        return real_link(fds, dirs, fdirs, names, tag)
+
+    def rename(src, dst, **kw):
+        with lock:
+            events.append(("rename", dst))
+        return real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(kernels, "write_files", write_files)
+    monkeypatch.setattr(kernels, "link_files", link_files)
+    monkeypatch.setattr(durable, "_syncfs", syncfs)
+    monkeypatch.setattr(durable.os, "rename", rename)
+    monkeypatch.setattr(durable, "PENDING_FILES", 8)
+    return events
+
+
+def _assert_named_after_their_files_were_durable(traced) -> None:
+    """Each directory's rename comes after a syncfs that began after the last write of a file
+    in it (or below it) and ended before the rename (directory names are unique here)."""
+    renames = [(i, what) for i, (k, what) in enumerate(traced) if k == "rename"]
+    assert renames, traced
+    for i, name in renames:
+        wrote = max(j for j, (k, what) in enumerate(traced[:i]) if k == "write"
+                    and any(name in p.split(b"/")[:-1] for p in what))
+        began = [j for j in range(wrote + 1, i) if traced[j] == ("sync", "start")]
+        ended = [j for j in range(wrote + 1, i) if traced[j] == ("sync", "end")]
+        assert began and ended and ended[-1] > began[0], (name, traced)
+
+
+def test_a_new_directory_is_named_after_a_syncfs_that_began_once_its_files_were_written(tmp_path, traced):
+    with TreeWriter(str(tmp_path)) as w:
+        w.mkdir(_dir("a"))
+        w.mkdir(_dir("a/b"))
+        assert _visible(tmp_path) == []  # under temporary names
+        _write(w, [f"a/b/f{i:02}" for i in range(20)] + [f"a/g{i}" for i in range(3)])
+        assert _visible(tmp_path) == []
+        w.finish()
+    want = ["a", "a/b"] + [f"a/b/f{i:02}" for i in range(20)] + [f"a/g{i}" for i in range(3)]
+    assert _visible(tmp_path) == sorted(want)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    for i in range(20):
+        p = tmp_path / "a" / "b" / f"f{i:02}"
+        assert p.read_bytes() == f"a/b/f{i:02}".encode() * 50 and (p.stat().st_mode & 0o777) == 0o640
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755  # the directory's own metadata, at finish
+    # created under their names: none of them was linked
+    assert not [n for kind, what in traced if kind == "link" for n in what]
+    _assert_named_after_their_files_were_durable(traced)
+
+
+def test_directories_get_their_names_along_the_round_past_the_stage_bounds(tmp_path, traced, monkeypatch):
+    """What a killed round can lose is bounded: past STAGE_FILES files created by name, the
+    directories holding them are closed (later files in them are anonymous, linked after
+    their syncfs) and named after the next syncfs, before the round ends."""
+    monkeypatch.setattr(durable, "STAGE_FILES", 10)
+    with TreeWriter(str(tmp_path)) as w:
+        w.mkdir(_dir("a"))
+        for i in range(0, 12, 3):
+            _write(w, [f"a/f{j:02}" for j in range(i, i + 3)])
+        _write(w, [f"a/late{j}" for j in range(5)])  # a is closed, not yet named
+        w.mkdir(_dir("b"))
+        _write(w, [f"b/f{i:02}" for i in range(4)])
+        w.flush_pending()
+        assert "a" in _visible(tmp_path) and "b" not in _visible(tmp_path)
+        w.finish()
+    assert _visible(tmp_path) == sorted(["a", "b"] + [f"a/f{i:02}" for i in range(12)] +
+                                        [f"a/late{j}" for j in range(5)] + [f"b/f{i:02}" for i in range(4)])
+    linked = sorted(n for kind, what in traced if kind == "link" for n in what)
+    assert linked == [b"late%d" % j for j in range(5)]  # b, new after a was closed, took its files by name
+    _assert_named_after_their_files_were_durable(traced)
+
+
+def test_a_failed_syncfs_names_no_new_directory(tmp_path, traced, monkeypatch):
+    calls = []
+    real = durable._syncfs
+
+    def failing(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise TargetWriteError("syncfs failed: Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(durable, "_syncfs", failing)
+    w = TreeWriter(str(tmp_path))
+    try:
+        w.mkdir(_dir("a"))
+        _write(w, [f"a/f{i}" for i in range(5)])
+        with pytest.raises(TargetWriteError, match="syncfs failed"):
+            w.finish()
+        w.close_stages()  # a cut round's cleanup
+        w.flush_pending()
+    finally:
+        w.close()
+    assert _visible(tmp_path) == []
+    remove_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_new_directory_is_seen_under_its_final_name_by_lookups_and_metadata(tmp_path):
+    """An entry looked up or changed at the path of a directory still under a temporary name
+    (the round's own lookups, a META after its DIR) finds it: it is named first."""
+    with TreeWriter(str(tmp_path)) as w:
+        w.mkdir(_dir("a"))
+        _write(w, ["a/f"])
+        assert w.existing(b"a") is not None and _visible(tmp_path) == ["a", "a/f"]
+        w.mkdir(_dir("b"))
+        w.set_meta(Entry(b"b", "dir", 0o700, os.getuid(), os.getgid(), 0, MTIME + 10**9, 0, 0, 2, 0))
+        w.finish()
+    st = os.stat(tmp_path / "b")
+    assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o700, MTIME + 10**9)
+
+
+def test_the_next_round_removes_what_a_killed_one_left(tmp_path):
+    """A writer killed with new directories under temporary names: the next listing removes
+    them whole, lists nothing of them, and the next round brings the tree."""
+    src = tmp_path / "src"
+    for d in range(3):
+        (src / f"d{d}" / "sub").mkdir(parents=True)
+        for i in range(30):
+            (src / f"d{d}" / "sub" / f"f{i}").write_bytes(b"%d-%d" % (d, i) * 100)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    code = f"""
+import os
+from smsrepl.files import durable
+from smsrepl.files.local import sync_tree
+real = durable.PendingFiles.flush_pending
+def killed(self):
+    if self._staged:
+        os._exit(9)  # before anything is durable or named
+    real(self)
+durable.PendingFiles.flush_pending = killed
+sync_tree({str(src)!r}, {str(dst)!r})
+"""
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    left = os.listdir(dst)
+    assert left and all(TEMP_RE.match(n.encode()) for n in left), left
+    batches = [without_temporaries(os.fsencode(dst), b) for b in scan_dirs(dst, threads=1, on_error=lambda p, exc: None)]
+    assert not [n for b in batches for n in b.names]
+    assert os.listdir(dst) == []
+    stats = sync_tree(str(src), str(dst))
+    assert stats.files_sent == 90
+    for d in range(3):
+        for i in range(30):
+            assert (dst / f"d{d}" / "sub" / f"f{i}").read_bytes() == b"%d-%d" % (d, i) * 100
