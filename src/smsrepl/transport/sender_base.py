@@ -46,6 +46,8 @@ class SenderBase:
         self._early: list[Future] = []
         #: the connections the running session runs over, once counted (_prejoin)
         self._planned: int | None = None
+        #: a connection begun before this sender existed (take_connection), for its first session
+        self._ahead: Future | None = None
 
     def stop(self) -> None:
         """Pause: break the running round from another thread. What the receiver made durable
@@ -61,11 +63,23 @@ class SenderBase:
         """Change the speed schedule of the running session, effective at once."""
         self.limiter.replace_schedule(schedule)
 
+    def take_connection(self, ahead: Future) -> None:
+        """Open the first session over ``ahead`` (connect.connect_ahead), not a new connection;
+        drop_connection() closes it if no session took it."""
+        self._ahead = ahead
+
+    def drop_connection(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.add_done_callback(_close_connected)
+
     def _open(self, kind: str, session_id: str, size: int, capabilities: list[str],
               *then: F.Event) -> Channel:
         """A connection to the receiver with HELLO sent, and the frames ``then`` after it (the
         protocol lets a TREE_REQUEST come before WELCOME)."""
-        chan = Channel(connect(self.address, self.context), Connection(SENDER))
+        ahead, self._ahead = self._ahead, None
+        sock = ahead.result() if ahead is not None else connect(self.address, self.context)
+        chan = Channel(sock, Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], kind, self.target, session_id, size, F.FINE_BLOCK, capabilities))
             for frame in then:

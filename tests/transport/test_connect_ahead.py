@@ -1,0 +1,69 @@
+"""A connection begun before the sender existed (connect.connect_ahead): its first session
+runs over it, later ones connect anew, and one no session took is closed."""
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+
+from smsrepl.errors import ConnectError
+from smsrepl.transport import sender_base
+from smsrepl.transport.connect import connect_ahead
+from smsrepl.transport.receiver import Receiver
+from smsrepl.transport.sender import Sender
+from smsrepl.transport.tls import client_context, server_context
+
+
+def _image(path, size=4 << 20) -> None:
+    with open(path, "wb") as fh:
+        for i in range(size // 65536):
+            fh.write(bytes([i % 251 + 1]) * 65536)
+
+
+def test_the_first_session_runs_over_the_connection_begun_ahead(tmp_path, bundle, monkeypatch):
+    src = tmp_path / "src.img"
+    _image(src)
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
+    addr = rx.start()
+    try:
+        ctx = client_context(bundle)
+        ahead = connect_ahead(addr, ctx)
+        made = []
+        real = sender_base.connect
+        monkeypatch.setattr(sender_base, "connect", lambda *a, **kw: made.append(a) or real(*a, **kw))
+        sender = Sender(str(src), "disk0", addr, ctx, str(tmp_path / "tx"), level=0)
+        sender.take_connection(ahead)
+        sender.run()
+        assert made == []  # the round took the connection begun ahead
+        assert (tmp_path / "t.img").read_bytes() == src.read_bytes()
+        sender.run()  # a second session: a connection of its own
+        assert len(made) == 1
+    finally:
+        rx.stop()
+
+
+def test_a_failed_connection_begun_ahead_is_the_first_sessions_error(tmp_path, bundle):
+    ahead: Future = Future()
+    ahead.set_exception(ConnectError("cannot reach the target at 192.0.2.1:9 (ahead)"))
+    src = tmp_path / "src.img"
+    _image(src, 1 << 20)
+    sender = Sender(str(src), "disk0", ("127.0.0.1", 9), client_context(bundle), str(tmp_path / "tx"))
+    sender.take_connection(ahead)
+    with pytest.raises(ConnectError, match="ahead"):
+        sender.run()
+
+
+def test_a_connection_begun_ahead_and_not_taken_is_closed(tmp_path, bundle):
+    closed = []
+
+    class Conn:
+        def close(self):
+            closed.append(self)
+
+    ahead: Future = Future()
+    sender = Sender(str(tmp_path / "none.img"), "disk0", ("127.0.0.1", 9), client_context(bundle), str(tmp_path / "tx"))
+    sender.take_connection(ahead)
+    sender.drop_connection()
+    assert closed == []
+    ahead.set_result(Conn())  # its handshakes end after the sender gave up on it
+    assert len(closed) == 1
