@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
@@ -21,6 +19,7 @@ from smsrepl.files.dirscan import scan_dirs, without_temporaries
 from smsrepl.files.local import sync_tree
 from smsrepl.files.names import TEMP_RE, remove_temporaries
 from smsrepl.files.scan import Entry
+from tests.files.test_flush_behind import traced as traced_runs  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not kernels.TREE, reason="native tree kernels not built")
 
@@ -59,39 +58,24 @@ def _visible(root) -> list[str]:
 
 
 @pytest.fixture
-def traced(monkeypatch):
-    """Events in order: ("write", paths), ("sync", "start"/"end"), ("link", names), ("rename", dest)."""
-    events: list[tuple[str, object]] = []
-    lock = threading.Lock()
-    real_write, real_link, real_syncfs, real_rename = kernels.write_files, kernels.link_files, durable._syncfs, os.rename
-
-    def write_files(*args):
-        got = real_write(*args)
-        with lock:
-            events.append(("write", tuple(got[7])))
-        return got
-
-    def syncfs(fd):
-        with lock:
-            events.append(("sync", "start"))
-        time.sleep(0.01)
-        real_syncfs(fd)
-        with lock:
-            events.append(("sync", "end"))
+def traced(traced_runs, monkeypatch):
+    """test_flush_behind's events, each link only with the files it named (fd -1: created under
+    its name), and ("rename", dest) for each rename."""
+    events = traced_runs
+    real_link, real_rename = kernels.link_files, os.rename
 
     def link_files(fds, dirs, fdirs, names, tag):
-        with lock:
-            events.append(("link", tuple(n for fd, n in zip(fds, names) if fd >= 0)))
-        return real_link(fds, dirs, fdirs, names, tag)
+        got = real_link(fds, dirs, fdirs, names, tag)
+        named = tuple(n for fd, n in zip(fds, names) if fd >= 0)
+        at = max(i for i, (k, _) in enumerate(events) if k == "link")
+        events[at] = ("link", named)
+        return got
 
     def rename(src, dst, **kw):
-        with lock:
-            events.append(("rename", dst))
+        events.append(("rename", dst))
         return real_rename(src, dst, **kw)
 
-    monkeypatch.setattr(kernels, "write_files", write_files)
     monkeypatch.setattr(kernels, "link_files", link_files)
-    monkeypatch.setattr(durable, "_syncfs", syncfs)
     monkeypatch.setattr(durable.os, "rename", rename)
     monkeypatch.setattr(durable, "PENDING_FILES", 8)
     return events
