@@ -209,3 +209,23 @@ sync_tree({str(src)!r}, {str(dst)!r})
     for d in range(3):
         for i in range(30):
             assert (dst / f"d{d}" / "sub" / f"f{i}").read_bytes() == b"%d-%d" % (d, i) * 100
+
+
+def test_files_created_under_their_names_hold_no_descriptors_of_the_budget(tmp_path):
+    """A file created by name in a directory under a temporary name is closed at once (fd -1):
+    only the run's directory descriptor counts against the process's budget, which other
+    sessions share (a phantom count made this writer flush early and others wait)."""
+    with TreeWriter(str(tmp_path)) as w:
+        budget = w._budget
+        before = budget.held
+        os.mkdir(tmp_path / "old")
+        w.mkdir(_dir("new"))
+        _write(w, [f"new/f{i}" for i in range(20)])
+        assert (w._held, budget.held - before) == (1, 1)  # the directory's descriptor only
+        _write(w, [f"old/f{i}" for i in range(5)])  # anonymous: a descriptor each, and the directory's
+        assert (w._held, budget.held - before) == (7, 7)
+        w.flush_pending()
+        assert (w._held, budget.held - before) == (0, 0)
+        w.finish()
+    assert budget.held == before
+    assert sorted(os.listdir(tmp_path / "new")) == sorted(f"f{i}" for i in range(20))

@@ -205,7 +205,7 @@ class PendingFiles(TargetRoot):
             # goes back too, or the process's budget stays short of it for every later session
             budget.give_back(room)
             raise
-        used = len(fds) + len(dirs)
+        used = _held_by(fds, dirs)
         if used > room:
             budget.force(used - room)  # the runs' directories
         else:
@@ -342,7 +342,7 @@ class PendingFiles(TargetRoot):
         for run, failures in linked:
             paths = run[4]
             self._pending_paths.difference_update(paths)
-            self._release(len(run[0]) + len(run[1]))  # linked: their descriptors are closed
+            self._release(_held_by(run[0], run[1]))  # linked: their descriptors are closed
             for i, err, tmp in failures:
                 parts = check_path(paths[i])
                 if tmp is None:
@@ -410,6 +410,12 @@ def _link_after(synced: Future, runs: list[Run], failed: threading.Event) -> lis
             _drop_run(*run)
         raise
     return _sync_and_link(-1, runs, sync=False)
+
+
+def _held_by(fds: list[int], dirs: list[int]) -> int:
+    """The descriptors a run holds: its directories' and its anonymous files' (a file created
+    under its name was closed at once: fd -1)."""
+    return len(dirs) + len(fds) - fds.count(-1)
 
 
 def _drop_run(fds: list[int], dirs: list[int], fdirs: list[int], names: list[bytes],
