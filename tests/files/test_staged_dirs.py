@@ -229,3 +229,31 @@ def test_files_created_under_their_names_hold_no_descriptors_of_the_budget(tmp_p
         w.finish()
     assert budget.held == before
     assert sorted(os.listdir(tmp_path / "new")) == sorted(f"f{i}" for i in range(20))
+
+
+def test_a_path_written_twice_in_one_run_keeps_the_later_data(tmp_path, monkeypatch):
+    """Two FILE operations for one path in one run, in a directory under a temporary name: the
+    writing threads may create the later one under its name first; the earlier one, which then
+    finds its name taken, must not be linked over it afterwards (linking in order keeps the
+    later one everywhere else)."""
+    monkeypatch.setattr(durable, "WRITE_THREADS", 2)
+
+    def op(path: str, data: bytes) -> bytes:
+        e = Entry(path.encode(), "file", 0o640, os.getuid(), os.getgid(), len(data), MTIME, 0, 0, 1, 0)
+        return b"".join(bytes(x) for x in W.encode_op(W.FILE, e, data=data))
+
+    for trial in range(6):
+        root = tmp_path / f"t{trial}"
+        root.mkdir()
+        # a thread takes 8 files at a time: the first writes 7 large ones before "old", the
+        # second begins with "new"
+        body = b"".join(op(f"a/big{i}", os.urandom(200_000)) for i in range(7)) + op("a/x", b"old") + \
+            op("a/x", b"new") + b"".join(op(f"a/g{i}", b"g") for i in range(7))
+        with TreeWriter(str(root)) as w:
+            w.mkdir(_dir("a"))
+            pos = 0
+            while pos < len(body):
+                pos, files, _ = w.write_run(body, pos)
+                assert files
+            w.finish()
+        assert (root / "a" / "x").read_bytes() == b"new", trial

@@ -253,8 +253,9 @@ const uint8_t *sms_wfile_parent(const sms_wfile *f, size_t *len);
  * time: data (all-zero 4 KiB blocks as holes), owner (with `owner`), mode and times. In a
  * directory marked dir_named (one that has no name of its own yet: nothing in it can be
  * seen before the caller makes it durable and names it), a file is created under its own
- * name and closed (fd -1, named 1); an anonymous one where that name is taken. A file's
- * err/step say what failed. */
+ * name and closed (fd -1, named 1); an anonymous one where that name is taken (dropped,
+ * fd -1, where a later file of the run took it: the later one wins). A file's err/step say
+ * what failed. */
 void sms_write_run(sms_wrun *run, int owner, int nthreads);
 /* Close the run's files (anonymous: dropped; named: unlinked) and directories, and free it. */
 void sms_drop_run(sms_wrun *run);

@@ -198,6 +198,27 @@ static void *write_worker(void *arg)
     }
 }
 
+/* A path written twice by one run in a directory whose files are created under their names:
+ * the later file must win, as linking in order makes it win elsewhere. A file that found its
+ * name taken waits anonymous, to be linked over what is there; where a later file of the run
+ * took that name (its thread got there first), the earlier one is dropped instead. */
+static void drop_overtaken(sms_wrun *run)
+{
+    for (size_t i = 0; i < run->n; i++) {
+        sms_wfile *f = &run->files[i];
+        if (f->err || f->named || f->fd < 0 || !run->dir_named[f->dir])
+            continue;
+        for (size_t j = i + 1; j < run->n; j++) {
+            const sms_wfile *g = &run->files[j];
+            if (g->named && g->plen == f->plen && memcmp(g->path, f->path, f->plen) == 0) {
+                close(f->fd); /* anonymous: closing drops it */
+                f->fd = -1;
+                break;
+            }
+        }
+    }
+}
+
 void sms_write_run(sms_wrun *run, int owner, int nthreads)
 {
     job jb = {.run = run, .owner = owner, .next = 0};
@@ -211,6 +232,7 @@ void sms_write_run(sms_wrun *run, int owner, int nthreads)
     for (int t = 0; t < started; t++)
         pthread_join(th[t], NULL);
     pthread_mutex_destroy(&jb.lock);
+    drop_overtaken(run);
 }
 
 /* --- naming --------------------------------------------------------------------- */
