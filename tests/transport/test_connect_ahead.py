@@ -67,3 +67,32 @@ def test_a_connection_begun_ahead_and_not_taken_is_closed(tmp_path, bundle):
     assert closed == []
     ahead.set_result(Conn())  # its handshakes end after the sender gave up on it
     assert len(closed) == 1
+
+
+def test_a_connection_begun_ahead_is_closed_when_a_stop_breaks_the_wait_for_it(tmp_path, bundle):
+    """A signal's KeyboardInterrupt (cli.interrupt.OneShotStop) while the first session waits for
+    the handshakes begun ahead: the session never took it, so it is closed once made."""
+    closed = []
+
+    class Conn:
+        def close(self):
+            closed.append(self)
+
+    class Interrupted(Future):
+        def result(self, timeout=None):
+            if not self.done():  # the wait the signal broke
+                raise KeyboardInterrupt
+            return super().result(timeout)
+
+    src = tmp_path / "src.img"
+    _image(src, 1 << 20)
+    ahead = Interrupted()
+    sender = Sender(str(src), "disk0", ("127.0.0.1", 9), client_context(bundle), str(tmp_path / "tx"))
+    sender.take_connection(ahead)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sender.run()
+    finally:
+        sender.drop_connection()
+    ahead.set_result(Conn())  # its handshakes end after the wait was broken
+    assert len(closed) == 1

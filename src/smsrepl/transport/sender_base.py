@@ -78,7 +78,14 @@ class SenderBase:
         """A connection to the receiver with HELLO sent, and the frames ``then`` after it (the
         protocol lets a TREE_REQUEST come before WELCOME)."""
         ahead, self._ahead = self._ahead, None
-        sock = ahead.result() if ahead is not None else connect(self.address, self.context)
+        if ahead is None:
+            sock = connect(self.address, self.context)
+        else:
+            try:
+                sock = ahead.result()
+            except BaseException:  # a stop's KeyboardInterrupt while it waited: closed once made
+                ahead.add_done_callback(_close_connected)
+                raise
         chan = Channel(sock, Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], kind, self.target, session_id, size, F.FINE_BLOCK, capabilities))
