@@ -257,3 +257,22 @@ def test_a_path_written_twice_in_one_run_keeps_the_later_data(tmp_path, monkeypa
                 assert files
             w.finish()
         assert (root / "a" / "x").read_bytes() == b"new", trial
+
+
+def test_large_files_count_toward_the_stage_bounds(tmp_path, monkeypatch):
+    """Files written the careful way (large ones, BEGIN .. END) into a new directory count toward
+    STAGE_BYTES as the small ones do: past it the directory is named after the next syncfs, so
+    that a killed round does not lose (and the next re-send) more than the bound of what was
+    already durable; they were not counted, and a directory of large files stayed under its
+    temporary name to the round's end, however much it held."""
+    monkeypatch.setattr(durable, "STAGE_BYTES", 1 << 20)
+    with TreeWriter(str(tmp_path)) as w:
+        w.mkdir(_dir("a"))
+        for i in range(3):
+            data = bytes([i + 1]) * (600 << 10)
+            e = Entry(b"a/big%d" % i, "file", 0o640, os.getuid(), os.getgid(), len(data), MTIME, 0, 0, 1, 0)
+            w.write_file(e, [data])
+        w.flush_pending()  # the syncfs after the bound was passed
+        assert _visible(tmp_path) == ["a", "a/big0", "a/big1", "a/big2"]
+        w.finish()
+    assert (tmp_path / "a" / "big2").read_bytes() == bytes([3]) * (600 << 10)

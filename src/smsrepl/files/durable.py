@@ -50,9 +50,9 @@ PENDING_BYTES = 256 << 20
 FD_WAIT = 5.0
 #: directories made durable one fsync each at the end of a round; more take one syncfs
 FSYNC_DIRS = 16
-#: files (and bytes) created under their own names in directories still under temporary ones
-#: before all those directories are closed and named: what a killed round can lose, and
-#: the next re-sends, when it removes them as temporaries
+#: files created under their own names (and bytes written, large files' too) while directories
+#: are under temporary names, before all those directories are closed and named: what a killed
+#: round can lose, and the next re-sends, when it removes them as temporaries
 STAGE_FILES = 65536
 STAGE_BYTES = 1 << 30
 #: threads writing a run of small files (kernels.write_files): file creation is mostly
@@ -143,6 +143,7 @@ class PendingFiles(TargetRoot):
         self._pending.append((tmp, parts))
         self._pending_paths.add(b"/".join(parts))
         self._pending_bytes += size
+        self._count_staged(1, size)
         if len(self._pending) + self._run_files >= PENDING_FILES or self._pending_bytes >= PENDING_BYTES:
             self.flush_pending()
 
@@ -211,11 +212,7 @@ class PendingFiles(TargetRoot):
         else:
             budget.give_back(room - used)
         self._held += used
-        if self._stage_open:
-            self._stage_files += fds.count(-1)
-            self._stage_bytes += nbytes
-            if self._stage_files >= STAGE_FILES or self._stage_bytes >= STAGE_BYTES:
-                self.close_stages()
+        self._count_staged(fds.count(-1), nbytes)
         if files:
             self._runs.append((fds, dirs, fdirs, names, paths))
             self._run_files += files
@@ -295,6 +292,15 @@ class PendingFiles(TargetRoot):
         self._stage_closed += self._stage_open
         self._stage_open.clear()
         self._stage_files = self._stage_bytes = 0
+
+    def _count_staged(self, files: int, nbytes: int) -> None:
+        """``files`` more files (``nbytes`` more bytes, written any way) while directories are
+        under temporary names: past STAGE_FILES or STAGE_BYTES they are closed."""
+        if self._stage_open:
+            self._stage_files += files
+            self._stage_bytes += nbytes
+            if self._stage_files >= STAGE_FILES or self._stage_bytes >= STAGE_BYTES:
+                self.close_stages()
 
     def settle_staged(self, parts: Parts) -> None:
         """Entry ``parts`` is about to be looked up, changed or removed under its final name:
