@@ -176,6 +176,18 @@ def test_a_new_directory_is_seen_under_its_final_name_by_lookups_and_metadata(tm
     assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o700, MTIME + 10**9)
 
 
+def test_a_file_that_takes_a_new_directorys_path_later_in_the_round_wins(tmp_path):
+    """DIR a, its files, then a FILE a (the source replaced the directory by a file while the
+    round ran): the round ends with the file, as it did when a rename replaced the directory."""
+    with TreeWriter(str(tmp_path)) as w:
+        w.mkdir(_dir("a"))
+        _write(w, ["a/f", "a/g"])
+        _write(w, ["a"])
+        w.finish()
+    assert os.listdir(tmp_path) == ["a"]
+    assert (tmp_path / "a").read_bytes() == b"a" * 50
+
+
 def test_the_next_round_removes_what_a_killed_one_left(tmp_path):
     """A writer killed with new directories under temporary names: the next listing removes
     them whole, lists nothing of them, and the next round brings the tree."""

@@ -252,7 +252,11 @@ class TreeWriter(PendingFiles):
         self.flush_pending()
         given = set()
         for parts, entry in sorted(self._dirs, key=lambda d: len(d[0]), reverse=True):
-            self._set_meta_fd(self.dir_fd(parts), entry)
+            try:
+                fd = self.dir_fd(parts)
+            except TargetWriteError:
+                continue  # a later entry of the round replaced it (a file where the directory was)
+            self._set_meta_fd(fd, entry)
             given.add(parts)
         self._dirs.clear()
         for parts, times in self._touched.items():

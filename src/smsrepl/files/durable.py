@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from smsrepl import kernels
 from smsrepl.errors import ReplicationError, TargetWriteError
 from smsrepl.files.fdbudget import DescriptorBudget
-from smsrepl.files.names import TEMP_TAG, check_path, temp_name
+from smsrepl.files.names import TEMP_TAG, check_path, remove_temporary, temp_name
 from smsrepl.files.targetroot import Parts, TargetRoot
 
 #: files written under temporary names before one syncfs() and their renames
@@ -320,6 +320,11 @@ class PendingFiles(TargetRoot):
             parent = self.dir_fd(parts[:-1])
             try:
                 os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+            except NotADirectoryError:
+                # a later entry of the round took the name (the source's file replaced the
+                # directory): it wins, as a rename onto the directory would have
+                self._forget(parts)
+                remove_temporary(tmp, parent)
             except OSError as exc:
                 raise TargetWriteError(f"naming new directory {self._show(parts)!r}: {exc.strerror}") from None
             del self._staged[parts]
