@@ -7,7 +7,8 @@
     results = sync.run()   # the latest rounds' results (sync.rounds counts them all)
 
 ``run`` returns after the cutover round: a round that began after the
-cutover was requested, so the target equals the source as of that request.
+cutover was requested, so the target equals the source as of that request
+(a round that resumed a copy begun before it is not one: another follows).
 Before it, ``quiesce`` (blocks/quiesce.py) syncs or freezes the source's
 file systems, and thaws them after it; a freeze its guard had to thaw at its
 timeout before the round ended makes the cutover round run again.
@@ -133,6 +134,12 @@ class ContinuousSync:
             failures = 0
             self.last_round_end = time.monotonic()
             self.meter.round_done(result)
+            if final and getattr(result, "resumed_from", 0):
+                # it resumed a copy begun before the cutover: what lies below where it resumed
+                # was read then and may have changed since; one more round, still quiesced
+                log.info("the cutover round resumed an earlier copy at %d: running one more round",
+                         result.resumed_from)
+                final = False
             if final:
                 self.cutover_quiesce = dict(self.quiesced)
                 faults.point("cutover.before_thaw")  # the target now holds the source as it is frozen
