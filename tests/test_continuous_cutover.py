@@ -35,7 +35,7 @@ def _result(kind: str, resumed_from: int) -> RoundResult:
     return RoundResult(1, kind, resumed_from, 24 << 20, 1 << 20, 1 << 20, 0.1)
 
 
-def test_a_cutover_round_that_resumed_an_earlier_copy_is_followed_by_one_more(monkeypatch):
+def test_a_cutover_round_that_resumed_an_earlier_copy_is_followed_by_one_more():
     events: list = []
     rounds = iter([_result("full", 8 << 20), _result("sync", 0)])
     sync = ContinuousSync(lambda: _Sender(next(rounds), events), interval=0, quiesce=_Quiesce(events))
@@ -45,10 +45,29 @@ def test_a_cutover_round_that_resumed_an_earlier_copy_is_followed_by_one_more(mo
     assert [r.kind for r in done] == ["full", "sync"]
 
 
-def test_a_cutover_round_from_the_start_is_the_last(monkeypatch):
+def test_a_cutover_round_from_the_start_is_the_last():
     events: list = []
     rounds = iter([_result("sync", 0)])
     sync = ContinuousSync(lambda: _Sender(next(rounds), events), interval=0, quiesce=_Quiesce(events))
     sync.request_cutover()
     sync.run()
     assert events == ["quiesce", "sync from 0", "thaw"]
+
+
+def test_the_agents_cutover_round_runs_a_disk_again_when_it_resumed_an_earlier_copy(tmp_path):
+    """The agent's server round (agent.server.ServerRound) at the cutover: a disk whose copy
+    resumed one begun before the cutover is copied again, the source still quiesced."""
+    from smsrepl.agent.server import DiskPlan, ServerRound
+
+    disks = []
+    for name in ("vda", "vdb"):
+        path = tmp_path / f"{name}.img"
+        path.write_bytes(b"\1" * (1 << 20))
+        disks.append(DiskPlan(f"/dev/{name}", str(path), name))
+    events: list = []
+    rounds = iter([_result("full", 8 << 20), _result("sync", 0), _result("sync", 0)])
+    rnd = ServerRound(disks, lambda disk, on_report: _Sender(next(rounds), events), str(tmp_path / "state"),
+                      cutover=True, quiesce=_Quiesce(events))
+    out = rnd.run()
+    assert events == ["quiesce", "full from 8388608", "sync from 0", "sync from 0", "thaw"]
+    assert [r.kind for r in out.disks] == ["sync", "sync"]

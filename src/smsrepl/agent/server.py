@@ -126,7 +126,14 @@ class ServerRound(_Round):
             for i, disk in enumerate(self.disks):
                 if self.stop_requested:
                     raise TransportError("the server round was stopped")
-                results.append(self._start(self.make_sender(disk, lambda rep, i=i: self._report(i, rep))).run())
+                result = self._start(self.make_sender(disk, lambda rep, i=i: self._report(i, rep))).run()
+                if self.kind == "cutover" and getattr(result, "resumed_from", 0):
+                    # it resumed a copy begun before the cutover: what lies below where it
+                    # resumed was read then and may have changed since; the disk again, quiesced
+                    if self.stop_requested:
+                        raise TransportError("the server round was stopped")
+                    result = self._start(self.make_sender(disk, lambda rep, i=i: self._report(i, rep))).run()
+                results.append(result)
         finally:
             if self.quiesce is not None:
                 held = self.quiesce.end()
