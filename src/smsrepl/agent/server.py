@@ -127,7 +127,8 @@ class ServerRound(_Round):
                 if self.stop_requested:
                     raise TransportError("the server round was stopped")
                 result = self._start(self.make_sender(disk, lambda rep, i=i: self._report(i, rep))).run()
-                if self.kind == "cutover" and getattr(result, "resumed_from", 0):
+                resumed_from: int = result.resumed_from
+                if self.kind == "cutover" and resumed_from:
                     # it resumed a copy begun before the cutover: what lies below where it
                     # resumed was read then and may have changed since; the disk again, quiesced
                     if self.stop_requested:

@@ -134,11 +134,12 @@ class ContinuousSync:
             failures = 0
             self.last_round_end = time.monotonic()
             self.meter.round_done(result)
-            if final and getattr(result, "resumed_from", 0):
+            resumed_from: int = getattr(result, "resumed_from", None) or 0  # a file round resumes nothing
+            if final and resumed_from:
                 # it resumed a copy begun before the cutover: what lies below where it resumed
                 # was read then and may have changed since; one more round, still quiesced
                 log.info("the cutover round resumed an earlier copy at %d: running one more round",
-                         result.resumed_from)
+                         resumed_from)
                 final = False
             if final:
                 self.cutover_quiesce = dict(self.quiesced)
