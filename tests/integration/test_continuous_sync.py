@@ -214,3 +214,32 @@ def test_a_long_running_sync_keeps_only_the_latest_results_and_outcomes(tmp_path
     assert [r.round_id for r in sync.results] == [6, 7, 8]
     kept = [rx.outcomes.get_nowait() for _ in range(rx.outcomes.qsize())]
     assert len(kept) == 3 and all(o.ok and o.target == "disk0" for o in kept)
+
+
+def test_a_cutover_asked_for_while_the_sender_starts_is_kept(tmp_path, certkey_file):
+    """SIGTERM to a --continuous sender still starting (its imports take a second on a busy
+    host) runs the cutover round: it does not end the process."""
+    src, dst = str(tmp_path / "src.img"), str(tmp_path / "dst.img")
+    with open(src, "wb") as fh:
+        fh.write(os.urandom(4 << 20))
+    rx = ReceiverProc(certkey_file, {"disk0": dst}, str(tmp_path / "rx"))
+    args = send_args(src, rx.address, certkey_file, str(tmp_path / "tx"), "disk0", "--continuous", "--interval", "30")
+    tx = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "SMSREPL_FAULTS": "stop@send.start"})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # stopped at the fault point: still starting
+            with open(f"/proc/{tx.pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "T":
+                    break
+            time.sleep(0.02)
+        tx.send_signal(signal.SIGTERM)
+        tx.send_signal(signal.SIGCONT)
+        out, err = tx.communicate(timeout=120)
+    finally:
+        if tx.poll() is None:
+            tx.kill()
+        rx.stop()
+    assert tx.returncode == 0, err
+    assert "cutover" in err
+    assert sha256(src) == sha256(dst)

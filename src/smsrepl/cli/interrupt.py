@@ -87,8 +87,25 @@ class OneShotStop:
         os._exit(EXIT_TRANSFER)
 
 
+#: SIGTERM and SIGUSR1 that came while a --continuous send was starting (hold_early_signals),
+#: until cutover_on_sigterm handles them; None when not held
+_early: list[int] | None = None
+
+
+def hold_early_signals() -> None:
+    """From now until cutover_on_sigterm, a SIGTERM or SIGUSR1 is kept for it, not the end of
+    the process: a start-up (imports, the source's checks) takes a second on a busy host, and
+    a cutover asked for meanwhile is still a cutover."""
+    global _early
+    _early = []
+    held = _early
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda signum, frame: held.append(signum))
+
+
 def cutover_on_sigterm(cutover, abort, round_now=None) -> None:
     """First SIGTERM: the cutover round; a second one, or SIGINT: abort, resumably; SIGUSR1: a round now."""
+    global _early
     seen: list[int] = []  # the SIGTERMs handled so far
 
     def on_term(signum, frame):
@@ -103,3 +120,9 @@ def cutover_on_sigterm(cutover, abort, round_now=None) -> None:
     signal.signal(signal.SIGINT, on_term)
     if round_now is not None:
         signal.signal(signal.SIGUSR1, lambda signum, frame: round_now())
+    held, _early = _early or [], None
+    for signum in held:  # what came while the command started
+        if signum == signal.SIGTERM:
+            on_term(signum, None)
+        elif round_now is not None:
+            round_now()

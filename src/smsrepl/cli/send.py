@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from smsrepl import faults
 from smsrepl.errors import ConfigError
 from smsrepl.cli.bundle import bundle_certkey, bundle_passphrase
 from smsrepl.cli.configfile import read_config
@@ -145,6 +146,10 @@ def one_shot_stop(cmd):
 
     def run(args) -> int:
         if args.continuous:
+            from smsrepl.cli.interrupt import hold_early_signals
+
+            hold_early_signals()  # a cutover asked for while the command starts is kept
+            faults.point("send.start")
             return cmd(args)
         from smsrepl.cli.interrupt import OneShotStop
 
