@@ -294,3 +294,43 @@ def test_direct_target_frames_decoded_in_place_and_bad_ones_write_nothing(tmp_pa
     r.apply_data(half, half, 0, _digests(rest), rest)
     r.finish(1)
     assert open(tmp_path / "t.img", "rb").read() == data
+
+
+@pytest.mark.parametrize("codec", [0, 1])
+def test_a_frame_with_zero_blocks_is_built_in_the_write_buffer_without_a_fresh_one(tmp_path, monkeypatch, codec):
+    """A frame whose payload leaves out zero blocks is decoded into the replica's own buffer
+    (compressed) or read from the payload (raw), and its blocks spread straight into the direct
+    writer's buffer: no buffer the size of the frame is allocated, no second copy is made."""
+    import tracemalloc
+
+    from smsrepl.codec import Compressor
+
+    rng = np.random.default_rng(5)
+    blocks = SIZE // FINE_BLOCK
+    data = np.frombuffer(bytes(range(256)) * (SIZE // 256), dtype=np.uint8).copy()
+    data.reshape(blocks, FINE_BLOCK)[:, 0] = rng.integers(1, 256, blocks, dtype=np.uint8)
+    zero = rng.random(blocks) < 0.4
+    data.reshape(blocks, FINE_BLOCK)[zero] = 0
+    digests = _digests(data.tobytes())
+    payload = data.reshape(blocks, FINE_BLOCK)[~zero].tobytes()
+    if codec:
+        got_codec, payload = Compressor(2).encode(payload)
+        assert got_codec == codec
+    r = Replica(BlockTarget(str(tmp_path / "t.img"), need_size=SIZE, direct=True), str(tmp_path / "state"))
+    if not r.target.direct:
+        pytest.skip("no direct I/O on this file system")
+    r.begin("s1", SIZE, 1, "full", 0)
+
+    def no_write_run(*args):
+        raise AssertionError("the frame went through a separate buffer")
+
+    monkeypatch.setattr(r, "_write_run", no_write_run)
+    tracemalloc.start()
+    try:
+        r.apply_data(0, SIZE, codec, digests, payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    r.finish(1)
+    assert open(tmp_path / "t.img", "rb").read() == data.tobytes()
+    assert peak < 1 << 20

@@ -137,3 +137,32 @@ def test_a_long_zero_region_goes_out_in_pieces_not_as_one_range_at_its_end(tmp_p
     assert [z.offset for z in zeros] == sorted(z.offset for z in zeros)
     assert zeros[0].offset == 0 and zeros[-1].offset + zeros[-1].length == 48 << 20
     assert isinstance(frames[-1], F.BlockData) and frames[-1].offset == 48 << 20
+
+
+def test_a_frame_with_zero_blocks_is_gathered_in_place_without_a_temporary():
+    """The non-zero blocks of a frame go straight into the chunk's gather buffer: no array the
+    size of the payload is allocated on the way (np.compress made one per frame, then copied it)."""
+    import tracemalloc
+
+    from smsrepl.blocks.stream import _Gather, _payload
+
+    rng = np.random.default_rng(7)
+    blocks = 2048
+    data = rng.integers(1, 256, blocks * FINE_BLOCK, dtype=np.uint8)
+    zero = rng.random(blocks) < 0.5
+    data.reshape(blocks, FINE_BLOCK)[zero] = 0
+    digests = np.where(zero, 0, 1).astype("<u8")
+    gather = _Gather(blocks * FINE_BLOCK)
+    gather.next_chunk()
+    _payload(memoryview(data), 0, len(data), digests, gather)  # the gather buffer is made once
+    gather.next_chunk()
+    for _ in range(len(gather.bufs) - 1):
+        gather.next_chunk()
+    tracemalloc.start()
+    try:
+        out = _payload(memoryview(data), 0, len(data), digests, gather)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert bytes(out) == data.reshape(blocks, FINE_BLOCK)[~zero].tobytes()
+    assert peak < 256 << 10

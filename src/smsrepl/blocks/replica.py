@@ -35,7 +35,7 @@ from smsrepl._lazy import np
 
 from smsrepl import faults, kernels
 from smsrepl.stages import StageClock
-from smsrepl.codec import Decompressor
+from smsrepl.codec import RAW, Decompressor
 from smsrepl.errors import DecompressionError, ManifestError, RemoteProtocolError, TargetWriteError
 from smsrepl.protocol.frames import MAX_RAW, frame_digest
 from smsrepl.blocks.target import BlockTarget
@@ -84,6 +84,9 @@ class Replica:
         self.clock = StageClock()
         self._digests = np.empty(kernels_max_blocks(), dtype="<u8")
         self._range = np.empty(kernels_max_blocks() * FINE_BLOCK, dtype=np.uint8)
+        #: where a compressed payload that is not decoded straight into a write buffer is
+        #: decoded: a fresh buffer per frame cost a page fault per 4 KiB
+        self._unpacked = np.empty(kernels_max_blocks() * FINE_BLOCK, dtype=np.uint8)
         self._pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []
         self.pos = 0
         self.bytes_written = 0
@@ -244,20 +247,25 @@ class Replica:
         if end % FINE_BLOCK and end != size:
             raise RemoteProtocolError(f"data at {offset} of {raw_len} bytes does not end on a block boundary")
         self._check_order(offset, raw_len)
-        # a frame without zero blocks is decompressed straight into the direct writer's buffer
+        # the frame is built in the direct writer's buffer: a frame without zero blocks is
+        # decompressed straight into it, one with zero blocks has its blocks spread into it
         solid = bool(digests.all()) if digests is not None else zeros is not None and not zeros.any()
-        into = self.target.reserve(offset, raw_len) if solid else None
+        stage = self.target.reserve(offset, raw_len)
+        into = stage if solid else None
         try:
             if digests is None:
                 raw, nonzero, digests = self._decode_framed(offset, end, codec, zeros, check, payload, into)
             else:
                 raw, nonzero = self._decode_checked(offset, None, end, codec, digests, payload, into)
+            if stage is not None and not solid:
+                with self.clock.timing("write"):
+                    _spread_blocks(stage, raw, nonzero)
         except BaseException:
-            if into is not None:
+            if stage is not None:
                 self.target.release()
             raise
         with self.clock.timing("write"):
-            if into is not None:
+            if stage is not None:
                 self.target.commit(offset, raw_len)
             else:
                 self._write_run(offset, end, digests, nonzero, raw)
@@ -304,6 +312,8 @@ class Replica:
         expect = count * FINE_BLOCK
         if nonzero[-1] and end % FINE_BLOCK:
             expect -= FINE_BLOCK - end % FINE_BLOCK
+        if into is None and codec != RAW:
+            into = self._unpacked.data  # used before the next frame is decoded
         t0 = time.perf_counter()
         raw = self._decomp.decode(codec, payload, expect, into)
         t1 = time.perf_counter()
@@ -416,6 +426,14 @@ class Replica:
         if self.manifest is not None:
             self.manifest.close()
             self.manifest = None
+
+
+def _spread_blocks(stage, raw: memoryview, nonzero: np.ndarray) -> None:
+    """Fill ``stage`` (whole 4 KiB blocks, ``nonzero`` tells which) from ``raw``, which holds
+    the non-zero ones in order; the others become zeros."""
+    blocks = np.frombuffer(stage, dtype=np.uint8, count=len(nonzero) * FINE_BLOCK).reshape(-1, FINE_BLOCK)
+    blocks[~nonzero] = 0
+    blocks[np.flatnonzero(nonzero)] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, FINE_BLOCK)
 
 
 def kernels_max_blocks() -> int:

@@ -14,12 +14,18 @@ from collections.abc import Callable
 from smsrepl.errors import TransportError
 from smsrepl.throttle import ScheduledLimiter
 from smsrepl.transport.tls_errors import classify_ssl_error
-from smsrepl.transport.tlsio import RECV_SIZE, TLSStream
+from smsrepl.transport.tlsio import TLSStream
 from smsrepl.protocol import RECEIVER, Connection, ConnectionClosed
+from smsrepl.protocol.connection import DIRECT_BODY_MIN
 from smsrepl.protocol.frames import Event
 
 #: bytes per speed-limiter payment when a limit applies
 THROTTLE_SLICE = 64 << 10
+#: bytes read at a time outside a large frame body (a body is read in place): what a read
+#: takes beyond the frame header goes through the connection's buffer and is copied into the
+#: body; 1 MiB reads passed most of each 8 MiB frame's first MiB that way, into a buffer
+#: mapped afresh each time (a page fault per 4 KiB)
+HEAD_READ = DIRECT_BODY_MIN
 
 
 class Channel:
@@ -28,7 +34,7 @@ class Channel:
         self.conn = conn
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._rbuf = bytearray(RECV_SIZE)
+        self._rbuf = bytearray(HEAD_READ)
         self.wire_sent = 0
         self.wire_received = 0
         # TLS 1.3 clients learn that the server refused their certificate only

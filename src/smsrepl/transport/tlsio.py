@@ -16,8 +16,10 @@ import threading
 from typing import cast
 
 RECV_SIZE = 1 << 20
-#: plaintext per SSL write: keeps each ciphertext buffer small enough to be reused by malloc
-WRITE_SLICE = 256 << 10
+#: plaintext per SSL write: each ciphertext buffer (a fresh bytes) stays below glibc's
+#: default mmap threshold (128 KiB), so malloc reuses its memory. At 256 KiB a loopback full
+#: copy of 1 GiB took ~11,000 more page faults and ~2% more CPU (medians of 8 alternating runs)
+WRITE_SLICE = 64 << 10
 
 
 class TLSStream:
