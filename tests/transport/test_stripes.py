@@ -3,6 +3,7 @@ receiver's FrameOrder, on socket pairs (no TLS)."""
 import queue
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -454,3 +455,28 @@ def test_what_a_reader_hands_over_after_the_loop_is_gone_is_dropped():
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_a_connection_joining_as_the_session_closes_is_closed_with_it(monkeypatch):
+    """close() while the join thread adds a connection (the session ends as it joins): the
+    new connection's writer is started before close() can see it, and both end."""
+    adding = threading.Event()
+
+    def slow_start(self, lane):  # Stripes._start on a busy host: the thread made, not yet started
+        adding.set()
+        lane.thread = threading.Thread(target=self._write, args=(lane,), daemon=True)
+        time.sleep(0.3)
+        lane.thread.start()
+
+    main_tx, main_rx = _pair(True)
+    extra_tx, extra_rx = _pair(False)
+    stripes = Stripes(main_tx, [])
+    monkeypatch.setattr(Stripes, "_start", slow_start)
+    joiner = threading.Thread(target=stripes.add, args=(extra_tx,))
+    joiner.start()
+    assert adding.wait(5)
+    stripes.close()  # raised "cannot join thread before it is started"
+    joiner.join(5)
+    assert not joiner.is_alive()
+    for chan in (main_rx, extra_rx):
+        chan.close()

@@ -175,7 +175,9 @@ class Stripes(Channel):
             chan.limiter, chan.on_sent = self.main.limiter, self.main.on_sent
             lane = _Lane(chan, len(self._lanes))
             self._lanes.append(lane)
-        self._start(lane)
+            # started under the lock: close() never finds a lane whose thread is not started
+            # (joining one raises; the join thread adds lanes as the session may be ending)
+            self._start(lane)
 
     def _start(self, lane: _Lane) -> None:
         lane.thread = threading.Thread(target=self._write, args=(lane,), daemon=True,
