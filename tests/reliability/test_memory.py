@@ -106,8 +106,8 @@ def _fd_names(pid: int) -> list[str]:
 @pytest.mark.reliability("receiver under faults", "sessions cut at random offsets: memory and descriptors flat")
 def test_cut_sessions_leave_neither_memory_nor_descriptors_behind(tmp_path, certkey_file):
     """One receiver, sessions cut at random byte offsets by a proxy (each run sends new data,
-    so each is cut): RSS after the last within 1.2x of RSS after the tenth plus 32 MiB, and the
-    descriptors back to their idle count. Kept outcomes held each session's buffers through
+    so each is cut): RSS after the last within 1.2x of the most after the tenth to fifteenth
+    plus 32 MiB, and the descriptors back to their idle count. Kept outcomes held each session's buffers through
     their errors' chained tracebacks: +22 MiB a cut session of 32 MiB."""
     import random
     import time
@@ -125,6 +125,7 @@ def test_cut_sessions_leave_neither_memory_nor_descriptors_behind(tmp_path, cert
     idle_fds = _fds(pid)
     rng = random.Random(7)
     cut = 0
+    after_10 = 0.0
     try:
         for i in range(1, sessions + 1):
             src.write_bytes(rng.randbytes(size))  # new data: the whole source goes again
@@ -137,7 +138,11 @@ def test_cut_sessions_leave_neither_memory_nor_descriptors_behind(tmp_path, cert
             cut += cp.returncode == 3
             if i == 10:
                 assert wait_until(lambda: _fds(pid) == idle_fds, 10), (_fd_names(pid), idle_fds)
-                after_10 = _rss_mib(pid)
+            if 10 <= i <= 15:
+                # the allocator's high-water after warm-up: on a loaded machine it takes a few more
+                # sessions to reach (one run read 68 MiB after the tenth, then held 110-125 MiB
+                # from 30 to 70 sessions, as the build before did)
+                after_10 = max(after_10, _rss_mib(pid))
         assert wait_until(lambda: _fds(pid) == idle_fds, 10), (_fd_names(pid), idle_fds)
         # on a loaded machine the last sessions' threads may still be letting go of their
         # buffers when the descriptors are back: a leak stays, those go within seconds
