@@ -45,6 +45,12 @@ def _start_sender(src, rx, certkey, tmp_path, dm):
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _end(tx, rx) -> None:
+    if tx.poll() is None:
+        tx.kill()
+    rx.stop()
+
+
 def _run(tmp_path, certkey, seed, kills):
     rng = random.Random(seed)
     src, dst, dm = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), str(tmp_path / "dirty.map")
@@ -70,9 +76,7 @@ def _run(tmp_path, certkey, seed, kills):
         tx.send_signal(signal.SIGTERM)
         out, err = tx.communicate(timeout=120)
     finally:
-        if tx.poll() is None:
-            tx.kill()
-        rx.stop()
+        _end(tx, rx)
     assert tx.returncode == 0, err
     rounds = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert sha256(src) == sha256(dst), f"seed {seed}: target differs after the cutover"
@@ -237,9 +241,7 @@ def test_a_cutover_asked_for_while_the_sender_starts_is_kept(tmp_path, certkey_f
         tx.send_signal(signal.SIGCONT)
         out, err = tx.communicate(timeout=120)
     finally:
-        if tx.poll() is None:
-            tx.kill()
-        rx.stop()
+        _end(tx, rx)
     assert tx.returncode == 0, err
     assert "cutover" in err
     assert sha256(src) == sha256(dst)

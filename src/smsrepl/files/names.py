@@ -56,35 +56,42 @@ def unlink_quiet(name: bytes, dir_fd: int) -> None:
         pass
 
 
+def remove_tree(name: bytes, dir_fd: int, *, quiet: bool = False) -> None:
+    """Remove directory ``name`` in ``dir_fd`` with everything in it (symlinks are removed, never
+    followed); OSError where something cannot be, or with ``quiet`` whatever can be."""
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        for _top, dirs, files, dfd in os.fwalk(b".", topdown=False, dir_fd=fd, follow_symlinks=False):
+            for n in files:
+                try:
+                    os.unlink(n, dir_fd=dfd)
+                except OSError:
+                    if not quiet:
+                        raise
+            for n in dirs:  # fwalk lists symlinks to directories among dirs: rmdir refuses those
+                try:
+                    try:
+                        os.rmdir(n, dir_fd=dfd)
+                    except NotADirectoryError:
+                        os.unlink(n, dir_fd=dfd)
+                except OSError:
+                    if not quiet:
+                        raise
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
 def remove_temporary(name: bytes, dir_fd: int) -> None:
     """Remove temporary ``name`` in ``dir_fd``: a file, or a directory made under a temporary
     name (files.durable) with everything in it; quietly where it is gone."""
     try:
         os.unlink(name, dir_fd=dir_fd)
-        return
     except IsADirectoryError:
-        pass
-    except OSError:
-        return
-    try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-    except OSError:
-        return
-    try:
-        for _top, dirs, files, dfd in os.fwalk(b".", topdown=False, dir_fd=fd, follow_symlinks=False):
-            for n in files:
-                unlink_quiet(n, dfd)
-            for n in dirs:  # fwalk lists symlinks to directories among dirs
-                try:
-                    os.rmdir(n, dir_fd=dfd)
-                except NotADirectoryError:
-                    unlink_quiet(n, dfd)
-                except OSError:
-                    pass
-    finally:
-        os.close(fd)
-    try:
-        os.rmdir(name, dir_fd=dir_fd)
+        try:
+            remove_tree(name, dir_fd, quiet=True)
+        except OSError:
+            pass
     except OSError:
         pass
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from smsrepl import kernels
 from smsrepl.errors import TargetWriteError
 from smsrepl.files.fdbudget import DescriptorBudget, process_budget
-from smsrepl.files.names import DIR_FLAGS, check_path
+from smsrepl.files.names import DIR_FLAGS, check_path, remove_tree
 
 Parts = tuple[bytes, ...]
 
@@ -113,20 +113,7 @@ class TargetRoot:
     def _remove(self, parts: Parts, parent: int, st: os.stat_result) -> None:
         if stat.S_ISDIR(st.st_mode):
             self._forget(parts)
-            fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
-            try:
-                for top, dirs, files, dfd in os.fwalk(".", topdown=False, dir_fd=fd, follow_symlinks=False):
-                    for name in files:
-                        os.unlink(name, dir_fd=dfd)
-                    for name in dirs:
-                        # fwalk lists symlinks to directories among dirs: unlink those, rmdir the rest
-                        if stat.S_ISLNK(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
-                            os.unlink(name, dir_fd=dfd)
-                        else:
-                            os.rmdir(name, dir_fd=dfd)
-            finally:
-                os.close(fd)
-            os.rmdir(parts[-1], dir_fd=parent)
+            remove_tree(parts[-1], parent)
         else:
             os.unlink(parts[-1], dir_fd=parent)
 
