@@ -164,7 +164,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--link", action="append", metavar="RATE:RTT[:LOSS%]", help=f"default {' '.join(LINKS)}")
+    ap.add_argument("--link", action="append", metavar="RATE:RTT[:LOSS%]", help="default " + " ".join(LINKS).replace("%", "%%"))
     ap.add_argument("--cc", default="cubic,bbr", help="congestion controls, comma-separated")
     ap.add_argument("--streams", default="1,4,auto", help="smsrepl --streams values, comma-separated")
     ap.add_argument("--tcp-buffer-max", type=int, default=None,
