@@ -113,6 +113,40 @@ def test_full_conversation_round_trips_every_event():
     assert s.next_event().clean is True
 
 
+@pytest.mark.parametrize("close_read_first", [True, False])
+def test_an_early_close_after_round_end_ends_the_round_then_the_session(close_read_first):
+    """"early-close": CLOSE right after ROUND_END; the receiver's reader may take the CLOSE in
+    before or after its loop answers ROUND_DONE, and both orders end cleanly."""
+    s, r = pair_in_round()
+    transfer(s, r, RoundEnd(1))
+    close = b"".join(bytes(p) for p in s.send(Close("done")))
+    assert s.state is State.ROUND_CLOSING
+    if close_read_first:
+        r.receive_data(close)
+        assert isinstance(r.next_event(), Close) and r.state is State.ROUND_CLOSING
+    assert transfer(r, s, Checkpoint(1, 4096, 4096)) == Checkpoint(1, 4096, 4096)
+    assert transfer(r, s, RoundDone(1, "ff")) == RoundDone(1, "ff")
+    assert s.state is State.CLOSING
+    if not close_read_first:
+        r.receive_data(close)
+        assert isinstance(r.next_event(), Close)
+    assert r.state is State.CLOSING
+    transfer(r, s, Close("bye"))
+    assert s.state is State.CLOSED and r.state is State.CLOSED
+
+
+def test_no_close_before_the_round_ends_nor_data_after_an_early_close():
+    s, r = pair_in_round()
+    with pytest.raises(LocalProtocolError, match="Close in state round"):
+        s.send(Close("done"))  # mid-round: the receiver would end a round it never finished
+    transfer(s, r, RoundEnd(1))
+    transfer(s, r, Close("done"))
+    with pytest.raises(LocalProtocolError):
+        s.send(RoundBegin(2, "sync", 0))
+    with pytest.raises(LocalProtocolError):
+        r.send(Close("bye"))  # the receiver answers CLOSE only after the round's ROUND_DONE
+
+
 def test_events_outside_the_table_are_errors_on_both_sides():
     s, r = Connection(SENDER), Connection(RECEIVER)
     with pytest.raises(LocalProtocolError):

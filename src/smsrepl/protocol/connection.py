@@ -41,6 +41,8 @@ class State(Enum):
     IDLE = "idle"
     ROUND = "round"
     ROUND_ENDING = "round_ending"
+    #: the sender's CLOSE came right after its ROUND_END ("early-close"): the round's end, then CLOSE
+    ROUND_CLOSING = "round_closing"
     CLOSING = "closing"
     #: an extra connection of a session over several (HELLO kind "stream"), after its WELCOME
     STREAM = "stream"
@@ -104,6 +106,11 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.ROUND_ENDING, R, F.Checkpoint): State.ROUND_ENDING,
     (State.ROUND_ENDING, R, F.RoundDone): State.IDLE,
     (State.CLOSING, R, F.Close): State.CLOSED,
+    (State.ROUND_ENDING, S, F.Close): State.ROUND_CLOSING,
+    (State.ROUND_CLOSING, R, F.Checkpoint): State.ROUND_CLOSING,
+    (State.ROUND_CLOSING, R, F.Pong): State.ROUND_CLOSING,
+    (State.ROUND_CLOSING, R, F.Streams): State.ROUND_CLOSING,
+    (State.ROUND_CLOSING, R, F.RoundDone): State.CLOSING,
     (State.IDLE, S, F.Streams): State.IDLE,
     (State.HANDSHAKE, S, F.Streams): State.HANDSHAKE,  # an extra connection's join, after its HELLO
     (State.STREAM, S, F.Ping): State.STREAM,

@@ -80,6 +80,10 @@ ZERO_RANGE, SCANNED or FILE_OPS, and PING (a keepalive, unanswered, outside the 
 receiver applies the frames of all connections in SEQ order, as one connection's; replies go
 on the session's connection. A lost connection fails the session (resumable, as a cut one).
 
+CLOSE ends a session: the sender sends it in IDLE and the receiver answers CLOSE. To a receiver
+that listed "early-close", a sender may send it right after ROUND_END instead (its last round):
+the receiver ends the round as ever (CHECKPOINT, ROUND_DONE or ERROR), then answers CLOSE.
+
 Type ranges: 0x01-0x0f session, 0x10-0x1f block rounds, 0x20-0x2f
 manifests, 0x30-0x3f file transfer, 0x40-0x4f network check, 0x50-0x5f parallel streams.
 """
@@ -89,7 +93,7 @@ from smsrepl.protocol.events import (BINARY_EVENTS, CONTROL_EVENTS, TYPES, Block
                                      ControlEvent, Error, Event, FileOps, Hello, ManifestData, ManifestRequest, Ping,
                                      Pong, RoundBegin, RoundDone, RoundEnd, Scanned, Seq, SigData, SigRequest, Status,
                                      Streams, TreeData, TreeRequest, TreeSubset, Welcome, ZeroRange)
-from smsrepl.protocol.layout import (ADOPT_SESSION, CAPABILITIES, DRY_RUN, HEADER, HEADER_SIZE, LEGACY_RAW, MAX_BODY,
+from smsrepl.protocol.layout import (ADOPT_SESSION, CAPABILITIES, DRY_RUN, EARLY_CLOSE, HEADER, HEADER_SIZE, LEGACY_RAW, MAX_BODY,
                                      MAX_RAW, MAX_SET, MAX_SIG, PROTOCOL_VERSION)
 from smsrepl.protocol.readers import decode
 from smsrepl.protocol.writers import encode, frame_digest
@@ -98,6 +102,6 @@ __all__ = [
     "FrameError", "FINE_BLOCK", "BINARY_EVENTS", "CONTROL_EVENTS", "TYPES", "BlockData", "BlockSet", "Checkpoint",
     "Close", "ControlEvent", "Error", "Event", "FileOps", "Hello", "ManifestData", "ManifestRequest", "Ping", "Pong",
     "RoundBegin", "RoundDone", "RoundEnd", "Scanned", "Seq", "Streams", "SigData", "SigRequest", "Status",
-    "TreeData", "TreeRequest", "TreeSubset", "Welcome", "ZeroRange", "ADOPT_SESSION", "CAPABILITIES", "DRY_RUN", "HEADER", "HEADER_SIZE",
+    "TreeData", "TreeRequest", "TreeSubset", "Welcome", "ZeroRange", "ADOPT_SESSION", "CAPABILITIES", "DRY_RUN", "EARLY_CLOSE", "HEADER", "HEADER_SIZE",
     "LEGACY_RAW", "MAX_BODY", "MAX_RAW", "MAX_SET", "MAX_SIG", "PROTOCOL_VERSION", "decode", "encode", "frame_digest",
 ]

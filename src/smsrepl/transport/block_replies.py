@@ -85,10 +85,11 @@ class Replies:
         failure = self.failure
         return failure if isinstance(failure, RemoteError) else exc
 
-    def close(self, chan: Channel) -> None:
-        """Send CLOSE and wait for the receiver's."""
+    def close(self, chan: Channel, *, sent: bool = False) -> None:
+        """Send CLOSE (unless ``sent`` already) and wait for the receiver's."""
         try:
-            chan.send(F.Close("done"))
+            if not sent:
+                chan.send(F.Close("done"))
             ev = self._answers.get(timeout=30)
             if isinstance(ev, BaseException):
                 raise ev

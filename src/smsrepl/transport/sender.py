@@ -239,6 +239,10 @@ class Sender(SenderBase):
                                       scope.frozen if scope.map_driven else None)
             self.replies.sent_to = source.size
             chan.send(F.RoundEnd(round_id))
+            # the connection's last round: its CLOSE goes now, not a round trip after ROUND_DONE
+            closing = F.EARLY_CLOSE in self._peer_caps
+            if closing:
+                chan.send(F.Close("done"))
             faults.point("sender.round_end")
             self.replies.done.wait(IO_TIMEOUT)
             if self.replies.failure is not None:
@@ -273,7 +277,7 @@ class Sender(SenderBase):
         rec["rounds"] = rec.get("rounds", 0) + 1
         self._save_session(rec)
         wire = chan.wire_sent - wire0
-        self.replies.close(chan)
+        self.replies.close(chan, sent=closing)
         return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started,
                            dirty_blocks, self.clock.snapshot(), scope.whole_reason if kind == "sync" else None,
                            self._reconcile_note)
