@@ -7,6 +7,7 @@ import re
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from smsrepl.errors import ConfigError, ConnectError, ReplicationError
@@ -75,13 +76,23 @@ def tune_socket(raw: socket.socket) -> None:
                 pass
 
 
-def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT) -> TLSStream:
+def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT,
+            on_tcp: Callable[[socket.socket], None] | None = None) -> TLSStream:
+    """The TLS connection to the receiver at ``address``, its role checked. ``on_tcp(raw)`` is
+    called once the TCP connection is made, before the TLS handshake (its SYN measured the round
+    trip already: SenderBase plans its extra connections by it)."""
     host, port = address
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         raise ConnectError(f"cannot reach the target at {host}:{port} (is a receiver listening on port {port}?): {exc.strerror or exc}") from None
     tune_socket(raw)
+    if on_tcp is not None:
+        try:
+            on_tcp(raw)
+        except BaseException:
+            raw.close()
+            raise
     try:
         sock = TLSStream(raw, context, server_side=False)
         sock.handshake()
@@ -96,16 +107,27 @@ def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float
     return sock
 
 
-def connect_ahead(address: tuple[str, int], context: ssl.SSLContext) -> Future:
+class Ahead(Future):
+    """connect_ahead()'s connection: the TLS connection, once made; ``tcp`` the TCP socket as
+    soon as it is connected, before its TLS handshake."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tcp: Future = Future()
+
+
+def connect_ahead(address: tuple[str, int], context: ssl.SSLContext) -> Ahead:
     """connect() begun now on a thread of its own, for a sender to take (SenderBase.take_connection):
     its TCP and TLS handshakes (two round trips) run while the command imports the rest of
     itself (0.1 s of CPU). A daemon thread: an attempt nobody took never holds the exit."""
-    fut: Future = Future()
+    fut = Ahead()
 
     def run() -> None:
         try:
-            fut.set_result(connect(address, context))
+            fut.set_result(connect(address, context, on_tcp=fut.tcp.set_result))
         except BaseException as exc:  # the sender that takes it raises it, as connect() would have
+            if not fut.tcp.done():
+                fut.tcp.set_exception(exc)
             fut.set_exception(exc)
 
     threading.Thread(target=run, name="smsrepl-connect-ahead", daemon=True).start()

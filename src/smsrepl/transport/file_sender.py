@@ -150,13 +150,13 @@ class FileSender(SenderBase):
         lists its tree while this process gets ready for the round. run() opens the session
         itself otherwise. With a journal the request waits for WELCOME: its round id says
         whether a subset will do."""
-        self._chan = self._connect(self.checksum, request=self.journal is None)
-        self._prejoin(self._chan)
+        self._chan = self._connect(self.checksum, request=self.journal is None, prejoin=True)
 
-    def _connect(self, checksum: bool, request: bool = True) -> Channel:
+    def _connect(self, checksum: bool, request: bool = True, prejoin: bool = False) -> Channel:
         """A connection with HELLO and (``request``) TREE_REQUEST sent (the protocol lets the
-        request come before WELCOME)."""
-        return self._open("files", self.session_id, 0, list(CAPABILITIES), *([F.TreeRequest(checksum)] if request else []))
+        request come before WELCOME); ``prejoin``: SenderBase._open."""
+        return self._open("files", self.session_id, 0, list(CAPABILITIES), *([F.TreeRequest(checksum)] if request else []),
+                          prejoin=prejoin)
 
     def run(self) -> FileRoundResult:
         from smsrepl.files.local import by_dirs

@@ -163,9 +163,9 @@ class Sender(SenderBase):
             # no completed round here: the target may hold a copy all the same (this sender's state
             # was lost, or another host copied it), which the receiver's manifest describes
             stateless = not rec.get("rounds")
-            chan = self._chan = self._open("block", rec["session_id"], source.size, _capabilities(stateless))
+            chan = self._chan = self._open("block", rec["session_id"], source.size, _capabilities(stateless),
+                                           prejoin=True)
             try:
-                self._prejoin(chan)
                 return self._session(source, rec, chan, started, stateless)
             finally:
                 (self._chan or chan).close()  # the session's connections, extra ones too

@@ -8,6 +8,7 @@ durable stays for the next run.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection, ConnectionClo
 from smsrepl.protocol import frames as F
 from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.connect import check_target_name, connect
+from smsrepl.transport.connect import Ahead, check_target_name, connect
 from smsrepl.transport.stripes import Stripes
 from smsrepl.transport.streams_auto import StreamCount, initial_streams
 
@@ -74,18 +75,27 @@ class SenderBase:
             ahead.add_done_callback(_close_connected)
 
     def _open(self, kind: str, session_id: str, size: int, capabilities: list[str],
-              *then: F.Event) -> Channel:
+              *then: F.Event, prejoin: bool = False) -> Channel:
         """A connection to the receiver with HELLO sent, and the frames ``then`` after it (the
-        protocol lets a TREE_REQUEST come before WELCOME)."""
+        protocol lets a TREE_REQUEST come before WELCOME). With ``prejoin`` (a session that
+        may run over several connections) the extra ones are begun once its TCP connection
+        is made (_prejoin)."""
         ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            sock = connect(self.address, self.context)
-        else:
-            try:
-                sock = ahead.result()
-            except BaseException:  # a stop's KeyboardInterrupt while it waited: closed once made
-                ahead.add_done_callback(_close_connected)
-                raise
+        self._drop_early()
+        try:
+            if ahead is None:
+                sock = connect(self.address, self.context, on_tcp=self._prejoin if prejoin else None)
+            else:
+                try:
+                    if prejoin and isinstance(ahead, Ahead) and ahead.tcp.exception() is None:
+                        self._prejoin(ahead.tcp.result())
+                    sock = ahead.result()
+                except BaseException:  # a stop's KeyboardInterrupt while it waited: closed once made
+                    ahead.add_done_callback(_close_connected)
+                    raise
+        except BaseException:
+            self._drop_early()
+            raise
         chan = Channel(sock, Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], kind, self.target, session_id, size, F.FINE_BLOCK, capabilities))
@@ -97,12 +107,14 @@ class SenderBase:
         return chan
 
 
-    def _prejoin(self, chan: Channel) -> None:
-        """Begin the extra connections' handshakes now, beside the session's HELLO and WELCOME
-        (two round trips: the first frames go over them a round trip after the receiver's
-        answer to STREAMS, not four); _spread uses them, or the session's end closes them."""
+    def _prejoin(self, raw: socket.socket) -> None:
+        """Begin the extra connections' handshakes as soon as the session's TCP connection
+        (``raw``) is made, by the round trip its SYN measured: beside the session's own TLS
+        handshake, HELLO and WELCOME (two round trips: the first frames go over them a round
+        trip after the receiver's answer to STREAMS, not four); _spread uses them, or the
+        session's end closes them."""
         self._drop_early()
-        count = self._planned = initial_streams(self.streams, chan) if self.streams != 1 else 1
+        count = self._planned = initial_streams(self.streams, raw) if self.streams != 1 else 1
         if count > 1:
             pool = ThreadPoolExecutor(count - 1, thread_name_prefix="smsrepl-stream-connect")
             self._early = [pool.submit(connect, self.address, self.context) for _ in range(count - 1)]

@@ -4,7 +4,7 @@ One TCP connection moves at most its window per round trip, and after a loss it 
 slowly (cubic: seconds at 50 ms): on a long fat link it stays well below the link however
 fast both ends are, while on a LAN or loopback it is not the bound and more connections only
 cost threads. "auto" reads the least round trip the kernel measured on the session's connection
-(TCP_INFO, during the TLS handshake) and opens more connections the longer it is; one to a
+(TCP_INFO: its SYN's, before the TLS handshake) and opens more connections the longer it is; one to a
 peer on this host.
 """
 from __future__ import annotations
@@ -71,13 +71,11 @@ def auto_count(rtt_ms: float | None) -> int:
     return min(AUTO_MAX, AUTO_MIN + int(rtt_ms // AUTO_STEP_MS))
 
 
-def initial_streams(want: StreamCount, chan: object) -> int:
-    """The connections to ask the receiver for: ``want``, or for "auto" by the round trip of
-    ``chan``'s socket."""
+def initial_streams(want: StreamCount, raw: socket.socket | None) -> int:
+    """The connections to ask the receiver for: ``want``, or for "auto" by the round trip
+    measured on ``raw``, the session's TCP connection."""
     if isinstance(want, int):
         return want
-    sock = getattr(chan, "sock", None)
-    raw = getattr(sock, "raw", None)
-    if not isinstance(raw, socket.socket) or is_loopback(raw):
+    if raw is None or is_loopback(raw):
         return 1
     return auto_count(round_trip_ms(raw))
