@@ -97,11 +97,11 @@ class PendingDigests:
 
 def send_round(chan: Channel, source: BlockSource, *, start: int, against: ManifestFile | None,
                dirty: FrozenMarks | None, digests: PendingDigests, compression: Compression, replies: Replies,
-               clock: StageClock, peer_caps: frozenset, report: Callable[[int, int], None]) -> int:
+               clock: StageClock, peer_caps: frozenset, report: Callable[[int, int], None], streams: int = 1) -> int:
     """Send one round's frames from ``start`` (a sync round's against the manifest copy
     ``against``; with ``dirty``, a frozen dirty map, only the blocks it names); returns the
     source bytes sent as data. ``report(source offset covered, data bytes)`` as frames reach
-    the socket."""
+    the socket; ``streams``: the connections the session runs over (frame_blocks)."""
     out: queue.Queue = queue.Queue(maxsize=2)
     writer_error: list[BaseException] = []
     adapt = compression.adapt
@@ -146,7 +146,8 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
         else:
             big = "frame-8m" in peer_caps
             events = round_events(source, start=start, cache=against, sets=sets,
-                                  frame_blocks=FRAME_BLOCKS if big else LEGACY_FRAME_BLOCKS, clock=clock)
+                                  frame_blocks=frame_blocks(FRAME_BLOCKS if big else LEGACY_FRAME_BLOCKS, streams),
+                                  clock=clock)
         for item in events:
             if writer_error or replies.failure:
                 break
@@ -184,6 +185,22 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
     if replies.failure:
         raise replies.failure
     return sent
+
+
+#: a session over several connections sends frames of at most this many bytes in all, one per
+#: connection: the receiver applies them in order, holding what comes early up to
+#: frame_order.HOLD_BYTES (64 MiB), so a frame that a connection in loss recovery delays must not
+#: hold up the others' for long. On an emulated 1 Gbit/s 50 ms link with 0.1% loss, 8 connections
+#: moved 71% of the link with 8 MiB frames, 83-85% with 4, 2 or 1 MiB (4 connections: 85% either way)
+STREAMS_FRAME_BYTES = 32 << 20
+
+
+def frame_blocks(most: int, streams: int) -> int:
+    """The blocks of one frame: ``most``, halved until ``streams`` of them fit STREAMS_FRAME_BYTES."""
+    blocks = most
+    while streams * blocks * FINE_BLOCK > STREAMS_FRAME_BYTES and blocks > 64:
+        blocks //= 2
+    return blocks
 
 
 def source_bytes(frame: BlockFrame) -> int:
