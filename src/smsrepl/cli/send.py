@@ -195,7 +195,7 @@ def cmd_send_block(args, stop=None) -> int:
         return dry_run_block(args, ctx, state_dir)
     # a one-shot copy's connection is made while the block machinery is imported (0.1 s): on a
     # 50 ms link its handshakes took two round trips after the imports
-    ahead = None if args.continuous else connect_ahead(parse_address(args.to), ctx)
+    ahead = None if args.continuous else connect_ahead(parse_address(args.to), ctx, args.streams)
     from smsrepl.control.hostsample import HostSampler
     from smsrepl.transport.sender import Sender
 

@@ -79,6 +79,10 @@ receiver answers WELCOME and reads from it only SEQ, each followed by a BLOCK_DA
 ZERO_RANGE, SCANNED or FILE_OPS, and PING (a keepalive, unanswered, outside the order). The
 receiver applies the frames of all connections in SEQ order, as one connection's; replies go
 on the session's connection. A lost connection fails the session (resumable, as a cut one).
+A sender may ask in its HELLO instead, one round trip sooner: a capability "streams=N" (N from
+2). A receiver that listed "streams-hello" in its WELCOME then answers STREAMS right after the
+WELCOME, unasked, and the sender sends no STREAMS: its frames follow a SEQ from its first after
+WELCOME (a receiver that did not list it ignores the entry, and is asked as above).
 
 CLOSE ends a session: the sender sends it in IDLE and the receiver answers CLOSE. To a receiver
 that listed "early-close", a sender may send it right after ROUND_END instead (its last round):
@@ -93,8 +97,8 @@ from smsrepl.protocol.events import (BINARY_EVENTS, CONTROL_EVENTS, TYPES, Block
                                      ControlEvent, Error, Event, FileOps, Hello, ManifestData, ManifestRequest, Ping,
                                      Pong, RoundBegin, RoundDone, RoundEnd, Scanned, Seq, SigData, SigRequest, Status,
                                      Streams, TreeData, TreeRequest, TreeSubset, Welcome, ZeroRange)
-from smsrepl.protocol.layout import (ADOPT_SESSION, CAPABILITIES, DRY_RUN, EARLY_CLOSE, HEADER, HEADER_SIZE, LEGACY_RAW, MAX_BODY,
-                                     MAX_RAW, MAX_SET, MAX_SIG, PROTOCOL_VERSION)
+from smsrepl.protocol.layout import (ADOPT_SESSION, CAPABILITIES, DRY_RUN, EARLY_CLOSE, HEADER, HEADER_SIZE, LEGACY_RAW,
+                                     MAX_BODY, MAX_RAW, MAX_SET, MAX_SIG, PROTOCOL_VERSION, STREAMS_ASK, STREAMS_HELLO)
 from smsrepl.protocol.readers import decode
 from smsrepl.protocol.writers import encode, frame_digest
 
@@ -102,6 +106,7 @@ __all__ = [
     "FrameError", "FINE_BLOCK", "BINARY_EVENTS", "CONTROL_EVENTS", "TYPES", "BlockData", "BlockSet", "Checkpoint",
     "Close", "ControlEvent", "Error", "Event", "FileOps", "Hello", "ManifestData", "ManifestRequest", "Ping", "Pong",
     "RoundBegin", "RoundDone", "RoundEnd", "Scanned", "Seq", "Streams", "SigData", "SigRequest", "Status",
-    "TreeData", "TreeRequest", "TreeSubset", "Welcome", "ZeroRange", "ADOPT_SESSION", "CAPABILITIES", "DRY_RUN", "EARLY_CLOSE", "HEADER", "HEADER_SIZE",
-    "LEGACY_RAW", "MAX_BODY", "MAX_RAW", "MAX_SET", "MAX_SIG", "PROTOCOL_VERSION", "decode", "encode", "frame_digest",
+    "TreeData", "TreeRequest", "TreeSubset", "Welcome", "ZeroRange", "ADOPT_SESSION", "CAPABILITIES", "DRY_RUN",
+    "EARLY_CLOSE", "HEADER", "HEADER_SIZE", "LEGACY_RAW", "MAX_BODY", "MAX_RAW", "MAX_SET", "MAX_SIG", "PROTOCOL_VERSION",
+    "STREAMS_ASK", "STREAMS_HELLO", "decode", "encode", "frame_digest",
 ]

@@ -23,7 +23,7 @@ PROTOCOL_VERSION = 2  # 2: frame checks are XXH3-64's low 32 bits (XXH32 ran at 
 #: what this build speaks beyond version 1's core (HELLO and WELCOME list them; each side
 #: uses a feature only when the peer listed it)
 CAPABILITIES = ("zstd", "block-set", "frame-8m", "files", "tree-stream", "tree-subset", "adopt-session", "status",
-                "streams", "early-close")
+                "streams", "early-close", "streams-hello")
 #: in a block HELLO: this sender has no completed round of its own for the target and takes over
 #: the receiver's session, if the receiver holds a completed copy, with a sync round against its
 #: manifest; the receiver then names that session in its WELCOME. In a WELCOME: it may do so
@@ -31,6 +31,11 @@ ADOPT_SESSION = "adopt-session"
 #: in a WELCOME: the sender may send CLOSE right after ROUND_END, before the ROUND_DONE (the
 #: receiver ends the round, answers ROUND_DONE, then CLOSE): one round trip less at a session's end
 EARLY_CLOSE = "early-close"
+#: in a WELCOME: a HELLO may ask for the session's connections itself (an entry STREAMS_ASK
+#: followed by the count, "streams=4"); the receiver then answers STREAMS right after WELCOME,
+#: unasked, and the sender's frames are numbered from its first after WELCOME
+STREAMS_HELLO = "streams-hello"
+STREAMS_ASK = "streams="
 #: listed in HELLO by a sender that only looks (send --dry-run): the receiver then creates,
 #: removes and begins nothing (never listed in WELCOME, nor in an ordinary HELLO)
 DRY_RUN = "dry-run"

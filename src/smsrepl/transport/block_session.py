@@ -151,6 +151,7 @@ class BlockSession(_BlockTarget):
         assert replica is not None
         session, hello = self.session, self.hello
         frames = session.start_reader(3, replica.clock)
+        session.grant_hello_ask()
         last_ckpt = time.monotonic()
         in_round: F.RoundBegin | None = None
         try:

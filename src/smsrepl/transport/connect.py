@@ -8,9 +8,10 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from smsrepl.errors import ConfigError, ConnectError, ReplicationError
+from smsrepl.transport.streams_auto import StreamCount, initial_streams
 from smsrepl.transport.tls import check_peer_role
 from smsrepl.transport.tls_errors import classify_ssl_error
 from smsrepl.transport.tlsio import TLSStream
@@ -107,24 +108,47 @@ def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float
     return sock
 
 
+def begin_connects(address: tuple[str, int], context: ssl.SSLContext, count: int) -> list[Future]:
+    """``count`` connect()s begun at once, each on a thread of its own."""
+    if count <= 0:
+        return []
+    pool = ThreadPoolExecutor(count, thread_name_prefix="smsrepl-stream-connect")
+    try:
+        return [pool.submit(connect, address, context) for _ in range(count)]
+    finally:
+        pool.shutdown(wait=False)
+
+
 class Ahead(Future):
     """connect_ahead()'s connection: the TLS connection, once made; ``tcp`` the TCP socket as
-    soon as it is connected, before its TLS handshake."""
+    soon as it is connected, before its TLS handshake; and the session's extra connections
+    (parallel streams), begun then for ``streams``: ``planned`` in all, ``early`` the extra ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, streams: StreamCount = 1) -> None:
         super().__init__()
         self.tcp: Future = Future()
+        self.streams = streams
+        self.planned = 1
+        self.early: list[Future] = []
 
 
-def connect_ahead(address: tuple[str, int], context: ssl.SSLContext) -> Ahead:
+def connect_ahead(address: tuple[str, int], context: ssl.SSLContext, streams: StreamCount = 1) -> Ahead:
     """connect() begun now on a thread of its own, for a sender to take (SenderBase.take_connection):
     its TCP and TLS handshakes (two round trips) run while the command imports the rest of
-    itself (0.1 s of CPU). A daemon thread: an attempt nobody took never holds the exit."""
-    fut = Ahead()
+    itself (0.1 s of CPU), and with ``streams`` other than 1 the extra connections are begun as
+    soon as its TCP connection gives the round trip. A daemon thread: an attempt nobody took
+    never holds the exit."""
+    fut = Ahead(streams)
+
+    def on_tcp(raw: socket.socket) -> None:
+        if streams != 1:
+            fut.planned = initial_streams(streams, raw)
+            fut.early = begin_connects(address, context, fut.planned - 1)
+        fut.tcp.set_result(raw)
 
     def run() -> None:
         try:
-            fut.set_result(connect(address, context, on_tcp=fut.tcp.set_result))
+            fut.set_result(connect(address, context, on_tcp=on_tcp))
         except BaseException as exc:  # the sender that takes it raises it, as connect() would have
             if not fut.tcp.done():
                 fut.tcp.set_exception(exc)

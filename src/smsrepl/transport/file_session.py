@@ -76,6 +76,7 @@ class FileSession(Handler):
         round_id = 0
         # the next frame is read and decrypted while this one's files are written
         frames = session.start_reader(2)
+        session.grant_hello_ask()
         try:
             while True:
                 ev = session.next_frame(frames)

@@ -186,8 +186,10 @@ class Sender(SenderBase):
                 "full copy: no local state for this target, and the receiver is of a version that cannot reconcile")
         faults.point("sender.welcome")
         self.replies.on_streams = self.streams_granted
+        # before the replies are read: an answer to STREAMS asked in HELLO comes right away
+        spread = self._spread(chan, rec["session_id"], source.size, self._peer_caps)
         self.replies.start(chan)
-        chan = self._spread(chan, rec["session_id"], source.size, self._peer_caps)
+        chan = spread
 
         cache_path = os.path.join(self.dir, "target.manifest")
         check_resume_offset(welcome, source.size)
@@ -390,6 +392,7 @@ class Sender(SenderBase):
         return send_round(chan, source, start=start, against=against, dirty=dirty, digests=self._digests,
                           compression=self.compression, replies=self.replies, clock=self.clock,
                           peer_caps=self._peer_caps,
+                          streams=(self._planned or 1) if "streams" in self._peer_caps else 1,
                           report=lambda covered, raw: self._report(kind, covered, start, total, raw, chan))
 
     def _report(self, kind: str, pos: int, start: int, total: int, sent: int, chan: Channel) -> None:

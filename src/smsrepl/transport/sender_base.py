@@ -19,7 +19,7 @@ from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection, ConnectionClo
 from smsrepl.protocol import frames as F
 from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.connect import Ahead, check_target_name, connect
+from smsrepl.transport.connect import Ahead, begin_connects, check_target_name, connect
 from smsrepl.transport.stripes import Stripes
 from smsrepl.transport.streams_auto import StreamCount, initial_streams
 
@@ -73,6 +73,8 @@ class SenderBase:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             ahead.add_done_callback(_close_connected)
+            if isinstance(ahead, Ahead):  # and the extra connections begun with it
+                ahead.tcp.add_done_callback(lambda _: _close_all(ahead.early))
 
     def _open(self, kind: str, session_id: str, size: int, capabilities: list[str],
               *then: F.Event, prejoin: bool = False) -> Channel:
@@ -82,13 +84,19 @@ class SenderBase:
         is made (_prejoin)."""
         ahead, self._ahead = self._ahead, None
         self._drop_early()
+        self._planned = None
         try:
             if ahead is None:
                 sock = connect(self.address, self.context, on_tcp=self._prejoin if prejoin else None)
             else:
                 try:
-                    if prejoin and isinstance(ahead, Ahead) and ahead.tcp.exception() is None:
-                        self._prejoin(ahead.tcp.result())
+                    if isinstance(ahead, Ahead) and ahead.tcp.exception() is None:
+                        if prejoin and ahead.streams == self.streams:  # begun ahead already
+                            self._planned, self._early = ahead.planned, ahead.early
+                        else:
+                            _close_all(ahead.early)
+                            if prejoin:
+                                self._prejoin(ahead.tcp.result())
                     sock = ahead.result()
                 except BaseException:  # a stop's KeyboardInterrupt while it waited: closed once made
                     ahead.add_done_callback(_close_connected)
@@ -96,6 +104,8 @@ class SenderBase:
         except BaseException:
             self._drop_early()
             raise
+        if (self._planned or 1) > 1:  # asked in HELLO: one round trip sooner (F.STREAMS_HELLO)
+            capabilities = capabilities + [f"{F.STREAMS_ASK}{self._planned}"]
         chan = Channel(sock, Connection(SENDER))
         try:
             chan.send(F.Hello([PROTOCOL_VERSION], kind, self.target, session_id, size, F.FINE_BLOCK, capabilities))
@@ -115,16 +125,12 @@ class SenderBase:
         session's end closes them."""
         self._drop_early()
         count = self._planned = initial_streams(self.streams, raw) if self.streams != 1 else 1
-        if count > 1:
-            pool = ThreadPoolExecutor(count - 1, thread_name_prefix="smsrepl-stream-connect")
-            self._early = [pool.submit(connect, self.address, self.context) for _ in range(count - 1)]
-            pool.shutdown(wait=False)
+        self._early = begin_connects(self.address, self.context, count - 1)
 
     def _drop_early(self) -> None:
         """Close the extra connections begun early and not used."""
         early, self._early = self._early, []
-        for fut in early:
-            fut.add_done_callback(_close_connected)
+        _close_all(early)
 
     def _end_streams(self) -> None:
         """At a session's end: its stripes, its pending STREAMS question and its early
@@ -147,7 +153,8 @@ class SenderBase:
         stripes = Stripes(chan, [])
         self._joining = (stripes, session_id, size, count)  # before the answer can come
         self._chan = stripes  # what the session closes at its end, whatever happens next
-        chan.send(F.Streams(count, ""))  # unnumbered, before any frame of the stripes
+        if F.STREAMS_HELLO not in peer_caps:  # else HELLO asked, and the answer comes unasked
+            chan.send(F.Streams(count, ""))  # unnumbered, before any frame of the stripes
         return stripes
 
     def streams_granted(self, ev: F.Streams) -> None:
@@ -159,8 +166,7 @@ class SenderBase:
         if ev.count > asked:
             raise RemoteProtocolError(f"the receiver granted {ev.count} connections, {asked} were asked for")
         early, self._early = self._early, []
-        for fut in early[max(0, ev.count - 1):]:  # more than granted
-            fut.add_done_callback(_close_connected)
+        _close_all(early[max(0, ev.count - 1):])  # more than granted
         if ev.count <= 1:
             log.info("the receiver runs session %s over one connection", session_id)
             return
@@ -192,6 +198,12 @@ class SenderBase:
             chan.close()
             raise
         return chan
+
+
+def _close_all(connects: list[Future]) -> None:
+    """The connections ``connects`` make, closed once made."""
+    for fut in connects:
+        fut.add_done_callback(_close_connected)
 
 
 def _close_connected(fut: Future) -> None:

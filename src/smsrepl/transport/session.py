@@ -218,6 +218,14 @@ class Session:
             raise TransportError(f"sender aborted: {ev.code} {ev.message}".strip())
         raise TransportError(f"connection closed by the sender{during}")
 
+    def grant_hello_ask(self) -> None:
+        """Answer now, right after WELCOME, a HELLO that asked for the session's connections
+        itself ("streams=N", F.STREAMS_HELLO); its reader must be running (start_reader)."""
+        assert self.hello is not None
+        count = hello_streams(self.hello.capabilities)
+        if count > 1:
+            self.grant_streams(F.Streams(count, ""))
+
     def grant_streams(self, ev: F.Streams) -> None:
         """The sender asks to run this session over ``ev.count`` connections: grant up to
         MAX_STREAMS (1, a refusal, to a session whose frames are not read on a thread) and offer
@@ -299,6 +307,17 @@ class Session:
                     return
         except BaseException as exc:  # handed to the applying thread
             frames.put_nowait(exc)
+
+
+def hello_streams(capabilities: list[str]) -> int:
+    """The connections a HELLO asked for ("streams=N"), 0 where it asked for none."""
+    for cap in capabilities:
+        if cap.startswith(F.STREAMS_ASK):
+            count = cap[len(F.STREAMS_ASK):]
+            if count.isdigit() and len(count) <= 3:
+                return int(count)
+            raise RemoteProtocolError(f"HELLO asks for {cap!r} connections: not a count")
+    return 0
 
 
 def name_target(exc: TargetWriteError, name: str, path: str | None) -> None:
