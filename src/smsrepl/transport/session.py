@@ -258,7 +258,9 @@ class Session:
                     ev = frames.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     return
-            if isinstance(ev, (BaseException, ConnectionClosed)):
+            # after its CLOSE (an early one: "early-close") a sender sends nothing more, and the
+            # reader stopped there: waiting on would hold the target for nothing
+            if isinstance(ev, (BaseException, ConnectionClosed, F.Close)):
                 return
 
     def start_reader(self, depth: int, clock: StageClock | None = None) -> FrameOrder:
