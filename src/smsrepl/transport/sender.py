@@ -175,6 +175,9 @@ class Sender(SenderBase):
         welcome = expect_welcome(chan.recv())
         self._peer_caps = frozenset(welcome.capabilities)
         self._reconcile_note = None
+        # the session this connection's HELLO named: its extra connections name it too (the
+        # receiver's offer is for that one, even where _adopt takes another session over)
+        hello_session = rec["session_id"]
         if welcome.session_id != rec["session_id"]:
             if not stateless:
                 raise RemoteProtocolError(f"the receiver names session {welcome.session_id}, not this one's")
@@ -187,7 +190,7 @@ class Sender(SenderBase):
         faults.point("sender.welcome")
         self.replies.on_streams = self.streams_granted
         # before the replies are read: an answer to STREAMS asked in HELLO comes right away
-        spread = self._spread(chan, rec["session_id"], source.size, self._peer_caps)
+        spread = self._spread(chan, hello_session, source.size, self._peer_caps)
         self.replies.start(chan)
         chan = spread
 
