@@ -166,6 +166,8 @@ class Sender(SenderBase):
             chan = self._chan = self._open("block", rec["session_id"], source.size, _capabilities(stateless),
                                            prejoin=True)
             try:
+                if self.stop_requested:  # came while connecting: stop() found no connection to break
+                    raise TransportError("the round was stopped before it started")
                 return self._session(source, rec, chan, started, stateless)
             finally:
                 (self._chan or chan).close()  # the session's connections, extra ones too
