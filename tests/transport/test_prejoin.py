@@ -209,7 +209,7 @@ def test_a_hello_asking_for_a_count_that_is_not_one_is_a_protocol_error():
 
     assert hello_streams(["zstd", "streams", "streams=4"]) == 4
     assert hello_streams(["zstd", "streams"]) == 0
-    for bad in ("streams=", "streams=x", "streams=-1", "streams=99999"):
+    for bad in ("streams=", "streams=x", "streams=-1", "streams=99999", "streams=\u00b2", "streams=\u0663"):
         with pytest.raises(RemoteProtocolError, match="not a count"):
             hello_streams([bad])
 

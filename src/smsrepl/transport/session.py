@@ -316,7 +316,7 @@ def hello_streams(capabilities: list[str]) -> int:
     for cap in capabilities:
         if cap.startswith(F.STREAMS_ASK):
             count = cap[len(F.STREAMS_ASK):]
-            if count.isdigit() and len(count) <= 3:
+            if count.isascii() and count.isdigit() and len(count) <= 3:  # ("²" is a digit too)
                 return int(count)
             raise RemoteProtocolError(f"HELLO asks for {cap!r} connections: not a count")
     return 0
