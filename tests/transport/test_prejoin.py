@@ -97,7 +97,6 @@ def test_a_connection_begun_ahead_for_the_same_streams_brings_its_extra_connecti
         ahead = connect_ahead(addr, ctx, 3)
         ahead.result(30)
         assert ahead.planned == 3 and len(ahead.early) == 2
-        begun = [f.result(30) for f in ahead.early]
         seen = _record_connects(monkeypatch)
         sender = Sender(str(src), "disk0", addr, ctx, str(tmp_path / "tx"), level=0, streams=3)
         sender.take_connection(ahead)
@@ -106,7 +105,7 @@ def test_a_connection_begun_ahead_for_the_same_streams_brings_its_extra_connecti
         sender._join = lambda index, key, sid, size, early: joined.append(early.result()) or real(index, key, sid, size, early)
         sender.run()
         assert seen == []  # no connection of its own
-        assert joined == begun
+        assert sorted(map(id, joined)) == sorted(id(f.result()) for f in ahead.early)
         assert (tmp_path / "t.img").read_bytes() == src.read_bytes()
     finally:
         rx.stop()
@@ -121,11 +120,14 @@ def test_extra_connections_begun_ahead_and_not_taken_are_closed(tmp_path, bundle
         sender = Sender(str(tmp_path / "none.img"), "disk0", addr, ctx, str(tmp_path / "tx"), streams=3)
         sender.take_connection(ahead)
         sender.drop_connection()
-        socks = [ahead.result(30)] + [f.result(30) for f in ahead.early]
+        ahead.result(30)
+        # the extra ones were made, and closed, or given up before their TLS handshake (connect.Gate)
+        socks = [ahead.result()] + [f.result(30) for f in ahead.early if f.exception(30) is None]
         deadline = time.monotonic() + 10
         while any(s.raw.fileno() >= 0 for s in socks) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert [s.raw.fileno() for s in socks] == [-1, -1, -1]
+        assert [s.raw.fileno() for s in socks] == [-1] * len(socks)
+        assert len(ahead.early) == 2
     finally:
         rx.stop()
 
@@ -207,7 +209,7 @@ def test_a_hello_asking_for_a_count_that_is_not_one_is_a_protocol_error():
 
     assert hello_streams(["zstd", "streams", "streams=4"]) == 4
     assert hello_streams(["zstd", "streams"]) == 0
-    for bad in ("streams=", "streams=x", "streams=-1", "streams=99999"):
+    for bad in ("streams=", "streams=x", "streams=-1", "streams=99999", "streams=\u00b2", "streams=\u0663"):
         with pytest.raises(RemoteProtocolError, match="not a count"):
             hello_streams([bad])
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 from smsrepl._lazy import np
-from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError
+from smsrepl.errors import LocalProtocolError, RemoteError, RemoteProtocolError, ReplicationError, TransportError
 from smsrepl.protocol import ConnectionClosed
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
@@ -79,8 +79,9 @@ class Replies:
     def peer_reason(self, exc: ReplicationError, *, stopped: bool) -> ReplicationError:
         """The receiver's ERROR, where it sent one, rather than what the end of the connection did
         here: a send that failed because the reader, on that ERROR, shut the socket down (or
-        because the receiver hung up after it) says only "broken pipe"."""
-        if isinstance(exc, TransportError) and not stopped:
+        because the receiver hung up after it) says only "broken pipe", and one made as the
+        reader took the ERROR in, "cannot send ... in state error"."""
+        if isinstance(exc, (TransportError, LocalProtocolError)) and not stopped:
             self.done.wait(2.0)  # the reader may still be taking the ERROR in
         failure = self.failure
         return failure if isinstance(failure, RemoteError) else exc

@@ -8,7 +8,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from smsrepl.errors import ConfigError, ConnectError, ReplicationError
 from smsrepl.transport.streams_auto import StreamCount, initial_streams
@@ -77,11 +77,36 @@ def tune_socket(raw: socket.socket) -> None:
                 pass
 
 
+class Gate:
+    """Where a session's extra connections begun early wait between their TCP connection and
+    their TLS handshake: one whose ClientHello went counts at the receiver's door among the
+    connections that have not said HELLO, and a door full of those evicts the oldest, which
+    was the session's own before its HELLO (a connection that has said nothing waits at the
+    door without counting). Opened once the session's HELLO went: their handshakes then run
+    beside its WELCOME and the answer to STREAMS, no later; shut where they are not needed."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._shut = False
+
+    def open(self) -> None:
+        self._event.set()
+
+    def shut(self) -> None:
+        self._shut = True
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """True once opened; False once shut, or after ``timeout`` seconds."""
+        return self._event.wait(timeout) and not self._shut
+
+
 def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float = CONNECT_TIMEOUT,
-            on_tcp: Callable[[socket.socket], None] | None = None) -> TLSStream:
+            on_tcp: Callable[[socket.socket], None] | None = None, gate: Gate | None = None) -> TLSStream:
     """The TLS connection to the receiver at ``address``, its role checked. ``on_tcp(raw)`` is
     called once the TCP connection is made, before the TLS handshake (its SYN measured the round
-    trip already: SenderBase plans its extra connections by it)."""
+    trip already: SenderBase plans its extra connections by it); with ``gate`` the handshake
+    waits for it to open (Gate)."""
     host, port = address
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
@@ -94,6 +119,10 @@ def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float
         except BaseException:
             raw.close()
             raise
+    if gate is not None and not gate.wait(timeout):
+        raw.close()
+        raise ConnectError("an extra connection begun early was not needed, or the session's HELLO did not go "
+                           f"within {timeout:g} s")
     try:
         sock = TLSStream(raw, context, server_side=False)
         sock.handshake()
@@ -108,15 +137,23 @@ def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float
     return sock
 
 
-def begin_connects(address: tuple[str, int], context: ssl.SSLContext, count: int) -> list[Future]:
-    """``count`` connect()s begun at once, each on a thread of its own."""
-    if count <= 0:
-        return []
-    pool = ThreadPoolExecutor(count, thread_name_prefix="smsrepl-stream-connect")
-    try:
-        return [pool.submit(connect, address, context) for _ in range(count)]
-    finally:
-        pool.shutdown(wait=False)
+def begin_connects(address: tuple[str, int], context: ssl.SSLContext, count: int,
+                   gate: Gate | None = None) -> list[Future]:
+    """``count`` connect()s begun at once (their TLS handshakes waiting for ``gate``), each on a
+    daemon thread of its own: connections nobody took never hold the exit."""
+    futures: list[Future] = []
+    for _ in range(max(0, count)):
+        fut: Future = Future()
+
+        def run(fut: Future = fut) -> None:
+            try:
+                fut.set_result(connect(address, context, gate=gate))
+            except BaseException as exc:  # the join that takes it says so
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name="smsrepl-stream-connect", daemon=True).start()
+        futures.append(fut)
+    return futures
 
 
 class Ahead(Future):
@@ -130,6 +167,14 @@ class Ahead(Future):
         self.streams = streams
         self.planned = 1
         self.early: list[Future] = []
+        #: what the extra connections' TLS handshakes wait for (the session's HELLO)
+        self.gate = Gate()
+
+    def drop(self) -> None:
+        """Nobody takes it: its connection and its extra ones closed, once made."""
+        self.add_done_callback(close_connected)
+        self.gate.shut()
+        self.tcp.add_done_callback(lambda _: close_all(self.early))  # (begun before tcp is set)
 
 
 def connect_ahead(address: tuple[str, int], context: ssl.SSLContext, streams: StreamCount = 1) -> Ahead:
@@ -143,7 +188,7 @@ def connect_ahead(address: tuple[str, int], context: ssl.SSLContext, streams: St
     def on_tcp(raw: socket.socket) -> None:
         if streams != 1:
             fut.planned = initial_streams(streams, raw)
-            fut.early = begin_connects(address, context, fut.planned - 1)
+            fut.early = begin_connects(address, context, fut.planned - 1, fut.gate)
         fut.tcp.set_result(raw)
 
     def run() -> None:
@@ -156,3 +201,15 @@ def connect_ahead(address: tuple[str, int], context: ssl.SSLContext, streams: St
 
     threading.Thread(target=run, name="smsrepl-connect-ahead", daemon=True).start()
     return fut
+
+
+def close_all(connects: list[Future]) -> None:
+    """The connections ``connects`` make, closed once made."""
+    for fut in connects:
+        fut.add_done_callback(close_connected)
+
+
+def close_connected(fut: Future) -> None:
+    """A done callback: the connection ``fut`` made, closed (a failed one made none)."""
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()

@@ -173,6 +173,10 @@ class FileSender(SenderBase):
                 self.open()
             chan = self._chan
             assert chan is not None
+            if self.stop_requested:  # came while connecting: stop() found no connection to break
+                chan.close()
+                self._end_streams()
+                raise TransportError("the round was stopped before it started")
             try:
                 return self._session(chan, started, early)
             except BaseException:

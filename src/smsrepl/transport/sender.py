@@ -166,6 +166,8 @@ class Sender(SenderBase):
             chan = self._chan = self._open("block", rec["session_id"], source.size, _capabilities(stateless),
                                            prejoin=True)
             try:
+                if self.stop_requested:  # came while connecting: stop() found no connection to break
+                    raise TransportError("the round was stopped before it started")
                 return self._session(source, rec, chan, started, stateless)
             finally:
                 (self._chan or chan).close()  # the session's connections, extra ones too
@@ -175,6 +177,9 @@ class Sender(SenderBase):
         welcome = expect_welcome(chan.recv())
         self._peer_caps = frozenset(welcome.capabilities)
         self._reconcile_note = None
+        # the session this connection's HELLO named: its extra connections name it too (the
+        # receiver's offer is for that one, even where _adopt takes another session over)
+        hello_session = rec["session_id"]
         if welcome.session_id != rec["session_id"]:
             if not stateless:
                 raise RemoteProtocolError(f"the receiver names session {welcome.session_id}, not this one's")
@@ -187,7 +192,7 @@ class Sender(SenderBase):
         faults.point("sender.welcome")
         self.replies.on_streams = self.streams_granted
         # before the replies are read: an answer to STREAMS asked in HELLO comes right away
-        spread = self._spread(chan, rec["session_id"], source.size, self._peer_caps)
+        spread = self._spread(chan, hello_session, source.size, self._peer_caps)
         self.replies.start(chan)
         chan = spread
 

@@ -19,7 +19,8 @@ from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection, ConnectionClo
 from smsrepl.protocol import frames as F
 from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.connect import Ahead, begin_connects, check_target_name, connect
+from smsrepl.transport.connect import (Ahead, Gate, begin_connects, check_target_name, close_all, close_connected,
+                                       connect)
 from smsrepl.transport.stripes import Stripes
 from smsrepl.transport.streams_auto import StreamCount, initial_streams
 
@@ -45,6 +46,8 @@ class SenderBase:
         self._joining: tuple[Stripes, str, int, int] | None = None
         #: the extra connections' TCP and TLS handshakes, begun with the session's (_prejoin)
         self._early: list[Future] = []
+        #: what their TLS handshakes wait for: the session's HELLO (connect.Gate)
+        self._gate = Gate()
         #: the connections the running session runs over, once counted (_prejoin)
         self._planned: int | None = None
         #: a connection begun before this sender existed (take_connection), for its first session
@@ -72,9 +75,7 @@ class SenderBase:
     def drop_connection(self) -> None:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            ahead.add_done_callback(_close_connected)
-            if isinstance(ahead, Ahead):  # and the extra connections begun with it
-                ahead.tcp.add_done_callback(lambda _: _close_all(ahead.early))
+            _drop_ahead(ahead)
 
     def _open(self, kind: str, session_id: str, size: int, capabilities: list[str],
               *then: F.Event, prejoin: bool = False) -> Channel:
@@ -92,14 +93,15 @@ class SenderBase:
                 try:
                     if isinstance(ahead, Ahead) and ahead.tcp.exception() is None:
                         if prejoin and ahead.streams == self.streams:  # begun ahead already
-                            self._planned, self._early = ahead.planned, ahead.early
+                            self._planned, self._early, self._gate = ahead.planned, ahead.early, ahead.gate
                         else:
-                            _close_all(ahead.early)
+                            ahead.gate.shut()
+                            close_all(ahead.early)
                             if prejoin:
                                 self._prejoin(ahead.tcp.result())
                     sock = ahead.result()
                 except BaseException:  # a stop's KeyboardInterrupt while it waited: closed once made
-                    ahead.add_done_callback(_close_connected)
+                    _drop_ahead(ahead)  # (extra connections begun after it too)
                     raise
         except BaseException:
             self._drop_early()
@@ -113,7 +115,9 @@ class SenderBase:
                 chan.send(frame)
         except BaseException:
             chan.close()
+            self._drop_early()
             raise
+        self._gate.open()  # the extra connections' TLS handshakes, beside WELCOME (connect.Gate)
         return chan
 
 
@@ -125,12 +129,14 @@ class SenderBase:
         session's end closes them."""
         self._drop_early()
         count = self._planned = initial_streams(self.streams, raw) if self.streams != 1 else 1
-        self._early = begin_connects(self.address, self.context, count - 1)
+        self._gate = Gate()
+        self._early = begin_connects(self.address, self.context, count - 1, self._gate)
 
     def _drop_early(self) -> None:
         """Close the extra connections begun early and not used."""
         early, self._early = self._early, []
-        _close_all(early)
+        self._gate.shut()
+        close_all(early)
 
     def _end_streams(self) -> None:
         """At a session's end: its stripes, its pending STREAMS question and its early
@@ -166,7 +172,7 @@ class SenderBase:
         if ev.count > asked:
             raise RemoteProtocolError(f"the receiver granted {ev.count} connections, {asked} were asked for")
         early, self._early = self._early, []
-        _close_all(early[max(0, ev.count - 1):])  # more than granted
+        close_all(early[max(0, ev.count - 1):])  # more than granted
         if ev.count <= 1:
             log.info("the receiver runs session %s over one connection", session_id)
             return
@@ -200,16 +206,13 @@ class SenderBase:
         return chan
 
 
-def _close_all(connects: list[Future]) -> None:
-    """The connections ``connects`` make, closed once made."""
-    for fut in connects:
-        fut.add_done_callback(_close_connected)
-
-
-def _close_connected(fut: Future) -> None:
-    """A done callback: the connection ``fut`` made, closed (a failed one made none)."""
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().close()
+def _drop_ahead(ahead: Future) -> None:
+    """A connection begun ahead that no session takes: closed once made, and with connect_ahead's
+    the extra connections begun with it."""
+    if isinstance(ahead, Ahead):
+        ahead.drop()
+    else:
+        ahead.add_done_callback(close_connected)
 
 
 def raise_if_error(ev: object) -> None:

@@ -258,7 +258,9 @@ class Session:
                     ev = frames.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     return
-            if isinstance(ev, (BaseException, ConnectionClosed)):
+            # after its CLOSE (an early one: "early-close") a sender sends nothing more, and the
+            # reader stopped there: waiting on would hold the target for nothing
+            if isinstance(ev, (BaseException, ConnectionClosed, F.Close)):
                 return
 
     def start_reader(self, depth: int, clock: StageClock | None = None) -> FrameOrder:
@@ -314,7 +316,7 @@ def hello_streams(capabilities: list[str]) -> int:
     for cap in capabilities:
         if cap.startswith(F.STREAMS_ASK):
             count = cap[len(F.STREAMS_ASK):]
-            if count.isdigit() and len(count) <= 3:
+            if count.isascii() and count.isdigit() and len(count) <= 3:  # ("²" is a digit too)
                 return int(count)
             raise RemoteProtocolError(f"HELLO asks for {cap!r} connections: not a count")
     return 0
