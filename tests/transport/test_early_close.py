@@ -23,22 +23,28 @@ def _image(path, size=6 << 20) -> None:
 
 
 def _sender_frames(monkeypatch) -> list[str]:
-    """What the sender's channels send and receive, in order ("send Close", "recv RoundDone")."""
+    """What the sender's own connection (its first channel: not the extra ones) sends and
+    receives, in order ("send Close", "recv RoundDone")."""
     seen: list[str] = []
+    first: list[Channel] = []
     lock = threading.Lock()
     send, recv = Channel.send, Channel.recv
 
+    def mine(chan: Channel) -> bool:
+        with lock:
+            if chan.conn.role is SENDER and not first:
+                first.append(chan)
+            return bool(first) and chan is first[0]
+
     def sending(self, event):
-        if self.conn.role is SENDER:
-            with lock:
-                seen.append(f"send {type(event).__name__}")
+        if mine(self):
+            seen.append(f"send {type(event).__name__}")
         return send(self, event)
 
     def receiving(self):
         event = recv(self)
-        if self.conn.role is SENDER:
-            with lock:
-                seen.append(f"recv {type(event).__name__}")
+        if mine(self):
+            seen.append(f"recv {type(event).__name__}")
         return event
 
     monkeypatch.setattr(Channel, "send", sending)
