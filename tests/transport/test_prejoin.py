@@ -183,7 +183,8 @@ def _copy_over_three(tmp_path, bundle) -> str:
 def test_the_hello_asks_for_the_connections_and_the_answer_follows_the_welcome(tmp_path, bundle, monkeypatch):
     seen = _main_channel_frames(monkeypatch)
     _copy_over_three(tmp_path, bundle)
-    assert seen[:3] == ["send Hello", "recv Welcome", "recv Streams"]
+    # (the replies are read on a thread of their own: the grant may be read after the first frames went)
+    assert [f for f in seen if f.startswith("recv")][:2] == ["recv Welcome", "recv Streams"]
     assert seen.count("send Streams") == 0  # asked in HELLO, not again
 
 
@@ -197,8 +198,8 @@ def test_a_receiver_without_streams_hello_is_asked_after_its_welcome(tmp_path, b
     monkeypatch.setattr(Session, "grant_hello_ask", lambda self: None)
     seen = _main_channel_frames(monkeypatch)
     _copy_over_three(tmp_path, bundle)
-    assert seen[:3] == ["send Hello", "recv Welcome", "send Streams"]
-    assert seen.count("recv Streams") == 1
+    assert [f for f in seen if f.startswith("send")][:2] == ["send Hello", "send Streams"]
+    assert seen.index("recv Welcome") < seen.index("send Streams") < seen.index("recv Streams")
 
 
 def test_a_hello_asking_for_a_count_that_is_not_one_is_a_protocol_error():
