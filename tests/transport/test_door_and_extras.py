@@ -6,23 +6,14 @@ from __future__ import annotations
 import time
 
 from smsrepl.transport.connect import connect, connect_ahead
-from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
-from smsrepl.transport.tls import client_context, server_context
+from smsrepl.transport.tls import client_context
 
 
-def _image(path, size=4 << 20) -> None:
-    with open(path, "wb") as fh:
-        for i in range(size // 65536):
-            fh.write(bytes([i % 251 + 1]) * 65536)
-
-
-def test_extra_connections_begun_ahead_do_not_push_the_sessions_own_out_of_the_door(tmp_path, bundle):
-    src = tmp_path / "src.img"
-    _image(src)
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True,
-                  max_unauthenticated=3)
-    addr = rx.start()
+def test_extra_connections_begun_ahead_do_not_push_the_sessions_own_out_of_the_door(tmp_path, bundle, source_image,
+                                                                                     receiver):
+    src = source_image()
+    addr = receiver(max_unauthenticated=3)
     other = None
     try:
         ctx = client_context(bundle)
@@ -38,42 +29,37 @@ def test_extra_connections_begun_ahead_do_not_push_the_sessions_own_out_of_the_d
     finally:
         if other is not None:
             other.close()
-        rx.stop()
 
 
-def test_extra_connections_go_when_the_sessions_hello_cannot_be_sent(tmp_path, bundle, monkeypatch):
+def test_extra_connections_go_when_the_sessions_hello_cannot_be_sent(tmp_path, bundle, monkeypatch, source_image,
+                                                                     receiver):
     from smsrepl.errors import TransportError
     from smsrepl.protocol import frames as F
     from smsrepl.transport.channel import Channel
 
-    src = tmp_path / "src.img"
-    _image(src)
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
-    addr = rx.start()
+    src = source_image()
+    addr = receiver()
+    send = Channel.send
+
+    def failing(self, event):
+        if isinstance(event, F.Hello) and event.kind == "block":
+            raise TransportError("connection lost while sending: broken pipe")
+        return send(self, event)
+
+    monkeypatch.setattr(Channel, "send", failing)
+    sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0, streams=3)
+    early: list = []
+    real = sender._prejoin
+    sender._prejoin = lambda raw: (real(raw), early.extend(sender._early))
     try:
-        send = Channel.send
-
-        def failing(self, event):
-            if isinstance(event, F.Hello) and event.kind == "block":
-                raise TransportError("connection lost while sending: broken pipe")
-            return send(self, event)
-
-        monkeypatch.setattr(Channel, "send", failing)
-        sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0, streams=3)
-        early: list = []
-        real = sender._prejoin
-        sender._prejoin = lambda raw: (real(raw), early.extend(sender._early))
-        try:
-            sender.run()
-        except TransportError:
-            pass
-        else:
-            raise AssertionError("the session's HELLO did not fail")
-        assert len(early) == 2 and sender._early == []
-        socks = [f.result(30) for f in early if f.exception(30) is None]
-        deadline = time.monotonic() + 10
-        while any(s.raw.fileno() >= 0 for s in socks) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert all(s.raw.fileno() == -1 for s in socks)
-    finally:
-        rx.stop()
+        sender.run()
+    except TransportError:
+        pass
+    else:
+        raise AssertionError("the session's HELLO did not fail")
+    assert len(early) == 2 and sender._early == []
+    socks = [f.result(30) for f in early if f.exception(30) is None]
+    deadline = time.monotonic() + 10
+    while any(s.raw.fileno() >= 0 for s in socks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(s.raw.fileno() == -1 for s in socks)

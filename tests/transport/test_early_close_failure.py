@@ -10,21 +10,14 @@ import pytest
 
 from smsrepl.blocks.replica import Replica
 from smsrepl.errors import RemoteError, TargetWriteError
-from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
-from smsrepl.transport.tls import client_context, server_context
-
-
-def _image(path, size=4 << 20) -> None:
-    with open(path, "wb") as fh:
-        for i in range(size // 65536):
-            fh.write(bytes([i % 251 + 1]) * 65536)
+from smsrepl.transport.tls import client_context
 
 
 @pytest.mark.parametrize("streams", [1, 3])
-def test_a_round_failing_at_its_end_after_an_early_close(tmp_path, bundle, monkeypatch, streams):
-    src = tmp_path / "src.img"
-    _image(src)
+def test_a_round_failing_at_its_end_after_an_early_close(tmp_path, bundle, monkeypatch, streams, source_image,
+                                                         receiver):
+    src = source_image()
 
     def full(self, round_id):
         raise TargetWriteError("cannot sync the target: No space left on device")
@@ -37,20 +30,15 @@ def test_a_round_failing_at_its_end_after_an_early_close(tmp_path, bundle, monke
         outcomes.append(outcome)
         ended.set()
 
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True,
-                  on_session=on_session)
-    addr = rx.start()
-    try:
-        sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0,
-                        streams=streams)
-        with pytest.raises(RemoteError) as info:
-            sender.run()
-        failed = time.monotonic()
-        assert "No space left on device" in info.value.message
-        assert info.value.code == TargetWriteError.code and info.value.resumable
-        # the session ends (its target let go) once the sender hung up, not after DRAIN_STREAMING
-        assert ended.wait(5.0)
-        assert time.monotonic() - failed < 3.0
-        assert outcomes[0].ok is False
-    finally:
-        rx.stop()
+    addr = receiver(on_session=on_session)
+    sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0,
+                    streams=streams)
+    with pytest.raises(RemoteError) as info:
+        sender.run()
+    failed = time.monotonic()
+    assert "No space left on device" in info.value.message
+    assert info.value.code == TargetWriteError.code and info.value.resumable
+    # the session ends (its target let go) once the sender hung up, not after DRAIN_STREAMING
+    assert ended.wait(5.0)
+    assert time.monotonic() - failed < 3.0
+    assert outcomes[0].ok is False

@@ -9,20 +9,13 @@ import pytest
 from smsrepl.blocks.replica import Replica
 from smsrepl.errors import RemoteError, TargetWriteError
 from smsrepl.transport import block_replies
-from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
-from smsrepl.transport.tls import client_context, server_context
+from smsrepl.transport.tls import client_context
 
 
-def _image(path, size=64 << 20) -> None:
-    with open(path, "wb") as fh:
-        for i in range(size // (1 << 20)):
-            fh.write(bytes([i % 251 + 1]) * (1 << 20))
-
-
-def test_the_receivers_error_wins_over_a_send_refused_by_the_state_it_left(tmp_path, bundle, monkeypatch):
-    src = tmp_path / "src.img"
-    _image(src)
+def test_the_receivers_error_wins_over_a_send_refused_by_the_state_it_left(tmp_path, bundle, monkeypatch,
+                                                                           source_image, receiver):
+    src = source_image(64 << 20)
     applied = []
     real_apply = Replica.apply_data
 
@@ -40,12 +33,8 @@ def test_the_receivers_error_wins_over_a_send_refused_by_the_state_it_left(tmp_p
         real_raise(ev)
 
     monkeypatch.setattr(block_replies, "raise_if_error", slow_raise)
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
-    addr = rx.start()
-    try:
-        sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0)
-        with pytest.raises(RemoteError) as info:
-            sender.run()
-        assert "No space left on device" in info.value.message
-    finally:
-        rx.stop()
+    addr = receiver()
+    sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0)
+    with pytest.raises(RemoteError) as info:
+        sender.run()
+    assert "No space left on device" in info.value.message

@@ -6,63 +6,48 @@ import pytest
 
 from smsrepl.errors import TransportError
 from smsrepl.transport import sender_base
-from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.sender import Sender
-from smsrepl.transport.tls import client_context, server_context
-
-
-def _image(path, size=4 << 20) -> None:
-    with open(path, "wb") as fh:
-        for i in range(size // 65536):
-            fh.write(bytes([i % 251 + 1]) * 65536)
+from smsrepl.transport.tls import client_context
 
 
 @pytest.mark.parametrize("streams", [1, 3])
-def test_a_stop_while_connecting_ends_the_session_before_its_round(tmp_path, bundle, monkeypatch, streams):
-    src = tmp_path / "src.img"
-    _image(src)
-    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
-    addr = rx.start()
-    try:
-        sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0,
-                        streams=streams)
-        real = sender_base.connect
+def test_a_stop_while_connecting_ends_the_session_before_its_round(tmp_path, bundle, monkeypatch, streams,
+                                                                   source_image, receiver):
+    src = source_image()
+    addr = receiver()
+    sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0,
+                    streams=streams)
+    real = sender_base.connect
 
-        def connecting(*a, **kw):
-            sock = real(*a, **kw)
-            sender.stop()  # (another thread's: a pause, a continuous sync's abort)
-            return sock
+    def connecting(*a, **kw):
+        sock = real(*a, **kw)
+        sender.stop()  # (another thread's: a pause, a continuous sync's abort)
+        return sock
 
-        monkeypatch.setattr(sender_base, "connect", connecting)
-        with pytest.raises(TransportError, match="stopped"):
-            sender.run()
-        assert sender.replies.round_done is None
-        assert not (tmp_path / "t.img").exists() or (tmp_path / "t.img").read_bytes() != src.read_bytes()
-    finally:
-        rx.stop()
+    monkeypatch.setattr(sender_base, "connect", connecting)
+    with pytest.raises(TransportError, match="stopped"):
+        sender.run()
+    assert sender.replies.round_done is None
+    assert not (tmp_path / "t.img").exists() or (tmp_path / "t.img").read_bytes() != src.read_bytes()
 
 
-def test_a_stop_while_a_file_session_connects_ends_it_before_its_round(tmp_path, bundle, monkeypatch):
+def test_a_stop_while_a_file_session_connects_ends_it_before_its_round(tmp_path, bundle, monkeypatch, receiver):
     from smsrepl.transport.file_sender import FileSender
 
     tree = tmp_path / "tree"
     tree.mkdir()
     for i in range(20):
         (tree / f"f{i}").write_bytes(bytes([i]) * 5000)
-    rx = Receiver({"files0": str(tmp_path / "t")}, server_context(bundle), str(tmp_path / "rx"), create=True)
-    addr = rx.start()
-    try:
-        sender = FileSender(str(tree), "files0", addr, client_context(bundle), streams=3)
-        real = sender_base.connect
+    addr = receiver({"files0": str(tmp_path / "t")})
+    sender = FileSender(str(tree), "files0", addr, client_context(bundle), streams=3)
+    real = sender_base.connect
 
-        def connecting(*a, **kw):
-            sock = real(*a, **kw)
-            sender.stop()
-            return sock
+    def connecting(*a, **kw):
+        sock = real(*a, **kw)
+        sender.stop()
+        return sock
 
-        monkeypatch.setattr(sender_base, "connect", connecting)
-        with pytest.raises(TransportError, match="stopped"):
-            sender.run()
-        assert not (tmp_path / "t" / "f0").exists()
-    finally:
-        rx.stop()
+    monkeypatch.setattr(sender_base, "connect", connecting)
+    with pytest.raises(TransportError, match="stopped"):
+        sender.run()
+    assert not (tmp_path / "t" / "f0").exists()

@@ -137,22 +137,24 @@ def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float
     return sock
 
 
+def _on_thread(fut: Future, call: Callable[[], TLSStream], name: str) -> None:
+    """``fut`` given what ``call()`` returns or raises, on a daemon thread of its own: a
+    connection nobody takes never holds the exit."""
+    def run() -> None:
+        try:
+            fut.set_result(call())
+        except BaseException as exc:  # whoever takes it raises it, as connect() would have
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+
+
 def begin_connects(address: tuple[str, int], context: ssl.SSLContext, count: int,
                    gate: Gate | None = None) -> list[Future]:
-    """``count`` connect()s begun at once (their TLS handshakes waiting for ``gate``), each on a
-    daemon thread of its own: connections nobody took never hold the exit."""
-    futures: list[Future] = []
-    for _ in range(max(0, count)):
-        fut: Future = Future()
-
-        def run(fut: Future = fut) -> None:
-            try:
-                fut.set_result(connect(address, context, gate=gate))
-            except BaseException as exc:  # the join that takes it says so
-                fut.set_exception(exc)
-
-        threading.Thread(target=run, name="smsrepl-stream-connect", daemon=True).start()
-        futures.append(fut)
+    """``count`` connect()s begun at once, their TLS handshakes waiting for ``gate``."""
+    futures: list[Future] = [Future() for _ in range(max(0, count))]
+    for fut in futures:
+        _on_thread(fut, lambda: connect(address, context, gate=gate), "smsrepl-stream-connect")
     return futures
 
 
@@ -169,20 +171,29 @@ class Ahead(Future):
         self.early: list[Future] = []
         #: what the extra connections' TLS handshakes wait for (the session's HELLO)
         self.gate = Gate()
+        self.add_done_callback(self._tcp_failed_too)
+
+    def _tcp_failed_too(self, fut: Future) -> None:
+        """A connection that failed before its TCP one was made failed that too."""
+        if fut.exception() is not None and not self.tcp.done():
+            self.tcp.set_exception(fut.exception())
+
+    def drop_extra(self) -> None:
+        """The extra connections are not taken: closed once made."""
+        self.gate.shut()
+        self.tcp.add_done_callback(lambda _: close_all(self.early))  # (begun before tcp is set)
 
     def drop(self) -> None:
         """Nobody takes it: its connection and its extra ones closed, once made."""
         self.add_done_callback(close_connected)
-        self.gate.shut()
-        self.tcp.add_done_callback(lambda _: close_all(self.early))  # (begun before tcp is set)
+        self.drop_extra()
 
 
 def connect_ahead(address: tuple[str, int], context: ssl.SSLContext, streams: StreamCount = 1) -> Ahead:
     """connect() begun now on a thread of its own, for a sender to take (SenderBase.take_connection):
     its TCP and TLS handshakes (two round trips) run while the command imports the rest of
     itself (0.1 s of CPU), and with ``streams`` other than 1 the extra connections are begun as
-    soon as its TCP connection gives the round trip. A daemon thread: an attempt nobody took
-    never holds the exit."""
+    soon as its TCP connection gives the round trip."""
     fut = Ahead(streams)
 
     def on_tcp(raw: socket.socket) -> None:
@@ -191,15 +202,7 @@ def connect_ahead(address: tuple[str, int], context: ssl.SSLContext, streams: St
             fut.early = begin_connects(address, context, fut.planned - 1, fut.gate)
         fut.tcp.set_result(raw)
 
-    def run() -> None:
-        try:
-            fut.set_result(connect(address, context, on_tcp=on_tcp))
-        except BaseException as exc:  # the sender that takes it raises it, as connect() would have
-            if not fut.tcp.done():
-                fut.tcp.set_exception(exc)
-            fut.set_exception(exc)
-
-    threading.Thread(target=run, name="smsrepl-connect-ahead", daemon=True).start()
+    _on_thread(fut, lambda: connect(address, context, on_tcp=on_tcp), "smsrepl-connect-ahead")
     return fut
 
 

@@ -19,9 +19,9 @@ from smsrepl.protocol import PROTOCOL_VERSION, SENDER, Connection, ConnectionClo
 from smsrepl.protocol import frames as F
 from smsrepl.throttle import CpuCap, ScheduledLimiter, SpeedSchedule
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.connect import (Ahead, Gate, begin_connects, check_target_name, close_all, close_connected,
-                                       connect)
+from smsrepl.transport.connect import Ahead, Gate, begin_connects, check_target_name, close_all, connect
 from smsrepl.transport.stripes import Stripes
+from smsrepl.transport.tlsio import TLSStream
 from smsrepl.transport.streams_auto import StreamCount, initial_streams
 
 log = logging.getLogger("smsrepl.sender")
@@ -51,7 +51,7 @@ class SenderBase:
         #: the connections the running session runs over, once counted (_prejoin)
         self._planned: int | None = None
         #: a connection begun before this sender existed (take_connection), for its first session
-        self._ahead: Future | None = None
+        self._ahead: Ahead | None = None
 
     def stop(self) -> None:
         """Pause: break the running round from another thread. What the receiver made durable
@@ -67,7 +67,7 @@ class SenderBase:
         """Change the speed schedule of the running session, effective at once."""
         self.limiter.replace_schedule(schedule)
 
-    def take_connection(self, ahead: Future) -> None:
+    def take_connection(self, ahead: Ahead) -> None:
         """Open the first session over ``ahead`` (connect.connect_ahead), not a new connection;
         drop_connection() closes it if no session took it."""
         self._ahead = ahead
@@ -75,7 +75,7 @@ class SenderBase:
     def drop_connection(self) -> None:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            _drop_ahead(ahead)
+            ahead.drop()
 
     def _open(self, kind: str, session_id: str, size: int, capabilities: list[str],
               *then: F.Event, prejoin: bool = False) -> Channel:
@@ -83,26 +83,10 @@ class SenderBase:
         protocol lets a TREE_REQUEST come before WELCOME). With ``prejoin`` (a session that
         may run over several connections) the extra ones are begun once its TCP connection
         is made (_prejoin)."""
-        ahead, self._ahead = self._ahead, None
         self._drop_early()
         self._planned = None
         try:
-            if ahead is None:
-                sock = connect(self.address, self.context, on_tcp=self._prejoin if prejoin else None)
-            else:
-                try:
-                    if isinstance(ahead, Ahead) and ahead.tcp.exception() is None:
-                        if prejoin and ahead.streams == self.streams:  # begun ahead already
-                            self._planned, self._early, self._gate = ahead.planned, ahead.early, ahead.gate
-                        else:
-                            ahead.gate.shut()
-                            close_all(ahead.early)
-                            if prejoin:
-                                self._prejoin(ahead.tcp.result())
-                    sock = ahead.result()
-                except BaseException:  # a stop's KeyboardInterrupt while it waited: closed once made
-                    _drop_ahead(ahead)  # (extra connections begun after it too)
-                    raise
+            sock = self._session_connection(prejoin)
         except BaseException:
             self._drop_early()
             raise
@@ -120,6 +104,25 @@ class SenderBase:
         self._gate.open()  # the extra connections' TLS handshakes, beside WELCOME (connect.Gate)
         return chan
 
+
+    def _session_connection(self, prejoin: bool) -> TLSStream:
+        """The session's connection: the one begun ahead (take_connection) with the extra ones
+        it began, or a new one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return connect(self.address, self.context, on_tcp=self._prejoin if prejoin else None)
+        try:
+            if ahead.tcp.exception() is None:
+                if prejoin and ahead.streams == self.streams:  # begun ahead already
+                    self._planned, self._early, self._gate = ahead.planned, ahead.early, ahead.gate
+                else:
+                    ahead.drop_extra()
+                    if prejoin:
+                        self._prejoin(ahead.tcp.result())
+            return ahead.result()
+        except BaseException:  # a stop's KeyboardInterrupt while it waited: closed once made
+            ahead.drop()  # (extra connections begun after it too)
+            raise
 
     def _prejoin(self, raw: socket.socket) -> None:
         """Begin the extra connections' handshakes as soon as the session's TCP connection
@@ -204,15 +207,6 @@ class SenderBase:
             chan.close()
             raise
         return chan
-
-
-def _drop_ahead(ahead: Future) -> None:
-    """A connection begun ahead that no session takes: closed once made, and with connect_ahead's
-    the extra connections begun with it."""
-    if isinstance(ahead, Ahead):
-        ahead.drop()
-    else:
-        ahead.add_done_callback(close_connected)
 
 
 def raise_if_error(ev: object) -> None:
