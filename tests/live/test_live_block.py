@@ -84,12 +84,13 @@ def test_a_busy_mounted_file_system_ends_identical(tmp_path, certkey_file, track
         assert v["last_round"]["cutover"] == {os.path.join(str(tmp_path / "work"), "mnt"): "frozen"}
 
 
-@pytest.mark.reliability("live block sources", "mounted ext4 under a workload, over three connections")
-def test_a_busy_mounted_file_system_over_three_connections_ends_identical(tmp_path, certkey_file):
+@pytest.mark.reliability("live block sources", "mounted ext4 under a workload, over several connections")
+@pytest.mark.parametrize("streams", [3, 8])  # 8: frames of 4 MiB (block_pipeline.frame_blocks)
+def test_a_busy_mounted_file_system_over_several_connections_ends_identical(tmp_path, certkey_file, streams):
     v = _drive("scenario.py", tmp_path, certkey_file, tracking="kernel", cutover="operator", seconds=4, seed=11,
-               extra=["--streams", "3", "-v"])
+               extra=["--streams", str(streams), "-v"])
     _assert_identical(v)
-    assert "runs over 3 connections" in v["sender_stderr"], v["sender_stderr"][-2000:]
+    assert f"runs over {streams} connections" in v["sender_stderr"], v["sender_stderr"][-2000:]
 
 
 @pytest.mark.reliability("live block sources", "mounted ext4, pure-Python backend and tracker reader")

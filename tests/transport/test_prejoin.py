@@ -187,3 +187,25 @@ def test_frames_shrink_as_the_connections_grow(tmp_path, bundle, monkeypatch, so
                streams=streams).run()
         assert max(sizes) == most
         assert (tmp_path / f"{target}.img").read_bytes() == src.read_bytes()
+
+
+def test_a_hello_with_a_bad_streams_entry_is_refused_and_the_target_untouched(tmp_path, bundle, monkeypatch,
+                                                                             source_image, receiver):
+    """A sender whose HELLO says "streams=x" hears a protocol error naming it; the receiver writes
+    nothing and serves the next sender as ever."""
+    import pytest
+
+    from smsrepl.errors import ReplicationError
+    from smsrepl.transport import sender as sender_module
+
+    src = source_image()
+    addr = receiver()
+    real = sender_module._capabilities
+    monkeypatch.setattr(sender_module, "_capabilities", lambda stateless: real(stateless) + ["streams=x"])
+    with pytest.raises(ReplicationError, match="streams=x"):
+        Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0).run()
+    target = tmp_path / "t.img"
+    assert not target.exists() or not target.read_bytes().strip(b"\0")
+    monkeypatch.setattr(sender_module, "_capabilities", real)
+    Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0).run()
+    assert target.read_bytes() == src.read_bytes()
