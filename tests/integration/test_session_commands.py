@@ -13,7 +13,7 @@ from smsrepl.transport.tls import client_context, server_context
 
 from .procs import sha256
 
-SIZE = 32_000_000  # 3.2 s at SLOW: a STOP after 1.2 s finds an 8 MiB frame applied, not the end
+SIZE = 32_000_000  # 3.2 s at SLOW: a STOP at the first checkpoint (8 MiB) is far from the end
 #: 80 Mbit/s: the 16 MB copy takes about 1.6 s, long enough to pause it in the middle
 SLOW = SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 80}]})
 
@@ -34,6 +34,18 @@ def _session(tmp_path, bundle, addr, pairs, src, **kw):
     return BlockSession(make, on_state=pairs.append)
 
 
+def _wait_for_checkpoint(session, timeout=30.0):
+    """Until the receiver has made some of the round durable (a busy machine may take seconds to
+    start the session, so a fixed sleep could STOP it before its first checkpoint)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sender = session._sender
+        if sender is not None and sender.replies.acked > 0:
+            return
+        time.sleep(0.02)
+    pytest.fail(f"no checkpoint from the receiver within {timeout} s")
+
+
 def test_start_stop_resume_sync_skip_delete(tmp_path, bundle, rx):
     src = str(tmp_path / "src.img")
     with open(src, "wb") as fh:
@@ -43,7 +55,7 @@ def test_start_stop_resume_sync_skip_delete(tmp_path, bundle, rx):
     assert s.command("SYNC").ok is False  # nothing copied yet
     assert s.command("START").ok
     assert s.command("START").ok is False  # already running
-    time.sleep(1.2)
+    _wait_for_checkpoint(s)
     res = s.command("STOP")
     assert res.ok and res.to_json()["result"] == "success", res
     assert s.states.state is SessionState.REPL_STOPPED and not s.running
