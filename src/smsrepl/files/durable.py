@@ -158,7 +158,7 @@ class PendingFiles(TargetRoot):
             self._drop_unnamed()
             raise TargetWriteError("a syncfs of the target failed earlier: the files received since are not kept")
         runs, closed, self._stage_closed = self._take_runs(), self._stage_closed, []
-        self._settle_all(_sync_and_link(self.root_fd, runs, failed=self._sync_failed))
+        self._settle_all(_sync_and_link(self.file_systems(), runs, failed=self._sync_failed))
         self._name_staged(closed)
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         self._pending_paths.clear()
@@ -219,7 +219,7 @@ class PendingFiles(TargetRoot):
             self._pending_bytes += nbytes
             self._pending_paths.update(paths)
             if not self.fsync:
-                self._settle_all(_sync_and_link(self.root_fd, self._take_runs(), sync=False))
+                self._settle_all(_sync_and_link([], self._take_runs(), sync=False))
             elif self._run_files + len(self._pending) >= PENDING_FILES or self._pending_bytes >= PENDING_BYTES \
                     or self._held >= budget.share():
                 self._flush_behind()
@@ -260,7 +260,7 @@ class PendingFiles(TargetRoot):
         if self._syncer is None or self._linker is None:
             self._syncer = ThreadPoolExecutor(1, thread_name_prefix="flush-sync")
             self._linker = ThreadPoolExecutor(1, thread_name_prefix="flush-link")
-        synced = self._syncer.submit(_sync_behind, self.root_fd, self._sync_failed)
+        synced = self._syncer.submit(_sync_behind, self.file_systems(), self._sync_failed)
         self._flushing.append((self._linker.submit(_link_after, synced, runs, self._sync_failed), closed))
 
     def _reap(self, keep: int = 0) -> None:
@@ -365,7 +365,8 @@ class PendingFiles(TargetRoot):
         """Make every rename, link and removal durable: fsync of the directories they changed
         (one syncfs for more than FSYNC_DIRS)."""
         if self.fsync and len(self._touched) > FSYNC_DIRS:
-            _syncfs(self.root_fd)  # one flush for them all
+            for fd in self.file_systems():  # one flush for them all
+                _syncfs(fd)
         elif self.fsync:
             for parts in sorted(self._touched, key=len, reverse=True):
                 try:
@@ -375,14 +376,15 @@ class PendingFiles(TargetRoot):
         self._touched.clear()
 
 
-def _sync_and_link(root_fd: int, runs: list[Run], sync: bool = True,
+def _sync_and_link(file_systems: list[int], runs: list[Run], sync: bool = True,
                    failed: threading.Event | None = None) -> list[Linked]:
-    """One syncfs (with ``sync``), then every run linked (kernels.link_files closes its
-    descriptors); [(run, failures)]. Runs on the flush-behind thread too: no writer state.
-    A failed syncfs sets ``failed``."""
+    """A syncfs of each of ``file_systems`` (with ``sync``), then every run linked
+    (kernels.link_files closes its descriptors); [(run, failures)]. Runs on the flush-behind
+    thread too: no writer state. A failed syncfs sets ``failed``."""
     try:
         if sync:
-            _syncfs(root_fd)
+            for fd in file_systems:
+                _syncfs(fd)
     except BaseException:
         if failed is not None:
             failed.set()
@@ -400,10 +402,11 @@ def _sync_and_link(root_fd: int, runs: list[Run], sync: bool = True,
     return done
 
 
-def _sync_behind(root_fd: int, failed: threading.Event) -> None:
-    """The syncfs of a batch behind the writer; ``failed`` is set if it fails."""
+def _sync_behind(file_systems: list[int], failed: threading.Event) -> None:
+    """The syncfs calls of a batch behind the writer; ``failed`` is set if one fails."""
     try:
-        _syncfs(root_fd)
+        for fd in file_systems:
+            _syncfs(fd)
     except BaseException:
         failed.set()
         raise
@@ -420,7 +423,7 @@ def _link_after(synced: Future, runs: list[Run], failed: threading.Event) -> lis
         for run in runs:
             _drop_run(*run)
         raise
-    return _sync_and_link(-1, runs, sync=False)
+    return _sync_and_link([], runs, sync=False)
 
 
 def _held_by(fds: list[int], dirs: list[int]) -> int:

@@ -33,6 +33,10 @@ class TargetRoot:
         except OSError as exc:
             raise TargetWriteError(f"target root {os.fsdecode(self.root)!r}: {exc.strerror}") from None
         self._fds: OrderedDict[Parts, int] = OrderedDict()
+        #: a descriptor of each file system under the root (a disk mounted in the tree) other than
+        #: the root's, by device: a syncfs of the root's reaches none of them
+        self.root_dev = os.fstat(self.root_fd).st_dev
+        self.other_fs: dict[int, int] = {}
         #: directories new in this round made under a temporary name (files.durable), by their
         #: final parts: the name they have until they are renamed
         self._staged: dict[Parts, bytes] = {}
@@ -59,6 +63,9 @@ class TargetRoot:
         except OSError as exc:
             what = "is a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror
             raise TargetWriteError(f"target {self._show(parts)!r}: {what}") from None
+        dev = os.fstat(fd).st_dev
+        if dev != self.root_dev and dev not in self.other_fs:
+            self.other_fs[dev] = os.dup(fd)
         self._fds[parts] = fd
         limit = self._cache if self._budget is None else min(self._cache, max(8, self._budget.share() // 8))
         while len(self._fds) > limit:
@@ -102,6 +109,13 @@ class TargetRoot:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for fd in self.other_fs.values():
+            os.close(fd)
+        self.other_fs.clear()
+
+    def file_systems(self) -> list[int]:
+        """A descriptor of every file system written under the root so far (the root's first)."""
+        return [self.root_fd, *self.other_fs.values()]
 
     @staticmethod
     def _lstat(parts: Parts, parent: int) -> os.stat_result | None:
