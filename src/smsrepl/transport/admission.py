@@ -2,7 +2,8 @@
 
 A connection whose peer has spoken (door.py) is admitted while fewer than ``max_connections``
 sessions run (network checks have a pool of their own, claims.py); when ``max_unauthenticated``
-of them have not said HELLO yet, the oldest of those goes. The watchdog then drops a
+of them have not said HELLO yet, it waits for one of those to say it, and after EVICT_AFTER
+seconds the oldest of those goes. The watchdog then drops a
 connection that says no HELLO in time, a network check that goes on too long, and a session
 that trickles: no frame completed and less than MIN_PROGRESS bytes in ``idle_timeout``.
 """
@@ -16,7 +17,7 @@ from typing import Protocol
 
 from smsrepl.errors import ReplicationError
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.limits import MIN_PROGRESS, NETCHECK_SECONDS, WATCHDOG_SECONDS
+from smsrepl.transport.limits import EVICT_AFTER, MIN_PROGRESS, NETCHECK_SECONDS, WATCHDOG_SECONDS
 from smsrepl.transport.loglimit import LimitedWarnings
 
 log = logging.getLogger("smsrepl.receiver")
@@ -33,6 +34,9 @@ class Admitted:
         self.raw = raw
         self.warnings = warnings
         self.accepted = accepted
+        #: when it was admitted: it began its handshake then (it may have waited silent at the
+        #: door long before, as the extra connections of a session do until its HELLO went)
+        self.admitted = time.monotonic()
         self.authenticated = False  # a HELLO arrived over mutual TLS
         self.kind: str | None = None  # the session kind its HELLO named
         self.chan: Channel | None = None
@@ -91,17 +95,23 @@ class Admission:
             self.shed += 1
         self.warnings.warning("door", "%s:%s: closed at the door: %s", addr[0], addr[1], why)
 
-    def admit(self, raw: socket.socket, addr: tuple, accepted: float) -> bool:
-        """Admit the connection (True), or close it (False): too many sessions run."""
+    def admit(self, raw: socket.socket, addr: tuple, accepted: float) -> bool | None:
+        """Admit the connection (True), or close it (False): too many sessions run; None: not
+        yet, the connections before their HELLO are as many as allowed and none is old."""
         evict = None
         with self.lock:
             pending = [c for c in self.conns.values() if not c.authenticated and c.reason is None]
             live = sum(1 for c in self.conns.values() if c.reason is None and c.kind != "netcheck")
             if live < self.max_connections:
                 if len(pending) >= self.max_unauthenticated:
-                    # the door is full of connections that have not said HELLO: the oldest
-                    # goes, so idle connections cannot keep real senders out for long
-                    evict = min(pending, key=lambda c: c.accepted)
+                    # the door is full of connections that have not said HELLO. Young ones are
+                    # handshaking (several sessions' extra connections joining at once over a long
+                    # link): this one waits for them. An old one goes, so idle connections cannot
+                    # keep real senders out for long
+                    oldest = min(pending, key=lambda c: c.admitted)
+                    if time.monotonic() - oldest.admitted < EVICT_AFTER:
+                        return None
+                    evict = oldest
                     self.shed += 1
                 self.conns[raw] = Admitted(raw, accepted, self.warnings)
                 admitted = True

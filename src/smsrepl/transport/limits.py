@@ -23,6 +23,11 @@ KEEPALIVE = 20.0
 #: a flood of connections costs a bounded number of threads and is shed at the door
 MAX_CONNECTIONS = 64
 MAX_UNAUTHENTICATED = 16
+#: seconds a connection that spoke waits, when MAX_UNAUTHENTICATED are before their HELLO, before
+#: the oldest of those is evicted for it: a mutual TLS handshake and a HELLO take a few round
+#: trips (four sessions' extra connections joining at once over a 150 ms link: 28 of them for
+#: about 0.3 s), a connection that idles there holds its place this long at most
+EVICT_AFTER = 2.0
 #: connections that have said nothing yet wait without a thread (door.py), this many at most
 MAX_WAITING = 1024
 #: TLS handshakes a second from one peer address (CONNECT_BURST at once): connections past

@@ -11,7 +11,6 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from smsrepl.errors import RemoteError, RemoteProtocolError, ReplicationError, TransportError

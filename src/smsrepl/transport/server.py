@@ -42,6 +42,9 @@ from smsrepl.transport.tlsio import TLSStream
 
 log = logging.getLogger("smsrepl.receiver")
 
+#: seconds between a waiting connection's tries for a place (Admission.admit)
+ADMIT_POLL = 0.02
+
 #: HELLO's session kind -> the handler that serves it; a kind not here is refused
 SESSION_KINDS: dict[str, type[Handler]] = {
     "block": BlockSession,
@@ -155,8 +158,13 @@ class EndpointServer:
                         return self.outcomes.get()
                     if not pending:
                         continue
-                raw, addr, accepted = pending.pop(0)
-                if not self.admission.admit(raw, addr, accepted):
+                raw, addr, accepted = pending[0]
+                admitted = self.admission.admit(raw, addr, accepted)
+                if admitted is None:  # waits for a place among the connections before their HELLO
+                    self.stopping.wait(ADMIT_POLL)
+                    continue
+                pending.pop(0)
+                if not admitted:
                     continue
                 t = threading.Thread(target=self._handle, args=(raw, addr), daemon=True)
                 try:

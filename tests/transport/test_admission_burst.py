@@ -1,0 +1,64 @@
+"""Connections that spoke while as many as allowed are before their HELLO wait for a place, and
+only one idle past EVICT_AFTER is evicted for them: a session's extra connections (and several
+sessions' at once, over a long link) handshake together and none of them is pushed out."""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import time
+
+from smsrepl.throttle import SpeedSchedule
+from smsrepl.transport import limits
+from smsrepl.transport.sender import Sender
+from smsrepl.transport.tls import client_context
+from smsrepl.transport.tlsio import TLSStream
+
+
+def _slow_server_handshakes(monkeypatch, seconds: float) -> None:
+    """Every handshake of the receiver takes ``seconds`` more: its connections stay before their
+    HELLO that long, as over a long link."""
+    handshake = TLSStream.handshake
+
+    def slow(self):
+        if self.obj.server_side:
+            time.sleep(seconds)
+        return handshake(self)
+
+    monkeypatch.setattr(TLSStream, "handshake", slow)
+
+
+def test_extra_connections_handshaking_together_all_join(tmp_path, bundle, source_image, receiver, monkeypatch,
+                                                        caplog):
+    src = source_image(24 << 20)
+    addr = receiver(max_unauthenticated=2)
+    _slow_server_handshakes(monkeypatch, 0.3)
+    caplog.set_level(logging.INFO, logger="smsrepl.sender")
+    # 3 s at 64 Mbit/s: the extra connections join while the round runs
+    slow = SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 64}]})
+    sender = Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0, streams=6,
+                    speed_limit=slow)
+    sender.run()
+    assert (tmp_path / "t.img").read_bytes() == src.read_bytes()
+    joined = [r.getMessage() for r in caplog.records if "runs over" in r.getMessage()]
+    assert joined and joined[-1].endswith("runs over 6 connections"), joined
+    assert not [r for r in caplog.records if "not joined" in r.getMessage()]
+
+
+def test_a_connection_idle_before_its_hello_goes_after_evict_after(tmp_path, bundle, source_image, receiver):
+    src = source_image()
+    addr = receiver(max_unauthenticated=1)
+    ctx = client_context(bundle)
+    # handshaken, then silent: the one place before HELLO is taken
+    idle = ctx.wrap_socket(socket.create_connection(addr), server_hostname=addr[0])
+    idle.settimeout(30)
+    t0 = time.monotonic()
+    Sender(str(src), "disk0", addr, ctx, str(tmp_path / "tx"), level=0, streams=1).run()
+    # the sender waited for the idle connection to age, and it was evicted for the sender
+    assert time.monotonic() - t0 >= limits.EVICT_AFTER * 0.9
+    try:
+        assert idle.recv(1) == b""
+    except (ssl.SSLError, OSError):
+        pass  # reset: evicted too
+    idle.close()
+    assert (tmp_path / "t.img").read_bytes() == src.read_bytes()
