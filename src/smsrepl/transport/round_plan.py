@@ -74,19 +74,22 @@ class ReadScope:
         return dirty_blocks
 
 
-def read_scope(dm: ChangeMap | None, kind: str, reconcile_note: str | None) -> ReadScope:
+def read_scope(dm: ChangeMap | None, kind: str, reconcile_note: str | None, *, own_round: bool = True) -> ReadScope:
     """Freeze the dirty map (writes from here on go to a fresh slot and are the next round's)
-    and say whether the round may read only what it marked."""
+    and say whether the round may read only what it marked. ``own_round``: this sender has
+    completed a round of the session itself."""
     if dm is None:
         return ReadScope()
     frozen = dm.freeze()
-    # a session taken over: the map marks writes since this sender's last round, not since
-    # what the target holds
-    map_driven = kind == "sync" and dm.trusted and reconcile_note is None
+    # a session taken over, or none of whose rounds this sender completed (a takeover cut short
+    # and run again finds the session its own already): the map marks writes since this
+    # sender's last round, not since what the target holds
+    taken_over = reconcile_note is not None or not own_round
+    map_driven = kind == "sync" and dm.trusted and not taken_over
     whole_reason = None
     if not map_driven:
-        whole_reason = dm.reason if reconcile_note is None else "a session taken over: no local state"
-        log.info("dirty map not used for this round (%s): reading the whole source", dm.reason)
+        whole_reason = "a session taken over: no local state" if taken_over else dm.reason
+        log.info("dirty map not used for this round (%s): reading the whole source", whole_reason)
     return ReadScope(dm, frozen, map_driven, whole_reason)
 
 

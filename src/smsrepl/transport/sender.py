@@ -121,6 +121,8 @@ class Sender(SenderBase):
         self._peer_caps: frozenset = frozenset()
         self.replies = Replies()
         self._reconcile_note: str | None = None
+        #: this sender completed a round of the session itself (its state says so)
+        self._own_round = True
         self.clock = StageClock()
 
     def _state(self, event: StateEvent) -> None:
@@ -177,6 +179,7 @@ class Sender(SenderBase):
         welcome = expect_welcome(chan.recv())
         self._peer_caps = frozenset(welcome.capabilities)
         self._reconcile_note = None
+        self._own_round = not stateless
         # the session this connection's HELLO named: its extra connections name it too (the
         # receiver's offer is for that one, even where _adopt takes another session over)
         hello_session = rec["session_id"]
@@ -226,7 +229,7 @@ class Sender(SenderBase):
     def _round(self, source: BlockSource, rec: dict, chan: Channel, started: float, kind: str, round_id: int,
                start: int, cache: ManifestFile) -> RoundResult:
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
-        scope = read_scope(self.dirty_map, kind, self._reconcile_note)
+        scope = read_scope(self.dirty_map, kind, self._reconcile_note, own_round=self._own_round)
         self.states = self._own_states or SessionStateMachine(
             self.on_state, SessionState.SYNCED if kind == "sync" else SessionState.IDLE)
         self._state(StateEvent.SYNC_START if kind == "sync" else StateEvent.START)
