@@ -130,6 +130,29 @@ def test_a_takeover_cut_short_still_reads_the_whole_source_with_a_trusted_dirty_
     assert again["kind"] == "sync" and again["dirty_blocks"] is None, again  # the whole source was read
     assert sha256(lab["src"]) == sha256(lab["dst"])
 
+
+def test_a_round_after_another_sender_of_the_session_wrote_the_target_reads_the_whole_source(lab):
+    """A sender with its state and a trusted dirty map, whose session another host's sender took
+    over meanwhile and wrote a different disk with: the map marks writes since this sender's last
+    round, which is not what the target holds any more (the receiver's manifest root is not the
+    one that round ended with), so the round reads the whole source."""
+    other = str(lab["tmp"] / "other.img")
+    dmap = str(lab["tmp"] / "dirty.map")
+    write_image(lab["src"], SIZE, seed=10, mix=MIX)
+    write_image(other, SIZE, seed=11, mix=MIX)
+    summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    mine = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert mine["kind"] == "sync" and mine["dirty_blocks"] == 0  # the map is this sender's basis
+    summary(send(other, lab["rx"].address, lab["ck"], str(lab["tmp"] / "bob"), "disk0"))
+    assert sha256(other) == sha256(lab["dst"])
+    again = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert again["kind"] == "sync" and again["dirty_blocks"] is None, again
+    assert again["data_bytes"] == SIZE
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+    # and the round after it relies on the map again
+    last = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert last["dirty_blocks"] == 0 and last["data_bytes"] == 0
+
 # --- where the receiver's state cannot vouch for the target: a full copy, and why ------------
 
 @pytest.fixture

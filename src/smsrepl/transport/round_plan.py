@@ -74,21 +74,19 @@ class ReadScope:
         return dirty_blocks
 
 
-def read_scope(dm: ChangeMap | None, kind: str, reconcile_note: str | None, *, own_round: bool = True) -> ReadScope:
+def read_scope(dm: ChangeMap | None, kind: str, not_ours: str | None) -> ReadScope:
     """Freeze the dirty map (writes from here on go to a fresh slot and are the next round's)
-    and say whether the round may read only what it marked. ``own_round``: this sender has
-    completed a round of the session itself."""
+    and say whether the round may read only what it marked. ``not_ours``: why the target may hold
+    what this sender's rounds did not write (a session taken over, or written by another sender
+    of it since this sender's last round): the map marks writes since that round, not since what
+    the target holds, and the round reads the whole source."""
     if dm is None:
         return ReadScope()
     frozen = dm.freeze()
-    # a session taken over, or none of whose rounds this sender completed (a takeover cut short
-    # and run again finds the session its own already): the map marks writes since this
-    # sender's last round, not since what the target holds
-    taken_over = reconcile_note is not None or not own_round
-    map_driven = kind == "sync" and dm.trusted and not taken_over
+    map_driven = kind == "sync" and dm.trusted and not_ours is None
     whole_reason = None
     if not map_driven:
-        whole_reason = "a session taken over: no local state" if taken_over else dm.reason
+        whole_reason = not_ours or dm.reason
         log.info("dirty map not used for this round (%s): reading the whole source", whole_reason)
     return ReadScope(dm, frozen, map_driven, whole_reason)
 

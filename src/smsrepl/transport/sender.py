@@ -63,6 +63,20 @@ class RoundResult:
     reconcile: str | None = None
 
 
+def _not_ours(rec: dict, welcome: F.Welcome, stateless: bool) -> str | None:
+    """Why the target may hold what no round of this sender wrote, where it may: a session taken
+    over (this sender completed none of its rounds: also a takeover cut short and run again, which
+    finds the session its own already), or a completed round since this sender's last that left
+    another manifest (another sender took the session over meanwhile). A cut round's root says
+    nothing: it may be this sender's own, whose blocks its dirty map still holds."""
+    if stateless:
+        return "a session taken over: no local state"
+    root = rec.get("root")
+    if welcome.state == "synced" and root is not None and welcome.manifest_root != root:
+        return "the target changed since this sender's last round (another sender of the session wrote it)"
+    return None
+
+
 def _capabilities(stateless: bool) -> list[str]:
     """What a block session's HELLO lists: ADOPT_SESSION only for a sender without a completed
     round of its own (it may take the receiver's session over)."""
@@ -121,8 +135,8 @@ class Sender(SenderBase):
         self._peer_caps: frozenset = frozenset()
         self.replies = Replies()
         self._reconcile_note: str | None = None
-        #: this sender completed a round of the session itself (its state says so)
-        self._own_round = True
+        #: why the target may hold what this sender's rounds did not write (read_scope)
+        self._not_ours: str | None = None
         self.clock = StageClock()
 
     def _state(self, event: StateEvent) -> None:
@@ -179,7 +193,6 @@ class Sender(SenderBase):
         welcome = expect_welcome(chan.recv())
         self._peer_caps = frozenset(welcome.capabilities)
         self._reconcile_note = None
-        self._own_round = not stateless
         # the session this connection's HELLO named: its extra connections name it too (the
         # receiver's offer is for that one, even where _adopt takes another session over)
         hello_session = rec["session_id"]
@@ -192,6 +205,7 @@ class Sender(SenderBase):
                 "full copy: no local state for this target, and the receiver holds no completed copy to reconcile "
                 "with" if F.ADOPT_SESSION in self._peer_caps else
                 "full copy: no local state for this target, and the receiver is of a version that cannot reconcile")
+        self._not_ours = _not_ours(rec, welcome, stateless)
         faults.point("sender.welcome")
         self.replies.on_streams = self.streams_granted
         # before the replies are read: an answer to STREAMS asked in HELLO comes right away
@@ -229,7 +243,7 @@ class Sender(SenderBase):
     def _round(self, source: BlockSource, rec: dict, chan: Channel, started: float, kind: str, round_id: int,
                start: int, cache: ManifestFile) -> RoundResult:
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
-        scope = read_scope(self.dirty_map, kind, self._reconcile_note, own_round=self._own_round)
+        scope = read_scope(self.dirty_map, kind, self._not_ours)
         self.states = self._own_states or SessionStateMachine(
             self.on_state, SessionState.SYNCED if kind == "sync" else SessionState.IDLE)
         self._state(StateEvent.SYNC_START if kind == "sync" else StateEvent.START)
@@ -285,6 +299,7 @@ class Sender(SenderBase):
                 " after a resumed round" if start else "")
         cache.close()
         rec["rounds"] = rec.get("rounds", 0) + 1
+        rec["root"] = self.replies.round_done.manifest_root  # what the target holds after it (_not_ours)
         self._save_session(rec)
         wire = chan.wire_sent - wire0
         self.replies.close(chan, sent=closing)
