@@ -153,6 +153,28 @@ def test_a_round_after_another_sender_of_the_session_wrote_the_target_reads_the_
     last = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
     assert last["dirty_blocks"] == 0 and last["data_bytes"] == 0
 
+
+@pytest.mark.parametrize("cut", ["theirs", "ours"])
+def test_a_round_cut_short_after_another_sender_wrote_the_target_leaves_the_next_one_reading_everything(lab, cut):
+    """As above, with a round cut short: the other sender's (the target partly its disk, the
+    receiver's round not this sender's), or this sender's own whole-source round that followed
+    the other sender's completed one (what that one wrote past the cut is not in the map)."""
+    other = str(lab["tmp"] / "other.img")
+    dmap = str(lab["tmp"] / "dirty.map")
+    write_image(lab["src"], SIZE, seed=12, mix=MIX)
+    write_image(other, SIZE, seed=13, mix=MIX)
+    summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    kill = {"SMSREPL_FAULTS": "kill@sender.data:1"}
+    bob = send(other, lab["rx"].address, lab["ck"], str(lab["tmp"] / "bob"), "disk0", env=kill if cut == "theirs" else None)
+    assert bob.returncode == (-9 if cut == "theirs" else 0), bob.stderr
+    if cut == "ours":
+        assert _send(lab, lab["tmp"] / "tx", "--dirty-map", dmap, env=kill).returncode == -9
+    again = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert again["kind"] == "sync" and again["dirty_blocks"] is None, again
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+    last = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert last["dirty_blocks"] == 0 and last["data_bytes"] == 0
+
 # --- where the receiver's state cannot vouch for the target: a full copy, and why ------------
 
 @pytest.fixture

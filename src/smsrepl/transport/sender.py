@@ -66,14 +66,19 @@ class RoundResult:
 def _not_ours(rec: dict, welcome: F.Welcome, stateless: bool) -> str | None:
     """Why the target may hold what no round of this sender wrote, where it may: a session taken
     over (this sender completed none of its rounds: also a takeover cut short and run again, which
-    finds the session its own already), or a completed round since this sender's last that left
-    another manifest (another sender took the session over meanwhile). A cut round's root says
-    nothing: it may be this sender's own, whose blocks its dirty map still holds."""
+    finds the session its own already); since this sender's last round, a completed round that
+    left another manifest, or a round cut short that this sender did not begin (another sender
+    took the session over meanwhile); or one of those found earlier, until a round of this
+    sender's completed (a whole-source round cut short leaves the rest of the target as it was)."""
     if stateless:
         return "a session taken over: no local state"
-    root = rec.get("root")
+    if rec.get("not_ours"):
+        return str(rec["not_ours"])
+    root, begun = rec.get("root"), rec.get("begun")
     if welcome.state == "synced" and root is not None and welcome.manifest_root != root:
         return "the target changed since this sender's last round (another sender of the session wrote it)"
+    if welcome.state == "partial" and welcome.round_kind == "sync" and begun is not None and welcome.round_id != begun:
+        return "the target changed since this sender's last round (another sender of the session began one)"
     return None
 
 
@@ -253,6 +258,11 @@ class Sender(SenderBase):
         chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
         self._wire0 = wire0
+        # which round this sender began, and why the target is not its own until a round completes
+        rec["begun"] = round_id
+        if self._not_ours:
+            rec["not_ours"] = self._not_ours
+        self._save_session(rec)
         # a CHECKPOINT may name only this round and only what was sent already
         self.replies.round_id, self.replies.sent_to = round_id, start
         self.position = (start, source.size)
@@ -300,6 +310,7 @@ class Sender(SenderBase):
         cache.close()
         rec["rounds"] = rec.get("rounds", 0) + 1
         rec["root"] = self.replies.round_done.manifest_root  # what the target holds after it (_not_ours)
+        rec.pop("not_ours", None)  # the round read the whole source where that said so
         self._save_session(rec)
         wire = chan.wire_sent - wire0
         self.replies.close(chan, sent=closing)
