@@ -76,9 +76,10 @@ def _not_ours(rec: dict, welcome: F.Welcome, stateless: bool) -> str | None:
         return str(rec["not_ours"])
     root, begun = rec.get("root"), rec.get("begun")
     if welcome.state == "synced" and root is not None and welcome.manifest_root != root:
-        return "the target changed since this sender's last round (another sender of the session wrote it)"
+        return ("the target's manifest is not the one this sender's last round ended with (another sender of "
+                "the session wrote it, or this sender did not hear a round end)")
     if welcome.state == "partial" and welcome.round_kind == "sync" and begun is not None and welcome.round_id != begun:
-        return "the target changed since this sender's last round (another sender of the session began one)"
+        return "a round cut short on the target that this sender did not begin (another sender of the session)"
     return None
 
 
