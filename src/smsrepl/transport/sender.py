@@ -23,7 +23,7 @@ from smsrepl.durable import private_makedirs, write_json_atomic
 from smsrepl.blocks.dirtymap import ChangeMap, FrozenMarks
 from smsrepl.blocks.stream import FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, round_events
 from smsrepl.codec import DEFAULT_LEVEL
-from smsrepl.errors import RemoteProtocolError, ReplicationError, SourceError, TransportError
+from smsrepl.errors import RemoteProtocolError, ReplicationError, SourceError, StateError, TransportError
 from smsrepl.control.progress import ProgressTracker, subtask_for
 from smsrepl.protocol import CAPABILITIES
 from smsrepl.throttle import CpuCap, OverSpeedGuard, SpeedSchedule
@@ -176,6 +176,12 @@ class Sender(SenderBase):
 
     # --- the session --------------------------------------------------------
     def run(self) -> RoundResult:
+        try:
+            return self._run()
+        except OSError as exc:  # the source's and the connections' errors are ReplicationErrors already
+            raise StateError(f"this sender's state in {self.dir!r}: {exc.strerror or exc}") from None
+
+    def _run(self) -> RoundResult:
         started = time.monotonic()
         self._new_session()
         with BlockSource(self.source_path) as source:
