@@ -90,6 +90,12 @@ class TargetWriteError(ReplicationError):
     resumable = True
 
 
+class StateError(ReplicationError):
+    """The sender's own state (its --state-dir) cannot be written or read: a full or failing disk."""
+
+    resumable = True
+
+
 class CompressionError(ReplicationError):
     code = "SMS.1909"
     resumable = True

@@ -334,3 +334,43 @@ def test_a_frame_with_zero_blocks_is_built_in_the_write_buffer_without_a_fresh_o
     r.finish(1)
     assert open(tmp_path / "t.img", "rb").read() == data.tobytes()
     assert peak < 1 << 20
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(28, os.strerror(28))
+
+
+@pytest.mark.parametrize("where", ["manifest", "record"])
+def test_a_full_state_directory_is_a_target_write_error_that_names_it_and_keeps_the_checkpoint(
+        tmp_path, monkeypatch, where):
+    """The receiver's state directory full (its file system, or a quota): the manifest's digests
+    or the round's record cannot be written at a checkpoint. That is SMS.2007 (the sender exits
+    3 and reruns later), saying where, not a receiver's internal error; the checkpoint stays
+    where it was durable."""
+    data = np.random.default_rng(9).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    r = _replica(tmp_path)
+    r.begin("s1", SIZE, 1, "full", 0)
+    r.apply_data(0, 1 << 20, 0, _digests(data[:1 << 20]), data[:1 << 20])
+    assert r.checkpoint() == 1 << 20
+    r.apply_data(1 << 20, 1 << 20, 0, _digests(data[1 << 20:2 << 20]), data[1 << 20:2 << 20])
+    if where == "manifest":
+        monkeypatch.setattr("smsrepl.blocks.manifest._pwrite_all", _no_space)
+    else:
+        monkeypatch.setattr("smsrepl.blocks.replica.write_json_atomic", _no_space)
+    with pytest.raises(TargetWriteError) as err:
+        r.checkpoint()
+    assert err.value.code == "SMS.2007"
+    assert str(tmp_path / "state") in err.value.message and "No space left on device" in err.value.message
+    monkeypatch.undo()
+    r.close()
+    r2 = _replica(tmp_path)
+    assert r2.describe("s1", SIZE)["checkpoint"] == 1 << 20
+
+
+def test_a_full_state_directory_at_a_rounds_begin_is_a_target_write_error(tmp_path, monkeypatch):
+    r = _replica(tmp_path)
+    monkeypatch.setattr("smsrepl.blocks.manifest._pwrite_all", _no_space)
+    monkeypatch.setattr("os.pwrite", _no_space)
+    with pytest.raises(TargetWriteError) as err:
+        r.begin("s1", SIZE, 1, "full", 0)
+    assert err.value.code == "SMS.2007" and str(tmp_path / "state") in err.value.message

@@ -331,3 +331,34 @@ def test_compression_failure_is_sms_1909(monkeypatch):
     with pytest.raises(CompressionError) as exc:
         comp.encode(b"x" * 4096)
     assert str(exc.value).startswith("SMS.1909")
+
+
+def test_a_full_sender_state_directory_is_a_resumable_error_naming_it(tmp_path, rx, bundle, source, monkeypatch):
+    """The sender's --state-dir full (or its disk failing) mid-session: a ReplicationError that
+    names the directory and says rerun (exit 3), not a traceback that exits 1 ("verify found
+    differences"); the rerun, with room again, completes."""
+    from smsrepl.errors import ReplicationError
+    from smsrepl.transport import sender as sender_module
+    from smsrepl.transport.sender import Sender
+
+    receiver, address, dst = rx
+    host, port = address.rsplit(":", 1)
+    state = tmp_path / "tx"
+    real = sender_module.write_json_atomic
+    calls = []
+
+    def full_after_the_first(path, obj):
+        calls.append(path)
+        if len(calls) > 1:  # the session is made; what this sender records next finds no room
+            raise OSError(28, os.strerror(28))
+        real(path, obj)
+
+    monkeypatch.setattr(sender_module, "write_json_atomic", full_after_the_first)
+    s = Sender(str(source), "disk0", (host, int(port)), client_context(bundle), str(state), level=0)
+    with pytest.raises(ReplicationError) as err:
+        s.run()
+    assert err.value.exit_code == 3 and err.value.resumable, err.value
+    assert str(state) in err.value.message and "No space left on device" in err.value.message
+    monkeypatch.undo()
+    Sender(str(source), "disk0", (host, int(port)), client_context(bundle), str(state), level=0).run()
+    assert sha256(str(source)) == sha256(str(dst))

@@ -38,8 +38,8 @@ def lab(tmp_path, certkey_file):
     rx.stop()
 
 
-def _send(lab, state_dir):
-    return send(lab["src"], lab["rx"].address, lab["ck"], str(state_dir), "disk0")
+def _send(lab, state_dir, *extra, env=None):
+    return send(lab["src"], lab["rx"].address, lab["ck"], str(state_dir), "disk0", *extra, env=env)
 
 
 def test_a_sender_that_lost_its_state_sends_only_what_changed(lab):
@@ -104,6 +104,76 @@ def test_a_target_changed_behind_the_receivers_back_is_not_seen_by_reconciling(l
     assert local.returncode == 1, local.stderr
     assert json.loads(local.stdout)["different_ranges"] == [[3000 * 4096, 4096]]
 
+
+
+def test_a_takeover_cut_short_still_reads_the_whole_source_with_a_trusted_dirty_map(lab):
+    """A sender whose --state-dir is gone but whose dirty map survived (trusted: a round of its
+    own read the whole source once) takes over a session that another host's sender wrote a
+    different disk with. The map says nothing of what that other sender wrote, so the takeover
+    round reads the whole source; cut short and run again, it still must: the run after the cut
+    found the session its own already (taken over, saved) and read only the map's few marks."""
+    other = str(lab["tmp"] / "other.img")
+    dmap = str(lab["tmp"] / "dirty.map")
+    write_image(lab["src"], SIZE, seed=8, mix=MIX)
+    write_image(other, SIZE, seed=9, mix=MIX)
+    first = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert first["kind"] == "full"
+    # another host's sender (no state of its own for this target) takes the session over and
+    # writes its own disk onto the target
+    bob = summary(send(other, lab["rx"].address, lab["ck"], str(lab["tmp"] / "bob"), "disk0"))
+    assert bob["kind"] == "sync" and bob["data_bytes"] == SIZE and sha256(other) == sha256(lab["dst"])
+    shutil.rmtree(lab["tmp"] / "tx")
+    # the first host, its state lost, takes it back: the takeover round dies after its first chunk
+    cut = _send(lab, lab["tmp"] / "tx", "--dirty-map", dmap, env={"SMSREPL_FAULTS": "kill@sender.data:1"})
+    assert cut.returncode == -9, cut.stderr
+    again = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert again["kind"] == "sync" and again["dirty_blocks"] is None, again  # the whole source was read
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+
+
+def test_a_round_after_another_sender_of_the_session_wrote_the_target_reads_the_whole_source(lab):
+    """A sender with its state and a trusted dirty map, whose session another host's sender took
+    over meanwhile and wrote a different disk with: the map marks writes since this sender's last
+    round, which is not what the target holds any more (the receiver's manifest root is not the
+    one that round ended with), so the round reads the whole source."""
+    other = str(lab["tmp"] / "other.img")
+    dmap = str(lab["tmp"] / "dirty.map")
+    write_image(lab["src"], SIZE, seed=10, mix=MIX)
+    write_image(other, SIZE, seed=11, mix=MIX)
+    summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    mine = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert mine["kind"] == "sync" and mine["dirty_blocks"] == 0  # the map is this sender's basis
+    summary(send(other, lab["rx"].address, lab["ck"], str(lab["tmp"] / "bob"), "disk0"))
+    assert sha256(other) == sha256(lab["dst"])
+    again = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert again["kind"] == "sync" and again["dirty_blocks"] is None, again
+    assert again["data_bytes"] == SIZE
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+    # and the round after it relies on the map again
+    last = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert last["dirty_blocks"] == 0 and last["data_bytes"] == 0
+
+
+@pytest.mark.parametrize("cut", ["theirs", "ours"])
+def test_a_round_cut_short_after_another_sender_wrote_the_target_leaves_the_next_one_reading_everything(lab, cut):
+    """As above, with a round cut short: the other sender's (the target partly its disk, the
+    receiver's round not this sender's), or this sender's own whole-source round that followed
+    the other sender's completed one (what that one wrote past the cut is not in the map)."""
+    other = str(lab["tmp"] / "other.img")
+    dmap = str(lab["tmp"] / "dirty.map")
+    write_image(lab["src"], SIZE, seed=12, mix=MIX)
+    write_image(other, SIZE, seed=13, mix=MIX)
+    summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    kill = {"SMSREPL_FAULTS": "kill@sender.data:1"}
+    bob = send(other, lab["rx"].address, lab["ck"], str(lab["tmp"] / "bob"), "disk0", env=kill if cut == "theirs" else None)
+    assert bob.returncode == (-9 if cut == "theirs" else 0), bob.stderr
+    if cut == "ours":
+        assert _send(lab, lab["tmp"] / "tx", "--dirty-map", dmap, env=kill).returncode == -9
+    again = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert again["kind"] == "sync" and again["dirty_blocks"] is None, again
+    assert sha256(lab["src"]) == sha256(lab["dst"])
+    last = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
+    assert last["dirty_blocks"] == 0 and last["data_bytes"] == 0
 
 # --- where the receiver's state cannot vouch for the target: a full copy, and why ------------
 

@@ -268,6 +268,12 @@ class ManifestFile:
             self.write_fine(pos, buf[:n])
             pos += n
 
+    def refresh_coarse(self) -> None:
+        """Compute every group's digest again from the fine digests (a copy whose fine digests were
+        written without commit()) and make it durable."""
+        self._dirty_groups.update(range(self.ngroups))
+        self.commit()
+
     def commit(self) -> None:
         """Bring coarse digests and root up to date with the fine ones and make it durable."""
         if not self.writable:

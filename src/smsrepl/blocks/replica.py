@@ -153,7 +153,15 @@ class Replica:
 
     def _save(self) -> None:
         assert self.record is not None
-        write_json_atomic(self.state_path, asdict(self.record))
+        try:
+            write_json_atomic(self.state_path, asdict(self.record))
+        except OSError as exc:
+            raise self._state_failed("the round's record", exc) from None
+
+    def _state_failed(self, what: str, exc: OSError) -> TargetWriteError:
+        """A write to the state directory (full, or its disk failing): the target's, as far as the
+        sender is concerned (it reruns later), naming the directory; not an internal error."""
+        return TargetWriteError(f"cannot write {what} in {self.dir!r}: {exc.strerror or exc}")
 
     def describe(self, session_id: str, source_size: int, *, any_session: bool = False) -> dict:
         """What the WELCOME frame tells a sender of ``session_id`` (of any, for a check)."""
@@ -205,7 +213,11 @@ class Replica:
             else:
                 if self.manifest is not None:
                     self.manifest.close()
-                self.manifest = ManifestFile.create(self.manifest_path, source_size)
+                    self.manifest = None
+                try:
+                    self.manifest = ManifestFile.create(self.manifest_path, source_size)
+                except OSError as exc:
+                    raise self._state_failed("the manifest", exc) from None
                 rec = ReplicaRecord(STATE_VERSION, session_id, source_size, round_id, "full", True, 0, 0, 0)
         elif kind == "sync":
             if start != 0:
@@ -394,16 +406,16 @@ class Replica:
         t0 = time.perf_counter()
         self.target.flush()
         assert self.manifest is not None
-        for first, digests, index in self._pending:
-            if index is None:
-                self.manifest.write_fine(first, digests)
-            else:
-                self.manifest.write_fine_at(first, index, digests)
-        self._pending.clear()
         try:
+            for first, digests, index in self._pending:
+                if index is None:
+                    self.manifest.write_fine(first, digests)
+                else:
+                    self.manifest.write_fine_at(first, index, digests)
+            self._pending.clear()
             self.manifest.commit()
         except OSError as exc:
-            raise TargetWriteError(f"cannot write the manifest in {self.dir!r}: {exc.strerror}") from None
+            raise self._state_failed("the manifest", exc) from None
         faults.point("receiver.checkpoint")  # data and manifest durable, the record not yet
         rec.checkpoint = self.pos
         if ending:

@@ -30,12 +30,26 @@ def open_cache(path: str, size: int, *, verify: bool = False) -> ManifestFile | 
         return None
     try:
         cache = ManifestFile.open(path, writable=True, expect_size=size)
-        if verify:
-            cache.verify()  # the round reads it unverified, range by range
-        return cache
     except ManifestError as exc:
         log.warning("local copy of the target manifest is unusable (%s); fetching it again", exc)
         return None
+    if verify:
+        try:
+            cache.verify()  # the round reads it unverified, range by range
+        except ManifestError as exc:
+            # a sender stopped between copying acknowledged digests in and committing them: the
+            # group digests are computed again from the fine ones, and reconciling fetches the
+            # groups that differ from the receiver's, not the whole manifest
+            log.info("local copy of the target manifest was left mid-update (%s); its group digests "
+                     "are computed again", exc)
+            try:
+                cache.refresh_coarse()
+            except OSError as err:
+                cache.close()
+                log.warning("local copy of the target manifest cannot be repaired (%s); fetching it again",
+                            err.strerror)
+                return None
+    return cache
 
 
 def reconcile(request: Request, path: str, size: int, root: str) -> ManifestFile:

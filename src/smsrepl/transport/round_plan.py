@@ -74,19 +74,20 @@ class ReadScope:
         return dirty_blocks
 
 
-def read_scope(dm: ChangeMap | None, kind: str, reconcile_note: str | None) -> ReadScope:
+def read_scope(dm: ChangeMap | None, kind: str, not_ours: str | None) -> ReadScope:
     """Freeze the dirty map (writes from here on go to a fresh slot and are the next round's)
-    and say whether the round may read only what it marked."""
+    and say whether the round may read only what it marked. ``not_ours``: why the target may hold
+    what this sender's rounds did not write (a session taken over, or written by another sender
+    of it since this sender's last round): the map marks writes since that round, not since what
+    the target holds, and the round reads the whole source."""
     if dm is None:
         return ReadScope()
     frozen = dm.freeze()
-    # a session taken over: the map marks writes since this sender's last round, not since
-    # what the target holds
-    map_driven = kind == "sync" and dm.trusted and reconcile_note is None
+    map_driven = kind == "sync" and dm.trusted and not_ours is None
     whole_reason = None
     if not map_driven:
-        whole_reason = dm.reason if reconcile_note is None else "a session taken over: no local state"
-        log.info("dirty map not used for this round (%s): reading the whole source", dm.reason)
+        whole_reason = not_ours or dm.reason
+        log.info("dirty map not used for this round (%s): reading the whole source", whole_reason)
     return ReadScope(dm, frozen, map_driven, whole_reason)
 
 

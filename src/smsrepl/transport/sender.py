@@ -23,7 +23,7 @@ from smsrepl.durable import private_makedirs, write_json_atomic
 from smsrepl.blocks.dirtymap import ChangeMap, FrozenMarks
 from smsrepl.blocks.stream import FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, round_events
 from smsrepl.codec import DEFAULT_LEVEL
-from smsrepl.errors import RemoteProtocolError, ReplicationError, SourceError, TransportError
+from smsrepl.errors import RemoteProtocolError, ReplicationError, SourceError, StateError, TransportError
 from smsrepl.control.progress import ProgressTracker, subtask_for
 from smsrepl.protocol import CAPABILITIES
 from smsrepl.throttle import CpuCap, OverSpeedGuard, SpeedSchedule
@@ -61,6 +61,26 @@ class RoundResult:
     #: for a sender without a completed round of its own for the target (its state lost, or
     #: another host's): that it reconciled with the receiver's manifest, or why it copied everything
     reconcile: str | None = None
+
+
+def _not_ours(rec: dict, welcome: F.Welcome, stateless: bool) -> str | None:
+    """Why the target may hold what no round of this sender wrote, where it may: a session taken
+    over (this sender completed none of its rounds: also a takeover cut short and run again, which
+    finds the session its own already); since this sender's last round, a completed round that
+    left another manifest, or a round cut short that this sender did not begin (another sender
+    took the session over meanwhile); or one of those found earlier, until a round of this
+    sender's completed (a whole-source round cut short leaves the rest of the target as it was)."""
+    if stateless:
+        return "a session taken over: no local state"
+    if rec.get("not_ours"):
+        return str(rec["not_ours"])
+    root, begun = rec.get("root"), rec.get("begun")
+    if welcome.state == "synced" and root is not None and welcome.manifest_root != root:
+        return ("the target's manifest is not the one this sender's last round ended with (another sender of "
+                "the session wrote it, or this sender did not hear a round end)")
+    if welcome.state == "partial" and welcome.round_kind == "sync" and begun is not None and welcome.round_id != begun:
+        return "a round cut short on the target that this sender did not begin (another sender of the session)"
+    return None
 
 
 def _capabilities(stateless: bool) -> list[str]:
@@ -121,6 +141,8 @@ class Sender(SenderBase):
         self._peer_caps: frozenset = frozenset()
         self.replies = Replies()
         self._reconcile_note: str | None = None
+        #: why the target may hold what this sender's rounds did not write (read_scope)
+        self._not_ours: str | None = None
         self.clock = StageClock()
 
     def _state(self, event: StateEvent) -> None:
@@ -154,6 +176,12 @@ class Sender(SenderBase):
 
     # --- the session --------------------------------------------------------
     def run(self) -> RoundResult:
+        try:
+            return self._run()
+        except OSError as exc:  # the source's and the connections' errors are ReplicationErrors already
+            raise StateError(f"this sender's state in {self.dir!r}: {exc.strerror or exc}") from None
+
+    def _run(self) -> RoundResult:
         started = time.monotonic()
         self._new_session()
         with BlockSource(self.source_path) as source:
@@ -189,6 +217,7 @@ class Sender(SenderBase):
                 "full copy: no local state for this target, and the receiver holds no completed copy to reconcile "
                 "with" if F.ADOPT_SESSION in self._peer_caps else
                 "full copy: no local state for this target, and the receiver is of a version that cannot reconcile")
+        self._not_ours = _not_ours(rec, welcome, stateless)
         faults.point("sender.welcome")
         self.replies.on_streams = self.streams_granted
         # before the replies are read: an answer to STREAMS asked in HELLO comes right away
@@ -226,7 +255,7 @@ class Sender(SenderBase):
     def _round(self, source: BlockSource, rec: dict, chan: Channel, started: float, kind: str, round_id: int,
                start: int, cache: ManifestFile) -> RoundResult:
         log.info("%s round %d of %s -> %s, from offset %d", kind, round_id, self.source_path, self.target, start)
-        scope = read_scope(self.dirty_map, kind, self._reconcile_note)
+        scope = read_scope(self.dirty_map, kind, self._not_ours)
         self.states = self._own_states or SessionStateMachine(
             self.on_state, SessionState.SYNCED if kind == "sync" else SessionState.IDLE)
         self._state(StateEvent.SYNC_START if kind == "sync" else StateEvent.START)
@@ -236,6 +265,11 @@ class Sender(SenderBase):
         chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
         self._wire0 = wire0
+        # which round this sender began, and why the target is not its own until a round completes
+        rec["begun"] = round_id
+        if self._not_ours:
+            rec["not_ours"] = self._not_ours
+        self._save_session(rec)
         # a CHECKPOINT may name only this round and only what was sent already
         self.replies.round_id, self.replies.sent_to = round_id, start
         self.position = (start, source.size)
@@ -282,6 +316,8 @@ class Sender(SenderBase):
                 " after a resumed round" if start else "")
         cache.close()
         rec["rounds"] = rec.get("rounds", 0) + 1
+        rec["root"] = self.replies.round_done.manifest_root  # what the target holds after it (_not_ours)
+        rec.pop("not_ours", None)  # the round read the whole source where that said so
         self._save_session(rec)
         wire = chan.wire_sent - wire0
         self.replies.close(chan, sent=closing)
