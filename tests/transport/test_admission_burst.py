@@ -62,3 +62,15 @@ def test_a_connection_idle_before_its_hello_goes_after_evict_after(tmp_path, bun
         pass  # reset: evicted too
     idle.close()
     assert (tmp_path / "t.img").read_bytes() == src.read_bytes()
+
+
+def test_extra_connections_a_short_round_did_not_wait_for_are_no_warning(tmp_path, bundle, source_image, receiver,
+                                                                        monkeypatch, caplog):
+    src = source_image()  # 4 MiB: done before any extra connection's handshake
+    addr = receiver()
+    _slow_server_handshakes(monkeypatch, 0.5)
+    caplog.set_level(logging.INFO, logger="smsrepl.sender")
+    Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0, streams=4).run()
+    time.sleep(1.0)  # the joins end after the session
+    late = [r for r in caplog.records if "not joined" in r.getMessage()]
+    assert late and all(r.levelno == logging.INFO for r in late), [(r.levelname, r.getMessage()) for r in late]

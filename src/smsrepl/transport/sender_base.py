@@ -190,7 +190,9 @@ class SenderBase:
             try:
                 stripes.add(join.result())
             except ReplicationError as exc:  # the session goes on over the others
-                log.warning("extra connection %d of session %s not joined: %s", i, session_id, exc)
+                # one that ended first (a short round) needed none: nothing to warn of
+                log.log(logging.INFO if stripes.ended else logging.WARNING,
+                        "extra connection %d of session %s not joined: %s", i, session_id, exc)
         log.info("session %s runs over %d connections", session_id, stripes.streams)
 
     def _join(self, index: int, key: str, session_id: str, size: int, early: Future) -> Channel:

@@ -166,6 +166,11 @@ class Stripes(Channel):
         pass
 
     # --- the connections -------------------------------------------------------------
+    @property
+    def ended(self) -> bool:
+        """The session closed its connections, or one of them failed."""
+        return self._closing or self._failure is not None
+
     def add(self, chan: Channel) -> None:
         """One more connection (joined already: its HELLO, STREAMS and WELCOME exchanged)."""
         with self._cond:
