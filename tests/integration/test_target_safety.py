@@ -80,6 +80,18 @@ def test_a_missing_target_path_keeps_the_receiver_from_starting(tmp_path, certke
     assert os.listdir(tmp_path / "dev") == []
 
 
+def test_a_directory_target_given_by_a_symlink_keeps_the_receiver_from_starting(tmp_path, certkey_file):
+    """A tree target's root is opened without following symlinks, as every directory in it: a
+    receiver started with one would refuse every session, and its senders retry for ever."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cp = _receive(certkey_file, {"t": tmp_path / "link"}, tmp_path / "rx")
+    assert cp.returncode == 2, cp.stderr
+    line = _one_line(cp.stderr)
+    assert line.startswith("SMS.2013: ") and "'t'" in line and f"({tmp_path / 'real'})" in line, line
+    assert not (tmp_path / "rx").exists() and os.listdir(tmp_path / "real") == []
+
+
 def test_create_makes_a_missing_image_sized_to_the_source_and_a_missing_directory(tmp_path, certkey_file, source,
                                                                                  tree):
     img, dst = tmp_path / "lab" / "disk.img", tmp_path / "lab" / "tree"

@@ -58,6 +58,11 @@ def check_at_start(targets: Mapping[str, str], *, create: bool) -> None:
             raise missing(name, path)
         if kind == "block device":
             check_not_in_use(name, path)
+        if kind == "directory" and os.path.islink(path):
+            # a file session opens its root with O_NOFOLLOW, as every directory in it: each one
+            # would fail, and a sender would retry what can never work
+            raise TargetKindError(f"target {name!r} ({path}) is a symlink to a directory; give the directory "
+                                  f"itself ({os.path.realpath(path)}): the receiver follows no symlink in a tree target")
 
 
 def check_not_in_use(name: str, path: str) -> None:
