@@ -175,6 +175,38 @@ def test_a_round_cut_short_after_another_sender_wrote_the_target_leaves_the_next
     last = summary(_send(lab, lab["tmp"] / "tx", "--dirty-map", dmap))
     assert last["dirty_blocks"] == 0 and last["data_bytes"] == 0
 
+def test_a_round_that_never_reached_the_receiver_is_not_taken_for_another_senders_cut_round(tmp_path, certkey_file):
+    """A sender records the round it begins before its ROUND_BEGIN reaches the receiver, which
+    may never happen (the receiver died after its WELCOME). Another sender then takes the session
+    over and begins the round of that same id, and is cut short: the target is partly its disk.
+    The first sender's next round must not take that round for its own and read only its map's
+    marks (it sent nothing of what the other one wrote: exit 0, a target that is not the source)."""
+    src, other, dst = (str(tmp_path / n) for n in ("source.img", "other.img", "target.img"))
+    dmap, state = str(tmp_path / "dirty.map"), str(tmp_path / "rx-state")
+    write_image(src, SIZE, seed=14, mix=MIX)
+    write_image(other, SIZE, seed=15, mix=MIX)
+    rx = ReceiverProc(certkey_file, {"disk0": dst}, state, env={"SMSREPL_FAULTS": "kill@receiver.welcome:2"})
+    try:
+        first = summary(send(src, rx.address, certkey_file, str(tmp_path / "tx"), "disk0", "--dirty-map", dmap))
+        assert first["kind"] == "full"
+        lost = send(src, rx.address, certkey_file, str(tmp_path / "tx"), "disk0", "--dirty-map", dmap)
+        assert lost.returncode == 3, lost.stderr  # the receiver died after its WELCOME
+    finally:
+        rx.kill()
+    rx = ReceiverProc(certkey_file, {"disk0": dst}, state)
+    try:
+        bob = send(other, rx.address, certkey_file, str(tmp_path / "bob"), "disk0",
+                   env={"SMSREPL_FAULTS": "kill@sender.data:1"})
+        assert bob.returncode == -9, bob.stderr
+        rec = json.loads((tmp_path / "rx-state" / "disk0" / "state.json").read_text())
+        assert rec["active"] and rec["round_kind"] == "sync" and rec["round_id"] == 2, rec
+        again = summary(send(src, rx.address, certkey_file, str(tmp_path / "tx"), "disk0", "--dirty-map", dmap))
+        assert again["kind"] == "sync" and again["dirty_blocks"] is None, again
+        assert sha256(src) == sha256(dst)
+    finally:
+        rx.stop()
+
+
 # --- where the receiver's state cannot vouch for the target: a full copy, and why ------------
 
 @pytest.fixture
@@ -231,3 +263,35 @@ def test_a_sender_with_state_never_takes_another_session_over(inproc):
     result = inproc["sender"]("alice").run()
     assert result.kind == "full" and result.resumed_from == 0 and result.reconcile is None
     assert sha256(inproc["src"]) == sha256(inproc["dst"])
+
+
+def test_a_round_of_its_own_cut_short_once_the_receiver_began_it_reads_only_the_map_again(tmp_path, bundle):
+    """The receiver's CHECKPOINT of a round says it began that round: cut short, it is this
+    sender's own, and the next round reads the map's marks (the cut round's are in it still)."""
+    from smsrepl.blocks.dirtymap import DirtyMap
+    rx = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"),
+                  checkpoint_seconds=0.05, create=True)
+    addr = rx.start()
+    src = str(tmp_path / "source.img")
+    write_image(src, SIZE, seed=16, mix=MIX)
+    slow = SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 40}]})
+    with DirtyMap.open(str(tmp_path / "dirty.map"), SIZE) as dm:
+        def sender(**kw) -> Sender:
+            return Sender(src, "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0, dirty_map=dm, **kw)
+        try:
+            assert sender().run().kind == "full"
+            changed = list(range(0, 8192, 2))  # 16 MiB of marks: over 3 s at 40 Mbit/s
+            _rewrite(src, changed)
+            for b in changed:
+                dm.mark(b * 4096, 4096)
+            cut = sender(speed_limit=slow)
+            threading.Timer(1.5, cut.stop).start()
+            with pytest.raises(Exception):
+                cut.run()
+            rec = json.loads((tmp_path / "tx" / "disk0" / "session.json").read_text())
+            assert rec.get("begun") == 2 and "not_ours" not in rec, rec
+            again = sender().run()
+            assert again.kind == "sync" and again.dirty_blocks == len(changed), again
+            assert sha256(src) == sha256(str(tmp_path / "target.img"))
+        finally:
+            rx.stop()

@@ -33,6 +33,8 @@ class Replies:
         self._answers: queue.Queue = queue.Queue()
         #: the receiver's answer to STREAMS goes here (SenderBase.streams_granted)
         self.on_streams: Callable[[F.Streams], None] | None = None
+        #: called once, with the round's id, at its first CHECKPOINT: the receiver began it
+        self.on_began: Callable[[int], None] | None = None
 
     def start(self, chan: Channel) -> None:
         threading.Thread(target=self._read, args=(chan,), daemon=True).start()
@@ -47,6 +49,9 @@ class Replies:
                             f"the receiver acknowledged offset {ev.offset} of round {ev.round_id}, but round "
                             f"{self.round_id} has sent only up to {self.sent_to}: it claims data it never got")
                     self.acked = max(self.acked, ev.offset)
+                    if self.on_began is not None:
+                        began, self.on_began = self.on_began, None
+                        began(ev.round_id)
                 elif isinstance(ev, F.RoundDone):
                     self.round_done = ev
                     self.done.set()

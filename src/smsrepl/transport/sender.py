@@ -78,8 +78,9 @@ def _not_ours(rec: dict, welcome: F.Welcome, stateless: bool) -> str | None:
     if welcome.state == "synced" and root is not None and welcome.manifest_root != root:
         return ("the target's manifest is not the one this sender's last round ended with (another sender of "
                 "the session wrote it, or this sender did not hear a round end)")
-    if welcome.state == "partial" and welcome.round_kind == "sync" and begun is not None and welcome.round_id != begun:
-        return "a round cut short on the target that this sender did not begin (another sender of the session)"
+    if welcome.state == "partial" and welcome.round_kind == "sync" and welcome.round_id != begun:
+        return ("a round cut short on the target that this sender did not begin, or whose beginning the receiver "
+                "did not confirm (another sender of the session may have begun it)")
     return None
 
 
@@ -265,11 +266,13 @@ class Sender(SenderBase):
         chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
         self._wire0 = wire0
-        # which round this sender began, and why the target is not its own until a round completes
-        rec["begun"] = round_id
+        # why the target is not its own until a round completes; which round this sender began,
+        # once the receiver says it did (a ROUND_BEGIN that never arrived leaves that round id
+        # to another sender of the session)
         if self._not_ours:
             rec["not_ours"] = self._not_ours
-        self._save_session(rec)
+            self._save_session(rec)
+        self.replies.on_began = functools.partial(self._began, rec)
         # a CHECKPOINT may name only this round and only what was sent already
         self.replies.round_id, self.replies.sent_to = round_id, start
         self.position = (start, source.size)
@@ -318,12 +321,18 @@ class Sender(SenderBase):
         rec["rounds"] = rec.get("rounds", 0) + 1
         rec["root"] = self.replies.round_done.manifest_root  # what the target holds after it (_not_ours)
         rec.pop("not_ours", None)  # the round read the whole source where that said so
+        rec.pop("begun", None)
         self._save_session(rec)
         wire = chan.wire_sent - wire0
         self.replies.close(chan, sent=closing)
         return RoundResult(round_id, kind, start, source.size, data_bytes, wire, time.monotonic() - started,
                            dirty_blocks, self.clock.snapshot(), scope.whole_reason if kind == "sync" else None,
                            self._reconcile_note)
+
+    def _began(self, rec: dict, round_id: int) -> None:
+        """The receiver checkpointed this round: it is this sender's (_not_ours), cut or not."""
+        rec["begun"] = round_id
+        self._save_session(rec)
 
     def check(self, *, chunk: int = 8 << 20, extent: int = 1 << 20,
               on_progress: Callable[[int, int, int], None] | None = None) -> tuple[int, int]:
