@@ -26,6 +26,7 @@ from smsrepl.transport.receiver import Receiver
 from smsrepl.transport.connect import connect
 from smsrepl.transport.sender import Sender
 from smsrepl.transport.tls import client_context, server_context
+from smsrepl.transport.limits import EVICT_AFTER
 from smsrepl.transport.tlsio import TLSStream
 
 from integration.procs import wait_until
@@ -212,11 +213,16 @@ def test_a_connection_flood_is_shed_and_the_receiver_still_serves(rx, bundle):
 @reliability("hostile peer", "idle connections holding every place at the door")
 def test_idle_connections_at_the_door_cannot_keep_a_real_sender_out(rx, bundle):
     receiver, addr, _ = rx
-    squatters = [socket.create_connection(addr) for _ in range(4)]  # all 4 places before HELLO
+    squatters = [socket.create_connection(addr) for _ in range(4)]
+    for s in squatters:
+        s.sendall(b"\x16")  # they spoke (a TLS record begins) and say no more: all 4 places before HELLO
     time.sleep(0.2)
     assert receiver.connections() == (4, 4)
-    chan, ev = _session(addr, bundle, session="past-the-squatters")  # pushes the oldest out
+    assert receiver.admission.counts() == (4, 4)  # admitted, not waiting at the door
+    t0 = time.monotonic()
+    chan, ev = _session(addr, bundle, session="past-the-squatters")  # the oldest goes once EVICT_AFTER old
     chan.close()
+    assert time.monotonic() - t0 < EVICT_AFTER + 1.5
     for s in squatters:
         s.close()
     assert isinstance(ev, F.Welcome), ev

@@ -74,3 +74,28 @@ def test_extra_connections_a_short_round_did_not_wait_for_are_no_warning(tmp_pat
     time.sleep(1.0)  # the joins end after the session
     late = [r for r in caplog.records if "not joined" in r.getMessage()]
     assert late and all(r.levelno == logging.INFO for r in late), [(r.levelname, r.getMessage()) for r in late]
+
+
+def test_a_queue_of_idle_speakers_keeps_a_real_sender_waiting_no_longer_than_evict_after(tmp_path, bundle,
+                                                                                        source_image, receiver):
+    """Connections that spoke (one byte) and then idle, queued at once ahead of a real sender:
+    each waits at most EVICT_AFTER from when it spoke, not EVICT_AFTER behind the one before it
+    (with one place before HELLO, five of them held the sender out over 10 s: a flood at an
+    address's allowed rate grew the queue without end)."""
+    src = source_image()
+    addr = receiver(max_unauthenticated=1, handshake_timeout=30)
+    idle = []
+    for _ in range(6):
+        s = socket.create_connection(addr)
+        s.sendall(b"\x16")  # the start of a TLS record: it spoke, and says no more
+        idle.append(s)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    try:
+        Sender(str(src), "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0, streams=1).run()
+        took = time.monotonic() - t0
+    finally:
+        for s in idle:
+            s.close()
+    assert took < limits.EVICT_AFTER + 2.0, took
+    assert (tmp_path / "t.img").read_bytes() == src.read_bytes()

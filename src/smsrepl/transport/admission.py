@@ -2,10 +2,10 @@
 
 A connection whose peer has spoken (door.py) is admitted while fewer than ``max_connections``
 sessions run (network checks have a pool of their own, claims.py); when ``max_unauthenticated``
-of them have not said HELLO yet, it waits for one of those to say it, and after EVICT_AFTER
-seconds the oldest of those goes. The watchdog then drops a
-connection that says no HELLO in time, a network check that goes on too long, and a session
-that trickles: no frame completed and less than MIN_PROGRESS bytes in ``idle_timeout``.
+of them have not said HELLO yet, it waits for one of those to say it, and once the oldest of
+those is EVICT_AFTER seconds old, or it waited that long since it spoke, the oldest goes. The
+watchdog then drops a connection that says no HELLO in time, a network check that goes on too
+long, and a session that trickles: no frame completed and less than MIN_PROGRESS bytes in ``idle_timeout``.
 """
 from __future__ import annotations
 
@@ -95,9 +95,10 @@ class Admission:
             self.shed += 1
         self.warnings.warning("door", "%s:%s: closed at the door: %s", addr[0], addr[1], why)
 
-    def admit(self, raw: socket.socket, addr: tuple, accepted: float) -> bool | None:
+    def admit(self, raw: socket.socket, addr: tuple, accepted: float, spoke: float) -> bool | None:
         """Admit the connection (True), or close it (False): too many sessions run; None: not
-        yet, the connections before their HELLO are as many as allowed and none is old."""
+        yet, the connections before their HELLO are as many as allowed, none is old, and this
+        one has waited less than EVICT_AFTER since it spoke (``spoke``: when it did)."""
         evict = None
         with self.lock:
             pending = [c for c in self.conns.values() if not c.authenticated and c.reason is None]
@@ -107,9 +108,12 @@ class Admission:
                     # the door is full of connections that have not said HELLO. Young ones are
                     # handshaking (several sessions' extra connections joining at once over a long
                     # link): this one waits for them. An old one goes, so idle connections cannot
-                    # keep real senders out for long
+                    # keep real senders out for long; so does the oldest once this one waited
+                    # EVICT_AFTER since it spoke (counted from when the one ahead of it got a place,
+                    # a queue of idle speakers held a sender EVICT_AFTER for each of them)
                     oldest = min(pending, key=lambda c: c.admitted)
-                    if time.monotonic() - oldest.admitted < EVICT_AFTER:
+                    now = time.monotonic()
+                    if now - oldest.admitted < EVICT_AFTER and now - spoke < EVICT_AFTER:
                         return None
                     evict = oldest
                     self.shed += 1

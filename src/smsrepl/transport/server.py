@@ -145,21 +145,23 @@ class EndpointServer:
             self._room = None
 
     def _serve(self, room: WaitingRoom, once: bool) -> SessionOutcome | None:
-        pending: list = []  # connections whose peer has spoken, in the order they did
+        pending: list = []  # connections whose peer has spoken, in the order they did, with when
         try:
             while not self.stopping.is_set():
                 if not pending:
                     try:
-                        pending = room.ready(0.2)
+                        spoke = room.ready(0.2)
                     except OSError:
                         break
+                    now = time.monotonic()
+                    pending = [(raw, addr, accepted, now) for raw, addr, accepted in spoke]
                     if once and not self.outcomes.empty():
                         # its session's extra connections (parallel streams) came in meanwhile
                         return self.outcomes.get()
                     if not pending:
                         continue
-                raw, addr, accepted = pending[0]
-                admitted = self.admission.admit(raw, addr, accepted)
+                raw, addr, accepted, since = pending[0]
+                admitted = self.admission.admit(raw, addr, accepted, since)
                 if admitted is None:  # waits for a place among the connections before their HELLO
                     self.stopping.wait(ADMIT_POLL)
                     continue
@@ -176,7 +178,7 @@ class EndpointServer:
                     continue
                 self._threads = [x for x in self._threads if x.is_alive()] + [t]
         finally:
-            for raw, _, _ in pending:  # spoke, but the receiver stops (or returned) first
+            for raw, *_ in pending:  # spoke, but the receiver stops (or returned) first
                 raw.close()
         return None
 
