@@ -374,3 +374,26 @@ def test_a_full_state_directory_at_a_rounds_begin_is_a_target_write_error(tmp_pa
     with pytest.raises(TargetWriteError) as err:
         r.begin("s1", SIZE, 1, "full", 0)
     assert err.value.code == "SMS.2007" and str(tmp_path / "state") in err.value.message
+
+
+@pytest.mark.parametrize("kind", ["full", "sync"])
+def test_a_session_that_begins_no_round_keeps_the_checkpoint_of_a_cut_one(tmp_path, kind):
+    """A session ends with a checkpoint (close(), ended()): one that began no round (a consistency
+    check, a dry run, a sender cut before its ROUND_BEGIN) found the cut round's checkpoint on
+    disk, not its own position (0), and recorded 0: the next resume of a first copy started over."""
+    data = np.random.default_rng(10).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    if kind == "full":
+        r = _replica(tmp_path)
+        r.begin("s1", SIZE, 1, "full", 0)
+    else:
+        r, _ = _full_copy(tmp_path, data)
+        r.begin("s1", SIZE, 2, "sync", 0)
+    r.apply_data(0, 1 << 20, 0, _digests(data[:1 << 20]), data[:1 << 20])
+    assert r.checkpoint() == 1 << 20
+    r.close()
+    r.target.close()
+    r2 = _replica(tmp_path)
+    assert r2.checkpoint() == 1 << 20
+    r2.close()
+    r2.target.close()
+    assert _replica(tmp_path).describe("s1", SIZE)["checkpoint"] == 1 << 20

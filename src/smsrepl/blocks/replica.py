@@ -112,6 +112,9 @@ class Replica:
             self._forget()
             return
         self.record, self.manifest = rec, man
+        # what a cut round applied durably: a session that begins no round ends with a checkpoint
+        # too (close()), which must not move the cut round's back to 0
+        self.pos = rec.checkpoint
         if rec.active and rec.round_kind == "sync" and rec.intent > rec.checkpoint:
             self._rehash(man, rec.source_size, rec.checkpoint // FINE_BLOCK, min(block_count(rec.intent), man.nblocks))
             man.commit()
