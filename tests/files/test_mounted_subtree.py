@@ -26,3 +26,25 @@ def test_files_on_a_file_system_mounted_under_the_target_are_synced_before_they_
     verdict = json.loads(cp.stdout.splitlines()[-1])
     assert verdict["files_sent"] == 81
     assert set(verdict["written_to"]) <= set(verdict["synced"]), verdict
+
+
+def test_a_directory_whose_file_system_cannot_be_kept_is_not_left_open(tmp_path, monkeypatch):
+    """The descriptor kept of another file system is a dup of the directory's: where that fails
+    (no descriptors left), the directory's own is closed, not leaked with the error."""
+    from smsrepl.files.targetroot import TargetRoot
+
+    (tmp_path / "sub").mkdir()
+    root = TargetRoot(str(tmp_path))
+    root.root_dev = -1  # every directory below is on "another" file system
+    before = len(os.listdir("/proc/self/fd"))
+
+    def no_descriptors(fd):
+        raise OSError(24, os.strerror(24))
+
+    monkeypatch.setattr("smsrepl.files.targetroot.os.dup", no_descriptors)
+    with pytest.raises(OSError):
+        root.dir_fd((b"sub",))
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before
+    root._close_dirs()
+    os.close(root.root_fd)

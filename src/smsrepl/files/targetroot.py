@@ -63,9 +63,13 @@ class TargetRoot:
         except OSError as exc:
             what = "is a symlink or not a directory" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror
             raise TargetWriteError(f"target {self._show(parts)!r}: {what}") from None
-        dev = os.fstat(fd).st_dev
-        if dev != self.root_dev and dev not in self.other_fs:
-            self.other_fs[dev] = os.dup(fd)
+        try:
+            dev = os.fstat(fd).st_dev
+            if dev != self.root_dev and dev not in self.other_fs:
+                self.other_fs[dev] = os.dup(fd)
+        except OSError:
+            os.close(fd)
+            raise
         self._fds[parts] = fd
         limit = self._cache if self._budget is None else min(self._cache, max(8, self._budget.share() // 8))
         while len(self._fds) > limit:
