@@ -397,3 +397,33 @@ def test_a_session_that_begins_no_round_keeps_the_checkpoint_of_a_cut_one(tmp_pa
     r2.close()
     r2.target.close()
     assert _replica(tmp_path).describe("s1", SIZE)["checkpoint"] == 1 << 20
+
+
+@pytest.mark.parametrize("where", ["target", "manifest"])
+def test_after_a_failed_sync_no_later_checkpoint_of_the_session_is_recorded(tmp_path, monkeypatch, where):
+    """A failed fdatasync of the target (or fsync of the manifest) is reported once: the pages it
+    could not write are clean now, and a second sync succeeds without them. The session's last
+    checkpoint (close(), ended()) must not then record the data, or its digests, as durable."""
+    data = np.random.default_rng(11).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    r = _replica(tmp_path)
+    r.begin("s1", SIZE, 1, "full", 0)
+    r.apply_data(0, 1 << 20, 0, _digests(data[:1 << 20]), data[:1 << 20])
+    assert r.checkpoint() == 1 << 20
+    r.apply_data(1 << 20, 1 << 20, 0, _digests(data[1 << 20:2 << 20]), data[1 << 20:2 << 20])
+    failed = []
+
+    def fails_once(fd):
+        if not failed:
+            failed.append(fd)
+            raise OSError(5, os.strerror(5))
+
+    monkeypatch.setattr("os.fdatasync" if where == "target" else "os.fsync", fails_once)
+    with pytest.raises(TargetWriteError):
+        r.checkpoint()
+    assert failed
+    with pytest.raises(TargetWriteError):
+        r.checkpoint()  # what the session's end does: the sync would succeed now
+    monkeypatch.undo()
+    r.close()
+    r.target.close()
+    assert _replica(tmp_path).describe("s1", SIZE)["checkpoint"] == 1 << 20

@@ -88,6 +88,10 @@ class Replica:
         #: decoded: a fresh buffer per frame cost a page fault per 4 KiB
         self._unpacked = np.empty(kernels_max_blocks() * FINE_BLOCK, dtype=np.uint8)
         self._pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+        #: why a sync of the target or the manifest failed in this session: a second one would
+        #: succeed without what the first could not write (the error is reported once), so no
+        #: later checkpoint is recorded
+        self._sync_failed: str | None = None
         self.pos = 0
         self.bytes_written = 0
         self._load()
@@ -406,10 +410,12 @@ class Replica:
             return rec.checkpoint if rec else 0
         if self.pos == rec.checkpoint and not self._pending and not ending:
             return rec.checkpoint
+        if self._sync_failed is not None:
+            raise TargetWriteError(f"no checkpoint after a failed sync ({self._sync_failed})")
         t0 = time.perf_counter()
-        self.target.flush()
         assert self.manifest is not None
         try:
+            self.target.flush()
             for first, digests, index in self._pending:
                 if index is None:
                     self.manifest.write_fine(first, digests)
@@ -417,8 +423,13 @@ class Replica:
                     self.manifest.write_fine_at(first, index, digests)
             self._pending.clear()
             self.manifest.commit()
+        except TargetWriteError as exc:
+            self._sync_failed = exc.message
+            raise
         except OSError as exc:
-            raise self._state_failed("the manifest", exc) from None
+            err = self._state_failed("the manifest", exc)
+            self._sync_failed = err.message
+            raise err from None
         faults.point("receiver.checkpoint")  # data and manifest durable, the record not yet
         rec.checkpoint = self.pos
         if ending:
