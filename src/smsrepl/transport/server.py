@@ -163,7 +163,14 @@ class EndpointServer:
                 raw, addr, accepted, since = pending[0]
                 admitted = self.admission.admit(raw, addr, accepted, since)
                 if admitted is None:  # waits for a place among the connections before their HELLO
-                    self.stopping.wait(ADMIT_POLL)
+                    # meanwhile the door goes on: those that speak now are stamped now, not when
+                    # the ones ahead of them have their places
+                    try:
+                        spoke = room.ready(ADMIT_POLL)
+                    except OSError:
+                        break
+                    now = time.monotonic()
+                    pending += [(raw, addr, accepted, now) for raw, addr, accepted in spoke]
                     continue
                 pending.pop(0)
                 if not admitted:
