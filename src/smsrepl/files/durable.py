@@ -78,6 +78,12 @@ def _syncfs(fd: int) -> None:
         raise TargetWriteError(f"syncfs failed: {os.strerror(err)}")
 
 
+def _syncfs_all(file_systems: list[int]) -> None:
+    """syncfs of each file system the target's files lie on (TargetRoot.file_systems)."""
+    for fd in file_systems:
+        _syncfs(fd)
+
+
 class PendingFiles(TargetRoot):
     """The files a writer wrote and has not named yet, and how they become durable."""
 
@@ -365,8 +371,7 @@ class PendingFiles(TargetRoot):
         """Make every rename, link and removal durable: fsync of the directories they changed
         (one syncfs for more than FSYNC_DIRS)."""
         if self.fsync and len(self._touched) > FSYNC_DIRS:
-            for fd in self.file_systems():  # one flush for them all
-                _syncfs(fd)
+            _syncfs_all(self.file_systems())  # one flush for them all
         elif self.fsync:
             for parts in sorted(self._touched, key=len, reverse=True):
                 try:
@@ -383,8 +388,7 @@ def _sync_and_link(file_systems: list[int], runs: list[Run], sync: bool = True,
     thread too: no writer state. A failed syncfs sets ``failed``."""
     try:
         if sync:
-            for fd in file_systems:
-                _syncfs(fd)
+            _syncfs_all(file_systems)
     except BaseException:
         if failed is not None:
             failed.set()
@@ -405,8 +409,7 @@ def _sync_and_link(file_systems: list[int], runs: list[Run], sync: bool = True,
 def _sync_behind(file_systems: list[int], failed: threading.Event) -> None:
     """The syncfs calls of a batch behind the writer; ``failed`` is set if one fails."""
     try:
-        for fd in file_systems:
-            _syncfs(fd)
+        _syncfs_all(file_systems)
     except BaseException:
         failed.set()
         raise

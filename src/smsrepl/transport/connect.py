@@ -80,9 +80,9 @@ def tune_socket(raw: socket.socket) -> None:
 class Gate:
     """Where a session's extra connections begun early wait between their TCP connection and
     their TLS handshake: one whose ClientHello went counts at the receiver's door among the
-    connections that have not said HELLO, and a door full of those evicts the oldest, which
-    was the session's own before its HELLO (a connection that has said nothing waits at the
-    door without counting). Opened once the session's HELLO went: their handshakes then run
+    connections that have not said HELLO, and a door full of those keeps newcomers waiting,
+    then evicts the oldest, which was the session's own before its HELLO (a connection that
+    has said nothing waits at the door without counting). Opened once the session's HELLO went: their handshakes then run
     beside its WELCOME and the answer to STREAMS, no later; shut where they are not needed."""
 
     def __init__(self) -> None:

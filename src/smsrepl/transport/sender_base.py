@@ -103,7 +103,6 @@ class SenderBase:
         self._gate.open()  # the extra connections' TLS handshakes, beside WELCOME (connect.Gate)
         return chan
 
-
     def _session_connection(self, prejoin: bool) -> TLSStream:
         """The session's connection: the one begun ahead (take_connection) with the extra ones
         it began, or a new one."""

@@ -45,6 +45,14 @@ log = logging.getLogger("smsrepl.receiver")
 #: seconds between a waiting connection's tries for a place (Admission.admit)
 ADMIT_POLL = 0.02
 
+def _spoken(room: WaitingRoom, timeout: float) -> list[tuple[socket.socket, tuple, float, float]]:
+    """The door's connections whose peer has spoken (WaitingRoom.ready), each with when it was
+    seen to (Admission.admit counts a wait for a place from then)."""
+    spoke = room.ready(timeout)
+    now = time.monotonic()
+    return [(raw, addr, accepted, now) for raw, addr, accepted in spoke]
+
+
 #: HELLO's session kind -> the handler that serves it; a kind not here is refused
 SESSION_KINDS: dict[str, type[Handler]] = {
     "block": BlockSession,
@@ -150,11 +158,9 @@ class EndpointServer:
             while not self.stopping.is_set():
                 if not pending:
                     try:
-                        spoke = room.ready(0.2)
+                        pending = _spoken(room, 0.2)
                     except OSError:
                         break
-                    now = time.monotonic()
-                    pending = [(raw, addr, accepted, now) for raw, addr, accepted in spoke]
                     if once and not self.outcomes.empty():
                         # its session's extra connections (parallel streams) came in meanwhile
                         return self.outcomes.get()
@@ -166,11 +172,9 @@ class EndpointServer:
                     # meanwhile the door goes on: those that speak now are stamped now, not when
                     # the ones ahead of them have their places
                     try:
-                        spoke = room.ready(ADMIT_POLL)
+                        pending += _spoken(room, ADMIT_POLL)
                     except OSError:
                         break
-                    now = time.monotonic()
-                    pending += [(raw, addr, accepted, now) for raw, addr, accepted in spoke]
                     continue
                 pending.pop(0)
                 if not admitted:
