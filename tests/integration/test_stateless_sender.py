@@ -295,3 +295,28 @@ def test_a_round_of_its_own_cut_short_once_the_receiver_began_it_reads_only_the_
             assert sha256(src) == sha256(str(tmp_path / "target.img"))
         finally:
             rx.stop()
+
+
+def test_a_session_json_with_wrong_values_for_its_round_keys_reads_the_whole_source(tmp_path, bundle):
+    """session.json edited or damaged by hand (root, begun and not_ours of the wrong types): no
+    crash, and the map is not trusted: the round reads the whole source, the target ends equal."""
+    from smsrepl.blocks.dirtymap import DirtyMap
+    rx = Receiver({"disk0": str(tmp_path / "target.img")}, server_context(bundle), str(tmp_path / "rx"), create=True)
+    addr = rx.start()
+    src = str(tmp_path / "source.img")
+    write_image(src, SIZE, seed=17, mix=MIX)
+    with DirtyMap.open(str(tmp_path / "dirty.map"), SIZE) as dm:
+        def sender() -> Sender:
+            return Sender(src, "disk0", addr, client_context(bundle), str(tmp_path / "tx"), level=0, dirty_map=dm)
+        try:
+            assert sender().run().kind == "full"
+            _rewrite(src, [10, 20])  # written behind the map's back: only a whole read finds them
+            path = tmp_path / "tx" / "disk0" / "session.json"
+            rec = json.loads(path.read_text())
+            rec.update(root=5, begun="x", not_ours=0)
+            path.write_text(json.dumps(rec))
+            again = sender().run()
+            assert again.kind == "sync" and again.dirty_blocks is None, again
+            assert sha256(src) == sha256(str(tmp_path / "target.img"))
+        finally:
+            rx.stop()
