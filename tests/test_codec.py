@@ -111,3 +111,33 @@ def test_compressing_then_sending_on_one_thread_adds_the_two_times():
 def test_auto_needs_two_levels():
     with pytest.raises(ValueError):
         AdaptiveChoice(2, (3, 3))
+
+
+def test_encode_into_writes_the_frame_into_the_given_buffer():
+    text = bytes(random.Random(2).choice(b"abcdefgh ijk\n") for _ in range(2 << 20))
+    out = bytearray(FRAME_SIZE)
+    comp = Compressor(2)
+    codec, payload = comp.encode_into(text, out)
+    assert codec == ZSTD and isinstance(payload, memoryview) and payload.obj is out
+    assert zstandard.get_frame_parameters(payload).content_size == len(text)
+    assert bytes(Decompressor().decode(codec, payload, len(text))) == text
+    # about what the one-shot way makes
+    assert abs(len(payload) - len(comp.encode(text)[1])) < 1024
+
+
+def test_encode_into_gives_up_on_a_frame_that_outgrows_the_saving_and_the_next_is_whole():
+    comp = Compressor(2)
+    # samples compress (text), the whole does not save MIN_SAVING: random between the samples
+    rng = random.Random(3)
+    step = (1 << 20) // SAMPLES
+    data = bytearray(os.urandom(1 << 20))
+    for i in range(SAMPLES):
+        data[i * step:i * step + SAMPLE] = bytes(rng.choice(b"ab") for _ in range(SAMPLE))
+    data = bytes(data)
+    codec, payload = comp.encode_into(data, bytearray(FRAME_SIZE))
+    assert (codec, payload) == (RAW, data)
+    # a buffer too small for even a good frame: raw, and the compressor is not left mid-frame
+    text = bytes(rng.choice(b"abcd efg\n") for _ in range(1 << 20))
+    assert comp.encode_into(text, bytearray(1000)) == (RAW, text)
+    codec, payload = comp.encode_into(text, bytearray(FRAME_SIZE))
+    assert codec == ZSTD and bytes(Decompressor().decode(codec, payload, len(text))) == text

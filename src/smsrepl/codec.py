@@ -78,6 +78,26 @@ class Compressor:
             return RAW, data
         return ZSTD, out
 
+    def encode_into(self, data: bytes | memoryview, out: bytearray) -> tuple[int, bytes | memoryview]:
+        """As :meth:`encode`, but a zstd payload is written into ``out`` (a view of it is
+        returned): a buffer kept for reuse, where ``encode`` maps a fresh one for every frame,
+        a page fault per 4 KiB it fills (31,700 faults for 38 text frames, 6% of the
+        compression's time). A frame that outgrows what saves MIN_SAVING is abandoned there."""
+        zc = self._zc
+        if zc is None or self._incompressible(zc, data):
+            return RAW, data
+        n = len(data)
+        sink = _Sink(out, min(len(out), int(n * (1 - MIN_SAVING))))
+        try:
+            writer = zc.stream_writer(sink, size=n, write_size=STREAM_OUT, closefd=False)
+            writer.write(data)
+            writer.flush(zstandard.FLUSH_FRAME)
+        except _Outgrown:
+            return RAW, data
+        except zstandard.ZstdError as exc:
+            raise CompressionError(f"zstd compression failed: {exc}") from None
+        return ZSTD, memoryview(out)[:sink.pos]
+
     @staticmethod
     def _incompressible(zc, data) -> bool:
         """True when SAMPLES pieces spread over ``data`` do not compress at all."""
@@ -92,6 +112,33 @@ class Compressor:
         except zstandard.ZstdError as exc:
             raise CompressionError(f"zstd compression failed: {exc}") from None
         return len(out) > len(sample) * (1 - MIN_SAVING / 4)
+
+
+#: output piece of a streamed frame: zstd's own streaming size, small enough that the
+#: allocator reuses the pieces' memory (1 MiB pieces were mapped afresh each time)
+STREAM_OUT = 128 << 10
+
+
+class _Outgrown(Exception):
+    pass
+
+
+class _Sink:
+    """Takes a streamed zstd frame's pieces into a buffer, up to ``limit`` bytes."""
+
+    def __init__(self, buf: bytearray, limit: int) -> None:
+        self.view = memoryview(buf)
+        self.limit = limit
+        self.pos = 0
+
+    def write(self, piece) -> int:
+        n = len(piece)
+        end = self.pos + n
+        if end > self.limit:
+            raise _Outgrown
+        self.view[self.pos:end] = piece
+        self.pos = end
+        return n
 
 
 class Decompressor:

@@ -9,6 +9,7 @@ from smsrepl.blocks.source import BlockSource
 from smsrepl.blocks.manifest import ManifestFile
 from smsrepl.blocks.stream import FRAME_BLOCKS, LEGACY_FRAME_BLOCKS
 from smsrepl.protocol import frames as F
+from smsrepl.transport.block_pipeline import OutputBuffers
 from smsrepl.transport.sender import Sender
 
 
@@ -85,13 +86,13 @@ def test_level_auto_sends_raw_on_a_fast_link_and_compresses_on_a_slow_one(tmp_pa
     if rate is None:
         # a CPU that compresses at 25 MB/s a thread: this text goes through zstd at about the
         # speed of the channel's own checks, which made the free link's verdict a coin toss
-        encode = Compressor.encode
+        encode = Compressor.encode_into
 
-        def slow_encode(self, data):
+        def slow_encode(self, data, out):
             time.sleep(len(data) / 25e6)
-            return encode(self, data)
+            return encode(self, data, out)
 
-        monkeypatch.setattr(Compressor, "encode", slow_encode)
+        monkeypatch.setattr(Compressor, "encode_into", slow_encode)
 
     path = str(tmp_path / "src.img")
     size = 96 << 20
@@ -150,3 +151,37 @@ def test_frames_with_zero_blocks_keep_their_gathered_payload_until_sent(tmp_path
     assert chan.frames >= 12
     assert chan.bad == []
 
+
+
+class LateCheckingChannel(SlowCheckingChannel):
+    """Checks each frame only after a delay: a compressed payload whose buffer went back to the
+    compressors before the frame was sent would by then hold a later frame's data."""
+
+    def send(self, ev) -> None:
+        time.sleep(self.delay)
+        super().send(ev)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_compressed_frames_reuse_a_few_buffers_and_keep_them_until_sent(tmp_path, level):
+    from smsrepl.lab.testdata import write_image
+
+    path = str(tmp_path / "src.img")
+    size = 96 << 20
+    write_image(path, size, seed=4, mix={"text": 1.0})
+    sender = Sender(path, "disk0", ("127.0.0.1", 1), None, str(tmp_path / "st"), level=level, compress_threads=2)
+    sender._peer_caps = frozenset(F.CAPABILITIES)
+    made = []
+    real_clear = OutputBuffers.clear
+
+    def counting_clear(self):
+        made.append(self.made)
+        real_clear(self)
+
+    chan = LateCheckingChannel(0.01)
+    with BlockSource(path) as src, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OutputBuffers, "clear", counting_clear)
+        sender._stream(chan, src, None, "full", 0, ManifestFile.create(str(tmp_path / "cache"), size))
+    assert chan.frames == size // (FRAME_BLOCKS * 4096) and chan.bad == []
+    # frames waiting for the writer and being compressed: a handful of buffers for 12 frames
+    assert made and made[-1] <= 7, made

@@ -21,9 +21,10 @@ from smsrepl.blocks.dirtymap import FrozenMarks
 from smsrepl.blocks.manifest import ManifestFile
 from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, Covered,
                                    dirty_round_events, round_events)
-from smsrepl.codec import AUTO_LEVELS, AdaptiveChoice, Compressor
+from smsrepl.codec import AUTO_LEVELS, RAW, AdaptiveChoice, Compressor
 from smsrepl.kernels import FINE_BLOCK
 from smsrepl.protocol import frames as F
+from smsrepl.protocol.frames import MAX_RAW
 from smsrepl.stages import StageClock
 from smsrepl.throttle import CpuCap
 from smsrepl.transport.block_replies import Replies
@@ -44,6 +45,7 @@ class Compression:
         self.threads = threads
         self.cpu_cap = cpu_cap
         self.stopped = stopped  # ends a CPU cap's pacing (the cap may outlive the sender)
+        self.buffers = OutputBuffers()
         self._local = threading.local()
 
     def choose(self) -> int:
@@ -53,21 +55,55 @@ class Compression:
         if self.cpu_cap is not None:
             self.cpu_cap.pace(self.stopped)
 
-    def encode(self, ev: BlockFrame, level: int, clock: StageClock) -> BlockFrame:
+    def encode(self, ev: BlockFrame, level: int, clock: StageClock) -> tuple[BlockFrame, bytearray | None]:
+        """The frame compressed, and the buffer its payload is in (None: raw), which the caller
+        gives back once the frame is sent."""
         comps = getattr(self._local, "comps", None)
         if comps is None:
             comps = self._local.comps = {}
         comp = comps.get(level)
         if comp is None:
             comp = comps[level] = Compressor(level)
+        buf = self.buffers.take()
         t0 = time.perf_counter()
-        codec, payload = comp.encode(ev.payload)
+        codec, payload = comp.encode_into(ev.payload, buf)
         dt = time.perf_counter() - t0
+        if codec == RAW:
+            self.buffers.give(buf)
         clock.add("compress", dt)
         if self.adapt is not None:
             self.adapt.record_compress(level, source_bytes(ev), dt)
         self.pace()
-        return ev.recoded(codec, payload)
+        return ev.recoded(codec, payload), (buf if codec != RAW else None)
+
+
+class OutputBuffers:
+    """Buffers for compressed frames, taken by the compressing threads and given back by the
+    writer once the frame is sent (its payload is a view of one): the frames of a round reuse a
+    few buffers instead of filling freshly mapped memory each."""
+
+    def __init__(self, size: int = MAX_RAW) -> None:
+        self.size = size
+        self.made = 0
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self.made += 1
+        return bytearray(self.size)
+
+    def give(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            with self._lock:
+                self._free.append(buf)
+
+    def clear(self) -> None:
+        """Let go of the free buffers (a continuous sender holds none between rounds)."""
+        with self._lock:
+            self._free.clear()
 
 
 class PendingDigests:
@@ -114,7 +150,7 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
                     return
                 batch, covered, raw = work
                 for item, level in batch:
-                    frame = item.result() if isinstance(item, Future) else item
+                    frame, buf = item.result() if isinstance(item, Future) else (item, None)
                     # a CHECKPOINT may cover this frame once it is sent: allow it first
                     replies.sent_to = max(replies.sent_to, frame_end(frame))
                     t0 = time.perf_counter()
@@ -125,6 +161,8 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
                         # the frame's own bytes: over several connections send() returns once the
                         # frame is queued, and the wire counters move with other frames
                         adapt.record_send(level, source_bytes(frame), frame_size(frame), dt)
+                    # sent: a channel has written it, several connections' copied it (stripes.owned)
+                    compression.buffers.give(buf)
                 faults.point("sender.data")
                 # progress counts what reached the socket, not what was read ahead
                 report(covered, raw)
@@ -180,6 +218,7 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
         wt.join()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        compression.buffers.clear()
     if writer_error:
         raise replies.failure or writer_error[0]  # the session prefers the receiver's ERROR
     if replies.failure:
