@@ -1,8 +1,16 @@
 """OpStream's adaptive compression: compressed only while that moves data faster than raw."""
+import dataclasses
 import time
 
 from smsrepl.codec import RAW, ZSTD, Compressor, Decompressor
 from smsrepl.files.opstream import OpStream
+
+
+def on_the_wire(ev):
+    """The frame as the receiver gets it: a channel writes it before send() returns, and the
+    sender reuses its buffers afterwards."""
+    return dataclasses.replace(ev, payload=bytes(ev.payload))
+
 
 TEXT = b" ".join(b"word%d" % (i % 97) for i in range(200_000))  # ~1.3 MB, compresses well
 
@@ -12,7 +20,7 @@ def _run(send_seconds_per_byte: float, batches: int = 40, adaptive: bool = True)
 
     def send(ev):
         time.sleep(len(ev.payload) * send_seconds_per_byte)  # a link of a given speed
-        frames.append(ev)
+        frames.append(on_the_wire(ev))
 
     ops = OpStream(send, Compressor(3), adaptive=adaptive)
     try:
@@ -31,13 +39,13 @@ def _run(send_seconds_per_byte: float, batches: int = 40, adaptive: bool = True)
 def _slow_cpu(monkeypatch, rate: float) -> None:
     """Compression at ``rate`` bytes per second: a fast link measured against a free
     compressor is a coin toss on a busy machine (zstd takes this text at GB/s)."""
-    encode = Compressor.encode
+    encode = Compressor.encode_into
 
-    def slow_encode(self, data):
+    def slow_encode(self, data, out):
         time.sleep(len(data) / rate)
-        return encode(self, data)
+        return encode(self, data, out)
 
-    monkeypatch.setattr(Compressor, "encode", slow_encode)
+    monkeypatch.setattr(Compressor, "encode_into", slow_encode)
 
 
 #: the rates the two cases are built from. The choice rests on one or two timed frames of each
@@ -71,7 +79,7 @@ def test_operations_that_trickle_in_leave_before_the_batch_is_full(monkeypatch):
 
     monkeypatch.setattr(opstream, "BATCH_AGE", 0.5)  # a loaded machine may pause for some ms
     frames = []
-    ops = OpStream(frames.append, Compressor(1))
+    ops = OpStream(lambda ev: frames.append(on_the_wire(ev)), Compressor(1))
     try:
         ops.add([b"a" * 100])
         ops.add([b"b" * 100])
@@ -86,3 +94,23 @@ def test_operations_that_trickle_in_leave_before_the_batch_is_full(monkeypatch):
     dec = Decompressor()
     assert [bytes(dec.decode(ev.codec, ev.payload, ev.raw_len)) for ev in frames] == [
         b"a" * 100 + b"b" * 100 + b"c" * 100, b"d" * 100]
+
+
+def test_compressed_batches_are_written_into_one_buffer_of_the_worker():
+    """A fresh buffer per compressed batch was faulted in page by page; the worker compresses
+    into its own, reused once the channel has written the frame."""
+    holders = []
+
+    def send(ev):
+        if ev.codec == ZSTD:
+            holders.append(ev.payload.obj)
+
+    ops = OpStream(send, Compressor(2))
+    try:
+        for _ in range(5):
+            ops.add([TEXT])
+            ops.flush()
+        ops.drain()
+    finally:
+        ops.close()
+    assert len(holders) == 5 and all(h is holders[0] for h in holders)

@@ -60,6 +60,7 @@ class OpStream:
         self.frames = 0
         self.raw_bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-ops")
+        self._zout: bytearray | None = None  # compressed batches, on the worker
         self._inflight: deque[tuple[Future, mmap.mmap | None]] = deque()
         self._last = time.monotonic()
 
@@ -142,7 +143,12 @@ class OpStream:
         t0 = self._last = time.monotonic()
         body = memoryview(buf)[:n]
         level = self.comp.level if self.adapt is None else self.adapt.choose()
-        codec, payload = self.comp.encode(body) if level else (RAW, body)
+        codec: int = RAW
+        payload: bytes | memoryview = body
+        if level:
+            if self._zout is None:  # the worker's, reused: send() returns once the frame is written
+                self._zout = bytearray(self.CAPACITY)
+            codec, payload = self.comp.encode_into(body, self._zout)
         t1 = time.monotonic()
         self.send(F.FileOps(codec, n, payload))
         if self.adapt is not None:
