@@ -185,3 +185,18 @@ def test_compressed_frames_reuse_a_few_buffers_and_keep_them_until_sent(tmp_path
     assert chan.frames == size // (FRAME_BLOCKS * 4096) and chan.bad == []
     # frames waiting for the writer and being compressed: a handful of buffers for 12 frames
     assert made and made[-1] <= 7, made
+
+
+def test_output_buffers_are_reused_when_large_enough_and_replaced_when_not():
+    bufs = OutputBuffers()
+    a = bufs.take(5 << 20)
+    bufs.give(a)
+    assert bufs.take(3 << 20) is a  # large enough
+    bufs.give(a)
+    b = bufs.take((5 << 20) + 1)  # too small: a is dropped, not kept beside the new one
+    assert b is not a and len(b) >= (5 << 20) + 1
+    bufs.give(b)
+    assert bufs.take(1) is b and bufs.made == 2
+    bufs.give(b)
+    bufs.clear()
+    assert bufs.take(1) is not b

@@ -24,7 +24,6 @@ from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS,
 from smsrepl.codec import AUTO_LEVELS, RAW, AdaptiveChoice, Compressor
 from smsrepl.kernels import FINE_BLOCK
 from smsrepl.protocol import frames as F
-from smsrepl.protocol.frames import MAX_RAW
 from smsrepl.stages import StageClock
 from smsrepl.throttle import CpuCap
 from smsrepl.transport.block_replies import Replies
@@ -64,7 +63,7 @@ class Compression:
         comp = comps.get(level)
         if comp is None:
             comp = comps[level] = Compressor(level)
-        buf = self.buffers.take()
+        buf = self.buffers.take(len(ev.payload))
         t0 = time.perf_counter()
         codec, payload = comp.encode_into(ev.payload, buf)
         dt = time.perf_counter() - t0
@@ -77,23 +76,31 @@ class Compression:
         return ev.recoded(codec, payload), (buf if codec != RAW else None)
 
 
+#: output buffers are made in multiples of this: frames whose zero blocks are left out of the
+#: payload vary in length, and a buffer a little too short for the next one is one more made
+OUTPUT_GRAIN = 1 << 20
+
+
 class OutputBuffers:
     """Buffers for compressed frames, taken by the compressing threads and given back by the
     writer once the frame is sent (its payload is a view of one): the frames of a round reuse a
     few buffers instead of filling freshly mapped memory each."""
 
-    def __init__(self, size: int = MAX_RAW) -> None:
-        self.size = size
+    def __init__(self) -> None:
         self.made = 0
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
 
-    def take(self) -> bytearray:
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (a frame's payload: compressed, it must be smaller)."""
         with self._lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) >= size:
+                    return self._free.pop(i)
             if self._free:
-                return self._free.pop()
+                self._free.pop()  # too small: replaced, so that the buffers stay as many as the frames in flight
             self.made += 1
-        return bytearray(self.size)
+        return bytearray(-(-size // OUTPUT_GRAIN) * OUTPUT_GRAIN)
 
     def give(self, buf: bytearray | None) -> None:
         if buf is not None:
