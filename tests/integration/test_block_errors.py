@@ -321,13 +321,34 @@ def test_target_write_failure_is_sms_2007_and_resumable(tmp_path, certkey_file, 
     assert sha256(source) == sha256(str(dst))
 
 
-def test_compression_failure_is_sms_1909(monkeypatch):
-    comp = Compressor()
+@pytest.mark.parametrize("backend", ["libzstd", "python-zstandard"])
+def test_compression_failure_is_sms_1909(monkeypatch, backend):
+    from smsrepl import libzstd
 
-    def boom(data):
+    if backend == "libzstd" and libzstd.library() is None:
+        pytest.skip("no libzstd.so.1 here")
+    if backend == "python-zstandard":
+        monkeypatch.setattr(libzstd, "library", lambda: None)
+    comp = Compressor()
+    assert comp.backend == backend
+
+    def boom(*args, **kw):
         raise zstandard.ZstdError("simulated")
 
-    monkeypatch.setattr(comp, "_zc", type("Z", (), {"compress": staticmethod(boom)})())
+    if backend == "python-zstandard":
+        monkeypatch.setattr(comp, "_zc", type("Z", (), {"stream_writer": staticmethod(boom)})())
+    else:
+        real = comp._ctx._lib
+
+        class FailingLib:  # ZSTD_compress2 returns an error code (size_t -1: "Error (generic)")
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            @staticmethod
+            def ZSTD_compress2(*args):
+                return (1 << 64) - 1
+
+        monkeypatch.setattr(comp._ctx, "_lib", FailingLib())
     with pytest.raises(CompressionError) as exc:
         comp.encode(b"x" * 4096)
     assert str(exc.value).startswith("SMS.1909")

@@ -9,7 +9,7 @@ from smsrepl.blocks.source import BlockSource
 from smsrepl.blocks.manifest import ManifestFile
 from smsrepl.blocks.stream import FRAME_BLOCKS, LEGACY_FRAME_BLOCKS
 from smsrepl.protocol import frames as F
-from smsrepl.transport.block_pipeline import OutputBuffers
+from smsrepl.transport.reused_buffers import ReusedBuffers
 from smsrepl.transport.sender import Sender
 
 
@@ -172,7 +172,7 @@ def test_compressed_frames_reuse_a_few_buffers_and_keep_them_until_sent(tmp_path
     sender = Sender(path, "disk0", ("127.0.0.1", 1), None, str(tmp_path / "st"), level=level, compress_threads=2)
     sender._peer_caps = frozenset(F.CAPABILITIES)
     made = []
-    real_clear = OutputBuffers.clear
+    real_clear = ReusedBuffers.clear
 
     def counting_clear(self):
         made.append(self.made)
@@ -180,7 +180,7 @@ def test_compressed_frames_reuse_a_few_buffers_and_keep_them_until_sent(tmp_path
 
     chan = LateCheckingChannel(0.01)
     with BlockSource(path) as src, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(OutputBuffers, "clear", counting_clear)
+        mp.setattr(ReusedBuffers, "clear", counting_clear)
         sender._stream(chan, src, None, "full", 0, ManifestFile.create(str(tmp_path / "cache"), size))
     assert chan.frames == size // (FRAME_BLOCKS * 4096) and chan.bad == []
     # frames waiting for the writer and being compressed: a handful of buffers for 12 frames
@@ -188,7 +188,7 @@ def test_compressed_frames_reuse_a_few_buffers_and_keep_them_until_sent(tmp_path
 
 
 def test_output_buffers_are_reused_when_large_enough_and_replaced_when_not():
-    bufs = OutputBuffers()
+    bufs = ReusedBuffers()
     a = bufs.take(5 << 20)
     bufs.give(a)
     assert bufs.take(3 << 20) is a  # large enough

@@ -29,6 +29,7 @@ from smsrepl.throttle import CpuCap
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.frame_order import frame_size
+from smsrepl.transport.reused_buffers import ReusedBuffers
 
 BlockFrame = F.BlockData | F.BlockSet
 
@@ -44,7 +45,8 @@ class Compression:
         self.threads = threads
         self.cpu_cap = cpu_cap
         self.stopped = stopped  # ends a CPU cap's pacing (the cap may outlive the sender)
-        self.buffers = OutputBuffers()
+        # compressed frames' payloads, given back by the writer once the frame is sent
+        self.buffers = ReusedBuffers()
         self._local = threading.local()
 
     def choose(self) -> int:
@@ -74,43 +76,6 @@ class Compression:
             self.adapt.record_compress(level, source_bytes(ev), dt)
         self.pace()
         return ev.recoded(codec, payload), (buf if codec != RAW else None)
-
-
-#: output buffers are made in multiples of this: frames whose zero blocks are left out of the
-#: payload vary in length, and a buffer a little too short for the next one is one more made
-OUTPUT_GRAIN = 1 << 20
-
-
-class OutputBuffers:
-    """Buffers for compressed frames, taken by the compressing threads and given back by the
-    writer once the frame is sent (its payload is a view of one): the frames of a round reuse a
-    few buffers instead of filling freshly mapped memory each."""
-
-    def __init__(self) -> None:
-        self.made = 0
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def take(self, size: int) -> bytearray:
-        """A buffer of at least ``size`` bytes (a frame's payload: compressed, it must be smaller)."""
-        with self._lock:
-            for i, buf in enumerate(self._free):
-                if len(buf) >= size:
-                    return self._free.pop(i)
-            if self._free:
-                self._free.pop()  # too small: replaced, so that the buffers stay as many as the frames in flight
-            self.made += 1
-        return bytearray(-(-size // OUTPUT_GRAIN) * OUTPUT_GRAIN)
-
-    def give(self, buf: bytearray | None) -> None:
-        if buf is not None:
-            with self._lock:
-                self._free.append(buf)
-
-    def clear(self) -> None:
-        """Let go of the free buffers (a continuous sender holds none between rounds)."""
-        with self._lock:
-            self._free.clear()
 
 
 class PendingDigests:
@@ -225,7 +190,7 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
         wt.join()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        compression.buffers.clear()
+        compression.buffers.clear()  # a continuous sender holds none between rounds
     if writer_error:
         raise replies.failure or writer_error[0]  # the session prefers the receiver's ERROR
     if replies.failure:

@@ -31,6 +31,7 @@ from smsrepl.protocol.connection import STREAM_FRAMES
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.frame_order import frame_size
 from smsrepl.transport.limits import STREAM_KEEPALIVE
+from smsrepl.transport.reused_buffers import ReusedBuffers
 
 #: bytes queued for one connection (the frame being written included) before send() picks another
 #: or waits: one 8 MiB frame, so N connections hold at most about N frames
@@ -44,28 +45,7 @@ CLOSE_WAIT = 5.0
 KEEP_BUFFERS = 16
 
 
-class _Buffers:
-    """Buffers for the copies of frames' payloads, taken by send() and given back once written."""
-
-    def __init__(self) -> None:
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> bytearray:
-        with self._lock:
-            for i, buf in enumerate(self._free):
-                if len(buf) >= n:
-                    return self._free.pop(i)
-        return bytearray(max(n, 1 << 20))
-
-    def give(self, buf: bytearray | None) -> None:
-        if buf is not None:
-            with self._lock:
-                if len(self._free) < KEEP_BUFFERS:
-                    self._free.append(buf)
-
-
-def owned(event: F.Event, buffers: _Buffers) -> tuple[F.Event, bytearray | None]:
+def owned(event: F.Event, buffers: ReusedBuffers) -> tuple[F.Event, bytearray | None]:
     """``event`` holding buffers of its own (payload copied into one of ``buffers``, returned
     too; arrays copied): the caller may reuse what it made the event from."""
     if not isinstance(event, STREAM_FRAMES) or isinstance(event, (F.ZeroRange, F.Scanned)):
@@ -110,7 +90,7 @@ class Stripes(Channel):
         self._turn = 0
         self._failure: BaseException | None = None
         self._closing = False
-        self._buffers = _Buffers()
+        self._buffers = ReusedBuffers(keep=KEEP_BUFFERS)
         self._lanes = [_Lane(main, 0)]
         for chan in extra:
             self.add(chan)
