@@ -153,3 +153,17 @@ def test_encode_into_gives_up_on_a_frame_that_outgrows_the_saving_and_the_next_i
     assert comp.encode_into(text, bytearray(1000)) == (RAW, text)
     codec, payload = comp.encode_into(text, bytearray(FRAME_SIZE))
     assert codec == ZSTD and bytes(Decompressor().decode(codec, payload, len(text))) == text
+
+
+def test_a_payload_of_wider_items_is_compressed_whole(zstd_backend):
+    # a numpy array or memoryview of 8-byte items: len() counts items, the frame must hold
+    # every byte (libzstd compressed only the first len() bytes, python-zstandard raised)
+    import numpy as np
+
+    text = bytes(random.Random(4).choice(b"abcdefgh ijk\n") for _ in range(256 << 10))
+    for data in (np.frombuffer(text, dtype="<u8"), memoryview(text).cast("Q"),
+                 np.frombuffer(text, dtype=np.uint8).reshape(64, -1)):
+        codec, payload = Compressor(2).encode(data)
+        assert codec == ZSTD and bytes(Decompressor().decode(codec, payload, len(text))) == text
+        codec, payload = Compressor(2).encode_into(data, bytearray(len(text)))
+        assert codec == ZSTD and bytes(Decompressor().decode(codec, payload, len(text))) == text
