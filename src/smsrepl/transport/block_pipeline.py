@@ -65,7 +65,7 @@ class Compression:
         comp = comps.get(level)
         if comp is None:
             comp = comps[level] = Compressor(level)
-        buf = self.buffers.take(len(ev.payload))
+        buf = self.buffers.take(memoryview(ev.payload).nbytes)
         t0 = time.perf_counter()
         codec, payload = comp.encode_into(ev.payload, buf)
         dt = time.perf_counter() - t0
