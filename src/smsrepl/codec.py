@@ -54,7 +54,7 @@ SAMPLES = 8
 
 class Compressor:
     """One per thread: zstd contexts are not thread-safe. Through the system's libzstd where
-    there is one (libzstd.py: 30-40% faster at these levels), else python-zstandard."""
+    there is one (libzstd.py: straight into the caller's buffer), else python-zstandard."""
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.level = level

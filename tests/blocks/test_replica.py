@@ -22,6 +22,23 @@ def _replica(tmp_path):
     return Replica(BlockTarget(str(tmp_path / "t.img"), need_size=SIZE), str(tmp_path / "state"))
 
 
+def _apply(r, data, mib):
+    """Apply the ``mib``-th MiB of ``data`` (a full round's frame)."""
+    part = data[mib << 20:(mib + 1) << 20]
+    r.apply_data(mib << 20, 1 << 20, 0, _digests(part), part)
+
+
+def _first_mib_durable_second_not(tmp_path, seed):
+    """A full round that checkpointed its first MiB and applied its second since: (replica, data)."""
+    data = np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    r = _replica(tmp_path)
+    r.begin("s1", SIZE, 1, "full", 0)
+    _apply(r, data, 0)
+    assert r.checkpoint() == 1 << 20
+    _apply(r, data, 1)
+    return r, data
+
+
 def _full_copy(tmp_path, data):
     r = _replica(tmp_path)
     r.begin("s1", SIZE, 1, "full", 0)
@@ -44,12 +61,7 @@ def test_full_round_then_describe_synced(tmp_path):
 
 
 def test_interrupted_full_round_resumes_only_at_its_checkpoint(tmp_path):
-    data = np.random.default_rng(2).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
-    r = _replica(tmp_path)
-    r.begin("s1", SIZE, 1, "full", 0)
-    r.apply_data(0, 1 << 20, 0, _digests(data[:1 << 20]), data[:1 << 20])
-    assert r.checkpoint() == 1 << 20
-    r.apply_data(1 << 20, 1 << 20, 0, _digests(data[1 << 20:2 << 20]), data[1 << 20:2 << 20])
+    r, data = _first_mib_durable_second_not(tmp_path, 2)
     r.close()  # crash: no checkpoint for the second MiB
     r2 = _replica(tmp_path)
     d = r2.describe("s1", SIZE)
@@ -347,12 +359,7 @@ def test_a_full_state_directory_is_a_target_write_error_that_names_it_and_keeps_
     or the round's record cannot be written at a checkpoint. That is SMS.2007 (the sender exits
     3 and reruns later), saying where, not a receiver's internal error; the checkpoint stays
     where it was durable."""
-    data = np.random.default_rng(9).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
-    r = _replica(tmp_path)
-    r.begin("s1", SIZE, 1, "full", 0)
-    r.apply_data(0, 1 << 20, 0, _digests(data[:1 << 20]), data[:1 << 20])
-    assert r.checkpoint() == 1 << 20
-    r.apply_data(1 << 20, 1 << 20, 0, _digests(data[1 << 20:2 << 20]), data[1 << 20:2 << 20])
+    r, data = _first_mib_durable_second_not(tmp_path, 9)
     if where == "manifest":
         monkeypatch.setattr("smsrepl.blocks.manifest._pwrite_all", _no_space)
     else:
@@ -404,12 +411,7 @@ def test_after_a_failed_sync_no_later_checkpoint_of_the_session_is_recorded(tmp_
     """A failed fdatasync of the target (or fsync of the manifest) is reported once: the pages it
     could not write are clean now, and a second sync succeeds without them. The session's last
     checkpoint (close(), ended()) must not then record the data, or its digests, as durable."""
-    data = np.random.default_rng(11).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
-    r = _replica(tmp_path)
-    r.begin("s1", SIZE, 1, "full", 0)
-    r.apply_data(0, 1 << 20, 0, _digests(data[:1 << 20]), data[:1 << 20])
-    assert r.checkpoint() == 1 << 20
-    r.apply_data(1 << 20, 1 << 20, 0, _digests(data[1 << 20:2 << 20]), data[1 << 20:2 << 20])
+    r, data = _first_mib_durable_second_not(tmp_path, 11)
     failed = []
 
     def fails_once(fd):

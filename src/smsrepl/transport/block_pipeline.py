@@ -65,17 +65,19 @@ class Compression:
         comp = comps.get(level)
         if comp is None:
             comp = comps[level] = Compressor(level)
-        buf = self.buffers.take(memoryview(ev.payload).nbytes)
+        out = self.buffers.take(memoryview(ev.payload).nbytes)
         t0 = time.perf_counter()
-        codec, payload = comp.encode_into(ev.payload, buf)
+        codec, payload = comp.encode_into(ev.payload, out)
         dt = time.perf_counter() - t0
-        if codec == RAW:
-            self.buffers.give(buf)
+        buf: bytearray | None = out
+        if codec == RAW:  # the payload is the frame's own
+            self.buffers.give(out)
+            buf = None
         clock.add("compress", dt)
         if self.adapt is not None:
             self.adapt.record_compress(level, source_bytes(ev), dt)
         self.pace()
-        return ev.recoded(codec, payload), (buf if codec != RAW else None)
+        return ev.recoded(codec, payload), buf
 
 
 class PendingDigests:
