@@ -1,11 +1,13 @@
 """zstd compression through the system's libzstd (libzstd.so.1), where there is one.
 
-python-zstandard's own zstd (1.5.7 in its 0.25 wheel, and the same built from source here)
-compresses the test image's text at level 2 at 410-450 MB/s a core on this machine; Debian's
-libzstd 1.5.4, called through ctypes, makes the same frames (within 3 bytes in 107 MB) at
-570-595 MB/s. Compression is most of a full copy's CPU, so Compressor uses the system's library
+Called through ctypes, ZSTD_compress2 writes a frame straight into a buffer the caller reuses.
+python-zstandard cannot: its compress() returns a fresh buffer per frame (a page fault per 4 KiB
+under the CLI's mmap threshold), and its streaming API copies the input into its own window and
+the output out in pieces. On the test image's text frames, interleaved (8 rounds, level 2, one
+core): this path 544 MB/s, python-zstandard's streaming into a reused buffer 506 MB/s; a 1 GiB
+loopback copy took 2.81 CPU s (both ends) against 2.98. Compressor uses the system's library
 where it loads (1.4 or later: the parameter API) and python-zstandard elsewhere. Decompression
-stays with python-zstandard: 2.7 GB/s against the library's 2.8.
+stays with python-zstandard (it decodes into the caller's buffer already: 2.7 GB/s against 2.8).
 
 ctypes lets go of the GIL during the call, as python-zstandard does, so compressing threads
 run side by side. ``SMSREPL_SYSTEM_ZSTD=0`` in the environment keeps to python-zstandard.
@@ -13,6 +15,7 @@ run side by side. ``SMSREPL_SYSTEM_ZSTD=0`` in the environment keeps to python-z
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 
 from smsrepl._lazy import np
@@ -36,7 +39,12 @@ def library() -> ctypes.CDLL | None:
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("SMSREPL_SYSTEM_ZSTD", "1") == "0":
+    wanted = os.environ.get("SMSREPL_SYSTEM_ZSTD", "1")
+    if wanted not in ("0", "1"):
+        logging.getLogger("smsrepl").warning(
+            "SMSREPL_SYSTEM_ZSTD=%r is neither 0 nor 1: compressing with the system's libzstd where it loads",
+            wanted)
+    if wanted == "0":
         return None
     try:
         lib = ctypes.CDLL("libzstd.so.1")
