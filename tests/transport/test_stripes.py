@@ -480,3 +480,39 @@ def test_a_connection_joining_as_the_session_closes_is_closed_with_it(monkeypatc
     assert not joiner.is_alive()
     for chan in (main_rx, extra_rx):
         chan.close()
+
+
+def test_a_send_waiting_for_room_takes_a_connection_that_joins_meanwhile(monkeypatch):
+    # at the start of a copy the session's own connection is full before the extra ones have
+    # joined: the data frame waiting for room must go as soon as one joins, not wait until the
+    # busy connection finishes its frame (measured: a third of a second on a 50 ms link)
+    from smsrepl.transport import stripes as stripes_mod
+
+    monkeypatch.setattr(stripes_mod, "ROOM_WAIT", 60.0)
+    monkeypatch.setattr(stripes_mod, "LANE_BYTES", 1 << 20)
+    main, main_rx = _pair(True)
+    main.sock.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    stripes = Stripes(main, [])
+    frame = F.BlockData(0, 4 << 20, 0, np.ones(1024, dtype="<u8"), bytes(4 << 20))
+    stripes.send(frame)  # main's writer blocks in it: its peer reads nothing yet
+    sent = threading.Event()
+
+    def send_second() -> None:
+        stripes.send(F.BlockData(4 << 20, 4 << 20, 0, np.ones(1024, dtype="<u8"), bytes(4 << 20)))
+        sent.set()
+
+    threading.Thread(target=send_second, daemon=True).start()
+    time.sleep(0.3)
+    assert not sent.is_set(), "the second frame should wait: the only connection is full"
+    extra, extra_rx = _pair(False)
+    order = FrameOrder(depth=4)
+    threading.Thread(target=_read, args=(extra_rx, order), daemon=True).start()
+    stripes.add(extra)
+    try:
+        assert sent.wait(10), "the waiting frame did not take the connection that joined"
+        assert stripes._lanes[1].queued or stripes._lanes[1].chan.wire_sent
+    finally:
+        threading.Thread(target=_read, args=(main_rx, order), daemon=True).start()
+        stripes.close()
+        for s in (main_rx.sock.raw, extra_rx.sock.raw):
+            s.close()

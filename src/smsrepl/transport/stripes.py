@@ -44,6 +44,9 @@ CLOSE_WAIT = 5.0
 #: copy buffers kept for reuse
 KEEP_BUFFERS = 16
 
+#: seconds a send() waiting for room sleeps between looks (it is woken when room is made)
+ROOM_WAIT = 1.0
+
 
 def owned(event: F.Event, buffers: ReusedBuffers) -> tuple[F.Event, bytearray | None]:
     """``event`` holding buffers of its own (payload copied into one of ``buffers``, returned
@@ -163,6 +166,9 @@ class Stripes(Channel):
             # started under the lock: close() never finds a lane whose thread is not started
             # (joining one raises; the join thread adds lanes as the session may be ending)
             self._start(lane)
+            # a send() waiting for room takes the new connection now, not when a busy one
+            # finishes its frame (a third of a second at the start of a copy on a 50 ms link)
+            self._cond.notify_all()
 
     def _start(self, lane: _Lane) -> None:
         lane.thread = threading.Thread(target=self._write, args=(lane,), daemon=True,
@@ -182,7 +188,7 @@ class Stripes(Channel):
                 lane = self._pick() if data else self._lanes[0]
                 if lane.queued < LANE_BYTES or not data:
                     break
-                self._cond.wait(1.0)
+                self._cond.wait(ROOM_WAIT)
             lane.items.append((self._seq, event, size, buf))
             lane.queued += size
             self._seq += 1
