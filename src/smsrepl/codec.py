@@ -60,10 +60,10 @@ class Compressor:
         self.level = level
         self._zc = None
         self._ctx: libzstd.Context | None = None
-        self._scratch = bytearray(0)  # encode()'s frames, copied out
-        self._sample_out = bytearray(SAMPLES * SAMPLE)
         if not level:
             return
+        self._scratch = bytearray(0)  # encode()'s frames, copied out
+        self._sample_out = bytearray(SAMPLES * SAMPLE)
         lib = libzstd.library()
         if lib is not None:
             self._ctx = libzstd.Context(lib, level, WINDOW_LOG)
