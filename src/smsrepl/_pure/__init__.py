@@ -24,8 +24,15 @@ Delta search: see :func:`delta_search` (identical to the C algorithm).
 """
 from __future__ import annotations
 
-import numpy as np
 import xxhash
+
+from smsrepl._lazy import import_numpy
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = import_numpy()
 
 ZERO_DIGEST = 0
 UNKNOWN_DIGEST = 0xFFFF_FFFF_FFFF_FFFF

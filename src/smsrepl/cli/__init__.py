@@ -7,14 +7,7 @@ stderr line and exit code.
 from __future__ import annotations
 
 import gc
-import os
 import sys
-
-# smsrepl uses numpy for elementwise work only: OpenBLAS's thread pool would
-# cost each process CPU at start-up and spin beside the data path (measured:
-# 3.7% of a receiver's CPU during a full copy). Set before numpy is imported.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
 
 from smsrepl.errors import ReplicationError
 from smsrepl.cli.parser import build_parser
@@ -43,3 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        if argv is None:  # the program's own run, which exits next: the interpreter's exit
+            # collects everything the collector tracks, the command's imports and state too
+            # (20 ms of a sync round's process after importing the sender; 3 ms frozen)
+            gc.freeze()

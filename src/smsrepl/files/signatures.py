@@ -17,7 +17,7 @@ from smsrepl.protocol import frames as F
 
 def signature_frames(w: TreeWriter, req: F.SigRequest) -> Iterator[F.SigData]:
     """SIG_DATA frames for the receiver's copy of ``req.path`` (one empty frame where there is none)."""
-    import numpy as np
+    from smsrepl._lazy import np
 
     bs = req.block_size
     if not 0 < bs <= 1 << 24:

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
+from smsrepl._lazy import import_numpy
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = import_numpy()
 
 STRETCH = 4 << 20
 #: kind -> share of stretches

@@ -260,7 +260,7 @@ class FileSender(SenderBase):
 
     def _signature(self, chan: Channel, path: bytes, block_size: int):
         """(file size, weak, strong) of the receiver's copy of ``path``; size 0 if it has none."""
-        import numpy as np
+        from smsrepl._lazy import np
 
         chan.send(F.SigRequest(block_size, path))
         weak: list[np.ndarray] = []
