@@ -93,6 +93,15 @@ def test_a_busy_mounted_file_system_over_several_connections_ends_identical(tmp_
     assert f"runs over {streams} connections" in v["sender_stderr"], v["sender_stderr"][-2000:]
 
 
+@pytest.mark.reliability("live block sources", "one-shot digest-scan rounds of a mounted ext4 under a workload")
+def test_one_shot_rounds_of_a_busy_file_system_end_identical_once_it_is_frozen(tmp_path, certkey_file):
+    v = _drive("oneshot.py", tmp_path, certkey_file, rounds=4, seed=13)
+    detail = {k: v.get(k) for k in ("kinds", "different_blocks", "fsck_rc", "files_differ", "sender_stderr", "fsck_out")}
+    assert v["identical"], detail
+    assert v["kinds"] == ["full"] + ["sync"] * 5, detail
+    assert v["files"] > 20 and v["workload_ops"] > 20, detail
+
+
 @pytest.mark.reliability("live block sources", "mounted ext4, pure-Python backend and tracker reader")
 def test_the_pure_backend_copies_a_busy_file_system_too(tmp_path, certkey_file):
     # tests/run's pure pass leaves tests/live out: this is its case (the reader of _pure/trace.py)
