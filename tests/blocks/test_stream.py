@@ -168,33 +168,47 @@ def test_a_frame_with_zero_blocks_is_gathered_in_place_without_a_temporary():
     assert peak < 256 << 10
 
 
-@pytest.mark.parametrize("sets", [True, False])
-def test_a_sync_rounds_frames_hold_their_own_data(tmp_path, sets):
-    """A sync round's read buffers are reused as soon as the next chunk is read (SYNC_BUFFERS):
-    frames taken all at once, long after, still carry what was read."""
+#: how many more chunks a round's frames may wait for their turn at the socket (block_pipeline:
+#: two batches queued and one being written)
+LAG = 3
+
+
+@pytest.mark.parametrize("kind,sets", [("sync", True), ("sync", False), ("full", False)])
+def test_frames_hold_their_data_while_the_sender_may_still_send_them(tmp_path, kind, sets):
+    """A chunk's frames are applied only once LAG more chunks were read, as the sender's writer
+    may: by then a sync round's 3 read buffers were all read into again (SYNC_BUFFERS), so its
+    frames must carry copies; a full round's views into its 6 read buffers still hold."""
     rng = np.random.default_rng(12)
     src_path = str(tmp_path / "src.img")
     with open(src_path, "wb") as fh:
         fh.write(rng.integers(0, 256, SIZE, dtype=np.uint8).tobytes())
     replica = Replica(BlockTarget(str(tmp_path / "t.img"), need_size=SIZE), str(tmp_path / "rx"))
     cache = ManifestFile.create(str(tmp_path / "cache"), SIZE)
+    if kind == "sync":
+        with BlockSource(src_path) as src:
+            replica.begin("s", SIZE, 1, "full", 0)
+            _apply(replica, cache, round_events(src, cache=None))
+            replica.finish(1)
+        fd = os.open(src_path, os.O_RDWR)
+        # scattered blocks, long runs (sent as data frames) with and without a zero block, one across chunks
+        runs = [(b, 1) for b in range(7, 6000, 97)] + [(3000, SET_RUN_MAX + 5), (4100, 300), (5000, 100)]
+        for b, n in runs:
+            block = rng.integers(1, 256, n * FINE_BLOCK, dtype=np.uint8)
+            if b == 3000:
+                block[FINE_BLOCK:2 * FINE_BLOCK] = 0
+            os.pwrite(fd, block.tobytes(), b * FINE_BLOCK)
+        os.close(fd)
     with BlockSource(src_path) as src:
-        replica.begin("s", SIZE, 1, "full", 0)
-        _apply(replica, cache, round_events(src, cache=None))
-        replica.finish(1)
-    fd = os.open(src_path, os.O_RDWR)
-    # scattered blocks, long runs (sent as data frames) with and without a zero block, one across chunks
-    runs = [(b, 1) for b in range(7, 6000, 97)] + [(3000, SET_RUN_MAX + 5), (4100, 300), (5000, 100)]
-    for b, n in runs:
-        block = rng.integers(1, 256, n * FINE_BLOCK, dtype=np.uint8)
-        if b == 3000:
-            block[FINE_BLOCK:2 * FINE_BLOCK] = 0
-        os.pwrite(fd, block.tobytes(), b * FINE_BLOCK)
-    os.close(fd)
-    with BlockSource(src_path) as src:
-        events = list(round_events(src, cache=cache, sets=sets, chunk=1 << 20))  # 24 chunks, 3 buffers
-        replica.begin("s", SIZE, 2, "sync", 0)
-        _apply(replica, cache, events)
+        replica.begin("s", SIZE, 2, kind, 0)
+        chunks: list[list] = [[]]
+        for ev in round_events(src, cache=cache if kind == "sync" else None, sets=sets, chunk=1 << 20):
+            chunks[-1].append(ev)
+            if ev is CHUNK_END:
+                chunks.append([])
+                if len(chunks) > LAG + 1:
+                    _apply(replica, cache, chunks.pop(0))
+        for c in chunks:
+            _apply(replica, cache, c)
         replica.finish(2)
     with open(src_path, "rb") as a, open(tmp_path / "t.img", "rb") as b:
         assert a.read() == b.read()

@@ -56,13 +56,15 @@ AHEAD = 2
 #: read buffers: 3 chunks' frames may wait in or at the sender's writer, 1 is
 #: being cut into frames, AHEAD are being read (see transport/block_pipeline.py)
 BUFFERS = 4 + AHEAD
-#: a sync round's read buffers: its frames carry copies of the few blocks that changed, so a
-#: buffer is free once its chunk was cut into frames. 3 buffers of 8 MiB stay in this machine's
-#: 32 MiB L3 cache where 6 did not: reading and digesting 1 GiB from the page cache took
-#: 0.204 CPU s instead of 0.250 and 0.118 s instead of 0.143 (medians of 5)
+#: a sync round's read buffers: its frames carry copies of the few blocks that changed (in
+#: BLOCK_SET payloads, or gathered as below), so a buffer is free once its chunk was cut into
+#: frames. 3 buffers of 8 MiB stay in this machine's 32 MiB L3 cache where 6 did not: reading
+#: and digesting 1 GiB from the page cache took 0.204 CPU s instead of 0.250 and 0.118 s
+#: instead of 0.143 (medians of 5)
 SYNC_BUFFERS = 1 + AHEAD
 #: gather buffers (see _Gather): the frames of the 3 chunks queued or being written and of
-#: the 1 being cut into frames, as for the read buffers
+#: the 1 being cut into frames, as for a full round's read buffers (a sync round's long
+#: changed runs are copied there too)
 GATHER = 4
 
 
@@ -145,19 +147,18 @@ def round_events(  # noqa: C901
     ``cache`` None means a full round: everything from ``start`` is sent. With
     a cache, only blocks whose digests differ from it are sent (a sync round);
     with ``sets``, short changed runs of a chunk share BLOCK_SET frames.
-    Views into the read buffers stay valid until 4 more chunks were read; a sync round's
-    frames hold copies (their buffers are reused as soon as the next chunk is read).
+    Payloads stay valid until 4 more chunks were read: views into the read buffers, or, for
+    a sync round (whose read buffers are reused as soon as the next chunk is read), copies.
     """
     zero_from: int | None = None  # pending ZERO_RANGE start, coalesced across chunks
     quiet_from = start  # end of the last frame: SCANNED marks long stretches without any
     zero_end = 0
     old = np.empty(chunk // FINE_BLOCK, dtype="<u8")
     scattered = _SetBuilder()
-    gather = _Gather(chunk) if cache is None else None
+    gather = _Gather(chunk)
     for off, view, digests in scan(source, start=start, chunk=chunk, buffers=BUFFERS if cache is None else SYNC_BUFFERS,
                                    ahead=AHEAD, clock=clock):
-        if gather is not None:
-            gather.next_chunk()
+        gather.next_chunk()
         first = off // FINE_BLOCK
         n = len(digests)
         if cache is not None:
@@ -273,11 +274,15 @@ class _Gather:
 def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray, gather: _Gather | None = None,
              copy: bool = False):
     """The non-zero blocks of view[f0 * 4 KiB:end], without a copy when there is no zero block
-    (``copy``: a copy all the same; without ``gather`` the blocks are gathered into fresh memory)."""
+    (``copy``: a copy all the same); gathered into ``gather``'s buffer, else into fresh memory."""
     nonzero = digests != 0
     lo = f0 * FINE_BLOCK
     if nonzero.all():
-        return bytes(view[lo:end]) if copy else view[lo:end]
+        if not copy:
+            return view[lo:end]
+        out = gather.take(end - lo) if gather is not None else np.empty(end - lo, np.uint8)
+        out[:] = np.frombuffer(view, dtype=np.uint8, count=end - lo, offset=lo)
+        return out.data
     data = np.frombuffer(view, dtype=np.uint8)
     full = (end - lo) // FINE_BLOCK
     keep = nonzero[:full]
