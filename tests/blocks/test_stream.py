@@ -39,6 +39,22 @@ def _apply(replica, cache, events):
     return kinds
 
 
+def _random_copy(tmp_path, rng, *, copy: bool = True):
+    """A random source of SIZE bytes, a replica and the sender's manifest cache; with ``copy``,
+    a full round applied to both."""
+    src_path = str(tmp_path / "src.img")
+    with open(src_path, "wb") as fh:
+        fh.write(rng.integers(0, 256, SIZE, dtype=np.uint8).tobytes())
+    replica = Replica(BlockTarget(str(tmp_path / "t.img"), need_size=SIZE), str(tmp_path / "rx"))
+    cache = ManifestFile.create(str(tmp_path / "cache"), SIZE)
+    if copy:
+        with BlockSource(src_path) as src:
+            replica.begin("s", SIZE, 1, "full", 0)
+            _apply(replica, cache, round_events(src, cache=None))
+            replica.finish(1)
+    return src_path, replica, cache
+
+
 @pytest.mark.parametrize("sets", [True, False])
 def test_sync_round_with_scattered_runs_and_holes_rebuilds_the_source(tmp_path, sets):
     rng = np.random.default_rng(11)
@@ -83,15 +99,7 @@ def test_dirty_map_round_reads_only_marked_blocks_and_rebuilds_the_source(tmp_pa
     from smsrepl.blocks.stream import dirty_round_events
 
     rng = np.random.default_rng(13)
-    src_path = str(tmp_path / "src.img")
-    with open(src_path, "wb") as fh:
-        fh.write(rng.integers(0, 256, SIZE, dtype=np.uint8).tobytes())
-    replica = Replica(BlockTarget(str(tmp_path / "t.img"), need_size=SIZE), str(tmp_path / "rx"))
-    cache = ManifestFile.create(str(tmp_path / "cache"), SIZE)
-    with BlockSource(src_path) as src:
-        replica.begin("s", SIZE, 1, "full", 0)
-        _apply(replica, cache, round_events(src, cache=None))
-        replica.finish(1)
+    src_path, replica, cache = _random_copy(tmp_path, rng)
     dm = DirtyMap.open(str(tmp_path / "dirty"), SIZE)
     dm.reset()
     nblocks = -(-SIZE // FINE_BLOCK)
@@ -179,16 +187,8 @@ def test_frames_hold_their_data_while_the_sender_may_still_send_them(tmp_path, k
     may: by then a sync round's 3 read buffers were all read into again (SYNC_BUFFERS), so its
     frames must carry copies; a full round's views into its 6 read buffers still hold."""
     rng = np.random.default_rng(12)
-    src_path = str(tmp_path / "src.img")
-    with open(src_path, "wb") as fh:
-        fh.write(rng.integers(0, 256, SIZE, dtype=np.uint8).tobytes())
-    replica = Replica(BlockTarget(str(tmp_path / "t.img"), need_size=SIZE), str(tmp_path / "rx"))
-    cache = ManifestFile.create(str(tmp_path / "cache"), SIZE)
+    src_path, replica, cache = _random_copy(tmp_path, rng, copy=kind == "sync")
     if kind == "sync":
-        with BlockSource(src_path) as src:
-            replica.begin("s", SIZE, 1, "full", 0)
-            _apply(replica, cache, round_events(src, cache=None))
-            replica.finish(1)
         fd = os.open(src_path, os.O_RDWR)
         # scattered blocks, long runs (sent as data frames) with and without a zero block, one across chunks
         runs = [(b, 1) for b in range(7, 6000, 97)] + [(3000, SET_RUN_MAX + 5), (4100, 300), (5000, 100)]

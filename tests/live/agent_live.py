@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from lab import diff_blocks, direct_copy, loop_device, run
+from lab import diff_blocks, direct_copy, loop_device, release, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN = "live-agent-token-0123456789"
@@ -99,11 +99,7 @@ def main() -> int:
             rx.stop()
         if fake is not None:
             fake.stop()
-        if frozen:
-            run("fsfreeze", "-u", mnt, check=False)
-        if mounted:
-            run("umount", "-l", mnt, check=False)
-        run("losetup", "-d", dev, check=False)
+        release(mnt, dev, frozen=frozen, mounted=mounted)
     print(json.dumps(verdict))
     return 0
 

@@ -54,6 +54,41 @@ def diff_blocks(a: str, b: str) -> int:
                     n += x[i:i + BLOCK] != y[i:i + BLOCK]
 
 
+def judge_copy(snap: str, target: str, source_files: dict[str, str], mnt: str, *,
+               replay_journal: bool = False) -> dict:
+    """The receiver's image against the source: 4 KiB blocks that differ from ``snap`` (the
+    source read with O_DIRECT), e2fsck -fn of the copy (its journal replayed first when asked,
+    as its first boot would), and its files (sha256), mounted read-only at ``mnt``, against
+    ``source_files``."""
+    out: dict = {"different_blocks": diff_blocks(snap, target)}
+    if replay_journal:
+        run("e2fsck", "-E", "journal_only", "-p", target, check=False)
+    fsck = run("e2fsck", "-fn", target, check=False)
+    out["fsck_rc"], out["fsck_out"] = fsck.returncode, (fsck.stdout + fsck.stderr)[-1500:]
+    loop = loop_device(target, read_only=True)
+    try:
+        run("mount", "-o", "ro,noload", loop, mnt)
+        try:
+            copied = sha_tree(mnt)
+        finally:
+            run("umount", mnt)
+    finally:
+        run("losetup", "-d", loop, check=False)
+    out["files"] = len(source_files)
+    out["files_differ"] = sorted(k for k in set(source_files) | set(copied)
+                                 if source_files.get(k) != copied.get(k))[:20]
+    return out
+
+
+def release(mnt: str, dev: str, *, frozen: bool, mounted: bool) -> None:
+    """After a live scenario, whatever happened: thaw, unmount and detach what it left."""
+    if frozen:
+        run("fsfreeze", "-u", mnt, check=False)
+    if mounted:
+        run("umount", "-l", mnt, check=False)
+    run("losetup", "-d", dev, check=False)
+
+
 def stopped(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 
-from lab import CLI, diff_blocks, direct_copy, loop_device, run, sha_tree, start_receiver
+from lab import CLI, direct_copy, judge_copy, loop_device, release, run, sha_tree, start_receiver
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,33 +77,15 @@ def main() -> int:
         rx.wait(30)
         run("umount", mnt)
         mounted = False
-        verdict["different_blocks"] = diff_blocks(snap, target)
+        verdict.update(judge_copy(snap, target, src, mnt))
         os.unlink(snap)
-        fsck = run("e2fsck", "-fn", target, check=False)
-        verdict["fsck_rc"] = fsck.returncode
-        verdict["fsck_out"] = (fsck.stdout + fsck.stderr)[-1500:]
-        loop = loop_device(target, read_only=True)
-        try:
-            run("mount", "-o", "ro,noload", loop, mnt)
-            try:
-                copied = sha_tree(mnt)
-            finally:
-                run("umount", mnt)
-        finally:
-            run("losetup", "-d", loop, check=False)
-        verdict["files"] = len(src)
-        verdict["files_differ"] = sorted(k for k in set(src) | set(copied) if src.get(k) != copied.get(k))[:20]
         verdict["identical"] = verdict["different_blocks"] == 0 and verdict["fsck_rc"] == 0 and not verdict["files_differ"]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        if frozen:
-            run("fsfreeze", "-u", mnt, check=False)
-        if mounted:
-            run("umount", "-l", mnt, check=False)
-        run("losetup", "-d", dev, check=False)
+        release(mnt, dev, frozen=frozen, mounted=mounted)
     print(json.dumps(verdict))
     return 0
 

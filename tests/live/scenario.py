@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from lab import Sender, diff_blocks, direct_copy, frozen, loop_device, run, sha_tree, start_receiver, stopped
+from lab import Sender, direct_copy, frozen, judge_copy, loop_device, run, sha_tree, start_receiver, stopped
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -170,25 +170,9 @@ def main() -> int:
         run("umount", mnt)
         mounted = False
 
-        verdict["different_blocks"] = diff_blocks(snap, target)
+        # only synced: the copy's journal is replayed first
+        verdict.update(judge_copy(snap, target, verdict.pop("source_files"), mnt, replay_journal=cutover == "sync"))
         os.unlink(snap)
-        if cutover == "sync":  # only synced: the copy's journal is replayed first, as its first boot would
-            run("e2fsck", "-E", "journal_only", "-p", target, check=False)
-        fsck = run("e2fsck", "-fn", target, check=False)
-        verdict["fsck_rc"] = fsck.returncode
-        verdict["fsck_out"] = (fsck.stdout + fsck.stderr)[-1500:]
-        loop = loop_device(target, read_only=True)
-        try:
-            run("mount", "-o", "ro,noload", loop, mnt)
-            try:
-                copied = sha_tree(mnt)
-            finally:
-                run("umount", mnt)
-        finally:
-            run("losetup", "-d", loop, check=False)
-        src = verdict.pop("source_files")
-        verdict["files"] = len(src)
-        verdict["files_differ"] = sorted(k for k in set(src) | set(copied) if src.get(k) != copied.get(k))[:20]
         verdict["identical"] = (verdict["different_blocks"] == 0 and verdict["fsck_rc"] == 0
                                 and not verdict["files_differ"] and verdict["sender_rc"] == 0)
     finally:
