@@ -19,9 +19,7 @@ _ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def import_numpy():
     """numpy, with a BLAS of one thread unless the environment asks for more."""
-    if "numpy" in sys.modules:
-        return sys.modules["numpy"]
-    set_here = [k for k in _ONE_THREAD if k not in os.environ]
+    set_here = [] if "numpy" in sys.modules else [k for k in _ONE_THREAD if k not in os.environ]
     for k in set_here:
         os.environ[k] = "1"
     try:
@@ -32,20 +30,23 @@ def import_numpy():
 
 
 class _Lazy:
-    __slots__ = ("_name", "_mod")
+    """A module imported on first use, by ``load`` (importlib.import_module of ``name`` without one)."""
 
-    def __init__(self, name: str) -> None:
+    __slots__ = ("_name", "_load", "_mod")
+
+    def __init__(self, name: str, load=None) -> None:
         self._name = name
+        self._load = load
         self._mod: Any = None
 
     def __getattr__(self, attr: str):
         mod = self._mod
         if mod is None:
-            mod = self._mod = import_numpy() if self._name == "numpy" else importlib.import_module(self._name)
+            mod = self._mod = self._load() if self._load is not None else importlib.import_module(self._name)
         return getattr(mod, attr)
 
 
 if TYPE_CHECKING:  # the type checker sees numpy itself, with its types
     import numpy as np
 else:
-    np = _Lazy("numpy")
+    np = _Lazy("numpy", import_numpy)

@@ -277,12 +277,8 @@ def _payload(view: memoryview, f0: int, end: int, digests: np.ndarray, gather: _
     (``copy``: a copy all the same); gathered into ``gather``'s buffer, else into fresh memory."""
     nonzero = digests != 0
     lo = f0 * FINE_BLOCK
-    if nonzero.all():
-        if not copy:
-            return view[lo:end]
-        out = gather.take(end - lo) if gather is not None else np.empty(end - lo, np.uint8)
-        out[:] = np.frombuffer(view, dtype=np.uint8, count=end - lo, offset=lo)
-        return out.data
+    if not copy and nonzero.all():
+        return view[lo:end]
     data = np.frombuffer(view, dtype=np.uint8)
     full = (end - lo) // FINE_BLOCK
     keep = nonzero[:full]
