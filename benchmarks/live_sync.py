@@ -1,9 +1,10 @@
-"""A SYNC round of a continuous sync with kernel tracking against rsync on the same change.
+"""A SYNC round of a continuous sync against rsync on the same change.
 
-    python benchmarks/live_sync.py [--size-gib 1] [--runs 5] [--fraction 0.01] [--tmp DIR]
+    python benchmarks/live_sync.py [--size-gib 1] [--runs 5] [--fraction 0.01] [--tracking kernel|scan] [--tmp DIR]
 
 Needs root and tracefs. A loop device over a disk-like image (testdata.write_image)
-is replicated by ``send block --continuous --tracking kernel`` to a receiver on
+is replicated by ``send block --continuous --tracking kernel`` (or ``scan``: each round
+reads the whole device and sends the blocks whose digests changed) to a receiver on
 loopback; rsync's target is a copy of the image. Each run, another process
 rewrites ``fraction`` of the device's 4 KiB blocks (distinct, random) with
 O_DIRECT through the loop device, no library call; then, in alternating order:
@@ -63,6 +64,8 @@ def main() -> int:
     ap.add_argument("--size-gib", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--fraction", type=float, default=0.01)
+    ap.add_argument("--tracking", choices=("kernel", "scan"), default="kernel",
+                    help="how the sender finds changed blocks: the kernel's write events, or a digest scan")
     ap.add_argument("--tmp", default=None)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="smsrepl-livesync-", dir=args.tmp)
@@ -84,7 +87,7 @@ def main() -> int:
         threading.Thread(target=lambda: rx_log.extend(rx.stderr), daemon=True).start()
         tx = subprocess.Popen(CLI + ["send", "block", "--json", loop, "--to", f"127.0.0.1:{port}", "--target", "disk0",
                                      "--certkey", certkey, "--state-dir", os.path.join(tmp, "tx"), "--continuous",
-                                     "--interval", "86400", "--tracking", "kernel"],
+                                     "--interval", "86400", "--tracking", args.tracking],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(tx)
         threading.Thread(target=tx.stderr.read, daemon=True).start()
@@ -131,7 +134,7 @@ def main() -> int:
         rsync_same = subprocess.run(["cmp", "-s", img, copy]).returncode == 0
         med = statistics.median
         print(json.dumps({
-            "size_bytes": size, "fraction": args.fraction, "runs": args.runs,
+            "size_bytes": size, "fraction": args.fraction, "runs": args.runs, "tracking": args.tracking,
             "smsrepl_seconds_median": round(med(r["smsrepl"]["seconds"] for r in rows), 4),
             "rsync_seconds_median": round(med(r["rsync"]["seconds"] for r in rows), 4),
             "ratio_median": round(med(r["ratio"] for r in rows), 2),
