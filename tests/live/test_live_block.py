@@ -102,6 +102,32 @@ def test_one_shot_rounds_of_a_busy_file_system_end_identical_once_it_is_frozen(t
     assert v["files"] > 20 and v["workload_ops"] > 20, detail
 
 
+@pytest.mark.reliability("live block sources", "one-shot round under --freeze of a mounted ext4 under a workload")
+@pytest.mark.parametrize("hold", [0, 4])  # 4: the first freeze outlasts --freeze-timeout 3, the round runs again
+def test_a_one_shot_round_under_freeze_of_a_busy_file_system_is_identical(tmp_path, certkey_file, hold):
+    v = _drive("oneshot.py", tmp_path, certkey_file, rounds=2, seed=17, end="freeze", hold=hold,
+               extra=["--freeze-timeout", "3"] if hold else [])
+    detail = {k: v.get(k) for k in ("kinds", "looks", "different_blocks", "fsck_rc", "files_differ",
+                                    "sender_stderr", "fsck_out", "last_round")}
+    assert v["identical"], detail
+    assert v["frozen_during_round"] and not v["frozen_after_round"], detail
+    assert v["last_round"]["quiesced"] == {os.path.join(str(tmp_path / "work"), "mnt"): "frozen"}, detail
+    assert v["looks"] == (2 if hold else 1), detail
+    assert ("one more round under a new freeze" in v["sender_stderr"]) == bool(hold), detail
+    assert v["files"] > 20 and v["workload_ops"] > 20, detail
+
+
+@pytest.mark.reliability("live block sources", "one-shot copy of a mounted ext4 just written, not synced")
+def test_a_one_shot_copy_of_a_mounted_file_system_holds_what_was_written_a_moment_before(tmp_path, certkey_file):
+    v = _drive("oneshot.py", tmp_path, certkey_file, end="recent")
+    detail = {k: v.get(k) for k in ("kinds", "fsck_rc", "files_differ", "sender_stderr", "fsck_out", "last_round")}
+    # what the file system held in memory reached the disk before the round read it
+    assert v["fsck_rc"] == 0 and not v["files_differ"] and v["files"] == 28, detail
+    mnt = os.path.join(str(tmp_path / "work"), "mnt")
+    assert v["last_round"]["quiesced"] == {mnt: "synced"}, detail
+    assert f"has file systems mounted read-write: {mnt} (ext4)" in v["sender_stderr"], detail
+
+
 @pytest.mark.reliability("live block sources", "mounted ext4, pure-Python backend and tracker reader")
 def test_the_pure_backend_copies_a_busy_file_system_too(tmp_path, certkey_file):
     # tests/run's pure pass leaves tests/live out: this is its case (the reader of _pure/trace.py)

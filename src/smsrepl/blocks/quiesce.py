@@ -49,6 +49,7 @@ class Mount:
     point: str
     dev: int  # st_dev of the file system
     fstype: str
+    writable: bool = True  # the file system (its superblock) is mounted read-write
 
 
 def stacked_devices(path: str) -> set[int]:
@@ -93,7 +94,9 @@ def mounts_of(devs: set[int]) -> list[Mount]:
             major, minor = (int(x) for x in f[2].split(b":"))
             dev = os.makedev(major, minor)
             if dev in devs and dev not in seen and f[3] == b"/":
-                seen[dev] = Mount(unescape_mount_path(f[4]), dev, os.fsdecode(right.split(b" ", 1)[0]))
+                fstype, _source, options = (right.rstrip(b"\n").split(b" ") + [b"", b""])[:3]
+                seen[dev] = Mount(unescape_mount_path(f[4]), dev, os.fsdecode(fstype),
+                                  options.split(b",")[0] != b"ro")
     return list(seen.values())
 
 

@@ -142,11 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how --continuous finds changed blocks: kernel (tracefs block events, needs root), scan "
                          "(every round reads the whole source), auto (default: kernel where it can run)")
     sb.add_argument("--freeze", action="store_true",
-                    help="the cutover freezes the source's mounted file systems (FIFREEZE) until its round has "
-                         "read the last block, instead of only syncing them; always thawed")
+                    help="freeze the source's mounted file systems (FIFREEZE) for the round (with --continuous: "
+                         "the cutover round) until the receiver made it durable, instead of only syncing them; "
+                         "always thawed")
     sb.add_argument("--freeze-timeout", type=seconds(0, 3600, low_open=True), metavar="SECONDS",
-                    help="longest a --freeze may last before it is thawed and the cutover round runs again "
-                         "(default 60)")
+                    help="longest a --freeze may last before it is thawed and the round runs again under a new "
+                         "one (default 60)")
     sb.add_argument("--dry-run", "-n", action="store_true",
                     help="print how many blocks a round would send (and their ranges; -v: every range); change "
                          "nothing on the target")

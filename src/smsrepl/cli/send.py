@@ -200,10 +200,12 @@ def cmd_send_block(args, stop=None) -> int:
     from smsrepl.transport.sender import Sender
 
     quiesce = None
-    if args.continuous:
+    if args.continuous or _block_device(args.source):
         from smsrepl.blocks.quiesce import FREEZE_TIMEOUT, Quiesce
 
-        # also thaws what a killed run of this state directory left frozen
+        # the file systems mounted from the source are synced (or frozen) for the cutover, or
+        # for a one-shot round, which is the copy; also thaws what a killed run of this state
+        # directory left frozen
         quiesce = Quiesce(args.source, freeze=args.freeze, state_dir=state_dir,
                           timeout=FREEZE_TIMEOUT if args.freeze_timeout is None else args.freeze_timeout)
         quiesce.check()
@@ -219,6 +221,9 @@ def cmd_send_block(args, stop=None) -> int:
     out = ProgressOutput(args.progress)
     watcher.note = out.note
     cont: ContinuousSync | None = None
+    quiesced: dict[str, str] = {}  # what a one-shot round's quiesce did to each file system
+    if quiesce is not None and not args.continuous and not args.freeze:
+        _warn_written(args.source, quiesce, out.note)
 
     def make_sender() -> Sender:
         sender = Sender(args.source, args.target, parse_address(args.to), ctx,
@@ -241,6 +246,8 @@ def cmd_send_block(args, stop=None) -> int:
         }
         if result.reconcile:  # a sender without local state: reconciled, or why it copied everything
             summary["reconcile"] = result.reconcile
+        if quiesced:
+            summary["quiesced"] = quiesced
         if cont is not None:
             summary["tracking"] = tracking
             if result.whole_reason:
@@ -264,10 +271,15 @@ def cmd_send_block(args, stop=None) -> int:
             sender = make_sender()
             assert ahead is not None
             sender.take_connection(ahead)
-            try:
-                result = sender.run()
-            finally:
-                sender.drop_connection()
+            if quiesce is None:
+                try:
+                    result = sender.run()
+                finally:
+                    sender.drop_connection()
+            else:
+                from smsrepl.replication.oneshot import quiesced_round
+
+                result, quiesced = quiesced_round(sender, make_sender, quiesce)
             stop.cancel()
             print_summary(result)
     finally:
@@ -279,15 +291,34 @@ def cmd_send_block(args, stop=None) -> int:
 
 
 def _check_live_flags(args) -> None:
-    """--tracking, --freeze and --freeze-timeout belong to --continuous (the tracker lives as long
-    as the process, and the cutover is its last round); --tracking kernel excludes --dirty-map."""
-    if not args.continuous:
-        for flag, value in (("--tracking", args.tracking), ("--freeze", args.freeze or None),
-                            ("--freeze-timeout", args.freeze_timeout)):
-            if value is not None:
-                raise ConfigError(f"{flag} applies to --continuous only")
+    """--tracking belongs to --continuous (the tracker lives as long as the process; --freeze
+    serves a one-shot round too); --tracking kernel excludes --dirty-map."""
+    if not args.continuous and args.tracking is not None:
+        raise ConfigError("--tracking applies to --continuous only")
     if args.dirty_map and args.tracking not in (None, "auto"):
         raise ConfigError(f"--tracking {args.tracking} and --dirty-map: give one way of finding changed blocks")
+
+
+def _block_device(path: str) -> bool:
+    """True for a block device; file systems are mounted from those only (an image file's own
+    file system is never frozen: it holds the image)."""
+    import stat
+
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False  # BlockSource names the problem
+
+
+def _warn_written(source: str, quiesce, note) -> None:
+    """One line when file systems mounted read-write from ``source`` are not frozen for a
+    one-shot round: synced before it, they may still be written while it reads."""
+    busy = [m for m in quiesce.mounts() if m.writable]
+    if busy:
+        where = ", ".join(f"{m.point} ({m.fstype})" for m in busy)
+        note(f"warning: {source} has file systems mounted read-write: {where}; they are synced before the round, "
+             f"but what is written while it reads makes an inconsistent copy: stop the applications writing there, "
+             f"or end with a round under --freeze, or use --continuous and cut over")
 
 
 def _dirty_map(path: str, source: str):

@@ -76,6 +76,8 @@ def block_round_line(summary: dict) -> str:
         line += f", resumed at {human_bytes(summary['resumed_from'])}"
     if summary.get("cutover") is not None:
         line += ", the cutover"
+    if summary.get("quiesced"):  # a one-shot round's file systems: "synced", "frozen", ...
+        line += "; " + ", ".join(f"{point} {what}" for point, what in summary["quiesced"].items())
     if (summary.get("reconcile") or "").startswith("reconciled"):  # not the first copy's "no local state"
         line += f"; {summary['reconcile']}"
     return line

@@ -1,0 +1,50 @@
+"""A one-shot block round of a source whose file systems are mounted: synced, or frozen, for it.
+
+    result, quiesced = quiesced_round(sender, make_sender, quiesce)
+
+A one-shot ``send block`` has no cutover after it: its round is the copy the operator gets.
+Before the round reads its first block, every file system mounted from the source is synced
+(``syncfs``: what it holds in memory, a file written a moment ago included, reaches the disk
+that the round reads with O_DIRECT), or with ``--freeze`` frozen until the receiver has made
+the round durable (blocks/quiesce.py). A freeze that its guard thawed at ``--freeze-timeout``
+before then leaves a round that may have read blocks written after the thaw: the round runs
+again under a new freeze (a sync round: only what changed since), up to ATTEMPTS rounds in
+all, and then fails rather than end with a copy that only looks consistent.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from smsrepl import faults
+from smsrepl.errors import TransportError
+
+log = logging.getLogger("smsrepl.sender")
+#: rounds run under a freeze before giving up (each after the first sends only what changed)
+ATTEMPTS = 3
+
+
+def quiesced_round(sender: Any, make_sender: Callable[[], Any], quiesce: Any) -> tuple[Any, dict[str, str]]:
+    """Run ``sender``'s round with the source's file systems quiesced (``quiesce``: a
+    blocks.quiesce.Quiesce); the round's result and what was done to each file system."""
+    attempt = 1
+    while True:
+        quiesced = quiesce.begin()
+        try:
+            result = sender.run()
+            faults.point("oneshot.before_thaw")  # the target holds the source as it is quiesced
+        finally:
+            sender.drop_connection()
+            held = quiesce.end()
+        if held:
+            return result, quiesced
+        if attempt == ATTEMPTS:
+            raise TransportError(
+                f"the freeze outlasted --freeze-timeout {quiesce.timeout:g} s in {ATTEMPTS} rounds in a row: the "
+                f"target may hold blocks written after a thaw; give a longer --freeze-timeout, or use --continuous "
+                f"(with kernel tracking its cutover round reads only what changed)")
+        log.warning("the freeze outlasted --freeze-timeout %g s before the round ended: one more round under a new "
+                    "freeze", quiesce.timeout)
+        attempt += 1
+        sender = make_sender()
