@@ -11,7 +11,8 @@ send flags), and end:
 * "freeze": the last round is ``send block --freeze`` while the workload still writes; the
   sender stops itself (stop@oneshot.before_thaw) once the receiver made the round durable,
   for a look at the disk it froze; ``hold`` seconds (0) on the first look outlast a
-  ``--freeze-timeout`` given in extra, so that round runs again under a new freeze;
+  ``--freeze-timeout`` given in extra, so that round runs again under a new freeze (with
+  ``hold_all``, on every look: the command gives up, and the verdict says how);
 * "recent": no workload and no sync rounds: files written a moment before, never synced, and
   one one-shot copy of the still-mounted file system.
 
@@ -70,7 +71,7 @@ def main() -> int:
                 direct_copy(dev, snap)
                 src.clear()
                 src.update(sha_tree(mnt))
-                if looks == 1:
+                if looks == 1 or cfg.get("hold_all"):
                     time.sleep(float(cfg.get("hold", 0)))
                 proc.send_signal(signal.SIGCONT)
             verdict["looks"] = looks
@@ -86,7 +87,10 @@ def main() -> int:
                 look(proc)
             out, err = proc.communicate(timeout=300)
             stderr.append(err)
+            verdict["last_rc"] = proc.returncode
             if proc.returncode:
+                if cfg.get("hold_all"):
+                    return {"kind": f"exit {proc.returncode}"}
                 raise RuntimeError(f"send block: exit {proc.returncode}: {err[-2000:]}")
             return json.loads(out.strip().splitlines()[-1])
 

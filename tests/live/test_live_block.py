@@ -117,6 +117,15 @@ def test_a_one_shot_round_under_freeze_of_a_busy_file_system_is_identical(tmp_pa
     assert v["files"] > 20 and v["workload_ops"] > 20, detail
 
 
+@pytest.mark.reliability("live block sources", "one-shot round under --freeze that outlasts its timeout twice")
+def test_a_one_shot_freeze_that_never_holds_fails_and_leaves_the_file_system_thawed(tmp_path, certkey_file):
+    v = _drive("oneshot.py", tmp_path, certkey_file, rounds=0, seed=19, end="freeze", hold=4, hold_all=True,
+               extra=["--freeze-timeout", "3"])
+    detail = {k: v.get(k) for k in ("kinds", "looks", "last_rc", "sender_stderr")}
+    assert v["last_rc"] == 3 and v["looks"] == 2 and not v["frozen_after_round"], detail
+    assert "the freeze outlasted --freeze-timeout 3 s in 2 rounds in a row" in v["sender_stderr"], detail
+
+
 @pytest.mark.reliability("live block sources", "one-shot copy of a mounted ext4 just written, not synced")
 def test_a_one_shot_copy_of_a_mounted_file_system_holds_what_was_written_a_moment_before(tmp_path, certkey_file):
     v = _drive("oneshot.py", tmp_path, certkey_file, end="recent")

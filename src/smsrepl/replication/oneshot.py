@@ -8,8 +8,10 @@ Before the round reads its first block, every file system mounted from the sourc
 that the round reads with O_DIRECT), or with ``--freeze`` frozen until the receiver has made
 the round durable (blocks/quiesce.py). A freeze that its guard thawed at ``--freeze-timeout``
 before then leaves a round that may have read blocks written after the thaw: the round runs
-again under a new freeze (a sync round: only what changed since), up to ATTEMPTS rounds in
-all, and then fails rather than end with a copy that only looks consistent.
+once more under a new freeze (a sync round: what changed since), and then the command fails
+rather than end with a copy that only looks consistent. Once more only: a digest-scan round
+reads the whole disk again, so a round that outlasted the timeout for its length will
+again, and every attempt stalls the server's writes for up to the timeout.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from smsrepl import faults
 from smsrepl.errors import TransportError
 
 log = logging.getLogger("smsrepl.sender")
-#: rounds run under a freeze before giving up (each after the first sends only what changed)
-ATTEMPTS = 3
+#: rounds run under a freeze before giving up (the second sends only what changed)
+ATTEMPTS = 2
 
 
 def quiesced_round(sender: Any, make_sender: Callable[[], Any], quiesce: Any) -> tuple[Any, dict[str, str]]:
@@ -41,9 +43,10 @@ def quiesced_round(sender: Any, make_sender: Callable[[], Any], quiesce: Any) ->
             return result, quiesced
         if attempt == ATTEMPTS:
             raise TransportError(
-                f"the freeze outlasted --freeze-timeout {quiesce.timeout:g} s in {ATTEMPTS} rounds in a row: the "
-                f"target may hold blocks written after a thaw; give a longer --freeze-timeout, or use --continuous "
-                f"(with kernel tracking its cutover round reads only what changed)")
+                f"the freeze outlasted --freeze-timeout {quiesce.timeout:g} s in {ATTEMPTS} rounds in a row (the last "
+                f"took {result.seconds:.1f} s): the target may hold blocks written after a thaw; give a "
+                f"--freeze-timeout above the round's length, or use --continuous (with kernel tracking its cutover "
+                f"round reads only what changed)")
         log.warning("the freeze outlasted --freeze-timeout %g s before the round ended: one more round under a new "
                     "freeze", quiesce.timeout)
         attempt += 1
