@@ -14,7 +14,8 @@ send flags), and end:
   ``--freeze-timeout`` given in extra, so that round runs again under a new freeze (with
   ``hold_all``, on every look: the command gives up, and the verdict says how);
 * "recent": no workload and no sync rounds: files written a moment before, never synced, and
-  one one-shot copy of the still-mounted file system.
+  one one-shot copy of the still-mounted file system; then one more file, never synced, and
+  ``verify block`` of the device against the receiver (its exit code and stderr in the verdict).
 
 A loop device over an image in WORK gets an ext4 that a workload process writes, while
 ``send block`` runs one round after the other (no --continuous: each run a process of its
@@ -101,6 +102,10 @@ def main() -> int:
             rounds = [one_round()]
             direct_copy(dev, snap)
             verdict["workload_ops"] = 0
+            run(sys.executable, "-c", "import os,sys;open(os.path.join(sys.argv[1],'later'),'wb').write(os.urandom(1<<20))", mnt)
+            check = run(*CLI, "verify", "block", dev, "--to", f"127.0.0.1:{port}", "--target", "disk0",
+                        "--certkey", certkey, check=False)
+            verdict["verify_rc"], verdict["verify_stderr"] = check.returncode, check.stderr[-2000:]
         else:
             rounds = [one_round()]  # the full copy, before the workload
             wl = subprocess.Popen([sys.executable, os.path.join(HERE, "workload.py"), mnt, str(cfg.get("seed", 1)),

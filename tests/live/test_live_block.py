@@ -127,7 +127,7 @@ def test_a_one_shot_freeze_that_never_holds_fails_and_leaves_the_file_system_tha
 
 
 @pytest.mark.reliability("live block sources", "one-shot copy of a mounted ext4 just written, not synced")
-def test_a_one_shot_copy_of_a_mounted_file_system_holds_what_was_written_a_moment_before(tmp_path, certkey_file):
+def test_a_one_shot_copy_and_a_check_of_a_mounted_file_system_see_what_was_written_a_moment_before(tmp_path, certkey_file):
     v = _drive("oneshot.py", tmp_path, certkey_file, end="recent")
     detail = {k: v.get(k) for k in ("kinds", "fsck_rc", "files_differ", "sender_stderr", "fsck_out", "last_round")}
     # what the file system held in memory reached the disk before the round read it
@@ -135,6 +135,9 @@ def test_a_one_shot_copy_of_a_mounted_file_system_holds_what_was_written_a_momen
     mnt = os.path.join(str(tmp_path / "work"), "mnt")
     assert v["last_round"]["quiesced"] == {mnt: "synced"}, detail
     assert f"has file systems mounted read-write: {mnt} (ext4)" in v["sender_stderr"], detail
+    # and verify block sees a file written since, still only in memory, as a difference
+    assert v["verify_rc"] == 1, v["verify_stderr"]
+    assert f"has file systems mounted read-write: {mnt} (ext4)" in v["verify_stderr"], v["verify_stderr"]
 
 
 @pytest.mark.reliability("live block sources", "mounted ext4, pure-Python backend and tracker reader")

@@ -11,6 +11,7 @@ from smsrepl.errors import ConfigError
 from smsrepl.cli.bundle import bundle_certkey, bundle_passphrase
 from smsrepl.cli.configfile import read_config
 from smsrepl.cli.flags import state_home
+from smsrepl.cli.mounted import block_device, warn_written
 from smsrepl.cli.progressout import ProgressOutput
 from smsrepl.cli.speedwatch import ScheduleWatcher
 
@@ -200,7 +201,7 @@ def cmd_send_block(args, stop=None) -> int:
     from smsrepl.transport.sender import Sender
 
     quiesce = None
-    if args.continuous or _block_device(args.source):
+    if args.continuous or block_device(args.source):
         from smsrepl.blocks.quiesce import FREEZE_TIMEOUT, Quiesce
 
         # the file systems mounted from the source are synced (or frozen) for the cutover, or
@@ -223,7 +224,9 @@ def cmd_send_block(args, stop=None) -> int:
     cont: ContinuousSync | None = None
     quiesced: dict[str, str] = {}  # what a one-shot round's quiesce did to each file system
     if quiesce is not None and not args.continuous and not args.freeze:
-        _warn_written(args.source, quiesce, out.note)
+        warn_written(args.source, quiesce, out.note,
+                     "makes an inconsistent copy: stop the applications writing there, or end with a round under "
+                     "--freeze, or use --continuous and cut over")
 
     def make_sender() -> Sender:
         sender = Sender(args.source, args.target, parse_address(args.to), ctx,
@@ -297,28 +300,6 @@ def _check_live_flags(args) -> None:
         raise ConfigError("--tracking applies to --continuous only")
     if args.dirty_map and args.tracking not in (None, "auto"):
         raise ConfigError(f"--tracking {args.tracking} and --dirty-map: give one way of finding changed blocks")
-
-
-def _block_device(path: str) -> bool:
-    """True for a block device; file systems are mounted from those only (an image file's own
-    file system is never frozen: it holds the image)."""
-    import stat
-
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False  # BlockSource names the problem
-
-
-def _warn_written(source: str, quiesce, note) -> None:
-    """One line when file systems mounted read-write from ``source`` are not frozen for a
-    one-shot round: synced before it, they may still be written while it reads."""
-    busy = [m for m in quiesce.mounts() if m.writable]
-    if busy:
-        where = ", ".join(f"{m.point} ({m.fstype})" for m in busy)
-        note(f"warning: {source} has file systems mounted read-write: {where}; they are synced before the round, "
-             f"but what is written while it reads makes an inconsistent copy: stop the applications writing there, "
-             f"or end with a round under --freeze, or use --continuous and cut over")
 
 
 def _dirty_map(path: str, source: str):

@@ -26,6 +26,7 @@ def cmd_verify_block(args) -> int:
     try:
         if bool(args.target_path) == bool(args.to):
             raise ConfigError("verify block: give TARGET, or --to HOST:PORT --target NAME --certkey FILE")
+        _sync_mounted(args.source, out.note)
         if args.to:
             result, consistent = _verify_block_remote(args, progress)
         else:
@@ -40,6 +41,20 @@ def cmd_verify_block(args) -> int:
     # with --progress json stdout holds the reports alone
     print(json.dumps(result), file=sys.stderr if args.progress == "json" else sys.stdout, flush=True)
     return 0 if consistent else 1
+
+
+def _sync_mounted(source: str, note) -> None:
+    """What the file systems mounted from a block source hold in memory reaches its disk before
+    the check reads it (cli/mounted.py)."""
+    from smsrepl.cli.mounted import block_device, warn_written
+
+    if not block_device(source):
+        return
+    from smsrepl.blocks.quiesce import Quiesce
+
+    quiesce = Quiesce(source)
+    warn_written(source, quiesce, note, "shows as differences")
+    quiesce.begin()
 
 
 def _verify_block_remote(args, on_progress=None) -> tuple[dict, bool]:
