@@ -75,6 +75,16 @@ def test_json_prints_the_json_summary_instead_of_the_line(lab):
     assert sha256(lab["source"]) == sha256(lab["target"])
 
 
+def test_freeze_of_a_source_with_nothing_mounted_says_there_is_nothing_to_freeze(lab):
+    # an image file: no file system is mounted from it here, so --freeze cannot make its copy consistent
+    cp = _run(_block(lab, "--freeze", "--json"))
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stderr.strip() == (f"note: --freeze: no file system is mounted from {lab['source']} here; "
+                                 f"there is nothing to freeze"), cp.stderr
+    assert "quiesced" not in json.loads(cp.stdout)
+    assert sha256(lab["source"]) == sha256(lab["target"])
+
+
 def _only_reports(stdout: str) -> list[dict]:
     reports = []
     for line in stdout.splitlines():

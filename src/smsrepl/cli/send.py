@@ -227,6 +227,8 @@ def cmd_send_block(args, stop=None) -> int:
         warn_written(args.source, quiesce, out.note,
                      "makes an inconsistent copy: stop the applications writing there, or end with a round under "
                      "--freeze, or use --continuous and cut over")
+    if args.freeze and (quiesce is None or not quiesce.mounts()):
+        out.note(f"note: --freeze: no file system is mounted from {args.source} here; there is nothing to freeze")
 
     def make_sender() -> Sender:
         sender = Sender(args.source, args.target, parse_address(args.to), ctx,
