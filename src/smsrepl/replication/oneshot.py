@@ -32,8 +32,8 @@ def quiesced_round(sender: Any, make_sender: Callable[[], Any], quiesce: Any) ->
     blocks.quiesce.Quiesce); the round's result and what was done to each file system."""
     attempt = 1
     while True:
-        quiesced = quiesce.begin()
         try:
+            quiesced = quiesce.begin()  # in the try: what a failed freeze did freeze is thawed
             result = sender.run()
             faults.point("oneshot.before_thaw")  # the target holds the source as it is quiesced
         finally:
