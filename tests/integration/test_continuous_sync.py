@@ -151,6 +151,9 @@ def test_sync_command_runs_a_round_now_and_lag_is_reported(tmp_path, bundle):
 
 @pytest.mark.parametrize("extra, message", [
     (["--interval", "5"], "--interval applies to --continuous only"),
+    (["--tracking", "scan"], "--tracking applies to --continuous only"),
+    (["--continuous", "--freeze-timeout", "5"], "--freeze-timeout applies to --freeze only"),
+    (["--freeze-timeout", "5"], "--freeze-timeout applies to --freeze only"),
     (["--continuous", "--interval", "-1"], "must be between 0 and 86400"),
 ])
 def test_bad_continuous_flags_are_usage_errors(tmp_path, certkey_file, extra, message):

@@ -297,9 +297,12 @@ def cmd_send_block(args, stop=None) -> int:
 
 def _check_live_flags(args) -> None:
     """--tracking belongs to --continuous (the tracker lives as long as the process; --freeze
-    serves a one-shot round too); --tracking kernel excludes --dirty-map."""
+    serves a one-shot round too), --freeze-timeout to --freeze; --tracking kernel excludes
+    --dirty-map."""
     if not args.continuous and args.tracking is not None:
         raise ConfigError("--tracking applies to --continuous only")
+    if args.freeze_timeout is not None and not args.freeze:
+        raise ConfigError("--freeze-timeout applies to --freeze only")
     if args.dirty_map and args.tracking not in (None, "auto"):
         raise ConfigError(f"--tracking {args.tracking} and --dirty-map: give one way of finding changed blocks")
 
