@@ -1,9 +1,13 @@
 """The receiver's dispatch table: HELLO's session kind names the handler that serves it."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from smsrepl.protocol import SENDER, Connection
+from smsrepl.transport import server as server_module
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import connect
@@ -35,6 +39,44 @@ def test_a_kind_not_in_the_table_is_refused_and_nothing_is_written(tmp_path, bun
     assert not (tmp_path / "t.img").exists()
     assert not (tmp_path / "rx" / "disk0").exists() and not (tmp_path / "rx" / "disk0.lock").exists()
     assert [(o.target, o.ok, o.error.exit_code) for o in outcomes] == [("disk0", False, 4)]
+
+
+class _SlowToList(threading.Thread):
+    """A connection's thread whose starter (the serving thread) is held up right after starting
+    it, as a busy machine may: stop() can come before the thread is listed."""
+
+    def start(self) -> None:
+        super().start()
+        if getattr(self, "_target", None) is not None and self._target.__name__ == "_handle":
+            time.sleep(0.3)
+
+
+class _Threading:
+    Thread = _SlowToList
+
+    def __getattr__(self, name):
+        return getattr(threading, name)
+
+
+def test_stop_returns_once_a_session_that_ended_meanwhile_is_recorded(tmp_path, bundle, monkeypatch):
+    monkeypatch.setattr(server_module, "threading", _Threading())
+    outcomes = []
+
+    def slow_end(outcome) -> None:  # the session's end takes a while (a checkpoint's fsync, say)
+        time.sleep(1.0)
+        outcomes.append(outcome)
+
+    rx = Receiver({"disk0": str(tmp_path / "t.img")}, server_context(bundle), str(tmp_path / "rx"), create=True,
+                  on_session=slow_end)
+    addr = rx.start()
+    try:
+        chan = Channel(connect(addr, client_context(bundle)), Connection(SENDER))
+        chan.send(F.Hello([F.PROTOCOL_VERSION], "bogus", "disk0", "s1", 1 << 20, F.FINE_BLOCK, list(F.CAPABILITIES)))
+        assert isinstance(chan.recv(), F.Error)
+        chan.close()
+    finally:
+        rx.stop()
+    assert [(o.target, o.ok) for o in outcomes] == [("disk0", False)]
 
 
 def test_an_extra_connection_without_its_sessions_key_is_refused(tmp_path, bundle):

@@ -216,8 +216,12 @@ class EndpointServer:
         if self._listener is not None:
             self._listener.close()
         deadline = time.monotonic() + STOP_GRACE
-        for t in list(self._threads):
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        # twice: the serving thread lists a connection's thread only once it started it, so a
+        # connection served meanwhile (its session may be over already) is listed only once the
+        # serving thread, joined in the first pass, has ended
+        for _ in range(2):
+            for t in list(self._threads):
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _end_sessions(self) -> None:
         self.claims.wake()  # a session waiting for a busy target gives up
