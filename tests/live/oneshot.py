@@ -10,8 +10,8 @@ send flags), and end:
   (fsfreeze -f) and a last one-shot round runs;
 * "freeze": the last round is ``send block --freeze`` while the workload still writes; the
   sender stops itself (stop@oneshot.before_thaw) once the receiver made the round durable,
-  for a look at the disk it froze; ``hold`` seconds (0) on the first look outlast a
-  ``--freeze-timeout`` given in extra, so that round runs again under a new freeze (with
+  for a look at the disk it froze; ``hold`` seconds (0) on the first look outlast its
+  ``freeze_timeout`` (--freeze-timeout), so that round runs again under a new freeze (with
   ``hold_all``, on every look: the command gives up, and the verdict says how);
 * "recent": no workload and no sync rounds: files written a moment before, never synced, and
   one one-shot copy of the still-mounted file system; then one more file, never synced, and
@@ -77,7 +77,7 @@ def main() -> int:
                 proc.send_signal(signal.SIGCONT)
             verdict["looks"] = looks
 
-        def one_round(*flags: str, stop_before_thaw: bool = False) -> dict:
+        def one_round(*flags: str, stop_before_thaw: bool = False, may_fail: bool = False) -> dict:
             env = {**os.environ, "SMSREPL_FAULTS": "stop@oneshot.before_thaw" if stop_before_thaw else ""}
             proc = subprocess.Popen(CLI + ["-v", "send", "block", "--json", dev, "--to", f"127.0.0.1:{port}",
                                            "--target", "disk0", "--certkey", certkey,
@@ -90,7 +90,7 @@ def main() -> int:
             stderr.append(err)
             verdict["last_rc"] = proc.returncode
             if proc.returncode:
-                if cfg.get("hold_all"):
+                if may_fail:
                     return {"kind": f"exit {proc.returncode}"}
                 raise RuntimeError(f"send block: exit {proc.returncode}: {err[-2000:]}")
             return json.loads(out.strip().splitlines()[-1])
@@ -114,7 +114,8 @@ def main() -> int:
             for _ in range(int(cfg.get("rounds", 4))):
                 rounds.append(one_round())
             if end == "freeze":
-                rounds.append(one_round("--freeze", stop_before_thaw=True))
+                timeout = ["--freeze-timeout", str(cfg["freeze_timeout"])] if "freeze_timeout" in cfg else []
+                rounds.append(one_round("--freeze", *timeout, stop_before_thaw=True, may_fail=bool(cfg.get("hold_all"))))
                 verdict["frozen_after_round"] = frozen(mnt)
             wl.send_signal(signal.SIGTERM)
             verdict["workload_ops"] = int(wl.communicate(timeout=60)[0].strip() or 0)

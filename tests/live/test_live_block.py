@@ -106,7 +106,7 @@ def test_one_shot_rounds_of_a_busy_file_system_end_identical_once_it_is_frozen(t
 @pytest.mark.parametrize("hold", [0, 4])  # 4: the first freeze outlasts --freeze-timeout 3, the round runs again
 def test_a_one_shot_round_under_freeze_of_a_busy_file_system_is_identical(tmp_path, certkey_file, hold):
     v = _drive("oneshot.py", tmp_path, certkey_file, rounds=2, seed=17, end="freeze", hold=hold,
-               extra=["--freeze-timeout", "3"] if hold else [])
+               **({"freeze_timeout": 3} if hold else {}))
     detail = {k: v.get(k) for k in ("kinds", "looks", "different_blocks", "fsck_rc", "files_differ",
                                     "sender_stderr", "fsck_out", "last_round")}
     assert v["identical"], detail
@@ -120,8 +120,9 @@ def test_a_one_shot_round_under_freeze_of_a_busy_file_system_is_identical(tmp_pa
 @pytest.mark.reliability("live block sources", "one-shot round under --freeze that outlasts its timeout twice")
 def test_a_one_shot_freeze_that_never_holds_fails_and_leaves_the_file_system_thawed(tmp_path, certkey_file):
     v = _drive("oneshot.py", tmp_path, certkey_file, rounds=0, seed=19, end="freeze", hold=4, hold_all=True,
-               extra=["--freeze-timeout", "3"])
+               freeze_timeout=3)
     detail = {k: v.get(k) for k in ("kinds", "looks", "last_rc", "sender_stderr")}
+    assert v["kinds"] == ["full", "exit 3"], detail
     assert v["last_rc"] == 3 and v["looks"] == 2 and not v["frozen_after_round"], detail
     assert "the freeze outlasted --freeze-timeout 3 s in 2 rounds in a row" in v["sender_stderr"], detail
 
