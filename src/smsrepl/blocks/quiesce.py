@@ -49,7 +49,7 @@ class Mount:
     point: str
     dev: int  # st_dev of the file system
     fstype: str
-    writable: bool = True  # the file system (its superblock) is mounted read-write
+    writable: bool  # the file system (its superblock) is mounted read-write
 
 
 def stacked_devices(path: str) -> set[int]:

@@ -276,15 +276,9 @@ def cmd_send_block(args, stop=None) -> int:
             sender = make_sender()
             assert ahead is not None
             sender.take_connection(ahead)
-            if quiesce is None:
-                try:
-                    result = sender.run()
-                finally:
-                    sender.drop_connection()
-            else:
-                from smsrepl.replication.oneshot import quiesced_round
+            from smsrepl.replication.oneshot import quiesced_round
 
-                result, quiesced = quiesced_round(sender, make_sender, quiesce)
+            result, quiesced = quiesced_round(sender, make_sender, quiesce)
             stop.cancel()
             print_summary(result)
     finally:

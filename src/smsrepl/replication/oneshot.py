@@ -29,16 +29,21 @@ ATTEMPTS = 2
 
 def quiesced_round(sender: Any, make_sender: Callable[[], Any], quiesce: Any) -> tuple[Any, dict[str, str]]:
     """Run ``sender``'s round with the source's file systems quiesced (``quiesce``: a
-    blocks.quiesce.Quiesce); the round's result and what was done to each file system."""
+    blocks.quiesce.Quiesce, or None for a source nothing is mounted from: an image file); the
+    round's result and what was done to each file system."""
     attempt = 1
     while True:
+        quiesced: dict[str, str] = {}
+        held = True
         try:
-            quiesced = quiesce.begin()  # in the try: what a failed freeze did freeze is thawed
+            if quiesce is not None:
+                quiesced = quiesce.begin()  # in the try: what a failed freeze did freeze is thawed
             result = sender.run()
             faults.point("oneshot.before_thaw")  # the target holds the source as it is quiesced
         finally:
             sender.drop_connection()
-            held = quiesce.end()
+            if quiesce is not None:
+                held = quiesce.end()
         if held:
             return result, quiesced
         if attempt == ATTEMPTS:
