@@ -13,6 +13,8 @@ send flags), and end:
   for a look at the disk it froze; ``hold`` seconds (0) on the first look outlast its
   ``freeze_timeout`` (--freeze-timeout), so that round runs again under a new freeze (with
   ``hold_all``, on every look: the command gives up, and the verdict says how);
+* "state_on_source": one ``send block --freeze`` whose state directory is on the file system it
+  would freeze (refused; its exit code, stderr, the freeze and the target in the verdict);
 * "recent": no workload and no sync rounds: files written a moment before, never synced, and
   one one-shot copy of the still-mounted file system; then one more file, never synced, and
   ``verify block`` of the device against the receiver (its exit code and stderr in the verdict).
@@ -95,6 +97,13 @@ def main() -> int:
                 raise RuntimeError(f"send block: exit {proc.returncode}: {err[-2000:]}")
             return json.loads(out.strip().splitlines()[-1])
 
+        if end == "state_on_source":
+            cp = run(*CLI, "send", "block", dev, "--to", f"127.0.0.1:{port}", "--target", "disk0", "--certkey",
+                     certkey, "--state-dir", os.path.join(mnt, "state"), "--freeze", check=False)
+            verdict.update(rc=cp.returncode, stderr=cp.stderr[-2000:], frozen_after=frozen(mnt),
+                           target_made=os.path.exists(target))
+            print(json.dumps(verdict))
+            return 0
         if end == "recent":
             # written a moment ago and not synced: in the page cache, not yet on the disk
             run(sys.executable, "-c", "import os,sys;r=sys.argv[1];[open(os.path.join(r,'recent%d'%i),'wb').write(os.urandom(1<<20)) for i in range(8)]", mnt)

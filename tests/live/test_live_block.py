@@ -127,6 +127,16 @@ def test_a_one_shot_freeze_that_never_holds_fails_and_leaves_the_file_system_tha
     assert "the freeze outlasted --freeze-timeout 3 s in 2 rounds in a row" in v["sender_stderr"], detail
 
 
+@pytest.mark.reliability("live block sources", "one-shot --freeze of the file system holding the state directory")
+def test_a_one_shot_freeze_of_the_file_system_holding_its_state_is_refused_before_anything(tmp_path, certkey_file):
+    v = _drive("oneshot.py", tmp_path, certkey_file, end="state_on_source")
+    mnt = os.path.join(str(tmp_path / "work"), "mnt")
+    assert v["rc"] == 2, v
+    assert v["stderr"].strip() == (f"--freeze would freeze {mnt}, which holds the state directory {mnt}/state: give a "
+                                   f"--state-dir on another disk (or sync without --freeze)"), v
+    assert not v["frozen_after"] and not v["target_made"], v
+
+
 @pytest.mark.reliability("live block sources", "one-shot copy of a mounted ext4 just written, not synced")
 def test_a_one_shot_copy_and_a_check_of_a_mounted_file_system_see_what_was_written_a_moment_before(tmp_path, certkey_file):
     v = _drive("oneshot.py", tmp_path, certkey_file, end="recent")
