@@ -47,7 +47,7 @@ def main() -> int:
     mounted = False
     verdict: dict = {}
     try:
-        run("mkfs.ext4", "-q", "-F", dev)
+        run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
         run("mount", dev, mnt)
         mounted = True
         write_files(mnt, 1)
