@@ -23,7 +23,7 @@ from smsrepl.errors import SourceError
 from smsrepl.protocol.frames import (LEGACY_RAW, MAX_RAW, MAX_SET, BlockData, BlockSet, Event,
                                      Scanned, ZeroRange)
 from smsrepl.blocks.direct import aligned_buffer
-from smsrepl.blocks.manifest import ManifestFile, block_count, runs_of
+from smsrepl.blocks.manifest import ManifestFile, block_count, run_arrays, runs_of
 from smsrepl.blocks.sourcescan import scan
 from smsrepl.kernels import FINE_BLOCK
 
@@ -89,45 +89,6 @@ class Covered:
         return self.first + (len(self.digests) if self.index is None else int(self.index[-1]) + 1)
 
 
-class _SetBuilder:
-    """Scattered changed runs of one chunk, gathered into BLOCK_SET frames."""
-
-    def __init__(self) -> None:
-        self.runs: list[tuple[int, np.ndarray, int]] = []  # first block, digests, byte length
-        self.pieces: list = []
-        self.count = 0
-
-    def add(self, first: int, r0: int, rn: int, view: memoryview, digests: np.ndarray, off: int, size: int):
-        """Add blocks [r0, r0+rn) of the chunk at ``off``; yields frames when a set fills up."""
-        while rn:
-            take = min(rn, MAX_SET - self.count)
-            d = digests[r0:r0 + take]
-            hi = min(off + (r0 + take) * FINE_BLOCK, size) - off
-            self.runs.append((first + r0, d, hi - r0 * FINE_BLOCK))
-            self.pieces.append(view[r0 * FINE_BLOCK:hi] if (d != 0).all() else _payload(view, r0, hi, d))
-            self.count += take
-            r0 += take
-            rn -= take
-            if self.count == MAX_SET:
-                yield from self.flush()
-
-    def flush(self):
-        if not self.count:
-            return
-        runs, pieces = self.runs, self.pieces
-        self.runs, self.pieces, self.count = [], [], 0
-        digests = np.concatenate([d for _, d, _ in runs])
-        if not digests.any():  # only blocks that became zero: no payload to carry
-            for b, d, n in runs:
-                yield ZeroRange(b * FINE_BLOCK, n)
-                yield Covered(b, d.copy())
-            return
-        first = runs[0][0]
-        index = np.concatenate([np.arange(b - first, b - first + len(d), dtype=np.int64) for b, d, _ in runs])
-        yield BlockSet(first * FINE_BLOCK, index, RAW, digests, b"".join(pieces))
-        yield Covered(first, digests, index)
-
-
 def round_events(  # noqa: C901
     source,
     *,
@@ -154,7 +115,6 @@ def round_events(  # noqa: C901
     quiet_from = start  # end of the last frame: SCANNED marks long stretches without any
     zero_end = 0
     old = np.empty(chunk // FINE_BLOCK, dtype="<u8")
-    scattered = _SetBuilder()
     gather = _Gather(chunk)
     for off, view, digests in scan(source, start=start, chunk=chunk, buffers=BUFFERS if cache is None else SYNC_BUFFERS,
                                    ahead=AHEAD, clock=clock):
@@ -168,15 +128,16 @@ def round_events(  # noqa: C901
             send = np.ones(n, dtype=bool)
         is_zero = digests == 0
         sent_any = False
-        for r0, rn in runs_of(send):
-            if sets and cache is not None and rn < SET_RUN_MAX and view is not None:
+        for r0, rn, picks in _changes(send, sets and cache is not None and view is not None):
+            if picks is not None:
                 if zero_from is not None:
                     yield ZeroRange(zero_from, zero_end - zero_from)
                     zero_from = None
-                yield from scattered.add(first, r0, rn, view, digests, off, source.size)
+                for c0 in range(0, len(picks), MAX_SET):
+                    pick = picks[c0:c0 + MAX_SET]
+                    yield from _set_frames(pick + first, digests[pick], pick, view, source.size, copy=True)
                 sent_any = True
                 continue
-            yield from scattered.flush()
             for s0, sn, zero in _segments(is_zero[r0:r0 + rn], r0):
                 b_off = off + s0 * FINE_BLOCK
                 b_end = min(off + (s0 + sn) * FINE_BLOCK, source.size)
@@ -205,7 +166,6 @@ def round_events(  # noqa: C901
                                     _payload(view, f0, d_end - off, fd, gather, copy=cache is not None))
                     yield Covered(first + f0, fd)
                 sent_any = True
-        yield from scattered.flush()
         if sent_any or zero_from is not None:
             quiet_from = off + n * FINE_BLOCK
         elif off + n * FINE_BLOCK - quiet_from >= SCANNED_EVERY:
@@ -214,6 +174,27 @@ def round_events(  # noqa: C901
         yield CHUNK_END
     if zero_from is not None:
         yield ZeroRange(zero_from, zero_end - zero_from)
+
+
+def _changes(send: np.ndarray, sets: bool) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """A chunk's runs of blocks to send, in order, as ``(first, count, None)``; with ``sets``, each
+    stretch of short runs (under SET_RUN_MAX blocks) between long ones as one ``(first, count,
+    positions of its blocks to send)``, for BLOCK_SETs built in numpy, not run by run (1% of
+    blocks changed at random is ~20 runs per chunk)."""
+    starts, counts = run_arrays(send)
+    s, c = starts.tolist(), counts.tolist()
+    if not sets:
+        for r0, rn in zip(s, c):
+            yield r0, rn, None
+        return
+    i = 0
+    for li in np.flatnonzero(counts >= SET_RUN_MAX).tolist() + [len(s)]:
+        if li > i:  # runs i..li-1 are short
+            lo, hi = s[i], s[li - 1] + c[li - 1]
+            yield lo, hi - lo, np.flatnonzero(send[lo:hi]) + lo
+        if li < len(s):
+            yield s[li], c[li], None
+        i = li + 1
 
 
 def _segments(zero: np.ndarray, base: int) -> Iterator[tuple[int, int, bool]]:
@@ -353,8 +334,10 @@ def _read_ahead(source, batches, clock) -> Iterator[tuple[list, memoryview]]:
                 f.cancel()
 
 
-def _set_frames(blocks: np.ndarray, digests: np.ndarray, positions: np.ndarray, mv: memoryview, size: int):
-    """A BLOCK_SET (or ZERO_RANGEs when nothing but zeros) for changed blocks at ``positions`` of a batch buffer."""
+def _set_frames(blocks: np.ndarray, digests: np.ndarray, positions: np.ndarray, mv: memoryview, size: int,
+                copy: bool = False):
+    """A BLOCK_SET (or ZERO_RANGEs when nothing but zeros) for changed blocks at ``positions`` of a
+    buffer (``copy``: the payload never a view of it, which will be reused)."""
     first = int(blocks[0])
     if not digests.any():
         for b0, n in runs_of(np.isin(np.arange(first, int(blocks[-1]) + 1), blocks), first):
@@ -363,16 +346,17 @@ def _set_frames(blocks: np.ndarray, digests: np.ndarray, positions: np.ndarray, 
             yield Covered(b0, np.zeros(n, dtype="<u8"))
         return
     index = blocks - first
-    yield BlockSet(first * FINE_BLOCK, index, RAW, digests, _gather(mv, positions[digests != 0]))
+    yield BlockSet(first * FINE_BLOCK, index, RAW, digests, _gather(mv, positions[digests != 0], copy))
     yield Covered(first, digests, index)
 
 
-def _gather(mv: memoryview, positions: np.ndarray):
+def _gather(mv: memoryview, positions: np.ndarray, copy: bool = False):
     """The 4 KiB blocks at ``positions`` of a buffer, concatenated (only its last block may be short):
-    a view where they follow one another (every block the map named changed), else a copy."""
+    a view where they follow one another (every block the map named changed) unless ``copy``, else a copy."""
     if len(positions) and int(positions[-1]) - int(positions[0]) == len(positions) - 1:
         lo = int(positions[0]) * FINE_BLOCK
-        return mv[lo:min(len(mv), (int(positions[-1]) + 1) * FINE_BLOCK)]
+        run = mv[lo:min(len(mv), (int(positions[-1]) + 1) * FINE_BLOCK)]
+        return bytes(run) if copy else run
     data = np.frombuffer(mv, dtype=np.uint8)
     full = len(data) // FINE_BLOCK
     whole = positions[positions < full]
