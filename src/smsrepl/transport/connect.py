@@ -109,8 +109,10 @@ def connect(address: tuple[str, int], context: ssl.SSLContext, *, timeout: float
     waits for it to open (Gate)."""
     host, port = address
     try:
-        # an ASCII name as bytes: given a str, socket loads the IDNA codec (4 ms of a sender's start)
-        raw = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
+        # an ASCII name as bytes (getaddrinfo takes them; typeshed says str only): given a str,
+        # socket loads the IDNA codec (4 ms of a sender's start)
+        name = host.encode() if host.isascii() else host
+        raw = socket.create_connection((name, port), timeout=timeout)  # type: ignore[arg-type]
     except UnicodeError as exc:  # a name IDNA cannot encode
         raise ConnectError(f"cannot reach the target at {host}:{port}: the host name is not valid ({exc})") from None
     except OSError as exc:
