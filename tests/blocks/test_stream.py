@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smsrepl.blocks.source import BlockSource
 from smsrepl.blocks.target import BlockTarget
@@ -212,3 +214,45 @@ def test_frames_hold_their_data_while_the_sender_may_still_send_them(tmp_path, k
         replica.finish(2)
     with open(src_path, "rb") as a, open(tmp_path / "t.img", "rb") as b:
         assert a.read() == b.read()
+
+
+_CHANGE = st.tuples(st.integers(0, 1023), st.sampled_from([1, 2, 3, SET_RUN_MAX - 1, SET_RUN_MAX, SET_RUN_MAX + 1, 300]),
+                    st.sampled_from(["random", "zero", "same"]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(changes=st.lists(_CHANGE, max_size=30), tail=st.integers(1, FINE_BLOCK), seed=st.integers(0, 2**32 - 1))
+def test_any_pattern_of_changed_runs_rebuilds_the_source_through_sets(tmp_path_factory, changes, tail, seed):
+    """Short runs (BLOCK_SETs, several per chunk, split at MAX_SET), long runs (data frames),
+    blocks that became zero or were rewritten unchanged, a short last block: the frames of a
+    sync round with sets rebuild the source, and the cache ends equal to the receiver's manifest."""
+    tmp = tmp_path_factory.mktemp("pattern")
+    rng = np.random.default_rng(seed)
+    size = 1024 * FINE_BLOCK - FINE_BLOCK + tail
+    data = rng.integers(0, 256, size, dtype=np.uint8)
+    data[:64 * FINE_BLOCK] = 0  # a zero region, and zero blocks about: ZERO_RANGEs and zero-digest blocks
+    data[:size // FINE_BLOCK * FINE_BLOCK].reshape(-1, FINE_BLOCK)[rng.random(size // FINE_BLOCK) < 0.1] = 0
+    src_path = str(tmp / "src.img")
+    data.tofile(src_path)
+    replica = Replica(BlockTarget(str(tmp / "t.img"), need_size=size), str(tmp / "rx"))
+    cache = ManifestFile.create(str(tmp / "cache"), size)
+    with BlockSource(src_path) as src:
+        replica.begin("s", size, 1, "full", 0)
+        _apply(replica, cache, round_events(src, cache=None, chunk=1 << 20))
+        replica.finish(1)
+    for b, n, how in changes:
+        lo, hi = b * FINE_BLOCK, min((b + n) * FINE_BLOCK, size)
+        if how == "random":
+            data[lo:hi] = rng.integers(0, 256, hi - lo, dtype=np.uint8)
+        elif how == "zero":
+            data[lo:hi] = 0
+    data.tofile(src_path)
+    with BlockSource(src_path) as src:
+        replica.begin("s", size, 2, "sync", 0)
+        _apply(replica, cache, round_events(src, cache=cache, sets=True, chunk=1 << 20))
+        root = replica.finish(2)
+    with open(tmp / "t.img", "rb") as fh:
+        assert fh.read() == data.tobytes()
+    cache.commit()
+    assert cache.root.hex() == root
+    cache.close()
