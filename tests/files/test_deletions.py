@@ -38,6 +38,26 @@ def test_check_deletions(count, total, limit, refused):
     assert exc.value.exit_code == EXIT_USAGE and "nothing was changed" in str(exc.value)
 
 
+@pytest.mark.parametrize("count,walked,last,refused", [
+    (30, 50, 100, False),  # the tree turned over but kept half its size: a continuous round goes on
+    (30, 100, 100, False),
+    (30, 49, 100, True),  # the source lost more than half of its entries: unmounted, emptied
+    (30, 1, 100, True),
+    (5, 1, 100, False),  # at most half of the target: as without the memory
+    (30, 49, None, True),  # no whole-tree round of this sender yet: the target's half
+])
+def test_a_continuous_senders_default_guard_asks_whether_the_source_collapsed(count, walked, last, refused):
+    if not refused:
+        check_deletions(count, 40, None, "t", source_entries=walked, last_whole=last)
+        return
+    with pytest.raises(DeletionLimitError, match=f"would delete {count} of 40 entries on target 't'") as exc:
+        check_deletions(count, 40, None, "t", source_entries=walked, last_whole=last)
+    if last is not None:
+        assert f"the source holds {walked} entries where the last whole-tree round saw {last}" in str(exc.value)
+    with pytest.raises(DeletionLimitError, match="more than --max-delete 3"):  # an explicit limit holds as it is
+        check_deletions(count, 40, 3, "t", source_entries=100, last_whole=100)
+
+
 def test_delete_gone_refused_deletes_nothing():
     class Target:
         deleted = []
@@ -45,15 +65,23 @@ def test_delete_gone_refused_deletes_nothing():
         def delete(self, path):
             self.deleted.append(path)
 
-        def deletion_limit(self, count):
-            check_deletions(count, 20, None, "t", changed=True)
+        def deletion_limit(self, count, walked):
+            check_deletions(count, 20, None, "t", changed=True, source_entries=walked, last_whole=last_whole)
 
     t = Target()
+    last_whole = None
     with pytest.raises(DeletionLimitError, match="nothing was deleted .the round's other changes were made"):
         delete_gone(t, [b"x%d" % i for i in range(11)], RoundStats())
     assert t.deleted == []
     delete_gone(t, [b"x%d" % i for i in range(10)], RoundStats())
     assert len(t.deleted) == 10
+    # a continuous round: the source as the round walked it, against the last whole-tree round's
+    last_whole, t.deleted = 30, []
+    with pytest.raises(DeletionLimitError, match="the source holds 14 entries where the last whole-tree round saw 30"):
+        delete_gone(t, [b"x%d" % i for i in range(11)], RoundStats(entries=14))
+    assert t.deleted == []
+    delete_gone(t, [b"x%d" % i for i in range(11)], RoundStats(entries=15))
+    assert len(t.deleted) == 11
 
 
 def _listing(root, checksum):
@@ -79,7 +107,8 @@ def test_would_delete_counts_what_a_round_deletes(tmp_path, checksum):
     assert total == sum(len(d) + len(f) for _, d, f in os.walk(dst))
     count = would_delete(src, listing, rules.for_round("sync"), checksum)
     stats = sync_tree(src, dst, rules=rules, kind="sync", checksum=checksum)
-    assert count == stats.deleted == 43
+    assert count.deletions == stats.deleted == 43
+    assert count.source_entries == stats.entries
     assert os.path.isdir(os.path.join(dst, "cache", "kept"))
 
 
@@ -99,7 +128,8 @@ def test_a_round_past_its_limit_at_the_deletion_step_deletes_nothing(tmp_path, b
         send()
         for i in range(5):
             (src / "d" / f"f{i}").unlink()
-        monkeypatch.setattr(deletions, "would_delete", lambda *a, **kw: 0)  # as if counted before they went
+        # as if counted before they went
+        monkeypatch.setattr(deletions, "would_delete", lambda *a, **kw: deletions.Count(0, 14))
         with pytest.raises(DeletionLimitError, match="would delete 5 entries on target 'tree', more than "
                                                      "--max-delete 2: nothing was deleted"):
             send(max_delete=2)

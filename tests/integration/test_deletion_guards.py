@@ -284,6 +284,56 @@ def test_continuous_rounds_are_guarded_too(tmp_path, rx, certkey_file):
     assert snapshot(tmp_path / "wipe") == before and state(tmp_path) == rec
 
 
+def contents(root) -> dict:
+    """Every entry under ``root`` by path: kind and file content."""
+    out = {}
+    for top, dirs, names in os.walk(root):
+        for n in dirs:
+            out[os.path.relpath(os.path.join(top, n), root)] = "dir"
+        for n in names:
+            with open(os.path.join(top, n), "rb") as fh:
+                out[os.path.relpath(os.path.join(top, n), root)] = fh.read()
+    return out
+
+
+def test_a_continuous_sender_follows_a_tree_that_turns_over_and_stops_when_the_source_collapses(
+        tmp_path, rx, certkey_file):
+    """After a whole-tree round the default guard asks whether the source collapsed, not whether
+    more than half of the target's names went: a directory holding most of the tree renamed (a
+    fast-turning spool is the same) is followed; the tree gone at once (as an unmount leaves its
+    mount point) still stops the sender before anything changes."""
+    _, addr = rx
+    src = tmp_path / "src"
+    for d, n in (("big", 24), ("small", 6)):
+        (src / "top" / d).mkdir(parents=True)
+        for i in range(n):
+            (src / "top" / d / f"f{i}").write_bytes(b"%s %d\n" % (d.encode(), i) * (i + 1))
+    proc = subprocess.Popen(CLI + ["send", "files", "--json", str(src), "--to", addr, "--target", "wipe",
+                                   "--certkey", certkey_file, "--continuous", "--interval", "3600",
+                                   "--journal", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["entries"] == 34  # the root, top, 2 directories, 30 files
+        os.rename(src / "top" / "big", src / "top" / "big2")  # 25 of the target's 33 entries lose their names
+        proc.send_signal(signal.SIGUSR1)  # a round now
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        second = json.loads(line)
+        assert (second["entries"], second["deleted"], second["files_sent"]) == (34, 25, 24)
+        assert contents(tmp_path / "wipe") == contents(src)
+        kept = snapshot(tmp_path / "wipe")
+        os.rename(src / "top", tmp_path / "elsewhere")  # the whole tree gone at once
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2, err
+    assert ("would delete 33 of 33 entries on target 'wipe' (more than half), and the source holds 1 entries "
+            "where the last whole-tree round saw 34: source unmounted or emptied? nothing was changed") in err
+    assert snapshot(tmp_path / "wipe") == kept
+
+
 def blocks(addr, certkey, src, state_dir, *extra, target="img"):
     return subprocess.run(CLI + ["send", "block", "--json", str(src), "--to", addr, "--target", target, "--certkey", certkey,
                                  "--state-dir", str(state_dir), *extra], capture_output=True, text=True, timeout=120)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from smsrepl.agent.link import TaskLink, TaskSide
 from smsrepl.agent.server import TreeResult, TreeRound
 from smsrepl.control.state import SessionStateMachine
+from smsrepl.files.deletions import LastWholeRound
 
 if TYPE_CHECKING:
     from smsrepl.files.journal import ChangeJournal
@@ -31,6 +32,8 @@ class FileTask:
         self.rules = rules
         self.link = link
         self.journal: ChangeJournal | None = None
+        #: the deletion guard's memory of the tree from round to round (files.deletions)
+        self.last_whole = LastWholeRound()
 
     def track_changes(self) -> None:
         """The tree's change journal (files.journal) from before the first copy on: SYNC_LINUX_FILE
@@ -48,7 +51,7 @@ class FileTask:
                                             speed_limit=link.speed_limit(), cpu_cap=link.cpu_cap,
                                             streams=link.streams,
                                             on_report=link.on_report, host_sampler=link.sampler,
-                                            journal=self.journal,
+                                            journal=self.journal, last_whole=self.last_whole,
                                             whole="the cutover round walks the whole tree" if cutover else None),
                          link.state_dir, states=states, first_copy=first_copy, cutover=cutover)
 

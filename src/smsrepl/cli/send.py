@@ -58,6 +58,11 @@ def cmd_send_files(args, stop=None) -> int:
     watcher.note = out.note
 
     cont: ContinuousSync | None = None
+    last_whole = None
+    if args.continuous:
+        from smsrepl.files.deletions import LastWholeRound
+
+        last_whole = LastWholeRound()  # the deletion guard's memory of the source, round to round
 
     def make_sender() -> FileSender:
         cutover = cont is not None and cont.cutover_requested
@@ -66,7 +71,7 @@ def cmd_send_files(args, stop=None) -> int:
                             speed_limit=watcher.load(),
                             on_report=out.report if args.progress != "none" else None, host_sampler=host_sampler,
                             journal=journal, whole="the cutover round walks the whole tree" if cutover else None,
-                            max_delete=args.max_delete)
+                            max_delete=args.max_delete, last_whole=last_whole)
         return _held(sender, watcher, stop)
 
     def print_summary(result) -> None:

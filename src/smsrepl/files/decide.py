@@ -45,9 +45,10 @@ def entry_round(src: bytes, t: RoundTarget, rules: PathRules | None, kind: str, 
 def delete_gone(t: RoundTarget, gone: list[bytes], stats: RoundStats) -> None:
     """Remove the target entries the source lost (sorted paths), deepest first: a directory
     goes once empty, so what an exclude rule hides inside it keeps it (as rsync does). A target
-    with a ``deletion_limit(count)`` (files.deletions) may refuse them all first."""
+    with a ``deletion_limit(count, source_entries)`` (files.deletions) may refuse them all
+    first; ``stats.entries`` is the source as the round walked it."""
     if t.deletion_limit is not None and gone:
-        t.deletion_limit(len(gone))
+        t.deletion_limit(len(gone), stats.entries)
     for path in reversed(gone):
         t.delete(path)
     stats.deleted = len(gone)

@@ -36,7 +36,7 @@ class LocalTarget(RoundTarget):
         self.temporaries_removed = remove_temporaries(root)
         self.w = TreeWriter(root)
         self.reported = self.w.reported
-        self.deletion_limit: Callable[[int], None] | None = None
+        self.deletion_limit: Callable[[int, int], None] | None = None
 
     def existing(self, path: bytes) -> Entry | None:
         st = self.w.existing(path)

@@ -121,7 +121,7 @@ class RemoteTarget(DirRoundTarget):
         self.literal_bytes = 0
         self.reported: list[str] = []
         self.temporaries_removed = 0  # the receiver removes them while it lists its tree
-        self.deletion_limit: Callable[[int], None] | None = None
+        self.deletion_limit: Callable[[int, int], None] | None = None
 
     def existing(self, path: bytes) -> Entry | None:
         got = self.listing.lookup(path)

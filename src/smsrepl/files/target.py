@@ -34,8 +34,9 @@ class RoundTarget(Protocol):
     reported: list[str]
     #: temporaries of a killed round removed before this one
     temporaries_removed: int
-    #: deletion_limit(count) may refuse a round's deletions before any is made (files.deletions)
-    deletion_limit: Callable[[int], None] | None
+    #: deletion_limit(count, source_entries) may refuse a round's deletions before any is made
+    #: (files.deletions)
+    deletion_limit: Callable[[int, int], None] | None
 
     def existing(self, path: bytes) -> Entry | None:
         """The target's entry at ``path``, or None."""

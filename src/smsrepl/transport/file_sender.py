@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from smsrepl.files.plan import Plan
     from smsrepl.files.listing import Listing
     from smsrepl.files.journal import Changes, ChangeJournal
+    from smsrepl.files.deletions import LastWholeRound
     from smsrepl.files.rules import PathRules
     from smsrepl.control.progress import ProgressTracker
 
@@ -83,7 +84,8 @@ class FileSender(SenderBase):
                  speed_limit: SpeedSchedule | None = None, cpu_cap: CpuCap | None = None,
                  on_report: Callable[[dict], None] | None = None, host_sampler=None,
                  journal: ChangeJournal | None = None, whole: str | None = None,
-                 max_delete: int | None = None, streams: StreamCount = 1) -> None:
+                 max_delete: int | None = None, last_whole: LastWholeRound | None = None,
+                 streams: StreamCount = 1) -> None:
         if not os.path.isdir(source_dir):
             from smsrepl.errors import SourceMissingError
 
@@ -105,6 +107,8 @@ class FileSender(SenderBase):
         #: most target entries a round may delete (files.deletions): None = half of the target's
         #: (from MIN_GUARDED entries up), -1 = no limit
         self.max_delete = max_delete
+        #: a continuous sender's memory of its source (files.deletions), updated by whole-tree rounds
+        self.last_whole = last_whole
         self.tracker: ProgressTracker | None = None
         self._done_bytes: int | None = None  # file bytes the running round has dealt with
         #: the thread that receives the rest of an ordered listing, and the listing
@@ -331,7 +335,8 @@ class FileSender(SenderBase):
                 result.whole_because = changes.whole_because
         return result
 
-    def _deletion_limit(self, chan: Channel, listing: Listing, kind: str, *, whole: bool) -> Callable[[int], None]:
+    def _deletion_limit(self, chan: Channel, listing: Listing, kind: str, *,
+                        whole: bool) -> Callable[[int, int], None]:
         """Refuse, before the round begins, a whole-tree round that would delete more than its
         limit (files.deletions; the session is closed first: the target keeps its round
         record). Returns the check the round's deletion step makes again: the source may
@@ -341,16 +346,19 @@ class FileSender(SenderBase):
         from smsrepl.files.deletions import UNLIMITED, check_deletions, listed_entries, would_delete
 
         total = None
+        before = self.last_whole.source_entries if self.last_whole is not None else None
         if whole and self.max_delete != UNLIMITED:
             filt = self.rules.for_round(kind) if self.rules else None
             try:
                 total = listed_entries(listing) if self.max_delete is None else None
-                check_deletions(would_delete(self.source, listing, filt, self.checksum), total, self.max_delete,
-                                self.target)
+                count = would_delete(self.source, listing, filt, self.checksum)
+                check_deletions(count.deletions, total, self.max_delete, self.target,
+                                source_entries=count.source_entries, last_whole=before)
             except DeletionLimitError:
                 self._goodbye(chan)
                 raise
-        return lambda count: check_deletions(count, total, self.max_delete, self.target, changed=True)
+        return lambda count, walked: check_deletions(count, total, self.max_delete, self.target, changed=True,
+                                                     source_entries=walked, last_whole=before)
 
     def _goodbye(self, chan: Channel) -> None:
         """CLOSE, and the receiver's, after a round or a listing received whole."""
@@ -469,6 +477,8 @@ class FileSender(SenderBase):
         # a directory gone from a scanned one, with a subtree the subset did not list, left after
         # the round took its changes (a removal is an event in the parent, and the journal has
         # such directories listed whole): the next journal round deletes what it held
+        if dirs is None and self.last_whole is not None:
+            self.last_whole.source_entries = stats.entries
         if dirs is not None and stats.hard_links_changed and self.journal is not None:
             # their other names may sit in directories this round did not scan
             self.journal.force_whole("hard-linked files changed in a journal round")
