@@ -189,3 +189,30 @@ def test_a_handle_that_does_not_resolve_makes_the_round_whole(journal, monkeypat
     monkeypatch.setattr(j, "_path", refuse)
     got = j.take(round_id=1)
     assert got.whole_because and "does not resolve" in got.whole_because
+
+
+MOUNTS = os.path.join(os.path.dirname(__file__), "journal_mounts.py")
+
+
+@needs_root
+@pytest.mark.skipif(not (shutil.which("unshare") and shutil.which("mount")), reason="needs unshare and mount")
+def test_a_file_system_mounted_in_the_tree_or_unmounted_from_it_makes_a_whole_round_then_is_followed(tmp_path):
+    """The journal marks the file systems the tree spanned when it opened: one mounted later
+    raised no event, and one unmounted left its mount point's parent file system unwatched.
+    Each round compares the mount table, walks the whole tree once it changed, and marks what
+    the tree spans now; no descriptor of a marked file system keeps it from being unmounted."""
+    import json
+    import subprocess
+    import sys
+
+    cp = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, MOUNTS, str(tmp_path)],
+                        capture_output=True, text=True, timeout=60)
+    if cp.returncode == 99:
+        pytest.skip("cannot mount a tmpfs in a private mount namespace here")
+    assert cp.returncode == 0, cp.stderr  # the unmount was not refused as busy
+    v = json.loads(cp.stdout.splitlines()[-1])
+    sub = os.path.join(os.path.realpath(tmp_path), "src", "sub")
+    assert v["mounted"] == f"the file systems in the tree changed since the last round (mounted at {sub})"
+    assert v["written_on_the_mount"] == ["", "sub"]  # the new file system's events are read
+    assert v["unmounted"] == f"the file systems in the tree changed since the last round (gone from {sub})"
+    assert v["written_after"] == ["", "plain"] and v["file_systems"] == 1

@@ -21,9 +21,11 @@ next round a whole-tree one, with the reason: the first round of a journal;
 a queue overflow (FAN_Q_OVERFLOW) or more directories than a TREE_SUBSET
 carries; a reader that stopped; a round that failed (the receiver may hold
 temporaries where the subset does not look); a receiver whose last round is
-not the one this journal followed. Writes through a shared mmap raise no
-event: the cutover round and every ``whole_every``-th round walk the whole
-tree.
+not the one this journal followed; a file system mounted in the tree or
+unmounted from it since the last round (each round compares the mount table:
+the journal then marks the file systems the tree spans now, before that round
+walks it). Writes through a shared mmap raise no event: the cutover round and
+every ``whole_every``-th round walk the whole tree.
 
 Needs CAP_SYS_ADMIN; :func:`open_journal` says why not (and the rounds walk
 the whole tree).
@@ -76,7 +78,9 @@ class Changes:
 
 
 class _Group:
-    """One fanotify group, marking one file system; handles resolve through ``mount_fd``."""
+    """One fanotify group, marking the file system mounted at ``path``. No descriptor of that
+    file system is kept (it would keep an administrator from unmounting it): handles resolve
+    through one opened for each round (:meth:`mount_fd`)."""
 
     def __init__(self, libc, path: bytes) -> None:
         fd = libc.fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME, os.O_RDONLY | os.O_LARGEFILE)
@@ -90,11 +94,35 @@ class _Group:
             os.close(fd)
             raise JournalUnavailable(f"fanotify_mark of the file system at {os.fsdecode(path)!r}: {os.strerror(e)}"
                                      + (" (needs CAP_SYS_ADMIN)" if e == errno.EPERM else ""))
-        self.mount_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.path = path
 
     def close(self) -> None:
         os.close(self.fd)
-        os.close(self.mount_fd)
+
+    def mount_fd(self, dev: int) -> int:
+        """A descriptor of the mount point, where the file system of device ``dev`` is still
+        mounted there (OSError otherwise: its events would be resolved against another)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if os.fstat(fd).st_dev != dev:
+            os.close(fd)
+            raise OSError(errno.ESTALE, f"another file system is mounted at {os.fsdecode(self.path)!r} now")
+        return fd
+
+
+def _file_systems(root: bytes) -> list[tuple[bytes, int]]:
+    """(mount point, device) of each file system the tree at ``root`` spans, the root's own
+    first; JournalUnavailable where one file system is mounted twice in it."""
+    devs: dict[int, bytes] = {}
+    for point in _mounts_below(root):
+        try:
+            dev = os.stat(point).st_dev
+        except OSError:
+            continue  # a mount point hidden by another mount
+        if dev in devs:  # a handle would resolve through one of the two: paths would be guessed
+            raise JournalUnavailable(f"{os.fsdecode(point)!r} and {os.fsdecode(devs[dev])!r} are one file "
+                                     f"system mounted twice in the tree")
+        devs[dev] = point
+    return [(point, dev) for dev, point in devs.items()]
 
 
 def _mounts_below(root: bytes) -> list[bytes]:
@@ -116,39 +144,51 @@ class ChangeJournal:
         self._libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
         self._libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         self.groups: list[_Group] = []
-        devs: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: (group index, handle bytes) -> [event mask bits, names of directories that came or went in it]
+        self._pending: dict[tuple[int, bytes], list] = {}
+        self._whole: str | None = "the first round of a change journal walks the whole tree"
+        #: why every round walks the whole tree from now on (the file systems could not be marked)
+        self._unmarked: str | None = None
+        self._journal_rounds = 0
+        self._paused = threading.Event()  # tests: let the kernel's queue fill
+        self.last_round: int | None = None  # the receiver's round id after the last round that completed
+        #: (mount point, device) of the file systems the tree spans, as marked
+        self.file_systems = self._mark(_file_systems(self.root))
+
+    def _mark(self, file_systems: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        """A fanotify group for each of ``file_systems`` and a reader thread for them (those of
+        before are closed); returns ``file_systems``."""
+        self._stop_reading()
         try:
-            for point in _mounts_below(self.root):
-                try:
-                    dev = os.stat(point).st_dev
-                except OSError:
-                    continue  # a mount point hidden by another mount
-                if dev in devs:  # a handle would resolve through one of the two: paths would be guessed
-                    raise JournalUnavailable(f"{os.fsdecode(point)!r} and {os.fsdecode(devs[dev])!r} are one file "
-                                             f"system mounted twice in the tree")
-                devs[dev] = point
+            for point, _ in file_systems:
                 self.groups.append(_Group(self._libc, point))
         except BaseException:
             self.close()
             raise
-        self._lock = threading.Lock()
-        #: (group index, handle bytes) -> [event mask bits, names of directories that came or went in it]
-        self._pending: dict[tuple[int, bytes], list] = {}
-        self._whole: str | None = "the first round of a change journal walks the whole tree"
-        self._journal_rounds = 0
-        self._paused = threading.Event()  # tests: let the kernel's queue fill
         self._closed = threading.Event()
-        self.last_round: int | None = None  # the receiver's round id after the last round that completed
-        self._thread = threading.Thread(target=self._run, name="change-journal", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(self.groups, self._closed), name="change-journal",
+                                        daemon=True)
         self._thread.start()
+        return file_systems
+
+    def _stop_reading(self) -> None:
+        self._closed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        for g in self.groups:
+            g.close()
+        self.groups = []
 
     # --- reading ---------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, groups: list[_Group], closed: threading.Event) -> None:
         poller = select.poll()
-        for g in self.groups:
+        for g in groups:
             poller.register(g.fd, select.POLLIN)
         try:
-            while not self._closed.is_set():
+            while not closed.is_set():
                 if not poller.poll(200) or self._paused.is_set():
                     continue
                 with self._lock:
@@ -210,10 +250,13 @@ class ChangeJournal:
         """What the round about to start deals with; call it before the round reads anything.
         ``round_id``: the receiver's last completed round (None: unknown); ``whole``: a reason
         of the caller's for a whole-tree round (the cutover)."""
+        moved = self._file_systems_moved() if self._unmarked is None else self._unmarked
         with self._lock:
             self._drain()
             pending, self._pending = self._pending, {}
             reason, self._whole = self._whole, None
+        if moved is not None:  # the new marks are in place: the whole walk's changes go to the next round
+            pending, reason = {}, reason or moved
         if reason is None and whole is not None:
             reason = whole
         if reason is None and round_id != self.last_round:
@@ -233,25 +276,65 @@ class ChangeJournal:
         self._journal_rounds += 1
         return Changes(dirs=dirs)
 
+    def _file_systems_moved(self) -> str | None:
+        """Why the next round walks the whole tree where a file system was mounted in the tree
+        or unmounted from it since the last round (after marking those it spans now), or None."""
+        try:
+            now = _file_systems(self.root)
+        except (JournalUnavailable, OSError) as exc:
+            now, why = [], str(exc)
+        else:
+            why = "" if now and now[0][0] == self.root else "the tree's root cannot be read"
+        if now == self.file_systems:
+            return None
+        before = dict(self.file_systems)
+        after = dict(now)
+        came = [os.fsdecode(p) for p, d in now if before.get(p) != d]
+        went = [os.fsdecode(p) for p, d in self.file_systems if after.get(p) != d]
+        reason = ("the file systems in the tree changed since the last round"
+                  + (f" (mounted at {', '.join(came)})" if came else "")
+                  + (f" (gone from {', '.join(went)})" if went else "") + (f": {why}" if why else ""))
+        log.info("change journal: %s", reason)
+        if why:
+            self._unmarked = reason
+            self._stop_reading()
+            return reason
+        try:
+            self.file_systems = self._mark(now)
+        except (JournalUnavailable, OSError) as exc:
+            self._unmarked = f"the change journal cannot mark the tree's file systems ({exc})"
+        return reason
+
     def _resolve(self, pending: dict) -> list[tuple[bytes, bool]]:
         out: list[tuple[bytes, bool]] = []
-        for (group, handle), (mask, subdirs) in pending.items():
-            rel = self._path(self.groups[group], handle)
-            if rel is None:
-                continue  # removed since (its parent's event covers it) or outside the tree
-            out.append((rel, False))
-            if mask & ENTRIES or b"." in subdirs:  # its own time (or mode, ...) changed: its parent lists it
-                if rel:
-                    out.append((rel.rpartition(b"/")[0], False))
-            for name in subdirs:
-                if name != b".":
-                    out.append((rel + b"/" + name if rel else name, True))
+        fds: dict[int, int] = {}
+        try:
+            for (group, handle), (mask, subdirs) in pending.items():
+                if group not in fds:
+                    fds[group] = self.groups[group].mount_fd(self.file_systems[group][1])
+                self._resolve_one(fds[group], handle, mask, subdirs, out)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         return out
 
-    def _path(self, g: _Group, handle: bytes) -> bytes | None:
+    def _resolve_one(self, mount_fd: int, handle: bytes, mask: int, subdirs: set,
+                     out: list[tuple[bytes, bool]]) -> None:
+        rel = self._path(mount_fd, handle)
+        if rel is None:
+            return  # removed since (its parent's event covers it) or outside the tree
+        out.append((rel, False))
+        if mask & ENTRIES or b"." in subdirs:  # its own time (or mode, ...) changed: its parent lists it
+            if rel:
+                out.append((rel.rpartition(b"/")[0], False))
+        for name in subdirs:
+            if name != b".":
+                out.append((rel + b"/" + name if rel else name, True))
+
+    def _path(self, mount_fd: int, handle: bytes) -> bytes | None:
         """The directory's path relative to the root, or None where it is gone or outside;
         OSError where the handle cannot be turned into a directory (a change would be lost)."""
-        fd = self._libc.open_by_handle_at(g.mount_fd, handle, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._libc.open_by_handle_at(mount_fd, handle, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if fd < 0:
             e = ctypes.get_errno()
             if e in (errno.ESTALE, errno.ENOENT):
@@ -285,15 +368,7 @@ class ChangeJournal:
             self._paused.clear()
 
     def close(self) -> None:
-        closed = getattr(self, "_closed", None)
-        if closed is not None:
-            closed.set()
-        thread = getattr(self, "_thread", None)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
-        for g in self.groups:
-            g.close()
-        self.groups = []
+        self._stop_reading()
 
 
 def open_journal(root: str, *, whole_every: int = 10, notice: Callable[[str], None] | None = None) -> ChangeJournal | None:
