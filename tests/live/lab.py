@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -128,15 +129,11 @@ def start_receiver(work: str, certkey: str, target: str, *, port: int = 0,
     return rx, int(m.group(1))
 
 
-class Sender:
-    """``send block --continuous`` with its summary lines collected as they come."""
+class Continuous:
+    """A ``send ... --continuous --json`` process with its summary lines collected as they come."""
 
-    def __init__(self, dev: str, port: int, certkey: str, work: str, *flags: str, faults: str = "",
-                 env: dict | None = None) -> None:
-        args = CLI + ["send", "block", "--json", dev, "--to", f"127.0.0.1:{port}", "--target", "disk0", "--certkey", certkey,
-                      "--state-dir", os.path.join(work, "tx"), "--continuous", *flags]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {}), "SMSREPL_FAULTS": faults})
+    def __init__(self, args: list[str], env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.rounds: list[dict] = []
         self.stderr: list[str] = []
         self._cv = threading.Condition()
@@ -172,7 +169,26 @@ class Sender:
             t.join(10)
         return rc
 
+    def round_now(self, timeout: float = 120) -> dict | None:
+        """SIGUSR1 (a round now), then that round's summary (None: the sender ended first)."""
+        with self._cv:
+            n = len(self.rounds)
+        self.proc.send_signal(signal.SIGUSR1)
+        self.wait_rounds(n + 1, timeout)
+        with self._cv:
+            return self.rounds[n] if len(self.rounds) > n else None
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+class Sender(Continuous):
+    """``send block --continuous`` of ``dev`` to target disk0."""
+
+    def __init__(self, dev: str, port: int, certkey: str, work: str, *flags: str, faults: str = "",
+                 env: dict | None = None) -> None:
+        super().__init__(CLI + ["send", "block", "--json", dev, "--to", f"127.0.0.1:{port}", "--target", "disk0",
+                                "--certkey", certkey, "--state-dir", os.path.join(work, "tx"), "--continuous", *flags],
+                         env={**os.environ, **(env or {}), "SMSREPL_FAULTS": faults})

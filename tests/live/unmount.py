@@ -22,47 +22,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
-from lab import CLI, loop_device, run, sha_tree
-
-
-class FileSender:
-    """``send files --continuous`` with its round summaries collected as they come."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.rounds: list[dict] = []
-        self.stderr: list[str] = []
-        self._cv = threading.Condition()
-        self._t = [threading.Thread(target=self._out, daemon=True),
-                   threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)]
-        for t in self._t:
-            t.start()
-
-    def _out(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                with self._cv:
-                    self.rounds.append(json.loads(line))
-                    self._cv.notify_all()
-
-    def round_now(self, timeout: float = 120) -> dict | None:
-        """SIGUSR1, then the next round's summary (None: the sender ended first)."""
-        with self._cv:
-            n = len(self.rounds)
-        self.proc.send_signal(signal.SIGUSR1)
-        end = time.monotonic() + timeout
-        with self._cv:
-            while len(self.rounds) == n and self.proc.poll() is None and time.monotonic() < end:
-                self._cv.wait(0.2)
-            return self.rounds[n] if len(self.rounds) > n else None
-
-    def finish(self, timeout: float = 120) -> int:
-        rc = self.proc.wait(timeout)
-        for t in self._t:
-            t.join(10)
-        return rc
+from lab import CLI, Continuous, loop_device, run, sha_tree
 
 
 def populate(root: str) -> None:
@@ -92,10 +53,9 @@ def main() -> int:
                               stderr=subprocess.PIPE, text=True)
         port = int(re.search(r"listening on [\d.]+:(\d+)", rx.stderr.readline()).group(1))
         threading.Thread(target=rx.stderr.read, daemon=True).start()
-        snd = FileSender(CLI + ["send", "files", "--json", src, "--to", f"127.0.0.1:{port}", "--target", "t",
+        snd = Continuous(CLI + ["send", "files", "--json", src, "--to", f"127.0.0.1:{port}", "--target", "t",
                                 "--certkey", certkey, "--continuous", "--interval", "3600", "--journal", journal])
-        with snd._cv:
-            snd._cv.wait_for(lambda: snd.rounds or snd.proc.poll() is not None, timeout=120)
+        snd.wait_rounds(1)
         verdict["first"] = snd.rounds[0] if snd.rounds else None
         # the directory holding most of the tree moves: 121 of the target's 164 names go
         os.rename(os.path.join(src, "data", "spool"), os.path.join(src, "data", "spool.1"))

@@ -25,7 +25,6 @@ journal round is not counted ahead).
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 from typing import NamedTuple
 
