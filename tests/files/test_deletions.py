@@ -58,6 +58,33 @@ def test_a_continuous_senders_default_guard_asks_whether_the_source_collapsed(co
         check_deletions(count, 40, 3, "t", source_entries=100, last_whole=100)
 
 
+@pytest.mark.parametrize("count,now,last,refused", [
+    (18, 1, 34, True),  # more than half of what the last whole-tree round saw, and the source collapsed
+    (18, 17, 34, False),  # the source kept half: a tree that moved
+    (17, 1, 34, False),  # half at most: not counted
+    (18, None, 34, False),  # not counted (an explicit limit, or no memory)
+    (9, 1, 9, False),  # a small tree: not guarded
+])
+def test_a_journal_rounds_deletions_are_held_to_the_collapse_question(count, now, last, refused):
+    if not refused:
+        check_deletions(count, None, None, "t", changed=True, source_entries=now, last_whole=last)
+        return
+    with pytest.raises(DeletionLimitError, match=f"would delete {count} entries on target 't', more than half of "
+                                                 f"the {last} that the last whole-tree round saw, and the source "
+                                                 f"holds {now} entries now"):
+        check_deletions(count, None, None, "t", changed=True, source_entries=now, last_whole=last)
+
+
+def test_source_entries_counts_what_a_whole_round_walks(tmp_path):
+    src = os.fsdecode(rich_tree(tmp_path / "src"))
+    rules = PathRules.from_configurations({"configurations": [
+        {"config_key": "SYNC_EXCLUDE_PATH", "config_value": "/with space"}]})
+    for filt in (None, rules.for_round("sync")):
+        stats = sync_tree(src, str(tmp_path / f"dst{filt is None}"), rules=None if filt is None else rules,
+                          kind="sync")
+        assert deletions.source_entries(src, filt) == deletions.source_entries(src, filt, True) == stats.entries
+
+
 def test_delete_gone_refused_deletes_nothing():
     class Target:
         deleted = []

@@ -296,12 +296,16 @@ def contents(root) -> dict:
     return out
 
 
+@pytest.mark.parametrize("journal", [
+    "off", pytest.param("auto", marks=pytest.mark.skipif(os.geteuid() != 0, reason="the change journal needs root"))])
 def test_a_continuous_sender_follows_a_tree_that_turns_over_and_stops_when_the_source_collapses(
-        tmp_path, rx, certkey_file):
+        tmp_path, rx, certkey_file, journal):
     """After a whole-tree round the default guard asks whether the source collapsed, not whether
     more than half of the target's names went: a directory holding most of the tree renamed (a
     fast-turning spool is the same) is followed; the tree gone at once (as an unmount leaves its
-    mount point) still stops the sender before anything changes."""
+    mount point, or an rm -rf) still stops the sender before it deletes anything. A journal
+    round (which lists only the directories that changed) counts the source when it would
+    delete more than half of what the last whole-tree round saw."""
     _, addr = rx
     src = tmp_path / "src"
     for d, n in (("big", 24), ("small", 6)):
@@ -310,7 +314,7 @@ def test_a_continuous_sender_follows_a_tree_that_turns_over_and_stops_when_the_s
             (src / "top" / d / f"f{i}").write_bytes(b"%s %d\n" % (d.encode(), i) * (i + 1))
     proc = subprocess.Popen(CLI + ["send", "files", "--json", str(src), "--to", addr, "--target", "wipe",
                                    "--certkey", certkey_file, "--continuous", "--interval", "3600",
-                                   "--journal", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   "--journal", journal], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert json.loads(proc.stdout.readline())["entries"] == 34  # the root, top, 2 directories, 30 files
         os.rename(src / "top" / "big", src / "top" / "big2")  # 25 of the target's 33 entries lose their names
@@ -318,9 +322,10 @@ def test_a_continuous_sender_follows_a_tree_that_turns_over_and_stops_when_the_s
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
         second = json.loads(line)
-        assert (second["entries"], second["deleted"], second["files_sent"]) == (34, 25, 24)
+        assert (second["scope"], second["deleted"], second["files_sent"]) == (
+            "journal" if journal == "auto" else "whole", 25, 24)
         assert contents(tmp_path / "wipe") == contents(src)
-        kept = snapshot(tmp_path / "wipe")
+        kept, kept_whole = contents(tmp_path / "wipe"), snapshot(tmp_path / "wipe")
         os.rename(src / "top", tmp_path / "elsewhere")  # the whole tree gone at once
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=60)
@@ -329,9 +334,15 @@ def test_a_continuous_sender_follows_a_tree_that_turns_over_and_stops_when_the_s
             proc.kill()
             proc.wait()
     assert proc.returncode == 2, err
-    assert ("would delete 33 of 33 entries on target 'wipe' (more than half), and the source holds 1 entries "
-            "where the last whole-tree round saw 34: source unmounted or emptied? nothing was changed") in err
-    assert snapshot(tmp_path / "wipe") == kept
+    if journal == "off":
+        assert ("would delete 33 of 33 entries on target 'wipe' (more than half), and the source holds 1 entries "
+                "where the last whole-tree round saw 34: source unmounted or emptied? nothing was changed") in err
+    else:
+        assert ("would delete 33 entries on target 'wipe', more than half of the 34 that the last whole-tree round "
+                "saw, and the source holds 1 entries now: source unmounted or emptied? nothing was deleted") in err
+    assert contents(tmp_path / "wipe") == kept
+    if journal == "off":  # refused before the round began: not even a time changed
+        assert snapshot(tmp_path / "wipe") == kept_whole
 
 
 def blocks(addr, certkey, src, state_dir, *extra, target="img"):

@@ -12,7 +12,9 @@ A continuous sender's later rounds follow a tree it has already copied: there th
 default guard asks instead whether the source itself collapsed (a mount that went
 away, a tree emptied) and lets a round delete more than half of the target while
 the source still holds at least half the entries of the last whole-tree round
-(:class:`LastWholeRound`). A small tree with fast turnover (a spool, a cache) or
+(:class:`LastWholeRound`). A journal round, which lists only part of the target,
+is held to the same question once it would delete more than half of the entries
+that round saw (the source is counted then: :func:`source_entries`). A small tree with fast turnover (a spool, a cache) or
 the rename of a directory holding half the tree leaves more than half of the
 target's names gone by the next round without being a wrong source.
 
@@ -62,6 +64,14 @@ def check_deletions(count: int, target_entries: int | None, limit: int | None, t
     ``last_whole``: the entries of the source now and at a continuous sender's last whole-tree
     round; the default guard then refuses only a source that lost more than half of them."""
     done = "nothing was deleted (the round's other changes were made)" if changed else "nothing was changed"
+    if limit is None and target_entries is None:  # a journal round: a part of the target listed
+        if last_whole is None or source_entries is None or last_whole < MIN_GUARDED or count * 2 <= last_whole \
+                or source_entries * 2 >= last_whole:
+            return
+        raise DeletionLimitError(
+            f"would delete {count} entries on target {target!r}, more than half of the {last_whole} that the last "
+            f"whole-tree round saw, and the source holds {source_entries} entries now: source unmounted or emptied? "
+            f"{done}; rerun with --max-delete {count} (or --max-delete -1 for no limit) to allow it")
     if limit is None:
         if target_entries is None or target_entries < MIN_GUARDED or count * 2 <= target_entries:
             return
@@ -92,6 +102,18 @@ def listed_entries(listing) -> int:
         return sum(len(kernels.diff_records(b"", listing.records(rel))[1])
                    for rel in list(listing.groups) if rel is not None)
     return sum(1 for path in listing.entries if path)
+
+
+def source_entries(source: str | bytes, filt: RoundFilter | None, checksum: bool = False) -> int:
+    """The entries a whole-tree round of ``source`` walks (as RoundStats.entries counts them)."""
+    src = os.fsencode(source)
+    if kernels.TREE and not checksum:
+        from smsrepl.files.dirscan import scan_dirs
+
+        return 1 + sum(len(b.names) for b in scan_dirs(src, filt, xattrs=False, on_error=lambda p, exc: None))
+    from smsrepl.files.scan import walk
+
+    return sum(1 for _ in walk(src, filt, implied=True, on_error=lambda p, exc: None))
 
 
 def would_delete(source: str | bytes, listing, filt: RoundFilter | None, checksum: bool = False) -> Count:

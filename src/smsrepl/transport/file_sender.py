@@ -343,7 +343,8 @@ class FileSender(SenderBase):
         change meanwhile, and a journal round (not counted ahead, nor guarded by default: it
         lists a part of the target) meets its --max-delete there."""
         from smsrepl.errors import DeletionLimitError
-        from smsrepl.files.deletions import UNLIMITED, check_deletions, listed_entries, would_delete
+        from smsrepl.files.deletions import (UNLIMITED, check_deletions, listed_entries, source_entries,
+                                             would_delete)
 
         total = None
         before = self.last_whole.source_entries if self.last_whole is not None else None
@@ -357,8 +358,19 @@ class FileSender(SenderBase):
             except DeletionLimitError:
                 self._goodbye(chan)
                 raise
-        return lambda count, walked: check_deletions(count, total, self.max_delete, self.target, changed=True,
-                                                     source_entries=walked, last_whole=before)
+        if whole:
+            return lambda count, walked: check_deletions(count, total, self.max_delete, self.target, changed=True,
+                                                         source_entries=walked, last_whole=before)
+
+        def journal_round(count: int, walked: int) -> None:
+            now = None  # a journal round walked a part: the whole source is counted where it matters
+            if self.max_delete is None and before is not None and count * 2 > before:
+                filt = self.rules.for_round(kind) if self.rules else None
+                now = source_entries(self.source, filt, self.checksum)
+            check_deletions(count, None, self.max_delete, self.target, changed=True, source_entries=now,
+                            last_whole=before)
+
+        return journal_round
 
     def _goodbye(self, chan: Channel) -> None:
         """CLOSE, and the receiver's, after a round or a listing received whole."""
