@@ -78,11 +78,11 @@ class Changes:
 
 
 class _Group:
-    """One fanotify group, marking the file system mounted at ``path``. No descriptor of that
-    file system is kept (it would keep an administrator from unmounting it): handles resolve
-    through one opened for each round (:meth:`mount_fd`)."""
+    """One fanotify group, marking the file system (device ``dev``) mounted at ``path``. No
+    descriptor of that file system is kept (it would keep an administrator from unmounting it):
+    handles resolve through one opened for each round (:meth:`mount_fd`)."""
 
-    def __init__(self, libc, path: bytes) -> None:
+    def __init__(self, libc, path: bytes, dev: int) -> None:
         fd = libc.fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME, os.O_RDONLY | os.O_LARGEFILE)
         if fd < 0:
             e = ctypes.get_errno()
@@ -95,15 +95,16 @@ class _Group:
             raise JournalUnavailable(f"fanotify_mark of the file system at {os.fsdecode(path)!r}: {os.strerror(e)}"
                                      + (" (needs CAP_SYS_ADMIN)" if e == errno.EPERM else ""))
         self.path = path
+        self.dev = dev
 
     def close(self) -> None:
         os.close(self.fd)
 
-    def mount_fd(self, dev: int) -> int:
-        """A descriptor of the mount point, where the file system of device ``dev`` is still
-        mounted there (OSError otherwise: its events would be resolved against another)."""
+    def mount_fd(self) -> int:
+        """A descriptor of the mount point, where the marked file system is still mounted there
+        (OSError otherwise: its events would be resolved against another)."""
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        if os.fstat(fd).st_dev != dev:
+        if os.fstat(fd).st_dev != self.dev:
             os.close(fd)
             raise OSError(errno.ESTALE, f"another file system is mounted at {os.fsdecode(self.path)!r} now")
         return fd
@@ -155,16 +156,20 @@ class ChangeJournal:
         self._journal_rounds = 0
         self._paused = threading.Event()  # tests: let the kernel's queue fill
         self.last_round: int | None = None  # the receiver's round id after the last round that completed
-        #: (mount point, device) of the file systems the tree spans, as marked
-        self.file_systems = self._mark(_file_systems(self.root))
+        self._mark(_file_systems(self.root))
 
-    def _mark(self, file_systems: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+    @property
+    def file_systems(self) -> list[tuple[bytes, int]]:
+        """(mount point, device) of the file systems the tree spans, as marked."""
+        return [(g.path, g.dev) for g in self.groups]
+
+    def _mark(self, file_systems: list[tuple[bytes, int]]) -> None:
         """A fanotify group for each of ``file_systems`` and a reader thread for them (those of
-        before are closed); returns ``file_systems``."""
+        before are closed)."""
         self._stop_reading()
         try:
-            for point, _ in file_systems:
-                self.groups.append(_Group(self._libc, point))
+            for point, dev in file_systems:
+                self.groups.append(_Group(self._libc, point, dev))
         except BaseException:
             self.close()
             raise
@@ -172,7 +177,6 @@ class ChangeJournal:
         self._thread = threading.Thread(target=self._run, args=(self.groups, self._closed), name="change-journal",
                                         daemon=True)
         self._thread.start()
-        return file_systems
 
     def _stop_reading(self) -> None:
         self._closed.set()
@@ -300,7 +304,7 @@ class ChangeJournal:
             self._stop_reading()
             return reason
         try:
-            self.file_systems = self._mark(now)
+            self._mark(now)
         except (JournalUnavailable, OSError) as exc:
             self._unmarked = f"the change journal cannot mark the tree's file systems ({exc})"
         return reason
@@ -311,7 +315,7 @@ class ChangeJournal:
         try:
             for (group, handle), (mask, subdirs) in pending.items():
                 if group not in fds:
-                    fds[group] = self.groups[group].mount_fd(self.file_systems[group][1])
+                    fds[group] = self.groups[group].mount_fd()
                 self._resolve_one(fds[group], handle, mask, subdirs, out)
         finally:
             for fd in fds.values():

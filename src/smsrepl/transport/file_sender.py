@@ -348,8 +348,8 @@ class FileSender(SenderBase):
 
         total = None
         before = self.last_whole.source_entries if self.last_whole is not None else None
+        filt = self.rules.for_round(kind) if self.rules else None
         if whole and self.max_delete != UNLIMITED:
-            filt = self.rules.for_round(kind) if self.rules else None
             try:
                 total = listed_entries(listing) if self.max_delete is None else None
                 count = would_delete(self.source, listing, filt, self.checksum)
@@ -365,7 +365,6 @@ class FileSender(SenderBase):
         def journal_round(count: int, walked: int) -> None:
             now = None  # a journal round walked a part: the whole source is counted where it matters
             if self.max_delete is None and before is not None and count * 2 > before:
-                filt = self.rules.for_round(kind) if self.rules else None
                 now = source_entries(self.source, filt, self.checksum)
             check_deletions(count, None, self.max_delete, self.target, changed=True, source_entries=now,
                             last_whole=before)
