@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_auto_runs_one_connection_on_loopback(lab):
 class _CutOne:
     """A loopback proxy forwarding every connection to ``upstream``, except that the
     ``victim``-th connection accepted (0: the session's own) is reset after ``cut_after``
-    bytes from the client, once ``ready()`` too."""
+    bytes from the client, once ``ready()`` too; until then it trickles on."""
 
     def __init__(self, upstream: str, victim: int, cut_after: int, ready=lambda: True) -> None:
         host, port = upstream.rsplit(":", 1)
@@ -95,12 +96,15 @@ class _CutOne:
                 data = a.recv(65536)
                 if not data:
                     break
-                if limit is not None and moved + len(data) >= limit and self.ready():
-                    self.cut.set()
-                    for s in (a, b):  # a reset both ways, as a middlebox dropping the flow
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                        s.close()
-                    return
+                if limit is not None and moved + len(data) >= limit:
+                    if self.ready():
+                        self.cut.set()
+                        for s in (a, b):  # a reset both ways, as a middlebox dropping the flow
+                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                            s.close()
+                        return
+                    # not ready yet: trickle (about 1 MB/s) so the copy cannot end before it is
+                    time.sleep(0.05)
                 moved += len(data)
                 b.sendall(data)
         except OSError:
