@@ -9,10 +9,15 @@ from smsrepl.codec import (FRAME_SIZE, RAW, SAMPLE, SAMPLES, ZSTD, AdaptiveChoic
                            Decompressor)
 
 
+def _text(seed: int, alphabet: bytes, size: int) -> bytes:
+    """``size`` bytes drawn at random from ``alphabet``: text that compresses, but not to nothing."""
+    return bytes(random.Random(seed).choices(alphabet, k=size))
+
+
 def test_a_frame_is_compressed_with_a_window_spanning_the_whole_frame(zstd_backend):
     # 1 MiB of random text, repeated 4 MiB later: only a window over the whole frame sees it
     rng = random.Random(5)
-    part = bytes(rng.choice(b"abcdefghij klmnop\n") for _ in range(1 << 20))
+    part = bytes(rng.choices(b"abcdefghij klmnop\n", k=1 << 20))
     data = part + os.urandom(3 << 20) + part + os.urandom(3 << 20)
     assert len(data) == FRAME_SIZE
     codec, payload = Compressor(1).encode(data)
@@ -56,7 +61,7 @@ def test_a_payload_whose_samples_do_not_compress_is_sent_raw_without_compressing
     assert comp.encode(data) == (RAW, data)
     assert sizes == [SAMPLES * SAMPLE]  # only the samples were compressed
     # one compressible eighth among random ones is worth compressing the whole for
-    text = bytes(random.Random(1).choice(b"abc def\n") for _ in range(256 << 10))
+    text = _text(1, b"abc def\n", 256 << 10)
     mixed = data[:7 << 18] + text
     sizes.clear()
     codec, payload = comp.encode(mixed)
@@ -126,7 +131,7 @@ def test_auto_needs_two_levels():
 
 
 def test_encode_into_writes_the_frame_into_the_given_buffer(zstd_backend):
-    text = bytes(random.Random(2).choice(b"abcdefgh ijk\n") for _ in range(2 << 20))
+    text = _text(2, b"abcdefgh ijk\n", 2 << 20)
     out = bytearray(FRAME_SIZE)
     comp = Compressor(2)
     codec, payload = comp.encode_into(text, out)
@@ -144,12 +149,12 @@ def test_encode_into_gives_up_on_a_frame_that_outgrows_the_saving_and_the_next_i
     step = (1 << 20) // SAMPLES
     data = bytearray(os.urandom(1 << 20))
     for i in range(SAMPLES):
-        data[i * step:i * step + SAMPLE] = bytes(rng.choice(b"ab") for _ in range(SAMPLE))
+        data[i * step:i * step + SAMPLE] = bytes(rng.choices(b"ab", k=SAMPLE))
     data = bytes(data)
     codec, payload = comp.encode_into(data, bytearray(FRAME_SIZE))
     assert (codec, payload) == (RAW, data)
     # a buffer too small for even a good frame: raw, and the compressor is not left mid-frame
-    text = bytes(rng.choice(b"abcd efg\n") for _ in range(1 << 20))
+    text = bytes(rng.choices(b"abcd efg\n", k=1 << 20))
     assert comp.encode_into(text, bytearray(1000)) == (RAW, text)
     codec, payload = comp.encode_into(text, bytearray(FRAME_SIZE))
     assert codec == ZSTD and bytes(Decompressor().decode(codec, payload, len(text))) == text
@@ -160,7 +165,7 @@ def test_a_payload_of_wider_items_is_compressed_whole(zstd_backend):
     # every byte (libzstd compressed only the first len() bytes, python-zstandard raised)
     import numpy as np
 
-    text = bytes(random.Random(4).choice(b"abcdefgh ijk\n") for _ in range(256 << 10))
+    text = _text(4, b"abcdefgh ijk\n", 256 << 10)
     for data in (np.frombuffer(text, dtype="<u8"), memoryview(text).cast("Q"),
                  np.frombuffer(text, dtype=np.uint8).reshape(64, -1)):
         codec, payload = Compressor(2).encode(data)
