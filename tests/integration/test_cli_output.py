@@ -159,6 +159,31 @@ def test_the_bar_never_runs_through_log_lines_and_is_closed_before_the_summary(l
     assert sha256(lab["source"]) == sha256(lab["target"])
 
 
+def test_json_progress_moves_every_second_while_one_frame_is_paced(lab, tmp_path):
+    # one 8 MiB frame at 16 Mbit/s: about 4 s on the socket. Reports came only as a read
+    # chunk's frames had left, so none between the start and the end of that frame
+    write_image(lab["source"], 8 * MiB, seed=4, mix={"random": 1.0})
+    limit = tmp_path / "limit.json"
+    limit.write_text(json.dumps({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 16}]}))
+    proc = subprocess.Popen(_block(lab, "--level", "0", "--progress", "json", "--speed-limit", str(limit)),
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    arrivals: list[tuple[float, dict]] = []
+    for line in proc.stdout:
+        arrivals.append((time.monotonic(), json.loads(line)))
+    assert proc.wait(60) == 0, proc.stderr.read()
+    assert sha256(lab["source"]) == sha256(lab["target"])
+    reports = [r for _, r in arrivals]
+    assert reports[-1]["progress"] == 100
+    sizes = [r["replicatesize"] for r in reports]
+    assert sizes == sorted(sizes)
+    inside = [r for r in reports if 0 < r["replicatesize"] < 8 * MiB]
+    assert len(inside) >= 2, reports  # the frame's own progress, not a jump from 0 to all
+    assert all(r["migrate_speed"] > 0 for r in inside), inside
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    assert max(gaps) < 3, gaps  # about one a second (room for a busy machine)
+
+
 def _files(tmp_path, rx, ck, *extra: str) -> list[str]:
     return CLI + ["send", "files", str(tmp_path / "src"), "--to", rx.address, "--target", "tree", "--certkey", ck,
                   *extra]

@@ -105,30 +105,71 @@ class PendingDigests:
         del pending[:i]
 
 
+class InFlight:
+    """What the round's writer is sending between two of its reports, so that progress moves
+    while a frame leaves slowly (an 8 MiB frame takes 8 s at a limit of 8 Mbit/s): the span
+    of source and data bytes the batch's report will claim, the data bytes of the batch
+    already sent, and the frame going now with the connection's written count as it began."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self) -> None:
+        self._state: tuple[int, int, int, int, int, int, int, int] | None = None
+
+    def frame(self, span: tuple[int, int, int, int], raw_done: int, frame_raw: int, frame_wire: int,
+              written: int) -> None:
+        self._state = (*span, raw_done, frame_raw, frame_wire, written)
+
+    def clear(self) -> None:
+        self._state = None
+
+    def now(self, written: int) -> tuple[int, int] | None:
+        """(source offset, data bytes) sent by now, given the connection's written count;
+        None between frames. Never beyond what the batch's report will say."""
+        state = self._state
+        if state is None:
+            return None
+        pos0, pos1, raw0, raw1, raw_done, frame_raw, frame_wire, written0 = state
+        part = min(1.0, max(0.0, (written - written0) / frame_wire)) if frame_wire > 0 else 0.0
+        raw = min(raw1, raw_done + int(part * frame_raw))
+        pos = pos0 + (pos1 - pos0) * (raw - raw0) // (raw1 - raw0) if raw1 > raw0 else pos0
+        return pos, raw
+
+
 def send_round(chan: Channel, source: BlockSource, *, start: int, against: ManifestFile | None,
                dirty: FrozenMarks | None, digests: PendingDigests, compression: Compression, replies: Replies,
-               clock: StageClock, peer_caps: frozenset, report: Callable[[int, int], None], streams: int = 1) -> int:
+               clock: StageClock, peer_caps: frozenset, report: Callable[[int, int], None], streams: int = 1,
+               inflight: InFlight | None = None) -> int:
     """Send one round's frames from ``start`` (a sync round's against the manifest copy
     ``against``; with ``dirty``, a frozen dirty map, only the blocks it names); returns the
     source bytes sent as data. ``report(source offset covered, data bytes)`` as frames reach
-    the socket; ``streams``: the connections the session runs over (frame_blocks)."""
+    the socket, and ``inflight`` told of each data frame as it begins to go; ``streams``: the
+    connections the session runs over (frame_blocks)."""
     out: queue.Queue = queue.Queue(maxsize=2)
     writer_error: list[BaseException] = []
     adapt = compression.adapt
 
     def writer() -> None:
+        reported = (start, 0)  # what the last report claimed: (source offset, data bytes)
         try:
             while True:
                 work = out.get()
                 if work is None:
                     return
                 batch, covered, raw = work
+                raw_done = reported[1]
                 for item, level in batch:
                     frame, buf = item.result() if isinstance(item, Future) else (item, None)
                     # a CHECKPOINT may cover this frame once it is sent: allow it first
                     replies.sent_to = max(replies.sent_to, frame_end(frame))
+                    data = isinstance(frame, (F.BlockData, F.BlockSet))
+                    if inflight is not None and data:
+                        inflight.frame((reported[0], covered, reported[1], raw), raw_done,
+                                       source_bytes(frame), frame_size(frame), written_now(chan))
                     t0 = time.perf_counter()
                     chan.send(frame)
+                    if data:
+                        raw_done += source_bytes(frame)
                     dt = time.perf_counter() - t0
                     clock.add("send", dt)
                     if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
@@ -140,6 +181,9 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
                 faults.point("sender.data")
                 # progress counts what reached the socket, not what was read ahead
                 report(covered, raw)
+                reported = (covered, raw)
+                if inflight is not None:
+                    inflight.clear()
         except BaseException as exc:
             writer_error.append(exc)
             while out.get() is not None:  # drain so the producer never blocks forever
@@ -214,6 +258,12 @@ def frame_blocks(most: int, streams: int) -> int:
     while streams * blocks * FINE_BLOCK > STREAMS_FRAME_BYTES and blocks > 64:
         blocks //= 2
     return blocks
+
+
+def written_now(chan: Channel) -> int:
+    """Bytes the channel handed to its socket(s) so far, frames still going included."""
+    written = getattr(chan, "wire_written", None)
+    return chan.wire_sent if written is None else written
 
 
 def source_bytes(frame: BlockFrame) -> int:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from smsrepl.stages import StageClock
 from smsrepl.control.state import Event as StateEvent
 from smsrepl.control.state import SessionState, SessionStateMachine, StatePair
 from smsrepl.protocol import frames as F
-from smsrepl.transport.block_pipeline import Compression, PendingDigests, send_round
+from smsrepl.transport.block_pipeline import Compression, InFlight, PendingDigests, send_round, written_now
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT
@@ -41,6 +42,9 @@ from smsrepl.transport.sender_base import SenderBase, welcome as expect_welcome
 from smsrepl.transport.streams_auto import StreamCount
 
 log = logging.getLogger("smsrepl.sender")
+#: the longest a round goes without a progress report (the writer's come as each read chunk's
+#: frames reach the socket: 8 MiB, or seconds apart on a slow or limited link)
+REPORT_EVERY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +142,9 @@ class Sender(SenderBase):
         """What one session's threads share; fresh for every run() or check()."""
         self.tracker: ProgressTracker | None = None
         self._last_report = 0.0
+        self._report_lock = threading.Lock()
+        #: what the round's writer last reported: (source offset, data bytes)
+        self._reported = (0, 0)
         self._wire0 = 0
         self._peer_caps: frozenset = frozenset()
         self.replies = Replies()
@@ -262,6 +269,7 @@ class Sender(SenderBase):
         self._state(StateEvent.SYNC_START if kind == "sync" else StateEvent.START)
         self.tracker = ProgressTracker(subtask_for("block", first_copy=kind == "full"), source.size - start,
                                        host_sampler=self.host_sampler)
+        self._reported = (start, 0)
         chan.limiter = self.limiter
         chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
@@ -436,24 +444,54 @@ class Sender(SenderBase):
 
     def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
                 start: int, cache: ManifestFile, dirty: FrozenMarks | None = None) -> int:
-        """Send one round's frames (block_pipeline.py); progress as they reach the socket."""
+        """Send one round's frames (block_pipeline.py); progress as they reach the socket, and
+        at least every REPORT_EVERY seconds while one goes slowly (a speed limit, a slow link)."""
         self._digests = PendingDigests(cache)
         total = source.size - start
-        return send_round(chan, source, start=start, against=against, dirty=dirty, digests=self._digests,
-                          compression=self.compression, replies=self.replies, clock=self.clock,
-                          peer_caps=self._peer_caps,
-                          streams=(self._planned or 1) if "streams" in self._peer_caps else 1,
-                          report=lambda covered, raw: self._report(kind, covered, start, total, raw, chan))
+        inflight = InFlight() if self.on_report is not None else None
+        stop = threading.Event()
+        ticker = None
+        if inflight is not None:
+            ticker = threading.Thread(target=self._tick, args=(inflight, chan, start, stop), daemon=True,
+                                      name="progress")
+            ticker.start()
+        try:
+            return send_round(chan, source, start=start, against=against, dirty=dirty, digests=self._digests,
+                              compression=self.compression, replies=self.replies, clock=self.clock,
+                              peer_caps=self._peer_caps,
+                              streams=(self._planned or 1) if "streams" in self._peer_caps else 1,
+                              report=lambda covered, raw: self._report(covered, start, total, raw, chan),
+                              inflight=inflight)
+        finally:
+            stop.set()
+            if ticker is not None:
+                ticker.join()  # no tick after the round's own last report
 
-    def _report(self, kind: str, pos: int, start: int, total: int, sent: int, chan: Channel) -> None:
+    def _tick(self, inflight: InFlight, chan: Channel, start: int, stop: threading.Event) -> None:
+        """A report when the writer's own are more than REPORT_EVERY apart: what the frame going
+        now has put on the socket so far (the first one as the round begins: a bar shows at once)."""
+        while True:
+            with self._report_lock:
+                if time.monotonic() - self._last_report >= REPORT_EVERY and self.tracker is not None:
+                    pos, raw = inflight.now(written_now(chan)) or self._reported
+                    self._emit(pos, start, raw, chan)
+            if stop.wait(REPORT_EVERY / 4):
+                return
+
+    def _report(self, pos: int, start: int, total: int, sent: int, chan: Channel) -> None:
         """Feed the 5.4.8 tracker with what reached the socket; emit a report at most once a second."""
         if self.tracker is None:
             return
-        self.position = (pos, start + total)
-        self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
+        with self._report_lock:
+            self.position = (pos, start + total)
+            self._reported = (pos, sent)
+            self._emit(pos, start, sent, chan, due=time.monotonic() - self._last_report >= REPORT_EVERY)
+
+    def _emit(self, pos: int, start: int, sent: int, chan: Channel, due: bool = True) -> None:
+        assert self.tracker is not None  # the tracker keeps its figures from going back
+        self.tracker.update(max(0, pos - start), written_now(chan) - self._wire0, sent)
         if self.trace is not None:
             self.tracker.set_trace(self.trace())
-        now = time.monotonic()
-        if self.on_report is not None and now - self._last_report >= 1.0:
-            self._last_report = now
+        if self.on_report is not None and due:
+            self._last_report = time.monotonic()
             self.on_report(self.tracker.report())
