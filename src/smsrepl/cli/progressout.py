@@ -35,10 +35,11 @@ class ProgressOutput:
                                       desc=rep["subtask_name"], file=sys.stderr, dynamic_ncols=True)
                 self._redirect = logging_redirect_tqdm()
                 self._redirect.__enter__()
-            bar.update(rep["replicatesize"] - bar.n)
+            # the rate first: update() draws the bar, with the postfix set by then
             # the round's last report says 0 (nothing moves any more): end_round shows the average
             if self.wire and (rep["migrate_speed"] or rep["progress"] < 100):
                 bar.set_postfix_str(f"{rep['migrate_speed']:.0f} Mbit/s on the wire", refresh=False)
+            bar.update(rep["replicatesize"] - bar.n)
 
     def note(self, line: str) -> None:
         """A line for the operator on stderr: above the bar while one is shown."""
