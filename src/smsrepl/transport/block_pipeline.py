@@ -165,14 +165,14 @@ def send_round(chan: Channel, source: BlockSource, *, start: int, against: Manif
                     data = isinstance(frame, (F.BlockData, F.BlockSet))
                     if inflight is not None and data:
                         inflight.frame((reported[0], covered, reported[1], raw), raw_done,
-                                       source_bytes(frame), frame_size(frame), written_now(chan))
+                                       source_bytes(frame), frame_size(frame), chan.wire_sent)
                     t0 = time.perf_counter()
                     chan.send(frame)
                     if data:
                         raw_done += source_bytes(frame)
                     dt = time.perf_counter() - t0
                     clock.add("send", dt)
-                    if adapt is not None and isinstance(frame, (F.BlockData, F.BlockSet)):
+                    if adapt is not None and data:
                         # the frame's own bytes: over several connections send() returns once the
                         # frame is queued, and the wire counters move with other frames
                         adapt.record_send(level, source_bytes(frame), frame_size(frame), dt)
@@ -258,12 +258,6 @@ def frame_blocks(most: int, streams: int) -> int:
     while streams * blocks * FINE_BLOCK > STREAMS_FRAME_BYTES and blocks > 64:
         blocks //= 2
     return blocks
-
-
-def written_now(chan: Channel) -> int:
-    """Bytes the channel handed to its socket(s) so far, frames still going included."""
-    written = getattr(chan, "wire_written", None)
-    return chan.wire_sent if written is None else written
 
 
 def source_bytes(frame: BlockFrame) -> int:

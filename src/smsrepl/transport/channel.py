@@ -35,10 +35,9 @@ class Channel:
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._rbuf = bytearray(HEAD_READ)
+        #: bytes handed to the socket so far, a paced frame's slices as they go: progress
+        #: moves while a frame leaves over seconds
         self.wire_sent = 0
-        #: bytes handed to the socket so far, a frame's slices as they go (wire_sent counts
-        #: whole frames): a frame paced over seconds still shows progress
-        self.wire_written = 0
         self.wire_received = 0
         # TLS 1.3 clients learn that the server refused their certificate only
         # at their first read: until an event arrives, TLS errors are auth errors
@@ -68,7 +67,7 @@ class Channel:
                 for part in parts:
                     if throttle is None:
                         self.sock.sendall(part)
-                        self.wire_written += len(part)
+                        self.wire_sent += len(part)
                         continue
                     # a large frame leaves in slices, each paid for just before it goes:
                     # at 80 Mbit/s a whole 4 MiB frame would be a 0.4 s burst
@@ -77,10 +76,9 @@ class Channel:
                         piece = view[i:i + THROTTLE_SLICE]
                         throttle(len(piece))
                         self.sock.sendall(piece)
-                        self.wire_written += len(piece)
+                        self.wire_sent += len(piece)
             except (OSError, ssl.SSLError) as exc:
                 raise TransportError(f"connection lost while sending: {exc}") from None
-            self.wire_sent += size
             self.sent_at = time.monotonic()
         if self.on_sent is not None:
             self.on_sent(size)

@@ -32,7 +32,7 @@ from smsrepl.stages import StageClock
 from smsrepl.control.state import Event as StateEvent
 from smsrepl.control.state import SessionState, SessionStateMachine, StatePair
 from smsrepl.protocol import frames as F
-from smsrepl.transport.block_pipeline import Compression, InFlight, PendingDigests, send_round, written_now
+from smsrepl.transport.block_pipeline import Compression, InFlight, PendingDigests, send_round
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT
@@ -473,7 +473,7 @@ class Sender(SenderBase):
         while True:
             with self._report_lock:
                 if time.monotonic() - self._last_report >= REPORT_EVERY and self.tracker is not None:
-                    pos, raw = inflight.now(written_now(chan)) or self._reported
+                    pos, raw = inflight.now(chan.wire_sent) or self._reported
                     self._emit(pos, start, raw, chan)
             if stop.wait(REPORT_EVERY / 4):
                 return
@@ -489,7 +489,7 @@ class Sender(SenderBase):
 
     def _emit(self, pos: int, start: int, sent: int, chan: Channel, due: bool = True) -> None:
         assert self.tracker is not None  # the tracker keeps its figures from going back
-        self.tracker.update(max(0, pos - start), written_now(chan) - self._wire0, sent)
+        self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
         if self.trace is not None:
             self.tracker.set_trace(self.trace())
         if self.on_report is not None and due:

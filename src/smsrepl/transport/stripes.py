@@ -113,14 +113,6 @@ class Stripes(Channel):
         raise AttributeError("wire_sent of several connections is their sum")
 
     @property
-    def wire_written(self) -> int:
-        return sum(lane.chan.wire_written for lane in self._lanes)
-
-    @wire_written.setter
-    def wire_written(self, value: int) -> None:
-        raise AttributeError("wire_written of several connections is their sum")
-
-    @property
     def wire_received(self) -> int:
         return self.main.wire_received
 
