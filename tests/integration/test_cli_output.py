@@ -193,6 +193,46 @@ def _same_tree(a, b) -> bool:
     return subprocess.run(["diff", "-r", str(a), str(b)], capture_output=True).returncode == 0
 
 
+def test_json_progress_of_a_file_send_follows_the_socket_every_second(tmp_path, certkey_file):
+    # one 12 MiB file at 16 Mbit/s (2 MB/s): about 6 s on the socket. Files counted as done when
+    # read: 99% came 2 s in (the op stream holds batches ahead of the socket), then nothing for 4 s
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    dst.mkdir()
+    write_image(str(src / "d" / "big"), 12 * MiB, seed=5, mix={"random": 1.0})
+    for i in range(3):
+        (src / "d" / f"small{i}").write_bytes(bytes([i]) * 50_000)
+    limit = tmp_path / "limit.json"
+    limit.write_text(json.dumps({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 16}]}))
+    rx = ReceiverProc(certkey_file, {"tree": str(dst)}, str(tmp_path / "rx"))
+    try:
+        proc = subprocess.Popen(_files(tmp_path, rx, certkey_file, "--level", "0", "--progress", "json",
+                                       "--speed-limit", str(limit)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        arrivals: list[tuple[float, dict]] = []
+        for line in proc.stdout:
+            arrivals.append((time.monotonic(), json.loads(line)))
+        assert proc.wait(60) == 0, proc.stderr.read()
+    finally:
+        rx.stop()
+    assert _same_tree(src, dst)
+    reports = [r for _, r in arrivals]
+    assert reports[-1]["progress"] == 100
+    total = reports[-1]["totalsize"]
+    sizes = [r["replicatesize"] for r in reports]
+    assert sizes == sorted(sizes)
+    inside = [r for r in reports if 0 < r["replicatesize"] < total]
+    assert len(inside) >= 3, reports
+    assert all(r["migrate_speed"] > 0 for r in inside), inside
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    assert max(gaps) < 3, gaps  # about one a second (room for a busy machine)
+    # never more than the limit can have let out since the round began (and a burst of 3 MiB)
+    t0 = arrivals[0][0]
+    ahead = [(round(t - t0, 1), r["replicatesize"]) for t, r in arrivals[:-1]
+             if r["replicatesize"] > 2e6 * (t - t0) + 3 * MiB]
+    assert not ahead, ahead
+
+
 def test_a_file_send_prints_counts_and_sizes_in_one_line(tmp_path, certkey_file):
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "d").mkdir(parents=True)

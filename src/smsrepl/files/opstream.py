@@ -44,8 +44,11 @@ class OpStream:
     IN_FLIGHT = 2
 
     def __init__(self, send: Callable[[F.Event], None], compressor: Compressor, pace: Callable[[], object] | None = None,
-                 *, adaptive: bool = False) -> None:
+                 *, adaptive: bool = False, written: Callable[[], int] | None = None) -> None:
         self.send = send
+        #: the channel's count of bytes handed to its socket (Channel.wire_sent): how much of the
+        #: batch going now has left, for on_socket()
+        self.written = written
         self.comp = compressor
         self.pace = pace  # a CPU cap's pace(), once per frame
         # one worker compresses then sends: a compressed batch's send time includes its compression
@@ -59,6 +62,11 @@ class OpStream:
         self._since = 0.0  # when the batch got its first operation
         self.frames = 0
         self.raw_bytes = 0
+        #: batch bytes handed over so far, the batch being built included (the caller's thread)
+        self._handed = 0
+        #: (raw_bytes, the batch going now: its raw and frame sizes and written() as it began), one
+        #: tuple so that another thread reads a consistent pair
+        self._going: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-ops")
         self._zout: bytearray | None = None  # compressed batches, on the worker
         self._inflight: deque[tuple[Future, mmap.mmap | None]] = deque()
@@ -68,6 +76,19 @@ class OpStream:
     def size(self) -> int:
         """Bytes batched and not yet handed to the worker."""
         return self._pos
+
+    @property
+    def added(self) -> int:
+        """Batch bytes added so far (call on the thread that adds them)."""
+        return self._handed + self._pos
+
+    def on_socket(self) -> int:
+        """Batch bytes on the socket by now (any thread): every batch sent, and the part of the
+        one going now that the channel has written (a paced or slow frame leaves over seconds)."""
+        done, n, size, written0 = self._going
+        if not n or self.written is None or size <= 0:
+            return done
+        return done + n * min(size, max(0, self.written() - written0)) // size
 
     def keepalive(self) -> None:
         """Call often: after KEEPALIVE seconds without a frame, send what is batched, or a PING."""
@@ -124,6 +145,7 @@ class OpStream:
         if not n or buf is None:
             return
         self._buf, self._pos = None, 0
+        self._handed += n
         self._wait(self.IN_FLIGHT - 1)
         self._inflight.append((self._pool.submit(self._send, buf, n), buf))
 
@@ -150,7 +172,10 @@ class OpStream:
                 self._zout = bytearray(self.CAPACITY)
             codec, payload = self.comp.encode_into(body, self._zout)
         t1 = time.monotonic()
+        if self.written is not None:
+            self._going = (self.raw_bytes, n, len(payload), self.written())
         self.send(F.FileOps(codec, n, payload))
+        self._going = (self.raw_bytes + n, 0, 0, 0)
         if self.adapt is not None:
             if level:
                 self.adapt.record_compress(level, n, t1 - t0)

@@ -21,6 +21,8 @@ from smsrepl.protocol.frames import Event
 
 #: bytes per speed-limiter payment when a limit applies
 THROTTLE_SLICE = 64 << 10
+#: bytes a large frame is written in when no limit applies (counted in wire_sent as each goes)
+UNPACED_SLICE = 1 << 20
 #: bytes read at a time outside a large frame body (a body is read in place): what a read
 #: takes beyond the frame header goes through the connection's buffer and is copied into the
 #: body; 1 MiB reads passed most of each 8 MiB frame's first MiB that way, into a buffer
@@ -65,16 +67,19 @@ class Channel:
         with self._send_lock:
             try:
                 for part in parts:
-                    if throttle is None:
+                    if throttle is None and len(part) <= UNPACED_SLICE:
                         self.sock.sendall(part)
                         self.wire_sent += len(part)
                         continue
-                    # a large frame leaves in slices, each paid for just before it goes:
-                    # at 80 Mbit/s a whole 4 MiB frame would be a 0.4 s burst
+                    # a large frame leaves in slices, each paid for just before it goes when
+                    # a limit applies (at 80 Mbit/s a whole 4 MiB frame would be a 0.4 s
+                    # burst), and counted as it goes: progress moves on a slow link too
                     view = memoryview(part).cast("B")
-                    for i in range(0, len(view), THROTTLE_SLICE):
-                        piece = view[i:i + THROTTLE_SLICE]
-                        throttle(len(piece))
+                    step = UNPACED_SLICE if throttle is None else THROTTLE_SLICE
+                    for i in range(0, len(view), step):
+                        piece = view[i:i + step]
+                        if throttle is not None:
+                            throttle(len(piece))
                         self.sock.sendall(piece)
                         self.wire_sent += len(piece)
             except (OSError, ssl.SSLError) as exc:

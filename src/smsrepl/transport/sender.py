@@ -36,15 +36,13 @@ from smsrepl.transport.block_pipeline import Compression, InFlight, PendingDiges
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT
+from smsrepl.transport.report_ticker import REPORT_EVERY, Ticker
 from smsrepl.transport.manifest_fetch import open_cache, reconcile
 from smsrepl.transport.round_plan import BlockDryRun, check_resume_offset, plan_round, read_scope
 from smsrepl.transport.sender_base import SenderBase, welcome as expect_welcome
 from smsrepl.transport.streams_auto import StreamCount
 
 log = logging.getLogger("smsrepl.sender")
-#: the longest a round goes without a progress report (the writer's come as each read chunk's
-#: frames reach the socket: 8 MiB, or seconds apart on a slow or limited link)
-REPORT_EVERY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,34 +447,22 @@ class Sender(SenderBase):
         self._digests = PendingDigests(cache)
         total = source.size - start
         inflight = InFlight() if self.on_report is not None else None
-        stop = threading.Event()
-        ticker = None
-        if inflight is not None:
-            ticker = threading.Thread(target=self._tick, args=(inflight, chan, start, stop), daemon=True,
-                                      name="progress")
-            ticker.start()
-        try:
+        ticker = Ticker(lambda: self._tick(inflight, chan, start)) if inflight is not None else contextlib.nullcontext()
+        with ticker:
             return send_round(chan, source, start=start, against=against, dirty=dirty, digests=self._digests,
                               compression=self.compression, replies=self.replies, clock=self.clock,
                               peer_caps=self._peer_caps,
                               streams=(self._planned or 1) if "streams" in self._peer_caps else 1,
                               report=lambda covered, raw: self._report(covered, start, total, raw, chan),
                               inflight=inflight)
-        finally:
-            stop.set()
-            if ticker is not None:
-                ticker.join()  # no tick after the round's own last report
 
-    def _tick(self, inflight: InFlight, chan: Channel, start: int, stop: threading.Event) -> None:
+    def _tick(self, inflight: InFlight, chan: Channel, start: int) -> None:
         """A report when the writer's own are more than REPORT_EVERY apart: what the frame going
         now has put on the socket so far (the first one as the round begins: a bar shows at once)."""
-        while True:
-            with self._report_lock:
-                if time.monotonic() - self._last_report >= REPORT_EVERY and self.tracker is not None:
-                    pos, raw = inflight.now(chan.wire_sent) or self._reported
-                    self._emit(pos, start, raw, chan)
-            if stop.wait(REPORT_EVERY / 4):
-                return
+        with self._report_lock:
+            if time.monotonic() - self._last_report >= REPORT_EVERY and self.tracker is not None:
+                pos, raw = inflight.now(chan.wire_sent) or self._reported
+                self._emit(pos, start, raw, chan)
 
     def _report(self, pos: int, start: int, total: int, sent: int, chan: Channel) -> None:
         """Feed the 5.4.8 tracker with what reached the socket; emit a report at most once a second."""

@@ -1,0 +1,35 @@
+"""A thread that gives a round's progress a chance to be reported every so often, so that
+reports keep coming while data leaves slowly (a speed limit, a slow link) and the round's
+own reports, made as frames reach the socket, are seconds apart."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+#: seconds between progress reports while a round runs
+REPORT_EVERY = 1.0
+
+
+class Ticker:
+    """Calls ``tick()`` at once and then every ``every`` seconds until the ``with`` block ends;
+    the thread is joined there, so nothing is reported after the round's last report."""
+
+    def __init__(self, tick: Callable[[], None], every: float = REPORT_EVERY / 4) -> None:
+        self._tick = tick
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="progress")
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._tick()
+            if self._stop.wait(self._every):
+                return

@@ -1,0 +1,60 @@
+"""How the Channel writes: a large frame leaves in slices, counted in wire_sent as each goes
+(progress moves while a frame crosses a slow link), with or without a speed limit."""
+import numpy as np
+
+from smsrepl.transport.channel import THROTTLE_SLICE, UNPACED_SLICE, Channel
+
+from tests.protocol.test_connection import block, pair_in_round
+
+
+class RecordingStream:
+    """A TLSStream stand-in that records, at each write, its size and the channel's wire_sent."""
+
+    def __init__(self) -> None:
+        self.chan: Channel | None = None
+        self.writes: list[tuple[int, int]] = []
+
+    def sendall(self, data) -> None:
+        assert self.chan is not None
+        self.writes.append((len(memoryview(data).cast("B")), self.chan.wire_sent))
+
+
+class Limiter:
+    """A limit that applies and lets every byte through at once (pays are recorded)."""
+
+    def __init__(self) -> None:
+        self.paid: list[int] = []
+
+    def current(self):
+        return (100.0, None)
+
+    def throttle(self, n: int) -> None:
+        self.paid.append(n)
+
+
+def _send_4mib(limiter=None) -> tuple[Channel, RecordingStream]:
+    data = np.random.default_rng(4).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+    s, _ = pair_in_round()
+    stream = RecordingStream()
+    chan = stream.chan = Channel(stream, s)
+    chan.limiter = limiter
+    chan.send(block(0, data))
+    return chan, stream
+
+
+def test_a_large_frame_is_counted_slice_by_slice_without_a_limit():
+    chan, stream = _send_4mib()
+    sizes = [n for n, _ in stream.writes]
+    assert max(sizes) <= UNPACED_SLICE
+    assert sum(sizes) == chan.wire_sent > 4 << 20
+    # each write began once what went before it was counted
+    assert [w for _, w in stream.writes] == [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def test_a_large_frame_under_a_limit_is_paid_and_counted_in_smaller_slices():
+    limiter = Limiter()
+    chan, stream = _send_4mib(limiter)
+    sizes = [n for n, _ in stream.writes]
+    assert max(sizes) <= THROTTLE_SLICE
+    assert sum(limiter.paid) == sum(sizes) == chan.wire_sent
+    assert [w for _, w in stream.writes] == [sum(sizes[:i]) for i in range(len(sizes))]
