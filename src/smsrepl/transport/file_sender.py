@@ -9,6 +9,7 @@ what already arrived is skipped by size and mtime.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ from smsrepl.protocol import CAPABILITIES
 from smsrepl.transport.streams_auto import StreamCount
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.report_ticker import REPORT_EVERY, Ticker
+from smsrepl.control.report_ticker import Ticker
 from smsrepl.transport.sender_base import SenderBase, raise_if_error
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from smsrepl.files.deletions import LastWholeRound
     from smsrepl.files.rules import PathRules
     from smsrepl.control.progress import ProgressTracker
-    from smsrepl.files.sentprogress import SentProgress
+    from smsrepl.files.sentprogress import RoundReports, SentProgress
 
 # the file-round machinery (files.*, progress) is imported where a round first needs it:
 # open() sends HELLO and TREE_REQUEST before, and the receiver lists its tree meanwhile
@@ -114,8 +115,6 @@ class FileSender(SenderBase):
         self.last_whole = last_whole
         self.tracker: ProgressTracker | None = None
         self._done_bytes: int | None = None  # file bytes the running round has dealt with
-        self._report_lock = threading.Lock()
-        self._last_report = 0.0
         #: the thread that receives the rest of an ordered listing, and the listing
         self._listing: tuple[threading.Thread, Listing] | None = None
 
@@ -248,26 +247,13 @@ class FileSender(SenderBase):
         finally:
             chan.close()
 
-    def _progress(self, chan: Channel, sent: SentProgress) -> Callable[[int], None]:
-        def on_done(file_bytes: int) -> None:
-            self._ops.keepalive()
-            sent.entry_done(file_bytes)
-            self._done_bytes = sent.done
-            self._report(chan, sent)
-
-        return on_done
-
-    def _report(self, chan: Channel, sent: SentProgress) -> None:
-        """Feed the 5.4.8 tracker with the file bytes that reached the socket; emit a report at
-        most once a second (from the round's thread as entries are done, and from a ticker)."""
-        if self.tracker is None or self.on_report is None:
-            return
-        with self._report_lock:
-            self.tracker.update(min(sent.sent(), self.tracker.totalsize), chan.wire_sent - self._wire0,
-                                self._ops.on_socket())
-            if time.monotonic() - self._last_report >= REPORT_EVERY:
-                self._last_report = time.monotonic()
-                self.on_report(self.tracker.report())
+    def _on_done(self, sent: SentProgress, reports: RoundReports | None, file_bytes: int) -> None:
+        """Entries of ``file_bytes`` are done (their operations are in the op stream)."""
+        self._ops.keepalive()
+        sent.entry_done(file_bytes)
+        self._done_bytes = sent.done
+        if reports is not None:
+            reports.update()
 
     def _signature(self, chan: Channel, path: bytes, block_size: int):
         """(file size, weak, strong) of the receiver's copy of ``path``; size 0 if it has none."""
@@ -445,7 +431,7 @@ class FileSender(SenderBase):
         from smsrepl.files.listing import Listing
         from smsrepl.files.opstream import OpStream
         from smsrepl.files.remote import RemoteTarget
-        from smsrepl.files.sentprogress import SentProgress
+        from smsrepl.files.sentprogress import RoundReports, SentProgress
         from smsrepl.control.progress import ProgressTracker, subtask_for
 
         listing, decomp = Listing(), Decompressor()
@@ -463,21 +449,22 @@ class FileSender(SenderBase):
         deletion_limit = self._deletion_limit(chan, listing, kind, whole=dirs is None)
         self._done_bytes = 0
         chan.limiter = self.limiter
-        wire0 = self._wire0 = chan.wire_sent
+        wire0 = chan.wire_sent
         chan.send(F.RoundBegin(round_id, kind, 0))
         auto, cap = self.level == "auto", self.cpu_cap
         ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if isinstance(self.level, str) else self.level),
                                    (lambda: cap.pace(self._stopped)) if cap else None, adaptive=auto,
                                    written=lambda: chan.wire_sent)
         sent = SentProgress(ops)
-        self._last_report = 0.0
-        ticker = Ticker(lambda: self._report(chan, sent)) if self.tracker is not None else contextlib.nullcontext()
+        reports = RoundReports(self.tracker, self.on_report, sent, lambda: chan.wire_sent - wire0) \
+            if self.tracker is not None and self.on_report is not None else None
         try:
             target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
             target.deletion_limit = deletion_limit  # read by files.local.sync_tree
-            with ticker:
+            with Ticker(reports.update) if reports is not None else contextlib.nullcontext():
                 stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
-                                  on_done=self._progress(chan, sent), entries=entries, walk_errors=entries.errors)
+                                  on_done=functools.partial(self._on_done, sent, reports), entries=entries,
+                                  walk_errors=entries.errors)
             if entries.filter is not None and dirs is None:  # a part of the tree says nothing of the rest
                 stats.unmatched_rules = entries.filter.unmatched()
             self.literal_bytes = target.literal_bytes

@@ -36,7 +36,7 @@ from smsrepl.transport.block_pipeline import Compression, InFlight, PendingDiges
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT
-from smsrepl.transport.report_ticker import REPORT_EVERY, Ticker
+from smsrepl.control.report_ticker import REPORT_EVERY, Ticker
 from smsrepl.transport.manifest_fetch import open_cache, reconcile
 from smsrepl.transport.round_plan import BlockDryRun, check_resume_offset, plan_round, read_scope
 from smsrepl.transport.sender_base import SenderBase, welcome as expect_welcome
