@@ -200,19 +200,3 @@ def test_output_buffers_are_reused_when_large_enough_and_replaced_when_not():
     bufs.give(b)
     bufs.clear()
     assert bufs.take(1) is not b
-
-
-def test_in_flight_progress_follows_the_frame_on_the_socket_and_never_passes_the_batch():
-    from smsrepl.transport.block_pipeline import InFlight
-
-    MiB = 1 << 20
-    inflight = InFlight()
-    assert inflight.now(0) is None  # between frames: nothing to add to the last report
-    # a batch covering 16 MiB of the source with 8 MiB of data (the rest zeros), after a report
-    # of 4 MiB of source and 1 MiB of data; its second frame of 4 MiB begins once 1000 bytes went
-    inflight.frame((4 * MiB, 20 * MiB, MiB, 9 * MiB), 5 * MiB, 4 * MiB, 4 * MiB, 1000)
-    assert inflight.now(1000) == (4 * MiB + 8 * MiB, 5 * MiB)  # half the batch's data: half its span
-    assert inflight.now(1000 + 2 * MiB) == (4 * MiB + 12 * MiB, 7 * MiB)
-    assert inflight.now(1000 + 64 * MiB) == (20 * MiB, 9 * MiB)  # a frame's header counts too: capped
-    inflight.clear()
-    assert inflight.now(10**9) is None

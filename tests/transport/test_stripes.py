@@ -14,7 +14,8 @@ from smsrepl.protocol import RECEIVER, SENDER, Connection, ConnectionClosed
 from smsrepl.protocol import frames as F
 from smsrepl.protocol.connection import State
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.frame_order import HELD_COST, FrameOrder, frame_size
+from smsrepl.protocol.frames import frame_size
+from smsrepl.transport.frame_order import HELD_COST, FrameOrder
 from smsrepl.transport.stripes import Stripes
 
 

@@ -13,7 +13,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+
 from smsrepl.codec import RAW, AdaptiveChoice, Compressor
+from smsrepl.control.sent_marks import FrameCounts, SentMarks
 from smsrepl.files.wire import BATCH, CHUNK_MAX, INLINE, KEEPALIVE
 from smsrepl.protocol import frames as F
 
@@ -44,11 +46,12 @@ class OpStream:
     IN_FLIGHT = 2
 
     def __init__(self, send: Callable[[F.Event], None], compressor: Compressor, pace: Callable[[], object] | None = None,
-                 *, adaptive: bool = False, written: Callable[[], int] | None = None) -> None:
+                 *, adaptive: bool = False, wire: FrameCounts | None = None) -> None:
         self.send = send
-        #: the channel's count of bytes handed to its socket (Channel.wire_sent): how much of the
-        #: batch going now has left, for on_socket()
-        self.written = written
+        #: the batches' raw bytes by the frame bytes of ``wire`` (the channel ``send`` writes to)
+        #: at which they will have reached its socket: on_socket()
+        self.wire = wire
+        self._marks = SentMarks(wire.frame_bytes_sent, (0,), at=wire.frame_bytes_queued) if wire is not None else None
         self.comp = compressor
         self.pace = pace  # a CPU cap's pace(), once per frame
         # one worker compresses then sends: a compressed batch's send time includes its compression
@@ -64,9 +67,6 @@ class OpStream:
         self.raw_bytes = 0
         #: batch bytes handed over so far, the batch being built included (the caller's thread)
         self._handed = 0
-        #: (raw_bytes, the batch going now: its raw and frame sizes and written() as it began), one
-        #: tuple so that another thread reads a consistent pair
-        self._going: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-ops")
         self._zout: bytearray | None = None  # compressed batches, on the worker
         self._inflight: deque[tuple[Future, mmap.mmap | None]] = deque()
@@ -83,12 +83,9 @@ class OpStream:
         return self._handed + self._pos
 
     def on_socket(self) -> int:
-        """Batch bytes on the socket by now (any thread): every batch sent, and the part of the
-        one going now that the channel has written (a paced or slow frame leaves over seconds)."""
-        done, n, size, written0 = self._going
-        if not n or self.written is None or size <= 0:
-            return done
-        return done + n * min(size, max(0, self.written() - written0)) // size
+        """Batch bytes on the socket by now (any thread), the batch leaving now's in part (a
+        paced or slow frame leaves over seconds, several connections hold a frame or so each)."""
+        return self._marks.value()[0] if self._marks is not None else self.raw_bytes
 
     def keepalive(self) -> None:
         """Call often: after KEEPALIVE seconds without a frame, send what is batched, or a PING."""
@@ -172,10 +169,11 @@ class OpStream:
                 self._zout = bytearray(self.CAPACITY)
             codec, payload = self.comp.encode_into(body, self._zout)
         t1 = time.monotonic()
-        if self.written is not None:
-            self._going = (self.raw_bytes, n, len(payload), self.written())
-        self.send(F.FileOps(codec, n, payload))
-        self._going = (self.raw_bytes + n, 0, 0, 0)
+        frame = F.FileOps(codec, n, payload)
+        if self._marks is not None and self.wire is not None:
+            self._marks.add(self.wire.frame_bytes_queued + F.frame_size(frame), (self.raw_bytes + n,))
+        self.send(frame)
+        del frame
         if self.adapt is not None:
             if level:
                 self.adapt.record_compress(level, n, t1 - t0)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 from smsrepl.control.progress import ProgressTracker
+from smsrepl.control.sent_marks import SentMarks
 from smsrepl.files.opstream import OpStream
 from smsrepl.control.report_ticker import REPORT_EVERY
 
@@ -22,30 +22,19 @@ from smsrepl.control.report_ticker import REPORT_EVERY
 class SentProgress:
     def __init__(self, ops: OpStream) -> None:
         self.ops = ops
-        self._lock = threading.Lock()
-        #: (op stream position, file bytes done there), oldest first; the first at or before the socket
-        self._marks: deque[tuple[int, int]] = deque([(0, 0)])
+        #: file bytes done by op stream position; past the last mark, the entry being added now
+        self._marks = SentMarks(ops.on_socket, (0,), beyond=True)
         #: file bytes of the entries done, sent or not
         self.done = 0
 
     def entry_done(self, file_bytes: int) -> None:
         """Entries of ``file_bytes`` are in the op stream (call on the thread that adds to it)."""
-        with self._lock:
-            self.done += file_bytes
-            self._marks.append((self.ops.added, self.done))
+        self.done += file_bytes
+        self._marks.add(self.ops.added, (self.done,))
 
     def sent(self) -> int:
         """File bytes whose operations have reached the socket (any thread)."""
-        at = self.ops.on_socket()
-        with self._lock:
-            marks = self._marks
-            while len(marks) > 1 and marks[1][0] <= at:
-                marks.popleft()
-            pos0, done0 = marks[0]
-            if len(marks) == 1:  # past the last mark: the entry being added now
-                return done0 + (at - pos0)
-            pos1, done1 = marks[1]
-            return done0 + (done1 - done0) * (at - pos0) // (pos1 - pos0)
+        return self._marks.value()[0]
 
 
 class RoundReports:

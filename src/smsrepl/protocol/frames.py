@@ -100,7 +100,7 @@ from smsrepl.protocol.events import (BINARY_EVENTS, CONTROL_EVENTS, TYPES, Block
 from smsrepl.protocol.layout import (ADOPT_SESSION, CAPABILITIES, DRY_RUN, EARLY_CLOSE, HEADER, HEADER_SIZE, LEGACY_RAW,
                                      MAX_BODY, MAX_RAW, MAX_SET, MAX_SIG, PROTOCOL_VERSION, STREAMS_ASK, STREAMS_HELLO)
 from smsrepl.protocol.readers import decode
-from smsrepl.protocol.writers import encode, frame_digest
+from smsrepl.protocol.writers import encode, frame_digest, frame_size
 
 __all__ = [
     "FrameError", "FINE_BLOCK", "BINARY_EVENTS", "CONTROL_EVENTS", "TYPES", "BlockData", "BlockSet", "Checkpoint",
@@ -108,5 +108,5 @@ __all__ = [
     "RoundBegin", "RoundDone", "RoundEnd", "Scanned", "Seq", "Streams", "SigData", "SigRequest", "Status",
     "TreeData", "TreeRequest", "TreeSubset", "Welcome", "ZeroRange", "ADOPT_SESSION", "CAPABILITIES", "DRY_RUN",
     "EARLY_CLOSE", "HEADER", "HEADER_SIZE", "LEGACY_RAW", "MAX_BODY", "MAX_RAW", "MAX_SET", "MAX_SIG", "PROTOCOL_VERSION",
-    "STREAMS_ASK", "STREAMS_HELLO", "decode", "encode", "frame_digest",
+    "STREAMS_ASK", "STREAMS_HELLO", "decode", "encode", "frame_digest", "frame_size",
 ]

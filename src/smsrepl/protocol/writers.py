@@ -142,3 +142,14 @@ WRITERS: dict[type[Event], Callable[[Any], Parts]] = {
     SigData: _write_sig_data,
     ManifestData: _write_manifest,
 }
+
+
+def frame_size(ev: object) -> int:
+    """What a frame holds in memory, about (its payload; small frames count as 64 bytes)."""
+    payload = getattr(ev, "payload", None)
+    if payload is None:
+        return 64
+    try:
+        return memoryview(payload).nbytes + 64
+    except TypeError:
+        return 64

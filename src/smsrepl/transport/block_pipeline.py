@@ -23,12 +23,12 @@ from smsrepl.blocks.stream import (CHUNK_END, FRAME_BLOCKS, LEGACY_FRAME_BLOCKS,
                                    dirty_round_events, round_events)
 from smsrepl.codec import AUTO_LEVELS, RAW, AdaptiveChoice, Compressor
 from smsrepl.kernels import FINE_BLOCK
+from smsrepl.control.sent_marks import SentMarks
 from smsrepl.protocol import frames as F
 from smsrepl.stages import StageClock
 from smsrepl.throttle import CpuCap
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.frame_order import frame_size
 from smsrepl.transport.reused_buffers import ReusedBuffers
 
 BlockFrame = F.BlockData | F.BlockSet
@@ -105,85 +105,53 @@ class PendingDigests:
         del pending[:i]
 
 
-class InFlight:
-    """What the round's writer is sending between two of its reports, so that progress moves
-    while a frame leaves slowly (an 8 MiB frame takes 8 s at a limit of 8 Mbit/s): the span
-    of source and data bytes the batch's report will claim, the data bytes of the batch
-    already sent, and the frame going now with the connection's written count as it began."""
-
-    __slots__ = ("_state",)
-
-    def __init__(self) -> None:
-        self._state: tuple[int, int, int, int, int, int, int, int] | None = None
-
-    def frame(self, span: tuple[int, int, int, int], raw_done: int, frame_raw: int, frame_wire: int,
-              written: int) -> None:
-        self._state = (*span, raw_done, frame_raw, frame_wire, written)
-
-    def clear(self) -> None:
-        self._state = None
-
-    def now(self, written: int) -> tuple[int, int] | None:
-        """(source offset, data bytes) sent by now, given the connection's written count;
-        None between frames. Never beyond what the batch's report will say."""
-        state = self._state
-        if state is None:
-            return None
-        pos0, pos1, raw0, raw1, raw_done, frame_raw, frame_wire, written0 = state
-        part = min(1.0, max(0.0, (written - written0) / frame_wire)) if frame_wire > 0 else 0.0
-        raw = min(raw1, raw_done + int(part * frame_raw))
-        pos = pos0 + (pos1 - pos0) * (raw - raw0) // (raw1 - raw0) if raw1 > raw0 else pos0
-        return pos, raw
-
-
 def send_round(chan: Channel, source: BlockSource, *, start: int, against: ManifestFile | None,
                dirty: FrozenMarks | None, digests: PendingDigests, compression: Compression, replies: Replies,
                clock: StageClock, peer_caps: frozenset, report: Callable[[int, int], None], streams: int = 1,
-               inflight: InFlight | None = None) -> int:
+               marks: SentMarks | None = None) -> int:
     """Send one round's frames from ``start`` (a sync round's against the manifest copy
     ``against``; with ``dirty``, a frozen dirty map, only the blocks it names); returns the
-    source bytes sent as data. ``report(source offset covered, data bytes)`` as frames reach
-    the socket, and ``inflight`` told of each data frame as it begins to go; ``streams``: the
-    connections the session runs over (frame_blocks)."""
+    source bytes sent as data. ``report(source offset covered, data bytes)`` once a batch's
+    frames were handed to the channel; ``marks`` get, for each frame, the channel's frame bytes
+    by which it will have reached the socket and what the round will then have sent (progress
+    reports; several connections queue frames, and a paced frame leaves over seconds);
+    ``streams``: the connections the session runs over (frame_blocks)."""
     out: queue.Queue = queue.Queue(maxsize=2)
     writer_error: list[BaseException] = []
     adapt = compression.adapt
 
     def writer() -> None:
-        reported = (start, 0)  # what the last report claimed: (source offset, data bytes)
+        raw_done = 0  # data bytes handed to the channel
         try:
             while True:
                 work = out.get()
                 if work is None:
                     return
                 batch, covered, raw = work
-                raw_done = reported[1]
                 for item, level in batch:
                     frame, buf = item.result() if isinstance(item, Future) else (item, None)
                     # a CHECKPOINT may cover this frame once it is sent: allow it first
                     replies.sent_to = max(replies.sent_to, frame_end(frame))
                     data = isinstance(frame, (F.BlockData, F.BlockSet))
-                    if inflight is not None and data:
-                        inflight.frame((reported[0], covered, reported[1], raw), raw_done,
-                                       source_bytes(frame), frame_size(frame), chan.wire_sent)
-                    t0 = time.perf_counter()
-                    chan.send(frame)
                     if data:
                         raw_done += source_bytes(frame)
+                    if marks is not None:
+                        marks.add(chan.frame_bytes_queued + F.frame_size(frame), (frame_end(frame), raw_done))
+                    t0 = time.perf_counter()
+                    chan.send(frame)
                     dt = time.perf_counter() - t0
                     clock.add("send", dt)
                     if adapt is not None and data:
                         # the frame's own bytes: over several connections send() returns once the
                         # frame is queued, and the wire counters move with other frames
-                        adapt.record_send(level, source_bytes(frame), frame_size(frame), dt)
+                        adapt.record_send(level, source_bytes(frame), F.frame_size(frame), dt)
                     # sent: a channel has written it, several connections' copied it (stripes.owned)
                     compression.buffers.give(buf)
                 faults.point("sender.data")
-                # progress counts what reached the socket, not what was read ahead
+                if marks is not None:
+                    marks.add(chan.frame_bytes_queued, (covered, raw))
                 report(covered, raw)
-                reported = (covered, raw)
-                if inflight is not None:
-                    inflight.clear()
+                raw_done = raw
         except BaseException as exc:
             writer_error.append(exc)
             while out.get() is not None:  # drain so the producer never blocks forever

@@ -17,12 +17,12 @@ from smsrepl.transport.tls_errors import classify_ssl_error
 from smsrepl.transport.tlsio import TLSStream
 from smsrepl.protocol import RECEIVER, Connection, ConnectionClosed
 from smsrepl.protocol.connection import DIRECT_BODY_MIN
-from smsrepl.protocol.frames import Event
+from smsrepl.protocol.frames import Event, frame_size
 
 #: bytes per speed-limiter payment when a limit applies
 THROTTLE_SLICE = 64 << 10
 #: bytes a large frame is written in when no limit applies (counted in wire_sent as each goes)
-UNPACED_SLICE = 1 << 20
+UNPACED_SLICE = 256 << 10
 #: bytes read at a time outside a large frame body (a body is read in place): what a read
 #: takes beyond the frame header goes through the connection's buffer and is copied into the
 #: body; 1 MiB reads passed most of each 8 MiB frame's first MiB that way, into a buffer
@@ -41,6 +41,10 @@ class Channel:
         #: moves while a frame leaves over seconds
         self.wire_sent = 0
         self.wire_received = 0
+        #: frame_size() of every frame handed to send(), and (of those on the socket, the frame
+        #: going now's, its encoded size, wire_sent as it began): a sender's progress (SentMarks)
+        self.frame_bytes_queued = 0
+        self._going = (0, 0, 0, 0)
         # TLS 1.3 clients learn that the server refused their certificate only
         # at their first read: until an event arrives, TLS errors are auth errors
         self._first_read = True
@@ -57,14 +61,25 @@ class Channel:
         #: when the last frame went (time.monotonic()): keepalives are sent only into a silence
         self.sent_at = time.monotonic()
 
+    def frame_bytes_sent(self) -> int:
+        """frame_size() of the frames on the socket, the one going now's in part (any thread)."""
+        done, units, size, written0 = self._going
+        if not units:
+            return done
+        return done + units * min(size, max(0, self.wire_sent - written0)) // max(1, size)
+
     def send(self, event: Event) -> None:
+        units = frame_size(event)
         with self._state_lock:
             parts = self.conn.send(event)
+            self.frame_bytes_queued += units
         size = sum(len(p) for p in parts)
         limiter = self.limiter
         # unlimited right now: whole frames (a limit set meanwhile applies from the next frame)
         throttle = limiter.throttle if limiter is not None and limiter.current()[0] is not None else None
         with self._send_lock:
+            done = self._going[0]
+            self._going = (done, units, size, self.wire_sent)
             try:
                 for part in parts:
                     if throttle is None and len(part) <= UNPACED_SLICE:
@@ -84,6 +99,7 @@ class Channel:
                         self.wire_sent += len(piece)
             except (OSError, ssl.SSLError) as exc:
                 raise TransportError(f"connection lost while sending: {exc}") from None
+            self._going = (done + units, 0, 0, 0)
             self.sent_at = time.monotonic()
         if self.on_sent is not None:
             self.on_sent(size)

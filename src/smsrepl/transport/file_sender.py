@@ -454,29 +454,30 @@ class FileSender(SenderBase):
         auto, cap = self.level == "auto", self.cpu_cap
         ops = self._ops = OpStream(chan.send, Compressor(DEFAULT_LEVEL if isinstance(self.level, str) else self.level),
                                    (lambda: cap.pace(self._stopped)) if cap else None, adaptive=auto,
-                                   written=lambda: chan.wire_sent)
+                                   wire=chan)
         sent = SentProgress(ops)
         reports = RoundReports(self.tracker, self.on_report, sent, lambda: chan.wire_sent - wire0) \
             if self.tracker is not None and self.on_report is not None else None
-        try:
-            target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
-            target.deletion_limit = deletion_limit  # read by files.local.sync_tree
-            with Ticker(reports.update) if reports is not None else contextlib.nullcontext():
+        # reports go on until the receiver confirms the round: the last batches may still be leaving
+        with Ticker(reports.update) if reports is not None else contextlib.nullcontext():
+            try:
+                target = RemoteTarget(listing, ops, signature=lambda path, bs: self._signature(chan, path, bs))
+                target.deletion_limit = deletion_limit  # read by files.local.sync_tree
                 stats = sync_tree(self.source, target, rules=self.rules, kind=kind, checksum=self.checksum,
                                   on_done=functools.partial(self._on_done, sent, reports), entries=entries,
                                   walk_errors=entries.errors)
-            if entries.filter is not None and dirs is None:  # a part of the tree says nothing of the rest
-                stats.unmatched_rules = entries.filter.unmatched()
-            self.literal_bytes = target.literal_bytes
-            listing.wait(whole=True)  # ROUND_END only after the whole listing (its state machine)
-            chan.send(F.RoundEnd(round_id))
-        except TransportError:
-            # the receiver usually hung up after saying why: prefer its ERROR frame
-            self._recv(chan, F.RoundDone)
-            raise
-        finally:
-            ops.close()
-        done = self._recv(chan, F.RoundDone)
+                if entries.filter is not None and dirs is None:  # a part of the tree says nothing of the rest
+                    stats.unmatched_rules = entries.filter.unmatched()
+                self.literal_bytes = target.literal_bytes
+                listing.wait(whole=True)  # ROUND_END only after the whole listing (its state machine)
+                chan.send(F.RoundEnd(round_id))
+            except TransportError:
+                # the receiver usually hung up after saying why: prefer its ERROR frame
+                self._recv(chan, F.RoundDone)
+                raise
+            finally:
+                ops.close()
+            done = self._recv(chan, F.RoundDone)
         if done.round_id != round_id:
             raise RemoteProtocolError(f"ROUND_DONE for round {done.round_id}, expected {round_id}")
         wire = chan.wire_sent - wire0

@@ -20,23 +20,13 @@ import time
 from collections import deque
 
 from smsrepl.errors import RemoteProtocolError
+from smsrepl.protocol.frames import frame_size
 
 #: bytes of frames read ahead of their turn a session holds at most
 HOLD_BYTES = 64 << 20
 #: what a frame held costs beyond frame_size(): its event object, its entry and its number
 #: (about 190 bytes measured for a SCANNED frame, whose frame_size is 64)
 HELD_COST = 256
-
-
-def frame_size(ev: object) -> int:
-    """What a frame holds in memory, about (its payload; small frames count as 64 bytes)."""
-    payload = getattr(ev, "payload", None)
-    if payload is None:
-        return 64
-    try:
-        return memoryview(payload).nbytes + 64
-    except TypeError:
-        return 64
 
 
 class FrameOrder:

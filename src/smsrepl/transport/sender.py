@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,13 +25,14 @@ from smsrepl.blocks.stream import FRAME_BLOCKS, LEGACY_FRAME_BLOCKS, round_event
 from smsrepl.codec import DEFAULT_LEVEL
 from smsrepl.errors import RemoteProtocolError, ReplicationError, SourceError, StateError, TransportError
 from smsrepl.control.progress import ProgressTracker, subtask_for
+from smsrepl.control.sent_marks import SentMarks
 from smsrepl.protocol import CAPABILITIES
 from smsrepl.throttle import CpuCap, OverSpeedGuard, SpeedSchedule
 from smsrepl.stages import StageClock
 from smsrepl.control.state import Event as StateEvent
 from smsrepl.control.state import SessionState, SessionStateMachine, StatePair
 from smsrepl.protocol import frames as F
-from smsrepl.transport.block_pipeline import Compression, InFlight, PendingDigests, send_round
+from smsrepl.transport.block_pipeline import Compression, PendingDigests, send_round
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT
@@ -140,9 +140,8 @@ class Sender(SenderBase):
         """What one session's threads share; fresh for every run() or check()."""
         self.tracker: ProgressTracker | None = None
         self._last_report = 0.0
-        self._report_lock = threading.Lock()
-        #: what the round's writer last reported: (source offset, data bytes)
-        self._reported = (0, 0)
+        #: the running round's progress by the channel's frame bytes on the socket (with reports)
+        self._marks: SentMarks | None = None
         self._wire0 = 0
         self._peer_caps: frozenset = frozenset()
         self.replies = Replies()
@@ -267,7 +266,6 @@ class Sender(SenderBase):
         self._state(StateEvent.SYNC_START if kind == "sync" else StateEvent.START)
         self.tracker = ProgressTracker(subtask_for("block", first_copy=kind == "full"), source.size - start,
                                        host_sampler=self.host_sampler)
-        self._reported = (start, 0)
         chan.limiter = self.limiter
         chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
@@ -282,19 +280,24 @@ class Sender(SenderBase):
         # a CHECKPOINT may name only this round and only what was sent already
         self.replies.round_id, self.replies.sent_to = round_id, start
         self.position = (start, source.size)
+        self._marks = SentMarks(chan.frame_bytes_sent, (start, 0), at=chan.frame_bytes_queued) \
+            if self.on_report is not None else None
+        # reports go on until the receiver confirms the round: the last frames may still be leaving
+        ticker = Ticker(lambda: self._tick(chan, start)) if self._marks is not None else contextlib.nullcontext()
         try:
-            chan.send(F.RoundBegin(round_id, kind, start))
-            self._state(StateEvent.COPY_RUNNING)
-            data_bytes = self._stream(chan, source, cache if kind == "sync" else None, kind, start, cache,
-                                      scope.frozen if scope.map_driven else None)
-            self.replies.sent_to = source.size
-            chan.send(F.RoundEnd(round_id))
-            # the connection's last round: its CLOSE goes now, not a round trip after ROUND_DONE
-            closing = F.EARLY_CLOSE in self._peer_caps
-            if closing:
-                chan.send(F.Close("done"))
-            faults.point("sender.round_end")
-            self.replies.done.wait(IO_TIMEOUT)
+            with ticker:
+                chan.send(F.RoundBegin(round_id, kind, start))
+                self._state(StateEvent.COPY_RUNNING)
+                data_bytes = self._stream(chan, source, cache if kind == "sync" else None, kind, start, cache,
+                                          scope.frozen if scope.map_driven else None)
+                self.replies.sent_to = source.size
+                chan.send(F.RoundEnd(round_id))
+                # the connection's last round: its CLOSE goes now, not a round trip after ROUND_DONE
+                closing = F.EARLY_CLOSE in self._peer_caps
+                if closing:
+                    chan.send(F.Close("done"))
+                faults.point("sender.round_end")
+                self.replies.done.wait(IO_TIMEOUT)
             if self.replies.failure is not None:
                 raise self.replies.failure
             if self.replies.round_done is None:
@@ -442,42 +445,27 @@ class Sender(SenderBase):
 
     def _stream(self, chan: Channel, source: BlockSource, against: ManifestFile | None, kind: str,
                 start: int, cache: ManifestFile, dirty: FrozenMarks | None = None) -> int:
-        """Send one round's frames (block_pipeline.py); progress as they reach the socket, and
-        at least every REPORT_EVERY seconds while one goes slowly (a speed limit, a slow link)."""
+        """Send one round's frames (block_pipeline.py); ``self._marks`` (reports) told of each."""
         self._digests = PendingDigests(cache)
-        total = source.size - start
-        inflight = InFlight() if self.on_report is not None else None
-        ticker = Ticker(lambda: self._tick(inflight, chan, start)) if inflight is not None else contextlib.nullcontext()
-        with ticker:
-            return send_round(chan, source, start=start, against=against, dirty=dirty, digests=self._digests,
-                              compression=self.compression, replies=self.replies, clock=self.clock,
-                              peer_caps=self._peer_caps,
-                              streams=(self._planned or 1) if "streams" in self._peer_caps else 1,
-                              report=lambda covered, raw: self._report(covered, start, total, raw, chan),
-                              inflight=inflight)
+        return send_round(chan, source, start=start, against=against, dirty=dirty, digests=self._digests,
+                          compression=self.compression, replies=self.replies, clock=self.clock,
+                          peer_caps=self._peer_caps,
+                          streams=(self._planned or 1) if "streams" in self._peer_caps else 1,
+                          report=lambda covered, raw: setattr(self, "position", (covered, source.size)),
+                          marks=self._marks)
 
-    def _tick(self, inflight: InFlight, chan: Channel, start: int) -> None:
-        """A report when the writer's own are more than REPORT_EVERY apart: what the frame going
-        now has put on the socket so far (the first one as the round begins: a bar shows at once)."""
-        with self._report_lock:
-            if time.monotonic() - self._last_report >= REPORT_EVERY and self.tracker is not None:
-                pos, raw = inflight.now(chan.wire_sent) or self._reported
-                self._emit(pos, start, raw, chan)
+    def _tick(self, chan: Channel, start: int) -> None:
+        """A report every REPORT_EVERY seconds of what reached the socket (the first as the
+        round begins: a bar shows at once)."""
+        if self._marks is not None and time.monotonic() - self._last_report >= REPORT_EVERY:
+            pos, raw = self._marks.value()
+            self._emit(pos, start, raw, chan)
 
-    def _report(self, pos: int, start: int, total: int, sent: int, chan: Channel) -> None:
-        """Feed the 5.4.8 tracker with what reached the socket; emit a report at most once a second."""
-        if self.tracker is None:
-            return
-        with self._report_lock:
-            self.position = (pos, start + total)
-            self._reported = (pos, sent)
-            self._emit(pos, start, sent, chan, due=time.monotonic() - self._last_report >= REPORT_EVERY)
-
-    def _emit(self, pos: int, start: int, sent: int, chan: Channel, due: bool = True) -> None:
+    def _emit(self, pos: int, start: int, sent: int, chan: Channel) -> None:
         assert self.tracker is not None  # the tracker keeps its figures from going back
         self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
         if self.trace is not None:
             self.tracker.set_trace(self.trace())
-        if self.on_report is not None and due:
+        if self.on_report is not None:
             self._last_report = time.monotonic()
             self.on_report(self.tracker.report())

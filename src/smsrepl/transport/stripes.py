@@ -29,7 +29,6 @@ from smsrepl.errors import ReplicationError, TransportError
 from smsrepl.protocol import frames as F
 from smsrepl.protocol.connection import STREAM_FRAMES
 from smsrepl.transport.channel import Channel
-from smsrepl.transport.frame_order import frame_size
 from smsrepl.transport.limits import STREAM_KEEPALIVE
 from smsrepl.transport.reused_buffers import ReusedBuffers
 
@@ -40,6 +39,9 @@ LANE_BYTES = 8 << 20
 
 #: seconds close() lets the writers finish what is queued, all together
 CLOSE_WAIT = 5.0
+
+#: frame_size() of the SEQ each frame is sent after
+SEQ_SIZE = F.frame_size(F.Seq(0))
 
 #: copy buffers kept for reuse
 KEEP_BUFFERS = 16
@@ -94,6 +96,9 @@ class Stripes(Channel):
         self._failure: BaseException | None = None
         self._closing = False
         self._buffers = ReusedBuffers(keep=KEEP_BUFFERS)
+        #: frame_size() of the frames handed to send() (each with its SEQ), and of what the
+        #: connections had sent when they joined: frame_bytes_sent() counts those too
+        self.frame_bytes_queued = main.frame_bytes_queued
         self._lanes = [_Lane(main, 0)]
         for chan in extra:
             self.add(chan)
@@ -111,6 +116,9 @@ class Stripes(Channel):
     @wire_sent.setter
     def wire_sent(self, value: int) -> None:
         raise AttributeError("wire_sent of several connections is their sum")
+
+    def frame_bytes_sent(self) -> int:
+        return sum(lane.chan.frame_bytes_sent() for lane in self._lanes)
 
     @property
     def wire_received(self) -> int:
@@ -161,6 +169,7 @@ class Stripes(Channel):
                 chan.close()
                 return
             chan.limiter, chan.on_sent = self.main.limiter, self.main.on_sent
+            self.frame_bytes_queued += chan.frame_bytes_sent()
             lane = _Lane(chan, len(self._lanes))
             self._lanes.append(lane)
             # started under the lock: close() never finds a lane whose thread is not started
@@ -177,7 +186,7 @@ class Stripes(Channel):
 
     def send(self, event: F.Event) -> None:
         data = isinstance(event, STREAM_FRAMES)
-        size = frame_size(event)
+        size = F.frame_size(event)
         event, buf = owned(event, self._buffers)
         with self._cond:
             while True:
@@ -191,6 +200,7 @@ class Stripes(Channel):
                 self._cond.wait(ROOM_WAIT)
             lane.items.append((self._seq, event, size, buf))
             lane.queued += size
+            self.frame_bytes_queued += size + SEQ_SIZE
             self._seq += 1
             self._cond.notify_all()
 
