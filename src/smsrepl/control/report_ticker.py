@@ -1,6 +1,6 @@
-"""A thread that gives a round's progress a chance to be reported every so often, so that
-reports keep coming while data leaves slowly (a speed limit, a slow link) and the round's
-own reports, made as frames reach the socket, are seconds apart."""
+"""A thread that reports a round's progress every so often: reports keep coming while data
+leaves slowly (a speed limit, a slow link, frames queued on several connections) and until
+the receiver confirms the round."""
 from __future__ import annotations
 
 import threading
