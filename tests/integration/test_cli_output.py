@@ -2,6 +2,7 @@
 JSON summary only with --json, --progress json stdout of 5.4.8 reports only, and a progress bar
 that log lines never run through and that is closed before the summary."""
 import json
+import os
 import re
 import signal
 import subprocess
@@ -156,6 +157,38 @@ def test_the_bar_never_runs_through_log_lines_and_is_closed_before_the_summary(l
     assert "100%|" in last_bar and "on the wire, average]" in last_bar, repr(last_bar)
     assert not re.search(r"[ ,]0 (bit|Mbit)/s", last_bar), repr(last_bar)
     assert "%|" not in visible[-2] and text.count("sent ") == 1
+    assert sha256(lab["source"]) == sha256(lab["target"])
+
+
+def test_the_bar_is_drawn_on_a_terminal_that_reports_no_size(lab, tmp_path):
+    # a serial console (a cloud VM's) or an unsized pty says 0 columns: tqdm drew a bar of no
+    # width, that is nothing, for the whole copy
+    write_image(lab["source"], 8 * MiB, seed=3, mix={"random": 1.0})
+    limit = tmp_path / "limit.json"
+    limit.write_text(json.dumps({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 32}]}))
+    leader, follower = os.openpty()  # a new pty's size is 0 x 0
+    assert os.get_terminal_size(follower).columns == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    try:
+        proc = subprocess.Popen(_block(lab, "--level", "0", "--progress", "bar", "--speed-limit", str(limit)),
+                                stdout=subprocess.PIPE, stderr=follower, env=env)
+        os.close(follower)
+        out = bytearray()
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            out.extend(chunk)
+        assert proc.wait(60) == 0, out.decode(errors="replace")
+    finally:
+        os.close(leader)
+    drawings = [d for d in out.decode(errors="replace").split("\r") if "%|" in d]
+    assert len(drawings) >= 3, out  # 8 MiB at 32 Mbit/s: 2 s, a drawing a second, the last two
+    assert any(re.search(r" [1-9]\d%\|", d) for d in drawings), drawings  # one on the way
+    assert all(len(d.strip()) <= 80 for d in drawings), drawings
     assert sha256(lab["source"]) == sha256(lab["target"])
 
 

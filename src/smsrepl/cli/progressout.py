@@ -3,6 +3,8 @@ progress bar on stderr with the operator's lines written above it)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from contextlib import AbstractContextManager
 
@@ -10,6 +12,20 @@ TYPE_CHECKING = False  # typing itself would cost every command 3 ms of imports
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+
+def bar_width() -> dict:
+    """tqdm's size arguments: the terminal's, followed as it is resized; a terminal that reports
+    no size (a serial console, a pty nobody sized: 0 x 0) gets COLUMNS and LINES or 80 x 24,
+    where tqdm would draw a bar of no width below a screen of no height: nothing at all."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # not a terminal
+        return {"dynamic_ncols": True}
+    if size.columns and size.lines:
+        return {"dynamic_ncols": True}
+    columns, lines = shutil.get_terminal_size()
+    return {"ncols": columns, "nrows": lines}
 
 
 class ProgressOutput:
@@ -32,7 +48,7 @@ class ProgressOutput:
             bar = self.bar
             if bar is None:
                 bar = self.bar = tqdm(total=rep["totalsize"], unit="B", unit_scale=True, unit_divisor=1024,
-                                      desc=rep["subtask_name"], file=sys.stderr, dynamic_ncols=True)
+                                      desc=rep["subtask_name"], file=sys.stderr, **bar_width())
                 self._redirect = logging_redirect_tqdm()
                 self._redirect.__enter__()
             # the rate first: update() draws the bar, with the postfix set by then
