@@ -192,6 +192,41 @@ def test_the_bar_is_drawn_on_a_terminal_that_reports_no_size(lab, tmp_path):
     assert sha256(lab["source"]) == sha256(lab["target"])
 
 
+@pytest.mark.parametrize("kind", ["block", "files"])
+def test_a_reader_of_the_reports_that_goes_away_stops_the_reports_not_the_transfer(lab, tmp_path, kind):
+    # `| head -1`, or an agent's wrapper that died: the next report met EPIPE and the run ended
+    # in a traceback (files: exit 1; block: "this sender's state ...: Broken pipe", exit 3)
+    limit = tmp_path / "limit.json"
+    limit.write_text(json.dumps({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 32}]}))
+    rx = None
+    if kind == "block":
+        write_image(lab["source"], 8 * MiB, seed=3, mix={"random": 1.0})
+        args = _block(lab, "--level", "0", "--progress", "json", "--speed-limit", str(limit))
+    else:
+        src, dst = tmp_path / "src", tmp_path / "dst"
+        (src / "d").mkdir(parents=True)
+        dst.mkdir()
+        write_image(str(src / "d" / "big"), 8 * MiB, seed=3, mix={"random": 1.0})
+        rx = ReceiverProc(lab["ck"], {"tree": str(dst)}, str(tmp_path / "rx-files"))
+        args = _files(tmp_path, rx, lab["ck"], "--level", "0", "--progress", "json", "--speed-limit", str(limit))
+    try:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        json.loads(proc.stdout.readline())  # the first report, and the reader goes
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(60) == 0, err
+    finally:
+        if rx is not None:
+            rx.stop()
+    lines = err.splitlines()
+    assert lines[0] == "progress reports stopped: stdout is closed (Broken pipe); the transfer goes on", err
+    assert len(lines) == 2 and lines[1].startswith("sent "), err  # the summary; no traceback
+    if kind == "block":
+        assert sha256(lab["source"]) == sha256(lab["target"])
+    else:
+        assert _same_tree(src, dst)
+
+
 def test_json_progress_moves_every_second_while_one_frame_is_paced(lab, tmp_path):
     # one 8 MiB frame at 16 Mbit/s: about 4 s on the socket. Reports came only as a read
     # chunk's frames had left, so none between the start and the end of that frame

@@ -39,6 +39,29 @@ class ProgressOutput:
         self._redirect: AbstractContextManager[None] | None = None  # tqdm's logging redirect while a bar is shown
 
     def report(self, rep: dict) -> None:
+        try:
+            self._report(rep)
+        except OSError as exc:  # the reader of the reports went away (a pipe's: EPIPE)
+            self._lost(exc)
+
+    def _lost(self, exc: OSError) -> None:
+        """Reports can no longer be written: none after this one, and the transfer goes on (what
+        watches a copy is not part of it; stopping it is Ctrl-C's job)."""
+        stream = sys.stdout if self.mode == "json" else sys.stderr
+        self.mode = "none"
+        self.bar = None  # its stream is gone: not even closing it can draw
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+        try:  # later writes, and the interpreter's flush at exit, go nowhere instead of failing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):
+            pass
+        name = "stdout" if stream is sys.stdout else "stderr"
+        print(f"progress reports stopped: {name} is closed ({exc.strerror or exc}); the transfer goes on",
+              file=sys.stderr, flush=True)
+
+    def _report(self, rep: dict) -> None:
         if self.mode == "json":
             print(json.dumps(rep, ensure_ascii=False), flush=True)
         elif self.mode == "bar":
