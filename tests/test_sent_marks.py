@@ -43,3 +43,4 @@ def test_marks_behind_the_socket_are_dropped_as_new_ones_come():
     assert len(marks._marks) <= sent_marks.KEEP + 1
     on_socket[0] = 10 * (10 * sent_marks.KEEP - 1)
     assert marks.value() == (10 * sent_marks.KEEP - 1,)
+

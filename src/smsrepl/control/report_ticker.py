@@ -3,8 +3,11 @@ leaves slowly (a speed limit, a slow link, frames queued on several connections)
 the receiver confirms the round."""
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
+
+log = logging.getLogger("smsrepl.progress")
 
 #: seconds between progress reports while a round runs
 REPORT_EVERY = 1.0
@@ -30,6 +33,10 @@ class Ticker:
 
     def _run(self) -> None:
         while True:
-            self._tick()
+            try:
+                self._tick()
+            except Exception as exc:  # what watches a copy is not part of it: the copy goes on
+                log.warning("progress reports stopped: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                return
             if self._stop.wait(self._every):
                 return
