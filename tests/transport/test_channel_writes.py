@@ -58,3 +58,38 @@ def test_a_large_frame_under_a_limit_is_paid_and_counted_in_smaller_slices():
     assert max(sizes) <= THROTTLE_SLICE
     assert sum(limiter.paid) == sum(sizes) == chan.wire_sent
     assert [w for _, w in stream.writes] == [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def test_what_the_kernel_holds_unacknowledged_is_not_counted_as_sent():
+    import socket
+    import threading
+    import time
+
+    data = np.random.default_rng(5).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # a peer that takes little
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    try:
+        s, _ = pair_in_round()
+        chan = Channel(client, s)
+        sender = threading.Thread(target=chan.send, args=(block(0, data),))
+        sender.start()
+        deadline = time.monotonic() + 10
+        while chan.unacknowledged() < 64 << 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held = chan.unacknowledged()
+        assert held >= 64 << 10  # the peer reads nothing: the kernel holds what it took
+        assert chan.frame_bytes_sent() <= chan.wire_sent - held + 64
+        reader = threading.Thread(target=lambda: [None for _ in iter(lambda: peer.recv(1 << 20), b"")])
+        reader.start()  # the peer reads it all now
+        sender.join(10)
+        client.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        while chan.unacknowledged() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chan.frame_bytes_sent() == chan.frame_bytes_queued
+    finally:
+        client.close()
+        peer.close()
+        server.close()

@@ -5,8 +5,11 @@ thread may send while another receives.
 """
 from __future__ import annotations
 
+import fcntl
 import socket
 import ssl
+import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -62,11 +65,24 @@ class Channel:
         self.sent_at = time.monotonic()
 
     def frame_bytes_sent(self) -> int:
-        """frame_size() of the frames on the socket, the one going now's in part (any thread)."""
+        """frame_size() of the frames on the socket, the one going now's in part, less what the
+        kernel holds unacknowledged (any thread): what the peer has, about. A socket's send
+        buffer grows to megabytes on a long link, seconds of a slow one."""
         done, units, size, written0 = self._going
-        if not units:
-            return done
-        return done + units * min(size, max(0, self.wire_sent - written0)) // max(1, size)
+        if units:
+            done += units * min(size, max(0, self.wire_sent - written0)) // max(1, size)
+        return max(0, done - self.unacknowledged())
+
+    def unacknowledged(self) -> int:
+        """Bytes in the socket's send queue (TCP: not yet acknowledged by the peer); 0 where
+        the socket cannot say."""
+        raw: socket.socket | None = getattr(self.sock, "raw", None)  # a TLSStream's TCP socket
+        try:
+            out = fcntl.ioctl(raw.fileno() if raw is not None else self.sock.fileno(),  # type: ignore[attr-defined]
+                              termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, ValueError, AttributeError):  # closed, not a socket, a test's stand-in
+            return 0
+        return int.from_bytes(out, sys.byteorder, signed=True)
 
     def send(self, event: Event) -> None:
         units = frame_size(event)

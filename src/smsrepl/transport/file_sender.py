@@ -456,7 +456,7 @@ class FileSender(SenderBase):
                                    (lambda: cap.pace(self._stopped)) if cap else None, adaptive=auto,
                                    wire=chan)
         sent = SentProgress(ops)
-        reports = RoundReports(self.tracker, self.on_report, sent, lambda: chan.wire_sent - wire0) \
+        reports = RoundReports(self.tracker, self.on_report, sent, lambda: chan.wire_sent - wire0 - chan.unacknowledged()) \
             if self.tracker is not None and self.on_report is not None else None
         # reports go on until the receiver confirms the round: the last batches may still be leaving
         with Ticker(reports.update) if reports is not None else contextlib.nullcontext():

@@ -463,7 +463,7 @@ class Sender(SenderBase):
 
     def _emit(self, pos: int, start: int, sent: int, chan: Channel) -> None:
         assert self.tracker is not None  # the tracker keeps its figures from going back
-        self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0, sent)
+        self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0 - chan.unacknowledged(), sent)
         if self.trace is not None:
             self.tracker.set_trace(self.trace())
         if self.on_report is not None:

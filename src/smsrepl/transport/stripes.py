@@ -120,6 +120,9 @@ class Stripes(Channel):
     def frame_bytes_sent(self) -> int:
         return sum(lane.chan.frame_bytes_sent() for lane in self._lanes)
 
+    def unacknowledged(self) -> int:
+        return sum(lane.chan.unacknowledged() for lane in self._lanes)
+
     @property
     def wire_received(self) -> int:
         return self.main.wire_received
