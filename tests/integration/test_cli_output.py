@@ -256,12 +256,12 @@ def _same_tree(a, b) -> bool:
 
 
 def test_json_progress_of_a_file_send_follows_the_socket_every_second(tmp_path, certkey_file):
-    # one 12 MiB file at 16 Mbit/s (2 MB/s): about 6 s on the socket. Files counted as done when
-    # read: 99% came 2 s in (the op stream holds batches ahead of the socket), then nothing for 4 s
+    # one 9 MiB file at 16 Mbit/s (2 MB/s): about 4.5 s on the socket. Files counted as done when
+    # read: 99% came 2 s in (the op stream holds batches ahead of the socket), then nothing
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "d").mkdir(parents=True)
     dst.mkdir()
-    write_image(str(src / "d" / "big"), 12 * MiB, seed=5, mix={"random": 1.0})
+    write_image(str(src / "d" / "big"), 9 * MiB, seed=5, mix={"random": 1.0})
     for i in range(3):
         (src / "d" / f"small{i}").write_bytes(bytes([i]) * 50_000)
     limit = tmp_path / "limit.json"

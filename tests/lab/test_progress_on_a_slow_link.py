@@ -26,13 +26,13 @@ pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"link emulator unav
 def test_reports_follow_the_socket_every_second_on_a_slow_link(tmp_path, certkey_file, kind):
     if kind == "block":
         source = tmp_path / "src.img"
-        write_image(str(source), 8 * MiB, seed=6, mix={"random": 1.0})
+        write_image(str(source), 5 * MiB, seed=6, mix={"random": 1.0})
         target = tmp_path / "dst.img"
         spec = f"t={target}"
     else:
         source = tmp_path / "src"
         (source / "d").mkdir(parents=True)
-        write_image(str(source / "d" / "big"), 8 * MiB, seed=6, mix={"random": 1.0})
+        write_image(str(source / "d" / "big"), 5 * MiB, seed=6, mix={"random": 1.0})
         (source / "d" / "small").write_bytes(b"x" * 5000)
         target = tmp_path / "dst"
         target.mkdir()
