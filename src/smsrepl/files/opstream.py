@@ -13,7 +13,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-
 from smsrepl.codec import RAW, AdaptiveChoice, Compressor
 from smsrepl.control.sent_marks import FrameCounts, SentMarks
 from smsrepl.files.wire import BATCH, CHUNK_MAX, INLINE, KEEPALIVE
@@ -173,7 +172,6 @@ class OpStream:
         if self._marks is not None and self.wire is not None:
             self._marks.add(self.wire.frame_bytes_queued + F.frame_size(frame), (self.raw_bytes + n,))
         self.send(frame)
-        del frame
         if self.adapt is not None:
             if level:
                 self.adapt.record_compress(level, n, t1 - t0)
