@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+
+from smsrepl.control.progress import ProgressTracker
 
 log = logging.getLogger("smsrepl.progress")
 
@@ -40,3 +43,28 @@ class Ticker:
                 return
             if self._stop.wait(self._every):
                 return
+
+
+class RoundReports:
+    """A round's 5.4.8 reports: ``figures()`` (bytes replicated, on the wire, raw) fed to the
+    tracker at every update(), a report emitted at most every REPORT_EVERY seconds (the first
+    at once); ``trace()`` says what each report's process_trace carries."""
+
+    def __init__(self, tracker: ProgressTracker, on_report: Callable[[dict], None],
+                 figures: Callable[[], tuple[int, int, int]], trace: Callable[[], str] | None = None) -> None:
+        self.tracker = tracker
+        self.on_report = on_report
+        self._figures = figures
+        self._trace = trace
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def update(self) -> None:
+        with self._lock:
+            self.tracker.update(*self._figures())
+            now = time.monotonic()
+            if now - self._last >= REPORT_EVERY:
+                self._last = now
+                if self._trace is not None:
+                    self.tracker.set_trace(self._trace())
+                self.on_report(self.tracker.report())

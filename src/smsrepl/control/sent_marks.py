@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+
 class FrameCounts(Protocol):
     """What a channel (transport.channel) counts of the frames handed to it: frame_size() of
     them all, and of those on the socket, the one going now's in part."""

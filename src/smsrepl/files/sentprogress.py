@@ -9,14 +9,8 @@ whose operations are still being added (a large file read while it is sent).
 """
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
-
-from smsrepl.control.progress import ProgressTracker
 from smsrepl.control.sent_marks import SentMarks
 from smsrepl.files.opstream import OpStream
-from smsrepl.control.report_ticker import REPORT_EVERY
 
 
 class SentProgress:
@@ -36,25 +30,3 @@ class SentProgress:
         """File bytes whose operations have reached the socket (any thread)."""
         return self._marks.value()[0]
 
-
-class RoundReports:
-    """A file round's 5.4.8 reports: the tracker fed with what reached the socket, a report
-    emitted at most every REPORT_EVERY seconds, from the round's thread as entries are done
-    and from a ticker (control.report_ticker) while a batch leaves slowly."""
-
-    def __init__(self, tracker: ProgressTracker, on_report: Callable[[dict], None], sent: SentProgress,
-                 wire: Callable[[], int]) -> None:
-        self.tracker = tracker
-        self.on_report = on_report
-        self._sent = sent
-        self._wire = wire  # the round's bytes on the wire so far
-        self._lock = threading.Lock()
-        self._last = 0.0
-
-    def update(self) -> None:
-        with self._lock:
-            sent = self._sent
-            self.tracker.update(min(sent.sent(), self.tracker.totalsize), self._wire(), sent.ops.on_socket())
-            if time.monotonic() - self._last >= REPORT_EVERY:
-                self._last = time.monotonic()
-                self.on_report(self.tracker.report())

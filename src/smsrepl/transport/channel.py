@@ -73,6 +73,10 @@ class Channel:
             done += units * min(size, max(0, self.wire_sent - written0)) // max(1, size)
         return max(0, done - self.unacknowledged())
 
+    def wire_acknowledged(self) -> int:
+        """wire_sent less what the kernel holds unacknowledged: what the peer has, about."""
+        return max(0, self.wire_sent - self.unacknowledged())
+
     def unacknowledged(self) -> int:
         """Bytes in the socket's send queue (TCP: not yet acknowledged by the peer); 0 where
         the socket cannot say."""

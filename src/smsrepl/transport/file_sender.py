@@ -28,7 +28,7 @@ from smsrepl.protocol import CAPABILITIES
 from smsrepl.transport.streams_auto import StreamCount
 from smsrepl.protocol import frames as F
 from smsrepl.transport.channel import Channel
-from smsrepl.control.report_ticker import Ticker
+from smsrepl.control.report_ticker import RoundReports, Ticker
 from smsrepl.transport.sender_base import SenderBase, raise_if_error
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from smsrepl.files.deletions import LastWholeRound
     from smsrepl.files.rules import PathRules
     from smsrepl.control.progress import ProgressTracker
-    from smsrepl.files.sentprogress import RoundReports, SentProgress
+    from smsrepl.files.sentprogress import SentProgress
 
 # the file-round machinery (files.*, progress) is imported where a round first needs it:
 # open() sends HELLO and TREE_REQUEST before, and the receiver lists its tree meanwhile
@@ -431,7 +431,7 @@ class FileSender(SenderBase):
         from smsrepl.files.listing import Listing
         from smsrepl.files.opstream import OpStream
         from smsrepl.files.remote import RemoteTarget
-        from smsrepl.files.sentprogress import RoundReports, SentProgress
+        from smsrepl.files.sentprogress import SentProgress
         from smsrepl.control.progress import ProgressTracker, subtask_for
 
         listing, decomp = Listing(), Decompressor()
@@ -456,8 +456,10 @@ class FileSender(SenderBase):
                                    (lambda: cap.pace(self._stopped)) if cap else None, adaptive=auto,
                                    wire=chan)
         sent = SentProgress(ops)
-        reports = RoundReports(self.tracker, self.on_report, sent, lambda: chan.wire_sent - wire0 - chan.unacknowledged()) \
-            if self.tracker is not None and self.on_report is not None else None
+        tracker = self.tracker
+        reports = RoundReports(tracker, self.on_report, lambda: (
+            min(sent.sent(), tracker.totalsize), chan.wire_acknowledged() - wire0, ops.on_socket())) \
+            if tracker is not None and self.on_report is not None else None
         # reports go on until the receiver confirms the round: the last batches may still be leaving
         with Ticker(reports.update) if reports is not None else contextlib.nullcontext():
             try:

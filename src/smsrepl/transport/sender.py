@@ -36,7 +36,7 @@ from smsrepl.transport.block_pipeline import Compression, PendingDigests, send_r
 from smsrepl.transport.block_replies import Replies
 from smsrepl.transport.channel import Channel
 from smsrepl.transport.connect import IO_TIMEOUT
-from smsrepl.control.report_ticker import REPORT_EVERY, Ticker
+from smsrepl.control.report_ticker import RoundReports, Ticker
 from smsrepl.transport.manifest_fetch import open_cache, reconcile
 from smsrepl.transport.round_plan import BlockDryRun, check_resume_offset, plan_round, read_scope
 from smsrepl.transport.sender_base import SenderBase, welcome as expect_welcome
@@ -139,10 +139,8 @@ class Sender(SenderBase):
     def _new_session(self) -> None:
         """What one session's threads share; fresh for every run() or check()."""
         self.tracker: ProgressTracker | None = None
-        self._last_report = 0.0
         #: the running round's progress by the channel's frame bytes on the socket (with reports)
         self._marks: SentMarks | None = None
-        self._wire0 = 0
         self._peer_caps: frozenset = frozenset()
         self.replies = Replies()
         self._reconcile_note: str | None = None
@@ -269,7 +267,6 @@ class Sender(SenderBase):
         chan.limiter = self.limiter
         chan.on_sent = self._guarded_send
         wire0 = chan.wire_sent
-        self._wire0 = wire0
         # why the target is not its own until a round completes; which round this sender began,
         # once the receiver says it did (a ROUND_BEGIN that never arrived leaves that round id
         # to another sender of the session)
@@ -280,10 +277,16 @@ class Sender(SenderBase):
         # a CHECKPOINT may name only this round and only what was sent already
         self.replies.round_id, self.replies.sent_to = round_id, start
         self.position = (start, source.size)
-        self._marks = SentMarks(chan.frame_bytes_sent, (start, 0), at=chan.frame_bytes_queued) \
+        self._marks = marks = SentMarks(chan.frame_bytes_sent, (start, 0), at=chan.frame_bytes_queued) \
             if self.on_report is not None else None
         # reports go on until the receiver confirms the round: the last frames may still be leaving
-        ticker = Ticker(lambda: self._tick(chan, start)) if self._marks is not None else contextlib.nullcontext()
+        ticker: Ticker | contextlib.nullcontext = contextlib.nullcontext()
+        if marks is not None and self.on_report is not None:
+            def figures() -> tuple[int, int, int]:
+                pos, raw = marks.value()
+                return max(0, pos - start), chan.wire_acknowledged() - wire0, raw
+
+            ticker = Ticker(RoundReports(self.tracker, self.on_report, figures, self.trace).update)
         try:
             with ticker:
                 chan.send(F.RoundBegin(round_id, kind, start))
@@ -453,19 +456,3 @@ class Sender(SenderBase):
                           streams=(self._planned or 1) if "streams" in self._peer_caps else 1,
                           report=lambda covered, raw: setattr(self, "position", (covered, source.size)),
                           marks=self._marks)
-
-    def _tick(self, chan: Channel, start: int) -> None:
-        """A report every REPORT_EVERY seconds of what reached the socket (the first as the
-        round begins: a bar shows at once)."""
-        if self._marks is not None and time.monotonic() - self._last_report >= REPORT_EVERY:
-            pos, raw = self._marks.value()
-            self._emit(pos, start, raw, chan)
-
-    def _emit(self, pos: int, start: int, sent: int, chan: Channel) -> None:
-        assert self.tracker is not None  # the tracker keeps its figures from going back
-        self.tracker.update(max(0, pos - start), chan.wire_sent - self._wire0 - chan.unacknowledged(), sent)
-        if self.trace is not None:
-            self.tracker.set_trace(self.trace())
-        if self.on_report is not None:
-            self._last_report = time.monotonic()
-            self.on_report(self.tracker.report())
