@@ -7,8 +7,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from smsrepl.control.progress import ProgressTracker
+if TYPE_CHECKING:  # a file sender loads the round's machinery only once its round begins
+    from smsrepl.control.progress import ProgressTracker
 
 log = logging.getLogger("smsrepl.progress")
 
