@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -224,6 +225,22 @@ def inproc(tmp_path, bundle):
     rx.stop()
 
 
+def _stop_once(sender: Sender, reached, timeout: float = 60.0) -> None:
+    """Stop ``sender`` from another thread as soon as ``reached()`` holds: a fixed delay cuts a
+    busy machine's round before its first checkpoint (or a quiet one's after its end)."""
+    def watch():
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if reached():
+                    break
+            except (OSError, ValueError):  # not written yet, or caught mid-rewrite
+                pass
+            time.sleep(0.02)
+        sender.stop()
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def test_a_first_copy_says_why_it_copies_everything(inproc):
     result = inproc["sender"]("tx").run()
     assert result.kind == "full" and result.data_bytes == SIZE
@@ -237,10 +254,11 @@ def test_an_unfinished_first_copy_of_another_sender_is_not_taken_over(inproc, ca
     """Its data below the checkpoint may be of another source: the newcomer copies from zero."""
     slow = SpeedSchedule.from_json({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 40}]})
     first = inproc["sender"]("alice", speed_limit=slow)
-    threading.Timer(2.5, first.stop).start()
+    state_path = inproc["tmp"] / "rx" / "disk0" / "state.json"
+    _stop_once(first, lambda: json.loads(state_path.read_text())["checkpoint"] > 0)
     with pytest.raises(Exception):
         first.run()
-    state = json.loads((inproc["tmp"] / "rx" / "disk0" / "state.json").read_text())
+    state = json.loads(state_path.read_text())
     assert state["active"] and state["round_kind"] == "full" and state["checkpoint"] > 0
     with caplog.at_level(logging.WARNING, logger="smsrepl.receiver"):
         result = inproc["sender"]("bob").run()
@@ -285,10 +303,11 @@ def test_a_round_of_its_own_cut_short_once_the_receiver_began_it_reads_only_the_
             for b in changed:
                 dm.mark(b * 4096, 4096)
             cut = sender(speed_limit=slow)
-            threading.Timer(1.5, cut.stop).start()
+            record = tmp_path / "tx" / "disk0" / "session.json"
+            _stop_once(cut, lambda: json.loads(record.read_text()).get("begun") == 2)
             with pytest.raises(Exception):
                 cut.run()
-            rec = json.loads((tmp_path / "tx" / "disk0" / "session.json").read_text())
+            rec = json.loads(record.read_text())
             assert rec.get("begun") == 2 and "not_ours" not in rec, rec
             again = sender().run()
             assert again.kind == "sync" and again.dirty_blocks == len(changed), again
