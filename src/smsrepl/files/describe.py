@@ -70,7 +70,7 @@ def describe_tree(root: str | bytes, *, checksum: bool = False, compressor: Comp
     else:
         if not keep_temporaries:
             remove_temporaries(top)
-        bodies = (W.encode_entry(e, content_digest(top + b"/" + e.path) if checksum and e.kind == "file" else None)
+        bodies = (W.encode_entry(e, content_digest(top, e.path) if checksum and e.kind == "file" else None)
                   for e in walk(top, xattrs=True, on_error=lambda p, exc: None)
                   if not (keep_temporaries and any(TEMP_RE.match(c) for c in e.path.split(b"/"))))
     parts: list[bytes] = []

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import xxhash
 
 from smsrepl import kernels
+from smsrepl.files.beneath import open_beneath
 from smsrepl.files.sides import Dir, Side, child_path
 
 READ = 1 << 20
@@ -29,16 +30,20 @@ HASH_BUDGET = 32 << 20
 _tls = threading.local()
 
 
-def content_digest(path: bytes) -> bytes:
-    """XXH3-128 of a file's data, read into a buffer reused by the thread."""
+def content_digest(top: bytes, rel: bytes) -> bytes:
+    """XXH3-128 of the data of file ``top/rel`` (no symlink followed below ``top``: beneath.py),
+    read into a buffer reused by the thread."""
     buf = getattr(_tls, "buf", None)
     if buf is None:
         buf = _tls.buf = bytearray(READ)
     view = memoryview(buf)
     h = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
+    fd = open_beneath(top, rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        while n := os.readv(fd, [buf]):
             h.update(view[:n])
+    finally:
+        os.close(fd)
     return h.digest()
 
 
@@ -81,9 +86,8 @@ def hash_side(root: bytes, side: Side, want: dict[bytes, list[int]], meter: Mete
     for rel, idx in want.items():
         d = side.dirs[rel]
         dnames = d.index()[0]
-        base = root + b"/" + rel if rel else root
         try:
-            dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dfd = open_beneath(root, rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as exc:
             for i in idx:
                 side.errors[child_path(rel, dnames[i])] = exc.strerror or str(exc)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 from smsrepl import kernels
 from smsrepl.errors import RemoteProtocolError
+from smsrepl.files.beneath import lstat_beneath, open_beneath
 from smsrepl.files.decide import bring_entry, delete_gone
 from smsrepl.files.dirscan import FILE, DirBatch
 from smsrepl.files.liveread import settle_deferred
@@ -72,7 +73,7 @@ def round_by_dirs(src: bytes, t: DirRoundTarget, batches: Iterable[DirBatch], fi
             e = b.entry(i)
             if e.kind == "file" and e.nlink > 1:  # hard links are keyed by (dev, ino), which records lack
                 try:
-                    st = os.lstat(src + b"/" + e.path)
+                    st = lstat_beneath(src, e.path)
                     e.dev, e.ino = st.st_dev, st.st_ino
                 except OSError:
                     pass  # gone: send_file says so
@@ -92,9 +93,8 @@ def round_by_dirs(src: bytes, t: DirRoundTarget, batches: Iterable[DirBatch], fi
 def _read_small(src: bytes, t: DirRoundTarget, b: DirBatch, quick: list[int], stats: RoundStats) -> list[int]:
     """Send the small files at ``quick`` as FILE operations read in one native call; the
     indices it left (changed while read, vanished, ...) go the careful way."""
-    full = src + b"/" + b.rel if b.rel else src
     try:
-        fd = os.open(full, DIR_FLAGS)
+        fd = open_beneath(src, b.rel, DIR_FLAGS)
     except OSError:
         return quick
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from smsrepl import kernels
 from smsrepl.errors import ConfigError
 from smsrepl.files import wire as W
+from smsrepl.files.beneath import fd_path, lstat_beneath, open_beneath
 from smsrepl.files.names import DIR_FLAGS, TEMP_RE, TEMP_START, remove_temporary, under_temporary
 from smsrepl.files.rules import RoundFilter
 from smsrepl.files.scan import Entry, _raise, root_entry
@@ -144,7 +145,7 @@ def scan_dirs(root: str | bytes, filt: RoundFilter | None = None, *,
                 entered = []
                 for i in subdirs:
                     try:
-                        same = os.lstat(top + b"/" + batch.path(i)).st_dev == dev
+                        same = lstat_beneath(top, batch.path(i)).st_dev == dev
                     except OSError:
                         same = True  # gone meanwhile: its scan reports it
                     if same:
@@ -180,9 +181,9 @@ def _scan_one(top: bytes, rel: bytes, xattrs: bool):
     """kernels.scan_dir of directory ``rel``, or the OSError that stopped it."""
     full = top + b"/" + rel if rel else top
     try:
-        fd = os.open(full, DIR_FLAGS)
+        fd = open_beneath(top, rel, DIR_FLAGS)
         try:
-            return kernels.scan_dir(fd, rel, full if xattrs else None)
+            return kernels.scan_dir(fd, rel, fd_path(fd, full) if xattrs else None)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -203,7 +204,7 @@ def without_temporaries(top: bytes, b: DirBatch, *, remove: bool = True) -> DirB
         gone = set(temps)
         return _subset(b, [i for i in range(len(b.names)) if i not in gone], set())
     try:
-        fd = os.open(top + b"/" + b.rel if b.rel else top, DIR_FLAGS)
+        fd = open_beneath(top, b.rel, DIR_FLAGS)
     except OSError:
         return b
     try:

@@ -16,6 +16,7 @@ import stat
 import time
 
 from smsrepl.errors import SourceError
+from smsrepl.files.beneath import open_beneath
 from smsrepl.files.digests import content_digest
 from smsrepl.files.roundstats import RoundStats
 from smsrepl.files.scan import Entry
@@ -36,7 +37,7 @@ def source_digest(src: bytes, path: bytes) -> bytes | None:
     """The source file's content digest; None where it vanished (then it is not alike: the
     copy's read finds it gone and counts it)."""
     try:
-        return content_digest(src + b"/" + path)
+        return content_digest(src, path)
     except OSError as exc:
         if exc.errno in VANISHED:
             return None
@@ -75,7 +76,7 @@ def send_file(t: RoundTarget, src: bytes, e: Entry, stats: RoundStats, basis: En
     path = src + b"/" + e.path
     for attempt in range(RETRIES + 1):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = open_beneath(src, e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             if exc.errno in VANISHED:
                 stats.gone(e.path)

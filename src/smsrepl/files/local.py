@@ -48,7 +48,7 @@ class LocalTarget(RoundTarget):
         return e
 
     def content_digest(self, path: bytes) -> bytes:
-        return content_digest(self.root + b"/" + path)
+        return content_digest(self.root, path)
 
     def open_file(self, e: Entry, basis: Entry | None = None) -> FileSink:
         return self.w.open_file(e)  # a local copy gains nothing from a delta

@@ -176,7 +176,7 @@ def _item(src: bytes, e: Entry, have: Entry | None, filt, checksum: bool, links:
         c = False
         if checksum and not s:
             try:
-                c = target_digest(e.path) != content_digest(src + b"/" + e.path)
+                c = target_digest(e.path) != content_digest(src, e.path)
             except OSError:
                 c = True
             same = same and not c

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from smsrepl.errors import SourceError
+from smsrepl.files.beneath import fd_path, open_beneath
+from smsrepl.files.names import DIR_FLAGS
 from smsrepl.files.rules import RoundFilter
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev",
@@ -105,13 +107,13 @@ def walk(root: str | bytes, filt: RoundFilter | None = None, *,
     yield first
     dev = first.dev if one_file_system else None
     # an explicit stack, not recursion: trees can be deeper than Python's recursion limit
-    stack = [_listing(top, b"", (), on_error)]
+    stack = [_listing(top, b"", (), on_error, xattrs)]
     while stack:
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
             continue
-        child, cparts, st, link = item
+        child, cparts, st, link, attrs = item
         is_dir = stat.S_ISDIR(st.st_mode)
         if filt is not None and not filt.includes(cparts):
             if is_dir and filt.descend(cparts):
@@ -120,39 +122,50 @@ def walk(root: str | bytes, filt: RoundFilter | None = None, *,
                     e = Entry.from_stat(child, st, link)
                     e.implied = True
                     yield e
-                stack.append(_listing(top, child, cparts, on_error))
+                stack.append(_listing(top, child, cparts, on_error, xattrs))
             continue
         entry = Entry.from_stat(child, st, link)
-        if xattrs:
-            try:
-                entry.xattrs = read_xattrs(top + b"/" + child)
-            except OSError as exc:
-                on_error(child, exc)
-                continue
+        if attrs is not None:
+            entry.xattrs = attrs
         yield entry
         if is_dir and (dev is None or st.st_dev == dev):
-            stack.append(_listing(top, child, cparts, on_error))
+            stack.append(_listing(top, child, cparts, on_error, xattrs))
 
 
-def _listing(top: bytes, rel: bytes, parts: tuple[bytes, ...], on_error):
-    """(path, parts, lstat, symlink target) of a directory's entries, sorted by name."""
+def _listing(top: bytes, rel: bytes, parts: tuple[bytes, ...], on_error, xattrs: bool):
+    """(path, parts, lstat, symlink target, xattrs or None) of a directory's entries, sorted by
+    name: read through one descriptor of the directory (beneath.py), all before the first is
+    yielded, so that a walk holds no descriptor between its steps."""
     full = top + b"/" + rel if rel else top
+    items = []
     try:
-        with os.scandir(full) as it:
-            items = sorted(it, key=lambda d: d.name)
+        fd = open_beneath(top, rel, DIR_FLAGS)
     except OSError as exc:
         if on_error is _raise:  # the default names the whole path
             _raise(full, exc)
         on_error(rel, exc)
         return
-    for d in items:
-        child = rel + b"/" + d.name if rel else d.name
+    try:
         try:
-            st = d.stat(follow_symlinks=False)
-            link = os.readlink(d.path) if stat.S_ISLNK(st.st_mode) else None
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
         except OSError as exc:
             if on_error is _raise:
-                _raise(top + b"/" + child, exc)
-            on_error(child, exc)
-            continue
-        yield child, parts + (d.name,), st, link
+                _raise(full, exc)
+            on_error(rel, exc)
+            return
+        here = fd_path(fd, full) if xattrs else b""
+        for name in names:
+            child = rel + b"/" + name if rel else name
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                link = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
+                attrs = read_xattrs(here + b"/" + name) if xattrs else None
+            except OSError as exc:
+                if on_error is _raise:
+                    _raise(top + b"/" + child, exc)
+                on_error(child, exc)
+                continue
+            items.append((child, parts + (name,), st, link, attrs))
+    finally:
+        os.close(fd)
+    yield from items
