@@ -4,7 +4,7 @@ reaches the target (the files there vanished for this round; the next round copi
 tree then holds)."""
 import errno
 import os
-import shutil
+import subprocess
 
 import pytest
 
@@ -119,11 +119,12 @@ def test_open_beneath_follows_no_symlink_below_the_root_but_the_root_s_own(tmp_p
     assert got.value.errno in (errno.ELOOP, errno.ENOTDIR)
 
 
-def test_paths_longer_than_the_kernel_takes_at_once_are_opened_a_component_at_a_time(tmp_path):
-    top = tmp_path / "top"
+def _deep_tree(top, depth=20) -> bytes:
+    """A file below ``depth`` directories of 244-byte names (4,900 bytes of path: more than
+    the kernel takes in one call); its path relative to ``top``."""
     top.mkdir()
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    parts = [b"d%03d" % i + b"x" * 240 for i in range(20)]  # 4,900 bytes of path
+    parts = [b"d%03d" % i + b"x" * 240 for i in range(depth)]
     try:
         for p in parts:  # made relative to each parent: the whole path is too long for mkdir
             os.mkdir(p, dir_fd=fd)
@@ -135,11 +136,31 @@ def test_paths_longer_than_the_kernel_takes_at_once_are_opened_a_component_at_a_
         os.close(w)
     finally:
         os.close(fd)
-    rel = b"/".join(parts) + b"/f"
-    assert len(rel) > 4096
-    got = beneath.open_beneath(os.fsencode(top), rel, os.O_RDONLY)
+    return b"/".join(parts) + b"/f"
+
+
+def _read_beneath(top, rel) -> bytes:
+    fd = beneath.open_beneath(os.fsencode(top), rel, os.O_RDONLY)
     try:
-        assert os.read(got, 8) == b"deep"
+        return os.read(fd, 64)
     finally:
-        os.close(got)
-    shutil.rmtree(top)
+        os.close(fd)
+
+
+def test_paths_longer_than_the_kernel_takes_at_once_are_opened_a_component_at_a_time(tmp_path):
+    rel = _deep_tree(tmp_path / "top")
+    assert len(rel) > 4096
+    assert _read_beneath(tmp_path / "top", rel) == b"deep"
+
+
+@pytest.mark.parametrize("listing", ["walk", pytest.param("scan", marks=native)])
+def test_a_round_copies_a_file_whose_path_is_longer_than_the_kernel_takes_at_once(tmp_path, listing):
+    """One user's deep tree used to stop every round (SMS.1901 ... File name too long)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    rel = _deep_tree(src)
+    (src / "top.txt").write_bytes(b"top")
+    stats = sync_tree(str(src), str(dst)) if listing == "walk" else remote_round(src, dst)
+    assert stats.files_sent == 2 and not stats.reported
+    assert _read_beneath(dst, rel) == b"deep" and (dst / "top.txt").read_bytes() == b"top"
+    for top in (src, dst):  # rmtree by path cannot go that deep
+        subprocess.run(["rm", "-rf", str(top)], check=True)
