@@ -162,6 +162,24 @@ def test_a_failed_syncfs_names_no_new_directory(tmp_path, traced, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_cut_round_leaves_its_new_directories_with_their_owner_and_mode_not_0700(tmp_path):
+    """What a cut round received whole keeps its name (keep_cut), and so do the new directories
+    holding it: with the source's mode (they are made 0700), not yet its times (their contents
+    are not all there)."""
+    w = TreeWriter(str(tmp_path))
+    try:
+        w.mkdir(_dir("a"))
+        w.mkdir(_dir("a/b"))
+        _write(w, ["a/f1", "a/b/f2"])
+        w.keep_cut()
+    finally:
+        w.close()
+    assert _visible(tmp_path) == ["a", "a/b", "a/b/f2", "a/f1"]
+    for d in ("a", "a/b"):
+        st = os.stat(tmp_path / d)
+        assert (st.st_mode & 0o7777, st.st_uid) == (0o755, os.getuid()) and st.st_mtime_ns != MTIME, d
+
+
 def test_a_new_directory_is_seen_under_its_final_name_by_lookups_and_metadata(tmp_path):
     """An entry looked up or changed at the path of a directory still under a temporary name
     (the round's own lookups, a META after its DIR) finds it: it is named first."""

@@ -250,14 +250,7 @@ class TreeWriter(PendingFiles):
         every rename, link and removal durable (fsync of the directories they changed)."""
         self.close_stages()
         self.flush_pending()
-        given = set()
-        for parts, entry in sorted(self._dirs, key=lambda d: len(d[0]), reverse=True):
-            try:
-                fd = self.dir_fd(parts)
-            except TargetWriteError:
-                continue  # a later entry of the round replaced it (a file where the directory was)
-            self._set_meta_fd(fd, entry)
-            given.add(parts)
+        given = self._set_dirs_meta(times=True)
         self._dirs.clear()
         for parts, times in self._touched.items():
             if times is not None and parts not in given:
@@ -266,6 +259,29 @@ class TreeWriter(PendingFiles):
                 except (OSError, TargetWriteError):
                     pass  # removed later in the round
         self._sync_dirs()
+
+    def keep_cut(self) -> None:
+        """A round cut short: the files received whole keep their names, with the new
+        directories holding them, and those directories get their owner, mode and xattrs
+        (made 0700, they would keep that until a round covers them again), not their times:
+        what they hold is not all there, and the next round that covers them sets those."""
+        self.close_stages()
+        self.flush_pending()
+        self._set_dirs_meta(times=False)
+        self._dirs.clear()
+
+    def _set_dirs_meta(self, *, times: bool) -> set[Parts]:
+        """The metadata of the directories of the round's DIR entries, deepest first; the
+        ones given it."""
+        given = set()
+        for parts, entry in sorted(self._dirs, key=lambda d: len(d[0]), reverse=True):
+            try:
+                fd = self.dir_fd(parts)
+            except TargetWriteError:
+                continue  # a later entry of the round replaced it (a file where the directory was)
+            self._set_meta_fd(fd, entry, times=times)
+            given.add(parts)
+        return given
 
     # --- helpers ---------------------------------------------------------------
     @staticmethod
@@ -289,13 +305,14 @@ class TreeWriter(PendingFiles):
                 done += os.pwrite(fd, view[lo + done:hi], pos + lo + done)
         return bool(len(view)) and (not runs or runs[-1][1] < len(view))
 
-    def _set_meta_fd(self, fd: int, entry: Entry, *, new: bool = False) -> None:
+    def _set_meta_fd(self, fd: int, entry: Entry, *, new: bool = False, times: bool = True) -> None:
         if self.preserve_owner:
             os.fchown(fd, entry.uid, entry.gid)
         os.fchmod(fd, entry.mode)  # after chown, which clears set-id bits
         if entry.xattrs or not new:  # a file just created has none to remove
             self._set_xattrs(fd, entry)
-        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        if times:
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
     def _set_meta_path(self, name: bytes, parent: int, entry: Entry) -> None:
         """Owner, mode and times of an entry that cannot be opened for reading (special files),

@@ -128,8 +128,7 @@ class FileSession(Handler):
             if applier is not None:
                 applier.close()
                 try:  # files received whole and checked keep their names, even in a cut round
-                    applier.w.close_stages()  # and the new directories holding them theirs
-                    applier.w.flush_pending()
+                    applier.w.keep_cut()  # and the new directories holding them theirs
                 except (ReplicationError, OSError) as exc:
                     log.warning("%s: files of the cut round not kept: %s", self.peer, exc)
                 applier.w.close()
