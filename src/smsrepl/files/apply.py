@@ -128,6 +128,8 @@ class TreeWriter(PendingFiles):
         try:
             if self.preserve_owner:
                 os.chown(tmp, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+            if entry.xattrs:  # a symlink's own: its SELinux label, say
+                self._set_xattrs(_in_dir(parent, tmp), entry)
             os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
         except BaseException:
             unlink_quiet(tmp, parent)
@@ -192,6 +194,7 @@ class TreeWriter(PendingFiles):
         if entry.kind == "symlink":
             if self.preserve_owner:
                 os.chown(parts[-1], entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+            self._set_xattrs(_in_dir(parent, parts[-1]), entry)
             os.utime(parts[-1], ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
         elif entry.kind == "dir":
             self._dirs.append((parts, entry))
@@ -325,28 +328,39 @@ class TreeWriter(PendingFiles):
             if self.preserve_owner:
                 os.chown(proc, entry.uid, entry.gid)
             os.chmod(proc, entry.mode)
+            self._set_xattrs(_in_dir(parent, name), entry)
             os.utime(proc, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
 
-    def _set_xattrs(self, fd: int, entry: Entry) -> None:
+    def _set_xattrs(self, where: int | bytes, entry: Entry) -> None:
+        """``entry``'s xattrs (and no others) on an open file ``where``, or on the entry at path
+        ``where`` itself (_in_dir: a symlink or special file, which cannot be opened for them)."""
         want = getattr(entry, "xattrs", None)
         if want is None:
             return
+        own = {} if isinstance(where, int) else {"follow_symlinks": False}
         try:
-            have = {os.fsencode(n) for n in os.listxattr(fd)}
+            have = {os.fsencode(n) for n in os.listxattr(where, **own)}
         except OSError:
             have = set()
         for name, value in want.items():
             try:
-                os.setxattr(fd, name, value)
+                os.setxattr(where, name, value, **own)
             except OSError as exc:
-                self.reported.append(f"{os.fsdecode(entry.path)}: xattr {name} not set ({exc.strerror})")
+                self.reported.append(f"{os.fsdecode(entry.path)}: xattr {os.fsdecode(name)} not set "
+                                     f"({exc.strerror})")
         for name in have - set(want):
             try:
-                os.removexattr(fd, name)
+                os.removexattr(where, name, **own)
             except OSError:
                 pass
+
+
+def _in_dir(parent: int, name: bytes) -> bytes:
+    """A path of entry ``name`` of the directory open at ``parent`` that no rename of the
+    directories above can redirect (the xattr calls take no directory descriptor)."""
+    return b"/proc/self/fd/%d/%s" % (parent, name)
 
 
 class FileSink:
