@@ -84,6 +84,23 @@ def summary(cp: subprocess.CompletedProcess) -> dict:
     return json.loads(cp.stdout.strip().splitlines()[-1])
 
 
+def round_summaries(text: str) -> list[dict]:
+    """Each round's --json summary in ``text``, in order: a one-shot send that resumed a full
+    copy prints that round's, then the sync round's that follows it."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith('{"round"')]
+
+
+def first_summary(cp: subprocess.CompletedProcess) -> dict:
+    """The first round's summary (a resumed copy's), after checking the one after it: a
+    resumed full round is followed by a sync round, and nothing else is."""
+    assert cp.returncode == 0, cp.stderr
+    rounds = round_summaries(cp.stdout)
+    assert len(rounds) == (2 if rounds[0]["resumed_from"] else 1), rounds
+    if len(rounds) == 2:
+        assert rounds[1]["kind"] == "sync" and rounds[1]["round"] == rounds[0]["round"] + 1, rounds
+    return rounds[0]
+
+
 class CuttingProxy:
     """A loopback TCP proxy that forwards until ``cut_after`` bytes went client->server, then resets
     both sides; or, ``silent``, stops forwarding and keeps both connections open until close(), as a

@@ -18,7 +18,7 @@ import pytest
 
 from smsrepl.lab.testdata import write_image
 
-from .procs import CLI, ReceiverProc, send_args, sha256, wait_until
+from .procs import CLI, ReceiverProc, round_summaries, send_args, sha256, wait_until
 
 MiB = 1 << 20
 #: the sender stops in about 0.1 s on an idle machine, and exits on its own at 0.8 s at the latest
@@ -103,9 +103,10 @@ def test_an_interrupted_block_copy_stops_at_once_exits_3_and_the_same_command_re
     finally:
         rx.stop()
     assert cp.returncode == 0, cp.stderr
-    summary = json.loads(cp.stderr.strip().splitlines()[-1])  # send_args asks for --json
+    summary, after = round_summaries(cp.stderr)  # send_args asks for --json; then the sync round
     assert (summary["round"], summary["kind"]) == (1, "full")
     assert summary["resumed_from"] > 0, summary  # not from the start
+    assert (after["round"], after["kind"]) == (2, "sync")
     assert sha256(str(source)) == sha256(str(target))
 
 

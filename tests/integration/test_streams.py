@@ -11,7 +11,7 @@ import pytest
 
 from smsrepl.lab.testdata import rewrite_random_blocks, write_image
 
-from .procs import ReceiverProc, send, sha256, summary
+from .procs import ReceiverProc, first_summary, send, sha256, summary
 
 MIX = {"hole": 0.1, "zero": 0.1, "text": 0.35, "random": 0.35, "mixed": 0.1}
 
@@ -138,7 +138,7 @@ def test_a_lost_connection_fails_the_session_and_the_next_run_resumes_byte_ident
     assert proxy.cut.is_set()
     assert cut.returncode == 3, cut.stderr  # resumable: a lost connection, as a cut session
     again = _send(lab, lab["rx"].address, "--streams", "3")
-    result = summary(again)
+    result = first_summary(again)
     assert result["kind"] == "full"
     assert sha256(lab["src"]) == sha256(lab["dst"])
     # the receiver's checkpoint, of what it applied in order: the session's own connection was cut
@@ -226,7 +226,7 @@ def test_kill_9_of_either_end_mid_copy_over_three_connections_then_resume(lab, s
         _, err = proc.communicate(timeout=60)
         assert proc.returncode in (0, 3), err
         lab["rx"] = ReceiverProc(lab["ck"], {"disk0": lab["dst"]}, str(tmp_path / "rx-state"))
-    result = summary(_send(lab, lab["rx"].address, "--streams", "3"))
+    result = first_summary(_send(lab, lab["rx"].address, "--streams", "3"))
     assert sha256(lab["src"]) == sha256(lab["dst"])
     if result["kind"] == "full":
         assert result["data_bytes"] <= (96 << 20) - result["resumed_from"]

@@ -6,7 +6,7 @@ import subprocess
 
 from smsrepl.lab.testdata import write_image
 
-from .procs import ReceiverProc, send, send_args, sha256, summary, wait_until
+from .procs import ReceiverProc, first_summary, send, send_args, sha256, summary, wait_until
 
 SIZE = 32 << 20
 
@@ -29,7 +29,7 @@ def test_the_sender_replaced_by_another_names_it(tmp_path, certkey_file):
         if first.poll() is None:
             first.kill()
         rx.stop()
-    result = summary(second)
+    result = first_summary(second)
     assert result["resumed_from"] > 0 and sha256(src) == sha256(dst)
     [newcomer] = re.findall(r"reconnected from (127\.0\.0\.1:\d+)", "".join(rx.log))
     assert first.returncode == 3, err

@@ -283,7 +283,7 @@ def cmd_send_block(args, stop=None) -> int:
             sender.take_connection(ahead)
             from smsrepl.replication.oneshot import quiesced_round
 
-            result, quiesced = quiesced_round(sender, make_sender, quiesce)
+            result, quiesced = quiesced_round(sender, make_sender, quiesce, on_round=print_summary)
             stop.cancel()
             print_summary(result)
     finally:

@@ -12,6 +12,12 @@ once more under a new freeze (a sync round: what changed since), and then the co
 rather than end with a copy that only looks consistent. Once more only: a digest-scan round
 reads the whole disk again, so a round that outlasted the timeout for its length will
 again, and every attempt stalls the server's writes for up to the timeout.
+
+A round that resumed a full copy cut short earlier (``resumed_from``) holds, below where it
+resumed, what the source held back then: writes made there since were never read. A sync
+round follows at once, under the same sync or freeze, so the command still ends with the
+source as it is now (a migration of a running server must not end with a silently
+different target); ``on_round`` gets the resumed round's result first.
 """
 from __future__ import annotations
 
@@ -27,10 +33,12 @@ log = logging.getLogger("smsrepl.sender")
 ATTEMPTS = 2
 
 
-def quiesced_round(sender: Any, make_sender: Callable[[], Any], quiesce: Any) -> tuple[Any, dict[str, str]]:
+def quiesced_round(sender: Any, make_sender: Callable[[], Any], quiesce: Any,
+                   on_round: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, str]]:
     """Run ``sender``'s round with the source's file systems quiesced (``quiesce``: a
     blocks.quiesce.Quiesce, or None for a source nothing is mounted from: an image file); the
-    round's result and what was done to each file system."""
+    round's result and what was done to each file system. A resumed full round is followed by
+    a sync round (``on_round`` gets the resumed one's result)."""
     attempt = 1
     while True:
         quiesced: dict[str, str] = {}
@@ -39,6 +47,14 @@ def quiesced_round(sender: Any, make_sender: Callable[[], Any], quiesce: Any) ->
             if quiesce is not None:
                 quiesced = quiesce.begin()  # in the try: what a failed freeze did freeze is thawed
             result = sender.run()
+            if result.resumed_from:
+                log.info("round %d resumed a copy begun earlier at byte %d: what lies below was read then and may "
+                         "have changed since; a sync round follows", result.round_id, result.resumed_from)
+                if on_round is not None:
+                    on_round(result)
+                sender.drop_connection()
+                sender = make_sender()
+                result = sender.run()
             faults.point("oneshot.before_thaw")  # the target holds the source as it is quiesced
         finally:
             sender.drop_connection()
