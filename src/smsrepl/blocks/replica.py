@@ -52,6 +52,9 @@ log = logging.getLogger("smsrepl.receiver")
 INTENT_STEP = 1 << 30
 #: bytes of the target read at a time when a cut round's digests are computed again
 REHASH_CHUNK = 8 << 20
+#: blocks of the target compared with the manifest when its state is loaded (_same_target): a
+#: few milliseconds of reads that tell a blank or another disk from the one the state describes
+SAMPLE_BLOCKS = 64
 STATE_VERSION = 1
 
 
@@ -66,6 +69,8 @@ class ReplicaRecord:
     checkpoint: int
     intent: int
     completed_rounds: int
+    #: BlockTarget.identity() of the target the state describes (None: recorded before it was kept)
+    target_id: list[int] | None = None
 
 
 class Replica:
@@ -124,6 +129,61 @@ class Replica:
             man.commit()
             rec.intent = rec.checkpoint
             self._save()
+        if not self._same_target(rec, man):  # after the rehash: then the manifest says what a cut round wrote
+            man.close()
+            self._forget()
+
+    def _same_target(self, rec: ReplicaRecord, man: ManifestFile) -> bool:
+        """Whether the state describes this target. Blocks sampled over what the manifest vouches
+        for must hold what it says (a target re-pointed to a blank disk, an image deleted and made
+        again by --create, one written over by hand); and a target that is not the device or file
+        the state was recorded for must pass that check before it is taken for it (a device that
+        has a new number after a reboot does, and is recorded anew)."""
+        here = self.target.identity()
+        vouched = rec.checkpoint if rec.active and rec.round_kind == "full" else rec.source_size
+        differ, sampled = self._sample(man, min(vouched, rec.source_size))
+        if differ:
+            log.warning("%s: %d of %d blocks sampled differ from what its replication state says it holds "
+                        "(%s): the state is dropped and the next round copies everything", self.target.what,
+                        differ, sampled, "another device or file than the state was recorded for"
+                        if rec.target_id not in (None, here) else "written since by something else")
+            return False
+        if rec.target_id != here:
+            if rec.target_id is not None:
+                log.info("%s is not the device or file its state was recorded for, but holds what the state "
+                         "says (%d blocks sampled): taken for it", self.target.what, sampled)
+            rec.target_id = here
+            self._save()
+        return True
+
+    def _sample(self, man: ManifestFile, limit: int) -> tuple[int, int]:
+        """(blocks that differ, blocks compared) among up to SAMPLE_BLOCKS of [0, limit) whose
+        manifest digests say they hold data: the first and last and others spread at random."""
+        nblocks = limit // FINE_BLOCK
+        if nblocks <= 0:
+            return 0, 0
+        rng = np.random.default_rng()
+        picks = np.unique(np.concatenate(([0, nblocks - 1], rng.integers(0, nblocks, SAMPLE_BLOCKS * 4))))
+        try:
+            want = man.read_fine_at(picks)
+        except ManifestError:
+            return 1, 1  # a manifest that fails its own checks vouches for nothing
+        keep = (want != 0) & (want != UNKNOWN_DIGEST)
+        picks, want = picks[keep][:SAMPLE_BLOCKS], want[keep][:SAMPLE_BLOCKS]
+        buf = memoryview(bytearray(FINE_BLOCK))
+        got = np.empty(1, dtype="<u8")
+        differ = 0
+        for b, d in zip(picks.tolist(), want.tolist()):
+            try:
+                n = self.target.readinto(buf, b * FINE_BLOCK)
+            except OSError:
+                n = 0
+            if n < FINE_BLOCK:
+                differ += 1
+                continue
+            kernels.block_digests(buf, FINE_BLOCK, got)
+            differ += int(got[0]) != d
+        return differ, len(picks)
 
     def _rehash(self, man: ManifestFile, size: int, first: int, last: int) -> None:
         """Digests of blocks [first, last) of a source of ``size`` bytes from what the target holds,
@@ -225,7 +285,8 @@ class Replica:
                     self.manifest = ManifestFile.create(self.manifest_path, source_size)
                 except OSError as exc:
                     raise self._state_failed("the manifest", exc) from None
-                rec = ReplicaRecord(STATE_VERSION, session_id, source_size, round_id, "full", True, 0, 0, 0)
+                rec = ReplicaRecord(STATE_VERSION, session_id, source_size, round_id, "full", True, 0, 0, 0,
+                                    self.target.identity())
         elif kind == "sync":
             if start != 0:
                 raise RemoteProtocolError("a sync round starts at offset 0")

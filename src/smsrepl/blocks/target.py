@@ -122,6 +122,12 @@ class BlockTarget:
             self.close()
             raise
 
+    def identity(self) -> list[int]:
+        """What this target is, whatever path names it: a block device's number, or an image
+        file's file system and inode (state recorded for one must not be trusted for another)."""
+        st = os.fstat(self.fd)
+        return [0, st.st_rdev] if self.is_device else [1, st.st_dev, st.st_ino]
+
     def _open_direct(self) -> None:
         try:
             self._direct = DirectWriter(self.path, self._write_buffered)
