@@ -11,7 +11,7 @@ import pytest
 
 from smsrepl.lab.testdata import rewrite_random_blocks, write_image
 
-from .procs import CuttingProxy, ReceiverProc, send, send_args, sha256, summary
+from .procs import CuttingProxy, ReceiverProc, first_summary, send, send_args, sha256, summary
 
 KILL_RUNS = int(os.environ.get("SMSREPL_KILL_RUNS", "3"))
 CLI_VERIFY = [sys.executable, "-m", "smsrepl", "verify", "block"]
@@ -91,7 +91,7 @@ def test_kill_sender_during_full_copy_then_resume(lab, seed):
     size = 96 << 20
     write_image(lab["src"], size, seed=seed, mix=MIX)
     _kill_at_random(send_args(lab["src"], lab["rx"].address, lab["ck"], lab["tx_state"]), rng, 0.3, 1.2)
-    result = summary(_send(lab))
+    result = first_summary(_send(lab))
     assert sha256(lab["src"]) == sha256(lab["dst"])
     if result["kind"] == "full":
         assert result["data_bytes"] <= size - result["resumed_from"]

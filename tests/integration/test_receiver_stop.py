@@ -9,7 +9,7 @@ import pytest
 
 from smsrepl.lab.testdata import write_image
 
-from .procs import ReceiverProc, send, send_args, sha256, summary, wait_until
+from .procs import ReceiverProc, first_summary, send, send_args, sha256, wait_until
 
 SIZE = 48 << 20
 
@@ -59,7 +59,7 @@ def test_a_signalled_receiver_checkpoints_its_sessions_and_exits_promptly(tmp_pa
 
     rx = ReceiverProc(certkey_file, {"disk0": dst}, rx_state)
     try:
-        result = summary(send(src, rx.address, certkey_file, str(tmp_path / "tx"), "disk0"))
+        result = first_summary(send(src, rx.address, certkey_file, str(tmp_path / "tx"), "disk0"))
     finally:
         rx.stop()
     assert result["kind"] == "full" and result["resumed_from"] == stopped_at

@@ -4,7 +4,7 @@ import subprocess
 
 from smsrepl.lab.testdata import write_image
 
-from .procs import ReceiverProc, send, send_args, sha256, summary, wait_until
+from .procs import ReceiverProc, first_summary, send, send_args, sha256, summary, wait_until
 
 
 def test_a_resumed_copy_prints_no_manifest_warning(tmp_path, certkey_file):
@@ -29,7 +29,7 @@ def test_a_resumed_copy_prints_no_manifest_warning(tmp_path, certkey_file):
         first.kill()
         first.wait(10)
         cp = send(src, rx.address, certkey_file, str(tmp_path / "tx"), "disk0")
-        result = summary(cp)
+        result = first_summary(cp)
         assert result["kind"] == "full" and result["resumed_from"] > 0
         assert "WARNING" not in cp.stderr and "manifest" not in cp.stderr, cp.stderr
         assert sha256(src) == sha256(dst)

@@ -6,7 +6,7 @@ import subprocess
 
 from smsrepl.lab.testdata import write_image
 
-from .procs import ReceiverProc, first_summary, send, send_args, sha256, summary, wait_until
+from .procs import ReceiverProc, first_summary, send, send_args, sha256, wait_until
 
 SIZE = 32 << 20
 

@@ -244,6 +244,28 @@ def test_a_failed_file_write_names_target_and_the_file(tmp_path, certkey_file, t
     assert not (dst / "big.bin").exists()  # never under its final name half-written
 
 
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "inside a directory target"])
+def test_two_targets_that_are_one_keep_the_receiver_from_starting(tmp_path, certkey_file, how):
+    """Two names for one image (sessions of both wrote it at once, each reporting success), or a
+    target inside a directory target (its file sessions would write or delete it)."""
+    img = tmp_path / "t.img"
+    img.write_bytes(b"")
+    other = {"same path": img, "symlink": tmp_path / "l.img", "hard link": tmp_path / "h.img",
+             "inside a directory target": tmp_path}[how]
+    if how == "symlink":
+        other.symlink_to(img)
+    elif how == "hard link":
+        os.link(img, other)
+    cp = _receive(certkey_file, {"d": img, "e": other}, tmp_path / "rx")
+    assert cp.returncode == 2, cp.stderr
+    line = _one_line(cp.stderr)
+    if how == "inside a directory target":
+        assert f"target 'd' ({img}) lies inside target 'e' ({tmp_path})" in line, line
+    else:
+        assert "targets 'd' and 'e' are the same image file" in line, line
+    assert not (tmp_path / "rx").exists()
+
+
 # --- 2. a block device in use ----------------------------------------------------------------
 def _why_no_loop() -> str | None:
     if os.geteuid() != 0:
@@ -379,3 +401,31 @@ def test_a_long_list_of_names_is_cut_short():
     err = unknown("x", {f"d{i:03}": f"/srv/d{i}" for i in range(LIST_NAMES + 5)})
     assert err.code == "SMS.0808" and err.exit_code == 4
     assert err.message.endswith(f"d{LIST_NAMES - 1:03} and 5 more") and "/srv" not in err.message, err.message
+
+
+def test_an_image_that_backs_a_loop_device_is_refused_at_start_and_when_attached_later(tmp_path, certkey_file,
+                                                                                         source, loop):
+    """Writing the file under a loop device changes that disk (and what is mounted from it)
+    under the kernel: SMS.2013, exit 2, nothing written."""
+    image = tmp_path / "loop.img"
+    before = sha256(str(image))
+    cp = _receive(certkey_file, {"bi": image}, tmp_path / "rx")
+    assert cp.returncode == 2, cp.stderr
+    line = _one_line(cp.stderr)
+    assert line.startswith("SMS.2013: ") and f"is the backing file of {loop}" in line, line
+    # attached after the receiver started: the session is refused
+    other = tmp_path / "other.img"
+    with open(other, "wb") as fh:
+        fh.truncate(32 * MiB)
+    rx = ReceiverProc(certkey_file, {"o": str(other)}, str(tmp_path / "rx2"))
+    dev = subprocess.run(["losetup", "-f", "--show", str(other)], capture_output=True, text=True).stdout.strip()
+    try:
+        assert dev, "no free loop device"
+        cp = send(source, rx.address, certkey_file, str(tmp_path / "tx"), "o")
+    finally:
+        if dev:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        rx.stop()
+    assert cp.returncode == 2, cp.stderr
+    assert f"is the backing file of {dev}" in cp.stderr, cp.stderr
+    assert sha256(str(image)) == before and not any(open(other, "rb").read(4 * MiB))

@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import Mapping
 
-from smsrepl.errors import RefusedError, TargetInUseError, TargetKindError, TargetMissingError
+from smsrepl.errors import ConfigError, RefusedError, TargetInUseError, TargetKindError, TargetMissingError
 
 #: target names listed at most in a refusal of an unknown name
 LIST_NAMES = 20
@@ -58,11 +58,45 @@ def check_at_start(targets: Mapping[str, str], *, create: bool) -> None:
             raise missing(name, path)
         if kind == "block device":
             check_not_in_use(name, path)
+        if kind == "image file":
+            check_no_loop_device(name, path)
         if kind == "directory" and os.path.islink(path):
             # a file session opens its root with O_NOFOLLOW, as every directory in it: each one
             # would fail, and a sender would retry what can never work
             raise TargetKindError(f"target {name!r} ({path}) is a symlink to a directory; give the directory "
                                   f"itself ({os.path.realpath(path)}): the receiver follows no symlink in a tree target")
+    check_distinct(targets)
+
+
+def check_distinct(targets: Mapping[str, str]) -> None:
+    """ConfigError when two target names are one file, device or directory (by path, symlinks
+    resolved, or by inode), or one target lies inside a directory target: sessions of the two
+    would write the same data at once (and a file round's deletions remove what the other
+    wrote), each reporting success."""
+    seen: dict[tuple, str] = {}
+    dirs: list[tuple[str, str]] = []
+    for name, path in targets.items():
+        real = os.path.realpath(path)
+        keys: list[tuple] = [("path", real)]
+        try:
+            st = os.stat(path)
+            keys.append(("device", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("inode", st.st_dev, st.st_ino))
+            if stat.S_ISDIR(st.st_mode):
+                dirs.append((name, real))
+        except OSError:
+            pass  # made by --create: its path says it all
+        for key in keys:
+            if key in seen:
+                raise ConfigError(f"targets {seen[key]!r} and {name!r} are the same {kind_of(path) or 'path'} "
+                                  f"({path}): sessions of both would write it at once; give each target its own")
+            seen[key] = name
+    for name, path in targets.items():
+        real = os.path.realpath(path)
+        for dname, dreal in dirs:
+            if dname != name and real.startswith(dreal.rstrip("/") + "/"):
+                raise ConfigError(f"target {name!r} ({path}) lies inside target {dname!r} ({targets[dname]}): "
+                                  f"a file session of {dname!r} would write or delete it; give targets that do "
+                                  f"not overlap")
 
 
 def check_not_in_use(name: str, path: str) -> None:
@@ -78,6 +112,18 @@ def check_not_in_use(name: str, path: str) -> None:
     os.close(fd)
 
 
+def check_no_loop_device(name: str, path: str) -> None:
+    """TargetInUseError when an image file backs a loop device: writing it would change that
+    device (and a file system mounted from it) under the kernel."""
+    from smsrepl.blocks.loops import loop_devices_of
+
+    loops = [f"/dev/{n}" for n, _ in loop_devices_of(path)]
+    if loops:
+        raise TargetInUseError(f"target {name!r} ({path}) is the backing file of {', '.join(loops)}: writing it "
+                               f"would change that disk under whatever uses it; detach it first (losetup -d "
+                               f"{loops[0]}); nothing was written")
+
+
 def in_use(name: str, path: str) -> TargetInUseError:
     return TargetInUseError(f"target {name!r} ({path}) is in use (mounted or held by another program); "
                             f"nothing was written")
@@ -90,6 +136,8 @@ def check_kind(name: str, path: str, session: str) -> None:
     if session == "files" and kind in ("image file", "block device"):
         raise TargetKindError(f"target {name!r} is {_a(kind)} ({path}), not a directory: `send files` and "
                               f"`verify files` need one; use `send block` or `verify block`")
+    if session == "block" and kind == "image file":
+        check_no_loop_device(name, path)  # attached since the receiver started
     if session in ("block", "verify") and kind == "directory":
         verb = "send" if session == "block" else "verify"
         raise TargetKindError(f"target {name!r} is a directory ({path}), not an image file or block device: "
