@@ -2,7 +2,8 @@
 
     unshare -m --propagation private python tests/live/oneshot.py CONFIG_JSON
 
-CONFIG: work (a directory of the test's), certkey, and optionally size_mib (128), rounds
+CONFIG: work (a directory of the test's), certkey, and optionally source ("device", or "image":
+the rounds send the loop device's image file, not the device), size_mib (128), rounds
 (sync rounds while the workload writes, 4), seed, rate (workload operations/s), extra (more
 send flags), and end:
 
@@ -81,7 +82,8 @@ def main() -> int:
 
         def one_round(*flags: str, stop_before_thaw: bool = False, may_fail: bool = False) -> dict:
             env = {**os.environ, "SMSREPL_FAULTS": "stop@oneshot.before_thaw" if stop_before_thaw else ""}
-            proc = subprocess.Popen(CLI + ["-v", "send", "block", "--json", dev, "--to", f"127.0.0.1:{port}",
+            source = os.path.join(work, "source.img") if cfg.get("source") == "image" else dev
+            proc = subprocess.Popen(CLI + ["-v", "send", "block", "--json", source, "--to", f"127.0.0.1:{port}",
                                            "--target", "disk0", "--certkey", certkey,
                                            "--state-dir", os.path.join(work, "tx"), *flags, *cfg.get("extra", [])],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

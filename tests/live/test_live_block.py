@@ -138,8 +138,10 @@ def test_a_one_shot_freeze_of_the_file_system_holding_its_state_is_refused_befor
 
 
 @pytest.mark.reliability("live block sources", "one-shot copy of a mounted ext4 just written, not synced")
-def test_a_one_shot_copy_and_a_check_of_a_mounted_file_system_see_what_was_written_a_moment_before(tmp_path, certkey_file):
-    v = _drive("oneshot.py", tmp_path, certkey_file, end="recent")
+@pytest.mark.parametrize("source", ["device", "image"])  # image: the file under the loop device is what is sent
+def test_a_one_shot_copy_and_a_check_of_a_mounted_file_system_see_what_was_written_a_moment_before(tmp_path, certkey_file,
+                                                                                                   source):
+    v = _drive("oneshot.py", tmp_path, certkey_file, end="recent", source=source)
     detail = {k: v.get(k) for k in ("kinds", "fsck_rc", "files_differ", "sender_stderr", "fsck_out", "last_round")}
     # what the file system held in memory reached the disk before the round read it
     assert v["fsck_rc"] == 0 and not v["files_differ"] and v["files"] == 28, detail

@@ -53,12 +53,19 @@ class Mount:
 
 
 def stacked_devices(path: str) -> set[int]:
-    """The device ``path`` names, its partitions, and every device stacked on them (holders)."""
+    """The device ``path`` names (or, for an image file, the loop devices it backs), its
+    partitions, and every device stacked on them (holders)."""
     st = os.stat(path)
-    if not stat.S_ISBLK(st.st_mode):
+    if stat.S_ISBLK(st.st_mode):
+        roots = [st.st_rdev]
+    elif stat.S_ISREG(st.st_mode):
+        from smsrepl.blocks.loops import loop_devices_of
+
+        roots = [dev for _, dev in loop_devices_of(path)]
+    else:
         return set()
     found: set[int] = set()
-    todo = [os.path.realpath(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")]
+    todo = [os.path.realpath(f"/sys/dev/block/{os.major(r)}:{os.minor(r)}") for r in roots]
     while todo:
         d = todo.pop()
         try:

@@ -206,7 +206,7 @@ def cmd_send_block(args, stop=None) -> int:
     from smsrepl.transport.sender import Sender
 
     quiesce = None
-    if args.continuous or block_device(args.source):
+    if args.continuous or block_device(args.source) or _backs_a_loop_device(args.source):
         from smsrepl.blocks.quiesce import FREEZE_TIMEOUT, Quiesce
 
         # the file systems mounted from the source are synced (or frozen) for the cutover, or
@@ -292,6 +292,14 @@ def cmd_send_block(args, stop=None) -> int:
         if dirty is not None:
             dirty.close()
     return 0
+
+
+def _backs_a_loop_device(source: str) -> bool:
+    """An image file attached to a loop device (losetup): what is mounted from that device is
+    synced or frozen for a one-shot round, as for a block device's file systems."""
+    from smsrepl.blocks.loops import loop_devices_of
+
+    return bool(loop_devices_of(source))
 
 
 def _check_live_flags(args) -> None:
