@@ -149,6 +149,23 @@ def test_names_below_root_are_created_but_the_root_must_exist(tmp_path, certkey_
     assert sha256(str(root / "vm1")) == sha256(source)
 
 
+def test_a_name_below_root_that_is_a_symlink_is_refused_as_a_target_of_the_wrong_kind(tmp_path, certkey_file, tree):
+    """Not SMS.1901 and exit 3 (a source error a sender retries for ever): exit 2, SMS.2013,
+    and nothing written where the symlink points."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "esc").symlink_to(elsewhere)
+    rx = ReceiverProc(certkey_file, {}, str(tmp_path / "rx"), "--root", str(root), create=False)
+    try:
+        cp = _send_files(tree, rx.address, certkey_file, "esc", "--state-dir", str(tmp_path / "tx"))
+    finally:
+        rx.stop()
+    assert cp.returncode == 2, cp.stderr
+    assert _one_line(cp.stderr).startswith("SMS.2013: ") and "is a symlink" in cp.stderr, cp.stderr
+    assert os.listdir(elsewhere) == []
+
+
 # --- 3. mirror-image mistakes --------------------------------------------------------------
 @pytest.fixture
 def both_kinds(tmp_path, certkey_file):

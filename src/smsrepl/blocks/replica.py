@@ -40,6 +40,7 @@ from smsrepl.errors import DecompressionError, ManifestError, RemoteProtocolErro
 from smsrepl.protocol.frames import MAX_RAW, frame_digest
 from smsrepl.blocks.target import BlockTarget
 from smsrepl.blocks.manifest import ManifestFile, block_count
+from smsrepl.blocks.sampled import sample_blocks
 from smsrepl.durable import private_makedirs, write_json_atomic
 from smsrepl.kernels import FINE_BLOCK, UNKNOWN_DIGEST
 
@@ -52,9 +53,6 @@ log = logging.getLogger("smsrepl.receiver")
 INTENT_STEP = 1 << 30
 #: bytes of the target read at a time when a cut round's digests are computed again
 REHASH_CHUNK = 8 << 20
-#: blocks of the target compared with the manifest when its state is loaded (_same_target): a
-#: few milliseconds of reads that tell a blank or another disk from the one the state describes
-SAMPLE_BLOCKS = 64
 STATE_VERSION = 1
 
 
@@ -141,7 +139,7 @@ class Replica:
         has a new number after a reboot does, and is recorded anew)."""
         here = self.target.identity()
         vouched = rec.checkpoint if rec.active and rec.round_kind == "full" else rec.source_size
-        differ, sampled = self._sample(man, min(vouched, rec.source_size))
+        differ, sampled = sample_blocks(self.target, man, min(vouched, rec.source_size))
         if differ:
             log.warning("%s: %d of %d blocks sampled differ from what its replication state says it holds "
                         "(%s): the state is dropped and the next round copies everything", self.target.what,
@@ -155,35 +153,6 @@ class Replica:
             rec.target_id = here
             self._save()
         return True
-
-    def _sample(self, man: ManifestFile, limit: int) -> tuple[int, int]:
-        """(blocks that differ, blocks compared) among up to SAMPLE_BLOCKS of [0, limit) whose
-        manifest digests say they hold data: the first and last and others spread at random."""
-        nblocks = limit // FINE_BLOCK
-        if nblocks <= 0:
-            return 0, 0
-        rng = np.random.default_rng()
-        picks = np.unique(np.concatenate(([0, nblocks - 1], rng.integers(0, nblocks, SAMPLE_BLOCKS * 4))))
-        try:
-            want = man.read_fine_at(picks)
-        except ManifestError:
-            return 1, 1  # a manifest that fails its own checks vouches for nothing
-        keep = (want != 0) & (want != UNKNOWN_DIGEST)
-        picks, want = picks[keep][:SAMPLE_BLOCKS], want[keep][:SAMPLE_BLOCKS]
-        buf = memoryview(bytearray(FINE_BLOCK))
-        got = np.empty(1, dtype="<u8")
-        differ = 0
-        for b, d in zip(picks.tolist(), want.tolist()):
-            try:
-                n = self.target.readinto(buf, b * FINE_BLOCK)
-            except OSError:
-                n = 0
-            if n < FINE_BLOCK:
-                differ += 1
-                continue
-            kernels.block_digests(buf, FINE_BLOCK, got)
-            differ += int(got[0]) != d
-        return differ, len(picks)
 
     def _rehash(self, man: ManifestFile, size: int, first: int, last: int) -> None:
         """Digests of blocks [first, last) of a source of ``size`` bytes from what the target holds,

@@ -47,6 +47,9 @@ class FileSession(Handler):
             raise target_checks.unknown(ev.target, host.targets)
         root = self.root = host.targets[ev.target]
         target_checks.check_kind(ev.target, root, "files")
+        if os.path.islink(root):  # a --root name, or a target made a symlink since the start
+            raise TargetKindError(f"target {ev.target!r} ({root}) is a symlink (to {os.readlink(root)}): the receiver "
+                                  f"follows no symlink in a tree target; nothing was written")
         if os.path.lexists(root) and not os.path.isdir(root):
             raise TargetKindError(f"target {ev.target!r} ({root}) is not a directory: file sessions need one")
         if not host.create and not os.path.lexists(root):
