@@ -559,7 +559,10 @@ def test_continuous_file_sync_survives_a_killed_receiver_and_ends_identical(tmp_
     (["verify", "files", "{tmp}", "{tmp}", "--to", "127.0.0.1:1"], "give TARGET_DIR, or --to"),
     (["send", "files", "--json", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--config", "{tmp}/bad.json"],
      "unknown config_key 'EXCLUDE'"),
-    (["send", "files", "--json", "{tmp}/nope", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}"], "not a directory"),
+    (["send", "files", "--json", "{tmp}/nope", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}"],
+     "source '{tmp}/nope' does not exist"),
+    (["send", "files", "--json", "{tmp}/bad.json", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}"],
+     "source '{tmp}/bad.json' is not a directory"),
     (["send", "files", "--json", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--interval", "5"],
      "--interval applies to --continuous only"),
     (["send", "files", "--json", "{tmp}", "--to", "127.0.0.1:1", "--target", "t", "--certkey", "{ck}", "--continuous",
@@ -569,7 +572,7 @@ def test_cli_bad_input_for_file_entry_points(tmp_path, certkey_file, args, match
     (tmp_path / "bad.json").write_text(json.dumps({"configurations": [{"config_key": "EXCLUDE", "config_value": "/x"}]}))
     argv = [a.format(ck=certkey_file, tmp=tmp_path) for a in args]
     cp = subprocess.run([sys.executable, "-m", "smsrepl", *argv], capture_output=True, text=True, timeout=60)
-    assert cp.returncode == 2 and match in cp.stderr, (cp.returncode, cp.stderr)
+    assert cp.returncode == 2 and match.format(tmp=tmp_path) in cp.stderr, (cp.returncode, cp.stderr)
     assert sorted(os.listdir(tmp_path)) == ["bad.json"]  # nothing created
 
 

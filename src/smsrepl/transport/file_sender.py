@@ -93,7 +93,8 @@ class FileSender(SenderBase):
         if not os.path.isdir(source_dir):
             from smsrepl.errors import SourceMissingError
 
-            raise SourceMissingError(f"source {source_dir!r} is not a directory")
+            what = "is not a directory" if os.path.lexists(source_dir) else "does not exist"
+            raise SourceMissingError(f"source {source_dir!r} {what}")
         if cpu_cap is None and rules is not None and rules.cpu_limit is not None:
             cpu_cap = CpuCap(rules.cpu_limit)
         super().__init__(target, address, context, speed_limit=speed_limit, cpu_cap=cpu_cap, streams=streams)
