@@ -737,3 +737,34 @@ def test_a_receiver_waiting_long_for_the_disk_keeps_the_sender_from_timing_out(t
         assert oracle(os.fsdecode(src), tmp_path / "dst") == ""
     finally:
         rx.stop()
+
+
+def test_what_a_receiver_could_not_keep_is_logged_on_the_receiving_host(tmp_path, bundle, monkeypatch, caplog):
+    """An xattr the target's file system refuses (or a device node a receiver not root cannot
+    make): the round completes, and the receiver says so in its log, not nothing."""
+    import logging
+
+    from smsrepl.files import apply
+
+    real = os.setxattr
+
+    def refusing(where, name, value, *a, **kw):
+        if os.fsencode(name) == b"user.refused":
+            raise OSError(95, "Operation not supported")
+        return real(where, name, value, *a, **kw)
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    os.setxattr(src / "f", b"user.refused", b"x")
+    monkeypatch.setattr(apply.os, "setxattr", refusing)
+    rx = Receiver({"t": str(tmp_path / "dst")}, server_context(bundle), str(tmp_path / "st"), create=True)
+    addr = rx.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="smsrepl.receiver"):
+            assert send(src, addr, bundle, target="t").kind == "full"
+    finally:
+        rx.stop()
+    assert (tmp_path / "dst" / "f").read_bytes() == b"data"
+    assert any("target t: f: xattr user.refused not set (Operation not supported)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -113,6 +113,7 @@ class FileSession(Handler):
                 elif isinstance(ev, F.RoundEnd) and applier is not None and ev.round_id == round_id:
                     with self._keeping_alive():  # syncfs waits for every writer of the file system
                         applier.w.finish()
+                    _log_reported(self.peer, self.hello.target, applier.w.reported)
                     applier.w.close()
                     session.written += applier.bytes
                     applier = None
@@ -158,6 +159,18 @@ class FileSession(Handler):
         finally:
             done.set()
             thread.join()
+
+
+#: lines of what a round could not keep (a device node made by a receiver not root, an xattr
+#: the target's file system refused) logged per round: the sender's summary does not get them
+REPORTED_LINES = 20
+
+
+def _log_reported(peer: str, target: str, reported: list[str]) -> None:
+    for line in reported[:REPORTED_LINES]:
+        log.warning("%s: target %s: %s", peer, target, line)
+    if len(reported) > REPORTED_LINES:
+        log.warning("%s: target %s: %d more such", peer, target, len(reported) - REPORTED_LINES)
 
 
 def _read_record(path: str) -> dict:
