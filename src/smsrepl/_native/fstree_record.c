@@ -98,9 +98,17 @@ int sms_kind_of(mode_t m)
     }
 }
 
+/* Nanoseconds since the epoch in an int64 reach 1677-09-21 to 2262-04-11; ext4 keeps times to
+ * 2446. Beyond, the time is clamped to the end it passed (files/scan.py: mtime_ns does the
+ * same), on the source and on the target alike: a copy made so lists the same time and the
+ * next round leaves it alone (the wrapped product made 2300 into 1901, and resent it each round). */
 int64_t sms_mtime_ns(const struct stat *st)
 {
-    return (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
+    int64_t v;
+    if (__builtin_mul_overflow((int64_t)st->st_mtim.tv_sec, (int64_t)1000000000, &v) ||
+        __builtin_add_overflow(v, (int64_t)st->st_mtim.tv_nsec, &v))
+        return st->st_mtim.tv_sec < 0 ? INT64_MIN : INT64_MAX;
+    return v;
 }
 
 int sms_put_record(sms_buf *b, const struct stat *st, const uint8_t *prefix, size_t prelen, const uint8_t *name,

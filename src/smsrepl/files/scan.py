@@ -47,7 +47,16 @@ class Entry:
     @classmethod
     def from_stat(cls, path: bytes, st: os.stat_result, link: bytes | None = None) -> "Entry":
         return cls(path, KINDS.get(stat.S_IFMT(st.st_mode), "unknown"), stat.S_IMODE(st.st_mode), st.st_uid,
-                   st.st_gid, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_nlink, st.st_rdev, link)
+                   st.st_gid, st.st_size, mtime_ns(st), st.st_dev, st.st_ino, st.st_nlink, st.st_rdev, link)
+
+
+_NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def mtime_ns(st: os.stat_result) -> int:
+    """st_mtime_ns clamped to the int64 the wire carries (1677-09-21 to 2262-04-11; ext4 keeps
+    times to 2446), as the native records clamp it (fstree_record.c: sms_mtime_ns)."""
+    return min(max(st.st_mtime_ns, _NS_MIN), _NS_MAX)
 
 
 def _raise(path: bytes, exc: OSError) -> None:
