@@ -109,7 +109,7 @@ def test_verify_block_names_a_missing_target_as_the_target(tmp_path):
     missing = tmp_path / "nope.img"
     cp = _run("verify", "block", str(src), str(missing))
     assert cp.returncode == 2
-    assert cp.stderr.splitlines() == [f"SMS.2013: target '{missing}' does not exist"]
+    assert cp.stderr.splitlines() == [f"SMS.0808: target '{missing}' does not exist"]
     assert not missing.exists()
     cp = _run("verify", "block", str(missing), str(src))  # and the source as the source
     assert cp.stderr.splitlines() == [f"SMS.1901: source '{missing}' does not exist"]

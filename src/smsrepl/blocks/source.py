@@ -25,7 +25,7 @@ from smsrepl._lazy import np
 from smsrepl.blocks.device import describe, pread_into, probe
 from smsrepl.blocks.direct import ALIGN, aligned_buffer, buffer_address
 from smsrepl.blocks.pagecache import resident
-from smsrepl.errors import ReplicationError, SourceError, SourceMissingError, TargetError
+from smsrepl.errors import ReplicationError, SourceError, SourceMissingError, TargetError, TargetMissingError
 
 #: bytes of a reading thread's bounce buffer (unaligned reads go through it)
 BOUNCE = 1 << 20
@@ -77,7 +77,7 @@ class BlockSource:
             raise error(f"{self.role} {self.path!r} cannot be opened: {describe(exc)}") from None
 
     def _missing(self, message: str) -> ReplicationError:
-        return SourceMissingError(message) if self.role == "source" else TargetError(message)
+        return SourceMissingError(message) if self.role == "source" else TargetMissingError(message)
 
     def _open_direct(self) -> None:
         """Swap the descriptor for an O_DIRECT one of the same file, where the file system allows it."""
