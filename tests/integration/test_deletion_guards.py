@@ -347,9 +347,10 @@ def test_a_continuous_sender_follows_a_tree_that_turns_over_and_stops_when_the_s
         assert snapshot(tmp_path / "wipe") == kept_whole
 
 
-def blocks(addr, certkey, src, state_dir, *extra, target="img"):
-    return subprocess.run(CLI + ["send", "block", "--json", str(src), "--to", addr, "--target", target, "--certkey", certkey,
-                                 "--state-dir", str(state_dir), *extra], capture_output=True, text=True, timeout=120)
+def blocks(addr, certkey, src, state_dir, *extra, target="img", json_out=True):
+    return subprocess.run(CLI + ["send", "block", *(["--json"] if json_out else []), str(src), "--to", addr, "--target",
+                                 target, "--certkey", certkey, "--state-dir", str(state_dir), *extra],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_block_dry_run_reports_what_the_round_then_sends_and_writes_nothing(tmp_path, rx, certkey_file):
@@ -360,7 +361,7 @@ def test_block_dry_run_reports_what_the_round_then_sends_and_writes_nothing(tmp_
     src.write_bytes(data)
     sstate = tmp_path / "send-state"
     img = tmp_path / "disk.img"
-    cp = blocks(addr, certkey_file, src, sstate, "--dry-run")
+    cp = blocks(addr, certkey_file, src, sstate, "--dry-run", json_out=False)
     assert cp.returncode == 0, cp.stderr
     assert not img.exists() and not (sstate / "img").exists()  # nothing created, here or there
     first = cp.stdout.splitlines()[0]
@@ -377,7 +378,7 @@ def test_block_dry_run_reports_what_the_round_then_sends_and_writes_nothing(tmp_
         fh.write(bytes(b ^ 0xFF for b in data[3 << 20:(3 << 20) + 5000]))
     before, rec, img_sum = snapshot(tmp_path / "rx-state"), state(tmp_path), hashlib.sha256(img.read_bytes()).digest()
     img_st = os.stat(img)
-    cp = blocks(addr, certkey_file, src, sstate, "--dry-run")
+    cp = blocks(addr, certkey_file, src, sstate, "--dry-run", json_out=False)
     assert cp.returncode == 0, cp.stderr
     assert "sync round 2" in cp.stdout and "3 blocks (12288 bytes) in 2 ranges" in cp.stdout, cp.stdout
     assert hashlib.sha256(img.read_bytes()).digest() == img_sum and os.stat(img).st_mtime_ns == img_st.st_mtime_ns
@@ -385,6 +386,12 @@ def test_block_dry_run_reports_what_the_round_then_sends_and_writes_nothing(tmp_
     v = subprocess.run(CLI + ["-v", "send", "block", str(src), "--to", addr, "--target", "img", "--certkey",
                               certkey_file, "--state-dir", str(sstate), "--dry-run"], capture_output=True, text=True)
     assert v.returncode == 0 and "  8192+4096" in v.stdout and f"  {3 << 20}+8192" in v.stdout, v.stdout
+    j = subprocess.run(CLI + ["send", "block", "--json", str(src), "--to", addr, "--target", "img", "--certkey",
+                              certkey_file, "--state-dir", str(sstate), "--dry-run"], capture_output=True, text=True)
+    assert j.returncode == 0, j.stderr
+    assert json.loads(j.stdout) == {"dry_run": True, "round": 2, "kind": "sync", "resumed_from": 0,
+                                    "source_bytes": 4 << 20, "blocks": 3, "data_bytes": 12288, "zero_bytes": 0,
+                                    "ranges": [[8192, 4096], [3 << 20, 8192]]}, j.stdout
     real = blocks(addr, certkey_file, src, sstate)
     assert real.returncode == 0, real.stderr
     assert json.loads(real.stdout)["data_bytes"] == 12288

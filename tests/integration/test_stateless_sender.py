@@ -69,8 +69,9 @@ def test_a_dry_run_without_local_state_says_what_the_reconciling_round_then_send
     before = sha256(lab["dst"])
     dry = send(lab["src"], lab["rx"].address, lab["ck"], str(lab["tmp"] / "tx"), "disk0", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert f"dry run, sync round 2 of {lab['src']!r}" in dry.stdout, dry.stdout
-    assert f"{len(CHANGED)} blocks ({len(CHANGED) * 4096} bytes)" in dry.stdout, dry.stdout
+    plan = json.loads(dry.stdout)  # send() asks for --json: one object
+    assert (plan["dry_run"], plan["kind"], plan["round"]) == (True, "sync", 2), plan
+    assert (plan["blocks"], plan["data_bytes"]) == (len(CHANGED), len(CHANGED) * 4096), plan
     assert sha256(lab["dst"]) == before
     second = summary(_send(lab, lab["tmp"] / "tx"))
     assert second["kind"] == "sync" and second["data_bytes"] == len(CHANGED) * 4096

@@ -62,6 +62,13 @@ def dry_run_block(args, ctx, state_dir: str, out=None) -> int:
     out = out or sys.stdout
     sender = Sender(args.source, args.target, parse_address(args.to), ctx, state_dir)
     r = sender.dry_run()
+    if getattr(args, "json", False):  # one object, as a real round's summary is one
+        import json
+
+        print(json.dumps({"dry_run": True, "round": r.round_id, "kind": r.kind, "resumed_from": r.start,
+                          "source_bytes": r.source_size, "blocks": r.blocks, "data_bytes": r.data_bytes,
+                          "zero_bytes": r.zero_bytes, "ranges": r.ranges}), file=out, flush=True)
+        return 0
     print(r.summary(sender.target), file=out)
     ranges = r.ranges
     if ranges:
