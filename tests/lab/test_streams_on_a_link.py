@@ -6,6 +6,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 
 from smsrepl.lab.linkemu import LinkEmulator, unavailable
 from smsrepl.lab.testdata import write_image
+from smsrepl.transport.streams_auto import AUTO_MAX
 
 CLI = [sys.executable, "-m", "smsrepl"]
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"link emulator unavailable: {unavailable()}")
@@ -56,7 +58,10 @@ def test_auto_streams_beat_one_connection_on_a_long_lossy_link(tmp_path, certkey
             one.append(_send(link, tmp_path, certkey_file, src, "1", 2 * run)[0])
             wall, err = _send(link, tmp_path, certkey_file, src, "auto", 2 * run + 1)
             auto.append(wall)
-            assert "runs over 4 connections" in err  # 50 ms: four
+            # 50 ms: four; the SYN's round trip, which auto counts by, only ever reads longer (a
+            # forwarder starved by other work added 10 ms once: five), never shorter
+            got = re.search(r"runs over (\d+) connections", err)
+            assert got and 4 <= int(got.group(1)) <= AUTO_MAX, err
             # two pairs, and up to two more where other work starved the emulator's forwarder
             # (then the CPU, not the link, bounds both: beside two other test runs, 2.3 s each)
             if run >= 1 and min(auto) < 0.85 * min(one):
