@@ -187,6 +187,32 @@ def test_metadata_differences_count_and_dir_checks_limit_the_count(tmp_path):
                    "all": [b"etc/f1", b"etc/f2", b"etc/link"]}
 
 
+def test_metadata_includes_the_xattrs_of_files_and_symlinks(tmp_path):
+    """An ACL or a SELinux label the copy lost is a metadata difference (data ignores it)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    os.symlink("f", src / "link")
+    os.setxattr(src / "f", b"user.acl-like", b"1")
+    attrs = ["f"]
+    if os.geteuid() == 0:  # user.* is refused on a symlink; trusted.* needs root
+        os.setxattr(src / "link", b"trusted.label", b"etc_t", follow_symlinks=False)
+        attrs.append("link")
+    shutil.copytree(src, dst, symlinks=True)
+    for name in attrs:  # a copy that lost them
+        for attr in os.listxattr(dst / name, follow_symlinks=False):
+            os.removexattr(dst / name, attr, follow_symlinks=False)
+    expected = [os.fsencode(n) for n in attrs]
+    for mode, different in (("data", []), ("metadata", expected), ("all", expected)):
+        body, checks = compare_trees(str(src), str(dst), mode=mode)
+        assert checks[0].different == different, mode
+        assert body["check_result"] == ("consistent" if not different else "inconsistent"), mode
+    os.setxattr(dst / "f", b"user.acl-like", b"1")
+    if os.geteuid() == 0:
+        os.setxattr(dst / "link", b"trusted.label", b"etc_t", follow_symlinks=False)
+    assert compare_trees(str(src), str(dst), mode="all")[0]["check_result"] == "consistent"
+
+
 def test_cli_verify_files(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_tree(src, n_files=50)

@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--compare", choices=["data", "metadata", "all"], default="data",
                     help="data (default): kind, size and content (XXH3-128 of every file on both sides), "
                          "symlink targets, device numbers, as rclone check; metadata: no data read, size, mtime, "
-                         "permissions, owner (as rsync's quick check); all: both")
+                         "permissions, owner (as rsync's quick check), xattrs (ACLs, SELinux labels); all: both")
     vf.add_argument("--progress", choices=["bar", "json", "none"], default="none",
                     help="json: one 5.4.8 report per line on stdout (the result then goes to stderr); "
                          "bar: a progress bar on stderr")

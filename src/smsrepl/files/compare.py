@@ -16,7 +16,8 @@ content digests; no file data travels). It works in three steps:
 What "different" means is the ``compare`` mode: ``data`` (default: kind, size and content
 of files, a symlink's target, a device's numbers: what ``rclone check`` compares),
 ``metadata`` (no data read: kind, size, mtime, permission bits, owner and group, as rsync's
-quick check plus the permissions a copy keeps) or ``all`` (both). ``num_total_files``
+quick check plus the permissions a copy keeps, and the xattrs of files, symlinks and special
+files: POSIX ACLs and SELinux labels among them) or ``all`` (both). ``num_total_files``
 counts the source's non-directory entries; ``num_target_miss_files`` those only on the
 source, ``num_target_more_files`` those only on the target. Directories are walked but not
 counted, as ``rclone check`` does. An entry that cannot be read on either side is counted
@@ -24,6 +25,7 @@ as different and listed with ``!``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -159,11 +161,11 @@ def _coverage(pat: Pattern | None, rel: bytes) -> str:
 
 
 def _key(m: Meta, mode: str) -> tuple:
-    kind, perm, uid, gid, size, mtime, rdev, link = m
+    kind, perm, uid, gid, size, mtime, rdev, link, xattrs = m
     if mode == "data":
         return (kind, size if kind == FILE else 0, rdev if kind in (4, 5) else 0, link)
     return (kind, perm, uid, gid, size if kind == FILE else 0, mtime if kind == FILE else 0,
-            rdev if kind in (4, 5) else 0, link)
+            rdev if kind in (4, 5) else 0, link, xattrs)
 
 
 class _Verdicts:
@@ -237,17 +239,19 @@ def run_check(source: str, target: str | None, dirs: Iterable[str | Pattern] = (
     pats = _dir_patterns(dirs)
     scan = _scan_filter(check_filter(rules), pats)
     other: Background
+    # metadata includes the xattrs (POSIX ACLs and SELinux labels among them)
+    xattrs = mode != "data"
     if target_lister is None:
         if target is None:
             raise ValueError("a check needs a target directory or a target_lister")
         dst: bytes | None = os.fsencode(target)
-        other = Background(list_local, dst, scan)
+        other = Background(functools.partial(list_local, xattrs=xattrs), dst, scan)
     else:
         dst = None
         other = Background(target_lister)
     remote = dst is None
     # a receiver lists with xattrs: ours the same way, so that alike directories are alike bytes
-    a = list_local(src, scan, xattrs=remote)
+    a = list_local(src, scan, xattrs=remote or xattrs)
     meter = Meter(0, on_progress)
     content = mode != "metadata"
     if remote and content:  # the receiver reads all its files meanwhile: read all of ours now

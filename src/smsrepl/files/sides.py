@@ -23,8 +23,9 @@ _HEAD = struct.Struct(">BIIIQqQIHHIB")  # files.wire's entry record header
 _SIZE = struct.Struct(">Q")  # a record's size, at offset 13
 #: files.wire's kind codes of a regular file and a directory
 FILE, DIR = 1, 2
-#: a record's fields a check compares: (kind, mode, uid, gid, size, mtime_ns, rdev, symlink target)
-Meta = tuple[int, int, int, int, int, int, int, bytes | None]
+#: a record's fields a check compares: (kind, mode, uid, gid, size, mtime_ns, rdev, symlink target,
+#: xattrs: files.wire's block of them, sorted by name; empty where a side was listed without them)
+Meta = tuple[int, int, int, int, int, int, int, bytes | None, bytes]
 
 
 def child_path(rel: bytes, name: bytes) -> bytes:
@@ -72,7 +73,7 @@ class Dir:
         return _SIZE.unpack_from(self.records, ends[i - 1] + 13 if i else 13)[0]
 
     def entries(self) -> dict[bytes, tuple[Meta, bytes | None]]:
-        """name -> ((kind, mode, uid, gid, size, mtime_ns, rdev, link), digest) of each
+        """name -> ((kind, mode, uid, gid, size, mtime_ns, rdev, link, xattrs), digest) of each
         non-directory entry; the digest listed in the record, else the one read here."""
         out: dict[bytes, tuple[Meta, bytes | None]] = {}
         pos, rec, i = 0, self.records, 0
@@ -82,8 +83,10 @@ class Dir:
             pos = p + plen + llen + xlen + (16 if has else 0)
             if kind != DIR:
                 link = rec[p + plen:p + plen + llen] if llen else None
+                attrs = bytes(rec[p + plen + llen:p + plen + llen + xlen])
                 digest = rec[pos - 16:pos] if has else self.digests.get(i)
-                out[rec[p:p + plen].rpartition(b"/")[2]] = ((kind, mode, uid, gid, size, mtime, rdev, link), digest)
+                out[rec[p:p + plen].rpartition(b"/")[2]] = ((kind, mode, uid, gid, size, mtime, rdev, link, attrs),
+                                                           digest)
             i += 1
         return out
 
