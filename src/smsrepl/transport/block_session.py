@@ -52,6 +52,8 @@ class _BlockTarget(Handler):
         self.session.claim(ev.target)
         path = host.targets[ev.target]
         target_checks.check_kind(ev.target, path, ev.kind)
+        if ev.kind == "block":
+            target_checks.check_no_loop_device(ev.target, path)  # attached since the receiver started
         if not (verify or host.create or os.path.exists(path)):
             raise target_checks.missing(ev.target, path)
         if verify and not os.path.exists(path):

@@ -75,14 +75,14 @@ def check_distinct(targets: Mapping[str, str]) -> None:
     wrote), each reporting success."""
     seen: dict[tuple, str] = {}
     dirs: list[tuple[str, str]] = []
+    reals = {name: os.path.realpath(path) for name, path in targets.items()}
     for name, path in targets.items():
-        real = os.path.realpath(path)
-        keys: list[tuple] = [("path", real)]
+        keys: list[tuple] = [("path", reals[name])]
         try:
             st = os.stat(path)
             keys.append(("device", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("inode", st.st_dev, st.st_ino))
             if stat.S_ISDIR(st.st_mode):
-                dirs.append((name, real))
+                dirs.append((name, reals[name].rstrip("/") + "/"))
         except OSError:
             pass  # made by --create: its path says it all
         for key in keys:
@@ -91,9 +91,8 @@ def check_distinct(targets: Mapping[str, str]) -> None:
                                   f"({path}): sessions of both would write it at once; give each target its own")
             seen[key] = name
     for name, path in targets.items():
-        real = os.path.realpath(path)
-        for dname, dreal in dirs:
-            if dname != name and real.startswith(dreal.rstrip("/") + "/"):
+        for dname, below in dirs:
+            if dname != name and reals[name].startswith(below):
                 raise ConfigError(f"target {name!r} ({path}) lies inside target {dname!r} ({targets[dname]}): "
                                   f"a file session of {dname!r} would write or delete it; give targets that do "
                                   f"not overlap")
@@ -136,8 +135,6 @@ def check_kind(name: str, path: str, session: str) -> None:
     if session == "files" and kind in ("image file", "block device"):
         raise TargetKindError(f"target {name!r} is {_a(kind)} ({path}), not a directory: `send files` and "
                               f"`verify files` need one; use `send block` or `verify block`")
-    if session == "block" and kind == "image file":
-        check_no_loop_device(name, path)  # attached since the receiver started
     if session in ("block", "verify") and kind == "directory":
         verb = "send" if session == "block" else "verify"
         raise TargetKindError(f"target {name!r} is a directory ({path}), not an image file or block device: "
