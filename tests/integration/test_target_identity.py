@@ -88,3 +88,25 @@ def test_a_copy_of_the_image_elsewhere_holding_the_same_data_is_taken_for_it(lab
     assert again["kind"] == "sync" and again["data_bytes"] == 4096, again
     assert sha256(lab["src"]) == sha256(moved)
     assert any("taken for it" in line for line in rx.log), rx.log
+
+
+@pytest.mark.parametrize("bad", ["x", {"dev": 1}, [1, "two"], -5])
+def test_a_state_with_a_damaged_target_id_is_checked_by_its_blocks_and_recorded_anew(lab, bad):
+    """state.json's target_id edited or damaged by hand: no crash; the sampled blocks decide,
+    and the target's own identity is recorded in its place."""
+    import json
+
+    target = str(lab["tmp"] / "t.img")
+    rx = lab["receiver"](target)
+    assert lab["round"](rx)["kind"] == "full"
+    rx.stop()
+    state = lab["tmp"] / "rx" / "disk0" / "state.json"
+    rec = json.loads(state.read_text())
+    good = rec["target_id"]
+    state.write_text(json.dumps({**rec, "target_id": bad}))
+    rx = lab["receiver"](target)
+    _rewrite(lab["src"], 10)
+    again = lab["round"](rx)
+    assert again["kind"] == "sync" and again["data_bytes"] == 4096, again
+    assert sha256(lab["src"]) == sha256(target)
+    assert json.loads(state.read_text())["target_id"] == good
